@@ -1,0 +1,145 @@
+"""What a checkpoint holds and how it is written and read with megatron-core dist_checkpointing.
+
+Model tensors are keyed by their global names (layer numbers included), and the distributed
+optimizer is saved in its fully reshardable form, so a checkpoint loads at any TP/PP/VPP/DP.
+"""
+
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
+
+import bigpt
+from bigpt.checkpoint import store
+from bigpt.errors import BigptError
+from bigpt.recipe import recipe_to_toml
+from bigpt.runtime.seeding import rng_state, set_rng_state
+from bigpt.train.trainer import Trainer
+
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _layout_tag(trainer: Trainer) -> dict:
+    layout = trainer.layout
+    return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp}
+
+
+def _model_state(model) -> dict:
+    return {f"model{index}": chunk.sharded_state_dict() for index, chunk in enumerate(model)}
+
+
+def _rng_object() -> ShardedObject:
+    """Per model-parallel rank; restored only when the layout is unchanged."""
+    pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
+    return ShardedObject(
+        "rng_state",
+        rng_state(),
+        (pp, tp),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _full_state(trainer: Trainer, *, is_loading: bool) -> dict:
+    model_state = _model_state(trainer.model)
+    state = dict(model_state)
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
+    state["scheduler"] = trainer.scheduler.state_dict()
+    state["train_state"] = {"iteration": trainer.state.iteration, "consumed_samples": trainer.state.consumed_samples}
+    state["rng_state"] = _rng_object()
+    return state
+
+
+def save_checkpoint(trainer: Trainer, root: Path) -> Path:
+    """Write the full training state for ``trainer.state.iteration``; return its final path."""
+    final = root / store.checkpoint_name(trainer.state.iteration)
+    tmp = root / (final.name + ".tmp")
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
+        tmp.mkdir()
+    dist.barrier()
+    try:
+        dist_checkpointing.save(_full_state(trainer, is_loading=False), str(tmp))
+    except OSError as err:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = store.latest_in(root)
+        raise BigptError(
+            f"saving checkpoint {final} failed ({err.strerror or err}); nothing was replaced, the previous "
+            f"checkpoint ({previous or 'none'}) is intact. Free space in checkpoint.dir or point it elsewhere, "
+            "then re-run the same command to resume."
+        ) from err
+    dist.barrier()
+    if dist.get_rank() == 0:
+        marker = {
+            "iteration": trainer.state.iteration,
+            "consumed_samples": trainer.state.consumed_samples,
+            "layout": _layout_tag(trainer),
+            "bigpt_version": bigpt.__version__,
+        }
+        (tmp / "recipe.toml").write_text(recipe_to_toml(trainer.recipe))
+        store.finalize(tmp, final, marker)
+        ckpt = trainer.recipe.checkpoint
+        store.apply_retention(root, ckpt.keep_last, ckpt.keep_every)
+    dist.barrier()
+    return final
+
+
+def _check_shapes(path: Path, expected: dict) -> None:
+    """Name every tensor whose global shape differs between the checkpoint and this model."""
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    ours, _ = extract_sharded_tensors(expected)
+    mismatched = []
+    for tensor in _flatten(ours):
+        theirs = saved.get(tensor.key)
+        if theirs is None:
+            mismatched.append(f"{tensor.key}: missing from the checkpoint, model has {tuple(tensor.global_shape)}")
+        elif tuple(theirs.global_shape) != tuple(tensor.global_shape):
+            mismatched.append(f"{tensor.key}: checkpoint {tuple(theirs.global_shape)}, model {tuple(tensor.global_shape)}")
+    if mismatched:
+        shown = "; ".join(sorted(set(mismatched))[:8])
+        more = f" (and {len(set(mismatched)) - 8} more)" if len(set(mismatched)) > 8 else ""
+        raise BigptError(
+            f"checkpoint {path} does not fit the recipe's model: {shown}{more}. Load it with the model "
+            "settings it was saved with (its recipe.toml), or set checkpoint.load = \"none\" to start fresh."
+        )
+
+
+def _flatten(tree) -> list[ShardedTensor]:
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _flatten(value)]
+    if isinstance(tree, list):
+        return [t for value in tree for t in _flatten(value)]
+    return [tree] if isinstance(tree, ShardedTensor) else []
+
+
+def load_checkpoint(trainer: Trainer, path: Path) -> None:
+    """Restore model, optimizer, scheduler, counters and (same layout only) RNG from ``path``."""
+    marker = store.read_marker(path)
+    state = _full_state(trainer, is_loading=True)
+    _check_shapes(path, _model_state(trainer.model))
+    same_layout = marker.get("layout") == _layout_tag(trainer)
+    if not same_layout:
+        del state["rng_state"]
+    loaded = dist_checkpointing.load(state, str(path))
+    for index, chunk in enumerate(trainer.model):
+        chunk.load_state_dict(loaded[f"model{index}"])
+    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    trainer.scheduler.load_state_dict(loaded["scheduler"])
+    trainer.state.iteration = loaded["train_state"]["iteration"]
+    trainer.state.consumed_samples = loaded["train_state"]["consumed_samples"]
+    if same_layout:
+        set_rng_state(loaded["rng_state"])
+
+
+def load_weights(model, path: Path) -> None:
+    """Model weights only (continual pretraining / layout changes): no optimizer, no counters."""
+    state = _model_state(model)
+    _check_shapes(path, state)
+    loaded = dist_checkpointing.load(state, str(path))
+    for index, chunk in enumerate(model):
+        chunk.load_state_dict(loaded[f"model{index}"])

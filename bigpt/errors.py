@@ -1,0 +1,11 @@
+"""The one exception type for mistakes a user can make (recipe, data, checkpoint, layout).
+
+Launchers catch it, print its single-paragraph message without a traceback and exit with
+``EXIT_USER_ERROR``; anything else is a bug and keeps its traceback.
+"""
+
+EXIT_USER_ERROR = 2
+
+
+class BigptError(Exception):
+    """A user-fixable problem. The message names the recipe key or file and what to do."""

@@ -1,0 +1,145 @@
+"""Recipe → megatron-core ``TransformerConfig`` + layer spec → ``GPTModel`` chunk(s).
+
+One chunk per virtual pipeline stage on this rank (one chunk without interleaving). Transformer
+Engine's fused layers are used when it is importable on a GPU; megatron-core's local spec
+otherwise.
+"""
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+from bigpt.errors import BigptError
+from bigpt.layout import Layout
+from bigpt.recipe import Recipe, padded_vocab_size
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "relu": (F.relu, False)}
+_NORMS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
+_POSITIONS = {"rope": "rope", "learned": "learned_absolute"}
+
+
+@functools.cache
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_transformer_engine(recipe: Recipe) -> bool:
+    """Decide once, at init (the recipe was validated on paper before any device was probed)."""
+    wanted = recipe.precision.transformer_engine
+    available = transformer_engine_available()
+    if wanted == "on" and not available:
+        raise BigptError(
+            "precision.transformer_engine = \"on\" (or precision.fp8) needs Transformer Engine on a "
+            "CUDA GPU, which this machine does not have; install `bigpt[gpu]` on a GPU machine, or set "
+            "precision.transformer_engine = \"auto\" and precision.fp8 = \"none\"."
+        )
+    return available and wanted != "off"
+
+
+def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> TransformerConfig:
+    m, p, prec, rc = recipe.model, recipe.parallel, recipe.precision, recipe.recompute
+    activation, gated = _ACTIVATIONS[m.activation]
+    dtype = DTYPES[prec.dtype]
+    on_gpu = torch.cuda.is_available()
+    fused = on_gpu  # the fused kernels are CUDA-only
+    extra = {}
+    if not m.scaled_output_init:
+        extra["output_layer_init_method"] = init_method_normal(m.init_std)
+    if prec.fp8 != "none":
+        extra.update(fp8="hybrid", fp8_recipe=prec.fp8)
+    if rc.granularity == "full":
+        extra.update(recompute_method=rc.method, recompute_num_layers=rc.num_layers)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        gated_linear_unit=gated,
+        activation_func=activation,
+        normalization=_NORMS[m.normalization],
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=m.add_bias_linear,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
+        num_layers_in_first_pipeline_stage=p.first_stage_layers,
+        num_layers_in_last_pipeline_stage=p.last_stage_layers,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=prec.dtype == "bf16",
+        fp16=prec.dtype == "fp16",
+        recompute_granularity=None if rc.granularity == "none" else rc.granularity,
+        # The loss is a token sum; gradients are divided by the global token count at the end of
+        # the step, so every layout averages over exactly the same tokens.
+        calculate_per_token_loss=True,
+        # On CPU: build full weights with the CPU RNG then split them, and keep pipeline outputs
+        # (their deallocation trick relies on CUDA storage semantics).
+        use_cpu_initialization=not on_gpu,
+        deallocate_pipeline_outputs=on_gpu,
+        masked_softmax_fusion=fused,
+        bias_activation_fusion=fused and (gated or m.add_bias_linear),
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=fused and use_te,
+        persist_layer_norm=fused and use_te,
+        gradient_accumulation_fusion=use_te,
+        **extra,
+    )
+
+
+def layer_spec(recipe: Recipe, *, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=_NORMS[recipe.model.normalization])
+
+
+def build_model_chunks(recipe: Recipe, layout: Layout) -> tuple[list[GPTModel], TransformerConfig]:
+    """The GPTModel chunks this rank holds, in virtual-stage order, and their shared config."""
+    use_te = use_transformer_engine(recipe)
+    log.info("transformer layers: %s", "Transformer Engine" if use_te else "megatron-core local spec (no Transformer Engine)")
+    config = transformer_config(recipe, layout, use_te=use_te)
+    spec = layer_spec(recipe, use_te=use_te)
+    m = recipe.model
+    chunks = []
+    for vp_stage in range(layout.vpp):
+        vp = vp_stage if layout.vpp > 1 else None
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=padded_vocab_size(m, layout.tp),
+                max_sequence_length=m.max_position_embeddings or m.seq_length,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                share_embeddings_and_output_weights=m.tie_embeddings,
+                position_embedding_type=_POSITIONS[m.position_embedding],
+                rotary_base=m.rope_base,
+                rope_scaling=m.rope_scaling == "llama3",
+                rope_scaling_factor=m.rope_scaling_factor,
+                vp_stage=vp,
+            )
+        )
+    return chunks, config

@@ -1,0 +1,170 @@
+"""Let megatron-core run on a machine without a GPU (CI, laptops), through the very code paths
+that run on clusters.
+
+megatron-core assumes CUDA throughout: it allocates on ``torch.cuda.current_device()`` or
+``device="cuda"``, moves tensors with ``.cuda()``, checks ``param.type() ==
+'torch.cuda.FloatTensor'``, keeps a "CUDA" RNG tracker, and times with CUDA streams and events.
+``enable()`` bridges all of it, once per process, and only when no GPU is present:
+
+- a torch-function mode turns every CUDA device argument into the CPU, makes ``.cuda()`` a no-op
+  and reports CPU tensors as ``torch.cuda.*Tensor`` to ``Tensor.type()``;
+- ``torch.cuda`` gets harmless CPU meanings for devices, streams, events, memory and RNG.
+
+The CPU default generator plays the device generator: on CPU every op draws from it, so the
+tensor-parallel RNG tracker must swap *its* state for a fork (e.g. dropout inside a TP region)
+to have any effect.
+
+It is pinned to the megatron-core versions it was tested with; other versions are refused with a
+clear error rather than failing somewhere deep inside megatron-core.
+"""
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from bigpt.errors import BigptError
+
+TESTED_MEGATRON_CORE = ("0.16.1",)
+
+_enabled = False
+
+
+def _is_cuda(device) -> bool:
+    # megatron passes torch.cuda.current_device(), an int, as a device: ints mean a GPU index.
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaAsCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return args[0].type().replace("torch.", "torch.cuda.", 1)
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+class _Event:
+    """A CUDA event on CPU: recording and waiting are instant."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class _Stream:
+    """A CUDA stream on CPU: work is already ordered, so every method is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _Event()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+_STREAM = _Stream()
+
+
+def _returning(value):
+    """A fresh function per patched name: torch._dynamo refuses one object under two torch names."""
+    return lambda *args, **kwargs: value
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = _returning(0)
+    cuda.device_count = _returning(1)
+    cuda.Stream = _Stream
+    cuda.Event = _Event
+    cuda.current_stream = _returning(_STREAM)
+    cuda.default_stream = _returning(_STREAM)
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    for name in ("set_device", "synchronize", "empty_cache", "set_stream", "reset_peak_memory_stats"):
+        setattr(cuda, name, _returning(None))
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+        setattr(cuda, name, _returning(0))
+    cuda.memory_stats = lambda *a, **k: {}
+    cuda.nvtx.range_push = _returning(None)
+    cuda.nvtx.range_pop = _returning(None)
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+    # not torch.manual_seed: it calls torch.cuda.manual_seed_all, which would recurse.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    cuda.manual_seed_all = _returning(None)  # torch.manual_seed already seeded the CPU generator
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def check_megatron_version() -> None:
+    import megatron.core
+
+    version = megatron.core.__version__
+    if version not in TESTED_MEGATRON_CORE:
+        raise BigptError(
+            f"megatron-core {version} is installed, but bigpt's CPU compatibility layer "
+            f"(bigpt/runtime/cpu_compat.py) is tested only with {', '.join(TESTED_MEGATRON_CORE)}; "
+            f"install a tested version (pip install megatron-core=={TESTED_MEGATRON_CORE[-1]}) "
+            "or run on a GPU machine."
+        )
+
+
+def enable() -> None:
+    """Bridge megatron-core's CUDA assumptions to the CPU for this process (idempotent)."""
+    global _enabled
+    if _enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("the CPU compatibility layer must not be enabled on a machine with a GPU")
+    check_megatron_version()
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    _CudaAsCpu().__enter__()  # for the life of the process
+    _enabled = True
+
+
+def is_enabled() -> bool:
+    return _enabled

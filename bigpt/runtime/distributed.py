@@ -1,0 +1,56 @@
+"""Process groups from torchrun's environment: NCCL on GPUs, gloo (+ the CPU layer) without."""
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from bigpt.errors import BigptError
+from bigpt.layout import Layout
+from bigpt.runtime import cpu_compat
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
+    """Join the job torchrun started and build megatron-core's tp/pp/vpp/cp/dp groups."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != layout.world_size:
+        raise BigptError(
+            f"the job has {world_size} processes but the recipe's layout needs {layout.world_size} "
+            f"(tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp}); start it with "
+            f"torchrun --nproc_per_node {layout.world_size} (or nodes x GPUs = {layout.world_size}), "
+            "or change parallel.* in the recipe."
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        cpu_compat.enable()
+        backend = "gloo"
+    if "MASTER_ADDR" not in os.environ:  # a plain `python` run: a world of one
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        context_parallel_size=layout.cp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    log.info("process groups ready: %s backend, %s", backend, layout)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def is_logging_rank() -> bool:
+    """The last rank holds the loss (last pipeline stage), so it is the one that logs."""
+    return dist.get_rank() == dist.get_world_size() - 1

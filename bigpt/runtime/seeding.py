@@ -1,0 +1,37 @@
+"""Seeding and RNG state capture, so a resumed run draws exactly what the uninterrupted one would."""
+
+import random
+
+import numpy as np
+import torch
+from megatron.core import tensor_parallel
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch get ``seed``; megatron-core's tracker derives the tensor-parallel
+    stream from it (same across data-parallel replicas, distinct across TP ranks)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

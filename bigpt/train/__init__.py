@@ -1,0 +1,1 @@
+"""The training loop (Trainer), the model-specific step, and callbacks."""

@@ -1,0 +1,93 @@
+"""Callbacks: throughput/MFU, the log line + TensorBoard, validation, checkpoints."""
+
+import math
+import os
+
+import psutil
+import torch
+
+from bigpt.flops import flops_per_step, peak_flops_for
+from bigpt.runtime.distributed import is_logging_rank
+from bigpt.train.trainer import Callback, Trainer
+
+
+def memory_gib() -> float:
+    """Peak device memory on a GPU; resident memory of this process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class Throughput(Callback):
+    """Adds tokens/s, TFLOP/s per device and MFU (when the device's peak is known) to the metrics,
+    from the same FLOPs model the planner uses."""
+
+    def on_start(self, trainer):
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+        self.peak_tflops = peak_flops_for(name)
+
+    def on_step(self, trainer, metrics):
+        recipe, seconds = trainer.recipe, metrics["step_time"]
+        gbs = metrics["global_batch_size"]
+        metrics["tokens_per_s"] = gbs * recipe.model.seq_length / seconds
+        metrics["tflops"] = flops_per_step(recipe, gbs) / seconds / trainer.layout.world_size / 1e12
+        metrics["mfu"] = metrics["tflops"] / self.peak_tflops if self.peak_tflops else math.nan
+        metrics["memory_gib"] = memory_gib()
+
+
+class MetricsLogger(Callback):
+    """One line every ``logging.interval`` steps on the logging rank; every scalar to TensorBoard."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.writer = None
+
+    def on_start(self, trainer):
+        if trainer.recipe.logging.tensorboard and is_logging_rank():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+
+    def on_step(self, trainer, metrics):
+        step = trainer.state.iteration
+        if self.writer:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"train/{key}", float(value), step)
+        if step % trainer.recipe.logging.interval and step != trainer.recipe.train.train_iters:
+            return
+        if not is_logging_rank():
+            return
+        tokens = trainer.state.consumed_samples * trainer.recipe.model.seq_length
+        mfu = "n/a" if math.isnan(metrics["mfu"]) else f"{metrics['mfu']:.1%}"
+        print(
+            f"step {step}/{trainer.recipe.train.train_iters} | tokens {tokens:,} | loss {metrics['loss']:.4f} "
+            f"| lr {metrics['lr']:.3e} | grad norm {metrics['grad_norm']:.3f} | {metrics['step_time']:.3f} s "
+            f"| {metrics['tokens_per_s']:,.0f} tok/s | {metrics['tflops']:.2f} TFLOP/s/dev | MFU {mfu} "
+            f"| mem {metrics['memory_gib']:.2f} GiB" + (" | skipped (overflow)" if metrics["skipped"] else ""),
+            flush=True,
+        )
+
+    def log_eval(self, step: int, loss: float) -> None:
+        if not is_logging_rank():
+            return
+        print(f"step {step} | validation loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}", flush=True)
+        if self.writer:
+            self.writer.add_scalar("valid/loss", loss, step)
+            self.writer.add_scalar("valid/perplexity", math.exp(min(loss, 50)), step)
+
+    def on_end(self, trainer):
+        if self.writer:
+            self.writer.close()
+
+
+class Evaluator(Callback):
+    """Validation loss every ``eval.interval`` steps over ``eval.iters`` global batches."""
+
+    def __init__(self, make_iterator, logger: MetricsLogger):
+        self.make_iterator, self.logger = make_iterator, logger
+
+    def on_step(self, trainer: Trainer, metrics):
+        interval = trainer.recipe.eval.interval
+        step = trainer.state.iteration
+        if interval and (step % interval == 0 or step == trainer.recipe.train.train_iters):
+            self.logger.log_eval(step, trainer.evaluate(self.make_iterator, trainer.recipe.eval.iters))

@@ -1,0 +1,74 @@
+"""Parse → build → train → close: what `launchers/run.py` runs on every rank."""
+
+import os
+from functools import partial
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from bigpt.checkpoint import load_checkpoint, load_weights, resolve_resume, save_checkpoint
+from bigpt.data import build_datasets, micro_batches
+from bigpt.layout import Layout
+from bigpt.model import build_model_chunks
+from bigpt.recipe import Recipe, recipe_to_toml
+from bigpt.runtime.distributed import destroy_distributed, init_distributed
+from bigpt.runtime.seeding import seed_everything
+from bigpt.train.callbacks import Evaluator, MetricsLogger, Throughput
+from bigpt.train.checkpointing import Checkpointer
+from bigpt.train.optim import build_optimizer, build_scheduler, init_batch_calculator, wire_model_config, wrap_ddp
+from bigpt.train.trainer import Trainer
+
+
+def checkpoint_dir(recipe: Recipe) -> Path:
+    return Path(recipe.checkpoint.dir or os.path.join(recipe.run_dir, "checkpoints"))
+
+
+def build_trainer(recipe: Recipe, layout: Layout) -> Trainer:
+    """Everything a run needs, on a process group that already exists."""
+    seed_everything(recipe.train.seed)
+    init_batch_calculator(recipe, layout)
+    chunks, config = build_model_chunks(recipe, layout)
+    if recipe.init.from_checkpoint:
+        load_weights(chunks, Path(recipe.init.from_checkpoint))
+    model = wrap_ddp(recipe, config, chunks)
+    optimizer = build_optimizer(recipe, model)
+    wire_model_config(config, model, optimizer)
+    scheduler = build_scheduler(recipe, optimizer)
+
+    gbs = recipe.train.global_batch_size
+    # Every evaluation reads the same first eval.iters global batches of the validation split.
+    valid_samples = gbs * recipe.eval.iters if recipe.eval.interval else 0
+    train_ds, valid_ds = build_datasets(
+        recipe, world_rank=dist.get_rank(), train_samples=gbs * recipe.train.train_iters, valid_samples=valid_samples
+    )
+    batches = partial(
+        micro_batches,
+        micro_batch_size=recipe.train.micro_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=layout.dp,
+    )
+    logger = MetricsLogger(recipe.run_dir)
+    callbacks = [Throughput(), logger]
+    if valid_ds is not None and recipe.eval.interval:
+        callbacks.append(Evaluator(lambda: batches(valid_ds, consumed_samples=0), logger))
+    callbacks.append(Checkpointer(checkpoint_dir(recipe)))
+    return Trainer(recipe, layout, model, optimizer, scheduler, lambda consumed: batches(train_ds, consumed_samples=consumed), callbacks)
+
+
+def train(recipe: Recipe, layout: Layout) -> None:
+    init_distributed(layout)
+    try:
+        trainer = build_trainer(recipe, layout)
+        resume = resolve_resume(recipe.checkpoint.load, str(checkpoint_dir(recipe)))
+        if resume is not None:
+            load_checkpoint(trainer, resume)
+            if dist.get_rank() == 0:
+                print(f"resuming from {resume} (step {trainer.state.iteration}, "
+                      f"{trainer.state.consumed_samples} samples consumed)", flush=True)
+        if dist.get_rank() == 0:
+            os.makedirs(recipe.run_dir, exist_ok=True)
+            Path(recipe.run_dir, "recipe.toml").write_text(recipe_to_toml(recipe))
+        trainer.train()
+    finally:
+        destroy_distributed()

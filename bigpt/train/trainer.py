@@ -1,0 +1,118 @@
+"""The loop: steps, counters and callbacks. The model-specific work lives in ``step.py``; logging,
+throughput, evaluation and checkpointing are callbacks with three hooks."""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from megatron.core.num_microbatches_calculator import (
+    get_current_global_batch_size,
+    get_num_microbatches,
+    update_num_microbatches,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from bigpt.layout import Layout
+from bigpt.recipe import Recipe
+from bigpt.train.step import forward_step, reduce_losses
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must carry for a resumed run to continue exactly."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+class Callback:
+    def on_start(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_step(self, trainer: "Trainer", metrics: dict) -> None:
+        """After every optimizer step; ``metrics`` may be extended for later callbacks."""
+
+    def on_end(self, trainer: "Trainer") -> None:
+        pass
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, layout: Layout, model, optimizer, scheduler, batches, callbacks):
+        """``batches(consumed_samples)`` returns a fresh micro-batch iterator for this rank."""
+        self.recipe, self.layout = recipe, layout
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.batches = batches
+        self.callbacks = callbacks
+        self.state = TrainState()
+        self.stop_requested = False
+        self._forward_backward = get_forward_backward_func()
+
+    def data_iterator(self, make_iterator):
+        """One iterator per virtual pipeline chunk over the same stream, or a single one."""
+        if len(self.model) == 1:
+            return make_iterator()
+        return [make_iterator() for _ in self.model]
+
+    def run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
+        model = self.model if len(self.model) > 1 else self.model[0]
+        return self._forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=data_iterator,
+            model=model,
+            num_microbatches=num_microbatches,
+            seq_length=self.recipe.model.seq_length,
+            micro_batch_size=self.recipe.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train(self) -> None:
+        for callback in self.callbacks:
+            callback.on_start(self)
+        update_num_microbatches(self.state.consumed_samples, consistency_check=False)
+        train_iterator = self.data_iterator(lambda: self.batches(self.state.consumed_samples))
+        while self.state.iteration < self.recipe.train.train_iters and not self.stop_requested:
+            metrics = self.train_step(train_iterator)
+            for callback in self.callbacks:
+                callback.on_step(self, metrics)
+        for callback in self.callbacks:
+            callback.on_end(self)
+
+    def train_step(self, data_iterator) -> dict:
+        update_num_microbatches(self.state.consumed_samples, consistency_check=True)
+        global_batch_size = get_current_global_batch_size()
+        start = time.perf_counter()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.run_schedule(data_iterator, get_num_microbatches(), forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=global_batch_size)
+        loss_sum, tokens = reduce_losses(losses).tolist()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.state.iteration += 1
+        self.state.consumed_samples += global_batch_size
+        return {
+            "loss": loss_sum / max(tokens, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": math.nan if grad_norm is None else float(grad_norm),
+            "loss_scale": float(self.optimizer.get_loss_scale()),
+            "skipped": not updated,
+            "global_batch_size": global_batch_size,
+            "step_time": time.perf_counter() - start,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, make_iterator, iters: int) -> float:
+        """Mean token loss over ``iters`` global batches of the validation set."""
+        for chunk in self.model:
+            chunk.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        data_iterator = self.data_iterator(make_iterator)
+        for _ in range(iters):
+            total += reduce_losses(self.run_schedule(data_iterator, get_num_microbatches(), forward_only=True))
+        for chunk in self.model:
+            chunk.train()
+        return (total[0] / total[1].clamp(min=1)).item()

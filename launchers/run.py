@@ -1,0 +1,55 @@
+"""Entry point: `torchrun --nproc_per_node N launchers/run.py RECIPE [key=value ...]`.
+
+`python launchers/run.py RECIPE --dry-run [--world-size N]` validates the recipe on paper and
+prints the plan without touching a device.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="path to a TOML recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=4 train.train_iters=200")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit 0")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="world size to validate against with --dry-run (default: WORLD_SIZE or the recipe's own layout)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        from bigpt.layout import Layout
+        from bigpt.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.dry_run:
+            from bigpt.dryrun import describe
+
+            print(describe(recipe, Layout.from_recipe(recipe, args.world_size)))
+            return 0
+        layout = Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+    except BigptError as err:  # the same on every rank: say it once
+        if rank == 0:
+            print(f"bigpt: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        from bigpt.train.main import train
+
+        train(recipe, layout)
+        return 0
+    except BigptError as err:
+        print(f"bigpt: error (rank {rank}): {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+if __name__ == "__main__":
+    sys.exit(main())
