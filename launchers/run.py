@@ -21,7 +21,7 @@ def parse_args(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit 0")
     parser.add_argument("--world-size", type=int, default=None,
                         help="world size to validate against with --dry-run (default: WORLD_SIZE or the recipe's own layout)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.models.gpt import GPTModel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
+from megatron.core.optimizer import DistributedOptimizer
 
 import bigpt
 from bigpt.checkpoint import store
@@ -27,8 +29,15 @@ def _layout_tag(trainer: Trainer) -> dict:
     return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp}
 
 
+def _unwrap(chunk) -> GPTModel:
+    """The GPTModel inside DDP / Float16Module: checkpoint keys must not depend on the wrappers."""
+    while not isinstance(chunk, GPTModel):
+        chunk = chunk.module
+    return chunk
+
+
 def _model_state(model) -> dict:
-    return {f"model{index}": chunk.sharded_state_dict() for index, chunk in enumerate(model)}
+    return {f"model{index}": _unwrap(chunk).sharded_state_dict() for index, chunk in enumerate(model)}
 
 
 def _rng_object() -> ShardedObject:
@@ -43,7 +52,18 @@ def _rng_object() -> ShardedObject:
     )
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh torch AdamW has no state (not even its step count), which megatron-core's
+    distributed optimizer needs in order to describe the state it is about to load: take one
+    zero-gradient step, whose effects the load then overwrites."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
 def _full_state(trainer: Trainer, *, is_loading: bool) -> dict:
+    if is_loading:
+        _materialize_optimizer_state(trainer.optimizer)
     model_state = _model_state(trainer.model)
     state = dict(model_state)
     state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
@@ -126,8 +146,7 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     if not same_layout:
         del state["rng_state"]
     loaded = dist_checkpointing.load(state, str(path))
-    for index, chunk in enumerate(trainer.model):
-        chunk.load_state_dict(loaded[f"model{index}"])
+    _load_model(trainer.model, loaded)
     trainer.optimizer.load_state_dict(loaded["optimizer"])
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     trainer.state.iteration = loaded["train_state"]["iteration"]
@@ -140,6 +159,9 @@ def load_weights(model, path: Path) -> None:
     """Model weights only (continual pretraining / layout changes): no optimizer, no counters."""
     state = _model_state(model)
     _check_shapes(path, state)
-    loaded = dist_checkpointing.load(state, str(path))
+    _load_model(model, dist_checkpointing.load(state, str(path)))
+
+
+def _load_model(model, loaded: dict) -> None:
     for index, chunk in enumerate(model):
-        chunk.load_state_dict(loaded[f"model{index}"])
+        _unwrap(chunk).load_state_dict(loaded[f"model{index}"])

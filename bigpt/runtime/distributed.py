@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
-from bigpt.runtime import cpu_compat
+from bigpt.runtime import cpu_compat, megatron_fixes
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
             f"torchrun --nproc_per_node {layout.world_size} (or nodes x GPUs = {layout.world_size}), "
             "or change parallel.* in the recipe."
         )
+    megatron_fixes.apply()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"

@@ -1,0 +1,53 @@
+"""The --dry-run report: the resolved recipe and its plan, computed on paper."""
+
+from bigpt.flops import flops_per_step, num_parameters, parameters_per_stage
+from bigpt.layout import Layout
+from bigpt.recipe import Recipe, padded_vocab_size, recipe_to_toml
+
+
+def describe(recipe: Recipe, layout: Layout) -> str:
+    """Resolved recipe as TOML, then the layout, sizes and batch arithmetic."""
+    model, train = recipe.model, recipe.train
+    vocab = padded_vocab_size(model, layout.tp)
+    total = num_parameters(model, vocab)
+    tokens_per_step = layout.global_batch_size * model.seq_length
+    chunk_sizes = "/".join(str(n) for n in sorted({n // layout.vpp for n in layout.layers_per_stage}))
+    chunks = f" ({layout.vpp} virtual chunks of {chunk_sizes} layers per stage)" if layout.vpp > 1 else ""
+    unpadded = num_parameters(model)
+    lines = [
+        f"# Resolved recipe (from {recipe.source})",
+        recipe_to_toml(recipe),
+        "# Plan",
+        f"world size       {layout.world_size} = TP {layout.tp} × PP {layout.pp} × CP {layout.cp} "
+        f"× DP {layout.dp}" + (" (sequence parallel)" if layout.sequence_parallel else ""),
+        f"layers           {model.num_layers} over pipeline stages: "
+        f"{list(layout.layers_per_stage)}{chunks}",
+        f"vocab            {model.vocab_size:,} padded to {vocab:,} (a multiple of "
+        f"make_vocab_size_divisible_by {model.make_vocab_size_divisible_by} × TP {layout.tp})",
+        f"parameters       {total:,} ({_short(total)})"
+        + (f"; {unpadded:,} without vocab padding" if unpadded != total else ""),
+    ]
+    stages = parameters_per_stage(model, layout.layers_per_stage, vocab)
+    lines += [f"  stage {stage:<3}      {count:,} ({_short(count)}; {_short(count / layout.tp)} per GPU "
+              f"at TP {layout.tp})" for stage, count in enumerate(stages)]
+    lines += [
+        f"batch            global {layout.global_batch_size} = micro {layout.micro_batch_size} "
+        f"× DP {layout.dp} × {layout.num_microbatches} micro-batches",
+        f"tokens per step  {layout.global_batch_size} × seq {model.seq_length} = {tokens_per_step:,}",
+        f"training tokens  {train.train_iters:,} steps × {tokens_per_step:,} = "
+        f"{train.train_iters * tokens_per_step:,} ({_short(train.train_iters * tokens_per_step)})",
+        f"FLOPs per step   {flops_per_step(recipe, layout.global_batch_size):.3e} "
+        f"(3 × forward, causal mask not discounted)",
+    ]
+    if train.rampup_batch_size:
+        start, increment, samples = train.rampup_batch_size
+        lines.append(f"batch ramp-up    from {start} by {increment} over {samples:,} samples "
+                     f"(tokens above assume the full batch throughout)")
+    return "\n".join(lines)
+
+
+def _short(number: float) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(number) >= scale:
+            return f"{number / scale:.2f}{suffix}"
+    return f"{number:.0f}"

@@ -1,0 +1,307 @@
+"""One dataclass per TOML table of a recipe; the docstring under each field is its reference.
+
+Paths marked ``recipe_path`` are resolved against the directory of the recipe file that sets
+them, so a shared base can name files next to itself. ``run_dir`` and ``checkpoint.dir`` are
+the exception: they are where this run writes, so they are relative to the working directory
+the job is launched from, like any output path on a command line.
+"""
+
+from dataclasses import MISSING, dataclass, field
+from typing import Literal
+
+from bigpt.recipe.fields import NOT_A_KEY, fraction, non_negative, positive, recipe_path
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """[model]: the decoder-only transformer architecture."""
+
+    num_layers: int = positive()
+    """Number of transformer layers."""
+    hidden_size: int = positive()
+    """Width of the residual stream."""
+    ffn_hidden_size: int = positive()
+    """Inner width of the MLP (per matrix; SwiGLU has two input matrices of this width)."""
+    num_attention_heads: int = positive()
+    """Number of query heads."""
+    num_query_groups: int | None = positive(None)
+    """Number of key/value heads (grouped-query attention); None = one per query head (MHA)."""
+    kv_channels: int | None = positive(None)
+    """Width of one attention head; None = hidden_size / num_attention_heads."""
+    seq_length: int = positive()
+    """Training sequence length in tokens."""
+    max_position_embeddings: int | None = positive(None)
+    """Size of the learned position table (and RoPE's nominal range); None = seq_length."""
+    vocab_size: int = positive()
+    """The tokenizer's vocabulary size; the embedding is padded, see ``padded_vocab_size``."""
+    make_vocab_size_divisible_by: int = positive(128)
+    """Pad the embedding rows to a multiple of this times the tensor-parallel size."""
+    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    """MLP activation; swiglu is gated (three MLP matrices instead of two)."""
+    normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Norm before attention, before the MLP and after the last layer."""
+    norm_epsilon: float = positive(1e-5)
+    """Epsilon added inside the norm."""
+    position_embedding: Literal["rope", "learned"] = "rope"
+    """Rotary embeddings on q/k, or a learned absolute position table."""
+    rope_base: float = positive(10000.0)
+    """RoPE base frequency (Llama 3 uses 500000)."""
+    rope_scaling: Literal["none", "llama3"] = "none"
+    """Frequency scaling of RoPE; llama3 is the Llama-3.1 long-context scheme."""
+    rope_scaling_factor: float = positive(8.0)
+    """Scale factor for rope_scaling = "llama3"."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    attention_dropout: float = fraction(0.0)
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = fraction(0.0)
+    """Dropout on the residual branches."""
+    init_std: float = positive(0.02)
+    """Standard deviation of the normal weight initialisation."""
+    scaled_output_init: bool = True
+    """Initialise the output projections of attention and MLP with std / sqrt(2 * num_layers)."""
+    add_bias_linear: bool = False
+    """Give every linear layer a bias."""
+
+
+def padded_vocab_size(model: ModelConfig, tensor_parallel: int) -> int:
+    """Rows of the embedding: vocab_size rounded up to make_vocab_size_divisible_by × TP.
+
+    This is Megatron's rule, so every tensor-parallel shard has the same, aligned size.
+    """
+    multiple = model.make_vocab_size_divisible_by * tensor_parallel
+    return -(-model.vocab_size // multiple) * multiple
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """[parallel]: how the model and batch are split over GPUs (world = TP × PP × CP × DP)."""
+
+    tensor: int = positive(1)
+    """Tensor-parallel size: each layer's matrices are split over this many GPUs."""
+    pipeline: int = positive(1)
+    """Pipeline-parallel size: the layers are split over this many stages."""
+    virtual_pipeline: int = positive(1)
+    """Model chunks per pipeline stage for the interleaved 1F1B schedule; 1 = not interleaved."""
+    context: int = positive(1)
+    """Context-parallel size: the sequence is split over this many GPUs inside attention."""
+    data: int = non_negative(0)
+    """Data-parallel size; 0 = whatever the world size leaves, otherwise it must match."""
+    sequence_parallel: bool = False
+    """Split norm/dropout activations along the sequence over the tensor-parallel group."""
+    first_stage_layers: int | None = positive(None)
+    """Layers on the first pipeline stage (it also holds the embedding); None = even split."""
+    last_stage_layers: int | None = positive(None)
+    """Layers on the last pipeline stage (it also holds the output layer); None = even split."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the gradient reduce-scatter/all-reduce with the backward pass."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass."""
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """[precision]: number formats and loss scaling."""
+
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Parameter and activation dtype (the optimizer keeps fp32 master weights for bf16/fp16)."""
+    fp8: Literal["none", "delayed", "tensorwise"] = "none"
+    """FP8 matmuls through Transformer Engine and the recipe for their scaling factors."""
+    transformer_engine: Literal["auto", "on", "off"] = "auto"
+    """Use Transformer Engine layers: auto = when importable and a GPU is present."""
+    initial_loss_scale: float = positive(65536.0)
+    """Starting dynamic loss scale (fp16 only)."""
+    min_loss_scale: float = positive(1.0)
+    """Lower bound of the dynamic loss scale (fp16 only)."""
+    loss_scale_window: int = positive(1000)
+    """Overflow-free steps before the loss scale is doubled (fp16 only)."""
+    hysteresis: int = positive(2)
+    """Overflows tolerated before the loss scale is halved (fp16 only)."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in fp32 rather than in the parameter dtype."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """[train]: batch sizes and length of the run."""
+
+    micro_batch_size: int = positive(1)
+    """Sequences per forward/backward pass on one data-parallel rank."""
+    global_batch_size: int = positive()
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    train_iters: int = positive()
+    """Optimizer steps in the whole run."""
+    seed: int = non_negative(1234)
+    """Seed for initialisation, dropout and data order."""
+    rampup_batch_size: list[int] | None = None
+    """[start, increment, ramp_samples]: grow the global batch from start by increment over
+    ramp_samples samples, as Megatron's --rampup-batch-size; None = no ramp-up."""
+    clip_grad: float = non_negative(1.0)
+    """Clip the global gradient norm to this; 0 = no clipping."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """[optimizer]: AdamW."""
+
+    lr: float = positive()
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = non_negative(0.0)
+    """Learning rate at the end of the decay."""
+    weight_decay: float = non_negative(0.1)
+    """Decoupled weight decay (not applied to norms and biases)."""
+    adam_beta1: float = fraction(0.9)
+    """Adam's first-moment decay."""
+    adam_beta2: float = fraction(0.95)
+    """Adam's second-moment decay."""
+    adam_eps: float = positive(1e-8)
+    """Adam's denominator epsilon."""
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """[schedule]: learning-rate warmup and decay, in optimizer steps."""
+
+    warmup_iters: int = non_negative(0)
+    """Steps of linear warmup from 0 to optimizer.lr."""
+    decay_style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """Shape of the decay to optimizer.min_lr; wsd = warmup-stable-decay."""
+    decay_iters: int | None = positive(None)
+    """Step at which the decay ends; None = train.train_iters."""
+    wsd_decay_iters: int | None = positive(None)
+    """For wsd: length of the final decay phase (the lr is constant before it)."""
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    """For wsd: shape of the final decay phase."""
+
+
+@dataclass(kw_only=True)
+class RecomputeConfig:
+    """[recompute]: activation recomputation, trading compute for memory."""
+
+    granularity: Literal["none", "selective", "full"] = "none"
+    """selective = recompute attention's core only; full = whole layers."""
+    method: Literal["uniform", "block"] = "uniform"
+    """For full: uniform = checkpoint every num_layers layers; block = the first num_layers
+    layers of each pipeline stage."""
+    num_layers: int = positive(1)
+    """For full: layers per checkpointed group (uniform) or per stage (block)."""
+
+
+@dataclass(kw_only=True)
+class BlendEntry:
+    """One dataset of [data].blend."""
+
+    path: str = recipe_path(default=MISSING)
+    """Prefix of a Megatron indexed dataset (the path without .bin/.idx)."""
+    weight: float = positive(1.0)
+    """Relative sampling weight; weights are normalised over the blend."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """[data]: tokenizer and training data."""
+
+    source: Literal["mock", "indexed"] = "mock"
+    """mock = random tokens (no files needed); indexed = Megatron .bin/.idx datasets in blend."""
+    tokenizer: str | None = recipe_path()
+    """SentencePiece .model or Hugging Face tokenizer.json."""
+    blend: list[BlendEntry] = field(default_factory=list)
+    """Datasets to sample from, e.g. [{path = "corpus_text_document", weight = 0.7}, ...]."""
+    split: str = "98,2,0"
+    """Train,validation,test proportions of each dataset's documents."""
+    cache_dir: str | None = recipe_path()
+    """Where dataset sample indices are cached; None = <run_dir>/data_cache."""
+    num_workers: int = non_negative(0)
+    """DataLoader worker processes per rank."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """[checkpoint]: saving, resuming and retention."""
+
+    dir: str | None = None
+    """Where checkpoints are written; None = <run_dir>/checkpoints. Relative to the working
+    directory, like run_dir."""
+    save_interval: int = non_negative(0)
+    """Save every this many steps; 0 = only at the end of the run."""
+    load: str = recipe_path(default="auto", keywords=("auto", "none"))
+    """auto = resume from the latest checkpoint in dir if any; none = start fresh; or a path."""
+    keep_last: int = non_negative(2)
+    """Keep this many most recent checkpoints; 0 = keep all."""
+    keep_every: int = non_negative(0)
+    """Also keep every checkpoint whose step is a multiple of this; 0 = none extra."""
+    async_save: bool = False
+    """Write checkpoints in the background while training continues."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """[logging]: what is reported and how often."""
+
+    interval: int = positive(1)
+    """Log loss, throughput and MFU every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard events under <run_dir>/tensorboard."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """[eval]: validation loss during training."""
+
+    interval: int = non_negative(0)
+    """Evaluate every this many steps; 0 = never."""
+    iters: int = positive(10)
+    """Validation batches (of global_batch_size) per evaluation."""
+
+
+@dataclass(kw_only=True)
+class InitConfig:
+    """[init]: where the initial weights come from (continual pretraining); none = random."""
+
+    from_hf: str | None = recipe_path()
+    """A Hugging Face checkpoint directory (config.json + safetensors) to import."""
+    from_checkpoint: str | None = recipe_path()
+    """A bigpt checkpoint whose weights (not optimizer or step) start this run."""
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A whole recipe file: run identity plus one field per table."""
+
+    name: str
+    """Run name, used in logs and the default run_dir."""
+    run_dir: str = ""
+    """Output directory (logs, TensorBoard, checkpoints); empty = runs/<name>. Relative to the
+    working directory."""
+    model: ModelConfig
+    """[model]"""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """[parallel]"""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """[precision]"""
+    train: TrainConfig
+    """[train]"""
+    optimizer: OptimizerConfig
+    """[optimizer]"""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """[schedule]"""
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    """[recompute]"""
+    data: DataConfig = field(default_factory=DataConfig)
+    """[data]"""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """[checkpoint]"""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """[logging]"""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """[eval]"""
+    init: InitConfig = field(default_factory=InitConfig)
+    """[init]"""
+    source: str = field(default="", compare=False, metadata={NOT_A_KEY: True})
+    """Path of the top recipe file (not a TOML key; not part of equality)."""
+
+    def __post_init__(self):
+        if not self.run_dir:
+            self.run_dir = f"runs/{self.name}"

@@ -1,0 +1,42 @@
+"""Fixes for megatron-core bugs bigpt hits, each pinned to the versions it was seen in.
+
+Applied on every machine (GPU or not) by ``apply()``; each fix is a no-op where the bug cannot
+trigger.
+"""
+
+import megatron.core
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+FIXED_IN_VERSIONS = ("0.16.1",)
+
+
+def _keep_torch_adam_step_on_reshardable_load() -> None:
+    """megatron-core 0.16.1 with torch's AdamW (no Transformer Engine / Apex): loading the
+    distributed optimizer's reshardable state skips the per-parameter 'step' in the checkpoint
+    (it restores it from the param groups instead) but then copies *every* key of the live state,
+    'step' included, and fails with KeyError: 'step'. Copy only what the checkpoint provides."""
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+_applied = False
+
+
+def apply() -> None:
+    global _applied
+    if _applied or megatron.core.__version__ not in FIXED_IN_VERSIONS:
+        return
+    _keep_torch_adam_step_on_reshardable_load()
+    _applied = True

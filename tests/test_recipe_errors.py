@@ -1,0 +1,161 @@
+"""One test per class of bad recipe: each is a BigptError naming the key and the file.
+
+Bad recipes inherit the shipped tiny recipe and add one mistake. A few go through the CLI to
+check the user-facing contract: exit code 2, the key in the message, no traceback.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+from bigpt.errors import EXIT_USER_ERROR, BigptError
+from bigpt.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes/tiny.toml"
+
+
+def bad_recipe(tmp_path, text, name="bad.toml"):
+    path = tmp_path / name
+    path.write_text(f'base = "{TINY}"\n' + dedent(text))
+    return path
+
+
+def load_error(path, overrides=()) -> str:
+    with pytest.raises(BigptError) as info:
+        load_recipe(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def cli_error(*args) -> str:
+    result = subprocess.run([sys.executable, "launchers/run.py", *map(str, args), "--dry-run"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_USER_ERROR, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_cli_malformed_toml_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text('name = "x"\n[model]\nnum_layers 4\n')
+    message = cli_error(path)
+    assert "broken.toml is not valid TOML" in message and "line 3" in message
+
+
+def test_cli_unknown_key_suggests_the_right_one(tmp_path):
+    message = cli_error(bad_recipe(tmp_path, "[model]\nnum_layer = 4\n"))
+    assert "unknown key model.num_layer in" in message and "bad.toml" in message
+    assert "did you mean model.num_layers?" in message
+
+
+def test_cli_wrong_type_names_key_value_and_file(tmp_path):
+    message = cli_error(bad_recipe(tmp_path, '[model]\nnum_layers = "four"\n'))
+    assert "model.num_layers must be an integer, got 'four' (str) in" in message
+    assert "bad.toml" in message
+
+
+def test_cli_layout_rule_names_the_keys():
+    message = cli_error(TINY, "parallel.tensor=3", "--world-size", "6")
+    assert "model.num_attention_heads=4 is not divisible by parallel.tensor=3" in message
+
+
+def test_cli_bad_override_names_the_override():
+    message = cli_error(TINY, "model.num_layer=4")
+    assert "unknown key model.num_layer in override 'model.num_layer=4'" in message
+    assert "did you mean model.num_layers?" in message
+
+
+def test_unknown_table(tmp_path):
+    message = load_error(bad_recipe(tmp_path, "[modle]\nnum_layers = 4\n"))
+    assert "unknown table [modle]" in message and "did you mean [model]?" in message
+
+
+def test_unknown_key_without_close_match_lists_the_known_ones(tmp_path):
+    message = load_error(bad_recipe(tmp_path, "[logging]\nwandb_project = 'x'\n"))
+    assert "unknown key logging.wandb_project" in message and "interval, tensorboard" in message
+
+
+def test_bool_is_not_an_int(tmp_path):
+    message = load_error(bad_recipe(tmp_path, "[parallel]\ntensor = true\n"))
+    assert "parallel.tensor must be an integer, got True (bool)" in message
+
+
+def test_bad_enum_lists_the_choices(tmp_path):
+    message = load_error(bad_recipe(tmp_path, '[model]\nactivation = "silu"\n'))
+    assert "model.activation must be one of 'swiglu', 'gelu', 'relu', got 'silu'" in message
+
+
+def test_non_positive_size(tmp_path):
+    message = load_error(bad_recipe(tmp_path, "[model]\nhidden_size = 0\n"))
+    assert "model.hidden_size must be positive, got 0 in" in message
+
+
+def test_wrong_type_inside_a_list_of_tables(tmp_path):
+    message = load_error(bad_recipe(tmp_path, '[data]\nblend = [{path = "a", weight = "x"}]\n'))
+    assert "data.blend[0].weight must be a number, got 'x' (str)" in message
+
+
+def test_table_given_as_a_value(tmp_path):
+    message = load_error(bad_recipe(tmp_path, "model = 3\n"))
+    assert "model must be a table, got 3 (int)" in message
+
+
+def test_missing_required_key(tmp_path):
+    path = tmp_path / "partial.toml"
+    path.write_text('name = "x"\n[model]\nnum_layers = 2\n')
+    message = load_error(path)
+    assert "missing required key model.hidden_size" in message and "partial.toml" in message
+
+
+def test_missing_recipe_file(tmp_path):
+    assert "recipe file" in load_error(tmp_path / "nope.toml")
+
+
+def test_missing_base_file_names_the_file_that_names_it(tmp_path):
+    path = tmp_path / "child.toml"
+    path.write_text('base = "bases/gone.toml"\nname = "x"\n')
+    message = load_error(path)
+    assert "bases/gone.toml not found" in message and "child.toml" in message
+
+
+def test_inheritance_cycle_lists_the_chain(tmp_path):
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n')
+    message = load_error(tmp_path / "a.toml")
+    assert "inheritance cycle" in message
+    assert message.index("a.toml") < message.index("b.toml") < message.rindex("a.toml")
+
+
+def test_override_without_equals_sign():
+    assert "not of the form table.key=value" in load_error(TINY, ["parallel.tensor"])
+
+
+def test_override_wrong_type_names_the_override():
+    message = load_error(TINY, ["train.train_iters=many"])
+    assert "train.train_iters must be an integer, got 'many' (str) in override" in message
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.num_query_groups=3"], "model.num_attention_heads=4 is not a multiple of model.num_query_groups=3"),
+    (["model.hidden_size=130"], "model.hidden_size=130 is not divisible by model.num_attention_heads=4"),
+    (['precision.fp8="delayed"', 'precision.transformer_engine="off"'], "needs Transformer Engine"),
+    (["train.rampup_batch_size=[3, 2, 100]"], "never reaches train.global_batch_size=8"),
+    (["train.rampup_batch_size=[2, 2]"], "does not have 3 entries"),
+    (["optimizer.min_lr=1.0"], "optimizer.min_lr=1.0 is above optimizer.lr"),
+    (["schedule.warmup_iters=30"], "schedule.warmup_iters=30 is not below the end of the decay"),
+    (["schedule.decay_style=wsd"], "needs schedule.wsd_decay_iters"),
+    (["data.blend=[]"], "data.source='indexed' needs data.tokenizer and a non-empty data.blend"),
+    (['data.split="100,0,0"'], "leaves no validation data"),
+    (['data.split="a,b"'], "is not three comma-separated"),
+    (["init.from_hf=a", "init.from_checkpoint=b"], "init.from_hf and init.from_checkpoint are both set"),
+    (['model.position_embedding="learned"', "model.max_position_embeddings=64"],
+     "model.max_position_embeddings=64 is shorter than model.seq_length=128"),
+])
+def test_cross_field_rule(overrides, expected):
+    message = load_error(TINY, overrides)
+    assert expected in message and "tiny.toml" in message
