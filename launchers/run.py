@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.runtime.console import configure_console  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,6 +28,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    configure_console(rank)
     try:
         from bigpt.layout import Layout
         from bigpt.recipe import load_recipe

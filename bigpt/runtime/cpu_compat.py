@@ -19,6 +19,7 @@ clear error rather than failing somewhere deep inside megatron-core.
 """
 
 import contextlib
+import logging
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -135,6 +136,10 @@ def _patch_torch_cuda() -> None:
 def _patch_megatron_rng() -> None:
     from megatron.core.tensor_parallel import random as tp_random
 
+    # The tracker warns when the CPU RNG moves inside a fork: here that is the point of the fork.
+    logging.getLogger(tp_random.__name__).addFilter(
+        lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context"
+    )
     tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 

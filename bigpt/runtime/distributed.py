@@ -27,6 +27,8 @@ def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
         )
     megatron_fixes.apply()
     if torch.cuda.is_available():
+        # megatron-core's TP/SP communication overlap relies on kernels being issued in order.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:

@@ -1,0 +1,31 @@
+"""Run bigpt as users do (torchrun + launchers/run.py) over gloo on CPU, and read its results."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = REPO / "launchers" / "run.py"
+MOCK_RECIPE = Path(__file__).resolve().parent / "recipes" / "mock_tiny.toml"
+
+
+def run_bigpt(recipe, *overrides: str, nproc: int = 1, timeout: int = 300, check: bool = True):
+    """``torchrun --nproc_per_node nproc launchers/run.py recipe overrides`` with one thread per
+    rank (without it, 8 CPU ranks oversubscribe a small machine and crawl)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(RUN), str(recipe), *overrides]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"bigpt failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def scalars(run_dir, tag: str) -> list[float]:
+    """Values of one TensorBoard scalar, in step order, read back with tensorboard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return [event.value for event in sorted(accumulator.Scalars(tag), key=lambda e: e.step)]
