@@ -1,0 +1,53 @@
+"""Micro-batches for one data-parallel rank, in Megatron's pretraining-sampler order.
+
+The global sample stream is ``dataset[consumed_samples], dataset[consumed_samples + 1], ...``.
+Each micro-batch step takes the next ``micro_batch_size × dp_size`` samples and data-parallel
+rank ``r`` gets slice ``[r × mbs, (r + 1) × mbs)``. So what is trained on depends only on the
+seed and the samples consumed so far: resuming, or resuming at another dp size, continues the
+same stream.
+"""
+
+from typing import Iterator
+
+import torch
+
+from bigpt.errors import BigptError
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def micro_batches(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                  dp_size: int, num_workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield this rank's micro-batches on CPU: ``BATCH_KEYS`` → ``[micro_batch_size, seq]``.
+
+    tokens, labels and position_ids are int64, loss_mask float32. Raises BigptError once the
+    dataset cannot fill another full step; it is sized for the run when it is built.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
+    indices = _rank_indices(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    # Workers read and collate ahead; the index order, and so the stream, stays the same.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=indices, collate_fn=_collate,
+                                         num_workers=num_workers,
+                                         persistent_workers=num_workers > 0)
+    yield from loader
+    raise BigptError(
+        f"the dataset has {len(dataset)} samples and all were consumed; it is built for "
+        "train.train_iters (and eval.iters × the number of evaluations), so resuming past "
+        "them needs the datasets built again for the longer run")
+
+
+def _rank_indices(length: int, start: int, micro_batch_size: int, dp_rank: int,
+                  dp_size: int) -> Iterator[list[int]]:
+    """This rank's sample indices per micro-batch; ends before a step the dataset cannot fill."""
+    step = micro_batch_size * dp_size
+    first = start
+    while first + step <= length:
+        mine = first + dp_rank * micro_batch_size
+        yield list(range(mine, mine + micro_batch_size))
+        first += step
+
+
+def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    # Blended datasets add a "dataset_id"; the batch carries only what the model step reads.
+    return {key: torch.stack([sample[key] for sample in samples]) for key in BATCH_KEYS}

@@ -1,0 +1,92 @@
+"""Checks on indexed datasets before megatron-core sees them.
+
+megatron-core asserts (or worse, loops forever: a split with zero tokens never reaches its
+requested sample count) on data it cannot use. Every rank runs these checks on its own, so a
+bad dataset fails the same way everywhere instead of leaving ranks waiting on each other.
+"""
+
+import os
+
+import numpy
+from megatron.core.datasets.indexed_dataset import (
+    _INDEX_HEADER,
+    IndexedDataset,
+    get_bin_path,
+    get_idx_path,
+)
+from megatron.core.datasets.utils import Split
+
+from bigpt.errors import BigptError
+
+REGENERATE = "regenerate it with tools/preprocess_data.py"
+
+
+def open_indexed_dataset(prefix: str, key: str) -> IndexedDataset:
+    """Open the ``.bin``/``.idx`` pair at ``prefix`` (recipe key ``key``) and check it is whole."""
+    idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
+    if not os.path.isfile(idx_path):
+        found = " (its .bin exists)" if os.path.isfile(bin_path) else ""
+        raise BigptError(f"{key}: no indexed dataset at prefix {prefix}: {idx_path} does not "
+                         f"exist{found}; give the path without .bin/.idx, or {REGENERATE}")
+    if not os.path.isfile(bin_path):
+        raise BigptError(f"{key}: {bin_path} is missing next to {idx_path}; copy the .bin too, "
+                         f"or {REGENERATE}")
+    # Checked here because megatron-core cannot open these (and prints noise while failing).
+    with open(idx_path, "rb") as stream:
+        if stream.read(len(_INDEX_HEADER)) != _INDEX_HEADER:
+            raise BigptError(f"{key}: {idx_path} is not a megatron-core index (its header is "
+                             f"wrong); {REGENERATE}")
+    if os.path.getsize(bin_path) == 0:
+        raise BigptError(f"{key}: {prefix} holds no documents ({bin_path} is empty); "
+                         f"{REGENERATE} from a non-empty corpus")
+    try:
+        dataset = IndexedDataset(prefix, mmap=True)
+    except (AssertionError, ValueError, OSError) as err:
+        raise BigptError(f"{key}: {idx_path} is not a readable megatron-core index ({err}); "
+                         f"{REGENERATE}") from None
+    index = dataset.index
+    if len(index) == 0:
+        raise BigptError(f"{key}: {prefix} holds no documents; {REGENERATE} from a non-empty "
+                         "corpus")
+    expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    actual = os.path.getsize(bin_path)
+    if actual != expected:
+        raise BigptError(f"{key}: {bin_path} has {actual} bytes but its index {idx_path} "
+                         f"describes {expected} (truncated or mismatched copy); {REGENERATE} "
+                         "or copy both files again")
+    empty = numpy.flatnonzero(index.sequence_lengths == 0)
+    if empty.size:
+        raise BigptError(f"{key}: {prefix} has {empty.size} zero-length documents (the first is "
+                         f"number {empty[0]}), which megatron-core cannot sample; {REGENERATE}, "
+                         "which appends an end-of-document token to every document")
+    return dataset
+
+
+def check_split_has_tokens(dataset: IndexedDataset, key: str, split_matrix, split: str,
+                           wanted: dict[Split, int]) -> None:
+    """Each split that must serve samples needs tokens, divided by documents as megatron does."""
+    num_documents = len(dataset)
+    for part, samples in wanted.items():
+        bounds = split_matrix[part.value]
+        if not samples or bounds is None:
+            continue
+        begin, end = (int(round(bound * num_documents)) for bound in bounds)
+        if int(dataset.sequence_lengths[begin:end].sum()) == 0:
+            raise BigptError(
+                f"{key}: data.split={split!r} gives the {part.name} split none of the "
+                f"{num_documents} documents of {dataset.path_prefix}; add documents to that "
+                "dataset or change data.split")
+
+
+def check_weights(weights: list[float]) -> None:
+    for i, weight in enumerate(weights):
+        if not weight > 0:
+            raise BigptError(f"data.blend[{i}].weight = {weight} must be positive; drop the "
+                             "dataset from the blend instead of giving it no weight")
+
+
+def check_vocab(vocab_size: int, model_vocab_size: int, tokenizer_path: str) -> None:
+    if vocab_size > model_vocab_size:
+        raise BigptError(f"data.tokenizer {tokenizer_path} has {vocab_size} tokens but "
+                         f"model.vocab_size is {model_vocab_size}; set model.vocab_size = "
+                         f"{vocab_size} (or more)")

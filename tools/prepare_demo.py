@@ -1,0 +1,65 @@
+"""Build the CPU demo's data: corpus → 4096-token SentencePiece tokenizer → indexed dataset.
+
+    python tools/prepare_demo.py            # writes data/demo/ at the repository root
+
+recipes/tiny.toml reads data/demo/tokenizer.model and data/demo/demo_text_document.{bin,idx}.
+Steps whose outputs exist are skipped; --force redoes them all.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+
+DEMO_VOCAB_SIZE = 4096
+
+
+def prepare(out: Path, force: bool) -> None:
+    from bigpt.data.demo_corpus import write_demo_corpus
+    from bigpt.data.tokenizer_training import train_tokenizer
+
+    corpus, tokenizer = out / "demo.jsonl", out / "tokenizer.model"
+    prefix = out / "demo_text_document"
+
+    def step(name: str, output: Path, run) -> None:
+        if output.exists() and not force:
+            print(f"{name}: {output} exists, skipped")
+            return
+        started = time.monotonic()
+        run()
+        print(f"{name}: wrote {output} in {time.monotonic() - started:.1f} s")
+
+    step("corpus", corpus, lambda: write_demo_corpus(out, corpus.name))
+    step("tokenizer", tokenizer, lambda: train_tokenizer([corpus], DEMO_VOCAB_SIZE, out / "tokenizer"))
+
+    def preprocess_corpus():
+        from bigpt.data.preprocess import preprocess
+
+        print(preprocess(corpus, str(prefix), tokenizer, workers=os.cpu_count() or 1)
+              .line(str(prefix)))
+
+    step("dataset", Path(f"{prefix}.idx"), preprocess_corpus)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "data" / "demo")
+    parser.add_argument("--force", action="store_true", help="redo every step")
+    args = parser.parse_args(argv)
+    try:
+        prepare(args.out, args.force)
+    except BigptError as err:
+        print(f"bigpt: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

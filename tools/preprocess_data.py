@@ -1,0 +1,55 @@
+"""Tokenize a JSONL or plain-text corpus into a megatron-core indexed dataset (.bin + .idx).
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus_text_document \\
+        --tokenizer data/tokenizer.model --workers 8
+
+One document per line; each gets the tokenizer's end-of-document token appended. Name the
+output prefix (without .bin/.idx) in a recipe's data.blend.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True,
+                        help="a .jsonl/.json/.ndjson file (one JSON object per line) or a text "
+                             "file (one document per line)")
+    parser.add_argument("--output-prefix", required=True,
+                        help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--tokenizer", required=True,
+                        help="SentencePiece .model or Hugging Face tokenizer.json")
+    parser.add_argument("--field", default="text", help="JSONL field holding the text")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    parser.add_argument("--on-bad-line", choices=("stop", "skip"), default="stop",
+                        help="what to do with a JSONL line that is not a JSON object with --field")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be 1 or more")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from bigpt.data.preprocess import preprocess
+
+        summary = preprocess(args.input, args.output_prefix, args.tokenizer,
+                             text_field=args.field, workers=args.workers,
+                             on_bad_line=args.on_bad_line, progress=sys.stderr)
+    except BigptError as err:
+        print(f"bigpt: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(summary.line(args.output_prefix))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
