@@ -11,6 +11,9 @@ class Checkpointer(Callback):
         self.root = root
         self.last_saved = None
 
+    def on_start(self, trainer):
+        self.last_saved = trainer.state.iteration  # 0, or the checkpoint this run resumed from
+
     def on_step(self, trainer, metrics):
         interval = trainer.recipe.checkpoint.save_interval
         if interval and trainer.state.iteration % interval == 0:

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from bigpt.checkpoint import load_checkpoint, load_weights, resolve_resume, save_checkpoint
+from bigpt.errors import BigptError
 from bigpt.data import build_datasets, micro_batches
 from bigpt.layout import Layout
 from bigpt.model import build_model_chunks
@@ -28,6 +29,11 @@ def build_trainer(recipe: Recipe, layout: Layout) -> Trainer:
     """Everything a run needs, on a process group that already exists."""
     seed_everything(recipe.train.seed)
     init_batch_calculator(recipe, layout)
+    if recipe.init.from_hf:
+        raise BigptError(
+            f"init.from_hf = \"{recipe.init.from_hf}\": importing Hugging Face weights is not available in this "
+            "version of bigpt yet; start from a bigpt checkpoint (init.from_checkpoint) or from random weights."
+        )
     chunks, config = build_model_chunks(recipe, layout)
     if recipe.init.from_checkpoint:
         load_weights(chunks, Path(recipe.init.from_checkpoint))
@@ -66,6 +72,9 @@ def train(recipe: Recipe, layout: Layout) -> None:
             if dist.get_rank() == 0:
                 print(f"resuming from {resume} (step {trainer.state.iteration}, "
                       f"{trainer.state.consumed_samples} samples consumed)", flush=True)
+                if trainer.state.iteration >= recipe.train.train_iters:
+                    print(f"training is already complete (train.train_iters = {recipe.train.train_iters}); raise "
+                          "train.train_iters to continue, or set checkpoint.load=none to start over", flush=True)
         if dist.get_rank() == 0:
             os.makedirs(recipe.run_dir, exist_ok=True)
             Path(recipe.run_dir, "recipe.toml").write_text(recipe_to_toml(recipe))
