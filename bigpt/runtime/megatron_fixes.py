@@ -14,7 +14,11 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
     """megatron-core 0.16.1 with torch's AdamW (no Transformer Engine / Apex): loading the
     distributed optimizer's reshardable state skips the per-parameter 'step' in the checkpoint
     (it restores it from the param groups instead) but then copies *every* key of the live state,
-    'step' included, and fails with KeyError: 'step'. Copy only what the checkpoint provides."""
+    'step' included, and fails with KeyError: 'step'. Copy only what the checkpoint provides.
+
+    Its load_state_dict also hands every parameter the *same* 'step' tensor, which torch's AdamW
+    then increments once per parameter per step, corrupting the bias correction after a resume:
+    give each parameter its own copy."""
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def set_states(self, model_param, tensors):
@@ -26,7 +30,7 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
             original(self, model_param, tensors)
         finally:
             if step is not None:
-                state["step"] = step
+                state["step"] = step.clone()
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
