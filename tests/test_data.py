@@ -54,7 +54,8 @@ def test_mock_batches_have_the_documented_layout(tmp_path):
                                dp_size=1))
     assert tuple(batch) == BATCH_KEYS
     assert all(tensor.shape == (3, 16) for tensor in batch.values())
-    assert batch["tokens"].dtype == batch["labels"].dtype == batch["position_ids"].dtype == torch.int64
+    for key in ("tokens", "labels", "position_ids"):
+        assert batch[key].dtype == torch.int64
     assert batch["loss_mask"].dtype == torch.float32
     assert torch.equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])
     assert torch.equal(batch["position_ids"], torch.arange(16).expand(3, 16))

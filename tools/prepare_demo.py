@@ -36,7 +36,8 @@ def prepare(out: Path, force: bool) -> None:
         print(f"{name}: wrote {output} in {time.monotonic() - started:.1f} s")
 
     step("corpus", corpus, lambda: write_demo_corpus(out, corpus.name))
-    step("tokenizer", tokenizer, lambda: train_tokenizer([corpus], DEMO_VOCAB_SIZE, out / "tokenizer"))
+    step("tokenizer", tokenizer,
+         lambda: train_tokenizer([corpus], DEMO_VOCAB_SIZE, out / "tokenizer"))
 
     def preprocess_corpus():
         from bigpt.data.preprocess import preprocess

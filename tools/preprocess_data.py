@@ -1,7 +1,7 @@
 """Tokenize a JSONL or plain-text corpus into a megatron-core indexed dataset (.bin + .idx).
 
-    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus_text_document \\
-        --tokenizer data/tokenizer.model --workers 8
+    python tools/preprocess_data.py --input corpus.jsonl --tokenizer data/tokenizer.model \\
+        --output-prefix data/corpus_text_document --workers 8
 
 One document per line; each gets the tokenizer's end-of-document token appended. Name the
 output prefix (without .bin/.idx) in a recipe's data.blend.

@@ -1,7 +1,8 @@
 """Data: tokenizers, megatron-core indexed datasets and blends, and the micro-batch stream.
 
     train_ds, valid_ds = build_datasets(recipe, world_rank=rank, train_samples=n, valid_samples=m)
-    batches = micro_batches(train_ds, consumed_samples=k, micro_batch_size=mbs, dp_rank=r, dp_size=dp)
+    batches = micro_batches(train_ds, consumed_samples=k, micro_batch_size=mbs,
+                            dp_rank=r, dp_size=dp)
 
 Names are imported on first use, so tools that only tokenize do not pay for importing torch
 and megatron-core.
@@ -15,6 +16,7 @@ _HOMES = {
     "BATCH_KEYS": "bigpt.data.batches",
     "load_tokenizer": "bigpt.data.tokenizer",
     "Tokenizer": "bigpt.data.tokenizer",
+    "plan_tokens": "bigpt.data.phases",
 }
 
 __all__ = sorted(_HOMES)

@@ -18,21 +18,25 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 def micro_batches(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int,
                   dp_size: int, num_workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield this rank's micro-batches on CPU: ``BATCH_KEYS`` → ``[micro_batch_size, seq]``.
+    """This rank's micro-batches on CPU: ``BATCH_KEYS`` → ``[micro_batch_size, seq_length]``.
 
-    tokens, labels and position_ids are int64, loss_mask float32. Raises BigptError once the
-    dataset cannot fill another full step; it is sized for the run when it is built.
+    tokens, labels and position_ids are int64, loss_mask float32. The iterator raises
+    BigptError once the dataset cannot fill another full step (it is sized for the run when
+    built). ``num_workers`` processes read ahead; the order stays the same.
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
     indices = _rank_indices(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
-    # Workers read and collate ahead; the index order, and so the stream, stays the same.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=indices, collate_fn=_collate,
                                          num_workers=num_workers,
                                          persistent_workers=num_workers > 0)
+    return _until_exhausted(loader, len(dataset))
+
+
+def _until_exhausted(loader, length: int):
     yield from loader
     raise BigptError(
-        f"the dataset has {len(dataset)} samples and all were consumed; it is built for "
+        f"the dataset has {length} samples and all were consumed; it is built for "
         "train.train_iters (and eval.iters × the number of evaluations), so resuming past "
         "them needs the datasets built again for the longer run")
 

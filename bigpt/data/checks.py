@@ -62,26 +62,29 @@ def open_indexed_dataset(prefix: str, key: str) -> IndexedDataset:
     return dataset
 
 
+def split_tokens(dataset: IndexedDataset, bounds: tuple[float, float]) -> int:
+    """Tokens of the documents megatron-core puts in a split with these (begin, end) fractions."""
+    num_documents = len(dataset)
+    begin, end = (int(round(bound * num_documents)) for bound in bounds)
+    return int(dataset.sequence_lengths[begin:end].sum())
+
+
 def check_split_has_tokens(dataset: IndexedDataset, key: str, split_matrix, split: str,
                            wanted: dict[Split, int]) -> None:
-    """Each split that must serve samples needs tokens, divided by documents as megatron does."""
-    num_documents = len(dataset)
+    """Each split that must serve samples needs tokens."""
     for part, samples in wanted.items():
         bounds = split_matrix[part.value]
-        if not samples or bounds is None:
-            continue
-        begin, end = (int(round(bound * num_documents)) for bound in bounds)
-        if int(dataset.sequence_lengths[begin:end].sum()) == 0:
+        if samples and bounds is not None and split_tokens(dataset, bounds) == 0:
             raise BigptError(
                 f"{key}: data.split={split!r} gives the {part.name} split none of the "
-                f"{num_documents} documents of {dataset.path_prefix}; add documents to that "
+                f"{len(dataset)} documents of {dataset.path_prefix}; add documents to that "
                 "dataset or change data.split")
 
 
-def check_weights(weights: list[float]) -> None:
+def check_weights(weights: list[float], key: str) -> None:
     for i, weight in enumerate(weights):
         if not weight > 0:
-            raise BigptError(f"data.blend[{i}].weight = {weight} must be positive; drop the "
+            raise BigptError(f"{key}[{i}].weight = {weight} must be positive; drop the "
                              "dataset from the blend instead of giving it no weight")
 
 

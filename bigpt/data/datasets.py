@@ -1,18 +1,16 @@
-"""Recipe [data] → megatron-core GPT datasets (mock, or a blend of indexed datasets)."""
+"""Recipe [data] → megatron-core GPT datasets (mock, or phases of indexed-dataset blends)."""
 
 import os
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.blended_megatron_dataset_config import (
-    convert_split_vector_to_split_matrix,
-    parse_and_normalize_split,
-)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import Split
 
-from bigpt.data.checks import check_split_has_tokens, check_vocab, check_weights, open_indexed_dataset
+from bigpt.data.checks import check_vocab
+from bigpt.data.phases import Phase, PhasedDataset, plan_phases
 from bigpt.data.rank_zero_first import build_rank_zero_first, megatron_sees_one_process
 from bigpt.data.tokenizer import Tokenizer, load_tokenizer
+from bigpt.errors import BigptError
 
 DEFAULT_BUILD_TIMEOUT_MINUTES = 30.0
 
@@ -26,32 +24,53 @@ class VocabularyOnly(Tokenizer):
 
 
 def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples: int):
-    """Return ``(train, valid)`` megatron-core datasets; ``valid`` is None if nothing is asked.
+    """Return ``(train, valid)`` datasets; ``valid`` is None when ``valid_samples`` is 0.
 
     Call on every rank. ``source = "indexed"`` datasets are checked on every rank first, then
     their sample indices are built on rank 0 into ``data.cache_dir`` and loaded by the others.
     Samples are dicts of ``seq_length``-long tensors: tokens, labels, loss_mask, position_ids.
+    Validation samples come from the first phase's blend (``data.blend``).
     """
     data = recipe.data
-    wanted = {Split.train: train_samples, Split.valid: valid_samples}
-    sizes = [train_samples, valid_samples, 0]
     if data.source == "mock":
+        if getattr(data, "phases", None):
+            raise BigptError("data.phases need data.source = 'indexed'; mock data has no blend")
         tokenizer = _checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(
             recipe.model.vocab_size)
-        config = _config(recipe, tokenizer, wanted, blend=None, cache_dir=None)
+        config = _config(recipe, tokenizer, {Split.train: train_samples,
+                                             Split.valid: valid_samples})
         # Mock data is generated in memory from the seed, so every rank builds its own.
         with megatron_sees_one_process(quiet=True):
             train, valid, _ = BlendedMegatronDatasetBuilder(
-                MockGPTDataset, sizes, lambda: True, config).build()
-    else:
-        tokenizer = _checked_tokenizer(recipe)
-        cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
-        config = _config(recipe, tokenizer, wanted, blend=_checked_blend(data, wanted),
-                         cache_dir=cache_dir)
-        builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
-        train, valid, _ = build_rank_zero_first(
-            builder.build, world_rank=world_rank, cache_dir=cache_dir,
-            timeout_minutes=getattr(data, "build_timeout_minutes", DEFAULT_BUILD_TIMEOUT_MINUTES))
+                MockGPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
+        return train, valid
+    tokenizer = _checked_tokenizer(recipe)
+    cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
+    phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
+    built = [_build_phase(recipe, tokenizer, number, phase, valid_samples if number == 0 else 0,
+                          world_rank, cache_dir)
+             for number, phase in enumerate(phases)]
+    train, valid = built[0]
+    if len(phases) > 1:
+        train = PhasedDataset([phase.first_sample for phase in phases],
+                              [phase_train for phase_train, _ in built])
+    return train, valid
+
+
+def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: int,
+                 world_rank: int, cache_dir: str):
+    # One dataset needs no blending; weights would make megatron wrap it in a BlendedDataset.
+    weights = phase.weights if len(phase.prefixes) > 1 else None
+    # Each phase shuffles with its own seed, so a dataset met again is not replayed in order.
+    config = _config(recipe, tokenizer, {Split.train: phase.samples, Split.valid: valid_samples},
+                     blend=(phase.prefixes, weights), cache_dir=cache_dir,
+                     seed=recipe.train.seed + number)
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, [phase.samples, valid_samples, 0],
+                                            lambda: True, config)
+    train, valid, _ = build_rank_zero_first(
+        builder.build, world_rank=world_rank, cache_dir=cache_dir,
+        timeout_minutes=getattr(recipe.data, "build_timeout_minutes",
+                                DEFAULT_BUILD_TIMEOUT_MINUTES))
     return train, valid
 
 
@@ -61,22 +80,10 @@ def _checked_tokenizer(recipe) -> Tokenizer:
     return tokenizer
 
 
-def _checked_blend(data, wanted: dict) -> tuple[list[str], list[float] | None]:
-    """The blend as megatron takes it, after checking every dataset can serve its splits."""
-    prefixes = [entry.path for entry in data.blend]
-    weights = [entry.weight for entry in data.blend]
-    check_weights(weights)
-    split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(data.split))
-    for i, prefix in enumerate(prefixes):
-        dataset = open_indexed_dataset(prefix, f"data.blend[{i}].path")
-        check_split_has_tokens(dataset, f"data.blend[{i}].path", split_matrix, data.split, wanted)
-    # One dataset needs no blending; weights would make megatron wrap it in a BlendedDataset.
-    return prefixes, (weights if len(prefixes) > 1 else None)
-
-
-def _config(recipe, tokenizer: Tokenizer, wanted: dict, *, blend, cache_dir) -> GPTDatasetConfig:
+def _config(recipe, tokenizer: Tokenizer, wanted: dict, *, blend=None, cache_dir=None,
+            seed=None) -> GPTDatasetConfig:
     config = GPTDatasetConfig(
-        random_seed=recipe.train.seed,
+        random_seed=recipe.train.seed if seed is None else seed,
         sequence_length=recipe.model.seq_length,
         blend=blend,
         split=recipe.data.split if blend else None,

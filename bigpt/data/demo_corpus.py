@@ -52,7 +52,8 @@ def stdlib_documents() -> Iterator[tuple[str, str]]:
                 functions.append(_callable_text(f"{module.__name__}.{name}", member))
         doc = _own_doc(module)
         if doc or functions:
-            yield module.__name__, "\n\n".join([f"Module {module.__name__}", doc, *functions]).strip()
+            parts = [f"Module {module.__name__}", doc, *functions]
+            yield module.__name__, "\n\n".join(parts).strip()
     from pydoc_data.topics import topics
 
     for topic in sorted(topics):

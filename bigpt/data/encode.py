@@ -33,7 +33,8 @@ class DocumentEncoder:
     """
 
     def __init__(self, tokenizer: Tokenizer, *, jsonl: bool, text_field: str, dtype):
-        self.tokenizer, self.jsonl, self.text_field, self.dtype = tokenizer, jsonl, text_field, dtype
+        self.tokenizer, self.dtype = tokenizer, dtype
+        self.jsonl, self.text_field = jsonl, text_field
 
     def encode_chunk(self, first_line: int, lines: list[bytes]) -> EncodedChunk:
         chunk = EncodedChunk()

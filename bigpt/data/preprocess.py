@@ -8,17 +8,21 @@ reads the result with no bigpt code involved.
 import multiprocessing
 import os
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from megatron.core.datasets.indexed_dataset import (
-    DType,
-    IndexedDatasetBuilder,
-    get_bin_path,
-    get_idx_path,
-)
+with warnings.catch_warnings():
+    # Importing megatron-core warns about GPU libraries (TE, apex) no data tool uses.
+    warnings.simplefilter("ignore", UserWarning)
+    from megatron.core.datasets.indexed_dataset import (
+        DType,
+        IndexedDatasetBuilder,
+        get_bin_path,
+        get_idx_path,
+    )
 
 from bigpt.data.encode import JSONL_SUFFIXES, DocumentEncoder, EncodedChunk, encode_in_worker
 from bigpt.data.tokenizer import load_tokenizer

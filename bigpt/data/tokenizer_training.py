@@ -54,8 +54,8 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, text_field: str = "t
             raise BigptError(f"inputs {', '.join(map(str, paths))} hold no text to train "
                              "on") from None
         raise BigptError(f"SentencePiece could not train a {vocab_size}-token vocabulary on "
-                         f"{counter.lines:,} lines ({err}); change --vocab-size as that says, or give "
-                         "more text") from None
+                         f"{counter.lines:,} lines ({err}); change --vocab-size as that says, or "
+                         "give more text") from None
     for suffix in (".model", ".vocab"):
         os.replace(f"{partial_prefix}{suffix}", f"{out_prefix}{suffix}")
     return Path(f"{out_prefix}.model")

@@ -53,6 +53,7 @@ def build_trainer(recipe: Recipe, layout: Layout) -> Trainer:
         micro_batch_size=recipe.train.micro_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=layout.dp,
+        num_workers=recipe.data.num_workers,
     )
     logger = MetricsLogger(recipe.run_dir)
     callbacks = [Throughput(), logger]

@@ -1,0 +1,142 @@
+"""Data phases: ``data.blend`` from the first token, then each ``data.phases`` entry from its
+``start_tokens`` on (a curriculum, or a final anneal on high-quality data).
+
+A blend's weights are either given, or derived from ``epochs``: weight = epochs × the tokens of
+the dataset's training split, so each dataset is seen about that many times when the phase is
+as long as the epochs add up to. ``plan_tokens`` prints what each dataset actually gets.
+"""
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.utils import Split
+
+from bigpt.data.checks import (
+    check_split_has_tokens,
+    check_weights,
+    open_indexed_dataset,
+    split_tokens,
+)
+from bigpt.errors import BigptError
+
+
+@dataclass
+class Phase:
+    key: str
+    """Where the phase's blend is in the recipe: "data.blend" or "data.phases[i].blend"."""
+    first_sample: int
+    samples: int
+    prefixes: list[str]
+    weights: list[float | None]
+    """Relative weights; None where they come from epochs of a dataset that could not be read."""
+    train_tokens: list[int | None]
+    """Tokens in each dataset's training split; None where it could not be read."""
+
+
+def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0,
+                strict: bool = True) -> list[Phase]:
+    """The phases of a run of ``train_samples`` samples, datasets checked as they are read.
+
+    With ``strict=False`` (planning on paper) unreadable datasets leave gaps instead of errors.
+    """
+    data, seq_length = recipe.data, recipe.model.seq_length
+    split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(data.split))
+    later = getattr(data, "phases", [])
+    starts = [0] + [phase.start_tokens // seq_length for phase in later]
+    ends = starts[1:] + [train_samples]
+    for i, phase in enumerate(later):
+        if not starts[i] < starts[i + 1] < train_samples:
+            raise BigptError(
+                f"data.phases[{i}].start_tokens = {phase.start_tokens} must come after the "
+                f"previous phase's start and before the end of training "
+                f"({train_samples * seq_length} tokens); order the phases by start_tokens")
+    blends = [("data.blend", data.blend)] + [(f"data.phases[{i}].blend", phase.blend)
+                                             for i, phase in enumerate(later)]
+    phases = []
+    for i, ((key, blend), start, end) in enumerate(zip(blends, starts, ends)):
+        wanted = {Split.train: end - start, Split.valid: valid_samples if i == 0 else 0}
+        prefixes, weights, tokens = _plan_blend(key, blend, split_matrix, data.split, wanted,
+                                                strict)
+        phases.append(Phase(key, start, end - start, prefixes, weights, tokens))
+    return phases
+
+
+def _plan_blend(key, blend, split_matrix, split, wanted, strict):
+    if not blend:
+        raise BigptError(f"{key} is empty; name at least one dataset, e.g. "
+                         f"[{{path = \"corpus_text_document\"}}]")
+    epochs = [getattr(entry, "epochs", None) for entry in blend]
+    if any(value is not None for value in epochs) and None in epochs:
+        raise BigptError(f"{key}: give epochs for every dataset of the blend or for none "
+                         "(weights are then derived from them)")
+    prefixes, tokens = [entry.path for entry in blend], []
+    for i, prefix in enumerate(prefixes):
+        try:
+            dataset = open_indexed_dataset(prefix, f"{key}[{i}].path")
+            check_split_has_tokens(dataset, f"{key}[{i}].path", split_matrix, split, wanted)
+            tokens.append(split_tokens(dataset, split_matrix[Split.train.value]))
+        except BigptError:
+            if strict:
+                raise
+            tokens.append(None)
+    if epochs[0] is None:
+        weights = [entry.weight for entry in blend]
+    else:
+        weights = [None if count is None else value * count
+                   for value, count in zip(epochs, tokens)]
+    check_weights([weight for weight in weights if weight is not None], key)
+    return prefixes, weights, tokens
+
+
+class PhasedDataset(torch.utils.data.Dataset):
+    """Global sample ``k`` comes from the phase whose sample range holds ``k``."""
+
+    def __init__(self, first_samples: list[int], datasets: list):
+        self.first_samples, self.datasets = first_samples, datasets
+
+    def __len__(self) -> int:
+        return self.first_samples[-1] + len(self.datasets[-1])
+
+    def __getitem__(self, index: int):
+        phase = bisect.bisect_right(self.first_samples, index) - 1
+        return self.datasets[phase][index - self.first_samples[phase]]
+
+
+def plan_tokens(recipe, train_samples: int | None = None) -> str:
+    """A table of what each phase trains on, for the dry run: per dataset its share of the
+    phase, the tokens drawn from it, its training-split size and the epochs that makes."""
+    train = recipe.train
+    train_samples = train_samples or train.train_iters * train.global_batch_size
+    seq_length = recipe.model.seq_length
+    if recipe.data.source == "mock":
+        return f"data: mock (random tokens), {_count(train_samples * seq_length)} tokens"
+    rows = [("phase", "tokens", "dataset", "share", "drawn", "split size", "epochs")]
+    for phase in plan_phases(recipe, train_samples, strict=False):
+        first = phase.first_sample * seq_length
+        last = first + phase.samples * seq_length
+        known = None not in phase.weights
+        total = sum(phase.weights) if known else None
+        for prefix, weight, tokens in zip(phase.prefixes, phase.weights, phase.train_tokens):
+            share = weight / total if known else None
+            drawn = share * (last - first) if known else None
+            epochs = drawn / tokens if known and tokens else None
+            rows.append((phase.key, f"{_count(first)}-{_count(last)}", prefix,
+                         "?" if share is None else f"{share:.1%}",
+                         "?" if drawn is None else _count(drawn),
+                         "not found" if tokens is None else _count(tokens),
+                         "?" if epochs is None else f"{epochs:.2f}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def _count(number: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if number >= size:
+            return f"{number / size:.1f}{unit}"
+    return f"{number:.0f}"
