@@ -197,6 +197,19 @@ class BlendEntry:
     """Prefix of a Megatron indexed dataset (the path without .bin/.idx)."""
     weight: float = positive(1.0)
     """Relative sampling weight; weights are normalised over the blend."""
+    epochs: float | None = positive(None)
+    """Passes over this dataset's training split within its phase; None = use weight. Sets
+    weight = epochs × the split's tokens. Give it for every dataset of a blend or for none."""
+
+
+@dataclass(kw_only=True)
+class DataPhase:
+    """One [[data.phases]] entry: from start_tokens on, train on another blend."""
+
+    start_tokens: int = positive()
+    """Training tokens consumed before this phase begins; it lasts until the next phase or the end."""
+    blend: list[BlendEntry] = field(default_factory=list)
+    """The datasets this phase samples from, as data.blend."""
 
 
 @dataclass(kw_only=True)
@@ -215,6 +228,11 @@ class DataConfig:
     """Where dataset sample indices are cached; None = <run_dir>/data_cache."""
     num_workers: int = non_negative(0)
     """DataLoader worker processes per rank."""
+    build_timeout_minutes: float = positive(30.0)
+    """How long ranks other than 0 wait for rank 0 to build the dataset sample indices."""
+    phases: list[DataPhase] = field(default_factory=list)
+    """Later training phases (curriculum, final anneal on high-quality data) in order of
+    start_tokens; data.blend is the first phase, from token 0. Validation always uses data.blend."""
 
 
 @dataclass(kw_only=True)
