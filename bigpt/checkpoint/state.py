@@ -10,7 +10,8 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 from megatron.core.optimizer import DistributedOptimizer
 
@@ -61,10 +62,9 @@ def _materialize_optimizer_state(optimizer) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
-def _full_state(trainer: Trainer, *, is_loading: bool) -> dict:
+def _full_state(trainer: Trainer, model_state: dict, *, is_loading: bool) -> dict:
     if is_loading:
         _materialize_optimizer_state(trainer.optimizer)
-    model_state = _model_state(trainer.model)
     state = dict(model_state)
     state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
     state["scheduler"] = trainer.scheduler.state_dict()
@@ -83,7 +83,7 @@ def save_checkpoint(trainer: Trainer, root: Path) -> Path:
         tmp.mkdir()
     dist.barrier()
     try:
-        dist_checkpointing.save(_full_state(trainer, is_loading=False), str(tmp))
+        dist_checkpointing.save(_full_state(trainer, _model_state(trainer.model), is_loading=False), str(tmp))
     except OSError as err:
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -114,7 +114,7 @@ def _check_shapes(path: Path, expected: dict) -> None:
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     ours, _ = extract_sharded_tensors(expected)
     mismatched = []
-    for tensor in _flatten(ours):
+    for tensor in nested_values(ours):
         theirs = saved.get(tensor.key)
         if theirs is None:
             mismatched.append(f"{tensor.key}: missing from the checkpoint, model has {tuple(tensor.global_shape)}")
@@ -129,19 +129,12 @@ def _check_shapes(path: Path, expected: dict) -> None:
         )
 
 
-def _flatten(tree) -> list[ShardedTensor]:
-    if isinstance(tree, dict):
-        return [t for value in tree.values() for t in _flatten(value)]
-    if isinstance(tree, list):
-        return [t for value in tree for t in _flatten(value)]
-    return [tree] if isinstance(tree, ShardedTensor) else []
-
-
 def load_checkpoint(trainer: Trainer, path: Path) -> None:
     """Restore model, optimizer, scheduler, counters and (same layout only) RNG from ``path``."""
     marker = store.read_marker(path)
-    state = _full_state(trainer, is_loading=True)
-    _check_shapes(path, _model_state(trainer.model))
+    model_state = _model_state(trainer.model)
+    _check_shapes(path, model_state)  # before anything is touched
+    state = _full_state(trainer, model_state, is_loading=True)
     same_layout = marker.get("layout") == _layout_tag(trainer)
     if not same_layout:
         del state["rng_state"]

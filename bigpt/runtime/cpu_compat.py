@@ -44,13 +44,13 @@ def _is_cuda(device) -> bool:
 
 class _CudaAsCpu(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
+        kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             return args[0].type().replace("torch.", "torch.cuda.", 1)
         if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
+            kwargs = {**kwargs, "device": "cpu"}  # copy only when rewriting: this runs for every op
         if func is torch.Tensor.to:
             args = tuple("cpu" if _is_cuda(a) else a for a in args)
         return func(*args, **kwargs)

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from bigpt.checkpoint import load_checkpoint, load_weights, resolve_resume, save_checkpoint
-from bigpt.errors import BigptError
+from bigpt.checkpoint import load_checkpoint, load_weights, resolve_resume
 from bigpt.data import build_datasets, micro_batches
+from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.model import build_model_chunks
 from bigpt.recipe import Recipe, recipe_to_toml

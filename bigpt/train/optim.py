@@ -1,7 +1,6 @@
 """Recipe → megatron-core DDP wrappers, distributed optimizer, LR scheduler, batch ramp-up."""
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -105,7 +104,3 @@ def wire_model_config(config: TransformerConfig, model: list[DistributedDataPara
     if model[0].ddp_config.overlap_param_gather:
         param_sync = [chunk.start_param_sync for chunk in model]
         config.param_sync_func = param_sync[0] if one else param_sync
-
-
-def data_parallel_group():
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
