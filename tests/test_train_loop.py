@@ -41,3 +41,16 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
     assert result.returncode != 0  # torchrun reports 1 for any failed rank; the rank itself exits 2
     assert "does not fit the recipe's model" in result.stderr and "(64" in result.stderr
     assert "Traceback" not in result.stderr.split("bigpt: error")[1].split("\n")[0]
+
+
+def test_launching_the_wrong_number_of_ranks_is_refused(tmp_path):
+    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "parallel.tensor=2", nproc=3, check=False)
+    assert result.returncode != 0
+    assert "world size 3 is not a multiple of parallel.tensor" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_init_from_hf_is_refused_until_it_exists(tmp_path):
+    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", f"init.from_hf={tmp_path}", check=False)
+    assert result.returncode != 0
+    assert "importing Hugging Face weights is not available" in result.stderr
