@@ -98,6 +98,11 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
         # (their deallocation trick relies on CUDA storage semantics).
         use_cpu_initialization=not on_gpu,
         deallocate_pipeline_outputs=on_gpu,
+        # gloo matches a batch of p2p messages to one peer by order alone: with PP=2 interleaving,
+        # the forward activation and the backward gradient between the same two ranks (same
+        # shape) can swap silently. Unbatched, megatron-core sends the two directions over two
+        # different groups. NCCL's batched p2p has no such problem.
+        batch_p2p_comm=on_gpu,
         masked_softmax_fusion=fused,
         bias_activation_fusion=fused and (gated or m.add_bias_linear),
         bias_dropout_fusion=fused,
