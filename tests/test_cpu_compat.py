@@ -61,7 +61,29 @@ def _devices() -> dict:
         "long_type": torch.ones(1, dtype=torch.long).type(),
         "type_conversion": torch.ones(1).type(torch.float64).dtype == torch.float64,
         "current_device": torch.cuda.current_device(),
+        "in_custom_backward": _device_allocated_in_custom_backward(),
     }
+
+
+def _device_allocated_in_custom_backward() -> str:
+    """Activation recompute allocates on "cuda" inside a custom Function's backward, where torch's
+    autograd engine runs without the torch-function mode stack."""
+    seen = {}
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            mask = torch.ones(grad.shape, device="cuda")
+            seen["device"] = str(mask.device)
+            return grad * mask * 2
+
+    x = torch.ones(3, requires_grad=True)
+    Recompute.apply(x).sum().backward()
+    return seen["device"]
 
 
 def _cuda_shims() -> dict:
@@ -182,6 +204,7 @@ def test_cuda_devices_land_on_cpu(probed):
     assert d["empty_cuda"] == d["empty_cuda_1"] == d["arange_torch_device"] == "cpu"
     assert d["zeros_current_device"] == "cpu"
     assert d["current_device"] == 0
+    assert d["in_custom_backward"] == "cpu"
 
 
 @cpu_only

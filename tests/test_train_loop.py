@@ -54,3 +54,9 @@ def test_init_from_hf_is_refused_until_it_exists(tmp_path):
     result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", f"init.from_hf={tmp_path}", check=False)
     assert result.returncode != 0
     assert "importing Hugging Face weights is not available" in result.stderr
+
+
+def test_global_batch_ramps_up(tmp_path):
+    """train.rampup_batch_size=[4, 4, 16]: batches of 4 until 16 samples are consumed, then 8."""
+    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "train.rampup_batch_size=[4, 4, 16]")
+    assert scalars(tmp_path, "train/global_batch_size") == [4, 4, 4, 4, 8, 8]

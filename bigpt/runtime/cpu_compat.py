@@ -7,7 +7,8 @@ megatron-core assumes CUDA throughout: it allocates on ``torch.cuda.current_devi
 ``enable()`` bridges all of it, once per process, and only when no GPU is present:
 
 - a torch-function mode turns every CUDA device argument into the CPU, makes ``.cuda()`` a no-op
-  and reports CPU tensors as ``torch.cuda.*Tensor`` to ``Tensor.type()``;
+  and reports CPU tensors as ``torch.cuda.*Tensor`` to ``Tensor.type()``; it is also entered
+  around custom autograd backward passes (activation recompute), where torch drops it;
 - ``torch.cuda`` gets harmless CPU meanings for devices, streams, events, memory and RNG.
 
 The CPU default generator plays the device generator: on CPU every op draws from it, so the
@@ -144,6 +145,21 @@ def _patch_megatron_rng() -> None:
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _keep_mode_in_custom_backward() -> None:
+    """torch's autograd engine runs backward passes with the torch-function mode stack emptied, yet
+    custom autograd Functions run Python there, e.g. activation recompute re-running a layer's
+    forward (which allocates on "cuda"): give their backward the mode too."""
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        with _CudaAsCpu():
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
 def check_megatron_version() -> None:
     import megatron.core
 
@@ -167,6 +183,7 @@ def enable() -> None:
     check_megatron_version()
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _keep_mode_in_custom_backward()
     _CudaAsCpu().__enter__()  # for the life of the process
     _enabled = True
 
