@@ -43,6 +43,9 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         start, increment, samples = train.rampup_batch_size
         lines.append(f"batch ramp-up    from {start} by {increment} over {samples:,} samples "
                      f"(tokens above assume the full batch throughout)")
+    from bigpt.data import plan_tokens  # reads dataset indexes: torch + megatron-core, only here
+
+    lines += ["data plan", plan_tokens(recipe)]
     return "\n".join(lines)
 
 

@@ -1,16 +1,20 @@
 """Data phases (a later blend from a token count on), epochs-derived weights, plan_tokens."""
 
-from types import SimpleNamespace as Entry
-
 import pytest
 from test_data_support import indexed_recipe, make_tokenizer, write_indexed
 
 from bigpt.data import build_datasets, micro_batches, plan_tokens
 from bigpt.data.phases import plan_phases
 from bigpt.errors import BigptError
+from bigpt.recipe.tables import BlendEntry, DataPhase
 
 SEQ = 16
 EOD = 2
+
+
+def Entry(**fields):
+    """A [[data.phases]] entry (has start_tokens) or a blend entry, as the recipe loader makes them."""
+    return (DataPhase if "start_tokens" in fields else BlendEntry)(**fields)
 
 
 @pytest.fixture(scope="module")

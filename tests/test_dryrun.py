@@ -26,3 +26,14 @@ def test_describe_embeds_the_resolved_recipe(tmp_path):
     resolved.write_text(report.split("# Plan")[0])
     assert load_recipe(resolved) == recipe
     assert "batch ramp-up    from 4 by 4 over 64 samples" in report
+
+
+def test_describe_plans_the_data(tmp_path):
+    """Per phase and dataset: share, tokens drawn; datasets not built yet are named, not fatal."""
+    recipe = load_recipe(TINY, [f"data.blend=[{{path = \"{tmp_path / 'missing_text_document'}\"}}]"])
+    report = describe(recipe, Layout.from_recipe(recipe, 4))
+    plan = report.split("data plan\n")[1]
+    assert "data.blend" in plan and "missing_text_document" in plan and "not found" in plan
+    assert "100.0%" in plan and "30.7K" in plan
+    mock = load_recipe(TINY, ["data.source=mock"])
+    assert "data: mock (random tokens), 30.7K tokens" in describe(mock, Layout.from_recipe(mock, 4))

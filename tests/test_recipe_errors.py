@@ -159,3 +159,14 @@ def test_override_wrong_type_names_the_override():
 def test_cross_field_rule(overrides, expected):
     message = load_error(TINY, overrides)
     assert expected in message and "tiny.toml" in message
+
+
+def test_data_phases_need_real_datasets(tmp_path):
+    message = load_error(bad_recipe(tmp_path, '''
+        [data]
+        source = "mock"
+        [[data.phases]]
+        start_tokens = 1000
+        blend = [{path = "anneal_text_document"}]
+        '''))
+    assert "data.phases needs real datasets, but data.source='mock'" in message

@@ -10,9 +10,7 @@ from bigpt.data.checks import check_vocab
 from bigpt.data.phases import Phase, PhasedDataset, plan_phases
 from bigpt.data.rank_zero_first import build_rank_zero_first, megatron_sees_one_process
 from bigpt.data.tokenizer import Tokenizer, load_tokenizer
-from bigpt.errors import BigptError
 
-DEFAULT_BUILD_TIMEOUT_MINUTES = 30.0
 
 
 class VocabularyOnly(Tokenizer):
@@ -33,8 +31,6 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     """
     data = recipe.data
     if data.source == "mock":
-        if getattr(data, "phases", None):
-            raise BigptError("data.phases need data.source = 'indexed'; mock data has no blend")
         tokenizer = _checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(
             recipe.model.vocab_size)
         config = _config(recipe, tokenizer, {Split.train: train_samples,
@@ -69,8 +65,7 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
                                             lambda: True, config)
     train, valid, _ = build_rank_zero_first(
         builder.build, world_rank=world_rank, cache_dir=cache_dir,
-        timeout_minutes=getattr(recipe.data, "build_timeout_minutes",
-                                DEFAULT_BUILD_TIMEOUT_MINUTES))
+        timeout_minutes=recipe.data.build_timeout_minutes)
     return train, valid
 
 

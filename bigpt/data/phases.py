@@ -46,7 +46,7 @@ def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0,
     """
     data, seq_length = recipe.data, recipe.model.seq_length
     split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(data.split))
-    later = getattr(data, "phases", [])
+    later = data.phases
     starts = [0] + [phase.start_tokens // seq_length for phase in later]
     ends = starts[1:] + [train_samples]
     for i, phase in enumerate(later):
@@ -70,7 +70,7 @@ def _plan_blend(key, blend, split_matrix, split, wanted, strict):
     if not blend:
         raise BigptError(f"{key} is empty; name at least one dataset, e.g. "
                          f"[{{path = \"corpus_text_document\"}}]")
-    epochs = [getattr(entry, "epochs", None) for entry in blend]
+    epochs = [entry.epochs for entry in blend]
     if any(value is not None for value in epochs) and None in epochs:
         raise BigptError(f"{key}: give epochs for every dataset of the blend or for none "
                          "(weights are then derived from them)")

@@ -98,6 +98,9 @@ def _check_data(recipe: Recipe) -> None:
         recipe_error(recipe, "data.source='indexed' needs data.tokenizer and a non-empty "
                      "data.blend", "preprocess a corpus with tools/preprocess_data.py and name "
                      "its prefix in blend = [{path = ...}], or use source = 'mock'")
+    if data.phases and data.source == "mock":
+        recipe_error(recipe, "data.phases needs real datasets, but data.source='mock'",
+                     "set source = 'indexed' with a blend, or remove the [[data.phases]] entries")
     parts = data.split.split(",")
     try:
         shares = [float(part) for part in parts]
