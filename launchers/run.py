@@ -7,12 +7,15 @@ prints the plan without touching a device.
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
 from bigpt.runtime.console import configure_console  # noqa: E402
+
+QUIET_RANK_GRACE_S = 30
 
 
 def parse_args(argv=None):
@@ -43,6 +46,10 @@ def main(argv=None) -> int:
     except BigptError as err:  # the same on every rank: say it once
         if rank == 0:
             print(f"bigpt: error: {err}", file=sys.stderr)
+        else:
+            # torchrun kills the remaining ranks when the first one exits; were that a silent
+            # rank, rank 0 could die before it says why. Rank 0 fails the same way, so give it time.
+            time.sleep(QUIET_RANK_GRACE_S)
         return EXIT_USER_ERROR
     try:
         from bigpt.train.main import train
