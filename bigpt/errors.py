@@ -9,3 +9,10 @@ EXIT_USER_ERROR = 2
 
 class BigptError(Exception):
     """A user-fixable problem. The message names the recipe key or file and what to do."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved after SIGTERM/SIGUSR1; re-run the same command (requeue)
+
+
+class Preempted(Exception):
+    """A preemption signal arrived; the run saved a checkpoint and stops so that it can be requeued."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, BigptError, Preempted  # noqa: E402
 from bigpt.runtime.console import configure_console  # noqa: E402
 
 QUIET_RANK_GRACE_S = 30
@@ -59,6 +59,10 @@ def main(argv=None) -> int:
     except BigptError as err:
         print(f"bigpt: error (rank {rank}): {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as stop:
+        if rank == 0:
+            print(f"bigpt: {stop} (exit {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 from megatron.core.optimizer import DistributedOptimizer
+from torch.distributed.checkpoint.api import CheckpointException
 
 import bigpt
 from bigpt.checkpoint import store
@@ -84,12 +85,12 @@ def save_checkpoint(trainer: Trainer, root: Path) -> Path:
     dist.barrier()
     try:
         dist_checkpointing.save(_full_state(trainer, _model_state(trainer.model), is_loading=False), str(tmp))
-    except OSError as err:
+    except (OSError, CheckpointException) as err:  # raised on every rank when any rank's write fails
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = store.latest_in(root)
         raise BigptError(
-            f"saving checkpoint {final} failed ({err.strerror or err}); nothing was replaced, the previous "
+            f"saving checkpoint {final} failed ({_cause(err)}); nothing was replaced, the previous "
             f"checkpoint ({previous or 'none'}) is intact. Free space in checkpoint.dir or point it elsewhere, "
             "then re-run the same command to resume."
         ) from err
@@ -102,11 +103,21 @@ def save_checkpoint(trainer: Trainer, root: Path) -> Path:
             "bigpt_version": bigpt.__version__,
         }
         (tmp / "recipe.toml").write_text(recipe_to_toml(trainer.recipe))
+        marker["files"] = store.manifest(tmp)
         store.finalize(tmp, final, marker)
         ckpt = trainer.recipe.checkpoint
         store.apply_retention(root, ckpt.keep_last, ckpt.keep_every)
     dist.barrier()
     return final
+
+
+def _cause(err: BaseException) -> str:
+    """The underlying error, e.g. "[Errno 28] No space left on device"; torch's CheckpointException
+    carries it (on the coordinator only) as the last line of its failure report."""
+    if isinstance(err, OSError):
+        return str(err.strerror or err)
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1].removeprefix("RuntimeError: Worker failure: ") if len(lines) > 1 else "a write failed; rank 0 reports the cause"
 
 
 def _check_shapes(path: Path, expected: dict) -> None:

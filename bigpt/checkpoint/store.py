@@ -17,8 +17,31 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def problem(path: Path) -> str | None:
+    """Why ``path`` is not a loadable checkpoint, or None. Every file the save wrote is listed
+    with its size in the marker, so a missing or truncated shard is caught before loading."""
+    if not (path / MARKER).is_file():
+        return f"it has no {MARKER} (the save did not finish)"
+    try:
+        files = json.loads((path / MARKER).read_text()).get("files", {})
+    except (OSError, ValueError):
+        return f"its {MARKER} is unreadable"
+    for name, size in {"metadata.json": None, **files}.items():
+        shard = path / name
+        if not shard.is_file():
+            return f"{name} is missing"
+        if size is not None and shard.stat().st_size != size:
+            return f"{name} has {shard.stat().st_size} bytes, {size} were written (truncated or damaged)"
+    return None
+
+
 def is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file() and (path / "metadata.json").is_file()
+    return problem(path) is None
+
+
+def manifest(tmp_dir: Path) -> dict[str, int]:
+    """Name and size of every file a save wrote, for ``problem`` to check."""
+    return {p.name: p.stat().st_size for p in sorted(tmp_dir.iterdir()) if p.is_file()}
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -43,40 +66,66 @@ def read_marker(path: Path) -> dict:
     return json.loads((path / MARKER).read_text())
 
 
-def resolve_resume(load: str, checkpoint_dir: str) -> Path | None:
+def resolve_resume(load: str, checkpoint_dir: str, warn=lambda message: None) -> Path | None:
     """The checkpoint a run resumes from: ``checkpoint.load`` = "auto" (the latest complete one in
-    ``checkpoint.dir``, if any), "none", or a path to a checkpoint or a checkpoint directory."""
+    ``checkpoint.dir``, if any), "none", or a path to a checkpoint or a checkpoint directory.
+    Damaged checkpoints are passed over with a ``warn``ing; auto never silently starts fresh
+    when checkpoints exist but none is intact."""
     if load == "none":
         return None
     if load == "auto":
         root = Path(checkpoint_dir)
-        return latest_in(root) if root.exists() else None
+        return _latest_or_fail(root, "checkpoint.dir", warn) if root.exists() else None
     path = Path(load)
-    if is_complete(path):
-        return path
-    found = latest_in(path) if path.is_dir() else None
-    if found is None:
+    is_root = path.is_dir() and not path.name.startswith("iter_") and not (path / MARKER).exists()
+    if is_root and (found := latest_in(path, warn)):
+        return found
+    why = "it holds no intact checkpoint" if is_root else problem(path) if path.is_dir() else "there is no such directory"
+    if why:
         raise BigptError(
-            f"checkpoint.load = \"{load}\" is not a complete bigpt checkpoint, nor a directory holding "
-            "one; point it at an iter_* directory that contains bigpt.json, or set checkpoint.load = "
-            "\"auto\" (resume if possible) or \"none\" (start fresh)."
+            f"checkpoint.load = \"{load}\" cannot be loaded: {why}. Point it at an intact iter_* checkpoint "
+            "or a directory holding some, or set checkpoint.load = \"auto\" (resume if possible) or \"none\" "
+            "(start fresh)."
+        )
+    return path
+
+
+def _latest_or_fail(root: Path, where: str, warn) -> Path | None:
+    found = latest_in(root, warn)
+    if found is None and _saved(root):
+        raise BigptError(
+            f"{where} ({root}) holds checkpoints but none is intact (see the warnings above); restore one "
+            "from a backup, or start over with checkpoint.load = \"none\" and a new checkpoint.dir."
         )
     return found
 
 
-def latest_in(root: Path) -> Path | None:
+def _saved(root: Path) -> list[Path]:
+    """Checkpoints whose save finished (they have a marker), intact or not, oldest first."""
+    return sorted(p for p in root.glob("iter_*") if (p / MARKER).is_file())
+
+
+def latest_in(root: Path, warn=lambda message: None) -> Path | None:
+    """The newest intact checkpoint under ``root``: the one ``latest`` names, or else the newest
+    whose save finished and whose files are all there."""
     pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if is_complete(named):
+        why = problem(named) if named.is_dir() else "it does not exist"
+        if why is None:
             return named
-    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and is_complete(p))
-    return complete[-1] if complete else None
+        warn(f"{pointer} names {named.name}, which cannot be loaded: {why}")
+    for path in reversed(_saved(root)):
+        why = problem(path)
+        if why is None:
+            return path
+        warn(f"skipping checkpoint {path}: {why}")
+    return None
 
 
 def apply_retention(root: Path, keep_last: int, keep_every: int) -> None:
     """Keep the newest ``keep_last`` checkpoints, plus every ``keep_every``-th iteration."""
-    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and is_complete(p))
+    complete = [p for p in _saved(root) if is_complete(p)]
     for path in complete[:-keep_last] if keep_last else []:
         iteration = int(path.name.split("_")[1])
         if not (keep_every and iteration % keep_every == 0):

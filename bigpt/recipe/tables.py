@@ -140,6 +140,13 @@ class TrainConfig:
     ramp_samples samples, as Megatron's --rampup-batch-size; None = no ramp-up."""
     clip_grad: float = non_negative(1.0)
     """Clip the global gradient norm to this; 0 = no clipping."""
+    on_bad_step: Literal["skip", "stop"] = "skip"
+    """A step whose loss or gradients are NaN/Inf, or whose loss spikes (loss_spike_factor): skip
+    it (no weight update, its batch is not repeated), or stop with the last checkpoint intact."""
+    max_skipped_steps: int = non_negative(5)
+    """With on_bad_step = "skip": stop anyway after this many bad steps in a row."""
+    loss_spike_factor: float = non_negative(0.0)
+    """A loss above this many times the mean of the last 100 good steps is a bad step; 0 = off."""
 
 
 @dataclass(kw_only=True)

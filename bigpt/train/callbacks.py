@@ -63,7 +63,7 @@ class MetricsLogger(Callback):
             f"step {step}/{trainer.recipe.train.train_iters} | tokens {tokens:,} | loss {metrics['loss']:.4f} "
             f"| lr {metrics['lr']:.3e} | grad norm {metrics['grad_norm']:.3f} | {metrics['step_time']:.3f} s "
             f"| {metrics['tokens_per_s']:,.0f} tok/s | {metrics['tflops']:.3g} TFLOP/s/dev | MFU {mfu} "
-            f"| mem {metrics['memory_gib']:.2f} GiB" + (" | skipped (overflow)" if metrics["skipped"] else ""),
+            f"| mem {metrics['memory_gib']:.2f} GiB" + (" | skipped" if metrics["skipped"] else ""),
             flush=True,
         )
 

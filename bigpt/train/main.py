@@ -1,6 +1,7 @@
 """Parse → build → train → close: what `launchers/run.py` runs on every rank."""
 
 import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from megatron.core import parallel_state
 
 from bigpt.checkpoint import load_checkpoint, load_weights, resolve_resume
 from bigpt.data import build_datasets, micro_batches
-from bigpt.errors import BigptError
+from bigpt.errors import BigptError, Preempted
 from bigpt.layout import Layout
 from bigpt.model import build_model_chunks
 from bigpt.recipe import Recipe, recipe_to_toml
@@ -63,11 +64,17 @@ def build_trainer(recipe: Recipe, layout: Layout) -> Trainer:
     return Trainer(recipe, layout, model, optimizer, scheduler, lambda consumed: batches(train_ds, consumed_samples=consumed), callbacks)
 
 
+def _warn_once(message: str) -> None:
+    """A warning every rank reaches alike, printed by rank 0 only."""
+    if dist.get_rank() == 0:
+        print(f"bigpt: warning: {message}", file=sys.stderr, flush=True)
+
+
 def train(recipe: Recipe, layout: Layout) -> None:
     init_distributed(layout)
     try:
         trainer = build_trainer(recipe, layout)
-        resume = resolve_resume(recipe.checkpoint.load, str(checkpoint_dir(recipe)))
+        resume = resolve_resume(recipe.checkpoint.load, str(checkpoint_dir(recipe)), warn=_warn_once)
         if resume is not None:
             load_checkpoint(trainer, resume)
             if dist.get_rank() == 0:
@@ -80,5 +87,8 @@ def train(recipe: Recipe, layout: Layout) -> None:
             os.makedirs(recipe.run_dir, exist_ok=True)
             Path(recipe.run_dir, "recipe.toml").write_text(recipe_to_toml(recipe))
         trainer.train()
+        if trainer.preempted:
+            raise Preempted(f"preempted at step {trainer.state.iteration}: checkpoint saved in {checkpoint_dir(recipe)}; "
+                            "re-run the same command to resume from it")
     finally:
         destroy_distributed()

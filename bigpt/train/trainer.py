@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size,
     get_num_microbatches,
@@ -15,6 +16,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe
+from bigpt.train import preemption
+from bigpt.train.guard import BadStepGuard
 from bigpt.train.step import forward_step, reduce_losses
 
 
@@ -45,7 +48,8 @@ class Trainer:
         self.batches = batches
         self.callbacks = callbacks
         self.state = TrainState()
-        self.stop_requested = False
+        self.guard = BadStepGuard(recipe.train)
+        self.preempted = False
         self._forward_backward = get_forward_backward_func()
 
     def data_iterator(self, make_iterator):
@@ -67,11 +71,13 @@ class Trainer:
         )
 
     def train(self) -> None:
+        """Run to train.train_iters, or until a preemption signal (then ``self.preempted``)."""
+        preemption.install()
         for callback in self.callbacks:
             callback.on_start(self)
         update_num_microbatches(self.state.consumed_samples, consistency_check=False)
         train_iterator = self.data_iterator(lambda: self.batches(self.state.consumed_samples))
-        while self.state.iteration < self.recipe.train.train_iters and not self.stop_requested:
+        while self.state.iteration < self.recipe.train.train_iters and not self.preempted:
             metrics = self.train_step(train_iterator)
             for callback in self.callbacks:
                 callback.on_step(self, metrics)
@@ -86,16 +92,26 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self.run_schedule(data_iterator, get_num_microbatches(), forward_only=False)
-        updated, grad_norm, _ = self.optimizer.step()
+        loss_sum, tokens = reduce_losses(losses).tolist()
+        loss = loss_sum / max(tokens, 1)
+        grads_finite, self.preempted = self._world_flags()
+        step = self.state.iteration + 1
+        bad = self.guard.verdict(loss, grads_finite)
+        self.guard.record(step, loss, bad)
+        if bad is None:
+            updated, grad_norm, _ = self.optimizer.step()
+        else:
+            updated, grad_norm = False, None
+            if dist.get_rank() == 0:
+                print(f"step {step}: skipped, {bad} (train.on_bad_step = \"skip\")", flush=True)
         if updated:
             self.scheduler.step(increment=global_batch_size)
-        loss_sum, tokens = reduce_losses(losses).tolist()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.state.iteration += 1
         self.state.consumed_samples += global_batch_size
         return {
-            "loss": loss_sum / max(tokens, 1),
+            "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": math.nan if grad_norm is None else float(grad_norm),
             "loss_scale": float(self.optimizer.get_loss_scale()),
@@ -103,6 +119,20 @@ class Trainer:
             "global_batch_size": global_batch_size,
             "step_time": time.perf_counter() - start,
         }
+
+    def _world_flags(self) -> tuple[bool, bool]:
+        """(gradients finite everywhere, a preemption signal reached some rank): one all-reduce.
+        Under fp16 the loss scaler already skips non-finite gradients, and lowers the scale."""
+        check_grads = self.recipe.precision.dtype != "fp16"
+        sums = [torch.sum(buffer.grad_data, dtype=torch.float32)
+                for chunk in self.model if check_grads for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+        grads_bad = (~torch.isfinite(torch.stack(sums))).any() if sums else torch.tensor(False)
+        flags = torch.stack([grads_bad.float().cpu(), torch.tensor(float(preemption.requested()))])
+        if torch.cuda.is_available():
+            flags = flags.cuda()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        grads_bad, preempt = flags.tolist()
+        return not grads_bad, bool(preempt)
 
     @torch.no_grad()
     def evaluate(self, make_iterator, iters: int) -> float:

@@ -1,0 +1,144 @@
+"""Checkpoints that survive faults, run as users run bigpt (torchrun over gloo on CPU): a SIGKILL
+at a random moment, preemption signals, a full disk, a NaN loss, and a layout change on resume.
+
+Every run saves after each step. The uninterrupted runs are the reference: a resumed run must
+log exactly their losses (bit-identical) at every later step, or within a tight tolerance when
+it resumes at another layout."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from multirank import MOCK_RECIPE, RUN, run_bigpt, scalars
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+COMMON = [f"train.train_iters={STEPS}", f"schedule.decay_iters={STEPS}", "checkpoint.save_interval=1",
+          "checkpoint.keep_last=0", "checkpoint.load=auto"]
+LAYOUTS = {
+    "tp2": ["parallel.tensor=2"],
+    "pp2_vpp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+    "dp2": [],
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, one per layout, run on first use: layout name → run_dir."""
+    runs = {}
+
+    def get(layout):
+        if layout not in runs:
+            run_dir = tmp_path_factory.mktemp(f"reference_{layout}")
+            run_bigpt(MOCK_RECIPE, f"run_dir={run_dir}", *COMMON, *LAYOUTS[layout], nproc=2)
+            runs[layout] = run_dir
+        return runs[layout]
+
+    return get
+
+
+def start(run_dir, *overrides, checkpoint_dir, extra_torchrun=()):
+    """Launch in a session of its own (so the whole job can be killed at once); stdout is read live."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra_torchrun,
+               str(RUN), str(MOCK_RECIPE), f"run_dir={run_dir}", f"checkpoint.dir={checkpoint_dir}", *COMMON, *overrides]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_step(job, step: int) -> None:
+    for line in job.stdout:
+        if line.startswith(f"step {step}/"):
+            return
+    raise AssertionError(f"the run ended before step {step}:\n{job.stderr.read()[-4000:]}")
+
+
+def resumed_step(stdout: str) -> int:
+    line = next(line for line in stdout.splitlines() if line.startswith("resuming from"))
+    return int(line.split("(step ")[1].split(",")[0])
+
+
+def losses_after(run_dir, step: int) -> list[float]:
+    return scalars(run_dir, "train/loss")[step:]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(layout, reference, tmp_path):
+    rng = random.Random(layout)
+    kill_after = rng.randint(2, STEPS - 1)
+    job = start(tmp_path / "killed", *LAYOUTS[layout], checkpoint_dir=tmp_path / "checkpoints")
+    wait_for_step(job, kill_after)
+    time.sleep(rng.uniform(0, 0.3))  # often inside the save of that step
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+
+    resumed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
+                        *COMMON, *LAYOUTS[layout], nproc=2)
+    start_step = resumed_step(resumed.stdout)
+    assert kill_after - 1 <= start_step <= STEPS
+    assert losses_after(tmp_path / "resumed", 0) == losses_after(reference(layout), start_step)
+
+
+def test_preemption_saves_and_exits_for_requeue_even_when_signalled_twice(reference, tmp_path):
+    """SIGUSR1 to every rank (what SLURM's --signal sends), then SIGTERM during the save."""
+    job = start(tmp_path / "preempted", checkpoint_dir=tmp_path / "checkpoints")
+    wait_for_step(job, 2)
+    ranks = [int(pid) for pid in subprocess.check_output(["pgrep", "-f", "-s", str(job.pid), "launchers/run.py"],
+                                                         text=True).split() if int(pid) != job.pid]
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        for pid in ranks:
+            os.kill(pid, signum)
+        time.sleep(0.05)
+    stdout, stderr = job.communicate(timeout=120)
+    assert "bigpt: preempted at step" in stderr and "(exit 75)" in stderr
+    assert "exitcode  : 75" in stderr  # what torchrun reports for the ranks
+    saved = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    preempted_at = int(stderr.split("preempted at step ")[1].split(":")[0])
+    assert saved == f"iter_{preempted_at:07d}" and preempted_at < STEPS
+
+    resumed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
+                        *COMMON, nproc=2)
+    assert resumed_step(resumed.stdout) == preempted_at
+    assert losses_after(tmp_path / "resumed", 0) == losses_after(reference("dp2"), preempted_at)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2_vpp2"])
+def test_resume_at_another_layout_continues_the_loss(layout, reference, tmp_path):
+    """A DP=2 checkpoint (distributed optimizer sharded over DP) resumed at TP=2 or PP=2 × VPP=2."""
+    checkpoint = reference("dp2") / "checkpoints" / "iter_0000003"
+    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, f"checkpoint.load={checkpoint}", *LAYOUTS[layout], nproc=2)
+    assert losses_after(tmp_path, 0) == pytest.approx(losses_after(reference("dp2"), 3), rel=1e-5)
+
+
+def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path):
+    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, nproc=2, fault="disk_full@3", check=False)
+    assert result.returncode != 0
+    assert "saving checkpoint" in result.stderr and "No space left on device" in result.stderr
+    assert "the previous checkpoint" in result.stderr and "iter_0000002) is intact" in result.stderr
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000001", "iter_0000002", "latest"]
+    resumed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, nproc=2)
+    assert resumed_step(resumed.stdout) == 2
+
+
+def test_a_nan_loss_is_skipped_on_every_rank(tmp_path):
+    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, "parallel.pipeline=2", nproc=2, fault="nan_loss@3")
+    assert 'step 3: skipped, the loss is nan (train.on_bad_step = "skip")' in result.stdout
+    assert scalars(tmp_path, "train/skipped") == [0, 0, 1, 0, 0, 0]
+    later = scalars(tmp_path, "train/loss")[3:]
+    assert all(loss == loss for loss in later)  # not NaN: the weights were never touched
+
+
+def test_a_nan_loss_stops_the_run_with_the_last_checkpoint_intact(tmp_path):
+    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, "train.on_bad_step=stop", nproc=2,
+                       fault="nan_loss@3", check=False)
+    assert result.returncode != 0
+    assert "step 3: the loss is nan; stopping (train.on_bad_step = \"stop\") without saving" in result.stderr
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    assert not (tmp_path / "checkpoints" / "iter_0000003").exists()
