@@ -7,11 +7,13 @@ it resumes at another layout."""
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from multirank import MOCK_RECIPE, RUN, run_bigpt, scalars
@@ -43,13 +45,17 @@ def reference(tmp_path_factory):
     return get
 
 
-def start(run_dir, *overrides, checkpoint_dir, extra_torchrun=()):
-    """Launch in a session of its own (so the whole job can be killed at once); stdout is read live."""
+def start(run_dir, *overrides, checkpoint_dir):
+    """Launch a 2-rank job whose stdout is read live."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra_torchrun,
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(RUN), str(MOCK_RECIPE), f"run_dir={run_dir}", f"checkpoint.dir={checkpoint_dir}", *COMMON, *overrides]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def ranks_of(job) -> list[psutil.Process]:
+    """torchrun's workers (torchrun starts each in a session of its own)."""
+    return psutil.Process(job.pid).children()
 
 
 def wait_for_step(job, step: int) -> None:
@@ -64,36 +70,42 @@ def resumed_step(stdout: str) -> int:
     return int(line.split("(step ")[1].split(",")[0])
 
 
-def losses_after(run_dir, step: int) -> list[float]:
-    return scalars(run_dir, "train/loss")[step:]
+def losses(run_dir) -> list[float]:
+    """The logged losses, step by step (none when a resumed run had nothing left to do)."""
+    try:
+        return scalars(run_dir, "train/loss")
+    except KeyError:
+        return []
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(layout, reference, tmp_path):
     rng = random.Random(layout)
-    kill_after = rng.randint(2, STEPS - 1)
+    kill_after = rng.randint(2, STEPS - 2)
     job = start(tmp_path / "killed", *LAYOUTS[layout], checkpoint_dir=tmp_path / "checkpoints")
     wait_for_step(job, kill_after)
     time.sleep(rng.uniform(0, 0.3))  # often inside the save of that step
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    doomed = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
+    for process in doomed:  # all at once, as when a node dies
+        process.kill()
+    psutil.wait_procs(doomed, timeout=30)
 
     resumed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
                         *COMMON, *LAYOUTS[layout], nproc=2)
     start_step = resumed_step(resumed.stdout)
     assert kill_after - 1 <= start_step <= STEPS
-    assert losses_after(tmp_path / "resumed", 0) == losses_after(reference(layout), start_step)
+    assert losses(tmp_path / "resumed") == losses(reference(layout))[start_step:]
 
 
 def test_preemption_saves_and_exits_for_requeue_even_when_signalled_twice(reference, tmp_path):
-    """SIGUSR1 to every rank (what SLURM's --signal sends), then SIGTERM during the save."""
-    job = start(tmp_path / "preempted", checkpoint_dir=tmp_path / "checkpoints")
+    """SIGUSR1 to every rank (what SLURM's --signal sends), then SIGTERM during the (asynchronous) save."""
+    job = start(tmp_path / "preempted", "checkpoint.async_save=true", checkpoint_dir=tmp_path / "checkpoints")
     wait_for_step(job, 2)
-    ranks = [int(pid) for pid in subprocess.check_output(["pgrep", "-f", "-s", str(job.pid), "launchers/run.py"],
-                                                         text=True).split() if int(pid) != job.pid]
+    ranks = ranks_of(job)
+    assert len(ranks) == 2
     for signum in (signal.SIGUSR1, signal.SIGTERM):
-        for pid in ranks:
-            os.kill(pid, signum)
+        for rank in ranks:
+            rank.send_signal(signum)
         time.sleep(0.05)
     stdout, stderr = job.communicate(timeout=120)
     assert "bigpt: preempted at step" in stderr and "(exit 75)" in stderr
@@ -105,7 +117,7 @@ def test_preemption_saves_and_exits_for_requeue_even_when_signalled_twice(refere
     resumed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
                         *COMMON, nproc=2)
     assert resumed_step(resumed.stdout) == preempted_at
-    assert losses_after(tmp_path / "resumed", 0) == losses_after(reference("dp2"), preempted_at)
+    assert losses(tmp_path / "resumed") == losses(reference("dp2"))[preempted_at:]
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2_vpp2"])
@@ -113,11 +125,24 @@ def test_resume_at_another_layout_continues_the_loss(layout, reference, tmp_path
     """A DP=2 checkpoint (distributed optimizer sharded over DP) resumed at TP=2 or PP=2 × VPP=2."""
     checkpoint = reference("dp2") / "checkpoints" / "iter_0000003"
     run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, f"checkpoint.load={checkpoint}", *LAYOUTS[layout], nproc=2)
-    assert losses_after(tmp_path, 0) == pytest.approx(losses_after(reference("dp2"), 3), rel=1e-5)
+    assert losses(tmp_path) == pytest.approx(losses(reference("dp2"))[3:], rel=1e-5)
 
 
-def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path):
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, nproc=2, fault="disk_full@3", check=False)
+def test_a_truncated_shard_falls_back_to_the_previous_checkpoint(reference, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(reference("dp2") / "checkpoints", checkpoints)
+    shard = max((checkpoints / "iter_0000006").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    resumed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", f"checkpoint.dir={checkpoints}", *COMMON, nproc=2)
+    assert f"names iter_0000006, which cannot be loaded: {shard.name} has" in resumed.stderr
+    assert resumed_step(resumed.stdout) == 5
+    assert losses(tmp_path) == losses(reference("dp2"))[5:]
+
+
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(async_save, tmp_path):
+    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, f"checkpoint.async_save={async_save}", nproc=2,
+                       fault="disk_full@3", check=False)
     assert result.returncode != 0
     assert "saving checkpoint" in result.stderr and "No space left on device" in result.stderr
     assert "the previous checkpoint" in result.stderr and "iter_0000002) is intact" in result.stderr

@@ -1,6 +1,6 @@
 """Checkpoints through megatron-core ``dist_checkpointing``: atomic, resumable, reshardable."""
 
-from bigpt.checkpoint.state import load_checkpoint, load_weights, save_checkpoint
+from bigpt.checkpoint.state import CheckpointWriter, load_checkpoint, load_weights
 from bigpt.checkpoint.store import resolve_resume
 
-__all__ = ["load_checkpoint", "load_weights", "resolve_resume", "save_checkpoint"]
+__all__ = ["CheckpointWriter", "load_checkpoint", "load_weights", "resolve_resume"]

@@ -5,6 +5,8 @@ optimizer is saved in its fully reshardable form, so a checkpoint loads at any T
 """
 
 import shutil
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
@@ -12,6 +14,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 from megatron.core.optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
@@ -74,41 +77,76 @@ def _full_state(trainer: Trainer, model_state: dict, *, is_loading: bool) -> dic
     return state
 
 
-def save_checkpoint(trainer: Trainer, root: Path) -> Path:
-    """Write the full training state for ``trainer.state.iteration``; return its final path."""
-    final = root / store.checkpoint_name(trainer.state.iteration)
-    tmp = root / (final.name + ".tmp")
-    if dist.get_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
-        tmp.mkdir()
-    dist.barrier()
-    try:
-        dist_checkpointing.save(_full_state(trainer, _model_state(trainer.model), is_loading=False), str(tmp))
-    except (OSError, CheckpointException) as err:  # raised on every rank when any rank's write fails
+class CheckpointWriter:
+    """Writes the full training state under ``root``: into ``iter_N.tmp``, which rank 0 marks
+    complete and renames once every rank's files are written. With ``asynchronous`` the files
+    are written by a forked process per rank (megatron-core's async save) while training goes
+    on; at most one save is in flight, and ``wait`` finishes it."""
+
+    def __init__(self, root: Path, asynchronous: bool):
+        self.root = root
+        self.pending = AsyncCallsQueue() if asynchronous else None
+        self.in_flight: Path | None = None
+
+    def save(self, trainer: Trainer) -> None:
+        self.wait()  # one save at a time: the previous one must be complete before the next starts
+        final = self.root / store.checkpoint_name(trainer.state.iteration)
+        tmp = final.with_name(final.name + ".tmp")
         if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        previous = store.latest_in(root)
-        raise BigptError(
-            f"saving checkpoint {final} failed ({_cause(err)}); nothing was replaced, the previous "
-            f"checkpoint ({previous or 'none'}) is intact. Free space in checkpoint.dir or point it elsewhere, "
-            "then re-run the same command to resume."
-        ) from err
-    dist.barrier()
-    if dist.get_rank() == 0:
-        marker = {
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
+            tmp.mkdir()
+        dist.barrier()
+        marker = {  # taken now: the trainer moves on while an asynchronous save is written
             "iteration": trainer.state.iteration,
             "consumed_samples": trainer.state.consumed_samples,
             "layout": _layout_tag(trainer),
             "bigpt_version": bigpt.__version__,
         }
-        (tmp / "recipe.toml").write_text(recipe_to_toml(trainer.recipe))
-        marker["files"] = store.manifest(tmp)
-        store.finalize(tmp, final, marker)
-        ckpt = trainer.recipe.checkpoint
-        store.apply_retention(root, ckpt.keep_last, ckpt.keep_every)
-    dist.barrier()
-    return final
+        finish = partial(self._finish, tmp, final, marker, recipe_to_toml(trainer.recipe), trainer.recipe.checkpoint)
+        state = _full_state(trainer, _model_state(trainer.model), is_loading=False)
+        self.in_flight = final
+        with self._reporting_failure():
+            if self.pending is None:
+                dist_checkpointing.save(state, str(tmp))
+                dist.barrier()
+                finish()
+            else:
+                request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+                request.add_finalize_fn(finish)
+                self.pending.schedule_async_request(request)
+
+    def poll(self) -> None:
+        """Complete an asynchronous save whose files are all written (a collective: every rank calls it)."""
+        if self.pending is not None and self.pending.get_num_unfinalized_calls():
+            with self._reporting_failure():
+                self.pending.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        if self.pending is not None and self.pending.get_num_unfinalized_calls():
+            with self._reporting_failure():
+                self.pending.maybe_finalize_async_calls(blocking=True)
+
+    def _finish(self, tmp: Path, final: Path, marker: dict, recipe_text: str, config) -> None:
+        if dist.get_rank() == 0:
+            (tmp / "recipe.toml").write_text(recipe_text)
+            store.finalize(tmp, final, dict(marker, files=store.manifest(tmp)))
+            store.apply_retention(self.root, config.keep_last, config.keep_every)
+        self.in_flight = None
+
+    @contextmanager
+    def _reporting_failure(self):
+        try:
+            yield
+        except (OSError, CheckpointException) as err:  # raised on every rank when any rank's write fails
+            final = self.in_flight
+            if dist.get_rank() == 0:
+                shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
+            raise BigptError(
+                f"saving checkpoint {final} failed ({_cause(err)}); nothing was replaced, the previous "
+                f"checkpoint ({store.latest_in(self.root) or 'none'}) is intact. Free space in checkpoint.dir or "
+                "point it elsewhere, then re-run the same command to resume."
+            ) from err
 
 
 def _cause(err: BaseException) -> str:

@@ -1,20 +1,22 @@
-"""Checkpoint callback: save every ``checkpoint.save_interval`` steps and at the end of training."""
+"""Checkpoint callback: save every ``checkpoint.save_interval`` steps and at the end of training
+(or at preemption), asynchronously when ``checkpoint.async_save`` is set."""
 
 from pathlib import Path
 
-from bigpt.checkpoint import save_checkpoint
+from bigpt.checkpoint import CheckpointWriter
 from bigpt.train.trainer import Callback
 
 
 class Checkpointer(Callback):
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, asynchronous: bool):
+        self.writer = CheckpointWriter(root, asynchronous)
         self.last_saved = None
 
     def on_start(self, trainer):
         self.last_saved = trainer.state.iteration  # 0, or the checkpoint this run resumed from
 
     def on_step(self, trainer, metrics):
+        self.writer.poll()
         interval = trainer.recipe.checkpoint.save_interval
         if interval and trainer.state.iteration % interval == 0:
             self.save(trainer)
@@ -22,7 +24,8 @@ class Checkpointer(Callback):
     def on_end(self, trainer):
         if self.last_saved != trainer.state.iteration:
             self.save(trainer)
+        self.writer.wait()
 
     def save(self, trainer):
-        save_checkpoint(trainer, self.root)
+        self.writer.save(trainer)
         self.last_saved = trainer.state.iteration

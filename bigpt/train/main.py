@@ -60,7 +60,7 @@ def build_trainer(recipe: Recipe, layout: Layout) -> Trainer:
     callbacks = [Throughput(), logger]
     if valid_ds is not None and recipe.eval.interval:
         callbacks.append(Evaluator(lambda: batches(valid_ds, consumed_samples=0), logger))
-    callbacks.append(Checkpointer(checkpoint_dir(recipe)))
+    callbacks.append(Checkpointer(checkpoint_dir(recipe), recipe.checkpoint.async_save))
     return Trainer(recipe, layout, model, optimizer, scheduler, lambda consumed: batches(train_ds, consumed_samples=consumed), callbacks)
 
 
