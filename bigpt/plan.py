@@ -224,15 +224,15 @@ def _budget_lines(plan: Plan, option: Option) -> list[str]:
     parameters = num_parameters(recipe.model)
     optimal = CHINCHILLA_TOKENS_PER_PARAMETER * parameters
     ratio = tokens / optimal
-    verdict = ("under-trained for its size: more tokens or a smaller model would spend the compute better"
+    verdict = ("under-trained for its size: a smaller model on more tokens would do better with this compute"
                if ratio < 0.8 else "about compute-optimal" if ratio <= 1.25 else
-               "over-trained for its size: more compute than compute-optimal, for a cheaper model to serve")
+               "over-trained for its size: more tokens than compute-optimal, buying a smaller model to serve")
     return [
         f"compute budget   {steps:,} steps × {layout.global_batch_size * recipe.model.seq_length:,} tokens = "
         f"{tokens:.3g} tokens: {total_flops:.3g} FLOPs = {total_flops / 1e15 / 86400:,.0f} PF/s-days = "
         f"{seconds * plan.gpus / 3600:,.0f} GPU-hours ({seconds / 86400:,.1f} days on {plan.gpus} GPUs)"
         + (" with the full batch throughout" if recipe.train.rampup_batch_size else ""),
-        f"compute-optimal {CHINCHILLA_TOKENS_PER_PARAMETER} tokens/parameter (Chinchilla) = {optimal:.3g} tokens; "
+        f"compute-optimal  {CHINCHILLA_TOKENS_PER_PARAMETER} tokens/parameter (Chinchilla) = {optimal:.3g} tokens; "
         f"this plan trains {tokens / parameters:.1f} tokens/parameter ({ratio:.2g}× compute-optimal): {verdict}",
     ]
 

@@ -150,6 +150,13 @@ def test_a_layout_the_gpu_count_cannot_take_is_replaced_by_the_best():
     assert "the recipe's own does not work here" in report(odd, top=3)
 
 
+def test_a_recipe_layout_that_does_not_fit_is_reported_beside_ones_that_do():
+    recipe = load_recipe(RECIPES / "llama_70b.toml", ["train.micro_batch_size=4"])
+    result = plan(recipe, 512)
+    assert not result.fits(result.chosen) and result.options
+    assert "DOES NOT FIT" in report(result, top=3) and "← recipe" not in report(result, top=len(result.options))
+
+
 def test_parameter_counts_in_the_report_are_the_published_ones(capsys):
     assert plan_main([str(RECIPES / "llama3_8b.toml"), "--gpus", "8", "--top", "3"]) == 0
     out = capsys.readouterr().out
