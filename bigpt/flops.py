@@ -1,8 +1,11 @@
-"""Parameter and FLOP counts of a recipe's model, and GPU peak throughput for MFU.
+"""Parameter and FLOP counts of a recipe's model, and GPU peak throughput and memory.
 
 One formula shared by the trainer's TFLOP/s / MFU log, the dry run and planning, so they agree.
 """
 
+from dataclasses import dataclass
+
+from bigpt.errors import BigptError
 from bigpt.recipe import ModelConfig, Recipe, padded_vocab_size
 
 PEAK_BF16_TFLOPS = {
@@ -32,6 +35,37 @@ def peak_flops_for(device_name: str) -> float | None:
     if not matches:
         return None
     return PEAK_BF16_TFLOPS[max(matches, key=len)] * 1e12
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A GPU the planner can plan for."""
+
+    device_name: str
+    """As ``torch.cuda.get_device_name()`` reports it; its peak comes from PEAK_BF16_TFLOPS."""
+    memory_gib: float
+    """Device memory as ``torch.cuda.get_device_properties().total_memory`` reports it."""
+
+    @property
+    def peak_flops(self) -> float:
+        return peak_flops_for(self.device_name)
+
+
+GPUS = {
+    "h100-80gb": Gpu("NVIDIA H100 80GB HBM3", 79.1),
+    "h200-141gb": Gpu("NVIDIA H200", 139.8),
+    "a100-80gb": Gpu("NVIDIA A100-SXM4-80GB", 79.1),
+    "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", 39.4),
+    "b200": Gpu("NVIDIA B200", 178.4),
+}
+"""The planner's GPUs, by the name ``tools/plan.py --gpu`` takes."""
+
+
+def gpu_named(name: str) -> Gpu:
+    if name not in GPUS:
+        raise BigptError(f"unknown GPU {name!r}; the planner knows {', '.join(GPUS)} "
+                         f"(add yours to GPUS in bigpt/flops.py with its peak and memory).")
+    return GPUS[name]
 
 
 def _norm_parameters(model: ModelConfig) -> int:

@@ -1,0 +1,155 @@
+"""Memory per GPU of a recipe at a layout, on paper: weights, gradients, optimizer state and the
+activations held at the peak of the pipeline schedule. Used by the planner (tools/plan.py).
+
+Activations follow Korthikanti et al. 2022 (arXiv:2205.05198, Table 2), the basis of Megatron-LM's
+``theoretical_memory_usage.py``, counted per stored tensor so that the model's own shapes apply.
+For a GPT layer (multi-head attention, 4h GeLU MLP, dropout) it gives exactly Megatron's
+34·s·b·h/t per layer with sequence parallelism and selective recompute, and (10 + 24/t)·s·b·h
+without sequence parallelism (tests/test_memory.py checks both). Where bigpt differs, and why:
+- grouped-query attention: K and V are num_query_groups × head wide, not hidden_size;
+- SwiGLU keeps three ffn-wide tensors (gate and value, the product), not GeLU's two;
+- dropout masks (1 byte an element) only when the recipe's dropout is non-zero (Llama: none);
+- attention probabilities (s² per head) only without Transformer Engine and without recompute:
+  on GPUs bigpt's attention is fused (flash/cuDNN) and never stores them;
+- the output layer's logits are counted on the last stage for any pipeline size (Megatron adds
+  them only without pipelining, as it reports the first stage), and token ids (8 bytes a token)
+  are left out; Megatron's 5% "overhead" factor is not applied: the planner keeps headroom instead.
+Not modelled: the CUDA context, NCCL and Transformer Engine workspaces, allocator fragmentation,
+context-parallel exchange buffers and transient all-gather buffers (hence the planner's headroom).
+"""
+
+import math
+from dataclasses import dataclass
+
+from bigpt.flops import parameters_per_stage
+from bigpt.layout import Layout
+from bigpt.recipe import Recipe, padded_vocab_size
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ADAM_STATE_BYTES = 8
+"""First and second moments, fp32."""
+MASTER_WEIGHT_BYTES = 4
+"""fp32 copy of bf16/fp16 weights kept by the optimizer."""
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one GPU of one pipeline stage at the peak of a step."""
+
+    stage: int
+    parameters: int
+    """Parameters on one GPU of the stage (its share of the tensor-parallel split)."""
+    weights: float
+    gradients: float
+    """The data-parallel gradient buffer (fp32 with precision.grad_reduce_in_fp32)."""
+    optimizer: float
+    """Master weights and Adam moments, divided over data parallel by the distributed optimizer."""
+    activations: float
+    in_flight: int
+    """Micro-batches (of one model chunk) whose activations are held at the schedule's peak."""
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def stage_memory(recipe: Recipe, layout: Layout) -> tuple[StageMemory, ...]:
+    """Memory of every pipeline stage; the first stage holds the most in-flight micro-batches,
+    the last the output layer, so either can be the peak."""
+    vocab = padded_vocab_size(recipe.model, layout.tp)
+    stages = parameters_per_stage(recipe.model, layout.layers_per_stage, vocab)
+    weight, gradient, optimizer = _bytes_per_parameter(recipe, layout)
+    result = []
+    for stage, (params, layers) in enumerate(zip(stages, layout.layers_per_stage)):
+        # Norm weights are replicated over tensor parallel rather than split: <0.01% of a layer.
+        on_gpu = params // layout.tp
+        in_flight = in_flight_microbatches(layout, stage)
+        activations = _layer_activations(recipe, layout, layers // layout.vpp, in_flight)
+        if stage == layout.pp - 1:
+            activations += output_activations(recipe, layout)
+        result.append(StageMemory(stage, on_gpu, on_gpu * weight, on_gpu * gradient,
+                                  on_gpu * optimizer, activations, in_flight))
+    return tuple(result)
+
+
+def peak_memory(recipe: Recipe, layout: Layout) -> StageMemory:
+    return max(stage_memory(recipe, layout), key=lambda stage: stage.total)
+
+
+def _bytes_per_parameter(recipe: Recipe, layout: Layout) -> tuple[float, float, float]:
+    """(weight, gradient, optimizer) bytes per parameter: bf16 weights with fp32 gradients and a
+    sharded optimizer are Megatron's 6 + 12/dp."""
+    precision = recipe.precision
+    weight = DTYPE_BYTES[precision.dtype]
+    gradient = 4 if precision.grad_reduce_in_fp32 else weight
+    optimizer = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if weight < 4 else 0)
+    if recipe.parallel.distributed_optimizer:
+        optimizer /= layout.dp
+    return weight, gradient, optimizer
+
+
+def in_flight_microbatches(layout: Layout, stage: int) -> int:
+    """Chunk micro-batches whose forward is done and backward is not, at the peak of a step:
+    megatron-core's warm-up count plus the one in 1F1B (get_pp_rank_microbatches)."""
+    total = layout.num_microbatches * layout.vpp
+    if layout.pp == 1:
+        return 1
+    if layout.vpp == 1:
+        warmup = layout.pp - stage - 1
+    else:  # interleaved: groups of pp micro-batches per virtual stage
+        warmup = (layout.pp - stage - 1) * 2 + (layout.vpp - 1) * layout.pp
+    return min(warmup + 1, total)
+
+
+def layer_activations(recipe: Recipe, layout: Layout) -> float:
+    """Bytes one transformer layer keeps for its backward pass, for one micro-batch, on one GPU."""
+    model = recipe.model
+    tokens = _tokens(recipe, layout)
+    element = DTYPE_BYTES[recipe.precision.dtype]
+    head = model.kv_channels or model.hidden_size // model.num_attention_heads
+    query = model.num_attention_heads * head
+    key_value = (model.num_query_groups or model.num_attention_heads) * head
+    # Inputs of the two norms and of the linears after them (QKV, MLP in): split over the
+    # tensor-parallel group only with sequence parallelism.
+    sequence_split = tokens * (4 * element * model.hidden_size
+                               + (2 * model.hidden_size if model.hidden_dropout else 0))
+    # Q, K, V for attention, its output (the projection's input), the MLP's inner tensors.
+    mlp_tensors = 3 if model.activation == "swiglu" else 2
+    tensor_split = element * tokens * (2 * query + 2 * key_value + mlp_tensors * model.ffn_hidden_size)
+    if recipe.recompute.granularity == "none" and recipe.precision.transformer_engine == "off":
+        # Unfused attention keeps the softmax output (and its dropout mask and output).
+        per_score = element + (1 + element if model.attention_dropout else 0)
+        tensor_split += per_score * model.num_attention_heads * tokens * model.seq_length
+    return sequence_split / (layout.tp if layout.sequence_parallel else 1) + tensor_split / layout.tp
+
+
+def output_activations(recipe: Recipe, layout: Layout) -> float:
+    """The last stage's final norm and output layer inputs, plus the fp32 softmax the cross
+    entropy keeps and the logits' gradient, for the one micro-batch whose loss is computed."""
+    model = recipe.model
+    tokens = _tokens(recipe, layout)
+    element = DTYPE_BYTES[recipe.precision.dtype]
+    inputs = 2 * element * tokens * model.hidden_size / (layout.tp if layout.sequence_parallel else 1)
+    vocab = padded_vocab_size(model, layout.tp)
+    return inputs + (4 + element) * tokens * vocab / layout.tp
+
+
+def _layer_activations(recipe: Recipe, layout: Layout, chunk_layers: int, in_flight: int) -> float:
+    """Activations of one stage: in_flight micro-batches of a chunk of chunk_layers layers."""
+    full = layer_activations(recipe, layout)
+    recompute = recipe.recompute
+    if recompute.granularity != "full":
+        return in_flight * chunk_layers * full
+    layer_input = (DTYPE_BYTES[recipe.precision.dtype] * _tokens(recipe, layout) * recipe.model.hidden_size
+                   / (layout.tp if layout.sequence_parallel else 1))
+    if recompute.method == "block":  # the first num_layers layers of a chunk keep only their input
+        checkpointed = min(recompute.num_layers, chunk_layers)
+        return in_flight * (checkpointed * layer_input + (chunk_layers - checkpointed) * full)
+    # uniform: groups of num_layers layers keep their input; one group is rebuilt at a time
+    groups = math.ceil(chunk_layers / recompute.num_layers)
+    return in_flight * groups * layer_input + min(recompute.num_layers, chunk_layers) * full
+
+
+def _tokens(recipe: Recipe, layout: Layout) -> int:
+    """Tokens of one micro-batch on one GPU (context parallelism splits the sequence)."""
+    return layout.micro_batch_size * recipe.model.seq_length // layout.cp

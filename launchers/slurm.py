@@ -1,0 +1,154 @@
+"""Render (or submit) a SLURM batch script that trains a recipe on N nodes.
+
+    python launchers/slurm.py recipes/llama_70b.toml --nodes 64 --partition gpu --time 48:00:00 > job.sbatch
+    python launchers/slurm.py recipes/llama_70b.toml --nodes 64 --partition gpu --submit
+
+The recipe's layout is checked against nodes × GPUs per node before anything is written. The
+script is launchers/bigpt.sbatch with its settings filled in: one srun task per node runs
+torchrun with a c10d rendezvous on the first node; a signal before the time limit (or at
+preemption) makes bigpt save and exit, and the job requeues itself and resumes. The SLURM log is
+<run_dir>/slurm-<job id>.out (appended to across requeues).
+"""
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+
+TEMPLATE = Path(__file__).resolve().parent / "bigpt.sbatch"
+SHUTDOWN_MARGIN_S = 30
+"""Time the job keeps after torchrun's shutdown timeout before SLURM's own kill."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="path to a TOML recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.train_iters=200")
+    parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (and torchrun workers) per node (default 8)")
+    parser.add_argument("--partition", help="SLURM partition")
+    parser.add_argument("--account", help="SLURM account")
+    parser.add_argument("--time", help="time limit, e.g. 48:00:00 (default: the partition's)")
+    parser.add_argument("--job-name", help="default: the recipe's name")
+    parser.add_argument("--signal-seconds", type=int, default=300,
+                        help="seconds before the time limit at which bigpt is asked to save and exit (default 300)")
+    parser.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (default 29500)")
+    parser.add_argument("--env-bin", default=str(Path(sys.executable).parent),
+                        help="directory holding torchrun on the nodes (default: this Python's, "
+                             "right when the nodes share this file system)")
+    parser.add_argument("-o", "--output", help="write the script here instead of standard output")
+    parser.add_argument("--submit", action="store_true",
+                        help="submit with sbatch (the script is kept as <run_dir>/slurm-job.sbatch unless -o)")
+    args = parser.parse_intermixed_args(argv)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        parser.error("--nodes and --gpus-per-node must be 1 or more")
+    if args.signal_seconds < 2 * SHUTDOWN_MARGIN_S:
+        parser.error(f"--signal-seconds must be at least {2 * SHUTDOWN_MARGIN_S}: bigpt needs time to save")
+    return args
+
+
+def check_layout(recipe, nodes: int, gpus_per_node: int):
+    """The layout on nodes × gpus_per_node GPUs, or a BigptError saying why it cannot be."""
+    from bigpt.layout import Layout
+
+    world = nodes * gpus_per_node
+    hardware = f"--nodes {nodes} × --gpus-per-node {gpus_per_node} = {world} GPUs"
+    try:
+        layout = Layout.from_recipe(recipe, world)
+    except BigptError as err:
+        raise BigptError(f"{hardware} cannot host {recipe.source}: {str(err).rstrip('.')}; "
+                         f"`python tools/plan.py {recipe.source} --gpus {world}` lists the layouts "
+                         f"that can.") from None
+    if layout.tp > gpus_per_node:
+        raise BigptError(f"parallel.tensor={layout.tp} in {recipe.source} is more than --gpus-per-node "
+                         f"{gpus_per_node}: tensor parallelism communicates every layer and must stay "
+                         f"inside a node; lower parallel.tensor (raise parallel.pipeline instead).")
+    return layout
+
+
+def render(template: str, directives: dict[str, str], settings: dict[str, str]) -> str:
+    """The template with ``#SBATCH --key=value`` lines and ``NAME=value`` settings replaced;
+    directives it does not have are added after its last ``#SBATCH`` line."""
+    lines = template.splitlines()
+    for key, value in directives.items():
+        line = f"#SBATCH --{key}={value}"
+        found = [i for i, text in enumerate(lines) if text.startswith(f"#SBATCH --{key}=")]
+        if found:
+            lines[found[0]] = line
+        else:
+            last = max(i for i, text in enumerate(lines) if text.startswith("#SBATCH "))
+            lines.insert(last + 1, line)
+    for name, value in settings.items():
+        index = next(i for i, text in enumerate(lines) if text.startswith(f"{name}="))
+        lines[index] = f"{name}={value}"
+    return "\n".join(lines) + "\n"
+
+
+def batch_script(args, recipe) -> str:
+    run_dir = Path(recipe.run_dir).resolve()
+    directives = {
+        "job-name": re.sub(r"\s+", "-", args.job_name or recipe.name),
+        "nodes": str(args.nodes),
+        "gpus-per-node": str(args.gpus_per_node),
+        "signal": f"B:USR1@{args.signal_seconds}",
+        "output": f"{run_dir}/slurm-%j.out",
+        "chdir": str(Path.cwd()),
+        **{key: value for key, value in (("partition", args.partition), ("account", args.account),
+                                         ("time", args.time)) if value},
+    }
+    settings = {
+        "RECIPE": shlex.quote(str(Path(args.recipe).resolve())),
+        "OVERRIDES": "(" + " ".join(shlex.quote(override) for override in args.overrides) + ")",
+        "GPUS_PER_NODE": str(args.gpus_per_node),
+        "RDZV_PORT": str(args.port),
+        "SHUTDOWN_TIMEOUT": str(args.signal_seconds - SHUTDOWN_MARGIN_S),
+        "RUN_PY": shlex.quote(str(REPO / "launchers" / "run.py")),
+        "ENV_BIN": shlex.quote(args.env_bin),
+    }
+    return render(TEMPLATE.read_text(), directives, settings)
+
+
+def submit(script_path: Path) -> str:
+    result = subprocess.run(["sbatch", str(script_path)], capture_output=True, text=True)
+    if result.returncode:
+        raise BigptError(f"sbatch {script_path} failed ({result.returncode}): {result.stderr.strip()}; "
+                         f"check --partition/--account/--time against `sinfo` and your allocation.")
+    return result.stdout.strip()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from bigpt.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        check_layout(recipe, args.nodes, args.gpus_per_node)
+        if args.submit and shutil.which("sbatch") is None:
+            raise BigptError("--submit: sbatch is not on PATH; run this on a SLURM login node, or "
+                             "render the script without --submit (-o FILE) and submit it there.")
+        script = batch_script(args, recipe)
+        os.makedirs(recipe.run_dir, exist_ok=True)  # SLURM does not create the log's directory
+        if args.output or args.submit:
+            path = Path(args.output or Path(recipe.run_dir) / "slurm-job.sbatch")
+            path.write_text(script)
+            if args.submit:
+                print(submit(path))
+        else:
+            sys.stdout.write(script)
+    except BigptError as err:
+        print(f"bigpt: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

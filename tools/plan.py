@@ -1,0 +1,65 @@
+"""Plan a recipe on N GPUs before launching it: parameters, memory per GPU, step time, compute
+budget against the compute-optimal token count, and the valid layouts that fit, ranked.
+
+    python tools/plan.py recipes/llama_70b.toml --gpus 512 --gpu h100-80gb
+
+Everything is computed on paper (no GPU needed). Memory is the most loaded GPU's: weights,
+gradients, optimizer state (sharded over data parallel by the distributed optimizer) and the
+activations held at the peak of the 1F1B / interleaved schedule under the recipe's recompute and
+sequence/context parallelism; see bigpt/memory.py for what the estimate leaves out (hence
+--headroom). Step time assumes --mfu while the GPUs are busy, plus the pipeline bubble.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.flops import GPUS  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="path to a TOML recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=2")
+    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs to plan for")
+    parser.add_argument("--gpu", default="h100-80gb", help=f"GPU model: {', '.join(GPUS)} (default h100-80gb)")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="GPUs per node; tensor parallelism stays inside a node (default 8)")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="model FLOPs utilisation while the GPUs are busy (default 0.4)")
+    parser.add_argument("--headroom", type=float, default=0.1,
+                        help="fraction of GPU memory kept free for what the estimate leaves out "
+                             "(CUDA context, NCCL, fragmentation; default 0.1)")
+    parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
+    args = parser.parse_intermixed_args(argv)
+    if not 0 < args.mfu <= 1:
+        parser.error("--mfu must be in (0, 1]")
+    if not 0 <= args.headroom < 1:
+        parser.error("--headroom must be in [0, 1)")
+    if args.gpus_per_node < 1 or args.top < 1:
+        parser.error("--gpus-per-node and --top must be 1 or more")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from bigpt.plan import make_plan, report
+        from bigpt.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        plan = make_plan(recipe, args.gpus, args.gpu, mfu=args.mfu, headroom=args.headroom,
+                         gpus_per_node=args.gpus_per_node)
+    except BigptError as err:
+        print(f"bigpt: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(report(plan, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
