@@ -106,8 +106,8 @@ def run_job(script: Path, log: Path, restart_count: int, preempt_after: str | No
 
 @pytest.mark.slow
 def test_two_nodes_on_loopback_train_requeue_and_resume(capsys, tmp_path):
-    """TP2 × PP2 over two 2-"GPU" nodes; the time-limit signal stops the job, which requeues
-    itself; the requeued job resumes from the latest checkpoint and finishes."""
+    """TP2 × PP2 over two 2-"GPU" nodes; the time-limit signal makes every rank save and stop,
+    the job requeues itself, and the requeued job resumes from that checkpoint and finishes."""
     run_dir = tmp_path / "run"
     script = tmp_path / "job.sbatch"
     assert slurm_main([str(MOCK_RECIPE), "parallel.tensor=2", "parallel.pipeline=2", f"run_dir={run_dir}",
@@ -118,11 +118,12 @@ def test_two_nodes_on_loopback_train_requeue_and_resume(capsys, tmp_path):
     assert status == 0, first[-4000:]
     assert "rendezvous at 127.0.0.1" in first and "world_size=4, tp=2, pp=2" in first
     assert "got SIGUSR1" in first and "step 7/7" not in first
+    preempted_at = int(re.search(r"bigpt: preempted at step (\d+): checkpoint saved", first).group(1))
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
 
     status, second = run_job(script, tmp_path / "attempt1.log", 1)
     assert status == 0, second[-4000:]
     assert "checkpoint.load=auto" in second and "resuming from" in second and "step 7/7" in second
     resumed_at = int(re.search(r"resuming from \S+ \(step (\d+)", second).group(1))
-    assert resumed_at >= 3 and f"step {resumed_at + 1}/7" in second
+    assert resumed_at == preempted_at >= 4 and f"step {resumed_at + 1}/7" in second
     assert len(scalars(run_dir, "train/loss")) >= 7

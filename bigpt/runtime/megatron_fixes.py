@@ -4,8 +4,14 @@ Applied on every machine (GPU or not) by ``apply()``; each fix is a no-op where 
 trigger.
 """
 
+import multiprocessing
+from multiprocessing.managers import SyncManager
+
 import megatron.core
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from bigpt.train.preemption import ignore_preemption_signals
 
 FIXED_IN_VERSIONS = ("0.16.1",)
 
@@ -35,6 +41,22 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+def _checkpoint_writer_survives_preemption_signals() -> None:
+    """megatron-core 0.16.1's checkpoint writer collects write results through a Manager process
+    it spawns at the first save. It sits in the rank's process group, and torchrun forwards
+    SIGTERM/SIGUSR1 to the whole group: the preemption signal that should make bigpt save kills
+    it, and the save then fails with BrokenPipeError. Start it ignoring those signals."""
+
+    def results_queue():
+        if filesystem_async._results_queue is None:
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=ignore_preemption_signals)
+            filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = results_queue
+
+
 _applied = False
 
 
@@ -43,4 +65,5 @@ def apply() -> None:
     if _applied or megatron.core.__version__ not in FIXED_IN_VERSIONS:
         return
     _keep_torch_adam_step_on_reshardable_load()
+    _checkpoint_writer_survives_preemption_signals()
     _applied = True

@@ -23,3 +23,9 @@ def _record(signum, frame) -> None:
 
 def requested() -> bool:
     return bool(_received)
+
+
+def ignore_preemption_signals() -> None:
+    """For helper processes that must finish their part of the save (they get the signal too)."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
