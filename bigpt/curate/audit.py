@@ -65,9 +65,9 @@ class AuditedFilter(BaseFilter):
     """A datatrove filter, counted per drop reason (``default_reason`` when it gives none)."""
 
     def __init__(self, inner: BaseFilter, folder: str, default_reason: str):
+        self.name = inner.name  # before the base class names its stats after it
         super().__init__(batch_size=inner.batch_size)
         self.inner, self.folder, self.default_reason = inner, folder, default_reason
-        self.name = inner.name
 
     def filter(self, doc: Document):
         return self.filter_batch([doc])[0]

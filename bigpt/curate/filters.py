@@ -108,7 +108,15 @@ class _LocalLID(FastTextLID):
         return self._model
 
 
-class LocalLanguageFilter(LanguageFilter):
+class _AnyFastTextBuild:
+    """datatrove checks for the fasttext-numpy2-wheel distribution by name, whose training
+    returns NaN here; fasttext-community provides the same ``fasttext`` module and works."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)  # skips only PipelineStep.__new__'s distribution-name check
+
+
+class LocalLanguageFilter(_AnyFastTextBuild, LanguageFilter):
     """datatrove's LanguageFilter with a language-ID model file from disk."""
 
     def __init__(self, model_path: str, languages: list[str], min_score: float):
@@ -116,7 +124,7 @@ class LocalLanguageFilter(LanguageFilter):
         self.model = _LocalLID(model_path, languages)
 
 
-class LocalFastTextClassifier(FastTextClassifierFilter):
+class LocalFastTextClassifier(_AnyFastTextBuild, FastTextClassifierFilter):
     """datatrove's FastTextClassifierFilter with the model file read from disk as it is now."""
 
     @property
