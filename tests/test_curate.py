@@ -297,3 +297,45 @@ def test_slurm_executor_submits_a_chain_of_job_arrays_that_gives_the_local_resul
     assert (tmp_path / "slurm/curated.jsonl").read_bytes() == (tmp_path / "local/curated.jsonl").read_bytes()
     slurm_report = json.loads((tmp_path / "slurm/report.json").read_text())
     assert slurm_report["stages"] == local.report["stages"]
+
+
+def test_url_and_keyword_selection_rules():
+    from datatrove.data import Document
+
+    from bigpt.curate.filters import KeywordFilter, UrlDomainFilter
+
+    urls = UrlDomainFilter(include=["example.org"], exclude=["spam.example.org"], url_field="url",
+                           keep_without_url=False)
+
+    def url_result(url):
+        return urls.filter(Document(text="x", id="0", metadata={"url": url} if url else {}))
+
+    assert url_result("https://astro.example.org/a") is True            # a subdomain matches
+    assert url_result("https://spam.example.org/a") == (False, "excluded_domain")
+    assert url_result("https://example.com/a") == (False, "domain_not_included")
+    assert url_result("https://notexample.org/a") == (False, "domain_not_included")
+    assert url_result(None) == (False, "no_url")
+    words = KeywordFilter(include=["star"], exclude=["casino"], min_hits=2, case_sensitive=False)
+    assert words.filter(Document(text="A Star and a star.", id="0")) is True
+    assert words.filter(Document(text="A star and a starfish.", id="0")) == (False, "no_included_keyword")
+    assert words.filter(Document(text="star star CASINO", id="0")) == (False, "excluded_keyword")
+
+
+@pytest.mark.parametrize("format", ["text", "parquet"])
+def test_text_and_parquet_inputs(tmp_path, format):
+    texts = ["one two three four five", "short", "six seven eight nine ten eleven"]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    if format == "text":
+        (raw / "a.txt").write_text("\n".join(texts) + "\n")
+    else:
+        import pyarrow
+        import pyarrow.parquet
+
+        pyarrow.parquet.write_table(pyarrow.table({"body": texts}), raw / "a.parquet")
+    path = tmp_path / "small.toml"
+    path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length"]\n[stage.length]\nmin_words = 3\n')
+    curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'out'}",
+                                       f"input.format={format}", "input.text_field=body", "report.png=false"]))
+    kept = [json.loads(line)["text"] for line in (tmp_path / "out/curated.jsonl").read_text().splitlines()]
+    assert kept == [texts[0], texts[2]]

@@ -157,5 +157,4 @@ class TextLineReader(BaseDiskReader):
             for number, line in enumerate(lines):
                 if line.strip():
                     with self.track_time():
-                        document = self.get_document_from_dict({"text": line.rstrip("\n")}, filepath, number)
-                    yield document
+                        yield self.get_document_from_dict({self.text_key: line.rstrip("\n")}, filepath, number)
