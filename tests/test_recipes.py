@@ -15,7 +15,9 @@ from bigpt.layout import Layout
 from bigpt.recipe import load_recipe, recipe_to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.toml") if "base" not in p.parent.parts)
+# recipes/data/ holds curation recipes (their own schema, tests/test_curate_recipes.py).
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.toml")
+                 if not {"base", "data"} & set(p.relative_to(ROOT / "recipes").parent.parts))
 WORLD_SIZE_COMMENT = re.compile(r"^# intended world size: (\d+)", re.MULTILINE)
 
 

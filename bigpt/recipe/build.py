@@ -55,7 +55,13 @@ _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "
 
 def build_recipe(merged: dict, origins: Origins, source: str) -> Recipe:
     """Type-check ``merged`` against the Recipe dataclasses and construct it."""
-    return _build(Recipe, merged, "", origins, source=source)
+    return build_dataclass(Recipe, merged, origins, source=source)
+
+
+def build_dataclass(cls, merged: dict, origins: Origins, **extra):
+    """Type-check ``merged`` against the dataclass ``cls`` (and the dataclasses of its fields)
+    and construct it; ``extra`` are its fields that are not TOML keys (``NOT_A_KEY``)."""
+    return _build(cls, merged, "", origins, **extra)
 
 
 def _build(cls, table: dict, prefix: str, origins: Origins, **extra):

@@ -17,6 +17,18 @@ from bigpt.recipe.tables import Recipe
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
     """Load, merge, type-check and cross-check a recipe; raises BigptError on any mistake."""
+    merged, origins = merge_layers(path, overrides)
+    recipe = build_recipe(merged, origins, source=str(path))
+    check_recipe(recipe)
+    return recipe
+
+
+def merge_layers(path: str | os.PathLike, overrides: Iterable[str] = ()) -> tuple[dict, Origins]:
+    """The merged TOML of ``path``, its base chain and ``overrides``, and where each key came from.
+
+    Any TOML schema builds on this (training recipes, curation recipes): pass the result to
+    ``build.build_dataclass`` with the schema's root dataclass.
+    """
     layers = _read_chain(Path(path), chain=())
     origins = Origins(default=layers[-1][1])
     layers += [(_parse_override(text), Origin(f"override '{text}'", Path.cwd())) for text in overrides]
@@ -24,9 +36,7 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
     for table, origin in layers:
         origins.record(table, origin)
         merged = _deep_merge(merged, table)
-    recipe = build_recipe(merged, origins, source=str(path))
-    check_recipe(recipe)
-    return recipe
+    return merged, origins
 
 
 def _read_chain(path: Path, chain: tuple[Path, ...]) -> list[tuple[dict, Origin]]:

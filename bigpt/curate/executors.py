@@ -1,0 +1,50 @@
+"""Run the planned jobs with datatrove's executors: local processes, or chained SLURM arrays.
+
+Each job has its own logging folder ``work/logs/JOB``; datatrove writes a completion marker
+per finished task there and skips marked tasks when the same job runs again, which is how an
+interrupted curation resumes without redoing finished shards.
+"""
+
+from pathlib import Path
+
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+from bigpt.curate.recipe import CurationRecipe
+from bigpt.curate.stages import Job
+
+
+def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
+    _load_word_tokenizers(recipe)
+    for job in jobs:
+        LocalPipelineExecutor(job.pipeline, tasks=job.tasks, workers=min(recipe.executor.workers, job.tasks),
+                              logging_dir=str(work / "logs" / job.name), start_method="fork").run()
+
+
+def _load_word_tokenizers(recipe: CurationRecipe) -> None:
+    """Load the word tokenizers the stages use once, here: forked workers inherit them instead
+    of each spending seconds loading spaCy."""
+    languages = {getattr(recipe.params(stage), "language", None) for stage in recipe.stages}
+    if "minhash_dedup" in recipe.stages:
+        languages.add("en")  # its shingles are words of datatrove's default language
+    for language in languages - {None}:
+        load_word_tokenizer(language).word_tokenize("warm up")
+
+
+def slurm_executors(recipe: CurationRecipe, jobs: list[Job], work: Path, finalize) -> list[SlurmPipelineExecutor]:
+    """One executor per job, each depending on the one before; the last runs ``finalize``."""
+    slurm = recipe.executor.slurm
+    executors: list[SlurmPipelineExecutor] = []
+    for job in [*jobs, Job("finalize", [finalize], 1)]:
+        executors.append(SlurmPipelineExecutor(
+            job.pipeline, tasks=job.tasks, workers=recipe.executor.workers, time=slurm.time,
+            partition=slurm.partition, cpus_per_task=slurm.cpus_per_task,
+            mem_per_cpu_gb=slurm.mem_per_cpu_gb, qos=slurm.qos, venv_path=slurm.venv_path or None,
+            job_name=f"{recipe.name}_{job.name}", logging_dir=str(work / "logs" / job.name),
+            depends=executors[-1] if executors else None))
+    return executors
+
+
+def submit_slurm(recipe: CurationRecipe, jobs: list[Job], work: Path, finalize) -> None:
+    """sbatch every job (launching the last launches the chain of its dependencies)."""
+    slurm_executors(recipe, jobs, work, finalize)[-1].run()

@@ -1,0 +1,160 @@
+"""The few datatrove blocks bigpt adds: what datatrove has no block for, or loads differently.
+
+Keyword and URL-domain selection keep *or* drop (datatrove's RegexFilter and URLFilter only
+drop); the length filter gives its drop reasons; the fastText blocks load a model file from
+disk as it is now (datatrove copies a local model into its download cache once and keeps using
+that copy after the file is retrained), the MinHash signature step pickles light, and a
+plain-text reader reads one document per line.
+"""
+
+import re
+from urllib.parse import urlsplit
+
+from datatrove.data import Document
+from datatrove.pipeline.dedup import MinhashDedupSignature
+from datatrove.pipeline.filters import FastTextClassifierFilter, LanguageFilter
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.readers.base import BaseDiskReader
+from datatrove.utils.lid import FastTextLID
+from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+
+def load_fasttext(path: str):
+    from fasttext.FastText import _FastText
+
+    return _FastText(path)
+
+
+class LengthFilter(BaseFilter):
+    name = "📏 Length"
+
+    def __init__(self, min_words: int, max_words: int):
+        super().__init__()
+        self.min_words, self.max_words = min_words, max_words
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        words = len(doc.text.split())
+        if words < self.min_words:
+            return False, "too_short"
+        if words > self.max_words:
+            return False, "too_long"
+        return True
+
+
+class KeywordFilter(BaseFilter):
+    """Keeps documents with at least ``min_hits`` include keywords (when any are given) and
+    none of the exclude keywords; keywords match whole words."""
+
+    name = "🔑 Keywords"
+
+    def __init__(self, include: list[str], exclude: list[str], min_hits: int, case_sensitive: bool):
+        super().__init__()
+        flags = 0 if case_sensitive else re.IGNORECASE
+        self.include = _words_regex(include, flags)
+        self.exclude = _words_regex(exclude, flags)
+        self.min_hits = min_hits
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if self.exclude and self.exclude.search(doc.text):
+            return False, "excluded_keyword"
+        if self.include and sum(1 for _ in self.include.finditer(doc.text)) < self.min_hits:
+            return False, "no_included_keyword"
+        return True
+
+
+def _words_regex(words: list[str], flags: int) -> re.Pattern | None:
+    if not words:
+        return None
+    return re.compile(r"\b(?:" + "|".join(re.escape(word) for word in words) + r")\b", flags)
+
+
+class UrlDomainFilter(BaseFilter):
+    """Keeps documents whose URL's host is (a subdomain of) an include domain, when any are
+    given, and of no exclude domain."""
+
+    name = "🌐 URL domains"
+
+    def __init__(self, include: list[str], exclude: list[str], url_field: str, keep_without_url: bool):
+        super().__init__()
+        self.include = tuple(domain.lower().strip(".") for domain in include)
+        self.exclude = tuple(domain.lower().strip(".") for domain in exclude)
+        self.url_field, self.keep_without_url = url_field, keep_without_url
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        url = doc.metadata.get(self.url_field)
+        if not url:
+            return True if self.keep_without_url else (False, "no_url")
+        host = (urlsplit(url if "//" in url else f"//{url}").hostname or "").lower()
+        if _in_domains(host, self.exclude):
+            return False, "excluded_domain"
+        if self.include and not _in_domains(host, self.include):
+            return False, "domain_not_included"
+        return True
+
+
+def _in_domains(host: str, domains: tuple[str, ...]) -> bool:
+    return any(host == domain or host.endswith("." + domain) for domain in domains)
+
+
+class _LocalLID(FastTextLID):
+    def __init__(self, path: str, languages: list[str]):
+        super().__init__(languages)
+        self.path = path
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_fasttext(self.path)
+        return self._model
+
+
+class _AnyFastTextBuild:
+    """datatrove checks for the fasttext-numpy2-wheel distribution by name, whose training
+    returns NaN here; fasttext-community provides the same ``fasttext`` module and works."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)  # skips only PipelineStep.__new__'s distribution-name check
+
+
+class LocalLanguageFilter(_AnyFastTextBuild, LanguageFilter):
+    """datatrove's LanguageFilter with a language-ID model file from disk."""
+
+    def __init__(self, model_path: str, languages: list[str], min_score: float):
+        super().__init__(languages=languages, language_threshold=min_score)
+        self.model = _LocalLID(model_path, languages)
+
+
+class LocalFastTextClassifier(_AnyFastTextBuild, FastTextClassifierFilter):
+    """datatrove's FastTextClassifierFilter with the model file read from disk as it is now."""
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_fasttext(self.model_url)
+        return self._model
+
+
+class MinhashSignatures(MinhashDedupSignature):
+    """datatrove's MinHash signature step, pickled without the loaded spaCy pipeline it holds
+    (pickling that to each worker took seconds); a worker takes the word tokenizer it
+    inherited, or loads it."""
+
+    def __getstate__(self):
+        return {key: value for key, value in self.__dict__.items() if key != "word_tokenizer"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.word_tokenizer = load_word_tokenizer(self.language)
+
+
+class TextLineReader(BaseDiskReader):
+    """Plain text, one document per line (the format tools/preprocess_data.py also reads)."""
+
+    name = "📄 Text lines"
+
+    def read_file(self, filepath: str):
+        with self.data_folder.open(filepath, "rt", encoding="utf-8") as lines:
+            for number, line in enumerate(lines):
+                if line.strip():
+                    with self.track_time():
+                        yield self.get_document_from_dict({self.text_key: line.rstrip("\n")}, filepath, number)

@@ -1,0 +1,96 @@
+"""The raw corpus: which files, whether they can be read, and the datatrove reader for them.
+
+Everything is checked before any work starts: a missing path, no matching file, a file that
+cannot be opened, or a first record without the text field is a BigptError naming the file.
+"""
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+from bigpt.curate.recipe import InputConfig
+from bigpt.errors import BigptError
+
+DEFAULT_GLOBS = {"jsonl": "*.jsonl*", "parquet": "*.parquet", "text": "*.txt"}
+
+
+def input_files(config: InputConfig) -> list[Path]:
+    """The input files in a fixed order (sorted paths), each checked to be readable."""
+    path = Path(config.path)
+    if not path.exists():
+        raise BigptError(f"input.path {path} does not exist; check the path (it is relative to "
+                         f"the recipe file).")
+    if path.is_file():
+        files = [path]
+    else:
+        pattern = config.glob or DEFAULT_GLOBS[config.format]
+        files = sorted(p for p in path.rglob(pattern) if p.is_file())
+        if not files:
+            raise BigptError(f"input.path {path} has no file matching {pattern!r}; set input.glob "
+                             f"or input.format ({config.format}).")
+    for file in files:
+        _check_readable(file, config)
+    return files
+
+
+def _check_readable(file: Path, config: InputConfig) -> None:
+    if not os.access(file, os.R_OK):
+        raise BigptError(f"input file {file} cannot be read (permissions); fix them or remove it "
+                         f"from input.path.")
+    try:
+        if config.format == "parquet":
+            import pyarrow.parquet
+
+            columns = pyarrow.parquet.read_schema(file).names
+            if config.text_field not in columns:
+                raise BigptError(f"input file {file} has no column {config.text_field!r} "
+                                 f"(input.text_field); its columns: {', '.join(columns)}.")
+        elif config.format == "jsonl":
+            _check_first_json_line(file, config.text_field)
+        else:
+            with _open_text(file) as lines:
+                lines.readline()
+    except (OSError, UnicodeDecodeError, EOFError) as err:
+        raise BigptError(f"input file {file} cannot be read as {config.format}: {err}.") from None
+    except Exception as err:  # pyarrow's errors have no common base worth importing here
+        if isinstance(err, BigptError):
+            raise
+        raise BigptError(f"input file {file} cannot be read as {config.format}: {err}.") from None
+
+
+def _check_first_json_line(file: Path, text_field: str) -> None:
+    with _open_text(file) as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise BigptError(f"input file {file}:{number} is not JSON ({err}); input.format is "
+                                 f"jsonl (one JSON object per line).") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise BigptError(f"input file {file}:{number} has no string field {text_field!r} "
+                                 f"(input.text_field).")
+            return
+
+
+def _open_text(file: Path):
+    if file.suffix == ".gz":
+        return gzip.open(file, "rt", encoding="utf-8")
+    return open(file, encoding="utf-8")
+
+
+def input_reader(config: InputConfig, files: list[Path], paths_file: Path):
+    """A datatrove reader of exactly ``files`` (listed in ``paths_file``, relative to their
+    common folder), sharded by file over the tasks."""
+    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+
+    from bigpt.curate.filters import TextLineReader
+
+    root = Path(os.path.commonpath([file.parent for file in files]))
+    paths_file.parent.mkdir(parents=True, exist_ok=True)
+    paths_file.write_text("".join(f"{file.relative_to(root)}\n" for file in files))
+    reader = {"jsonl": JsonlReader, "parquet": ParquetReader, "text": TextLineReader}[config.format]
+    return lambda: reader(str(root), paths_file=str(paths_file), text_key=config.text_field,
+                          id_key=config.id_field)

@@ -1,0 +1,103 @@
+"""The curation report: per stage and per rule, documents and words kept and dropped.
+
+Built from the per-task counts under ``work/audit`` (see audit.py). "words" are
+whitespace-separated words, a tokenizer-independent stand-in for tokens; words a stage cut from
+documents it kept (C4 removes lines) are counted under the rule "edited_lines".
+"""
+
+import json
+from pathlib import Path
+
+from bigpt.curate.audit import LENGTH_BINS
+from bigpt.curate.plan import stage_folder
+from bigpt.curate.recipe import CurationRecipe
+from bigpt.errors import BigptError
+
+
+def build_report(recipe: CurationRecipe, work: Path, tasks: int) -> dict:
+    stages = []
+    for index, name in enumerate(recipe.stages):
+        folder = work / "audit" / stage_folder(index, name)
+        records = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+        if len(records) != tasks:
+            raise BigptError(f"{folder} has counts of {len(records)} of {tasks} tasks: the run did not "
+                             f"finish; re-run the same command to resume it.")
+        stages.append(_stage(name, records))
+    first, last = stages[0], stages[-1]
+    return {
+        "name": recipe.name,
+        "input": recipe.input.path,
+        "output": str(Path(recipe.output.dir) / "curated.jsonl"),
+        "word_unit": "whitespace-separated words",
+        "total": {
+            "in": first["in"], "kept": last["kept"],
+            "dropped": {key: first["in"][key] - last["kept"][key] for key in ("documents", "words")},
+        },
+        "stages": [{key: value for key, value in stage.items() if not key.startswith("hist")}
+                   for stage in stages],
+        "length_histogram": {
+            "bin_lower_edges_words": [0] + [2 ** (b - 1) for b in range(1, LENGTH_BINS)],
+            "before": first["hist_in"], "after": last["hist_kept"],
+        },
+    }
+
+
+def _stage(name: str, records: list[dict]) -> dict:
+    def total(key):
+        return [sum(record[key][i] for record in records) for i in range(2)]
+
+    reasons = sorted({reason for record in records for reason in record["dropped"]})
+    dropped = {reason: [sum(r["dropped"].get(reason, [0, 0])[i] for r in records) for i in range(2)]
+               for reason in reasons}
+    return {
+        "stage": name,
+        "in": _counts(total("in")),
+        "kept": _counts(total("kept")),
+        "dropped": _counts([sum(counts[i] for counts in dropped.values()) for i in range(2)]),
+        "dropped_by_rule": {reason: _counts(counts) for reason, counts in dropped.items()},
+        "hist_in": [sum(column) for column in zip(*(record["hist_in"] for record in records))],
+        "hist_kept": [sum(column) for column in zip(*(record["hist_kept"] for record in records))],
+    }
+
+
+def _counts(pair) -> dict:
+    return {"documents": pair[0], "words": pair[1]}
+
+
+def draw_report(report: dict, path: Path) -> None:
+    """Two panels: documents dropped per stage and rule; document lengths before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rules = [(f"{stage['stage']}: {reason}", counts["documents"])
+             for stage in report["stages"] for reason, counts in stage["dropped_by_rule"].items()
+             if counts["documents"]]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(14, max(4, 0.35 * len(rules) + 1.5)))
+    total = report["total"]
+    figure.suptitle(f"{report['name']}: kept {total['kept']['documents']:,} of "
+                    f"{total['in']['documents']:,} documents, {total['kept']['words']:,} of "
+                    f"{total['in']['words']:,} words")
+    labels = [label for label, _ in rules][::-1]
+    left.barh(labels, [count for _, count in rules][::-1], color="tab:red")
+    left.set_xlabel("documents dropped")
+    left.set_title("drop reasons (stage: rule), in run order")
+    histogram = report["length_histogram"]
+    edges = histogram["bin_lower_edges_words"]
+    used = [i for i in range(len(edges)) if histogram["before"][i] or histogram["after"][i]]
+    span = range(used[0], used[-1] + 1) if used else range(0)
+    names = [f"{edges[i]}+" for i in span]
+    positions = list(range(len(names)))
+    right.bar([p - 0.2 for p in positions], [histogram["before"][i] for i in span], 0.4, label="before")
+    right.bar([p + 0.2 for p in positions], [histogram["after"][i] for i in span], 0.4, label="after")
+    right.set_xticks(positions, names, rotation=45)
+    right.set_xlabel("document length (words, log2 bins)")
+    right.set_ylabel("documents")
+    right.set_title("document length before and after curation")
+    right.legend()
+    figure.tight_layout()
+    temporary = path.with_name(path.name + ".tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    temporary.replace(path)

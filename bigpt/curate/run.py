@@ -1,0 +1,164 @@
+"""Run a curation recipe: check everything, run the jobs (resumably), then publish the result.
+
+Layout of ``output.dir``:
+    curated.jsonl   the curated corpus (one {"text", "id", "metadata"} object per line); it
+                    appears last, by rename, so its presence means the run is complete
+    report.json     per stage and rule: documents and words in, kept, dropped
+    report.png      drop reasons and the document-length histogram before/after
+    work/           datatrove's job folders: documents per pass, dedup signatures, logs and
+                    completion markers (a re-run skips finished tasks), the per-task counts
+
+A re-run with the same recipe and input resumes; with a different one it is refused (its
+work files would mix two curations) unless started over with ``restart``.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigpt.curate.recipe import MODEL_FILES, CurationRecipe
+from bigpt.errors import BigptError
+from bigpt.recipe.serialize import recipe_to_dict
+
+CURATED = "curated.jsonl"
+RESULT_FILES = (CURATED, "report.json", "report.png")
+
+
+@dataclass
+class CurationResult:
+    output: Path
+    report: dict | None
+    """None when the jobs were submitted to SLURM (the report is written by the last job)."""
+
+
+def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
+    """Check the recipe's inputs and models, then run (or submit) every job and finalize."""
+    from bigpt.curate.inputs import input_files
+
+    files = input_files(recipe.input)
+    _check_models(recipe)
+    if recipe.report.png:
+        _require("matplotlib", "report.png (set report.png = false to skip it)")
+    _require("datatrove", "curation")
+    out = Path(recipe.output.dir)
+    if out.exists() and not out.is_dir():
+        raise BigptError(f"output.dir {out} is a file; name a directory.")
+    tasks = recipe.executor.tasks or len(files)
+    work = out / "work"
+    _claim(work, out, _fingerprint(recipe, files, tasks), restart)
+    if (out / CURATED).exists():
+        return CurationResult(out, json.loads((out / "report.json").read_text()))
+
+    from bigpt.curate.inputs import input_reader
+    from bigpt.curate.plan import plan_jobs
+
+    jobs = plan_jobs(recipe, work, input_reader(recipe.input, files, work / "input_files.txt"), tasks)
+    if recipe.executor.kind == "slurm":
+        from bigpt.curate.executors import submit_slurm
+
+        submit_slurm(recipe, jobs, work, Finalizer(recipe, out, tasks))
+        return CurationResult(out, None)
+    from bigpt.curate.executors import run_local
+
+    run_local(recipe, jobs, work)
+    return CurationResult(out, Finalizer(recipe, out, tasks).finalize())
+
+
+class Finalizer:
+    """Report + merge of the last pass's shards into curated.jsonl (a job of its own on SLURM)."""
+
+    def __init__(self, recipe: CurationRecipe, out: Path, tasks: int):
+        self.recipe, self.out, self.tasks = recipe, out, tasks
+
+    def finalize(self) -> dict:
+        from bigpt.curate.plan import FINAL_DOCS
+        from bigpt.curate.report import build_report, draw_report
+
+        work = self.out / "work"
+        report = build_report(self.recipe, work, self.tasks)
+        _write_atomically(self.out / "report.json", lambda f: json.dump(report, f, indent=2))
+        if self.recipe.report.png:
+            draw_report(report, self.out / "report.png")
+        shards = sorted((work / FINAL_DOCS).glob("*.jsonl"))
+        _write_atomically(self.out / CURATED, lambda f: _concatenate(shards, f))
+        return report
+
+    def __call__(self, data=None, rank: int = 0, world_size: int = 1):
+        """As a datatrove pipeline step (the last SLURM job)."""
+        self.finalize()
+        return iter(())
+
+
+def _concatenate(shards: list[Path], out) -> None:
+    for shard in shards:
+        with open(shard) as f:
+            shutil.copyfileobj(f, out)
+
+
+def _write_atomically(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as f:
+        write(f)
+    os.replace(temporary, path)
+
+
+def _check_models(recipe: CurationRecipe) -> None:
+    for stage, key in MODEL_FILES.items():
+        if stage not in recipe.stages:
+            continue
+        path = getattr(recipe.params(stage), key)
+        hint = ("train one with tools/train_quality_classifier.py" if stage == "quality_classifier"
+                else "download a fastText language-ID model (e.g. lid.176.bin) and name it there")
+        if not os.path.isfile(path):
+            raise BigptError(f"stage.{stage}.{key} {path} does not exist; {hint}.")
+        _require("fasttext", f"stage {stage!r}")
+        from bigpt.curate.filters import load_fasttext
+
+        try:
+            model = load_fasttext(path)
+        except ValueError as err:
+            raise BigptError(f"stage.{stage}.{key} {path} is not a fastText model ({err}); {hint}.") from None
+        if stage == "quality_classifier":
+            labels = [label.removeprefix("__label__") for label in model.labels]
+            label = recipe.stage.quality_classifier.label
+            if label not in labels:
+                raise BigptError(f"stage.quality_classifier.label {label!r} is not a label of "
+                                 f"{path}; its labels: {', '.join(labels)}.")
+
+
+def _require(module: str, what: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise BigptError(f"{what} needs the Python package {module!r}, which is not installed; "
+                         f"install bigpt's curation extra: pip install -e '.[curate]'.") from None
+
+
+def _fingerprint(recipe: CurationRecipe, files: list[Path], tasks: int) -> dict:
+    """What decides the result: the recipe less how it is executed, the inputs, the sharding."""
+    settings = recipe_to_dict(recipe)
+    settings.pop("executor")
+    settings.pop("report")
+    inputs = [[str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns] for file in files]
+    return {"recipe": settings, "tasks": tasks, "inputs": inputs}
+
+
+def _claim(work: Path, out: Path, fingerprint: dict, restart: bool) -> None:
+    """Make ``work`` ours: new, or left by the same curation; else refuse or start over."""
+    marker = work / "fingerprint.json"
+    if restart:
+        shutil.rmtree(work, ignore_errors=True)
+        for name in RESULT_FILES:
+            (out / name).unlink(missing_ok=True)
+    elif marker.exists():
+        if json.loads(marker.read_text()) == fingerprint:
+            return
+        raise BigptError(f"{out} holds a curation made with another recipe, input or task count; "
+                         f"re-run with --restart to discard it, or set output.dir elsewhere.")
+    elif (out / CURATED).exists() or work.exists():
+        raise BigptError(f"{out} holds files bigpt did not record as this curation's; re-run with "
+                         f"--restart to discard them, or set output.dir elsewhere.")
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(fingerprint, indent=1))

@@ -1,0 +1,341 @@
+"""tools/curate.py on a corpus with planted defects: what is removed, what is kept, the report,
+determinism, resume after a kill, the hand-off to preprocessing, and every bad input.
+
+The corpus (tests/curate_corpus.py) is generated; each document's id names its class. The main
+run uses the shipped recipes/data/astronomy.toml with overrides, 4 input files = 4 tasks.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("datatrove", reason="the curation extra is not installed: pip install -e '.[curate]'")
+
+from curate_corpus import (  # noqa: E402
+    ASTRONOMY_NOUNS,
+    COOKING_NOUNS,
+    article,
+    group,
+    kind,
+    planted_corpus,
+    write_corpus,
+)
+
+from bigpt.curate import load_curation_recipe  # noqa: E402
+from bigpt.curate.run import curate  # noqa: E402
+from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ASTRONOMY = ROOT / "recipes/data/astronomy.toml"
+# The planted documents are short (~130 words), so two word edits move the 5-gram Jaccard
+# similarity to ~0.85; these LSH settings catch that reliably (threshold ~0.55).
+SHORT_DOC_MINHASH = ["stage.minhash_dedup.num_buckets=20", "stage.minhash_dedup.hashes_per_bucket=5"]
+PLANTED_JUNK = ("boilerplate", "spam", "gibberish", "offtopic")
+
+
+def overrides(raw: Path, out: Path, *extra: str) -> list[str]:
+    return [f"input.path={raw}", f"output.dir={out}", *SHORT_DOC_MINHASH, *extra]
+
+
+def kept_ids(out: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in (out / "curated.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("planted")
+    documents = planted_corpus()
+    write_corpus(folder / "raw", documents, files=4)
+    out = folder / "out"
+    result = curate(load_curation_recipe(ASTRONOMY, overrides(folder / "raw", out, "executor.workers=2")))
+    return SimpleNamespace(raw=folder / "raw", out=out, documents=documents, report=result.report)
+
+
+def test_each_planted_defect_is_removed_and_every_clean_document_kept(planted):
+    kept = kept_ids(planted.out)
+    planted_by_kind = Counter(kind(doc["id"]) for doc in planted.documents)
+    kept_by_kind = Counter(kind(doc_id) for doc_id in kept)
+    for junk in PLANTED_JUNK:  # recall of the removal, per planted class
+        assert planted_by_kind[junk] > 0 and kept_by_kind[junk] == 0, (junk, kept_by_kind)
+    # Exact and near copies: exactly one document of each original's group survives.
+    copies_per_group = Counter(group(doc_id) for doc_id in kept)
+    clean_groups = {group(doc["id"]) for doc in planted.documents if kind(doc["id"]) == "clean"}
+    survivors = set(copies_per_group)
+    recall_of_clean = len(survivors & clean_groups) / len(clean_groups)
+    precision_of_kept = sum(1 for g in survivors if copies_per_group[g] == 1) / len(kept)
+    assert (recall_of_clean, precision_of_kept) == (1.0, 1.0), copies_per_group
+    assert len(kept) == len(clean_groups) == 48
+
+
+def test_report_counts_documents_and_words_per_stage_and_rule(planted):
+    report = json.loads((planted.out / "report.json").read_text())
+    assert report == planted.report
+    stages = {stage["stage"]: stage for stage in report["stages"]}
+    assert list(stages) == ["gopher_repetition", "gopher_quality", "c4", "fineweb_quality",
+                            "keywords", "exact_dedup", "minhash_dedup"]
+    rules = {(name, rule): counts["documents"] for name, stage in stages.items()
+             for rule, counts in stage["dropped_by_rule"].items()}
+    assert rules == {("gopher_repetition", "dup_line_frac"): 8,               # the spam pages
+                     ("gopher_quality", "gopher_short_doc"): 8,               # the boilerplate pages
+                     ("gopher_quality", "gopher_too_many_hashes"): 8,         # the gibberish
+                     ("keywords", "no_included_keyword"): 10,                 # the cooking articles
+                     ("exact_dedup", "exact_duplicate"): 10,
+                     ("minhash_dedup", "near_duplicate"): 10}
+    words = {doc["id"]: len(doc["text"].split()) for doc in planted.documents}
+    assert report["total"]["in"] == {"documents": 102, "words": sum(words.values())}
+    assert report["total"]["kept"]["words"] == sum(words[i] for i in kept_ids(planted.out))
+    spam_words = sum(n for doc_id, n in words.items() if kind(doc_id) == "spam")
+    assert stages["gopher_repetition"]["dropped_by_rule"]["dup_line_frac"]["words"] == spam_words
+    for before, after in zip(report["stages"], report["stages"][1:]):
+        assert after["in"] == before["kept"]
+        for key in ("documents", "words"):
+            assert before["in"][key] == before["kept"][key] + before["dropped"][key]
+    histogram = report["length_histogram"]
+    assert (sum(histogram["before"]), sum(histogram["after"])) == (102, 48)
+    assert (planted.out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curated_output_feeds_preprocess_data(planted, tmp_path):
+    from test_data_support import make_tokenizer
+
+    from bigpt.data.preprocess import preprocess
+
+    summary = preprocess(planted.out / "curated.jsonl", str(tmp_path / "curated"),
+                         make_tokenizer(tmp_path))
+    assert summary.documents == 48 and summary.bad_lines == 0
+
+
+def test_a_killed_run_resumes_without_redoing_finished_shards_to_the_same_output(planted, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "tools/curate.py", str(ASTRONOMY),
+               *overrides(planted.raw, out, "executor.workers=2")]
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    completions = out / "work/logs/00_pass/completions"
+    deadline = time.monotonic() + 120
+    while not (completions.is_dir() and any(completions.iterdir())):  # some first-pass shards done
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "curated.jsonl").exists()
+    finished = {path.name: (out / "work/docs/00" / f"{path.name}.jsonl").stat().st_mtime_ns
+                for path in completions.iterdir()}
+
+    # Resume with one worker: how it is executed is not part of the result.
+    curate(load_curation_recipe(ASTRONOMY, overrides(planted.raw, out, "executor.workers=1")))
+    assert (out / "curated.jsonl").read_bytes() == (planted.out / "curated.jsonl").read_bytes()
+    report = json.loads((out / "report.json").read_text())
+    assert report.pop("output") == str(out / "curated.jsonl")
+    assert report == {key: value for key, value in planted.report.items() if key != "output"}
+    for rank, mtime in finished.items():
+        assert (out / "work/docs/00" / f"{rank}.jsonl").stat().st_mtime_ns == mtime, rank
+
+
+def test_fasttext_classifier_and_language_stages_with_local_models(tmp_path):
+    import random
+
+    import fasttext
+
+    rng = random.Random(7)
+    astronomy = [article(rng, ASTRONOMY_NOUNS) for _ in range(60)]
+    cooking = [article(rng, COOKING_NOUNS) for _ in range(60)]
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in astronomy[:40]))
+    (tmp_path / "bad.txt").write_text("".join(" ".join(t.split()) + "\n" for t in cooking[:40]))
+    result = subprocess.run([sys.executable, "tools/train_quality_classifier.py", "--positive",
+                             tmp_path / "good.jsonl", "--negative", tmp_path / "bad.txt",
+                             "--out", tmp_path / "quality.bin", "--epochs", "50"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "precision 1.000, recall 1.000" in result.stdout
+    # A toy language-ID model in lid.176.bin's label format (no download here).
+    french_words = ("le la les un une des et dans sur sous avec pour chat chien maison rouge vert "
+                    "petit grand mange dort voit aime").split()
+    french = [" ".join(rng.choice(french_words) for _ in range(80)) for _ in range(60)]
+    (tmp_path / "lid.txt").write_text("".join(f"__label__en {' '.join(t.split())}\n" for t in astronomy[:40] + cooking[:40])
+                                      + "".join(f"__label__fr {t}\n" for t in french[:40]))
+    fasttext.train_supervised(str(tmp_path / "lid.txt"), epoch=20, lr=0.5, dim=16, bucket=10_000,
+                              thread=1, seed=0, verbose=0).save_model(str(tmp_path / "lid.bin"))
+    documents = ([{"id": f"astronomy-{i}", "text": t} for i, t in enumerate(astronomy[40:])]
+                 + [{"id": f"cooking-{i}", "text": t} for i, t in enumerate(cooking[40:])]
+                 + [{"id": f"french-{i}", "text": t} for i, t in enumerate(french[40:])])
+    write_corpus(tmp_path / "raw", documents, files=1)
+    recipe = tmp_path / "models.toml"
+    recipe.write_text(f'base = "{ASTRONOMY}"\nstages = ["language", "quality_classifier"]\n'
+                      '[stage.language]\nmodel = "lid.bin"\n'
+                      '[stage.quality_classifier]\nmodel = "quality.bin"\n')
+    report = curate(load_curation_recipe(recipe, [f"input.path={tmp_path / 'raw'}",
+                                                  f"output.dir={tmp_path / 'out'}", "report.png=false"])).report
+    assert Counter(kind(i) for i in kept_ids(tmp_path / "out")) == {"astronomy": 20}
+    dropped = {stage["stage"]: stage["dropped"]["documents"] for stage in report["stages"]}
+    assert dropped == {"language": 20, "quality_classifier": 20}
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def bad_recipe(tmp_path, text: str = "", raw: Path | None = None) -> Path:
+    if raw is None:
+        raw = tmp_path / "raw"
+        write_corpus(raw, planted_corpus()[:5], files=1)
+    path = tmp_path / "bad.toml"
+    path.write_text(f'base = "{ASTRONOMY}"\n{text}\n[input]\npath = "{raw}"\n'
+                    f'[output]\ndir = "{tmp_path / "out"}"\n')
+    return path
+
+
+def refused(path: Path, *extra: str) -> str:
+    """The BigptError message; nothing was written."""
+    with pytest.raises(BigptError) as info:
+        curate(load_curation_recipe(path, extra))
+    assert not (path.parent / "out").exists()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_unknown_stage_name_suggests_the_right_one(tmp_path):
+    message = refused(bad_recipe(tmp_path, 'stages = ["gopher_qualty"]'))
+    assert "unknown stage 'gopher_qualty' in stages in" in message and "bad.toml" in message
+    assert "did you mean 'gopher_quality'?" in message
+
+
+def test_out_of_range_threshold_names_the_key(tmp_path):
+    message = refused(bad_recipe(tmp_path), "stage.gopher_repetition.dup_line_frac=1.5")
+    assert "stage.gopher_repetition.dup_line_frac must be between 0 and 1, got 1.5" in message
+    message = refused(bad_recipe(tmp_path, "[stage.gopher_quality]\nmin_doc_wrds = 3"))
+    assert "did you mean stage.gopher_quality.min_doc_words?" in message
+
+
+def test_missing_or_broken_classifier_model_is_refused(tmp_path):
+    path = bad_recipe(tmp_path, 'stages = ["quality_classifier"]')
+    assert "stage.quality_classifier.model is not set" in refused(path)
+    message = refused(path, f"stage.quality_classifier.model={tmp_path / 'none.bin'}")
+    assert "none.bin does not exist; train one with tools/train_quality_classifier.py" in message
+    (tmp_path / "junk.bin").write_bytes(b"not a model")
+    message = refused(path, f"stage.quality_classifier.model={tmp_path / 'junk.bin'}")
+    assert "junk.bin is not a fastText model" in message
+
+
+def test_missing_language_model_is_refused(tmp_path):
+    path = bad_recipe(tmp_path, 'stages = ["language"]')
+    message = refused(path, f"stage.language.model={tmp_path / 'lid.176.bin'}")
+    assert "lid.176.bin does not exist; download a fastText language-ID model" in message
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("a.jsonl", "this is not json\n", "a.jsonl:1 is not JSON"),
+    ("a.jsonl", '{"body": "no text field"}\n', "a.jsonl:1 has no string field 'text'"),
+    ("a.jsonl.gz", "not gzip at all", "cannot be read as jsonl"),
+])
+def test_unreadable_input_is_refused_before_any_work(tmp_path, name, content, expected):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / name).write_text(content)
+    assert expected in refused(bad_recipe(tmp_path, raw=raw))
+
+
+def test_missing_input_and_empty_input_folder_are_refused(tmp_path):
+    assert "does not exist" in refused(bad_recipe(tmp_path, raw=tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    assert "has no file matching '*.jsonl*'" in refused(bad_recipe(tmp_path, raw=tmp_path / "empty"))
+
+
+def test_another_recipe_on_the_same_output_is_refused_and_restart_starts_over(tmp_path):
+    path = bad_recipe(tmp_path, 'stages = ["length"]')
+    curate(load_curation_recipe(path, ["report.png=false"]))
+    before = (tmp_path / "out/curated.jsonl").read_bytes()
+    with pytest.raises(BigptError, match="holds a curation made with another recipe.*--restart"):
+        curate(load_curation_recipe(path, ["report.png=false", "stage.length.min_words=150"]))
+    assert (tmp_path / "out/curated.jsonl").read_bytes() == before
+    changed = load_curation_recipe(path, ["report.png=false", "stage.length.min_words=150"])
+    assert curate(changed, restart=True).report["total"]["kept"]["documents"] < 5
+
+
+def test_cli_error_is_one_paragraph_with_exit_code_2(tmp_path):
+    result = subprocess.run([sys.executable, "tools/curate.py", bad_recipe(tmp_path),
+                             "stage.c4.min_num_sentences=-1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == EXIT_USER_ERROR
+    assert "Traceback" not in result.stderr
+    assert "stage.c4.min_num_sentences must be zero or more, got -1" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_slurm_executor_submits_a_chain_of_job_arrays_that_gives_the_local_result(tmp_path, monkeypatch):
+    """tests/fake_slurm_datatrove's sbatch runs each array at once (srun runs its command), so the jobs
+    datatrove submits really run; the result must equal the local executor's."""
+    raw = tmp_path / "raw"
+    write_corpus(raw, planted_corpus(clean=6, copies=3, junk=1, offtopic=1), files=2)
+    path = tmp_path / "small.toml"
+    path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length", "exact_dedup"]\n'
+                    '[stage.length]\nmin_words = 20\n[report]\npng = false\n')
+    local = curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'local'}"]))
+    log = tmp_path / "sbatch.jsonl"
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(ROOT / "tests/fake_slurm_datatrove"),
+                                                str(Path(sys.executable).parent), os.environ["PATH"]]))
+    recipe = load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'slurm'}",
+                                         "executor.kind=slurm", "executor.slurm.partition=cpu"])
+    assert curate(recipe).report is None  # submitted; the last job writes the report
+    # Each job is an array, then a one-task job of datatrove's merging its stats (no args).
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    arrays = {number: call for number, call in enumerate(calls, 1) if call["args"]}
+    names = [call["directives"]["job-name"] for call in arrays.values()]
+    assert names == ["astronomy_00_pass", "astronomy_01_exact_dedup_signatures",
+                     "astronomy_01_exact_dedup_find", "astronomy_01_pass_final", "astronomy_finalize"]
+    assert all(call["directives"]["partition"] == "cpu" for call in calls)
+    numbers = list(arrays)
+    assert [arrays[n]["args"][-1] for n in numbers[1:]] == [f"--dependency=afterok:{n}" for n in numbers[:-1]]
+    assert (tmp_path / "slurm/curated.jsonl").read_bytes() == (tmp_path / "local/curated.jsonl").read_bytes()
+    slurm_report = json.loads((tmp_path / "slurm/report.json").read_text())
+    assert slurm_report["stages"] == local.report["stages"]
+
+
+def test_url_and_keyword_selection_rules():
+    from datatrove.data import Document
+
+    from bigpt.curate.filters import KeywordFilter, UrlDomainFilter
+
+    urls = UrlDomainFilter(include=["example.org"], exclude=["spam.example.org"], url_field="url",
+                           keep_without_url=False)
+
+    def url_result(url):
+        return urls.filter(Document(text="x", id="0", metadata={"url": url} if url else {}))
+
+    assert url_result("https://astro.example.org/a") is True            # a subdomain matches
+    assert url_result("https://spam.example.org/a") == (False, "excluded_domain")
+    assert url_result("https://example.com/a") == (False, "domain_not_included")
+    assert url_result("https://notexample.org/a") == (False, "domain_not_included")
+    assert url_result(None) == (False, "no_url")
+    words = KeywordFilter(include=["star"], exclude=["casino"], min_hits=2, case_sensitive=False)
+    assert words.filter(Document(text="A Star and a star.", id="0")) is True
+    assert words.filter(Document(text="A star and a starfish.", id="0")) == (False, "no_included_keyword")
+    assert words.filter(Document(text="star star CASINO", id="0")) == (False, "excluded_keyword")
+
+
+@pytest.mark.parametrize("format", ["text", "parquet"])
+def test_text_and_parquet_inputs(tmp_path, format):
+    texts = ["one two three four five", "short", "six seven eight nine ten eleven"]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    if format == "text":
+        (raw / "a.txt").write_text("\n".join(texts) + "\n")
+    else:
+        import pyarrow
+        import pyarrow.parquet
+
+        pyarrow.parquet.write_table(pyarrow.table({"body": texts}), raw / "a.parquet")
+    path = tmp_path / "small.toml"
+    path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length"]\n[stage.length]\nmin_words = 3\n')
+    curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'out'}",
+                                       f"input.format={format}", "input.text_field=body", "report.png=false"]))
+    kept = [json.loads(line)["text"] for line in (tmp_path / "out/curated.jsonl").read_text().splitlines()]
+    assert kept == [texts[0], texts[2]]
