@@ -1,0 +1,49 @@
+"""Next-token logits of a recipe's model, with the weights [init] names, at any layout.
+
+The forward pass is megatron-core's own pipeline schedule (forward only); the vocabulary shards
+are gathered over the tensor-parallel group. This is how imported weights are checked against
+an independent implementation (transformers) at TP/PP > 1.
+"""
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from bigpt.layout import Layout
+from bigpt.model import build_model_chunks
+from bigpt.recipe import Recipe
+from bigpt.runtime.seeding import seed_everything
+from bigpt.train.initial import load_initial_weights
+
+
+@torch.no_grad()
+def compute_logits(recipe: Recipe, layout: Layout, tokens: torch.Tensor) -> torch.Tensor | None:
+    """[batch, seq, vocab] fp32 logits of ``tokens`` ([batch, seq] ids) on the last pipeline stage,
+    None on the other stages. Needs the process groups (``init_distributed``)."""
+    seed_everything(recipe.train.seed)  # megatron-core's tensor-parallel RNG streams must exist
+    chunks, _ = build_model_chunks(recipe, layout)
+    load_initial_weights(recipe, chunks)
+    for chunk in chunks:
+        chunk.eval()
+    batch, seq = tokens.shape
+    position_ids = torch.arange(seq).expand(batch, seq)
+
+    def forward_step(data_iterator, model):
+        next(data_iterator)
+        output = model(tokens, position_ids, None)  # no labels: logits, [batch, seq, vocab / tp]
+        return output, lambda logits: (logits.sum() * 0, torch.tensor(1), {"logits": logits})
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([None]) if len(chunks) == 1 else [iter([None]) for _ in chunks],
+        model=chunks[0] if len(chunks) == 1 else chunks,
+        num_microbatches=1,
+        seq_length=seq,
+        micro_batch_size=batch,
+        forward_only=True,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    logits = gather_from_tensor_model_parallel_region(outputs[0]["logits"])
+    return logits[..., : recipe.model.vocab_size].float()
