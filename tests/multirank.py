@@ -10,12 +10,13 @@ RUN = REPO / "launchers" / "run.py"
 MOCK_RECIPE = Path(__file__).resolve().parent / "recipes" / "mock_tiny.toml"
 
 
-def run_bigpt(recipe, *overrides: str, nproc: int = 1, timeout: int = 300, check: bool = True):
-    """``torchrun --nproc_per_node nproc launchers/run.py recipe overrides`` with one thread per
-    rank (without it, 8 CPU ranks oversubscribe a small machine and crawl)."""
+def run_bigpt(recipe, *overrides: str, nproc: int = 1, timeout: int = 300, check: bool = True, script=RUN):
+    """``torchrun --nproc_per_node nproc launchers/run.py recipe overrides`` (or another torchrun
+    ``script``) with one thread per rank (without it, 8 CPU ranks oversubscribe a small machine
+    and crawl)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(RUN), str(recipe), *overrides]
+               str(script), str(recipe), *overrides]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"bigpt failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

@@ -164,8 +164,8 @@ def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype | N
             request[rule.key] = _sharded(rule.key, torch.empty(shape, dtype=saved.dtype), layer, saved.global_shape[0])
         # one layer of the stacked tensors: a partial read, which the integrity check would refuse
         loaded = dist_checkpointing.load(request, str(checkpoint), validate_access_integrity=False)
-        for key, tensor in loaded.items():
-            tensor = tensor if layer is None else tensor[0]
+        for key in request:  # (the load also returns the checkpoint's common, non-tensor state)
+            tensor = loaded[key] if layer is None else loaded[key][0]
             yield key, layer, tensor if dtype is None else tensor.to(dtype)
 
 
