@@ -304,3 +304,19 @@ def test_tool_reports_errors_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "config.json does not exist" in result.stderr and "Traceback" not in result.stderr
     assert "export" in convert("--help").stdout
+
+
+def test_damaged_files_are_named(small):
+    (small / "model.safetensors").write_bytes(b"not safetensors")
+    assert "model.safetensors is not a readable safetensors file" in refused(small)
+
+
+def test_conversion_never_replaces_a_foreign_directory(small, tmp_path):
+    from bigpt.hf.convert import import_hf
+
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises(BigptError, match="refusing to replace it"):
+        import_hf(small, keep)  # refused before any process group is needed
+    assert (keep / "notes.txt").read_text() == "mine"

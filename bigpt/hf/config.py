@@ -107,6 +107,8 @@ def model_from_hf(config: dict, source) -> dict:
 def effective(model: dict, key: str):
     """A [model] value with its None defaults resolved, for comparisons."""
     value = model.get(key, getattr(ModelConfig, key, None))
+    if key == "rope_scaling_factor" and model.get("rope_scaling", "none") == "none":
+        return None  # unused
     if key == "num_query_groups":
         return value or model["num_attention_heads"]
     if key == "kv_channels":

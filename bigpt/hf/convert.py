@@ -87,11 +87,18 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     return model, weights
 
 
+def _check_replaceable(out: Path, ours: bool, what: str) -> None:
+    """Never delete a directory this module did not write."""
+    if out.exists() and not ours and (not out.is_dir() or any(out.iterdir())):
+        raise BigptError(f"{out} exists and is not {what}; refusing to replace it: choose a new output directory")
+
+
 def import_hf(directory: Path, out: Path) -> dict:
     """Write the Hugging Face model in ``directory`` as a bigpt checkpoint at ``out``, with every
-    rank of the process group converting a share of the tensors; returns its [model] table.
-    ``out`` appears only when complete."""
+    rank of the process group converting a share of the tensors (a rank holds its share in
+    memory until the save); returns its [model] table. ``out`` appears only when complete."""
     directory, out = Path(directory).resolve(), Path(out)
+    _check_replaceable(out, store.is_complete(out), "a bigpt checkpoint")
     model, weights = inspect_hf(directory)
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = out.with_name(out.name + ".tmp")
@@ -174,6 +181,7 @@ def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtyp
     """Write the bigpt checkpoint (any layout) as a Hugging Face Llama directory ``out``; returns
     the directory the config and tokenizer files were copied from (None: none found)."""
     checkpoint, out = Path(checkpoint), Path(out)
+    _check_replaceable(out, (out / CONFIG).is_file(), "a Hugging Face model directory")
     if not store.is_complete(checkpoint):
         raise BigptError(f"{checkpoint} is not a complete bigpt checkpoint (no {store.MARKER} or metadata.json); "
                          "point at an iter_* directory of a run, or at the output of tools/convert_hf.py import")

@@ -40,17 +40,19 @@ class SafetensorsWeights:
         self.directory = directory
         index = directory / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except (json.JSONDecodeError, AttributeError):
+                weight_map = None
             if not isinstance(weight_map, dict):
-                raise BigptError(f"{index} has no weight_map; re-download or re-save the model")
+                raise BigptError(f"{index} is not an index with a weight_map; fetch it again or re-save the model")
             for shard in sorted(set(weight_map.values())):
                 if not (directory / shard).is_file():
                     raise BigptError(f"{index} names the shard {shard}, which is not in {directory}; the "
                                      "download is incomplete: fetch that file again")
             self.files = {name: directory / shard for name, shard in weight_map.items()}
         elif (directory / SINGLE).is_file():
-            with safe_open(directory / SINGLE, "pt") as f:
-                self.files = dict.fromkeys(f.keys(), directory / SINGLE)
+            self.files = dict.fromkeys(_open(directory / SINGLE).keys(), directory / SINGLE)
         else:
             pickles = sorted(p.name for pattern in _PICKLES for p in directory.glob(pattern))
             found = f" (it has {', '.join(pickles[:3])}: pickle files, which bigpt never loads, since unpickling " \
@@ -64,7 +66,7 @@ class SafetensorsWeights:
     def _handle(self, name: str):
         path = self.files[name]
         if path not in self._open:
-            self._open[path] = safe_open(path, "pt")
+            self._open[path] = _open(path)
         return self._open[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -78,18 +80,28 @@ class SafetensorsWeights:
         return self._handle(name).get_tensor(name)
 
 
+def _open(path: Path):
+    try:
+        return safe_open(path, "pt")
+    except Exception as err:  # safetensors' own error type, for a damaged or foreign file
+        raise BigptError(f"{path} is not a readable safetensors file ({err}); fetch it again") from None
+
+
 def tokenizer_vocab_size(directory: Path) -> tuple[Path, int] | None:
     """(file, number of tokens) of the tokenizer beside the weights, if there is one."""
-    if (directory / "tokenizer.json").is_file():
-        import tokenizers
+    path = directory / "tokenizer.json"
+    try:
+        if path.is_file():
+            import tokenizers
 
-        path = directory / "tokenizer.json"
-        return path, tokenizers.Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
-    if (directory / "tokenizer.model").is_file():
-        import sentencepiece
-
+            return path, tokenizers.Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
         path = directory / "tokenizer.model"
-        return path, sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+        if path.is_file():
+            import sentencepiece
+
+            return path, sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    except Exception as err:  # both libraries raise plain exceptions from native code
+        raise BigptError(f"tokenizer {path} cannot be read ({err}); fetch it again") from None
     return None
 
 
