@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches, model_from_hf
-from bigpt.hf.convert import inspect_hf
+from bigpt.hf.files import inspect_hf
 from bigpt.recipe import load_recipe, table_to_toml
 from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 
@@ -39,7 +39,7 @@ SHAPES = {
     "gqa2_untied": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=1100, tie_word_embeddings=False, rms_norm_eps=1e-5),
     # GQA ratio 4, head_dim × heads != hidden, tied embeddings, Llama-3.2-style RoPE scaling.
-    "gqa4_tied_llama3": dict(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+    "gqa4_tied_llama3": dict(hidden_size=96, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
                              num_key_value_heads=2, head_dim=16, vocab_size=1000, tie_word_embeddings=True,
                              rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, max_position_embeddings=16384),
     "mha_untied": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -184,15 +184,16 @@ def test_tensor_parallel_2_with_another_vocab_padding(models, tmp_path):
     assert np.abs(ours - reference).max() <= TOLERANCE
 
 
-def test_pipeline_parallel_2_from_an_imported_checkpoint(models, tmp_path):
-    """tools/convert_hf.py import, then init.from_checkpoint at PP=2 (tied embeddings: the last
-    stage's output layer loads the embedding)."""
+def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, tmp_path):
+    """tools/convert_hf.py import, then init.from_checkpoint at PP=2 × VPP=2, one layer per chunk
+    (tied embeddings: the last stage's output layer loads the embedding)."""
     directory, tokens, reference, _ = models[SHARDED]
     imported = tmp_path / "imported"
     convert("import", str(directory), str(imported))
     assert "[model]" in (imported / "model.toml").read_text()
     recipe = recipe_for(directory, tmp_path / "pp2.toml", "pp2", "from_checkpoint", imported)
-    ours = bigpt_logits(recipe, tokens, tmp_path / "logits.npy", "parallel.pipeline=2", nproc=2)
+    ours = bigpt_logits(recipe, tokens, tmp_path / "logits.npy", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                        nproc=2)
     assert np.abs(ours - reference).max() <= TOLERANCE
 
 

@@ -43,6 +43,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.command == "import":
+            from bigpt.hf.files import inspect_hf
+
+            inspect_hf(Path(args.hf_dir))  # a bad directory fails fast, before megatron-core is loaded
         import torch
 
         from bigpt.hf.convert import export_hf, import_hf

@@ -24,16 +24,8 @@ from megatron.core.dist_checkpointing import ShardedTensor
 import bigpt
 from bigpt.checkpoint import store
 from bigpt.errors import BigptError
-from bigpt.hf.config import hf_from_model, model_from_hf
-from bigpt.hf.files import (
-    CONFIG,
-    SafetensorsWeights,
-    check_tokenizer_fits,
-    copy_side_files,
-    plan_shards,
-    read_config,
-    write_shards,
-)
+from bigpt.hf.config import hf_from_model
+from bigpt.hf.files import CONFIG, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
 from bigpt.recipe import ModelConfig, table_to_toml
 
@@ -56,35 +48,6 @@ def _sharded(key: str, tensor: torch.Tensor, layer: int | None, num_layers: int)
     # A real leading axis of size 1 rather than megatron's prepend_axis_num: with the latter,
     # megatron-core 0.16 cannot read a single layer back (it expects the whole grid locally).
     return ShardedTensor.from_rank_offsets(key, tensor.unsqueeze(0), (0, layer, num_layers), replica_id=0)
-
-
-def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
-    """The [model] table of a Hugging Face directory and its weights, all checked before a
-    single tensor is read: architecture, every tensor present with the shape config.json
-    implies, no tensor bigpt could not map, a tokenizer that fits the vocabulary."""
-    directory = Path(directory)
-    model = model_from_hf(read_config(directory), directory / CONFIG)
-    weights = SafetensorsWeights(directory)
-    expected = expected_hf_shapes(model)
-    if model["tie_embeddings"]:
-        weights.files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
-    missing = sorted(set(expected) - set(weights.files))
-    if missing:
-        raise BigptError(f"{directory}: tensor {missing[0]} is missing ({len(missing)} missing in all) although "
-                         f"config.json describes a model that has it; the weights and config.json do not belong "
-                         "together, or the download is incomplete")
-    unmapped = sorted(set(weights.files) - set(expected))
-    if unmapped:
-        raise BigptError(f"{directory}: tensor {unmapped[0]} ({weights.files[unmapped[0]].name}) has no place in "
-                         f"a {model['num_layers']}-layer Llama model ({len(unmapped)} such tensors); bigpt cannot map "
-                         "it (biases, extra modules and adapters are not supported)")
-    for name, shape in expected.items():
-        if weights.shape(name) != shape:
-            raise BigptError(f"{directory}: tensor {name} in {weights.files[name].name} has shape "
-                             f"{weights.shape(name)} but config.json implies {shape}; the weights and config.json "
-                             "do not belong together")
-    check_tokenizer_fits(directory, model["vocab_size"])
-    return model, weights
 
 
 def _check_replaceable(out: Path, ours: bool, what: str) -> None:

@@ -1,5 +1,6 @@
 """The files of a Hugging Face model directory: weights (safetensors only, never a pickle),
-``config.json`` and the tokenizer files that travel with the weights."""
+``config.json`` and the tokenizer files that travel with the weights; their checks, which
+need neither megatron-core nor a process group."""
 
 import json
 import shutil
@@ -10,6 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bigpt.errors import BigptError
+from bigpt.hf.config import model_from_hf
+from bigpt.hf.mapping import expected_hf_shapes
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -78,6 +81,35 @@ class SafetensorsWeights:
 
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
+
+
+def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
+    """The [model] table of a Hugging Face directory and its weights, all checked before a
+    single tensor is read: architecture, every tensor present with the shape config.json
+    implies, no tensor bigpt could not map, a tokenizer that fits the vocabulary."""
+    directory = Path(directory)
+    model = model_from_hf(read_config(directory), directory / CONFIG)
+    weights = SafetensorsWeights(directory)
+    expected = expected_hf_shapes(model)
+    if model["tie_embeddings"]:
+        weights.files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
+    missing = sorted(set(expected) - set(weights.files))
+    if missing:
+        raise BigptError(f"{directory}: tensor {missing[0]} is missing ({len(missing)} missing in all) although "
+                         f"config.json describes a model that has it; the weights and config.json do not belong "
+                         "together, or the download is incomplete")
+    unmapped = sorted(set(weights.files) - set(expected))
+    if unmapped:
+        raise BigptError(f"{directory}: tensor {unmapped[0]} ({weights.files[unmapped[0]].name}) has no place in "
+                         f"a {model['num_layers']}-layer Llama model ({len(unmapped)} such tensors); bigpt cannot map "
+                         "it (biases, extra modules and adapters are not supported)")
+    for name, shape in expected.items():
+        if weights.shape(name) != shape:
+            raise BigptError(f"{directory}: tensor {name} in {weights.files[name].name} has shape "
+                             f"{weights.shape(name)} but config.json implies {shape}; the weights and config.json "
+                             "do not belong together")
+    check_tokenizer_fits(directory, model["vocab_size"])
+    return model, weights
 
 
 def _open(path: Path):
