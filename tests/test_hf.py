@@ -321,3 +321,12 @@ def test_conversion_never_replaces_a_foreign_directory(small, tmp_path):
     with pytest.raises(BigptError, match="refusing to replace it"):
         import_hf(small, keep)  # refused before any process group is needed
     assert (keep / "notes.txt").read_text() == "mine"
+
+
+def test_init_from_something_that_is_not_a_checkpoint_is_refused(small, tmp_path):
+    from bigpt.train.initial import initial_weights
+
+    recipe = load_recipe(recipe_for(small, tmp_path / "r.toml", "r", "from_checkpoint", tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BigptError, match="init.from_checkpoint = .* is not a complete bigpt checkpoint"):
+        initial_weights(recipe)
