@@ -10,13 +10,13 @@ RUN = REPO / "launchers" / "run.py"
 MOCK_RECIPE = Path(__file__).resolve().parent / "recipes" / "mock_tiny.toml"
 
 
-def run_bigpt(recipe, *overrides: str, nproc: int = 1, timeout: int = 300, check: bool = True, fault: str = ""):
-    """``torchrun --nproc_per_node nproc launchers/run.py recipe overrides`` with one thread per
-    rank (without it, 8 CPU ranks oversubscribe a small machine and crawl). ``fault`` runs it
-    through tests/fault_injection.py instead (e.g. "nan_loss@3"); unsafe unpickling is always
-    refused (TORCH_FORCE_WEIGHTS_ONLY_LOAD), so no load can depend on it."""
+def run_bigpt(recipe, *overrides: str, nproc: int = 1, timeout: int = 300, check: bool = True, script=RUN,
+              fault: str = ""):
+    """``torchrun --nproc_per_node nproc launchers/run.py recipe overrides`` (or another torchrun
+    ``script``) with one thread per rank (without it, 8 CPU ranks oversubscribe a small machine
+    and crawl). ``fault`` runs it through tests/fault_injection.py instead (e.g. "nan_loss@3").
+    Unsafe unpickling is always refused (TORCH_FORCE_WEIGHTS_ONLY_LOAD), so no load can depend on it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
-    script = RUN
     if fault:
         env["BIGPT_TEST_FAULT"] = fault
         script = Path(__file__).resolve().parent / "fault_injection.py"

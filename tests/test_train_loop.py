@@ -50,12 +50,6 @@ def test_launching_the_wrong_number_of_ranks_is_refused(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_init_from_hf_is_refused_until_it_exists(tmp_path):
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", f"init.from_hf={tmp_path}", check=False)
-    assert result.returncode != 0
-    assert "importing Hugging Face weights is not available" in result.stderr
-
-
 def test_global_batch_ramps_up(tmp_path):
     """train.rampup_batch_size=[4, 4, 16]: batches of 4 until 16 samples are consumed, then 8."""
     run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "train.rampup_batch_size=[4, 4, 16]")

@@ -101,6 +101,7 @@ class CheckpointWriter:
             "iteration": trainer.state.iteration,
             "consumed_samples": trainer.state.consumed_samples,
             "layout": _layout_tag(trainer),
+            "vocab_size": trainer.recipe.model.vocab_size,  # lets another padding of the vocabulary load
             "bigpt_version": bigpt.__version__,
         }
         finish = partial(self._finish, tmp, final, marker, recipe_to_toml(trainer.recipe), trainer.recipe.checkpoint)
@@ -158,8 +159,10 @@ def _cause(err: BaseException) -> str:
     return lines[-1].removeprefix("RuntimeError: Worker failure: ") if len(lines) > 1 else "a write failed; rank 0 reports the cause"
 
 
-def _check_shapes(path: Path, expected: dict) -> None:
-    """Name every tensor whose global shape differs between the checkpoint and this model."""
+def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = False) -> None:
+    """Name every tensor whose global shape differs between the checkpoint and this model.
+    ``padding_may_differ``: the checkpoint has the same vocabulary, so the embedding and output
+    layer may differ in padding rows only (megatron-core loads the rows both have)."""
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     ours, _ = extract_sharded_tensors(expected)
     mismatched = []
@@ -167,6 +170,8 @@ def _check_shapes(path: Path, expected: dict) -> None:
         theirs = saved.get(tensor.key)
         if theirs is None:
             mismatched.append(f"{tensor.key}: missing from the checkpoint, model has {tuple(tensor.global_shape)}")
+        elif padding_may_differ and tensor.allow_shape_mismatch and theirs.global_shape[1:] == tensor.global_shape[1:]:
+            continue
         elif tuple(theirs.global_shape) != tuple(tensor.global_shape):
             mismatched.append(f"{tensor.key}: checkpoint {tuple(theirs.global_shape)}, model {tuple(tensor.global_shape)}")
     if mismatched:
@@ -197,11 +202,22 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
         set_rng_state(loaded["rng_state"])
 
 
-def load_weights(model, path: Path) -> None:
-    """Model weights only (continual pretraining / layout changes): no optimizer, no counters."""
+def load_weights(model, path: Path, vocab_size: int) -> None:
+    """Model weights only (continual pretraining / layout changes): no optimizer, no counters.
+
+    Only tensors are read: ``_extra_state`` (Transformer Engine's FP8 scaling history, None in
+    megatron-core's local layers) is run state, which a fresh run starts afresh, and which an
+    import from Hugging Face does not have. ``vocab_size`` is the model's unpadded vocabulary."""
     state = _model_state(model)
-    _check_shapes(path, state)
-    _load_model(model, dist_checkpointing.load(state, str(path)))
+    same_vocab = store.read_marker(path).get("vocab_size") == vocab_size
+    _check_shapes(path, state, padding_may_differ=same_vocab)
+    tensors = {name: {key: value for key, value in chunk.items() if not isinstance(value, ShardedObject)}
+               for name, chunk in state.items()}
+    loaded = dist_checkpointing.load(tensors, str(path))
+    for index, chunk in enumerate(model):
+        own = _unwrap(chunk).state_dict()
+        loaded[f"model{index}"] = {key: loaded[f"model{index}"].get(key, value) for key, value in own.items()}
+    _load_model(model, loaded)
 
 
 def _load_model(model, loaded: dict) -> None:

@@ -4,7 +4,7 @@
 """
 
 from bigpt.recipe.loader import load_recipe
-from bigpt.recipe.serialize import recipe_to_dict, recipe_to_toml
+from bigpt.recipe.serialize import recipe_to_dict, recipe_to_toml, table_to_toml
 from bigpt.recipe.tables import (
     BlendEntry,
     CheckpointConfig,
@@ -42,4 +42,5 @@ __all__ = [
     "padded_vocab_size",
     "recipe_to_dict",
     "recipe_to_toml",
+    "table_to_toml",
 ]

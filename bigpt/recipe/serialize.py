@@ -21,8 +21,13 @@ def recipe_to_toml(recipe: Recipe) -> str:
     lines = [f"{key} = {_value(value)}" for key, value in top.items() if not isinstance(value, dict)]
     for name, table in top.items():
         if isinstance(table, dict) and table:  # a table left all-None (e.g. [init]) is omitted
-            lines += ["", f"[{name}]"] + [f"{key} = {_value(value)}" for key, value in table.items()]
+            lines += ["", table_to_toml(name, table)]
     return "\n".join(lines) + "\n"
+
+
+def table_to_toml(name: str, table: dict) -> str:
+    """One ``[name]`` table of plain values (None values omitted)."""
+    return "\n".join([f"[{name}]"] + [f"{key} = {_value(value)}" for key, value in table.items() if value is not None])
 
 
 def _to_dict(obj) -> dict:

@@ -1,5 +1,6 @@
 """Process groups from torchrun's environment: NCCL on GPUs, gloo (+ the CPU layer) without."""
 
+import contextlib
 import datetime
 import logging
 import os
@@ -57,3 +58,16 @@ def destroy_distributed() -> None:
 def is_logging_rank() -> bool:
     """The last rank holds the loss (last pipeline stage), so it is the one that logs."""
     return dist.get_rank() == dist.get_world_size() - 1
+
+
+@contextlib.contextmanager
+def process_group_of_one():
+    """A gloo group of this process alone (tools that read or write checkpoints outside a job);
+    the store lives in memory, so no port is taken."""
+    if not torch.cuda.is_available():
+        cpu_compat.enable()  # dist_checkpointing synchronizes "the GPU" even for CPU tensors
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from bigpt.checkpoint import load_checkpoint, load_weights, resolve_resume
+from bigpt.checkpoint import load_checkpoint, resolve_resume
 from bigpt.data import build_datasets, micro_batches
-from bigpt.errors import BigptError, Preempted
+from bigpt.errors import Preempted
 from bigpt.layout import Layout
 from bigpt.model import build_model_chunks
 from bigpt.recipe import Recipe, recipe_to_toml
@@ -18,6 +18,7 @@ from bigpt.runtime.distributed import destroy_distributed, init_distributed
 from bigpt.runtime.seeding import seed_everything
 from bigpt.train.callbacks import Evaluator, MetricsLogger, Throughput
 from bigpt.train.checkpointing import Checkpointer
+from bigpt.train.initial import load_initial_weights
 from bigpt.train.optim import build_optimizer, build_scheduler, init_batch_calculator, wire_model_config, wrap_ddp
 from bigpt.train.trainer import Trainer
 
@@ -26,18 +27,16 @@ def checkpoint_dir(recipe: Recipe) -> Path:
     return Path(recipe.checkpoint.dir or os.path.join(recipe.run_dir, "checkpoints"))
 
 
-def build_trainer(recipe: Recipe, layout: Layout) -> Trainer:
-    """Everything a run needs, on a process group that already exists."""
+def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = True) -> Trainer:
+    """Everything a run needs, on a process group that already exists. ``initial_weights``:
+    load [init]'s weights (a resumed run skips them: its checkpoint replaces them anyway)."""
     seed_everything(recipe.train.seed)
     init_batch_calculator(recipe, layout)
-    if recipe.init.from_hf:
-        raise BigptError(
-            f"init.from_hf = \"{recipe.init.from_hf}\": importing Hugging Face weights is not available in this "
-            "version of bigpt yet; start from a bigpt checkpoint (init.from_checkpoint) or from random weights."
-        )
     chunks, config = build_model_chunks(recipe, layout)
-    if recipe.init.from_checkpoint:
-        load_weights(chunks, Path(recipe.init.from_checkpoint))
+    if initial_weights:
+        source = load_initial_weights(recipe, chunks)
+        if source is not None and dist.get_rank() == 0:
+            print(f"starting from the weights in {source} (fresh optimizer and schedule, step 0)", flush=True)
     model = wrap_ddp(recipe, config, chunks)
     optimizer = build_optimizer(recipe, model)
     wire_model_config(config, model, optimizer)
@@ -73,8 +72,8 @@ def _warn_once(message: str) -> None:
 def train(recipe: Recipe, layout: Layout) -> None:
     init_distributed(layout)
     try:
-        trainer = build_trainer(recipe, layout)
         resume = resolve_resume(recipe.checkpoint.load, str(checkpoint_dir(recipe)), warn=_warn_once)
+        trainer = build_trainer(recipe, layout, initial_weights=resume is None)
         if resume is not None:
             load_checkpoint(trainer, resume)
             if dist.get_rank() == 0:

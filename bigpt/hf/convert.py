@@ -1,0 +1,184 @@
+"""Hugging Face directory ⇄ bigpt checkpoint, through megatron-core ``dist_checkpointing``.
+
+Import writes each parameter once, whole, under its global key (per-layer parameters as
+one-layer slices of the stacked tensor), so ``load_weights`` reshards it to any TP/PP/VPP; the
+embedding and output layer are stored unpadded and megatron-core pads them to the layout's
+vocabulary size on load. Export reads a checkpoint of any layout back one layer at a time.
+Both run in an existing process group: a tool runs a group of one, a training job converts
+with all of its ranks, each writing a share of the tensors.
+"""
+
+import itertools
+import json
+import math
+import os
+import shutil
+import tomllib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedTensor
+
+import bigpt
+from bigpt.checkpoint import store
+from bigpt.errors import BigptError
+from bigpt.hf.config import hf_from_model
+from bigpt.hf.files import CONFIG, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
+from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
+from bigpt.recipe import ModelConfig, table_to_toml
+
+HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
+MODEL_TOML = "model.toml"  # inside an imported checkpoint: its [model] table, a recipe fragment
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def _items(model: dict) -> list[tuple[Rule, int | None]]:
+    """(rule, layer) for every tensor, in Hugging Face's order (embedding, layers, norm, head)."""
+    embedding, *table = rules(model)  # rules() lists the embedding first
+    layers = [(rule, i) for i in range(model["num_layers"]) for rule in table if rule.per_layer]
+    return [(embedding, None)] + layers + [(rule, None) for rule in table if not rule.per_layer]
+
+
+def _sharded(key: str, tensor: torch.Tensor, layer: int | None, num_layers: int) -> ShardedTensor:
+    """``tensor`` as (a one-layer slice of) the global tensor ``key``."""
+    if layer is None:
+        return ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
+    # A real leading axis of size 1 rather than megatron's prepend_axis_num: with the latter,
+    # megatron-core 0.16 cannot read a single layer back (it expects the whole grid locally).
+    return ShardedTensor.from_rank_offsets(key, tensor.unsqueeze(0), (0, layer, num_layers), replica_id=0)
+
+
+def _check_replaceable(out: Path, ours: bool, what: str) -> None:
+    """Never delete a directory this module did not write."""
+    if out.exists() and not ours and (not out.is_dir() or any(out.iterdir())):
+        raise BigptError(f"{out} exists and is not {what}; refusing to replace it: choose a new output directory")
+
+
+def import_hf(directory: Path, out: Path) -> dict:
+    """Write the Hugging Face model in ``directory`` as a bigpt checkpoint at ``out``, with every
+    rank of the process group converting a share of the tensors (a rank holds its share in
+    memory until the save); returns its [model] table. ``out`` appears only when complete."""
+    directory, out = Path(directory).resolve(), Path(out)
+    _check_replaceable(out, store.is_complete(out), "a bigpt checkpoint")
+    model, weights = inspect_hf(directory)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tmp = out.with_name(out.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an import that was killed
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = {}
+    for number, (rule, layer) in enumerate(_items(model)):
+        if number % world == rank:
+            tensor = rule.join([weights.get(name) for name in rule.names(layer)])
+            state[f"{rule.key}/{layer}"] = _sharded(rule.key, tensor, layer, model["num_layers"])
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if rank == 0:
+        (tmp / HF_FILES).mkdir()
+        copy_side_files(directory, tmp / HF_FILES)
+        (tmp / MODEL_TOML).write_text(model_toml(model, directory))
+        marker = {"iteration": 0, "imported_from": str(directory), "vocab_size": model["vocab_size"],
+                  "bigpt_version": bigpt.__version__, "files": store.manifest(tmp)}
+        store.write_atomically(tmp / store.MARKER, json.dumps(marker, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    dist.barrier()
+    return model
+
+
+def model_toml(model: dict, source: Path) -> str:
+    """The [model] table as a recipe fragment (a ``base`` or a table to paste)."""
+    table = dict(model, seq_length=min(model["max_position_embeddings"], 8192))
+    return (f"# The architecture of {source} (written by tools/convert_hf.py import).\n"
+            "# Paste this table into a recipe, or name this file as its base; seq_length is yours to choose.\n"
+            + table_to_toml("model", table) + "\n")
+
+
+def checkpoint_model(checkpoint: Path) -> ModelConfig:
+    """The [model] table a checkpoint was saved with: its recipe.toml, or an import's model.toml."""
+    for name in ("recipe.toml", MODEL_TOML):
+        if (checkpoint / name).is_file():
+            return ModelConfig(**tomllib.loads((checkpoint / name).read_text())["model"])
+    raise BigptError(f"{checkpoint} is not a bigpt checkpoint (it has neither recipe.toml nor {MODEL_TOML}); point at "
+                     "an iter_* directory of a run, or at the output of tools/convert_hf.py import")
+
+
+def hf_files_of(checkpoint: Path) -> Path | None:
+    """Where the Hugging Face config and tokenizer files of a checkpoint's lineage are: its own
+    (an import), or those of the weights its run started from (init.from_hf / from_checkpoint)."""
+    for _ in range(100):  # a lineage of continual runs; a cycle cannot happen, but never loop forever
+        if (checkpoint / HF_FILES).is_dir():
+            return checkpoint / HF_FILES
+        recipe = checkpoint / "recipe.toml"
+        init = tomllib.loads(recipe.read_text()).get("init", {}) if recipe.is_file() else {}
+        if init.get("from_hf"):
+            return Path(init["from_hf"])
+        if not init.get("from_checkpoint"):
+            return None
+        checkpoint = Path(init["from_checkpoint"])
+    return None
+
+
+def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype | None):
+    """Yield (rule, layer, global tensor) in ``items`` order, one load per run of items of the
+    same layer (memory stays near one layer)."""
+    for layer, run in itertools.groupby(items, key=lambda item: item[1]):
+        request = {}
+        for rule, _ in run:
+            saved = metadata[rule.key]
+            shape = saved.global_shape if layer is None else saved.global_shape[1:]
+            request[rule.key] = _sharded(rule.key, torch.empty(shape, dtype=saved.dtype), layer, saved.global_shape[0])
+        # one layer of the stacked tensors: a partial read, which the integrity check would refuse
+        loaded = dist_checkpointing.load(request, str(checkpoint), validate_access_integrity=False)
+        for key in request:  # (the load also returns the checkpoint's common, non-tensor state)
+            tensor = loaded[key] if layer is None else loaded[key][0]
+            yield key, layer, tensor if dtype is None else tensor.to(dtype)
+
+
+def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtype: torch.dtype | None = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path | None:
+    """Write the bigpt checkpoint (any layout) as a Hugging Face Llama directory ``out``; returns
+    the directory the config and tokenizer files were copied from (None: none found)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_replaceable(out, (out / CONFIG).is_file(), "a Hugging Face model directory")
+    if not store.is_complete(checkpoint):
+        raise BigptError(f"{checkpoint} is not a complete bigpt checkpoint (no {store.MARKER} or metadata.json); "
+                         "point at an iter_* directory of a run, or at the output of tools/convert_hf.py import")
+    model_config = checkpoint_model(checkpoint)
+    model = vars(model_config)
+    metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    items = _items(model)
+    for rule, _ in items:
+        if rule.key not in metadata:
+            raise BigptError(f"{checkpoint} has no tensor {rule.key}, which its model needs; the checkpoint is damaged "
+                             "or was written by an incompatible program")
+    stored = metadata[items[0][0].key].dtype
+    hf_files = hf_files or hf_files_of(checkpoint)
+    original = read_config(hf_files) if hf_files and (hf_files / CONFIG).is_file() else None
+    config = hf_from_model(model_config, str(dtype or stored).removeprefix("torch."), original)
+
+    shapes = expected_hf_shapes(model)
+    element = torch.empty((), dtype=dtype or stored).element_size()
+    order = [name for rule, layer in items for name in rule.names(layer)]
+    shards = plan_shards([(name, element * math.prod(shapes[name])) for name in order], max_shard_bytes)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    def tensors():
+        rule_of = {rule.key: rule for rule, _ in items}
+        for key, layer, tensor in _layer_loads(checkpoint, metadata, items, dtype):
+            yield from zip(rule_of[key].names(layer), rule_of[key].split(tensor))
+
+    write_shards(tmp, shards, tensors())
+    if hf_files and hf_files.is_dir():
+        copy_side_files(hf_files, tmp, skip=(CONFIG,))
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return hf_files

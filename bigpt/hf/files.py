@@ -1,0 +1,185 @@
+"""The files of a Hugging Face model directory: weights (safetensors only, never a pickle),
+``config.json`` and the tokenizer files that travel with the weights; their checks, which
+need neither megatron-core nor a process group."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bigpt.errors import BigptError
+from bigpt.hf.config import model_from_hf
+from bigpt.hf.mapping import expected_hf_shapes
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Copied on import and export (whichever exist); none of them is a pickle.
+SIDE_FILES = (CONFIG, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "chat_template.jinja")
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Buffers some older checkpoints saved next to the weights; they are recomputed, not loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / CONFIG
+    if not path.is_file():
+        raise BigptError(f"{path} does not exist: a Hugging Face model directory needs its config.json; "
+                         "point at the directory that save_pretrained wrote (or the hub snapshot)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BigptError(f"{path} is not valid JSON ({err})") from None
+
+
+class SafetensorsWeights:
+    """Tensor name -> safetensors file of a directory, single file or sharded with an index."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index = directory / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except (json.JSONDecodeError, AttributeError):
+                weight_map = None
+            if not isinstance(weight_map, dict):
+                raise BigptError(f"{index} is not an index with a weight_map; fetch it again or re-save the model")
+            for shard in sorted(set(weight_map.values())):
+                if not (directory / shard).is_file():
+                    raise BigptError(f"{index} names the shard {shard}, which is not in {directory}; the "
+                                     "download is incomplete: fetch that file again")
+            self.files = {name: directory / shard for name, shard in weight_map.items()}
+        elif (directory / SINGLE).is_file():
+            self.files = dict.fromkeys(_open(directory / SINGLE).keys(), directory / SINGLE)
+        else:
+            pickles = sorted(p.name for pattern in _PICKLES for p in directory.glob(pattern))
+            found = f" (it has {', '.join(pickles[:3])}: pickle files, which bigpt never loads, since unpickling " \
+                    "runs code from the download)" if pickles else ""
+            raise BigptError(f"{directory} has neither {SINGLE} nor {INDEX}{found}; bigpt reads safetensors "
+                             "weights only: use a safetensors release of the model, or convert it yourself with "
+                             "transformers (from_pretrained then save_pretrained(safe_serialization=True))")
+        self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
+        self._open: dict[Path, object] = {}
+
+    def _handle(self, name: str):
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = _open(path)
+        return self._open[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        try:
+            return tuple(self._handle(name).get_slice(name).get_shape())
+        except Exception as err:  # safetensors raises its own error type for a name the file lacks
+            raise BigptError(f"tensor {name} is not in {self.files[name]} although {INDEX} says so ({err}); "
+                             "the file is damaged or from another model: fetch it again") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+
+def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
+    """The [model] table of a Hugging Face directory and its weights, all checked before a
+    single tensor is read: architecture, every tensor present with the shape config.json
+    implies, no tensor bigpt could not map, a tokenizer that fits the vocabulary."""
+    directory = Path(directory)
+    model = model_from_hf(read_config(directory), directory / CONFIG)
+    weights = SafetensorsWeights(directory)
+    expected = expected_hf_shapes(model)
+    if model["tie_embeddings"]:
+        weights.files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
+    missing = sorted(set(expected) - set(weights.files))
+    if missing:
+        raise BigptError(f"{directory}: tensor {missing[0]} is missing ({len(missing)} missing in all) although "
+                         f"config.json describes a model that has it; the weights and config.json do not belong "
+                         "together, or the download is incomplete")
+    unmapped = sorted(set(weights.files) - set(expected))
+    if unmapped:
+        raise BigptError(f"{directory}: tensor {unmapped[0]} ({weights.files[unmapped[0]].name}) has no place in "
+                         f"a {model['num_layers']}-layer Llama model ({len(unmapped)} such tensors); bigpt cannot map "
+                         "it (biases, extra modules and adapters are not supported)")
+    for name, shape in expected.items():
+        if weights.shape(name) != shape:
+            raise BigptError(f"{directory}: tensor {name} in {weights.files[name].name} has shape "
+                             f"{weights.shape(name)} but config.json implies {shape}; the weights and config.json "
+                             "do not belong together")
+    check_tokenizer_fits(directory, model["vocab_size"])
+    return model, weights
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, "pt")
+    except Exception as err:  # safetensors' own error type, for a damaged or foreign file
+        raise BigptError(f"{path} is not a readable safetensors file ({err}); fetch it again") from None
+
+
+def tokenizer_vocab_size(directory: Path) -> tuple[Path, int] | None:
+    """(file, number of tokens) of the tokenizer beside the weights, if there is one."""
+    path = directory / "tokenizer.json"
+    try:
+        if path.is_file():
+            import tokenizers
+
+            return path, tokenizers.Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+        path = directory / "tokenizer.model"
+        if path.is_file():
+            import sentencepiece
+
+            return path, sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    except Exception as err:  # both libraries raise plain exceptions from native code
+        raise BigptError(f"tokenizer {path} cannot be read ({err}); fetch it again") from None
+    return None
+
+
+def check_tokenizer_fits(directory: Path, vocab_size: int) -> None:
+    found = tokenizer_vocab_size(directory)
+    if found and found[1] > vocab_size:
+        raise BigptError(f"tokenizer {found[0]} has {found[1]} tokens but config.json's vocab_size is {vocab_size}, "
+                         "so some token ids have no embedding row; use the tokenizer released with these weights")
+
+
+def copy_side_files(source: Path, destination: Path, *, skip=()) -> list[str]:
+    """Copy the config, generation and tokenizer files that exist in ``source``."""
+    copied = []
+    for name in SIDE_FILES:
+        if name not in skip and (source / name).is_file():
+            shutil.copyfile(source / name, destination / name)
+            copied.append(name)
+    return copied
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Group consecutive tensors (name, bytes) into shards of at most ``max_bytes`` (a bigger
+    tensor gets a shard of its own), in order."""
+    shards, current, used = [], [], 0
+    for name, size in sizes:
+        if current and used + size > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    return shards + [current] if current else shards
+
+
+def write_shards(directory: Path, shards: list[list[str]], tensors) -> None:
+    """Write ``tensors`` ((name, tensor) pairs, in shard order) as Hugging Face names them: one
+    ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` plus the index. Only one
+    shard's tensors are held at a time."""
+    tensors = iter(tensors)
+    weight_map, total = {}, 0
+    for number, names in enumerate(shards, start=1):
+        file = SINGLE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        shard = dict(next(tensors) for _ in names)
+        assert list(shard) == names, (list(shard), names)
+        save_file({name: t.contiguous() for name, t in shard.items()}, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")

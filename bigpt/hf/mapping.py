@@ -1,0 +1,103 @@
+"""The one map between Hugging Face Llama tensors and megatron-core's global checkpoint tensors.
+
+A bigpt checkpoint holds every parameter under its layout-independent global name (what
+``GPTModel.sharded_state_dict()`` produces); per-layer parameters are stacked over a leading
+layer axis, and the embedding and output layer may carry padding rows past the vocabulary.
+Both directions of every rule live here, next to each other:
+
+- ``linear_qkv.weight`` is grouped by key/value head: for each group its query heads, then its
+  key head, then its value head (``head_dim`` rows each);
+- ``linear_fc1.weight`` is SwiGLU's [gate; up] (megatron's swiglu sharded factory makes the
+  global tensor this concatenation whatever the tensor-parallel size);
+- the norms before attention and MLP are stored under the Transformer Engine names
+  (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``), on every spec.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from bigpt.hf.config import effective
+
+LAYER = "{i}"  # the layer number in a Hugging Face name
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    """The megatron-core global key."""
+    hf_names: tuple[str, ...]
+    """The Hugging Face tensors it is made of ({i} = layer number)."""
+    hf_shapes: tuple[tuple[int, ...], ...]
+    """Their shapes, from the config."""
+    join: Callable[[list[torch.Tensor]], torch.Tensor]
+    """Hugging Face tensors -> one layer's (or the whole) megatron tensor."""
+    split: Callable[[torch.Tensor], list[torch.Tensor]]
+    """The inverse."""
+
+    @property
+    def per_layer(self) -> bool:
+        return LAYER in self.hf_names[0]
+
+    def names(self, layer: int | None) -> list[str]:
+        return [name.format(i=layer) for name in self.hf_names]
+
+
+def _same(tensors):
+    return tensors[0]
+
+
+def _one(tensor):
+    return [tensor]
+
+
+def rules(model: dict) -> list[Rule]:
+    """Every tensor of a Llama model described by ``model`` (the [model] table as a dict)."""
+    hidden, ffn, vocab = model["hidden_size"], model["ffn_hidden_size"], model["vocab_size"]
+    heads, groups, head_dim = model["num_attention_heads"], effective(model, "num_query_groups"), effective(model, "kv_channels")
+    per_group = heads // groups
+
+    def join_qkv(tensors):
+        q, k, v = tensors
+        parts = (q.reshape(groups, per_group * head_dim, hidden), k.reshape(groups, head_dim, hidden),
+                 v.reshape(groups, head_dim, hidden))
+        return torch.cat(parts, dim=1).reshape(-1, hidden)
+
+    def split_qkv(qkv):
+        q, k, v = qkv.reshape(groups, (per_group + 2) * head_dim, hidden).split(
+            [per_group * head_dim, head_dim, head_dim], dim=1)
+        return [part.reshape(-1, hidden) for part in (q, k, v)]
+
+    def unpad(tensor):  # rows past the vocabulary are megatron's tensor-parallel padding
+        return [tensor[:vocab]]
+
+    layer = "model.layers.{i}."
+    table = [
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((vocab, hidden),), _same, unpad),
+        Rule("decoder.layers.self_attention.linear_qkv.layer_norm_weight", (layer + "input_layernorm.weight",),
+             ((hidden,),), _same, _one),
+        Rule("decoder.layers.self_attention.linear_qkv.weight",
+             tuple(layer + f"self_attn.{p}_proj.weight" for p in "qkv"),
+             ((heads * head_dim, hidden), (groups * head_dim, hidden), (groups * head_dim, hidden)), join_qkv, split_qkv),
+        Rule("decoder.layers.self_attention.linear_proj.weight", (layer + "self_attn.o_proj.weight",),
+             ((hidden, heads * head_dim),), _same, _one),
+        Rule("decoder.layers.mlp.linear_fc1.layer_norm_weight", (layer + "post_attention_layernorm.weight",),
+             ((hidden,),), _same, _one),
+        Rule("decoder.layers.mlp.linear_fc1.weight", (layer + "mlp.gate_proj.weight", layer + "mlp.up_proj.weight"),
+             ((ffn, hidden), (ffn, hidden)), torch.cat, lambda fc1: list(fc1.chunk(2))),
+        Rule("decoder.layers.mlp.linear_fc2.weight", (layer + "mlp.down_proj.weight",), ((hidden, ffn),), _same, _one),
+        Rule("decoder.final_layernorm.weight", ("model.norm.weight",), ((hidden,),), _same, _one),
+    ]
+    if not model["tie_embeddings"]:  # tied: the output layer *is* the embedding, stored once
+        table.append(Rule("output_layer.weight", ("lm_head.weight",), ((vocab, hidden),), _same, unpad))
+    return table
+
+
+def expected_hf_shapes(model: dict) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor name of the model and its shape."""
+    shapes = {}
+    for rule in rules(model):
+        for layer in range(model["num_layers"]) if rule.per_layer else [None]:
+            shapes.update(zip(rule.names(layer), rule.hf_shapes))
+    return shapes

@@ -1,0 +1,52 @@
+"""Next-token logits of a recipe's model, with the weights [init] names, at any layout.
+
+The forward pass is megatron-core's own pipeline schedule (forward only); the vocabulary shards
+are gathered over the tensor-parallel group. This is how imported weights are checked against
+an independent implementation (transformers) at TP/PP > 1.
+"""
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from bigpt.layout import Layout
+from bigpt.model import build_model_chunks
+from bigpt.recipe import Recipe
+from bigpt.runtime.seeding import seed_everything
+from bigpt.train.initial import load_initial_weights
+
+
+@torch.no_grad()
+def compute_logits(recipe: Recipe, layout: Layout, tokens: torch.Tensor) -> torch.Tensor | None:
+    """[batch, seq, vocab] fp32 logits of ``tokens`` ([batch, seq] ids; with interleaved pipeline
+    parallelism, batch must be a multiple of parallel.pipeline) on the last pipeline stage, None
+    on the other stages. Needs the process groups (``init_distributed``)."""
+    seed_everything(recipe.train.seed)  # megatron-core's tensor-parallel RNG streams must exist
+    chunks, _ = build_model_chunks(recipe, layout)
+    load_initial_weights(recipe, chunks)
+    for chunk in chunks:
+        chunk.eval()
+    batch, seq = tokens.shape
+    position_ids = torch.arange(seq).unsqueeze(0)
+
+    def forward_step(data_iterator, model):
+        row = next(data_iterator)  # one sequence per micro-batch
+        output = model(row, position_ids, None)  # no labels: logits, [1, seq, vocab / tp]
+        return output, lambda logits: (logits.sum() * 0, torch.tensor(1), {"logits": logits})
+
+    rows = tokens.split(1)
+    iterators = [iter(rows) for _ in chunks]  # every virtual stage reads the same stream
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators[0] if len(chunks) == 1 else iterators,
+        model=chunks[0] if len(chunks) == 1 else chunks,
+        num_microbatches=batch,
+        seq_length=seq,
+        micro_batch_size=1,
+        forward_only=True,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    logits = gather_from_tensor_model_parallel_region(torch.cat([output["logits"] for output in outputs]))
+    return logits[..., : recipe.model.vocab_size].float()

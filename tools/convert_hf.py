@@ -1,0 +1,75 @@
+"""Hugging Face Llama directories in and out of bigpt checkpoints (continual pretraining).
+
+    python tools/convert_hf.py import data/hf/Meta-Llama-3-8B checkpoints/llama3-8b
+    python tools/convert_hf.py export runs/llama3-8b-legal/checkpoints/iter_0005000 hf/llama3-8b-legal
+
+import reads config.json, model.safetensors (or the shards named by model.safetensors.index.json;
+pickle files are never loaded) and the tokenizer files, and writes a bigpt checkpoint that loads
+at any TP/PP/VPP (start a run from it with init.from_checkpoint = OUT, or skip this step with
+init.from_hf = HF_DIR), with OUT/model.toml, the [model] table to put in the recipe.
+
+export writes a checkpoint of any layout as a directory transformers' from_pretrained loads:
+safetensors shards, config.json, and the tokenizer files of the weights the run started from.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_bigpt = commands.add_parser("import", help="Hugging Face directory -> bigpt checkpoint")
+    to_bigpt.add_argument("hf_dir", help="directory with config.json and *.safetensors")
+    to_bigpt.add_argument("out", help="checkpoint directory to write (replaced if it exists)")
+    to_hf = commands.add_parser("export", help="bigpt checkpoint -> Hugging Face directory")
+    to_hf.add_argument("checkpoint", help="an iter_* directory of a run, or an imported checkpoint")
+    to_hf.add_argument("out", help="Hugging Face directory to write (replaced if it exists)")
+    to_hf.add_argument("--hf-files", default=None,
+                       help="take config.json extras and tokenizer files from this directory (default: those "
+                            "of the weights the checkpoint's run started from)")
+    to_hf.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: as stored)")
+    to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "import":
+            from bigpt.hf.files import inspect_hf
+
+            inspect_hf(Path(args.hf_dir))  # a bad directory fails fast, before megatron-core is loaded
+        import torch
+
+        from bigpt.hf.convert import export_hf, import_hf
+        from bigpt.runtime.distributed import process_group_of_one
+
+        with process_group_of_one():
+            if args.command == "import":
+                model = import_hf(Path(args.hf_dir), Path(args.out))
+                print(f"wrote {args.out}: {model['num_layers']} layers, hidden {model['hidden_size']}, vocab "
+                      f"{model['vocab_size']}; start a run from it with init.from_checkpoint = \"{args.out}\" "
+                      f"and the [model] table in {Path(args.out) / 'model.toml'}")
+            else:
+                dtype = getattr(torch, args.dtype) if args.dtype else None
+                source = export_hf(Path(args.checkpoint), Path(args.out), hf_files=args.hf_files and Path(args.hf_files),
+                                   dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+                files = f"tokenizer and config extras from {source}" if source else \
+                    "no tokenizer files found (pass --hf-files DIR)"
+                print(f"wrote {args.out} ({files})")
+    except BigptError as err:
+        print(f"bigpt: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

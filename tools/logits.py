@@ -1,0 +1,59 @@
+"""Write a model's next-token logits on given tokens (checks imported weights at any layout).
+
+    torchrun --nproc_per_node 2 tools/logits.py RECIPE --tokens tokens.npy --out logits.npy parallel.tensor=2
+
+The recipe's [model] and [init] (init.from_hf or init.from_checkpoint) give the model and its
+weights, [parallel] the layout. --tokens is a [batch, seq] integer .npy array; --out gets the
+[batch, seq, vocab] float32 logits, written by the rank that holds them.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="path to a TOML recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=2")
+    parser.add_argument("--tokens", required=True, help="[batch, seq] token ids, .npy")
+    parser.add_argument("--out", required=True, help="where to write the [batch, seq, vocab] logits, .npy")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import numpy as np
+        import torch
+        from megatron.core import parallel_state
+
+        from bigpt.layout import Layout
+        from bigpt.logits import compute_logits
+        from bigpt.recipe import load_recipe
+        from bigpt.runtime.distributed import destroy_distributed, init_distributed
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        layout = Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+        tokens = torch.from_numpy(np.load(args.tokens, allow_pickle=False)).long()
+        init_distributed(layout)
+        try:
+            logits = compute_logits(recipe, layout, tokens)
+            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
+                    and parallel_state.get_data_parallel_rank() == 0:
+                np.save(args.out, logits.numpy())
+        finally:
+            destroy_distributed()
+    except BigptError as err:
+        print(f"bigpt: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
