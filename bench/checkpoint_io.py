@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/checkpoint_io.py [--dir DIR] [--repeats 3] [key=value ...]
 
 Builds the trainer of ``--recipe`` (default bench/checkpoint_mock.toml: ~100M parameters, fp32,
-data parallel over the ranks, so the distributed optimizer shards its state), then, ``--repeats``
+data parallel over the ranks, so the distributed optimizer shards its state), takes one training
+step (so the optimizer has state to save), then, ``--repeats``
 times: saves the full training state with bigpt's ``CheckpointWriter`` (synchronous: the time
 a step is held up), loads it back with ``load_checkpoint``, and has every rank write (with fsync)
 and read back as many bytes as its share of that checkpoint as one plain file in the same
@@ -75,8 +76,9 @@ def main() -> None:
     init_distributed(layout)
     rank, world = dist.get_rank(), dist.get_world_size()
     trainer = build_trainer(recipe, layout)
+    trainer.train_step(trainer.data_iterator(lambda: trainer.batches(0)))  # the optimizer has state from now on
     writer = CheckpointWriter(root / "checkpoints", asynchronous=False)
-    checkpoint = root / "checkpoints" / "iter_0000000"
+    checkpoint = root / "checkpoints" / "iter_0000001"
     raw_file = root / f"raw.{rank}"
     saves, loads, raw_writes, raw_reads = [], [], [], []
     for _ in range(args.repeats):
