@@ -64,5 +64,6 @@ def main(argv=None) -> int:
             print(f"bigpt: {stop} (exit {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
 
+
 if __name__ == "__main__":
     sys.exit(main())
