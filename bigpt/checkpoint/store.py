@@ -76,16 +76,21 @@ def resolve_resume(load: str, checkpoint_dir: str, warn=lambda message: None) ->
     if load == "auto":
         root = Path(checkpoint_dir)
         return _latest_or_fail(root, "checkpoint.dir", warn) if root.exists() else None
-    path = Path(load)
+    return checkpoint_at(Path(load), "checkpoint.load", warn,
+                         'or set checkpoint.load = "auto" (resume if possible) or "none" (start fresh)')
+
+
+def checkpoint_at(path: Path, key: str, warn=lambda message: None, alternatives: str = "") -> Path:
+    """The checkpoint the recipe ``key`` names: that checkpoint, which must be intact, or the
+    newest intact one in a directory of them; otherwise an error naming the key."""
     is_root = path.is_dir() and not path.name.startswith("iter_") and not (path / MARKER).exists()
     if is_root and (found := latest_in(path, warn)):
         return found
     why = "it holds no intact checkpoint" if is_root else problem(path) if path.is_dir() else "there is no such directory"
     if why:
         raise BigptError(
-            f"checkpoint.load = \"{load}\" cannot be loaded: {why}. Point it at an intact iter_* checkpoint "
-            "or a directory holding some, or set checkpoint.load = \"auto\" (resume if possible) or \"none\" "
-            "(start fresh)."
+            f"{key} = \"{path}\" cannot be loaded: {why}; it is not a complete bigpt checkpoint, nor a directory "
+            f"holding one. Point it at an intact iter_* checkpoint or a directory holding some, {alternatives}."
         )
     return path
 

@@ -9,7 +9,6 @@ like any bigpt checkpoint, resharded to this run's layout.
 from pathlib import Path
 
 from bigpt.checkpoint import load_weights, store
-from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches, model_from_hf
 from bigpt.hf.convert import import_hf
 from bigpt.hf.files import CONFIG, read_config
@@ -21,15 +20,8 @@ IMPORT_DIR = "init_from_hf"
 def initial_weights(recipe: Recipe) -> Path | None:
     """The checkpoint [init] names, importing it from Hugging Face first if need be (collective)."""
     if recipe.init.from_checkpoint:
-        path = Path(recipe.init.from_checkpoint)
-        found = path if store.is_complete(path) else store.latest_in(path) if path.is_dir() else None
-        if found is None:
-            raise BigptError(
-                f"init.from_checkpoint = \"{path}\" is not a complete bigpt checkpoint, nor a directory holding "
-                "one; point it at an iter_* directory of a run (or its checkpoints directory), or at the output "
-                "of tools/convert_hf.py import."
-            )
-        return found
+        return store.checkpoint_at(Path(recipe.init.from_checkpoint), "init.from_checkpoint",
+                                   alternatives="or at the output of tools/convert_hf.py import")
     if not recipe.init.from_hf:
         return None
     source = Path(recipe.init.from_hf).resolve()
