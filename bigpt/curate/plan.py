@@ -3,17 +3,17 @@
 Consecutive filter stages share one pass: read → filters → write ``work/docs/NN``. A global
 stage (dedup) ends the pass; its own jobs read the pass's documents, and its dropping block
 opens the next pass, which reads the same documents with the same sharding (so the dedup
-block sees each task's documents in the order the signatures were computed). The last pass
-writes ``work/docs/final``. Every stage is wrapped to count what it keeps and drops.
+block sees each task's documents in the order the signatures were computed), or the annotated
+copies its jobs wrote (perplexity scores). The last pass writes ``work/docs/final``. Every stage is wrapped to count what it keeps and drops.
 """
 
 from pathlib import Path
 from typing import Callable
 
-from datatrove.pipeline.readers import JsonlReader
-from datatrove.pipeline.writers import JsonlWriter
+from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from bigpt.curate.audit import AuditedFilter, AuditedStep
+from bigpt.curate.documents import documents_reader, documents_writer
 from bigpt.curate.recipe import CurationRecipe
 from bigpt.curate.stages import STAGES, FilterStage, Job
 
@@ -40,19 +40,17 @@ def plan_jobs(recipe: CurationRecipe, work: Path, read_input: Callable, tasks: i
         if blocks:
             docs = f"docs/{passes:02d}"
             jobs.append(_pass(f"{passes:02d}_pass", read_previous(), blocks, work / docs, tasks))
-            read_previous, blocks, passes = _reader_of(work / docs), [], passes + 1
+            read_previous, blocks, passes = documents_reader(work / docs), [], passes + 1
         for job in stage.jobs:
             pipeline = [read_previous(), *job.pipeline] if job.reads_previous_pass else job.pipeline
             jobs.append(Job(f"{folder}_{job.name}", pipeline, job.tasks))
-        blocks.append(AuditedStep(stage.block, audit, stage.reason))
+        if stage.documents:
+            read_previous = documents_reader(stage.documents)
+        audited = AuditedFilter if isinstance(stage.block, BaseFilter) else AuditedStep
+        blocks.append(audited(stage.block, audit, stage.reason))
     jobs.append(_pass(f"{passes:02d}_pass_final", read_previous(), blocks, work / FINAL_DOCS, tasks))
     return jobs
 
 
 def _pass(name: str, reader, blocks: list, docs: Path, tasks: int) -> Job:
-    writer = JsonlWriter(str(docs), output_filename="${rank}.jsonl", compression=None)
-    return Job(name, [reader, *blocks, writer], tasks)
-
-
-def _reader_of(docs: Path) -> Callable:
-    return lambda: JsonlReader(str(docs), glob_pattern="*.jsonl", compression=None)
+    return Job(name, [reader, *blocks, documents_writer(docs)], tasks)

@@ -15,7 +15,7 @@ from typing import Iterable, Literal
 
 from bigpt.errors import BigptError
 from bigpt.recipe.build import build_dataclass
-from bigpt.recipe.fields import NOT_A_KEY, fraction, non_negative, positive, recipe_path
+from bigpt.recipe.fields import NOT_A_KEY, fraction, non_negative, percentile, positive, recipe_path
 from bigpt.recipe.loader import merge_layers
 
 
@@ -276,6 +276,34 @@ class QualityClassifierStage:
 
 
 @dataclass(kw_only=True)
+class PerplexityStage:
+    """[stage.perplexity]: perplexity filtering (CCNet, Wenzek et al. 2020): a reference model
+    trained on trusted text scores every document, and documents outside a percentile band of
+    the scores are dropped (perplexity_above_band / perplexity_below_band). The band is taken
+    over all documents reaching the stage, so the stage scores them in a pass of its own first.
+    Kept documents carry their score as metadata.perplexity."""
+
+    checkpoint: str | None = recipe_path()
+    """The reference model: a bigpt checkpoint (an iter_* directory, a run's checkpoint
+    directory = its newest intact checkpoint, or the output of tools/convert_hf.py import),
+    relative to the recipe. Resolved once when the run starts."""
+    tokenizer: str | None = recipe_path()
+    """Its tokenizer; unset = data.tokenizer of the checkpoint's recipe.toml (or an import's
+    tokenizer.json)."""
+    min_percentile: float = percentile(0.0)
+    """Documents scoring below this percentile of all scores are dropped (0 = none; repetitive,
+    templated text scores very low)."""
+    max_percentile: float = percentile(90.0)
+    """Documents scoring above this percentile are dropped (100 = none; gibberish and text
+    unlike the trusted text score high)."""
+    max_tokens: int = positive(2048)
+    """Predicted tokens scored per document (its beginning), in windows of the model's
+    seq_length."""
+    batch_size: int = positive(4)
+    """Windows per forward pass (its logits take batch_size x seq_length x vocabulary floats)."""
+
+
+@dataclass(kw_only=True)
 class StagesConfig:
     """[stage]: parameters of each stage; only the stages named in ``stages`` run."""
 
@@ -301,13 +329,15 @@ class StagesConfig:
     """[stage.minhash_dedup]"""
     quality_classifier: QualityClassifierStage = field(default_factory=QualityClassifierStage)
     """[stage.quality_classifier]"""
+    perplexity: PerplexityStage = field(default_factory=PerplexityStage)
+    """[stage.perplexity]"""
 
 
 STAGE_NAMES = tuple(f.name for f in dataclasses.fields(StagesConfig))
 """Every stage a recipe can name, in the order of the reference above."""
 
-MODEL_FILES = {"language": "model", "quality_classifier": "model"}
-"""Stages that need a model file, and the key naming it."""
+MODEL_FILES = {"language": "model", "quality_classifier": "model", "perplexity": "checkpoint"}
+"""Stages that need a model, and the key naming it."""
 
 
 @dataclass(kw_only=True)
@@ -361,6 +391,12 @@ def _check_stages(recipe: CurationRecipe, origins) -> None:
         if key and getattr(recipe.params(name), key) is None:
             raise BigptError(f"stage.{name}.{key} is not set but {name!r} is in stages in {where}; "
                              f"name the model file in [stage.{name}].")
+    band = recipe.stage.perplexity
+    if band.min_percentile >= band.max_percentile:
+        raise BigptError(f"stage.perplexity.min_percentile ({band.min_percentile}) must be below "
+                         f"stage.perplexity.max_percentile ({band.max_percentile}) in "
+                         f"{origins.of('stage.perplexity.max_percentile').label}; they bound the band of "
+                         "scores that is kept.")
     slurm = recipe.executor.slurm
     if recipe.executor.kind == "slurm" and not slurm.partition:
         raise BigptError("executor.slurm.partition is required for executor.kind = \"slurm\"; "

@@ -22,7 +22,11 @@ def build_report(recipe: CurationRecipe, work: Path, tasks: int) -> dict:
         if len(records) != tasks:
             raise BigptError(f"{folder} has counts of {len(records)} of {tasks} tasks: the run did not "
                              f"finish; re-run the same command to resume it.")
-        stages.append(_stage(name, records))
+        stage = _stage(name, records)
+        band = work / "stages" / stage_folder(index, name) / "band.json"
+        if band.is_file():  # the perplexity stage: the scores that bound the kept band
+            stage["band"] = json.loads(band.read_text())
+        stages.append(stage)
     first, last = stages[0], stages[-1]
     return {
         "name": recipe.name,

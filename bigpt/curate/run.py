@@ -105,27 +105,43 @@ def _write_atomically(path: Path, write) -> None:
 
 
 def _check_models(recipe: CurationRecipe) -> None:
-    for stage, key in MODEL_FILES.items():
-        if stage not in recipe.stages:
-            continue
-        path = getattr(recipe.params(stage), key)
-        hint = ("train one with tools/train_quality_classifier.py" if stage == "quality_classifier"
-                else "download a fastText language-ID model (e.g. lid.176.bin) and name it there")
-        if not os.path.isfile(path):
-            raise BigptError(f"stage.{stage}.{key} {path} does not exist; {hint}.")
-        _require("fasttext", f"stage {stage!r}")
-        from bigpt.curate.filters import load_fasttext
+    for stage in recipe.stages:
+        if stage == "perplexity":
+            _check_reference(recipe)
+        elif stage in MODEL_FILES:
+            _check_fasttext(recipe, stage)
 
-        try:
-            model = load_fasttext(path)
-        except ValueError as err:
-            raise BigptError(f"stage.{stage}.{key} {path} is not a fastText model ({err}); {hint}.") from None
-        if stage == "quality_classifier":
-            labels = [label.removeprefix("__label__") for label in model.labels]
-            label = recipe.stage.quality_classifier.label
-            if label not in labels:
-                raise BigptError(f"stage.quality_classifier.label {label!r} is not a label of "
-                                 f"{path}; its labels: {', '.join(labels)}.")
+
+def _check_reference(recipe: CurationRecipe) -> None:
+    """Check the reference model's files and pin them in the recipe (so in the fingerprint): a
+    run's checkpoint directory that gains a newer checkpoint cannot change a resumed curation."""
+    from bigpt.curate.reference import check_reference
+
+    params = recipe.stage.perplexity
+    files = check_reference(params.checkpoint, params.tokenizer)
+    params.checkpoint, params.tokenizer = str(files.checkpoint.resolve()), str(files.tokenizer.resolve())
+
+
+def _check_fasttext(recipe: CurationRecipe, stage: str) -> None:
+    key = MODEL_FILES[stage]
+    path = getattr(recipe.params(stage), key)
+    hint = ("train one with tools/train_quality_classifier.py" if stage == "quality_classifier"
+            else "download a fastText language-ID model (e.g. lid.176.bin) and name it there")
+    if not os.path.isfile(path):
+        raise BigptError(f"stage.{stage}.{key} {path} does not exist; {hint}.")
+    _require("fasttext", f"stage {stage!r}")
+    from bigpt.curate.filters import load_fasttext
+
+    try:
+        model = load_fasttext(path)
+    except ValueError as err:
+        raise BigptError(f"stage.{stage}.{key} {path} is not a fastText model ({err}); {hint}.") from None
+    if stage == "quality_classifier":
+        labels = [label.removeprefix("__label__") for label in model.labels]
+        label = recipe.stage.quality_classifier.label
+        if label not in labels:
+            raise BigptError(f"stage.quality_classifier.label {label!r} is not a label of "
+                             f"{path}; its labels: {', '.join(labels)}.")
 
 
 def _require(module: str, what: str) -> None:

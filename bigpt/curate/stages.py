@@ -1,12 +1,13 @@
 """The stage registry: each TOML stage name → the datatrove blocks that do it.
 
 A *filter* stage is one block that looks at one document at a time; consecutive filter stages
-run in one pass over the data. A *global* stage (deduplication) must see every document of
-the previous pass before it can drop any: it adds jobs of its own (signatures, matching) and
-then a block that opens the next pass.
+run in one pass over the data. A *global* stage (deduplication, the perplexity band) must see
+every document of the previous pass before it can drop any: it adds jobs of its own
+(signatures and matching; scoring and the band) and then a block that opens the next pass.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from datatrove.data import Document
@@ -31,6 +32,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.hashing import HashConfig
 
 from bigpt.curate import filters, recipe
+from bigpt.curate.documents import documents_writer
 from bigpt.curate.recipe import STAGE_NAMES
 
 
@@ -59,6 +61,10 @@ class GlobalStage:
     block: PipelineStep
     """Opens the next pass; drops documents only."""
     reason: str
+    """Drop reason counted when the block gives none."""
+    documents: str | None = None
+    """What the next pass reads, when the jobs wrote annotated copies of the previous pass's
+    documents (None: the previous pass's documents)."""
 
 
 def gopher_quality(p: recipe.GopherQualityStage, folder: str, tasks: int) -> FilterStage:
@@ -156,6 +162,19 @@ def minhash_dedup(p: recipe.MinhashDedupStage, folder: str, tasks: int) -> Globa
         block=MinhashDedupFilter(remove), reason="near_duplicate")
 
 
+def perplexity(p: recipe.PerplexityStage, folder: str, tasks: int) -> GlobalStage:
+    from bigpt.curate.perplexity import PerplexityBand, PerplexityBandFilter, PerplexityScorer
+    from bigpt.curate.reference import ReferenceFiles
+
+    scores, band, scored = f"{folder}/scores", f"{folder}/band.json", f"{folder}/scored"
+    files = ReferenceFiles(Path(p.checkpoint), Path(p.tokenizer))  # resolved by the run's checks
+    scorer = PerplexityScorer(files, scores, max_tokens=p.max_tokens, batch_size=p.batch_size)
+    return GlobalStage(
+        jobs=[Job("score", [scorer, documents_writer(scored)], tasks, reads_previous_pass=True),
+              Job("band", [PerplexityBand(scores, tasks, band, p.min_percentile, p.max_percentile)], 1)],
+        block=PerplexityBandFilter(band), reason="perplexity_outside_band", documents=scored)
+
+
 STAGES: dict[str, Callable[..., FilterStage | GlobalStage]] = {
     "gopher_quality": gopher_quality,
     "gopher_repetition": gopher_repetition,
@@ -168,6 +187,7 @@ STAGES: dict[str, Callable[..., FilterStage | GlobalStage]] = {
     "exact_dedup": exact_dedup,
     "minhash_dedup": minhash_dedup,
     "quality_classifier": quality_classifier,
+    "perplexity": perplexity,
 }
 """Stage name → builder(params, work folder of the stage, tasks per pass)."""
 

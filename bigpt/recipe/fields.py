@@ -36,6 +36,11 @@ def fraction(default=MISSING):
     return _ranged(default, lambda value: 0 <= value <= 1, "between 0 and 1")
 
 
+def percentile(default=MISSING):
+    """A percentile in [0, 100]."""
+    return _ranged(default, lambda value: 0 <= value <= 100, "between 0 and 100")
+
+
 def recipe_path(default=None, keywords=()):
     """A file or directory named relative to the recipe file that sets it."""
     return field(default=default, metadata={RECIPE_PATH: tuple(keywords)})

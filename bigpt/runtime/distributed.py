@@ -71,3 +71,15 @@ def process_group_of_one():
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def model_parallel_of_one():
+    """``process_group_of_one`` with megatron-core's groups, all of size one: a model run by a
+    tool outside a job (scoring documents)."""
+    with process_group_of_one():
+        parallel_state.initialize_model_parallel()
+        try:
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
