@@ -18,7 +18,8 @@ def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
     _load_word_tokenizers(recipe)
     for job in jobs:
         LocalPipelineExecutor(job.pipeline, tasks=job.tasks, workers=min(recipe.executor.workers, job.tasks),
-                              logging_dir=str(work / "logs" / job.name), start_method="fork").run()
+                              logging_dir=str(work / "logs" / job.name),
+                              start_method="forkserver" if job.fresh_processes else "fork").run()
 
 
 def _load_word_tokenizers(recipe: CurationRecipe) -> None:

@@ -43,7 +43,7 @@ def plan_jobs(recipe: CurationRecipe, work: Path, read_input: Callable, tasks: i
             read_previous, blocks, passes = documents_reader(work / docs), [], passes + 1
         for job in stage.jobs:
             pipeline = [read_previous(), *job.pipeline] if job.reads_previous_pass else job.pipeline
-            jobs.append(Job(f"{folder}_{job.name}", pipeline, job.tasks))
+            jobs.append(Job(f"{folder}_{job.name}", pipeline, job.tasks, fresh_processes=job.fresh_processes))
         if stage.documents:
             read_previous = documents_reader(stage.documents)
         audited = AuditedFilter if isinstance(stage.block, BaseFilter) else AuditedStep

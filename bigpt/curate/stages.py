@@ -52,6 +52,9 @@ class Job:
     tasks: int
     reads_previous_pass: bool = False
     """Prepend the reader of the previous pass's documents."""
+    fresh_processes: bool = False
+    """Run its local tasks in processes started afresh (a fork server), not forks of this one:
+    a fork of a process whose torch has used its OpenMP threads hangs at its first matmul."""
 
 
 @dataclass
@@ -170,7 +173,8 @@ def perplexity(p: recipe.PerplexityStage, folder: str, tasks: int) -> GlobalStag
     files = ReferenceFiles(Path(p.checkpoint), Path(p.tokenizer))  # resolved by the run's checks
     scorer = PerplexityScorer(files, scores, max_tokens=p.max_tokens, batch_size=p.batch_size)
     return GlobalStage(
-        jobs=[Job("score", [scorer, documents_writer(scored)], tasks, reads_previous_pass=True),
+        jobs=[Job("score", [scorer, documents_writer(scored)], tasks, reads_previous_pass=True,
+                  fresh_processes=True),
               Job("band", [PerplexityBand(scores, tasks, band, p.min_percentile, p.max_percentile)], 1)],
         block=PerplexityBandFilter(band), reason="perplexity_outside_band", documents=scored)
 
