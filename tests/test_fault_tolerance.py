@@ -167,3 +167,27 @@ def test_a_nan_loss_stops_the_run_with_the_last_checkpoint_intact(tmp_path):
     assert "step 3: the loss is nan; stopping (train.on_bad_step = \"stop\") without saving" in result.stderr
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     assert not (tmp_path / "checkpoints" / "iter_0000003").exists()
+
+
+# ------------------------------------------------------------------------ fp16 loss scaling
+FP16 = ["precision.dtype=fp16", "precision.hysteresis=1", "parallel.tensor=2",
+        "checkpoint.save_interval=100"]  # a save at the end of each run only
+
+
+def test_fp16_training_tracks_fp32(reference, tmp_path):
+    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, *FP16, "precision.initial_loss_scale=256", nproc=2)
+    assert scalars(tmp_path, "train/skipped") == [0] * STEPS
+    assert losses(tmp_path) == pytest.approx(losses(reference("tp2")), rel=1e-4)  # measured: 4e-6
+
+
+def test_fp16_overflow_skips_steps_halves_the_scale_and_resumes_with_it(tmp_path):
+    """At 2**16 this model's fp16 gradients overflow until the scale is down to 2**13: steps 1-3
+    are skipped. The checkpoint of step 2 holds an optimizer that never stepped; the run resumed
+    from it goes on with the scale it had, not the initial one."""
+    overflowing = [*COMMON, *FP16, "precision.initial_loss_scale=65536"]
+    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *overflowing, "train.train_iters=2", nproc=2)
+    resumed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *overflowing, nproc=2)
+    assert resumed_step(resumed.stdout) == 2
+    assert scalars(tmp_path, "train/skipped") == [1, 1, 1, 0, 0, 0]
+    assert scalars(tmp_path, "train/loss_scale") == [2**15, 2**14, 2**13, 2**13, 2**13, 2**13]
+    assert scalars(tmp_path, "train/lr")[:3] == [0, 0, 0]  # no update, no scheduler step

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -57,18 +58,28 @@ def _rng_object() -> ShardedObject:
     )
 
 
-def _materialize_optimizer_state(optimizer) -> None:
-    """A fresh torch AdamW has no state (not even its step count), which megatron-core's
-    distributed optimizer needs in order to describe the state it is about to load: take one
-    zero-gradient step, whose effects the load then overwrites."""
+def _materialize_optimizer_state(optimizer, *, is_loading: bool) -> None:
+    """torch's Adam creates its state (moments and step count) at its first step, and megatron-core's
+    distributed optimizer cannot describe a state that does not exist yet: to save (when every step
+    so far was skipped: fp16 overflow, a bad-step guard, a preemption before the first) or to load.
+    Give it the state its first step would start from (step 0, zero moments), which changes nothing.
+    Other optimizers (Transformer Engine's fused Adam) take megatron-core's own way before a load:
+    one zero-gradient step, whose effects the load overwrites."""
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+        if not isinstance(inner, DistributedOptimizer) or inner.optimizer.state:
+            continue
+        if isinstance(inner.optimizer, torch.optim.Adam | torch.optim.AdamW):
+            for group in inner.optimizer.param_groups:
+                for param in group["params"]:
+                    moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+                    inner.optimizer.state[param] = {"step": torch.tensor(0.0),
+                                                    **{name: torch.zeros_like(param) for name in moments}}
+        elif is_loading:
             inner._init_optimizer_states_with_dummy_values()
 
 
 def _full_state(trainer: Trainer, model_state: dict, *, is_loading: bool) -> dict:
-    if is_loading:
-        _materialize_optimizer_state(trainer.optimizer)
+    _materialize_optimizer_state(trainer.optimizer, is_loading=is_loading)
     state = dict(model_state)
     state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
     state["scheduler"] = trainer.scheduler.state_dict()
