@@ -4,6 +4,9 @@ Launchers catch it, print its single-paragraph message without a traceback and e
 ``EXIT_USER_ERROR``; anything else is a bug and keeps its traceback.
 """
 
+import functools
+import sys
+
 EXIT_USER_ERROR = 2
 
 
@@ -16,3 +19,18 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved after SIGTERM/SIGUSR1; re-run the same
 
 class Preempted(Exception):
     """A preemption signal arrived; the run saved a checkpoint and stops so that it can be requeued."""
+
+
+def reports_user_errors(main):
+    """Decorates a tool's ``main(argv) -> int``: a BigptError is printed as its one paragraph,
+    without a traceback, and the tool exits with ``EXIT_USER_ERROR``."""
+
+    @functools.wraps(main)
+    def run(argv=None) -> int:
+        try:
+            return main(argv)
+        except BigptError as err:
+            print(f"bigpt: error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
+
+    return run

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parent / "bigpt.sbatch"
 SHUTDOWN_MARGIN_S = 30
@@ -125,28 +125,25 @@ def submit(script_path: Path) -> str:
     return result.stdout.strip()
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        from bigpt.recipe import load_recipe
+    from bigpt.recipe import load_recipe
 
-        recipe = load_recipe(args.recipe, args.overrides)
-        check_layout(recipe, args.nodes, args.gpus_per_node)
-        if args.submit and shutil.which("sbatch") is None:
-            raise BigptError("--submit: sbatch is not on PATH; run this on a SLURM login node, or "
-                             "render the script without --submit (-o FILE) and submit it there.")
-        script = batch_script(args, recipe)
-        os.makedirs(recipe.run_dir, exist_ok=True)  # SLURM does not create the log's directory
-        if args.output or args.submit:
-            path = Path(args.output or Path(recipe.run_dir) / "slurm-job.sbatch")
-            path.write_text(script)
-            if args.submit:
-                print(submit(path))
-        else:
-            sys.stdout.write(script)
-    except BigptError as err:
-        print(f"bigpt: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_layout(recipe, args.nodes, args.gpus_per_node)
+    if args.submit and shutil.which("sbatch") is None:
+        raise BigptError("--submit: sbatch is not on PATH; run this on a SLURM login node, or "
+                         "render the script without --submit (-o FILE) and submit it there.")
+    script = batch_script(args, recipe)
+    os.makedirs(recipe.run_dir, exist_ok=True)  # SLURM does not create the log's directory
+    if args.output or args.submit:
+        path = Path(args.output or Path(recipe.run_dir) / "slurm-job.sbatch")
+        path.write_text(script)
+        if args.submit:
+            print(submit(path))
+    else:
+        sys.stdout.write(script)
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.errors import reports_user_errors  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,34 +40,31 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+    if args.command == "import":
+        from bigpt.hf.files import inspect_hf
+
+        inspect_hf(Path(args.hf_dir))  # a bad directory fails fast, before megatron-core is loaded
+    import torch
+
+    from bigpt.hf.convert import export_hf, import_hf
+    from bigpt.runtime.distributed import process_group_of_one
+
+    with process_group_of_one():
         if args.command == "import":
-            from bigpt.hf.files import inspect_hf
-
-            inspect_hf(Path(args.hf_dir))  # a bad directory fails fast, before megatron-core is loaded
-        import torch
-
-        from bigpt.hf.convert import export_hf, import_hf
-        from bigpt.runtime.distributed import process_group_of_one
-
-        with process_group_of_one():
-            if args.command == "import":
-                model = import_hf(Path(args.hf_dir), Path(args.out))
-                print(f"wrote {args.out}: {model['num_layers']} layers, hidden {model['hidden_size']}, vocab "
-                      f"{model['vocab_size']}; start a run from it with init.from_checkpoint = \"{args.out}\" "
-                      f"and the [model] table in {Path(args.out) / 'model.toml'}")
-            else:
-                dtype = getattr(torch, args.dtype) if args.dtype else None
-                source = export_hf(Path(args.checkpoint), Path(args.out), hf_files=args.hf_files and Path(args.hf_files),
-                                   dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
-                files = f"tokenizer and config extras from {source}" if source else \
-                    "no tokenizer files found (pass --hf-files DIR)"
-                print(f"wrote {args.out} ({files})")
-    except BigptError as err:
-        print(f"bigpt: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+            model = import_hf(Path(args.hf_dir), Path(args.out))
+            print(f"wrote {args.out}: {model['num_layers']} layers, hidden {model['hidden_size']}, vocab "
+                  f"{model['vocab_size']}; start a run from it with init.from_checkpoint = \"{args.out}\" "
+                  f"and the [model] table in {Path(args.out) / 'model.toml'}")
+        else:
+            dtype = getattr(torch, args.dtype) if args.dtype else None
+            source = export_hf(Path(args.checkpoint), Path(args.out), hf_files=args.hf_files and Path(args.hf_files),
+                               dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+            files = f"tokenizer and config extras from {source}" if source else \
+                "no tokenizer files found (pass --hf-files DIR)"
+            print(f"wrote {args.out} ({files})")
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.errors import reports_user_errors  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,17 +29,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        from bigpt.curate import load_curation_recipe
-        from bigpt.curate.run import curate
+    from bigpt.curate import load_curation_recipe
+    from bigpt.curate.run import curate
 
-        recipe = load_curation_recipe(args.recipe, args.overrides)
-        result = curate(recipe, restart=args.restart)
-    except BigptError as err:
-        print(f"bigpt: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    recipe = load_curation_recipe(args.recipe, args.overrides)
+    result = curate(recipe, restart=args.restart)
     if result.report is None:
         print(f"submitted the curation jobs to SLURM; the last one writes {result.output}/curated.jsonl")
         return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.errors import reports_user_errors  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -26,32 +26,29 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import numpy as np
+    import torch
+    from megatron.core import parallel_state
+
+    from bigpt.layout import Layout
+    from bigpt.logits import compute_logits
+    from bigpt.recipe import load_recipe
+    from bigpt.runtime.distributed import destroy_distributed, init_distributed
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    layout = Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+    tokens = torch.from_numpy(np.load(args.tokens, allow_pickle=False)).long()
+    init_distributed(layout)
     try:
-        import numpy as np
-        import torch
-        from megatron.core import parallel_state
-
-        from bigpt.layout import Layout
-        from bigpt.logits import compute_logits
-        from bigpt.recipe import load_recipe
-        from bigpt.runtime.distributed import destroy_distributed, init_distributed
-
-        recipe = load_recipe(args.recipe, args.overrides)
-        layout = Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
-        tokens = torch.from_numpy(np.load(args.tokens, allow_pickle=False)).long()
-        init_distributed(layout)
-        try:
-            logits = compute_logits(recipe, layout, tokens)
-            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
-                    and parallel_state.get_data_parallel_rank() == 0:
-                np.save(args.out, logits.numpy())
-        finally:
-            destroy_distributed()
-    except BigptError as err:
-        print(f"bigpt: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        logits = compute_logits(recipe, layout, tokens)
+        if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
+                and parallel_state.get_data_parallel_rank() == 0:
+            np.save(args.out, logits.numpy())
+    finally:
+        destroy_distributed()
     return 0
 
 

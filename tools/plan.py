@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.errors import reports_user_errors  # noqa: E402
 from bigpt.flops import GPUS  # noqa: E402
 
 
@@ -45,18 +45,15 @@ def parse_args(argv=None):
     return args
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        from bigpt.plan import make_plan, report
-        from bigpt.recipe import load_recipe
+    from bigpt.plan import make_plan, report
+    from bigpt.recipe import load_recipe
 
-        recipe = load_recipe(args.recipe, args.overrides)
-        plan = make_plan(recipe, args.gpus, args.gpu, mfu=args.mfu, headroom=args.headroom,
-                         gpus_per_node=args.gpus_per_node)
-    except BigptError as err:
-        print(f"bigpt: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = make_plan(recipe, args.gpus, args.gpu, mfu=args.mfu, headroom=args.headroom,
+                     gpus_per_node=args.gpus_per_node)
     print(report(plan, args.top))
     return 0
 

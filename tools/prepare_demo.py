@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.errors import reports_user_errors  # noqa: E402
 
 DEMO_VOCAB_SIZE = 4096
 
@@ -48,17 +48,14 @@ def prepare(out: Path, force: bool) -> None:
     step("dataset", Path(f"{prefix}.idx"), preprocess_corpus)
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "data" / "demo")
     parser.add_argument("--force", action="store_true", help="redo every step")
     args = parser.parse_args(argv)
-    try:
-        prepare(args.out, args.force)
-    except BigptError as err:
-        print(f"bigpt: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    prepare(args.out, args.force)
     return 0
 
 

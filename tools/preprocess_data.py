@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.errors import reports_user_errors  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,17 +36,14 @@ def parse_args(argv=None):
     return args
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        from bigpt.data.preprocess import preprocess
+    from bigpt.data.preprocess import preprocess
 
-        summary = preprocess(args.input, args.output_prefix, args.tokenizer,
-                             text_field=args.field, workers=args.workers,
-                             on_bad_line=args.on_bad_line, progress=sys.stderr)
-    except BigptError as err:
-        print(f"bigpt: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    summary = preprocess(args.input, args.output_prefix, args.tokenizer,
+                         text_field=args.field, workers=args.workers,
+                         on_bad_line=args.on_bad_line, progress=sys.stderr)
     print(summary.line(args.output_prefix))
     return 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,20 +41,17 @@ def parse_args(argv=None):
     return args
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        try:
-            from bigpt.curate.classifier import train_quality_classifier
-        except ImportError as err:
-            raise BigptError(f"training a classifier needs {err.name!r}: pip install -e '.[curate]'.") from None
-        summary = train_quality_classifier(args.positive, args.negative, args.out, text_field=args.field,
-                                           epochs=args.epochs, lr=args.lr, ngrams=args.ngrams,
-                                           dim=args.dim, buckets=args.buckets,
-                                           held_out=args.held_out, seed=args.seed)
-    except BigptError as err:
-        print(f"bigpt: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        from bigpt.curate.classifier import train_quality_classifier
+    except ImportError as err:
+        raise BigptError(f"training a classifier needs {err.name!r}: pip install -e '.[curate]'.") from None
+    summary = train_quality_classifier(args.positive, args.negative, args.out, text_field=args.field,
+                                       epochs=args.epochs, lr=args.lr, ngrams=args.ngrams,
+                                       dim=args.dim, buckets=args.buckets,
+                                       held_out=args.held_out, seed=args.seed)
     print(summary.line(str(args.out)))
     return 0
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
+from bigpt.errors import reports_user_errors  # noqa: E402
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,14 +27,10 @@ def main(argv=None) -> int:
     parser.add_argument("--field", default="text", help="JSONL field holding the text")
     parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
     args = parser.parse_args(argv)
-    try:
-        from bigpt.data.tokenizer_training import train_tokenizer
+    from bigpt.data.tokenizer_training import train_tokenizer
 
-        model = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.field,
-                                verbose=args.verbose)
-    except BigptError as err:
-        print(f"bigpt: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    model = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.field,
+                            verbose=args.verbose)
     print(f"wrote {model} ({args.vocab_size} tokens)")
     return 0
 
