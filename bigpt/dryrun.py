@@ -44,7 +44,9 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         lines.append(f"batch ramp-up    from {start} by {increment} over {samples:,} samples "
                      f"(tokens above assume the full batch throughout)")
     from bigpt.data import plan_tokens  # reads dataset indexes: torch + megatron-core, only here
+    from bigpt.train.initial import check_initial_weights
 
+    lines.append(f"initial weights  {check_initial_weights(recipe) or 'random (model.init_std)'}")
     lines += ["data plan", plan_tokens(recipe)]
     return "\n".join(lines)
 

@@ -300,6 +300,32 @@ def test_recipe_that_does_not_match_the_hf_model_is_refused(small, tmp_path):
     assert "model.tie_embeddings = True" in str(error.value)
 
 
+def test_dry_run_checks_the_initial_weights_on_paper(small, tmp_path):
+    """--dry-run reads configs and tensor headers, never weights: init.from_hf and init.from_checkpoint
+    are checked against [model] before a job starts; a checkpoint may change non-shape keys (RoPE base
+    for a longer context), not shapes."""
+    from bigpt.dryrun import describe
+    from bigpt.hf.convert import import_hf
+    from bigpt.layout import Layout
+    from bigpt.runtime.distributed import process_group_of_one
+
+    def report(recipe: Path, *overrides: str) -> str:
+        loaded = load_recipe(recipe, [f"run_dir={tmp_path / 'run'}", *overrides])
+        return describe(loaded, Layout.from_recipe(loaded, 1))
+
+    from_hf = recipe_for(small, tmp_path / "hf.toml", "hf")
+    assert f"initial weights  weights of {small.resolve()} (Hugging Face" in report(from_hf)
+    with pytest.raises(BigptError, match=r"init.from_hf = .* model.num_layers = 3 \(the checkpoint has 2\)"):
+        report(from_hf, "model.num_layers=3")
+    with process_group_of_one():
+        import_hf(small, tmp_path / "imported")
+    from_checkpoint = recipe_for(small, tmp_path / "ckpt.toml", "ckpt", "from_checkpoint", tmp_path / "imported")
+    assert f"initial weights  weights of {tmp_path / 'imported'}" in report(from_checkpoint, "model.rope_base=1e6")
+    with pytest.raises(BigptError, match=r"init.from_checkpoint = .* model.ffn_hidden_size = 128"):
+        report(from_checkpoint, "model.ffn_hidden_size=128")
+    assert "initial weights  random" in report(MOCK_RECIPE)
+
+
 def test_tool_reports_errors_without_a_traceback(tmp_path):
     result = convert("import", str(tmp_path / "nowhere"), str(tmp_path / "out"), check=False)
     assert result.returncode == 2

@@ -116,16 +116,25 @@ def effective(model: dict, key: str):
     return value
 
 
-def check_recipe_matches(recipe_model: ModelConfig, hf_model: dict, source) -> None:
-    """init.from_hf: the recipe's [model] must describe the model in ``source``."""
+SHAPE_KEYS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "vocab_size", "activation", "normalization", "position_embedding", "tie_embeddings",
+    "add_bias_linear",
+)
+"""The [model] keys that decide which tensors a checkpoint holds and their shapes."""
+
+
+def check_recipe_matches(recipe_model: ModelConfig, saved_model: dict, source, *, key: str = "init.from_hf",
+                         keys: tuple[str, ...] = ARCHITECTURE_KEYS) -> None:
+    """The recipe's [model] must describe the model in ``source`` (named by recipe ``key``) in ``keys``."""
     ours = vars(recipe_model)
-    wrong = [f"model.{key} = {effective(ours, key)!r} (the checkpoint has {effective(hf_model, key)!r})"
-             for key in ARCHITECTURE_KEYS if effective(ours, key) != effective(hf_model, key)]
+    wrong = [f"model.{name} = {effective(ours, name)!r} (the checkpoint has {effective(saved_model, name)!r})"
+             for name in keys if effective(ours, name) != effective(saved_model, name)]
     if wrong:
-        raise BigptError(
-            f"init.from_hf = {source} does not match the recipe's model: {'; '.join(wrong)}. Set these in "
-            "[model] (tools/convert_hf.py import writes the matching table to model.toml)."
-        )
+        table = ("tools/convert_hf.py import writes the matching table to model.toml" if key == "init.from_hf"
+                 else "its recipe.toml or model.toml holds the matching table")
+        raise BigptError(f"{key} = {source} does not match the recipe's model: {'; '.join(wrong)}. Set these in "
+                         f"[model] ({table}).")
 
 
 def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict:
