@@ -35,7 +35,7 @@ class PerplexityScorer(PipelineStep):
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         scores = []
-        with ReferenceModel(self.files, max_tokens=self.max_tokens, batch_size=self.batch_size) as model:
+        with ReferenceModel(self.files, max_tokens=self.max_tokens, batch_size=self.batch_size, task=rank) as model:
             for batch in batched(data, DOCUMENTS_PER_CALL):
                 for doc, score in zip(batch, model.perplexities([doc.text for doc in batch])):
                     doc.metadata[SCORE] = score

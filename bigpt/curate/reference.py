@@ -67,8 +67,9 @@ def _tokenizer_of(checkpoint: Path) -> Path | None:
 class ReferenceModel:
     """Use as a context manager: the model and its process groups live inside the block."""
 
-    def __init__(self, files: ReferenceFiles, *, max_tokens: int, batch_size: int):
+    def __init__(self, files: ReferenceFiles, *, max_tokens: int, batch_size: int, task: int = 0):
         self.files, self.max_tokens, self.batch_size = files, max_tokens, batch_size
+        self.task = task  # picks the GPU: the local workers of a node share its GPUs round-robin
 
     def __enter__(self) -> "ReferenceModel":
         import torch
@@ -76,6 +77,8 @@ class ReferenceModel:
         from bigpt.data.tokenizer import load_tokenizer
         from bigpt.runtime.distributed import model_parallel_of_one
 
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.task % torch.cuda.device_count())
         self._groups = model_parallel_of_one()
         self._groups.__enter__()
         try:
