@@ -14,6 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, BigptError, Preempted  # noqa: E402
 from bigpt.runtime.console import configure_console  # noqa: E402
+from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
+
+skip_torch_compile_without_gpu()
 
 QUIET_RANK_GRACE_S = 30
 
@@ -66,4 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_final_gc(main())

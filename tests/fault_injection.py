@@ -69,4 +69,4 @@ def disk_full_at(full_step: int) -> None:
 if __name__ == "__main__":
     kind, _, at = os.environ["BIGPT_TEST_FAULT"].partition("@")
     {"nan_loss": nan_loss_at, "disk_full": disk_full_at}[kind](int(at))
-    sys.exit(run.main())
+    run.exit_without_final_gc(run.main())

@@ -15,6 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.errors import reports_user_errors  # noqa: E402
+from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
+
+skip_torch_compile_without_gpu()
 
 
 def parse_args(argv=None):
@@ -53,4 +56,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_final_gc(main())

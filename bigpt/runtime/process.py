@@ -1,0 +1,27 @@
+"""The start and end of a process that runs megatron-core: two costs bigpt does not need to pay.
+
+On a 2-core machine each is seconds per process, and a test suite starts hundreds of them.
+"""
+
+import gc
+import os
+import sys
+
+
+def skip_torch_compile_without_gpu() -> None:
+    """Call before megatron-core is imported. It wraps its fused kernels in torch.compile as it is
+    imported, which loads the inductor compiler (1-3 s). bigpt calls those kernels on GPUs only
+    (``model.transformer_config``: fusions need CUDA), so without one torch.compile is made a no-op."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+def exit_without_final_gc(code: int):
+    """``sys.exit(code)`` without the interpreter's last garbage collection, which walks every
+    object torch and megatron-core created (2-3 s). Nothing bigpt leaves open depends on it:
+    checkpoints, logs and TensorBoard files are closed by then, and objects still referenced are
+    released as usual."""
+    gc.freeze()
+    sys.exit(code)
