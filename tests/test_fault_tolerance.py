@@ -78,7 +78,7 @@ def losses(run_dir) -> list[float]:
         return []
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", ["tp2", "pp2_vpp2"])  # DP=2: the preemption and truncated-shard tests
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(layout, reference, tmp_path):
     rng = random.Random(layout)
     kill_after = rng.randint(2, STEPS - 2)
