@@ -41,25 +41,21 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
-def _checkpoint_writer_results_queue() -> None:
+def _start_checkpoint_results_queue() -> None:
     """megatron-core 0.16.1's checkpoint writer collects write results through a Manager process
-    it starts at the first save. Two problems with it:
+    it spawns at the first save. Two problems with it:
 
     - It sits in the rank's process group, and torchrun forwards SIGTERM/SIGUSR1 to the whole
       group: the preemption signal that should make bigpt save kills it, and the save then fails
-      with BrokenPipeError. Start it ignoring those signals.
-    - It is spawned, a fresh interpreter that imports torch to unpickle the first results it is
-      sent: 4-5 s added to the first save of every process. Fork it instead, as megatron-core
-      forks its writer processes; it never touches a GPU."""
-
-    def results_queue():
-        if filesystem_async._results_queue is None:
-            manager = SyncManager(ctx=multiprocessing.get_context("fork"))
-            manager.start(initializer=ignore_preemption_signals)
-            filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
-        return filesystem_async._results_queue
-
-    filesystem_async._get_write_results_queue = results_queue
+      with BrokenPipeError. It is started ignoring those signals.
+    - Spawned, it is a fresh interpreter that imports torch to unpickle the first results it is
+      sent: 4-5 s added to the first save of every process. It is forked instead, and now, while
+      the process is small (``apply`` runs before CUDA and the communicators start): a fork
+      made later would keep a copy of every page the training process changes afterwards."""
+    manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+    manager.start(initializer=ignore_preemption_signals)
+    queue = manager.Queue()  # the proxy keeps the manager alive
+    filesystem_async._get_write_results_queue = lambda: queue
 
 
 _applied = False
@@ -70,5 +66,5 @@ def apply() -> None:
     if _applied or megatron.core.__version__ not in FIXED_IN_VERSIONS:
         return
     _keep_torch_adam_step_on_reshardable_load()
-    _checkpoint_writer_results_queue()
+    _start_checkpoint_results_queue()
     _applied = True
