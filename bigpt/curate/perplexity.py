@@ -90,4 +90,3 @@ class PerplexityBandFilter(BaseFilter):
         if score < low:
             return False, "perplexity_below_band"
         return True
-

@@ -1,10 +1,11 @@
 """Ordered stages → datatrove jobs.
 
 Consecutive filter stages share one pass: read → filters → write ``work/docs/NN``. A global
-stage (dedup) ends the pass; its own jobs read the pass's documents, and its dropping block
-opens the next pass, which reads the same documents with the same sharding (so the dedup
-block sees each task's documents in the order the signatures were computed), or the annotated
-copies its jobs wrote (perplexity scores). The last pass writes ``work/docs/final``. Every stage is wrapped to count what it keeps and drops.
+stage (dedup, perplexity) ends the pass; its own jobs read the pass's documents, and its
+dropping block opens the next pass, which reads the same documents with the same sharding (so
+the dedup block sees each task's documents in the order the signatures were computed), or the
+annotated copies its jobs wrote (the perplexity scores). The last pass writes
+``work/docs/final``. Every stage is wrapped to count what it keeps and drops.
 """
 
 from pathlib import Path
