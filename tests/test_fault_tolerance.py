@@ -139,6 +139,20 @@ def test_a_truncated_shard_falls_back_to_the_previous_checkpoint(reference, tmp_
     assert losses(tmp_path) == losses(reference("dp2"))[5:]
 
 
+def test_dp_reshardable_checkpoints_resume_exactly_and_refuse_another_tensor_parallel_size(reference, tmp_path):
+    """checkpoint.optimizer_format = "dp_reshardable" (no exchange at save): bit-identical resume at
+    the layout it was saved with; at TP=2 a clear refusal before anything is loaded."""
+    dp_only = [*COMMON, "checkpoint.optimizer_format=dp_reshardable"]
+    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'saved'}", *dp_only, "train.train_iters=3", nproc=2)
+    checkpoint = tmp_path / "saved" / "checkpoints" / "iter_0000003"
+    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'resumed'}", *dp_only, f"checkpoint.load={checkpoint}", nproc=2)
+    assert losses(tmp_path / "resumed") == losses(reference("dp2"))[3:]
+    refused = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'tp2'}", *dp_only, f"checkpoint.load={checkpoint}",
+                        "parallel.tensor=2", nproc=2, check=False)
+    assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr  # each rank: a user error
+    assert 'saved with checkpoint.optimizer_format = "dp_reshardable"' in refused.stderr and "tp 1 -> 2" in refused.stderr
+
+
 @pytest.mark.parametrize("async_save", ["false", "true"])
 def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(async_save, tmp_path):
     result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, f"checkpoint.async_save={async_save}", nproc=2,

@@ -27,12 +27,26 @@ from bigpt.recipe import recipe_to_toml
 from bigpt.runtime.seeding import rng_state, set_rng_state
 from bigpt.train.trainer import Trainer
 
-_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
 def _layout_tag(trainer: Trainer) -> dict:
     layout = trainer.layout
     return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp}
+
+
+DP_ONLY_FORMAT = "dp_reshardable"
+"""checkpoint.optimizer_format that reshards over data parallelism only."""
+MODEL_PARALLEL = ("tp", "pp", "vpp")
+
+
+def _check_optimizer_format(path: Path, marker: dict, trainer: Trainer) -> None:
+    saved, ours = marker.get("layout", {}), _layout_tag(trainer)
+    changed = [f"{key} {saved.get(key)} -> {ours[key]}" for key in MODEL_PARALLEL if saved.get(key) != ours[key]]
+    if marker.get("optimizer_format") == DP_ONLY_FORMAT and changed:
+        raise BigptError(
+            f"checkpoint {path} was saved with checkpoint.optimizer_format = \"{DP_ONLY_FORMAT}\", whose "
+            f"optimizer state loads only at the TP/PP/VPP it was saved with ({', '.join(changed)}); resume "
+            "at that layout (any data-parallel size), or start from its weights only with "
+            "init.from_checkpoint and checkpoint.load = \"none\"."
+        )
 
 
 def _unwrap(chunk) -> GPTModel:
@@ -78,10 +92,11 @@ def _materialize_optimizer_state(optimizer, *, is_loading: bool) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
-def _full_state(trainer: Trainer, model_state: dict, *, is_loading: bool) -> dict:
+def _full_state(trainer: Trainer, model_state: dict, *, is_loading: bool, optimizer_format: str) -> dict:
     _materialize_optimizer_state(trainer.optimizer, is_loading=is_loading)
     state = dict(model_state)
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(
+        model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
     state["scheduler"] = trainer.scheduler.state_dict()
     state["train_state"] = {"iteration": trainer.state.iteration, "consumed_samples": trainer.state.consumed_samples}
     state["rng_state"] = _rng_object()
@@ -113,10 +128,12 @@ class CheckpointWriter:
             "consumed_samples": trainer.state.consumed_samples,
             "layout": _layout_tag(trainer),
             "vocab_size": trainer.recipe.model.vocab_size,  # lets another padding of the vocabulary load
+            "optimizer_format": trainer.recipe.checkpoint.optimizer_format,
             "bigpt_version": bigpt.__version__,
         }
         finish = partial(self._finish, tmp, final, marker, recipe_to_toml(trainer.recipe), trainer.recipe.checkpoint)
-        state = _full_state(trainer, _model_state(trainer.model), is_loading=False)
+        state = _full_state(trainer, _model_state(trainer.model), is_loading=False,
+                            optimizer_format=trainer.recipe.checkpoint.optimizer_format)
         self.in_flight = final
         with self._reporting_failure():
             if self.pending is None:
@@ -199,7 +216,9 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     marker = store.read_marker(path)
     model_state = _model_state(trainer.model)
     _check_shapes(path, model_state)  # before anything is touched
-    state = _full_state(trainer, model_state, is_loading=True)
+    _check_optimizer_format(path, marker, trainer)
+    state = _full_state(trainer, model_state, is_loading=True,
+                        optimizer_format=marker.get("optimizer_format", "fully_reshardable"))
     same_layout = marker.get("layout") == _layout_tag(trainer)
     if not same_layout:
         del state["rng_state"]

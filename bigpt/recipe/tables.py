@@ -259,6 +259,12 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this; 0 = none extra."""
     async_save: bool = False
     """Write checkpoints in the background while training continues."""
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    """How the distributed optimizer's state is saved. fully_reshardable: the checkpoint loads at
+    any TP/PP/VPP/DP, for which the save gathers the optimizer state across the data-parallel
+    group. dp_reshardable: every rank writes its own shard with no exchange (faster saves); it
+    resumes only at the same TP, PP and VPP (any DP). Either loads as weights anywhere
+    (init.from_checkpoint)."""
 
 
 @dataclass(kw_only=True)

@@ -7,6 +7,8 @@ trigger.
 import multiprocessing
 from multiprocessing.managers import SyncManager
 
+import torch
+
 import megatron.core
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -17,23 +19,25 @@ FIXED_IN_VERSIONS = ("0.16.1",)
 
 
 def _keep_torch_adam_step_on_reshardable_load() -> None:
-    """megatron-core 0.16.1 with torch's AdamW (no Transformer Engine / Apex): loading the
-    distributed optimizer's reshardable state skips the per-parameter 'step' in the checkpoint
-    (it restores it from the param groups instead) but then copies *every* key of the live state,
-    'step' included, and fails with KeyError: 'step'. Copy only what the checkpoint provides.
-
-    Its load_state_dict also hands every parameter the *same* 'step' tensor, which torch's AdamW
-    then increments once per parameter per step, corrupting the bias correction after a resume:
-    give each parameter its own copy."""
+    """megatron-core 0.16.1 with torch's AdamW (no Transformer Engine / Apex) restores each
+    parameter's 'step' from the param groups (``load_state_dict``), then loads the rest of the
+    state per parameter, which goes wrong three ways: the fully_reshardable load copies *every*
+    key of the live state, 'step' included, which the checkpoint lacks (KeyError: 'step'); the
+    dp_reshardable load overwrites the restored step with a 0 it never saved, and copies into the
+    parameters with gradients enabled (a RuntimeError). And every parameter gets the *same*
+    'step' tensor, which AdamW increments once per parameter per step, corrupting the bias
+    correction after a resume. Keep the restored step, one copy per parameter; load the rest
+    under no_grad."""
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def set_states(self, model_param, tensors):
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         state = self.optimizer.state.get(main_param, {})
-        step = state.pop("step", None) if "step" not in tensors else None
+        step = state.pop("step", None)
         try:
-            original(self, model_param, tensors)
+            with torch.no_grad():
+                original(self, model_param, {key: value for key, value in tensors.items() if key != "step"})
         finally:
             if step is not None:
                 state["step"] = step.clone()
