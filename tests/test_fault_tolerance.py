@@ -141,12 +141,15 @@ def test_a_truncated_shard_falls_back_to_the_previous_checkpoint(reference, tmp_
 
 def test_dp_reshardable_checkpoints_resume_exactly_and_refuse_another_tensor_parallel_size(reference, tmp_path):
     """checkpoint.optimizer_format = "dp_reshardable" (no exchange at save): bit-identical resume at
-    the layout it was saved with; at TP=2 a clear refusal before anything is loaded."""
+    the layout it was saved with, resumes at another DP size; at TP=2 a clear refusal before
+    anything is loaded."""
     dp_only = [*COMMON, "checkpoint.optimizer_format=dp_reshardable"]
     run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'saved'}", *dp_only, "train.train_iters=3", nproc=2)
     checkpoint = tmp_path / "saved" / "checkpoints" / "iter_0000003"
     run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'resumed'}", *dp_only, f"checkpoint.load={checkpoint}", nproc=2)
     assert losses(tmp_path / "resumed") == losses(reference("dp2"))[3:]
+    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'dp1'}", *dp_only, f"checkpoint.load={checkpoint}", nproc=1)
+    assert losses(tmp_path / "dp1") == pytest.approx(losses(reference("dp2"))[3:], rel=1e-5)
     refused = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'tp2'}", *dp_only, f"checkpoint.load={checkpoint}",
                         "parallel.tensor=2", nproc=2, check=False)
     assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr  # each rank: a user error
