@@ -8,6 +8,7 @@ annotated copies its jobs wrote (the perplexity scores). The last pass writes
 ``work/docs/final``. Every stage is wrapped to count what it keeps and drops.
 """
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +45,8 @@ def plan_jobs(recipe: CurationRecipe, work: Path, read_input: Callable, tasks: i
             read_previous, blocks, passes = documents_reader(work / docs), [], passes + 1
         for job in stage.jobs:
             pipeline = [read_previous(), *job.pipeline] if job.reads_previous_pass else job.pipeline
-            jobs.append(Job(f"{folder}_{job.name}", pipeline, job.tasks, fresh_processes=job.fresh_processes))
+            jobs.append(dataclasses.replace(job, name=f"{folder}_{job.name}", pipeline=pipeline,
+                                            reads_previous_pass=False))
         if stage.documents:
             read_previous = documents_reader(stage.documents)
         audited = AuditedFilter if isinstance(stage.block, BaseFilter) else AuditedStep
