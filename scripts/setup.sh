@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up bigpt in ./.venv from nothing: torch (the CPU build unless a GPU is present), megatron-core,
+# Set up bigpt in ./.venv from nothing: torch (the CPU build unless a GPU is present), megatron-core 0.19,
 # bigpt itself (editable) and the test tools. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,10 @@ PYTHON=${PYTHON:-python3}
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     # Pin the CPU build: an unpinned torch pulls a multi-GB CUDA build.
     .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
+if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+    # megatron-core 0.19 says Python >= 3.12, yet ships a tested cp311 wheel: take it as it is.
+    .venv/bin/python -m pip install -q --no-deps --ignore-requires-python "megatron-core>=0.19.2,<0.20" "packaging>=24.2"
 fi
 .venv/bin/python -m pip install -q -e ".[test,curate]"
 echo "bigpt is set up in .venv ($(.venv/bin/python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "+ megatron-core", m.__version__)'))"

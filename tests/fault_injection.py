@@ -3,6 +3,7 @@
 BIGPT_TEST_FAULT selects it:
   nan_loss@K      the loss of step K is NaN (and so are its gradients)
   disk_full@K     writing checkpoint files fails with ENOSPC once the save of step K starts
+  without_fix@F   bigpt/runtime/megatron_fixes.py's fix F (a function name) is not applied
 """
 
 import builtins
@@ -16,6 +17,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "launchers"))
 
 import run  # noqa: E402
+from bigpt.runtime import megatron_fixes  # noqa: E402
 from bigpt.train import step, trainer  # noqa: E402
 
 
@@ -66,7 +68,15 @@ def disk_full_at(full_step: int) -> None:
     builtins.open = open_on_a_full_disk
 
 
+def without_fix(name: str) -> None:
+    assert callable(getattr(megatron_fixes, name)), name
+    setattr(megatron_fixes, name, lambda: None)
+
+
 if __name__ == "__main__":
     kind, _, at = os.environ["BIGPT_TEST_FAULT"].partition("@")
-    {"nan_loss": nan_loss_at, "disk_full": disk_full_at}[kind](int(at))
+    if kind == "without_fix":
+        without_fix(at)
+    else:
+        {"nan_loss": nan_loss_at, "disk_full": disk_full_at}[kind](int(at))
     run.exit_without_final_gc(run.main())

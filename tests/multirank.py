@@ -8,6 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "launchers" / "run.py"
 MOCK_RECIPE = Path(__file__).resolve().parent / "recipes" / "mock_tiny.toml"
+FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection.py"
 
 
 def run_bigpt(recipe, *overrides: str, nproc: int = 1, timeout: int = 300, check: bool = True, script=RUN,
@@ -19,7 +20,7 @@ def run_bigpt(recipe, *overrides: str, nproc: int = 1, timeout: int = 300, check
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
     if fault:
         env["BIGPT_TEST_FAULT"] = fault
-        script = Path(__file__).resolve().parent / "fault_injection.py"
+        script = FAULT_INJECTION
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(script), str(recipe), *overrides]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -8,6 +8,7 @@ has no side effects, runs in the pytest process itself.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -261,15 +262,14 @@ def test_enable_refuses_an_untested_megatron_core(probed):
     assert r["torch_cuda_untouched"] is True
 
 
-def test_check_megatron_version_refuses_untested(monkeypatch):
-    import megatron.core
+@pytest.mark.parametrize("version", ["0.16.1", "0.18.0", "0.20.0rc1", "1.19.2"])
+def test_another_megatron_core_line_is_refused(version):
+    from bigpt.runtime.megatron_line import check_megatron_line
 
-    from bigpt.runtime import cpu_compat
-
-    cpu_compat.check_megatron_version()  # the installed version is a tested one
-    monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
-    with pytest.raises(BigptError, match=r"megatron-core 0\.17\.0 .*tested only with 0\.16\.1"):
-        cpu_compat.check_megatron_version()
+    check_megatron_line()  # the installed version is on the tested line
+    check_megatron_line("0.19.7+abc123")  # so is any 0.19.x build
+    with pytest.raises(BigptError, match=rf"megatron-core {re.escape(version)} is installed, .* the 0\.19 line"):
+        check_megatron_line(version)
 
 
 if __name__ == "__main__":

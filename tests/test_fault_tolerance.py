@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from multirank import MOCK_RECIPE, RUN, run_bigpt, scalars
+from multirank import FAULT_INJECTION, MOCK_RECIPE, RUN, run_bigpt, scalars
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +45,12 @@ def reference(tmp_path_factory):
     return get
 
 
-def start(run_dir, *overrides, checkpoint_dir):
-    """Launch a 2-rank job whose stdout is read live."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def start(run_dir, *overrides, checkpoint_dir, fault: str = ""):
+    """Launch a 2-rank job whose stdout is read live (``fault``: as ``run_bigpt``'s)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", BIGPT_TEST_FAULT=fault)
+    script = FAULT_INJECTION if fault else RUN
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(RUN), str(MOCK_RECIPE), f"run_dir={run_dir}", f"checkpoint.dir={checkpoint_dir}", *COMMON, *overrides]
+               str(script), str(MOCK_RECIPE), f"run_dir={run_dir}", f"checkpoint.dir={checkpoint_dir}", *COMMON, *overrides]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

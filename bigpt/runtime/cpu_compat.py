@@ -15,8 +15,8 @@ The CPU default generator plays the device generator: on CPU every op draws from
 tensor-parallel RNG tracker must swap *its* state for a fork (e.g. dropout inside a TP region)
 to have any effect.
 
-It is pinned to the megatron-core versions it was tested with; other versions are refused with a
-clear error rather than failing somewhere deep inside megatron-core.
+It is pinned to the megatron-core line it is tested with (``megatron_line``); another is refused with
+a clear error rather than failing somewhere deep inside megatron-core.
 """
 
 import contextlib
@@ -25,9 +25,7 @@ import logging
 import torch
 from torch.overrides import TorchFunctionMode
 
-from bigpt.errors import BigptError
-
-TESTED_MEGATRON_CORE = ("0.16.1",)
+from bigpt.runtime.megatron_line import check_megatron_line
 
 _enabled = False
 
@@ -160,19 +158,6 @@ def _keep_mode_in_custom_backward() -> None:
     BackwardCFunction.apply = apply
 
 
-def check_megatron_version() -> None:
-    import megatron.core
-
-    version = megatron.core.__version__
-    if version not in TESTED_MEGATRON_CORE:
-        raise BigptError(
-            f"megatron-core {version} is installed, but bigpt's CPU compatibility layer "
-            f"(bigpt/runtime/cpu_compat.py) is tested only with {', '.join(TESTED_MEGATRON_CORE)}; "
-            f"install a tested version (pip install megatron-core=={TESTED_MEGATRON_CORE[-1]}) "
-            "or run on a GPU machine."
-        )
-
-
 def enable() -> None:
     """Bridge megatron-core's CUDA assumptions to the CPU for this process (idempotent)."""
     global _enabled
@@ -180,7 +165,7 @@ def enable() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("the CPU compatibility layer must not be enabled on a machine with a GPU")
-    check_megatron_version()
+    check_megatron_line()
     _patch_torch_cuda()
     _patch_megatron_rng()
     _keep_mode_in_custom_backward()

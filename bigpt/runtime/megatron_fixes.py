@@ -1,7 +1,10 @@
-"""Fixes for megatron-core bugs bigpt hits, each pinned to the versions it was seen in.
+"""Fixes for megatron-core bugs bigpt hits, on the megatron-core line it is tested with
+(``megatron_line``).
 
 Applied on every machine (GPU or not) by ``apply()``; each fix is a no-op where the bug cannot
-trigger.
+trigger. A fix whose target has moved or changed stops bigpt at start (``patch_target_error``):
+it never runs without a fix it needs. Each one has a test that fails without it
+(tests/test_megatron_fixes.py).
 """
 
 import multiprocessing
@@ -9,14 +12,11 @@ from multiprocessing.managers import SyncManager
 
 import torch
 
-import megatron.core
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from bigpt.runtime.megatron_line import check_megatron_line, patch_target_error
 from bigpt.train.preemption import ignore_preemption_signals
-
-FIXED_IN_VERSIONS = ("0.16.1",)
-
 
 def _keep_torch_adam_step_on_reshardable_load() -> None:
     """megatron-core 0.16.1 with torch's AdamW (no Transformer Engine / Apex) restores each
@@ -46,7 +46,7 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
 
 
 def _start_checkpoint_results_queue() -> None:
-    """megatron-core 0.16.1's checkpoint writer collects write results through a Manager process
+    """megatron-core's checkpoint writer collects write results through a Manager process
     it spawns at the first save. Two problems with it:
 
     - It sits in the rank's process group, and torchrun forwards SIGTERM/SIGUSR1 to the whole
@@ -56,10 +56,12 @@ def _start_checkpoint_results_queue() -> None:
       sent: 4-5 s added to the first save of every process. It is forked instead, and now, while
       the process is small (``apply`` runs before CUDA and the communicators start): a fork
       made later would keep a copy of every page the training process changes afterwards."""
+    if getattr(filesystem_async, "_results_queue", "missing") is not None:
+        raise patch_target_error("checkpoint writer's results queue",
+                                 "filesystem_async._results_queue, the queue it creates at the first save, is gone")
     manager = SyncManager(ctx=multiprocessing.get_context("fork"))
     manager.start(initializer=ignore_preemption_signals)
-    queue = manager.Queue()  # the proxy keeps the manager alive
-    filesystem_async._get_write_results_queue = lambda: queue
+    filesystem_async._results_queue = manager.Queue()  # what get_write_results_queue() returns from now on
 
 
 _applied = False
@@ -67,8 +69,9 @@ _applied = False
 
 def apply() -> None:
     global _applied
-    if _applied or megatron.core.__version__ not in FIXED_IN_VERSIONS:
+    if _applied:
         return
+    check_megatron_line()
     _keep_torch_adam_step_on_reshardable_load()
     _start_checkpoint_results_queue()
     _applied = True

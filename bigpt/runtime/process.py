@@ -3,9 +3,26 @@
 On a 2-core machine each is seconds per process, and a test suite starts hundreds of them.
 """
 
+import atexit
 import gc
 import os
 import sys
+
+_silence_teardown = False
+
+
+@atexit.register  # registered first, on import, so it runs after every other exit handler
+def _drop_teardown_output() -> None:
+    """After a frozen exit, the interpreter's teardown finds objects it never collected and some
+    extension modules (triton's nanobind bindings, which megatron-core imports) print a report of
+    every one of them: hundreds of lines of nothing a user can act on. Every exit handler has run
+    by now, with stderr intact."""
+    if _silence_teardown:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
 
 
 def skip_torch_compile_without_gpu() -> None:
@@ -23,5 +40,7 @@ def exit_without_final_gc(code: int):
     object torch and megatron-core created (2-3 s). Nothing bigpt leaves open depends on it:
     checkpoints, logs and TensorBoard files are closed by then, and objects still referenced are
     released as usual."""
+    global _silence_teardown
     gc.freeze()
+    _silence_teardown = True
     sys.exit(code)

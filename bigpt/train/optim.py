@@ -79,15 +79,28 @@ def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
     )
 
 
+def rampup_schedule(rampup_batch_size: list[int], global_batch_size: int) -> str:
+    """``train.rampup_batch_size`` [start, increment, ramp_samples] (Megatron's --rampup-batch-size:
+    the batch grows by ``increment`` every ramp_samples / increments samples) as megatron-core's
+    step schedule "SAMPLES:BATCH ...", which replaced the ramp-up calculator in 0.19. Increment k
+    starts at the first sample count c with c * increments >= k * ramp_samples."""
+    start, increment, ramp_samples = rampup_batch_size
+    increments = (global_batch_size - start) // increment
+    steps = {0: start}
+    for k in range(1, increments + 1):
+        steps[-(-k * ramp_samples // increments)] = start + k * increment  # later sizes win a shared threshold
+    return " ".join(f"{samples}:{batch}" for samples, batch in steps.items())
+
+
 def init_batch_calculator(recipe: Recipe, layout: Layout) -> None:
     """megatron-core's micro-batch calculator (global batch ramp-up), set for this process."""
     t = recipe.train
     init_num_microbatches_calculator(
         rank=torch.distributed.get_rank(),
-        rampup_batch_size=t.rampup_batch_size,
         global_batch_size=t.global_batch_size,
         micro_batch_size=t.micro_batch_size,
         data_parallel_size=layout.dp,
+        step_batch_size_schedule=t.rampup_batch_size and rampup_schedule(t.rampup_batch_size, t.global_batch_size),
     )
 
 
