@@ -8,6 +8,7 @@ BIGPT_TEST_FAULT selects it:
 
 import builtins
 import errno
+import io
 import os
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def disk_full_at(full_step: int) -> None:
             return FullDisk(handle)
         return handle
 
-    builtins.open = open_on_a_full_disk
+    builtins.open = io.open = open_on_a_full_disk  # io.open: what pathlib (torch's checkpoint writer) calls
 
 
 def without_fix(name: str) -> None:

@@ -15,13 +15,13 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 from megatron.core.optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 import bigpt
 from bigpt.checkpoint import store
+from bigpt.checkpoint.async_save import AsyncSaver
 from bigpt.errors import BigptError
 from bigpt.recipe import recipe_to_toml
 from bigpt.runtime.seeding import rng_state, set_rng_state
@@ -106,13 +106,14 @@ def _full_state(trainer: Trainer, model_state: dict, *, is_loading: bool, optimi
 class CheckpointWriter:
     """Writes the full training state under ``root``: into ``iter_N.tmp``, which rank 0 marks
     complete and renames once every rank's files are written. With ``asynchronous`` the files
-    are written by a forked process per rank (megatron-core's async save) while training goes
-    on; at most one save is in flight, and ``wait`` finishes it."""
+    are written by a thread per rank (``async_save``) while training goes on; at most one save is
+    in flight, and ``wait`` finishes it."""
 
     def __init__(self, root: Path, asynchronous: bool):
         self.root = root
-        self.pending = AsyncCallsQueue() if asynchronous else None
+        self.pending = AsyncSaver() if asynchronous else None
         self.in_flight: Path | None = None
+        self._finish = None
 
     def save(self, trainer: Trainer) -> None:
         self.wait()  # one save at a time: the previous one must be complete before the next starts
@@ -131,7 +132,8 @@ class CheckpointWriter:
             "optimizer_format": trainer.recipe.checkpoint.optimizer_format,
             "bigpt_version": bigpt.__version__,
         }
-        finish = partial(self._finish, tmp, final, marker, recipe_to_toml(trainer.recipe), trainer.recipe.checkpoint)
+        self._finish = partial(self._mark_complete, tmp, final, marker, recipe_to_toml(trainer.recipe),
+                               trainer.recipe.checkpoint)
         state = _full_state(trainer, _model_state(trainer.model), is_loading=False,
                             optimizer_format=trainer.recipe.checkpoint.optimizer_format)
         self.in_flight = final
@@ -139,29 +141,32 @@ class CheckpointWriter:
             if self.pending is None:
                 dist_checkpointing.save(state, str(tmp))
                 dist.barrier()
-                finish()
+                self._complete()
             else:
-                request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
-                request.add_finalize_fn(finish)
-                self.pending.schedule_async_request(request)
+                self.pending.start(state, tmp)
 
     def poll(self) -> None:
         """Complete an asynchronous save whose files are all written (a collective: every rank calls it)."""
-        if self.pending is not None and self.pending.get_num_unfinalized_calls():
-            with self._reporting_failure():
-                self.pending.maybe_finalize_async_calls(blocking=False)
+        self._finalize(blocking=False)
 
     def wait(self) -> None:
-        if self.pending is not None and self.pending.get_num_unfinalized_calls():
-            with self._reporting_failure():
-                self.pending.maybe_finalize_async_calls(blocking=True)
+        self._finalize(blocking=True)
 
-    def _finish(self, tmp: Path, final: Path, marker: dict, recipe_text: str, config) -> None:
+    def _finalize(self, blocking: bool) -> None:
+        if self.pending is not None and self.in_flight is not None:
+            with self._reporting_failure():
+                if self.pending.written(blocking):
+                    self._complete()
+
+    def _complete(self) -> None:
+        self._finish()
+        self._finish = self.in_flight = None
+
+    def _mark_complete(self, tmp: Path, final: Path, marker: dict, recipe_text: str, config) -> None:
         if dist.get_rank() == 0:
             (tmp / "recipe.toml").write_text(recipe_text)
             store.finalize(tmp, final, dict(marker, files=store.manifest(tmp)))
             store.apply_retention(self.root, config.keep_last, config.keep_every)
-        self.in_flight = None
 
     @contextmanager
     def _reporting_failure(self):
