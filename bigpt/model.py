@@ -2,7 +2,9 @@
 
 One chunk per virtual pipeline stage on this rank (one chunk without interleaving). Transformer
 Engine's fused layers are used when it is importable on a GPU; megatron-core's local spec
-otherwise.
+otherwise. GPTModel, although megatron-core 0.19 deprecates it for HybridModel: HybridModel's stack
+spec is Transformer Engine only, has no llama3 RoPE scaling, and splits attention and MLP into
+separate layers (other checkpoint names); README, "The megatron-core line".
 """
 
 import functools

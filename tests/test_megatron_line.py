@@ -48,6 +48,8 @@ def test_a_0_16_1_checkpoint_resumes_exactly(checkpoints):
     resumed = run_bigpt(RECIPE, f"run_dir={run_dir}", "checkpoint.load=auto", nproc=2)
     assert "resuming from" in resumed.stdout and "(step 4," in resumed.stdout
     assert scalars(run_dir, "train/loss") == EXPECTED["losses_after_resume"]
+    # Quiet: bigpt's own lines, no dependency warnings, no teardown reports.
+    assert [line for line in resumed.stderr.splitlines() if not line.startswith("bigpt: ")] == []
 
 
 def test_without_the_adam_step_fix_that_resume_fails(checkpoints):

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.errors import reports_user_errors  # noqa: E402
+from bigpt.runtime.console import quiet_dependencies  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -43,6 +44,7 @@ def parse_args(argv=None):
 @reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_dependencies()
     if args.command == "import":
         from bigpt.hf.files import inspect_hf
 

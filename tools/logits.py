@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.errors import reports_user_errors  # noqa: E402
+from bigpt.runtime.console import quiet_dependencies  # noqa: E402
 from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
 
 skip_torch_compile_without_gpu()
@@ -32,6 +33,7 @@ def parse_args(argv=None):
 @reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_dependencies()
     import numpy as np
     import torch
     from megatron.core import parallel_state

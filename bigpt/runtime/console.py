@@ -26,14 +26,20 @@ _EXPECTED_LOG_LINES = {  # megatron-core logger -> the start of a message that i
     # dist_checkpointing's own load and (synchronous) save still go through these.
     "megatron.core.dist_checkpointing.strategies.common": "load_common is deprecated",
     "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
+    "megatron.core.datasets.gpt_dataset": "Unable to save MockGPTDataset indexes",  # mock data has no cache
 }
 
 
-def configure_console(rank: int) -> None:
+def quiet_dependencies() -> None:
+    """Drop the expected dependency output; call before megatron-core is imported (it warns then)."""
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name, start in _EXPECTED_LOG_LINES.items():
         logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+
+
+def configure_console(rank: int) -> None:
+    quiet_dependencies()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("bigpt: %(message)s"))
     bigpt_log = logging.getLogger("bigpt")
