@@ -102,14 +102,16 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(layout, async_s
 
 
 def test_preemption_saves_and_exits_for_requeue_even_when_signalled_twice(reference, tmp_path):
-    """SIGUSR1 to every rank (what SLURM's --signal sends), then SIGTERM during the (asynchronous) save."""
+    """SIGUSR1 to every rank's process group (what SLURM's --signal and torchrun's forwarding
+    reach, megatron-core's checkpoint writer processes included), then SIGTERM during the
+    (asynchronous) save."""
     job = start(tmp_path / "preempted", "checkpoint.async_save=true", checkpoint_dir=tmp_path / "checkpoints")
     wait_for_step(job, 2)
     ranks = ranks_of(job)
     assert len(ranks) == 2
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         for rank in ranks:
-            rank.send_signal(signum)
+            os.killpg(rank.pid, signum)
         time.sleep(0.05)
     stdout, stderr = job.communicate(timeout=120)
     assert "bigpt: preempted at step" in stderr and "(exit 75)" in stderr
