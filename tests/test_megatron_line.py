@@ -13,13 +13,16 @@ import shutil
 import signal
 
 import pytest
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from safetensors.numpy import load_file
+
+from bigpt.errors import BigptError
+from bigpt.runtime import megatron_fixes
 
 from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 from test_fault_tolerance import ranks_of, start, wait_for_step
 from test_hf import convert
-
-pytestmark = pytest.mark.slow
 
 FIXTURE = REPO / "tests" / "fixtures" / "mcore_0_16_1"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
@@ -37,12 +40,14 @@ def checkpoints(tmp_path):
     return tmp_path / "checkpoints"
 
 
+@pytest.mark.slow
 def test_tp2_pp2_trains_as_on_0_16_1(tmp_path):
     run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "parallel.tensor=2", "parallel.pipeline=2",
               "checkpoint.save_interval=0", nproc=4)
     assert scalars(tmp_path, "train/loss") == pytest.approx(MOCK_TINY_TP2_PP2_ON_0_16_1, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_0_16_1_checkpoint_resumes_exactly(checkpoints):
     run_dir = checkpoints.parent
     resumed = run_bigpt(RECIPE, f"run_dir={run_dir}", "checkpoint.load=auto", nproc=2)
@@ -52,6 +57,7 @@ def test_a_0_16_1_checkpoint_resumes_exactly(checkpoints):
     assert [line for line in resumed.stderr.splitlines() if not line.startswith("bigpt: ")] == []
 
 
+@pytest.mark.slow
 def test_without_the_adam_step_fix_that_resume_fails(checkpoints):
     """megatron-core 0.19's distributed optimizer with torch's AdamW copies every key of the live
     optimizer state from the checkpoint, 'step' included, which it never saved."""
@@ -60,12 +66,14 @@ def test_without_the_adam_step_fix_that_resume_fails(checkpoints):
     assert failed.returncode != 0 and "KeyError: 'step'" in failed.stderr
 
 
+@pytest.mark.slow
 def test_a_0_16_1_checkpoint_gives_its_weights_at_another_layout(tmp_path):
     run_bigpt(RECIPE, f"run_dir={tmp_path}", "checkpoint.load=none", f"init.from_checkpoint={FIXTURE / 'iter_0000004'}",
               "parallel.tensor=1", "parallel.pipeline=2", "train.train_iters=3", "checkpoint.save_interval=0", nproc=2)
     assert scalars(tmp_path, "train/loss") == pytest.approx(EXPECTED["losses_from_init_at_tp1_pp2"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_0_16_1_checkpoint_exports_the_same_hugging_face_tensors(tmp_path):
     convert("export", str(FIXTURE / "iter_0000004"), str(tmp_path / "hf"))
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
@@ -74,6 +82,7 @@ def test_a_0_16_1_checkpoint_exports_the_same_hugging_face_tensors(tmp_path):
     assert exported == EXPECTED["hf_export_sha256"]
 
 
+@pytest.mark.slow
 def test_without_the_results_queue_fix_a_signal_to_the_ranks_process_groups_fails_the_save(tmp_path):
     """torchrun and srun signal a rank's whole process group: megatron-core's checkpoint writer
     starts a results Manager process there at the first save, and a preemption signal kills it,
@@ -86,3 +95,13 @@ def test_without_the_results_queue_fix_a_signal_to_the_ranks_process_groups_fail
         os.killpg(rank.pid, signal.SIGUSR1)
     _, stderr = job.communicate(timeout=120)
     assert "failed (Broken pipe)" in stderr and "(exit 75)" not in stderr
+
+
+@pytest.mark.parametrize("fix,target", [
+    ("_keep_torch_adam_step_on_reshardable_load", (DistributedOptimizer, "_set_main_param_and_optimizer_states")),
+    ("_start_checkpoint_results_queue", (filesystem_async, "_results_queue")),
+])
+def test_a_fix_whose_target_moved_stops_bigpt(fix, target, monkeypatch):
+    monkeypatch.delattr(*target)
+    with pytest.raises(BigptError, match=rf"bigpt's fix for megatron-core .* cannot be applied .*{target[1]}"):
+        getattr(megatron_fixes, fix)()

@@ -4,7 +4,7 @@
 Applied on every machine (GPU or not) by ``apply()``; each fix is a no-op where the bug cannot
 trigger. A fix whose target has moved or changed stops bigpt at start (``patch_target_error``):
 it never runs without a fix it needs. Each one has a test that fails without it
-(tests/test_megatron_fixes.py).
+(tests/test_megatron_line.py).
 """
 
 import multiprocessing
@@ -28,7 +28,10 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
     'step' tensor, which AdamW increments once per parameter per step, corrupting the bias
     correction after a resume. Keep the restored step, one copy per parameter; load the rest
     under no_grad."""
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    original = getattr(DistributedOptimizer, "_set_main_param_and_optimizer_states", None)
+    if original is None:
+        raise patch_target_error("torch AdamW's step on a distributed-optimizer load",
+                                 "DistributedOptimizer._set_main_param_and_optimizer_states is gone")
 
     def set_states(self, model_param, tensors):
         group_index, group_order = self.model_param_group_index_map[model_param]
