@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from bigpt.errors import BigptError
 from bigpt.flops import Gpu, flops_per_step, gpu_named, num_parameters, parameters_per_stage
 from bigpt.layout import Layout
-from bigpt.memory import StageMemory, peak_memory
+from bigpt.memory import ADAM_STATE_BYTES, DTYPE_BYTES, MASTER_WEIGHT_BYTES, StageMemory, peak_memory
 from bigpt.recipe import Recipe, padded_vocab_size
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20
@@ -17,6 +17,8 @@ CHINCHILLA_TOKENS_PER_PARAMETER = 20
 FULL_RECOMPUTE_TIME = 4 / 3
 """Full recompute runs every forward twice: 8 instead of 6 FLOPs per parameter and token."""
 GIB = 2**30
+SAVE_SHARE_WARNING = 0.03
+"""Warn when synchronous saves take more than this share of the training time."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Plan:
     """Model FLOPs utilisation while the GPUs are busy (outside the pipeline bubble)."""
     headroom: float
     """Fraction of each GPU's memory kept free for what the estimate leaves out."""
+    fs_bytes_per_second: float
+    """Aggregate write bandwidth of the filesystem holding checkpoint.dir."""
     chosen: Option
     """The recipe's own layout, or the best option when the recipe's does not work here."""
     recipe_layout_problem: str | None
@@ -67,7 +71,7 @@ class Plan:
 
 
 def make_plan(recipe: Recipe, gpus: int, gpu_name: str, *, mfu: float, headroom: float,
-              gpus_per_node: int) -> Plan:
+              gpus_per_node: int, fs_bytes_per_second: float = 5e9) -> Plan:
     """Every valid layout of ``recipe`` on ``gpus`` GPUs; the ones that fit, ranked (see _rank)."""
     gpu = gpu_named(gpu_name)
     if gpus < 1:
@@ -79,7 +83,7 @@ def make_plan(recipe: Recipe, gpus: int, gpu_name: str, *, mfu: float, headroom:
                          f"rules (heads, layers, global batch); try a GPU count with more factors "
                          f"of 2, or check with `launchers/run.py {recipe.source} --dry-run "
                          f"--world-size {gpus}`.")
-    plan = Plan(recipe, gpus, gpu_name, gpu, mfu, headroom, chosen=valid[0], recipe_layout_problem=None,
+    plan = Plan(recipe, gpus, gpu_name, gpu, mfu, headroom, fs_bytes_per_second, chosen=valid[0], recipe_layout_problem=None,
                 options=[], valid_options=len(valid))
     fitting = sorted((option for option in valid if plan.fits(option)), key=_rank)
     if not fitting:
@@ -127,6 +131,22 @@ def _option(candidate: tuple[Recipe, Layout]) -> Option:
     return Option(recipe, layout, peak_memory(recipe, layout), bubble)
 
 
+def checkpoint_bytes(recipe: Recipe, layout: Layout) -> tuple[float, float]:
+    """(bytes of one checkpoint, bytes its busiest rank writes), as bigpt saves them: the weights in
+    the recipe's dtype, and the optimizer's fp32 main weights (the distributed optimizer saves its
+    own copy even in fp32) and Adam moments. Replicated tensors are written by one data-parallel
+    rank; in the fully reshardable format that rank also writes its group's whole optimizer state
+    (the gather), in the dp_reshardable one each rank writes its own shard."""
+    model, p = recipe.model, recipe.parallel
+    weight = DTYPE_BYTES[recipe.precision.dtype]
+    optimizer = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if p.distributed_optimizer or weight < 4 else 0)
+    vocab = padded_vocab_size(model, layout.tp)
+    per_gpu = max(parameters_per_stage(model, layout.layers_per_stage, vocab)) / layout.tp
+    gathered = not p.distributed_optimizer or recipe.checkpoint.optimizer_format != "dp_reshardable"
+    busiest = per_gpu * (weight + (optimizer if gathered else optimizer / layout.dp))
+    return num_parameters(model, vocab) * (weight + optimizer), busiest
+
+
 def _rank(option: Option) -> tuple:
     """Megatron's rules of thumb (Narayanan et al. 2021), in order: the smallest model-parallel
     group that fits (the other GPUs do data parallelism, which communicates least); within it,
@@ -171,6 +191,7 @@ def report(plan: Plan, top: int) -> str:
         f"{chosen.bubble:.1%}" + (", full recompute ×4/3" if recipe.recompute.granularity == "full" else "")
         + f" → the training log's MFU ≈ {plan.logged_mfu(chosen):.1%}",
     ]
+    lines += _checkpoint_lines(plan, chosen)
     lines += _budget_lines(plan, chosen)
     lines += ["", f"Layouts of {plan.gpus} GPUs that fit ({len(plan.options)} of {plan.valid_options} valid; "
               f"memory of the most loaded GPU with {plan.headroom:.0%} kept free; the smallest model-parallel "
@@ -213,6 +234,25 @@ def _memory_lines(plan: Plan, option: Option) -> list[str]:
         f"{layout.layers_per_stage[memory.stage] // layout.vpp} layers, recompute {recompute}"
         + (", sequence parallel" if layout.sequence_parallel else ""),
     ]
+
+
+def _checkpoint_lines(plan: Plan, option: Option) -> list[str]:
+    recipe, checkpoint = option.recipe, option.recipe.checkpoint
+    total, busiest = checkpoint_bytes(recipe, option.layout)
+    save = total / plan.fs_bytes_per_second
+    lines = [f"checkpoint       {total / 1e9:,.1f} GB per save ({recipe.precision.dtype} weights, fp32 optimizer "
+             f"state, {checkpoint.optimizer_format}); the busiest rank writes {busiest / 1e9:,.2f} GB; "
+             f"{save:,.0f} s at {plan.fs_bytes_per_second / 1e9:g} GB/s (--fs-gbps)"]
+    if checkpoint.save_interval and checkpoint.async_save:
+        lines[0] += f"; every {checkpoint.save_interval:,} steps, asynchronous (written while training goes on)"
+    elif checkpoint.save_interval:
+        share = save / (save + checkpoint.save_interval * plan.step_seconds(option))
+        lines[0] += f"; every {checkpoint.save_interval:,} steps, synchronous: {share:.1%} of training time"
+        if share > SAVE_SHARE_WARNING:
+            lines.append(f"  warning        synchronous saves take more than {SAVE_SHARE_WARNING:.0%} of the training "
+                         "time: raise checkpoint.save_interval, set checkpoint.async_save = true, or save "
+                         "to a faster filesystem")
+    return lines
 
 
 def _budget_lines(plan: Plan, option: Option) -> list[str]:

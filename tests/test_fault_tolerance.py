@@ -214,3 +214,17 @@ def test_fp16_overflow_skips_steps_halves_the_scale_and_resumes_with_it(tmp_path
     assert scalars(tmp_path, "train/skipped") == [1, 1, 1, 0, 0, 0]
     assert scalars(tmp_path, "train/loss_scale") == [2**15, 2**14, 2**13, 2**13, 2**13, 2**13]
     assert scalars(tmp_path, "train/lr")[:3] == [0, 0, 0]  # no update, no scheduler step
+
+
+def test_the_planner_predicts_what_a_save_writes(reference):
+    """tools/plan.py's checkpoint size against a real DP=2 save: the whole, and the busiest rank's
+    file (in the fully reshardable format one data-parallel rank writes the gathered optimizer)."""
+    from bigpt.layout import Layout
+    from bigpt.plan import checkpoint_bytes
+    from bigpt.recipe import load_recipe
+
+    recipe = load_recipe(MOCK_RECIPE, COMMON)
+    total, busiest = checkpoint_bytes(recipe, Layout.from_recipe(recipe, 2))
+    shards = [path.stat().st_size for path in (reference("dp2") / "checkpoints" / "iter_0000006").glob("*.distcp")]
+    assert sum(shards) == pytest.approx(total, rel=0.1)  # measured: +6.5 % (per-tensor headers, small state)
+    assert max(shards) == pytest.approx(busiest, rel=0.1)

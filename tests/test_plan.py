@@ -11,7 +11,7 @@ import pytest
 from bigpt.flops import GPUS, flops_per_step, num_parameters
 from bigpt.layout import Layout
 from bigpt.memory import in_flight_microbatches, layer_activations, peak_memory, stage_memory
-from bigpt.plan import make_plan, report
+from bigpt.plan import checkpoint_bytes, make_plan, report
 from bigpt.recipe import load_recipe, padded_vocab_size
 from tools.plan import main as plan_main
 
@@ -192,3 +192,30 @@ def test_layout_arithmetic_is_shared_with_the_dry_run():
     for option in plan(recipe, 16).options:
         assert math.prod((option.layout.tp, option.layout.pp, option.layout.cp, option.layout.dp)) == 16
         assert dataclasses.asdict(option.recipe.model) == dataclasses.asdict(recipe.model)
+
+
+def test_checkpoint_size_and_save_time(capsys):
+    """70B in bf16: 2 bytes of weights + 12 of fp32 optimizer state per parameter; the busiest rank
+    (data-parallel rank 0 of the largest stage) also writes its group's optimizer state in the
+    fully reshardable format, only its own shard in dp_reshardable."""
+    recipe = load_recipe(RECIPES / "llama_70b.toml")
+    layout = Layout.from_recipe(recipe, 512)
+    total, busiest = checkpoint_bytes(recipe, layout)
+    assert total == 70_566_289_408 * 14
+    per_gpu = 18_170_060_800 / 8
+    assert busiest == pytest.approx(per_gpu * 14)
+    dp_only = load_recipe(RECIPES / "llama_70b.toml", ['checkpoint.optimizer_format="dp_reshardable"'])
+    assert checkpoint_bytes(dp_only, layout)[1] == pytest.approx(per_gpu * (2 + 12 / 16))
+    assert plan_main([str(RECIPES / "llama_70b.toml"), "--gpus", "512", "--fs-gbps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint       {total / 1e9:,.1f} GB per save" in out and f"{total / 1e10:,.0f} s at 10 GB/s" in out
+    assert "asynchronous" in out and "warning" not in out
+
+
+def test_synchronous_saves_that_cost_too_much_time_are_warned_about(capsys):
+    frequent = [str(RECIPES / "llama_70b.toml"), "--gpus", "512", "checkpoint.async_save=false"]
+    assert plan_main([*frequent, "checkpoint.save_interval=1000"]) == 0
+    assert "synchronous: 1.0% of training time" in capsys.readouterr().out
+    assert plan_main([*frequent, "checkpoint.save_interval=50"]) == 0
+    out = capsys.readouterr().out
+    assert "synchronous: 16.4% of training time" in out and "warning        synchronous saves take more than 3%" in out

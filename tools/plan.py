@@ -7,7 +7,9 @@ Everything is computed on paper (no GPU needed). Memory is the most loaded GPU's
 gradients, optimizer state (sharded over data parallel by the distributed optimizer) and the
 activations held at the peak of the 1F1B / interleaved schedule under the recipe's recompute and
 sequence/context parallelism; see bigpt/memory.py for what the estimate leaves out (hence
---headroom). Step time assumes --mfu while the GPUs are busy, plus the pipeline bubble.
+--headroom). Step time assumes --mfu while the GPUs are busy, plus the pipeline bubble. The
+checkpoint line gives the bytes of one save and of its busiest rank, the save time at --fs-gbps,
+and warns when synchronous saves every checkpoint.save_interval steps take over 3% of the time.
 """
 
 import argparse
@@ -34,12 +36,17 @@ def parse_args(argv=None):
     parser.add_argument("--headroom", type=float, default=0.1,
                         help="fraction of GPU memory kept free for what the estimate leaves out "
                              "(CUDA context, NCCL, fragmentation; default 0.1)")
+    parser.add_argument("--fs-gbps", type=float, default=5.0,
+                        help="aggregate write bandwidth of the filesystem holding checkpoint.dir, in GB/s: "
+                             "the save time and its share of training time (default 5)")
     parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
     args = parser.parse_intermixed_args(argv)
     if not 0 < args.mfu <= 1:
         parser.error("--mfu must be in (0, 1]")
     if not 0 <= args.headroom < 1:
         parser.error("--headroom must be in [0, 1)")
+    if not args.fs_gbps > 0:
+        parser.error("--fs-gbps must be positive")
     if args.gpus_per_node < 1 or args.top < 1:
         parser.error("--gpus-per-node and --top must be 1 or more")
     return args
@@ -53,7 +60,7 @@ def main(argv=None) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     plan = make_plan(recipe, args.gpus, args.gpu, mfu=args.mfu, headroom=args.headroom,
-                     gpus_per_node=args.gpus_per_node)
+                     gpus_per_node=args.gpus_per_node, fs_bytes_per_second=args.fs_gbps * 1e9)
     print(report(plan, args.top))
     return 0
 
