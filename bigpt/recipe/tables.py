@@ -173,6 +173,11 @@ class OptimizerConfig:
     """Adam's denominator epsilon."""
     muon_momentum: float = fraction(0.95)
     """For muon: the decay of the momentum that is orthogonalised (Newton-Schulz) into the update."""
+    muon_tp_mode: Literal["duplicated", "blockwise", "distributed"] = "duplicated"
+    """For muon with parallel.tensor > 1: duplicated = every tensor-parallel rank orthogonalises the
+    whole matrix (the update of a single GPU, at any tensor-parallel size); blockwise = each rank
+    its own shard (cheaper, another update; megatron-core's default); distributed = the whole
+    matrix, its products computed across the tensor-parallel ranks."""
 
 
 @dataclass(kw_only=True)

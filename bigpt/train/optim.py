@@ -71,6 +71,7 @@ def build_optimizer(recipe: Recipe, model: list[DistributedDataParallel]):
         adam_beta2=o.adam_beta2,
         adam_eps=o.adam_eps,
         muon_momentum=o.muon_momentum,
+        muon_tp_mode=o.muon_tp_mode,
         clip_grad=recipe.train.clip_grad,
         bf16=prec.dtype == "bf16",
         fp16=prec.dtype == "fp16",
