@@ -4,12 +4,14 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
-from megatron.core.optimizer import LayerWiseDistributedOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (HAVE_EMERGING_OPTIMIZERS, LayerWiseDistributedOptimizer, OptimizerConfig,
+                                     get_megatron_optimizer)
 from megatron.core.optimizer.layer_wise_optimizer import tag_params_for_buffer_routing
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
+from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.model import DTYPES
 from bigpt.recipe import Recipe
@@ -26,8 +28,18 @@ def layer_wise(recipe: Recipe) -> bool:
     return recipe.parallel.distributed_optimizer and recipe.optimizer.name != "adamw"
 
 
+def _check_installed(recipe: Recipe) -> None:
+    if recipe.optimizer.name != "adamw" and not HAVE_EMERGING_OPTIMIZERS:
+        raise BigptError(
+            f"optimizer.name = \"{recipe.optimizer.name}\" is megatron-core's emerging optimizer, which needs "
+            "the emerging-optimizers package (>= 0.2), not installed here; run scripts/setup.sh (it installs "
+            "it on Python 3.11 too) or `pip install emerging-optimizers`, or set optimizer.name = \"adamw\"."
+        )
+
+
 def wrap_ddp(recipe: Recipe, config: TransformerConfig, chunks: list) -> list[DistributedDataParallel]:
     """Half-precision wrapper (bf16/fp16) and megatron-core DDP around every model chunk."""
+    _check_installed(recipe)  # before anything depends on the optimizer's layout
     p, prec = recipe.parallel, recipe.precision
     if layer_wise(recipe):
         tag_params_for_buffer_routing(chunks)  # before DDP: which buffer, and so which layout, each takes
