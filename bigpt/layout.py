@@ -77,6 +77,13 @@ def _check_degrees(recipe: Recipe) -> None:
         recipe_error(recipe, "parallel.overlap_param_gather=true needs "
                      "parallel.distributed_optimizer and parallel.overlap_grad_reduce",
                      "turn both on, or overlap_param_gather off")
+    name = recipe.optimizer.name
+    if name != "adamw" and parallel.distributed_optimizer and recipe.precision.dtype != "bf16":
+        recipe_error(recipe, f"optimizer.name={name!r} with parallel.distributed_optimizer=true needs "
+                     f"precision.dtype='bf16', got {recipe.precision.dtype!r} (megatron-core's layer-wise "
+                     "distributed optimizer drives its optimizers through bf16 mixed precision only)",
+                     "train in bf16, or set distributed_optimizer = false (every data-parallel rank "
+                     "then keeps the whole optimizer state)")
 
 
 def _data_parallel_size(recipe: Recipe, world_size: int | None) -> int:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up bigpt in ./.venv from nothing: torch (the CPU build unless a GPU is present), megatron-core 0.19,
-# bigpt itself (editable) and the test tools. Safe to re-run.
+# Set up bigpt in ./.venv from nothing: torch (the CPU build unless a GPU is present), megatron-core 0.19
+# with emerging-optimizers (Lion, Muon), bigpt itself (editable) and the test tools. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,7 +12,12 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
     # megatron-core 0.19 says Python >= 3.12, yet ships a tested cp311 wheel: take it as it is.
-    .venv/bin/python -m pip install -q --no-deps --ignore-requires-python "megatron-core>=0.19.2,<0.20" "packaging>=24.2"
+    .venv/bin/python -m pip install -q --no-deps --ignore-requires-python "megatron-core>=0.19.2,<0.20" "packaging>=24.2" \
+        "emerging-optimizers>=0.3,<0.4" absl-py
+    # emerging-optimizers (megatron-core's Lion and Muon) uses one 3.12 name, typing.override, which
+    # typing_extensions has: a .pth line gives it to every process of .venv, before megatron-core imports it.
+    echo 'import typing, typing_extensions; typing.override = getattr(typing, "override", typing_extensions.override)' \
+        > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bigpt_typing_override.pth"
 fi
 .venv/bin/python -m pip install -q -e ".[test,curate]"
 echo "bigpt is set up in .venv ($(.venv/bin/python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "+ megatron-core", m.__version__)'))"

@@ -129,3 +129,10 @@ def test_context_parallel_needs_sequence_divisible_by_twice_context():
 
 def test_param_gather_overlap_needs_distributed_optimizer():
     assert "parallel.overlap_param_gather=true needs" in layout_error(4, "parallel.overlap_param_gather=true")
+
+
+@pytest.mark.parametrize("name", ["lion", "muon"])
+def test_emerging_optimizers_shard_in_bf16_only(name):
+    message = layout_error(4, f'optimizer.name="{name}"', 'precision.dtype="fp32"')
+    assert f"optimizer.name={name!r} with parallel.distributed_optimizer=true needs precision.dtype='bf16'" in message
+    layout(4, f'optimizer.name="{name}"', 'precision.dtype="fp32"', "parallel.distributed_optimizer=false")

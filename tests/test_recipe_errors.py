@@ -153,6 +153,7 @@ def test_override_wrong_type_names_the_override():
     (['data.split="100,0,0"'], "leaves no validation data"),
     (['data.split="a,b"'], "is not three comma-separated"),
     (["init.from_hf=a", "init.from_checkpoint=b"], "init.from_hf and init.from_checkpoint are both set"),
+    (['optimizer.name="muon"', 'precision.dtype="fp16"'], "optimizer.name='muon' cannot train in precision.dtype='fp16'"),
     (['model.position_embedding="learned"', "model.max_position_embeddings=64"],
      "model.max_position_embeddings=64 is shorter than model.seq_length=128"),
 ])

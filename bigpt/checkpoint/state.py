@@ -72,22 +72,34 @@ def _rng_object() -> ShardedObject:
     )
 
 
+def _leaf_optimizers(optimizer) -> list:
+    """The megatron-core optimizers that wrap a torch optimizer, through nested chains (the
+    layer-wise distributed optimizer is itself a chain inside the top-level one)."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    return [leaf for inner in chained for leaf in _leaf_optimizers(inner)] if chained is not None else [optimizer]
+
+
 def _materialize_optimizer_state(optimizer, *, is_loading: bool) -> None:
-    """torch's Adam creates its state (moments and step count) at its first step, and megatron-core's
-    distributed optimizer cannot describe a state that does not exist yet: to save (when every step
-    so far was skipped: fp16 overflow, a bad-step guard, a preemption before the first) or to load.
-    Give it the state its first step would start from (step 0, zero moments), which changes nothing.
-    Other optimizers (Transformer Engine's fused Adam) take megatron-core's own way before a load:
-    one zero-gradient step, whose effects the load overwrites."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(inner, DistributedOptimizer) or inner.optimizer.state:
+    """torch optimizers create their state (Adam: moments and step count; Lion, Muon: momentum) at
+    their first step, and megatron-core cannot describe a state that does not exist yet: to save
+    (when every step so far was skipped: fp16 overflow, a bad-step guard, a preemption before the
+    first) or to load. Give it the state its first step would start from, which changes nothing:
+    torch's Adam step 0 and zero moments (megatron-core's own initialiser leaves out the step);
+    for the emerging optimizers megatron-core's initialiser (zero momentum). Other Adams under the
+    distributed optimizer (Transformer Engine's fused Adam) take megatron-core's way before a
+    load: one zero-gradient step, whose effects the load overwrites."""
+    for inner in _leaf_optimizers(optimizer):
+        state_owner = getattr(inner, "optimizer", None)
+        if state_owner is None or state_owner.state:
             continue
-        if isinstance(inner.optimizer, torch.optim.Adam | torch.optim.AdamW):
-            for group in inner.optimizer.param_groups:
+        if isinstance(state_owner, torch.optim.Adam | torch.optim.AdamW):
+            for group in state_owner.param_groups:
                 for param in group["params"]:
                     moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-                    inner.optimizer.state[param] = {"step": torch.tensor(0.0),
-                                                    **{name: torch.zeros_like(param) for name in moments}}
+                    state_owner.state[param] = {"step": torch.tensor(0.0),
+                                                **{name: torch.zeros_like(param) for name in moments}}
+        elif not isinstance(inner, DistributedOptimizer):
+            inner.init_state_fn(state_owner, inner.config)
         elif is_loading:
             inner._init_optimizer_states_with_dummy_values()
 

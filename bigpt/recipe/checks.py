@@ -47,6 +47,10 @@ def _check_model(recipe: Recipe) -> None:
 
 def _check_precision(recipe: Recipe) -> None:
     precision = recipe.precision
+    if recipe.optimizer.name != "adamw" and precision.dtype == "fp16":
+        recipe_error(recipe, f"optimizer.name={recipe.optimizer.name!r} cannot train in precision.dtype="
+                     "'fp16' (megatron-core's emerging optimizers have no loss scaling)",
+                     "use dtype 'bf16' or 'fp32', or optimizer.name = 'adamw'")
     if precision.fp8 != "none" and precision.transformer_engine == "off":
         recipe_error(recipe, f"precision.fp8={precision.fp8!r} needs Transformer Engine but "
                      f"precision.transformer_engine='off'",

@@ -151,8 +151,14 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
-    """[optimizer]: AdamW."""
+    """[optimizer]: which optimizer and its hyper-parameters."""
 
+    name: Literal["adamw", "lion", "muon"] = "adamw"
+    """adamw: AdamW on every parameter. lion / muon: megatron-core's emerging optimizers (the
+    emerging-optimizers package) on the 2-D weight matrices of the transformer layers, AdamW
+    (adam_beta1/2, adam_eps) on the embedding, output layer and norms; megatron-core gives its Lion
+    adam_beta1/adam_beta2 as its betas. With parallel.distributed_optimizer, lion and muon use
+    megatron-core's layer-wise distributed optimizer (whole parameters per data-parallel rank)."""
     lr: float = positive()
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = non_negative(0.0)
@@ -165,6 +171,13 @@ class OptimizerConfig:
     """Adam's second-moment decay."""
     adam_eps: float = positive(1e-8)
     """Adam's denominator epsilon."""
+    muon_momentum: float = fraction(0.95)
+    """For muon: the decay of the momentum that is orthogonalised (Newton-Schulz) into the update."""
+    muon_tp_mode: Literal["duplicated", "blockwise", "distributed"] = "duplicated"
+    """For muon with parallel.tensor > 1: duplicated = every tensor-parallel rank orthogonalises the
+    whole matrix (the update of a single GPU, at any tensor-parallel size); blockwise = each rank
+    its own shard (cheaper, another update; megatron-core's default); distributed = the whole
+    matrix, its products computed across the tensor-parallel ranks."""
 
 
 @dataclass(kw_only=True)

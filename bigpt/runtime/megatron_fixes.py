@@ -13,6 +13,7 @@ from multiprocessing.managers import SyncManager
 import torch
 
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from bigpt.runtime.megatron_line import check_megatron_line, patch_target_error
@@ -48,6 +49,26 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+def _name_the_state_of_the_optimizer_it_wraps() -> None:
+    """megatron-core 0.19 names the per-parameter state a DistributedOptimizer saves and loads after
+    the top-level ``config.optimizer``. With "lion" (an emerging optimizer: Lion on the weight
+    matrices, AdamW on embeddings, output layer and norms), the AdamW part's DistributedOptimizer
+    carries the top-level config, so it saves exp_avg only, and the resume fails (KeyError:
+    'exp_avg_sq'). Name the state after the torch optimizer it wraps: Lion keeps exp_avg only."""
+    if not isinstance(getattr(DistributedOptimizer, "optimizer_state_keys", None), property):
+        raise patch_target_error("distributed optimizer's state keys",
+                                 "DistributedOptimizer.optimizer_state_keys is no longer a property")
+
+    def state_keys(self) -> tuple:
+        if HAVE_EMERGING_OPTIMIZERS:
+            from emerging_optimizers.scalar_optimizers import Lion
+            if isinstance(self.optimizer, Lion):
+                return ("exp_avg",)
+        return ("exp_avg", "exp_avg_sq")
+
+    DistributedOptimizer.optimizer_state_keys = property(state_keys)
+
+
 def _start_checkpoint_results_queue() -> None:
     """megatron-core's checkpoint writer collects write results through a Manager process
     it spawns at the first save. Two problems with it:
@@ -76,5 +97,6 @@ def apply() -> None:
         return
     check_megatron_line()
     _keep_torch_adam_step_on_reshardable_load()
+    _name_the_state_of_the_optimizer_it_wraps()
     _start_checkpoint_results_queue()
     _applied = True

@@ -1,21 +1,48 @@
 """Recipe → megatron-core DDP wrappers, distributed optimizer, LR scheduler, batch ramp-up."""
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (HAVE_EMERGING_OPTIMIZERS, LayerWiseDistributedOptimizer, OptimizerConfig,
+                                     get_megatron_optimizer)
+from megatron.core.optimizer.layer_wise_optimizer import tag_params_for_buffer_routing
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
+from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.model import DTYPES
 from bigpt.recipe import Recipe
 
 
+MEGATRON_OPTIMIZERS = {"adamw": "adam", "lion": "lion", "muon": "muon"}
+"""optimizer.name -> megatron-core's OptimizerConfig.optimizer (its "adam" is AdamW: decoupled decay)."""
+
+
+def layer_wise(recipe: Recipe) -> bool:
+    """Whether the distributed optimizer is megatron-core's LayerWiseDistributedOptimizer: the one
+    for its emerging optimizers (lion, muon), which must update whole matrices, so each
+    data-parallel rank owns whole parameters rather than flattened element ranges."""
+    return recipe.parallel.distributed_optimizer and recipe.optimizer.name != "adamw"
+
+
+def _check_installed(recipe: Recipe) -> None:
+    if recipe.optimizer.name != "adamw" and not HAVE_EMERGING_OPTIMIZERS:
+        raise BigptError(
+            f"optimizer.name = \"{recipe.optimizer.name}\" is megatron-core's emerging optimizer, which needs "
+            "the emerging-optimizers package (>= 0.2), not installed here; run scripts/setup.sh (it installs "
+            "it on Python 3.11 too) or `pip install emerging-optimizers`, or set optimizer.name = \"adamw\"."
+        )
+
+
 def wrap_ddp(recipe: Recipe, config: TransformerConfig, chunks: list) -> list[DistributedDataParallel]:
     """Half-precision wrapper (bf16/fp16) and megatron-core DDP around every model chunk."""
+    _check_installed(recipe)  # before anything depends on the optimizer's layout
     p, prec = recipe.parallel, recipe.precision
+    if layer_wise(recipe):
+        tag_params_for_buffer_routing(chunks)  # before DDP: which buffer, and so which layout, each takes
     if prec.dtype != "fp32":
         chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
@@ -25,23 +52,38 @@ def wrap_ddp(recipe: Recipe, config: TransformerConfig, chunks: list) -> list[Di
         use_distributed_optimizer=p.distributed_optimizer,
         check_for_nan_in_grad=False,  # the fault guard decides what a NaN means
     )
-    return [
-        # Only the first chunk buckets: later chunks' grads are ready first under interleaving.
-        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
-        for index, chunk in enumerate(chunks)
-    ]
+    # Only the first chunk buckets: later chunks' grads are ready first under interleaving.
+    return [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0,
+                                    full_param_layout=_layer_wise_layout(recipe, ddp_config, chunk, index))
+            for index, chunk in enumerate(chunks)]
+
+
+def _layer_wise_layout(recipe: Recipe, ddp_config: DistributedDataParallelConfig, chunk, index: int):
+    """For the layer-wise optimizer, buckets whose data-parallel shards hold whole parameters (its
+    own layout); None lets DDP lay out the buffers for megatron-core's DistributedOptimizer."""
+    if not layer_wise(recipe):
+        return None
+    bucketed = index == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0  # as DDP decides
+    return LayerWiseDistributedOptimizer.compute_full_param_layout(
+        [param for param in chunk.parameters() if param.requires_grad],
+        ddp_config.bucket_size if bucketed else None,
+        parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+        ddp_config,
+    )
 
 
 def build_optimizer(recipe: Recipe, model: list[DistributedDataParallel]):
     o, prec = recipe.optimizer, recipe.precision
     config = OptimizerConfig(
-        optimizer="adam",  # megatron-core's adam is AdamW: decoupled weight decay
+        optimizer=MEGATRON_OPTIMIZERS[o.name],
         lr=o.lr,
         min_lr=o.min_lr,
         weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2,
         adam_eps=o.adam_eps,
+        muon_momentum=o.muon_momentum,
+        muon_tp_mode=o.muon_tp_mode,
         clip_grad=recipe.train.clip_grad,
         bf16=prec.dtype == "bf16",
         fp16=prec.dtype == "fp16",
@@ -50,7 +92,9 @@ def build_optimizer(recipe: Recipe, model: list[DistributedDataParallel]):
         min_loss_scale=prec.min_loss_scale,
         loss_scale_window=prec.loss_scale_window,
         hysteresis=prec.hysteresis,
-        use_distributed_optimizer=recipe.parallel.distributed_optimizer,
+        # megatron-core takes the layer-wise flag instead for its emerging optimizers
+        use_distributed_optimizer=recipe.parallel.distributed_optimizer and not layer_wise(recipe),
+        use_layer_wise_distributed_optimizer=layer_wise(recipe),
         overlap_param_gather=recipe.parallel.overlap_param_gather,
     )
     return get_megatron_optimizer(config, model)
