@@ -12,10 +12,18 @@ from urllib.parse import urlsplit
 
 from datatrove.data import Document
 from datatrove.pipeline.dedup import MinhashDedupSignature
-from datatrove.pipeline.filters import FastTextClassifierFilter, LanguageFilter
+from datatrove.pipeline.filters import (
+    C4QualityFilter,
+    FastTextClassifierFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    LanguageFilter,
+)
+from datatrove.pipeline.filters.c4_filters import END_PUNCTUATION
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.utils.lid import FastTextLID
+from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 from datatrove.utils.word_tokenizers import load_word_tokenizer
 
 
@@ -39,6 +47,76 @@ class LengthFilter(BaseFilter):
         if words > self.max_words:
             return False, "too_long"
         return True
+
+
+class GopherQuality(GopherQualityFilter):
+    """datatrove's Gopher quality rules, with the alphabetic-word share taken over words as Gopher
+    means them: its word tokenizer makes every bracket, comma and full stop a "word", so
+    technical prose and manuals (``f(x)``, ``e.g.,``) fell below 80% alphabetic words."""
+
+    def __init__(self, min_alpha_words_ratio: float, **rules):
+        super().__init__(max_non_alpha_words_ratio=None, **rules)
+        self.min_alpha_words_ratio = min_alpha_words_ratio
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        verdict = super().filter(doc)
+        if verdict is not True or not self.min_alpha_words_ratio:
+            return verdict
+        words = [w for w in split_into_words(doc.text, self.language) if not set(w) <= PUNCTUATION_SET]
+        if sum(any(c.isalpha() for c in w) for w in words) < self.min_alpha_words_ratio * len(words):
+            return False, "gopher_below_alpha_threshold"
+        return True
+
+
+def unwrap(text: str, wrap_length: int, joiner: str = " ") -> str:
+    """``text`` with hard line wraps replaced by ``joiner``. Web pages break lines between
+    paragraphs, menu items and headings, and the C4 and FineWeb line rules read a line so;
+    text wrapped at a fixed width (manuals, licenses, READMEs, docstrings) also breaks inside
+    sentences. A line of ``wrap_length`` characters or more that does not end a sentence and is
+    followed by a non-blank line is read as wrapped; short lines (menus, headings) stay
+    lines. 0 = no unwrapping."""
+    if not wrap_length:
+        return text
+    lines = text.splitlines()
+    return "".join(line + (joiner if _wrapped(line, after, wrap_length) else "\n")
+                   for line, after in zip(lines, lines[1:] + [""]))[:len(text)]
+
+
+def _wrapped(line: str, after: str, wrap_length: int) -> bool:
+    line = line.rstrip()
+    return len(line) >= wrap_length and bool(after.strip()) and not line.endswith(END_PUNCTUATION)
+
+
+class C4Quality(C4QualityFilter):
+    """datatrove's C4 rules on unwrapped lines (see ``unwrap``): C4 keeps only lines ending in
+    terminal punctuation, so in hard-wrapped text it removed every line but a paragraph's last,
+    then the document for too few sentences. The kept text keeps its line breaks."""
+
+    JOINER = "\u2007"  # a space to str.split, no line break to str.splitlines, rare in text
+
+    def __init__(self, wrap_length: int, **rules):
+        super().__init__(**rules)
+        self.wrap_length = wrap_length
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if self.JOINER in doc.text:
+            return super().filter(doc)
+        doc.text = unwrap(doc.text, self.wrap_length, self.JOINER)
+        verdict = super().filter(doc)
+        doc.text = doc.text.replace(self.JOINER, "\n")
+        return verdict
+
+
+class FineWebQuality(FineWebQualityFilter):
+    """datatrove's FineWeb line rules on unwrapped lines (see ``unwrap``): the lines of wrapped
+    text are short, rarely end in punctuation, and repeat when a phrase does."""
+
+    def __init__(self, wrap_length: int, **rules):
+        super().__init__(**rules)
+        self.wrap_length = wrap_length
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return super().filter(Document(text=unwrap(doc.text, self.wrap_length), id=doc.id))
 
 
 class KeywordFilter(BaseFilter):
