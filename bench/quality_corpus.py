@@ -65,7 +65,7 @@ def docstrings() -> list[str]:
             continue
         nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef)))]
         docs = [inspect.cleandoc(d) for d in map(ast.get_docstring, nodes) if d]
-        texts.append("\n\n".join(docs))
+        texts.append("\n\n".join(dict.fromkeys(docs)))  # a docstring shared by methods once
     return texts
 
 

@@ -23,8 +23,10 @@ from curate_corpus import (  # noqa: E402
     ASTRONOMY_NOUNS,
     COOKING_NOUNS,
     article,
+    exact_copy,
     group,
     kind,
+    near_copy,
     planted_corpus,
     write_corpus,
 )
@@ -339,3 +341,108 @@ def test_text_and_parquet_inputs(tmp_path, format):
                                        f"input.format={format}", "input.text_field=body", "report.png=false"]))
     kept = [json.loads(line)["text"] for line in (tmp_path / "out/curated.jsonl").read_text().splitlines()]
     assert kept == [texts[0], texts[2]]
+
+
+def test_the_first_copy_in_input_order_survives_across_files(tmp_path):
+    """Each file is a task; datatrove alone keeps the copy with the smallest position inside its
+    own file (here the later files' copies), for exact and for near duplicates."""
+    import random
+
+    rng = random.Random(3)
+    texts = [article(rng, ASTRONOMY_NOUNS) for _ in range(5)]
+    exact, near = texts[3], texts[4]
+    files = [[("a-0", texts[0]), ("a-1", texts[1]), ("a-2", texts[2]), ("exact-first", exact), ("near-first", near)],
+             [("exact-second", exact), ("near-second", near_copy(near, rng))],
+             [("near-third", near_copy(near, rng)), ("exact-third", exact_copy(exact, rng))]]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for number, documents in enumerate(files):
+        (raw / f"part-{number}.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in documents))
+    path = tmp_path / "dedup.toml"
+    path.write_text(f'base = "{ASTRONOMY}"\nstages = ["exact_dedup", "minhash_dedup"]\n[report]\npng = false\n')
+    report = curate(load_curation_recipe(path, overrides(raw, tmp_path / "out"))).report
+    assert kept_ids(tmp_path / "out") == ["a-0", "a-1", "a-2", "exact-first", "near-first"]
+    dropped = {stage["stage"]: stage["dropped"]["documents"] for stage in report["stages"]}
+    assert dropped == {"exact_dedup": 2, "minhash_dedup": 2}
+
+
+# ------------------------------------------------------------------------------- edges
+
+
+def two_pass_recipe(tmp_path, raw: Path, *extra: str):
+    """Length filter, then exact dedup: the second pass reads what the first one kept."""
+    path = tmp_path / "edges.toml"
+    path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length", "exact_dedup"]\n[report]\npng = false\n')
+    return load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'out'}", *extra])
+
+
+@pytest.mark.parametrize("content, extra, skipped", [
+    ("", [], {}),                                                    # an empty file
+    ("\n  \n\n", [], {"blank_line": 3}),                             # blank lines only
+    ('{"text": "too short"}\n' * 3, ["stage.length.min_words=5"], {}),  # every document dropped
+])
+def test_nothing_to_keep_gives_an_empty_result_with_a_report(tmp_path, content, extra, skipped):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text(content)
+    report = curate(two_pass_recipe(tmp_path, raw, *extra)).report
+    assert (tmp_path / "out/curated.jsonl").read_text() == ""
+    assert report["total"]["kept"]["documents"] == 0
+    assert report["read"] == {"documents": content.count("too short"), "skipped_lines": skipped}
+
+
+def test_malformed_lines_are_counted_in_the_report(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = [json.dumps({"id": f"good-{i}", "text": f"document number {i} is fine"}) for i in range(3)]
+    (raw / "a.jsonl").write_text("\n".join([good[0], "{not json", good[1], "", '{"body": "no text"}',
+                                            '{"text": ""}', good[2], "[1, 2]"]) + "\n")
+    report = curate(two_pass_recipe(tmp_path, raw)).report
+    assert kept_ids(tmp_path / "out") == ["good-0", "good-1", "good-2"]
+    assert report["read"] == {"documents": 3, "skipped_lines": {"blank_line": 1, "no_text": 3, "not_json": 1}}
+
+
+def test_slurm_without_sbatch_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    message = refused(bad_recipe(tmp_path), "executor.kind=slurm", "executor.slurm.partition=cpu")
+    assert 'executor.kind = "slurm" but there is no sbatch command' in message
+
+
+def start_curation(planted, out: Path, **popen):
+    command = [sys.executable, "tools/curate.py", str(ASTRONOMY), *overrides(planted.raw, out, "executor.workers=2")]
+    return subprocess.Popen(command, cwd=ROOT, start_new_session=True, text=True, **popen)
+
+
+def wait_for_workers(process) -> list:
+    """The processes datatrove forked (a pool's workers and its manager), once there are some."""
+    import psutil
+
+    deadline = time.monotonic() + 120
+    while len(children := psutil.Process(process.pid).children(recursive=True)) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, "no worker pool started"
+        time.sleep(0.02)
+    return children
+
+
+def test_ctrl_c_says_how_to_resume_without_tracebacks(planted, tmp_path):
+    process = start_curation(planted, tmp_path / "out", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_workers(process)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("bigpt: interrupted; run the same command again to resume "
+                                               "(finished shards are kept).")
+
+
+def test_killing_the_main_process_ends_its_workers(planted, tmp_path):
+    import psutil
+
+    process = start_curation(planted, tmp_path / "out", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = wait_for_workers(process)
+    process.kill()
+    process.wait()
+    _, alive = psutil.wait_procs(children, timeout=60)
+    for child in alive:
+        child.kill()
+    assert not alive, [child.cmdline() for child in alive]

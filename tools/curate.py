@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.errors import reports_user_errors  # noqa: E402
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
@@ -36,7 +38,12 @@ def main(argv=None) -> int:
     from bigpt.curate.run import curate
 
     recipe = load_curation_recipe(args.recipe, args.overrides)
-    result = curate(recipe, restart=args.restart)
+    try:
+        result = curate(recipe, restart=args.restart)
+    except KeyboardInterrupt:
+        print("bigpt: interrupted; run the same command again to resume (finished shards are kept).",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result.report is None:
         print(f"submitted the curation jobs to SLURM; the last one writes {result.output}/curated.jsonl")
         return 0
@@ -44,6 +51,10 @@ def main(argv=None) -> int:
         rules = ", ".join(f"{rule} {counts['documents']:,}" for rule, counts in stage["dropped_by_rule"].items())
         print(f"{stage['stage']:>20}: {stage['in']['documents']:,} -> {stage['kept']['documents']:,} "
               f"documents" + (f" (dropped: {rules})" if rules else ""))
+    skipped = result.report["read"]["skipped_lines"]
+    if skipped:
+        print(f"skipped {sum(skipped.values()):,} input lines: "
+              + ", ".join(f"{reason} {count:,}" for reason, count in skipped.items()))
     total = result.report["total"]
     print(f"kept {total['kept']['documents']:,} of {total['in']['documents']:,} documents "
           f"({total['kept']['words']:,} of {total['in']['words']:,} words): "

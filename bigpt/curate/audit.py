@@ -18,6 +18,9 @@ LENGTH_BINS = 24
 """Histogram bin b holds documents of 2**(b-1) <= words < 2**b (bin 0: no words); the last
 bin holds everything longer."""
 
+SKIPPED_LINES = "audit/skipped_lines"
+"""Per task, the input lines the JSONL reader skipped, by reason: work/audit/skipped_lines/RANK.json."""
+
 EDITED = "edited_lines"
 """Pseudo drop reason: words a stage removed from documents it kept (C4 removes lines)."""
 

@@ -8,7 +8,7 @@ documents it kept (C4 removes lines) are counted under the rule "edited_lines".
 import json
 from pathlib import Path
 
-from bigpt.curate.audit import LENGTH_BINS
+from bigpt.curate.audit import LENGTH_BINS, SKIPPED_LINES
 from bigpt.curate.plan import stage_folder
 from bigpt.curate.recipe import CurationRecipe
 from bigpt.errors import BigptError
@@ -33,6 +33,7 @@ def build_report(recipe: CurationRecipe, work: Path, tasks: int) -> dict:
         "input": recipe.input.path,
         "output": str(Path(recipe.output.dir) / "curated.jsonl"),
         "word_unit": "whitespace-separated words",
+        "read": {"documents": first["in"]["documents"], "skipped_lines": _skipped_lines(work)},
         "total": {
             "in": first["in"], "kept": last["kept"],
             "dropped": {key: first["in"][key] - last["kept"][key] for key in ("documents", "words")},
@@ -44,6 +45,15 @@ def build_report(recipe: CurationRecipe, work: Path, tasks: int) -> dict:
             "before": first["hist_in"], "after": last["hist_kept"],
         },
     }
+
+
+def _skipped_lines(work: Path) -> dict:
+    """Input lines not read as documents, by reason (JSONL input only)."""
+    skipped: dict[str, int] = {}
+    for path in sorted((work / SKIPPED_LINES).glob("*.json")):
+        for reason, count in json.loads(path.read_text()).items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    return dict(sorted(skipped.items()))
 
 
 def _stage(name: str, records: list[dict]) -> dict:

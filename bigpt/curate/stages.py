@@ -15,15 +15,10 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import (
     ExactDedupConfig,
     ExactDedupFilter,
-    ExactDedupSignature,
     ExactFindDedups,
     MinhashConfig,
     MinhashDedupBuckets,
-    MinhashDedupCluster,
     MinhashDedupFilter,
-)
-from datatrove.pipeline.filters import (
-    GopherRepetitionFilter,
 )
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.hashing import HashConfig
@@ -78,7 +73,7 @@ def gopher_quality(p: recipe.GopherQualityStage, folder: str, tasks: int) -> Fil
 
 
 def gopher_repetition(p: recipe.GopherRepetitionStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(GopherRepetitionFilter(
+    return FilterStage(filters.GopherRepetition(
         dup_line_frac=p.dup_line_frac, dup_para_frac=p.dup_para_frac,
         dup_line_char_frac=p.dup_line_char_frac, dup_para_char_frac=p.dup_para_char_frac,
         top_n_grams=tuple(zip((2, 3, 4), p.top_n_gram_fracs)),
@@ -144,7 +139,7 @@ def exact_dedup(p: recipe.ExactDedupStage, folder: str, tasks: int) -> GlobalSta
                               hash_config=HASHING)
     signatures, duplicates = f"{folder}/signatures", f"{folder}/duplicates"
     return GlobalStage(
-        jobs=[Job("signatures", [ExactDedupSignature(signatures, config, finder_workers=tasks)],
+        jobs=[Job("signatures", [filters.InputOrderExactSignature(signatures, config, finder_workers=tasks)],
                   tasks, reads_previous_pass=True),
               Job("find", [ExactFindDedups(signatures, duplicates, config)], tasks)],
         block=ExactDedupFilter(duplicates, config), reason="exact_duplicate")
@@ -158,7 +153,7 @@ def minhash_dedup(p: recipe.MinhashDedupStage, folder: str, tasks: int) -> Globa
         jobs=[Job("signatures", [filters.MinhashSignatures(signatures, config)], tasks,
                   reads_previous_pass=True),
               Job("buckets", [MinhashDedupBuckets(signatures, buckets, config=config)], p.num_buckets),
-              Job("cluster", [MinhashDedupCluster(buckets, remove, config=config)], 1)],
+              Job("cluster", [filters.InputOrderCluster(buckets, remove, config=config)], 1)],
         block=MinhashDedupFilter(remove), reason="near_duplicate")
 
 
