@@ -446,3 +446,23 @@ def test_killing_the_main_process_ends_its_workers(planted, tmp_path):
     for child in alive:
         child.kill()
     assert not alive, [child.cmdline() for child in alive]
+
+
+def test_explain_mode_quotes_what_each_rule_drops_quietly(planted, tmp_path):
+    """--sample N runs the stages on the first N documents only, into OUTPUT/explain/; datatrove's
+    log lines stay out of the terminal."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "tools/curate.py", str(ASTRONOMY), *overrides(planted.raw, out),
+                             "--sample", "40"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    report = json.loads((out / "explain/report.json").read_text())
+    assert report["total"]["in"]["documents"] == 40
+    for stage in report["stages"]:
+        assert set(stage["excerpts"]) == {rule for rule, counts in stage["dropped_by_rule"].items() if counts["documents"]}
+        for rule, excerpts in stage["excerpts"].items():
+            assert 0 < len(excerpts) <= min(3, stage["dropped_by_rule"][rule]["documents"])
+            for excerpt in excerpts:
+                assert f"{excerpt['id']} ({excerpt['words']:,} words): {excerpt['text'][:100]}" in result.stdout
+    assert "gopher_short_doc: " in result.stdout and "boilerplate-" in result.stdout
+    assert not (out / "curated.jsonl").exists() and not (out / "work").exists()

@@ -7,6 +7,7 @@ interrupted curation resumes without redoing finished shards.
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,10 +23,14 @@ from bigpt.curate.stages import Job
 def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
     _load_word_tokenizers(recipe)
     multiprocess.util.register_after_fork(_follow_parent, _follow_parent)
-    for job in jobs:
+    for number, job in enumerate(jobs, 1):
+        started = time.perf_counter()
         LocalPipelineExecutor(job.pipeline, tasks=job.tasks, workers=min(recipe.executor.workers, job.tasks),
                               logging_dir=str(work / "logs" / job.name),
                               start_method="forkserver" if job.fresh_processes else "fork").run()
+        if sys.stderr.isatty():
+            print(f"bigpt: [{number}/{len(jobs)}] {job.name}: {job.tasks} tasks done in "
+                  f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
 def _follow_parent(_=None) -> None:

@@ -83,6 +83,9 @@ class ReportConfig:
 
     png: bool = True
     """Also draw report.png (drop reasons, document length before/after); needs matplotlib."""
+    excerpts: int = non_negative(0)
+    """Dropped documents quoted per stage and rule in report.json (the first ones of each task);
+    tools/curate.py --sample sets 3."""
 
 
 # ------------------------------------------------------------------ stage parameter tables

@@ -12,13 +12,14 @@ A re-run with the same recipe and input resumes; with a different one it is refu
 work files would mix two curations) unless started over with ``restart``.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigpt.curate.recipe import MODEL_FILES, CurationRecipe
+from bigpt.curate.recipe import MODEL_FILES, CurationRecipe, InputConfig, OutputConfig
 from bigpt.errors import BigptError
 from bigpt.recipe.serialize import recipe_to_dict
 
@@ -69,6 +70,33 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
 
     run_local(recipe, jobs, work)
     return CurationResult(out, Finalizer(recipe, out, tasks).finalize())
+
+
+EXPLAIN = "explain"
+EXPLAIN_EXCERPTS = 3
+
+
+def explain(recipe: CurationRecipe, sample: int) -> CurationResult:
+    """Run the recipe's stages on the first ``sample`` documents of its input (in input order),
+    quoting what each rule drops: OUTPUT/explain/ gets sample.jsonl and that run's curated.jsonl,
+    report.json (with excerpts) and report.png. Redone from scratch each time; the full
+    curation's files are not touched."""
+    from itertools import islice
+
+    from bigpt.curate.inputs import input_files, input_reader
+
+    folder = Path(recipe.output.dir) / EXPLAIN
+    folder.mkdir(parents=True, exist_ok=True)
+    files = input_files(recipe.input)
+    reader = input_reader(recipe.input, files, folder / "sample_of.txt", folder / "sample_skipped_lines")()
+    with open(folder / "sample.jsonl", "w") as out:
+        for doc in islice(reader.run(None, 0, 1), sample):
+            out.write(json.dumps({**doc.metadata, "id": doc.id, "text": doc.text}) + "\n")
+    sampled = dataclasses.replace(
+        recipe, input=InputConfig(path=str(folder / "sample.jsonl")), output=OutputConfig(dir=str(folder)),
+        executor=dataclasses.replace(recipe.executor, kind="local", tasks=0),
+        report=dataclasses.replace(recipe.report, excerpts=EXPLAIN_EXCERPTS))
+    return curate(sampled, restart=True)
 
 
 class Finalizer:
