@@ -1,6 +1,6 @@
 """How well the shipped curation recipes keep good text and remove bad text, on a labelled set.
 
-    OMP_NUM_THREADS=1 python bench/curate_quality.py [--workers 2] [--per-genre 100] [--per-defect 60]
+    OMP_NUM_THREADS=1 python bench/curate_quality.py [--workers 2] [--per-genre 100] [--per-defect 60] [--set FILE]
 
 Builds the evaluation set of bench/quality_corpus.py (clean prose of five genres found on this
 machine, plus planted defects), runs every recipe of recipes/data/ on it with tools/curate.py's
@@ -97,9 +97,16 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--per-genre", type=int, default=100)
     parser.add_argument("--per-defect", type=int, default=60)
+    parser.add_argument("--set", type=Path, help="a JSONL file of the evaluation set: read when it exists, else "
+                        "built and written there (the machine's man pages and READMEs change as packages do)")
     parser.add_argument("--recipes", nargs="*", default=sorted(str(p) for p in (REPO / "recipes/data").glob("*.toml")))
     args = parser.parse_args(argv)
-    documents = evaluation_set(per_genre=args.per_genre, per_defect=args.per_defect)
+    if args.set and args.set.exists():
+        documents = [json.loads(line) for line in args.set.open()]
+    else:
+        documents = evaluation_set(per_genre=args.per_genre, per_defect=args.per_defect)
+        if args.set:
+            args.set.write_text("".join(json.dumps(doc) + "\n" for doc in documents))
     counts = Counter(kind(doc["id"]) for doc in documents)
     print(f"curate quality: {len(documents)} documents ({counts['clean']} clean in {len(GENRES)} genres, "
           f"{args.per_defect} of each of {len(DEFECTS)} defects), "

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -466,3 +467,44 @@ def test_explain_mode_quotes_what_each_rule_drops_quietly(planted, tmp_path):
                 assert f"{excerpt['id']} ({excerpt['words']:,} words): {excerpt['text'][:100]}" in result.stdout
     assert "gopher_short_doc: " in result.stdout and "boilerplate-" in result.stdout
     assert not (out / "curated.jsonl").exists() and not (out / "work").exists()
+
+
+# ------------------------------------------------------------------------------- rule fixes
+
+WRAPPED_MANUAL = """The open() call returns a file object (see io.open), e.g. f = open(path, "rb");
+its mode defaults to "r", and -1 means the default buffer size [see below].  When the file
+cannot be opened, an OSError is raised (errno, strerror) to the caller of the function.
+
+Text read from the file is decoded with the locale's encoding, unless encoding= is given; in
+binary mode, bytes are returned as they are, with no decoding and no newline translation at
+all.  The file is closed by close(), or when the object is collected by the runtime again.
+Home
+About us
+Contact"""
+
+
+def test_word_rules_count_words_not_punctuation_and_wrapped_lines_are_read_as_paragraphs():
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter
+
+    from bigpt.curate import stages
+    from bigpt.curate.recipe import C4Stage, FineWebQualityStage, GopherQualityStage, GopherRepetitionStage
+
+    def verdict(block, text=WRAPPED_MANUAL):
+        doc = Document(text=text, id="0")
+        return block.filter(doc), doc.text
+
+    # datatrove counts "(", "," and "." as words: under 80% alphabetic "words"; Gopher's words pass
+    assert verdict(GopherQualityFilter(min_doc_words=10))[0] == (False, "gopher_below_alpha_threshold")
+    assert verdict(stages.gopher_quality(GopherQualityStage(min_doc_words=10), "", 1).block)[0] is True
+    assert verdict(stages.gopher_repetition(GopherRepetitionStage(), "", 1).block)[0] is True
+    # C4 keeps only lines ending a sentence: datatrove keeps 2 of 6 wrapped lines, too few sentences
+    assert verdict(C4QualityFilter(min_num_sentences=4))[0] == (False, "too_few_sentences")
+    kept, text = verdict(stages.c4(C4Stage(min_num_sentences=4), "", 1).block)
+    # the wrapped lines kept as they were; the blank line and the menu removed (C4's own rules)
+    assert kept is True and text == WRAPPED_MANUAL.rsplit("\nHome", 1)[0].replace("\n\n", "\n")
+    # FineWeb wants 12% of lines to end in punctuation: one paragraph wrapped over 12 lines has 8%
+    paragraph = textwrap.fill(" ".join(f"the file object number {n} is read and decoded" for n in range(20)), 72) + "."
+    for wrap_length, expected in ((0, (False, "line_punct_ratio")), (40, True)):
+        fineweb = stages.fineweb_quality(FineWebQualityStage(wrap_length=wrap_length), "", 1).block
+        assert verdict(fineweb, paragraph)[0] == expected
