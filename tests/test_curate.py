@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,8 +24,10 @@ from curate_corpus import (  # noqa: E402
     ASTRONOMY_NOUNS,
     COOKING_NOUNS,
     article,
+    exact_copy,
     group,
     kind,
+    near_copy,
     planted_corpus,
     write_corpus,
 )
@@ -339,3 +342,169 @@ def test_text_and_parquet_inputs(tmp_path, format):
                                        f"input.format={format}", "input.text_field=body", "report.png=false"]))
     kept = [json.loads(line)["text"] for line in (tmp_path / "out/curated.jsonl").read_text().splitlines()]
     assert kept == [texts[0], texts[2]]
+
+
+def test_the_first_copy_in_input_order_survives_across_files(tmp_path):
+    """Each file is a task; datatrove alone keeps the copy with the smallest position inside its
+    own file (here the later files' copies), for exact and for near duplicates."""
+    import random
+
+    rng = random.Random(3)
+    texts = [article(rng, ASTRONOMY_NOUNS) for _ in range(5)]
+    exact, near = texts[3], texts[4]
+    files = [[("a-0", texts[0]), ("a-1", texts[1]), ("a-2", texts[2]), ("exact-first", exact), ("near-first", near)],
+             [("exact-second", exact), ("near-second", near_copy(near, rng))],
+             [("near-third", near_copy(near, rng)), ("exact-third", exact_copy(exact, rng))]]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for number, documents in enumerate(files):
+        (raw / f"part-{number}.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in documents))
+    path = tmp_path / "dedup.toml"
+    path.write_text(f'base = "{ASTRONOMY}"\nstages = ["exact_dedup", "minhash_dedup"]\n[report]\npng = false\n')
+    report = curate(load_curation_recipe(path, overrides(raw, tmp_path / "out"))).report
+    assert kept_ids(tmp_path / "out") == ["a-0", "a-1", "a-2", "exact-first", "near-first"]
+    dropped = {stage["stage"]: stage["dropped"]["documents"] for stage in report["stages"]}
+    assert dropped == {"exact_dedup": 2, "minhash_dedup": 2}
+
+
+# ------------------------------------------------------------------------------- edges
+
+
+def two_pass_recipe(tmp_path, raw: Path, *extra: str):
+    """Length filter, then exact dedup: the second pass reads what the first one kept."""
+    path = tmp_path / "edges.toml"
+    path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length", "exact_dedup"]\n[report]\npng = false\n')
+    return load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'out'}", *extra])
+
+
+@pytest.mark.parametrize("content, extra, skipped", [
+    ("", [], {}),                                                    # an empty file
+    ("\n  \n\n", [], {"blank_line": 3}),                             # blank lines only
+    ('{"text": "too short"}\n' * 3, ["stage.length.min_words=5"], {}),  # every document dropped
+])
+def test_nothing_to_keep_gives_an_empty_result_with_a_report(tmp_path, content, extra, skipped):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text(content)
+    report = curate(two_pass_recipe(tmp_path, raw, *extra)).report
+    assert (tmp_path / "out/curated.jsonl").read_text() == ""
+    assert report["total"]["kept"]["documents"] == 0
+    assert report["read"] == {"documents": content.count("too short"), "skipped_lines": skipped}
+
+
+def test_malformed_lines_are_counted_in_the_report(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = [json.dumps({"id": f"good-{i}", "text": f"document number {i} is fine"}) for i in range(3)]
+    (raw / "a.jsonl").write_text("\n".join([good[0], "{not json", good[1], "", '{"body": "no text"}',
+                                            '{"text": ""}', good[2], "[1, 2]"]) + "\n")
+    report = curate(two_pass_recipe(tmp_path, raw)).report
+    assert kept_ids(tmp_path / "out") == ["good-0", "good-1", "good-2"]
+    assert report["read"] == {"documents": 3, "skipped_lines": {"blank_line": 1, "no_text": 3, "not_json": 1}}
+
+
+def test_slurm_without_sbatch_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    message = refused(bad_recipe(tmp_path), "executor.kind=slurm", "executor.slurm.partition=cpu")
+    assert 'executor.kind = "slurm" but there is no sbatch command' in message
+
+
+def start_curation(planted, out: Path, **popen):
+    command = [sys.executable, "tools/curate.py", str(ASTRONOMY), *overrides(planted.raw, out, "executor.workers=2")]
+    return subprocess.Popen(command, cwd=ROOT, start_new_session=True, text=True, **popen)
+
+
+def wait_for_workers(process) -> list:
+    """The processes datatrove forked (a pool's workers and its manager), once there are some."""
+    import psutil
+
+    deadline = time.monotonic() + 120
+    while len(children := psutil.Process(process.pid).children(recursive=True)) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, "no worker pool started"
+        time.sleep(0.02)
+    return children
+
+
+def test_ctrl_c_says_how_to_resume_without_tracebacks(planted, tmp_path):
+    process = start_curation(planted, tmp_path / "out", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_workers(process)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("bigpt: interrupted; run the same command again to resume "
+                                               "(finished shards are kept).")
+
+
+def test_killing_the_main_process_ends_its_workers(planted, tmp_path):
+    import psutil
+
+    process = start_curation(planted, tmp_path / "out", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = wait_for_workers(process)
+    process.kill()
+    process.wait()
+    _, alive = psutil.wait_procs(children, timeout=60)
+    for child in alive:
+        child.kill()
+    assert not alive, [child.cmdline() for child in alive]
+
+
+def test_explain_mode_quotes_what_each_rule_drops_quietly(planted, tmp_path):
+    """--sample N runs the stages on the first N documents only, into OUTPUT/explain/; datatrove's
+    log lines stay out of the terminal."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "tools/curate.py", str(ASTRONOMY), *overrides(planted.raw, out),
+                             "--sample", "40"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    report = json.loads((out / "explain/report.json").read_text())
+    assert report["total"]["in"]["documents"] == 40
+    for stage in report["stages"]:
+        assert set(stage["excerpts"]) == {rule for rule, counts in stage["dropped_by_rule"].items() if counts["documents"]}
+        for rule, excerpts in stage["excerpts"].items():
+            assert 0 < len(excerpts) <= min(3, stage["dropped_by_rule"][rule]["documents"])
+            for excerpt in excerpts:
+                assert f"{excerpt['id']} ({excerpt['words']:,} words): {excerpt['text'][:100]}" in result.stdout
+    assert "gopher_short_doc: " in result.stdout and "boilerplate-" in result.stdout
+    assert not (out / "curated.jsonl").exists() and not (out / "work").exists()
+
+
+# ------------------------------------------------------------------------------- rule fixes
+
+WRAPPED_MANUAL = """The open() call returns a file object (see io.open), e.g. f = open(path, "rb");
+its mode defaults to "r", and -1 means the default buffer size [see below].  When the file
+cannot be opened, an OSError is raised (errno, strerror) to the caller of the function.
+
+Text read from the file is decoded with the locale's encoding, unless encoding= is given; in
+binary mode, bytes are returned as they are, with no decoding and no newline translation at
+all.  The file is closed by close(), or when the object is collected by the runtime again.
+Home
+About us
+Contact"""
+
+
+def test_word_rules_count_words_not_punctuation_and_wrapped_lines_are_read_as_paragraphs():
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter
+
+    from bigpt.curate import stages
+    from bigpt.curate.recipe import C4Stage, FineWebQualityStage, GopherQualityStage, GopherRepetitionStage
+
+    def verdict(block, text=WRAPPED_MANUAL):
+        doc = Document(text=text, id="0")
+        return block.filter(doc), doc.text
+
+    # datatrove counts "(", "," and "." as words: under 80% alphabetic "words"; Gopher's words pass
+    assert verdict(GopherQualityFilter(min_doc_words=10))[0] == (False, "gopher_below_alpha_threshold")
+    assert verdict(stages.gopher_quality(GopherQualityStage(min_doc_words=10), "", 1).block)[0] is True
+    assert verdict(stages.gopher_repetition(GopherRepetitionStage(), "", 1).block)[0] is True
+    # C4 keeps only lines ending a sentence: datatrove keeps 2 of 6 wrapped lines, too few sentences
+    assert verdict(C4QualityFilter(min_num_sentences=4))[0] == (False, "too_few_sentences")
+    kept, text = verdict(stages.c4(C4Stage(min_num_sentences=4), "", 1).block)
+    # the wrapped lines kept as they were; the blank line and the menu removed (C4's own rules)
+    assert kept is True and text == WRAPPED_MANUAL.rsplit("\nHome", 1)[0].replace("\n\n", "\n")
+    # FineWeb wants 12% of lines to end in punctuation: one paragraph wrapped over 12 lines has 8%
+    paragraph = textwrap.fill(" ".join(f"the file object number {n} is read and decoded" for n in range(20)), 72) + "."
+    for wrap_length, expected in ((0, (False, "line_punct_ratio")), (40, True)):
+        fineweb = stages.fineweb_quality(FineWebQualityStage(wrap_length=wrap_length), "", 1).block
+        assert verdict(fineweb, paragraph)[0] == expected

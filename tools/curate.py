@@ -10,12 +10,16 @@ redone. Needs the curation extra: pip install -e '.[curate]'.
 """
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import reports_user_errors  # noqa: E402
+from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 
 
 def parse_args(argv=None):
@@ -26,6 +30,11 @@ def parse_args(argv=None):
                         help="dotted overrides, e.g. stage.gopher_quality.min_doc_words=30")
     parser.add_argument("--restart", action="store_true",
                         help="discard the output directory's earlier work and start over")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show datatrove's own log lines and warnings (always in work/logs/)")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="explain mode: run the stages on the first N documents only and show, per "
+                             "stage and rule, what it drops with excerpts (written to OUTPUT/explain/)")
     return parser.parse_args(argv)
 
 
@@ -33,20 +42,41 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bigpt.curate import load_curation_recipe
-    from bigpt.curate.run import curate
+    from bigpt.curate.run import curate, explain
 
     recipe = load_curation_recipe(args.recipe, args.overrides)
-    result = curate(recipe, restart=args.restart)
+    if args.sample is not None and args.sample < 1:
+        raise BigptError(f"--sample takes a number of documents, 1 or more; got {args.sample}.")
+    if not args.verbose:
+        from loguru import logger
+
+        logger.disable("datatrove")  # hundreds of lines a run; forked workers inherit this
+        os.environ["TQDM_DISABLE"] = "1"  # and its progress bars of sub-second steps
+    started = time.perf_counter()
+    try:
+        result = explain(recipe, args.sample) if args.sample else curate(recipe, restart=args.restart)
+    except KeyboardInterrupt:
+        print("bigpt: interrupted; run the same command again to resume (finished shards are kept).",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result.report is None:
         print(f"submitted the curation jobs to SLURM; the last one writes {result.output}/curated.jsonl")
         return 0
     for stage in result.report["stages"]:
-        rules = ", ".join(f"{rule} {counts['documents']:,}" for rule, counts in stage["dropped_by_rule"].items())
-        print(f"{stage['stage']:>20}: {stage['in']['documents']:,} -> {stage['kept']['documents']:,} "
-              f"documents" + (f" (dropped: {rules})" if rules else ""))
+        print(f"{stage['stage']:>20}: {stage['in']['documents']:,} -> {stage['kept']['documents']:,} documents")
+        for rule, counts in stage["dropped_by_rule"].items():
+            print(f"{'':>22}{rule}: {counts['documents']:,} documents, {counts['words']:,} words")
+            for excerpt in stage["excerpts"].get(rule, []):
+                print(f"{'':>24}{excerpt['id']} ({excerpt['words']:,} words): {excerpt['text'][:100]}")
+    skipped = result.report["read"]["skipped_lines"]
+    if skipped:
+        print(f"skipped {sum(skipped.values()):,} input lines: "
+              + ", ".join(f"{reason} {count:,}" for reason, count in skipped.items()))
     total = result.report["total"]
+    seconds = time.perf_counter() - started
     print(f"kept {total['kept']['documents']:,} of {total['in']['documents']:,} documents "
-          f"({total['kept']['words']:,} of {total['in']['words']:,} words): "
+          f"({total['kept']['words']:,} of {total['in']['words']:,} words) in {seconds:.1f} s "
+          f"({total['in']['documents'] / seconds:,.0f} documents/s): "
           f"{result.output}/curated.jsonl, report.json, report.png")
     return 0
 

@@ -18,6 +18,9 @@ LENGTH_BINS = 24
 """Histogram bin b holds documents of 2**(b-1) <= words < 2**b (bin 0: no words); the last
 bin holds everything longer."""
 
+SKIPPED_LINES = "audit/skipped_lines"
+"""Per task, the input lines the JSONL reader skipped, by reason: work/audit/skipped_lines/RANK.json."""
+
 EDITED = "edited_lines"
 """Pseudo drop reason: words a stage removed from documents it kept (C4 removes lines)."""
 
@@ -30,14 +33,19 @@ def length_bin(words: int) -> int:
     return min(words.bit_length(), LENGTH_BINS - 1)
 
 
-class Tally:
-    """One task's counts for one stage."""
+EXCERPT_CHARACTERS = 240
 
-    def __init__(self):
+
+class Tally:
+    """One task's counts for one stage, and the first ``excerpts`` dropped documents per reason."""
+
+    def __init__(self, excerpts: int = 0):
         self.counts = {"in": [0, 0], "kept": [0, 0]}
         self.dropped: dict[str, list[int]] = {}
         self.hist_in = [0] * LENGTH_BINS
         self.hist_kept = [0] * LENGTH_BINS
+        self.excerpts_per_reason = excerpts
+        self.excerpts: dict[str, list[dict]] = {}
 
     def add(self, side: str, words: int, reason: str | None = None) -> None:
         """side: "in", "kept" or "dropped" (with a reason)."""
@@ -47,6 +55,12 @@ class Tally:
         if side != "dropped":
             (self.hist_in if side == "in" else self.hist_kept)[length_bin(words)] += 1
 
+    def drop(self, doc: Document, words: int, reason: str) -> None:
+        self.add("dropped", words, reason)
+        excerpts = self.excerpts.setdefault(reason, [])
+        if len(excerpts) < self.excerpts_per_reason:
+            excerpts.append({"id": doc.id, "words": words, "text": " ".join(doc.text.split())[:EXCERPT_CHARACTERS]})
+
     def add_words_removed(self, words: int) -> None:
         if words:
             self.dropped.setdefault(EDITED, [0, 0])[1] += words
@@ -55,7 +69,8 @@ class Tally:
         path = Path(folder) / f"{rank:05d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"in": self.counts["in"], "kept": self.counts["kept"], "dropped": self.dropped,
-                  "hist_in": self.hist_in, "hist_kept": self.hist_kept}
+                  "hist_in": self.hist_in, "hist_kept": self.hist_kept,
+                  "excerpts": {reason: found for reason, found in self.excerpts.items() if found}}
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(record))
         os.replace(temporary, path)
@@ -64,10 +79,10 @@ class Tally:
 class AuditedFilter(BaseFilter):
     """A datatrove filter, counted per drop reason (``default_reason`` when it gives none)."""
 
-    def __init__(self, inner: BaseFilter, folder: str, default_reason: str):
+    def __init__(self, inner: BaseFilter, folder: str, default_reason: str, excerpts: int = 0):
         self.name = inner.name  # before the base class names its stats after it
         super().__init__(batch_size=inner.batch_size)
-        self.inner, self.folder, self.default_reason = inner, folder, default_reason
+        self.inner, self.folder, self.default_reason, self.excerpts = inner, folder, default_reason, excerpts
 
     def filter(self, doc: Document):
         return self.filter_batch([doc])[0]
@@ -83,11 +98,11 @@ class AuditedFilter(BaseFilter):
                 self.tally.add("kept", words_kept)
                 self.tally.add_words_removed(words - words_kept)
             else:
-                self.tally.add("dropped", words, reason or self.default_reason)
+                self.tally.drop(doc, words, reason or self.default_reason)
         return results
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        self.tally = Tally()
+        self.tally = Tally(self.excerpts)
         yield from super().run(data, rank, world_size)
         self.tally.save(self.folder, rank)
 
@@ -96,14 +111,14 @@ class AuditedStep(PipelineStep):
     """A step that only drops documents (a dedup filter): what goes in and does not come out
     is counted under ``reason``."""
 
-    def __init__(self, inner: PipelineStep, folder: str, reason: str):
+    def __init__(self, inner: PipelineStep, folder: str, reason: str, excerpts: int = 0):
         super().__init__()
-        self.inner, self.folder, self.reason = inner, folder, reason
+        self.inner, self.folder, self.reason, self.excerpts = inner, folder, reason, excerpts
         self.name, self.type = inner.name, inner.type
         self.stats = inner.stats  # datatrove's stats.json shows the inner step's own counts
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        tally = Tally()
+        tally = Tally(self.excerpts)
         entered: deque[tuple[Document, int]] = deque()
 
         def counted(documents):
@@ -115,9 +130,9 @@ class AuditedStep(PipelineStep):
 
         for doc in self.inner.run(counted(data), rank, world_size):
             while entered[0][0] is not doc:  # order is kept: what entered before it was dropped
-                tally.add("dropped", entered.popleft()[1], self.reason)
+                tally.drop(*entered.popleft(), self.reason)
             tally.add("kept", entered.popleft()[1])
             yield doc
-        for _, words in entered:
-            tally.add("dropped", words, self.reason)
+        for dropped, words in entered:
+            tally.drop(dropped, words, self.reason)
         tally.save(self.folder, rank)

@@ -5,8 +5,14 @@ per finished task there and skips marked tasks when the same job runs again, whi
 interrupted curation resumes without redoing finished shards.
 """
 
+import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
+import multiprocess.util
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.utils.word_tokenizers import load_word_tokenizer
 
@@ -16,10 +22,30 @@ from bigpt.curate.stages import Job
 
 def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
     _load_word_tokenizers(recipe)
-    for job in jobs:
+    multiprocess.util.register_after_fork(_follow_parent, _follow_parent)
+    for number, job in enumerate(jobs, 1):
+        started = time.perf_counter()
         LocalPipelineExecutor(job.pipeline, tasks=job.tasks, workers=min(recipe.executor.workers, job.tasks),
                               logging_dir=str(work / "logs" / job.name),
                               start_method="forkserver" if job.fresh_processes else "fork").run()
+        if sys.stderr.isatty():
+            print(f"bigpt: [{number}/{len(jobs)}] {job.name}: {job.tasks} tasks done in "
+                  f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+
+def _follow_parent(_=None) -> None:
+    """Run first in every process datatrove forks (its pool's workers, its manager): leave Ctrl-C
+    to the main process, which stops them (no traceback from each), and exit when the main
+    process is gone (killed, they would wait for their next task forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _load_word_tokenizers(recipe: CurationRecipe) -> None:

@@ -7,15 +7,31 @@ that copy after the file is retrained), the MinHash signature step pickles light
 plain-text reader reads one document per line.
 """
 
+import json
 import re
+import struct
+from collections import Counter
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from datatrove.data import Document
-from datatrove.pipeline.dedup import MinhashDedupSignature
-from datatrove.pipeline.filters import FastTextClassifierFilter, LanguageFilter
+from datatrove.pipeline.dedup import ExactDedupSignature, MinhashDedupCluster, MinhashDedupSignature
+from datatrove.pipeline.filters import (
+    C4QualityFilter,
+    FastTextClassifierFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    LanguageFilter,
+)
+from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
+from datatrove.pipeline.filters.c4_filters import END_PUNCTUATION
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.readers.base import BaseDiskReader
+from datatrove.utils.binaryio import read_tuples_from_file
 from datatrove.utils.lid import FastTextLID
+from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 from datatrove.utils.word_tokenizers import load_word_tokenizer
 
 
@@ -39,6 +55,105 @@ class LengthFilter(BaseFilter):
         if words > self.max_words:
             return False, "too_long"
         return True
+
+
+class GopherQuality(GopherQualityFilter):
+    """datatrove's Gopher quality rules, with the alphabetic-word share taken over words as Gopher
+    means them: its word tokenizer makes every bracket, comma and full stop a "word", so
+    technical prose and manuals (``f(x)``, ``e.g.,``) fell below 80% alphabetic words."""
+
+    def __init__(self, min_alpha_words_ratio: float, **rules):
+        super().__init__(max_non_alpha_words_ratio=None, **rules)
+        self.min_alpha_words_ratio = min_alpha_words_ratio
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        verdict = super().filter(doc)
+        if verdict is not True or not self.min_alpha_words_ratio:
+            return verdict
+        words = _words(doc.text, self.language)
+        if sum(any(c.isalpha() for c in w) for w in words) < self.min_alpha_words_ratio * len(words):
+            return False, "gopher_below_alpha_threshold"
+        return True
+
+
+def unwrap(text: str, wrap_length: int, joiner: str = " ") -> str:
+    """``text`` with hard line wraps replaced by ``joiner``. Web pages break lines between
+    paragraphs, menu items and headings, and the C4 and FineWeb line rules read a line so;
+    text wrapped at a fixed width (manuals, licenses, READMEs, docstrings) also breaks inside
+    sentences. A line of ``wrap_length`` characters or more that does not end a sentence and is
+    followed by a non-blank line is read as wrapped; short lines (menus, headings) stay
+    lines. 0 = no unwrapping."""
+    if not wrap_length:
+        return text
+    lines = text.splitlines()
+    return "".join(line + (joiner if _wrapped(line, after, wrap_length) else "\n")
+                   for line, after in zip(lines, lines[1:] + [""]))[:len(text)]
+
+
+def _wrapped(line: str, after: str, wrap_length: int) -> bool:
+    line = line.rstrip()
+    return len(line) >= wrap_length and bool(after.strip()) and not line.endswith(END_PUNCTUATION)
+
+
+class C4Quality(C4QualityFilter):
+    """datatrove's C4 rules on unwrapped lines (see ``unwrap``): C4 keeps only lines ending in
+    terminal punctuation, so in hard-wrapped text it removed every line but a paragraph's last,
+    then the document for too few sentences. The kept text keeps its line breaks."""
+
+    JOINER = "\u2007"  # a space to str.split, no line break to str.splitlines, rare in text
+
+    def __init__(self, wrap_length: int, **rules):
+        super().__init__(**rules)
+        self.wrap_length = wrap_length
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if self.JOINER in doc.text:
+            return super().filter(doc)
+        doc.text = unwrap(doc.text, self.wrap_length, self.JOINER)
+        verdict = super().filter(doc)
+        doc.text = doc.text.replace(self.JOINER, "\n")
+        return verdict
+
+
+class FineWebQuality(FineWebQualityFilter):
+    """datatrove's FineWeb line rules on unwrapped lines (see ``unwrap``): the lines of wrapped
+    text are short, rarely end in punctuation, and repeat when a phrase does."""
+
+    def __init__(self, wrap_length: int, **rules):
+        super().__init__(**rules)
+        self.wrap_length = wrap_length
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return super().filter(Document(text=unwrap(doc.text, self.wrap_length), id=doc.id))
+
+
+class GopherRepetition(GopherRepetitionFilter):
+    """datatrove's Gopher repetition rules, with the n-gram rules over words that are not
+    punctuation (see GopherQuality): n-grams of brackets and commas repeat in any technical
+    text, ``( default : None )`` in every other line of an API reference."""
+
+    def __init__(self, top_n_grams, dup_n_grams, **rules):
+        super().__init__(top_n_grams=(), dup_n_grams=(), **rules)
+        self.word_top_n_grams, self.word_dup_n_grams = top_n_grams, dup_n_grams
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        verdict = super().filter(doc)
+        if verdict is not True:
+            return verdict
+        words = _words(doc.text, self.language)
+        for n, fraction in self.word_top_n_grams:
+            n_grams = get_n_grams(words, n)
+            if n_grams and find_top_duplicate(n_grams) > fraction * len(doc.text):
+                return False, f"top_{n}_gram"
+        for n, fraction in self.word_dup_n_grams:
+            if find_all_duplicate(words, n) > fraction * len(doc.text):
+                return False, f"duplicated_{n}_n_grams"
+        return True
+
+
+def _words(text: str, language: str) -> list[str]:
+    """Words as Gopher means them: tokens with a character that is not punctuation."""
+    return [word for word in split_into_words(text, language) if not set(word) <= PUNCTUATION_SET]
 
 
 class KeywordFilter(BaseFilter):
@@ -145,6 +260,87 @@ class MinhashSignatures(MinhashDedupSignature):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.word_tokenizer = load_word_tokenizer(self.language)
+
+
+class InputOrderExactSignature(ExactDedupSignature):
+    """datatrove's exact-dedup signatures, ranked so the first copy in input order survives:
+    datatrove keeps the copy with the smallest position inside its task's shard, whatever the
+    task; here an earlier task (an earlier part of the input) ranks first, then the position."""
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        self.priority = 65535 - rank  # 16 bits, highest first (run.MAX_DEDUP_TASKS)
+        return super().run(data, rank, world_size)
+
+    def get_hashes(self, doc: Document, doc_idx: int):
+        return [(hash_value, self.priority, index) for hash_value, _, index in super().get_hashes(doc, doc_idx)]
+
+
+class InputOrderCluster(MinhashDedupCluster):
+    """datatrove's MinHash clustering, keeping each cluster's first document in input order
+    (task, then position in the task's shard); datatrove keeps the root of its union by size."""
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+        def root(node):
+            while parent.get(node, node) != node:
+                parent[node] = node = parent.get(parent[node], parent[node])
+            return node
+
+        with self.track_time():
+            for name in self.input_folder.list_files(glob_pattern="*.dups"):
+                with self.input_folder.open(name, "rb") as pairs:
+                    for f1, d1, f2, d2 in read_tuples_from_file(pairs, "4I", lines_to_buffer=self.lines_to_buffer):
+                        a, b = root((f1, d1)), root((f2, d2))
+                        if a != b:
+                            parent[max(a, b)] = min(a, b)
+            with self.output_folder.get_output_file_manager(mode="wb") as removed:
+                for task, position in sorted(node for node in parent if root(node) != node):
+                    removed.write(f"{task:06d}.remove", struct.pack("<I", position))
+                    self.stat_update("to_remove")
+
+
+class CountingJsonlReader(JsonlReader):
+    """datatrove's JSONL reader, counting the lines it skips and why (blank_line, not_json,
+    no_text: no non-empty string under the text field, not_utf8: the rest of a file that is
+    not UTF-8) in ``skipped_folder/RANK.json``; datatrove only logs them."""
+
+    def __init__(self, data_folder: str, skipped_folder: str, **options):
+        super().__init__(data_folder, **options)
+        self.skipped_folder = skipped_folder
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        self.skipped = Counter()
+        yield from super().run(data, rank, world_size)
+        path = Path(self.skipped_folder) / f"{rank:05d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(sorted(self.skipped.items()))))
+
+    def read_file(self, filepath: str):
+        with self.data_folder.open(filepath, "r", compression=self.compression) as lines:
+            try:
+                for number, line in enumerate(lines):
+                    with self.track_time():
+                        document = self._document(line, filepath, number)
+                    if document:
+                        yield document
+            except UnicodeDecodeError:
+                self.skipped["not_utf8"] += 1
+
+    def _document(self, line: str, filepath: str, number: int) -> Document | None:
+        if not line.strip():
+            self.skipped["blank_line"] += 1
+            return None
+        try:
+            record = json.loads(line)
+        except ValueError:
+            self.skipped["not_json"] += 1
+            return None
+        text = record.get(self.text_key) if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text:
+            self.skipped["no_text"] += 1
+            return None
+        return self.get_document_from_dict(record, filepath, number)
 
 
 class TextLineReader(BaseDiskReader):

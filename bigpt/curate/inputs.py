@@ -81,16 +81,20 @@ def _open_text(file: Path):
     return open(file, encoding="utf-8")
 
 
-def input_reader(config: InputConfig, files: list[Path], paths_file: Path):
+def input_reader(config: InputConfig, files: list[Path], paths_file: Path, skipped: Path):
     """A datatrove reader of exactly ``files`` (listed in ``paths_file``, relative to their
-    common folder), sharded by file over the tasks."""
-    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+    common folder), sharded by file over the tasks; the JSONL reader counts the lines it skips
+    in ``skipped/RANK.json``."""
+    from datatrove.pipeline.readers import ParquetReader
 
-    from bigpt.curate.filters import TextLineReader
+    from bigpt.curate.filters import CountingJsonlReader, TextLineReader
 
     root = Path(os.path.commonpath([file.parent for file in files]))
     paths_file.parent.mkdir(parents=True, exist_ok=True)
     paths_file.write_text("".join(f"{file.relative_to(root)}\n" for file in files))
-    reader = {"jsonl": JsonlReader, "parquet": ParquetReader, "text": TextLineReader}[config.format]
+    if config.format == "jsonl":
+        return lambda: CountingJsonlReader(str(root), str(skipped), paths_file=str(paths_file),
+                                           text_key=config.text_field, id_key=config.id_field)
+    reader = {"parquet": ParquetReader, "text": TextLineReader}[config.format]
     return lambda: reader(str(root), paths_file=str(paths_file), text_key=config.text_field,
                           id_key=config.id_field)

@@ -37,7 +37,7 @@ def plan_jobs(recipe: CurationRecipe, work: Path, read_input: Callable, tasks: i
         stage = STAGES[name](recipe.params(name), str(work / "stages" / folder), tasks)
         audit = str(work / "audit" / folder)
         if isinstance(stage, FilterStage):
-            blocks.append(AuditedFilter(stage.block, audit, stage.default_reason))
+            blocks.append(AuditedFilter(stage.block, audit, stage.default_reason, recipe.report.excerpts))
             continue
         if blocks:
             docs = f"docs/{passes:02d}"
@@ -50,7 +50,7 @@ def plan_jobs(recipe: CurationRecipe, work: Path, read_input: Callable, tasks: i
         if stage.documents:
             read_previous = documents_reader(stage.documents)
         audited = AuditedFilter if isinstance(stage.block, BaseFilter) else AuditedStep
-        blocks.append(audited(stage.block, audit, stage.reason))
+        blocks.append(audited(stage.block, audit, stage.reason, recipe.report.excerpts))
     jobs.append(_pass(f"{passes:02d}_pass_final", read_previous(), blocks, work / FINAL_DOCS, tasks))
     return jobs
 

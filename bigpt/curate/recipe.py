@@ -83,10 +83,19 @@ class ReportConfig:
 
     png: bool = True
     """Also draw report.png (drop reasons, document length before/after); needs matplotlib."""
+    excerpts: int = non_negative(0)
+    """Dropped documents quoted per stage and rule in report.json (the first ones of each task);
+    tools/curate.py --sample sets 3."""
 
 
 # ------------------------------------------------------------------ stage parameter tables
 # Each is a [stage.NAME] table; the defaults are datatrove's (the published recipes' values).
+
+WRAP_LENGTH = 40
+"""The line rules of C4 and FineWeb read a line as a paragraph (as web pages break them); a line
+of this many characters or more that does not end in terminal punctuation and is followed by
+a non-blank line is read as hard-wrapped (manuals, licenses, docstrings) and joined to the
+next. 0 = every line stands alone, as in datatrove."""
 
 
 @dataclass(kw_only=True)
@@ -153,6 +162,8 @@ class C4Stage:
     """Lines with a longer word are removed."""
     filter_no_terminal_punct: bool = True
     """Remove lines not ending in terminal punctuation."""
+    wrap_length: int = non_negative(WRAP_LENGTH)
+    """Lines this long or longer not ending a sentence continue on the next (WRAP_LENGTH)."""
     filter_lorem_ipsum: bool = True
     """Drop documents containing 'lorem ipsum'."""
     filter_javascript: bool = True
@@ -180,6 +191,8 @@ class FineWebQualityStage:
     """Share of characters in duplicated lines above this is dropped."""
     new_line_ratio: float = fraction(0.3)
     """Line breaks per word above this is dropped."""
+    wrap_length: int = non_negative(WRAP_LENGTH)
+    """Lines this long or longer not ending a sentence continue on the next (WRAP_LENGTH)."""
     language: str = "en"
     """Language of the word tokenizer."""
 

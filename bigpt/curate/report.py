@@ -8,7 +8,7 @@ documents it kept (C4 removes lines) are counted under the rule "edited_lines".
 import json
 from pathlib import Path
 
-from bigpt.curate.audit import LENGTH_BINS
+from bigpt.curate.audit import LENGTH_BINS, SKIPPED_LINES
 from bigpt.curate.plan import stage_folder
 from bigpt.curate.recipe import CurationRecipe
 from bigpt.errors import BigptError
@@ -22,7 +22,7 @@ def build_report(recipe: CurationRecipe, work: Path, tasks: int) -> dict:
         if len(records) != tasks:
             raise BigptError(f"{folder} has counts of {len(records)} of {tasks} tasks: the run did not "
                              f"finish; re-run the same command to resume it.")
-        stage = _stage(name, records)
+        stage = _stage(name, records, recipe.report.excerpts)
         band = work / "stages" / stage_folder(index, name) / "band.json"
         if band.is_file():  # the perplexity stage: the scores that bound the kept band
             stage["band"] = json.loads(band.read_text())
@@ -33,6 +33,7 @@ def build_report(recipe: CurationRecipe, work: Path, tasks: int) -> dict:
         "input": recipe.input.path,
         "output": str(Path(recipe.output.dir) / "curated.jsonl"),
         "word_unit": "whitespace-separated words",
+        "read": {"documents": first["in"]["documents"], "skipped_lines": _skipped_lines(work)},
         "total": {
             "in": first["in"], "kept": last["kept"],
             "dropped": {key: first["in"][key] - last["kept"][key] for key in ("documents", "words")},
@@ -46,7 +47,16 @@ def build_report(recipe: CurationRecipe, work: Path, tasks: int) -> dict:
     }
 
 
-def _stage(name: str, records: list[dict]) -> dict:
+def _skipped_lines(work: Path) -> dict:
+    """Input lines not read as documents, by reason (JSONL input only)."""
+    skipped: dict[str, int] = {}
+    for path in sorted((work / SKIPPED_LINES).glob("*.json")):
+        for reason, count in json.loads(path.read_text()).items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    return dict(sorted(skipped.items()))
+
+
+def _stage(name: str, records: list[dict], limit: int) -> dict:
     def total(key):
         return [sum(record[key][i] for record in records) for i in range(2)]
 
@@ -59,6 +69,8 @@ def _stage(name: str, records: list[dict]) -> dict:
         "kept": _counts(total("kept")),
         "dropped": _counts([sum(counts[i] for counts in dropped.values()) for i in range(2)]),
         "dropped_by_rule": {reason: _counts(counts) for reason, counts in dropped.items()},
+        "excerpts": {reason: [excerpt for record in records for excerpt in record["excerpts"].get(reason, [])][:limit]
+                     for reason in reasons if limit},
         "hist_in": [sum(column) for column in zip(*(record["hist_in"] for record in records))],
         "hist_kept": [sum(column) for column in zip(*(record["hist_kept"] for record in records))],
     }
@@ -69,24 +81,32 @@ def _counts(pair) -> dict:
 
 
 def draw_report(report: dict, path: Path) -> None:
-    """Two panels: documents dropped per stage and rule; document lengths before and after."""
+    """Two panels: documents (and words) dropped per stage and rule, stages that dropped nothing
+    included; document lengths before and after."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rules = [(f"{stage['stage']}: {reason}", counts["documents"])
-             for stage in report["stages"] for reason, counts in stage["dropped_by_rule"].items()
-             if counts["documents"]]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, max(4, 0.35 * len(rules) + 1.5)))
+    rows = []  # (label, documents, words): each stage's total, then its rules
+    for stage in report["stages"]:
+        dropped = stage["dropped"]
+        rows.append((f"{stage['stage']} (all rules)" if dropped["documents"] else f"{stage['stage']}: nothing dropped",
+                     dropped["documents"], dropped["words"]))
+        rows += [(f"    {reason}", counts["documents"], counts["words"])
+                 for reason, counts in stage["dropped_by_rule"].items() if len(stage["dropped_by_rule"]) > 1]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(15, max(4, 0.35 * len(rows) + 1.5)))
     total = report["total"]
     figure.suptitle(f"{report['name']}: kept {total['kept']['documents']:,} of "
                     f"{total['in']['documents']:,} documents, {total['kept']['words']:,} of "
                     f"{total['in']['words']:,} words")
-    labels = [label for label, _ in rules][::-1]
-    left.barh(labels, [count for _, count in rules][::-1], color="tab:red")
+    rows = rows[::-1]
+    bars = left.barh([label for label, _, _ in rows], [documents for _, documents, _ in rows],
+                     color=["tab:red" if label.startswith(" ") else "tab:purple" for label, _, _ in rows])
+    left.bar_label(bars, [f"{documents:,} docs, {words:,} words" for _, documents, words in rows], padding=3)
+    left.margins(x=0.35)
     left.set_xlabel("documents dropped")
-    left.set_title("drop reasons (stage: rule), in run order")
+    left.set_title("dropped per stage (purple) and rule (red), in run order")
     histogram = report["length_histogram"]
     edges = histogram["bin_lower_edges_words"]
     used = [i for i in range(len(edges)) if histogram["before"][i] or histogram["after"][i]]

@@ -12,17 +12,20 @@ A re-run with the same recipe and input resumes; with a different one it is refu
 work files would mix two curations) unless started over with ``restart``.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigpt.curate.recipe import MODEL_FILES, CurationRecipe
+from bigpt.curate.recipe import MODEL_FILES, CurationRecipe, InputConfig, OutputConfig
 from bigpt.errors import BigptError
 from bigpt.recipe.serialize import recipe_to_dict
 
 CURATED = "curated.jsonl"
+MAX_DEDUP_TASKS = 65534
+"""Exact dedup ranks a document by its task in a 16-bit priority (filters.InputOrderExactSignature)."""
 RESULT_FILES = (CURATED, "report.json", "report.png")
 
 
@@ -46,15 +49,18 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
     if out.exists() and not out.is_dir():
         raise BigptError(f"output.dir {out} is a file; name a directory.")
     tasks = recipe.executor.tasks or len(files)
+    _check_executor(recipe, tasks)
     work = out / "work"
     _claim(work, out, _fingerprint(recipe, files, tasks), restart)
     if (out / CURATED).exists():
         return CurationResult(out, json.loads((out / "report.json").read_text()))
 
+    from bigpt.curate.audit import SKIPPED_LINES
     from bigpt.curate.inputs import input_reader
     from bigpt.curate.plan import plan_jobs
 
-    jobs = plan_jobs(recipe, work, input_reader(recipe.input, files, work / "input_files.txt"), tasks)
+    read_input = input_reader(recipe.input, files, work / "input_files.txt", work / SKIPPED_LINES)
+    jobs = plan_jobs(recipe, work, read_input, tasks)
     if recipe.executor.kind == "slurm":
         from bigpt.curate.executors import submit_slurm
 
@@ -64,6 +70,33 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
 
     run_local(recipe, jobs, work)
     return CurationResult(out, Finalizer(recipe, out, tasks).finalize())
+
+
+EXPLAIN = "explain"
+EXPLAIN_EXCERPTS = 3
+
+
+def explain(recipe: CurationRecipe, sample: int) -> CurationResult:
+    """Run the recipe's stages on the first ``sample`` documents of its input (in input order),
+    quoting what each rule drops: OUTPUT/explain/ gets sample.jsonl and that run's curated.jsonl,
+    report.json (with excerpts) and report.png. Redone from scratch each time; the full
+    curation's files are not touched."""
+    from itertools import islice
+
+    from bigpt.curate.inputs import input_files, input_reader
+
+    folder = Path(recipe.output.dir) / EXPLAIN
+    folder.mkdir(parents=True, exist_ok=True)
+    files = input_files(recipe.input)
+    reader = input_reader(recipe.input, files, folder / "sample_of.txt", folder / "sample_skipped_lines")()
+    with open(folder / "sample.jsonl", "w") as out:
+        for doc in islice(reader.run(None, 0, 1), sample):
+            out.write(json.dumps({**doc.metadata, "id": doc.id, "text": doc.text}) + "\n")
+    sampled = dataclasses.replace(
+        recipe, input=InputConfig(path=str(folder / "sample.jsonl")), output=OutputConfig(dir=str(folder)),
+        executor=dataclasses.replace(recipe.executor, kind="local", tasks=0),
+        report=dataclasses.replace(recipe.report, excerpts=EXPLAIN_EXCERPTS))
+    return curate(sampled, restart=True)
 
 
 class Finalizer:
@@ -142,6 +175,15 @@ def _check_fasttext(recipe: CurationRecipe, stage: str) -> None:
         if label not in labels:
             raise BigptError(f"stage.quality_classifier.label {label!r} is not a label of "
                              f"{path}; its labels: {', '.join(labels)}.")
+
+
+def _check_executor(recipe: CurationRecipe, tasks: int) -> None:
+    if recipe.executor.kind == "slurm" and shutil.which("sbatch") is None:
+        raise BigptError("executor.kind = \"slurm\" but there is no sbatch command on this machine's "
+                         "PATH; run on a SLURM login node, or set executor.kind = \"local\".")
+    if "exact_dedup" in recipe.stages and tasks > MAX_DEDUP_TASKS:
+        raise BigptError(f"exact_dedup ranks copies by task and takes at most {MAX_DEDUP_TASKS} tasks, "
+                         f"got {tasks}; set executor.tasks lower or merge input files.")
 
 
 def _require(module: str, what: str) -> None:

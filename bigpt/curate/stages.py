@@ -15,18 +15,10 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import (
     ExactDedupConfig,
     ExactDedupFilter,
-    ExactDedupSignature,
     ExactFindDedups,
     MinhashConfig,
     MinhashDedupBuckets,
-    MinhashDedupCluster,
     MinhashDedupFilter,
-)
-from datatrove.pipeline.filters import (
-    C4QualityFilter,
-    FineWebQualityFilter,
-    GopherQualityFilter,
-    GopherRepetitionFilter,
 )
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.hashing import HashConfig
@@ -71,17 +63,17 @@ class GlobalStage:
 
 
 def gopher_quality(p: recipe.GopherQualityStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(GopherQualityFilter(
+    return FilterStage(filters.GopherQuality(
         min_doc_words=p.min_doc_words, max_doc_words=p.max_doc_words,
         min_avg_word_length=p.min_avg_word_length, max_avg_word_length=p.max_avg_word_length,
         max_symbol_word_ratio=p.max_symbol_word_ratio, max_bullet_lines_ratio=p.max_bullet_lines_ratio,
         max_ellipsis_lines_ratio=p.max_ellipsis_lines_ratio,
-        max_non_alpha_words_ratio=p.max_non_alpha_words_ratio, min_stop_words=p.min_stop_words,
+        min_alpha_words_ratio=p.max_non_alpha_words_ratio, min_stop_words=p.min_stop_words,
         language=p.language), "gopher_quality")
 
 
 def gopher_repetition(p: recipe.GopherRepetitionStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(GopherRepetitionFilter(
+    return FilterStage(filters.GopherRepetition(
         dup_line_frac=p.dup_line_frac, dup_para_frac=p.dup_para_frac,
         dup_line_char_frac=p.dup_line_char_frac, dup_para_char_frac=p.dup_para_char_frac,
         top_n_grams=tuple(zip((2, 3, 4), p.top_n_gram_fracs)),
@@ -90,8 +82,8 @@ def gopher_repetition(p: recipe.GopherRepetitionStage, folder: str, tasks: int) 
 
 
 def c4(p: recipe.C4Stage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(C4QualityFilter(
-        min_num_sentences=p.min_num_sentences, min_words_per_line=p.min_words_per_line,
+    return FilterStage(filters.C4Quality(
+        wrap_length=p.wrap_length, min_num_sentences=p.min_num_sentences, min_words_per_line=p.min_words_per_line,
         max_word_length=p.max_word_length, filter_no_terminal_punct=p.filter_no_terminal_punct,
         filter_lorem_ipsum=p.filter_lorem_ipsum, filter_javascript=p.filter_javascript,
         filter_curly_bracket=p.filter_curly_bracket, filter_policy=p.filter_policy,
@@ -99,8 +91,8 @@ def c4(p: recipe.C4Stage, folder: str, tasks: int) -> FilterStage:
 
 
 def fineweb_quality(p: recipe.FineWebQualityStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(FineWebQualityFilter(
-        line_punct_thr=p.line_punct_thr, short_line_thr=p.short_line_thr,
+    return FilterStage(filters.FineWebQuality(
+        wrap_length=p.wrap_length, line_punct_thr=p.line_punct_thr, short_line_thr=p.short_line_thr,
         short_line_length=p.short_line_length, char_duplicates_ratio=p.char_duplicates_ratio,
         new_line_ratio=p.new_line_ratio, language=p.language), "fineweb_quality")
 
@@ -147,7 +139,7 @@ def exact_dedup(p: recipe.ExactDedupStage, folder: str, tasks: int) -> GlobalSta
                               hash_config=HASHING)
     signatures, duplicates = f"{folder}/signatures", f"{folder}/duplicates"
     return GlobalStage(
-        jobs=[Job("signatures", [ExactDedupSignature(signatures, config, finder_workers=tasks)],
+        jobs=[Job("signatures", [filters.InputOrderExactSignature(signatures, config, finder_workers=tasks)],
                   tasks, reads_previous_pass=True),
               Job("find", [ExactFindDedups(signatures, duplicates, config)], tasks)],
         block=ExactDedupFilter(duplicates, config), reason="exact_duplicate")
@@ -161,7 +153,7 @@ def minhash_dedup(p: recipe.MinhashDedupStage, folder: str, tasks: int) -> Globa
         jobs=[Job("signatures", [filters.MinhashSignatures(signatures, config)], tasks,
                   reads_previous_pass=True),
               Job("buckets", [MinhashDedupBuckets(signatures, buckets, config=config)], p.num_buckets),
-              Job("cluster", [MinhashDedupCluster(buckets, remove, config=config)], 1)],
+              Job("cluster", [filters.InputOrderCluster(buckets, remove, config=config)], 1)],
         block=MinhashDedupFilter(remove), reason="near_duplicate")
 
 
