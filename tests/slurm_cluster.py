@@ -22,6 +22,9 @@ SBIN = ("/usr/sbin", "/sbin")  # the daemons' directories, often not on a user's
 HOSTS = Path("/etc/hosts")
 CRED_EXPIRE_S = 5
 """Job credential lifetime; SLURM holds a requeued job for this + 1 s (default 120 s)."""
+SCHED_INTERVAL_S = 1
+"""Between full passes of the scheduler (default 60 s), which start a requeued job once it is
+no longer held (nothing else wakes the scheduler then)."""
 START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 60
 
@@ -70,7 +73,6 @@ class SlurmCluster:
 
     def start(self) -> None:
         self._add_nodes_to_hosts()
-        self.root.chmod(0o700)
         key = self.root / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
@@ -114,7 +116,7 @@ class SlurmCluster:
     def jobs(self, job_id: str = "") -> list[dict[str, str]]:
         """``scontrol show job``'s fields (JobName, JobState, Restarts, StartTime, ...) of the jobs
         slurmctld still knows (finished ones for MinJobAge, 5 minutes), in submission order."""
-        lines = self.command("scontrol", "--oneliner", "show", "job", *[job_id] * bool(job_id)).splitlines()
+        lines = self.command("scontrol", "--oneliner", "show", "job", *([job_id] if job_id else [])).splitlines()
         jobs = [dict(field.split("=", 1) for field in line.split() if "=" in field) for line in lines]
         return sorted(jobs, key=lambda job: int(job["JobId"]))
 
@@ -166,17 +168,16 @@ AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={root}/state
 SlurmctldPidFile={root}/slurmctld.pid
 SlurmctldLogFile={root}/slurmctld.log
+# Two slurmd on one host: each node its own spool, pid and log (%n = node name).
 SlurmdSpoolDir={root}/%n
 SlurmdPidFile={root}/slurmd-%n.pid
 SlurmdLogFile={root}/slurmd-%n.log
+# No cgroups needed: processes tracked by parent pid, no CPU binding, memory not a resource.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-MpiDefault=none
-ReturnToService=2
+SchedulerParameters=sched_interval={SCHED_INTERVAL_S}
 {nodes}
 PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
