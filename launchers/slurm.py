@@ -3,7 +3,10 @@
     python launchers/slurm.py recipes/llama_70b.toml --nodes 64 --partition gpu --time 48:00:00 > job.sbatch
     python launchers/slurm.py recipes/llama_70b.toml --nodes 64 --partition gpu --submit
 
-The recipe's layout is checked against nodes × GPUs per node before anything is written. The
+    python launchers/slurm.py recipes/tiny.toml --nodes 2 --workers-per-node 2 --partition cpu --submit
+
+The recipe's layout is checked against nodes × GPUs per node (on nodes without GPUs, as on the
+last line: nodes × --workers-per-node, and no GPU is requested) before anything is written. The
 script is launchers/bigpt.sbatch with its settings filled in: one srun task per node runs
 torchrun with a c10d rendezvous on the first node; a signal before the time limit (or at
 preemption) makes bigpt save and exit, and the job requeues itself and resumes. The SLURM log is
@@ -17,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +38,12 @@ def parse_args(argv=None):
     parser.add_argument("recipe", help="path to a TOML recipe")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.train_iters=200")
     parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (and torchrun workers) per node (default 8)")
+    per_node = parser.add_mutually_exclusive_group()
+    per_node.add_argument("--gpus-per-node", type=int, default=8,
+                          help="GPUs per node, one torchrun worker each (default 8)")
+    per_node.add_argument("--workers-per-node", type=int,
+                          help="for nodes without GPUs (CPU partitions): torchrun workers per node; "
+                               "no GPUs are requested")
     parser.add_argument("--partition", help="SLURM partition")
     parser.add_argument("--account", help="SLURM account")
     parser.add_argument("--time", help="time limit, e.g. 48:00:00 (default: the partition's)")
@@ -49,40 +58,66 @@ def parse_args(argv=None):
     parser.add_argument("--submit", action="store_true",
                         help="submit with sbatch (the script is kept as <run_dir>/slurm-job.sbatch unless -o)")
     args = parser.parse_intermixed_args(argv)
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        parser.error("--nodes and --gpus-per-node must be 1 or more")
+    if args.nodes < 1 or args.gpus_per_node < 1 or (args.workers_per_node is not None and args.workers_per_node < 1):
+        parser.error("--nodes, --gpus-per-node and --workers-per-node must be 1 or more")
     if args.signal_seconds < 2 * SHUTDOWN_MARGIN_S:
         parser.error(f"--signal-seconds must be at least {2 * SHUTDOWN_MARGIN_S}: bigpt needs time to save")
     return args
 
 
-def check_layout(recipe, nodes: int, gpus_per_node: int):
-    """The layout on nodes × gpus_per_node GPUs, or a BigptError saying why it cannot be."""
+@dataclass(frozen=True)
+class Nodes:
+    """The job's nodes: ``workers`` torchrun workers on each, one per GPU, or as many as given on
+    nodes without GPUs (``gpus`` False)."""
+
+    count: int
+    workers: int
+    gpus: bool
+
+    @classmethod
+    def from_args(cls, args) -> "Nodes":
+        if args.workers_per_node:
+            return cls(args.nodes, args.workers_per_node, gpus=False)
+        return cls(args.nodes, args.gpus_per_node, gpus=True)
+
+    @property
+    def per_node_option(self) -> str:
+        return f"--{'gpus' if self.gpus else 'workers'}-per-node {self.workers}"
+
+    def __str__(self) -> str:
+        return (f"--nodes {self.count} × {self.per_node_option} = {self.count * self.workers} "
+                f"{'GPUs' if self.gpus else 'workers'}")
+
+
+def check_layout(recipe, nodes: Nodes):
+    """The layout on these nodes, or a BigptError saying why it cannot be."""
     from bigpt.layout import Layout
 
-    world = nodes * gpus_per_node
-    hardware = f"--nodes {nodes} × --gpus-per-node {gpus_per_node} = {world} GPUs"
+    world = nodes.count * nodes.workers
     try:
         layout = Layout.from_recipe(recipe, world)
     except BigptError as err:
-        raise BigptError(f"{hardware} cannot host {recipe.source}: {str(err).rstrip('.')}; "
+        raise BigptError(f"{nodes} cannot host {recipe.source}: {str(err).rstrip('.')}; "
                          f"`python tools/plan.py {recipe.source} --gpus {world}` lists the layouts "
                          f"that can.") from None
-    if layout.tp > gpus_per_node:
-        raise BigptError(f"parallel.tensor={layout.tp} in {recipe.source} is more than --gpus-per-node "
-                         f"{gpus_per_node}: tensor parallelism communicates every layer and must stay "
-                         f"inside a node; lower parallel.tensor (raise parallel.pipeline instead).")
+    if layout.tp > nodes.workers:
+        raise BigptError(f"parallel.tensor={layout.tp} in {recipe.source} is more than {nodes.per_node_option}: "
+                         f"tensor parallelism communicates every layer and must stay inside a node; "
+                         f"lower parallel.tensor (raise parallel.pipeline instead).")
     return layout
 
 
-def render(template: str, directives: dict[str, str], settings: dict[str, str]) -> str:
+def render(template: str, directives: dict[str, str | None], settings: dict[str, str]) -> str:
     """The template with ``#SBATCH --key=value`` lines and ``NAME=value`` settings replaced;
-    directives it does not have are added after its last ``#SBATCH`` line."""
+    directives it does not have are added after its last ``#SBATCH`` line, and those whose
+    value is None are removed."""
     lines = template.splitlines()
     for key, value in directives.items():
         line = f"#SBATCH --{key}={value}"
         found = [i for i, text in enumerate(lines) if text.startswith(f"#SBATCH --{key}=")]
-        if found:
+        if value is None:
+            lines = [text for i, text in enumerate(lines) if i not in found]
+        elif found:
             lines[found[0]] = line
         else:
             last = max(i for i, text in enumerate(lines) if text.startswith("#SBATCH "))
@@ -93,12 +128,12 @@ def render(template: str, directives: dict[str, str], settings: dict[str, str]) 
     return "\n".join(lines) + "\n"
 
 
-def batch_script(args, recipe) -> str:
+def batch_script(args, recipe, nodes: Nodes) -> str:
     run_dir = Path(recipe.run_dir).resolve()
     directives = {
         "job-name": re.sub(r"\s+", "-", args.job_name or recipe.name),
-        "nodes": str(args.nodes),
-        "gpus-per-node": str(args.gpus_per_node),
+        "nodes": str(nodes.count),
+        "gpus-per-node": str(nodes.workers) if nodes.gpus else None,
         "signal": f"B:USR1@{args.signal_seconds}",
         "output": f"{run_dir}/slurm-%j.out",
         "chdir": str(Path.cwd()),
@@ -108,7 +143,7 @@ def batch_script(args, recipe) -> str:
     settings = {
         "RECIPE": shlex.quote(str(Path(args.recipe).resolve())),
         "OVERRIDES": "(" + " ".join(shlex.quote(override) for override in args.overrides) + ")",
-        "GPUS_PER_NODE": str(args.gpus_per_node),
+        "WORKERS_PER_NODE": str(nodes.workers),
         "RDZV_PORT": str(args.port),
         "SHUTDOWN_TIMEOUT": str(args.signal_seconds - SHUTDOWN_MARGIN_S),
         "RUN_PY": shlex.quote(str(REPO / "launchers" / "run.py")),
@@ -131,11 +166,12 @@ def main(argv=None) -> int:
     from bigpt.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    check_layout(recipe, args.nodes, args.gpus_per_node)
+    nodes = Nodes.from_args(args)
+    check_layout(recipe, nodes)
     if args.submit and shutil.which("sbatch") is None:
         raise BigptError("--submit: sbatch is not on PATH; run this on a SLURM login node, or "
                          "render the script without --submit (-o FILE) and submit it there.")
-    script = batch_script(args, recipe)
+    script = batch_script(args, recipe, nodes)
     os.makedirs(recipe.run_dir, exist_ok=True)  # SLURM does not create the log's directory
     if args.output or args.submit:
         path = Path(args.output or Path(recipe.run_dir) / "slurm-job.sbatch")

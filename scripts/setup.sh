@@ -20,4 +20,21 @@ if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 12))'; the
         > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bigpt_typing_override.pth"
 fi
 .venv/bin/python -m pip install -q -e ".[test,curate]"
+
+# SLURM and munge for the tests on a real two-node cluster on this machine (tests/slurm_cluster.py):
+# installed where this runs as root with apt, as on CI; elsewhere those tests are skipped, saying why.
+slurm_installed() {
+    for command in slurmctld slurmd sbatch munged; do
+        PATH="$PATH:/usr/sbin:/sbin" command -v "$command" >/dev/null || return 1
+    done
+}
+if ! slurm_installed; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+    else
+        echo "SLURM is not installed (and this is not root with apt): the tests on a real SLURM cluster" \
+             "will be skipped; as root: apt-get install slurm-wlm munge"
+    fi
+fi
 echo "bigpt is set up in .venv ($(.venv/bin/python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "+ megatron-core", m.__version__)'))"

@@ -32,6 +32,7 @@ from curate_corpus import (  # noqa: E402
     write_corpus,
 )
 
+import slurm_cluster  # noqa: E402
 from bigpt.curate import load_curation_recipe  # noqa: E402
 from bigpt.curate.run import curate  # noqa: E402
 from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
@@ -272,31 +273,29 @@ def test_cli_error_is_one_paragraph_with_exit_code_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_slurm_executor_submits_a_chain_of_job_arrays_that_gives_the_local_result(tmp_path, monkeypatch):
-    """tests/fake_slurm_datatrove's sbatch runs each array at once (srun runs its command), so the jobs
-    datatrove submits really run; the result must equal the local executor's."""
+def test_slurm_executor_runs_its_chain_of_job_arrays_on_a_real_cluster_to_the_local_result(slurm, tmp_path):
+    """executor.kind = "slurm" on the test cluster (tests/slurm_cluster.py): datatrove submits one
+    job array per step, each depending on the one before, and the last job writes the report."""
     raw = tmp_path / "raw"
     write_corpus(raw, planted_corpus(clean=6, copies=3, junk=1, offtopic=1), files=2)
     path = tmp_path / "small.toml"
     path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length", "exact_dedup"]\n'
                     '[stage.length]\nmin_words = 20\n[report]\npng = false\n')
     local = curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'local'}"]))
-    log = tmp_path / "sbatch.jsonl"
-    monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
-    monkeypatch.setenv("PATH", os.pathsep.join([str(ROOT / "tests/fake_slurm_datatrove"),
-                                                str(Path(sys.executable).parent), os.environ["PATH"]]))
-    recipe = load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'slurm'}",
-                                         "executor.kind=slurm", "executor.slurm.partition=cpu"])
+    recipe = load_curation_recipe(path, [
+        f"input.path={raw}", f"output.dir={tmp_path / 'slurm'}", "executor.kind=slurm",
+        f"executor.slurm.partition={slurm_cluster.PARTITION}", "executor.slurm.mem_per_cpu_gb=1",
+        f"executor.slurm.venv_path={Path(sys.executable).parent / 'activate'}"])
     assert curate(recipe).report is None  # submitted; the last job writes the report
-    # Each job is an array, then a one-task job of datatrove's merging its stats (no args).
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
-    arrays = {number: call for number, call in enumerate(calls, 1) if call["args"]}
-    names = [call["directives"]["job-name"] for call in arrays.values()]
-    assert names == ["astronomy_00_pass", "astronomy_01_exact_dedup_signatures",
-                     "astronomy_01_exact_dedup_find", "astronomy_01_pass_final", "astronomy_finalize"]
-    assert all(call["directives"]["partition"] == "cpu" for call in calls)
-    numbers = list(arrays)
-    assert [arrays[n]["args"][-1] for n in numbers[1:]] == [f"--dependency=afterok:{n}" for n in numbers[:-1]]
+    slurm.wait_until_no_jobs(timeout_s=300)
+
+    # Each step is a job array (then a one-task job of datatrove's merging its stats), submitted
+    # in order to the partition asked for, and every one completed.
+    arrays = [job for job in slurm.jobs() if job["JobName"].startswith("astronomy_") and "ArrayTaskId" in job]
+    assert list(dict.fromkeys(job["JobName"] for job in arrays)) == [
+        "astronomy_00_pass", "astronomy_01_exact_dedup_signatures", "astronomy_01_exact_dedup_find",
+        "astronomy_01_pass_final", "astronomy_finalize"]
+    assert {(job["JobState"], job["Partition"]) for job in arrays} == {("COMPLETED", slurm_cluster.PARTITION)}
     assert (tmp_path / "slurm/curated.jsonl").read_bytes() == (tmp_path / "local/curated.jsonl").read_bytes()
     slurm_report = json.loads((tmp_path / "slurm/report.json").read_text())
     assert slurm_report["stages"] == local.report["stages"]

@@ -1,27 +1,24 @@
-"""launchers/slurm.py: the rendered batch script, its checks, and a two-node job on loopback.
-
-The two-node test runs the rendered script itself with bash, with stand-ins for srun and
-scontrol (tests/fake_slurm/) that start one torchrun per "node" on this machine: c10d rendezvous,
-the USR1 sent before a time limit, the requeue, and the resumed run after it.
+"""launchers/slurm.py: the rendered batch script, its checks, and jobs submitted with it to a real
+SLURM cluster on this machine (the ``slurm`` fixture, tests/slurm_cluster.py: nodes n1 and n2):
+a two-node run preempted by ``scancel --signal=USR1``, requeued and resumed to the losses of a
+local run, and the time limit's signal lead time doing the same.
 """
 
-import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from launchers.slurm import main as slurm_main
-from multirank import MOCK_RECIPE, REPO, scalars
+from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
+from slurm_cluster import PARTITION, free_port
 
 RECIPE_70B = REPO / "recipes" / "llama_70b.toml"
-FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
+JOB_TIMEOUT_S = 300
+"""A hang guard for the jobs here, which take well under a minute."""
 
 
 def render(capsys, *argv) -> str:
@@ -44,17 +41,24 @@ def test_rendered_script_launches_one_torchrun_per_node(capsys, tmp_path):
                       f"--output={tmp_path / 'run'}/slurm-%j.out", f"--chdir={Path.cwd()}"):
         assert f"#SBATCH {directive}\n" in script
     assert (tmp_path / "run").is_dir()  # SLURM needs the log's directory to exist at submission
-    assert f"RECIPE={RECIPE_70B}\n" in script and "GPUS_PER_NODE=8\n" in script
+    assert f"RECIPE={RECIPE_70B}\n" in script and "WORKERS_PER_NODE=8\n" in script
     assert "SHUTDOWN_TIMEOUT=270\n" in script and f"OVERRIDES=(run_dir={tmp_path / 'run'})\n" in script
     words = srun_command(script)
     torchrun = words.index("torchrun")
     assert words[:torchrun] == ["srun", "--ntasks-per-node=1", "--cpus-per-task=$SLURM_CPUS_ON_NODE",
                                 "--kill-on-bad-exit=1"]
     assert words[torchrun:] == [
-        "torchrun", "--nnodes=$SLURM_NNODES", "--nproc-per-node=$GPUS_PER_NODE", "--rdzv-backend=c10d",
+        "torchrun", "--nnodes=$SLURM_NNODES", "--nproc-per-node=$WORKERS_PER_NODE", "--rdzv-backend=c10d",
         "--rdzv-endpoint=$HEAD_NODE:$RDZV_PORT", "--rdzv-id=$SLURM_JOB_ID", "--max-restarts=0",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=$SHUTDOWN_TIMEOUT",
         "$RUN_PY", "$RECIPE", "${OVERRIDES[@]}"]
+
+
+def test_nodes_without_gpus_get_the_workers_asked_for_and_no_gpu_request(capsys, tmp_path):
+    script = render(capsys, MOCK_RECIPE, f"run_dir={tmp_path}", "parallel.tensor=2", "--nodes", 2,
+                    "--workers-per-node", 2, "--partition", "cpu")
+    assert "WORKERS_PER_NODE=2\n" in script and "#SBATCH --nodes=2\n" in script
+    assert not [line for line in script.splitlines() if line.startswith("#SBATCH --gpus")]
 
 
 def test_template_is_valid_bash():
@@ -65,6 +69,8 @@ def test_template_is_valid_bash():
     (["--nodes", "3"], "--nodes 3 × --gpus-per-node 8 = 24 GPUs cannot host"),
     (["--nodes", "128", "--gpus-per-node", "4"], "parallel.tensor=8 in"),
     (["--nodes", "64", "parallel.data=8"], "parallel.data=8 but world size 512"),
+    (["--nodes", "3", "--workers-per-node", "2"], "--nodes 3 × --workers-per-node 2 = 6 workers cannot host"),
+    (["--nodes", "256", "--workers-per-node", "2"], "is more than --workers-per-node 2: tensor parallelism"),
 ])
 def test_a_layout_the_nodes_cannot_host_is_refused_before_anything_is_written(capsys, tmp_path, argv, message):
     out = tmp_path / "job.sbatch"
@@ -80,50 +86,81 @@ def test_submit_without_sbatch_is_refused(capsys, tmp_path, monkeypatch):
     assert "sbatch is not on PATH" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def submit(capsys, *argv) -> str:
+    """``launchers/slurm.py ... --submit`` to the test cluster; the job's id."""
+    assert slurm_main([*map(str, argv), "--partition", PARTITION, "--port", str(free_port()), "--submit"]) == 0
+    return re.fullmatch(r"Submitted batch job (\d+)\n", capsys.readouterr().out).group(1)
 
 
-def run_job(script: Path, log: Path, restart_count: int, preempt_after: str | None = None):
-    """Run the batch script as sbatch would on 2 nodes; send USR1 (the time-limit warning) once
-    ``preempt_after`` appears in its log."""
-    env = dict(os.environ, PATH=f"{FAKE_SLURM}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]", SLURM_CPUS_ON_NODE="1",
-               SLURM_RESTART_COUNT=str(restart_count), FAKE_SLURM_LOG=str(script.parent / "scontrol.log"))
-    with open(log, "w") as out:
-        job = subprocess.Popen(["bash", str(script)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while preempt_after and job.poll() is None and time.monotonic() < deadline:
-            if preempt_after in log.read_text():
-                job.send_signal(signal.SIGUSR1)
-                break
-            time.sleep(0.1)
-        job.wait(timeout=max(1.0, deadline - time.monotonic()))
-    return job.returncode, log.read_text()
+def wait_for_log(slurm, job: str, log: Path, pattern: str) -> re.Match:
+    """The first match of ``pattern`` in the job's log, once it is there."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        text = log.read_text() if log.exists() else ""
+        match = re.search(pattern, text)
+        if match:
+            return match
+        if time.monotonic() > deadline or not slurm.command("squeue", "--noheader", f"--jobs={job}").strip():
+            raise AssertionError(f"no {pattern!r} in {log}:\n{text[-4000:]}\n{slurm.logs()}")
+        time.sleep(0.2)
+
+
+def attempts(log: Path) -> list[str]:
+    """The job's log split at each attempt's first line (the log is appended to across requeues)."""
+    return re.split(r"(?m)^(?=bigpt: job \d+ attempt )", log.read_text())[1:]
 
 
 @pytest.mark.slow
-def test_two_nodes_on_loopback_train_requeue_and_resume(capsys, tmp_path):
-    """TP2 × PP2 over two 2-"GPU" nodes; the time-limit signal makes every rank save and stop,
-    the job requeues itself, and the requeued job resumes from that checkpoint and finishes."""
-    run_dir = tmp_path / "run"
-    script = tmp_path / "job.sbatch"
-    assert slurm_main([str(MOCK_RECIPE), "parallel.tensor=2", "parallel.pipeline=2", f"run_dir={run_dir}",
-                       "train.train_iters=7", "checkpoint.save_interval=3", "--nodes", "2", "--gpus-per-node", "2",
-                       "--port", str(free_port()), "-o", str(script)]) == 0
+def test_two_node_job_preempted_by_scancel_is_requeued_and_resumes_to_the_losses_of_a_local_run(
+        slurm, capsys, tmp_path):
+    """PP2 over n1 and n2 (a worker each): USR1 from scancel makes both ranks save, the job
+    requeues itself, resumes from that checkpoint and finishes with the losses of an uninterrupted
+    local torchrun of the same layout."""
+    recipe = [MOCK_RECIPE, "parallel.pipeline=2", "train.train_iters=20"]
+    run_bigpt(*recipe, f"run_dir={tmp_path / 'local'}", nproc=2)
+    run_dir = tmp_path / "slurm"
+    job = submit(capsys, *recipe, f"run_dir={run_dir}", "--nodes", 2, "--workers-per-node", 1)
+    log = run_dir / f"slurm-{job}.out"
+    wait_for_log(slurm, job, log, r"step 2/20")
+    slurm.command("scancel", "--batch", "--signal=USR1", job)
+    slurm.wait_until_no_jobs(JOB_TIMEOUT_S)
 
-    status, first = run_job(script, tmp_path / "attempt0.log", 0, preempt_after="step 4/7")
-    assert status == 0, first[-4000:]
-    assert "rendezvous at 127.0.0.1" in first and "world_size=4, tp=2, pp=2" in first
-    assert "got SIGUSR1" in first and "step 7/7" not in first
+    state = slurm.job(job)
+    first, second = attempts(log)
+    assert (state["JobState"], state["Restarts"]) == ("COMPLETED", "1"), log.read_text()[-4000:]
+    assert "attempt 0: 2 nodes × 1 worker(s), rendezvous at n1:" in first and "world_size=2, tp=1, pp=2" in first
+    assert "got SIGUSR1" in first and "requeueing job" in first
     preempted_at = int(re.search(r"bigpt: preempted at step (\d+): checkpoint saved", first).group(1))
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert "checkpoint.load=auto" in second and "resuming from" in second and "step 20/20" in second
+    assert int(re.search(r"resuming from \S+ \(step (\d+)", second).group(1)) == preempted_at < 20
+    assert scalars(run_dir, "train/loss") == scalars(tmp_path / "local", "train/loss")
 
-    status, second = run_job(script, tmp_path / "attempt1.log", 1)
-    assert status == 0, second[-4000:]
-    assert "checkpoint.load=auto" in second and "resuming from" in second and "step 7/7" in second
-    resumed_at = int(re.search(r"resuming from \S+ \(step (\d+)", second).group(1))
-    assert resumed_at == preempted_at >= 4 and f"step {resumed_at + 1}/7" in second
-    assert len(scalars(run_dir, "train/loss")) >= 7
+
+@pytest.mark.slow
+def test_time_limit_signal_lead_time_makes_the_job_save_requeue_and_resume_and_scancel_stops_it(
+        slurm, capsys, tmp_path):
+    """Once the job is within --signal-seconds of its time limit, SLURM sends USR1 (at its next
+    time-limit check, every 30 s): bigpt saves, the job requeues itself and resumes from there.
+    The test brings the limit near by shortening it once training runs (as an administrator can).
+    Then ``scancel`` (TERM): bigpt saves again, and the job stays cancelled."""
+    run_dir = tmp_path / "run"
+    job = submit(capsys, MOCK_RECIPE, "train.train_iters=100000", f"run_dir={run_dir}", "--nodes", 1,
+                 "--workers-per-node", 1, "--time", 10, "--signal-seconds", 100)
+    log = run_dir / f"slurm-{job}.out"
+    wait_for_log(slurm, job, log, r"step 1/")
+    # A limit 60-120 s away: inside the lead time (100 s + the 30 s between checks), and far
+    # enough that the check that signals cannot also be the one that ends the job.
+    hours, minutes, _ = map(int, slurm.job(job)["RunTime"].split(":"))
+    slurm.command("scontrol", "update", f"JobId={job}", f"TimeLimit={hours * 60 + minutes + 2}")
+    wait_for_log(slurm, job, log, r"requeueing job")
+    slurm.command("scontrol", "update", f"JobId={job}", "TimeLimit=10")  # the limit holds for each attempt
+    wait_for_log(slurm, job, log, r"resuming from .*\n(?:.*\n)*?step \d+/")
+    slurm.command("scancel", job)
+    slurm.wait_until_no_jobs(JOB_TIMEOUT_S)
+
+    first, second = attempts(log)
+    assert "got SIGUSR1" in first and "requeueing job" in first
+    preempted_at = re.search(r"bigpt: preempted at step (\d+): checkpoint saved", first).group(1)
+    assert f"(step {preempted_at}, " in re.search(r"resuming from .*", second).group(0)
+    assert "got SIGTERM" in second and "bigpt: preempted at step" in second and "requeueing" not in second
+    assert slurm.job(job)["JobState"] == "CANCELLED"
