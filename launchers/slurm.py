@@ -8,9 +8,10 @@
 The recipe's layout is checked against nodes × GPUs per node (on nodes without GPUs, as on the
 last line: nodes × --workers-per-node, and no GPU is requested) before anything is written. The
 script is launchers/bigpt.sbatch with its settings filled in: one srun task per node runs
-torchrun with a c10d rendezvous on the first node; a signal before the time limit (or at
-preemption) makes bigpt save and exit, and the job requeues itself and resumes. The SLURM log is
-<run_dir>/slurm-<job id>.out (appended to across requeues).
+torchrun with a c10d rendezvous on the first node; USR1 before the time limit makes bigpt save
+and exit, and the job requeues itself and resumes (TERM, from scancel or a preemption, makes it
+save and exit; requeueing is then SLURM's call). The SLURM log is <run_dir>/slurm-<job id>.out
+(appended to across requeues).
 """
 
 import argparse

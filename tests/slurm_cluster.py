@@ -84,6 +84,7 @@ class SlurmCluster:
         self.conf.write_text(self._slurm_conf(socket_path))
         self._start("slurmctld", "slurmctld", "-D", "-f", str(self.conf))
         for node in NODES:
+            (self.root / node).mkdir()  # its spool directory
             self._start(f"slurmd-{node}", "slurmd", "-D", "-N", node, "-f", str(self.conf))
         self._wait(f"nodes {', '.join(NODES)} to be idle", lambda: self.command(
             "sinfo", "--noheader", "--Node", "--format=%N %T", check=False).split() == [NODES[0], "idle",
@@ -178,6 +179,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerParameters=sched_interval={SCHED_INTERVAL_S}
+# A job whose dependency failed is cancelled, not left pending for ever (chained curation jobs).
+DependencyParameters=kill_invalid_depend
 {nodes}
 PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
