@@ -1,8 +1,10 @@
-"""Hugging Face Llama in and out, checked against transformers as the independent reference.
+"""Hugging Face models in and out, checked against transformers as the independent reference.
 
-Small random Llama models of several shapes (GQA ratios 2 and 4 and MHA, tied and untied
-embeddings, Llama-3.1 RoPE scaling, an explicit head_dim, a vocabulary that needs padding,
-sharded safetensors) are saved with ``save_pretrained``. bigpt imports them (``init.from_hf``
+Small random models of every family and several shapes (Llama: GQA ratios 2 and 4 and MHA, tied
+and untied embeddings, Llama-3.1 RoPE scaling, an explicit head_dim, a vocabulary that needs
+padding, sharded safetensors; Qwen2 with q/k/v biases; Qwen3 with per-head q/k norms; Mistral
+with a sliding window shorter than the tokens) are built with transformers' own config classes,
+every norm weight and bias randomised, and saved with ``save_pretrained``. bigpt imports them (``init.from_hf``
 inside a job, or ``tools/convert_hf.py import``), computes logits with ``tools/logits.py`` at
 TP=1, TP=2 and PP=2, and must match transformers' fp32 eager logits; exporting an import gives
 back every tensor bit for bit. Bad inputs are refused with errors that name the file or tensor.
@@ -21,7 +23,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches, model_from_hf
@@ -44,15 +46,39 @@ SHAPES = {
                              rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, max_position_embeddings=16384),
     "mha_untied": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False, rope_theta=20000.0),
+    # Qwen2.5-style: q/k/v biases, tied embeddings (as Qwen2.5 up to 3B), rope_theta 1e6.
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1100, tie_word_embeddings=True,
+                  rope_theta=1e6, rms_norm_eps=1e-6),
+    # Qwen3: per-head q/k RMSNorm, head_dim × heads != hidden (as Qwen3-0.6B), 4 layers for PP2 × VPP2.
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1000,
+                  tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6),
+    # Mistral-7B-v0.1-style sliding window, shorter than the 16 tokens compared.
+    "mistral_window": dict(model_type="mistral", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, vocab_size=512, sliding_window=5,
+                           tie_word_embeddings=False, rope_theta=1e4),
 }
+FAMILIES = ("qwen2", "qwen3", "mistral_window")
 SHARDED = "gqa4_tied_llama3"  # saved as several safetensors shards + index
 LOGITS = REPO / "tools" / "logits.py"
 CONVERT = REPO / "tools" / "convert_hf.py"
 
 
-def save_llama(directory: Path, seed: int, shape: dict, **save) -> Path:
+def save_model(directory: Path, seed: int, shape: dict, **save) -> Path:
+    """A random model of ``shape`` (a Llama unless it names another model_type), saved; norm
+    weights and biases are randomised too (transformers starts them at one and zero)."""
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**shape, initializer_range=0.1)).save_pretrained(directory, **save)
+    shape = dict(shape)
+    config = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape, initializer_range=0.1)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.1)
+            elif "norm" in name:
+                parameter.normal_(1.0, 0.1)
+    model.save_pretrained(directory, **save)
     return directory
 
 
@@ -125,7 +151,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     found = {}
     for seed, (name, shape) in enumerate(SHAPES.items()):
-        directory = save_llama(root / name, seed, shape, **({"max_shard_size": "100KB"} if name == SHARDED else {}))
+        directory = save_model(root / name, seed, shape, **({"max_shard_size": "100KB"} if name == SHARDED else {}))
         tokens = np.random.default_rng(seed).integers(0, shape["vocab_size"], size=(2, 16))
         np.save(root / f"{name}_tokens.npy", tokens)
         found[name] = (directory, root / f"{name}_tokens.npy", reference_logits(directory, tokens),
@@ -154,7 +180,18 @@ def test_logits_match_transformers_at_tp1(models, tp1, name):
     reference = models[name][2]
     ours, _ = tp1[name]
     assert ours.shape == reference.shape
+    print(f"{name}: max |bigpt - transformers| = {np.abs(ours - reference).max():.2e}")
     assert np.abs(ours - reference).max() <= TOLERANCE
+
+
+def test_the_sliding_window_matters(models):
+    """Full attention on the same weights gives other logits: the window is really compared."""
+    directory, tokens, reference, _ = models["mistral_window"]
+    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32,
+                                                 sliding_window=None)
+    with torch.no_grad():
+        full = model(torch.from_numpy(np.load(tokens))).logits.numpy()
+    assert np.abs(full - reference).max() > 100 * TOLERANCE
 
 
 def test_no_pickle_is_loaded(models, tp1):
@@ -162,7 +199,7 @@ def test_no_pickle_is_loaded(models, tp1):
     assert (directory / "pytorch_model.bin").is_file() and not (directory.parent / "unpickled").exists()
 
 
-@pytest.mark.parametrize("name", ["gqa2_untied", SHARDED])  # mha_untied is exported after training below
+@pytest.mark.parametrize("name", ["gqa2_untied", SHARDED, *FAMILIES])  # mha_untied: exported after training below
 def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name):
     directory, tokens, reference, _ = models[name]
     imported = tp1[name][1] / "init_from_hf"
@@ -172,9 +209,11 @@ def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name
     assert sorted(exported) == sorted(original)
     for key, tensor in original.items():
         assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
-    if name == SHARDED:  # transformers reads the index, the tied config and the RoPE scaling back
-        assert (out / "model.safetensors.index.json").is_file()
-        np.testing.assert_array_equal(reference_logits(out, np.load(tokens)), reference)
+    # transformers reads back the index, the tied config, the RoPE scaling and each family's config
+    assert (out / "model.safetensors.index.json").is_file() == (name == SHARDED)
+    assert json.loads((out / "config.json").read_text())["architectures"] == \
+        json.loads((directory / "config.json").read_text())["architectures"]
+    np.testing.assert_array_equal(reference_logits(out, np.load(tokens)), reference)
 
 
 def test_tensor_parallel_2_with_another_vocab_padding(models, tmp_path):
@@ -221,7 +260,7 @@ SMALL = SHAPES["mha_untied"]
 
 @pytest.fixture
 def small(tmp_path):
-    return save_llama(tmp_path / "small", 0, SMALL)
+    return save_model(tmp_path / "small", 0, SMALL)
 
 
 def refused(directory) -> str:
@@ -272,7 +311,7 @@ def test_shape_contradicting_config_is_named(small):
 
 
 def test_index_naming_a_missing_shard_is_named(tmp_path):
-    directory = save_llama(tmp_path / "sharded", 0, SMALL, max_shard_size="100KB")
+    directory = save_model(tmp_path / "sharded", 0, SMALL, max_shard_size="100KB")
     shards = sorted(directory.glob("model-*.safetensors"))
     shards[-1].unlink()
     message = refused(directory)

@@ -101,8 +101,8 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     unmapped = sorted(set(weights.files) - set(expected))
     if unmapped:
         raise BigptError(f"{directory}: tensor {unmapped[0]} ({weights.files[unmapped[0]].name}) has no place in "
-                         f"a {model['num_layers']}-layer Llama model ({len(unmapped)} such tensors); bigpt cannot map "
-                         "it (biases, extra modules and adapters are not supported)")
+                         f"the {model['num_layers']}-layer model config.json describes ({len(unmapped)} such tensors); bigpt "
+                         "cannot map it (biases beyond Qwen2's q/k/v, extra modules and adapters are not supported)")
     for name, shape in expected.items():
         if weights.shape(name) != shape:
             raise BigptError(f"{directory}: tensor {name} in {weights.files[name].name} has shape "
