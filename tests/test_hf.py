@@ -47,19 +47,20 @@ SHAPES = {
     "mha_untied": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False, rope_theta=20000.0),
     # Qwen2.5-style: q/k/v biases, tied embeddings (as Qwen2.5 up to 3B), rope_theta 1e6.
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=1100, tie_word_embeddings=True,
                   rope_theta=1e6, rms_norm_eps=1e-6),
-    # Qwen3: per-head q/k RMSNorm, head_dim × heads != hidden (as Qwen3-0.6B), 4 layers for PP2 × VPP2.
+    # Qwen3: per-head q/k RMSNorm, head_dim × heads != hidden (as Qwen3-0.6B).
     "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1000,
                   tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6),
     # Mistral-7B-v0.1-style sliding window, shorter than the 16 tokens compared.
-    "mistral_window": dict(model_type="mistral", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=1, vocab_size=512, sliding_window=5,
+    "mistral_window": dict(model_type="mistral", hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=512, sliding_window=5,
                            tie_word_embeddings=False, rope_theta=1e4),
 }
-FAMILIES = ("qwen2", "qwen3", "mistral_window")
+FAMILIES = ("qwen2", "qwen3", "mistral_window")  # 4 layers each, for PP=2 × VPP=2
+LOGITS_OF_MODELS = Path(__file__).resolve().parent / "logits_of_models.py"
 SHARDED = "gqa4_tied_llama3"  # saved as several safetensors shards + index
 LOGITS = REPO / "tools" / "logits.py"
 CONVERT = REPO / "tools" / "convert_hf.py"
@@ -216,24 +217,40 @@ def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name
     np.testing.assert_array_equal(reference_logits(out, np.load(tokens)), reference)
 
 
+def logits_of_models(recipes: dict[str, Path], models, tmp_path: Path, *overrides: str) -> dict[str, float]:
+    """Max |bigpt - transformers| of each named model, its recipe run by tools/logits.py at the
+    layout ``overrides`` give on 2 ranks, all in one torchrun job."""
+    jobs = []
+    for name, recipe in recipes.items():
+        (tmp_path / name).mkdir(parents=True)
+        jobs.append(f"{recipe},{models[name][1]},{tmp_path / name / 'logits.npy'}")
+    run_bigpt(*jobs, "--", *overrides, nproc=2, script=LOGITS_OF_MODELS)
+    found = {name: float(np.abs(np.load(tmp_path / name / "logits.npy") - models[name][2]).max()) for name in recipes}
+    print(found)
+    return found
+
+
 def test_tensor_parallel_2_with_another_vocab_padding(models, tmp_path):
-    """init.from_hf converted by both ranks; vocab 1100 is padded to 1280 at TP=2 (1152 at TP=1)."""
-    _, tokens, reference, recipe = models["gqa2_untied"]
-    ours = bigpt_logits(recipe, tokens, tmp_path / "logits.npy", "parallel.tensor=2", nproc=2)
-    assert np.abs(ours - reference).max() <= TOLERANCE
+    """init.from_hf converted by both ranks; vocab 1100 is padded to 1280 at TP=2 (1152 at TP=1);
+    each family's biases and q/k norms are split (or replicated) over the ranks."""
+    names = ["gqa2_untied", *FAMILIES]
+    differences = logits_of_models({name: models[name][3] for name in names}, models, tmp_path, "parallel.tensor=2")
+    assert max(differences.values()) <= TOLERANCE, differences
 
 
 def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, tmp_path):
     """tools/convert_hf.py import, then init.from_checkpoint at PP=2 × VPP=2, one layer per chunk
-    (tied embeddings: the last stage's output layer loads the embedding)."""
-    directory, tokens, reference, _ = models[SHARDED]
+    (tied embeddings: the last stage's output layer loads the embedding); the families start
+    from init.from_hf at the same layout."""
+    directory = models[SHARDED][0]
     imported = tmp_path / "imported"
     convert("import", str(directory), str(imported))
     assert "[model]" in (imported / "model.toml").read_text()
-    recipe = recipe_for(directory, tmp_path / "pp2.toml", "pp2", "from_checkpoint", imported)
-    ours = bigpt_logits(recipe, tokens, tmp_path / "logits.npy", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
-                        nproc=2)
-    assert np.abs(ours - reference).max() <= TOLERANCE
+    recipes = {SHARDED: recipe_for(directory, tmp_path / "pp2.toml", SHARDED, "from_checkpoint", imported),
+               **{name: models[name][3] for name in FAMILIES}}
+    differences = logits_of_models(recipes, models, tmp_path / "runs", "parallel.pipeline=2",
+                                   "parallel.virtual_pipeline=2")
+    assert max(differences.values()) <= TOLERANCE, differences
 
 
 def test_continual_training_from_hf_then_export(models, tmp_path):
