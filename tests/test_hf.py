@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bigpt.errors import BigptError
-from bigpt.hf.config import check_recipe_matches, model_from_hf
+from bigpt.hf.config import FAMILIES, check_recipe_matches, hf_from_model, model_from_hf
 from bigpt.hf.files import inspect_hf
-from bigpt.recipe import load_recipe, table_to_toml
+from bigpt.recipe import ModelConfig, load_recipe, table_to_toml
 from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 
 pytestmark = pytest.mark.slow
@@ -59,8 +59,9 @@ SHAPES = {
                            num_attention_heads=4, num_key_value_heads=2, vocab_size=512, sliding_window=5,
                            tie_word_embeddings=False, rope_theta=1e4),
 }
-FAMILIES = ("qwen2", "qwen3", "mistral_window")  # 4 layers each, for PP=2 × VPP=2
+FAMILY_SHAPES = ("qwen2", "qwen3", "mistral_window")  # 4 layers each, for PP=2 × VPP=2
 LOGITS_OF_MODELS = Path(__file__).resolve().parent / "logits_of_models.py"
+FAMILY_ARCHITECTURES = {family.model_type: family.architecture for family in FAMILIES.values()}
 SHARDED = "gqa4_tied_llama3"  # saved as several safetensors shards + index
 LOGITS = REPO / "tools" / "logits.py"
 CONVERT = REPO / "tools" / "convert_hf.py"
@@ -200,7 +201,7 @@ def test_no_pickle_is_loaded(models, tp1):
     assert (directory / "pytorch_model.bin").is_file() and not (directory.parent / "unpickled").exists()
 
 
-@pytest.mark.parametrize("name", ["gqa2_untied", SHARDED, *FAMILIES])  # mha_untied: exported after training below
+@pytest.mark.parametrize("name", ["gqa2_untied", SHARDED, *FAMILY_SHAPES])  # mha_untied: exported after training below
 def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name):
     directory, tokens, reference, _ = models[name]
     imported = tp1[name][1] / "init_from_hf"
@@ -233,7 +234,7 @@ def logits_of_models(recipes: dict[str, Path], models, tmp_path: Path, *override
 def test_tensor_parallel_2_with_another_vocab_padding(models, tmp_path):
     """init.from_hf converted by both ranks; vocab 1100 is padded to 1280 at TP=2 (1152 at TP=1);
     each family's biases and q/k norms are split (or replicated) over the ranks."""
-    names = ["gqa2_untied", *FAMILIES]
+    names = ["gqa2_untied", *FAMILY_SHAPES]
     differences = logits_of_models({name: models[name][3] for name in names}, models, tmp_path, "parallel.tensor=2")
     assert max(differences.values()) <= TOLERANCE, differences
 
@@ -247,7 +248,7 @@ def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, tmp
     convert("import", str(directory), str(imported))
     assert "[model]" in (imported / "model.toml").read_text()
     recipes = {SHARDED: recipe_for(directory, tmp_path / "pp2.toml", SHARDED, "from_checkpoint", imported),
-               **{name: models[name][3] for name in FAMILIES}}
+               **{name: models[name][3] for name in FAMILY_SHAPES}}
     differences = logits_of_models(recipes, models, tmp_path / "runs", "parallel.pipeline=2",
                                    "parallel.virtual_pipeline=2")
     assert max(differences.values()) <= TOLERANCE, differences
@@ -300,10 +301,49 @@ def test_unknown_architecture_is_refused(small):
 def test_biases_and_other_rope_scaling_are_refused(small):
     edit_config(small, attention_bias=True)
     assert "attention_bias" in refused(small)
-    edit_config(small, attention_bias=False, rope_parameters={**LLAMA3_SCALING, "low_freq_factor": 2.0, "rope_theta": 1e4})
-    assert "rope_scaling.low_freq_factor" in refused(small)
+    edit_config(small, attention_bias=False, rope_parameters=None,  # the spelling of released checkpoints
+                rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 4096})
+    assert "rope_scaling.original_max_position_embeddings = 4096" in refused(small)
+    edit_config(small, rope_parameters={**LLAMA3_SCALING, "low_freq_factor": 2.0, "rope_theta": 1e4})  # transformers 5
+    assert "rope_parameters.low_freq_factor = 2.0" in refused(small)
     edit_config(small, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
-    assert "'yarn'" in refused(small)
+    assert "rope_parameters.rope_type = 'yarn'" in refused(small)
+
+
+@pytest.mark.parametrize("model_type, changes, message", [
+    ("qwen2", dict(use_sliding_window=True, max_window_layers=1), "use_sliding_window = true"),
+    ("qwen3", dict(attention_bias=True), "attention_bias = true"),
+    ("mistral", dict(hidden_act="gelu"), "hidden_act = 'gelu'"),
+])
+def test_what_a_family_cannot_compute_exactly_is_refused(model_type, changes, message):
+    config = dict(SMALL, model_type=model_type, architectures=[FAMILY_ARCHITECTURES[model_type]], **changes)
+    with pytest.raises(BigptError, match=message):
+        model_from_hf(config, "config.json")
+
+
+def test_mistral_without_a_window_is_mistral_in_and_out():
+    """Mistral-7B-v0.3 has no sliding window: the same [model] as a Llama, exported back as Mistral
+    (sliding_window null) because its source config says so; with a window it must be Mistral."""
+    source = dict(SMALL, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+    model = model_from_hf(source, "config.json")
+    assert "attention_window" not in model and "rope_scaling_factor" not in model  # no stray keys
+    recipe = ModelConfig(**model, seq_length=64)
+    assert hf_from_model(recipe, "float32", source)["sliding_window"] is None
+    assert hf_from_model(recipe, "float32", None)["architectures"] == ["LlamaForCausalLM"]
+    windowed = ModelConfig(**model, seq_length=64, attention_window=16)
+    llama = dict(SMALL, model_type="llama", architectures=["LlamaForCausalLM"])
+    assert hf_from_model(windowed, "float32", llama)["sliding_window"] == 16
+    with pytest.raises(BigptError, match="model.add_qkv_bias = True, model.qk_layernorm = True fits none"):
+        hf_from_model(ModelConfig(**model, seq_length=64, add_qkv_bias=True, qk_layernorm=True), "float32", llama)
+
+
+def test_a_window_shorter_than_the_sequence_is_refused_with_context_parallelism(tmp_path):
+    from bigpt.layout import Layout
+
+    recipe = load_recipe(MOCK_RECIPE, ["model.attention_window=32", "parallel.context=2"])
+    with pytest.raises(BigptError, match="model.attention_window=32 .* parallel.context=2"):
+        Layout.from_recipe(recipe, 2)
+    Layout.from_recipe(load_recipe(MOCK_RECIPE, ["model.attention_window=64", "parallel.context=2"]), 2)
 
 
 def test_missing_tensor_is_named(small):
