@@ -337,6 +337,31 @@ def test_mistral_without_a_window_is_mistral_in_and_out():
         hf_from_model(ModelConfig(**model, seq_length=64, add_qkv_bias=True, qk_layernorm=True), "float32", llama)
 
 
+RELEASED = {  # the architecture keys of the released config.json files
+    "qwen2_5_7b_math.toml": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
+                                 intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                 num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1e6,
+                                 tie_word_embeddings=False, use_sliding_window=False, sliding_window=131072,
+                                 max_window_layers=28, max_position_embeddings=131072),
+    "qwen3_8b_legal.toml": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096,
+                                intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                                num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+                                rope_theta=1e6, attention_bias=False, tie_word_embeddings=False,
+                                use_sliding_window=False, max_position_embeddings=40960),
+    "mistral_7b_medical.toml": dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=4096,
+                                    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                    num_key_value_heads=8, vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                    sliding_window=4096, tie_word_embeddings=False, max_position_embeddings=32768),
+}
+
+
+@pytest.mark.parametrize("recipe", RELEASED)
+def test_family_recipes_describe_the_released_models(recipe):
+    """init.from_hf with the released config.json would accept each continual recipe's [model]."""
+    loaded = load_recipe(REPO / "recipes" / "continual" / recipe)
+    check_recipe_matches(loaded.model, model_from_hf(RELEASED[recipe], "config.json"), "config.json")
+
+
 def test_a_window_shorter_than_the_sequence_is_refused_with_context_parallelism(tmp_path):
     from bigpt.layout import Layout
 
