@@ -206,7 +206,10 @@ def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name
     directory, tokens, reference, _ = models[name]
     imported = tp1[name][1] / "init_from_hf"
     out = tmp_path / "exported"
-    convert("export", str(imported), str(out), *(["--max-shard-gb", "0.0001"] if name == SHARDED else []))
+    result = convert("export", str(imported), str(out), *(["--max-shard-gb", "0.0001"] if name == SHARDED else []))
+    # these sources have no tokenizer: the export says so, never "tokenizer ... from"
+    assert "WARNING: no tokenizer was exported" in result.stderr and "tokenizer:" not in result.stdout
+    assert "WARNING: no tokenizer was exported" in (out / "README.md").read_text()
     original, exported = hf_tensors(directory), hf_tensors(out)
     assert sorted(exported) == sorted(original)
     for key, tensor in original.items():
@@ -267,6 +270,7 @@ def test_continual_training_from_hf_then_export(models, tmp_path):
     out = tmp_path / "exported"
     convert("export", str(run_dir / "checkpoints" / "iter_0000003"), str(out))
     assert (out / "tokenizer.json").read_bytes() == (directory / "tokenizer.json").read_bytes()
+    assert f"tokenizer: tokenizer.json, tokenizer_config.json from {directory}" in (out / "README.md").read_text()
     trained = reference_logits(out, np.load(tokens))
     assert np.isfinite(trained).all() and np.abs(trained - reference).max() > 1e-3
 
@@ -440,6 +444,7 @@ def test_dry_run_checks_the_initial_weights_on_paper(small, tmp_path):
         report(from_hf, "model.num_layers=3")
     with process_group_of_one():
         import_hf(small, tmp_path / "imported")
+    assert "rope_scaling" not in (tmp_path / "imported" / "model.toml").read_text()  # no stray keys
     from_checkpoint = recipe_for(small, tmp_path / "ckpt.toml", "ckpt", "from_checkpoint", tmp_path / "imported")
     assert f"initial weights  weights of {tmp_path / 'imported'}" in report(from_checkpoint, "model.rope_base=1e6")
     with pytest.raises(BigptError, match=r"init.from_checkpoint = .* model.ffn_hidden_size = 128"):

@@ -1,4 +1,4 @@
-"""Hugging Face Llama directories in and out of bigpt checkpoints (continual pretraining).
+"""Hugging Face directories (Llama, Mistral, Qwen2/2.5, Qwen3) in and out of bigpt checkpoints (continual pretraining).
 
     python tools/convert_hf.py import data/hf/Meta-Llama-3-8B checkpoints/llama3-8b
     python tools/convert_hf.py export runs/llama3-8b-legal/checkpoints/iter_0005000 hf/llama3-8b-legal
@@ -9,7 +9,8 @@ at any TP/PP/VPP (start a run from it with init.from_checkpoint = OUT, or skip t
 init.from_hf = HF_DIR), with OUT/model.toml, the [model] table to put in the recipe.
 
 export writes a checkpoint of any layout as a directory transformers' from_pretrained loads:
-safetensors shards, config.json, and the tokenizer files of the weights the run started from.
+safetensors shards, config.json (of the family the run started from), the tokenizer files of
+those weights, and a README.md saying where it all came from (and warning when no tokenizer was found).
 """
 
 import argparse
@@ -60,11 +61,11 @@ def main(argv=None) -> int:
                   f"and the [model] table in {Path(args.out) / 'model.toml'}")
         else:
             dtype = getattr(torch, args.dtype) if args.dtype else None
-            source = export_hf(Path(args.checkpoint), Path(args.out), hf_files=args.hf_files and Path(args.hf_files),
-                               dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
-            files = f"tokenizer and config extras from {source}" if source else \
-                "no tokenizer files found (pass --hf-files DIR)"
-            print(f"wrote {args.out} ({files})")
+            note = export_hf(Path(args.checkpoint), Path(args.out), hf_files=args.hf_files and Path(args.hf_files),
+                             dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+            print(f"wrote {args.out}; {note}")
+            if note.startswith("WARNING"):
+                print(note, file=sys.stderr)
     return 0
 
 

@@ -17,9 +17,10 @@ from bigpt.hf.mapping import expected_hf_shapes
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
 # Copied on import and export (whichever exist); none of them is a pickle.
-SIDE_FILES = (CONFIG, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "chat_template.jinja")
+SIDE_FILES = (CONFIG, "generation_config.json", *TOKENIZER_FILES)
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 # Buffers some older checkpoints saved next to the weights; they are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
