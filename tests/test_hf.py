@@ -13,6 +13,8 @@ back every tensor bit for bit. Bad inputs are refused with errors that name the 
 import json
 import os
 import pickle
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,9 +95,12 @@ def reference_logits(directory: Path, tokens: np.ndarray) -> np.ndarray:
 def add_tokenizer(directory: Path, size: int) -> None:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
 
     vocab = {"</s>": 0, **{f"w{i}": i for i in range(1, size)}}
-    Tokenizer(WordLevel(vocab, unk_token="w1")).save(str(directory / "tokenizer.json"))
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="w1"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
 
 
@@ -257,20 +262,47 @@ def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, tmp
     assert max(differences.values()) <= TOLERANCE, differences
 
 
-def test_continual_training_from_hf_then_export(models, tmp_path):
-    """Train from HF weights at TP=2 (weights only: step 0, learning-rate warmup again), export
-    the last checkpoint and load it with transformers, tokenizer included."""
-    directory, tokens, reference, recipe = models["mha_untied"]
-    run_dir = tmp_path / "run"
-    result = run_bigpt(recipe, f"run_dir={run_dir}", "parallel.tensor=2", "train.train_iters=3",
-                       "schedule.warmup_iters=2", nproc=2)
-    assert "starting from the weights in" in result.stdout and "step 1/3" in result.stdout
-    lr = scalars(run_dir, "train/lr")
-    assert lr[0] < lr[1] == pytest.approx(3e-3)  # warmup from 0 to optimizer.lr, then decay
-    out = tmp_path / "exported"
-    convert("export", str(run_dir / "checkpoints" / "iter_0000003"), str(out))
-    assert (out / "tokenizer.json").read_bytes() == (directory / "tokenizer.json").read_bytes()
-    assert f"tokenizer: tokenizer.json, tokenizer_config.json from {directory}" in (out / "README.md").read_text()
+def readme_walkthrough() -> tuple[str, set[str]]:
+    """The README's walkthrough block without its settings lines, and the names they set."""
+    block = (REPO / "README.md").read_text().split("<!-- walkthrough -->\n```sh\n", 1)[1].split("```", 1)[0]
+    settings = set(re.findall(r"^([A-Z]+)=", block, re.MULTILINE))
+    return re.sub(r"^[A-Z]+=.*\n", "", block, flags=re.MULTILINE), settings
+
+
+@pytest.mark.parametrize("name", FAMILY_SHAPES)
+def test_the_readme_walkthrough_runs(models, tmp_path, name):
+    """The README's continual-pretraining walkthrough, command for command, on a tiny model of each
+    family (Qwen2 at TP=2): tokenize domain and replay text with the model's tokenizer, a recipe of
+    one's own on the family's, dry run, train from step 0 with a re-warmed learning rate, export
+    the newest checkpoint as the same family with the tokenizer, which transformers loads."""
+    directory, tokens, reference, _ = models[name]
+    hf = tmp_path / "released"
+    shutil.copytree(directory, hf)
+    add_tokenizer(hf, SHAPES[name]["vocab_size"] - 7)
+    base = recipe_for(hf, tmp_path / "base.toml", name)  # stands for recipes/continual/<family>.toml
+    nproc = 2 if name == "qwen2" else 1
+    base.write_text(base.read_text() + f"\n[parallel]\ntensor = {nproc}\n")
+    words = np.random.default_rng(0).integers(1, SHAPES[name]["vocab_size"] - 7, size=(300, 24))
+    for file, rows in (("my_domain.jsonl", words[:200]), ("general.jsonl", words[200:])):
+        (tmp_path / file).write_text("".join(json.dumps({"text": " ".join(f"w{i}" for i in row)}) + "\n"
+                                             for row in rows))
+    for folder in ("tools", "launchers"):  # the block runs from the repository root
+        (tmp_path / folder).symlink_to(REPO / folder)
+    script, settings = readme_walkthrough()
+    assert settings == {"HF", "BASE", "NPROC"}
+    env = dict(os.environ, HF=str(hf), BASE=str(base), NPROC=str(nproc), OMP_NUM_THREADS="1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "starting from the weights in" in result.stdout and "step 1/6" in result.stdout
+    lr = scalars(tmp_path / "runs" / "my-continual", "train/lr")
+    assert lr[0] < lr[1] == pytest.approx(3e-3)  # warmup from 0 to optimizer.lr again, then decay
+    out = tmp_path / "hf" / "my-continual"
+    assert json.loads((out / "config.json").read_text())["architectures"] == \
+        json.loads((hf / "config.json").read_text())["architectures"]
+    assert (out / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    assert f"tokenizer: tokenizer.json, tokenizer_config.json from {hf}" in (out / "README.md").read_text()
     trained = reference_logits(out, np.load(tokens))
     assert np.isfinite(trained).all() and np.abs(trained - reference).max() > 1e-3
 

@@ -31,7 +31,8 @@ def parse_args(argv=None):
     to_bigpt.add_argument("hf_dir", help="directory with config.json and *.safetensors")
     to_bigpt.add_argument("out", help="checkpoint directory to write (replaced if it exists)")
     to_hf = commands.add_parser("export", help="bigpt checkpoint -> Hugging Face directory")
-    to_hf.add_argument("checkpoint", help="an iter_* directory of a run, or an imported checkpoint")
+    to_hf.add_argument("checkpoint", help="an iter_* directory of a run (or a run's checkpoint directory: its newest "
+                                          "intact checkpoint), or an imported checkpoint")
     to_hf.add_argument("out", help="Hugging Face directory to write (replaced if it exists)")
     to_hf.add_argument("--hf-files", default=None,
                        help="take config.json extras and tokenizer files from this directory (default: those "

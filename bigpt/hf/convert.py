@@ -153,13 +153,13 @@ def tokenizer_note(hf_files: Path | None, copied: list[str]) -> str:
 
 def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtype: torch.dtype | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
-    """Write the bigpt checkpoint (any layout) as a Hugging Face directory ``out``, with a README.md
-    saying where it came from; returns what ``tokenizer_note`` says of its tokenizer."""
-    checkpoint, out = Path(checkpoint), Path(out)
+    """Write the bigpt checkpoint (any layout; or the newest intact one in a run's checkpoint
+    directory) as a Hugging Face directory ``out``, with a README.md saying where it came from;
+    returns what ``tokenizer_note`` says of its tokenizer."""
+    out = Path(out)
     _check_replaceable(out, (out / CONFIG).is_file(), "a Hugging Face model directory")
-    if not store.is_complete(checkpoint):
-        raise BigptError(f"{checkpoint} is not a complete bigpt checkpoint (no {store.MARKER} or metadata.json); "
-                         "point at an iter_* directory of a run, or at the output of tools/convert_hf.py import")
+    checkpoint = store.checkpoint_at(Path(checkpoint), "the checkpoint to export",
+                                     alternatives="or at the output of tools/convert_hf.py import")
     model_config = checkpoint_model(checkpoint)
     model = vars(model_config)
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
