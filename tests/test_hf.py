@@ -332,6 +332,8 @@ def test_biases_and_other_rope_scaling_are_refused(small):
     assert "rope_parameters.low_freq_factor = 2.0" in refused(small)
     edit_config(small, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
     assert "rope_parameters.rope_type = 'yarn'" in refused(small)
+    edit_config(small, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    assert "partial_rotary_factor = 0.5" in refused(small)
 
 
 @pytest.mark.parametrize("model_type, changes, message", [

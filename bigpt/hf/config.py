@@ -26,7 +26,7 @@ class Family:
     null = none), "use_sliding_window" (a switch for a window in only the upper layers, which
     bigpt refuses), or None (never)."""
     bias_keys: tuple[str, ...] = ()
-    """Its config.json switches for biases bigpt cannot map (they must be false)."""
+    """The bias switches its config.json has; an export writes them false (an import refuses them true)."""
 
     def problems(self, model: ModelConfig) -> list[str]:
         """The [model] values this family cannot express."""
@@ -70,16 +70,18 @@ def _refuse(source, problem: str, fix: str):
 def _rope(config: dict, source) -> tuple[dict, str]:
     """The RoPE parameters and the key that holds them, in either spelling: ``rope_parameters``
     (transformers 5) or ``rope_theta`` + ``rope_scaling`` (released checkpoints)."""
-    if config.get("partial_rotary_factor", 1.0) != 1.0:
-        _refuse(source, f"partial_rotary_factor = {config['partial_rotary_factor']} (RoPE on part of each "
-                "head) is not supported", "bigpt rotates whole heads, as Llama, Mistral and Qwen do")
     if config.get("rope_parameters"):
-        return dict(config["rope_parameters"]), "rope_parameters"
-    rope = dict(config.get("rope_scaling") or {})
-    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    if "type" in rope:  # the pre-4.43 spelling of rope_type
-        rope.setdefault("rope_type", rope.pop("type"))
-    return rope, "rope_scaling"
+        rope, spelling = dict(config["rope_parameters"]), "rope_parameters"
+    else:
+        rope, spelling = dict(config.get("rope_scaling") or {}), "rope_scaling"
+        rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+        if "type" in rope:  # the pre-4.43 spelling of rope_type
+            rope.setdefault("rope_type", rope.pop("type"))
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))  # transformers 5: inside
+    if partial != 1.0:
+        _refuse(source, f"partial_rotary_factor = {partial} (RoPE on part of each head) is not supported",
+                "bigpt rotates whole heads, as Llama, Mistral and Qwen do")
+    return rope, spelling
 
 
 def _rope_keys(config: dict, source) -> dict:
@@ -111,7 +113,7 @@ def _family(config: dict, source) -> Family:
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             _refuse(source, f"{key} = true: biases on {'the attention output' if key == 'attention_bias' else 'the MLP'} "
-                    "have no exact megatron-core counterpart without biases everywhere", "only models without them "
+                    "have no megatron-core option short of biases on every linear layer", "only models without them "
                     "(Qwen2's query/key/value biases aside) are supported")
     if config.get("use_sliding_window"):
         _refuse(source, f"use_sliding_window = true (a window only from layer max_window_layers = "

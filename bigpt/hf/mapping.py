@@ -1,4 +1,5 @@
-"""The one map between Hugging Face tensors (Llama, Mistral, Qwen2, Qwen3 names) and megatron-core's global checkpoint tensors.
+"""The one map between Hugging Face tensors (Llama, Mistral, Qwen2, Qwen3 share their names) and
+megatron-core's global checkpoint tensors.
 
 A bigpt checkpoint holds every parameter under its layout-independent global name (what
 ``GPTModel.sharded_state_dict()`` produces); per-layer parameters are stacked over a leading
@@ -10,7 +11,9 @@ Both directions of every rule live here, next to each other:
 - ``linear_fc1.weight`` is SwiGLU's [gate; up] (megatron's swiglu sharded factory makes the
   global tensor this concatenation whatever the tensor-parallel size);
 - the norms before attention and MLP are stored under the Transformer Engine names
-  (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``), on every spec.
+  (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``), on every spec;
+- Qwen3's per-head ``q_norm``/``k_norm`` are ``q_layernorm``/``k_layernorm``: one head wide,
+  the same on every tensor-parallel rank.
 """
 
 from dataclasses import dataclass
