@@ -434,9 +434,14 @@ def test_pickle_only_directory_is_refused(small, tmp_path):
     assert not (tmp_path / "unpickled").exists()
 
 
-def test_tokenizer_larger_than_the_vocabulary_is_named(small):
-    add_tokenizer(small, SMALL["vocab_size"] + 10)
-    assert f"tokenizer.json has {SMALL['vocab_size'] + 10} tokens" in refused(small)
+def test_tokenizer_larger_than_the_vocabulary_is_named_with_advice_that_works(small):
+    size = SMALL["vocab_size"] + 10
+    add_tokenizer(small, size)
+    assert f"tokenizer.json has {size} tokens" in refused(small) and "resize_token_embeddings" in refused(small)
+    model = AutoModelForCausalLM.from_pretrained(small)  # the advice, followed
+    model.resize_token_embeddings(size)
+    model.save_pretrained(small)
+    assert inspect_hf(small)[0]["vocab_size"] == size
 
 
 def test_recipe_that_does_not_match_the_hf_model_is_refused(small, tmp_path):

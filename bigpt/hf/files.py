@@ -142,7 +142,10 @@ def check_tokenizer_fits(directory: Path, vocab_size: int) -> None:
     found = tokenizer_vocab_size(directory)
     if found and found[1] > vocab_size:
         raise BigptError(f"tokenizer {found[0]} has {found[1]} tokens but config.json's vocab_size is {vocab_size}, "
-                         "so some token ids have no embedding row; use the tokenizer released with these weights")
+                         "so some token ids have no embedding row. If tokens were added to it, give the model rows "
+                         "for them first (transformers: model.resize_token_embeddings(len(tokenizer)), then "
+                         "save_pretrained) and import that directory (init.from_hf or tools/convert_hf.py import); "
+                         "otherwise put back the tokenizer files released with these weights")
 
 
 def copy_side_files(source: Path, destination: Path, *, skip=()) -> list[str]:
