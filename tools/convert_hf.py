@@ -64,8 +64,9 @@ def main(argv=None) -> int:
             dtype = getattr(torch, args.dtype) if args.dtype else None
             note = export_hf(Path(args.checkpoint), Path(args.out), hf_files=args.hf_files and Path(args.hf_files),
                              dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
-            print(f"wrote {args.out}; {note}")
-            if note.startswith("WARNING"):
+            warning = note.startswith("WARNING")
+            print(f"wrote {args.out}" + ("" if warning else f"; {note}"))
+            if warning:
                 print(note, file=sys.stderr)
     return 0
 

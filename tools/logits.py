@@ -30,6 +30,7 @@ def parse_args(argv=None):
 
 
 def layout_of(recipe):
+    """The recipe's layout at this job's world size (torchrun's WORLD_SIZE; 1 without torchrun)."""
     from bigpt.layout import Layout
 
     return Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
