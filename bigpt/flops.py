@@ -94,9 +94,13 @@ def _layer_matmul_parameters(model: ModelConfig) -> int:
 
 def _layer_parameters(model: ModelConfig) -> int:
     query, key_value = _attention_widths(model)
-    biases = query + 2 * key_value + model.hidden_size + _mlp_input_width(model) + model.hidden_size
-    return (_layer_matmul_parameters(model) + 2 * _norm_parameters(model)
-            + (biases if model.add_bias_linear else 0))
+    qkv_biases = query + 2 * key_value
+    other_biases = model.hidden_size + _mlp_input_width(model) + model.hidden_size
+    head = query // model.num_attention_heads
+    # q/k norms: one weight (and bias, for layernorm) per head width, shared by the heads
+    qk_norms = 2 * head * (2 if model.normalization == "layernorm" else 1) if model.qk_layernorm else 0
+    return (_layer_matmul_parameters(model) + 2 * _norm_parameters(model) + qk_norms
+            + (qkv_biases + other_biases if model.add_bias_linear else qkv_biases if model.add_qkv_bias else 0))
 
 
 def _input_parameters(model: ModelConfig, vocab: int) -> int:
@@ -139,9 +143,9 @@ def flops_per_token(model: ModelConfig, padded_vocab: int | None = None) -> floa
 
     forward = 2 × (matmul weights: every layer's q, k, v, output and MLP matrices, plus the
                    vocab × hidden output layer, tied or not)
-            + 2 × 2 × seq_length × (heads × head width) per layer, for the scores Q·Kᵀ and the
-              score-weighted sum of V.
-    The attention term counts every query against all seq_length keys: the causal mask's
+            + 2 × 2 × keys × (heads × head width) per layer, for the scores Q·Kᵀ and the
+              score-weighted sum of V, with keys = seq_length (attention_window if shorter).
+    The attention term counts every query against all those keys: the causal mask's
     halving is NOT applied, as in Megatron-LM's and PaLM's MFU convention (6N + 12·L·s·h), so
     MFU figures compare with published ones. Embedding lookups, norms, biases, softmax and
     activation functions are not counted.
@@ -149,7 +153,8 @@ def flops_per_token(model: ModelConfig, padded_vocab: int | None = None) -> floa
     vocab = padded_vocab or model.vocab_size
     query, _ = _attention_widths(model)
     matmul_weights = model.num_layers * _layer_matmul_parameters(model) + vocab * model.hidden_size
-    attention = model.num_layers * 2 * 2 * model.seq_length * query
+    keys = min(model.seq_length, model.attention_window or model.seq_length)
+    attention = model.num_layers * 2 * 2 * keys * query
     return 3.0 * (2 * matmul_weights + attention)
 
 

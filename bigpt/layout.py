@@ -124,6 +124,12 @@ def _check_sequence_split(recipe: Recipe) -> None:
         recipe_error(recipe, f"model.seq_length={seq} is not divisible by 2 × parallel.context "
                      f"= {2 * parallel.context}", "context parallelism cuts each sequence into "
                      "2 × context chunks (for causal load balance); adjust either")
+    window = recipe.model.attention_window
+    if parallel.context > 1 and window and window < seq:
+        recipe_error(recipe, f"model.attention_window={window} (shorter than model.seq_length={seq}) with "
+                     f"parallel.context={parallel.context}", "megatron-core's context-parallel attention (Transformer "
+                     "Engine's ring exchange) does not apply a sliding window exactly; set parallel.context = 1, or "
+                     "a seq_length no longer than the window")
     per_context = seq // parallel.context
     if parallel.sequence_parallel and per_context % parallel.tensor:
         recipe_error(recipe, f"model.seq_length / parallel.context = {per_context} is not "

@@ -11,6 +11,7 @@ without sequence parallelism (tests/test_memory.py checks both). Where bigpt dif
 - dropout masks (1 byte an element) only when the recipe's dropout is non-zero (Llama: none);
 - attention probabilities (s² per head) only without Transformer Engine and without recompute:
   on GPUs bigpt's attention is fused (flash/cuDNN) and never stores them;
+- per-head q/k norms (Qwen3) keep the un-normalised queries and keys;
 - the output layer's logits are counted on the last stage for any pipeline size (Megatron adds
   them only without pipelining, as it reports the first stage), and token ids (8 bytes a token)
   are left out; Megatron's 5% "overhead" factor is not applied: the planner keeps headroom instead.
@@ -116,6 +117,8 @@ def layer_activations(recipe: Recipe, layout: Layout) -> float:
     # Q, K, V for attention, its output (the projection's input), the MLP's inner tensors.
     mlp_tensors = 3 if model.activation == "swiglu" else 2
     tensor_split = element * tokens * (2 * query + 2 * key_value + mlp_tensors * model.ffn_hidden_size)
+    if model.qk_layernorm:  # the per-head q/k norms keep their inputs too
+        tensor_split += element * tokens * (query + key_value)
     if recipe.recompute.granularity == "none" and recipe.precision.transformer_engine == "off":
         # Unfused attention keeps the softmax output (and its dropout mask and output).
         per_score = element + (1 + element if model.attention_dropout else 0)

@@ -53,6 +53,13 @@ def use_transformer_engine(recipe: Recipe) -> bool:
     return available and wanted != "off"
 
 
+def _window_size(window: int | None, seq_length: int) -> tuple[int, int] | None:
+    """megatron-core's (left, right) sliding window: the window - 1 tokens before, none after. A
+    window no shorter than the sequence masks nothing, so full attention (any kernel, any context
+    parallelism) computes the same."""
+    return (window - 1, 0) if window and window < seq_length else None
+
+
 def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> TransformerConfig:
     m, p, prec, rc = recipe.model, recipe.parallel, recipe.precision, recipe.recompute
     activation, gated = _ACTIVATIONS[m.activation]
@@ -78,6 +85,9 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
         normalization=_NORMS[m.normalization],
         layernorm_epsilon=m.norm_epsilon,
         add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
+        window_size=_window_size(m.attention_window, m.seq_length),
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_std,
@@ -105,7 +115,8 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
         # shape) can swap silently. Unbatched, megatron-core sends the two directions over two
         # different groups. NCCL's batched p2p has no such problem.
         batch_p2p_comm=on_gpu,
-        masked_softmax_fusion=fused,
+        # megatron-core's fused causal softmax kernel ignores window_size (its unfused one applies it).
+        masked_softmax_fusion=fused and not _window_size(m.attention_window, m.seq_length),
         bias_activation_fusion=fused and (gated or m.add_bias_linear),
         bias_dropout_fusion=fused,
         apply_rope_fusion=fused and use_te,
@@ -118,9 +129,11 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
 def layer_spec(recipe: Recipe, *, use_te: bool):
     from megatron.core.models.gpt import gpt_layer_specs
 
+    qk_layernorm = recipe.model.qk_layernorm
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=_NORMS[recipe.model.normalization])
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=_NORMS[recipe.model.normalization],
+                                                    qk_layernorm=qk_layernorm)
 
 
 def build_model_chunks(recipe: Recipe, layout: Layout) -> tuple[list[GPTModel], TransformerConfig]:

@@ -205,7 +205,11 @@ def test_a_split_nobody_samples_from_may_be_empty(tmp_path, tokenizer_path):
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, tokenizer_path,
                                                                  corpus_prefixes):
     recipe = indexed_recipe(tmp_path, tokenizer_path, corpus_prefixes, vocab_size=300)
-    with pytest.raises(BigptError, match=r"has 512 tokens but model\.vocab_size is 300"):
+    with pytest.raises(BigptError, match=r"has 512 tokens but model\.vocab_size is 300; set model\.vocab_size = 512"):
+        build(recipe)
+    recipe.init.from_hf = str(tmp_path / "hf")  # imported weights: their vocabulary is fixed
+    with pytest.raises(BigptError, match=r"is 300; the vocabulary is that of the weights init\.from_hf = .* cannot grow: "
+                                         r"set data\.tokenizer to the tokenizer released with those weights"):
         build(recipe)
 
 

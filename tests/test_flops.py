@@ -59,6 +59,12 @@ def test_flops_per_token_is_six_n_plus_attention():
     assert flops_per_token(model) == 6 * matmul_weights + 3 * attention
 
 
+def test_a_sliding_window_shorter_than_the_sequence_bounds_the_attention_term():
+    windowed = ModelConfig(**{**vars(LLAMA3_8B), "attention_window": 4096})  # half of seq_length 8192
+    assert flops_per_token(LLAMA3_8B) - flops_per_token(windowed) == 3 * 32 * 4 * 4096 * 4096
+    assert flops_per_token(ModelConfig(**{**vars(LLAMA3_8B), "attention_window": 16384})) == flops_per_token(LLAMA3_8B)
+
+
 def test_flops_per_step_scales_with_tokens():
     recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes/llama3_8b.toml")
     expected = flops_per_token(recipe.model) * 128 * 8192

@@ -1,17 +1,22 @@
-"""Hugging Face Llama in and out, checked against transformers as the independent reference.
+"""Hugging Face models in and out, checked against transformers as the independent reference.
 
-Small random Llama models of several shapes (GQA ratios 2 and 4 and MHA, tied and untied
-embeddings, Llama-3.1 RoPE scaling, an explicit head_dim, a vocabulary that needs padding,
-sharded safetensors) are saved with ``save_pretrained``. bigpt imports them (``init.from_hf``
-inside a job, or ``tools/convert_hf.py import``), computes logits with ``tools/logits.py`` at
-TP=1, TP=2 and PP=2, and must match transformers' fp32 eager logits; exporting an import gives
-back every tensor bit for bit. Bad inputs are refused with errors that name the file or tensor.
+Small random models of every family and several shapes (Llama: GQA ratios 2 and 4 and MHA, tied
+and untied embeddings, Llama-3.1 RoPE scaling, an explicit head_dim, a vocabulary that needs
+padding, sharded safetensors; Qwen2 with q/k/v biases; Qwen3 with per-head q/k norms; Mistral
+with a sliding window shorter than the tokens) are built with transformers' own config classes,
+every norm weight and bias randomised, and saved with ``save_pretrained``. bigpt imports them
+(``init.from_hf`` inside a job, or ``tools/convert_hf.py import``), computes logits with
+``tools/logits.py`` at TP=1, TP=2 and PP=2 × VPP=2 (all models of a layout in one job), and must
+match transformers' fp32 eager logits; exporting an import gives back every tensor bit for bit.
+The README's continual-pretraining walkthrough is run as written. Bad inputs are refused with
+errors that name the file or tensor.
 """
 
 import json
 import os
 import pickle
-import socket
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +26,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from bigpt.errors import BigptError
-from bigpt.hf.config import check_recipe_matches, model_from_hf
+from bigpt.hf.config import FAMILIES, check_recipe_matches, hf_from_model, model_from_hf
 from bigpt.hf.files import inspect_hf
-from bigpt.recipe import load_recipe, table_to_toml
+from bigpt.recipe import ModelConfig, load_recipe, table_to_toml
 from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 
 pytestmark = pytest.mark.slow
@@ -44,15 +49,40 @@ SHAPES = {
                              rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, max_position_embeddings=16384),
     "mha_untied": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False, rope_theta=20000.0),
+    # Qwen2.5-style: q/k/v biases, tied embeddings (as Qwen2.5 up to 3B), rope_theta 1e6.
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1100, tie_word_embeddings=True,
+                  rope_theta=1e6, rms_norm_eps=1e-6),
+    # Qwen3: per-head q/k RMSNorm, head_dim × heads != hidden (as Qwen3-0.6B).
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1000,
+                  tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6),
+    # Mistral-7B-v0.1-style sliding window, shorter than the 16 tokens compared.
+    "mistral_window": dict(model_type="mistral", hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=512, sliding_window=5,
+                           tie_word_embeddings=False, rope_theta=1e4),
 }
+FAMILY_SHAPES = ("qwen2", "qwen3", "mistral_window")  # 4 layers each, for PP=2 × VPP=2
+LOGITS_OF_MODELS = Path(__file__).resolve().parent / "logits_of_models.py"
+FAMILY_ARCHITECTURES = {family.model_type: family.architecture for family in FAMILIES.values()}
 SHARDED = "gqa4_tied_llama3"  # saved as several safetensors shards + index
-LOGITS = REPO / "tools" / "logits.py"
 CONVERT = REPO / "tools" / "convert_hf.py"
 
 
-def save_llama(directory: Path, seed: int, shape: dict, **save) -> Path:
+def save_model(directory: Path, seed: int, shape: dict, **save) -> Path:
+    """A random model of ``shape`` (a Llama unless it names another model_type), saved; norm
+    weights and biases are randomised too (transformers starts them at one and zero)."""
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**shape, initializer_range=0.1)).save_pretrained(directory, **save)
+    shape = dict(shape)
+    config = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape, initializer_range=0.1)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.1)
+            elif "norm" in name:
+                parameter.normal_(1.0, 0.1)
+    model.save_pretrained(directory, **save)
     return directory
 
 
@@ -65,9 +95,12 @@ def reference_logits(directory: Path, tokens: np.ndarray) -> np.ndarray:
 def add_tokenizer(directory: Path, size: int) -> None:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
 
     vocab = {"</s>": 0, **{f"w{i}": i for i in range(1, size)}}
-    Tokenizer(WordLevel(vocab, unk_token="w1")).save(str(directory / "tokenizer.json"))
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="w1"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
 
 
@@ -90,18 +123,17 @@ def recipe_for(directory: Path, out: Path, name: str, init: str = "from_hf", wei
     return out
 
 
-def bigpt_logits(recipe: Path, tokens: Path, out: Path, *overrides: str, nproc: int = 1) -> np.ndarray:
-    args = [f"run_dir={out.parent}", "--tokens", str(tokens), "--out", str(out), *overrides]
-    if nproc > 1:
-        run_bigpt(recipe, *args, nproc=nproc, script=LOGITS)
-    else:  # a plain process is a world of one: no torchrun process to start
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
-        result = subprocess.run([sys.executable, str(LOGITS), str(recipe), *args], capture_output=True, text=True,
-                                timeout=300, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(port)))
-        assert result.returncode == 0, result.stderr[-4000:]
-    return np.load(out)
+def logits_of_models(recipes: dict[str, Path], models, root: Path, *overrides: str, nproc: int) -> dict[str, float]:
+    """Max |bigpt - transformers| of each named model, its recipe run by tools/logits.py at the
+    layout ``overrides`` give (run_dir: root/name), all models in one torchrun job."""
+    jobs = []
+    for name, recipe in recipes.items():
+        (root / name).mkdir(parents=True)
+        jobs.append(f"{recipe},{models[name][1]},{root / name / 'logits.npy'}")
+    run_bigpt(*jobs, "--", *overrides, nproc=nproc, script=LOGITS_OF_MODELS)
+    found = {name: float(np.abs(np.load(root / name / "logits.npy") - models[name][2]).max()) for name in recipes}
+    print(found)
+    return found
 
 
 def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -125,7 +157,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     found = {}
     for seed, (name, shape) in enumerate(SHAPES.items()):
-        directory = save_llama(root / name, seed, shape, **({"max_shard_size": "100KB"} if name == SHARDED else {}))
+        directory = save_model(root / name, seed, shape, **({"max_shard_size": "100KB"} if name == SHARDED else {}))
         tokens = np.random.default_rng(seed).integers(0, shape["vocab_size"], size=(2, 16))
         np.save(root / f"{name}_tokens.npy", tokens)
         found[name] = (directory, root / f"{name}_tokens.npy", reference_logits(directory, tokens),
@@ -139,22 +171,25 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp1(models, tmp_path_factory):
-    """name -> (bigpt's logits at TP=1 with init.from_hf, the run directory holding the import)."""
+    """name -> (max |bigpt - transformers| at TP=1 with init.from_hf, the run directory holding the import)."""
     root = tmp_path_factory.mktemp("tp1")
-    results = {}
-    for name, (_, tokens, _, recipe) in models.items():
-        run_dir = root / name
-        run_dir.mkdir()
-        results[name] = bigpt_logits(recipe, tokens, run_dir / "logits.npy"), run_dir
-    return results
+    differences = logits_of_models({name: recipe for name, (*_, recipe) in models.items()}, models, root, nproc=1)
+    return {name: (difference, root / name) for name, difference in differences.items()}
 
 
 @pytest.mark.parametrize("name", SHAPES)
-def test_logits_match_transformers_at_tp1(models, tp1, name):
-    reference = models[name][2]
-    ours, _ = tp1[name]
-    assert ours.shape == reference.shape
-    assert np.abs(ours - reference).max() <= TOLERANCE
+def test_logits_match_transformers_at_tp1(tp1, name):
+    assert tp1[name][0] <= TOLERANCE
+
+
+def test_the_sliding_window_matters(models):
+    """Full attention on the same weights gives other logits: the window is really compared."""
+    directory, tokens, reference, _ = models["mistral_window"]
+    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32,
+                                                 sliding_window=None)
+    with torch.no_grad():
+        full = model(torch.from_numpy(np.load(tokens))).logits.numpy()
+    assert np.abs(full - reference).max() > 100 * TOLERANCE
 
 
 def test_no_pickle_is_loaded(models, tp1):
@@ -162,54 +197,100 @@ def test_no_pickle_is_loaded(models, tp1):
     assert (directory / "pytorch_model.bin").is_file() and not (directory.parent / "unpickled").exists()
 
 
-@pytest.mark.parametrize("name", ["gqa2_untied", SHARDED])  # mha_untied is exported after training below
+@pytest.mark.parametrize("name", ["gqa2_untied", SHARDED, *FAMILY_SHAPES])  # mha_untied: exported after training below
 def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name):
     directory, tokens, reference, _ = models[name]
     imported = tp1[name][1] / "init_from_hf"
     out = tmp_path / "exported"
-    convert("export", str(imported), str(out), *(["--max-shard-gb", "0.0001"] if name == SHARDED else []))
+    if name in FAMILY_SHAPES:  # in this process: the tool itself is run for the others and by the walkthrough
+        from bigpt.hf.convert import export_hf
+        from bigpt.runtime.distributed import process_group_of_one
+
+        with process_group_of_one():
+            said = export_hf(imported, out)
+    else:
+        result = convert("export", str(imported), str(out), *(["--max-shard-gb", "0.0001"] if name == SHARDED else []))
+        said = result.stderr
+        assert "tokenizer:" not in result.stdout
+    # these sources have no tokenizer: the export says so, never "tokenizer ... from"
+    assert "WARNING: no tokenizer was exported" in said
+    assert "WARNING: no tokenizer was exported" in (out / "README.md").read_text()
     original, exported = hf_tensors(directory), hf_tensors(out)
     assert sorted(exported) == sorted(original)
     for key, tensor in original.items():
         assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
-    if name == SHARDED:  # transformers reads the index, the tied config and the RoPE scaling back
-        assert (out / "model.safetensors.index.json").is_file()
-        np.testing.assert_array_equal(reference_logits(out, np.load(tokens)), reference)
+    # transformers reads back the index, the tied config, the RoPE scaling and each family's config
+    assert (out / "model.safetensors.index.json").is_file() == (name == SHARDED)
+    assert json.loads((out / "config.json").read_text())["architectures"] == \
+        json.loads((directory / "config.json").read_text())["architectures"]
+    np.testing.assert_array_equal(reference_logits(out, np.load(tokens)), reference)
 
 
 def test_tensor_parallel_2_with_another_vocab_padding(models, tmp_path):
-    """init.from_hf converted by both ranks; vocab 1100 is padded to 1280 at TP=2 (1152 at TP=1)."""
-    _, tokens, reference, recipe = models["gqa2_untied"]
-    ours = bigpt_logits(recipe, tokens, tmp_path / "logits.npy", "parallel.tensor=2", nproc=2)
-    assert np.abs(ours - reference).max() <= TOLERANCE
+    """init.from_hf converted by both ranks; vocab 1100 is padded to 1280 at TP=2 (1152 at TP=1);
+    each family's biases and q/k norms are split (or replicated) over the ranks."""
+    names = ["gqa2_untied", *FAMILY_SHAPES]
+    differences = logits_of_models({name: models[name][3] for name in names}, models, tmp_path, "parallel.tensor=2",
+                                   nproc=2)
+    assert max(differences.values()) <= TOLERANCE, differences
 
 
 def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, tmp_path):
     """tools/convert_hf.py import, then init.from_checkpoint at PP=2 × VPP=2, one layer per chunk
-    (tied embeddings: the last stage's output layer loads the embedding)."""
-    directory, tokens, reference, _ = models[SHARDED]
+    (tied embeddings: the last stage's output layer loads the embedding); the families start
+    from init.from_hf at the same layout."""
+    directory = models[SHARDED][0]
     imported = tmp_path / "imported"
     convert("import", str(directory), str(imported))
     assert "[model]" in (imported / "model.toml").read_text()
-    recipe = recipe_for(directory, tmp_path / "pp2.toml", "pp2", "from_checkpoint", imported)
-    ours = bigpt_logits(recipe, tokens, tmp_path / "logits.npy", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
-                        nproc=2)
-    assert np.abs(ours - reference).max() <= TOLERANCE
+    recipes = {SHARDED: recipe_for(directory, tmp_path / "pp2.toml", SHARDED, "from_checkpoint", imported),
+               **{name: models[name][3] for name in FAMILY_SHAPES}}
+    differences = logits_of_models(recipes, models, tmp_path, "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                                   nproc=2)
+    assert max(differences.values()) <= TOLERANCE, differences
 
 
-def test_continual_training_from_hf_then_export(models, tmp_path):
-    """Train from HF weights at TP=2 (weights only: step 0, learning-rate warmup again), export
-    the last checkpoint and load it with transformers, tokenizer included."""
-    directory, tokens, reference, recipe = models["mha_untied"]
-    run_dir = tmp_path / "run"
-    result = run_bigpt(recipe, f"run_dir={run_dir}", "parallel.tensor=2", "train.train_iters=3",
-                       "schedule.warmup_iters=2", nproc=2)
-    assert "starting from the weights in" in result.stdout and "step 1/3" in result.stdout
-    lr = scalars(run_dir, "train/lr")
-    assert lr[0] < lr[1] == pytest.approx(3e-3)  # warmup from 0 to optimizer.lr, then decay
-    out = tmp_path / "exported"
-    convert("export", str(run_dir / "checkpoints" / "iter_0000003"), str(out))
-    assert (out / "tokenizer.json").read_bytes() == (directory / "tokenizer.json").read_bytes()
+def readme_walkthrough() -> tuple[str, set[str]]:
+    """The README's walkthrough block without its settings lines, and the names they set."""
+    block = (REPO / "README.md").read_text().split("<!-- walkthrough -->\n```sh\n", 1)[1].split("```", 1)[0]
+    settings = set(re.findall(r"^([A-Z]+)=", block, re.MULTILINE))
+    return re.sub(r"^[A-Z]+=.*\n", "", block, flags=re.MULTILINE), settings
+
+
+@pytest.mark.parametrize("name", FAMILY_SHAPES)
+def test_the_readme_walkthrough_runs(models, tmp_path, name):
+    """The README's continual-pretraining walkthrough, command for command, on a tiny model of each
+    family (Qwen2 at TP=2): tokenize domain and replay text with the model's tokenizer, a recipe of
+    one's own on the family's, dry run, train from step 0 with a re-warmed learning rate, export
+    the newest checkpoint as the same family with the tokenizer, which transformers loads."""
+    directory, tokens, reference, _ = models[name]
+    hf = tmp_path / "released"
+    shutil.copytree(directory, hf)
+    add_tokenizer(hf, SHAPES[name]["vocab_size"] - 7)
+    base = recipe_for(hf, tmp_path / "base.toml", name)  # stands for recipes/continual/<family>.toml
+    nproc = 2 if name == "qwen2" else 1
+    base.write_text(base.read_text() + f"\n[parallel]\ntensor = {nproc}\n")
+    words = np.random.default_rng(0).integers(1, SHAPES[name]["vocab_size"] - 7, size=(300, 24))
+    for file, rows in (("my_domain.jsonl", words[:200]), ("general.jsonl", words[200:])):
+        (tmp_path / file).write_text("".join(json.dumps({"text": " ".join(f"w{i}" for i in row)}) + "\n"
+                                             for row in rows))
+    for folder in ("tools", "launchers"):  # the block runs from the repository root
+        (tmp_path / folder).symlink_to(REPO / folder)
+    script, settings = readme_walkthrough()
+    assert settings == {"HF", "BASE", "NPROC"}
+    env = dict(os.environ, HF=str(hf), BASE=str(base), NPROC=str(nproc), OMP_NUM_THREADS="1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "starting from the weights in" in result.stdout and "step 1/6" in result.stdout
+    lr = scalars(tmp_path / "runs" / "my-continual", "train/lr")
+    assert lr[0] < lr[1] == pytest.approx(3e-3)  # warmup from 0 to optimizer.lr again, then decay
+    out = tmp_path / "hf" / "my-continual"
+    assert json.loads((out / "config.json").read_text())["architectures"] == \
+        json.loads((hf / "config.json").read_text())["architectures"]
+    assert (out / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    assert f"tokenizer: tokenizer.json, tokenizer_config.json from {hf}" in (out / "README.md").read_text()
     trained = reference_logits(out, np.load(tokens))
     assert np.isfinite(trained).all() and np.abs(trained - reference).max() > 1e-3
 
@@ -221,7 +302,7 @@ SMALL = SHAPES["mha_untied"]
 
 @pytest.fixture
 def small(tmp_path):
-    return save_llama(tmp_path / "small", 0, SMALL)
+    return save_model(tmp_path / "small", 0, SMALL)
 
 
 def refused(directory) -> str:
@@ -244,10 +325,76 @@ def test_unknown_architecture_is_refused(small):
 def test_biases_and_other_rope_scaling_are_refused(small):
     edit_config(small, attention_bias=True)
     assert "attention_bias" in refused(small)
-    edit_config(small, attention_bias=False, rope_parameters={**LLAMA3_SCALING, "low_freq_factor": 2.0, "rope_theta": 1e4})
-    assert "rope_scaling.low_freq_factor" in refused(small)
+    edit_config(small, attention_bias=False, rope_parameters=None,  # the spelling of released checkpoints
+                rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 4096})
+    assert "rope_scaling.original_max_position_embeddings = 4096" in refused(small)
+    edit_config(small, rope_parameters={**LLAMA3_SCALING, "low_freq_factor": 2.0, "rope_theta": 1e4})  # transformers 5
+    assert "rope_parameters.low_freq_factor = 2.0" in refused(small)
     edit_config(small, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
-    assert "'yarn'" in refused(small)
+    assert "rope_parameters.rope_type = 'yarn'" in refused(small)
+    edit_config(small, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    assert "partial_rotary_factor = 0.5" in refused(small)
+
+
+@pytest.mark.parametrize("model_type, changes, message", [
+    ("qwen2", dict(use_sliding_window=True, max_window_layers=1), "use_sliding_window = true"),
+    ("qwen3", dict(attention_bias=True), "attention_bias = true"),
+    ("mistral", dict(hidden_act="gelu"), "hidden_act = 'gelu'"),
+])
+def test_what_a_family_cannot_compute_exactly_is_refused(model_type, changes, message):
+    config = dict(SMALL, model_type=model_type, architectures=[FAMILY_ARCHITECTURES[model_type]], **changes)
+    with pytest.raises(BigptError, match=message):
+        model_from_hf(config, "config.json")
+
+
+def test_mistral_without_a_window_is_mistral_in_and_out():
+    """Mistral-7B-v0.3 has no sliding window: the same [model] as a Llama, exported back as Mistral
+    (sliding_window null) because its source config says so; with a window it must be Mistral."""
+    source = dict(SMALL, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+    model = model_from_hf(source, "config.json")
+    assert "attention_window" not in model and "rope_scaling_factor" not in model  # no stray keys
+    recipe = ModelConfig(**model, seq_length=64)
+    assert hf_from_model(recipe, "float32", source)["sliding_window"] is None
+    assert hf_from_model(recipe, "float32", None)["architectures"] == ["LlamaForCausalLM"]
+    windowed = ModelConfig(**model, seq_length=64, attention_window=16)
+    llama = dict(SMALL, model_type="llama", architectures=["LlamaForCausalLM"])
+    assert hf_from_model(windowed, "float32", llama)["sliding_window"] == 16
+    with pytest.raises(BigptError, match="model.add_qkv_bias = True, model.qk_layernorm = True fits none"):
+        hf_from_model(ModelConfig(**model, seq_length=64, add_qkv_bias=True, qk_layernorm=True), "float32", llama)
+
+
+RELEASED = {  # the architecture keys of the released config.json files
+    "qwen2_5_7b_math.toml": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
+                                 intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                 num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1e6,
+                                 tie_word_embeddings=False, use_sliding_window=False, sliding_window=131072,
+                                 max_window_layers=28, max_position_embeddings=131072),
+    "qwen3_8b_legal.toml": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096,
+                                intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                                num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+                                rope_theta=1e6, attention_bias=False, tie_word_embeddings=False,
+                                use_sliding_window=False, max_position_embeddings=40960),
+    "mistral_7b_medical.toml": dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=4096,
+                                    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                    num_key_value_heads=8, vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                    sliding_window=4096, tie_word_embeddings=False, max_position_embeddings=32768),
+}
+
+
+@pytest.mark.parametrize("recipe", RELEASED)
+def test_family_recipes_describe_the_released_models(recipe):
+    """init.from_hf with the released config.json would accept each continual recipe's [model]."""
+    loaded = load_recipe(REPO / "recipes" / "continual" / recipe)
+    check_recipe_matches(loaded.model, model_from_hf(RELEASED[recipe], "config.json"), "config.json")
+
+
+def test_a_window_shorter_than_the_sequence_is_refused_with_context_parallelism(tmp_path):
+    from bigpt.layout import Layout
+
+    recipe = load_recipe(MOCK_RECIPE, ["model.attention_window=32", "parallel.context=2"])
+    with pytest.raises(BigptError, match="model.attention_window=32 .* parallel.context=2"):
+        Layout.from_recipe(recipe, 2)
+    Layout.from_recipe(load_recipe(MOCK_RECIPE, ["model.attention_window=64", "parallel.context=2"]), 2)
 
 
 def test_missing_tensor_is_named(small):
@@ -272,7 +419,7 @@ def test_shape_contradicting_config_is_named(small):
 
 
 def test_index_naming_a_missing_shard_is_named(tmp_path):
-    directory = save_llama(tmp_path / "sharded", 0, SMALL, max_shard_size="100KB")
+    directory = save_model(tmp_path / "sharded", 0, SMALL, max_shard_size="100KB")
     shards = sorted(directory.glob("model-*.safetensors"))
     shards[-1].unlink()
     message = refused(directory)
@@ -287,9 +434,14 @@ def test_pickle_only_directory_is_refused(small, tmp_path):
     assert not (tmp_path / "unpickled").exists()
 
 
-def test_tokenizer_larger_than_the_vocabulary_is_named(small):
-    add_tokenizer(small, SMALL["vocab_size"] + 10)
-    assert f"tokenizer.json has {SMALL['vocab_size'] + 10} tokens" in refused(small)
+def test_tokenizer_larger_than_the_vocabulary_is_named_with_advice_that_works(small):
+    size = SMALL["vocab_size"] + 10
+    add_tokenizer(small, size)
+    assert f"tokenizer.json has {size} tokens" in refused(small) and "resize_token_embeddings" in refused(small)
+    model = AutoModelForCausalLM.from_pretrained(small)  # the advice, followed
+    model.resize_token_embeddings(size)
+    model.save_pretrained(small)
+    assert inspect_hf(small)[0]["vocab_size"] == size
 
 
 def test_recipe_that_does_not_match_the_hf_model_is_refused(small, tmp_path):
@@ -319,6 +471,7 @@ def test_dry_run_checks_the_initial_weights_on_paper(small, tmp_path):
         report(from_hf, "model.num_layers=3")
     with process_group_of_one():
         import_hf(small, tmp_path / "imported")
+    assert "rope_scaling" not in (tmp_path / "imported" / "model.toml").read_text()  # no stray keys
     from_checkpoint = recipe_for(small, tmp_path / "ckpt.toml", "ckpt", "from_checkpoint", tmp_path / "imported")
     assert f"initial weights  weights of {tmp_path / 'imported'}" in report(from_checkpoint, "model.rope_base=1e6")
     with pytest.raises(BigptError, match=r"init.from_checkpoint = .* model.ffn_hidden_size = 128"):

@@ -163,6 +163,15 @@ def test_parameter_counts_in_the_report_are_the_published_ones(capsys):
     assert "8,030,261,248 (8.03B)" in out and num_parameters(load_recipe(RECIPES / "llama3_8b.toml").model) == 8_030_261_248
 
 
+@pytest.mark.parametrize("recipe_name, published", [
+    ("continual/qwen2_5_7b_math.toml", 7_615_616_512),   # Qwen2.5-7B: q/k/v biases
+    ("continual/qwen3_8b_legal.toml", 8_190_735_360),    # Qwen3-8B: per-head q/k norms
+    ("continual/mistral_7b_medical.toml", 7_241_732_096),  # Mistral-7B-v0.1
+])
+def test_family_recipes_count_the_published_parameters(recipe_name, published):
+    assert num_parameters(load_recipe(RECIPES / recipe_name).model) == published
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--gpus", "512", "--gpu", "t4"], "unknown GPU 't4'; the planner knows h100-80gb, h200-141gb, a100-80gb"),
     (["--gpus", "8", "--gpu", "a100-40gb"], "fits on no layout of 8 × a100-40gb"),

@@ -1,4 +1,4 @@
-"""Hugging Face Llama directories in and out of bigpt checkpoints (continual pretraining).
+"""Hugging Face directories (Llama, Mistral, Qwen2/2.5, Qwen3) in and out of bigpt checkpoints (continual pretraining).
 
     python tools/convert_hf.py import data/hf/Meta-Llama-3-8B checkpoints/llama3-8b
     python tools/convert_hf.py export runs/llama3-8b-legal/checkpoints/iter_0005000 hf/llama3-8b-legal
@@ -9,7 +9,8 @@ at any TP/PP/VPP (start a run from it with init.from_checkpoint = OUT, or skip t
 init.from_hf = HF_DIR), with OUT/model.toml, the [model] table to put in the recipe.
 
 export writes a checkpoint of any layout as a directory transformers' from_pretrained loads:
-safetensors shards, config.json, and the tokenizer files of the weights the run started from.
+safetensors shards, config.json (of the family the run started from), the tokenizer files of
+those weights, and a README.md saying where it all came from (and warning when no tokenizer was found).
 """
 
 import argparse
@@ -31,7 +32,8 @@ def parse_args(argv=None):
     to_bigpt.add_argument("hf_dir", help="directory with config.json and *.safetensors")
     to_bigpt.add_argument("out", help="checkpoint directory to write (replaced if it exists)")
     to_hf = commands.add_parser("export", help="bigpt checkpoint -> Hugging Face directory")
-    to_hf.add_argument("checkpoint", help="an iter_* directory of a run, or an imported checkpoint")
+    to_hf.add_argument("checkpoint", help="an iter_* directory of a run (or a run's checkpoint directory: its newest "
+                                          "intact checkpoint), or an imported checkpoint")
     to_hf.add_argument("out", help="Hugging Face directory to write (replaced if it exists)")
     to_hf.add_argument("--hf-files", default=None,
                        help="take config.json extras and tokenizer files from this directory (default: those "
@@ -62,11 +64,12 @@ def main(argv=None) -> int:
                   f"and the [model] table in {Path(args.out) / 'model.toml'}")
         else:
             dtype = getattr(torch, args.dtype) if args.dtype else None
-            source = export_hf(Path(args.checkpoint), Path(args.out), hf_files=args.hf_files and Path(args.hf_files),
-                               dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
-            files = f"tokenizer and config extras from {source}" if source else \
-                "no tokenizer files found (pass --hf-files DIR)"
-            print(f"wrote {args.out} ({files})")
+            note = export_hf(Path(args.checkpoint), Path(args.out), hf_files=args.hf_files and Path(args.hf_files),
+                             dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+            warning = note.startswith("WARNING")
+            print(f"wrote {args.out}" + ("" if warning else f"; {note}"))
+            if warning:
+                print(note, file=sys.stderr)
     return 0
 
 

@@ -30,28 +30,39 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)
 
 
-@reports_user_errors
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    quiet_dependencies()
+def layout_of(recipe):
+    """The recipe's layout at this job's world size (torchrun's WORLD_SIZE; 1 without torchrun)."""
+    from bigpt.layout import Layout
+
+    return Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def write_logits(recipe, tokens: str, out: str) -> None:
+    """The logits of the recipe's model on the tokens in the .npy file ``tokens``, saved to ``out``
+    by the rank that holds them; needs the process groups of the recipe's layout."""
     import numpy as np
     import torch
     from megatron.core import parallel_state
 
-    from bigpt.layout import Layout
     from bigpt.logits import compute_logits
+
+    logits = compute_logits(recipe, layout_of(recipe), torch.from_numpy(np.load(tokens, allow_pickle=False)).long())
+    if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
+            and parallel_state.get_data_parallel_rank() == 0:
+        np.save(out, logits.numpy())
+
+
+@reports_user_errors
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_dependencies()
     from bigpt.recipe import load_recipe
     from bigpt.runtime.distributed import destroy_distributed, init_distributed
 
     recipe = load_recipe(args.recipe, args.overrides)
-    layout = Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
-    tokens = torch.from_numpy(np.load(args.tokens, allow_pickle=False)).long()
-    init_distributed(layout)
+    init_distributed(layout_of(recipe))
     try:
-        logits = compute_logits(recipe, layout, tokens)
-        if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
-                and parallel_state.get_data_parallel_rank() == 0:
-            np.save(args.out, logits.numpy())
+        write_logits(recipe, args.tokens, args.out)
     finally:
         destroy_distributed()
     return 0

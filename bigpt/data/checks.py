@@ -88,8 +88,12 @@ def check_weights(weights: list[float], key: str) -> None:
                              "dataset from the blend instead of giving it no weight")
 
 
-def check_vocab(vocab_size: int, model_vocab_size: int, tokenizer_path: str) -> None:
+def check_vocab(vocab_size: int, model_vocab_size: int, tokenizer_path: str, weights: str | None = None) -> None:
+    """``weights``: the [init] key naming the weights the model starts from, whose vocabulary is fixed."""
     if vocab_size > model_vocab_size:
+        fix = (f"set model.vocab_size = {vocab_size} (or more)" if weights is None else
+               f"the vocabulary is that of the weights {weights} names and cannot grow: set data.tokenizer to the "
+               "tokenizer released with those weights (their tokenizer.json or tokenizer.model) and tokenize the "
+               "data with it (tools/preprocess_data.py --tokenizer)")
         raise BigptError(f"data.tokenizer {tokenizer_path} has {vocab_size} tokens but "
-                         f"model.vocab_size is {model_vocab_size}; set model.vocab_size = "
-                         f"{vocab_size} (or more)")
+                         f"model.vocab_size is {model_vocab_size}; {fix}")

@@ -71,7 +71,10 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
 
 def _checked_tokenizer(recipe) -> Tokenizer:
     tokenizer = load_tokenizer(recipe.data.tokenizer)
-    check_vocab(tokenizer.vocab_size, recipe.model.vocab_size, recipe.data.tokenizer)
+    init = recipe.init
+    weights = (f"init.from_hf = {init.from_hf}" if init.from_hf else
+               f"init.from_checkpoint = {init.from_checkpoint}" if init.from_checkpoint else None)
+    check_vocab(tokenizer.vocab_size, recipe.model.vocab_size, recipe.data.tokenizer, weights)
     return tokenizer
 
 

@@ -25,7 +25,7 @@ import bigpt
 from bigpt.checkpoint import store
 from bigpt.errors import BigptError
 from bigpt.hf.config import hf_from_model
-from bigpt.hf.files import CONFIG, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
+from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
 from bigpt.recipe import ModelConfig, table_to_toml
 
@@ -139,15 +139,27 @@ def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype | N
             yield key, layer, tensor if dtype is None else tensor.to(dtype)
 
 
+def tokenizer_note(hf_files: Path | None, copied: list[str]) -> str:
+    """What an export says about its tokenizer (in the tool's output and the export's README.md)."""
+    found = [name for name in copied if name in TOKENIZER_FILES]
+    if any(name in found for name in ("tokenizer.json", "tokenizer.model")):
+        return f"tokenizer: {', '.join(found)} from {hf_files}"
+    why = (f"{hf_files} has no tokenizer.json or tokenizer.model" if hf_files else
+           "the checkpoint's lineage names no Hugging Face directory (it was not started from one)")
+    return (f"WARNING: no tokenizer was exported ({why}): this directory holds weights and config.json only. Copy the "
+            "tokenizer files of the model the run started from into it, or export again with --hf-files DIR "
+            "naming a directory that has them")
+
+
 def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtype: torch.dtype | None = None,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path | None:
-    """Write the bigpt checkpoint (any layout) as a Hugging Face Llama directory ``out``; returns
-    the directory the config and tokenizer files were copied from (None: none found)."""
-    checkpoint, out = Path(checkpoint), Path(out)
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+    """Write the bigpt checkpoint (any layout; or the newest intact one in a run's checkpoint
+    directory) as a Hugging Face directory ``out``, with a README.md saying where it came from;
+    returns what ``tokenizer_note`` says of its tokenizer."""
+    out = Path(out)
     _check_replaceable(out, (out / CONFIG).is_file(), "a Hugging Face model directory")
-    if not store.is_complete(checkpoint):
-        raise BigptError(f"{checkpoint} is not a complete bigpt checkpoint (no {store.MARKER} or metadata.json); "
-                         "point at an iter_* directory of a run, or at the output of tools/convert_hf.py import")
+    checkpoint = store.checkpoint_at(Path(checkpoint), "the checkpoint to export",
+                                     alternatives="or at the output of tools/convert_hf.py import")
     model_config = checkpoint_model(checkpoint)
     model = vars(model_config)
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
@@ -175,10 +187,13 @@ def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtyp
             yield from zip(rule_of[key].names(layer), rule_of[key].split(tensor))
 
     write_shards(tmp, shards, tensors())
-    if hf_files and hf_files.is_dir():
-        copy_side_files(hf_files, tmp, skip=(CONFIG,))
+    copied = copy_side_files(hf_files, tmp, skip=(CONFIG,)) if hf_files and hf_files.is_dir() else []
     (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    note = tokenizer_note(hf_files, copied)
+    (tmp / "README.md").write_text(f"# {out.name}\n\n{config['architectures'][0]} exported by bigpt "
+                                   f"(tools/convert_hf.py export) from the checkpoint {checkpoint.resolve()}.\n\n"
+                                   f"{note}.\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return hf_files
+    return note

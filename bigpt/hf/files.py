@@ -17,9 +17,10 @@ from bigpt.hf.mapping import expected_hf_shapes
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
 # Copied on import and export (whichever exist); none of them is a pickle.
-SIDE_FILES = (CONFIG, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "chat_template.jinja")
+SIDE_FILES = (CONFIG, "generation_config.json", *TOKENIZER_FILES)
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 # Buffers some older checkpoints saved next to the weights; they are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -101,8 +102,8 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     unmapped = sorted(set(weights.files) - set(expected))
     if unmapped:
         raise BigptError(f"{directory}: tensor {unmapped[0]} ({weights.files[unmapped[0]].name}) has no place in "
-                         f"a {model['num_layers']}-layer Llama model ({len(unmapped)} such tensors); bigpt cannot map "
-                         "it (biases, extra modules and adapters are not supported)")
+                         f"the {model['num_layers']}-layer model config.json describes ({len(unmapped)} such tensors); bigpt "
+                         "cannot map it (biases beyond Qwen2's q/k/v, extra modules and adapters are not supported)")
     for name, shape in expected.items():
         if weights.shape(name) != shape:
             raise BigptError(f"{directory}: tensor {name} in {weights.files[name].name} has shape "
@@ -141,7 +142,10 @@ def check_tokenizer_fits(directory: Path, vocab_size: int) -> None:
     found = tokenizer_vocab_size(directory)
     if found and found[1] > vocab_size:
         raise BigptError(f"tokenizer {found[0]} has {found[1]} tokens but config.json's vocab_size is {vocab_size}, "
-                         "so some token ids have no embedding row; use the tokenizer released with these weights")
+                         "so some token ids have no embedding row. If tokens were added to it, give the model rows "
+                         "for them first (transformers: model.resize_token_embeddings(len(tokenizer)), then "
+                         "save_pretrained) and import that directory (init.from_hf or tools/convert_hf.py import); "
+                         "otherwise put back the tokenizer files released with these weights")
 
 
 def copy_side_files(source: Path, destination: Path, *, skip=()) -> list[str]:

@@ -62,6 +62,15 @@ class ModelConfig:
     """Initialise the output projections of attention and MLP with std / sqrt(2 * num_layers)."""
     add_bias_linear: bool = False
     """Give every linear layer a bias."""
+    add_qkv_bias: bool = False
+    """Give the query, key and value projections a bias, and no other linear layer (Qwen2,
+    Qwen2.5); implied by add_bias_linear."""
+    qk_layernorm: bool = False
+    """Normalise each query and key head (the model's normalization over kv_channels, with its
+    own weights) before RoPE (Qwen3)."""
+    attention_window: int | None = positive(None)
+    """Sliding-window attention in every layer: a token attends to itself and the
+    attention_window - 1 tokens before it (Mistral's sliding_window); None = all earlier tokens."""
 
 
 def padded_vocab_size(model: ModelConfig, tensor_parallel: int) -> int:
