@@ -18,8 +18,8 @@ from multirank import MOCK_RECIPE, run_bigpt, scalars
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-COMMON = ["precision.dtype=bf16", f"train.train_iters={STEPS}", "checkpoint.save_interval=1",
-          "checkpoint.keep_last=0"]
+COMMON = ["precision.dtype=bf16", f"train.train_iters={STEPS}", "schedule.warmup_iters=0",  # every step updates
+          "checkpoint.save_interval=1", "checkpoint.keep_last=0"]
 PARALLEL = {"lion": (2, []), "muon": (4, ["parallel.tensor=2"])}  # name: processes, overrides
 
 
@@ -57,7 +57,7 @@ def test_parallel_layout_trains_like_one_rank(runs, name):
     reference, losses = _losses(single), _losses(parallel)
     assert math.isnan(reference[0]) and math.isnan(losses[0])  # step 1 skipped on both
     assert losses[1:] == pytest.approx(reference[1:], rel=1e-4), f"{name}: {PARALLEL[name]} {losses} vs one rank {reference}"
-    assert reference[2] < reference[1] - 0.02  # the first update (step 2's; step 1 was skipped) lowers the loss
+    assert reference[-1] < reference[1] - 0.1  # it learns (step 1 was skipped)
 
 
 @pytest.mark.parametrize("name", PARALLEL)
