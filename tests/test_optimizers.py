@@ -2,11 +2,12 @@
 optimizer, as users run them (torchrun over gloo on CPU, bf16, which megatron-core's layer-wise
 distributed optimizer needs).
 
-Per optimizer, from one AdamW-trained checkpoint (weights only): a single rank and TP2 × DP2
-train the same steps to the same losses, and each saves every step. Step 1's loss is made NaN
-(skipped), so the checkpoint of step 1 holds an optimizer that never stepped: the single rank
-resumes from it exactly. TP2 × DP2 resumes from its checkpoint of step 2, whose optimizer holds
-a momentum, bit-identically."""
+Per optimizer, from one AdamW-trained checkpoint (weights only): a single rank and a parallel
+layout (Lion, element-wise: DP2; Muon, which orthogonalises whole matrices: TP2 × DP2) train the
+same steps to the same losses, and each saves every step. Step 1's loss is made NaN (skipped), so
+the checkpoint of step 1 holds an optimizer that never stepped: the single rank resumes from it
+exactly. The parallel layout resumes from its checkpoint of step 2, whose optimizer holds a
+momentum, bit-identically."""
 
 import math
 
@@ -17,9 +18,9 @@ from multirank import MOCK_RECIPE, run_bigpt, scalars
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-COMMON = ["precision.dtype=bf16", f"train.train_iters={STEPS}", "checkpoint.save_interval=1",
-          "checkpoint.keep_last=0"]
-OPTIMIZERS = ["lion", "muon"]
+COMMON = ["precision.dtype=bf16", f"train.train_iters={STEPS}", "schedule.warmup_iters=0",  # every step updates
+          "checkpoint.save_interval=1", "checkpoint.keep_last=0"]
+PARALLEL = {"lion": (2, []), "muon": (4, ["parallel.tensor=2"])}  # name: processes, overrides
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +32,16 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(weights, tmp_path_factory):
-    """Optimizer → (single-rank run_dir, TP2 × DP2 run_dir), run on first use."""
+    """Optimizer → (single-rank run_dir, parallel run_dir), run on first use."""
     done = {}
 
     def get(name):
         if name not in done:
             root = tmp_path_factory.mktemp(name)
-            for layout, nproc, overrides in (("single", 1, []), ("tp2_dp2", 4, ["parallel.tensor=2"])):
+            for layout, (nproc, overrides) in (("single", (1, [])), ("parallel", PARALLEL[name])):
                 run_bigpt(MOCK_RECIPE, f"run_dir={root / layout}", f"optimizer.name={name}", f"init.from_checkpoint={weights}",
                           *COMMON, *overrides, nproc=nproc, fault="nan_loss@1")
-            done[name] = root / "single", root / "tp2_dp2"
+            done[name] = root / "single", root / "parallel"
         return done[name]
 
     return get
@@ -50,19 +51,19 @@ def _losses(run_dir) -> list[float]:
     return scalars(run_dir, "train/loss")
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_tensor_and_data_parallel_train_like_one_rank(runs, name):
+@pytest.mark.parametrize("name", PARALLEL)
+def test_parallel_layout_trains_like_one_rank(runs, name):
     single, parallel = runs(name)
     reference, losses = _losses(single), _losses(parallel)
     assert math.isnan(reference[0]) and math.isnan(losses[0])  # step 1 skipped on both
-    assert losses[1:] == pytest.approx(reference[1:], rel=1e-4), f"{name}: TP2 x DP2 {losses} vs one rank {reference}"
-    assert reference[-1] < reference[1] - 0.05  # it learns
+    assert losses[1:] == pytest.approx(reference[1:], rel=1e-4), f"{name}: {PARALLEL[name]} {losses} vs one rank {reference}"
+    assert reference[-1] < reference[1] - 0.1  # it learns (step 1 was skipped)
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", PARALLEL)
 def test_resume_is_bit_identical(runs, name, tmp_path):
     single, parallel = runs(name)
-    for run_dir, nproc, overrides, saved_at in ((single, 1, [], 1), (parallel, 4, ["parallel.tensor=2"], 2)):
+    for run_dir, (nproc, overrides), saved_at in ((single, (1, []), 1), (parallel, PARALLEL[name], 2)):
         checkpoint = run_dir / "checkpoints" / f"iter_{saved_at:07d}"
         resumed = tmp_path / f"{run_dir.name}_from_{saved_at}"
         run_bigpt(MOCK_RECIPE, f"run_dir={resumed}", f"optimizer.name={name}", f"checkpoint.load={checkpoint}",
