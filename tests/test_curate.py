@@ -344,27 +344,29 @@ def test_text_and_parquet_inputs(tmp_path, format):
     assert kept == [texts[0], texts[2]]
 
 
-def test_the_first_copy_in_input_order_survives_across_files(tmp_path):
-    """Each file is a task; datatrove alone keeps the copy with the smallest position inside its
-    own file (here the later files' copies), for exact and for near duplicates."""
+@pytest.mark.parametrize("tasks", [[], ["executor.tasks=2"]], ids=["a task per file", "2 tasks"])
+def test_the_first_copy_in_input_order_survives_across_files(tmp_path, tasks):
+    """datatrove alone keeps the copy with the smallest position inside its task's shard (here
+    the later files' copies), for exact and for near duplicates; and it deals files to tasks
+    round-robin (with 2 tasks, the third file would come before the second)."""
     import random
 
     rng = random.Random(3)
-    texts = [article(rng, ASTRONOMY_NOUNS) for _ in range(5)]
-    exact, near = texts[3], texts[4]
+    texts = [article(rng, ASTRONOMY_NOUNS) for _ in range(6)]
+    exact, near, late = texts[3], texts[4], texts[5]
     files = [[("a-0", texts[0]), ("a-1", texts[1]), ("a-2", texts[2]), ("exact-first", exact), ("near-first", near)],
-             [("exact-second", exact), ("near-second", near_copy(near, rng))],
-             [("near-third", near_copy(near, rng)), ("exact-third", exact_copy(exact, rng))]]
+             [("exact-second", exact), ("near-second", near_copy(near, rng)), ("late-second", late)],
+             [("near-third", near_copy(near, rng)), ("late-third", late), ("exact-third", exact_copy(exact, rng))]]
     raw = tmp_path / "raw"
     raw.mkdir()
     for number, documents in enumerate(files):
         (raw / f"part-{number}.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in documents))
     path = tmp_path / "dedup.toml"
     path.write_text(f'base = "{ASTRONOMY}"\nstages = ["exact_dedup", "minhash_dedup"]\n[report]\npng = false\n')
-    report = curate(load_curation_recipe(path, overrides(raw, tmp_path / "out"))).report
-    assert kept_ids(tmp_path / "out") == ["a-0", "a-1", "a-2", "exact-first", "near-first"]
+    report = curate(load_curation_recipe(path, overrides(raw, tmp_path / "out", *tasks))).report
+    assert kept_ids(tmp_path / "out") == ["a-0", "a-1", "a-2", "exact-first", "near-first", "late-second"]
     dropped = {stage["stage"]: stage["dropped"]["documents"] for stage in report["stages"]}
-    assert dropped == {"exact_dedup": 2, "minhash_dedup": 2}
+    assert dropped == {"exact_dedup": 3, "minhash_dedup": 2}
 
 
 # ------------------------------------------------------------------------------- edges

@@ -59,7 +59,7 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
     from bigpt.curate.inputs import input_reader
     from bigpt.curate.plan import plan_jobs
 
-    read_input = input_reader(recipe.input, files, work / "input_files.txt", work / SKIPPED_LINES)
+    read_input = input_reader(recipe.input, files, work / "input_files.txt", work / SKIPPED_LINES, tasks)
     jobs = plan_jobs(recipe, work, read_input, tasks)
     if recipe.executor.kind == "slurm":
         from bigpt.curate.executors import submit_slurm
@@ -88,7 +88,7 @@ def explain(recipe: CurationRecipe, sample: int) -> CurationResult:
     folder = Path(recipe.output.dir) / EXPLAIN
     folder.mkdir(parents=True, exist_ok=True)
     files = input_files(recipe.input)
-    reader = input_reader(recipe.input, files, folder / "sample_of.txt", folder / "sample_skipped_lines")()
+    reader = input_reader(recipe.input, files, folder / "sample_of.txt", folder / "sample_skipped_lines", 1)()
     with open(folder / "sample.jsonl", "w") as out:
         for doc in islice(reader.run(None, 0, 1), sample):
             out.write(json.dumps({**doc.metadata, "id": doc.id, "text": doc.text}) + "\n")
