@@ -360,7 +360,8 @@ def test_the_first_copy_in_input_order_survives_across_files(tmp_path, tasks):
     raw = tmp_path / "raw"
     raw.mkdir()
     for number, documents in enumerate(files):
-        (raw / f"part-{number}.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in documents))
+        lines = [json.dumps({"id": doc_id, "text": text}) + "\n" for doc_id, text in documents]
+        (raw / f"part-{number}.jsonl").write_text("".join(lines))
     path = tmp_path / "dedup.toml"
     path.write_text(f'base = "{ASTRONOMY}"\nstages = ["exact_dedup", "minhash_dedup"]\n[report]\npng = false\n')
     report = curate(load_curation_recipe(path, overrides(raw, tmp_path / "out", *tasks))).report
@@ -462,7 +463,8 @@ def test_explain_mode_quotes_what_each_rule_drops_quietly(planted, tmp_path):
     report = json.loads((out / "explain/report.json").read_text())
     assert report["total"]["in"]["documents"] == 40
     for stage in report["stages"]:
-        assert set(stage["excerpts"]) == {rule for rule, counts in stage["dropped_by_rule"].items() if counts["documents"]}
+        dropping = {rule for rule, counts in stage["dropped_by_rule"].items() if counts["documents"]}
+        assert set(stage["excerpts"]) == dropping
         for rule, excerpts in stage["excerpts"].items():
             assert 0 < len(excerpts) <= min(3, stage["dropped_by_rule"][rule]["documents"])
             for excerpt in excerpts:

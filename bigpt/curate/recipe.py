@@ -118,7 +118,8 @@ class GopherQualityStage:
     max_ellipsis_lines_ratio: float = fraction(0.3)
     """Share of lines ending with an ellipsis above this is dropped."""
     max_non_alpha_words_ratio: float = fraction(0.8)
-    """Minimum share of words with an alphabetic character (named max_ in datatrove)."""
+    """Minimum share of words with an alphabetic character (named max_ in datatrove); words are
+    tokens that are not only punctuation (datatrove also counted commas and brackets)."""
     min_stop_words: int = non_negative(2)
     """Fewer English stop words (the, be, to, of, and, that, have, with) is dropped."""
     language: str = "en"
@@ -261,8 +262,8 @@ class ExactDedupStage:
 @dataclass(kw_only=True)
 class MinhashDedupStage:
     """[stage.minhash_dedup]: near-duplicate removal with MinHash LSH (datatrove's four MinHash
-    steps); one document per cluster of near duplicates is kept. Two documents are caught with
-    high probability above a word n-gram Jaccard similarity of about
+    steps); the first document in input order of each cluster of near duplicates is kept. Two
+    documents are caught with high probability above a word n-gram Jaccard similarity of about
     (1 / num_buckets) ** (1 / hashes_per_bucket) (0.72 with the defaults)."""
 
     n_grams: int = positive(5)

@@ -7,6 +7,7 @@ Layout of ``output.dir``:
     report.png      drop reasons and the document-length histogram before/after
     work/           datatrove's job folders: documents per pass, dedup signatures, logs and
                     completion markers (a re-run skips finished tasks), the per-task counts
+    explain/        explain mode's run on a sample (``explain``), laid out the same way
 
 A re-run with the same recipe and input resumes; with a different one it is refused (its
 work files would mix two curations) unless started over with ``restart``.
