@@ -512,3 +512,26 @@ def test_word_rules_count_words_not_punctuation_and_wrapped_lines_are_read_as_pa
     for wrap_length, expected in ((0, (False, "line_punct_ratio")), (40, True)):
         fineweb = stages.fineweb_quality(FineWebQualityStage(wrap_length=wrap_length), "", 1).block
         assert verdict(fineweb, paragraph)[0] == expected
+
+
+def test_one_jsonl_file_is_split_over_the_tasks_in_input_order(tmp_path):
+    """Every task gets lines of the one file (datatrove gives a whole file to one task), the
+    output keeps input order and ids (FILE/LINE for lines without an id), whatever the tasks."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = [json.dumps({"text": f"document {n} " + "word " * (n % 7)}) for n in range(40)]
+    lines[13] = "{broken"
+    (raw / "big.jsonl").write_text("\n".join(lines[:20]) + "\n\n" + "\n".join(lines[20:]) + "\n")
+    path = tmp_path / "split.toml"
+    path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length"]\n[report]\npng = false\n')
+    kept = {}
+    for tasks in (1, 3):
+        out = tmp_path / f"out{tasks}"
+        report = curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={out}",
+                                                    f"executor.tasks={tasks}"])).report
+        assert report["read"] == {"documents": 39, "skipped_lines": {"blank_line": 1, "not_json": 1}}
+        kept[tasks] = kept_ids(out)
+        per_task = [json.loads(p.read_text())["in"][0] for p in sorted((out / "work/audit/00_length").glob("*.json"))]
+        assert len(per_task) == tasks and min(per_task) > 10
+    assert kept[3] == kept[1]
+    assert kept[1][:3] == ["big.jsonl/0", "big.jsonl/1", "big.jsonl/2"] and kept[1][-1] == "big.jsonl/40"

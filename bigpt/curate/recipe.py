@@ -69,8 +69,9 @@ class ExecutorConfig:
     kind: Literal["local", "slurm"] = "local"
     """local: processes on this machine; slurm: job arrays submitted with sbatch."""
     tasks: int = non_negative(0)
-    """Shards of work per step; 0 = one per input file. Part of the result's identity: a
-    different value gives a different document order."""
+    """Shards of work per step; 0 = one per input file. Each task reads the next part of the
+    input in order (JSONL split by bytes, so one large file can feed many workers; Parquet and
+    text by whole files). A resumed run must keep it."""
     workers: int = positive(1)
     """Tasks run at once (local processes, or the job array's concurrency on SLURM)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
