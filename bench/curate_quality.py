@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     parser.add_argument("--per-defect", type=int, default=60)
     parser.add_argument("--set", type=Path, help="a JSONL file of the evaluation set: read when it exists, else "
                         "built and written there (the machine's man pages and READMEs change as packages do)")
-    parser.add_argument("--recipes", nargs="*", default=sorted(str(p) for p in (REPO / "recipes/data").glob("*.toml")))
+    parser.add_argument("--recipes", nargs="*",
+                        default=sorted(str(p) for p in (REPO / "recipes/data").glob("*.toml")))
     args = parser.parse_args(argv)
     if args.set and args.set.exists():
         documents = [json.loads(line) for line in args.set.open()]
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
     try:
         write_corpus(scratch / "raw", documents, files=4)
         for path in args.recipes:
-            recipe = load_curation_recipe(path, [f"input.path={scratch / 'raw'}", f"output.dir={scratch / Path(path).stem}",
+            recipe = load_curation_recipe(path, [f"input.path={scratch / 'raw'}",
+                                                 f"output.dir={scratch / Path(path).stem}",
                                                  f"executor.workers={args.workers}", "report.png=false"])
             needs = [stage for stage in recipe.stages if stage in MODEL_FILES]
             if needs:

@@ -343,27 +343,30 @@ def test_text_and_parquet_inputs(tmp_path, format):
     assert kept == [texts[0], texts[2]]
 
 
-def test_the_first_copy_in_input_order_survives_across_files(tmp_path):
-    """Each file is a task; datatrove alone keeps the copy with the smallest position inside its
-    own file (here the later files' copies), for exact and for near duplicates."""
+@pytest.mark.parametrize("tasks", [[], ["executor.tasks=2"]], ids=["a task per file", "2 tasks"])
+def test_the_first_copy_in_input_order_survives_across_files(tmp_path, tasks):
+    """datatrove alone keeps the copy with the smallest position inside its task's shard (here
+    the later files' copies), for exact and for near duplicates; and it deals files to tasks
+    round-robin (with 2 tasks, the third file would come before the second)."""
     import random
 
     rng = random.Random(3)
-    texts = [article(rng, ASTRONOMY_NOUNS) for _ in range(5)]
-    exact, near = texts[3], texts[4]
+    texts = [article(rng, ASTRONOMY_NOUNS) for _ in range(6)]
+    exact, near, late = texts[3], texts[4], texts[5]
     files = [[("a-0", texts[0]), ("a-1", texts[1]), ("a-2", texts[2]), ("exact-first", exact), ("near-first", near)],
-             [("exact-second", exact), ("near-second", near_copy(near, rng))],
-             [("near-third", near_copy(near, rng)), ("exact-third", exact_copy(exact, rng))]]
+             [("exact-second", exact), ("near-second", near_copy(near, rng)), ("late-second", late)],
+             [("near-third", near_copy(near, rng)), ("late-third", late), ("exact-third", exact_copy(exact, rng))]]
     raw = tmp_path / "raw"
     raw.mkdir()
     for number, documents in enumerate(files):
-        (raw / f"part-{number}.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in documents))
+        lines = [json.dumps({"id": doc_id, "text": text}) + "\n" for doc_id, text in documents]
+        (raw / f"part-{number}.jsonl").write_text("".join(lines))
     path = tmp_path / "dedup.toml"
     path.write_text(f'base = "{ASTRONOMY}"\nstages = ["exact_dedup", "minhash_dedup"]\n[report]\npng = false\n')
-    report = curate(load_curation_recipe(path, overrides(raw, tmp_path / "out"))).report
-    assert kept_ids(tmp_path / "out") == ["a-0", "a-1", "a-2", "exact-first", "near-first"]
+    report = curate(load_curation_recipe(path, overrides(raw, tmp_path / "out", *tasks))).report
+    assert kept_ids(tmp_path / "out") == ["a-0", "a-1", "a-2", "exact-first", "near-first", "late-second"]
     dropped = {stage["stage"]: stage["dropped"]["documents"] for stage in report["stages"]}
-    assert dropped == {"exact_dedup": 2, "minhash_dedup": 2}
+    assert dropped == {"exact_dedup": 3, "minhash_dedup": 2}
 
 
 # ------------------------------------------------------------------------------- edges
@@ -459,7 +462,8 @@ def test_explain_mode_quotes_what_each_rule_drops_quietly(planted, tmp_path):
     report = json.loads((out / "explain/report.json").read_text())
     assert report["total"]["in"]["documents"] == 40
     for stage in report["stages"]:
-        assert set(stage["excerpts"]) == {rule for rule, counts in stage["dropped_by_rule"].items() if counts["documents"]}
+        dropping = {rule for rule, counts in stage["dropped_by_rule"].items() if counts["documents"]}
+        assert set(stage["excerpts"]) == dropping
         for rule, excerpts in stage["excerpts"].items():
             assert 0 < len(excerpts) <= min(3, stage["dropped_by_rule"][rule]["documents"])
             for excerpt in excerpts:
@@ -507,3 +511,26 @@ def test_word_rules_count_words_not_punctuation_and_wrapped_lines_are_read_as_pa
     for wrap_length, expected in ((0, (False, "line_punct_ratio")), (40, True)):
         fineweb = stages.fineweb_quality(FineWebQualityStage(wrap_length=wrap_length), "", 1).block
         assert verdict(fineweb, paragraph)[0] == expected
+
+
+def test_one_jsonl_file_is_split_over_the_tasks_in_input_order(tmp_path):
+    """Every task gets lines of the one file (datatrove gives a whole file to one task), the
+    output keeps input order and ids (FILE/LINE for lines without an id), whatever the tasks."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = [json.dumps({"text": f"document {n} " + "word " * (n % 7)}) for n in range(40)]
+    lines[13] = "{broken"
+    (raw / "big.jsonl").write_text("\n".join(lines[:20]) + "\n\n" + "\n".join(lines[20:]) + "\n")
+    path = tmp_path / "split.toml"
+    path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length"]\n[report]\npng = false\n')
+    kept = {}
+    for tasks in (1, 3):
+        out = tmp_path / f"out{tasks}"
+        report = curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={out}",
+                                                    f"executor.tasks={tasks}"])).report
+        assert report["read"] == {"documents": 39, "skipped_lines": {"blank_line": 1, "not_json": 1}}
+        kept[tasks] = kept_ids(out)
+        per_task = [json.loads(p.read_text())["in"][0] for p in sorted((out / "work/audit/00_length").glob("*.json"))]
+        assert len(per_task) == tasks and min(per_task) > 10
+    assert kept[3] == kept[1]
+    assert kept[1][:3] == ["big.jsonl/0", "big.jsonl/1", "big.jsonl/2"] and kept[1][-1] == "big.jsonl/40"

@@ -5,6 +5,7 @@ per finished task there and skips marked tasks when the same job runs again, whi
 interrupted curation resumes without redoing finished shards.
 """
 
+import _thread
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from bigpt.curate.stages import Job
 
 def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
     _load_word_tokenizers(recipe)
+    _guard_forks()
     multiprocess.util.register_after_fork(_follow_parent, _follow_parent)
     for number, job in enumerate(jobs, 1):
         started = time.perf_counter()
@@ -34,10 +36,8 @@ def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
 
 
 def _follow_parent(_=None) -> None:
-    """Run first in every process datatrove forks (its pool's workers, its manager): leave Ctrl-C
-    to the main process, which stops them (no traceback from each), and exit when the main
-    process is gone (killed, they would wait for their next task forever)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Run first in every process datatrove forks (its pool's workers, its manager): exit when
+    the main process is gone (killed, they would wait for their next task forever)."""
     parent = os.getppid()
 
     def watch():
@@ -46,6 +46,44 @@ def _follow_parent(_=None) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _guard_forks() -> None:
+    """Ctrl-C reaches every process of the terminal's group: forked processes ignore it (the main
+    process stops them, with no traceback from each), and it is held while forking (arriving in
+    a fork's handlers, it printed "Exception ignored" tracebacks and the run went on). Once per
+    process: fork handlers cannot be removed."""
+    if signal.getsignal(signal.SIGINT) is _on_ctrl_c or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, _on_ctrl_c)
+    os.register_at_fork(before=_hold_ctrl_c, after_in_parent=_release_ctrl_c, after_in_child=_ignore_ctrl_c)
+
+
+_forking = False
+
+
+def _hold_ctrl_c() -> None:
+    global _forking
+    _forking = True
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _release_ctrl_c() -> None:
+    global _forking
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a held Ctrl-C arrives here
+    _forking = False
+
+
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _on_ctrl_c(signum, frame):
+    if _forking:  # in a fork handler, where a KeyboardInterrupt is printed and dropped: again soon
+        threading.Timer(0.05, _thread.interrupt_main).start()
+        return
+    raise KeyboardInterrupt
 
 
 def _load_word_tokenizers(recipe: CurationRecipe) -> None:

@@ -301,33 +301,74 @@ class InputOrderCluster(MinhashDedupCluster):
 
 
 class CountingJsonlReader(JsonlReader):
-    """datatrove's JSONL reader, counting the lines it skips and why (blank_line, not_json,
-    no_text: no non-empty string under the text field, not_utf8: the rest of a file that is
-    not UTF-8) in ``skipped_folder/RANK.json``; datatrove only logs them."""
+    """datatrove's JSONL reader, splitting files by bytes and counting the lines it skips.
 
-    def __init__(self, data_folder: str, skipped_folder: str, **options):
+    Task r of n reads the lines that start in the r-th n-th of the input's bytes (the files end to
+    end, in input order; a compressed file is read whole by the task its first byte falls to),
+    so one large file gives every task work, and the tasks in rank order read the input in its
+    order. Skipped lines are counted by reason in ``skipped_folder/RANK.json`` (datatrove only
+    logs them): blank_line, not_json, no_text (no non-empty string under the text field),
+    not_utf8."""
+
+    COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+
+    def __init__(self, data_folder: str, skipped_folder: str, files: list[str], **options):
         super().__init__(data_folder, **options)
-        self.skipped_folder = skipped_folder
+        self.skipped_folder, self.files = skipped_folder, files
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         self.skipped = Counter()
-        yield from super().run(data, rank, world_size)
+        for filepath, start, end in self._pieces(rank, world_size):
+            for document in self._read(filepath, start, end):
+                self.update_doc_stats(document)
+                yield document
         path = Path(self.skipped_folder) / f"{rank:05d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(sorted(self.skipped.items()))))
 
-    def read_file(self, filepath: str):
-        with self.data_folder.open(filepath, "r", compression=self.compression) as lines:
-            try:
-                for number, line in enumerate(lines):
-                    with self.track_time():
-                        document = self._document(line, filepath, number)
-                    if document:
-                        yield document
-            except UnicodeDecodeError:
-                self.skipped["not_utf8"] += 1
+    def _pieces(self, rank: int, world_size: int):
+        """(file, first byte, end byte) of this task's share; (file, None, None) for a whole file."""
+        sizes = [self.data_folder.size(filepath) for filepath in self.files]
+        total = sum(sizes)
+        low, high = rank * total // world_size, (rank + 1) * total // world_size
+        offset = 0
+        for filepath, size in zip(self.files, sizes):
+            if filepath.endswith(self.COMPRESSED):
+                if low <= offset < high:
+                    yield filepath, None, None
+            elif max(low - offset, 0) < min(high - offset, size):
+                yield filepath, max(low - offset, 0), min(high - offset, size)
+            offset += size
 
-    def _document(self, line: str, filepath: str, number: int) -> Document | None:
+    def _read(self, filepath: str, start: int | None, end: int | None):
+        if start is None:
+            with self.data_folder.open(filepath, "rb", compression=self.compression) as lines:
+                yield from self._documents(lines, filepath, 0, None)
+            return
+        with self.data_folder.open(filepath, "rb") as lines:
+            number = 0
+            if start:  # the line that starts at or after ``start``, and its number
+                number = _newlines(lines, start - 1)
+                number += lines.readline().endswith(b"\n")
+            yield from self._documents(lines, filepath, number, end)
+
+    def _documents(self, lines, filepath: str, number: int, end: int | None):
+        while end is None or lines.tell() < end:
+            raw = lines.readline()
+            if not raw:
+                return
+            with self.track_time():
+                document = self._document(raw, filepath, number)
+            number += 1
+            if document:
+                yield document
+
+    def _document(self, raw: bytes, filepath: str, number: int) -> Document | None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.skipped["not_utf8"] += 1
+            return None
         if not line.strip():
             self.skipped["blank_line"] += 1
             return None
@@ -341,6 +382,19 @@ class CountingJsonlReader(JsonlReader):
             self.skipped["no_text"] += 1
             return None
         return self.get_document_from_dict(record, filepath, number)
+
+
+def _newlines(binary, size: int) -> int:
+    """Line breaks in the first ``size`` bytes of ``binary``, which is left at byte ``size``."""
+    binary.seek(0)
+    count = 0
+    while size > 0:
+        chunk = binary.read(min(size, 1 << 20))
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        size -= len(chunk)
+    return count
 
 
 class TextLineReader(BaseDiskReader):

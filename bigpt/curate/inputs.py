@@ -81,20 +81,37 @@ def _open_text(file: Path):
     return open(file, encoding="utf-8")
 
 
-def input_reader(config: InputConfig, files: list[Path], paths_file: Path, skipped: Path):
+def input_reader(config: InputConfig, files: list[Path], paths_file: Path, skipped: Path, tasks: int):
     """A datatrove reader of exactly ``files`` (listed in ``paths_file``, relative to their
-    common folder), sharded by file over the tasks; the JSONL reader counts the lines it skips
-    in ``skipped/RANK.json``."""
+    common folder) for ``tasks`` tasks, in input order: task 0 reads the first part of the
+    input, task 1 the next one, ... (so dedup's "first copy in task order" is the first in
+    input order). JSONL is split by bytes, so one large file gives every task work, and the
+    lines skipped are counted in ``skipped/RANK.json`` (filters.CountingJsonlReader); Parquet
+    and text files are read whole, one task's files after the other's."""
     from datatrove.pipeline.readers import ParquetReader
 
     from bigpt.curate.filters import CountingJsonlReader, TextLineReader
 
     root = Path(os.path.commonpath([file.parent for file in files]))
     paths_file.parent.mkdir(parents=True, exist_ok=True)
-    paths_file.write_text("".join(f"{file.relative_to(root)}\n" for file in files))
+    paths_file.write_text("".join(f"{file.relative_to(root)}\n" for file in _listed_for_tasks(files, tasks)))
     if config.format == "jsonl":
-        return lambda: CountingJsonlReader(str(root), str(skipped), paths_file=str(paths_file),
-                                           text_key=config.text_field, id_key=config.id_field)
+        relative = [str(file.relative_to(root)) for file in files]
+        return lambda: CountingJsonlReader(str(root), str(skipped), relative, text_key=config.text_field,
+                                           id_key=config.id_field)
     reader = {"parquet": ParquetReader, "text": TextLineReader}[config.format]
     return lambda: reader(str(root), paths_file=str(paths_file), text_key=config.text_field,
                           id_key=config.id_field)
+
+
+def _listed_for_tasks(files: list[Path], tasks: int) -> list[Path]:
+    """``files`` listed so that datatrove, which gives task r the listed files r, r + tasks,
+    r + 2 * tasks, ..., gives each task a contiguous run of them, task 0 the first."""
+    listed: list[Path] = [Path()] * len(files)
+    start = 0
+    for rank in range(tasks):
+        positions = range(rank, len(files), tasks)
+        for position, file in zip(positions, files[start:start + len(positions)]):
+            listed[position] = file
+        start += len(positions)
+    return listed

@@ -69,8 +69,9 @@ class ExecutorConfig:
     kind: Literal["local", "slurm"] = "local"
     """local: processes on this machine; slurm: job arrays submitted with sbatch."""
     tasks: int = non_negative(0)
-    """Shards of work per step; 0 = one per input file. Part of the result's identity: a
-    different value gives a different document order."""
+    """Shards of work per step; 0 = one per input file. Each task reads the next part of the
+    input in order (JSONL split by bytes, so one large file can feed many workers; Parquet and
+    text by whole files). A resumed run must keep it."""
     workers: int = positive(1)
     """Tasks run at once (local processes, or the job array's concurrency on SLURM)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -118,7 +119,8 @@ class GopherQualityStage:
     max_ellipsis_lines_ratio: float = fraction(0.3)
     """Share of lines ending with an ellipsis above this is dropped."""
     max_non_alpha_words_ratio: float = fraction(0.8)
-    """Minimum share of words with an alphabetic character (named max_ in datatrove)."""
+    """Minimum share of words with an alphabetic character (named max_ in datatrove); words are
+    tokens that are not only punctuation (datatrove also counted commas and brackets)."""
     min_stop_words: int = non_negative(2)
     """Fewer English stop words (the, be, to, of, and, that, have, with) is dropped."""
     language: str = "en"
@@ -261,8 +263,8 @@ class ExactDedupStage:
 @dataclass(kw_only=True)
 class MinhashDedupStage:
     """[stage.minhash_dedup]: near-duplicate removal with MinHash LSH (datatrove's four MinHash
-    steps); one document per cluster of near duplicates is kept. Two documents are caught with
-    high probability above a word n-gram Jaccard similarity of about
+    steps); the first document in input order of each cluster of near duplicates is kept. Two
+    documents are caught with high probability above a word n-gram Jaccard similarity of about
     (1 / num_buckets) ** (1 / hashes_per_bucket) (0.72 with the defaults)."""
 
     n_grams: int = positive(5)

@@ -69,7 +69,7 @@ def _stage(name: str, records: list[dict], limit: int) -> dict:
         "kept": _counts(total("kept")),
         "dropped": _counts([sum(counts[i] for counts in dropped.values()) for i in range(2)]),
         "dropped_by_rule": {reason: _counts(counts) for reason, counts in dropped.items()},
-        "excerpts": {reason: [excerpt for record in records for excerpt in record["excerpts"].get(reason, [])][:limit]
+        "excerpts": {reason: [quote for record in records for quote in record["excerpts"].get(reason, [])][:limit]
                      for reason in reasons if limit},
         "hist_in": [sum(column) for column in zip(*(record["hist_in"] for record in records))],
         "hist_kept": [sum(column) for column in zip(*(record["hist_kept"] for record in records))],
@@ -90,11 +90,11 @@ def draw_report(report: dict, path: Path) -> None:
 
     rows = []  # (label, documents, words): each stage's total, then its rules
     for stage in report["stages"]:
-        dropped = stage["dropped"]
-        rows.append((f"{stage['stage']} (all rules)" if dropped["documents"] else f"{stage['stage']}: nothing dropped",
-                     dropped["documents"], dropped["words"]))
-        rows += [(f"    {reason}", counts["documents"], counts["words"])
-                 for reason, counts in stage["dropped_by_rule"].items() if len(stage["dropped_by_rule"]) > 1]
+        dropped, rules = stage["dropped"], stage["dropped_by_rule"]
+        names = "all rules" if len(rules) > 1 else next(iter(rules), "nothing dropped")
+        rows.append((f"{stage['stage']}: {names}", dropped["documents"], dropped["words"]))
+        if len(rules) > 1:
+            rows += [(f"    {reason}", counts["documents"], counts["words"]) for reason, counts in rules.items()]
     figure, (left, right) = plt.subplots(1, 2, figsize=(15, max(4, 0.35 * len(rows) + 1.5)))
     total = report["total"]
     figure.suptitle(f"{report['name']}: kept {total['kept']['documents']:,} of "

@@ -7,6 +7,7 @@ Layout of ``output.dir``:
     report.png      drop reasons and the document-length histogram before/after
     work/           datatrove's job folders: documents per pass, dedup signatures, logs and
                     completion markers (a re-run skips finished tasks), the per-task counts
+    explain/        explain mode's run on a sample (``explain``), laid out the same way
 
 A re-run with the same recipe and input resumes; with a different one it is refused (its
 work files would mix two curations) unless started over with ``restart``.
@@ -59,7 +60,7 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
     from bigpt.curate.inputs import input_reader
     from bigpt.curate.plan import plan_jobs
 
-    read_input = input_reader(recipe.input, files, work / "input_files.txt", work / SKIPPED_LINES)
+    read_input = input_reader(recipe.input, files, work / "input_files.txt", work / SKIPPED_LINES, tasks)
     jobs = plan_jobs(recipe, work, read_input, tasks)
     if recipe.executor.kind == "slurm":
         from bigpt.curate.executors import submit_slurm
@@ -88,7 +89,7 @@ def explain(recipe: CurationRecipe, sample: int) -> CurationResult:
     folder = Path(recipe.output.dir) / EXPLAIN
     folder.mkdir(parents=True, exist_ok=True)
     files = input_files(recipe.input)
-    reader = input_reader(recipe.input, files, folder / "sample_of.txt", folder / "sample_skipped_lines")()
+    reader = input_reader(recipe.input, files, folder / "sample_of.txt", folder / "sample_skipped_lines", 1)()
     with open(folder / "sample.jsonl", "w") as out:
         for doc in islice(reader.run(None, 0, 1), sample):
             out.write(json.dumps({**doc.metadata, "id": doc.id, "text": doc.text}) + "\n")
