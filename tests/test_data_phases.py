@@ -69,15 +69,22 @@ def test_plan_tokens_tabulates_shares_and_epochs(tmp_path, tokenizer_path, web_a
     web, books = web_and_books
     recipe = recipe_with_phases(tmp_path, tokenizer_path, web, [
         Entry(start_tokens=1000, blend=[Entry(path=web, weight=1.0),
-                                        Entry(path=books, weight=3.0),
-                                        Entry(path=str(tmp_path / "elsewhere"), weight=4.0)])])
+                                        Entry(path=books, weight=3.0)])])
     table = plan_tokens(recipe, train_samples=200).splitlines()
     assert table[0].split() == ["phase", "tokens", "dataset", "share", "drawn", "split",
                                 "size", "epochs"]
     first, *second = table[1:]
     assert first.split()[:4] == ["data.blend", "0-992", web, "100.0%"]
-    assert [row.split()[3] for row in second] == ["12.5%", "37.5%", "50.0%"]
-    assert second[2].split()[5:] == ["not", "found", "?"]
+    assert [row.split()[3] for row in second] == ["25.0%", "75.0%"]
+
+
+def test_plan_tokens_refuses_what_a_real_start_refuses(tmp_path, tokenizer_path, web_and_books):
+    """The dry run's table is no excuse to pass over a dataset that is not there: it is an error, as
+    at a real start, naming the recipe key."""
+    recipe = recipe_with_phases(tmp_path, tokenizer_path, web_and_books[0], [
+        Entry(start_tokens=1000, blend=[Entry(path=str(tmp_path / "elsewhere"), weight=4.0)])])
+    with pytest.raises(BigptError, match=r"data\.phases\[0\]\.blend\[0\]\.path: no indexed dataset at prefix"):
+        plan_tokens(recipe, train_samples=200)
 
 
 @pytest.mark.parametrize("phases, problem", [

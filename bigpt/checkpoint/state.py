@@ -160,7 +160,7 @@ class CheckpointWriter:
         if dist.get_rank() == 0:
             (tmp / "recipe.toml").write_text(recipe_text)
             store.finalize(tmp, final, dict(marker, files=store.manifest(tmp)))
-            store.apply_retention(self.root, config.keep_last, config.keep_every)
+            store.apply_retention(self.root, config.keep_last, config.keep_every, final)
         self.in_flight = None
 
     @contextmanager
@@ -207,7 +207,8 @@ def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = Fals
         more = f" (and {len(set(mismatched)) - 8} more)" if len(set(mismatched)) > 8 else ""
         raise BigptError(
             f"checkpoint {path} does not fit the recipe's model: {shown}{more}. Load it with the model "
-            "settings it was saved with (its recipe.toml), or set checkpoint.load = \"none\" to start fresh."
+            "settings it was saved with (its recipe.toml), or start fresh elsewhere: checkpoint.load = \"none\" "
+            "with a new run_dir (or checkpoint.dir)."
         )
 
 

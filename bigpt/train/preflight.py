@@ -1,0 +1,68 @@
+"""What a start checks before step 1 that needs no process group, so that nothing is found only
+after hours of training; ``--dry-run`` runs the same checks. Every output place can be written,
+the checkpoint to resume from exists and computes what the recipe's [model] says, and the
+checkpoint directory holds no checkpoints this run did not write."""
+
+import os
+import tempfile
+from pathlib import Path
+
+from bigpt.checkpoint import store
+from bigpt.errors import BigptError
+from bigpt.hf.config import check_recipe_matches
+from bigpt.hf.convert import checkpoint_model
+from bigpt.recipe import Recipe
+
+
+def checkpoint_dir(recipe: Recipe) -> Path:
+    return Path(recipe.checkpoint.dir or os.path.join(recipe.run_dir, "checkpoints"))
+
+
+def output_places(recipe: Recipe) -> dict[str, Path]:
+    """Recipe key -> a directory the run writes into."""
+    places = {"run_dir": Path(recipe.run_dir), "checkpoint.dir": checkpoint_dir(recipe)}
+    if recipe.data.source == "indexed":
+        places["data.cache_dir"] = Path(recipe.data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
+    return places
+
+
+def check_writable(path: Path, key: str) -> None:
+    """``path`` is a directory this process can write in, or one it can create: no part of it is a
+    file, no name is too long, and the deepest part that exists takes a new file (a read-only
+    filesystem or missing permission fails here, not at the first save). Leaves nothing behind."""
+    existing, missing = Path(os.path.abspath(path)), []
+    while not existing.exists():
+        missing.append(existing.name)
+        existing = existing.parent
+    fix = f"set {key} to a directory you can write, or fix the permissions"
+    if not existing.is_dir():
+        raise BigptError(f"{key} = {path} cannot be created: {existing} is a file, not a directory; {fix}.")
+    limit = os.pathconf(existing, "PC_NAME_MAX")
+    for name in missing:
+        if len(os.fsencode(name)) > limit:
+            raise BigptError(f"{key} = {path} cannot be created: the name {name[:40]}... is longer than the "
+                             f"{limit} bytes the filesystem allows; {fix}.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise BigptError(f"{key} = {path} is not writable: creating a file in {existing} fails "
+                         f"({err.strerror}); {fix}.") from None
+
+
+def check_outputs(recipe: Recipe) -> None:
+    for key, path in output_places(recipe).items():
+        check_writable(path, key)
+
+
+def resume_point(recipe: Recipe, warn=lambda message: None) -> tuple[Path | None, list[str]]:
+    """The checkpoint this run resumes from (None: a fresh start), after checking that it computes
+    what [model] says and that checkpoint.dir holds only this run's history; and the [model]
+    changes checkpoint.allow_model_changes lets through."""
+    root = checkpoint_dir(recipe)
+    resume = store.resolve_resume(recipe.checkpoint.load, str(root), warn)
+    store.check_only_own_checkpoints(root, resume)
+    if resume is None:
+        return None, []
+    return resume, check_recipe_matches(recipe.model, vars(checkpoint_model(resume)), resume, key="checkpoint.load",
+                                        allowed=recipe.checkpoint.allow_model_changes)
