@@ -31,7 +31,7 @@ def check_writable(path: Path, key: str) -> None:
     file, no name is too long, and the deepest part that exists takes a new file (a read-only
     filesystem or missing permission fails here, not at the first save). Leaves nothing behind."""
     existing, missing = Path(os.path.abspath(path)), []
-    while not existing.exists():
+    while not os.path.exists(existing):  # (False, not an error, for a name too long)
         missing.append(existing.name)
         existing = existing.parent
     fix = f"set {key} to a directory you can write, or fix the permissions"
