@@ -49,7 +49,7 @@ def describe(recipe: Recipe, layout: Layout) -> str:
     from bigpt.data import plan_tokens
     from bigpt.model import check_transformer_engine_installed
     from bigpt.train.initial import check_initial_weights
-    from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_point
+    from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point
 
     check_transformer_engine_installed(recipe)
     check_outputs(recipe)
@@ -60,6 +60,9 @@ def describe(recipe: Recipe, layout: Layout) -> str:
     else:
         changed = f"; changed by checkpoint.allow_model_changes: {', '.join(changes)}" if changes else ""
         lines.append(f"start            resume from {resume}{changed}")
+        if schedule_changes := resume_changes(recipe, resume):
+            lines.append(f"                 the recipe's optimizer and schedule replace the checkpoint's: "
+                         f"{'; '.join(schedule_changes)}")
     lines += ["data plan", plan_tokens(recipe)]
     return "\n".join(lines)
 

@@ -37,6 +37,15 @@ def test_checkpoint_of_another_shape_and_a_fresh_start_over_a_run_are_refused(tm
     assert result.returncode != 0
     assert f"checkpoint.dir {checkpoints} holds checkpoints of another run (iter_0000002, iter_0000003)" in result.stderr
     assert {p: p.read_bytes() for p in sorted(checkpoints.rglob("*")) if p.is_file()} == before
+    # A resume with a longer run and a later decay: the recipe's schedule wins, said in the log and in recipe.toml.
+    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "checkpoint.load=auto", "train.train_iters=4",
+                       "schedule.warmup_iters=1", "schedule.decay_iters=12")
+    assert ("the recipe's optimizer and schedule replace the checkpoint's: schedule.decay_iters unset -> 12; "
+            "train.train_iters 3 -> 4") in result.stdout
+    # cosine from lr 3e-3 to min_lr 3e-4, in samples (8 per step): warmup 8, decay ends at 96; after step 4: 32
+    expected = 3e-4 + 0.5 * (math.cos(math.pi * (32 - 8) / (96 - 8)) + 1) * (3e-3 - 3e-4)
+    assert scalars(tmp_path, "train/lr")[3] == pytest.approx(expected, rel=1e-6)  # the checkpoint's: 3e-4
+    assert "decay_iters = 12" in (tmp_path / "recipe.toml").read_text()
 
 
 def test_launching_the_wrong_number_of_ranks_is_refused(tmp_path):

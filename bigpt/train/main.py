@@ -19,8 +19,15 @@ from bigpt.runtime.seeding import seed_everything
 from bigpt.train.callbacks import Evaluator, MetricsLogger, Throughput
 from bigpt.train.checkpointing import Checkpointer
 from bigpt.train.initial import load_initial_weights
-from bigpt.train.optim import build_optimizer, build_scheduler, init_batch_calculator, wire_model_config, wrap_ddp
-from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_point
+from bigpt.train.optim import (
+    apply_recipe_hyperparameters,
+    build_optimizer,
+    build_scheduler,
+    init_batch_calculator,
+    wire_model_config,
+    wrap_ddp,
+)
+from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point
 from bigpt.train.trainer import Trainer
 
 
@@ -74,10 +81,14 @@ def train(recipe: Recipe, layout: Layout) -> None:
         trainer = build_trainer(recipe, layout, initial_weights=resume is None)
         if resume is not None:
             load_checkpoint(trainer, resume)
+            apply_recipe_hyperparameters(recipe, trainer.optimizer)
             if dist.get_rank() == 0:
                 changed = f"; changed by checkpoint.allow_model_changes: {', '.join(model_changes)}" if model_changes else ""
                 print(f"resuming from {resume} (step {trainer.state.iteration}, "
                       f"{trainer.state.consumed_samples} samples consumed{changed})", flush=True)
+                if schedule_changes := resume_changes(recipe, resume):
+                    print(f"the recipe's optimizer and schedule replace the checkpoint's: {'; '.join(schedule_changes)}",
+                          flush=True)
                 if trainer.state.iteration >= recipe.train.train_iters:
                     print(f"training is already complete (train.train_iters = {recipe.train.train_iters}); raise "
                           "train.train_iters to continue, or start over elsewhere: checkpoint.load=none with a new run_dir", flush=True)

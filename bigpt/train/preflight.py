@@ -5,13 +5,14 @@ checkpoint directory holds no checkpoints this run did not write."""
 
 import os
 import tempfile
+import tomllib
 from pathlib import Path
 
 from bigpt.checkpoint import store
 from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches
 from bigpt.hf.convert import checkpoint_model
-from bigpt.recipe import Recipe
+from bigpt.recipe import Recipe, recipe_to_dict
 
 
 def checkpoint_dir(recipe: Recipe) -> Path:
@@ -66,3 +67,25 @@ def resume_point(recipe: Recipe, warn=lambda message: None) -> tuple[Path | None
         return None, []
     return resume, check_recipe_matches(recipe.model, vars(checkpoint_model(resume)), resume, key="checkpoint.load",
                                         allowed=recipe.checkpoint.allow_model_changes)
+
+
+# What a resume takes from the recipe although the checkpoint saved its own: the optimizer's
+# hyperparameters and the learning-rate schedule (and so the run's length). The checkpoint keeps
+# the position: step, samples consumed, optimizer moments.
+RECIPE_WINS_ON_RESUME = ("optimizer", "schedule", "train.train_iters", "train.clip_grad")
+
+
+def resume_changes(recipe: Recipe, resume: Path) -> list[str]:
+    """The keys of RECIPE_WINS_ON_RESUME that differ from the recipe the checkpoint was saved with,
+    worded for the log ("schedule.decay_iters 80 -> 160")."""
+    path = resume / "recipe.toml"
+    saved = tomllib.loads(path.read_text()) if path.is_file() else {}
+    ours = recipe_to_dict(recipe)
+    changes = []
+    for name in RECIPE_WINS_ON_RESUME:
+        table, _, key = name.partition(".")
+        mine, theirs = ours.get(table, {}), saved.get(table, {})
+        for item in [key] if key else sorted(set(mine) | set(theirs)):
+            if mine.get(item) != theirs.get(item):
+                changes.append(f"{table}.{item} {theirs.get(item, 'unset')} -> {mine.get(item, 'unset')}")
+    return changes
