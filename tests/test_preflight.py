@@ -15,7 +15,7 @@ from bigpt.checkpoint import store
 from bigpt.errors import EXIT_USER_ERROR, BigptError
 from bigpt.layout import Layout
 from bigpt.recipe import load_recipe, recipe_to_toml
-from bigpt.train.preflight import check_writable
+from bigpt.paths import check_writable
 
 ROOT = Path(__file__).resolve().parent.parent
 MOCK = ROOT / "tests/recipes/mock_tiny.toml"
@@ -79,7 +79,7 @@ def test_an_output_on_a_place_nobody_may_write_is_refused(tmp_path):
 
 
 def test_a_name_too_long_for_the_filesystem_is_refused(tmp_path):
-    with pytest.raises(BigptError, match="run_dir = .* cannot be created: the name xxxx.* is longer than the 255"):
+    with pytest.raises(BigptError, match="run_dir = .*: the name xxxx.* is longer than the 255"):
         check_writable(tmp_path / ("x" * 300) / "run", "run_dir")
     check_writable(tmp_path / "a" / "b", "run_dir")
     assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind

@@ -4,14 +4,13 @@ the checkpoint to resume from exists and computes what the recipe's [model] says
 checkpoint directory holds no checkpoints this run did not write."""
 
 import os
-import tempfile
 import tomllib
 from pathlib import Path
 
 from bigpt.checkpoint import store
-from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches
 from bigpt.hf.convert import checkpoint_model
+from bigpt.paths import check_writable
 from bigpt.recipe import Recipe, recipe_to_dict
 
 
@@ -25,30 +24,6 @@ def output_places(recipe: Recipe) -> dict[str, Path]:
     if recipe.data.source == "indexed":
         places["data.cache_dir"] = Path(recipe.data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     return places
-
-
-def check_writable(path: Path, key: str) -> None:
-    """``path`` is a directory this process can write in, or one it can create: no part of it is a
-    file, no name is too long, and the deepest part that exists takes a new file (a read-only
-    filesystem or missing permission fails here, not at the first save). Leaves nothing behind."""
-    existing, missing = Path(os.path.abspath(path)), []
-    while not os.path.exists(existing):  # (False, not an error, for a name too long)
-        missing.append(existing.name)
-        existing = existing.parent
-    fix = f"set {key} to a directory you can write, or fix the permissions"
-    if not existing.is_dir():
-        raise BigptError(f"{key} = {path} cannot be created: {existing} is a file, not a directory; {fix}.")
-    limit = os.pathconf(existing, "PC_NAME_MAX")
-    for name in missing:
-        if len(os.fsencode(name)) > limit:
-            raise BigptError(f"{key} = {path} cannot be created: the name {name[:40]}... is longer than the "
-                             f"{limit} bytes the filesystem allows; {fix}.")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise BigptError(f"{key} = {path} is not writable: creating a file in {existing} fails "
-                         f"({err.strerror}); {fix}.") from None
 
 
 def check_outputs(recipe: Recipe) -> None:
