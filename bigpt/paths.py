@@ -8,16 +8,18 @@ from pathlib import Path
 from bigpt.errors import BigptError
 
 
+def not_a_file(path) -> str | None:
+    """Why ``path`` is not a file to read ("is a directory, not a file", "does not exist"), or None."""
+    if os.path.isdir(path):
+        return "is a directory, not a file"
+    return None if os.path.isfile(path) else "does not exist"
+
+
 def check_input_file(path, key: str) -> Path:
-    """``path`` (named by ``key``) is a file that can be read."""
-    path = Path(path)
-    if path.is_dir():
-        raise BigptError(f"{key} = {path} is a directory, not a file; name the file itself.")
-    if not os.path.exists(path):
-        raise BigptError(f"{key} = {path} does not exist; check the path.")
-    if not os.access(path, os.R_OK):
-        raise BigptError(f"{key} = {path} cannot be read (permission denied); fix its permissions.")
-    return path
+    """``path`` (named by ``key``) is a file."""
+    if why := not_a_file(path):
+        raise BigptError(f"{key} = {path} {why}; check the path.")
+    return Path(path)
 
 
 def check_writable(path, key: str) -> None:
@@ -41,7 +43,7 @@ def check_output_file(path, key: str) -> None:
     """A file will be written at ``path`` (named by ``key``): it is not a directory, its name fits
     the filesystem, and its directory can be written in (or created)."""
     path = Path(path)
-    if path.is_dir():
+    if os.path.isdir(path):  # (os.path: False, not an error, for a name too long)
         raise BigptError(f"{key} = {path} is a directory; name a file to write.")
     check_writable(path.parent, f"the directory of {key}")
     _check_name_lengths(*_split_existing(path), path, key)

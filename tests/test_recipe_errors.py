@@ -121,7 +121,7 @@ def test_missing_base_file_names_the_file_that_names_it(tmp_path):
     path = tmp_path / "child.toml"
     path.write_text('base = "bases/gone.toml"\nname = "x"\n')
     message = load_error(path)
-    assert "bases/gone.toml not found" in message and "child.toml" in message
+    assert "bases/gone.toml does not exist" in message and "child.toml" in message
 
 
 def test_inheritance_cycle_lists_the_chain(tmp_path):

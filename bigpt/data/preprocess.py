@@ -27,6 +27,7 @@ with warnings.catch_warnings():
 from bigpt.data.encode import JSONL_SUFFIXES, DocumentEncoder, EncodedChunk, encode_in_worker
 from bigpt.data.tokenizer import load_tokenizer
 from bigpt.errors import BigptError
+from bigpt.paths import not_a_file
 
 LINES_PER_CHUNK = 256
 
@@ -58,8 +59,8 @@ def preprocess(input_path, output_prefix: str, tokenizer_path, *, text_field: st
     "skip" (report each on ``progress`` and go on).
     """
     input_path = Path(input_path)
-    if not input_path.is_file():
-        raise BigptError(f"input {input_path} does not exist")
+    if why := not_a_file(input_path):
+        raise BigptError(f"input {input_path} {why}")
     if input_path.stat().st_size == 0:
         raise BigptError(f"input {input_path} is empty; give a file with one document per line")
     tokenizer = load_tokenizer(tokenizer_path)
