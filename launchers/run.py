@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bigpt.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, BigptError, Preempted  # noqa: E402
 from bigpt.runtime.console import configure_console  # noqa: E402
 from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
+from bigpt.train.preemption import EXIT_INTERRUPTED  # noqa: E402
 
 skip_torch_compile_without_gpu()
 
@@ -66,6 +67,11 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"bigpt: {stop} (exit {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C before the first step: there is nothing to save yet
+        if rank == 0:
+            print(f"bigpt: interrupted before training started; nothing was saved (exit {EXIT_INTERRUPTED})",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

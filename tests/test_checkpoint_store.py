@@ -1,6 +1,8 @@
 """Which checkpoint a run resumes from, and what retention keeps: plain files, no process group."""
 
 import json
+import os
+
 import pytest
 
 from bigpt.checkpoint import store
@@ -152,3 +154,11 @@ def test_retention_never_deletes_a_checkpoint_newer_than_the_one_just_written(tm
     two = fake_checkpoint(tmp_path, 2)
     store.apply_retention(tmp_path, keep_last=1, keep_every=0, newest=two)
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000002", "iter_0000025", "iter_0000030"]
+
+
+def test_two_live_runs_never_write_the_same_directory(tmp_path):
+    held = store.lock_directory(tmp_path / "checkpoints")
+    with pytest.raises(BigptError, match=rf"is being written by another live run \(host .*, pid {os.getpid()}\)"):
+        store.lock_directory(tmp_path / "checkpoints")
+    held.close()  # the run ended (the system releases the lock of a killed one the same way)
+    store.lock_directory(tmp_path / "checkpoints").close()

@@ -2,15 +2,18 @@
 name and renamed when complete, and a ``latest`` file naming the newest complete one. A reader
 therefore never sees half a checkpoint."""
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from bigpt.errors import BigptError
 
 MARKER = "bigpt.json"  # written last: its presence means the checkpoint is complete
 LATEST = "latest"
+LOCK = "bigpt.lock"  # locked by the run that writes the directory; names its host and pid
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -168,3 +171,26 @@ def apply_retention(root: Path, keep_last: int, keep_every: int, newest: Path) -
     for path in complete[:-keep_last] if keep_last else []:
         if not (keep_every and iteration_of(path) % keep_every == 0):
             shutil.rmtree(path)
+
+
+def lock_directory(root: Path, key: str = "checkpoint.dir"):
+    """Make this process the one run writing ``root``: an exclusive lock on ``root/bigpt.lock``, which
+    the operating system releases when the process ends however it ends (so a killed run leaves no
+    stale lock). Returns the open file, to keep for as long as the run writes."""
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not said who it is"
+        handle.close()
+        raise BigptError(
+            f"{key} {root} is being written by another live run ({holder}); two runs must never write the same "
+            "checkpoints. Wait for that run to end (or stop it), or give this one another run_dir or checkpoint.dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    handle.flush()
+    return handle

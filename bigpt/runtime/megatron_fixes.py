@@ -13,7 +13,7 @@ import megatron.core
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from bigpt.train.preemption import ignore_preemption_signals
+from bigpt.train.preemption import start_helper_process
 
 FIXED_IN_VERSIONS = ("0.16.1",)
 
@@ -51,13 +51,13 @@ def _start_checkpoint_results_queue() -> None:
 
     - It sits in the rank's process group, and torchrun forwards SIGTERM/SIGUSR1 to the whole
       group: the preemption signal that should make bigpt save kills it, and the save then fails
-      with BrokenPipeError. It is started ignoring those signals.
+      with BrokenPipeError. It is started ignoring those signals, and ends with its rank.
     - Spawned, it is a fresh interpreter that imports torch to unpickle the first results it is
       sent: 4-5 s added to the first save of every process. It is forked instead, and now, while
       the process is small (``apply`` runs before CUDA and the communicators start): a fork
       made later would keep a copy of every page the training process changes afterwards."""
     manager = SyncManager(ctx=multiprocessing.get_context("fork"))
-    manager.start(initializer=ignore_preemption_signals)
+    manager.start(initializer=start_helper_process)
     queue = manager.Queue()  # the proxy keeps the manager alive
     filesystem_async._get_write_results_queue = lambda: queue
 

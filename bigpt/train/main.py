@@ -8,7 +8,7 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from bigpt.checkpoint import load_checkpoint
+from bigpt.checkpoint import load_checkpoint, store
 from bigpt.data import build_datasets, micro_batches
 from bigpt.errors import Preempted
 from bigpt.layout import Layout
@@ -75,8 +75,11 @@ def _warn_once(message: str) -> None:
 
 def train(recipe: Recipe, layout: Layout) -> None:
     init_distributed(layout)
+    lock = None
     try:
         check_outputs(recipe)
+        if dist.get_rank() == 0:  # first: another live run may be writing there
+            lock = store.lock_directory(checkpoint_dir(recipe))
         resume, model_changes = resume_point(recipe, warn=_warn_once)
         trainer = build_trainer(recipe, layout, initial_weights=resume is None)
         if resume is not None:
@@ -101,3 +104,5 @@ def train(recipe: Recipe, layout: Layout) -> None:
                             "re-run the same command to resume from it")
     finally:
         destroy_distributed()
+        if lock is not None:
+            lock.close()
