@@ -47,12 +47,15 @@ def describe(recipe: Recipe, layout: Layout) -> str:
                      f"(tokens above assume the full batch throughout)")
     # What a real start refuses before step 1, checked the same way (torch + megatron-core, only here).
     from bigpt.data import plan_tokens
+    from bigpt.data.datasets import checked_tokenizer
     from bigpt.model import check_transformer_engine_installed
     from bigpt.train.initial import check_initial_weights
     from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point
 
     check_transformer_engine_installed(recipe)
     check_outputs(recipe)
+    if recipe.data.tokenizer:
+        checked_tokenizer(recipe)
     resume, changes = resume_point(recipe, warn=lambda message: print(f"bigpt: warning: {message}", file=sys.stderr))
     if resume is None:
         lines.append(f"start            fresh at step 0; checkpoints go to {checkpoint_dir(recipe)}")

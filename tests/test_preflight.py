@@ -163,3 +163,10 @@ def test_a_plain_recipe_needs_no_transformer_engine():
     assert use_transformer_engine(recipe) is False
 
 
+
+
+def test_a_missing_or_damaged_tokenizer_is_refused_on_paper(tmp_path):
+    message = dry_run(f"run_dir={tmp_path}", f"data.tokenizer={tmp_path / 'gone.json'}")
+    assert f"tokenizer file {tmp_path / 'gone.json'} does not exist" in message
+    message = dry_run(f"run_dir={tmp_path}", f"data.tokenizer={tmp_path}")
+    assert f"tokenizer file {tmp_path} is a directory, not a file" in message

@@ -31,7 +31,7 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     """
     data = recipe.data
     if data.source == "mock":
-        tokenizer = _checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(
+        tokenizer = checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(
             recipe.model.vocab_size)
         config = _config(recipe, tokenizer, {Split.train: train_samples,
                                              Split.valid: valid_samples})
@@ -40,7 +40,7 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
             train, valid, _ = BlendedMegatronDatasetBuilder(
                 MockGPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
         return train, valid
-    tokenizer = _checked_tokenizer(recipe)
+    tokenizer = checked_tokenizer(recipe)
     cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
     built = [_build_phase(recipe, tokenizer, number, phase, valid_samples if number == 0 else 0,
@@ -69,7 +69,7 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
     return train, valid
 
 
-def _checked_tokenizer(recipe) -> Tokenizer:
+def checked_tokenizer(recipe) -> Tokenizer:
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     check_vocab(tokenizer.vocab_size, recipe.model.vocab_size, recipe.data.tokenizer)
     return tokenizer
