@@ -162,3 +162,27 @@ def test_two_live_runs_never_write_the_same_directory(tmp_path):
         store.lock_directory(tmp_path / "checkpoints")
     held.close()  # the run ended (the system releases the lock of a killed one the same way)
     store.lock_directory(tmp_path / "checkpoints").close()
+
+
+def test_a_full_disk_is_named_even_when_the_serializer_reports_only_its_position(tmp_path, monkeypatch):
+    """A real full disk makes torch's zip writer fail with "unexpected pos", not ENOSPC."""
+    import shutil
+    from collections import namedtuple
+
+    from bigpt.checkpoint import state
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(state.dist, "get_rank", lambda: 0)
+    writer = state.CheckpointWriter(tmp_path, asynchronous=False)
+    writer.in_flight = tmp_path / "iter_0000003"
+    serializer = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4288 vs 4176")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 100, 0))
+    with pytest.raises(BigptError) as info:
+        with writer._reporting_failure():
+            raise serializer
+    assert f"saving checkpoint {tmp_path / 'iter_0000003'} failed (No space left on device on the filesystem of " \
+           f"{tmp_path}; the writer said: [enforce fail" in str(info.value)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 0, 100 << 20))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room on the disk it is a bug: its traceback
+        with writer._reporting_failure():
+            raise serializer
