@@ -107,3 +107,17 @@ def test_epochs_must_be_given_for_the_whole_blend_or_not_at_all(tmp_path, tokeni
                                       Entry(path=books, weight=1.0, epochs=None)])])
     with pytest.raises(BigptError, match=r"data\.phases\[0\]\.blend: give epochs for every"):
         plan_phases(recipe, train_samples=64)
+
+
+def test_an_evaluation_that_rereads_a_tiny_validation_split_says_so(tmp_path, tokenizer_path, web_and_books):
+    """web's validation split is 10 documents (~500 tokens): 50 batches of 8 × 16 tokens read it
+    ~13 times over per evaluation, a loss measured on a few documents. Said at the start (rank 0)
+    and in the dry run's data plan; 2 batches are not worth a word."""
+    recipe = recipe_with_phases(tmp_path, tokenizer_path, web_and_books[0], [])
+    recipe.eval.interval = 5
+    recipe.eval.iters = 50
+    plan = plan_tokens(recipe, train_samples=80)
+    assert "warning: each evaluation reads the validation split of data.blend[0]" in plan
+    assert "times over (eval.iters × train.global_batch_size × model.seq_length = 6,400 tokens)" in plan
+    recipe.eval.iters = 2
+    assert "warning" not in plan_tokens(recipe, train_samples=80)

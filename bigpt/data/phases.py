@@ -36,6 +36,8 @@ class Phase:
     """Relative weights."""
     train_tokens: list[int]
     """Tokens in each dataset's training split."""
+    valid_tokens: list[int]
+    """Tokens in each dataset's validation split."""
 
 
 def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0) -> list[Phase]:
@@ -56,9 +58,30 @@ def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0) -> list[P
     phases = []
     for i, ((key, blend), start, end) in enumerate(zip(blends, starts, ends)):
         wanted = {Split.train: end - start, Split.valid: valid_samples if i == 0 else 0}
-        prefixes, weights, tokens = _plan_blend(key, blend, split_matrix, data.split, wanted)
-        phases.append(Phase(key, start, end - start, prefixes, weights, tokens))
+        prefixes, weights, tokens, valid_tokens = _plan_blend(key, blend, split_matrix, data.split, wanted)
+        phases.append(Phase(key, start, end - start, prefixes, weights, tokens, valid_tokens))
     return phases
+
+
+EVAL_READS_WARNED = 4
+"""An evaluation that reads a validation split more times over than this says so."""
+
+
+def validation_rereads(recipe, phase: Phase, valid_samples: int) -> list[str]:
+    """Warnings for each dataset of the first phase (validation uses data.blend) whose validation
+    split one evaluation reads more than EVAL_READS_WARNED times over: its loss is measured on a
+    few documents, repeated."""
+    drawn = valid_samples * recipe.model.seq_length
+    total = sum(phase.weights)
+    warnings = []
+    for i, (prefix, weight, tokens) in enumerate(zip(phase.prefixes, phase.weights, phase.valid_tokens)):
+        reads = weight / total * drawn / tokens if tokens else 0
+        if reads > EVAL_READS_WARNED:
+            warnings.append(
+                f"each evaluation reads the validation split of data.blend[{i}] ({prefix}, {tokens:,} tokens) "
+                f"{reads:.0f} times over (eval.iters × train.global_batch_size × model.seq_length = {drawn:,} "
+                "tokens); lower eval.iters, or give validation a larger share of data.split")
+    return warnings
 
 
 def _plan_blend(key, blend, split_matrix, split, wanted):
@@ -69,17 +92,19 @@ def _plan_blend(key, blend, split_matrix, split, wanted):
     if any(value is not None for value in epochs) and None in epochs:
         raise BigptError(f"{key}: give epochs for every dataset of the blend or for none "
                          "(weights are then derived from them)")
-    prefixes, tokens = [entry.path for entry in blend], []
+    prefixes, tokens, valid_tokens = [entry.path for entry in blend], [], []
     for i, prefix in enumerate(prefixes):
         dataset = open_indexed_dataset(prefix, f"{key}[{i}].path")
         check_split_has_tokens(dataset, f"{key}[{i}].path", split_matrix, split, wanted)
         tokens.append(split_tokens(dataset, split_matrix[Split.train.value]))
+        valid = split_matrix[Split.valid.value]
+        valid_tokens.append(split_tokens(dataset, valid) if valid is not None else 0)
     if epochs[0] is None:
         weights = [entry.weight for entry in blend]
     else:
         weights = [value * count for value, count in zip(epochs, tokens)]
     check_weights(weights, key)
-    return prefixes, weights, tokens
+    return prefixes, weights, tokens, valid_tokens
 
 
 class PhasedDataset(torch.utils.data.Dataset):
@@ -107,7 +132,8 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
         return f"data: mock (random tokens), {_count(train_samples * seq_length)} tokens"
     valid_samples = train.global_batch_size * recipe.eval.iters if recipe.eval.interval else 0
     rows = [("phase", "tokens", "dataset", "share", "drawn", "split size", "epochs")]
-    for phase in plan_phases(recipe, train_samples, valid_samples=valid_samples):
+    phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
+    for phase in phases:
         first = phase.first_sample * seq_length
         last = first + phase.samples * seq_length
         total = sum(phase.weights)
@@ -116,8 +142,8 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
             rows.append((phase.key, f"{_count(first)}-{_count(last)}", prefix, f"{weight / total:.1%}",
                          _count(drawn), _count(tokens), f"{drawn / tokens:.2f}"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in rows)
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(table + [f"warning: {line}" for line in validation_rereads(recipe, phases[0], valid_samples)])
 
 
 def _count(number: float) -> str:
