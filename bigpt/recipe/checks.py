@@ -17,7 +17,7 @@ def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
 
 def check_recipe(recipe: Recipe) -> None:
     for check in (_check_model, _check_precision, _check_batch_rampup, _check_lr_schedule,
-                  _check_data, _check_init):
+                  _check_data, _check_init, _check_allowed_model_changes):
         check(recipe)
 
 
@@ -123,6 +123,9 @@ def _check_init(recipe: Recipe) -> None:
     if recipe.init.from_hf and recipe.init.from_checkpoint:
         recipe_error(recipe, "init.from_hf and init.from_checkpoint are both set",
                      "start from one of them and remove the other")
+
+
+def _check_allowed_model_changes(recipe: Recipe) -> None:
     changeable = [key for key in MODEL_FUNCTION_KEYS if key not in MODEL_SHAPE_KEYS]
     for key in recipe.checkpoint.allow_model_changes:
         if key not in changeable:
