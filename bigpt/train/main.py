@@ -78,9 +78,9 @@ def train(recipe: Recipe, layout: Layout) -> None:
     lock = None
     try:
         check_outputs(recipe)
-        if dist.get_rank() == 0:  # first: another live run may be writing there
+        resume, model_changes = resume_point(recipe, warn=_warn_once)  # reads only: a refused run changes nothing
+        if dist.get_rank() == 0:
             lock = store.lock_directory(checkpoint_dir(recipe))
-        resume, model_changes = resume_point(recipe, warn=_warn_once)
         trainer = build_trainer(recipe, layout, initial_weights=resume is None)
         if resume is not None:
             load_checkpoint(trainer, resume)
