@@ -12,10 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, BigptError, Preempted  # noqa: E402
+from bigpt.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, BigptError, Preempted  # noqa: E402
 from bigpt.runtime.console import configure_console  # noqa: E402
 from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
-from bigpt.train.preemption import EXIT_INTERRUPTED  # noqa: E402
 
 skip_torch_compile_without_gpu()
 

@@ -17,7 +17,6 @@ import sys
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 _received: list[str] = []
 _launcher: list[int] = []
 
