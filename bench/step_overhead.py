@@ -58,7 +58,7 @@ def load(args):
     from bigpt.recipe import load_recipe
 
     total = args.warmup + args.steps
-    overrides = ['data.source="mock"', 'checkpoint.load="none"', "eval.interval=0", "logging.tensorboard=false",
+    overrides = ['data.source="mock"', "data.blend=[]", 'checkpoint.load="none"', "eval.interval=0", "logging.tensorboard=false",
                  f'run_dir="{os.path.join(tempfile.gettempdir(), "bigpt-bench")}"', *args.overrides]
     recipe = load_recipe(args.recipe, overrides)
     if recipe.train.train_iters < total:

@@ -1,5 +1,7 @@
 """The --dry-run report: the resolved recipe and its plan, computed on paper."""
 
+import sys
+
 from bigpt.flops import flops_per_step, num_parameters, parameters_per_stage
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe, padded_vocab_size, recipe_to_toml
@@ -43,10 +45,27 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         start, increment, samples = train.rampup_batch_size
         lines.append(f"batch ramp-up    from {start} by {increment} over {samples:,} samples "
                      f"(tokens above assume the full batch throughout)")
-    from bigpt.data import plan_tokens  # reads dataset indexes: torch + megatron-core, only here
+    # What a real start refuses before step 1, checked the same way (torch + megatron-core, only here).
+    from bigpt.data import plan_tokens
+    from bigpt.data.datasets import checked_tokenizer
+    from bigpt.model import check_transformer_engine_installed
     from bigpt.train.initial import check_initial_weights
+    from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point
 
-    lines.append(f"initial weights  {check_initial_weights(recipe) or 'random (model.init_std)'}")
+    check_transformer_engine_installed(recipe)
+    check_outputs(recipe)
+    if recipe.data.tokenizer:
+        checked_tokenizer(recipe)
+    resume, changes = resume_point(recipe, warn=lambda message: print(f"bigpt: warning: {message}", file=sys.stderr))
+    if resume is None:
+        lines.append(f"start            fresh at step 0; checkpoints go to {checkpoint_dir(recipe)}")
+        lines.append(f"initial weights  {check_initial_weights(recipe) or 'random (model.init_std)'}")
+    else:
+        changed = f"; changed by checkpoint.allow_model_changes: {', '.join(changes)}" if changes else ""
+        lines.append(f"start            resume from {resume}{changed}")
+        if schedule_changes := resume_changes(recipe, resume):
+            lines.append(f"                 the recipe's optimizer and schedule replace the checkpoint's: "
+                         f"{'; '.join(schedule_changes)}")
     lines += ["data plan", plan_tokens(recipe)]
     return "\n".join(lines)
 

@@ -14,7 +14,8 @@ class BigptError(Exception):
     """A user-fixable problem. The message names the recipe key or file and what to do."""
 
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved after SIGTERM/SIGUSR1; re-run the same command (requeue)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved after SIGTERM/SIGUSR1/SIGINT; re-run the same command (requeue)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended (nothing saved)
 
 
 class Preempted(Exception):

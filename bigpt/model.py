@@ -8,6 +8,7 @@ separate layers (other checkpoint names); README, "The megatron-core line".
 """
 
 import functools
+import importlib.util
 import logging
 
 import torch
@@ -40,17 +41,31 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def _require_transformer_engine(recipe: Recipe, available: bool, where: str) -> None:
+    """FP8, or transformer_engine = "on", means Transformer Engine or a refusal: never a run in
+    plain precision that exits 0 as if it had been what the recipe asked for."""
+    precision = recipe.precision
+    wants = [f"precision.{key} = {value!r}" for key, value, asks in (
+        ("fp8", precision.fp8, precision.fp8 != "none"),
+        ("transformer_engine", precision.transformer_engine, precision.transformer_engine == "on")) if asks]
+    if wants and not available:
+        raise BigptError(
+            f"{' and '.join(wants)} needs Transformer Engine on a CUDA GPU, which {where}; install `bigpt[gpu]` "
+            "on a GPU machine, or set precision.fp8 = \"none\" and precision.transformer_engine = \"auto\"."
+        )
+
+
+def check_transformer_engine_installed(recipe: Recipe) -> None:
+    """On paper (--dry-run): what needs Transformer Engine finds it installed (no device is probed)."""
+    installed = importlib.util.find_spec("transformer_engine") is not None
+    _require_transformer_engine(recipe, installed, "is not installed here")
+
+
 def use_transformer_engine(recipe: Recipe) -> bool:
     """Decide once, at init (the recipe was validated on paper before any device was probed)."""
-    wanted = recipe.precision.transformer_engine
     available = transformer_engine_available()
-    if wanted == "on" and not available:
-        raise BigptError(
-            "precision.transformer_engine = \"on\" (or precision.fp8) needs Transformer Engine on a "
-            "CUDA GPU, which this machine does not have; install `bigpt[gpu]` on a GPU machine, or set "
-            "precision.transformer_engine = \"auto\" and precision.fp8 = \"none\"."
-        )
-    return available and wanted != "off"
+    _require_transformer_engine(recipe, available, "this machine does not have")
+    return available and recipe.precision.transformer_engine != "off"
 
 
 def _window_size(window: int | None, seq_length: int) -> tuple[int, int] | None:

@@ -107,9 +107,11 @@ def _candidates(recipe: Recipe, gpus: int, gpus_per_node: int):
     stays inside a node (it communicates every layer); sequence parallelism is on whenever
     tensor parallelism is; the recipe's recompute, precision and batch size are kept."""
     model, train = recipe.model, recipe.train
-    for tp in _divisors(min(gpus, gpus_per_node)):
-        for cp in _divisors(gpus // tp) if gpus % tp == 0 else ():
-            for pp in _divisors(gpus // (tp * cp)):
+    # Each degree is bounded by what it splits (heads, half the sequence, layers), so an absurd GPU
+    # count answers at once instead of testing every one of its divisors.
+    for tp in _divisors(min(gpus, gpus_per_node), at_most=model.num_attention_heads):
+        for cp in _divisors(gpus // tp, at_most=max(1, model.seq_length // 2)) if gpus % tp == 0 else ():
+            for pp in _divisors(gpus // (tp * cp), at_most=model.num_layers):
                 for vpp in _divisors(model.num_layers // pp) if pp > 1 else (1,):
                     dp = gpus // (tp * cp * pp)
                     for mbs in _divisors(train.global_batch_size // dp):
@@ -158,8 +160,9 @@ def _rank(option: Option) -> tuple:
             layout.vpp, -layout.micro_batch_size, option.memory.total)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _divisors(n: int, at_most: int | None = None) -> list[int]:
+    """The divisors of ``n`` up to ``at_most``."""
+    return [d for d in range(1, min(n, at_most or n) + 1) if n % d == 0]
 
 
 def describe_layout(layout: Layout) -> str:

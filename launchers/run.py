@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, BigptError, Preempted  # noqa: E402
+from bigpt.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, BigptError, Preempted  # noqa: E402
 from bigpt.runtime.console import configure_console  # noqa: E402
 from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
 
@@ -66,6 +66,11 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"bigpt: {stop} (exit {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C before the first step: there is nothing to save yet
+        if rank == 0:
+            print(f"bigpt: interrupted before training started; nothing was saved (exit {EXIT_INTERRUPTED})",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

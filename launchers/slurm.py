@@ -28,10 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
+from bigpt.paths import check_output_file, check_writable  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parent / "bigpt.sbatch"
 SHUTDOWN_MARGIN_S = 30
 """Time the job keeps after torchrun's shutdown timeout before SLURM's own kill."""
+MAX_SIGNAL_SECONDS = 65535  # sbatch --signal=...@SECONDS takes at most this
 
 
 def parse_args(argv=None):
@@ -61,9 +63,37 @@ def parse_args(argv=None):
     args = parser.parse_intermixed_args(argv)
     if args.nodes < 1 or args.gpus_per_node < 1 or (args.workers_per_node is not None and args.workers_per_node < 1):
         parser.error("--nodes, --gpus-per-node and --workers-per-node must be 1 or more")
-    if args.signal_seconds < 2 * SHUTDOWN_MARGIN_S:
-        parser.error(f"--signal-seconds must be at least {2 * SHUTDOWN_MARGIN_S}: bigpt needs time to save")
+    if not 2 * SHUTDOWN_MARGIN_S <= args.signal_seconds <= MAX_SIGNAL_SECONDS:
+        parser.error(f"--signal-seconds must be between {2 * SHUTDOWN_MARGIN_S} (bigpt needs time to save) and "
+                     f"{MAX_SIGNAL_SECONDS} (SLURM's --signal limit), got {args.signal_seconds}")
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be a TCP port between 1 and 65535, got {args.port}")
+    if args.time is not None:
+        limit = time_limit_seconds(args.time)
+        if limit is None:
+            parser.error(f"--time {args.time!r} is not a SLURM time limit: write minutes, minutes:seconds, "
+                         "hours:minutes:seconds, days-hours, days-hours:minutes or days-hours:minutes:seconds "
+                         "(e.g. 48:00:00 or 2-00:00:00), or UNLIMITED")
+        if limit and args.signal_seconds >= limit:
+            parser.error(f"--signal-seconds {args.signal_seconds} is not shorter than --time {args.time} "
+                         f"({limit} s): the save would be asked for before the job starts; lower it or raise --time")
     return args
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """Seconds of a SLURM --time value (0 for UNLIMITED/INFINITE); None when it is not one."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return 0
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)((?::\d+){0,2})", text.strip())
+    if match is None:
+        return None
+    days, first, rest = match.groups()
+    fields = [int(first)] + [int(part) for part in rest.split(":")[1:]]
+    if any(value >= 60 for value in fields[1:]) or (days is not None and fields[0] >= 24):
+        return None
+    units = (3600, 60, 1) if days is not None else {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(fields)]
+    seconds = int(days or 0) * 86400 + sum(value * unit for value, unit in zip(fields, units))
+    return seconds or None
 
 
 @dataclass(frozen=True)
@@ -173,9 +203,12 @@ def main(argv=None) -> int:
         raise BigptError("--submit: sbatch is not on PATH; run this on a SLURM login node, or "
                          "render the script without --submit (-o FILE) and submit it there.")
     script = batch_script(args, recipe, nodes)
+    check_writable(recipe.run_dir, "run_dir")
+    path = Path(args.output or Path(recipe.run_dir) / "slurm-job.sbatch")
+    if args.output or args.submit:
+        check_output_file(path, "-o/--output" if args.output else "the script <run_dir>/slurm-job.sbatch")
     os.makedirs(recipe.run_dir, exist_ok=True)  # SLURM does not create the log's directory
     if args.output or args.submit:
-        path = Path(args.output or Path(recipe.run_dir) / "slurm-job.sbatch")
         path.write_text(script)
         if args.submit:
             print(submit(path))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
-from logits import layout_of, write_logits  # noqa: E402  (tools/logits.py)
+from logits import layout_of, read_tokens, write_logits  # noqa: E402  (tools/logits.py)
 
 from bigpt.recipe import load_recipe  # noqa: E402
 from bigpt.runtime.distributed import destroy_distributed, init_distributed  # noqa: E402
@@ -23,7 +23,7 @@ if __name__ == "__main__":
     init_distributed(layout_of(recipes[0]))  # the process groups of the layout all models share
     try:
         for recipe, (_, tokens, out) in zip(recipes, jobs):
-            write_logits(recipe, tokens, out)
+            write_logits(recipe, read_tokens(tokens, recipe.model.vocab_size), out)
     finally:
         destroy_distributed()
     exit_without_final_gc(0)

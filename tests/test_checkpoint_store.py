@@ -1,6 +1,8 @@
 """Which checkpoint a run resumes from, and what retention keeps: plain files, no process group."""
 
 import json
+import os
+
 import pytest
 
 from bigpt.checkpoint import store
@@ -60,7 +62,7 @@ def test_auto_falls_back_past_a_truncated_or_missing_shard(tmp_path):
     assert store.resolve_resume("auto", str(tmp_path), warnings.append) == ten
     assert "__0_0.distcp has 60 bytes, 100 were written" in warnings[0]
     (ten / "__0_0.distcp").unlink()
-    with pytest.raises(BigptError, match="holds checkpoints but none is intact"):
+    with pytest.raises(BigptError, match="has held checkpoints but none is intact now"):
         store.resolve_resume("auto", str(tmp_path), warnings.append)
     assert "__0_0.distcp is missing" in warnings[-1]
     with pytest.raises(BigptError, match="__0_0.distcp has 60 bytes"):  # named explicitly: no fallback
@@ -78,7 +80,7 @@ def test_latest_naming_nothing_falls_back_with_a_warning(tmp_path):
 def test_retention_keeps_the_last_n_and_every_kth(tmp_path):
     for iteration in (10, 20, 30, 40, 50):
         fake_checkpoint(tmp_path, iteration)
-    store.apply_retention(tmp_path, keep_last=2, keep_every=20)
+    store.apply_retention(tmp_path, keep_last=2, keep_every=20, newest=tmp_path / store.checkpoint_name(50))
     kept = sorted(p.name for p in tmp_path.glob("iter_*"))
     assert kept == [store.checkpoint_name(i) for i in (20, 40, 50)]
 
@@ -92,3 +94,95 @@ def test_finalize_is_a_rename_and_moves_latest(tmp_path):
     assert not tmp.exists() and store.is_complete(final)
     assert store.read_marker(final) == {"iteration": 7}
     assert (tmp_path / store.LATEST).read_text().strip() == final.name
+
+
+def test_latest_naming_a_checkpoint_that_is_gone_stops_rather_than_start_over(tmp_path):
+    """The README's promise: with no intact checkpoint left, auto does not silently begin at step 0."""
+    (tmp_path / store.LATEST).write_text("iter_0000030\n")
+    with pytest.raises(BigptError, match="has held checkpoints but none is intact now") as info:
+        store.resolve_resume("auto", str(tmp_path))
+    assert 'checkpoint.load = "none" and a new checkpoint.dir' in str(info.value)
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_start_into_another_runs_checkpoints_is_refused(tmp_path):
+    fake_checkpoint(tmp_path, 25)
+    fake_checkpoint(tmp_path, 30)
+    (tmp_path / store.LATEST).write_text("iter_0000030\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(BigptError) as info:
+        store.check_only_own_checkpoints(tmp_path, None)
+    message = str(info.value)
+    assert f"checkpoint.dir {tmp_path} holds checkpoints of another run (iter_0000025, iter_0000030)" in message
+    assert 'checkpoint.load = "auto"' in message and "another run_dir or checkpoint.dir" in message
+    elsewhere = fake_checkpoint(tmp_path / "other", 4)  # resuming some other run's checkpoint into this directory
+    with pytest.raises(BigptError, match=f"of another run than {elsewhere}"):
+        store.check_only_own_checkpoints(tmp_path, elsewhere)
+    assert snapshot(tmp_path) == dict(before, **{f"other/{k}": v for k, v in snapshot(tmp_path / "other").items()})
+
+
+def test_a_half_written_checkpoint_of_another_run_counts_too(tmp_path):
+    fake_checkpoint(tmp_path, 3, complete=False)
+    with pytest.raises(BigptError, match="iter_0000003"):
+        store.check_only_own_checkpoints(tmp_path, None)
+
+
+def test_a_run_may_write_beside_its_own_history(tmp_path):
+    store.check_only_own_checkpoints(tmp_path / "missing", None)
+    (tmp_path / "iter_0000009.tmp").mkdir()  # a killed save of step 9: ignored, as when resuming
+    store.check_only_own_checkpoints(tmp_path, None)
+    ten = fake_checkpoint(tmp_path, 10)
+    twenty = fake_checkpoint(tmp_path, 20)
+    store.check_only_own_checkpoints(tmp_path, twenty)
+    (twenty / "__0_0.distcp").write_bytes(b"x")  # damaged: a resume from 10 replaces it
+    store.check_only_own_checkpoints(tmp_path, ten)
+
+
+def test_rolling_back_over_newer_checkpoints_is_refused(tmp_path):
+    ten = fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 20)
+    with pytest.raises(BigptError, match="newer than iter_0000010, which this run resumes from .iter_0000020."):
+        store.check_only_own_checkpoints(tmp_path, ten)
+
+
+def test_retention_never_deletes_a_checkpoint_newer_than_the_one_just_written(tmp_path):
+    for iteration in (25, 30):
+        fake_checkpoint(tmp_path, iteration)
+    two = fake_checkpoint(tmp_path, 2)
+    store.apply_retention(tmp_path, keep_last=1, keep_every=0, newest=two)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000002", "iter_0000025", "iter_0000030"]
+
+
+def test_two_live_runs_never_write_the_same_directory(tmp_path):
+    held = store.lock_directory(tmp_path / "checkpoints")
+    with pytest.raises(BigptError, match=rf"is being written by another live run \(host .*, pid {os.getpid()}\)"):
+        store.lock_directory(tmp_path / "checkpoints")
+    held.close()  # the run ended (the system releases the lock of a killed one the same way)
+    store.lock_directory(tmp_path / "checkpoints").close()
+
+
+def test_a_full_disk_is_named_even_when_the_serializer_reports_only_its_position(tmp_path, monkeypatch):
+    """A real full disk makes torch's zip writer fail with "unexpected pos", not ENOSPC."""
+    import shutil
+    from collections import namedtuple
+
+    from bigpt.checkpoint import state
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(state.dist, "get_rank", lambda: 0)
+    writer = state.CheckpointWriter(tmp_path, asynchronous=False)
+    writer.in_flight = tmp_path / "iter_0000003"
+    serializer = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4288 vs 4176")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 100, 0))
+    with pytest.raises(BigptError) as info:
+        with writer._reporting_failure():
+            raise serializer
+    assert f"saving checkpoint {tmp_path / 'iter_0000003'} failed (No space left on device on the filesystem of " \
+           f"{tmp_path}; the writer said: [enforce fail" in str(info.value)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 0, 100 << 20))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room on the disk it is a bug: its traceback
+        with writer._reporting_failure():
+            raise serializer

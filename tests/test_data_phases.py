@@ -69,15 +69,22 @@ def test_plan_tokens_tabulates_shares_and_epochs(tmp_path, tokenizer_path, web_a
     web, books = web_and_books
     recipe = recipe_with_phases(tmp_path, tokenizer_path, web, [
         Entry(start_tokens=1000, blend=[Entry(path=web, weight=1.0),
-                                        Entry(path=books, weight=3.0),
-                                        Entry(path=str(tmp_path / "elsewhere"), weight=4.0)])])
+                                        Entry(path=books, weight=3.0)])])
     table = plan_tokens(recipe, train_samples=200).splitlines()
     assert table[0].split() == ["phase", "tokens", "dataset", "share", "drawn", "split",
                                 "size", "epochs"]
     first, *second = table[1:]
     assert first.split()[:4] == ["data.blend", "0-992", web, "100.0%"]
-    assert [row.split()[3] for row in second] == ["12.5%", "37.5%", "50.0%"]
-    assert second[2].split()[5:] == ["not", "found", "?"]
+    assert [row.split()[3] for row in second] == ["25.0%", "75.0%"]
+
+
+def test_plan_tokens_refuses_what_a_real_start_refuses(tmp_path, tokenizer_path, web_and_books):
+    """The dry run's table is no excuse to pass over a dataset that is not there: it is an error, as
+    at a real start, naming the recipe key."""
+    recipe = recipe_with_phases(tmp_path, tokenizer_path, web_and_books[0], [
+        Entry(start_tokens=1000, blend=[Entry(path=str(tmp_path / "elsewhere"), weight=4.0)])])
+    with pytest.raises(BigptError, match=r"data\.phases\[0\]\.blend\[0\]\.path: no indexed dataset at prefix"):
+        plan_tokens(recipe, train_samples=200)
 
 
 @pytest.mark.parametrize("phases, problem", [
@@ -100,3 +107,17 @@ def test_epochs_must_be_given_for_the_whole_blend_or_not_at_all(tmp_path, tokeni
                                       Entry(path=books, weight=1.0, epochs=None)])])
     with pytest.raises(BigptError, match=r"data\.phases\[0\]\.blend: give epochs for every"):
         plan_phases(recipe, train_samples=64)
+
+
+def test_an_evaluation_that_rereads_a_tiny_validation_split_says_so(tmp_path, tokenizer_path, web_and_books):
+    """web's validation split is 10 documents (~500 tokens): 50 batches of 8 × 16 tokens read it
+    ~13 times over per evaluation, a loss measured on a few documents. Said at the start (rank 0)
+    and in the dry run's data plan; 2 batches are not worth a word."""
+    recipe = recipe_with_phases(tmp_path, tokenizer_path, web_and_books[0], [])
+    recipe.eval.interval = 5
+    recipe.eval.iters = 50
+    plan = plan_tokens(recipe, train_samples=80)
+    assert "warning: each evaluation reads the validation split of data.blend[0]" in plan
+    assert "times over (eval.iters × train.global_batch_size × model.seq_length = 6,400 tokens)" in plan
+    recipe.eval.iters = 2
+    assert "warning" not in plan_tokens(recipe, train_samples=80)

@@ -2,15 +2,24 @@
 
 from pathlib import Path
 
+import pytest
+
 from bigpt.dryrun import describe
+from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.recipe import load_recipe
 
 TINY = Path(__file__).resolve().parent.parent / "recipes/tiny.toml"
 
 
-def test_describe_spells_out_the_batch_arithmetic():
-    recipe = load_recipe(TINY)
+def tiny_on_mock_data(tmp_path, tokenizer, *overrides):
+    """The tiny recipe without its demo data, which a fresh clone has not built."""
+    return load_recipe(TINY, ["data.source=mock", "data.blend=[]", f"data.tokenizer={tokenizer}",
+                              f"run_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_describe_spells_out_the_batch_arithmetic(tmp_path, small_tokenizer):
+    recipe = tiny_on_mock_data(tmp_path, small_tokenizer)
     report = describe(recipe, Layout.from_recipe(recipe, 8))
     assert "8 = TP 2 × PP 2 × CP 1 × DP 2" in report
     assert "global 8 = micro 2 × DP 2 × 2 micro-batches" in report
@@ -19,8 +28,8 @@ def test_describe_spells_out_the_batch_arithmetic():
     assert "[2, 2]" in report and "stage 1" in report and "FLOPs per step" in report
 
 
-def test_describe_embeds_the_resolved_recipe(tmp_path):
-    recipe = load_recipe(TINY, ["train.rampup_batch_size=[4, 4, 64]"])
+def test_describe_embeds_the_resolved_recipe(tmp_path, small_tokenizer):
+    recipe = tiny_on_mock_data(tmp_path, small_tokenizer, "train.rampup_batch_size=[4, 4, 64]")
     report = describe(recipe, Layout.from_recipe(recipe, 4))
     resolved = tmp_path / "resolved.toml"
     resolved.write_text(report.split("# Plan")[0])
@@ -28,12 +37,11 @@ def test_describe_embeds_the_resolved_recipe(tmp_path):
     assert "batch ramp-up    from 4 by 4 over 64 samples" in report
 
 
-def test_describe_plans_the_data(tmp_path):
-    """Per phase and dataset: share, tokens drawn; datasets not built yet are named, not fatal."""
-    recipe = load_recipe(TINY, [f"data.blend=[{{path = \"{tmp_path / 'missing_text_document'}\"}}]"])
-    report = describe(recipe, Layout.from_recipe(recipe, 4))
-    plan = report.split("data plan\n")[1]
-    assert "data.blend" in plan and "missing_text_document" in plan and "not found" in plan
-    assert "100.0%" in plan and "30.7K" in plan
-    mock = load_recipe(TINY, ["data.source=mock"])
+def test_describe_plans_the_data(tmp_path, small_tokenizer):
+    """Per phase and dataset: share, tokens drawn; a dataset that is not there is refused, as at a real start."""
+    recipe = load_recipe(TINY, [f"data.blend=[{{path = \"{tmp_path / 'missing_text_document'}\"}}]",
+                                f"data.tokenizer={small_tokenizer}", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(BigptError, match=r"data.blend\[0\].path: no indexed dataset at prefix .*missing_text_document"):
+        describe(recipe, Layout.from_recipe(recipe, 4))
+    mock = tiny_on_mock_data(tmp_path, small_tokenizer)
     assert "data: mock (random tokens), 30.7K tokens" in describe(mock, Layout.from_recipe(mock, 4))

@@ -18,6 +18,8 @@ import pytest
 
 from multirank import FAULT_INJECTION, MOCK_RECIPE, RUN, run_bigpt, scalars
 
+from bigpt.checkpoint import store
+
 pytestmark = pytest.mark.slow
 
 STEPS = 6
@@ -134,6 +136,47 @@ def test_resume_at_another_layout_continues_the_loss(layout, reference, tmp_path
     assert losses(tmp_path) == pytest.approx(losses(reference("dp2"))[3:], rel=1e-5)
 
 
+def single_process(run_dir, *overrides):
+    """`python launchers/run.py` (a world of one, as an interactive user starts it), stdout read live."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, str(RUN), str(MOCK_RECIPE), f"run_dir={run_dir}", "train.train_iters=1000",
+               "checkpoint.save_interval=0", *overrides]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_ctrl_c_saves_and_exits_for_a_resume_and_a_second_one_exits_at_once(tmp_path):
+    job = single_process(tmp_path / "once")
+    wait_for_step(job, 2)
+    job.send_signal(signal.SIGINT)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 75 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    stopped_at = int(stderr.split("preempted at step ")[1].split(":")[0])
+    assert (tmp_path / "once" / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped_at:07d}"
+
+    job = single_process(tmp_path / "twice")
+    wait_for_step(job, 2)
+    job.send_signal(signal.SIGINT)
+    for line in job.stderr:  # the first Ctrl-C has been seen
+        if "interrupted: finishing this step, saving a checkpoint" in line:
+            break
+    job.send_signal(signal.SIGINT)
+    stdout, stderr = job.communicate(timeout=120)  # returns: no helper process lives on holding the pipes
+    assert job.returncode == -signal.SIGINT and "Traceback" not in stderr  # a shell says 130
+
+
+def test_ranks_whose_launcher_was_killed_save_and_stop(tmp_path):
+    """kill -9 of torchrun: it can tell its ranks nothing, so they notice they were re-parented."""
+    job = start(tmp_path / "orphaned", "train.train_iters=1000", checkpoint_dir=tmp_path / "checkpoints")
+    wait_for_step(job, 2)
+    ranks = ranks_of(job)
+    psutil.Process(job.pid).kill()
+    job.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, "the ranks outlived their launcher"
+    saved = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert store.is_complete(tmp_path / "checkpoints" / saved) and int(saved[5:]) >= 2
+
+
 def test_a_truncated_shard_falls_back_to_the_previous_checkpoint(reference, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(reference("dp2") / "checkpoints", checkpoints)
@@ -170,7 +213,7 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(async_save
     assert "saving checkpoint" in result.stderr and "No space left on device" in result.stderr
     assert "the previous checkpoint" in result.stderr and "iter_0000002) is intact" in result.stderr
     checkpoints = tmp_path / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000001", "iter_0000002", "latest"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["bigpt.lock", "iter_0000001", "iter_0000002", "latest"]
     resumed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, nproc=2)
     assert resumed_step(resumed.stdout) == 2
 

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from bigpt.checkpoint import store
 from bigpt.errors import BigptError
 from bigpt.hf.config import FAMILIES, check_recipe_matches, hf_from_model, model_from_hf
 from bigpt.hf.files import inspect_hf
@@ -224,6 +225,15 @@ def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name
     assert json.loads((out / "config.json").read_text())["architectures"] == \
         json.loads((directory / "config.json").read_text())["architectures"]
     np.testing.assert_array_equal(reference_logits(out, np.load(tokens)), reference)
+    if name != SHARDED:  # an export replaces only what an export wrote: never a download, not even the one imported
+        before = {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+        refused = convert("export", str(imported), str(directory), check=False)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert f"{directory} exists (a directory with other files) and is not a directory an earlier export " \
+               "wrote" in refused.stderr
+        assert {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()} == before
+        convert("export", str(imported), str(out))  # its own earlier export is replaced
+        assert sorted(hf_tensors(out)) == sorted(original)
 
 
 def test_tensor_parallel_2_with_another_vocab_padding(models, tmp_path):
@@ -455,7 +465,7 @@ def test_recipe_that_does_not_match_the_hf_model_is_refused(small, tmp_path):
 def test_dry_run_checks_the_initial_weights_on_paper(small, tmp_path):
     """--dry-run reads configs and tensor headers, never weights: init.from_hf and init.from_checkpoint
     are checked against [model] before a job starts; a checkpoint may change non-shape keys (RoPE base
-    for a longer context), not shapes."""
+    for a longer context) when checkpoint.allow_model_changes says so, never shapes."""
     from bigpt.dryrun import describe
     from bigpt.hf.convert import import_hf
     from bigpt.layout import Layout
@@ -473,7 +483,11 @@ def test_dry_run_checks_the_initial_weights_on_paper(small, tmp_path):
         import_hf(small, tmp_path / "imported")
     assert "rope_scaling" not in (tmp_path / "imported" / "model.toml").read_text()  # no stray keys
     from_checkpoint = recipe_for(small, tmp_path / "ckpt.toml", "ckpt", "from_checkpoint", tmp_path / "imported")
-    assert f"initial weights  weights of {tmp_path / 'imported'}" in report(from_checkpoint, "model.rope_base=1e6")
+    with pytest.raises(BigptError, match=r"model.rope_base = 1000000.0 \(the checkpoint has 20000.0\)"):
+        report(from_checkpoint, "model.rope_base=1e6")  # other logits: only when asked for
+    assert (f"initial weights  weights of {tmp_path / 'imported'}, changed by checkpoint.allow_model_changes: "
+            "model.rope_base 20000.0 -> 1000000.0") in report(from_checkpoint, "model.rope_base=1e6",
+                                                               'checkpoint.allow_model_changes=["rope_base"]')
     with pytest.raises(BigptError, match=r"init.from_checkpoint = .* model.ffn_hidden_size = 128"):
         report(from_checkpoint, "model.ffn_hidden_size=128")
     assert "initial weights  random" in report(MOCK_RECIPE)
@@ -500,6 +514,13 @@ def test_conversion_never_replaces_a_foreign_directory(small, tmp_path):
     with pytest.raises(BigptError, match="refusing to replace it"):
         import_hf(small, keep)  # refused before any process group is needed
     assert (keep / "notes.txt").read_text() == "mine"
+    trained = tmp_path / "run" / "checkpoints" / "iter_0000030"  # a training checkpoint is no import's to replace
+    trained.mkdir(parents=True)
+    (trained / "metadata.json").write_text("{}")
+    (trained / store.MARKER).write_text(json.dumps({"iteration": 30, "files": store.manifest(trained)}))
+    with pytest.raises(BigptError, match="is not a checkpoint an earlier import wrote; refusing to replace it"):
+        import_hf(small, trained)
+    assert store.is_complete(trained)
 
 
 def test_init_from_something_that_is_not_a_checkpoint_is_refused(small, tmp_path):

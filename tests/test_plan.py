@@ -176,6 +176,8 @@ def test_family_recipes_count_the_published_parameters(recipe_name, published):
     (["--gpus", "512", "--gpu", "t4"], "unknown GPU 't4'; the planner knows h100-80gb, h200-141gb, a100-80gb"),
     (["--gpus", "8", "--gpu", "a100-40gb"], "fits on no layout of 8 × a100-40gb"),
     (["--gpus", "7"], "no layout of"),
+    (["--gpus", str(10**12)], "no layout of"),  # answered at once: each degree is bounded by what it splits
+    (["--gpus", str(10**12), "--gpus-per-node", str(10**12)], "no layout of"),
 ])
 def test_bad_input_is_refused(capsys, argv, message):
     assert plan_main([str(RECIPES / "llama_70b.toml"), *argv]) == 2

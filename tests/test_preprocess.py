@@ -126,3 +126,33 @@ def test_the_cli_reports_a_bad_line_without_a_traceback(tmp_path, tokenizer_path
     assert f"bigpt: error: {corpus}:4: not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
     assert files_in(tmp_path) == ["in.jsonl"]
+
+
+STRESS_RUNS = 20
+
+
+def test_a_bad_line_with_workers_stops_every_time_without_hanging(tmp_path, tokenizer_path):
+    """The error path with 2 workers, each sending ~200 KB results (more than a pipe holds) when
+    the bad line is found: every run must end with the clear error and leave no worker behind.
+    The runs are in a child process so that a hang fails the test (its timeout) instead of
+    stalling the suite."""
+    texts = [" ".join(corpus_texts(3))] * (6 * 256)  # ~1 KB of tokens each: chunk results of ~250 KB
+    corpus = with_bad_line(tmp_path / "in.jsonl", texts, "{not json", 3 * 256 + 10)
+    script = f"""
+import multiprocessing
+from bigpt.data.preprocess import preprocess
+from bigpt.errors import BigptError
+for run in range({STRESS_RUNS}):
+    try:
+        preprocess({str(corpus)!r}, {str(tmp_path / 'out')!r}, {str(tokenizer_path)!r}, workers=2)
+    except BigptError as err:
+        assert "in.jsonl:{3 * 256 + 10}:" in str(err), err
+    else:
+        raise AssertionError("the bad line was not refused")
+    assert not multiprocessing.active_children(), multiprocessing.active_children()
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    assert not list(tmp_path.glob("out*"))

@@ -12,10 +12,11 @@ from textwrap import dedent
 import pytest
 
 from bigpt.errors import EXIT_USER_ERROR, BigptError
-from bigpt.recipe import load_recipe
+from bigpt.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes/tiny.toml"
+MOCK = ROOT / "tests/recipes/mock_tiny.toml"
 
 
 def bad_recipe(tmp_path, text, name="bad.toml"):
@@ -120,7 +121,7 @@ def test_missing_base_file_names_the_file_that_names_it(tmp_path):
     path = tmp_path / "child.toml"
     path.write_text('base = "bases/gone.toml"\nname = "x"\n')
     message = load_error(path)
-    assert "bases/gone.toml not found" in message and "child.toml" in message
+    assert "bases/gone.toml does not exist" in message and "child.toml" in message
 
 
 def test_inheritance_cycle_lists_the_chain(tmp_path):
@@ -170,4 +171,60 @@ def test_data_phases_need_real_datasets(tmp_path):
         start_tokens = 1000
         blend = [{path = "anneal_text_document"}]
         '''))
-    assert "data.phases needs real datasets, but data.source='mock'" in message
+    assert "data.phases set, but data.source='mock' (random tokens" in message
+
+
+@pytest.mark.parametrize("recipe_text", [
+    '[data]\nsource = "mock"\ntokenizer = "t.model"\nblend = [{path = "corpus_text_document"}]\n',
+    '[data]\ntokenizer = "t.model"\nblend = [{path = "corpus_text_document"}]\n',  # source left to its default
+    '[data]\nsource = "mock"\ncache_dir = "cache"\n',
+])
+def test_data_keys_that_mock_data_would_ignore_are_refused(tmp_path, recipe_text):
+    """No recipe naming real data trains on random tokens without a word."""
+    path = tmp_path / "mock.toml"
+    path.write_text(MOCK.read_text().replace('[data]\nsource = "mock"\n', "") + recipe_text)
+    message = load_error(path)
+    assert "but data.source='mock' (random tokens, the default when source is not set) ignores them" in message
+    assert "set source = 'indexed'" in message and "mock.toml" in message
+
+
+def _float_keys(cls, prefix=""):
+    """Every float key of a recipe schema, dotted (tables of tables included, lists of tables not)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        options = typing.get_args(annotation) if typing.get_origin(annotation) is not None else (annotation,)
+        if float in options:
+            yield prefix + f.name
+        elif dataclasses.is_dataclass(annotation):
+            yield from _float_keys(annotation, f"{prefix}{f.name}.")
+
+
+FLOAT_KEYS = list(_float_keys(Recipe))
+
+
+def test_every_float_key_is_found():
+    assert {"optimizer.lr", "model.init_std", "optimizer.adam_eps", "model.rope_base", "train.clip_grad",
+            "model.norm_epsilon", "optimizer.weight_decay"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_every_float_key_must_be_finite(key, value):
+    message = load_error(TINY, [f"{key}={value}"])
+    assert f"{key} must be a finite number, got" in message and f"override '{key}={value}'" in message
+
+
+def test_a_non_finite_number_in_a_list_of_tables(tmp_path):
+    message = load_error(bad_recipe(tmp_path, '[data]\nblend = [{path = "a", weight = inf}]\n'))
+    assert "data.blend[0].weight must be a finite number, got inf" in message and "bad.toml" in message
+
+
+def test_a_non_finite_curation_threshold_is_refused(tmp_path):
+    from bigpt.curate.recipe import load_curation_recipe
+
+    with pytest.raises(BigptError, match="must be a finite number"):
+        load_curation_recipe(ROOT / "recipes/data/web_quality.toml", ["stage.gopher_quality.min_avg_word_length=nan"])

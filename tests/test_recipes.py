@@ -54,9 +54,11 @@ def test_llama_70b_layout():
     assert layout.num_microbatches == 64
 
 
-def test_dry_run_cli_prints_the_plan():
+def test_dry_run_cli_prints_the_plan(tmp_path, small_tokenizer):
+    """On a machine without the recipe's data (a real start would refuse it, so would the dry run)."""
     result = subprocess.run(
-        [sys.executable, "launchers/run.py", "recipes/llama_70b.toml", "--dry-run", "--world-size", "512"],
+        [sys.executable, "launchers/run.py", "recipes/llama_70b.toml", "--dry-run", "--world-size", "512",
+         "data.source=mock", "data.blend=[]", f"data.tokenizer={small_tokenizer}", f"run_dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr

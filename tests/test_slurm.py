@@ -80,6 +80,41 @@ def test_a_layout_the_nodes_cannot_host_is_refused_before_anything_is_written(ca
     assert not out.exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--time", "48h"], "--time '48h' is not a SLURM time limit"),
+    (["--time", "1:75:00"], "--time '1:75:00' is not a SLURM time limit"),
+    (["--time", "0"], "--time '0' is not a SLURM time limit"),
+    (["--time", "4"], "--signal-seconds 300 is not shorter than --time 4 (240 s)"),
+    (["--time", "1-00:03", "--signal-seconds", "90000"], "--signal-seconds must be between 60"),
+    (["--port", "70000"], "--port must be a TCP port between 1 and 65535, got 70000"),
+    (["--port", "0"], "--port must be a TCP port between 1 and 65535, got 0"),
+])
+def test_slurm_arguments_are_checked(capsys, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        slurm_main([str(RECIPE_70B), f"run_dir={tmp_path / 'run'}", "--nodes", "64", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("time_limit, seconds", [("30", 1800), ("30:15", 1815), ("48:00:00", 172800), ("2-0", 172800),
+                                                 ("1-12:30", 131400), ("1-00:00:10", 86410), ("UNLIMITED", 0)])
+def test_slurm_time_formats(time_limit, seconds):
+    from launchers.slurm import time_limit_seconds
+
+    assert time_limit_seconds(time_limit) == seconds
+
+
+def test_an_output_path_that_cannot_be_written_is_refused(capsys, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    for out, message in ((tmp_path / "file" / "job.sbatch", "is a file, not a directory"),
+                         (tmp_path, "is a directory; name a file to write")):
+        assert slurm_main([str(RECIPE_70B), f"run_dir={tmp_path / 'run'}", "--nodes", "64", "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bigpt: error: ") and message in err and "Traceback" not in err
+    assert slurm_main([str(RECIPE_70B), f"run_dir={tmp_path / 'file' / 'run'}", "--nodes", "64"]) == 2
+    assert "run_dir = " in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+
+
 def test_submit_without_sbatch_is_refused(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert slurm_main([str(RECIPE_70B), f"run_dir={tmp_path / 'run'}", "--nodes", "64", "--submit"]) == 2

@@ -47,6 +47,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_dependencies()
+    from bigpt.paths import check_writable
+
+    check_writable(Path(args.out).resolve().parent, "the directory of OUT")
     if args.command == "import":
         from bigpt.hf.files import inspect_hf
 

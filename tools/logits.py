@@ -2,9 +2,11 @@
 
     torchrun --nproc_per_node 2 tools/logits.py RECIPE --tokens tokens.npy --out logits.npy parallel.tensor=2
 
-The recipe's [model] and [init] (init.from_hf or init.from_checkpoint) give the model and its
-weights, [parallel] the layout. --tokens is a [batch, seq] integer .npy array; --out gets the
-[batch, seq, vocab] float32 logits, written by the rank that holds them.
+RECIPE is a whole training recipe (a run's own recipe.toml will do): it must validate as one, but
+only its [model] and [init] (init.from_hf or init.from_checkpoint) are used, for the model and its
+weights, and [parallel] for the layout. --tokens is a [batch, seq] .npy array of integer token ids
+below model.vocab_size; --out gets the [batch, seq, vocab] float32 logits, written by the rank
+that holds them.
 """
 
 import argparse
@@ -14,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import reports_user_errors  # noqa: E402
+from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
+from bigpt.paths import check_input_file, check_output_file  # noqa: E402
 from bigpt.runtime.console import quiet_dependencies  # noqa: E402
 from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
 
@@ -30,6 +33,24 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)
 
 
+def read_tokens(path: str, vocab_size: int):
+    """The [batch, seq] integer ids in the .npy file ``path``, each below ``vocab_size``."""
+    import numpy as np
+
+    check_input_file(path, "--tokens")
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise BigptError(f"--tokens = {path} is not a .npy array ({err}); write it with numpy.save.") from None
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or 0 in tokens.shape:
+        raise BigptError(f"--tokens = {path} holds a {tokens.dtype} array of shape {tokens.shape}; it must be a "
+                         "non-empty [batch, seq] array of integer token ids (a single sequence: shape [1, seq]).")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise BigptError(f"--tokens = {path} holds token ids from {tokens.min()} to {tokens.max()}, outside 0.."
+                         f"{vocab_size - 1} (model.vocab_size = {vocab_size}); tokenize with the model's tokenizer.")
+    return tokens
+
+
 def layout_of(recipe):
     """The recipe's layout at this job's world size (torchrun's WORLD_SIZE; 1 without torchrun)."""
     from bigpt.layout import Layout
@@ -37,16 +58,16 @@ def layout_of(recipe):
     return Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def write_logits(recipe, tokens: str, out: str) -> None:
-    """The logits of the recipe's model on the tokens in the .npy file ``tokens``, saved to ``out``
-    by the rank that holds them; needs the process groups of the recipe's layout."""
+def write_logits(recipe, tokens, out: str) -> None:
+    """The logits of the recipe's model on ``tokens`` ([batch, seq] ids, ``read_tokens``), saved to
+    ``out`` by the rank that holds them; needs the process groups of the recipe's layout."""
     import numpy as np
     import torch
     from megatron.core import parallel_state
 
     from bigpt.logits import compute_logits
 
-    logits = compute_logits(recipe, layout_of(recipe), torch.from_numpy(np.load(tokens, allow_pickle=False)).long())
+    logits = compute_logits(recipe, layout_of(recipe), torch.from_numpy(tokens).long())
     if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
             and parallel_state.get_data_parallel_rank() == 0:
         np.save(out, logits.numpy())
@@ -60,9 +81,12 @@ def main(argv=None) -> int:
     from bigpt.runtime.distributed import destroy_distributed, init_distributed
 
     recipe = load_recipe(args.recipe, args.overrides)
-    init_distributed(layout_of(recipe))
+    layout = layout_of(recipe)
+    tokens = read_tokens(args.tokens, recipe.model.vocab_size)
+    check_output_file(args.out, "--out")
+    init_distributed(layout)
     try:
-        write_logits(recipe, args.tokens, args.out)
+        write_logits(recipe, tokens, args.out)
     finally:
         destroy_distributed()
     return 0

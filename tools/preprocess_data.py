@@ -40,6 +40,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bigpt.data.preprocess import preprocess
+    from bigpt.paths import check_output_file
+
+    check_output_file(f"{args.output_prefix}.bin", "--output-prefix")
 
     summary = preprocess(args.input, args.output_prefix, args.tokenizer,
                          text_field=args.field, workers=args.workers,

@@ -48,6 +48,9 @@ def main(argv=None) -> int:
         from bigpt.curate.classifier import train_quality_classifier
     except ImportError as err:
         raise BigptError(f"training a classifier needs {err.name!r}: pip install -e '.[curate]'.") from None
+    from bigpt.paths import check_output_file
+
+    check_output_file(args.out, "--out")
     summary = train_quality_classifier(args.positive, args.negative, args.out, text_field=args.field,
                                        epochs=args.epochs, lr=args.lr, ngrams=args.ngrams,
                                        dim=args.dim, buckets=args.buckets,

@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
     args = parser.parse_args(argv)
     from bigpt.data.tokenizer_training import train_tokenizer
+    from bigpt.paths import check_output_file
+
+    check_output_file(f"{args.out}.model", "--out")
 
     model = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.field,
                             verbose=args.verbose)

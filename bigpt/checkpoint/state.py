@@ -178,30 +178,51 @@ class CheckpointWriter:
         if dist.get_rank() == 0:
             (tmp / "recipe.toml").write_text(recipe_text)
             store.finalize(tmp, final, dict(marker, files=store.manifest(tmp)))
-            store.apply_retention(self.root, config.keep_last, config.keep_every)
+            store.apply_retention(self.root, config.keep_last, config.keep_every, final)
 
     @contextmanager
     def _reporting_failure(self):
         try:
             yield
-        except (OSError, CheckpointException) as err:  # raised on every rank when any rank's write fails
+        # Raised on every rank when any rank's write fails; a RuntimeError is torch's serializer
+        # failing to write ("unexpected pos ...", "file write failed").
+        except (OSError, CheckpointException, RuntimeError) as err:
+            cause = _cause(err, self.root)
+            if cause is None:
+                raise
             final = self.in_flight
             if dist.get_rank() == 0:
                 shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
             raise BigptError(
-                f"saving checkpoint {final} failed ({_cause(err)}); nothing was replaced, the previous "
+                f"saving checkpoint {final} failed ({cause}); nothing was replaced, the previous "
                 f"checkpoint ({store.latest_in(self.root) or 'none'}) is intact. Free space in checkpoint.dir or "
                 "point it elsewhere, then re-run the same command to resume."
             ) from err
 
 
-def _cause(err: BaseException) -> str:
-    """The underlying error, e.g. "[Errno 28] No space left on device"; torch's CheckpointException
-    carries it (on the coordinator only) as the last line of its failure report."""
+ALMOST_FULL_BYTES = 1 << 20
+
+
+def _cause(err: BaseException, root: Path) -> str | None:
+    """The underlying error of a failed write, e.g. "[Errno 28] No space left on device" (None: not
+    a failed write, a bug). torch's CheckpointException carries it (on the coordinator only) as the
+    last line of its failure report. A full disk is named as such even when torch's serializer
+    reports only its own symptom (a RuntimeError: "unexpected pos ...", "file write failed")."""
     if isinstance(err, OSError):
         return str(err.strerror or err)
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[-1].removeprefix("RuntimeError: Worker failure: ") if len(lines) > 1 else "a write failed; rank 0 reports the cause"
+    lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    if isinstance(err, CheckpointException):
+        cause = lines[-1].removeprefix("RuntimeError: Worker failure: ") if len(lines) > 1 else \
+            "a write failed; rank 0 reports the cause"
+    else:
+        cause = lines[-1]
+    try:
+        full = shutil.disk_usage(root).free < ALMOST_FULL_BYTES
+    except OSError:
+        full = False
+    if full and "No space left on device" not in cause:
+        return f"No space left on device on the filesystem of {root}; the writer said: {cause}"
+    return cause if full or not isinstance(err, RuntimeError) else None
 
 
 def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = False) -> None:
@@ -224,7 +245,8 @@ def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = Fals
         more = f" (and {len(set(mismatched)) - 8} more)" if len(set(mismatched)) > 8 else ""
         raise BigptError(
             f"checkpoint {path} does not fit the recipe's model: {shown}{more}. Load it with the model "
-            "settings it was saved with (its recipe.toml), or set checkpoint.load = \"none\" to start fresh."
+            "settings it was saved with (its recipe.toml), or start fresh elsewhere: checkpoint.load = \"none\" "
+            "with a new run_dir (or checkpoint.dir)."
         )
 
 

@@ -2,15 +2,18 @@
 name and renamed when complete, and a ``latest`` file naming the newest complete one. A reader
 therefore never sees half a checkpoint."""
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from bigpt.errors import BigptError
 
 MARKER = "bigpt.json"  # written last: its presence means the checkpoint is complete
 LATEST = "latest"
+LOCK = "bigpt.lock"  # locked by the run that writes the directory; names its host and pid
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -97,10 +100,11 @@ def checkpoint_at(path: Path, key: str, warn=lambda message: None, alternatives:
 
 def _latest_or_fail(root: Path, where: str, warn) -> Path | None:
     found = latest_in(root, warn)
-    if found is None and _saved(root):
+    if found is None and (_saved(root) or (root / LATEST).is_file()):  # a `latest` alone: they were deleted
         raise BigptError(
-            f"{where} ({root}) holds checkpoints but none is intact (see the warnings above); restore one "
-            "from a backup, or start over with checkpoint.load = \"none\" and a new checkpoint.dir."
+            f"{where} ({root}) has held checkpoints but none is intact now (see the warnings above), and bigpt "
+            "does not silently start over; restore one from a backup, or start over with checkpoint.load = "
+            "\"none\" and a new checkpoint.dir (or run_dir)."
         )
     return found
 
@@ -128,10 +132,65 @@ def latest_in(root: Path, warn=lambda message: None) -> Path | None:
     return None
 
 
-def apply_retention(root: Path, keep_last: int, keep_every: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints, plus every ``keep_every``-th iteration."""
-    complete = [p for p in _saved(root) if is_complete(p)]
+def iteration_of(path: Path) -> int:
+    return int(path.name.removeprefix("iter_"))
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    """Every ``iter_N`` directory (complete or not, not a ``.tmp`` save in progress), oldest first."""
+    return sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()) if root.is_dir() else []
+
+
+def check_only_own_checkpoints(root: Path, resume: Path | None, key: str = "checkpoint.dir") -> None:
+    """A run saves (and prunes) into ``root`` only when every checkpoint there is its own history: none
+    for a fresh start; for a resume, the checkpoint it resumes from and older ones beside it. Another
+    run's checkpoints, or newer ones a rollback would overwrite, make it stop before any work."""
+    if resume is not None and resume.resolve().parent == root.resolve():
+        others = [p for p in _checkpoint_dirs(root) if iteration_of(p) > iteration_of(resume) and problem(p) is None]
+        why = f"newer than {resume.name}, which this run resumes from"
+        fix = ("resume the newest with checkpoint.load = \"auto\", or move the newer ones out of the directory "
+               "first if you mean to roll back to " + resume.name)
+    else:
+        others = _checkpoint_dirs(root)
+        why = "of another run" if resume is None else f"of another run than {resume}, which this run resumes from"
+        fix = ("resume them with checkpoint.load = \"auto\", or give this run a place of its own (another run_dir or "
+               "checkpoint.dir), or move them away")
+    if others:
+        names = ", ".join(p.name for p in others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+        raise BigptError(
+            f"{key} {root} holds checkpoints {why} ({names}); saving there would overwrite or prune checkpoints "
+            f"this run did not write, so bigpt stops before any work. To keep them, {fix}."
+        )
+
+
+def apply_retention(root: Path, keep_last: int, keep_every: int, newest: Path) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``newest`` (the one just written), plus every
+    ``keep_every``-th iteration; never one after ``newest`` (check_only_own_checkpoints makes sure
+    there is none, but retention must not be what deletes work if one appears)."""
+    complete = [p for p in _saved(root) if is_complete(p) and iteration_of(p) <= iteration_of(newest)]
     for path in complete[:-keep_last] if keep_last else []:
-        iteration = int(path.name.split("_")[1])
-        if not (keep_every and iteration % keep_every == 0):
+        if not (keep_every and iteration_of(path) % keep_every == 0):
             shutil.rmtree(path)
+
+
+def lock_directory(root: Path, key: str = "checkpoint.dir"):
+    """Make this process the one run writing ``root``: an exclusive lock on ``root/bigpt.lock``, which
+    the operating system releases when the process ends however it ends (so a killed run leaves no
+    stale lock). Returns the open file, to keep for as long as the run writes."""
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not said who it is"
+        handle.close()
+        raise BigptError(
+            f"{key} {root} is being written by another live run ({holder}); two runs must never write the same "
+            "checkpoints. Wait for that run to end (or stop it), or give this one another run_dir or checkpoint.dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    handle.flush()
+    return handle

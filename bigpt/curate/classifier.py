@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bigpt.data.encode import JSONL_SUFFIXES, document_text
 from bigpt.errors import BigptError
+from bigpt.paths import not_a_file
 
 
 @dataclass
@@ -71,8 +72,8 @@ def _one_line(text: str) -> str:
 
 def _documents(path: Path, text_field: str) -> list[str]:
     """Documents of a JSONL file (``text_field``) or a text file (one per line)."""
-    if not path.is_file():
-        raise BigptError(f"example file {path} does not exist.")
+    if why := not_a_file(path):
+        raise BigptError(f"example file {path} {why}.")
     jsonl = path.suffix in JSONL_SUFFIXES
     texts = []
     with open(path, "rb") as lines:

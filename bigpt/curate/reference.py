@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bigpt.checkpoint import store
 from bigpt.errors import BigptError
+from bigpt.paths import not_a_file
 
 KEY = "stage.perplexity"
 
@@ -42,8 +43,8 @@ def check_reference(checkpoint: str, tokenizer: str | None) -> ReferenceFiles:
         raise BigptError(f"{KEY}.tokenizer is not set and checkpoint {path} names no tokenizer (no "
                          "data.tokenizer in its recipe.toml, no tokenizer.json in its Hugging Face files); "
                          f"set {KEY}.tokenizer to the tokenizer its model was trained with.")
-    if not found.is_file():
-        raise BigptError(f"{KEY}.tokenizer {found} does not exist; set {KEY}.tokenizer to the tokenizer "
+    if why := not_a_file(found):
+        raise BigptError(f"{KEY}.tokenizer {found} {why}; set {KEY}.tokenizer to the tokenizer "
                          f"checkpoint {path} was trained with.")
     check_vocab(load_tokenizer(found).vocab_size, model.vocab_size, f"{found} ({KEY}.tokenizer)")
     return ReferenceFiles(path, found)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bigpt.curate.recipe import MODEL_FILES, CurationRecipe, InputConfig, OutputConfig
 from bigpt.errors import BigptError
+from bigpt.paths import not_a_file
 from bigpt.recipe.serialize import recipe_to_dict
 
 CURATED = "curated.jsonl"
@@ -161,8 +162,8 @@ def _check_fasttext(recipe: CurationRecipe, stage: str) -> None:
     path = getattr(recipe.params(stage), key)
     hint = ("train one with tools/train_quality_classifier.py" if stage == "quality_classifier"
             else "download a fastText language-ID model (e.g. lid.176.bin) and name it there")
-    if not os.path.isfile(path):
-        raise BigptError(f"stage.{stage}.{key} {path} does not exist; {hint}.")
+    if why := not_a_file(path):
+        raise BigptError(f"stage.{stage}.{key} {path} {why}; {hint}.")
     _require("fasttext", f"stage {stage!r}")
     from bigpt.curate.filters import load_fasttext
 

@@ -1,13 +1,14 @@
 """Recipe [data] → megatron-core GPT datasets (mock, or phases of indexed-dataset blends)."""
 
 import os
+import sys
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import Split
 
 from bigpt.data.checks import check_vocab
-from bigpt.data.phases import Phase, PhasedDataset, plan_phases
+from bigpt.data.phases import Phase, PhasedDataset, plan_phases, validation_rereads
 from bigpt.data.rank_zero_first import build_rank_zero_first, megatron_sees_one_process
 from bigpt.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -31,7 +32,7 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     """
     data = recipe.data
     if data.source == "mock":
-        tokenizer = _checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(
+        tokenizer = checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(
             recipe.model.vocab_size)
         config = _config(recipe, tokenizer, {Split.train: train_samples,
                                              Split.valid: valid_samples})
@@ -40,9 +41,12 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
             train, valid, _ = BlendedMegatronDatasetBuilder(
                 MockGPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
         return train, valid
-    tokenizer = _checked_tokenizer(recipe)
+    tokenizer = checked_tokenizer(recipe)
     cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
+    if world_rank == 0:
+        for warning in validation_rereads(recipe, phases[0], valid_samples):
+            print(f"bigpt: warning: {warning}", file=sys.stderr, flush=True)
     built = [_build_phase(recipe, tokenizer, number, phase, valid_samples if number == 0 else 0,
                           world_rank, cache_dir)
              for number, phase in enumerate(phases)]
@@ -69,7 +73,7 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
     return train, valid
 
 
-def _checked_tokenizer(recipe) -> Tokenizer:
+def checked_tokenizer(recipe) -> Tokenizer:
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     init = recipe.init
     weights = (f"init.from_hf = {init.from_hf}" if init.from_hf else

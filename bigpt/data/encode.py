@@ -80,8 +80,8 @@ _worker_encoder: DocumentEncoder | None = None
 
 
 def encode_in_worker(settings: tuple, first_line: int, lines: list[bytes]) -> EncodedChunk:
-    """Pool task: builds the worker's encoder on its first chunk (errors then reach the parent,
-    where a failing Pool initializer would restart workers forever)."""
+    """A worker's task: builds the worker's encoder on its first chunk (errors then reach the
+    parent, where a failing worker initializer would break the pool)."""
     global _worker_encoder
     if _worker_encoder is None:
         tokenizer_path, jsonl, text_field, dtype = settings

@@ -32,18 +32,16 @@ class Phase:
     first_sample: int
     samples: int
     prefixes: list[str]
-    weights: list[float | None]
-    """Relative weights; None where they come from epochs of a dataset that could not be read."""
-    train_tokens: list[int | None]
-    """Tokens in each dataset's training split; None where it could not be read."""
+    weights: list[float]
+    """Relative weights."""
+    train_tokens: list[int]
+    """Tokens in each dataset's training split."""
+    valid_tokens: list[int]
+    """Tokens in each dataset's validation split."""
 
 
-def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0,
-                strict: bool = True) -> list[Phase]:
-    """The phases of a run of ``train_samples`` samples, datasets checked as they are read.
-
-    With ``strict=False`` (planning on paper) unreadable datasets leave gaps instead of errors.
-    """
+def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0) -> list[Phase]:
+    """The phases of a run of ``train_samples`` samples, datasets checked as they are read."""
     data, seq_length = recipe.data, recipe.model.seq_length
     split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(data.split))
     later = data.phases
@@ -60,13 +58,33 @@ def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0,
     phases = []
     for i, ((key, blend), start, end) in enumerate(zip(blends, starts, ends)):
         wanted = {Split.train: end - start, Split.valid: valid_samples if i == 0 else 0}
-        prefixes, weights, tokens = _plan_blend(key, blend, split_matrix, data.split, wanted,
-                                                strict)
-        phases.append(Phase(key, start, end - start, prefixes, weights, tokens))
+        prefixes, weights, tokens, valid_tokens = _plan_blend(key, blend, split_matrix, data.split, wanted)
+        phases.append(Phase(key, start, end - start, prefixes, weights, tokens, valid_tokens))
     return phases
 
 
-def _plan_blend(key, blend, split_matrix, split, wanted, strict):
+EVAL_READS_WARNED = 4
+"""An evaluation that reads a validation split more times over than this says so."""
+
+
+def validation_rereads(recipe, phase: Phase, valid_samples: int) -> list[str]:
+    """Warnings for each dataset of the first phase (validation uses data.blend) whose validation
+    split one evaluation reads more than EVAL_READS_WARNED times over: its loss is measured on a
+    few documents, repeated."""
+    drawn = valid_samples * recipe.model.seq_length
+    total = sum(phase.weights)
+    warnings = []
+    for i, (prefix, weight, tokens) in enumerate(zip(phase.prefixes, phase.weights, phase.valid_tokens)):
+        reads = weight / total * drawn / tokens if tokens else 0
+        if reads > EVAL_READS_WARNED:
+            warnings.append(
+                f"each evaluation reads the validation split of data.blend[{i}] ({prefix}, {tokens:,} tokens) "
+                f"{reads:.0f} times over (eval.iters × train.global_batch_size × model.seq_length = {drawn:,} "
+                "tokens); lower eval.iters, or give validation a larger share of data.split")
+    return warnings
+
+
+def _plan_blend(key, blend, split_matrix, split, wanted):
     if not blend:
         raise BigptError(f"{key} is empty; name at least one dataset, e.g. "
                          f"[{{path = \"corpus_text_document\"}}]")
@@ -74,23 +92,19 @@ def _plan_blend(key, blend, split_matrix, split, wanted, strict):
     if any(value is not None for value in epochs) and None in epochs:
         raise BigptError(f"{key}: give epochs for every dataset of the blend or for none "
                          "(weights are then derived from them)")
-    prefixes, tokens = [entry.path for entry in blend], []
+    prefixes, tokens, valid_tokens = [entry.path for entry in blend], [], []
     for i, prefix in enumerate(prefixes):
-        try:
-            dataset = open_indexed_dataset(prefix, f"{key}[{i}].path")
-            check_split_has_tokens(dataset, f"{key}[{i}].path", split_matrix, split, wanted)
-            tokens.append(split_tokens(dataset, split_matrix[Split.train.value]))
-        except BigptError:
-            if strict:
-                raise
-            tokens.append(None)
+        dataset = open_indexed_dataset(prefix, f"{key}[{i}].path")
+        check_split_has_tokens(dataset, f"{key}[{i}].path", split_matrix, split, wanted)
+        tokens.append(split_tokens(dataset, split_matrix[Split.train.value]))
+        valid = split_matrix[Split.valid.value]
+        valid_tokens.append(split_tokens(dataset, valid) if valid is not None else 0)
     if epochs[0] is None:
         weights = [entry.weight for entry in blend]
     else:
-        weights = [None if count is None else value * count
-                   for value, count in zip(epochs, tokens)]
-    check_weights([weight for weight in weights if weight is not None], key)
-    return prefixes, weights, tokens
+        weights = [value * count for value, count in zip(epochs, tokens)]
+    check_weights(weights, key)
+    return prefixes, weights, tokens, valid_tokens
 
 
 class PhasedDataset(torch.utils.data.Dataset):
@@ -109,30 +123,27 @@ class PhasedDataset(torch.utils.data.Dataset):
 
 def plan_tokens(recipe, train_samples: int | None = None) -> str:
     """A table of what each phase trains on, for the dry run: per dataset its share of the
-    phase, the tokens drawn from it, its training-split size and the epochs that makes."""
+    phase, the tokens drawn from it, its training-split size and the epochs that makes. The
+    datasets are checked as a real start checks them: a missing or damaged one is an error."""
     train = recipe.train
     train_samples = train_samples or train.train_iters * train.global_batch_size
     seq_length = recipe.model.seq_length
     if recipe.data.source == "mock":
         return f"data: mock (random tokens), {_count(train_samples * seq_length)} tokens"
+    valid_samples = train.global_batch_size * recipe.eval.iters if recipe.eval.interval else 0
     rows = [("phase", "tokens", "dataset", "share", "drawn", "split size", "epochs")]
-    for phase in plan_phases(recipe, train_samples, strict=False):
+    phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
+    for phase in phases:
         first = phase.first_sample * seq_length
         last = first + phase.samples * seq_length
-        known = None not in phase.weights
-        total = sum(phase.weights) if known else None
+        total = sum(phase.weights)
         for prefix, weight, tokens in zip(phase.prefixes, phase.weights, phase.train_tokens):
-            share = weight / total if known else None
-            drawn = share * (last - first) if known else None
-            epochs = drawn / tokens if known and tokens else None
-            rows.append((phase.key, f"{_count(first)}-{_count(last)}", prefix,
-                         "?" if share is None else f"{share:.1%}",
-                         "?" if drawn is None else _count(drawn),
-                         "not found" if tokens is None else _count(tokens),
-                         "?" if epochs is None else f"{epochs:.2f}"))
+            drawn = weight / total * (last - first)
+            rows.append((phase.key, f"{_count(first)}-{_count(last)}", prefix, f"{weight / total:.1%}",
+                         _count(drawn), _count(tokens), f"{drawn / tokens:.2f}"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in rows)
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(table + [f"warning: {line}" for line in validation_rereads(recipe, phases[0], valid_samples)])
 
 
 def _count(number: float) -> str:

@@ -10,6 +10,7 @@ import os
 import time
 import warnings
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -27,6 +28,7 @@ with warnings.catch_warnings():
 from bigpt.data.encode import JSONL_SUFFIXES, DocumentEncoder, EncodedChunk, encode_in_worker
 from bigpt.data.tokenizer import load_tokenizer
 from bigpt.errors import BigptError
+from bigpt.paths import not_a_file
 
 LINES_PER_CHUNK = 256
 
@@ -58,8 +60,8 @@ def preprocess(input_path, output_prefix: str, tokenizer_path, *, text_field: st
     "skip" (report each on ``progress`` and go on).
     """
     input_path = Path(input_path)
-    if not input_path.is_file():
-        raise BigptError(f"input {input_path} does not exist")
+    if why := not_a_file(input_path):
+        raise BigptError(f"input {input_path} {why}")
     if input_path.stat().st_size == 0:
         raise BigptError(f"input {input_path} is empty; give a file with one document per line")
     tokenizer = load_tokenizer(tokenizer_path)
@@ -68,10 +70,16 @@ def preprocess(input_path, output_prefix: str, tokenizer_path, *, text_field: st
     chunks = _read_chunks(input_path)
     if workers > 1:
         settings = (str(tokenizer_path), jsonl, text_field, dtype)
-        with multiprocessing.Pool(workers) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        try:
             encoded = _in_order(pool, settings, chunks, depth=2 * workers)
             return _write(encoded, input_path, output_prefix, dtype, on_bad_line, progress,
                           progress_interval_s)
+        finally:
+            # On an error too, the chunks in flight are let finish and the rest cancelled: killing
+            # a worker while it sends a result larger than a pipe holds loses the queue's lock with
+            # it, and multiprocessing.Pool.terminate then waits on that lock forever.
+            pool.shutdown(wait=True, cancel_futures=True)
     encoder = DocumentEncoder(tokenizer, jsonl=jsonl, text_field=text_field, dtype=dtype)
     encoded = (encoder.encode_chunk(first, lines) for first, lines in chunks)
     return _write(encoded, input_path, output_prefix, dtype, on_bad_line, progress,
@@ -90,16 +98,16 @@ def _read_chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
             yield first, lines
 
 
-def _in_order(pool, settings, chunks, depth: int) -> Iterator[EncodedChunk]:
-    """Results in input order, with at most ``depth`` chunks in flight (``Pool.imap`` would
+def _in_order(pool: ProcessPoolExecutor, settings, chunks, depth: int) -> Iterator[EncodedChunk]:
+    """Results in input order, with at most ``depth`` chunks in flight (``Executor.map`` would
     read the whole input into memory ahead of the workers)."""
     pending = deque()
     for first, lines in chunks:
-        pending.append(pool.apply_async(encode_in_worker, (settings, first, lines)))
+        pending.append(pool.submit(encode_in_worker, settings, first, lines))
         if len(pending) >= depth:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def _write(encoded: Iterator[EncodedChunk], input_path: Path, output_prefix: str, dtype,

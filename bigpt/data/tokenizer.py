@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from bigpt.errors import BigptError
+from bigpt.paths import not_a_file
 
 # Names Hugging Face tokenizers use for their end-of-text token, tried in order when the
 # tokenizer.json has no tokenizer_config.json beside it that names one.
@@ -93,8 +94,8 @@ class HuggingFaceTokenizer(Tokenizer):
 def load_tokenizer(path) -> Tokenizer:
     """Load ``path``: a ``*.json`` file is a Hugging Face tokenizer, anything else SentencePiece."""
     path = Path(path)
-    if not path.is_file():
-        raise BigptError(f"tokenizer file {path} does not exist; check data.tokenizer, or make the "
+    if why := not_a_file(path):
+        raise BigptError(f"tokenizer file {path} {why}; check data.tokenizer, or make the "
                          "demo one with `python tools/prepare_demo.py`")
     if path.suffix == ".json":
         return HuggingFaceTokenizer(path)

@@ -11,6 +11,7 @@ from typing import Iterator
 
 from bigpt.data.encode import JSONL_SUFFIXES, document_text
 from bigpt.errors import BigptError
+from bigpt.paths import not_a_file
 
 MAX_SENTENCES = 2_000_000
 """Lines sampled for training; enough for a good vocabulary, bounded in memory and time."""
@@ -23,8 +24,8 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, text_field: str = "t
 
     paths = [Path(path) for path in inputs]
     for path in paths:
-        if not path.is_file():
-            raise BigptError(f"input {path} does not exist")
+        if why := not_a_file(path):
+            raise BigptError(f"input {path} {why}")
     counter = _LineCounter()
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from bigpt.errors import BigptError
 from bigpt.recipe import ModelConfig
+from bigpt.recipe.tables import MODEL_FUNCTION_KEYS
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,6 @@ FAMILIES = {family.model_type: family for family in (
 # megatron-core's RotaryEmbedding (0.16 and still 0.19) passes only the factor to _apply_scaling;
 # these three are its defaults (Llama 3.1/3.2's values), so HF configs with others cannot be matched.
 LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-# [model] keys that define the computation; a recipe that starts from HF weights must agree on
-# all of them (seq_length and max_position_embeddings are the run's choice).
-ARCHITECTURE_KEYS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "vocab_size", "activation", "normalization", "norm_epsilon", "position_embedding",
-    "rope_base", "rope_scaling", "rope_scaling_factor", "tie_embeddings", "add_bias_linear", "add_qkv_bias",
-    "qk_layernorm", "attention_window",
-)
-
 
 _REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
@@ -175,25 +166,23 @@ def effective(model: dict, key: str):
     return value
 
 
-SHAPE_KEYS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "vocab_size", "activation", "normalization", "position_embedding", "tie_embeddings",
-    "add_bias_linear", "add_qkv_bias", "qk_layernorm",
-)
-"""The [model] keys that decide which tensors a checkpoint holds and their shapes."""
-
-
 def check_recipe_matches(recipe_model: ModelConfig, saved_model: dict, source, *, key: str = "init.from_hf",
-                         keys: tuple[str, ...] = ARCHITECTURE_KEYS) -> None:
-    """The recipe's [model] must describe the model in ``source`` (named by recipe ``key``) in ``keys``."""
+                         allowed: list[str] = ()) -> list[str]:
+    """The recipe's [model] must describe the model in ``source`` (named by recipe ``key``) in every
+    key that changes what the weights compute, but those in ``allowed``
+    (checkpoint.allow_model_changes); returns those allowed changes, worded for the log."""
     ours = vars(recipe_model)
-    wrong = [f"model.{name} = {effective(ours, name)!r} (the checkpoint has {effective(saved_model, name)!r})"
-             for name in keys if effective(ours, name) != effective(saved_model, name)]
+    changed = [(name, effective(ours, name), effective(saved_model, name)) for name in MODEL_FUNCTION_KEYS
+               if effective(ours, name) != effective(saved_model, name)]
+    wrong = [f"model.{name} = {mine!r} (the checkpoint has {theirs!r})" for name, mine, theirs in changed
+             if name not in allowed]
     if wrong:
         table = ("tools/convert_hf.py import writes the matching table to model.toml" if key == "init.from_hf"
                  else "its recipe.toml or model.toml holds the matching table")
         raise BigptError(f"{key} = {source} does not match the recipe's model: {'; '.join(wrong)}. Set these in "
-                         f"[model] ({table}).")
+                         f"[model] ({table}); to change a key that keeps the shapes on purpose (a larger "
+                         "rope_base for long-context continuation), list it in checkpoint.allow_model_changes.")
+    return [f"model.{name} {theirs!r} -> {mine!r}" for name, mine, theirs in changed]
 
 
 def _export_family(model: ModelConfig, original: dict | None) -> Family:

@@ -50,10 +50,16 @@ def _sharded(key: str, tensor: torch.Tensor, layer: int | None, num_layers: int)
     return ShardedTensor.from_rank_offsets(key, tensor.unsqueeze(0), (0, layer, num_layers), replica_id=0)
 
 
+EXPORT_MARKER = "bigpt_export.json"  # inside an exported directory: what it was exported from
+
+
 def _check_replaceable(out: Path, ours: bool, what: str) -> None:
-    """Never delete a directory this module did not write."""
+    """Never delete a directory this module did not write: ``out`` must be missing, empty, or
+    ``ours`` (``what`` a conversion wrote; a downloaded model or a run's checkpoint never is)."""
     if out.exists() and not ours and (not out.is_dir() or any(out.iterdir())):
-        raise BigptError(f"{out} exists and is not {what}; refusing to replace it: choose a new output directory")
+        kind = "a file" if not out.is_dir() else "a directory with other files"
+        raise BigptError(f"{out} exists ({kind}) and is not {what}; refusing to replace it, since that would "
+                         "delete what is there: choose a new or empty output directory")
 
 
 def import_hf(directory: Path, out: Path) -> dict:
@@ -61,7 +67,8 @@ def import_hf(directory: Path, out: Path) -> dict:
     rank of the process group converting a share of the tensors (a rank holds its share in
     memory until the save); returns its [model] table. ``out`` appears only when complete."""
     directory, out = Path(directory).resolve(), Path(out)
-    _check_replaceable(out, store.is_complete(out), "a bigpt checkpoint")
+    imported = store.is_complete(out) and "imported_from" in store.read_marker(out)
+    _check_replaceable(out, imported, "a checkpoint an earlier import wrote")
     model, weights = inspect_hf(directory)
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = out.with_name(out.name + ".tmp")
@@ -157,7 +164,8 @@ def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtyp
     directory) as a Hugging Face directory ``out``, with a README.md saying where it came from;
     returns what ``tokenizer_note`` says of its tokenizer."""
     out = Path(out)
-    _check_replaceable(out, (out / CONFIG).is_file(), "a Hugging Face model directory")
+    _check_replaceable(out, (out / EXPORT_MARKER).is_file(), f"a directory an earlier export wrote (it has no "
+                       f"{EXPORT_MARKER})")
     checkpoint = store.checkpoint_at(Path(checkpoint), "the checkpoint to export",
                                      alternatives="or at the output of tools/convert_hf.py import")
     model_config = checkpoint_model(checkpoint)
@@ -193,6 +201,8 @@ def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtyp
     (tmp / "README.md").write_text(f"# {out.name}\n\n{config['architectures'][0]} exported by bigpt "
                                    f"(tools/convert_hf.py export) from the checkpoint {checkpoint.resolve()}.\n\n"
                                    f"{note}.\n")
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(checkpoint.resolve()),
+                                                 "bigpt_version": bigpt.__version__}, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

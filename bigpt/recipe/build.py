@@ -6,6 +6,7 @@ Every error names the dotted key and the file (or CLI override) that set it.
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -117,6 +118,8 @@ def _scalar(value, annotation, key: str, origins: Origins):
         return float(value)
     if type(value) is not annotation:
         _wrong_type(key, value, _EXPECTED[annotation], origins)
+    if annotation is float and not math.isfinite(value):  # TOML spells them inf and nan
+        raise BigptError(f"{key} must be a finite number, got {value!r} in {origins.of(key).label}.")
     return value
 
 

@@ -7,7 +7,7 @@ Checks that involve the parallel layout live in ``bigpt.layout``, so a planner c
 from typing import NoReturn
 
 from bigpt.errors import BigptError
-from bigpt.recipe.tables import Recipe
+from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MODEL_SHAPE_KEYS, Recipe
 
 
 def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
@@ -17,7 +17,7 @@ def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
 
 def check_recipe(recipe: Recipe) -> None:
     for check in (_check_model, _check_precision, _check_batch_rampup, _check_lr_schedule,
-                  _check_data, _check_init):
+                  _check_data, _check_init, _check_allowed_model_changes):
         check(recipe)
 
 
@@ -102,9 +102,13 @@ def _check_data(recipe: Recipe) -> None:
         recipe_error(recipe, "data.source='indexed' needs data.tokenizer and a non-empty "
                      "data.blend", "preprocess a corpus with tools/preprocess_data.py and name "
                      "its prefix in blend = [{path = ...}], or use source = 'mock'")
-    if data.phases and data.source == "mock":
-        recipe_error(recipe, "data.phases needs real datasets, but data.source='mock'",
-                     "set source = 'indexed' with a blend, or remove the [[data.phases]] entries")
+    if data.source == "mock":  # random tokens: a key naming real data would be ignored without a word
+        ignored = [key for key, value in (("data.blend", data.blend), ("data.phases", data.phases),
+                                          ("data.cache_dir", data.cache_dir)) if value]
+        if ignored:
+            recipe_error(recipe, f"{' and '.join(ignored)} set, but data.source='mock' (random tokens, the "
+                         "default when source is not set) ignores them",
+                         "set source = 'indexed' to train on that data, or remove them to train on random tokens")
     parts = data.split.split(",")
     try:
         shares = [float(part) for part in parts]
@@ -123,3 +127,13 @@ def _check_init(recipe: Recipe) -> None:
     if recipe.init.from_hf and recipe.init.from_checkpoint:
         recipe_error(recipe, "init.from_hf and init.from_checkpoint are both set",
                      "start from one of them and remove the other")
+
+
+def _check_allowed_model_changes(recipe: Recipe) -> None:
+    changeable = [key for key in MODEL_FUNCTION_KEYS if key not in MODEL_SHAPE_KEYS]
+    for key in recipe.checkpoint.allow_model_changes:
+        if key not in changeable:
+            why = "changes the shapes of the weights" if key in MODEL_SHAPE_KEYS else "is not a [model] key that " \
+                "changes what the weights compute"
+            recipe_error(recipe, f"checkpoint.allow_model_changes names {key!r}, which {why}",
+                         f"list only some of {', '.join(changeable)}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bigpt.errors import BigptError
+from bigpt.paths import not_a_file
 from bigpt.recipe.build import Origin, Origins, build_recipe
 from bigpt.recipe.checks import check_recipe
 from bigpt.recipe.tables import Recipe
@@ -46,13 +47,13 @@ def _read_chain(path: Path, chain: tuple[Path, ...]) -> list[tuple[dict, Origin]
     if resolved in chain:
         cycle = " -> ".join(_display(p) for p in (*chain, resolved))
         raise BigptError(f"recipe inheritance cycle: {cycle}; remove one of these base keys.")
-    if not resolved.is_file():
+    if why := not_a_file(resolved):
         if chain:
             raise BigptError(
-                f"base recipe {_display(path)} not found (named by base in {_display(chain[-1])}); "
+                f"base recipe {_display(path)} {why} (named by base in {_display(chain[-1])}); "
                 f"base paths are relative to the file that names them."
             )
-        raise BigptError(f"recipe file {_display(path)} not found; check the path.")
+        raise BigptError(f"recipe file {_display(path)} {why}; check the path.")
     try:
         table = tomllib.loads(resolved.read_text())
     except tomllib.TOMLDecodeError as err:

@@ -73,6 +73,20 @@ class ModelConfig:
     attention_window - 1 tokens before it (Mistral's sliding_window); None = all earlier tokens."""
 
 
+MODEL_SHAPE_KEYS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "vocab_size", "activation", "normalization", "position_embedding", "tie_embeddings",
+    "add_bias_linear", "add_qkv_bias", "qk_layernorm",
+)
+"""The [model] keys that decide which tensors a checkpoint holds and their shapes."""
+
+MODEL_FUNCTION_KEYS = MODEL_SHAPE_KEYS + ("norm_epsilon", "rope_base", "rope_scaling", "rope_scaling_factor",
+                                          "attention_window")
+"""The [model] keys that decide what given weights compute: weights loaded into a model that differs
+in one of them give other logits (seq_length, max_position_embeddings, dropout and the
+initialisation are the run's own choice)."""
+
+
 def padded_vocab_size(model: ModelConfig, tensor_parallel: int) -> int:
     """Rows of the embedding: vocab_size rounded up to make_vocab_size_divisible_by × TP.
 
@@ -287,6 +301,10 @@ class CheckpointConfig:
     group. dp_reshardable: every rank writes its own shard with no exchange (faster saves); it
     resumes only at the same TP, PP and VPP (any DP). Either loads as weights anywhere
     (init.from_checkpoint)."""
+    allow_model_changes: list[str] = field(default_factory=list)
+    """[model] keys (e.g. ["rope_base"], for long-context continuation) that may differ from the
+    model of the weights this run loads (checkpoint.load, init.from_checkpoint, init.from_hf); the
+    change is logged. Any other difference in what the weights compute is refused."""
 
 
 @dataclass(kw_only=True)

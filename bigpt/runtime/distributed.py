@@ -38,7 +38,16 @@ def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
     if "MASTER_ADDR" not in os.environ:  # a plain `python` run: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    except RuntimeError as err:  # torch's DistNetworkError, from the rendezvous store's listening socket
+        if "EADDRINUSE" not in str(err) and "address already in use" not in str(err).lower():
+            raise
+        raise BigptError(
+            f"port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is already in use (another run, or "
+            "another program), so this job cannot start its rendezvous there; pick a free port: MASTER_PORT=PORT "
+            "for a single process, torchrun --master_port PORT (or --standalone, which finds a free one)."
+        ) from None
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,

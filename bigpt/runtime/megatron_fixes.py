@@ -17,10 +17,11 @@ from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from bigpt.runtime.megatron_line import check_megatron_line, patch_target_error
-from bigpt.train.preemption import ignore_preemption_signals
+from bigpt.train.preemption import start_helper_process
+
 
 def _keep_torch_adam_step_on_reshardable_load() -> None:
-    """megatron-core 0.16.1 with torch's AdamW (no Transformer Engine / Apex) restores each
+    """megatron-core (0.16.1 and the 0.19 line) with torch's AdamW (no Transformer Engine / Apex) restores each
     parameter's 'step' from the param groups (``load_state_dict``), then loads the rest of the
     state per parameter, which goes wrong three ways: the fully_reshardable load copies *every*
     key of the live state, 'step' included, which the checkpoint lacks (KeyError: 'step'); the
@@ -75,7 +76,7 @@ def _start_checkpoint_results_queue() -> None:
 
     - It sits in the rank's process group, and torchrun forwards SIGTERM/SIGUSR1 to the whole
       group: the preemption signal that should make bigpt save kills it, and the save then fails
-      with BrokenPipeError. It is started ignoring those signals.
+      with BrokenPipeError. It is started ignoring those signals, and ends with its rank.
     - Spawned, it is a fresh interpreter that imports torch to unpickle the first results it is
       sent: 4-5 s added to the first save of every process. It is forked instead, and now, while
       the process is small (``apply`` runs before CUDA and the communicators start): a fork
@@ -84,7 +85,7 @@ def _start_checkpoint_results_queue() -> None:
         raise patch_target_error("checkpoint writer's results queue",
                                  "filesystem_async._results_queue, the queue it creates at the first save, is gone")
     manager = SyncManager(ctx=multiprocessing.get_context("fork"))
-    manager.start(initializer=ignore_preemption_signals)
+    manager.start(initializer=start_helper_process)
     filesystem_async._results_queue = manager.Queue()  # what get_write_results_queue() returns from now on
 
 

@@ -9,7 +9,7 @@ like any bigpt checkpoint, resharded to this run's layout.
 from pathlib import Path
 
 from bigpt.checkpoint import load_weights, store
-from bigpt.hf.config import SHAPE_KEYS, check_recipe_matches, model_from_hf
+from bigpt.hf.config import check_recipe_matches, model_from_hf
 from bigpt.hf.convert import checkpoint_model, import_hf
 from bigpt.hf.files import CONFIG, inspect_hf, read_config
 from bigpt.recipe import Recipe
@@ -17,44 +17,54 @@ from bigpt.recipe import Recipe
 IMPORT_DIR = "init_from_hf"
 
 
-def initial_weights(recipe: Recipe) -> Path | None:
-    """The checkpoint [init] names, importing it from Hugging Face first if need be (collective)."""
+def initial_weights(recipe: Recipe) -> tuple[Path | None, list[str]]:
+    """The checkpoint [init] names, importing it from Hugging Face first if need be (collective),
+    and the [model] changes from its model that checkpoint.allow_model_changes lets through."""
     if recipe.init.from_checkpoint:
-        return _init_checkpoint(recipe)
+        return _checked_checkpoint(recipe)
     if not recipe.init.from_hf:
-        return None
+        return None, []
     source = Path(recipe.init.from_hf).resolve()
-    check_recipe_matches(recipe.model, model_from_hf(read_config(source), source / CONFIG), source)
+    changes = check_recipe_matches(recipe.model, model_from_hf(read_config(source), source / CONFIG), source,
+                                   allowed=recipe.checkpoint.allow_model_changes)
     imported = Path(recipe.run_dir) / IMPORT_DIR
     if not (store.is_complete(imported) and store.read_marker(imported).get("imported_from") == str(source)):
         import_hf(source, imported)
-    return imported
+    return imported, changes
 
 
 def check_initial_weights(recipe: Recipe) -> str | None:
-    """On paper, for --dry-run: what [init] names exists, is intact and fits the recipe's [model]
-    (configs and tensor headers only, no weights read). A line saying so; None: random weights."""
+    """On paper, for --dry-run: what [init] names exists, is intact and computes what the recipe's
+    [model] says (configs and tensor headers only, no weights read). A line saying so; None: random
+    weights."""
     if recipe.init.from_checkpoint:
-        path = _init_checkpoint(recipe)
-        check_recipe_matches(recipe.model, vars(checkpoint_model(path)), path, key="init.from_checkpoint",
-                             keys=SHAPE_KEYS)
-        return f"weights of {path}"
+        path, changes = _checked_checkpoint(recipe)
+        return f"weights of {path}" + _changed(changes)
     if recipe.init.from_hf:
         source = Path(recipe.init.from_hf).resolve()
         hf_model, _ = inspect_hf(source)
-        check_recipe_matches(recipe.model, hf_model, source)
-        return f"weights of {source} (Hugging Face; imported into {Path(recipe.run_dir) / IMPORT_DIR} at the start)"
+        changes = check_recipe_matches(recipe.model, hf_model, source, allowed=recipe.checkpoint.allow_model_changes)
+        return (f"weights of {source} (Hugging Face; imported into {Path(recipe.run_dir) / IMPORT_DIR} at the start)"
+                + _changed(changes))
     return None
 
 
-def _init_checkpoint(recipe: Recipe) -> Path:
-    return store.checkpoint_at(Path(recipe.init.from_checkpoint), "init.from_checkpoint",
+def _changed(changes: list[str]) -> str:
+    return f", changed by checkpoint.allow_model_changes: {', '.join(changes)}" if changes else ""
+
+
+def _checked_checkpoint(recipe: Recipe) -> tuple[Path, list[str]]:
+    path = store.checkpoint_at(Path(recipe.init.from_checkpoint), "init.from_checkpoint",
                                alternatives="or at the output of tools/convert_hf.py import")
+    return path, check_recipe_matches(recipe.model, vars(checkpoint_model(path)), path, key="init.from_checkpoint",
+                                      allowed=recipe.checkpoint.allow_model_changes)
 
 
-def load_initial_weights(recipe: Recipe, chunks) -> Path | None:
-    """Load [init]'s weights into the model chunks; returns where they came from (None: random)."""
-    path = initial_weights(recipe)
-    if path is not None:
-        load_weights(chunks, path, recipe.model.vocab_size)
-    return path
+def load_initial_weights(recipe: Recipe, chunks) -> str | None:
+    """Load [init]'s weights into the model chunks; returns a line saying where they came from
+    and what changed (None: random)."""
+    path, changes = initial_weights(recipe)
+    if path is None:
+        return None
+    load_weights(chunks, path, recipe.model.vocab_size)
+    return f"{path}{_changed(changes)}"

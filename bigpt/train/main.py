@@ -8,7 +8,7 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from bigpt.checkpoint import load_checkpoint, resolve_resume
+from bigpt.checkpoint import load_checkpoint, store
 from bigpt.data import build_datasets, micro_batches
 from bigpt.errors import Preempted
 from bigpt.layout import Layout
@@ -19,12 +19,16 @@ from bigpt.runtime.seeding import seed_everything
 from bigpt.train.callbacks import Evaluator, MetricsLogger, Throughput
 from bigpt.train.checkpointing import Checkpointer
 from bigpt.train.initial import load_initial_weights
-from bigpt.train.optim import build_optimizer, build_scheduler, init_batch_calculator, wire_model_config, wrap_ddp
+from bigpt.train.optim import (
+    apply_recipe_hyperparameters,
+    build_optimizer,
+    build_scheduler,
+    init_batch_calculator,
+    wire_model_config,
+    wrap_ddp,
+)
+from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point
 from bigpt.train.trainer import Trainer
-
-
-def checkpoint_dir(recipe: Recipe) -> Path:
-    return Path(recipe.checkpoint.dir or os.path.join(recipe.run_dir, "checkpoints"))
 
 
 def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = True) -> Trainer:
@@ -71,17 +75,26 @@ def _warn_once(message: str) -> None:
 
 def train(recipe: Recipe, layout: Layout) -> None:
     init_distributed(layout)
+    lock = None
     try:
-        resume = resolve_resume(recipe.checkpoint.load, str(checkpoint_dir(recipe)), warn=_warn_once)
+        check_outputs(recipe)
+        resume, model_changes = resume_point(recipe, warn=_warn_once)  # reads only: a refused run changes nothing
+        if dist.get_rank() == 0:
+            lock = store.lock_directory(checkpoint_dir(recipe))
         trainer = build_trainer(recipe, layout, initial_weights=resume is None)
         if resume is not None:
             load_checkpoint(trainer, resume)
+            apply_recipe_hyperparameters(recipe, trainer.optimizer)
             if dist.get_rank() == 0:
+                changed = f"; changed by checkpoint.allow_model_changes: {', '.join(model_changes)}" if model_changes else ""
                 print(f"resuming from {resume} (step {trainer.state.iteration}, "
-                      f"{trainer.state.consumed_samples} samples consumed)", flush=True)
+                      f"{trainer.state.consumed_samples} samples consumed{changed})", flush=True)
+                if schedule_changes := resume_changes(recipe, resume):
+                    print(f"the recipe's optimizer and schedule replace the checkpoint's: {'; '.join(schedule_changes)}",
+                          flush=True)
                 if trainer.state.iteration >= recipe.train.train_iters:
                     print(f"training is already complete (train.train_iters = {recipe.train.train_iters}); raise "
-                          "train.train_iters to continue, or set checkpoint.load=none to start over", flush=True)
+                          "train.train_iters to continue, or start over elsewhere: checkpoint.load=none with a new run_dir", flush=True)
         if dist.get_rank() == 0:
             os.makedirs(recipe.run_dir, exist_ok=True)
             Path(recipe.run_dir, "recipe.toml").write_text(recipe_to_toml(recipe))
@@ -91,3 +104,5 @@ def train(recipe: Recipe, layout: Layout) -> None:
                             "re-run the same command to resume from it")
     finally:
         destroy_distributed()
+        if lock is not None:
+            lock.close()

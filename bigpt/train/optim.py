@@ -101,7 +101,9 @@ def build_optimizer(recipe: Recipe, model: list[DistributedDataParallel]):
 
 
 def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
-    """LR schedule in samples (not steps), so warmup and decay stay put under batch ramp-up."""
+    """LR schedule in samples (not steps), so warmup and decay stay put under batch ramp-up. A
+    resumed run keeps the checkpoint's position (samples consumed) and takes everything else from
+    the recipe."""
     s, o, gbs = recipe.schedule, recipe.optimizer, recipe.train.global_batch_size
     decay_iters = s.decay_iters or recipe.train.train_iters
     wsd = s.decay_style == "wsd"
@@ -117,7 +119,8 @@ def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
         end_wd=o.weight_decay,
         wd_incr_steps=decay_iters * gbs,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,  # on resume the recipe's schedule wins (see resume_changes)
         wsd_decay_steps=(s.wsd_decay_iters or 0) * gbs if wsd else None,
         lr_wsd_decay_style=s.wsd_decay_style if wsd else None,
     )
@@ -161,3 +164,11 @@ def wire_model_config(config: TransformerConfig, model: list[DistributedDataPara
     if model[0].ddp_config.overlap_param_gather:
         param_sync = [chunk.start_param_sync for chunk in model]
         config.param_sync_func = param_sync[0] if one else param_sync
+
+
+def apply_recipe_hyperparameters(recipe: Recipe, optimizer) -> None:
+    """After a resume: loading the optimizer's state also restored the checkpoint's Adam betas and
+    epsilon; the recipe's win, as the schedule's do (the scheduler sets lr and weight decay)."""
+    o = recipe.optimizer
+    for group in optimizer.param_groups:
+        group.update(betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)

@@ -1,0 +1,66 @@
+"""Paths a user names (recipe keys, tool arguments): checked before any work, each mistake one
+paragraph naming the key or argument; never a traceback, and "is a directory" when it is one."""
+
+import os
+import tempfile
+from pathlib import Path
+
+from bigpt.errors import BigptError
+
+
+def not_a_file(path) -> str | None:
+    """Why ``path`` is not a file to read ("is a directory, not a file", "does not exist"), or None."""
+    if os.path.isdir(path):
+        return "is a directory, not a file"
+    return None if os.path.isfile(path) else "does not exist"
+
+
+def check_input_file(path, key: str) -> Path:
+    """``path`` (named by ``key``) is a file."""
+    if why := not_a_file(path):
+        raise BigptError(f"{key} = {path} {why}; check the path.")
+    return Path(path)
+
+
+def check_writable(path, key: str) -> None:
+    """``path`` (named by ``key``) is a directory this process can write in, or one it can create: no
+    part of it is a file, no name is too long, and the deepest part that exists takes a new file (a
+    read-only filesystem or a missing permission fails here, not at the first save). Leaves nothing."""
+    existing, missing = _split_existing(Path(path))
+    fix = f"set {key} to a directory you can write, or fix the permissions"
+    if not existing.is_dir():
+        raise BigptError(f"{key} = {path} cannot be created: {existing} is a file, not a directory; {fix}.")
+    _check_name_lengths(existing, missing, path, key)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise BigptError(f"{key} = {path} is not writable: creating a file in {existing} fails "
+                         f"({err.strerror}); {fix}.") from None
+
+
+def check_output_file(path, key: str) -> None:
+    """A file will be written at ``path`` (named by ``key``): it is not a directory, its name fits
+    the filesystem, and its directory can be written in (or created)."""
+    path = Path(path)
+    if os.path.isdir(path):  # (os.path: False, not an error, for a name too long)
+        raise BigptError(f"{key} = {path} is a directory; name a file to write.")
+    check_writable(path.parent, f"the directory of {key}")
+    _check_name_lengths(*_split_existing(path), path, key)
+
+
+def _split_existing(path: Path) -> tuple[Path, list[str]]:
+    """The deepest part of ``path`` that exists, and the names below it that do not."""
+    existing, missing = Path(os.path.abspath(path)), []
+    while not os.path.exists(existing):  # (False, not an error, for a name too long)
+        missing.append(existing.name)
+        existing = existing.parent
+    return existing, missing
+
+
+def _check_name_lengths(existing: Path, missing: list[str], path, key: str) -> None:
+    limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    for name in missing:
+        if len(os.fsencode(name)) > limit:
+            raise BigptError(f"{key} = {path}: the name {name[:40]}... is longer than the {limit} bytes the "
+                             "filesystem allows; choose a shorter one.")

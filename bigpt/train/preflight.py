@@ -1,0 +1,66 @@
+"""What a start checks before step 1 that needs no process group, so that nothing is found only
+after hours of training; ``--dry-run`` runs the same checks. Every output place can be written,
+the checkpoint to resume from exists and computes what the recipe's [model] says, and the
+checkpoint directory holds no checkpoints this run did not write."""
+
+import os
+import tomllib
+from pathlib import Path
+
+from bigpt.checkpoint import store
+from bigpt.hf.config import check_recipe_matches
+from bigpt.hf.convert import checkpoint_model
+from bigpt.paths import check_writable
+from bigpt.recipe import Recipe, recipe_to_dict
+
+
+def checkpoint_dir(recipe: Recipe) -> Path:
+    return Path(recipe.checkpoint.dir or os.path.join(recipe.run_dir, "checkpoints"))
+
+
+def output_places(recipe: Recipe) -> dict[str, Path]:
+    """Recipe key -> a directory the run writes into."""
+    places = {"run_dir": Path(recipe.run_dir), "checkpoint.dir": checkpoint_dir(recipe)}
+    if recipe.data.source == "indexed":
+        places["data.cache_dir"] = Path(recipe.data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
+    return places
+
+
+def check_outputs(recipe: Recipe) -> None:
+    for key, path in output_places(recipe).items():
+        check_writable(path, key)
+
+
+def resume_point(recipe: Recipe, warn=lambda message: None) -> tuple[Path | None, list[str]]:
+    """The checkpoint this run resumes from (None: a fresh start), after checking that it computes
+    what [model] says and that checkpoint.dir holds only this run's history; and the [model]
+    changes checkpoint.allow_model_changes lets through."""
+    root = checkpoint_dir(recipe)
+    resume = store.resolve_resume(recipe.checkpoint.load, str(root), warn)
+    store.check_only_own_checkpoints(root, resume)
+    if resume is None:
+        return None, []
+    return resume, check_recipe_matches(recipe.model, vars(checkpoint_model(resume)), resume, key="checkpoint.load",
+                                        allowed=recipe.checkpoint.allow_model_changes)
+
+
+# What a resume takes from the recipe although the checkpoint saved its own: the optimizer's
+# hyperparameters and the learning-rate schedule (and so the run's length). The checkpoint keeps
+# the position: step, samples consumed, optimizer moments.
+RECIPE_WINS_ON_RESUME = ("optimizer", "schedule", "train.train_iters", "train.clip_grad")
+
+
+def resume_changes(recipe: Recipe, resume: Path) -> list[str]:
+    """The keys of RECIPE_WINS_ON_RESUME that differ from the recipe the checkpoint was saved with,
+    worded for the log ("schedule.decay_iters 80 -> 160")."""
+    path = resume / "recipe.toml"
+    saved = tomllib.loads(path.read_text()) if path.is_file() else {}
+    ours = recipe_to_dict(recipe)
+    changes = []
+    for name in RECIPE_WINS_ON_RESUME:
+        table, _, key = name.partition(".")
+        mine, theirs = ours.get(table, {}), saved.get(table, {})
+        for item in [key] if key else sorted(set(mine) | set(theirs)):
+            if mine.get(item) != theirs.get(item):
+                changes.append(f"{table}.{item} {theirs.get(item, 'unset')} -> {mine.get(item, 'unset')}")
+    return changes

@@ -1,0 +1,172 @@
+"""What a start refuses before step 1, seen through `launchers/run.py --dry-run` (one process, no
+process group): unwritable outputs, checkpoints of another run, a checkpoint to resume from that
+is missing or computes something else, FP8 without Transformer Engine. The user's files are left
+byte-identical."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bigpt.checkpoint import store
+from bigpt.errors import EXIT_USER_ERROR, BigptError
+from bigpt.layout import Layout
+from bigpt.recipe import load_recipe, recipe_to_toml
+from bigpt.paths import check_writable
+
+ROOT = Path(__file__).resolve().parent.parent
+MOCK = ROOT / "tests/recipes/mock_tiny.toml"
+
+
+def dry_run(*overrides, ok=False) -> str:
+    """The --dry-run report, or the one-paragraph error it ends with (in-process: a CLI start costs
+    seconds of imports, and test_cli_dry_run_reports_a_refusal_without_a_traceback covers the CLI)."""
+    from bigpt.dryrun import describe
+
+    try:
+        recipe = load_recipe(MOCK, list(overrides))
+        report = describe(recipe, Layout.from_recipe(recipe, 1))
+    except BigptError as err:
+        assert not ok, str(err)
+        assert "\n" not in str(err)
+        return str(err)
+    assert ok, report
+    return report
+
+
+def test_cli_dry_run_reports_a_refusal_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "launchers/run.py", str(MOCK), f"run_dir={tmp_path}",
+                             "checkpoint.dir=/sys/bigpt_checkpoints", "--dry-run"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr
+    assert "bigpt: error: checkpoint.dir = /sys/bigpt_checkpoints is not writable" in result.stderr
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def saved_run(root: Path, *iterations: int, overrides=()) -> Path:
+    """A finished run's checkpoint directory as a save leaves it (recipe.toml, marker, shards)."""
+    recipe = recipe_to_toml(load_recipe(MOCK, list(overrides)))
+    for iteration in iterations:
+        path = root / store.checkpoint_name(iteration)
+        path.mkdir(parents=True)
+        (path / "__0_0.distcp").write_bytes(b"x" * 10)
+        (path / "metadata.json").write_text("{}")
+        (path / "recipe.toml").write_text(recipe)
+        (path / store.MARKER).write_text(json.dumps({"iteration": iteration, "files": store.manifest(path)}))
+    (root / store.LATEST).write_text(store.checkpoint_name(iterations[-1]) + "\n")
+    return root
+
+
+# ---------------------------------------------------------------- outputs that cannot be written
+@pytest.mark.parametrize("key", ["run_dir", "checkpoint.dir"])
+def test_a_file_where_an_output_directory_belongs_is_refused(tmp_path, key):
+    (tmp_path / "taken").write_text("mine")
+    message = dry_run(f"run_dir={tmp_path / 'run'}", f"{key}={tmp_path / 'taken' / 'sub'}")
+    assert f"{key} = {tmp_path / 'taken' / 'sub'} cannot be created: {tmp_path / 'taken'} is a file" in message
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_an_output_on_a_place_nobody_may_write_is_refused(tmp_path):
+    """/sys refuses new files even to root (a read-only mount fails the same check, with its own reason)."""
+    message = dry_run(f"run_dir={tmp_path}", "checkpoint.dir=/sys/bigpt_checkpoints")
+    assert "checkpoint.dir = /sys/bigpt_checkpoints is not writable: creating a file in /sys fails" in message
+
+
+def test_a_name_too_long_for_the_filesystem_is_refused(tmp_path):
+    with pytest.raises(BigptError, match="run_dir = .*: the name xxxx.* is longer than the 255"):
+        check_writable(tmp_path / ("x" * 300) / "run", "run_dir")
+    check_writable(tmp_path / "a" / "b", "run_dir")
+    assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
+
+
+def test_the_data_cache_is_an_output_too(tmp_path):
+    from bigpt.train.preflight import output_places
+
+    recipe = load_recipe(ROOT / "recipes/tiny.toml", [f"run_dir={tmp_path}"])
+    assert output_places(recipe)["data.cache_dir"] == tmp_path / "data_cache"
+
+
+# ---------------------------------------------------------------- checkpoints of another run
+def test_a_fresh_start_into_a_copied_run_is_refused_and_touches_nothing(tmp_path):
+    checkpoints = saved_run(tmp_path / "run" / "checkpoints", 25, 30)
+    before = snapshot(tmp_path)
+    message = dry_run(f"run_dir={tmp_path / 'run'}", "checkpoint.load=none", "checkpoint.save_interval=2")
+    assert f"checkpoint.dir {checkpoints} holds checkpoints of another run (iter_0000025, iter_0000030)" in message
+    assert snapshot(tmp_path) == before
+
+
+def test_resuming_a_run_says_so(tmp_path):
+    saved_run(tmp_path / "checkpoints", 25, 30)
+    report = dry_run(f"run_dir={tmp_path}", "checkpoint.load=auto", "train.train_iters=40", ok=True)
+    assert f"start            resume from {tmp_path / 'checkpoints' / 'iter_0000030'}" in report
+
+
+def test_a_checkpoint_to_resume_that_is_missing_is_refused(tmp_path):
+    message = dry_run(f"run_dir={tmp_path}", f"checkpoint.load={tmp_path / 'gone' / 'iter_0000005'}")
+    assert "checkpoint.load = " in message and "cannot be loaded: there is no such directory" in message
+
+
+def test_a_checkpoint_of_another_shape_is_refused_on_paper(tmp_path):
+    saved_run(tmp_path / "checkpoints", 3)
+    message = dry_run(f"run_dir={tmp_path}", "checkpoint.load=auto", "model.hidden_size=128", "model.ffn_hidden_size=320")
+    assert "does not match the recipe's model: model.hidden_size = 128 (the checkpoint has 64)" in message
+
+
+# ---------------------------------------------------------------- weights into another architecture
+@pytest.mark.parametrize("override", ["model.rope_base=500000.0", "model.norm_epsilon=1e-6",
+                                      "model.rope_scaling=llama3"])
+def test_a_checkpoint_into_a_model_that_computes_something_else_is_refused(tmp_path, override):
+    saved = saved_run(tmp_path / "saved", 3)
+    key = override.split("=")[0]
+    for load in (f"checkpoint.load={saved / 'iter_0000003'}", f"init.from_checkpoint={saved / 'iter_0000003'}"):
+        message = dry_run(f"run_dir={tmp_path / 'run'}", load, override)
+        assert f"does not match the recipe's model: {key} = " in message
+        assert "list it in checkpoint.allow_model_changes" in message
+
+
+def test_a_change_the_recipe_asks_for_is_allowed_and_reported(tmp_path):
+    saved = saved_run(tmp_path / "saved", 3)
+    report = dry_run(f"run_dir={tmp_path / 'run'}", f"init.from_checkpoint={saved / 'iter_0000003'}",
+                     "model.rope_base=500000.0", 'checkpoint.allow_model_changes=["rope_base"]', ok=True)
+    assert "changed by checkpoint.allow_model_changes: model.rope_base 10000.0 -> 500000.0" in report
+
+
+@pytest.mark.parametrize("key, why", [("hidden_size", "changes the shapes"), ("init_std", "is not a [model] key")])
+def test_allow_model_changes_names_only_keys_that_can_change(key, why):
+    with pytest.raises(BigptError, match=re.escape(f"checkpoint.allow_model_changes names '{key}', which {why}")):
+        load_recipe(MOCK, [f'checkpoint.allow_model_changes=["{key}"]'])
+
+
+# ---------------------------------------------------------------- FP8 means FP8 or a refusal
+@pytest.mark.parametrize("overrides", [["precision.fp8=delayed"], ["precision.fp8=tensorwise"],
+                                       ["precision.transformer_engine=on"]])
+def test_fp8_without_transformer_engine_is_refused_on_paper_and_at_init(tmp_path, overrides):
+    from bigpt.model import use_transformer_engine
+
+    message = dry_run(f"run_dir={tmp_path}", *overrides)
+    assert overrides[0].split("=")[0] in message and "needs Transformer Engine on a CUDA GPU, which is not installed here" in message
+    with pytest.raises(BigptError, match="needs Transformer Engine on a CUDA GPU, which this machine does not have"):
+        use_transformer_engine(load_recipe(MOCK, overrides))
+
+
+def test_a_plain_recipe_needs_no_transformer_engine():
+    from bigpt.model import check_transformer_engine_installed, use_transformer_engine
+
+    recipe = load_recipe(MOCK)
+    check_transformer_engine_installed(recipe)
+    assert use_transformer_engine(recipe) is False
+
+
+
+
+def test_a_missing_or_damaged_tokenizer_is_refused_on_paper(tmp_path):
+    message = dry_run(f"run_dir={tmp_path}", f"data.tokenizer={tmp_path / 'gone.json'}")
+    assert f"tokenizer file {tmp_path / 'gone.json'} does not exist" in message
+    message = dry_run(f"run_dir={tmp_path}", f"data.tokenizer={tmp_path}")
+    assert f"tokenizer file {tmp_path} is a directory, not a file" in message

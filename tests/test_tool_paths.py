@@ -1,0 +1,105 @@
+"""Every tool and launcher, given a path it cannot use: one paragraph naming the argument (exit 2),
+never a traceback, and "is a directory" when it is one. Also tools/logits.py's token checks and a
+rendezvous port already in use."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tools.convert_hf import main as convert_main
+from tools.logits import read_tokens
+from tools.plan import main as plan_main
+from tools.preprocess_data import main as preprocess_main
+from tools.train_quality_classifier import main as classifier_main
+from tools.train_tokenizer import main as tokenizer_main
+
+from bigpt.errors import EXIT_USER_ERROR, BigptError
+
+ROOT = Path(__file__).resolve().parent.parent
+MOCK = ROOT / "tests/recipes/mock_tiny.toml"
+LONG = "x" * 300
+
+
+@pytest.fixture
+def places(tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello world"}\n')
+    return tmp_path
+
+
+CASES = {
+    "preprocess input is a directory": (preprocess_main, "--input {dir} --output-prefix {t}/out --tokenizer {file}",
+                                        "input {dir} is a directory, not a file"),
+    "preprocess tokenizer is a directory": (preprocess_main, "--input {corpus} --output-prefix {t}/out --tokenizer {dir}",
+                                            "tokenizer file {dir} is a directory, not a file"),
+    "preprocess output under a file": (preprocess_main, "--input {corpus} --output-prefix {file}/out --tokenizer {file}",
+                                       "{file} is a file, not a directory"),
+    "tokenizer input is a directory": (tokenizer_main, "--input {dir} --vocab-size 100 --out {t}/tok",
+                                       "input {dir} is a directory, not a file"),
+    "tokenizer output under a missing parent under a file": (
+        tokenizer_main, "--input {corpus} --vocab-size 100 --out {file}/a/tok", "{file} is a file, not a directory"),
+    "tokenizer output name too long": (tokenizer_main, "--input {corpus} --vocab-size 100 --out {t}/" + LONG,
+                                       "bytes the filesystem allows"),
+    "classifier output is a directory": (classifier_main, "--positive {corpus} --negative {corpus} --out {dir}",
+                                         "--out = {dir} is a directory; name a file to write"),
+    "classifier example is a directory": (classifier_main, "--positive {dir} --negative {corpus} --out {t}/q.bin",
+                                          "example file {dir} is a directory, not a file"),
+    "export under a file": (convert_main, "export {dir} {file}/hf", "{file} is a file, not a directory"),
+    "export into a file": (convert_main, "export {dir} {file}", "{file} exists (a file)"),
+    "recipe is a directory": (plan_main, "{dir} --gpus 8", "recipe file {dir} is a directory, not a file"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_path_a_tool_cannot_use_is_named(places, capsys, case):
+    main, argv, message = CASES[case]
+    names = dict(t=places, dir=places / "dir", file=places / "file", corpus=places / "corpus.jsonl")
+    assert main(argv.format(**names).split()) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "bigpt: error: " in err and message.format(**names) in err and "Traceback" not in err
+    assert (places / "file").read_text() == "mine" and not any((places / "dir").iterdir())
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (np.array([[1, 2, 512]]), "token ids from 1 to 512, outside 0..511 (model.vocab_size = 512)"),
+    (np.array([[-1, 2]]), "token ids from -1 to 2, outside 0..511"),
+    (np.array([1, 2, 3]), "shape (3,); it must be a non-empty [batch, seq] array of integer token ids"),
+    (np.zeros((1, 2, 3), dtype=np.int64), "shape (1, 2, 3)"),
+    (np.array([[0.5, 1.0]]), "a float64 array"),
+])
+def test_logits_refuses_tokens_the_model_cannot_take(tmp_path, tokens, message):
+    np.save(tmp_path / "t.npy", tokens)
+    with pytest.raises(BigptError, match="--tokens = .*t.npy holds ") as info:
+        read_tokens(str(tmp_path / "t.npy"), 512)
+    assert message in str(info.value)
+
+
+def test_logits_names_a_tokens_file_that_is_not_one(tmp_path):
+    with pytest.raises(BigptError, match="--tokens = .* is a directory, not a file"):
+        read_tokens(str(tmp_path), 512)
+    (tmp_path / "t.npy").write_text("not numpy")
+    with pytest.raises(BigptError, match="is not a .npy array"):
+        read_tokens(str(tmp_path / "t.npy"), 512)
+
+
+def test_logits_help_names_the_recipe_tables_it_uses():
+    result = subprocess.run([sys.executable, "tools/logits.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "only its [model] and [init]" in " ".join(result.stdout.split())
+
+
+def test_a_rendezvous_port_in_use_is_named(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "launchers/run.py", str(MOCK), f"run_dir={tmp_path}"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120,
+                                env={"PATH": "/usr/bin:/bin", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert "MASTER_PORT" in result.stderr and "--master_port" in result.stderr
