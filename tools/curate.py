@@ -17,9 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
+from bigpt.errors import EXIT_INTERRUPTED, BigptError, reports_user_errors  # noqa: E402
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 
 
 def parse_args(argv=None):
