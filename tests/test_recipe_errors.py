@@ -155,6 +155,7 @@ def test_override_wrong_type_names_the_override():
     (['data.split="a,b"'], "is not three comma-separated"),
     (["init.from_hf=a", "init.from_checkpoint=b"], "init.from_hf and init.from_checkpoint are both set"),
     (['optimizer.name="muon"', 'precision.dtype="fp16"'], "optimizer.name='muon' cannot train in precision.dtype='fp16'"),
+    (['optimizer.name="adafactor"'], "optimizer.name='adafactor' cannot be offered: its factored second moments"),
     (['model.position_embedding="learned"', "model.max_position_embeddings=64"],
      "model.max_position_embeddings=64 is shorter than model.seq_length=128"),
 ])

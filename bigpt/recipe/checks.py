@@ -16,7 +16,7 @@ def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    for check in (_check_model, _check_precision, _check_batch_rampup, _check_lr_schedule,
+    for check in (_check_model, _check_optimizer, _check_precision, _check_batch_rampup, _check_lr_schedule,
                   _check_data, _check_init, _check_allowed_model_changes):
         check(recipe)
 
@@ -43,6 +43,16 @@ def _check_model(recipe: Recipe) -> None:
     if model.rope_scaling != "none" and model.position_embedding != "rope":
         recipe_error(recipe, f"model.rope_scaling={model.rope_scaling!r} needs "
                      f"model.position_embedding='rope'", "set rope_scaling = 'none'")
+
+
+def _check_optimizer(recipe: Recipe) -> None:
+    if recipe.optimizer.name == "adafactor":
+        recipe_error(recipe, "optimizer.name='adafactor' cannot be offered: its factored second moments (a row "
+                     "and a column statistic per matrix) cannot be saved, since megatron-core's checkpointing "
+                     "requires every optimizer state to have its parameter's shape, and parallel.tensor > 1 "
+                     "would split the matrices those statistics are taken over (parallel.distributed_optimizer "
+                     "with lion/muon's layer-wise sharding keeps matrices whole, so data parallelism alone would "
+                     "be exact)", "use optimizer.name = 'adamw', 'lion' or 'muon'")
 
 
 def _check_precision(recipe: Recipe) -> None:

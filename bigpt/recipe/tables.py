@@ -176,12 +176,13 @@ class TrainConfig:
 class OptimizerConfig:
     """[optimizer]: which optimizer and its hyper-parameters."""
 
-    name: Literal["adamw", "lion", "muon"] = "adamw"
+    name: Literal["adamw", "lion", "muon", "adafactor"] = "adamw"
     """adamw: AdamW on every parameter. lion / muon: megatron-core's emerging optimizers (the
     emerging-optimizers package) on the 2-D weight matrices of the transformer layers, AdamW
     (adam_beta1/2, adam_eps) on the embedding, output layer and norms; megatron-core gives its Lion
     adam_beta1/adam_beta2 as its betas. With parallel.distributed_optimizer, lion and muon use
-    megatron-core's layer-wise distributed optimizer (whole parameters per data-parallel rank)."""
+    megatron-core's layer-wise distributed optimizer (whole parameters per data-parallel rank).
+    adafactor is refused, saying why (its factored moments cannot be checkpointed)."""
     lr: float = positive()
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = non_negative(0.0)
