@@ -1,8 +1,10 @@
 """Paths a user names (recipe keys, tool arguments): checked before any work, each mistake one
 paragraph naming the key or argument; never a traceback, and "is a directory" when it is one."""
 
+import errno
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from bigpt.errors import BigptError
@@ -64,3 +66,19 @@ def _check_name_lengths(existing: Path, missing: list[str], path, key: str) -> N
         if len(os.fsencode(name)) > limit:
             raise BigptError(f"{key} = {path}: the name {name[:40]}... is longer than the {limit} bytes the "
                              "filesystem allows; choose a shorter one.")
+
+
+@contextmanager
+def reporting_a_full_disk(path, key: str):
+    """Writes to ``path`` (named by ``key``) whose partial output the caller removes: a full
+    filesystem or quota is one paragraph naming the path, whatever the writer raised (an OSError,
+    or a serializer's own error quoting the system's)."""
+    try:
+        yield
+    except Exception as err:
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+                os.strerror(code) in str(err) for code in (errno.ENOSPC, errno.EDQUOT)):
+            raise BigptError(f"writing {key} = {path} failed: {os.strerror(errno.ENOSPC)} (or over quota) on its "
+                             "filesystem; nothing was replaced. Free space there or write elsewhere, then run "
+                             "again.") from None
+        raise

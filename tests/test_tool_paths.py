@@ -12,7 +12,9 @@ import pytest
 
 from tools.convert_hf import main as convert_main
 from tools.logits import read_tokens
+from tools.curate import main as curate_main
 from tools.plan import main as plan_main
+from tools.prepare_demo import main as prepare_demo_main
 from tools.preprocess_data import main as preprocess_main
 from tools.train_quality_classifier import main as classifier_main
 from tools.train_tokenizer import main as tokenizer_main
@@ -52,6 +54,10 @@ CASES = {
     "export under a file": (convert_main, "export {dir} {file}/hf", "{file} is a file, not a directory"),
     "export into a file": (convert_main, "export {dir} {file}", "{file} exists (a file)"),
     "recipe is a directory": (plan_main, "{dir} --gpus 8", "recipe file {dir} is a directory, not a file"),
+    "demo data under a file": (prepare_demo_main, "--out {file}/demo", "--out = {file}/demo cannot be created: {file} is a file"),
+    "demo data name too long": (prepare_demo_main, "--out {t}/" + LONG, "bytes the filesystem allows"),
+    "curation output under a file": (curate_main, str(ROOT / "recipes/data/web_quality.toml") + " input.path={corpus} "
+                                     "output.dir={file}/curated", "output.dir = {file}/curated cannot be created: {file} is a file"),
 }
 
 
@@ -103,3 +109,28 @@ def test_a_rendezvous_port_in_use_is_named(tmp_path):
     assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
     assert "MASTER_PORT" in result.stderr and "--master_port" in result.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB filesystem (tmpfs) to fill: needs root and mount; skipped where it cannot be made."""
+    place = tmp_path / "small"
+    place.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(place)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root (and a mount this sandbox allows)")
+    yield place
+    subprocess.run(["umount", str(place)], check=True)
+
+
+def test_a_full_disk_is_named_and_nothing_is_left_behind(full_disk, small_tokenizer, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"w{i % 99 + 1}\n" for i in range(50_000)))  # 50,000 documents
+    checkpoint = ROOT / "tests" / "fixtures" / "mcore_0_16_1" / "iter_0000004"
+    for main, argv, key in (
+            (preprocess_main, ["--input", str(corpus), "--output-prefix", str(full_disk / "data"),
+                               "--tokenizer", str(small_tokenizer)], "the output prefix"),
+            (convert_main, ["export", str(checkpoint), str(full_disk / "hf")], "the export's OUT")):
+        assert main(argv) == EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert f"writing {key} = {full_disk}" in err and "No space left on device" in err and "Traceback" not in err
+        assert list(full_disk.iterdir()) == []  # partial output removed

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bigpt.errors import reports_user_errors  # noqa: E402
+from bigpt.paths import check_writable  # noqa: E402
 
 DEMO_VOCAB_SIZE = 4096
 
@@ -52,9 +53,10 @@ def prepare(out: Path, force: bool) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "data" / "demo")
+    parser.add_argument("--out", type=Path, default=REPO / "data" / "demo", help="directory to write (default data/demo)")
     parser.add_argument("--force", action="store_true", help="redo every step")
     args = parser.parse_args(argv)
+    check_writable(args.out, "--out")
     prepare(args.out, args.force)
     return 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bigpt.curate.recipe import MODEL_FILES, CurationRecipe, InputConfig, OutputConfig
 from bigpt.errors import BigptError
-from bigpt.paths import not_a_file
+from bigpt.paths import check_writable, not_a_file
 from bigpt.recipe.serialize import recipe_to_dict
 
 CURATED = "curated.jsonl"
@@ -48,8 +48,7 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
         _require("matplotlib", "report.png (set report.png = false to skip it)")
     _require("datatrove", "curation")
     out = Path(recipe.output.dir)
-    if out.exists() and not out.is_dir():
-        raise BigptError(f"output.dir {out} is a file; name a directory.")
+    check_writable(out, "output.dir")
     tasks = recipe.executor.tasks or len(files)
     _check_executor(recipe, tasks)
     work = out / "work"

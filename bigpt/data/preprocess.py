@@ -5,6 +5,7 @@ interrupted run leaves nothing that looks like a dataset. megatron-core's ``Inde
 reads the result with no bigpt code involved.
 """
 
+import contextlib
 import multiprocessing
 import os
 import time
@@ -28,7 +29,7 @@ with warnings.catch_warnings():
 from bigpt.data.encode import JSONL_SUFFIXES, DocumentEncoder, EncodedChunk, encode_in_worker
 from bigpt.data.tokenizer import load_tokenizer
 from bigpt.errors import BigptError
-from bigpt.paths import not_a_file
+from bigpt.paths import not_a_file, reporting_a_full_disk
 
 LINES_PER_CHUNK = 256
 
@@ -119,40 +120,42 @@ def _write(encoded: Iterator[EncodedChunk], input_path: Path, output_prefix: str
     summary, started = PreprocessSummary(), time.monotonic()
     last_report = started
     builder = IndexedDatasetBuilder(partial_bin, dtype=dtype)
-    try:
-        for chunk in encoded:
-            for line_number, problem in chunk.bad_lines:
-                where = f"{input_path}:{line_number}: {problem}"
-                if on_bad_line == "stop":
-                    raise BigptError(f"{where}; fix or remove the line, or pass "
-                                     "--on-bad-line skip to leave such lines out")
-                if progress:
-                    print(f"skipping {where}", file=progress)
-            for document in chunk.documents:
-                builder.add_document(document, [document.size])
-                summary.tokens += document.size
-            summary.documents += len(chunk.documents)
-            summary.bad_lines += len(chunk.bad_lines)
-            summary.empty_lines += chunk.empty_lines
-            summary.input_bytes += chunk.input_bytes
-            now = time.monotonic()
-            if progress and now - last_report >= progress_interval_s:
-                summary.seconds, last_report = now - started, now
-                print(_progress_line(summary), file=progress, flush=True)
-        if not summary.documents:
-            raise BigptError(f"input {input_path} has no documents ({summary.bad_lines} bad and "
-                             f"{summary.empty_lines} empty lines); nothing was written")
-        builder.finalize(partial_idx)
-        # A prefix with an .idx is complete, so the old .idx goes first and the new one last.
-        if os.path.exists(final_idx):
-            os.remove(final_idx)
-        os.replace(partial_bin, final_bin)
-        os.replace(partial_idx, final_idx)
-    finally:
-        builder.data_file.close()
-        for leftover in (partial_bin, partial_idx):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+    with reporting_a_full_disk(output_prefix, "the output prefix"):
+        try:
+            for chunk in encoded:
+                for line_number, problem in chunk.bad_lines:
+                    where = f"{input_path}:{line_number}: {problem}"
+                    if on_bad_line == "stop":
+                        raise BigptError(f"{where}; fix or remove the line, or pass "
+                                         "--on-bad-line skip to leave such lines out")
+                    if progress:
+                        print(f"skipping {where}", file=progress)
+                for document in chunk.documents:
+                    builder.add_document(document, [document.size])
+                    summary.tokens += document.size
+                summary.documents += len(chunk.documents)
+                summary.bad_lines += len(chunk.bad_lines)
+                summary.empty_lines += chunk.empty_lines
+                summary.input_bytes += chunk.input_bytes
+                now = time.monotonic()
+                if progress and now - last_report >= progress_interval_s:
+                    summary.seconds, last_report = now - started, now
+                    print(_progress_line(summary), file=progress, flush=True)
+            if not summary.documents:
+                raise BigptError(f"input {input_path} has no documents ({summary.bad_lines} bad and "
+                                 f"{summary.empty_lines} empty lines); nothing was written")
+            builder.finalize(partial_idx)
+            # A prefix with an .idx is complete, so the old .idx goes first and the new one last.
+            if os.path.exists(final_idx):
+                os.remove(final_idx)
+            os.replace(partial_bin, final_bin)
+            os.replace(partial_idx, final_idx)
+        finally:
+            with contextlib.suppress(OSError):  # already closed on success; a full disk may fail its flush
+                builder.data_file.close()
+            for leftover in (partial_bin, partial_idx):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
     summary.seconds = time.monotonic() - started
     return summary
 

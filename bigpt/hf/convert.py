@@ -27,6 +27,7 @@ from bigpt.errors import BigptError
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
+from bigpt.paths import reporting_a_full_disk
 from bigpt.recipe import ModelConfig, table_to_toml
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
@@ -194,15 +195,20 @@ def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtyp
         for key, layer, tensor in _layer_loads(checkpoint, metadata, items, dtype):
             yield from zip(rule_of[key].names(layer), rule_of[key].split(tensor))
 
-    write_shards(tmp, shards, tensors())
-    copied = copy_side_files(hf_files, tmp, skip=(CONFIG,)) if hf_files and hf_files.is_dir() else []
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    note = tokenizer_note(hf_files, copied)
-    (tmp / "README.md").write_text(f"# {out.name}\n\n{config['architectures'][0]} exported by bigpt "
-                                   f"(tools/convert_hf.py export) from the checkpoint {checkpoint.resolve()}.\n\n"
-                                   f"{note}.\n")
-    (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(checkpoint.resolve()),
-                                                 "bigpt_version": bigpt.__version__}, indent=2) + "\n")
+    try:
+        with reporting_a_full_disk(out, "the export's OUT"):
+            write_shards(tmp, shards, tensors())
+            copied = copy_side_files(hf_files, tmp, skip=(CONFIG,)) if hf_files and hf_files.is_dir() else []
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            note = tokenizer_note(hf_files, copied)
+            (tmp / "README.md").write_text(f"# {out.name}\n\n{config['architectures'][0]} exported by bigpt "
+                                           f"(tools/convert_hf.py export) from the checkpoint {checkpoint.resolve()}."
+                                           f"\n\n{note}.\n")
+            (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(checkpoint.resolve()),
+                                                         "bigpt_version": bigpt.__version__}, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
