@@ -11,6 +11,7 @@ from bigpt.errors import BigptError
 
 TESTED_LINE = (0, 19)
 """megatron-core major.minor; every 0.19.x release (pyproject asks for >= 0.19.2, < 0.20)."""
+_INSTALL = "pip install 'megatron-core>=0.19.2,<0.20'"
 
 
 def installed_version() -> str:
@@ -26,8 +27,7 @@ def check_megatron_line(version: str | None = None) -> None:
         raise BigptError(
             f"megatron-core {version} is installed, but bigpt is built and tested on the {line} line "
             f"(its CPU compatibility layer and its fixes for megatron-core bugs reach into that line's "
-            f"internals); install it with pip install 'megatron-core>={line}.2,<{TESTED_LINE[0]}.{TESTED_LINE[1] + 1}' "
-            "(scripts/setup.sh does, Python 3.11 included)."
+            f"internals); install it with {_INSTALL} (scripts/setup.sh does, Python 3.11 included)."
         )
 
 
@@ -43,5 +43,5 @@ def patch_target_error(what: str, why: str) -> BigptError:
     return BigptError(
         f"bigpt's fix for megatron-core ({what}) cannot be applied to megatron-core {installed_version()}: "
         f"{why}. The fix is in bigpt/runtime/megatron_fixes.py; install the tested line "
-        f"(pip install 'megatron-core>=0.19.2,<0.20') or update the fix for this version."
+        f"({_INSTALL}) or update the fix for this version."
     )
