@@ -4,7 +4,6 @@
 prints the plan without touching a device.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bigpt.cli import recipe_parser  # noqa: E402
 from bigpt.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, BigptError, Preempted  # noqa: E402
 from bigpt.runtime.console import configure_console  # noqa: E402
 from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
@@ -21,18 +21,14 @@ skip_torch_compile_without_gpu()
 QUIET_RANK_GRACE_S = 30
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="path to a TOML recipe")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=4 train.train_iters=200")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit 0")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="world size to validate against with --dry-run (default: WORLD_SIZE or the recipe's own layout)")
-    return parser.parse_intermixed_args(argv)
+parser = recipe_parser(__doc__, example="parallel.tensor=4 train.train_iters=200")
+parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit 0")
+parser.add_argument("--world-size", type=int, default=None,
+                    help="world size to validate against with --dry-run (default: WORLD_SIZE or the recipe's own layout)")
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     configure_console(rank)
     try:

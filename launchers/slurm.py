@@ -14,7 +14,6 @@ save and exit; requeueing is then SLURM's call). The SLURM log is <run_dir>/slur
 (appended to across requeues).
 """
 
-import argparse
 import os
 import re
 import shlex
@@ -27,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bigpt.cli import recipe_parser  # noqa: E402
 from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
 from bigpt.paths import check_output_file, check_writable  # noqa: E402
 
@@ -36,31 +36,32 @@ SHUTDOWN_MARGIN_S = 30
 MAX_SIGNAL_SECONDS = 65535  # sbatch --signal=...@SECONDS takes at most this
 
 
+parser = recipe_parser(__doc__)
+parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
+per_node = parser.add_mutually_exclusive_group()
+per_node.add_argument("--gpus-per-node", type=int, default=8,
+                      help="GPUs per node, one torchrun worker each (default 8)")
+per_node.add_argument("--workers-per-node", type=int,
+                      help="for nodes without GPUs (CPU partitions): torchrun workers per node; "
+                           "no GPUs are requested")
+parser.add_argument("--partition", help="SLURM partition")
+parser.add_argument("--account", help="SLURM account")
+parser.add_argument("--time", help="time limit, e.g. 48:00:00 (default: the partition's)")
+parser.add_argument("--job-name", help="default: the recipe's name")
+parser.add_argument("--signal-seconds", type=int, default=300,
+                    help="seconds before the time limit at which bigpt is asked to save and exit (default 300)")
+parser.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (default 29500)")
+parser.add_argument("--env-bin", default=str(Path(sys.executable).parent),
+                    help="directory holding torchrun on the nodes (default: this Python's, "
+                         "right when the nodes share this file system)")
+parser.add_argument("-o", "--out", help="write the script here instead of standard output")
+parser.add_argument("--submit", action="store_true",
+                    help="submit with sbatch (the script is kept as <run_dir>/slurm-job.sbatch unless -o)")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="path to a TOML recipe")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.train_iters=200")
-    parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    per_node = parser.add_mutually_exclusive_group()
-    per_node.add_argument("--gpus-per-node", type=int, default=8,
-                          help="GPUs per node, one torchrun worker each (default 8)")
-    per_node.add_argument("--workers-per-node", type=int,
-                          help="for nodes without GPUs (CPU partitions): torchrun workers per node; "
-                               "no GPUs are requested")
-    parser.add_argument("--partition", help="SLURM partition")
-    parser.add_argument("--account", help="SLURM account")
-    parser.add_argument("--time", help="time limit, e.g. 48:00:00 (default: the partition's)")
-    parser.add_argument("--job-name", help="default: the recipe's name")
-    parser.add_argument("--signal-seconds", type=int, default=300,
-                        help="seconds before the time limit at which bigpt is asked to save and exit (default 300)")
-    parser.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (default 29500)")
-    parser.add_argument("--env-bin", default=str(Path(sys.executable).parent),
-                        help="directory holding torchrun on the nodes (default: this Python's, "
-                             "right when the nodes share this file system)")
-    parser.add_argument("-o", "--output", help="write the script here instead of standard output")
-    parser.add_argument("--submit", action="store_true",
-                        help="submit with sbatch (the script is kept as <run_dir>/slurm-job.sbatch unless -o)")
-    args = parser.parse_intermixed_args(argv)
+    """The options, checked."""
+    args = parser.parse_args(argv)
     if args.nodes < 1 or args.gpus_per_node < 1 or (args.workers_per_node is not None and args.workers_per_node < 1):
         parser.error("--nodes, --gpus-per-node and --workers-per-node must be 1 or more")
     if not 2 * SHUTDOWN_MARGIN_S <= args.signal_seconds <= MAX_SIGNAL_SECONDS:
@@ -204,11 +205,11 @@ def main(argv=None) -> int:
                          "render the script without --submit (-o FILE) and submit it there.")
     script = batch_script(args, recipe, nodes)
     check_writable(recipe.run_dir, "run_dir")
-    path = Path(args.output or Path(recipe.run_dir) / "slurm-job.sbatch")
-    if args.output or args.submit:
-        check_output_file(path, "-o/--output" if args.output else "the script <run_dir>/slurm-job.sbatch")
+    path = Path(args.out or Path(recipe.run_dir) / "slurm-job.sbatch")
+    if args.out or args.submit:
+        check_output_file(path, "--out" if args.out else "the script <run_dir>/slurm-job.sbatch")
     os.makedirs(recipe.run_dir, exist_ok=True)  # SLURM does not create the log's directory
-    if args.output or args.submit:
+    if args.out or args.submit:
         path.write_text(script)
         if args.submit:
             print(submit(path))

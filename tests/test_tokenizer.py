@@ -81,7 +81,7 @@ def test_missing_and_unreadable_tokenizers_are_named(tmp_path):
 def test_train_tokenizer_cli_writes_a_model_from_jsonl(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_texts(100), field="body")
     code = load_tool("train_tokenizer").main(["--input", str(corpus), "--vocab-size", "400",
-                                              "--field", "body", "--out", str(tmp_path / "tok")])
+                                              "--field", "body", "--output-prefix", str(tmp_path / "tok")])
     assert code == 0
     assert load_tokenizer(tmp_path / "tok.model").vocab_size == 400
     assert "wrote" in capsys.readouterr().out
@@ -90,7 +90,7 @@ def test_train_tokenizer_cli_writes_a_model_from_jsonl(tmp_path, capsys):
 def test_train_tokenizer_cli_fails_cleanly_when_the_vocabulary_cannot_be_reached(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", ["just a few words"])
     code = load_tool("train_tokenizer").main(["--input", str(corpus), "--vocab-size", "4096",
-                                              "--out", str(tmp_path / "tok")])
+                                              "--output-prefix", str(tmp_path / "tok")])
     assert code == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.startswith("bigpt: error: SentencePiece could not train a 4096-token vocabulary")

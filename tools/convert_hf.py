@@ -13,39 +13,37 @@ safetensors shards, config.json (of the family the run started from), the tokeni
 those weights, and a README.md saying where it all came from (and warning when no tokenizer was found).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bigpt.cli import Parser  # noqa: E402
 from bigpt.errors import reports_user_errors  # noqa: E402
 from bigpt.runtime.console import quiet_dependencies  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    to_bigpt = commands.add_parser("import", help="Hugging Face directory -> bigpt checkpoint")
-    to_bigpt.add_argument("hf_dir", help="directory with config.json and *.safetensors")
-    to_bigpt.add_argument("out", help="checkpoint directory to write (replaced if it exists)")
-    to_hf = commands.add_parser("export", help="bigpt checkpoint -> Hugging Face directory")
-    to_hf.add_argument("checkpoint", help="an iter_* directory of a run (or a run's checkpoint directory: its newest "
-                                          "intact checkpoint), or an imported checkpoint")
-    to_hf.add_argument("out", help="Hugging Face directory to write (replaced if it exists)")
-    to_hf.add_argument("--hf-files", default=None,
-                       help="take config.json extras and tokenizer files from this directory (default: those "
-                            "of the weights the checkpoint's run started from)")
-    to_hf.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: as stored)")
-    to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
-    return parser.parse_args(argv)
+parser = Parser(__doc__)
+commands = parser.add_subparsers(dest="command", required=True)
+to_bigpt = commands.add_parser("import", help="Hugging Face directory -> bigpt checkpoint")
+to_bigpt.add_argument("hf_dir", help="directory with config.json and *.safetensors")
+to_bigpt.add_argument("out", help="checkpoint directory to write (replaced if it exists)")
+to_hf = commands.add_parser("export", help="bigpt checkpoint -> Hugging Face directory")
+to_hf.add_argument("checkpoint", help="an iter_* directory of a run (or a run's checkpoint directory: its newest "
+                                      "intact checkpoint), or an imported checkpoint")
+to_hf.add_argument("out", help="Hugging Face directory to write (replaced if it exists)")
+to_hf.add_argument("--hf-files", default=None,
+                   help="take config.json extras and tokenizer files from this directory (default: those "
+                        "of the weights the checkpoint's run started from)")
+to_hf.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: as stored)")
+to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
 
 
 @reports_user_errors
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     quiet_dependencies()
     from bigpt.paths import check_writable
 

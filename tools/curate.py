@@ -9,7 +9,6 @@ recipe). Re-running the same command after an interruption resumes: finished sha
 redone. Needs the curation extra: pip install -e '.[curate]'.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -17,28 +16,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bigpt.cli import recipe_parser  # noqa: E402
 from bigpt.errors import EXIT_INTERRUPTED, BigptError, reports_user_errors  # noqa: E402
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="a curation recipe (recipes/data/*.toml)")
-    parser.add_argument("overrides", nargs="*", metavar="table.key=value",
-                        help="dotted overrides, e.g. stage.gopher_quality.min_doc_words=30")
-    parser.add_argument("--restart", action="store_true",
-                        help="discard the output directory's earlier work and start over")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show datatrove's own log lines and warnings (always in work/logs/)")
-    parser.add_argument("--sample", type=int, metavar="N",
-                        help="explain mode: run the stages on the first N documents only and show, per "
-                             "stage and rule, what it drops with excerpts (written to OUTPUT/explain/)")
-    return parser.parse_args(argv)
+parser = recipe_parser(__doc__, recipe_help="a curation recipe (recipes/data/*.toml)",
+                       example="stage.gopher_quality.min_doc_words=30")
+parser.add_argument("--restart", action="store_true",
+                    help="discard the output directory's earlier work and start over")
+parser.add_argument("--verbose", action="store_true",
+                    help="show datatrove's own log lines and warnings (always in work/logs/)")
+parser.add_argument("--sample", type=int, metavar="N",
+                    help="explain mode: run the stages on the first N documents only and show, per "
+                         "stage and rule, what it drops with excerpts (written to OUTPUT/explain/)")
 
 
 @reports_user_errors
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     from bigpt.curate import load_curation_recipe
     from bigpt.curate.run import curate, explain
 

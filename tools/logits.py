@@ -9,13 +9,13 @@ below model.vocab_size; --out gets the [batch, seq, vocab] float32 logits, writt
 that holds them.
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bigpt.cli import recipe_parser  # noqa: E402
 from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
 from bigpt.paths import check_input_file, check_output_file  # noqa: E402
 from bigpt.runtime.console import quiet_dependencies  # noqa: E402
@@ -24,13 +24,9 @@ from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_with
 skip_torch_compile_without_gpu()
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="path to a TOML recipe")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=2")
-    parser.add_argument("--tokens", required=True, help="[batch, seq] token ids, .npy")
-    parser.add_argument("--out", required=True, help="where to write the [batch, seq, vocab] logits, .npy")
-    return parser.parse_intermixed_args(argv)
+parser = recipe_parser(__doc__, example="parallel.tensor=2")
+parser.add_argument("--tokens", required=True, help="[batch, seq] token ids, .npy")
+parser.add_argument("--out", required=True, help="where to write the [batch, seq, vocab] logits, .npy")
 
 
 def read_tokens(path: str, vocab_size: int):
@@ -75,7 +71,7 @@ def write_logits(recipe, tokens, out: str) -> None:
 
 @reports_user_errors
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     quiet_dependencies()
     from bigpt.recipe import load_recipe
     from bigpt.runtime.distributed import destroy_distributed, init_distributed

@@ -12,35 +12,35 @@ checkpoint line gives the bytes of one save and of its busiest rank, the save ti
 and warns when synchronous saves every checkpoint.save_interval steps take over 3% of the time.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bigpt.cli import recipe_parser  # noqa: E402
 from bigpt.errors import reports_user_errors  # noqa: E402
 from bigpt.flops import GPUS  # noqa: E402
 
 
+parser = recipe_parser(__doc__, example="train.micro_batch_size=2")
+parser.add_argument("--gpus", type=int, required=True, help="number of GPUs to plan for")
+parser.add_argument("--gpu", default="h100-80gb", help=f"GPU model: {', '.join(GPUS)} (default h100-80gb)")
+parser.add_argument("--gpus-per-node", type=int, default=8,
+                    help="GPUs per node; tensor parallelism stays inside a node (default 8)")
+parser.add_argument("--mfu", type=float, default=0.4,
+                    help="model FLOPs utilisation while the GPUs are busy (default 0.4)")
+parser.add_argument("--headroom", type=float, default=0.1,
+                    help="fraction of GPU memory kept free for what the estimate leaves out "
+                         "(CUDA context, NCCL, fragmentation; default 0.1)")
+parser.add_argument("--fs-gbps", type=float, default=5.0,
+                    help="aggregate write bandwidth of the filesystem holding checkpoint.dir, in GB/s: "
+                         "the save time and its share of training time (default 5)")
+parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="path to a TOML recipe")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=2")
-    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs to plan for")
-    parser.add_argument("--gpu", default="h100-80gb", help=f"GPU model: {', '.join(GPUS)} (default h100-80gb)")
-    parser.add_argument("--gpus-per-node", type=int, default=8,
-                        help="GPUs per node; tensor parallelism stays inside a node (default 8)")
-    parser.add_argument("--mfu", type=float, default=0.4,
-                        help="model FLOPs utilisation while the GPUs are busy (default 0.4)")
-    parser.add_argument("--headroom", type=float, default=0.1,
-                        help="fraction of GPU memory kept free for what the estimate leaves out "
-                             "(CUDA context, NCCL, fragmentation; default 0.1)")
-    parser.add_argument("--fs-gbps", type=float, default=5.0,
-                        help="aggregate write bandwidth of the filesystem holding checkpoint.dir, in GB/s: "
-                             "the save time and its share of training time (default 5)")
-    parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
-    args = parser.parse_intermixed_args(argv)
+    """The options, checked."""
+    args = parser.parse_args(argv)
     if not 0 < args.mfu <= 1:
         parser.error("--mfu must be in (0, 1]")
     if not 0 <= args.headroom < 1:

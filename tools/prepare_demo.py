@@ -6,7 +6,6 @@ recipes/tiny.toml reads data/demo/tokenizer.model and data/demo/demo_text_docume
 Steps whose outputs exist are skipped; --force redoes them all.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bigpt.cli import Parser  # noqa: E402
 from bigpt.errors import reports_user_errors  # noqa: E402
 from bigpt.paths import check_writable  # noqa: E402
 
@@ -48,13 +48,13 @@ def prepare(out: Path, force: bool) -> None:
 
     step("dataset", Path(f"{prefix}.idx"), preprocess_corpus)
 
+parser = Parser(__doc__)
+parser.add_argument("--out", type=Path, default=REPO / "data" / "demo", help="directory to write (default data/demo)")
+parser.add_argument("--force", action="store_true", help="redo every step")
+
 
 @reports_user_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "data" / "demo", help="directory to write (default data/demo)")
-    parser.add_argument("--force", action="store_true", help="redo every step")
     args = parser.parse_args(argv)
     check_writable(args.out, "--out")
     prepare(args.out, args.force)

@@ -7,29 +7,30 @@ One document per line; each gets the tokenizer's end-of-document token appended.
 output prefix (without .bin/.idx) in a recipe's data.blend.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bigpt.cli import Parser  # noqa: E402
 from bigpt.errors import reports_user_errors  # noqa: E402
+
+parser = Parser(__doc__)
+parser.add_argument("--input", required=True,
+                    help="a .jsonl/.json/.ndjson file (one JSON object per line) or a text "
+                         "file (one document per line)")
+parser.add_argument("--output-prefix", required=True,
+                    help="writes PREFIX.bin and PREFIX.idx")
+parser.add_argument("--tokenizer", required=True,
+                    help="SentencePiece .model or Hugging Face tokenizer.json")
+parser.add_argument("--field", default="text", help="JSONL field holding the text")
+parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+parser.add_argument("--on-bad-line", choices=("stop", "skip"), default="stop",
+                    help="what to do with a JSONL line that is not a JSON object with --field")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True,
-                        help="a .jsonl/.json/.ndjson file (one JSON object per line) or a text "
-                             "file (one document per line)")
-    parser.add_argument("--output-prefix", required=True,
-                        help="writes PREFIX.bin and PREFIX.idx")
-    parser.add_argument("--tokenizer", required=True,
-                        help="SentencePiece .model or Hugging Face tokenizer.json")
-    parser.add_argument("--field", default="text", help="JSONL field holding the text")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-    parser.add_argument("--on-bad-line", choices=("stop", "skip"), default="stop",
-                        help="what to do with a JSONL line that is not a JSON object with --field")
+    """The options, checked."""
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be 1 or more")

@@ -8,12 +8,12 @@ tests/test_docs.py fails when either file differs from what this writes: edit th
 under a field, then re-run this.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bigpt.cli import Parser  # noqa: E402
 from bigpt.curate.recipe import CurationRecipe  # noqa: E402
 from bigpt.recipe import Recipe  # noqa: E402
 from bigpt.recipe.reference import reference_markdown  # noqa: E402
@@ -35,7 +35,7 @@ def references() -> dict[str, str]:
     return {name: reference_markdown(*spec) for name, spec in REFERENCES.items()}
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = Parser(__doc__)
 
 if __name__ == "__main__":
     parser.parse_args()

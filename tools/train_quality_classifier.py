@@ -9,32 +9,33 @@ Positive examples get the label "hq", negative ones "lq"; name the model in a cu
 Needs the curation extra: pip install -e '.[curate]'.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bigpt.cli import Parser  # noqa: E402
 from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
+
+parser = Parser(__doc__)
+parser.add_argument("--positive", required=True, type=Path,
+                    help="good documents: JSONL (one object per line) or text (one per line)")
+parser.add_argument("--negative", required=True, type=Path, help="bad documents, same formats")
+parser.add_argument("--out", required=True, type=Path, help="the model file to write")
+parser.add_argument("--field", default="text", help="JSONL field holding the text")
+parser.add_argument("--epochs", type=int, default=20)
+parser.add_argument("--lr", type=float, default=0.5, help="learning rate")
+parser.add_argument("--ngrams", type=int, default=2, help="word n-gram features")
+parser.add_argument("--dim", type=int, default=32, help="embedding size")
+parser.add_argument("--buckets", type=int, default=200_000,
+                    help="hash buckets of the n-gram features (the model holds buckets x dim floats)")
+parser.add_argument("--held-out", type=float, default=0.1,
+                    help="share of the examples kept out of training to measure the model")
+parser.add_argument("--seed", type=int, default=0)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--positive", required=True, type=Path,
-                        help="good documents: JSONL (one object per line) or text (one per line)")
-    parser.add_argument("--negative", required=True, type=Path, help="bad documents, same formats")
-    parser.add_argument("--out", required=True, type=Path, help="the model file to write")
-    parser.add_argument("--field", default="text", help="JSONL field holding the text")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=0.5, help="learning rate")
-    parser.add_argument("--ngrams", type=int, default=2, help="word n-gram features")
-    parser.add_argument("--dim", type=int, default=32, help="embedding size")
-    parser.add_argument("--buckets", type=int, default=200_000,
-                        help="hash buckets of the n-gram features (the model holds buckets x dim floats)")
-    parser.add_argument("--held-out", type=float, default=0.1,
-                        help="share of the examples kept out of training to measure the model")
-    parser.add_argument("--seed", type=int, default=0)
+    """The options, checked."""
     args = parser.parse_args(argv)
     if not 0 <= args.held_out < 1:
         parser.error("--held-out must be in [0, 1)")

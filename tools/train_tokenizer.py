@@ -1,38 +1,38 @@
 """Train a SentencePiece BPE tokenizer on text or JSONL files.
 
-    python tools/train_tokenizer.py --input corpus.jsonl --vocab-size 32000 --out data/tokenizer
+    python tools/train_tokenizer.py --input corpus.jsonl --vocab-size 32000 --output-prefix data/tokenizer
 
 writes data/tokenizer.model (name it in a recipe's data.tokenizer) and data/tokenizer.vocab.
 Defaults suit prose and code: byte fallback, split digits, whitespace kept, no normalisation;
 eos (id 2) ends every document.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bigpt.cli import Parser  # noqa: E402
 from bigpt.errors import reports_user_errors  # noqa: E402
+
+parser = Parser(__doc__)
+parser.add_argument("--input", required=True, nargs="+",
+                    help="text files (one document per line) or .jsonl/.json/.ndjson files")
+parser.add_argument("--vocab-size", required=True, type=int)
+parser.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+parser.add_argument("--field", default="text", help="JSONL field holding the text")
+parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
 
 
 @reports_user_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, nargs="+",
-                        help="text files (one document per line) or .jsonl/.json/.ndjson files")
-    parser.add_argument("--vocab-size", required=True, type=int)
-    parser.add_argument("--out", required=True, help="output prefix: writes OUT.model, OUT.vocab")
-    parser.add_argument("--field", default="text", help="JSONL field holding the text")
-    parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
     args = parser.parse_args(argv)
     from bigpt.data.tokenizer_training import train_tokenizer
     from bigpt.paths import check_output_file
 
-    check_output_file(f"{args.out}.model", "--out")
+    check_output_file(f"{args.output_prefix}.model", "--output-prefix")
 
-    model = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.field,
+    model = train_tokenizer(args.input, args.vocab_size, args.output_prefix, text_field=args.field,
                             verbose=args.verbose)
     print(f"wrote {model} ({args.vocab_size} tokens)")
     return 0

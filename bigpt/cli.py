@@ -1,0 +1,35 @@
+"""The command line of every bigpt program (launchers/ and tools/), one convention for all:
+
+- A program that reads a recipe takes it first, then dotted ``table.key=value`` overrides, in any
+  order with its options (``run.py R --dry-run a.b=1`` is ``run.py R a.b=1 --dry-run``).
+- ``--out PATH`` is the one file or directory a program writes; ``--output-prefix P`` names the
+  several files ``P.*`` it writes. No other flag names an output.
+- Each program builds its parser once, at module level (``parser``), so ``--help``, the program
+  and its tests read the same one.
+"""
+
+import argparse
+
+
+class Parser(argparse.ArgumentParser):
+    """A program's parser: its module docstring as the help text, layout kept; positionals (a
+    recipe's overrides) may come before, between or after options."""
+
+    def __init__(self, doc: str | None = None, **kwargs):  # subcommands' parsers are made with keywords only
+        kwargs.setdefault("description", doc)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        if self._subparsers is not None:  # argparse cannot intermix with subcommands
+            return super().parse_args(args, namespace)
+        return self.parse_intermixed_args(args, namespace)
+
+
+def recipe_parser(doc: str, recipe_help: str = "path to a TOML recipe",
+                  example: str = "train.train_iters=200") -> Parser:
+    """A parser whose program reads a recipe and its overrides."""
+    parser = Parser(doc)
+    parser.add_argument("recipe", help=recipe_help)
+    parser.add_argument("overrides", nargs="*", metavar="table.key=value", help=f"dotted overrides, e.g. {example}")
+    return parser
