@@ -1,8 +1,19 @@
 """Shared fixtures."""
 
 import pytest
+import torch
 
 import slurm_cluster
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, saying so, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +31,14 @@ def slurm(tmp_path_factory):
             yield cluster
         finally:
             cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """A SentencePiece tokenizer trained once per session on tests/test_data_support.py's corpus."""
+    from test_data_support import make_tokenizer
+
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture

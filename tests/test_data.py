@@ -9,7 +9,6 @@ from test_data_support import (
     corpus_texts,
     data_recipe,
     indexed_recipe,
-    make_tokenizer,
     write_indexed,
     write_jsonl,
 )
@@ -17,11 +16,6 @@ from test_data_support import (
 from bigpt.data import BATCH_KEYS, build_datasets, load_tokenizer, micro_batches
 from bigpt.data.preprocess import preprocess
 from bigpt.errors import BigptError
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Data phases (a later blend from a token count on), epochs-derived weights, plan_tokens."""
 
 import pytest
-from test_data_support import indexed_recipe, make_tokenizer, write_indexed
+from test_data_support import indexed_recipe, write_indexed
 
 from bigpt.data import build_datasets, micro_batches, plan_tokens
 from bigpt.data.phases import plan_phases
@@ -15,11 +15,6 @@ EOD = 2
 def Entry(**fields):
     """A [[data.phases]] entry (has start_tokens) or a blend entry, as the recipe loader makes them."""
     return (DataPhase if "start_tokens" in fields else BlendEntry)(**fields)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

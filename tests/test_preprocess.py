@@ -9,18 +9,13 @@ from pathlib import Path
 import numpy
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from test_data_support import corpus_texts, make_tokenizer, write_jsonl
+from test_data_support import corpus_texts, write_jsonl
 
 from bigpt.data import load_tokenizer
 from bigpt.data.preprocess import preprocess
 from bigpt.errors import EXIT_USER_ERROR, BigptError
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def documents(prefix) -> list[list[int]]:
