@@ -4,7 +4,7 @@ One chunk per virtual pipeline stage on this rank (one chunk without interleavin
 Engine's fused layers are used when it is importable on a GPU; megatron-core's local spec
 otherwise. GPTModel, although megatron-core 0.19 deprecates it for HybridModel: HybridModel's stack
 spec is Transformer Engine only, has no llama3 RoPE scaling, and splits attention and MLP into
-separate layers (other checkpoint names); README, "The megatron-core line".
+separate layers (other checkpoint names); docs/megatron-core.md.
 """
 
 import functools

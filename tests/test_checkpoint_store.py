@@ -97,7 +97,7 @@ def test_finalize_is_a_rename_and_moves_latest(tmp_path):
 
 
 def test_latest_naming_a_checkpoint_that_is_gone_stops_rather_than_start_over(tmp_path):
-    """The README's promise: with no intact checkpoint left, auto does not silently begin at step 0."""
+    """docs/checkpoints.md's promise: with no intact checkpoint left, auto does not silently begin at step 0."""
     (tmp_path / store.LATEST).write_text("iter_0000030\n")
     with pytest.raises(BigptError, match="has held checkpoints but none is intact now") as info:
         store.resolve_resume("auto", str(tmp_path))

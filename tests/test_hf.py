@@ -8,7 +8,7 @@ every norm weight and bias randomised, and saved with ``save_pretrained``. bigpt
 (``init.from_hf`` inside a job, or ``tools/convert_hf.py import``), computes logits with
 ``tools/logits.py`` at TP=1, TP=2 and PP=2 × VPP=2 (all models of a layout in one job), and must
 match transformers' fp32 eager logits; exporting an import gives back every tensor bit for bit.
-The README's continual-pretraining walkthrough is run as written. Bad inputs are refused with
+The continual-pretraining walkthrough (docs/huggingface.md) is run as written. Bad inputs are refused with
 errors that name the file or tensor.
 """
 
@@ -261,15 +261,15 @@ def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, tmp
 
 
 def readme_walkthrough() -> tuple[str, set[str]]:
-    """The README's walkthrough block without its settings lines, and the names they set."""
-    block = (REPO / "README.md").read_text().split("<!-- walkthrough -->\n```sh\n", 1)[1].split("```", 1)[0]
+    """The walkthrough block (docs/huggingface.md) without its settings lines, and the names they set."""
+    block = (REPO / "docs" / "huggingface.md").read_text().split("<!-- walkthrough -->\n```sh\n", 1)[1].split("```", 1)[0]
     settings = set(re.findall(r"^([A-Z]+)=", block, re.MULTILINE))
     return re.sub(r"^[A-Z]+=.*\n", "", block, flags=re.MULTILINE), settings
 
 
 @pytest.mark.parametrize("name", FAMILY_SHAPES)
 def test_the_readme_walkthrough_runs(models, tmp_path, name):
-    """The README's continual-pretraining walkthrough, command for command, on a tiny model of each
+    """The continual-pretraining walkthrough (docs/huggingface.md), command for command, on a tiny model of each
     family (Qwen2 at TP=2): tokenize domain and replay text with the model's tokenizer, a recipe of
     one's own on the family's, dry run, train from step 0 with a re-warmed learning rate, export
     the newest checkpoint as the same family with the tokenizer, which transformers loads."""

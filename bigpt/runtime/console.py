@@ -19,7 +19,7 @@ _EXPECTED_WARNINGS = (
 )
 
 _EXPECTED_LOG_LINES = {  # megatron-core logger -> the start of a message that is not for bigpt's users
-    # bigpt stays on GPTModel on purpose: README, "Why GPTModel".
+    # bigpt stays on GPTModel on purpose: docs/megatron-core.md, "GPTModel, not HybridModel".
     "megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED",
     # DDP computes the same layout the distributed optimizer would be asked for.
     "megatron.core.distributed.distributed_data_parallel": "DistributedDataParallel: full_param_layout not provided",
