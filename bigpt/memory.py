@@ -5,7 +5,7 @@ Activations follow Korthikanti et al. 2022 (arXiv:2205.05198, Table 2), the basi
 ``theoretical_memory_usage.py``, counted per stored tensor so that the model's own shapes apply.
 For a GPT layer (multi-head attention, 4h GeLU MLP, dropout) it gives exactly Megatron's
 34·s·b·h/t per layer with sequence parallelism and selective recompute, and (10 + 24/t)·s·b·h
-without sequence parallelism (tests/test_memory.py checks both). Where bigpt differs, and why:
+without sequence parallelism (tests/test_plan.py checks both). Where bigpt differs, and why:
 - grouped-query attention: K and V are num_query_groups × head wide, not hidden_size;
 - SwiGLU keeps three ffn-wide tensors (gate and value, the product), not GeLU's two;
 - dropout masks (1 byte an element) only when the recipe's dropout is non-zero (Llama: none);
