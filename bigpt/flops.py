@@ -48,7 +48,9 @@ class Gpu:
 
     @property
     def peak_flops(self) -> float:
-        return peak_flops_for(self.device_name)
+        peak = peak_flops_for(self.device_name)
+        assert peak is not None, f"{self.device_name} is in GPUS without its peak in PEAK_BF16_TFLOPS"
+        return peak
 
 
 GPUS = {

@@ -83,7 +83,7 @@ def _bytes_per_parameter(recipe: Recipe, layout: Layout) -> tuple[float, float, 
     precision = recipe.precision
     weight = DTYPE_BYTES[precision.dtype]
     gradient = 4 if precision.grad_reduce_in_fp32 else weight
-    optimizer = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if weight < 4 else 0)
+    optimizer: float = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if weight < 4 else 0)
     if recipe.parallel.distributed_optimizer:
         optimizer /= layout.dp
     return weight, gradient, optimizer

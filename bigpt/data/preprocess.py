@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -102,7 +102,7 @@ def _read_chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
 def _in_order(pool: ProcessPoolExecutor, settings, chunks, depth: int) -> Iterator[EncodedChunk]:
     """Results in input order, with at most ``depth`` chunks in flight (``Executor.map`` would
     read the whole input into memory ahead of the workers)."""
-    pending = deque()
+    pending: deque[Future] = deque()
     for first, lines in chunks:
         pending.append(pool.submit(encode_in_worker, settings, first, lines))
         if len(pending) >= depth:

@@ -16,7 +16,9 @@ from bigpt.recipe.fields import NOT_A_KEY, RANGE
 def field_docs(cls) -> dict[str, str]:
     """The docstring under each field of a dataclass: Python keeps none at runtime, so read them
     from the source (a string statement right after the field's annotated assignment)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    (definition,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    assert isinstance(definition, ast.ClassDef)
+    body = definition.body
     docs = {}
     for node, after in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)

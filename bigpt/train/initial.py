@@ -54,6 +54,7 @@ def _changed(changes: list[str]) -> str:
 
 
 def _checked_checkpoint(recipe: Recipe) -> tuple[Path, list[str]]:
+    assert recipe.init.from_checkpoint is not None  # the callers' condition
     path = store.checkpoint_at(Path(recipe.init.from_checkpoint), "init.from_checkpoint",
                                alternatives="or at the output of tools/convert_hf.py import")
     return path, check_recipe_matches(recipe.model, vars(checkpoint_model(path)), path, key="init.from_checkpoint",
