@@ -66,10 +66,13 @@ def test_a_layout_that_cannot_be_is_refused_before_any_work(saved, tmp_path, cap
     assert not list(tmp_path.iterdir())
 
 
-def test_an_out_that_exists_or_an_in_that_is_no_checkpoint_is_refused(saved, tmp_path, capsys):
+def test_an_out_that_exists_or_cannot_be_written_or_an_in_that_is_no_checkpoint_is_refused(saved, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     assert reshard_main([str(saved / "checkpoints"), str(tmp_path / "out"), "parallel.tensor=1"]) == EXIT_USER_ERROR
     assert f"OUT = {tmp_path / 'out'} exists" in capsys.readouterr().err
     assert reshard_main([str(tmp_path / "out"), str(tmp_path / "new"), "parallel.tensor=1"]) == EXIT_USER_ERROR
     assert f'IN = "{tmp_path / "out"}" cannot be loaded: it holds no intact checkpoint' in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "file").write_text("mine")
+    assert reshard_main([str(saved / "checkpoints"), str(tmp_path / "file" / "out"), "parallel.tensor=1"]) == EXIT_USER_ERROR
+    assert f"OUT = {tmp_path / 'file' / 'out'} cannot be created: {tmp_path / 'file'} is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]

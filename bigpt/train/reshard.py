@@ -52,16 +52,16 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
     default_format = next(f.default for f in fields(CheckpointConfig) if f.name == "optimizer_format")
     target = load_recipe(saved_recipe, [f"checkpoint.optimizer_format={default_format}", "parallel.data=0", *overrides])
     layout = Layout.from_recipe(target)  # on paper: the degrees fit the model and the batch
-    if out.exists():
+    if os.path.exists(out):
         raise BigptError(f"OUT = {out} exists; tools/reshard.py writes a new directory only. Name another, or "
                          "move that one away.")
-    check_writable(out.parent, "the directory of OUT")
+    check_writable(out, "OUT")
 
     saved = marker["layout"]
     ours = {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp}
     work = out.with_name(out.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)  # a leftover of a reshard that was killed
-    work.mkdir()
+    work.mkdir(parents=True)
     try:
         if marker.get("optimizer_format") == DP_ONLY_FORMAT and any(saved[key] != ours[key] for key in MODEL_PARALLEL):
             at_saved_layout = load_recipe(saved_recipe, [
@@ -89,6 +89,7 @@ def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
     recipe_file.write_text(recipe_to_toml(recipe))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several processes, without its warning
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes (gloo) even on a GPU machine: no GPU hours
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={Layout.from_recipe(recipe).world_size}",
                "-m", "bigpt.train.reshard", str(recipe_file), str(load), str(root)]
@@ -101,6 +102,8 @@ def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
 
 def _stage(recipe_file: str, load: str, root: str) -> int:
     """Every rank of a stage (``_run_stage``)."""
+    from dataclasses import replace
+
     from bigpt.checkpoint import CheckpointWriter, load_checkpoint
     from bigpt.layout import Layout
     from bigpt.recipe import load_recipe
@@ -114,7 +117,10 @@ def _stage(recipe_file: str, load: str, root: str) -> int:
         layout = Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
         init_distributed(layout)
         try:
-            model, optimizer, scheduler = build_model_and_optimizer(recipe, layout, initial_weights=False)
+            # megatron-core's local layers on CPU: the parameters and checkpoint keys of Transformer Engine's,
+            # without the FP8 scaling history (which a resume then starts afresh).
+            on_cpu = replace(recipe, precision=replace(recipe.precision, fp8="none", transformer_engine="auto"))
+            model, optimizer, scheduler = build_model_and_optimizer(on_cpu, layout, initial_weights=False)
             trainer = Trainer(recipe, layout, model, optimizer, scheduler, batches=None, callbacks=[])
             load_checkpoint(trainer, Path(load))
             CheckpointWriter(Path(root), asynchronous=False).save(trainer)
