@@ -60,7 +60,7 @@ def test_a_resharded_checkpoint_resumes_at_another_layout_and_continues_the_loss
     (["parallel.virtual_pipeline=3"], "does not split evenly into parallel.pipeline × parallel.virtual_pipeline"),
     (["model.hidden_size=128"], "tools/reshard.py changes only the layout (parallel.*) and checkpoint.optimizer_format"),
 ])
-def test_a_layout_that_cannot_be_is_refused_before_any_work(saved, tmp_path, capsys, overrides, message):
+def test_a_layout_that_cannot_be_or_another_change_is_refused_before_any_work(saved, tmp_path, capsys, overrides, message):
     assert reshard_main([str(saved / "checkpoints"), str(tmp_path / "out"), *overrides]) == EXIT_USER_ERROR
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
@@ -73,6 +73,7 @@ def test_an_out_that_exists_or_cannot_be_written_or_an_in_that_is_no_checkpoint_
     assert reshard_main([str(tmp_path / "out"), str(tmp_path / "new"), "parallel.tensor=1"]) == EXIT_USER_ERROR
     assert f'IN = "{tmp_path / "out"}" cannot be loaded: it holds no intact checkpoint' in capsys.readouterr().err
     (tmp_path / "file").write_text("mine")
-    assert reshard_main([str(saved / "checkpoints"), str(tmp_path / "file" / "out"), "parallel.tensor=1"]) == EXIT_USER_ERROR
-    assert f"OUT = {tmp_path / 'file' / 'out'} cannot be created: {tmp_path / 'file'} is a file" in capsys.readouterr().err
+    under_a_file = tmp_path / "file" / "out"
+    assert reshard_main([str(saved / "checkpoints"), str(under_a_file), "parallel.tensor=1"]) == EXIT_USER_ERROR
+    assert f"OUT = {under_a_file} cannot be created: {tmp_path / 'file'} is a file" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]

@@ -52,10 +52,10 @@ def _check_optimizer_format(path: Path, marker: dict, trainer: Trainer) -> None:
         raise BigptError(
             f"checkpoint {path} was saved with checkpoint.optimizer_format = \"{DP_ONLY_FORMAT}\", whose "
             f"optimizer state loads only at the TP/PP/VPP it was saved with ({', '.join(changed)}); resume "
-            "at that layout (any data-parallel size), or reshard it for this one, offline on CPUs: "
-            f"python tools/reshard.py {shlex.quote(str(path))} {shlex.quote(str(out))} {layout_overrides(ours)}, then resume with "
-            f"checkpoint.load = \"{out}\"; or start from its weights only with init.from_checkpoint and "
-            "checkpoint.load = \"none\"."
+            "at that layout (any data-parallel size), or reshard it for this one, offline on CPUs: python "
+            f"tools/reshard.py {shlex.quote(str(path))} {shlex.quote(str(out))} {layout_overrides(ours)}, then "
+            f"resume with checkpoint.load = \"{out}\"; or start from its weights only with init.from_checkpoint "
+            "and checkpoint.load = \"none\"."
         )
 
 

@@ -31,8 +31,6 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
     """Write ``out`` (a checkpoint directory: ``iter_N`` and ``latest``) from the checkpoint
     ``source`` at the layout its recipe takes with ``overrides``; all checks come before any work,
     and ``out`` appears whole or not at all. Returns a line saying what was written."""
-    from dataclasses import fields
-
     from bigpt.checkpoint import store
     from bigpt.checkpoint.state import DP_ONLY_FORMAT, MODEL_PARALLEL, layout_overrides
     from bigpt.layout import Layout
@@ -49,7 +47,7 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
             raise BigptError(f"override {text!r}: tools/reshard.py changes only the layout (parallel.*) and "
                              "checkpoint.optimizer_format; the rest of the recipe is the checkpoint's. Pass other "
                              "changes to the run that resumes from OUT.")
-    default_format = next(f.default for f in fields(CheckpointConfig) if f.name == "optimizer_format")
+    default_format = CheckpointConfig().optimizer_format
     target = load_recipe(saved_recipe, [f"checkpoint.optimizer_format={default_format}", "parallel.data=0", *overrides])
     layout = Layout.from_recipe(target)  # on paper: the degrees fit the model and the batch
     if os.path.exists(out):
@@ -64,10 +62,8 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
     work.mkdir(parents=True)
     try:
         if marker.get("optimizer_format") == DP_ONLY_FORMAT and any(saved[key] != ours[key] for key in MODEL_PARALLEL):
-            at_saved_layout = load_recipe(saved_recipe, [
-                f"parallel.tensor={saved['tp']}", f"parallel.pipeline={saved['pp']}",
-                f"parallel.virtual_pipeline={saved['vpp']}", f"parallel.context={saved['cp']}",
-                "parallel.data=0", f"checkpoint.optimizer_format={IN_PLACE_FORMAT}"])
+            at_saved_layout = load_recipe(saved_recipe, [*layout_overrides(saved).split(), "parallel.data=0",
+                                                         f"checkpoint.optimizer_format={IN_PLACE_FORMAT}"])
             checkpoint = _run_stage(at_saved_layout, checkpoint, work / "stage", f"loading {checkpoint}")
         _run_stage(target, checkpoint, work / "out", f"writing {out}")
         os.replace(work / "out", out)
