@@ -203,6 +203,9 @@ def test_dp_reshardable_checkpoints_resume_exactly_and_refuse_another_tensor_par
                         "parallel.tensor=2", nproc=2, check=False)
     assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr  # each rank: a user error
     assert 'saved with checkpoint.optimizer_format = "dp_reshardable"' in refused.stderr and "tp 1 -> 2" in refused.stderr
+    out = tmp_path / "saved" / "checkpoints_tp2_pp1_vpp1"
+    assert (f"python tools/reshard.py {checkpoint} {out} parallel.tensor=2 parallel.pipeline=1 "
+            f'parallel.virtual_pipeline=1 parallel.context=1, then resume with checkpoint.load = "{out}"') in refused.stderr
 
 
 @pytest.mark.parametrize("async_save", ["false", "true"])

@@ -4,6 +4,7 @@ Model tensors are keyed by their global names (layer numbers included), and the 
 optimizer is saved in its fully reshardable form, so a checkpoint loads at any TP/PP/VPP/DP.
 """
 
+import shlex
 import shutil
 from contextlib import contextmanager
 from functools import partial
@@ -37,15 +38,24 @@ DP_ONLY_FORMAT = "dp_reshardable"
 MODEL_PARALLEL = ("tp", "pp", "vpp")
 
 
+def layout_overrides(tag: dict) -> str:
+    """The parallel.* overrides that give a layout tag's model-parallel degrees (tp, pp, vpp, cp)."""
+    return " ".join(f"parallel.{name}={tag[key]}" for key, name in
+                    (("tp", "tensor"), ("pp", "pipeline"), ("vpp", "virtual_pipeline"), ("cp", "context")))
+
+
 def _check_optimizer_format(path: Path, marker: dict, trainer: Trainer) -> None:
     saved, ours = marker.get("layout", {}), _layout_tag(trainer)
     changed = [f"{key} {saved.get(key)} -> {ours[key]}" for key in MODEL_PARALLEL if saved.get(key) != ours[key]]
     if marker.get("optimizer_format") == DP_ONLY_FORMAT and changed:
+        out = path.parent.with_name(f"{path.parent.name}_tp{ours['tp']}_pp{ours['pp']}_vpp{ours['vpp']}")
         raise BigptError(
             f"checkpoint {path} was saved with checkpoint.optimizer_format = \"{DP_ONLY_FORMAT}\", whose "
             f"optimizer state loads only at the TP/PP/VPP it was saved with ({', '.join(changed)}); resume "
-            "at that layout (any data-parallel size), or start from its weights only with "
-            "init.from_checkpoint and checkpoint.load = \"none\"."
+            "at that layout (any data-parallel size), or reshard it for this one, offline on CPUs: python "
+            f"tools/reshard.py {shlex.quote(str(path))} {shlex.quote(str(out))} {layout_overrides(ours)}, then "
+            f"resume with checkpoint.load = \"{out}\"; or start from its weights only with init.from_checkpoint "
+            "and checkpoint.load = \"none\"."
         )
 
 

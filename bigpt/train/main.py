@@ -31,9 +31,10 @@ from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes,
 from bigpt.train.trainer import Trainer
 
 
-def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = True) -> Trainer:
-    """Everything a run needs, on a process group that already exists. ``initial_weights``:
-    load [init]'s weights (a resumed run skips them: its checkpoint replaces them anyway)."""
+def build_model_and_optimizer(recipe: Recipe, layout: Layout, *, initial_weights: bool = True):
+    """The model chunks (wrapped for data parallelism), optimizer and learning-rate scheduler, on a
+    process group that already exists. ``initial_weights``: load [init]'s weights (a resumed run
+    skips them: its checkpoint replaces them anyway)."""
     seed_everything(recipe.train.seed)
     init_batch_calculator(recipe, layout)
     chunks, config = build_model_chunks(recipe, layout)
@@ -45,7 +46,13 @@ def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = Tru
     optimizer = build_optimizer(recipe, model)
     wire_model_config(config, model, optimizer)
     scheduler = build_scheduler(recipe, optimizer)
+    return model, optimizer, scheduler
 
+
+def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = True) -> Trainer:
+    """Everything a run needs, on a process group that already exists (``initial_weights``: as
+    ``build_model_and_optimizer``'s)."""
+    model, optimizer, scheduler = build_model_and_optimizer(recipe, layout, initial_weights=initial_weights)
     gbs = recipe.train.global_batch_size
     # Every evaluation reads the same first eval.iters global batches of the validation split.
     valid_samples = gbs * recipe.eval.iters if recipe.eval.interval else 0
