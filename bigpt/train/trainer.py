@@ -16,7 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe
-from bigpt.train import preemption
+from bigpt.runtime import preemption
 from bigpt.train.guard import BadStepGuard
 from bigpt.train.step import forward_step, reduce_losses
 
