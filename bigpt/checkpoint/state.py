@@ -110,7 +110,8 @@ def _full_state(trainer: Trainer, model_state: dict, *, is_loading: bool, optimi
     state["optimizer"] = trainer.optimizer.sharded_state_dict(
         model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
     state["scheduler"] = trainer.scheduler.state_dict()
-    state["train_state"] = {"iteration": trainer.state.iteration, "consumed_samples": trainer.state.consumed_samples}
+    state["train_state"] = {"iteration": trainer.state.iteration, "consumed_samples": trainer.state.consumed_samples,
+                            "guard": trainer.guard.state_dict()}
     state["rng_state"] = _rng_object()
     return state
 
@@ -267,6 +268,7 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     trainer.state.iteration = loaded["train_state"]["iteration"]
     trainer.state.consumed_samples = loaded["train_state"]["consumed_samples"]
+    trainer.guard.load_state_dict(loaded["train_state"].get("guard", {}))
     if same_layout:
         set_rng_state(loaded["rng_state"])
 

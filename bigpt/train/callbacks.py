@@ -75,7 +75,7 @@ class MetricsLogger(Callback):
             self.writer.add_scalar("valid/loss", loss, step)
             self.writer.add_scalar("valid/perplexity", math.exp(min(loss, 50)), step)
 
-    def on_end(self, trainer):
+    def close(self, trainer):
         if self.writer:
             self.writer.close()
 
