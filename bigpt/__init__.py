@@ -3,12 +3,15 @@
 Imports go one way, down these layers (a module may import its own layer's, if no cycle forms;
 tests/test_imports.py holds the table):
 
-1. ``errors``, ``paths``: the user-facing error and path checks every layer shares.
+1. ``errors``, ``paths``, ``numbers``: the user-facing error, path checks and file writes, and
+   counts as people read them, which every layer shares.
 2. ``recipe``: the TOML recipe, its keys and checks.
-3. ``layout``, ``flops``, ``memory``, ``plan``, ``model``: what a recipe means (parallel layout,
-   cost, memory, the megatron-core model), without processes.
-4. ``runtime``: the process: distributed groups, console, signals, seeding, megatron-core fixes.
-5. ``data``, ``checkpoint``, then ``hf`` (which writes checkpoints).
+3. ``layout``, ``flops``, ``memory``, ``plan``: what a recipe means on paper (parallel layout,
+   cost, memory).
+4. ``runtime``: the process: device, distributed groups, console, signals, seeding,
+   megatron-core fixes.
+5. ``model``, ``data``, ``checkpoint``, then ``hf`` (which writes checkpoints): the megatron-core
+   model and what feeds and saves it.
 6. ``train``, ``curate``: the two pipelines.
 7. ``dryrun``, ``logits``: the entry points' own modules; above them ``launchers/`` and ``tools/``.
 """

@@ -4,6 +4,7 @@ import sys
 
 from bigpt.flops import flops_per_step, num_parameters, parameters_per_stage
 from bigpt.layout import Layout
+from bigpt.numbers import short
 from bigpt.recipe import Recipe, padded_vocab_size, recipe_to_toml
 
 
@@ -26,18 +27,18 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         f"{list(layout.layers_per_stage)}{chunks}",
         f"vocab            {model.vocab_size:,} padded to {vocab:,} (a multiple of "
         f"make_vocab_size_divisible_by {model.make_vocab_size_divisible_by} × TP {layout.tp})",
-        f"parameters       {total:,} ({_short(total)})"
+        f"parameters       {total:,} ({short(total)})"
         + (f"; {unpadded:,} without vocab padding" if unpadded != total else ""),
     ]
     stages = parameters_per_stage(model, layout.layers_per_stage, vocab)
-    lines += [f"  stage {stage:<3}      {count:,} ({_short(count)}; {_short(count / layout.tp)} per GPU "
+    lines += [f"  stage {stage:<3}      {count:,} ({short(count)}; {short(count / layout.tp)} per GPU "
               f"at TP {layout.tp})" for stage, count in enumerate(stages)]
     lines += [
         f"batch            global {layout.global_batch_size} = micro {layout.micro_batch_size} "
         f"× DP {layout.dp} × {layout.num_microbatches} micro-batches",
         f"tokens per step  {layout.global_batch_size} × seq {model.seq_length} = {tokens_per_step:,}",
         f"training tokens  {train.train_iters:,} steps × {tokens_per_step:,} = "
-        f"{train.train_iters * tokens_per_step:,} ({_short(train.train_iters * tokens_per_step)})",
+        f"{train.train_iters * tokens_per_step:,} ({short(train.train_iters * tokens_per_step)})",
         f"FLOPs per step   {flops_per_step(recipe, layout.global_batch_size):.3e} "
         f"(3 × forward, causal mask not discounted)",
     ]
@@ -68,10 +69,3 @@ def describe(recipe: Recipe, layout: Layout) -> str:
                          f"{'; '.join(schedule_changes)}")
     lines += ["data plan", plan_tokens(recipe)]
     return "\n".join(lines)
-
-
-def _short(number: float) -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(number) >= scale:
-            return f"{number / scale:.2f}{suffix}"
-    return f"{number:.0f}"

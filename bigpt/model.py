@@ -21,6 +21,7 @@ from megatron.core.utils import init_method_normal
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe, padded_vocab_size
+from bigpt.runtime.device import on_gpu
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ _POSITIONS = {"rope": "rope", "learned": "learned_absolute"}
 
 @functools.cache
 def transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -79,8 +80,7 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
     m, p, prec, rc = recipe.model, recipe.parallel, recipe.precision, recipe.recompute
     activation, gated = _ACTIVATIONS[m.activation]
     dtype = DTYPES[prec.dtype]
-    on_gpu = torch.cuda.is_available()
-    fused = on_gpu  # the fused kernels are CUDA-only
+    fused = on_gpu()  # the fused kernels are CUDA-only
     extra = {}
     if not m.scaled_output_init:
         extra["output_layer_init_method"] = init_method_normal(m.init_std)

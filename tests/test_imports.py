@@ -5,11 +5,11 @@ from pathlib import Path
 
 BIGPT = Path(__file__).resolve().parent.parent / "bigpt"
 LAYERS = [  # lowest first; a unit is a subpackage or a top-level module of bigpt
-    {"bigpt", "errors", "paths"},
+    {"bigpt", "errors", "paths", "numbers"},
     {"recipe"},
-    {"layout", "flops", "memory", "plan", "model"},
+    {"layout", "flops", "memory", "plan"},
     {"runtime"},
-    {"data", "checkpoint", "hf"},
+    {"model", "data", "checkpoint", "hf"},
     {"train", "curate"},
     {"dryrun", "logits"},
 ]

@@ -23,6 +23,7 @@ import bigpt
 from bigpt.checkpoint import store
 from bigpt.checkpoint.async_save import AsyncSaver
 from bigpt.errors import BigptError
+from bigpt.paths import almost_full, names_a_full_disk
 from bigpt.recipe import recipe_to_toml
 from bigpt.runtime.seeding import rng_state, set_rng_state
 from bigpt.train.trainer import Trainer
@@ -201,9 +202,6 @@ class CheckpointWriter:
             ) from err
 
 
-ALMOST_FULL_BYTES = 1 << 20
-
-
 def _cause(err: BaseException, root: Path) -> str | None:
     """The underlying error of a failed write, e.g. "[Errno 28] No space left on device" (None: not
     a failed write, a bug). torch's CheckpointException carries it (on the coordinator only) as the
@@ -217,13 +215,11 @@ def _cause(err: BaseException, root: Path) -> str | None:
             "a write failed; rank 0 reports the cause"
     else:
         cause = lines[-1]
-    try:
-        full = shutil.disk_usage(root).free < ALMOST_FULL_BYTES
-    except OSError:
-        full = False
-    if full and "No space left on device" not in cause:
+    if names_a_full_disk(cause):
+        return cause
+    if almost_full(root):
         return f"No space left on device on the filesystem of {root}; the writer said: {cause}"
-    return cause if full or not isinstance(err, RuntimeError) else None
+    return None if isinstance(err, RuntimeError) else cause
 
 
 def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = False) -> None:

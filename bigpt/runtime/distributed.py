@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.runtime import cpu_compat, megatron_fixes
+from bigpt.runtime.device import on_gpu
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
             "or change parallel.* in the recipe."
         )
     megatron_fixes.apply()
-    if torch.cuda.is_available():
+    if on_gpu():
         # megatron-core's TP/SP communication overlap relies on kernels being issued in order.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -73,7 +74,7 @@ def is_logging_rank() -> bool:
 def process_group_of_one():
     """A gloo group of this process alone (tools that read or write checkpoints outside a job);
     the store lives in memory, so no port is taken."""
-    if not torch.cuda.is_available():
+    if not on_gpu():
         cpu_compat.enable()  # dist_checkpointing synchronizes "the GPU" even for CPU tensors
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

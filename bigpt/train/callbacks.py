@@ -7,13 +7,14 @@ import psutil
 import torch
 
 from bigpt.flops import flops_per_step, peak_flops_for
+from bigpt.runtime.device import on_gpu
 from bigpt.runtime.distributed import is_logging_rank
 from bigpt.train.trainer import Callback, Trainer
 
 
 def memory_gib() -> float:
     """Peak device memory on a GPU; resident memory of this process on CPU."""
-    if torch.cuda.is_available():
+    if on_gpu():
         return torch.cuda.max_memory_allocated() / 2**30
     return psutil.Process().memory_info().rss / 2**30
 
@@ -23,7 +24,7 @@ class Throughput(Callback):
     from the same FLOPs model the planner uses."""
 
     def on_start(self, trainer):
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+        name = torch.cuda.get_device_name() if on_gpu() else ""
         self.peak_tflops = peak_flops_for(name)
 
     def on_step(self, trainer, metrics):

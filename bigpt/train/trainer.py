@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe
 from bigpt.runtime import preemption
+from bigpt.runtime.device import device, on_gpu
 from bigpt.train.guard import BadStepGuard, BadStepStop
 from bigpt.train.step import forward_step, reduce_losses
 
@@ -123,7 +124,7 @@ class Trainer:
                 print(f"step {step}: skipped, {bad} (train.on_bad_step = \"skip\")", flush=True)
         if updated:
             self.scheduler.step(increment=global_batch_size)
-        if torch.cuda.is_available():
+        if on_gpu():
             torch.cuda.synchronize()
         self.state.iteration += 1
         self.state.consumed_samples += global_batch_size
@@ -144,9 +145,7 @@ class Trainer:
         sums = [torch.sum(buffer.grad_data, dtype=torch.float32)
                 for chunk in self.model if check_grads for buffer in chunk.buffers + chunk.expert_parallel_buffers]
         grads_bad = (~torch.isfinite(torch.stack(sums))).any() if sums else torch.tensor(False)
-        flags = torch.stack([grads_bad.float().cpu(), torch.tensor(float(preemption.requested()))])
-        if torch.cuda.is_available():
-            flags = flags.cuda()
+        flags = torch.stack([grads_bad.float().cpu(), torch.tensor(float(preemption.requested()))]).to(device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         grads_bad, preempt = flags.tolist()
         return not grads_bad, bool(preempt)
