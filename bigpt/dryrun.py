@@ -1,11 +1,10 @@
 """The --dry-run report: the resolved recipe and its plan, computed on paper."""
 
-import sys
-
 from bigpt.flops import flops_per_step, num_parameters, parameters_per_stage
 from bigpt.layout import Layout
 from bigpt.numbers import short
 from bigpt.recipe import Recipe, padded_vocab_size, recipe_to_toml
+from bigpt.runtime import console
 
 
 def describe(recipe: Recipe, layout: Layout) -> str:
@@ -57,7 +56,7 @@ def describe(recipe: Recipe, layout: Layout) -> str:
     check_outputs(recipe)
     if recipe.data.tokenizer:
         checked_tokenizer(recipe)
-    resume, changes = resume_point(recipe, warn=lambda message: print(f"bigpt: warning: {message}", file=sys.stderr))
+    resume, changes = resume_point(recipe, warn=console.warn)
     if resume is None:
         lines.append(f"start            fresh at step 0; checkpoints go to {checkpoint_dir(recipe)}")
         lines.append(f"initial weights  {check_initial_weights(recipe) or 'random (model.init_std)'}")

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from megatron.core import dist_checkpointing
 
-from multirank import FAULT_INJECTION, MOCK_RECIPE, RUN, run_bigpt, scalars
+from multirank import FAULT_INJECTION, MOCK_RECIPE, RUN, rank_output, run_bigpt, scalars
 
 from bigpt.checkpoint import store
 
@@ -230,8 +230,15 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(async_save
 
 
 def test_a_nan_loss_is_skipped_on_every_rank(tmp_path):
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, "parallel.pipeline=2", nproc=2, fault="nan_loss@3")
-    assert 'step 3: skipped, the loss is nan (train.on_bad_step = "skip")' in result.stdout
+    """Also what each rank prints (README, "One rank speaks"): the last one, which holds the loss
+    (the last pipeline stage), its step lines on stdout and notes on stderr; rank 0 nothing."""
+    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, "parallel.pipeline=2", nproc=2, fault="nan_loss@3",
+              rank_logs=tmp_path / "logs")
+    assert rank_output(tmp_path / "logs", 0) == ("", "")
+    stdout, stderr = rank_output(tmp_path / "logs", 1)
+    assert [line.split(" | ")[0] for line in stdout.splitlines()] == [
+        "step 1/6", "step 2/6", 'step 3: skipped, the loss is nan (train.on_bad_step = "skip")', *(f"step {n}/6" for n in range(3, 7))]
+    assert stderr and all(line.startswith("bigpt: ") for line in stderr.splitlines())
     assert scalars(tmp_path, "train/skipped") == [0, 0, 1, 0, 0, 0]
     later = scalars(tmp_path, "train/loss")[3:]
     assert all(loss == loss for loss in later)  # not NaN: the weights were never touched

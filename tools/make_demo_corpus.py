@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.data.demo_corpus import write_demo_corpus  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -20,7 +21,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="directory to write demo.jsonl into")
     args = parser.parse_args(argv)
     path, documents, size = write_demo_corpus(args.out)
-    print(f"wrote {path}: {documents:,} documents, {size / 2**20:.1f} MiB")
+    console.say(f"wrote {path}: {documents:,} documents, {size / 2**20:.1f} MiB")
     return 0
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.errors import reports_user_errors  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     model = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.field,
                             verbose=args.verbose)
-    print(f"wrote {model} ({args.vocab_size} tokens)")
+    console.say(f"wrote {model} ({args.vocab_size} tokens)")
     return 0
 
 

@@ -2,7 +2,6 @@
 
 import contextlib
 import datetime
-import logging
 import os
 
 import torch
@@ -11,11 +10,8 @@ from megatron.core import parallel_state
 
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
-from bigpt.runtime import cpu_compat, megatron_fixes
+from bigpt.runtime import console, cpu_compat, megatron_fixes
 from bigpt.runtime.device import on_gpu
-
-log = logging.getLogger(__name__)
-
 
 def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
     """Join the job torchrun started and build megatron-core's tp/pp/vpp/cp/dp groups."""
@@ -56,18 +52,13 @@ def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
         context_parallel_size=layout.cp,
         distributed_timeout_minutes=timeout_minutes,
     )
-    log.info("process groups ready: %s backend, %s", backend, layout)
+    console.note(f"process groups ready: {backend} backend, {layout}")
 
 
 def destroy_distributed() -> None:
     if dist.is_initialized():
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
-
-
-def is_logging_rank() -> bool:
-    """The last rank holds the loss (last pipeline stage), so it is the one that logs."""
-    return dist.get_rank() == dist.get_world_size() - 1
 
 
 @contextlib.contextmanager

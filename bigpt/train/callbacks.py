@@ -7,8 +7,8 @@ import psutil
 import torch
 
 from bigpt.flops import flops_per_step, peak_flops_for
+from bigpt.runtime import console
 from bigpt.runtime.device import on_gpu
-from bigpt.runtime.distributed import is_logging_rank
 from bigpt.train.trainer import Callback, Trainer
 
 
@@ -37,14 +37,15 @@ class Throughput(Callback):
 
 
 class MetricsLogger(Callback):
-    """One line every ``logging.interval`` steps on the logging rank; every scalar to TensorBoard."""
+    """One line every ``logging.interval`` steps from the speaking rank (it holds the loss, as every
+    rank does); every scalar to TensorBoard, which that rank writes."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.writer = None
 
     def on_start(self, trainer):
-        if trainer.recipe.logging.tensorboard and is_logging_rank():
+        if trainer.recipe.logging.tensorboard and console.speaks():
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
@@ -56,22 +57,17 @@ class MetricsLogger(Callback):
                 self.writer.add_scalar(f"train/{key}", float(value), step)
         if step % trainer.recipe.logging.interval and step != trainer.recipe.train.train_iters:
             return
-        if not is_logging_rank():
-            return
         tokens = trainer.state.consumed_samples * trainer.recipe.model.seq_length
         mfu = "n/a" if math.isnan(metrics["mfu"]) else f"{metrics['mfu']:.1%}"
-        print(
+        console.say(
             f"step {step}/{trainer.recipe.train.train_iters} | tokens {tokens:,} | loss {metrics['loss']:.4f} "
             f"| lr {metrics['lr']:.3e} | grad norm {metrics['grad_norm']:.3f} | {metrics['step_time']:.3f} s "
             f"| {metrics['tokens_per_s']:,.0f} tok/s | {metrics['tflops']:.3g} TFLOP/s/dev | MFU {mfu} "
-            f"| mem {metrics['memory_gib']:.2f} GiB" + (" | skipped" if metrics["skipped"] else ""),
-            flush=True,
+            f"| mem {metrics['memory_gib']:.2f} GiB" + (" | skipped" if metrics["skipped"] else "")
         )
 
     def log_eval(self, step: int, loss: float) -> None:
-        if not is_logging_rank():
-            return
-        print(f"step {step} | validation loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}", flush=True)
+        console.say(f"step {step} | validation loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
         if self.writer:
             self.writer.add_scalar("valid/loss", loss, step)
             self.writer.add_scalar("valid/perplexity", math.exp(min(loss, 50)), step)

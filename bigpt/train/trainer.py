@@ -17,7 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe
-from bigpt.runtime import preemption
+from bigpt.runtime import console, preemption
 from bigpt.runtime.device import device, on_gpu
 from bigpt.train.guard import BadStepGuard, BadStepStop
 from bigpt.train.step import forward_step, reduce_losses
@@ -120,8 +120,7 @@ class Trainer:
             updated, grad_norm, _ = self.optimizer.step()
         else:
             updated, grad_norm = False, None
-            if dist.get_rank() == 0:
-                print(f"step {step}: skipped, {bad} (train.on_bad_step = \"skip\")", flush=True)
+            console.say(f"step {step}: skipped, {bad} (train.on_bad_step = \"skip\")")
         if updated:
             self.scheduler.step(increment=global_batch_size)
         if on_gpu():
