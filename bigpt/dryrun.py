@@ -1,10 +1,10 @@
 """The --dry-run report: the resolved recipe and its plan, computed on paper."""
 
-import sys
-
 from bigpt.flops import flops_per_step, num_parameters, parameters_per_stage
 from bigpt.layout import Layout
+from bigpt.numbers import short
 from bigpt.recipe import Recipe, padded_vocab_size, recipe_to_toml
+from bigpt.runtime import console
 
 
 def describe(recipe: Recipe, layout: Layout) -> str:
@@ -26,18 +26,18 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         f"{list(layout.layers_per_stage)}{chunks}",
         f"vocab            {model.vocab_size:,} padded to {vocab:,} (a multiple of "
         f"make_vocab_size_divisible_by {model.make_vocab_size_divisible_by} × TP {layout.tp})",
-        f"parameters       {total:,} ({_short(total)})"
+        f"parameters       {total:,} ({short(total)})"
         + (f"; {unpadded:,} without vocab padding" if unpadded != total else ""),
     ]
     stages = parameters_per_stage(model, layout.layers_per_stage, vocab)
-    lines += [f"  stage {stage:<3}      {count:,} ({_short(count)}; {_short(count / layout.tp)} per GPU "
+    lines += [f"  stage {stage:<3}      {count:,} ({short(count)}; {short(count / layout.tp)} per GPU "
               f"at TP {layout.tp})" for stage, count in enumerate(stages)]
     lines += [
         f"batch            global {layout.global_batch_size} = micro {layout.micro_batch_size} "
         f"× DP {layout.dp} × {layout.num_microbatches} micro-batches",
         f"tokens per step  {layout.global_batch_size} × seq {model.seq_length} = {tokens_per_step:,}",
         f"training tokens  {train.train_iters:,} steps × {tokens_per_step:,} = "
-        f"{train.train_iters * tokens_per_step:,} ({_short(train.train_iters * tokens_per_step)})",
+        f"{train.train_iters * tokens_per_step:,} ({short(train.train_iters * tokens_per_step)})",
         f"FLOPs per step   {flops_per_step(recipe, layout.global_batch_size):.3e} "
         f"(3 × forward, causal mask not discounted)",
     ]
@@ -56,7 +56,7 @@ def describe(recipe: Recipe, layout: Layout) -> str:
     check_outputs(recipe)
     if recipe.data.tokenizer:
         checked_tokenizer(recipe)
-    resume, changes = resume_point(recipe, warn=lambda message: print(f"bigpt: warning: {message}", file=sys.stderr))
+    resume, changes = resume_point(recipe, warn=console.warn)
     if resume is None:
         lines.append(f"start            fresh at step 0; checkpoints go to {checkpoint_dir(recipe)}")
         lines.append(f"initial weights  {check_initial_weights(recipe) or 'random (model.init_std)'}")
@@ -68,10 +68,3 @@ def describe(recipe: Recipe, layout: Layout) -> str:
                          f"{'; '.join(schedule_changes)}")
     lines += ["data plan", plan_tokens(recipe)]
     return "\n".join(lines)
-
-
-def _short(number: float) -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(number) >= scale:
-            return f"{number / scale:.2f}{suffix}"
-    return f"{number:.0f}"

@@ -1,11 +1,8 @@
 """The one exception type for mistakes a user can make (recipe, data, checkpoint, layout).
 
-Launchers catch it, print its single-paragraph message without a traceback and exit with
-``EXIT_USER_ERROR``; anything else is a bug and keeps its traceback.
+Launchers and tools catch it, say its single-paragraph message without a traceback
+(``bigpt.runtime.console``) and exit with ``EXIT_USER_ERROR``; anything else is a bug and keeps its traceback.
 """
-
-import functools
-import sys
 
 EXIT_USER_ERROR = 2
 
@@ -20,18 +17,3 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C
 
 class Preempted(Exception):
     """A preemption signal arrived; the run saved a checkpoint and stops so that it can be requeued."""
-
-
-def reports_user_errors(main):
-    """Decorates a tool's ``main(argv) -> int``: a BigptError is printed as its one paragraph,
-    without a traceback, and the tool exits with ``EXIT_USER_ERROR``."""
-
-    @functools.wraps(main)
-    def run(argv=None) -> int:
-        try:
-            return main(argv)
-        except BigptError as err:
-            print(f"bigpt: error: {err}", file=sys.stderr)
-            return EXIT_USER_ERROR
-
-    return run

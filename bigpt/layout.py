@@ -112,7 +112,7 @@ def _check_tensor_split(recipe: Recipe) -> None:
              "model.ffn_hidden_size": model.ffn_hidden_size}
     for key, size in sizes.items():
         if size % tp:
-            choices = _divisors(math.gcd(*sizes.values()))
+            choices = divisors(math.gcd(*sizes.values()))
             recipe_error(recipe, f"{key}={size} is not divisible by parallel.tensor={tp}",
                          f"each tensor-parallel rank needs an equal share; parallel.tensor can "
                          f"be one of {choices}")
@@ -198,5 +198,6 @@ def _num_microbatches(recipe: Recipe, dp: int) -> int:
     return train.global_batch_size // per_pass
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def divisors(n: int, at_most: int | None = None) -> list[int]:
+    """The divisors of ``n`` up to ``at_most``."""
+    return [d for d in range(1, min(n, at_most or n) + 1) if n % d == 0]

@@ -9,7 +9,6 @@ separate layers (other checkpoint names); docs/megatron-core.md.
 
 import functools
 import importlib.util
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +20,9 @@ from megatron.core.utils import init_method_normal
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe, padded_vocab_size
+from bigpt.runtime import console
+from bigpt.runtime.device import on_gpu
 
-log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "relu": (F.relu, False)}
@@ -32,7 +32,7 @@ _POSITIONS = {"rope": "rope", "learned": "learned_absolute"}
 
 @functools.cache
 def transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -79,8 +79,7 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
     m, p, prec, rc = recipe.model, recipe.parallel, recipe.precision, recipe.recompute
     activation, gated = _ACTIVATIONS[m.activation]
     dtype = DTYPES[prec.dtype]
-    on_gpu = torch.cuda.is_available()
-    fused = on_gpu  # the fused kernels are CUDA-only
+    fused = on_gpu()  # the fused kernels are CUDA-only
     extra = {}
     if not m.scaled_output_init:
         extra["output_layer_init_method"] = init_method_normal(m.init_std)
@@ -154,7 +153,7 @@ def layer_spec(recipe: Recipe, *, use_te: bool):
 def build_model_chunks(recipe: Recipe, layout: Layout) -> tuple[list[GPTModel], TransformerConfig]:
     """The GPTModel chunks this rank holds, in virtual-stage order, and their shared config."""
     use_te = use_transformer_engine(recipe)
-    log.info("transformer layers: %s", "Transformer Engine" if use_te else "megatron-core local spec (no Transformer Engine)")
+    console.note(f"transformer layers: {'Transformer Engine' if use_te else 'megatron-core local spec (no Transformer Engine)'}")
     config = transformer_config(recipe, layout, use_te=use_te)
     spec = layer_spec(recipe, use_te=use_te)
     m = recipe.model

@@ -3,9 +3,11 @@ paragraph naming the key or argument; never a traceback, and "is a directory" wh
 
 import errno
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, TextIO
 
 from bigpt.errors import BigptError
 
@@ -68,6 +70,40 @@ def _check_name_lengths(existing: Path, missing: list[str], path, key: str) -> N
                              "filesystem allows; choose a shorter one.")
 
 
+def write_atomically(path: Path, content: str | Callable[[TextIO], None]) -> None:
+    """``path`` holds the old content or all of the new (``content``, or what ``content(file)``
+    writes), even after a crash: written beside it, flushed to disk, then renamed over it."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as f:
+        if callable(content):
+            content(f)
+        else:
+            f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+ALMOST_FULL_BYTES = 1 << 20
+
+
+def names_a_full_disk(err: BaseException | str) -> bool:
+    """``err`` is a full filesystem or quota: by its errno, or quoting the system's words (a
+    serializer's own error)."""
+    return getattr(err, "errno", None) in FULL_DISK_ERRNOS or any(
+        os.strerror(code) in str(err) for code in FULL_DISK_ERRNOS)
+
+
+def almost_full(path) -> bool:
+    """The filesystem of ``path`` has under 1 MiB free: a write that failed there ran out of space,
+    even when its writer reports only its own symptom."""
+    try:
+        return shutil.disk_usage(path).free < ALMOST_FULL_BYTES
+    except OSError:
+        return False
+
+
 @contextmanager
 def reporting_a_full_disk(path, key: str):
     """Writes to ``path`` (named by ``key``) whose partial output the caller removes: a full
@@ -76,8 +112,7 @@ def reporting_a_full_disk(path, key: str):
     try:
         yield
     except Exception as err:
-        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
-                os.strerror(code) in str(err) for code in (errno.ENOSPC, errno.EDQUOT)):
+        if names_a_full_disk(err):
             raise BigptError(f"writing {key} = {path} failed: {os.strerror(errno.ENOSPC)} (or over quota) on its "
                              "filesystem; nothing was replaced. Free space there or write elsewhere, then run "
                              "again.") from None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from bigpt.errors import BigptError
 from bigpt.flops import Gpu, flops_per_step, gpu_named, num_parameters, parameters_per_stage
-from bigpt.layout import Layout
+from bigpt.layout import Layout, divisors
 from bigpt.memory import ADAM_STATE_BYTES, DTYPE_BYTES, MASTER_WEIGHT_BYTES, StageMemory, peak_memory
 from bigpt.recipe import Recipe, padded_vocab_size
 
@@ -109,12 +109,12 @@ def _candidates(recipe: Recipe, gpus: int, gpus_per_node: int):
     model, train = recipe.model, recipe.train
     # Each degree is bounded by what it splits (heads, half the sequence, layers), so an absurd GPU
     # count answers at once instead of testing every one of its divisors.
-    for tp in _divisors(min(gpus, gpus_per_node), at_most=model.num_attention_heads):
-        for cp in _divisors(gpus // tp, at_most=max(1, model.seq_length // 2)) if gpus % tp == 0 else ():
-            for pp in _divisors(gpus // (tp * cp), at_most=model.num_layers):
-                for vpp in _divisors(model.num_layers // pp) if pp > 1 else (1,):
+    for tp in divisors(min(gpus, gpus_per_node), at_most=model.num_attention_heads):
+        for cp in divisors(gpus // tp, at_most=max(1, model.seq_length // 2)) if gpus % tp == 0 else ():
+            for pp in divisors(gpus // (tp * cp), at_most=model.num_layers):
+                for vpp in divisors(model.num_layers // pp) if pp > 1 else (1,):
                     dp = gpus // (tp * cp * pp)
-                    for mbs in _divisors(train.global_batch_size // dp):
+                    for mbs in divisors(train.global_batch_size // dp):
                         parallel = dataclasses.replace(
                             recipe.parallel, tensor=tp, context=cp, pipeline=pp, virtual_pipeline=vpp,
                             data=0, sequence_parallel=tp > 1)
@@ -158,11 +158,6 @@ def _rank(option: Option) -> tuple:
     layout = option.layout
     return (layout.tp * layout.cp * layout.pp, layout.pp, layout.cp, round(max(option.bubble, 0.01), 2),
             layout.vpp, -layout.micro_batch_size, option.memory.total)
-
-
-def _divisors(n: int, at_most: int | None = None) -> list[int]:
-    """The divisors of ``n`` up to ``at_most``."""
-    return [d for d in range(1, min(n, at_most or n) + 1) if n % d == 0]
 
 
 def describe_layout(layout: Layout) -> str:

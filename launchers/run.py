@@ -13,10 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.cli import recipe_parser  # noqa: E402
 from bigpt.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, BigptError, Preempted  # noqa: E402
-from bigpt.runtime.console import configure_console  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
 
 skip_torch_compile_without_gpu()
+console.quiet_dependencies()  # before megatron-core is imported: it warns then
 
 QUIET_RANK_GRACE_S = 30
 
@@ -29,8 +30,6 @@ parser.add_argument("--world-size", type=int, default=None,
 
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    configure_console(rank)
     try:
         from bigpt.layout import Layout
         from bigpt.recipe import load_recipe
@@ -39,15 +38,14 @@ def main(argv=None) -> int:
         if args.dry_run:
             from bigpt.dryrun import describe
 
-            print(describe(recipe, Layout.from_recipe(recipe, args.world_size)))
+            console.say(describe(recipe, Layout.from_recipe(recipe, args.world_size)))
             return 0
         layout = Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     except BigptError as err:  # the same on every rank: say it once
-        if rank == 0:
-            print(f"bigpt: error: {err}", file=sys.stderr)
-        else:
+        console.error(str(err))
+        if not console.speaks():
             # torchrun kills the remaining ranks when the first one exits; were that a silent
-            # rank, rank 0 could die before it says why. Rank 0 fails the same way, so give it time.
+            # rank, the speaking one could die before it says why. It fails the same way, so give it time.
             time.sleep(QUIET_RANK_GRACE_S)
         return EXIT_USER_ERROR
     try:
@@ -56,16 +54,13 @@ def main(argv=None) -> int:
         train(recipe, layout)
         return 0
     except BigptError as err:
-        print(f"bigpt: error (rank {rank}): {err}", file=sys.stderr)
+        console.rank_error(str(err))
         return EXIT_USER_ERROR
     except Preempted as stop:
-        if rank == 0:
-            print(f"bigpt: {stop} (exit {EXIT_PREEMPTED})", file=sys.stderr)
+        console.note(f"{stop} (exit {EXIT_PREEMPTED})")
         return EXIT_PREEMPTED
     except KeyboardInterrupt:  # Ctrl-C before the first step: there is nothing to save yet
-        if rank == 0:
-            print(f"bigpt: interrupted before training started; nothing was saved (exit {EXIT_INTERRUPTED})",
-                  file=sys.stderr)
+        console.note(f"interrupted before training started; nothing was saved (exit {EXIT_INTERRUPTED})")
         return EXIT_INTERRUPTED
 
 

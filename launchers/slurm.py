@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bigpt.cli import recipe_parser  # noqa: E402
-from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
+from bigpt.errors import BigptError  # noqa: E402
 from bigpt.paths import check_output_file, check_writable  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parent / "bigpt.sbatch"
 SHUTDOWN_MARGIN_S = 30
@@ -192,7 +193,7 @@ def submit(script_path: Path) -> str:
     return result.stdout.strip()
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bigpt.recipe import load_recipe
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
     if args.out or args.submit:
         path.write_text(script)
         if args.submit:
-            print(submit(path))
+            console.say(submit(path))
     else:
         sys.stdout.write(script)
     return 0

@@ -12,21 +12,30 @@ FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection.py"
 
 
 def run_bigpt(recipe, *overrides: str, nproc: int = 1, timeout: int = 300, check: bool = True, script=RUN,
-              fault: str = ""):
+              fault: str = "", rank_logs=None):
     """``torchrun --nproc_per_node nproc launchers/run.py recipe overrides`` (or another torchrun
     ``script``) with one thread per rank (without it, 8 CPU ranks oversubscribe a small machine
     and crawl). ``fault`` runs it through tests/fault_injection.py instead (e.g. "nan_loss@3").
-    Unsafe unpickling is always refused (TORCH_FORCE_WEIGHTS_ONLY_LOAD), so no load can depend on it."""
+    ``rank_logs``: each rank's stdout and stderr go to files there (``rank_output``), not to the
+    result's. Unsafe unpickling is always refused (TORCH_FORCE_WEIGHTS_ONLY_LOAD), so no load can
+    depend on it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
     if fault:
         env["BIGPT_TEST_FAULT"] = fault
         script = FAULT_INJECTION
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    per_rank = ["--log-dir", str(rank_logs), "--redirects", "3"] if rank_logs else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *per_rank,
                str(script), str(recipe), *overrides]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"bigpt failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def rank_output(rank_logs, rank: int) -> tuple[str, str]:
+    """(stdout, stderr) of one rank of a ``run_bigpt(..., rank_logs=...)`` job (torchrun's files)."""
+    folder = next(Path(rank_logs).glob(f"*/attempt_0/{rank}"))
+    return (folder / "stdout.log").read_text(), (folder / "stderr.log").read_text()
 
 
 def scalars(run_dir, tag: str) -> list[float]:

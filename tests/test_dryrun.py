@@ -45,3 +45,10 @@ def test_describe_plans_the_data(tmp_path, small_tokenizer):
         describe(recipe, Layout.from_recipe(recipe, 4))
     mock = tiny_on_mock_data(tmp_path, small_tokenizer)
     assert "data: mock (random tokens), 30.7K tokens" in describe(mock, Layout.from_recipe(mock, 4))
+
+
+def test_counts_read_with_three_significant_digits():
+    from bigpt.numbers import short
+
+    assert [short(n) for n in (999, 30_720, 125_829_120, 8_030_261_248, 70.55e9, 2.5e15)] == \
+        ["999", "30.7K", "126M", "8.03B", "70.5B", "2500T"]

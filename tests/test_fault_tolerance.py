@@ -15,8 +15,9 @@ import time
 
 import psutil
 import pytest
+from megatron.core import dist_checkpointing
 
-from multirank import FAULT_INJECTION, MOCK_RECIPE, RUN, run_bigpt, scalars
+from multirank import FAULT_INJECTION, MOCK_RECIPE, RUN, rank_output, run_bigpt, scalars
 
 from bigpt.checkpoint import store
 
@@ -73,6 +74,11 @@ def resumed_step(stdout: str) -> int:
     return int(line.split("(step ")[1].split(",")[0])
 
 
+def saved_guard(checkpoint) -> dict:
+    """The bad-step guard's state in a checkpoint."""
+    return dist_checkpointing.load_common_state_dict(str(checkpoint))["train_state"]["guard"]
+
+
 def losses(run_dir) -> list[float]:
     """The logged losses, step by step (none when a resumed run had nothing left to do)."""
     try:
@@ -126,6 +132,11 @@ def test_preemption_saves_and_exits_for_requeue_even_when_signalled_twice(refere
                         *COMMON, nproc=2)
     assert resumed_step(resumed.stdout) == preempted_at
     assert losses(tmp_path / "resumed") == losses(reference("dp2"))[preempted_at:]
+    # The bad-step guard's history went through the checkpoint: the resumed run judges (spikes) as the
+    # uninterrupted one, whose history holds every step's loss.
+    final = f"iter_{STEPS:07d}"
+    assert saved_guard(tmp_path / "checkpoints" / final) == saved_guard(reference("dp2") / "checkpoints" / final)
+    assert saved_guard(tmp_path / "checkpoints" / final)["recent"] == pytest.approx(losses(reference("dp2")), rel=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2_vpp2"])
@@ -222,20 +233,29 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(async_save
 
 
 def test_a_nan_loss_is_skipped_on_every_rank(tmp_path):
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, "parallel.pipeline=2", nproc=2, fault="nan_loss@3")
-    assert 'step 3: skipped, the loss is nan (train.on_bad_step = "skip")' in result.stdout
+    """Also what each rank prints (README, "One rank speaks"): the last one, which holds the loss
+    (the last pipeline stage), its step lines on stdout and notes on stderr; rank 0 nothing."""
+    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, "parallel.pipeline=2", nproc=2, fault="nan_loss@3",
+              rank_logs=tmp_path / "logs")
+    assert rank_output(tmp_path / "logs", 0) == ("", "")
+    stdout, stderr = rank_output(tmp_path / "logs", 1)
+    assert [line.split(" | ")[0] for line in stdout.splitlines()] == [
+        "step 1/6", "step 2/6", 'step 3: skipped, the loss is nan (train.on_bad_step = "skip")', *(f"step {n}/6" for n in range(3, 7))]
+    assert stderr and all(line.startswith("bigpt: ") for line in stderr.splitlines())
     assert scalars(tmp_path, "train/skipped") == [0, 0, 1, 0, 0, 0]
     later = scalars(tmp_path, "train/loss")[3:]
     assert all(loss == loss for loss in later)  # not NaN: the weights were never touched
 
 
 def test_a_nan_loss_stops_the_run_with_the_last_checkpoint_intact(tmp_path):
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, "train.on_bad_step=stop", nproc=2,
-                       fault="nan_loss@3", check=False)
+    """Asynchronous saves: the save of step 2, in flight when step 3 stops the run, is finished."""
+    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, "train.on_bad_step=stop", "checkpoint.async_save=true",
+                       nproc=2, fault="nan_loss@3", check=False)
     assert result.returncode != 0
     assert "step 3: the loss is nan; stopping (train.on_bad_step = \"stop\") without saving" in result.stderr
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     assert not (tmp_path / "checkpoints" / "iter_0000003").exists()
+    assert len(losses(tmp_path)) == 2
 
 
 # ------------------------------------------------------------------------ fp16 loss scaling

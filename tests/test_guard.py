@@ -44,3 +44,27 @@ def test_skipping_stops_after_too_many_bad_steps_in_a_row():
 def test_stop_policy_stops_at_the_first_bad_step():
     with pytest.raises(BigptError, match=r'stopping \(train.on_bad_step = "stop"\) without saving'):
         guard(on_bad_step="stop").record(7, 5.0, "the gradients hold NaN or Inf")
+
+
+def test_a_guard_restored_from_its_state_judges_as_the_uninterrupted_one():
+    losses = [5.0 - 0.01 * step for step in range(30)]
+    losses[14] = losses[22] = 20.0  # spikes, judged only with the history before them
+    losses[17] = float("nan")
+
+    def decisions(g, steps):
+        verdicts = []
+        for step in steps:
+            verdicts.append(g.verdict(losses[step], True))
+            g.record(step, losses[step], verdicts[-1])
+        return verdicts
+
+    uninterrupted = decisions(guard(loss_spike_factor=2.0), range(30))
+    assert [step for step, verdict in enumerate(uninterrupted) if verdict] == [14, 17, 22]
+    before = guard(loss_spike_factor=2.0)
+    first = decisions(before, range(18))  # stopped after the NaN: one bad step in a row
+    resumed = guard(loss_spike_factor=2.0)
+    resumed.load_state_dict(before.state_dict())
+    assert first + decisions(resumed, range(18, 30)) == uninterrupted
+    fresh = guard(loss_spike_factor=2.0)
+    fresh.load_state_dict({})  # a checkpoint saved before the guard's state was
+    assert decisions(fresh, range(18, 30)) == [None] * 12  # no history: the spike at 22 is missed

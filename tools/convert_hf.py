@@ -19,8 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.cli import Parser  # noqa: E402
-from bigpt.errors import reports_user_errors  # noqa: E402
-from bigpt.runtime.console import quiet_dependencies  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -41,10 +40,10 @@ to_hf.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (
 to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
-    quiet_dependencies()
+    console.quiet_dependencies()
     from bigpt.paths import check_writable
 
     check_writable(Path(args.out).resolve().parent, "the directory of OUT")
@@ -60,17 +59,17 @@ def main(argv=None) -> int:
     with process_group_of_one():
         if args.command == "import":
             model = import_hf(Path(args.hf_dir), Path(args.out))
-            print(f"wrote {args.out}: {model['num_layers']} layers, hidden {model['hidden_size']}, vocab "
-                  f"{model['vocab_size']}; start a run from it with init.from_checkpoint = \"{args.out}\" "
-                  f"and the [model] table in {Path(args.out) / 'model.toml'}")
+            console.say(f"wrote {args.out}: {model['num_layers']} layers, hidden {model['hidden_size']}, vocab "
+                        f"{model['vocab_size']}; start a run from it with init.from_checkpoint = \"{args.out}\" "
+                        f"and the [model] table in {Path(args.out) / 'model.toml'}")
         else:
             dtype = getattr(torch, args.dtype) if args.dtype else None
             note = export_hf(Path(args.checkpoint), Path(args.out), hf_files=args.hf_files and Path(args.hf_files),
                              dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
             warning = note.startswith("WARNING")
-            print(f"wrote {args.out}" + ("" if warning else f"; {note}"))
+            console.say(f"wrote {args.out}" + ("" if warning else f"; {note}"))
             if warning:
-                print(note, file=sys.stderr)
+                console.note(note)
     return 0
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.cli import recipe_parser  # noqa: E402
-from bigpt.errors import EXIT_INTERRUPTED, BigptError, reports_user_errors  # noqa: E402
+from bigpt.errors import EXIT_INTERRUPTED, BigptError  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 
 parser = recipe_parser(__doc__, recipe_help="a curation recipe (recipes/data/*.toml)",
@@ -31,7 +32,7 @@ parser.add_argument("--sample", type=int, metavar="N",
                          "stage and rule, what it drops with excerpts (written to OUTPUT/explain/)")
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from bigpt.curate import load_curation_recipe
@@ -49,28 +50,27 @@ def main(argv=None) -> int:
     try:
         result = explain(recipe, args.sample) if args.sample else curate(recipe, restart=args.restart)
     except KeyboardInterrupt:
-        print("bigpt: interrupted; run the same command again to resume (finished shards are kept).",
-              file=sys.stderr)
+        console.note("interrupted; run the same command again to resume (finished shards are kept).")
         return EXIT_INTERRUPTED
     if result.report is None:
-        print(f"submitted the curation jobs to SLURM; the last one writes {result.output}/curated.jsonl")
+        console.say(f"submitted the curation jobs to SLURM; the last one writes {result.output}/curated.jsonl")
         return 0
     for stage in result.report["stages"]:
-        print(f"{stage['stage']:>20}: {stage['in']['documents']:,} -> {stage['kept']['documents']:,} documents")
+        console.say(f"{stage['stage']:>20}: {stage['in']['documents']:,} -> {stage['kept']['documents']:,} documents")
         for rule, counts in stage["dropped_by_rule"].items():
-            print(f"{'':>22}{rule}: {counts['documents']:,} documents, {counts['words']:,} words")
+            console.say(f"{'':>22}{rule}: {counts['documents']:,} documents, {counts['words']:,} words")
             for excerpt in stage["excerpts"].get(rule, []):
-                print(f"{'':>24}{excerpt['id']} ({excerpt['words']:,} words): {excerpt['text'][:100]}")
+                console.say(f"{'':>24}{excerpt['id']} ({excerpt['words']:,} words): {excerpt['text'][:100]}")
     skipped = result.report["read"]["skipped_lines"]
     if skipped:
-        print(f"skipped {sum(skipped.values()):,} input lines: "
-              + ", ".join(f"{reason} {count:,}" for reason, count in skipped.items()))
+        console.say(f"skipped {sum(skipped.values()):,} input lines: "
+                    + ", ".join(f"{reason} {count:,}" for reason, count in skipped.items()))
     total = result.report["total"]
     seconds = time.perf_counter() - started
-    print(f"kept {total['kept']['documents']:,} of {total['in']['documents']:,} documents "
-          f"({total['kept']['words']:,} of {total['in']['words']:,} words) in {seconds:.1f} s "
-          f"({total['in']['documents'] / seconds:,.0f} documents/s): "
-          f"{result.output}/curated.jsonl, report.json, report.png")
+    console.say(f"kept {total['kept']['documents']:,} of {total['in']['documents']:,} documents "
+                f"({total['kept']['words']:,} of {total['in']['words']:,} words) in {seconds:.1f} s "
+                f"({total['in']['documents'] / seconds:,.0f} documents/s): "
+                f"{result.output}/curated.jsonl, report.json, report.png")
     return 0
 
 

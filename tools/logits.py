@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.cli import recipe_parser  # noqa: E402
-from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
+from bigpt.errors import BigptError  # noqa: E402
 from bigpt.paths import check_input_file, check_output_file  # noqa: E402
-from bigpt.runtime.console import quiet_dependencies  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
 
 skip_torch_compile_without_gpu()
@@ -69,10 +69,10 @@ def write_logits(recipe, tokens, out: str) -> None:
         np.save(out, logits.numpy())
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
-    quiet_dependencies()
+    console.quiet_dependencies()
     from bigpt.recipe import load_recipe
     from bigpt.runtime.distributed import destroy_distributed, init_distributed
 

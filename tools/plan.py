@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.cli import recipe_parser  # noqa: E402
-from bigpt.errors import reports_user_errors  # noqa: E402
 from bigpt.flops import GPUS  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 
 parser = recipe_parser(__doc__, example="train.micro_batch_size=2")
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     return args
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bigpt.plan import make_plan, report
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     plan = make_plan(recipe, args.gpus, args.gpu, mfu=args.mfu, headroom=args.headroom,
                      gpus_per_node=args.gpus_per_node, fs_bytes_per_second=args.fs_gbps * 1e9)
-    print(report(plan, args.top))
+    console.say(report(plan, args.top))
     return 0
 
 

@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bigpt.cli import Parser  # noqa: E402
-from bigpt.errors import reports_user_errors  # noqa: E402
 from bigpt.paths import check_writable  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 DEMO_VOCAB_SIZE = 4096
 
@@ -30,11 +30,11 @@ def prepare(out: Path, force: bool) -> None:
 
     def step(name: str, output: Path, run) -> None:
         if output.exists() and not force:
-            print(f"{name}: {output} exists, skipped")
+            console.say(f"{name}: {output} exists, skipped")
             return
         started = time.monotonic()
         run()
-        print(f"{name}: wrote {output} in {time.monotonic() - started:.1f} s")
+        console.say(f"{name}: wrote {output} in {time.monotonic() - started:.1f} s")
 
     step("corpus", corpus, lambda: write_demo_corpus(out, corpus.name))
     step("tokenizer", tokenizer,
@@ -43,8 +43,8 @@ def prepare(out: Path, force: bool) -> None:
     def preprocess_corpus():
         from bigpt.data.preprocess import preprocess
 
-        print(preprocess(corpus, str(prefix), tokenizer, workers=os.cpu_count() or 1)
-              .line(str(prefix)))
+        console.say(preprocess(corpus, str(prefix), tokenizer, workers=os.cpu_count() or 1)
+                    .line(str(prefix)))
 
     step("dataset", Path(f"{prefix}.idx"), preprocess_corpus)
 
@@ -53,7 +53,7 @@ parser.add_argument("--out", type=Path, default=REPO / "data" / "demo", help="di
 parser.add_argument("--force", action="store_true", help="redo every step")
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_writable(args.out, "--out")

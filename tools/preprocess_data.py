@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.cli import Parser  # noqa: E402
-from bigpt.errors import reports_user_errors  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 parser = Parser(__doc__)
 parser.add_argument("--input", required=True,
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     return args
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bigpt.data.preprocess import preprocess
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     summary = preprocess(args.input, args.output_prefix, args.tokenizer,
                          text_field=args.field, workers=args.workers,
                          on_bad_line=args.on_bad_line, progress=sys.stderr)
-    print(summary.line(args.output_prefix))
+    console.say(summary.line(args.output_prefix))
     return 0
 
 

@@ -17,6 +17,7 @@ from bigpt.cli import Parser  # noqa: E402
 from bigpt.curate.recipe import CurationRecipe  # noqa: E402
 from bigpt.recipe import Recipe  # noqa: E402
 from bigpt.recipe.reference import reference_markdown  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -41,4 +42,4 @@ if __name__ == "__main__":
     parser.parse_args()
     for name, text in references().items():
         (DOCS / name).write_text(text)
-        print(DOCS / name)
+        console.say(str(DOCS / name))

@@ -19,8 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.cli import Parser  # noqa: E402
-from bigpt.errors import reports_user_errors  # noqa: E402
-from bigpt.runtime.console import quiet_dependencies  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 from bigpt.runtime.process import skip_torch_compile_without_gpu  # noqa: E402
 
 skip_torch_compile_without_gpu()
@@ -34,13 +33,13 @@ parser.add_argument("overrides", nargs="*", metavar="table.key=value",
                          "checkpoint.optimizer_format=dp_reshardable")
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
-    quiet_dependencies()
+    console.quiet_dependencies()
     from bigpt.train.reshard import reshard
 
-    print(reshard(Path(args.input), Path(args.out), args.overrides))
+    console.say(reshard(Path(args.input), Path(args.out), args.overrides))
     return 0
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.cli import Parser  # noqa: E402
-from bigpt.errors import BigptError, reports_user_errors  # noqa: E402
+from bigpt.errors import BigptError  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 parser = Parser(__doc__)
 parser.add_argument("--positive", required=True, type=Path,
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     return args
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
                                        epochs=args.epochs, lr=args.lr, ngrams=args.ngrams,
                                        dim=args.dim, buckets=args.buckets,
                                        held_out=args.held_out, seed=args.seed)
-    print(summary.line(str(args.out)))
+    console.say(summary.line(str(args.out)))
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.cli import Parser  # noqa: E402
-from bigpt.errors import reports_user_errors  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
 
 parser = Parser(__doc__)
 parser.add_argument("--input", required=True, nargs="+",
@@ -24,7 +24,7 @@ parser.add_argument("--field", default="text", help="JSONL field holding the tex
 parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
 
 
-@reports_user_errors
+@console.reports_user_errors
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from bigpt.data.tokenizer_training import train_tokenizer
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     model = train_tokenizer(args.input, args.vocab_size, args.output_prefix, text_field=args.field,
                             verbose=args.verbose)
-    print(f"wrote {model} ({args.vocab_size} tokens)")
+    console.say(f"wrote {model} ({args.vocab_size} tokens)")
     return 0
 
 

@@ -29,6 +29,8 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed.checkpoint.staging import AsyncStager
 
+from bigpt.runtime.device import device
+
 _FORMAT = TorchDistSaveShardedStrategy()  # only its format name and version are used
 
 
@@ -73,7 +75,7 @@ class AsyncSaver:
             return False
         if blocking:
             self.future.exception()  # waits
-        done = torch.tensor([float(self.future.done())], device="cuda" if torch.cuda.is_available() else "cpu")
+        done = torch.tensor([float(self.future.done())], device=device())
         dist.all_reduce(done, op=dist.ReduceOp.MIN)
         if not done.item():
             return False

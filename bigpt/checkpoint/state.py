@@ -24,6 +24,7 @@ import bigpt
 from bigpt.checkpoint import store
 from bigpt.checkpoint.async_save import AsyncSaver
 from bigpt.errors import BigptError
+from bigpt.paths import almost_full, names_a_full_disk
 from bigpt.recipe import recipe_to_toml
 from bigpt.runtime.seeding import rng_state, set_rng_state
 from bigpt.train.trainer import Trainer
@@ -120,7 +121,8 @@ def _full_state(trainer: Trainer, model_state: dict, *, is_loading: bool, optimi
     state["optimizer"] = trainer.optimizer.sharded_state_dict(
         model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
     state["scheduler"] = trainer.scheduler.state_dict()
-    state["train_state"] = {"iteration": trainer.state.iteration, "consumed_samples": trainer.state.consumed_samples}
+    state["train_state"] = {"iteration": trainer.state.iteration, "consumed_samples": trainer.state.consumed_samples,
+                            "guard": trainer.guard.state_dict()}
     state["rng_state"] = _rng_object()
     return state
 
@@ -210,9 +212,6 @@ class CheckpointWriter:
             ) from err
 
 
-ALMOST_FULL_BYTES = 1 << 20
-
-
 def _cause(err: BaseException, root: Path) -> str | None:
     """The underlying error of a failed write, e.g. "[Errno 28] No space left on device" (None: not
     a failed write, a bug). torch's CheckpointException carries it (on the coordinator only) as the
@@ -226,13 +225,11 @@ def _cause(err: BaseException, root: Path) -> str | None:
             "a write failed; rank 0 reports the cause"
     else:
         cause = lines[-1]
-    try:
-        full = shutil.disk_usage(root).free < ALMOST_FULL_BYTES
-    except OSError:
-        full = False
-    if full and "No space left on device" not in cause:
+    if names_a_full_disk(cause):
+        return cause
+    if almost_full(root):
         return f"No space left on device on the filesystem of {root}; the writer said: {cause}"
-    return cause if full or not isinstance(err, RuntimeError) else None
+    return None if isinstance(err, RuntimeError) else cause
 
 
 def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = False) -> None:
@@ -277,6 +274,7 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     trainer.state.iteration = loaded["train_state"]["iteration"]
     trainer.state.consumed_samples = loaded["train_state"]["consumed_samples"]
+    trainer.guard.load_state_dict(loaded["train_state"].get("guard", {}))
     if same_layout:
         set_rng_state(loaded["rng_state"])
 

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 from bigpt.errors import BigptError
+from bigpt.paths import write_atomically
 
 MARKER = "bigpt.json"  # written last: its presence means the checkpoint is complete
 LATEST = "latest"
@@ -45,15 +46,6 @@ def is_complete(path: Path) -> bool:
 def manifest(tmp_dir: Path) -> dict[str, int]:
     """Name and size of every file a save wrote, for ``problem`` to check."""
     return {p.name: p.stat().st_size for p in sorted(tmp_dir.iterdir()) if p.is_file()}
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def finalize(tmp_dir: Path, final_dir: Path, marker: dict) -> None:

@@ -6,13 +6,14 @@ and the report sums exactly one file per task.
 """
 
 import json
-import os
 from collections import deque
 from pathlib import Path
 
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
+
+from bigpt.paths import write_atomically
 
 LENGTH_BINS = 24
 """Histogram bin b holds documents of 2**(b-1) <= words < 2**b (bin 0: no words); the last
@@ -71,9 +72,7 @@ class Tally:
         record = {"in": self.counts["in"], "kept": self.counts["kept"], "dropped": self.dropped,
                   "hist_in": self.hist_in, "hist_kept": self.hist_kept,
                   "excerpts": {reason: found for reason, found in self.excerpts.items() if found}}
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, path)
+        write_atomically(path, json.dumps(record))
 
 
 class AuditedFilter(BaseFilter):

@@ -19,6 +19,7 @@ from datatrove.utils.word_tokenizers import load_word_tokenizer
 
 from bigpt.curate.recipe import CurationRecipe
 from bigpt.curate.stages import Job
+from bigpt.runtime import console
 
 
 def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
@@ -31,8 +32,8 @@ def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
                               logging_dir=str(work / "logs" / job.name),
                               start_method="forkserver" if job.fresh_processes else "fork").run()
         if sys.stderr.isatty():
-            print(f"bigpt: [{number}/{len(jobs)}] {job.name}: {job.tasks} tasks done in "
-                  f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+            console.note(f"[{number}/{len(jobs)}] {job.name}: {job.tasks} tasks done in "
+                         f"{time.perf_counter() - started:.1f} s")
 
 
 def _follow_parent(_=None) -> None:

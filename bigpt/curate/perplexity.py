@@ -14,9 +14,9 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.batching import batched
 
-from bigpt.checkpoint.store import write_atomically
 from bigpt.curate.reference import ReferenceFiles, ReferenceModel
 from bigpt.errors import BigptError
+from bigpt.paths import write_atomically
 
 SCORE = "perplexity"
 """The metadata key of a document's score."""

@@ -76,16 +76,17 @@ class ReferenceModel:
         import torch
 
         from bigpt.data.tokenizer import load_tokenizer
+        from bigpt.runtime.device import device, on_gpu
         from bigpt.runtime.distributed import model_parallel_of_one
 
-        if torch.cuda.is_available():
+        if on_gpu():
             torch.cuda.set_device(self.task % torch.cuda.device_count())
         self._groups = model_parallel_of_one()
         self._groups.__enter__()
         try:
             self.tokenizer = load_tokenizer(self.files.tokenizer)
             self.model, self.seq_length, self.vocab_size = _load_model(self.files.checkpoint)
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.device = device()
         except BaseException:
             self._groups.__exit__(None, None, None)
             raise

@@ -15,14 +15,13 @@ work files would mix two curations) unless started over with ``restart``.
 
 import dataclasses
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from bigpt.curate.recipe import MODEL_FILES, CurationRecipe, InputConfig, OutputConfig
 from bigpt.errors import BigptError
-from bigpt.paths import check_writable, not_a_file
+from bigpt.paths import check_writable, not_a_file, write_atomically
 from bigpt.recipe.serialize import recipe_to_dict
 
 CURATED = "curated.jsonl"
@@ -112,11 +111,11 @@ class Finalizer:
 
         work = self.out / "work"
         report = build_report(self.recipe, work, self.tasks)
-        _write_atomically(self.out / "report.json", lambda f: json.dump(report, f, indent=2))
+        write_atomically(self.out / "report.json", lambda f: json.dump(report, f, indent=2))
         if self.recipe.report.png:
             draw_report(report, self.out / "report.png")
         shards = sorted((work / FINAL_DOCS).glob("*.jsonl"))
-        _write_atomically(self.out / CURATED, lambda f: _concatenate(shards, f))
+        write_atomically(self.out / CURATED, lambda f: _concatenate(shards, f))
         return report
 
     def __call__(self, data=None, rank: int = 0, world_size: int = 1):
@@ -129,13 +128,6 @@ def _concatenate(shards: list[Path], out) -> None:
     for shard in shards:
         with open(shard) as f:
             shutil.copyfileobj(f, out)
-
-
-def _write_atomically(path: Path, write) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as f:
-        write(f)
-    os.replace(temporary, path)
 
 
 def _check_models(recipe: CurationRecipe) -> None:

@@ -1,7 +1,6 @@
 """Recipe [data] → megatron-core GPT datasets (mock, or phases of indexed-dataset blends)."""
 
 import os
-import sys
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -11,6 +10,7 @@ from bigpt.data.checks import check_vocab
 from bigpt.data.phases import Phase, PhasedDataset, plan_phases, validation_rereads
 from bigpt.data.rank_zero_first import build_rank_zero_first, megatron_sees_one_process
 from bigpt.data.tokenizer import Tokenizer, load_tokenizer
+from bigpt.runtime import console
 
 
 
@@ -44,9 +44,8 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     tokenizer = checked_tokenizer(recipe)
     cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
-    if world_rank == 0:
-        for warning in validation_rereads(recipe, phases[0], valid_samples):
-            print(f"bigpt: warning: {warning}", file=sys.stderr, flush=True)
+    for warning in validation_rereads(recipe, phases[0], valid_samples):
+        console.warn(warning)
     built = [_build_phase(recipe, tokenizer, number, phase, valid_samples if number == 0 else 0,
                           world_rank, cache_dir)
              for number, phase in enumerate(phases)]

@@ -23,6 +23,7 @@ from bigpt.data.checks import (
     split_tokens,
 )
 from bigpt.errors import BigptError
+from bigpt.numbers import short
 
 
 @dataclass
@@ -129,7 +130,7 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
     train_samples = train_samples or train.train_iters * train.global_batch_size
     seq_length = recipe.model.seq_length
     if recipe.data.source == "mock":
-        return f"data: mock (random tokens), {_count(train_samples * seq_length)} tokens"
+        return f"data: mock (random tokens), {short(train_samples * seq_length)} tokens"
     valid_samples = train.global_batch_size * recipe.eval.iters if recipe.eval.interval else 0
     rows = [("phase", "tokens", "dataset", "share", "drawn", "split size", "epochs")]
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
@@ -139,15 +140,8 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
         total = sum(phase.weights)
         for prefix, weight, tokens in zip(phase.prefixes, phase.weights, phase.train_tokens):
             drawn = weight / total * (last - first)
-            rows.append((phase.key, f"{_count(first)}-{_count(last)}", prefix, f"{weight / total:.1%}",
-                         _count(drawn), _count(tokens), f"{drawn / tokens:.2f}"))
+            rows.append((phase.key, f"{short(first)}-{short(last)}", prefix, f"{weight / total:.1%}",
+                         short(drawn), short(tokens), f"{drawn / tokens:.2f}"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(table + [f"warning: {line}" for line in validation_rereads(recipe, phases[0], valid_samples)])
-
-
-def _count(number: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if number >= size:
-            return f"{number / size:.1f}{unit}"
-    return f"{number:.0f}"

@@ -13,27 +13,53 @@ import datetime
 import logging
 import os
 from typing import Callable, TypeVar
-from unittest import mock
 
 import torch
 import torch.distributed as dist
+from megatron.core.datasets import blended_dataset, blended_megatron_dataset_builder, gpt_dataset
 
 from bigpt.errors import BigptError
 
 T = TypeVar("T")
+# What asks torch.distributed for the world: the rank ordering and "rank 0 writes the cache".
+MEGATRON_DATASET_MODULES = (blended_megatron_dataset_builder, gpt_dataset, blended_dataset)
+
+
+class _WorldOfOne:
+    """torch.distributed as a process outside any job shows it."""
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return False
+
+    @staticmethod
+    def get_rank() -> int:
+        return 0
+
+
+class _TorchOfOneProcess:
+    """``torch`` for megatron-core's dataset modules only: torch itself, but for its world."""
+
+    distributed = _WorldOfOne
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
 
 
 @contextlib.contextmanager
 def megatron_sees_one_process(quiet: bool):
-    """Make megatron-core's dataset code skip its rank ordering; ``quiet`` mutes its logging."""
+    """While megatron-core's dataset code builds, its modules (and they alone) see a world of one,
+    so it skips its rank ordering; ``quiet`` mutes its logging."""
     megatron_log = logging.getLogger("megatron.core.datasets")
     disabled = megatron_log.disabled
     megatron_log.disabled = disabled or quiet
+    for module in MEGATRON_DATASET_MODULES:
+        module.torch = _TorchOfOneProcess()
     try:
-        with mock.patch.object(torch.distributed, "is_initialized", return_value=False), \
-                mock.patch.object(torch.distributed, "get_rank", return_value=0):
-            yield
+        yield
     finally:
+        for module in MEGATRON_DATASET_MODULES:
+            module.torch = torch
         megatron_log.disabled = disabled
 
 

@@ -27,7 +27,7 @@ from bigpt.errors import BigptError
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
-from bigpt.paths import reporting_a_full_disk
+from bigpt.paths import reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
@@ -90,7 +90,7 @@ def import_hf(directory: Path, out: Path) -> dict:
         (tmp / MODEL_TOML).write_text(model_toml(model, directory))
         marker = {"iteration": 0, "imported_from": str(directory), "vocab_size": model["vocab_size"],
                   "bigpt_version": bigpt.__version__, "files": store.manifest(tmp)}
-        store.write_atomically(tmp / store.MARKER, json.dumps(marker, indent=2))
+        write_atomically(tmp / store.MARKER, json.dumps(marker, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,9 +1,28 @@
-"""What a run prints: bigpt's own log on rank 0, minus dependency warnings and log lines that are
-expected and say nothing a user can act on (no Apex/TE on CPU, deprecations inside megatron-core
-and of the APIs it calls, advice addressed to megatron-core's own callers)."""
+"""Everything bigpt, its launchers and its tools print goes through here: which rank speaks, to
+stdout or stderr, and how a line starts.
 
+- One rank speaks for the job: the last one, which holds the loss (the last pipeline stage); a
+  process outside a job (a tool, ``python launchers/run.py``) is a job of one. It says results
+  and progress on stdout (``say``: step lines, validation, where a run starts from, what a tool
+  wrote), notes and warnings on stderr (``note``: "bigpt: ...", ``warn``: "bigpt: warning: ...").
+- Errors go to stderr: an error every rank meets alike is said once, by the speaking rank
+  (``error``); one a rank may meet on its own is said by that rank, naming it in a job of several
+  (``rank_error``).
+- Every other rank prints nothing else; dependency output that is expected and says nothing a
+  user can act on (no Apex/TE on CPU, deprecations inside megatron-core and of the APIs it calls,
+  advice addressed to megatron-core's own callers) is dropped (``quiet_dependencies``).
+
+The rank comes from torchrun's environment (RANK, WORLD_SIZE), so it is known before the process
+groups exist, and in a signal handler.
+"""
+
+import functools
 import logging
+import os
+import sys
 import warnings
+
+from bigpt.errors import EXIT_USER_ERROR, BigptError
 
 _EXPECTED_WARNINGS = (
     r".*(Apex|Transformer Engine and Apex) (is|are) not installed.*",
@@ -38,11 +57,54 @@ def quiet_dependencies() -> None:
         logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
 
 
-def configure_console(rank: int) -> None:
-    quiet_dependencies()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("bigpt: %(message)s"))
-    bigpt_log = logging.getLogger("bigpt")
-    bigpt_log.addHandler(handler)
-    bigpt_log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    bigpt_log.propagate = False
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def speaks() -> bool:
+    """This process speaks for the job: the last rank, or the only one."""
+    return rank() == world_size() - 1
+
+
+def say(message: str) -> None:
+    if speaks():
+        print(message, flush=True)
+
+
+def note(message: str) -> None:
+    if speaks():
+        print(f"bigpt: {message}", file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    if speaks():
+        print(f"bigpt: warning: {message}", file=sys.stderr, flush=True)
+
+
+def error(message: str) -> None:
+    if speaks():
+        print(f"bigpt: error: {message}", file=sys.stderr, flush=True)
+
+
+def rank_error(message: str) -> None:
+    who = f" (rank {rank()})" if world_size() > 1 else ""
+    print(f"bigpt: error{who}: {message}", file=sys.stderr, flush=True)
+
+
+def reports_user_errors(main):
+    """Decorates a tool's ``main(argv) -> int``: a BigptError is said as its one paragraph,
+    without a traceback, and the tool exits with ``EXIT_USER_ERROR``."""
+
+    @functools.wraps(main)
+    def run(argv=None) -> int:
+        try:
+            return main(argv)
+        except BigptError as err:  # a tool under torchrun: each rank, as it may exit first
+            rank_error(str(err))
+            return EXIT_USER_ERROR
+
+    return run

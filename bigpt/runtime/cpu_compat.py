@@ -25,6 +25,7 @@ import logging
 import torch
 from torch.overrides import TorchFunctionMode
 
+from bigpt.runtime.device import on_gpu
 from bigpt.runtime.megatron_line import check_megatron_line
 
 _enabled = False
@@ -163,7 +164,7 @@ def enable() -> None:
     global _enabled
     if _enabled:
         return
-    if torch.cuda.is_available():
+    if on_gpu():
         raise RuntimeError("the CPU compatibility layer must not be enabled on a machine with a GPU")
     check_megatron_line()
     _patch_torch_cuda()

@@ -2,7 +2,6 @@
 
 import contextlib
 import datetime
-import logging
 import os
 
 import torch
@@ -11,10 +10,8 @@ from megatron.core import parallel_state
 
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
-from bigpt.runtime import cpu_compat, megatron_fixes
-
-log = logging.getLogger(__name__)
-
+from bigpt.runtime import console, cpu_compat, megatron_fixes
+from bigpt.runtime.device import on_gpu
 
 def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
     """Join the job torchrun started and build megatron-core's tp/pp/vpp/cp/dp groups."""
@@ -27,7 +24,7 @@ def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
             "or change parallel.* in the recipe."
         )
     megatron_fixes.apply()
-    if torch.cuda.is_available():
+    if on_gpu():
         # megatron-core's TP/SP communication overlap relies on kernels being issued in order.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -55,7 +52,7 @@ def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
         context_parallel_size=layout.cp,
         distributed_timeout_minutes=timeout_minutes,
     )
-    log.info("process groups ready: %s backend, %s", backend, layout)
+    console.note(f"process groups ready: {backend} backend, {layout}")
 
 
 def destroy_distributed() -> None:
@@ -64,16 +61,11 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def is_logging_rank() -> bool:
-    """The last rank holds the loss (last pipeline stage), so it is the one that logs."""
-    return dist.get_rank() == dist.get_world_size() - 1
-
-
 @contextlib.contextmanager
 def process_group_of_one():
     """A gloo group of this process alone (tools that read or write checkpoints outside a job);
     the store lives in memory, so no port is taken."""
-    if not torch.cuda.is_available():
+    if not on_gpu():
         cpu_compat.enable()  # dist_checkpointing synchronizes "the GPU" even for CPU tensors
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

@@ -17,7 +17,7 @@ from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from bigpt.runtime.megatron_line import check_megatron_line, patch_target_error
-from bigpt.train.preemption import start_helper_process
+from bigpt.runtime.preemption import start_helper_process
 
 
 def _keep_torch_adam_step_on_reshardable_load() -> None:

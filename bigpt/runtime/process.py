@@ -29,9 +29,9 @@ def skip_torch_compile_without_gpu() -> None:
     """Call before megatron-core is imported. It wraps its fused kernels in torch.compile as it is
     imported, which loads the inductor compiler (1-3 s). bigpt calls those kernels on GPUs only
     (``model.transformer_config``: fusions need CUDA), so without one torch.compile is made a no-op."""
-    import torch
+    from bigpt.runtime.device import on_gpu  # imports torch, not megatron-core
 
-    if not torch.cuda.is_available():
+    if not on_gpu():
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 

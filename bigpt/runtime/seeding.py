@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from megatron.core import tensor_parallel
 
+from bigpt.runtime.device import on_gpu
+
 
 def seed_everything(seed: int) -> None:
     """Python, NumPy and torch get ``seed``; megatron-core's tracker derives the tensor-parallel
@@ -23,7 +25,7 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    if torch.cuda.is_available():
+    if on_gpu():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 

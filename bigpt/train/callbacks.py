@@ -7,13 +7,14 @@ import psutil
 import torch
 
 from bigpt.flops import flops_per_step, peak_flops_for
-from bigpt.runtime.distributed import is_logging_rank
+from bigpt.runtime import console
+from bigpt.runtime.device import on_gpu
 from bigpt.train.trainer import Callback, Trainer
 
 
 def memory_gib() -> float:
     """Peak device memory on a GPU; resident memory of this process on CPU."""
-    if torch.cuda.is_available():
+    if on_gpu():
         return torch.cuda.max_memory_allocated() / 2**30
     return psutil.Process().memory_info().rss / 2**30
 
@@ -23,7 +24,7 @@ class Throughput(Callback):
     from the same FLOPs model the planner uses."""
 
     def on_start(self, trainer):
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+        name = torch.cuda.get_device_name() if on_gpu() else ""
         self.peak_tflops = peak_flops_for(name)
 
     def on_step(self, trainer, metrics):
@@ -36,14 +37,15 @@ class Throughput(Callback):
 
 
 class MetricsLogger(Callback):
-    """One line every ``logging.interval`` steps on the logging rank; every scalar to TensorBoard."""
+    """One line every ``logging.interval`` steps from the speaking rank (it holds the loss, as every
+    rank does); every scalar to TensorBoard, which that rank writes."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.writer = None
 
     def on_start(self, trainer):
-        if trainer.recipe.logging.tensorboard and is_logging_rank():
+        if trainer.recipe.logging.tensorboard and console.speaks():
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
@@ -55,27 +57,22 @@ class MetricsLogger(Callback):
                 self.writer.add_scalar(f"train/{key}", float(value), step)
         if step % trainer.recipe.logging.interval and step != trainer.recipe.train.train_iters:
             return
-        if not is_logging_rank():
-            return
         tokens = trainer.state.consumed_samples * trainer.recipe.model.seq_length
         mfu = "n/a" if math.isnan(metrics["mfu"]) else f"{metrics['mfu']:.1%}"
-        print(
+        console.say(
             f"step {step}/{trainer.recipe.train.train_iters} | tokens {tokens:,} | loss {metrics['loss']:.4f} "
             f"| lr {metrics['lr']:.3e} | grad norm {metrics['grad_norm']:.3f} | {metrics['step_time']:.3f} s "
             f"| {metrics['tokens_per_s']:,.0f} tok/s | {metrics['tflops']:.3g} TFLOP/s/dev | MFU {mfu} "
-            f"| mem {metrics['memory_gib']:.2f} GiB" + (" | skipped" if metrics["skipped"] else ""),
-            flush=True,
+            f"| mem {metrics['memory_gib']:.2f} GiB" + (" | skipped" if metrics["skipped"] else "")
         )
 
     def log_eval(self, step: int, loss: float) -> None:
-        if not is_logging_rank():
-            return
-        print(f"step {step} | validation loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}", flush=True)
+        console.say(f"step {step} | validation loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
         if self.writer:
             self.writer.add_scalar("valid/loss", loss, step)
             self.writer.add_scalar("valid/perplexity", math.exp(min(loss, 50)), step)
 
-    def on_end(self, trainer):
+    def close(self, trainer):
         if self.writer:
             self.writer.close()
 

@@ -26,6 +26,9 @@ class Checkpointer(Callback):
             self.save(trainer)
         self.writer.wait()
 
+    def on_stop(self, trainer):
+        self.writer.wait()  # the save of the last good step: the checkpoint the guard's message points to
+
     def save(self, trainer):
         self.writer.save(trainer)
         self.last_saved = trainer.state.iteration

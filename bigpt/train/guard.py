@@ -13,6 +13,10 @@ SPIKE_HISTORY = 100  # good steps whose mean loss a spike is measured against
 SPIKE_WARMUP = 10  # good steps needed before spikes are judged at all
 
 
+class BadStepStop(BigptError):
+    """The guard stops the run: raised on every rank at the same step (the verdict is the world's)."""
+
+
 class BadStepGuard:
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -33,6 +37,16 @@ class BadStepGuard:
                         f"last {len(self.recent)} steps ({mean:.4f})")
         return None
 
+    def state_dict(self) -> dict:
+        """What a checkpoint carries, so that a resumed run judges spikes as the uninterrupted one
+        would (the same on every rank, as the losses are)."""
+        return {"recent": list(self.recent), "bad_in_a_row": self.bad_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        """``state`` may be empty: a checkpoint saved before the guard's state was, a fresh history."""
+        self.recent = deque(state.get("recent", ()), maxlen=SPIKE_HISTORY)
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)
+
     def record(self, step: int, loss: float, reason: str | None) -> None:
         """Remember a good loss, or apply the policy to a bad step (raising to stop the run)."""
         if reason is None:
@@ -45,7 +59,7 @@ class BadStepGuard:
             return
         why = ("train.on_bad_step = \"stop\"" if policy == "stop" else
                f"{self.bad_in_a_row} bad steps in a row exceed train.max_skipped_steps = {self.config.max_skipped_steps}")
-        raise BigptError(
+        raise BadStepStop(
             f"step {step}: {reason}; stopping ({why}) without saving, so the last checkpoint in "
             "checkpoint.dir is intact. Resume from it after lowering optimizer.lr, "
             "raising train.clip_grad, or checking the data at this step; train.on_bad_step = \"skip\" "

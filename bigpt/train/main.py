@@ -1,7 +1,6 @@
 """Parse → build → train → close: what `launchers/run.py` runs on every rank."""
 
 import os
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from bigpt.errors import Preempted
 from bigpt.layout import Layout
 from bigpt.model import build_model_chunks
 from bigpt.recipe import Recipe, recipe_to_toml
+from bigpt.runtime import console
 from bigpt.runtime.distributed import destroy_distributed, init_distributed
 from bigpt.runtime.seeding import seed_everything
 from bigpt.train.callbacks import Evaluator, MetricsLogger, Throughput
@@ -40,8 +40,8 @@ def build_model_and_optimizer(recipe: Recipe, layout: Layout, *, initial_weights
     chunks, config = build_model_chunks(recipe, layout)
     if initial_weights:
         source = load_initial_weights(recipe, chunks)
-        if source is not None and dist.get_rank() == 0:
-            print(f"starting from the weights in {source} (fresh optimizer and schedule, step 0)", flush=True)
+        if source is not None:
+            console.say(f"starting from the weights in {source} (fresh optimizer and schedule, step 0)")
     model = wrap_ddp(recipe, config, chunks)
     optimizer = build_optimizer(recipe, model)
     wire_model_config(config, model, optimizer)
@@ -74,34 +74,26 @@ def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = Tru
     return Trainer(recipe, layout, model, optimizer, scheduler, lambda consumed: batches(train_ds, consumed_samples=consumed), callbacks)
 
 
-def _warn_once(message: str) -> None:
-    """A warning every rank reaches alike, printed by rank 0 only."""
-    if dist.get_rank() == 0:
-        print(f"bigpt: warning: {message}", file=sys.stderr, flush=True)
-
-
 def train(recipe: Recipe, layout: Layout) -> None:
     init_distributed(layout)
     lock = None
     try:
         check_outputs(recipe)
-        resume, model_changes = resume_point(recipe, warn=_warn_once)  # reads only: a refused run changes nothing
+        resume, model_changes = resume_point(recipe, warn=console.warn)  # reads only: a refused run changes nothing
         if dist.get_rank() == 0:
             lock = store.lock_directory(checkpoint_dir(recipe))
         trainer = build_trainer(recipe, layout, initial_weights=resume is None)
         if resume is not None:
             load_checkpoint(trainer, resume)
             apply_recipe_hyperparameters(recipe, trainer.optimizer)
-            if dist.get_rank() == 0:
-                changed = f"; changed by checkpoint.allow_model_changes: {', '.join(model_changes)}" if model_changes else ""
-                print(f"resuming from {resume} (step {trainer.state.iteration}, "
-                      f"{trainer.state.consumed_samples} samples consumed{changed})", flush=True)
-                if schedule_changes := resume_changes(recipe, resume):
-                    print(f"the recipe's optimizer and schedule replace the checkpoint's: {'; '.join(schedule_changes)}",
-                          flush=True)
-                if trainer.state.iteration >= recipe.train.train_iters:
-                    print(f"training is already complete (train.train_iters = {recipe.train.train_iters}); raise "
-                          "train.train_iters to continue, or start over elsewhere: checkpoint.load=none with a new run_dir", flush=True)
+            changed = f"; changed by checkpoint.allow_model_changes: {', '.join(model_changes)}" if model_changes else ""
+            console.say(f"resuming from {resume} (step {trainer.state.iteration}, "
+                        f"{trainer.state.consumed_samples} samples consumed{changed})")
+            if console.speaks() and (schedule_changes := resume_changes(recipe, resume)):
+                console.say(f"the recipe's optimizer and schedule replace the checkpoint's: {'; '.join(schedule_changes)}")
+            if trainer.state.iteration >= recipe.train.train_iters:
+                console.say(f"training is already complete (train.train_iters = {recipe.train.train_iters}); raise "
+                            "train.train_iters to continue, or start over elsewhere: checkpoint.load=none with a new run_dir")
         if dist.get_rank() == 0:
             os.makedirs(recipe.run_dir, exist_ok=True)
             Path(recipe.run_dir, "recipe.toml").write_text(recipe_to_toml(recipe))

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from bigpt.errors import EXIT_USER_ERROR, BigptError
+from bigpt.runtime import console
 
 REPO = Path(__file__).resolve().parent.parent.parent
 ALLOWED = ("parallel.", "checkpoint.optimizer_format")
@@ -107,7 +108,6 @@ def _stage(recipe_file: str, load: str, root: str) -> int:
     from bigpt.train.main import build_model_and_optimizer
     from bigpt.train.trainer import Trainer
 
-    rank = int(os.environ.get("RANK", "0"))
     try:
         recipe = load_recipe(recipe_file)
         layout = Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
@@ -123,15 +123,14 @@ def _stage(recipe_file: str, load: str, root: str) -> int:
         finally:
             destroy_distributed()
     except BigptError as err:
-        print(f"bigpt: error (rank {rank}): {err}", file=sys.stderr)
+        console.rank_error(str(err))
         return EXIT_USER_ERROR
     return 0
 
 
 if __name__ == "__main__":
-    from bigpt.runtime.console import configure_console
     from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu
 
     skip_torch_compile_without_gpu()
-    configure_console(int(os.environ.get("RANK", "0")))
+    console.quiet_dependencies()
     exit_without_final_gc(_stage(*sys.argv[1:]))

@@ -8,6 +8,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from bigpt.runtime.device import device
+
 
 def forward_step(data_iterator, model):
     """megatron-core's ``forward_step_func``: every rank reads the micro-batch (cheap, and it keeps
@@ -35,8 +37,7 @@ def reduce_losses(losses: list[dict]) -> torch.Tensor:
     total = torch.zeros(2, dtype=torch.float64)
     for entry in losses:
         total += entry["lm loss"].to(torch.float64).cpu()
-    if torch.cuda.is_available():
-        total = total.cuda()
+    total = total.to(device())
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
     return total.cpu()

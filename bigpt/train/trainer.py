@@ -1,6 +1,7 @@
 """The loop: steps, counters and callbacks. The model-specific work lives in ``step.py``; logging,
-throughput, evaluation and checkpointing are callbacks with three hooks."""
+throughput, evaluation and checkpointing are callbacks."""
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe
-from bigpt.train import preemption
-from bigpt.train.guard import BadStepGuard
+from bigpt.runtime import console, preemption
+from bigpt.runtime.device import device, on_gpu
+from bigpt.train.guard import BadStepGuard, BadStepStop
 from bigpt.train.step import forward_step, reduce_losses
 
 
@@ -30,6 +32,8 @@ class TrainState:
 
 
 class Callback:
+    """Hooks that every rank reaches alike (collectives allowed), except ``close``."""
+
     def on_start(self, trainer: "Trainer") -> None:
         pass
 
@@ -37,7 +41,14 @@ class Callback:
         """After every optimizer step; ``metrics`` may be extended for later callbacks."""
 
     def on_end(self, trainer: "Trainer") -> None:
-        pass
+        """The run reached train.train_iters, or a preemption signal stops it."""
+
+    def on_stop(self, trainer: "Trainer") -> None:
+        """The bad-step guard stops the run without saving: finish what is in flight."""
+
+    def close(self, trainer: "Trainer") -> None:
+        """Last, however the run ends, an exception on this rank alone included: release what this
+        rank holds (files, writers), without collectives (the other ranks may never reach them)."""
 
 
 class Trainer:
@@ -73,16 +84,23 @@ class Trainer:
     def train(self) -> None:
         """Run to train.train_iters, or until a preemption signal (then ``self.preempted``)."""
         preemption.install()
-        for callback in self.callbacks:
-            callback.on_start(self)
-        update_num_microbatches(self.state.consumed_samples, consistency_check=False)
-        train_iterator = self.data_iterator(lambda: self.batches(self.state.consumed_samples))
-        while self.state.iteration < self.recipe.train.train_iters and not self.preempted:
-            metrics = self.train_step(train_iterator)
+        with contextlib.ExitStack() as closing:  # every close runs, even when one of them raises
             for callback in self.callbacks:
-                callback.on_step(self, metrics)
-        for callback in self.callbacks:
-            callback.on_end(self)
+                closing.callback(callback.close, self)
+                callback.on_start(self)
+            update_num_microbatches(self.state.consumed_samples, consistency_check=False)
+            train_iterator = self.data_iterator(lambda: self.batches(self.state.consumed_samples))
+            try:
+                while self.state.iteration < self.recipe.train.train_iters and not self.preempted:
+                    metrics = self.train_step(train_iterator)
+                    for callback in self.callbacks:
+                        callback.on_step(self, metrics)
+            except BadStepStop:
+                for callback in self.callbacks:
+                    callback.on_stop(self)
+                raise
+            for callback in self.callbacks:
+                callback.on_end(self)
 
     def train_step(self, data_iterator) -> dict:
         update_num_microbatches(self.state.consumed_samples, consistency_check=True)
@@ -102,11 +120,10 @@ class Trainer:
             updated, grad_norm, _ = self.optimizer.step()
         else:
             updated, grad_norm = False, None
-            if dist.get_rank() == 0:
-                print(f"step {step}: skipped, {bad} (train.on_bad_step = \"skip\")", flush=True)
+            console.say(f"step {step}: skipped, {bad} (train.on_bad_step = \"skip\")")
         if updated:
             self.scheduler.step(increment=global_batch_size)
-        if torch.cuda.is_available():
+        if on_gpu():
             torch.cuda.synchronize()
         self.state.iteration += 1
         self.state.consumed_samples += global_batch_size
@@ -127,9 +144,7 @@ class Trainer:
         sums = [torch.sum(buffer.grad_data, dtype=torch.float32)
                 for chunk in self.model if check_grads for buffer in chunk.buffers + chunk.expert_parallel_buffers]
         grads_bad = (~torch.isfinite(torch.stack(sums))).any() if sums else torch.tensor(False)
-        flags = torch.stack([grads_bad.float().cpu(), torch.tensor(float(preemption.requested()))])
-        if torch.cuda.is_available():
-            flags = flags.cuda()
+        flags = torch.stack([grads_bad.float().cpu(), torch.tensor(float(preemption.requested()))]).to(device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         grads_bad, preempt = flags.tolist()
         return not grads_bad, bool(preempt)

@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 
+from bigpt.runtime import console
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 _received: list[str] = []
@@ -33,7 +35,7 @@ def _record(signum, frame) -> None:
         # The next Ctrl-C ends the process in the kernel: it works even while a collective or a
         # write holds the interpreter, where no Python handler could run.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if os.environ.get("RANK", "0") == "0":
+        if console.speaks():
             _say("bigpt: interrupted: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to stop "
                  "at once, without saving)\n")
     _received.append(signal.Signals(signum).name)
