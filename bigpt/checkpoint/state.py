@@ -6,8 +6,10 @@ optimizer is saved in its fully reshardable form, so a checkpoint loads at any T
 
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,12 +25,26 @@ import bigpt
 from bigpt.checkpoint import store
 from bigpt.checkpoint.async_save import AsyncSaver
 from bigpt.errors import BigptError
-from bigpt.recipe import recipe_to_toml
+from bigpt.layout import Layout
+from bigpt.recipe import Recipe, recipe_to_toml
 from bigpt.runtime.seeding import rng_state, set_rng_state
-from bigpt.train.trainer import Trainer
 
-def _layout_tag(trainer: Trainer) -> dict:
-    layout = trainer.layout
+
+@dataclass
+class Checkpointed:
+    """What a checkpoint saves and a load restores (``counters`` in place: its ``iteration`` and
+    ``consumed_samples``), handed over by the training loop that owns them."""
+
+    model: list
+    optimizer: Any
+    scheduler: Any
+    counters: Any
+    layout: Layout
+    recipe: Recipe
+
+
+def _layout_tag(training: Checkpointed) -> dict:
+    layout = training.layout
     return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp}
 
 
@@ -37,8 +53,8 @@ DP_ONLY_FORMAT = "dp_reshardable"
 MODEL_PARALLEL = ("tp", "pp", "vpp")
 
 
-def _check_optimizer_format(path: Path, marker: dict, trainer: Trainer) -> None:
-    saved, ours = marker.get("layout", {}), _layout_tag(trainer)
+def _check_optimizer_format(path: Path, marker: dict, training: Checkpointed) -> None:
+    saved, ours = marker.get("layout", {}), _layout_tag(training)
     changed = [f"{key} {saved.get(key)} -> {ours[key]}" for key in MODEL_PARALLEL if saved.get(key) != ours[key]]
     if marker.get("optimizer_format") == DP_ONLY_FORMAT and changed:
         raise BigptError(
@@ -104,13 +120,14 @@ def _materialize_optimizer_state(optimizer, *, is_loading: bool) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
-def _full_state(trainer: Trainer, model_state: dict, *, is_loading: bool, optimizer_format: str) -> dict:
-    _materialize_optimizer_state(trainer.optimizer, is_loading=is_loading)
+def _full_state(training: Checkpointed, model_state: dict, *, is_loading: bool, optimizer_format: str) -> dict:
+    _materialize_optimizer_state(training.optimizer, is_loading=is_loading)
     state = dict(model_state)
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(
+    state["optimizer"] = training.optimizer.sharded_state_dict(
         model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
-    state["scheduler"] = trainer.scheduler.state_dict()
-    state["train_state"] = {"iteration": trainer.state.iteration, "consumed_samples": trainer.state.consumed_samples}
+    state["scheduler"] = training.scheduler.state_dict()
+    counters = training.counters
+    state["train_state"] = {"iteration": counters.iteration, "consumed_samples": counters.consumed_samples}
     state["rng_state"] = _rng_object()
     return state
 
@@ -127,27 +144,27 @@ class CheckpointWriter:
         self.in_flight: Path | None = None
         self._finish = None
 
-    def save(self, trainer: Trainer) -> None:
+    def save(self, training: Checkpointed) -> None:
         self.wait()  # one save at a time: the previous one must be complete before the next starts
-        final = self.root / store.checkpoint_name(trainer.state.iteration)
+        final = self.root / store.checkpoint_name(training.counters.iteration)
         tmp = final.with_name(final.name + ".tmp")
         if dist.get_rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
             tmp.mkdir()
         dist.barrier()
-        marker = {  # taken now: the trainer moves on while an asynchronous save is written
-            "iteration": trainer.state.iteration,
-            "consumed_samples": trainer.state.consumed_samples,
-            "layout": _layout_tag(trainer),
-            "vocab_size": trainer.recipe.model.vocab_size,  # lets another padding of the vocabulary load
-            "optimizer_format": trainer.recipe.checkpoint.optimizer_format,
+        marker = {  # taken now: training moves on while an asynchronous save is written
+            "iteration": training.counters.iteration,
+            "consumed_samples": training.counters.consumed_samples,
+            "layout": _layout_tag(training),
+            "vocab_size": training.recipe.model.vocab_size,  # lets another padding of the vocabulary load
+            "optimizer_format": training.recipe.checkpoint.optimizer_format,
             "bigpt_version": bigpt.__version__,
         }
-        self._finish = partial(self._mark_complete, tmp, final, marker, recipe_to_toml(trainer.recipe),
-                               trainer.recipe.checkpoint)
-        state = _full_state(trainer, _model_state(trainer.model), is_loading=False,
-                            optimizer_format=trainer.recipe.checkpoint.optimizer_format)
+        self._finish = partial(self._mark_complete, tmp, final, marker, recipe_to_toml(training.recipe),
+                               training.recipe.checkpoint)
+        state = _full_state(training, _model_state(training.model), is_loading=False,
+                            optimizer_format=training.recipe.checkpoint.optimizer_format)
         self.in_flight = final
         with self._reporting_failure():
             if self.pending is None:
@@ -250,23 +267,23 @@ def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = Fals
         )
 
 
-def load_checkpoint(trainer: Trainer, path: Path) -> None:
+def load_checkpoint(training: Checkpointed, path: Path) -> None:
     """Restore model, optimizer, scheduler, counters and (same layout only) RNG from ``path``."""
     marker = store.read_marker(path)
-    model_state = _model_state(trainer.model)
+    model_state = _model_state(training.model)
     _check_shapes(path, model_state)  # before anything is touched
-    _check_optimizer_format(path, marker, trainer)
-    state = _full_state(trainer, model_state, is_loading=True,
+    _check_optimizer_format(path, marker, training)
+    state = _full_state(training, model_state, is_loading=True,
                         optimizer_format=marker.get("optimizer_format", "fully_reshardable"))
-    same_layout = marker.get("layout") == _layout_tag(trainer)
+    same_layout = marker.get("layout") == _layout_tag(training)
     if not same_layout:
         del state["rng_state"]
     loaded = dist_checkpointing.load(state, str(path))
-    _load_model(trainer.model, loaded)
-    trainer.optimizer.load_state_dict(loaded["optimizer"])
-    trainer.scheduler.load_state_dict(loaded["scheduler"])
-    trainer.state.iteration = loaded["train_state"]["iteration"]
-    trainer.state.consumed_samples = loaded["train_state"]["consumed_samples"]
+    _load_model(training.model, loaded)
+    training.optimizer.load_state_dict(loaded["optimizer"])
+    training.scheduler.load_state_dict(loaded["scheduler"])
+    training.counters.iteration = loaded["train_state"]["iteration"]
+    training.counters.consumed_samples = loaded["train_state"]["consumed_samples"]
     if same_layout:
         set_rng_state(loaded["rng_state"])
 

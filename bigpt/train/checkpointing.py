@@ -3,8 +3,14 @@
 
 from pathlib import Path
 
-from bigpt.checkpoint import CheckpointWriter
-from bigpt.train.trainer import Callback
+from bigpt.checkpoint import Checkpointed, CheckpointWriter
+from bigpt.train.trainer import Callback, Trainer
+
+
+def checkpointed(trainer: Trainer) -> Checkpointed:
+    """The parts of ``trainer`` a checkpoint saves and restores."""
+    return Checkpointed(model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                        counters=trainer.state, layout=trainer.layout, recipe=trainer.recipe)
 
 
 class Checkpointer(Callback):
@@ -27,5 +33,5 @@ class Checkpointer(Callback):
         self.writer.wait()
 
     def save(self, trainer):
-        self.writer.save(trainer)
+        self.writer.save(checkpointed(trainer))
         self.last_saved = trainer.state.iteration
