@@ -21,6 +21,7 @@ from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_conf
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
@@ -55,9 +56,11 @@ class AsyncSaver:
         self.future: Future | None = None
         self.directory: Path | None = None
 
-    def start(self, sharded_state_dict: dict, directory: Path) -> None:
-        """What ``dist_checkpointing.save`` does before it writes, then torch's asynchronous write."""
+    def start(self, sharded_state_dict: dict, directory: Path, spread: FullyParallelSaveStrategyWrapper) -> None:
+        """What ``dist_checkpointing.save`` with the ``spread`` strategy does before it writes, then
+        torch's asynchronous write."""
         sharded, common = save_preprocess(sharded_state_dict)
+        spread.apply_saving_parallelization(sharded)
         _copy_to_host(sharded)
         sharded["common_state"] = ShardedObject("common_state", common, (1,), (0,), replica_id=dist.get_rank())
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=_FORMAT.keep_only_main_replica)

@@ -17,6 +17,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 from megatron.core.optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
@@ -141,6 +143,7 @@ class CheckpointWriter:
     def __init__(self, root: Path, asynchronous: bool):
         self.root = root
         self.pending = AsyncSaver() if asynchronous else None
+        self._spread = None
         self.in_flight: Path | None = None
         self._finish = None
 
@@ -168,11 +171,21 @@ class CheckpointWriter:
         self.in_flight = final
         with self._reporting_failure():
             if self.pending is None:
-                dist_checkpointing.save(state, str(tmp))
+                dist_checkpointing.save(state, str(tmp), sharded_strategy=self._spreading())
                 dist.barrier()
                 self._complete()
             else:
-                self.pending.start(state, tmp)
+                self.pending.start(state, tmp, self._spreading())
+
+    def _spreading(self) -> FullyParallelSaveStrategyWrapper:
+        """megatron-core's fully parallel save: a tensor that every data-parallel rank holds (the
+        weights) is written by one of them, chosen to even out what each rank writes, instead of
+        all of them by the first. The choice is made at the first save and kept."""
+        if self._spread is None:
+            self._spread = FullyParallelSaveStrategyWrapper(
+                get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True),
+                do_cache_distribution=True)
+        return self._spread
 
     def poll(self) -> None:
         """Complete an asynchronous save whose files are all written (a collective: every rank calls it)."""
