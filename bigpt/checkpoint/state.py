@@ -1,7 +1,8 @@
 """What a checkpoint holds and how it is written and read with megatron-core dist_checkpointing.
 
 Model tensors are keyed by their global names (layer numbers included), and the distributed
-optimizer is saved in its fully reshardable form, so a checkpoint loads at any TP/PP/VPP/DP.
+optimizer's state in model space (``checkpoint.optimizer_format``, by default each rank's own
+slices with no exchange: ``model_space``), so a checkpoint loads at any TP/PP/VPP/DP.
 """
 
 import shutil
