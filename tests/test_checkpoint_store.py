@@ -195,7 +195,7 @@ def test_a_slice_of_a_flattened_parameter_is_a_few_contiguous_blocks_of_it():
 
     import torch
 
-    from bigpt.checkpoint.model_space import blocks
+    from bigpt.runtime.model_space import blocks
 
     for shape in [(7,), (3, 5), (4, 3, 5), (2, 3, 2, 4)]:
         numel = math.prod(shape)

@@ -2,7 +2,7 @@
 
 Model tensors are keyed by their global names (layer numbers included), and the distributed
 optimizer's state in model space (``checkpoint.optimizer_format``, by default each rank's own
-slices with no exchange: ``model_space``), so a checkpoint loads at any TP/PP/VPP/DP.
+slices with no exchange: ``bigpt.runtime.model_space``), so a checkpoint loads at any TP/PP/VPP/DP.
 """
 
 import shutil

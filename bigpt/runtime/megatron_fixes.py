@@ -16,7 +16,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from bigpt.checkpoint import model_space
+from bigpt.runtime import model_space
 from bigpt.runtime.megatron_line import check_megatron_line, patch_target_error
 from bigpt.train.preemption import start_helper_process
 

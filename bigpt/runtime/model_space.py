@@ -7,7 +7,7 @@ plain optimizer's: it loads at any TP/PP/VPP/DP. It described a slice with ``fla
 which megatron-core 0.19 no longer accepts. A slice of a flattened parameter is the same elements
 as at most ``2 × ndim - 1`` blocks of the parameter, each contiguous in memory; megatron-core
 0.19 saves and loads such uneven shards (torch's distributed checkpoint plans them). This module
-builds those blocks; ``bigpt.runtime.megatron_fixes`` puts it in place of megatron-core's two
+builds those blocks; ``megatron_fixes`` puts it in place of megatron-core's two
 methods.
 """
 
