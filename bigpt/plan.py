@@ -136,17 +136,15 @@ def _option(candidate: tuple[Recipe, Layout]) -> Option:
 def checkpoint_bytes(recipe: Recipe, layout: Layout) -> tuple[float, float]:
     """(bytes of one checkpoint, bytes its busiest rank writes), as bigpt saves them: the weights in
     the recipe's dtype, and the optimizer's fp32 main weights (the distributed optimizer saves its
-    own copy even in fp32) and Adam moments. Replicated tensors are written by one data-parallel
-    rank; in the fully reshardable format that rank also writes its group's whole optimizer state
-    (the gather), in the dp_reshardable one each rank writes its own shard."""
+    own copy even in fp32) and Adam moments. What the data-parallel ranks of a model-parallel rank
+    hold is written once, spread evenly over them (megatron-core's fully parallel save), whatever
+    checkpoint.optimizer_format: each rank writes about a data-parallel share of its model shard."""
     model, p = recipe.model, recipe.parallel
     weight = DTYPE_BYTES[recipe.precision.dtype]
     optimizer = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if p.distributed_optimizer or weight < 4 else 0)
     vocab = padded_vocab_size(model, layout.tp)
     per_gpu = max(parameters_per_stage(model, layout.layers_per_stage, vocab)) / layout.tp
-    gathered = not p.distributed_optimizer or recipe.checkpoint.optimizer_format != "dp_reshardable"
-    busiest = per_gpu * (weight + (optimizer if gathered else optimizer / layout.dp))
-    return num_parameters(model, vocab) * (weight + optimizer), busiest
+    return num_parameters(model, vocab) * (weight + optimizer), per_gpu * (weight + optimizer) / layout.dp
 
 
 def _rank(option: Option) -> tuple:

@@ -186,3 +186,27 @@ def test_a_full_disk_is_named_even_when_the_serializer_reports_only_its_position
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with room on the disk it is a bug: its traceback
         with writer._reporting_failure():
             raise serializer
+
+
+def test_a_slice_of_a_flattened_parameter_is_a_few_contiguous_blocks_of_it():
+    """The model-space optimizer format writes each rank's slice of a flattened parameter as blocks
+    of the parameter: they hold exactly that slice, in memory order, at most 2 × ndim - 1 of them."""
+    import math
+
+    import torch
+
+    from bigpt.runtime.model_space import blocks
+
+    for shape in [(7,), (3, 5), (4, 3, 5), (2, 3, 2, 4)]:
+        numel = math.prod(shape)
+        for start in range(numel + 1):
+            for stop in range(start, numel + 1):
+                tensor, position = torch.zeros(shape), start
+                found = blocks(start, stop, shape)
+                for offset, size in found:
+                    block = tensor[tuple(slice(at, at + n) for at, n in zip(offset, size))]
+                    assert block.is_contiguous() and block.storage_offset() == position
+                    block += 1
+                    position += math.prod(size)
+                assert position == stop and len(found) <= 2 * len(shape) - 1
+                assert tensor.view(-1)[start:stop].eq(1).all() and tensor.sum() == stop - start

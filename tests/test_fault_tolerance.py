@@ -284,7 +284,7 @@ def test_fp16_overflow_skips_steps_halves_the_scale_and_resumes_with_it(tmp_path
 
 def test_the_planner_predicts_what_a_save_writes(reference):
     """tools/plan.py's checkpoint size against a real DP=2 save: the whole, and the busiest rank's
-    file (in the fully reshardable format one data-parallel rank writes the gathered optimizer)."""
+    file (each data-parallel rank writes its optimizer shard and about half the weights)."""
     from bigpt.layout import Layout
     from bigpt.plan import checkpoint_bytes
     from bigpt.recipe import load_recipe

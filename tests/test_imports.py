@@ -14,9 +14,6 @@ LAYERS = [  # lowest first; a unit is a subpackage or a top-level module of bigp
     {"dryrun", "logits"},
 ]
 LAYER = {unit: number for number, units in enumerate(LAYERS) for unit in units}
-# Removed by the change that makes bigpt/checkpoint/state.py take what it saves instead of the
-# Trainer (issue 14 part 2); the test fails once the import is gone, so that the entry goes too.
-KNOWN_UPWARD = {("bigpt.checkpoint.state", "bigpt.train.trainer")}
 
 
 def unit_of(module: str) -> str:
@@ -50,12 +47,11 @@ def test_every_unit_has_a_layer():
 def test_imports_go_down_the_layers_without_cycles():
     edges = bigpt_imports()
     assert not {target for _, target in edges if not target.startswith("bigpt")}, "bigpt imports launchers/ or tools/"
-    assert KNOWN_UPWARD <= edges, "an exception in KNOWN_UPWARD is gone: remove it"
-    upward = sorted(f"{source} -> {target}" for source, target in edges - KNOWN_UPWARD
+    upward = sorted(f"{source} -> {target}" for source, target in edges
                     if LAYER[unit_of(target)] > LAYER[unit_of(source)])
     assert not upward, f"imports up the layers of bigpt/__init__.py: {upward}"
     graph = {}
-    for source, target in edges - KNOWN_UPWARD:
+    for source, target in edges:
         if unit_of(source) != unit_of(target):
             graph.setdefault(unit_of(source), set()).add(unit_of(target))
 

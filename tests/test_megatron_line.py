@@ -100,6 +100,7 @@ def test_without_the_results_queue_fix_a_signal_to_the_ranks_process_groups_fail
 @pytest.mark.parametrize("fix,target", [
     ("_keep_torch_adam_step_on_reshardable_load", (DistributedOptimizer, "_set_main_param_and_optimizer_states")),
     ("_start_checkpoint_results_queue", (filesystem_async, "_results_queue")),
+    ("_model_space_optimizer_state_without_flattened_ranges", (DistributedOptimizer, "sharded_param_state_fs_model_space")),
 ])
 def test_a_fix_whose_target_moved_stops_bigpt(fix, target, monkeypatch):
     monkeypatch.delattr(*target)

@@ -7,7 +7,8 @@ layout (Lion, element-wise: DP2; Muon, which orthogonalises whole matrices: TP2 
 same steps to the same losses, and each saves every step. Step 1's loss is made NaN (skipped), so
 the checkpoint of step 1 holds an optimizer that never stepped: the single rank resumes from it
 exactly. The parallel layout resumes from its checkpoint of step 2, whose optimizer holds a
-momentum, bit-identically."""
+momentum, bit-identically. The single rank saves in the fully_reshardable optimizer format, the
+parallel layout in the default one (fully_sharded_model_space): each is resumed."""
 
 import math
 
@@ -21,6 +22,7 @@ STEPS = 4
 COMMON = ["precision.dtype=bf16", f"train.train_iters={STEPS}", "schedule.warmup_iters=0",  # every step updates
           "checkpoint.save_interval=1", "checkpoint.keep_last=0"]
 PARALLEL = {"lion": (2, []), "muon": (4, ["parallel.tensor=2"])}  # name: processes, overrides
+SINGLE = (1, ["checkpoint.optimizer_format=fully_reshardable"])
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def runs(weights, tmp_path_factory):
     def get(name):
         if name not in done:
             root = tmp_path_factory.mktemp(name)
-            for layout, (nproc, overrides) in (("single", (1, [])), ("parallel", PARALLEL[name])):
+            for layout, (nproc, overrides) in (("single", SINGLE), ("parallel", PARALLEL[name])):
                 run_bigpt(MOCK_RECIPE, f"run_dir={root / layout}", f"optimizer.name={name}", f"init.from_checkpoint={weights}",
                           *COMMON, *overrides, nproc=nproc, fault="nan_loss@1")
             done[name] = root / "single", root / "parallel"
@@ -63,7 +65,7 @@ def test_parallel_layout_trains_like_one_rank(runs, name):
 @pytest.mark.parametrize("name", PARALLEL)
 def test_resume_is_bit_identical(runs, name, tmp_path):
     single, parallel = runs(name)
-    for run_dir, (nproc, overrides), saved_at in ((single, (1, []), 1), (parallel, PARALLEL[name], 2)):
+    for run_dir, (nproc, overrides), saved_at in ((single, SINGLE, 1), (parallel, PARALLEL[name], 2)):
         checkpoint = run_dir / "checkpoints" / f"iter_{saved_at:07d}"
         resumed = tmp_path / f"{run_dir.name}_from_{saved_at}"
         run_bigpt(MOCK_RECIPE, f"run_dir={resumed}", f"optimizer.name={name}", f"checkpoint.load={checkpoint}",
@@ -72,8 +74,9 @@ def test_resume_is_bit_identical(runs, name, tmp_path):
 
 
 def test_without_the_state_keys_fix_a_lion_checkpoint_does_not_resume(runs, tmp_path):
-    """megatron-core 0.19 names the state of lion's AdamW part (embeddings, norms) after Lion: it
-    saves exp_avg only, and the load asks for exp_avg_sq."""
+    """megatron-core 0.19 names the state of lion's AdamW part (embeddings, norms) after Lion: in the
+    fully_reshardable and dp_reshardable formats it saves exp_avg only, and the load asks for
+    exp_avg_sq. (The model-space format names the state the optimizer holds.)"""
     single, _ = runs("lion")
     failed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "optimizer.name=lion", *COMMON,
                        f"checkpoint.load={single / 'checkpoints' / 'iter_0000003'}", check=False,

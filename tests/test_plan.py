@@ -207,16 +207,16 @@ def test_layout_arithmetic_is_shared_with_the_dry_run():
 
 def test_checkpoint_size_and_save_time(capsys):
     """70B in bf16: 2 bytes of weights + 12 of fp32 optimizer state per parameter; the busiest rank
-    (data-parallel rank 0 of the largest stage) also writes its group's optimizer state in the
-    fully reshardable format, only its own shard in dp_reshardable."""
+    (of the largest stage) writes a data-parallel share (DP 16) of its model shard, in every
+    optimizer format (the fully parallel save spreads what data-parallel ranks all hold)."""
     recipe = load_recipe(RECIPES / "llama_70b.toml")
     layout = Layout.from_recipe(recipe, 512)
     total, busiest = checkpoint_bytes(recipe, layout)
     assert total == 70_566_289_408 * 14
     per_gpu = 18_170_060_800 / 8
-    assert busiest == pytest.approx(per_gpu * 14)
-    dp_only = load_recipe(RECIPES / "llama_70b.toml", ['checkpoint.optimizer_format="dp_reshardable"'])
-    assert checkpoint_bytes(dp_only, layout)[1] == pytest.approx(per_gpu * (2 + 12 / 16))
+    assert layout.dp == 16 and busiest == pytest.approx(per_gpu * 14 / 16)
+    gathered = load_recipe(RECIPES / "llama_70b.toml", ['checkpoint.optimizer_format="fully_reshardable"'])
+    assert checkpoint_bytes(gathered, layout) == (total, busiest)
     assert plan_main([str(RECIPES / "llama_70b.toml"), "--gpus", "512", "--fs-gbps", "10"]) == 0
     out = capsys.readouterr().out
     assert f"checkpoint       {total / 1e9:,.1f} GB per save" in out and f"{total / 1e10:,.0f} s at 10 GB/s" in out

@@ -6,9 +6,10 @@ megatron-core 0.19 deprecates its own asynchronous writer for NVIDIA's resilienc
 files are the same either way: megatron-core's ``torch_dist`` format is torch's distributed
 checkpoint format, so the state dict is translated as ``dist_checkpointing.save`` translates it
 and handed to torch, whose writer thread runs on a process group of its own (its collectives
-never interleave with training's). ``dist_checkpointing.load`` reads the result. Every tensor is
-copied to host memory before ``start`` returns, as megatron-core's writer does (training changes
-the weights from then on); torch's own stager cannot copy megatron-core's tensor wrappers.
+never interleave with training's). ``dist_checkpointing.load`` reads the result. Every tensor this
+rank writes is copied to host memory before ``start`` returns, as megatron-core's writer does
+(training changes the weights from then on); torch's own stager cannot copy megatron-core's
+tensor wrappers.
 """
 
 from concurrent.futures import Future
@@ -21,6 +22,7 @@ from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_conf
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
@@ -57,12 +59,14 @@ class AsyncSaver:
         self.future: Future | None = None
         self.directory: Path | None = None
 
-    def start(self, sharded_state_dict: dict, directory: Path) -> None:
-        """What ``dist_checkpointing.save`` does before it writes, then torch's asynchronous write."""
+    def start(self, sharded_state_dict: dict, directory: Path, spread: FullyParallelSaveStrategyWrapper) -> None:
+        """What ``dist_checkpointing.save`` with the ``spread`` strategy does before it writes, then
+        torch's asynchronous write."""
         sharded, common = save_preprocess(sharded_state_dict)
-        _copy_to_host(sharded)
+        spread.apply_saving_parallelization(sharded)
         sharded["common_state"] = ShardedObject("common_state", common, (1,), (0,), replica_id=dist.get_rank())
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=_FORMAT.keep_only_main_replica)
+        _copy_to_host(by_key)  # only what this rank writes
         planner = MCoreSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.directory = directory
         self.future = dcp.async_save(mcore_to_pyt_state_dict(by_key), storage_writer=dcp.FileSystemWriter(directory),

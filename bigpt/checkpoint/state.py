@@ -1,14 +1,17 @@
 """What a checkpoint holds and how it is written and read with megatron-core dist_checkpointing.
 
 Model tensors are keyed by their global names (layer numbers included), and the distributed
-optimizer is saved in its fully reshardable form, so a checkpoint loads at any TP/PP/VPP/DP.
+optimizer's state in model space (``checkpoint.optimizer_format``, by default each rank's own
+slices with no exchange: ``bigpt.runtime.model_space``), so a checkpoint loads at any TP/PP/VPP/DP.
 """
 
 import shlex
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,6 +19,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 from megatron.core.optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
@@ -24,13 +29,28 @@ import bigpt
 from bigpt.checkpoint import store
 from bigpt.checkpoint.async_save import AsyncSaver
 from bigpt.errors import BigptError
+from bigpt.layout import Layout
 from bigpt.paths import almost_full, names_a_full_disk
-from bigpt.recipe import recipe_to_toml
+from bigpt.recipe import Recipe, recipe_to_toml
 from bigpt.runtime.seeding import rng_state, set_rng_state
-from bigpt.train.trainer import Trainer
 
-def _layout_tag(trainer: Trainer) -> dict:
-    layout = trainer.layout
+
+@dataclass
+class Checkpointed:
+    """What a checkpoint saves and a load restores (``counters`` in place: its ``iteration`` and
+    ``consumed_samples``), handed over by the training loop that owns them."""
+
+    model: list
+    optimizer: Any
+    scheduler: Any
+    counters: Any
+    guard: Any
+    layout: Layout
+    recipe: Recipe
+
+
+def _layout_tag(training: Checkpointed) -> dict:
+    layout = training.layout
     return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp}
 
 
@@ -45,8 +65,8 @@ def layout_overrides(tag: dict) -> str:
                     (("tp", "tensor"), ("pp", "pipeline"), ("vpp", "virtual_pipeline"), ("cp", "context")))
 
 
-def _check_optimizer_format(path: Path, marker: dict, trainer: Trainer) -> None:
-    saved, ours = marker.get("layout", {}), _layout_tag(trainer)
+def _check_optimizer_format(path: Path, marker: dict, training: Checkpointed) -> None:
+    saved, ours = marker.get("layout", {}), _layout_tag(training)
     changed = [f"{key} {saved.get(key)} -> {ours[key]}" for key in MODEL_PARALLEL if saved.get(key) != ours[key]]
     if marker.get("optimizer_format") == DP_ONLY_FORMAT and changed:
         out = path.parent.with_name(f"{path.parent.name}_tp{ours['tp']}_pp{ours['pp']}_vpp{ours['vpp']}")
@@ -115,14 +135,15 @@ def _materialize_optimizer_state(optimizer, *, is_loading: bool) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
-def _full_state(trainer: Trainer, model_state: dict, *, is_loading: bool, optimizer_format: str) -> dict:
-    _materialize_optimizer_state(trainer.optimizer, is_loading=is_loading)
+def _full_state(training: Checkpointed, model_state: dict, *, is_loading: bool, optimizer_format: str) -> dict:
+    _materialize_optimizer_state(training.optimizer, is_loading=is_loading)
     state = dict(model_state)
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(
+    state["optimizer"] = training.optimizer.sharded_state_dict(
         model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
-    state["scheduler"] = trainer.scheduler.state_dict()
-    state["train_state"] = {"iteration": trainer.state.iteration, "consumed_samples": trainer.state.consumed_samples,
-                            "guard": trainer.guard.state_dict()}
+    state["scheduler"] = training.scheduler.state_dict()
+    counters = training.counters
+    state["train_state"] = {"iteration": counters.iteration, "consumed_samples": counters.consumed_samples,
+                            "guard": training.guard.state_dict()}
     state["rng_state"] = _rng_object()
     return state
 
@@ -136,38 +157,49 @@ class CheckpointWriter:
     def __init__(self, root: Path, asynchronous: bool):
         self.root = root
         self.pending = AsyncSaver() if asynchronous else None
+        self._spread = None
         self.in_flight: Path | None = None
         self._finish = None
 
-    def save(self, trainer: Trainer) -> None:
+    def save(self, training: Checkpointed) -> None:
         self.wait()  # one save at a time: the previous one must be complete before the next starts
-        final = self.root / store.checkpoint_name(trainer.state.iteration)
+        final = self.root / store.checkpoint_name(training.counters.iteration)
         tmp = final.with_name(final.name + ".tmp")
         if dist.get_rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
             tmp.mkdir()
         dist.barrier()
-        marker = {  # taken now: the trainer moves on while an asynchronous save is written
-            "iteration": trainer.state.iteration,
-            "consumed_samples": trainer.state.consumed_samples,
-            "layout": _layout_tag(trainer),
-            "vocab_size": trainer.recipe.model.vocab_size,  # lets another padding of the vocabulary load
-            "optimizer_format": trainer.recipe.checkpoint.optimizer_format,
+        marker = {  # taken now: training moves on while an asynchronous save is written
+            "iteration": training.counters.iteration,
+            "consumed_samples": training.counters.consumed_samples,
+            "layout": _layout_tag(training),
+            "vocab_size": training.recipe.model.vocab_size,  # lets another padding of the vocabulary load
+            "optimizer_format": training.recipe.checkpoint.optimizer_format,
             "bigpt_version": bigpt.__version__,
         }
-        self._finish = partial(self._mark_complete, tmp, final, marker, recipe_to_toml(trainer.recipe),
-                               trainer.recipe.checkpoint)
-        state = _full_state(trainer, _model_state(trainer.model), is_loading=False,
-                            optimizer_format=trainer.recipe.checkpoint.optimizer_format)
+        self._finish = partial(self._mark_complete, tmp, final, marker, recipe_to_toml(training.recipe),
+                               training.recipe.checkpoint)
+        state = _full_state(training, _model_state(training.model), is_loading=False,
+                            optimizer_format=training.recipe.checkpoint.optimizer_format)
         self.in_flight = final
         with self._reporting_failure():
             if self.pending is None:
-                dist_checkpointing.save(state, str(tmp))
+                dist_checkpointing.save(state, str(tmp), sharded_strategy=self._spreading())
                 dist.barrier()
                 self._complete()
             else:
-                self.pending.start(state, tmp)
+                self.pending.start(state, tmp, self._spreading())
+
+    def _spreading(self) -> FullyParallelSaveStrategyWrapper:
+        """megatron-core's fully parallel save: a tensor that every data-parallel rank holds (the
+        weights) is written by one of them, chosen to even out what each rank writes, instead of
+        all of them by the first. The choice is made at the first save and kept."""
+        if self._spread is None:
+            self._spread = FullyParallelSaveStrategyWrapper(
+                get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True),
+                do_cache_distribution=True)
+        return self._spread
 
     def poll(self) -> None:
         """Complete an asynchronous save whose files are all written (a collective: every rank calls it)."""
@@ -257,24 +289,24 @@ def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = Fals
         )
 
 
-def load_checkpoint(trainer: Trainer, path: Path) -> None:
+def load_checkpoint(training: Checkpointed, path: Path) -> None:
     """Restore model, optimizer, scheduler, counters and (same layout only) RNG from ``path``."""
     marker = store.read_marker(path)
-    model_state = _model_state(trainer.model)
+    model_state = _model_state(training.model)
     _check_shapes(path, model_state)  # before anything is touched
-    _check_optimizer_format(path, marker, trainer)
-    state = _full_state(trainer, model_state, is_loading=True,
+    _check_optimizer_format(path, marker, training)
+    state = _full_state(training, model_state, is_loading=True,
                         optimizer_format=marker.get("optimizer_format", "fully_reshardable"))
-    same_layout = marker.get("layout") == _layout_tag(trainer)
+    same_layout = marker.get("layout") == _layout_tag(training)
     if not same_layout:
         del state["rng_state"]
     loaded = dist_checkpointing.load(state, str(path))
-    _load_model(trainer.model, loaded)
-    trainer.optimizer.load_state_dict(loaded["optimizer"])
-    trainer.scheduler.load_state_dict(loaded["scheduler"])
-    trainer.state.iteration = loaded["train_state"]["iteration"]
-    trainer.state.consumed_samples = loaded["train_state"]["consumed_samples"]
-    trainer.guard.load_state_dict(loaded["train_state"].get("guard", {}))
+    _load_model(training.model, loaded)
+    training.optimizer.load_state_dict(loaded["optimizer"])
+    training.scheduler.load_state_dict(loaded["scheduler"])
+    training.counters.iteration = loaded["train_state"]["iteration"]
+    training.counters.consumed_samples = loaded["train_state"]["consumed_samples"]
+    training.guard.load_state_dict(loaded["train_state"].get("guard", {}))  # none before the guard was saved
     if same_layout:
         set_rng_state(loaded["rng_state"])
 

@@ -296,12 +296,14 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this; 0 = none extra."""
     async_save: bool = False
     """Write checkpoints in the background while training continues."""
-    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
-    """How the distributed optimizer's state is saved. fully_reshardable: the checkpoint loads at
-    any TP/PP/VPP/DP, for which the save gathers the optimizer state across the data-parallel
-    group. dp_reshardable: every rank writes its own shard with no exchange (faster saves); it
-    resumes only at the same TP, PP and VPP (any DP). Either loads as weights anywhere
-    (init.from_checkpoint)."""
+    optimizer_format: Literal["fully_sharded_model_space", "fully_reshardable", "dp_reshardable"] = \
+        "fully_sharded_model_space"
+    """How the distributed optimizer's state is saved. fully_sharded_model_space: every rank writes
+    its own shard, described in the model's shapes, with no exchange; it loads at any TP/PP/VPP/DP.
+    fully_reshardable: loads anywhere too, but the save gathers the optimizer state across the
+    data-parallel group (slower, and one rank holds and writes the group's whole state).
+    dp_reshardable: every rank writes its own flat shard with no exchange; it resumes only at the
+    same TP, PP and VPP (any DP). Any of them loads as weights anywhere (init.from_checkpoint)."""
     allow_model_changes: list[str] = field(default_factory=list)
     """[model] keys (e.g. ["rope_base"], for long-context continuation) that may differ from the
     model of the weights this run loads (checkpoint.load, init.from_checkpoint, init.from_hf); the

@@ -16,6 +16,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from bigpt.runtime import model_space
 from bigpt.runtime.megatron_line import check_megatron_line, patch_target_error
 from bigpt.runtime.preemption import start_helper_process
 
@@ -70,6 +71,17 @@ def _name_the_state_of_the_optimizer_it_wraps() -> None:
     DistributedOptimizer.optimizer_state_keys = property(state_keys)
 
 
+def _model_space_optimizer_state_without_flattened_ranges() -> None:
+    """megatron-core 0.19 refuses the ``flattened_range`` its own ``fully_sharded_model_space``
+    optimizer format (its default) describes each rank's slices with ("ShardedTensor.flattened_range
+    is not supported"). Describe them as blocks of the parameters instead (``model_space``)."""
+    for name in ("sharded_param_state_fs_model_space", "load_parameter_state_from_fs_model_space"):
+        if not callable(getattr(DistributedOptimizer, name, None)):
+            raise patch_target_error("model-space optimizer checkpoint format", f"DistributedOptimizer.{name} is gone")
+    DistributedOptimizer.sharded_param_state_fs_model_space = model_space.sharded_param_state
+    DistributedOptimizer.load_parameter_state_from_fs_model_space = model_space.load_param_state
+
+
 def _start_checkpoint_results_queue() -> None:
     """megatron-core's checkpoint writer collects write results through a Manager process
     it spawns at the first save. Two problems with it:
@@ -99,5 +111,6 @@ def apply() -> None:
     check_megatron_line()
     _keep_torch_adam_step_on_reshardable_load()
     _name_the_state_of_the_optimizer_it_wraps()
+    _model_space_optimizer_state_without_flattened_ranges()
     _start_checkpoint_results_queue()
     _applied = True

@@ -3,8 +3,14 @@
 
 from pathlib import Path
 
-from bigpt.checkpoint import CheckpointWriter
-from bigpt.train.trainer import Callback
+from bigpt.checkpoint import Checkpointed, CheckpointWriter
+from bigpt.train.trainer import Callback, Trainer
+
+
+def checkpointed(trainer: Trainer) -> Checkpointed:
+    """The parts of ``trainer`` a checkpoint saves and restores."""
+    return Checkpointed(model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                        counters=trainer.state, guard=trainer.guard, layout=trainer.layout, recipe=trainer.recipe)
 
 
 class Checkpointer(Callback):
@@ -30,5 +36,5 @@ class Checkpointer(Callback):
         self.writer.wait()  # the save of the last good step: the checkpoint the guard's message points to
 
     def save(self, trainer):
-        self.writer.save(trainer)
+        self.writer.save(checkpointed(trainer))
         self.last_saved = trainer.state.iteration

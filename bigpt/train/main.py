@@ -17,7 +17,7 @@ from bigpt.runtime import console
 from bigpt.runtime.distributed import destroy_distributed, init_distributed
 from bigpt.runtime.seeding import seed_everything
 from bigpt.train.callbacks import Evaluator, MetricsLogger, Throughput
-from bigpt.train.checkpointing import Checkpointer
+from bigpt.train.checkpointing import Checkpointer, checkpointed
 from bigpt.train.initial import load_initial_weights
 from bigpt.train.optim import (
     apply_recipe_hyperparameters,
@@ -84,7 +84,7 @@ def train(recipe: Recipe, layout: Layout) -> None:
             lock = store.lock_directory(checkpoint_dir(recipe))
         trainer = build_trainer(recipe, layout, initial_weights=resume is None)
         if resume is not None:
-            load_checkpoint(trainer, resume)
+            load_checkpoint(checkpointed(trainer), resume)
             apply_recipe_hyperparameters(recipe, trainer.optimizer)
             changed = f"; changed by checkpoint.allow_model_changes: {', '.join(model_changes)}" if model_changes else ""
             console.say(f"resuming from {resume} (step {trainer.state.iteration}, "

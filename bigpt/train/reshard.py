@@ -105,6 +105,7 @@ def _stage(recipe_file: str, load: str, root: str) -> int:
     from bigpt.layout import Layout
     from bigpt.recipe import load_recipe
     from bigpt.runtime.distributed import destroy_distributed, init_distributed
+    from bigpt.train.checkpointing import checkpointed
     from bigpt.train.main import build_model_and_optimizer
     from bigpt.train.trainer import Trainer
 
@@ -117,9 +118,9 @@ def _stage(recipe_file: str, load: str, root: str) -> int:
             # without the FP8 scaling history (which a resume then starts afresh).
             on_cpu = replace(recipe, precision=replace(recipe.precision, fp8="none", transformer_engine="auto"))
             model, optimizer, scheduler = build_model_and_optimizer(on_cpu, layout, initial_weights=False)
-            trainer = Trainer(recipe, layout, model, optimizer, scheduler, batches=None, callbacks=[])
-            load_checkpoint(trainer, Path(load))
-            CheckpointWriter(Path(root), asynchronous=False).save(trainer)
+            training = checkpointed(Trainer(recipe, layout, model, optimizer, scheduler, batches=None, callbacks=[]))
+            load_checkpoint(training, Path(load))
+            CheckpointWriter(Path(root), asynchronous=False).save(training)
         finally:
             destroy_distributed()
     except BigptError as err:
