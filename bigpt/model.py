@@ -23,7 +23,6 @@ from bigpt.recipe import Recipe, padded_vocab_size
 from bigpt.runtime import console
 from bigpt.runtime.device import on_gpu
 
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "relu": (F.relu, False)}
 _NORMS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}

@@ -5,9 +5,10 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from bigpt.errors import BigptError
 

@@ -168,7 +168,7 @@ def describe_layout(layout: Layout) -> str:
 def report(plan: Plan, top: int) -> str:
     """The plan as text: sizes, memory per GPU, time, budget, then the ranked layouts."""
     recipe, chosen = plan.recipe, plan.chosen
-    model, layout = recipe.model, chosen.layout
+    layout = chosen.layout
     lines = [f"Plan for {recipe.source} on {plan.gpus} × {plan.gpu_name} "
              f"({plan.gpu.memory_gib:.1f} GiB, {plan.gpu.peak_flops / 1e12:,.0f} TFLOP/s dense bf16)"]
     lines += _parameter_lines(chosen)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "launchers"))
 
 import run  # noqa: E402
+
 from bigpt.runtime import megatron_fixes  # noqa: E402
 from bigpt.train import step, trainer  # noqa: E402
 

@@ -99,7 +99,7 @@ class SlurmCluster:
                     self.command("scancel", *jobs, check=False)
                     self.wait_until_no_jobs(STOP_TIMEOUT_S)
         finally:
-            for name, process in reversed(self.daemons):
+            for _, process in reversed(self.daemons):
                 process.terminate()
                 try:
                     process.wait(timeout=15)

@@ -5,6 +5,10 @@ import shutil
 
 import pytest
 import torch
+
+from bigpt.data import BATCH_KEYS, build_datasets, load_tokenizer, micro_batches
+from bigpt.data.preprocess import preprocess
+from bigpt.errors import BigptError
 from test_data_support import (
     corpus_texts,
     data_recipe,
@@ -12,10 +16,6 @@ from test_data_support import (
     write_indexed,
     write_jsonl,
 )
-
-from bigpt.data import BATCH_KEYS, build_datasets, load_tokenizer, micro_batches
-from bigpt.data.preprocess import preprocess
-from bigpt.errors import BigptError
 
 
 @pytest.fixture(scope="module")

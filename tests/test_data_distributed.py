@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch.multiprocessing as mp
+
 from test_data_support import corpus_texts, indexed_recipe, make_tokenizer, write_jsonl
 
 WORLD_SIZE = 2

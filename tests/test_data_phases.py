@@ -1,12 +1,12 @@
 """Data phases (a later blend from a token count on), epochs-derived weights, plan_tokens."""
 
 import pytest
-from test_data_support import indexed_recipe, write_indexed
 
 from bigpt.data import build_datasets, micro_batches, plan_tokens
 from bigpt.data.phases import plan_phases
 from bigpt.errors import BigptError
 from bigpt.recipe.tables import BlendEntry, DataPhase
+from test_data_support import indexed_recipe, write_indexed
 
 SEQ = 16
 EOD = 2

@@ -1,6 +1,5 @@
 """The documentation that is generated stays in step with its source."""
 
-from pathlib import Path
 
 from tools.recipe_reference import DOCS, references
 

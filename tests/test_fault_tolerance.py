@@ -17,9 +17,8 @@ import psutil
 import pytest
 from megatron.core import dist_checkpointing
 
-from multirank import FAULT_INJECTION, MOCK_RECIPE, RUN, rank_output, run_bigpt, scalars
-
 from bigpt.checkpoint import store
+from multirank import FAULT_INJECTION, MOCK_RECIPE, RUN, rank_output, run_bigpt, scalars
 
 pytestmark = pytest.mark.slow
 

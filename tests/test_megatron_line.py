@@ -19,7 +19,6 @@ from safetensors.numpy import load_file
 
 from bigpt.errors import BigptError
 from bigpt.runtime import megatron_fixes
-
 from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 from test_fault_tolerance import ranks_of, start, wait_for_step
 from test_hf import convert

@@ -14,8 +14,8 @@ import pytest
 from bigpt.checkpoint import store
 from bigpt.errors import EXIT_USER_ERROR, BigptError
 from bigpt.layout import Layout
-from bigpt.recipe import load_recipe, recipe_to_toml
 from bigpt.paths import check_writable
+from bigpt.recipe import load_recipe, recipe_to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 MOCK = ROOT / "tests/recipes/mock_tiny.toml"

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from test_data_support import corpus_texts, write_jsonl
 
 from bigpt.data import load_tokenizer
 from bigpt.data.preprocess import preprocess
 from bigpt.errors import EXIT_USER_ERROR, BigptError
+from test_data_support import corpus_texts, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 
-from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
-from tools.reshard import main as reshard_main
-
 from bigpt.checkpoint import store
 from bigpt.errors import EXIT_USER_ERROR
+from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
+from tools.reshard import main as reshard_main
 
 pytestmark = pytest.mark.slow
 

@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
-from test_data_support import TEST_VOCAB_SIZE, corpus_texts, make_tokenizer, write_jsonl
 
 from bigpt.data import load_tokenizer
 from bigpt.errors import EXIT_USER_ERROR, BigptError
+from test_data_support import TEST_VOCAB_SIZE, corpus_texts, make_tokenizer, write_jsonl
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 TRICKY = "def f(x):\n    return x + 12345  # naïve café, 漢字 and \t tabs  "

@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bigpt.errors import EXIT_USER_ERROR, BigptError
 from tools.convert_hf import main as convert_main
-from tools.logits import read_tokens
 from tools.curate import main as curate_main
+from tools.logits import read_tokens
 from tools.plan import main as plan_main
 from tools.prepare_demo import main as prepare_demo_main
 from tools.preprocess_data import main as preprocess_main
 from tools.train_quality_classifier import main as classifier_main
 from tools.train_tokenizer import main as tokenizer_main
-
-from bigpt.errors import EXIT_USER_ERROR, BigptError
 
 ROOT = Path(__file__).resolve().parent.parent
 MOCK = ROOT / "tests/recipes/mock_tiny.toml"

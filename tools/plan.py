@@ -21,7 +21,6 @@ from bigpt.cli import recipe_parser  # noqa: E402
 from bigpt.flops import GPUS  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
-
 parser = recipe_parser(__doc__, example="train.micro_batch_size=2")
 parser.add_argument("--gpus", type=int, required=True, help="number of GPUs to plan for")
 parser.add_argument("--gpu", default="h100-80gb", help=f"GPU model: {', '.join(GPUS)} (default h100-80gb)")

@@ -7,7 +7,7 @@ seed and the samples consumed so far: resuming, or resuming at another dp size, 
 same stream.
 """
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -13,7 +13,6 @@ from bigpt.data.tokenizer import Tokenizer, load_tokenizer
 from bigpt.runtime import console
 
 
-
 class VocabularyOnly(Tokenizer):
     """Stands in for a tokenizer with mock data, which only needs the vocabulary size."""
 

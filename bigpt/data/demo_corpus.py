@@ -12,8 +12,8 @@ import json
 import pkgutil
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # Modules that act when imported (open a browser, print, start a GUI), test suites, and the
 # help topics (read as text below) and codec tables (boilerplate).

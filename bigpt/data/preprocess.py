@@ -11,10 +11,11 @@ import os
 import time
 import warnings
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 with warnings.catch_warnings():
     # Importing megatron-core warns about GPU libraries (TE, apex) no data tool uses.

@@ -6,8 +6,8 @@ normalisation, and ids unk=0, bos=1, eos=2 with eos as the end-of-document token
 """
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from bigpt.data.encode import JSONL_SUFFIXES, document_text
 from bigpt.errors import BigptError

@@ -6,8 +6,8 @@ Tables merge key by key; any other value (lists included) is replaced whole.
 
 import os
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from bigpt.errors import BigptError
 from bigpt.paths import not_a_file

@@ -13,6 +13,7 @@ from bigpt.layout import Layout
 from bigpt.runtime import console, cpu_compat, megatron_fixes
 from bigpt.runtime.device import on_gpu
 
+
 def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
     """Join the job torchrun started and build megatron-core's tp/pp/vpp/cp/dp groups."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -11,7 +11,6 @@ import multiprocessing
 from multiprocessing.managers import SyncManager
 
 import torch
-
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer

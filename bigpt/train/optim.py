@@ -4,8 +4,12 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
-from megatron.core.optimizer import (HAVE_EMERGING_OPTIMIZERS, LayerWiseDistributedOptimizer, OptimizerConfig,
-                                     get_megatron_optimizer)
+from megatron.core.optimizer import (
+    HAVE_EMERGING_OPTIMIZERS,
+    LayerWiseDistributedOptimizer,
+    OptimizerConfig,
+    get_megatron_optimizer,
+)
 from megatron.core.optimizer.layer_wise_optimizer import tag_params_for_buffer_routing
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
@@ -15,7 +19,6 @@ from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.model import DTYPES
 from bigpt.recipe import Recipe
-
 
 MEGATRON_OPTIMIZERS = {"adamw": "adam", "lion": "lion", "muon": "muon"}
 """optimizer.name -> megatron-core's OptimizerConfig.optimizer (its "adam" is AdamW: decoupled decay)."""
