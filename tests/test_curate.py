@@ -534,3 +534,38 @@ def test_one_jsonl_file_is_split_over_the_tasks_in_input_order(tmp_path):
         assert len(per_task) == tasks and min(per_task) > 10
     assert kept[3] == kept[1]
     assert kept[1][:3] == ["big.jsonl/0", "big.jsonl/1", "big.jsonl/2"] and kept[1][-1] == "big.jsonl/40"
+
+
+def test_layout_lines_closing_marks_and_capitals_do_not_drop_prose():
+    """Table rules repeat but are no repeated content, a sentence ends inside a bracket or a box
+    frame, and a warranty in capitals has its stop words; datatrove's rules dropped each."""
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
+
+    from bigpt.curate import stages
+    from bigpt.curate.recipe import C4Stage, FineWebQualityStage, GopherQualityStage, GopherRepetitionStage
+
+    rule = "+" + "-" * 30 + "+" + "-" * 40 + "+"
+    rows = [f"| {name:<28} | {meaning:<38} |" for name, meaning in
+            (("x[index]", "Subscription of a sequence"), ("x.attribute", "Attribute reference"),
+             ("await x", "Await expression"), ("-x, +x", "Negative, positive"), ("x ** y", "Exponentiation"))]
+    table = "The table lists the operators of the language from the highest precedence to the lowest.\n\n" + \
+        "\n".join(line for row in rows for line in (rule, row)) + "\n" + rule
+    boxed = "\n".join(f"*  {line:<68}*" for line in textwrap.wrap(WRAPPED_MANUAL.split("\n\n")[0], 66))
+    boxed = f"{'*' * 72}\n{boxed}\n{'*' * 72}"
+    capitals = " ".join(["THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND, AND THE AUTHORS "
+                         "SHALL NOT BE LIABLE FOR ANY CLAIM OR DAMAGES ARISING FROM ITS USE."] * 2)
+
+    def kept(block, text):
+        return block.filter(Document(text=text, id="0"))
+
+    repetition = stages.gopher_repetition(GopherRepetitionStage(), "", 1).block
+    assert kept(GopherRepetitionFilter(), table) == (False, "dup_line_frac")
+    assert kept(repetition, table) is True
+    fineweb = stages.fineweb_quality(FineWebQualityStage(char_duplicates_ratio=0.1), "", 1).block
+    assert kept(FineWebQualityFilter(char_duplicates_ratio=0.1), boxed) == (False, "line_punct_ratio")
+    assert kept(fineweb, boxed) is True
+    c4 = stages.c4(C4Stage(min_num_sentences=2), "", 1).block
+    assert kept(c4, boxed) is True and kept(c4, boxed.replace(".", ";")) == (False, "too_few_sentences")
+    assert kept(GopherQualityFilter(min_doc_words=10), capitals) == (False, "gopher_enough_stop_words")
+    assert kept(stages.gopher_quality(GopherQualityStage(min_doc_words=10), "", 1).block, capitals) is True
