@@ -411,6 +411,28 @@ def test_slurm_without_sbatch_is_refused(tmp_path, monkeypatch):
     assert 'executor.kind = "slurm" but there is no sbatch command' in message
 
 
+def test_ray_executor_gives_the_local_result_on_a_local_ray_instance(tmp_path, monkeypatch):
+    """executor.kind = "ray" on a Ray instance this test starts: the local executor's output and
+    report byte for byte (exact dedup over two tasks: the first copy in input order survives on
+    Ray too); refused in one paragraph, before any work, without ray or without a cluster."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+    raw = tmp_path / "raw"
+    write_corpus(raw, planted_corpus(), files=2)
+    path = bad_recipe(tmp_path, 'stages = ["exact_dedup"]\n[report]\npng = false', raw)
+    ray = ["executor.kind=ray", "executor.ray.mem_per_cpu_gb=0"]
+    assert "is not a reachable Ray head node" in refused(path, *ray, "executor.ray.address=127.0.0.1:1")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "ray", None)
+        assert "pip install -e '.[ray]'" in refused(path, *ray)
+    results = {}
+    for kind, extra in (("local", []), ("ray", [*ray, "executor.ray.address=local"])):
+        out = tmp_path / kind
+        report = curate(load_curation_recipe(path, [f"output.dir={out}", "executor.workers=2", *extra])).report
+        results[kind] = (out / "curated.jsonl").read_bytes(), {**report, "output": None}
+    assert results["ray"] == results["local"]
+    assert results["local"][1]["stages"][0]["dropped_by_rule"]["exact_duplicate"]["documents"] > 0
+
+
 def start_curation(planted, out: Path, **popen):
     command = [sys.executable, "tools/curate.py", str(ASTRONOMY), *overrides(planted.raw, out, "executor.workers=2")]
     return subprocess.Popen(command, cwd=ROOT, start_new_session=True, text=True, **popen)

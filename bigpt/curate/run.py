@@ -51,6 +51,16 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
     check_writable(out, "output.dir")
     tasks = recipe.executor.tasks or len(files)
     _check_executor(recipe, tasks)
+    if recipe.executor.kind == "ray":
+        from bigpt.curate.executors import ray_connection
+
+        with ray_connection(recipe.executor.ray):
+            return _run(recipe, files, tasks, restart)
+    return _run(recipe, files, tasks, restart)
+
+
+def _run(recipe: CurationRecipe, files: list[Path], tasks: int, restart: bool) -> CurationResult:
+    out = Path(recipe.output.dir)
     work = out / "work"
     _claim(work, out, _fingerprint(recipe, files, tasks), restart)
     if (out / CURATED).exists():
@@ -67,9 +77,9 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
 
         submit_slurm(recipe, jobs, work, Finalizer(recipe, out, tasks))
         return CurationResult(out, None)
-    from bigpt.curate.executors import run_local
+    from bigpt.curate.executors import run_local, run_ray
 
-    run_local(recipe, jobs, work)
+    (run_ray if recipe.executor.kind == "ray" else run_local)(recipe, jobs, work)
     return CurationResult(out, Finalizer(recipe, out, tasks).finalize())
 
 
