@@ -1,6 +1,6 @@
 """tools/curate.py against the same datatrove pipeline written by hand, in one invocation.
 
-    OMP_NUM_THREADS=1 python bench/curate_overhead.py [--clean 300] [--files 4]
+    OMP_NUM_THREADS=1 python bench/curate_overhead.py [--clean 300] [--files 4] [--tasks N]
 
 Both run the stages of recipes/data/web_quality.toml (Gopher repetition and quality, C4,
 FineWeb quality, exact and MinHash dedup) on the same generated corpus (tests/curate_corpus.py,
@@ -8,7 +8,9 @@ planted defects included) with datatrove's local executor; the hand-written pipe
 datatrove (no recipe, no per-stage counting, no report). Runs go hand, bigpt, bigpt, hand at 1
 worker, then the same at 2 workers; the spaCy word tokenizer is loaded once before timing.
 Prints documents/s per worker, the ratio bigpt/hand (bigpt's overhead: counting, report,
-merge) and the speed-up from 1 to 2 workers.
+merge) and the speed-up from 1 to 2 workers. ``--files 1 --tasks 2``: one large JSONL in two
+tasks (bigpt splits the file by bytes; datatrove by hand gives the file to one task and the
+other idles), what a user with one big file gets from a second worker.
 """
 
 import argparse
@@ -86,8 +88,8 @@ def by_hand(raw: Path, work: Path, tasks: int, workers: int) -> int:
     return sum(1 for path in (work / "final").glob("*.jsonl") for _ in path.open())
 
 
-def with_bigpt(raw: Path, out: Path, workers: int) -> int:
-    recipe = load_curation_recipe(RECIPE, [f"input.path={raw}", f"output.dir={out}",
+def with_bigpt(raw: Path, out: Path, tasks: int, workers: int) -> int:
+    recipe = load_curation_recipe(RECIPE, [f"input.path={raw}", f"output.dir={out}", f"executor.tasks={tasks}",
                                            f"executor.workers={workers}", "report.png=false"])
     return curate(recipe).report["total"]["kept"]["documents"]
 
@@ -102,15 +104,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clean", type=int, default=300, help="clean documents to generate")
-    parser.add_argument("--files", type=int, default=4, help="input files = tasks")
+    parser.add_argument("--files", type=int, default=4, help="input files")
+    parser.add_argument("--tasks", type=int, help="tasks per step (default: one per input file)")
     args = parser.parse_args(argv)
+    tasks = args.tasks or args.files
     scratch = Path(tempfile.mkdtemp(prefix="curate_bench_"))
     try:
         documents = planted_corpus(clean=args.clean, copies=args.clean // 8, junk=args.clean // 10,
                                    offtopic=args.clean // 8)
         write_corpus(scratch / "raw", documents, args.files)
         load_word_tokenizer("en").word_tokenize("warm up")
-        print(f"curate overhead: {len(documents)} documents in {args.files} files "
+        print(f"curate overhead: {len(documents)} documents in {args.files} files, {tasks} tasks "
               f"({sum(len(d['text'].split()) for d in documents):,} words), stages of {RECIPE.relative_to(REPO)}")
         print(f"{'workers':>7} {'hand docs/s/worker':>19} {'bigpt docs/s/worker':>20} {'ratio':>6}  kept")
         rates = {}
@@ -119,8 +123,8 @@ def main(argv=None) -> int:
             kept = {}
             for run, who in enumerate(("hand", "bigpt", "bigpt", "hand")):
                 folder = scratch / f"{who}_{workers}_{run}"
-                seconds, kept[who] = (timed(by_hand, scratch / "raw", folder, args.files, workers)
-                                      if who == "hand" else timed(with_bigpt, scratch / "raw", folder, workers))
+                seconds, kept[who] = timed(by_hand if who == "hand" else with_bigpt, scratch / "raw", folder,
+                                           tasks, workers)
                 times[who].append(seconds)
             rate = {who: len(documents) / statistics.mean(t) / workers for who, t in times.items()}
             rates[workers] = rate

@@ -560,9 +560,15 @@ def test_one_jsonl_file_is_split_over_the_tasks_in_input_order(tmp_path):
 
 def test_layout_lines_closing_marks_and_capitals_do_not_drop_prose():
     """Table rules repeat but are no repeated content, a sentence ends inside a bracket or a box
-    frame, and a warranty in capitals has its stop words; datatrove's rules dropped each."""
+    frame or introduces a table with a colon, and a warranty in capitals has its stop words;
+    datatrove's rules dropped each."""
     from datatrove.data import Document
-    from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
 
     from bigpt.curate import stages
     from bigpt.curate.recipe import C4Stage, FineWebQualityStage, GopherQualityStage, GopherRepetitionStage
@@ -571,7 +577,7 @@ def test_layout_lines_closing_marks_and_capitals_do_not_drop_prose():
     rows = [f"| {name:<28} | {meaning:<38} |" for name, meaning in
             (("x[index]", "Subscription of a sequence"), ("x.attribute", "Attribute reference"),
              ("await x", "Await expression"), ("-x, +x", "Negative, positive"), ("x ** y", "Exponentiation"))]
-    table = "The table lists the operators of the language from the highest precedence to the lowest.\n\n" + \
+    table = "The table lists the operators of the language. They go from the highest precedence to the lowest:\n\n" + \
         "\n".join(line for row in rows for line in (rule, row)) + "\n" + rule
     boxed = "\n".join(f"*  {line:<68}*" for line in textwrap.wrap(WRAPPED_MANUAL.split("\n\n")[0], 66))
     boxed = f"{'*' * 72}\n{boxed}\n{'*' * 72}"
@@ -589,5 +595,7 @@ def test_layout_lines_closing_marks_and_capitals_do_not_drop_prose():
     assert kept(fineweb, boxed) is True
     c4 = stages.c4(C4Stage(min_num_sentences=2), "", 1).block
     assert kept(c4, boxed) is True and kept(c4, boxed.replace(".", ";")) == (False, "too_few_sentences")
+    assert kept(C4QualityFilter(min_num_sentences=2), table) == (False, "too_few_sentences")
+    assert kept(c4, table) is True
     assert kept(GopherQualityFilter(min_doc_words=10), capitals) == (False, "gopher_enough_stop_words")
     assert kept(stages.gopher_quality(GopherQualityStage(min_doc_words=10), "", 1).block, capitals) is True

@@ -94,12 +94,14 @@ CLOSING = ")]}*_`\"'\u201d\u2019\u00bb"
 
 
 def ends_sentence(line: str, terminal: tuple[str, ...] = END_PUNCTUATION) -> bool:
-    """Whether ``line`` ends in terminal punctuation (C4's: . ? ! or a closing quote; no
-    ellipsis), also when closing marks or a box frame follow it: ``(see below.)``,
-    ``**Note.**``, ``... of the License.   *``."""
+    """Whether ``line`` ends a sentence: in ``terminal`` punctuation (C4's . ? ! or a closing
+    quote; no ellipsis) or a colon (documentation's sentence that introduces a list or a code
+    sample; menus' "Share:" lines are short, and C4 removes lines of fewer than 3 words), also
+    when closing marks or a box frame follow it: ``(see below.)``, ``**Note.**``, ``... of the
+    License.   *``."""
     line = line.rstrip()
     closed = line.rstrip(CLOSING + " \t")
-    return any(text.endswith(terminal) and not text.endswith(ELLIPSIS) for text in (line, closed))
+    return any(text.endswith((*terminal, ":")) and not text.endswith(ELLIPSIS) for text in (line, closed))
 
 
 def unwrap(text: str, wrap_length: int, joiner: str = " ") -> str:
