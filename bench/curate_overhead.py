@@ -8,12 +8,15 @@ planted defects included) with datatrove's local executor; the hand-written pipe
 datatrove (no recipe, no per-stage counting, no report). Runs go hand, bigpt, bigpt, hand at 1
 worker, then the same at 2 workers; the spaCy word tokenizer is loaded once before timing.
 Prints documents/s per worker, the ratio bigpt/hand (bigpt's overhead: counting, report,
-merge) and the speed-up from 1 to 2 workers. ``--files 1 --tasks 2``: one large JSONL in two
+merge), the CPU seconds bigpt's processes used per second of wall time (what the machine gave
+them: 2 workers can only be faster where it gives more than one core) and the speed-up from 1
+to 2 workers. ``--files 1 --tasks 2``: one large JSONL in two
 tasks (bigpt splits the file by bytes; datatrove by hand gives the file to one task and the
 other idles), what a user with one big file gets from a second worker.
 """
 
 import argparse
+import resource
 import shutil
 import statistics
 import sys
@@ -94,10 +97,16 @@ def with_bigpt(raw: Path, out: Path, tasks: int, workers: int) -> int:
     return curate(recipe).report["total"]["kept"]["documents"]
 
 
-def timed(function, *args) -> tuple[float, int]:
-    started = time.perf_counter()
+def timed(function, *args) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds of this process and its (finished) workers, documents kept."""
+    started, cpu = time.perf_counter(), _cpu_seconds()
     kept = function(*args)
-    return time.perf_counter() - started, kept
+    return time.perf_counter() - started, _cpu_seconds() - cpu, kept
+
+
+def _cpu_seconds() -> float:
+    return sum(usage.ru_utime + usage.ru_stime for usage in
+               (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def main(argv=None) -> int:
@@ -116,20 +125,24 @@ def main(argv=None) -> int:
         load_word_tokenizer("en").word_tokenize("warm up")
         print(f"curate overhead: {len(documents)} documents in {args.files} files, {tasks} tasks "
               f"({sum(len(d['text'].split()) for d in documents):,} words), stages of {RECIPE.relative_to(REPO)}")
-        print(f"{'workers':>7} {'hand docs/s/worker':>19} {'bigpt docs/s/worker':>20} {'ratio':>6}  kept")
+        print(f"{'workers':>7} {'hand docs/s/worker':>19} {'bigpt docs/s/worker':>20} {'ratio':>6} "
+              f"{'bigpt cpu/wall':>14}  kept")
         rates = {}
         for workers in (1, 2):
             times = {"hand": [], "bigpt": []}
-            kept = {}
+            kept, cpu = {}, []
             for run, who in enumerate(("hand", "bigpt", "bigpt", "hand")):
                 folder = scratch / f"{who}_{workers}_{run}"
-                seconds, kept[who] = timed(by_hand if who == "hand" else with_bigpt, scratch / "raw", folder,
-                                           tasks, workers)
+                seconds, cpu_seconds, kept[who] = timed(by_hand if who == "hand" else with_bigpt,
+                                                        scratch / "raw", folder, tasks, workers)
                 times[who].append(seconds)
+                if who == "bigpt":
+                    cpu.append(cpu_seconds / seconds)
             rate = {who: len(documents) / statistics.mean(t) / workers for who, t in times.items()}
             rates[workers] = rate
             print(f"{workers:>7} {rate['hand']:>19.1f} {rate['bigpt']:>20.1f} "
-                  f"{rate['bigpt'] / rate['hand']:>6.3f}  hand {kept['hand']}, bigpt {kept['bigpt']}")
+                  f"{rate['bigpt'] / rate['hand']:>6.3f} {statistics.mean(cpu):>14.2f}  "
+                  f"hand {kept['hand']}, bigpt {kept['bigpt']}")
         for who in ("hand", "bigpt"):
             print(f"speed-up 1 -> 2 workers, {who}: {2 * rates[2][who] / rates[1][who]:.2f}x")
     finally:
