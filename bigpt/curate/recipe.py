@@ -180,7 +180,8 @@ class C4Stage:
     max_word_length: int = positive(1000)
     """Lines with a longer word are removed."""
     filter_no_terminal_punct: bool = True
-    """Remove lines not ending in terminal punctuation."""
+    """Remove lines not ending a sentence (. ? ! a closing quote or a colon, also before closing
+    brackets and emphasis: filters.ends_sentence)."""
     wrap_length: int = non_negative(WRAP_LENGTH)
     """Lines this long or longer not ending a sentence continue on the next (WRAP_LENGTH)."""
     filter_lorem_ipsum: bool = True
