@@ -70,6 +70,8 @@ class GopherQuality(GopherQualityFilter):
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         text = layout_free(doc.text)
+        if not text.strip():  # (datatrove divides by its word count)
+            return False, "gopher_short_doc"
         verdict = super().filter(Document(text=text, id=doc.id))
         if verdict is not True:
             return verdict
