@@ -411,6 +411,7 @@ def test_slurm_without_sbatch_is_refused(tmp_path, monkeypatch):
     assert 'executor.kind = "slurm" but there is no sbatch command' in message
 
 
+@pytest.mark.slow
 def test_ray_executor_gives_the_local_result_on_a_local_ray_instance(tmp_path, monkeypatch):
     """executor.kind = "ray" on a Ray instance this test starts: the local executor's output and
     report byte for byte (exact dedup over two tasks: the first copy in input order survives on
