@@ -10,7 +10,7 @@ worker, then the same at 2 workers; the spaCy word tokenizer is loaded once befo
 Prints documents/s per worker, the ratio bigpt/hand (bigpt's overhead: counting, report,
 merge), the CPU seconds bigpt's processes used per second of wall time (what the machine gave
 them: 2 workers can only be faster where it gives more than one core) and the speed-up from 1
-to 2 workers. ``--files 1 --tasks 2``: one large JSONL in two
+to 2 workers, next to the machine's own: a busy loop in 1 process, then in 2 at once. ``--files 1 --tasks 2``: one large JSONL in two
 tasks (bigpt splits the file by bytes; datatrove by hand gives the file to one task and the
 other idles), what a user with one big file gets from a second worker.
 """
@@ -104,6 +104,24 @@ def timed(function, *args) -> tuple[float, float, int]:
     return time.perf_counter() - started, _cpu_seconds() - cpu, kept
 
 
+def busy(_=None) -> None:
+    total = 0
+    for number in range(3_000_000):
+        total += number * number
+
+
+def machine_speedup() -> float:
+    """Work done per second by 2 processes at once over 1 process, for a pure-Python loop."""
+    from multiprocessing import get_context
+
+    pool = get_context("fork").Pool(2)
+    pool.map(busy, range(2))  # warm: the processes exist
+    one = timed(pool.map, busy, range(1))[0]
+    two = timed(pool.map, busy, range(2))[0]
+    pool.close()
+    return 2 * one / two
+
+
 def _cpu_seconds() -> float:
     return sum(usage.ru_utime + usage.ru_stime for usage in
                (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
@@ -123,6 +141,7 @@ def main(argv=None) -> int:
                                    offtopic=args.clean // 8)
         write_corpus(scratch / "raw", documents, args.files)
         load_word_tokenizer("en").word_tokenize("warm up")
+        before = machine_speedup()
         print(f"curate overhead: {len(documents)} documents in {args.files} files, {tasks} tasks "
               f"({sum(len(d['text'].split()) for d in documents):,} words), stages of {RECIPE.relative_to(REPO)}")
         print(f"{'workers':>7} {'hand docs/s/worker':>19} {'bigpt docs/s/worker':>20} {'ratio':>6} "
@@ -145,6 +164,8 @@ def main(argv=None) -> int:
                   f"hand {kept['hand']}, bigpt {kept['bigpt']}")
         for who in ("hand", "bigpt"):
             print(f"speed-up 1 -> 2 workers, {who}: {2 * rates[2][who] / rates[1][who]:.2f}x")
+        print(f"speed-up 1 -> 2 processes, a busy loop on this machine: {before:.2f}x before, "
+              f"{machine_speedup():.2f}x after")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -88,7 +88,7 @@ def ray_connection(config: RayConfig):
             raise BigptError(f"executor.ray.address = \"{config.address}\" is not a reachable Ray head node "
                              f"({err}); {hint}.") from None
     try:
-        ray.init(address=None if config.address == "local" else config.address, log_to_driver=False,
+        ray.init(address=config.address, log_to_driver=False,
                  logging_level=logging.ERROR, include_dashboard=False)
     except ConnectionError:
         raise BigptError(f"executor.ray.address = \"{config.address}\" found no Ray cluster to join; {hint}.") from None
