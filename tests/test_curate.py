@@ -547,16 +547,18 @@ def test_one_jsonl_file_is_split_over_the_tasks_in_input_order(tmp_path):
     path = tmp_path / "split.toml"
     path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length"]\n[report]\npng = false\n')
     kept = {}
-    for tasks in (1, 3):
+    for tasks, executor in ((1, "executor.tasks=1"), (3, "executor.workers=3")):  # default: a task a worker
         out = tmp_path / f"out{tasks}"
-        report = curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={out}",
-                                                    f"executor.tasks={tasks}"])).report
+        report = curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={out}", executor])).report
         assert report["read"] == {"documents": 39, "skipped_lines": {"blank_line": 1, "not_json": 1}}
         kept[tasks] = kept_ids(out)
         per_task = [json.loads(p.read_text())["in"][0] for p in sorted((out / "work/audit/00_length").glob("*.json"))]
         assert len(per_task) == tasks and min(per_task) > 10
     assert kept[3] == kept[1]
     assert kept[1][:3] == ["big.jsonl/0", "big.jsonl/1", "big.jsonl/2"] and kept[1][-1] == "big.jsonl/40"
+    # the same curation with fewer workers keeps the task count it was started with: not refused
+    again = [f"input.path={raw}", f"output.dir={tmp_path / 'out3'}", "executor.workers=1"]
+    assert curate(load_curation_recipe(path, again)).report == report
 
 
 def test_layout_lines_closing_marks_and_capitals_do_not_drop_prose():

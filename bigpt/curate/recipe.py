@@ -84,9 +84,10 @@ class ExecutorConfig:
     """local: processes on this machine; slurm: job arrays submitted with sbatch; ray: tasks on
     a Ray cluster (needs the ray extra)."""
     tasks: int = non_negative(0)
-    """Shards of work per step; 0 = one per input file. Each task reads the next part of the
-    input in order (JSONL split by bytes, so one large file can feed many workers; Parquet and
-    text by whole files). A resumed run must keep it."""
+    """Shards of work per step; 0 = one per input file and, for JSONL, at least one per worker
+    (a resumed run keeps the count it started with). Each task reads the next part of the input
+    in order (JSONL split by bytes, so one large file can feed many workers; Parquet and text
+    by whole files). A resumed run must keep it."""
     workers: int = positive(1)
     """Tasks run at once (local processes, the job array's concurrency on SLURM, Ray actors)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

@@ -49,7 +49,7 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
     _require("datatrove", "curation")
     out = Path(recipe.output.dir)
     check_writable(out, "output.dir")
-    tasks = recipe.executor.tasks or len(files)
+    tasks = recipe.executor.tasks or _default_tasks(recipe, files, out / "work" / "fingerprint.json", restart)
     _check_executor(recipe, tasks)
     if recipe.executor.kind == "ray":
         from bigpt.curate.executors import ray_connection
@@ -186,6 +186,15 @@ def _check_fasttext(recipe: CurationRecipe, stage: str) -> None:
         if label not in labels:
             raise BigptError(f"stage.quality_classifier.label {label!r} is not a label of "
                              f"{path}; its labels: {', '.join(labels)}.")
+
+
+def _default_tasks(recipe: CurationRecipe, files: list[Path], fingerprint: Path, restart: bool) -> int:
+    """executor.tasks = 0: a task per input file and, for JSONL (split by bytes), at least one
+    per worker, so one large file keeps every worker busy; a resumed run keeps the count it was
+    started with (the work files are per task), whatever workers it is given now."""
+    if fingerprint.exists() and not restart:
+        return json.loads(fingerprint.read_text())["tasks"]
+    return max(len(files), recipe.executor.workers if recipe.input.format == "jsonl" else 1)
 
 
 def _check_executor(recipe: CurationRecipe, tasks: int) -> None:
