@@ -10,9 +10,11 @@ worker, then the same at 2 workers; the spaCy word tokenizer is loaded once befo
 Prints documents/s per worker, the ratio bigpt/hand (bigpt's overhead: counting, report,
 merge), the CPU seconds bigpt's processes used per second of wall time (what the machine gave
 them: 2 workers can only be faster where it gives more than one core) and the speed-up from 1
-to 2 workers, next to the machine's own: a busy loop in 1 process, then in 2 at once. ``--files 1 --tasks 2``: one large JSONL in two
-tasks (bigpt splits the file by bytes; datatrove by hand gives the file to one task and the
-other idles), what a user with one big file gets from a second worker.
+to 2 workers, next to the machine's own: a busy loop in 1 process, then in 2 at once.
+
+``--files 1 --tasks 2``: one large JSONL in two tasks (bigpt splits the file by bytes;
+datatrove by hand gives the file to one task and the other idles), what a user with one big
+file gets from a second worker.
 """
 
 import argparse
