@@ -19,7 +19,7 @@ if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 12))'; the
     echo 'import typing, typing_extensions; typing.override = getattr(typing, "override", typing_extensions.override)' \
         > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bigpt_typing_override.pth"
 fi
-.venv/bin/python -m pip install -q -e ".[test,curate]"
+.venv/bin/python -m pip install -q -e ".[test,curate,ray]"
 
 # SLURM and munge for the tests on a real two-node cluster on this machine (tests/slurm_cluster.py):
 # installed where this runs as root with apt, as on CI; elsewhere those tests are skipped, saying why.

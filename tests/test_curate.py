@@ -411,6 +411,29 @@ def test_slurm_without_sbatch_is_refused(tmp_path, monkeypatch):
     assert 'executor.kind = "slurm" but there is no sbatch command' in message
 
 
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_result_on_a_local_ray_instance(tmp_path, monkeypatch):
+    """executor.kind = "ray" on a Ray instance this test starts: the local executor's output and
+    report byte for byte (exact dedup over two tasks: the first copy in input order survives on
+    Ray too); refused in one paragraph, before any work, without ray or without a cluster."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+    raw = tmp_path / "raw"
+    write_corpus(raw, planted_corpus(), files=2)
+    path = bad_recipe(tmp_path, 'stages = ["exact_dedup"]\n[report]\npng = false', raw)
+    ray = ["executor.kind=ray", "executor.ray.mem_per_cpu_gb=0"]
+    assert "is not a reachable Ray head node" in refused(path, *ray, "executor.ray.address=127.0.0.1:1")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "ray", None)
+        assert "pip install -e '.[ray]'" in refused(path, *ray)
+    results = {}
+    for kind, extra in (("local", []), ("ray", [*ray, "executor.ray.address=local"])):
+        out = tmp_path / kind
+        report = curate(load_curation_recipe(path, [f"output.dir={out}", "executor.workers=2", *extra])).report
+        results[kind] = (out / "curated.jsonl").read_bytes(), {**report, "output": None}
+    assert results["ray"] == results["local"]
+    assert results["local"][1]["stages"][0]["dropped_by_rule"]["exact_duplicate"]["documents"] > 0
+
+
 def start_curation(planted, out: Path, **popen):
     command = [sys.executable, "tools/curate.py", str(ASTRONOMY), *overrides(planted.raw, out, "executor.workers=2")]
     return subprocess.Popen(command, cwd=ROOT, start_new_session=True, text=True, **popen)
@@ -524,13 +547,58 @@ def test_one_jsonl_file_is_split_over_the_tasks_in_input_order(tmp_path):
     path = tmp_path / "split.toml"
     path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length"]\n[report]\npng = false\n')
     kept = {}
-    for tasks in (1, 3):
+    for tasks, executor in ((1, "executor.tasks=1"), (3, "executor.workers=3")):  # default: a task a worker
         out = tmp_path / f"out{tasks}"
-        report = curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={out}",
-                                                    f"executor.tasks={tasks}"])).report
+        report = curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={out}", executor])).report
         assert report["read"] == {"documents": 39, "skipped_lines": {"blank_line": 1, "not_json": 1}}
         kept[tasks] = kept_ids(out)
         per_task = [json.loads(p.read_text())["in"][0] for p in sorted((out / "work/audit/00_length").glob("*.json"))]
         assert len(per_task) == tasks and min(per_task) > 10
     assert kept[3] == kept[1]
     assert kept[1][:3] == ["big.jsonl/0", "big.jsonl/1", "big.jsonl/2"] and kept[1][-1] == "big.jsonl/40"
+    # the same curation with fewer workers keeps the task count it was started with: not refused
+    again = [f"input.path={raw}", f"output.dir={tmp_path / 'out3'}", "executor.workers=1"]
+    assert curate(load_curation_recipe(path, again)).report == report
+
+
+def test_layout_lines_closing_marks_and_capitals_do_not_drop_prose():
+    """Table rules repeat but are no repeated content, a sentence ends inside a bracket or a box
+    frame or introduces a table with a colon, and a warranty in capitals has its stop words;
+    datatrove's rules dropped each."""
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
+
+    from bigpt.curate import stages
+    from bigpt.curate.recipe import C4Stage, FineWebQualityStage, GopherQualityStage, GopherRepetitionStage
+
+    rule = "+" + "-" * 30 + "+" + "-" * 40 + "+"
+    rows = [f"| {name:<28} | {meaning:<38} |" for name, meaning in
+            (("x[index]", "Subscription of a sequence"), ("x.attribute", "Attribute reference"),
+             ("await x", "Await expression"), ("-x, +x", "Negative, positive"), ("x ** y", "Exponentiation"))]
+    table = "The table lists the operators of the language. They go from the highest precedence to the lowest:\n\n" + \
+        "\n".join(line for row in rows for line in (rule, row)) + "\n" + rule
+    boxed = "\n".join(f"*  {line:<68}*" for line in textwrap.wrap(WRAPPED_MANUAL.split("\n\n")[0], 66))
+    boxed = f"{'*' * 72}\n{boxed}\n{'*' * 72}"
+    capitals = " ".join(["THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND, AND THE AUTHORS "
+                         "SHALL NOT BE LIABLE FOR ANY CLAIM OR DAMAGES ARISING FROM ITS USE."] * 2)
+
+    def kept(block, text):
+        return block.filter(Document(text=text, id="0"))
+
+    repetition = stages.gopher_repetition(GopherRepetitionStage(), "", 1).block
+    assert kept(GopherRepetitionFilter(), table) == (False, "dup_line_frac")
+    assert kept(repetition, table) is True
+    fineweb = stages.fineweb_quality(FineWebQualityStage(char_duplicates_ratio=0.1), "", 1).block
+    assert kept(FineWebQualityFilter(char_duplicates_ratio=0.1), boxed) == (False, "line_punct_ratio")
+    assert kept(fineweb, boxed) is True
+    c4 = stages.c4(C4Stage(min_num_sentences=2), "", 1).block
+    assert kept(c4, boxed) is True and kept(c4, boxed.replace(".", ";")) == (False, "too_few_sentences")
+    assert kept(C4QualityFilter(min_num_sentences=2), table) == (False, "too_few_sentences")
+    assert kept(c4, table) is True
+    assert kept(GopherQualityFilter(min_doc_words=10), capitals) == (False, "gopher_enough_stop_words")
+    assert kept(stages.gopher_quality(GopherQualityStage(min_doc_words=10), "", 1).block, capitals) is True

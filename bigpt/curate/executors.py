@@ -1,4 +1,5 @@
-"""Run the planned jobs with datatrove's executors: local processes, or chained SLURM arrays.
+"""Run the planned jobs with datatrove's executors: local processes, chained SLURM arrays, or
+actors on a Ray cluster.
 
 Each job has its own logging folder ``work/logs/JOB``; datatrove writes a completion marker
 per finished task there and skips marked tasks when the same job runs again, which is how an
@@ -6,8 +7,11 @@ interrupted curation resumes without redoing finished shards.
 """
 
 import _thread
+import contextlib
+import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -17,8 +21,9 @@ import multiprocess.util
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.utils.word_tokenizers import load_word_tokenizer
 
-from bigpt.curate.recipe import CurationRecipe
+from bigpt.curate.recipe import CurationRecipe, RayConfig
 from bigpt.curate.stages import Job
+from bigpt.errors import BigptError
 from bigpt.runtime import console
 
 
@@ -31,9 +36,67 @@ def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
         LocalPipelineExecutor(job.pipeline, tasks=job.tasks, workers=min(recipe.executor.workers, job.tasks),
                               logging_dir=str(work / "logs" / job.name),
                               start_method="forkserver" if job.fresh_processes else "fork").run()
-        if sys.stderr.isatty():
-            console.note(f"[{number}/{len(jobs)}] {job.name}: {job.tasks} tasks done in "
-                         f"{time.perf_counter() - started:.1f} s")
+        _done(number, jobs, started)
+
+
+def _done(number: int, jobs: list[Job], started: float) -> None:
+    if sys.stderr.isatty():
+        job = jobs[number - 1]
+        console.note(f"[{number}/{len(jobs)}] {job.name}: {job.tasks} tasks done in "
+                     f"{time.perf_counter() - started:.1f} s")
+
+
+def run_ray(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
+    """Each job with datatrove's Ray executor (in a ``ray_connection``), in order, this process
+    waiting for each. datatrove logs a failed task and returns: a job with unfinished tasks
+    stops the run here."""
+    from datatrove.executor import RayPipelineExecutor
+
+    config = recipe.executor.ray
+    for number, job in enumerate(jobs, 1):
+        started = time.perf_counter()
+        executor = RayPipelineExecutor(
+            job.pipeline, tasks=job.tasks, workers=min(recipe.executor.workers, job.tasks),
+            logging_dir=str(work / "logs" / job.name), cpus_per_task=config.cpus_per_task,
+            mem_per_cpu_gb=config.mem_per_cpu_gb)
+        executor.run()
+        if failed := executor.get_incomplete_ranks(range(job.tasks)):
+            raise BigptError(f"{len(failed)} of {job.tasks} tasks of step {job.name} failed on Ray; their logs "
+                             f"are in {work / 'logs' / job.name / 'logs'}. Run the same command again to retry "
+                             f"them (finished tasks are kept).")
+        _done(number, jobs, started)
+
+
+@contextlib.contextmanager
+def ray_connection(config: RayConfig):
+    """This process connected to the cluster of ``executor.ray.address`` (or a local one it
+    starts) for the block, unless it already is; a clear error before any work when it cannot."""
+    try:
+        import ray
+    except ImportError:
+        raise BigptError("executor.kind = \"ray\" needs the Python package 'ray', which is not installed; "
+                         "install bigpt's ray extra: pip install -e '.[ray]'.") from None
+    if ray.is_initialized():
+        yield
+        return
+    hint = ("start one with `ray start --head` on this machine (then address = \"auto\"), give its head node "
+            "as HOST:PORT, or set executor.ray.address = \"local\" to start Ray here for the run")
+    if config.address not in ("auto", "local"):
+        host, _, port = config.address.removeprefix("ray://").rpartition(":")
+        try:  # Ray itself retries an unreachable address for minutes
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as err:
+            raise BigptError(f"executor.ray.address = \"{config.address}\" is not a reachable Ray head node "
+                             f"({err}); {hint}.") from None
+    try:
+        ray.init(address=config.address, log_to_driver=False,
+                 logging_level=logging.ERROR, include_dashboard=False)
+    except ConnectionError:
+        raise BigptError(f"executor.ray.address = \"{config.address}\" found no Ray cluster to join; {hint}.") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _follow_parent(_=None) -> None:

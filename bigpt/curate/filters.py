@@ -25,7 +25,7 @@ from datatrove.pipeline.filters import (
     LanguageFilter,
 )
 from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
-from datatrove.pipeline.filters.c4_filters import END_PUNCTUATION
+from datatrove.pipeline.filters.c4_filters import CITATION_REGEX, ELLIPSIS, END_PUNCTUATION
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.readers.base import BaseDiskReader
@@ -58,22 +58,52 @@ class LengthFilter(BaseFilter):
 
 
 class GopherQuality(GopherQualityFilter):
-    """datatrove's Gopher quality rules, with the alphabetic-word share taken over words as Gopher
-    means them: its word tokenizer makes every bracket, comma and full stop a "word", so
-    technical prose and manuals (``f(x)``, ``e.g.,``) fell below 80% alphabetic words."""
+    """datatrove's Gopher quality rules on the text's content lines (see ``layout_free``), with
+    the alphabetic-word share taken over words as Gopher means them (its word tokenizer makes
+    every bracket, comma and full stop a "word", so technical prose and manuals, ``f(x)``,
+    ``e.g.,``, fell below 80% alphabetic words) and stop words found in any case (datatrove
+    missed THE and OF in a paragraph in capitals, as licenses write their warranty)."""
 
-    def __init__(self, min_alpha_words_ratio: float, **rules):
-        super().__init__(max_non_alpha_words_ratio=None, **rules)
-        self.min_alpha_words_ratio = min_alpha_words_ratio
+    def __init__(self, min_alpha_words_ratio: float, min_stop_words: int, **rules):
+        super().__init__(max_non_alpha_words_ratio=None, min_stop_words=0, **rules)
+        self.min_alpha_words_ratio, self.stop_words_needed = min_alpha_words_ratio, min_stop_words
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        verdict = super().filter(doc)
-        if verdict is not True or not self.min_alpha_words_ratio:
+        text = layout_free(doc.text)
+        if not text.strip():  # (datatrove divides by its word count)
+            return False, "gopher_short_doc"
+        verdict = super().filter(Document(text=text, id=doc.id))
+        if verdict is not True:
             return verdict
-        words = _words(doc.text, self.language)
+        words = _words(text, self.language)
         if sum(any(c.isalpha() for c in w) for w in words) < self.min_alpha_words_ratio * len(words):
             return False, "gopher_below_alpha_threshold"
+        if len(self.stop_words & {word.lower() for word in words}) < self.stop_words_needed:
+            return False, "gopher_enough_stop_words"
         return True
+
+
+def layout_free(text: str) -> str:
+    """``text`` without its lines of layout: lines with no letter or digit (table rules, heading
+    underlines, separators, box frames, code fences). The line and repetition rules count
+    lines of content; ten ``+----+`` rules of a table are not ten repeated lines, nor ten
+    bullet points, nor a line missing its full stop. Blank lines (paragraph breaks) stay."""
+    return "\n".join(line for line in text.split("\n") if not line.strip() or any(c.isalnum() for c in line))
+
+
+CLOSING = ")]}*_`\"'\u201d\u2019\u00bb"
+"""Closing brackets, emphasis marks and quotes, read through when looking for a sentence end."""
+
+
+def ends_sentence(line: str, terminal: tuple[str, ...] = END_PUNCTUATION) -> bool:
+    """Whether ``line`` ends a sentence: in ``terminal`` punctuation (C4's . ? ! or a closing
+    quote; no ellipsis) or a colon (documentation's sentence that introduces a list or a code
+    sample; menus' "Share:" lines are short, and C4 removes lines of fewer than 3 words), also
+    when closing marks or a box frame follow it: ``(see below.)``, ``**Note.**``, ``... of the
+    License.   *``."""
+    line = line.rstrip()
+    closed = line.rstrip(CLOSING + " \t")
+    return any(text.endswith((*terminal, ":")) and not text.endswith(ELLIPSIS) for text in (line, closed))
 
 
 def unwrap(text: str, wrap_length: int, joiner: str = " ") -> str:
@@ -92,61 +122,73 @@ def unwrap(text: str, wrap_length: int, joiner: str = " ") -> str:
 
 def _wrapped(line: str, after: str, wrap_length: int) -> bool:
     line = line.rstrip()
-    return len(line) >= wrap_length and bool(after.strip()) and not line.endswith(END_PUNCTUATION)
+    return len(line) >= wrap_length and bool(after.strip()) and not ends_sentence(line)
 
 
 class C4Quality(C4QualityFilter):
     """datatrove's C4 rules on unwrapped lines (see ``unwrap``): C4 keeps only lines ending in
     terminal punctuation, so in hard-wrapped text it removed every line but a paragraph's last,
-    then the document for too few sentences. The kept text keeps its line breaks."""
+    then the document for too few sentences. A line ends a sentence also through closing marks
+    (``ends_sentence``). The kept text keeps its line breaks."""
 
     JOINER = "\u2007"  # a space to str.split, no line break to str.splitlines, rare in text
 
-    def __init__(self, wrap_length: int, **rules):
-        super().__init__(**rules)
-        self.wrap_length = wrap_length
+    def __init__(self, wrap_length: int, filter_no_terminal_punct: bool, **rules):
+        super().__init__(filter_no_terminal_punct=False, **rules)
+        self.wrap_length, self.sentence_lines_only = wrap_length, filter_no_terminal_punct
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        if self.JOINER in doc.text:
-            return super().filter(doc)
-        doc.text = unwrap(doc.text, self.wrap_length, self.JOINER)
+        unwrapped = self.JOINER not in doc.text  # (a text that has it is read line by line)
+        if unwrapped:
+            doc.text = unwrap(doc.text, self.wrap_length, self.JOINER)
+        if self.sentence_lines_only:  # as C4 does it, before its other line rules
+            doc.text = "\n".join(line for line in doc.text.splitlines()
+                                 if ends_sentence(CITATION_REGEX.sub("", line).strip()))
         verdict = super().filter(doc)
-        doc.text = doc.text.replace(self.JOINER, "\n")
+        if unwrapped:
+            doc.text = doc.text.replace(self.JOINER, "\n")
         return verdict
 
 
 class FineWebQuality(FineWebQualityFilter):
-    """datatrove's FineWeb line rules on unwrapped lines (see ``unwrap``): the lines of wrapped
-    text are short, rarely end in punctuation, and repeat when a phrase does."""
+    """datatrove's FineWeb line rules on unwrapped content lines (see ``unwrap`` and
+    ``layout_free``): the lines of wrapped text are short, rarely end in punctuation, and
+    repeat when a phrase does. A line ends in punctuation also through closing marks."""
 
-    def __init__(self, wrap_length: int, **rules):
-        super().__init__(**rules)
-        self.wrap_length = wrap_length
+    def __init__(self, wrap_length: int, line_punct_thr: float, **rules):
+        super().__init__(line_punct_thr=0, **rules)
+        self.wrap_length, self.min_punct_lines = wrap_length, line_punct_thr
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        return super().filter(Document(text=unwrap(doc.text, self.wrap_length), id=doc.id))
+        text = unwrap(layout_free(doc.text), self.wrap_length)
+        lines = [line for line in text.split("\n") if line.strip()]
+        if lines and sum(ends_sentence(line, self.stop_chars) for line in lines) < self.min_punct_lines * len(lines):
+            return False, "line_punct_ratio"
+        return super().filter(Document(text=text, id=doc.id))
 
 
 class GopherRepetition(GopherRepetitionFilter):
-    """datatrove's Gopher repetition rules, with the n-gram rules over words that are not
-    punctuation (see GopherQuality): n-grams of brackets and commas repeat in any technical
-    text, ``( default : None )`` in every other line of an API reference."""
+    """datatrove's Gopher repetition rules on the text's content lines (see ``layout_free``),
+    with the n-gram rules over words that are not punctuation (see GopherQuality): n-grams of
+    brackets and commas repeat in any technical text, ``( default : None )`` in every other
+    line of an API reference."""
 
     def __init__(self, top_n_grams, dup_n_grams, **rules):
         super().__init__(top_n_grams=(), dup_n_grams=(), **rules)
         self.word_top_n_grams, self.word_dup_n_grams = top_n_grams, dup_n_grams
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        verdict = super().filter(doc)
+        text = layout_free(doc.text)
+        verdict = super().filter(Document(text=text, id=doc.id))
         if verdict is not True:
             return verdict
-        words = _words(doc.text, self.language)
+        words = _words(text, self.language)
         for n, fraction in self.word_top_n_grams:
             n_grams = get_n_grams(words, n)
-            if n_grams and find_top_duplicate(n_grams) > fraction * len(doc.text):
+            if n_grams and find_top_duplicate(n_grams) > fraction * len(text):
                 return False, f"top_{n}_gram"
         for n, fraction in self.word_dup_n_grams:
-            if find_all_duplicate(words, n) > fraction * len(doc.text):
+            if find_all_duplicate(words, n) > fraction * len(text):
                 return False, f"duplicated_{n}_n_grams"
         return True
 

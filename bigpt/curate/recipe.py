@@ -63,19 +63,37 @@ class SlurmConfig:
 
 
 @dataclass(kw_only=True)
+class RayConfig:
+    """[executor.ray]: datatrove's Ray executor (each step's tasks as Ray actors, steps in order;
+    output.dir must be on a filesystem every Ray node mounts at the same path)."""
+
+    address: str = "auto"
+    """The Ray cluster: auto = the one this machine belongs to (``ray start``, or RAY_ADDRESS);
+    HOST:PORT = its head node; local = a Ray instance started on this machine for the run."""
+    cpus_per_task: int = positive(1)
+    """CPUs Ray reserves for each task."""
+    mem_per_cpu_gb: float = non_negative(2.0)
+    """Memory in GB Ray reserves per CPU of a task; 0 = none."""
+
+
+@dataclass(kw_only=True)
 class ExecutorConfig:
     """[executor]: how the stages run."""
 
-    kind: Literal["local", "slurm"] = "local"
-    """local: processes on this machine; slurm: job arrays submitted with sbatch."""
+    kind: Literal["local", "slurm", "ray"] = "local"
+    """local: processes on this machine; slurm: job arrays submitted with sbatch; ray: tasks on
+    a Ray cluster (needs the ray extra)."""
     tasks: int = non_negative(0)
-    """Shards of work per step; 0 = one per input file. Each task reads the next part of the
-    input in order (JSONL split by bytes, so one large file can feed many workers; Parquet and
-    text by whole files). A resumed run must keep it."""
+    """Shards of work per step; 0 = one per input file and, for JSONL, at least one per worker
+    (a resumed run keeps the count it started with). Each task reads the next part of the input
+    in order (JSONL split by bytes, so one large file can feed many workers; Parquet and text
+    by whole files). A resumed run must keep it."""
     workers: int = positive(1)
-    """Tasks run at once (local processes, or the job array's concurrency on SLURM)."""
+    """Tasks run at once (local processes, the job array's concurrency on SLURM, Ray actors)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """[executor.slurm]"""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """[executor.ray]"""
 
 
 @dataclass(kw_only=True)
@@ -163,7 +181,8 @@ class C4Stage:
     max_word_length: int = positive(1000)
     """Lines with a longer word are removed."""
     filter_no_terminal_punct: bool = True
-    """Remove lines not ending in terminal punctuation."""
+    """Remove lines not ending a sentence (. ? ! a closing quote or a colon, also before closing
+    brackets and emphasis: filters.ends_sentence)."""
     wrap_length: int = non_negative(WRAP_LENGTH)
     """Lines this long or longer not ending a sentence continue on the next (WRAP_LENGTH)."""
     filter_lorem_ipsum: bool = True

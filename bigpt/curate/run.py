@@ -48,8 +48,18 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
     _require("datatrove", "curation")
     out = Path(recipe.output.dir)
     check_writable(out, "output.dir")
-    tasks = recipe.executor.tasks or len(files)
+    tasks = recipe.executor.tasks or _default_tasks(recipe, files, out / "work" / "fingerprint.json", restart)
     _check_executor(recipe, tasks)
+    if recipe.executor.kind == "ray":
+        from bigpt.curate.executors import ray_connection
+
+        with ray_connection(recipe.executor.ray):
+            return _run(recipe, files, tasks, restart)
+    return _run(recipe, files, tasks, restart)
+
+
+def _run(recipe: CurationRecipe, files: list[Path], tasks: int, restart: bool) -> CurationResult:
+    out = Path(recipe.output.dir)
     work = out / "work"
     _claim(work, out, _fingerprint(recipe, files, tasks), restart)
     if (out / CURATED).exists():
@@ -66,9 +76,9 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
 
         submit_slurm(recipe, jobs, work, Finalizer(recipe, out, tasks))
         return CurationResult(out, None)
-    from bigpt.curate.executors import run_local
+    from bigpt.curate.executors import run_local, run_ray
 
-    run_local(recipe, jobs, work)
+    (run_ray if recipe.executor.kind == "ray" else run_local)(recipe, jobs, work)
     return CurationResult(out, Finalizer(recipe, out, tasks).finalize())
 
 
@@ -168,6 +178,15 @@ def _check_fasttext(recipe: CurationRecipe, stage: str) -> None:
         if label not in labels:
             raise BigptError(f"stage.quality_classifier.label {label!r} is not a label of "
                              f"{path}; its labels: {', '.join(labels)}.")
+
+
+def _default_tasks(recipe: CurationRecipe, files: list[Path], fingerprint: Path, restart: bool) -> int:
+    """executor.tasks = 0: a task per input file and, for JSONL (split by bytes), at least one
+    per worker, so one large file keeps every worker busy; a resumed run keeps the count it was
+    started with (the work files are per task), whatever workers it is given now."""
+    if fingerprint.exists() and not restart:
+        return json.loads(fingerprint.read_text())["tasks"]
+    return max(len(files), recipe.executor.workers if recipe.input.format == "jsonl" else 1)
 
 
 def _check_executor(recipe: CurationRecipe, tasks: int) -> None:
