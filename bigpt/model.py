@@ -78,7 +78,8 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
     m, p, prec, rc = recipe.model, recipe.parallel, recipe.precision, recipe.recompute
     activation, gated = _ACTIVATIONS[m.activation]
     dtype = DTYPES[prec.dtype]
-    fused = on_gpu()  # the fused kernels are CUDA-only
+    gpu = on_gpu()
+    fused = gpu  # the fused kernels are CUDA-only
     extra = {}
     if not m.scaled_output_init:
         extra["output_layer_init_method"] = init_method_normal(m.init_std)
@@ -121,13 +122,13 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
         calculate_per_token_loss=True,
         # On CPU: build full weights with the CPU RNG then split them, and keep pipeline outputs
         # (their deallocation trick relies on CUDA storage semantics).
-        use_cpu_initialization=not on_gpu,
-        deallocate_pipeline_outputs=on_gpu,
+        use_cpu_initialization=not gpu,
+        deallocate_pipeline_outputs=gpu,
         # gloo matches a batch of p2p messages to one peer by order alone: with PP=2 interleaving,
         # the forward activation and the backward gradient between the same two ranks (same
         # shape) can swap silently. Unbatched, megatron-core sends the two directions over two
         # different groups. NCCL's batched p2p has no such problem.
-        batch_p2p_comm=on_gpu,
+        batch_p2p_comm=gpu,
         # megatron-core's fused causal softmax kernel ignores window_size (its unfused one applies it).
         masked_softmax_fusion=fused and not _window_size(m.attention_window, m.seq_length),
         bias_activation_fusion=fused and (gated or m.add_bias_linear),
