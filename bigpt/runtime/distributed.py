@@ -33,11 +33,15 @@ def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
     else:
         cpu_compat.enable()
         backend = "gloo"
+    rendezvous = {}
     if "MASTER_ADDR" not in os.environ:  # a plain `python` run: a world of one
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
-                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if "MASTER_PORT" in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+        else:  # its store in memory: no port, so two such runs on one machine never collide
+            rendezvous = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **rendezvous)
     except RuntimeError as err:  # torch's DistNetworkError, from the rendezvous store's listening socket
         if "EADDRINUSE" not in str(err) and "address already in use" not in str(err).lower():
             raise
