@@ -7,13 +7,15 @@ import slurm_cluster
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` are skipped, saying so, where torch sees no CUDA device."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); this machine has none")
+    """Tests marked ``gpu`` are skipped, saying so, where torch sees no CUDA device. Under
+    pytest-xdist (``-n 2 --dist loadgroup``) the tests on the SLURM cluster share one worker, so
+    one cluster is started, not one per worker."""
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); this machine has none")
     for item in items:
-        if "gpu" in item.keywords:
+        if skip and "gpu" in item.keywords:
             item.add_marker(skip)
+        if "slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(scope="session")
