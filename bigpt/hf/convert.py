@@ -5,7 +5,9 @@ one-layer slices of the stacked tensor), so ``load_weights`` reshards it to any 
 embedding and output layer are stored unpadded and megatron-core pads them to the layout's
 vocabulary size on load. Export reads a checkpoint of any layout back one layer at a time.
 Both run in an existing process group: a tool runs a group of one, a training job converts
-with all of its ranks, each writing a share of the tensors.
+with all of its ranks, each writing a share of the tensors. Neither holds the model in memory:
+import makes each tensor only when torch's writer reaches it, export reads one layer at a time
+(bench/hf_import_memory.py measures both).
 """
 
 import itertools
@@ -18,8 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint.planner import WriteItemType
 
 import bigpt
 from bigpt.checkpoint import store
@@ -51,6 +61,50 @@ def _sharded(key: str, tensor: torch.Tensor, layer: int | None, num_layers: int)
     return ShardedTensor.from_rank_offsets(key, tensor.unsqueeze(0), (0, layer, num_layers), replica_id=0)
 
 
+class _MadeWhenWritten(MCoreSavePlanner):
+    """megatron-core's planner, but a tensor's data is ``makers[key, global offset]()``, called
+    when the writer reaches it (the state dict holds placeholders without storage)."""
+
+    def __init__(self, makers: dict):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.makers = makers
+
+    def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:  # megatron-core's common state
+            return super().resolve_data(write_item)
+        return self.makers[write_item.index.fqn, tuple(write_item.index.offset)]()
+
+
+class _Streamed(TorchDistSaveShardedStrategy):
+    """megatron-core's torch_dist format (translated as its own save translates it), written by
+    torch's writer one file per tensor: its one-file-per-rank mode keeps every tensor of the file
+    alive until the file is closed, which would hold a rank's whole share of the model again."""
+
+    def __init__(self, makers: dict):
+        super().__init__()
+        self.makers = makers
+
+    def save(self, sharded_state_dict, checkpoint_dir):
+        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+        dcp.save(mcore_to_pyt_state_dict(by_key), planner=_MadeWhenWritten(self.makers),
+                 storage_writer=dcp.FileSystemWriter(checkpoint_dir, single_file_per_rank=False))
+
+
+def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
+    """``dist_checkpointing.save`` of the tensors of ``items`` ((rule, layer) pairs), each joined
+    from its Hugging Face tensors only when it is written and dropped after: memory stays near
+    the largest tensor (and the inputs of its join), whatever the size of the model."""
+    state, makers = {}, {}
+    for rule, layer in items:
+        names = rule.names(layer)
+        shaped = rule.join([weights.meta(name) for name in names])  # shape and dtype, no data
+        placeholder = _sharded(rule.key, torch.empty((), dtype=shaped.dtype).expand(shaped.shape), layer, num_layers)
+        state[f"{rule.key}/{layer}"] = placeholder
+        makers[rule.key, placeholder.global_offset] = lambda rule=rule, layer=layer, names=names: _sharded(
+            rule.key, rule.join([weights.get(name) for name in names]), layer, num_layers).data
+    dist_checkpointing.save(state, str(directory), sharded_strategy=_Streamed(makers))
+
+
 EXPORT_MARKER = "bigpt_export.json"  # inside an exported directory: what it was exported from
 
 
@@ -65,8 +119,8 @@ def _check_replaceable(out: Path, ours: bool, what: str) -> None:
 
 def import_hf(directory: Path, out: Path) -> dict:
     """Write the Hugging Face model in ``directory`` as a bigpt checkpoint at ``out``, with every
-    rank of the process group converting a share of the tensors (a rank holds its share in
-    memory until the save); returns its [model] table. ``out`` appears only when complete."""
+    rank of the process group converting a share of the tensors, one at a time; returns its
+    [model] table. ``out`` appears only when complete."""
     directory, out = Path(directory).resolve(), Path(out)
     imported = store.is_complete(out) and "imported_from" in store.read_marker(out)
     _check_replaceable(out, imported, "a checkpoint an earlier import wrote")
@@ -77,12 +131,8 @@ def import_hf(directory: Path, out: Path) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an import that was killed
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = {}
-    for number, (rule, layer) in enumerate(_items(model)):
-        if number % world == rank:
-            tensor = rule.join([weights.get(name) for name in rule.names(layer)])
-            state[f"{rule.key}/{layer}"] = _sharded(rule.key, tensor, layer, model["num_layers"])
-    dist_checkpointing.save(state, str(tmp))
+    mine = [item for number, item in enumerate(_items(model)) if number % world == rank]
+    _save_streamed(mine, weights, model["num_layers"], tmp)
     dist.barrier()
     if rank == 0:
         (tmp / HF_FILES).mkdir()

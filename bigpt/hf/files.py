@@ -81,7 +81,15 @@ class SafetensorsWeights:
                              "the file is damaged or from another model: fetch it again") from None
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        # A handle of its own, closed at once: safetensors maps the file, and pages read through
+        # a handle kept open would stay in this process's resident memory until the end.
+        with _open(self.files[name]) as handle:
+            return handle.get_tensor(name)
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A tensor without data (on the meta device) of the shape and dtype of ``name``."""
+        dtype = self._handle(name).get_slice(name)[:0].dtype  # an empty slice: the header alone
+        return torch.empty(self.shape(name), dtype=dtype, device="meta")
 
 
 def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
