@@ -60,7 +60,7 @@ def write_model(directory: Path, layers: int, hidden: int, vocab: int) -> int:
     sizes = [(name, 4 * math.prod(shape)) for name, shape in shapes.items()]
     generator = torch.Generator().manual_seed(layers)
     layer = sum(size for name, size in sizes if name.startswith("model.layers.0."))
-    write_shards(directory, plan_shards(sizes, layer),
+    write_shards(directory, plan_shards(sizes, layer), shapes, torch.float32,
                  ((name, torch.randn(shape, generator=generator)) for name, shape in shapes.items()))
     return sum(size for _, size in sizes)
 

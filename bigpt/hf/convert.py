@@ -181,9 +181,9 @@ def hf_files_of(checkpoint: Path) -> Path | None:
     return None
 
 
-def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype | None):
-    """Yield (rule, layer, global tensor) in ``items`` order, one load per run of items of the
-    same layer (memory stays near one layer)."""
+def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype):
+    """Yield (rule, layer, global tensor in ``dtype``) in ``items`` order, one load per run of
+    items of the same layer (memory stays near one layer)."""
     for layer, run in itertools.groupby(items, key=lambda item: item[1]):
         request = {}
         for rule, _ in run:
@@ -194,7 +194,7 @@ def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype | N
         loaded = dist_checkpointing.load(request, str(checkpoint), validate_access_integrity=False)
         for key in request:  # (the load also returns the checkpoint's common, non-tensor state)
             tensor = loaded[key] if layer is None else loaded[key][0]
-            yield key, layer, tensor if dtype is None else tensor.to(dtype)
+            yield key, layer, tensor.to(dtype)
 
 
 def tokenizer_note(hf_files: Path | None, copied: list[str]) -> str:
@@ -227,13 +227,13 @@ def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtyp
         if rule.key not in metadata:
             raise BigptError(f"{checkpoint} has no tensor {rule.key}, which its model needs; the checkpoint is damaged "
                              "or was written by an incompatible program")
-    stored = metadata[items[0][0].key].dtype
+    dtype = dtype or metadata[items[0][0].key].dtype
     hf_files = hf_files or hf_files_of(checkpoint)
     original = read_config(hf_files) if hf_files and (hf_files / CONFIG).is_file() else None
-    config = hf_from_model(model_config, str(dtype or stored).removeprefix("torch."), original)
+    config = hf_from_model(model_config, str(dtype).removeprefix("torch."), original)
 
     shapes = expected_hf_shapes(model)
-    element = torch.empty((), dtype=dtype or stored).element_size()
+    element = torch.empty((), dtype=dtype).element_size()
     order = [name for rule, layer in items for name in rule.names(layer)]
     shards = plan_shards([(name, element * math.prod(shapes[name])) for name in order], max_shard_bytes)
     tmp = out.with_name(out.name + ".tmp")
@@ -247,7 +247,7 @@ def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtyp
 
     try:
         with reporting_a_full_disk(out, "the export's OUT"):
-            write_shards(tmp, shards, tensors())
+            write_shards(tmp, shards, shapes, dtype, tensors())
             copied = copy_side_files(hf_files, tmp, skip=(CONFIG,)) if hf_files and hf_files.is_dir() else []
             (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             note = tokenizer_note(hf_files, copied)
