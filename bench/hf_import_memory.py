@@ -8,7 +8,8 @@ wide) with ``--layers`` layers each, one layer per safetensors shard, without bu
 ``import`` of every directory, then ``export`` of that import. Its peak resident memory is the
 kernel's (``ru_maxrss`` of that child alone, from ``wait4``); the baseline is a child that
 imports the same modules, opens the same process group and exits, measured in the same
-invocation. Prints model bytes, peak RSS, peak minus baseline and (peak - baseline) / model.
+invocation. Prints model bytes, peak RSS, peak minus baseline, (peak - baseline) / model and
+the wall time.
 ``--checkout`` also measures the tools of other checkouts of bigpt (e.g. ``git worktree add
 /tmp/before main``) on the same directories, for before/after figures.
 """
@@ -19,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,14 +67,15 @@ def write_model(directory: Path, layers: int, hidden: int, vocab: int) -> int:
     return sum(size for _, size in sizes)
 
 
-def peak_rss(command: list[str]) -> int:
-    """Peak resident bytes of ``command``, run to completion as a child of its own."""
+def peak_rss(command: list[str]) -> tuple[int, float]:
+    """Peak resident bytes and wall seconds of ``command``, run to completion as a child of its own."""
+    start = time.perf_counter()
     child = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status):
         sys.exit(f"{' '.join(command)} failed:\n{child.stderr.read().decode()[-3000:]}")
-    return usage.ru_maxrss * 1024  # Linux reports KiB
+    return usage.ru_maxrss * 1024, time.perf_counter() - start  # Linux reports KiB
 
 
 def main(argv=None) -> None:
@@ -85,18 +88,18 @@ def main(argv=None) -> None:
     print(f"hf import/export memory: Llama fp32, hidden {args.hidden}, vocab {args.vocab}, largest tensor "
           f"{largest / 2**20:.1f} MiB; torch {torch.__version__}, one fresh process per figure")
     print(f"{'checkout':<28} {'layers':>6} {'model MiB':>10} {'step':>7} {'peak MiB':>9} {'- base MiB':>11} "
-          f"{'/ model':>8}")
+          f"{'/ model':>8} {'seconds':>8}")
     for checkout in checkouts:
-        base = peak_rss([sys.executable, "-c", BASELINE, str(checkout)])
-        print(f"{str(checkout):<28} {'':>6} {'':>10} {'base':>7} {base / 2**20:9.0f}")
+        base, seconds = peak_rss([sys.executable, "-c", BASELINE, str(checkout)])
+        print(f"{str(checkout):<28} {'':>6} {'':>10} {'base':>7} {base / 2**20:9.0f} {'':>11} {'':>8} {seconds:8.1f}")
         tool = [sys.executable, str(checkout / "tools" / "convert_hf.py")]
         for layers, size in models.items():
             imported, exported = root / f"imported_{layers}", root / f"exported_{layers}"
             for step, command in (("import", ["import", str(root / f"hf_{layers}"), str(imported)]),
                                   ("export", ["export", str(imported), str(exported)])):
-                peak = peak_rss(tool + command)
+                peak, seconds = peak_rss(tool + command)
                 print(f"{str(checkout):<28} {layers:6d} {size / 2**20:10.0f} {step:>7} {peak / 2**20:9.0f} "
-                      f"{(peak - base) / 2**20:11.0f} {(peak - base) / size:8.3f}")
+                      f"{(peak - base) / 2**20:11.0f} {(peak - base) / size:8.3f} {seconds:8.1f}")
             shutil.rmtree(imported)
             shutil.rmtree(exported)
 

@@ -94,14 +94,15 @@ def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
     """``dist_checkpointing.save`` of the tensors of ``items`` ((rule, layer) pairs), each joined
     from its Hugging Face tensors only when it is written and dropped after: memory stays near
     the largest tensor (and the inputs of its join), whatever the size of the model."""
+
+    def joined(rule, layer, read) -> ShardedTensor:
+        return _sharded(rule.key, rule.join([read(name) for name in rule.names(layer)]), layer, num_layers)
+
     state, makers = {}, {}
     for rule, layer in items:
-        names = rule.names(layer)
-        shaped = rule.join([weights.meta(name) for name in names])  # shape and dtype, no data
-        placeholder = _sharded(rule.key, torch.empty((), dtype=shaped.dtype).expand(shaped.shape), layer, num_layers)
+        placeholder = joined(rule, layer, weights.meta)  # the shape and dtype of the data, on the meta device
         state[f"{rule.key}/{layer}"] = placeholder
-        makers[rule.key, placeholder.global_offset] = lambda rule=rule, layer=layer, names=names: _sharded(
-            rule.key, rule.join([weights.get(name) for name in names]), layer, num_layers).data
+        makers[rule.key, placeholder.global_offset] = lambda rule=rule, layer=layer: joined(rule, layer, weights.get).data
     dist_checkpointing.save(state, str(directory), sharded_strategy=_Streamed(makers))
 
 
