@@ -66,31 +66,30 @@ class SafetensorsWeights:
                              "weights only: use a safetensors release of the model, or convert it yourself with "
                              "transformers (from_pretrained then save_pretrained(safe_serialization=True))")
         self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
-        self._open: dict[Path, object] = {}
 
-    def _handle(self, name: str):
-        path = self.files[name]
-        if path not in self._open:
-            self._open[path] = _open(path)
-        return self._open[path]
+    def _read(self, name: str, read):
+        """``read(handle)`` of the file that holds ``name``, through a handle closed at once:
+        safetensors maps the file, and what a handle kept open has read would stay resident."""
+        with _open(self.files[name]) as handle:
+            return read(handle)
 
     def shape(self, name: str) -> tuple[int, ...]:
         try:
-            return tuple(self._handle(name).get_slice(name).get_shape())
+            return self._read(name, lambda handle: tuple(handle.get_slice(name).get_shape()))
         except Exception as err:  # safetensors raises its own error type for a name the file lacks
             raise BigptError(f"tensor {name} is not in {self.files[name]} although {INDEX} says so ({err}); "
                              "the file is damaged or from another model: fetch it again") from None
 
     def get(self, name: str) -> torch.Tensor:
-        # A handle of its own, closed at once: safetensors maps the file, and pages read through
-        # a handle kept open would stay in this process's resident memory until the end.
-        with _open(self.files[name]) as handle:
-            return handle.get_tensor(name)
+        return self._read(name, lambda handle: handle.get_tensor(name))
 
     def meta(self, name: str) -> torch.Tensor:
         """A tensor without data (on the meta device) of the shape and dtype of ``name``."""
-        dtype = self._handle(name).get_slice(name)[:0].dtype  # an empty slice: the header alone
-        return torch.empty(self.shape(name), dtype=dtype, device="meta")
+        def empty(handle):
+            part = handle.get_slice(name)
+            return torch.empty(part.get_shape(), dtype=part[:0].dtype, device="meta")  # [:0]: no data read
+
+        return self._read(name, empty)
 
 
 def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
