@@ -102,7 +102,8 @@ def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
     for rule, layer in items:
         placeholder = joined(rule, layer, weights.meta)  # the shape and dtype of the data, on the meta device
         state[f"{rule.key}/{layer}"] = placeholder
-        makers[rule.key, placeholder.global_offset] = lambda rule=rule, layer=layer: joined(rule, layer, weights.get).data
+        makers[rule.key, placeholder.global_offset] = lambda rule=rule, layer=layer: joined(
+            rule, layer, weights.get).data
     dist_checkpointing.save(state, str(directory), sharded_strategy=_Streamed(makers))
 
 
