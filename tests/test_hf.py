@@ -12,6 +12,7 @@ The continual-pretraining walkthrough (docs/huggingface.md) is run as written. B
 errors that name the file or tensor.
 """
 
+import collections
 import json
 import os
 import pickle
@@ -491,6 +492,28 @@ def test_dry_run_checks_the_initial_weights_on_paper(small, tmp_path):
     with pytest.raises(BigptError, match=r"init.from_checkpoint = .* model.ffn_hidden_size = 128"):
         report(from_checkpoint, "model.ffn_hidden_size=128")
     assert "initial weights  random" in report(MOCK_RECIPE)
+
+
+def test_import_reads_each_tensor_when_it_is_written(small, tmp_path, monkeypatch):
+    """import never holds the model: each checkpoint tensor is read (and joined) from the Hugging
+    Face files only once the ones before it are written, one file each, so at most the three
+    inputs of one join (q, k, v) are read between two files (bench/hf_import_memory.py measures
+    the memory this bounds). Holding the state dict until one save would read all 21 first."""
+    from bigpt.hf.convert import import_hf
+    from bigpt.hf.files import SafetensorsWeights
+    from bigpt.runtime.distributed import process_group_of_one
+
+    get, files_when_read = SafetensorsWeights.get, []
+
+    def watched(self, name):
+        files_when_read.append(len(list(tmp_path.rglob("*.distcp"))))
+        return get(self, name)
+
+    monkeypatch.setattr(SafetensorsWeights, "get", watched)
+    with process_group_of_one():
+        import_hf(small, tmp_path / "imported")
+    assert len(files_when_read) == len(hf_tensors(small)) == 21  # each read once
+    assert max(collections.Counter(files_when_read).values()) <= 3, files_when_read
 
 
 def test_tool_reports_errors_without_a_traceback(tmp_path):

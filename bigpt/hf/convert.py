@@ -5,7 +5,9 @@ one-layer slices of the stacked tensor), so ``load_weights`` reshards it to any 
 embedding and output layer are stored unpadded and megatron-core pads them to the layout's
 vocabulary size on load. Export reads a checkpoint of any layout back one layer at a time.
 Both run in an existing process group: a tool runs a group of one, a training job converts
-with all of its ranks, each writing a share of the tensors.
+with all of its ranks, each writing a share of the tensors. Neither holds the model in memory:
+import makes each tensor only when torch's writer reaches it, export reads one layer at a time
+(bench/hf_import_memory.py measures both).
 """
 
 import itertools
@@ -18,8 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint.planner import WriteItemType
 
 import bigpt
 from bigpt.checkpoint import store
@@ -51,6 +61,52 @@ def _sharded(key: str, tensor: torch.Tensor, layer: int | None, num_layers: int)
     return ShardedTensor.from_rank_offsets(key, tensor.unsqueeze(0), (0, layer, num_layers), replica_id=0)
 
 
+class _MadeWhenWritten(MCoreSavePlanner):
+    """megatron-core's planner, but a tensor's data is ``makers[key, global offset]()``, called
+    when the writer reaches it (the state dict holds placeholders without storage)."""
+
+    def __init__(self, makers: dict):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.makers = makers
+
+    def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:  # megatron-core's common state
+            return super().resolve_data(write_item)
+        return self.makers[write_item.index.fqn, tuple(write_item.index.offset)]()
+
+
+class _Streamed(TorchDistSaveShardedStrategy):
+    """megatron-core's torch_dist format (translated as its own save translates it), written by
+    torch's writer one file per tensor: its one-file-per-rank mode keeps every tensor of the file
+    alive until the file is closed, which would hold a rank's whole share of the model again."""
+
+    def __init__(self, makers: dict):
+        super().__init__()
+        self.makers = makers
+
+    def save(self, sharded_state_dict, checkpoint_dir):
+        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+        dcp.save(mcore_to_pyt_state_dict(by_key), planner=_MadeWhenWritten(self.makers),
+                 storage_writer=dcp.FileSystemWriter(checkpoint_dir, single_file_per_rank=False))
+
+
+def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
+    """``dist_checkpointing.save`` of the tensors of ``items`` ((rule, layer) pairs), each joined
+    from its Hugging Face tensors only when it is written and dropped after: memory stays near
+    the largest tensor (and the inputs of its join), whatever the size of the model."""
+
+    def joined(rule, layer, read) -> ShardedTensor:
+        return _sharded(rule.key, rule.join([read(name) for name in rule.names(layer)]), layer, num_layers)
+
+    state, makers = {}, {}
+    for rule, layer in items:
+        placeholder = joined(rule, layer, weights.meta)  # the shape and dtype of the data, on the meta device
+        state[f"{rule.key}/{layer}"] = placeholder
+        makers[rule.key, placeholder.global_offset] = lambda rule=rule, layer=layer: joined(
+            rule, layer, weights.get).data
+    dist_checkpointing.save(state, str(directory), sharded_strategy=_Streamed(makers))
+
+
 EXPORT_MARKER = "bigpt_export.json"  # inside an exported directory: what it was exported from
 
 
@@ -65,8 +121,8 @@ def _check_replaceable(out: Path, ours: bool, what: str) -> None:
 
 def import_hf(directory: Path, out: Path) -> dict:
     """Write the Hugging Face model in ``directory`` as a bigpt checkpoint at ``out``, with every
-    rank of the process group converting a share of the tensors (a rank holds its share in
-    memory until the save); returns its [model] table. ``out`` appears only when complete."""
+    rank of the process group converting a share of the tensors, one at a time; returns its
+    [model] table. ``out`` appears only when complete."""
     directory, out = Path(directory).resolve(), Path(out)
     imported = store.is_complete(out) and "imported_from" in store.read_marker(out)
     _check_replaceable(out, imported, "a checkpoint an earlier import wrote")
@@ -77,12 +133,8 @@ def import_hf(directory: Path, out: Path) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an import that was killed
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = {}
-    for number, (rule, layer) in enumerate(_items(model)):
-        if number % world == rank:
-            tensor = rule.join([weights.get(name) for name in rule.names(layer)])
-            state[f"{rule.key}/{layer}"] = _sharded(rule.key, tensor, layer, model["num_layers"])
-    dist_checkpointing.save(state, str(tmp))
+    mine = [item for number, item in enumerate(_items(model)) if number % world == rank]
+    _save_streamed(mine, weights, model["num_layers"], tmp)
     dist.barrier()
     if rank == 0:
         (tmp / HF_FILES).mkdir()
@@ -131,9 +183,9 @@ def hf_files_of(checkpoint: Path) -> Path | None:
     return None
 
 
-def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype | None):
-    """Yield (rule, layer, global tensor) in ``items`` order, one load per run of items of the
-    same layer (memory stays near one layer)."""
+def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype):
+    """Yield (rule, layer, global tensor in ``dtype``) in ``items`` order, one load per run of
+    items of the same layer (memory stays near one layer)."""
     for layer, run in itertools.groupby(items, key=lambda item: item[1]):
         request = {}
         for rule, _ in run:
@@ -144,7 +196,7 @@ def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype | N
         loaded = dist_checkpointing.load(request, str(checkpoint), validate_access_integrity=False)
         for key in request:  # (the load also returns the checkpoint's common, non-tensor state)
             tensor = loaded[key] if layer is None else loaded[key][0]
-            yield key, layer, tensor if dtype is None else tensor.to(dtype)
+            yield key, layer, tensor.to(dtype)
 
 
 def tokenizer_note(hf_files: Path | None, copied: list[str]) -> str:
@@ -177,13 +229,13 @@ def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtyp
         if rule.key not in metadata:
             raise BigptError(f"{checkpoint} has no tensor {rule.key}, which its model needs; the checkpoint is damaged "
                              "or was written by an incompatible program")
-    stored = metadata[items[0][0].key].dtype
+    dtype = dtype or metadata[items[0][0].key].dtype
     hf_files = hf_files or hf_files_of(checkpoint)
     original = read_config(hf_files) if hf_files and (hf_files / CONFIG).is_file() else None
-    config = hf_from_model(model_config, str(dtype or stored).removeprefix("torch."), original)
+    config = hf_from_model(model_config, str(dtype).removeprefix("torch."), original)
 
     shapes = expected_hf_shapes(model)
-    element = torch.empty((), dtype=dtype or stored).element_size()
+    element = torch.empty((), dtype=dtype).element_size()
     order = [name for rule, layer in items for name in rule.names(layer)]
     shards = plan_shards([(name, element * math.prod(shapes[name])) for name in order], max_shard_bytes)
     tmp = out.with_name(out.name + ".tmp")
@@ -197,7 +249,7 @@ def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtyp
 
     try:
         with reporting_a_full_disk(out, "the export's OUT"):
-            write_shards(tmp, shards, tensors())
+            write_shards(tmp, shards, shapes, dtype, tensors())
             copied = copy_side_files(hf_files, tmp, skip=(CONFIG,)) if hf_files and hf_files.is_dir() else []
             (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             note = tokenizer_note(hf_files, copied)

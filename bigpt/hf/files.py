@@ -3,12 +3,13 @@
 need neither megatron-core nor a process group."""
 
 import json
+import math
 import shutil
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from bigpt.errors import BigptError
 from bigpt.hf.config import model_from_hf
@@ -65,23 +66,30 @@ class SafetensorsWeights:
                              "weights only: use a safetensors release of the model, or convert it yourself with "
                              "transformers (from_pretrained then save_pretrained(safe_serialization=True))")
         self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
-        self._open: dict[Path, object] = {}
 
-    def _handle(self, name: str):
-        path = self.files[name]
-        if path not in self._open:
-            self._open[path] = _open(path)
-        return self._open[path]
+    def _read(self, name: str, read):
+        """``read(handle)`` of the file that holds ``name``, through a handle closed at once:
+        safetensors maps the file, and what a handle kept open has read would stay resident."""
+        with _open(self.files[name]) as handle:
+            return read(handle)
 
     def shape(self, name: str) -> tuple[int, ...]:
         try:
-            return tuple(self._handle(name).get_slice(name).get_shape())
+            return self._read(name, lambda handle: tuple(handle.get_slice(name).get_shape()))
         except Exception as err:  # safetensors raises its own error type for a name the file lacks
             raise BigptError(f"tensor {name} is not in {self.files[name]} although {INDEX} says so ({err}); "
                              "the file is damaged or from another model: fetch it again") from None
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        return self._read(name, lambda handle: handle.get_tensor(name))
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A tensor without data (on the meta device) of the shape and dtype of ``name``."""
+        def empty(handle):
+            part = handle.get_slice(name)
+            return torch.empty(part.get_shape(), dtype=part[:0].dtype, device="meta")  # [:0]: no data read
+
+        return self._read(name, empty)
 
 
 def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
@@ -171,19 +179,39 @@ def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]
     return shards + [current] if current else shards
 
 
-def write_shards(directory: Path, shards: list[list[str]], tensors) -> None:
-    """Write ``tensors`` ((name, tensor) pairs, in shard order) as Hugging Face names them: one
-    ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` plus the index. Only one
-    shard's tensors are held at a time."""
+_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}  # safetensors' spelling
+
+
+def _write_safetensors(path: Path, layout: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, tensors) -> None:
+    """One safetensors file of ``layout`` ((name, shape), in order), written one tensor of
+    ``tensors`` at a time: the header comes from the plan, so the file is never held whole."""
+    header, offset, element = {"__metadata__": {"format": "pt"}}, 0, torch.empty((), dtype=dtype).element_size()
+    for name, shape in layout:
+        end = offset + element * math.prod(shape)
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, shape in layout:
+            got, tensor = next(tensors)
+            assert (got, tuple(tensor.shape), tensor.dtype) == (name, shape, dtype), (got, tensor.shape, name, shape)
+            f.write(tensor.contiguous().view(torch.uint8).numpy().data)
+
+
+def write_shards(directory: Path, shards: list[list[str]], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                 tensors) -> None:
+    """Write ``tensors`` ((name, tensor) pairs in shard order, of ``shapes`` and ``dtype``) as
+    Hugging Face names them: one ``model.safetensors``, or ``model-0000k-of-0000n.safetensors``
+    plus the index. Each tensor is written as it comes and may be dropped after."""
     tensors = iter(tensors)
-    weight_map, total = {}, 0
+    weight_map = {}
     for number, names in enumerate(shards, start=1):
         file = SINGLE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        shard = dict(next(tensors) for _ in names)
-        assert list(shard) == names, (list(shard), names)
-        save_file({name: t.contiguous() for name, t in shard.items()}, str(directory / file), metadata={"format": "pt"})
+        _write_safetensors(directory / file, [(name, shapes[name]) for name in names], dtype, tensors)
         weight_map.update(dict.fromkeys(names, file))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
     if len(shards) > 1:
+        total = sum(torch.empty((), dtype=dtype).element_size() * math.prod(shapes[name]) for name in weight_map)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
