@@ -52,8 +52,13 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="save/load/raw rounds per format")
     parser.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4], help="data-parallel sizes (ranks)")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="model widths")
-    parser.add_argument("--formats", nargs="+", default=list(formats), choices=formats,
-                        help="checkpoint.optimizer_format values to compare")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=list(formats),
+        choices=formats,
+        help="checkpoint.optimizer_format values to compare",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one torchrun's ranks
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. precision.dtype=bf16")
     return parser.parse_args(argv)
@@ -61,9 +66,15 @@ def parse_args(argv=None):
 
 def size_overrides(size: str, dp: int) -> list[str]:
     hidden = SIZES[size]
-    return [f"model.hidden_size={hidden}", f"model.ffn_hidden_size={4 * hidden}", f"model.num_layers={2 * dp}",
-            "model.num_attention_heads=4", "model.num_query_groups=4", "model.vocab_size=256",
-            f"train.global_batch_size={dp}"]
+    return [
+        f"model.hidden_size={hidden}",
+        f"model.ffn_hidden_size={4 * hidden}",
+        f"model.num_layers={2 * dp}",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=4",
+        "model.vocab_size=256",
+        f"train.global_batch_size={dp}",
+    ]
 
 
 def timed(action) -> float:
@@ -133,8 +144,9 @@ def worker(args) -> None:
     from bigpt.train.main import build_trainer
 
     root = Path(args.dir)
-    recipe = load_recipe(args.recipe, [f'run_dir="{root / "run"}"', f'checkpoint.dir="{root / "checkpoints"}"',
-                                       *args.overrides])
+    recipe = load_recipe(
+        args.recipe, [f'run_dir="{root / "run"}"', f'checkpoint.dir="{root / "checkpoints"}"', *args.overrides]
+    )
     layout = Layout.from_recipe(recipe, int(os.environ["WORLD_SIZE"]))
     init_distributed(layout)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -143,8 +155,12 @@ def worker(args) -> None:
     parameters = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
     raw_file = root / f"raw.{rank}"
     for optimizer_format in args.formats:
-        training = dataclasses.replace(checkpointed(trainer), recipe=dataclasses.replace(
-            recipe, checkpoint=dataclasses.replace(recipe.checkpoint, optimizer_format=optimizer_format)))
+        training = dataclasses.replace(
+            checkpointed(trainer),
+            recipe=dataclasses.replace(
+                recipe, checkpoint=dataclasses.replace(recipe.checkpoint, optimizer_format=optimizer_format)
+            ),
+        )
         writer = CheckpointWriter(root / "checkpoints", asynchronous=False)
         checkpoint = root / "checkpoints" / "iter_0000001"
         figures = {key: [] for key in ("save", "load", "raw_write", "raw_read", "save_rss")}
@@ -166,9 +182,21 @@ def worker(args) -> None:
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         if rank == 0:
             result = {key: statistics.median(values) for key, values in figures.items() if key != "save_rss"}
-            print(RESULT + json.dumps(dict(result, format=optimizer_format, dp=world, parameters=parameters,
-                                           bytes_per_rank=size, busiest=max(shares) / (sum(shares) / world),
-                                           save_rss=rss.item())), flush=True)
+            print(
+                RESULT
+                + json.dumps(
+                    dict(
+                        result,
+                        format=optimizer_format,
+                        dp=world,
+                        parameters=parameters,
+                        bytes_per_rank=size,
+                        busiest=max(shares) / (sum(shares) / world),
+                        save_rss=rss.item(),
+                    )
+                ),
+                flush=True,
+            )
     destroy_distributed()
 
 
@@ -178,24 +206,50 @@ def run_all(args) -> None:
     rows = []
     for size in args.sizes:
         for dp in args.dp:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dp}",
-                       __file__, "--worker", "--recipe", args.recipe, "--dir", args.dir, "--repeats",
-                       str(args.repeats), "--formats", *args.formats, "--", *args.overrides, *size_overrides(size, dp)]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={dp}",
+                __file__,
+                "--worker",
+                "--recipe",
+                args.recipe,
+                "--dir",
+                args.dir,
+                "--repeats",
+                str(args.repeats),
+                "--formats",
+                *args.formats,
+                "--",
+                *args.overrides,
+                *size_overrides(size, dp),
+            ]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-            rows += [dict(json.loads(line.removeprefix(RESULT)), size=size)
-                     for line in done.stdout.splitlines() if line.startswith(RESULT)]
-    print(f"checkpoint i/o, weak scaling: {args.recipe} with {' '.join(args.overrides) or 'no overrides'} | "
-          f"fp32, 2 layers per DP rank | medians of {args.repeats} | times are the slowest rank's")
-    print(f"{'format':26} {'size':5} {'dp':>2} {'MB/rank':>7} {'busiest':>7} {'save s':>7} {'GB/s':>5} "
-          f"{'raw w s':>7} {'save/raw':>8} {'load s':>6} {'raw r s':>7} {'load/raw':>8} {'save +RSS MB':>12}")
+            rows += [
+                dict(json.loads(line.removeprefix(RESULT)), size=size)
+                for line in done.stdout.splitlines()
+                if line.startswith(RESULT)
+            ]
+    print(
+        f"checkpoint i/o, weak scaling: {args.recipe} with {' '.join(args.overrides) or 'no overrides'} | "
+        f"fp32, 2 layers per DP rank | medians of {args.repeats} | times are the slowest rank's"
+    )
+    print(
+        f"{'format':26} {'size':5} {'dp':>2} {'MB/rank':>7} {'busiest':>7} {'save s':>7} {'GB/s':>5} "
+        f"{'raw w s':>7} {'save/raw':>8} {'load s':>6} {'raw r s':>7} {'load/raw':>8} {'save +RSS MB':>12}"
+    )
     for row in sorted(rows, key=lambda r: (r["format"], list(SIZES).index(r["size"]), r["dp"])):
         total = row["bytes_per_rank"] * row["dp"] / 1e9
-        print(f"{row['format']:26} {row['size']:5} {row['dp']:>2} {row['bytes_per_rank'] / 1e6:7.1f} "
-              f"{row['busiest']:7.2f} {row['save']:7.2f} {total / row['save']:5.2f} {row['raw_write']:7.2f} "
-              f"{row['save'] / row['raw_write']:8.2f} {row['load']:6.2f} {row['raw_read']:7.2f} "
-              f"{row['load'] / row['raw_read']:8.2f} {row['save_rss'] / 1e6:12.1f}")
+        print(
+            f"{row['format']:26} {row['size']:5} {row['dp']:>2} {row['bytes_per_rank'] / 1e6:7.1f} "
+            f"{row['busiest']:7.2f} {row['save']:7.2f} {total / row['save']:5.2f} {row['raw_write']:7.2f} "
+            f"{row['save'] / row['raw_write']:8.2f} {row['load']:6.2f} {row['raw_read']:7.2f} "
+            f"{row['load'] / row['raw_read']:8.2f} {row['save_rss'] / 1e6:12.1f}"
+        )
 
 
 def main() -> None:

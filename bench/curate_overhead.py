@@ -30,7 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from curate_corpus import planted_corpus, write_corpus  # noqa: E402
 from datatrove.executor import LocalPipelineExecutor  # noqa: E402
 from datatrove.pipeline.dedup import (  # noqa: E402
     ExactDedupConfig,
@@ -56,6 +55,7 @@ from datatrove.utils.word_tokenizers import load_word_tokenizer  # noqa: E402
 
 from bigpt.curate import load_curation_recipe  # noqa: E402
 from bigpt.curate.run import curate  # noqa: E402
+from curate_corpus import planted_corpus, write_corpus  # noqa: E402
 
 RECIPE = REPO / "recipes/data/web_quality.toml"
 
@@ -71,8 +71,13 @@ def by_hand(raw: Path, work: Path, tasks: int, workers: int) -> int:
     minhash = MinhashConfig(hash_config=hashing)
 
     def run(name, pipeline, job_tasks):
-        LocalPipelineExecutor(pipeline, tasks=job_tasks, workers=min(workers, job_tasks),
-                              logging_dir=str(work / "logs" / name), start_method="fork").run()
+        LocalPipelineExecutor(
+            pipeline,
+            tasks=job_tasks,
+            workers=min(workers, job_tasks),
+            logging_dir=str(work / "logs" / name),
+            start_method="fork",
+        ).run()
 
     def docs(folder):
         return JsonlReader(str(work / folder), glob_pattern="*.jsonl", compression=None)
@@ -80,22 +85,47 @@ def by_hand(raw: Path, work: Path, tasks: int, workers: int) -> int:
     def writer(folder):
         return JsonlWriter(str(work / folder), output_filename="${rank}.jsonl", compression=None)
 
-    run("filters", [JsonlReader(str(raw)), GopherRepetitionFilter(), GopherQualityFilter(),
-                    C4QualityFilter(), FineWebQualityFilter(), writer("filtered")], tasks)
-    run("exact_sigs", [docs("filtered"), ExactDedupSignature(str(work / "exact/sigs"), exact, finder_workers=tasks)], tasks)
+    run(
+        "filters",
+        [
+            JsonlReader(str(raw)),
+            GopherRepetitionFilter(),
+            GopherQualityFilter(),
+            C4QualityFilter(),
+            FineWebQualityFilter(),
+            writer("filtered"),
+        ],
+        tasks,
+    )
+    run(
+        "exact_sigs",
+        [docs("filtered"), ExactDedupSignature(str(work / "exact/sigs"), exact, finder_workers=tasks)],
+        tasks,
+    )
     run("exact_find", [ExactFindDedups(str(work / "exact/sigs"), str(work / "exact/dups"), exact)], tasks)
     run("exact_filter", [docs("filtered"), ExactDedupFilter(str(work / "exact/dups"), exact), writer("exact")], tasks)
     run("mh_sigs", [docs("exact"), MinhashDedupSignature(str(work / "mh/sigs"), minhash)], tasks)
-    run("mh_buckets", [MinhashDedupBuckets(str(work / "mh/sigs"), str(work / "mh/buckets"), config=minhash)],
-        minhash.num_buckets)
+    run(
+        "mh_buckets",
+        [MinhashDedupBuckets(str(work / "mh/sigs"), str(work / "mh/buckets"), config=minhash)],
+        minhash.num_buckets,
+    )
     run("mh_cluster", [MinhashDedupCluster(str(work / "mh/buckets"), str(work / "mh/remove"), config=minhash)], 1)
     run("mh_filter", [docs("exact"), MinhashDedupFilter(str(work / "mh/remove")), writer("final")], tasks)
     return sum(1 for path in (work / "final").glob("*.jsonl") for _ in path.open())
 
 
 def with_bigpt(raw: Path, out: Path, tasks: int, workers: int) -> int:
-    recipe = load_curation_recipe(RECIPE, [f"input.path={raw}", f"output.dir={out}", f"executor.tasks={tasks}",
-                                           f"executor.workers={workers}", "report.png=false"])
+    recipe = load_curation_recipe(
+        RECIPE,
+        [
+            f"input.path={raw}",
+            f"output.dir={out}",
+            f"executor.tasks={tasks}",
+            f"executor.workers={workers}",
+            "report.png=false",
+        ],
+    )
     return curate(recipe).report["total"]["kept"]["documents"]
 
 
@@ -125,13 +155,14 @@ def machine_speedup() -> float:
 
 
 def _cpu_seconds() -> float:
-    return sum(usage.ru_utime + usage.ru_stime for usage in
-               (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clean", type=int, default=300, help="clean documents to generate")
     parser.add_argument("--files", type=int, default=4, help="input files")
     parser.add_argument("--tasks", type=int, help="tasks per step (default: one per input file)")
@@ -139,35 +170,45 @@ def main(argv=None) -> int:
     tasks = args.tasks or args.files
     scratch = Path(tempfile.mkdtemp(prefix="curate_bench_"))
     try:
-        documents = planted_corpus(clean=args.clean, copies=args.clean // 8, junk=args.clean // 10,
-                                   offtopic=args.clean // 8)
+        documents = planted_corpus(
+            clean=args.clean, copies=args.clean // 8, junk=args.clean // 10, offtopic=args.clean // 8
+        )
         write_corpus(scratch / "raw", documents, args.files)
         load_word_tokenizer("en").word_tokenize("warm up")
         before = machine_speedup()
-        print(f"curate overhead: {len(documents)} documents in {args.files} files, {tasks} tasks "
-              f"({sum(len(d['text'].split()) for d in documents):,} words), stages of {RECIPE.relative_to(REPO)}")
-        print(f"{'workers':>7} {'hand docs/s/worker':>19} {'bigpt docs/s/worker':>20} {'ratio':>6} "
-              f"{'bigpt cpu/wall':>14}  kept")
+        print(
+            f"curate overhead: {len(documents)} documents in {args.files} files, {tasks} tasks "
+            f"({sum(len(d['text'].split()) for d in documents):,} words), stages of {RECIPE.relative_to(REPO)}"
+        )
+        print(
+            f"{'workers':>7} {'hand docs/s/worker':>19} {'bigpt docs/s/worker':>20} {'ratio':>6} "
+            f"{'bigpt cpu/wall':>14}  kept"
+        )
         rates = {}
         for workers in (1, 2):
             times = {"hand": [], "bigpt": []}
             kept, cpu = {}, []
             for run, who in enumerate(("hand", "bigpt", "bigpt", "hand")):
                 folder = scratch / f"{who}_{workers}_{run}"
-                seconds, cpu_seconds, kept[who] = timed(by_hand if who == "hand" else with_bigpt,
-                                                        scratch / "raw", folder, tasks, workers)
+                seconds, cpu_seconds, kept[who] = timed(
+                    by_hand if who == "hand" else with_bigpt, scratch / "raw", folder, tasks, workers
+                )
                 times[who].append(seconds)
                 if who == "bigpt":
                     cpu.append(cpu_seconds / seconds)
             rate = {who: len(documents) / statistics.mean(t) / workers for who, t in times.items()}
             rates[workers] = rate
-            print(f"{workers:>7} {rate['hand']:>19.1f} {rate['bigpt']:>20.1f} "
-                  f"{rate['bigpt'] / rate['hand']:>6.3f} {statistics.mean(cpu):>14.2f}  "
-                  f"hand {kept['hand']}, bigpt {kept['bigpt']}")
+            print(
+                f"{workers:>7} {rate['hand']:>19.1f} {rate['bigpt']:>20.1f} "
+                f"{rate['bigpt'] / rate['hand']:>6.3f} {statistics.mean(cpu):>14.2f}  "
+                f"hand {kept['hand']}, bigpt {kept['bigpt']}"
+            )
         for who in ("hand", "bigpt"):
             print(f"speed-up 1 -> 2 workers, {who}: {2 * rates[2][who] / rates[1][who]:.2f}x")
-        print(f"speed-up 1 -> 2 processes, a busy loop on this machine: {before:.2f}x before, "
-              f"{machine_speedup():.2f}x after")
+        print(
+            f"speed-up 1 -> 2 processes, a busy loop on this machine: {before:.2f}x before, "
+            f"{machine_speedup():.2f}x after"
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

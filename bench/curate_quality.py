@@ -17,14 +17,13 @@ import json
 import shutil
 import sys
 import tempfile
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from curate_corpus import write_corpus  # noqa: E402
 from datatrove.data import Document  # noqa: E402
 from datatrove.pipeline.filters.base_filter import get_filter_result  # noqa: E402
 from quality_corpus import DEFECTS, GENRES, evaluation_set, genre, kind, original  # noqa: E402
@@ -33,6 +32,7 @@ from bigpt.curate import load_curation_recipe  # noqa: E402
 from bigpt.curate.recipe import MODEL_FILES  # noqa: E402
 from bigpt.curate.run import curate  # noqa: E402
 from bigpt.curate.stages import STAGES, FilterStage  # noqa: E402
+from curate_corpus import write_corpus  # noqa: E402
 
 TARGETS = {"false_drops": 0.05, "recall": 0.95, "targeted": ("spam", "gibberish", "exact", "near")}
 
@@ -97,10 +97,13 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--per-genre", type=int, default=100)
     parser.add_argument("--per-defect", type=int, default=60)
-    parser.add_argument("--set", type=Path, help="a JSONL file of the evaluation set: read when it exists, else "
-                        "built and written there (the machine's man pages and READMEs change as packages do)")
-    parser.add_argument("--recipes", nargs="*",
-                        default=sorted(str(p) for p in (REPO / "recipes/data").glob("*.toml")))
+    parser.add_argument(
+        "--set",
+        type=Path,
+        help="a JSONL file of the evaluation set: read when it exists, else "
+        "built and written there (the machine's man pages and READMEs change as packages do)",
+    )
+    parser.add_argument("--recipes", nargs="*", default=sorted(str(p) for p in (REPO / "recipes/data").glob("*.toml")))
     args = parser.parse_args(argv)
     if args.set and args.set.exists():
         documents = [json.loads(line) for line in args.set.open()]
@@ -109,17 +112,25 @@ def main(argv=None) -> int:
         if args.set:
             args.set.write_text("".join(json.dumps(doc) + "\n" for doc in documents))
     counts = Counter(kind(doc["id"]) for doc in documents)
-    print(f"curate quality: {len(documents)} documents ({counts['clean']} clean in {len(GENRES)} genres, "
-          f"{args.per_defect} of each of {len(DEFECTS)} defects), "
-          f"{sum(len(doc['text'].split()) for doc in documents):,} words")
+    print(
+        f"curate quality: {len(documents)} documents ({counts['clean']} clean in {len(GENRES)} genres, "
+        f"{args.per_defect} of each of {len(DEFECTS)} defects), "
+        f"{sum(len(doc['text'].split()) for doc in documents):,} words"
+    )
     scratch = Path(tempfile.mkdtemp(prefix="curate_quality_"))
     results = {}
     try:
         write_corpus(scratch / "raw", documents, files=4)
         for path in args.recipes:
-            recipe = load_curation_recipe(path, [f"input.path={scratch / 'raw'}",
-                                                 f"output.dir={scratch / Path(path).stem}",
-                                                 f"executor.workers={args.workers}", "report.png=false"])
+            recipe = load_curation_recipe(
+                path,
+                [
+                    f"input.path={scratch / 'raw'}",
+                    f"output.dir={scratch / Path(path).stem}",
+                    f"executor.workers={args.workers}",
+                    "report.png=false",
+                ],
+            )
             needs = [stage for stage in recipe.stages if stage in MODEL_FILES]
             if needs:
                 print(f"\n{Path(path).name}: skipped, {', '.join(needs)} needs a model file")
@@ -131,9 +142,11 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if "web_quality.toml" in results:
-        print(f"\nweb_quality.toml targets (false drops <= {TARGETS['false_drops']:.0%} per genre, recall >= "
-              f"{TARGETS['recall']:.0%} on {', '.join(TARGETS['targeted'])}): "
-              f"{'met' if results['web_quality.toml'] else 'NOT met'}")
+        print(
+            f"\nweb_quality.toml targets (false drops <= {TARGETS['false_drops']:.0%} per genre, recall >= "
+            f"{TARGETS['recall']:.0%} on {', '.join(TARGETS['targeted'])}): "
+            f"{'met' if results['web_quality.toml'] else 'NOT met'}"
+        )
     return 0
 
 

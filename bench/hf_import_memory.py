@@ -55,23 +55,36 @@ def parse_args(argv=None):
 
 def write_model(directory: Path, layers: int, hidden: int, vocab: int) -> int:
     """A random Llama, one shard per layer; returns its bytes."""
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=4, vocab_size=vocab, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
     config.save_pretrained(directory)
     shapes = expected_hf_shapes(model_from_hf(config.to_dict(), directory))
     sizes = [(name, 4 * math.prod(shape)) for name, shape in shapes.items()]
     generator = torch.Generator().manual_seed(layers)
     layer = sum(size for name, size in sizes if name.startswith("model.layers.0."))
-    write_shards(directory, plan_shards(sizes, layer), shapes, torch.float32,
-                 ((name, torch.randn(shape, generator=generator)) for name, shape in shapes.items()))
+    write_shards(
+        directory,
+        plan_shards(sizes, layer),
+        shapes,
+        torch.float32,
+        ((name, torch.randn(shape, generator=generator)) for name, shape in shapes.items()),
+    )
     return sum(size for _, size in sizes)
 
 
 def peak_rss(command: list[str]) -> tuple[int, float]:
     """Peak resident bytes and wall seconds of ``command``, run to completion as a child of its own."""
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status):
         sys.exit(f"{' '.join(command)} failed:\n{child.stderr.read().decode()[-3000:]}")
@@ -85,21 +98,29 @@ def main(argv=None) -> None:
     checkouts = [ROOT] + [Path(c).resolve() for c in args.checkout]
     models = {layers: write_model(root / f"hf_{layers}", layers, args.hidden, args.vocab) for layers in args.layers}
     largest = 4 * args.vocab * args.hidden
-    print(f"hf import/export memory: Llama fp32, hidden {args.hidden}, vocab {args.vocab}, largest tensor "
-          f"{largest / 2**20:.1f} MiB; torch {torch.__version__}, one fresh process per figure")
-    print(f"{'checkout':<28} {'layers':>6} {'model MiB':>10} {'step':>7} {'peak MiB':>9} {'- base MiB':>11} "
-          f"{'/ model':>8} {'seconds':>8}")
+    print(
+        f"hf import/export memory: Llama fp32, hidden {args.hidden}, vocab {args.vocab}, largest tensor "
+        f"{largest / 2**20:.1f} MiB; torch {torch.__version__}, one fresh process per figure"
+    )
+    print(
+        f"{'checkout':<28} {'layers':>6} {'model MiB':>10} {'step':>7} {'peak MiB':>9} {'- base MiB':>11} "
+        f"{'/ model':>8} {'seconds':>8}"
+    )
     for checkout in checkouts:
         base, seconds = peak_rss([sys.executable, "-c", BASELINE, str(checkout)])
         print(f"{str(checkout):<28} {'':>6} {'':>10} {'base':>7} {base / 2**20:9.0f} {'':>11} {'':>8} {seconds:8.1f}")
         tool = [sys.executable, str(checkout / "tools" / "convert_hf.py")]
         for layers, size in models.items():
             imported, exported = root / f"imported_{layers}", root / f"exported_{layers}"
-            for step, command in (("import", ["import", str(root / f"hf_{layers}"), str(imported)]),
-                                  ("export", ["export", str(imported), str(exported)])):
+            for step, command in (
+                ("import", ["import", str(root / f"hf_{layers}"), str(imported)]),
+                ("export", ["export", str(imported), str(exported)]),
+            ):
                 peak, seconds = peak_rss(tool + command)
-                print(f"{str(checkout):<28} {layers:6d} {size / 2**20:10.0f} {step:>7} {peak / 2**20:9.0f} "
-                      f"{(peak - base) / 2**20:11.0f} {(peak - base) / size:8.3f} {seconds:8.1f}")
+                print(
+                    f"{str(checkout):<28} {layers:6d} {size / 2**20:10.0f} {step:>7} {peak / 2**20:9.0f} "
+                    f"{(peak - base) / 2**20:11.0f} {(peak - base) / size:8.3f} {seconds:8.1f}"
+                )
             shutil.rmtree(imported)
             shutil.rmtree(exported)
 

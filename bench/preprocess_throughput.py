@@ -31,26 +31,27 @@ def bare_encode_tokens_per_second(corpus: Path, tokenizer_path: Path, field: str
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, default=REPO / "data" / "demo" / "demo.jsonl")
-    parser.add_argument("--tokenizer", type=Path,
-                        default=REPO / "data" / "demo" / "tokenizer.model")
+    parser.add_argument("--tokenizer", type=Path, default=REPO / "data" / "demo" / "tokenizer.model")
     parser.add_argument("--field", default="text")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="use the input this many times over, for a longer measurement")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="use the input this many times over, for a longer measurement"
+    )
     args = parser.parse_args(argv)
     if not (args.input.is_file() and args.tokenizer.is_file()):
-        print("bench: no demo data; run `python tools/prepare_demo.py` or pass --input and "
-              "--tokenizer", file=sys.stderr)
+        print(
+            "bench: no demo data; run `python tools/prepare_demo.py` or pass --input and --tokenizer", file=sys.stderr
+        )
         return 2
     with tempfile.TemporaryDirectory() as scratch:
         corpus = Path(scratch) / f"corpus{args.input.suffix}"
         corpus.write_bytes(args.input.read_bytes() * args.repeat)
         bare = bare_encode_tokens_per_second(corpus, args.tokenizer, args.field)
-        summary = preprocess(corpus, str(Path(scratch) / "out"), args.tokenizer,
-                             text_field=args.field, workers=args.workers)
+        summary = preprocess(
+            corpus, str(Path(scratch) / "out"), args.tokenizer, text_field=args.field, workers=args.workers
+        )
     per_worker = summary.tokens / summary.seconds / args.workers
     print(f"tokens: {summary.tokens:,}")
     print(f"bare encode:        {bare:12,.0f} tokens/s")

@@ -77,8 +77,11 @@ def reference() -> list[str]:
 
 
 def licenses() -> list[str]:
-    return [path.read_text(errors="replace") for path in sorted(Path("/usr/share/common-licenses").iterdir())
-            if path.is_file() and not path.is_symlink()]
+    return [
+        path.read_text(errors="replace")
+        for path in sorted(Path("/usr/share/common-licenses").iterdir())
+        if path.is_file() and not path.is_symlink()
+    ]
 
 
 def man_pages(pages: int = 150) -> list[str]:
@@ -88,8 +91,12 @@ def man_pages(pages: int = 150) -> list[str]:
     files = [path for paths in families.values() for path in paths[:3]]
     texts = []
     for path in files[:: max(1, len(files) // pages)]:
-        rendered = subprocess.run(["man", "-l", str(path)], capture_output=True, text=True,
-                                  env={"MANWIDTH": "80", "MAN_KEEP_FORMATTING": "0", "PATH": "/usr/bin:/bin"})
+        rendered = subprocess.run(
+            ["man", "-l", str(path)],
+            capture_output=True,
+            text=True,
+            env={"MANWIDTH": "80", "MAN_KEEP_FORMATTING": "0", "PATH": "/usr/bin:/bin"},
+        )
         texts.append(re.sub(r".\x08", "", rendered.stdout))  # overstrike bold/underline
     return texts
 
@@ -106,13 +113,12 @@ def readmes() -> list[str]:
     return texts
 
 
-SOURCES = {"docstrings": docstrings, "reference": reference, "licenses": licenses, "man": man_pages,
-           "readmes": readmes}
+SOURCES = {"docstrings": docstrings, "reference": reference, "licenses": licenses, "man": man_pages, "readmes": readmes}
 
 
 def shingles(text: str, n: int = 5) -> set[str]:
     words = text.lower().split()
-    return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+    return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
 
 
 def distinct(texts: list[str], threshold: float = 0.3) -> list[str]:
@@ -128,6 +134,7 @@ def distinct(texts: list[str], threshold: float = 0.3) -> list[str]:
 
 # ------------------------------------------------------------------------------- defects
 
+
 def exact_copy(text: str, rng: random.Random) -> str:
     return "  ".join(w.upper() if rng.random() < 0.05 else w for w in text.split(" "))
 
@@ -136,7 +143,7 @@ def near_copy(text: str, rng: random.Random, vocabulary: list[str]) -> str:
     words = text.split(" ")
     for _ in range(rng.randint(2, 5)):
         words[rng.randrange(len(words))] = rng.choice(vocabulary)
-    header = rng.choice(["", "Posted by admin on 2024-03-0%d\n" % rng.randint(1, 9), "Share this page\n"])
+    header = rng.choice(["", f"Posted by admin on 2024-03-0{rng.randint(1, 9)}\n", "Share this page\n"])
     return header + " ".join(words)
 
 
@@ -147,7 +154,8 @@ def spam(rng: random.Random, vocabulary: list[str]) -> str:
             f"Looking for the best {w}? Our store has the largest selection of {w} and {v} with free "
             f"shipping to your door. Buy {w} online today and save up to {rng.randint(10, 70)}% on all "
             f"{v}. We are the number one choice for {w} in your area, with thousands of happy customers."
-            for w, v in zip(rng.sample(vocabulary, 6), rng.sample(vocabulary, 6)))
+            for w, v in zip(rng.sample(vocabulary, 6), rng.sample(vocabulary, 6))
+        )
     if style == 0:  # one line, repeated
         line = f"Buy cheap {rng.choice(vocabulary)} online now, best prices guaranteed!"
         return "\n".join([line] * rng.randint(8, 25))
@@ -162,11 +170,12 @@ def gibberish(rng: random.Random, vocabulary: list[str]) -> str:
     style = rng.randrange(4)
     if style == 0:
         letters = "bcdfghjklmnpqrstvwxz#%&*@$"
-        return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 14)))
-                        for _ in range(rng.randint(60, 150)))
+        return " ".join(
+            "".join(rng.choice(letters) for _ in range(rng.randint(2, 14))) for _ in range(rng.randint(60, 150))
+        )
     if style == 1:
         blob = base64.b64encode(rng.randbytes(rng.randint(600, 2000))).decode()
-        return "\n".join(blob[i:i + 76] for i in range(0, len(blob), 76))
+        return "\n".join(blob[i : i + 76] for i in range(0, len(blob), 76))
     if style == 2:
         return "\n".join(" ".join(rng.randbytes(16).hex(" ", 2).split()) for _ in range(rng.randint(20, 60)))
     return " ".join(rng.choice(vocabulary) for _ in range(rng.randint(80, 200)))  # word salad
@@ -174,22 +183,41 @@ def gibberish(rng: random.Random, vocabulary: list[str]) -> str:
 
 def short(rng: random.Random, clean: list[str]) -> str:
     sentences = re.findall(r"[A-Z][^.!?\n]{10,120}[.!?]", rng.choice(clean))
-    return " ".join(sentences[:rng.randint(1, 2)]) or "See the manual for details."
+    return " ".join(sentences[: rng.randint(1, 2)]) or "See the manual for details."
 
 
 def table(rng: random.Random) -> str:
     columns = rng.randint(3, 8)
-    return "\n".join(" ".join(f"{rng.uniform(-1e4, 1e4):.{rng.randint(0, 3)}f}" for _ in range(columns))
-                     for _ in range(rng.randint(20, 60)))
+    return "\n".join(
+        " ".join(f"{rng.uniform(-1e4, 1e4):.{rng.randint(0, 3)}f}" for _ in range(columns))
+        for _ in range(rng.randint(20, 60))
+    )
 
 
 def boilerplate(rng: random.Random) -> str:
-    menu = ["Home", "About us", "Products", "Contact", "Login", "Sign up", "Cart", "Search",
-            "Careers", "Blog", "Help", "Pricing", "Support", "Newsletter"]
+    menu = [
+        "Home",
+        "About us",
+        "Products",
+        "Contact",
+        "Login",
+        "Sign up",
+        "Cart",
+        "Search",
+        "Careers",
+        "Blog",
+        "Help",
+        "Pricing",
+        "Support",
+        "Newsletter",
+    ]
     lines = rng.sample(menu, rng.randint(6, 12))
-    lines += ["This website uses cookies to improve your experience", "Accept all cookies",
-              "Read our privacy policy and terms of use",
-              f"Copyright {rng.randint(1998, 2024)} All rights reserved"]
+    lines += [
+        "This website uses cookies to improve your experience",
+        "Accept all cookies",
+        "Read our privacy policy and terms of use",
+        f"Copyright {rng.randint(1998, 2024)} All rights reserved",
+    ]
     rng.shuffle(lines)
     return "\n".join(lines)
 

@@ -45,11 +45,19 @@ TARGET = 1.05
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=str(ROOT / "bench" / "tiny_mock.toml"), help="TOML recipe (its data is replaced by mock data)")
+    parser.add_argument(
+        "--recipe",
+        default=str(ROOT / "bench" / "tiny_mock.toml"),
+        help="TOML recipe (its data is replaced by mock data)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
-    parser.add_argument("--fail-above", type=float, default=None,
-                        help="exit 1 if the median ratio bigpt/bare is above this (default: only report)")
+    parser.add_argument(
+        "--fail-above",
+        type=float,
+        default=None,
+        help="exit 1 if the median ratio bigpt/bare is above this (default: only report)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. parallel.tensor=1")
     return parser.parse_args(argv)
 
@@ -58,8 +66,15 @@ def load(args):
     from bigpt.recipe import load_recipe
 
     total = args.warmup + args.steps
-    overrides = ['data.source="mock"', "data.blend=[]", 'checkpoint.load="none"', "eval.interval=0", "logging.tensorboard=false",
-                 f'run_dir="{os.path.join(tempfile.gettempdir(), "bigpt-bench")}"', *args.overrides]
+    overrides = [
+        'data.source="mock"',
+        "data.blend=[]",
+        'checkpoint.load="none"',
+        "eval.interval=0",
+        "logging.tensorboard=false",
+        f'run_dir="{os.path.join(tempfile.gettempdir(), "bigpt-bench")}"',
+        *args.overrides,
+    ]
     recipe = load_recipe(args.recipe, overrides)
     if recipe.train.train_iters < total:
         recipe = load_recipe(args.recipe, [*overrides, f"train.train_iters={total}"])
@@ -70,6 +85,7 @@ def load(args):
 
 
 # --- the bare megatron-core loop --------------------------------------------------------------------
+
 
 def build_bare(recipe, layout, bigpt_chunks):
     """GPTModel chunks + DDP + distributed optimizer + scheduler, straight from megatron-core."""
@@ -84,39 +100,69 @@ def build_bare(recipe, layout, bigpt_chunks):
     from bigpt.model import DTYPES, transformer_config
     from bigpt.recipe import padded_vocab_size
 
-    m, p, prec, o, s, t = recipe.model, recipe.parallel, recipe.precision, recipe.optimizer, recipe.schedule, recipe.train
+    m, p, prec, o, s, t = (
+        recipe.model,
+        recipe.parallel,
+        recipe.precision,
+        recipe.optimizer,
+        recipe.schedule,
+        recipe.train,
+    )
     config = transformer_config(recipe, layout, use_te=False)
     spec = get_gpt_layer_local_spec(normalization={"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[m.normalization])
     chunks = []
     for vp_stage in range(layout.vpp):
         vp = vp_stage if layout.vpp > 1 else None
         chunk = GPTModel(
-            config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size(m, layout.tp),
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(m, layout.tp),
             max_sequence_length=m.max_position_embeddings or m.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             share_embeddings_and_output_weights=m.tie_embeddings,
             position_embedding_type={"rope": "rope", "learned": "learned_absolute"}[m.position_embedding],
-            rotary_base=m.rope_base, rope_scaling=m.rope_scaling == "llama3",
-            rope_scaling_factor=m.rope_scaling_factor, vp_stage=vp,
+            rotary_base=m.rope_base,
+            rope_scaling=m.rope_scaling == "llama3",
+            rope_scaling_factor=m.rope_scaling_factor,
+            vp_stage=vp,
         )
         if prec.dtype != "fp32":
             chunk = Float16Module(config, chunk)
         chunk.load_state_dict(bigpt_chunks[vp_stage].module.state_dict())  # same starting weights
         chunks.append(chunk)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=prec.grad_reduce_in_fp32, overlap_grad_reduce=p.overlap_grad_reduce,
-        overlap_param_gather=p.overlap_param_gather, use_distributed_optimizer=p.distributed_optimizer,
+        grad_reduce_in_fp32=prec.grad_reduce_in_fp32,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        use_distributed_optimizer=p.distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    model = [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=t.clip_grad, bf16=prec.dtype == "bf16",
-        fp16=prec.dtype == "fp16", params_dtype=DTYPES[prec.dtype], initial_loss_scale=prec.initial_loss_scale,
-        min_loss_scale=prec.min_loss_scale, loss_scale_window=prec.loss_scale_window, hysteresis=prec.hysteresis,
-        use_distributed_optimizer=p.distributed_optimizer, overlap_param_gather=p.overlap_param_gather,
-    ), model)
+    model = [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0) for i, chunk in enumerate(chunks)
+    ]
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=prec.dtype == "bf16",
+            fp16=prec.dtype == "fp16",
+            params_dtype=DTYPES[prec.dtype],
+            initial_loss_scale=prec.initial_loss_scale,
+            min_loss_scale=prec.min_loss_scale,
+            loss_scale_window=prec.loss_scale_window,
+            hysteresis=prec.hysteresis,
+            use_distributed_optimizer=p.distributed_optimizer,
+            overlap_param_gather=p.overlap_param_gather,
+        ),
+        model,
+    )
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     if p.overlap_grad_reduce:
@@ -127,9 +173,17 @@ def build_bare(recipe, layout, bigpt_chunks):
     gbs, decay = t.global_batch_size, s.decay_iters or t.train_iters
     wsd = s.decay_style == "wsd"
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=s.warmup_iters * gbs,
-        lr_decay_steps=decay * gbs, lr_decay_style="WSD" if wsd else s.decay_style, start_wd=o.weight_decay,
-        end_wd=o.weight_decay, wd_incr_steps=decay * gbs, wd_incr_style="constant",
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=s.warmup_iters * gbs,
+        lr_decay_steps=decay * gbs,
+        lr_decay_style="WSD" if wsd else s.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=decay * gbs,
+        wd_incr_style="constant",
         wsd_decay_steps=(s.wsd_decay_iters or 0) * gbs if wsd else None,
         lr_wsd_decay_style=s.wsd_decay_style if wsd else None,
     )
@@ -154,9 +208,13 @@ def bare_step(model, optimizer, scheduler, data_iterator, recipe, num_microbatch
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = forward_backward(
-        forward_step_func=bare_forward_step, data_iterator=data_iterator,
-        model=model if len(model) > 1 else model[0], num_microbatches=num_microbatches,
-        seq_length=recipe.model.seq_length, micro_batch_size=recipe.train.micro_batch_size, forward_only=False,
+        forward_step_func=bare_forward_step,
+        data_iterator=data_iterator,
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=num_microbatches,
+        seq_length=recipe.model.seq_length,
+        micro_batch_size=recipe.train.micro_batch_size,
+        forward_only=False,
     )
     updated, _, _ = optimizer.step()
     if updated:
@@ -166,6 +224,7 @@ def bare_step(model, optimizer, scheduler, data_iterator, recipe, num_microbatch
 
 # --- shared -------------------------------------------------------------------------------------------
 
+
 def synthetic_batches(recipe, layout, step, dp_rank, num_microbatches):
     """This rank's micro-batches for global step ``step``: the same for both loops."""
     g = torch.Generator().manual_seed(1_000_003 * step + dp_rank)
@@ -173,10 +232,14 @@ def synthetic_batches(recipe, layout, step, dp_rank, num_microbatches):
     batches = []
     for _ in range(num_microbatches):
         tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
-        batches.append({
-            "tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": torch.ones(mbs, seq), "position_ids": torch.arange(seq).expand(mbs, seq).contiguous(),
-        })
+        batches.append(
+            {
+                "tokens": tokens[:, :-1].contiguous(),
+                "labels": tokens[:, 1:].contiguous(),
+                "loss_mask": torch.ones(mbs, seq),
+                "position_ids": torch.arange(seq).expand(mbs, seq).contiguous(),
+            }
+        )
     return batches
 
 
@@ -225,15 +288,24 @@ def run(args) -> int:
                 losses["bigpt"].append(metrics["loss"])
 
             def run_bare():
-                out, seconds = timed(lambda: bare_step(model, optimizer, scheduler, iterators(batches, chunks),
-                                                        recipe, num_microbatches, forward_backward))
+                out, seconds = timed(
+                    lambda: bare_step(
+                        model,
+                        optimizer,
+                        scheduler,
+                        iterators(batches, chunks),
+                        recipe,
+                        num_microbatches,
+                        forward_backward,
+                    )
+                )
                 times["bare"].append(seconds)
                 local = torch.zeros(2, dtype=torch.float64)
                 for entry in out:
                     local += entry["lm loss"].to(torch.float64)
                 losses["bare"].append(local)
 
-            for fn in ((run_bigpt, run_bare) if step % 2 == 0 else (run_bare, run_bigpt)):  # A B B A ...
+            for fn in (run_bigpt, run_bare) if step % 2 == 0 else (run_bare, run_bigpt):  # A B B A ...
                 fn()
 
         # A step lasts as long as its slowest rank; the bare loop's loss is summed here, untimed
@@ -244,8 +316,10 @@ def run(args) -> int:
         dist.all_reduce(bare_loss)
         bare_loss = (bare_loss[:, 0] / bare_loss[:, 1].clamp(min=1)).tolist()
         if rank0:
-            report(args, recipe, layout, num_microbatches, step_times[:, args.warmup:], losses["bigpt"], bare_loss)
-        ratio = statistics.median(step_times[0, args.warmup:].tolist()) / statistics.median(step_times[1, args.warmup:].tolist())
+            report(args, recipe, layout, num_microbatches, step_times[:, args.warmup :], losses["bigpt"], bare_loss)
+        ratio = statistics.median(step_times[0, args.warmup :].tolist()) / statistics.median(
+            step_times[1, args.warmup :].tolist()
+        )
         return 1 if args.fail_above is not None and ratio > args.fail_above else 0
     finally:
         destroy_distributed()
@@ -257,22 +331,32 @@ def report(args, recipe, layout, num_microbatches, step_times, bigpt_loss, bare_
     paired = statistics.median(a / b for a, b in zip(bigpt, bare))
     max_diff = max(abs(a - b) for a, b in zip(bigpt_loss, bare_loss))
     t = recipe.train
-    print(f"step overhead: {os.path.relpath(args.recipe)} | {layout.world_size} ranks = TP {layout.tp} x PP {layout.pp} "
-          f"(VPP {layout.vpp}) x CP {layout.cp} x DP {layout.dp} | gbs {t.global_batch_size} = mbs "
-          f"{t.micro_batch_size} x DP {layout.dp} x {num_microbatches} micro-batches | seq "
-          f"{recipe.model.seq_length} | {recipe.precision.dtype} | torch {torch.__version__}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print(f"{args.warmup} warmup + {args.steps} timed steps per loop, interleaved A B B A; "
-          "time of a step = its slowest rank")
+    print(
+        f"step overhead: {os.path.relpath(args.recipe)} | {layout.world_size} ranks = TP {layout.tp} x PP {layout.pp} "
+        f"(VPP {layout.vpp}) x CP {layout.cp} x DP {layout.dp} | gbs {t.global_batch_size} = mbs "
+        f"{t.micro_batch_size} x DP {layout.dp} x {num_microbatches} micro-batches | seq "
+        f"{recipe.model.seq_length} | {recipe.precision.dtype} | torch {torch.__version__}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
+    print(
+        f"{args.warmup} warmup + {args.steps} timed steps per loop, interleaved A B B A; "
+        "time of a step = its slowest rank"
+    )
     print(f"{'':8}{'median s':>10}{'mean s':>10}{'min s':>10}{'max s':>10}")
     for name, values in (("bigpt", bigpt), ("bare", bare)):
-        print(f"{name:8}{statistics.median(values):>10.4f}{statistics.mean(values):>10.4f}"
-              f"{min(values):>10.4f}{max(values):>10.4f}")
+        print(
+            f"{name:8}{statistics.median(values):>10.4f}{statistics.mean(values):>10.4f}"
+            f"{min(values):>10.4f}{max(values):>10.4f}"
+        )
     verdict = "OK" if ratio < TARGET else "ABOVE TARGET"
-    print(f"ratio bigpt/bare: {ratio:.3f} (medians), {paired:.3f} (median of paired steps); "
-          f"target < {TARGET}: {verdict}")
-    print(f"losses, all {len(bigpt_loss)} steps: bigpt {bigpt_loss[0]:.4f} -> {bigpt_loss[-1]:.4f}, "
-          f"bare {bare_loss[0]:.4f} -> {bare_loss[-1]:.4f}, max |difference| {max_diff:.2e}", flush=True)
+    print(
+        f"ratio bigpt/bare: {ratio:.3f} (medians), {paired:.3f} (median of paired steps); target < {TARGET}: {verdict}"
+    )
+    print(
+        f"losses, all {len(bigpt_loss)} steps: bigpt {bigpt_loss[0]:.4f} -> {bigpt_loss[-1]:.4f}, "
+        f"bare {bare_loss[0]:.4f} -> {bare_loss[-1]:.4f}, max |difference| {max_diff:.2e}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ class Parser(argparse.ArgumentParser):
         return self.parse_intermixed_args(args, namespace)
 
 
-def recipe_parser(doc: str, recipe_help: str = "path to a TOML recipe",
-                  example: str = "train.train_iters=200") -> Parser:
+def recipe_parser(
+    doc: str, recipe_help: str = "path to a TOML recipe", example: str = "train.train_iters=200"
+) -> Parser:
     """A parser whose program reads a recipe and its overrides."""
     parser = Parser(doc)
     parser.add_argument("recipe", help=recipe_help)

@@ -22,16 +22,17 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         "# Plan",
         f"world size       {layout.world_size} = TP {layout.tp} × PP {layout.pp} × CP {layout.cp} "
         f"× DP {layout.dp}" + (" (sequence parallel)" if layout.sequence_parallel else ""),
-        f"layers           {model.num_layers} over pipeline stages: "
-        f"{list(layout.layers_per_stage)}{chunks}",
+        f"layers           {model.num_layers} over pipeline stages: {list(layout.layers_per_stage)}{chunks}",
         f"vocab            {model.vocab_size:,} padded to {vocab:,} (a multiple of "
         f"make_vocab_size_divisible_by {model.make_vocab_size_divisible_by} × TP {layout.tp})",
         f"parameters       {total:,} ({short(total)})"
         + (f"; {unpadded:,} without vocab padding" if unpadded != total else ""),
     ]
     stages = parameters_per_stage(model, layout.layers_per_stage, vocab)
-    lines += [f"  stage {stage:<3}      {count:,} ({short(count)}; {short(count / layout.tp)} per GPU "
-              f"at TP {layout.tp})" for stage, count in enumerate(stages)]
+    lines += [
+        f"  stage {stage:<3}      {count:,} ({short(count)}; {short(count / layout.tp)} per GPU at TP {layout.tp})"
+        for stage, count in enumerate(stages)
+    ]
     lines += [
         f"batch            global {layout.global_batch_size} = micro {layout.micro_batch_size} "
         f"× DP {layout.dp} × {layout.num_microbatches} micro-batches",
@@ -43,8 +44,10 @@ def describe(recipe: Recipe, layout: Layout) -> str:
     ]
     if train.rampup_batch_size:
         start, increment, samples = train.rampup_batch_size
-        lines.append(f"batch ramp-up    from {start} by {increment} over {samples:,} samples "
-                     f"(tokens above assume the full batch throughout)")
+        lines.append(
+            f"batch ramp-up    from {start} by {increment} over {samples:,} samples "
+            f"(tokens above assume the full batch throughout)"
+        )
     # What a real start refuses before step 1, checked the same way (torch + megatron-core, only here).
     from bigpt.data import plan_tokens
     from bigpt.data.datasets import checked_tokenizer
@@ -64,7 +67,9 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         changed = f"; changed by checkpoint.allow_model_changes: {', '.join(changes)}" if changes else ""
         lines.append(f"start            resume from {resume}{changed}")
         if schedule_changes := resume_changes(recipe, resume):
-            lines.append(f"                 the recipe's optimizer and schedule replace the checkpoint's: "
-                         f"{'; '.join(schedule_changes)}")
+            lines.append(
+                f"                 the recipe's optimizer and schedule replace the checkpoint's: "
+                f"{'; '.join(schedule_changes)}"
+            )
     lines += ["data plan", plan_tokens(recipe)]
     return "\n".join(lines)

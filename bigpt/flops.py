@@ -65,8 +65,10 @@ GPUS = {
 
 def gpu_named(name: str) -> Gpu:
     if name not in GPUS:
-        raise BigptError(f"unknown GPU {name!r}; the planner knows {', '.join(GPUS)} "
-                         f"(add yours to GPUS in bigpt/flops.py with its peak and memory).")
+        raise BigptError(
+            f"unknown GPU {name!r}; the planner knows {', '.join(GPUS)} "
+            f"(add yours to GPUS in bigpt/flops.py with its peak and memory)."
+        )
     return GPUS[name]
 
 
@@ -90,8 +92,12 @@ def _layer_matmul_parameters(model: ModelConfig) -> int:
     """Weights of one layer's matrices: q, k, v, attention output, MLP in, MLP out."""
     query, key_value = _attention_widths(model)
     hidden = model.hidden_size
-    return (hidden * (query + 2 * key_value) + query * hidden
-            + hidden * _mlp_input_width(model) + model.ffn_hidden_size * hidden)
+    return (
+        hidden * (query + 2 * key_value)
+        + query * hidden
+        + hidden * _mlp_input_width(model)
+        + model.ffn_hidden_size * hidden
+    )
 
 
 def _layer_parameters(model: ModelConfig) -> int:
@@ -101,8 +107,12 @@ def _layer_parameters(model: ModelConfig) -> int:
     head = query // model.num_attention_heads
     # q/k norms: one weight (and bias, for layernorm) per head width, shared by the heads
     qk_norms = 2 * head * (2 if model.normalization == "layernorm" else 1) if model.qk_layernorm else 0
-    return (_layer_matmul_parameters(model) + 2 * _norm_parameters(model) + qk_norms
-            + (qkv_biases + other_biases if model.add_bias_linear else qkv_biases if model.add_qkv_bias else 0))
+    return (
+        _layer_matmul_parameters(model)
+        + 2 * _norm_parameters(model)
+        + qk_norms
+        + (qkv_biases + other_biases if model.add_bias_linear else qkv_biases if model.add_qkv_bias else 0)
+    )
 
 
 def _input_parameters(model: ModelConfig, vocab: int) -> int:
@@ -120,12 +130,14 @@ def num_parameters(model: ModelConfig, padded_vocab: int | None = None) -> int:
     """
     vocab = padded_vocab or model.vocab_size
     output = 0 if model.tie_embeddings else vocab * model.hidden_size
-    return (_input_parameters(model, vocab) + model.num_layers * _layer_parameters(model)
-            + _norm_parameters(model) + output)
+    return (
+        _input_parameters(model, vocab) + model.num_layers * _layer_parameters(model) + _norm_parameters(model) + output
+    )
 
 
-def parameters_per_stage(model: ModelConfig, layers_per_stage: tuple[int, ...],
-                         padded_vocab: int | None = None) -> tuple[int, ...]:
+def parameters_per_stage(
+    model: ModelConfig, layers_per_stage: tuple[int, ...], padded_vocab: int | None = None
+) -> tuple[int, ...]:
     """Parameters held by each pipeline stage (summed over its tensor-parallel shards).
 
     With tied embeddings and more than one stage, the last stage holds its own copy of the

@@ -66,75 +66,103 @@ class Layout:
 def _check_degrees(recipe: Recipe) -> None:
     parallel = recipe.parallel
     if parallel.virtual_pipeline > 1 and parallel.pipeline == 1:
-        recipe_error(recipe, f"parallel.virtual_pipeline={parallel.virtual_pipeline} needs "
-                     f"parallel.pipeline > 1", "interleaving splits pipeline stages into chunks; "
-                     "set virtual_pipeline = 1 or use pipeline parallelism")
+        recipe_error(
+            recipe,
+            f"parallel.virtual_pipeline={parallel.virtual_pipeline} needs parallel.pipeline > 1",
+            "interleaving splits pipeline stages into chunks; set virtual_pipeline = 1 or use pipeline parallelism",
+        )
     if parallel.sequence_parallel and parallel.tensor == 1:
-        recipe_error(recipe, "parallel.sequence_parallel=true needs parallel.tensor > 1",
-                     "it splits activations over the tensor-parallel group; set it to false")
-    if parallel.overlap_param_gather and not (parallel.distributed_optimizer
-                                              and parallel.overlap_grad_reduce):
-        recipe_error(recipe, "parallel.overlap_param_gather=true needs "
-                     "parallel.distributed_optimizer and parallel.overlap_grad_reduce",
-                     "turn both on, or overlap_param_gather off")
+        recipe_error(
+            recipe,
+            "parallel.sequence_parallel=true needs parallel.tensor > 1",
+            "it splits activations over the tensor-parallel group; set it to false",
+        )
+    if parallel.overlap_param_gather and not (parallel.distributed_optimizer and parallel.overlap_grad_reduce):
+        recipe_error(
+            recipe,
+            "parallel.overlap_param_gather=true needs parallel.distributed_optimizer and parallel.overlap_grad_reduce",
+            "turn both on, or overlap_param_gather off",
+        )
     name = recipe.optimizer.name
     if name != "adamw" and parallel.distributed_optimizer and recipe.precision.dtype != "bf16":
-        recipe_error(recipe, f"optimizer.name={name!r} with parallel.distributed_optimizer=true needs "
-                     f"precision.dtype='bf16', got {recipe.precision.dtype!r} (megatron-core's layer-wise "
-                     "distributed optimizer drives its optimizers through bf16 mixed precision only)",
-                     "train in bf16, or set distributed_optimizer = false (every data-parallel rank "
-                     "then keeps the whole optimizer state)")
+        recipe_error(
+            recipe,
+            f"optimizer.name={name!r} with parallel.distributed_optimizer=true needs "
+            f"precision.dtype='bf16', got {recipe.precision.dtype!r} (megatron-core's layer-wise "
+            "distributed optimizer drives its optimizers through bf16 mixed precision only)",
+            "train in bf16, or set distributed_optimizer = false (every data-parallel rank "
+            "then keeps the whole optimizer state)",
+        )
 
 
 def _data_parallel_size(recipe: Recipe, world_size: int | None) -> int:
     parallel = recipe.parallel
     model_parallel = parallel.tensor * parallel.pipeline * parallel.context
-    degrees = f"parallel.tensor × parallel.pipeline × parallel.context = " \
-              f"{parallel.tensor}×{parallel.pipeline}×{parallel.context} = {model_parallel}"
+    degrees = (
+        f"parallel.tensor × parallel.pipeline × parallel.context = "
+        f"{parallel.tensor}×{parallel.pipeline}×{parallel.context} = {model_parallel}"
+    )
     if world_size is None:
         return parallel.data or 1
     if world_size <= 0 or world_size % model_parallel:
-        recipe_error(recipe, f"world size {world_size} is not a multiple of {degrees}",
-                     f"launch a multiple of {model_parallel} ranks or change those degrees")
+        recipe_error(
+            recipe,
+            f"world size {world_size} is not a multiple of {degrees}",
+            f"launch a multiple of {model_parallel} ranks or change those degrees",
+        )
     dp = world_size // model_parallel
     if parallel.data and parallel.data != dp:
-        recipe_error(recipe, f"parallel.data={parallel.data} but world size {world_size} / "
-                     f"({degrees}) gives data parallel {dp}",
-                     f"set parallel.data = 0 to derive it, or launch "
-                     f"{model_parallel * parallel.data} ranks")
+        recipe_error(
+            recipe,
+            f"parallel.data={parallel.data} but world size {world_size} / ({degrees}) gives data parallel {dp}",
+            f"set parallel.data = 0 to derive it, or launch {model_parallel * parallel.data} ranks",
+        )
     return dp
 
 
 def _check_tensor_split(recipe: Recipe) -> None:
     model, tp = recipe.model, recipe.parallel.tensor
-    sizes = {"model.num_attention_heads": model.num_attention_heads,
-             "model.num_query_groups": model.num_query_groups or model.num_attention_heads,
-             "model.ffn_hidden_size": model.ffn_hidden_size}
+    sizes = {
+        "model.num_attention_heads": model.num_attention_heads,
+        "model.num_query_groups": model.num_query_groups or model.num_attention_heads,
+        "model.ffn_hidden_size": model.ffn_hidden_size,
+    }
     for key, size in sizes.items():
         if size % tp:
             choices = divisors(math.gcd(*sizes.values()))
-            recipe_error(recipe, f"{key}={size} is not divisible by parallel.tensor={tp}",
-                         f"each tensor-parallel rank needs an equal share; parallel.tensor can "
-                         f"be one of {choices}")
+            recipe_error(
+                recipe,
+                f"{key}={size} is not divisible by parallel.tensor={tp}",
+                f"each tensor-parallel rank needs an equal share; parallel.tensor can be one of {choices}",
+            )
 
 
 def _check_sequence_split(recipe: Recipe) -> None:
     seq, parallel = recipe.model.seq_length, recipe.parallel
     if parallel.context > 1 and seq % (2 * parallel.context):
-        recipe_error(recipe, f"model.seq_length={seq} is not divisible by 2 × parallel.context "
-                     f"= {2 * parallel.context}", "context parallelism cuts each sequence into "
-                     "2 × context chunks (for causal load balance); adjust either")
+        recipe_error(
+            recipe,
+            f"model.seq_length={seq} is not divisible by 2 × parallel.context = {2 * parallel.context}",
+            "context parallelism cuts each sequence into 2 × context chunks (for causal load balance); adjust either",
+        )
     window = recipe.model.attention_window
     if parallel.context > 1 and window and window < seq:
-        recipe_error(recipe, f"model.attention_window={window} (shorter than model.seq_length={seq}) with "
-                     f"parallel.context={parallel.context}", "megatron-core's context-parallel attention (Transformer "
-                     "Engine's ring exchange) does not apply a sliding window exactly; set parallel.context = 1, or "
-                     "a seq_length no longer than the window")
+        recipe_error(
+            recipe,
+            f"model.attention_window={window} (shorter than model.seq_length={seq}) with "
+            f"parallel.context={parallel.context}",
+            "megatron-core's context-parallel attention (Transformer "
+            "Engine's ring exchange) does not apply a sliding window exactly; set parallel.context = 1, or "
+            "a seq_length no longer than the window",
+        )
     per_context = seq // parallel.context
     if parallel.sequence_parallel and per_context % parallel.tensor:
-        recipe_error(recipe, f"model.seq_length / parallel.context = {per_context} is not "
-                     f"divisible by parallel.tensor={parallel.tensor}", "sequence parallelism "
-                     "splits each sequence over the tensor-parallel ranks; adjust either")
+        recipe_error(
+            recipe,
+            f"model.seq_length / parallel.context = {per_context} is not "
+            f"divisible by parallel.tensor={parallel.tensor}",
+            "sequence parallelism splits each sequence over the tensor-parallel ranks; adjust either",
+        )
 
 
 def _layers_per_stage(recipe: Recipe) -> tuple[int, ...]:
@@ -143,33 +171,49 @@ def _layers_per_stage(recipe: Recipe) -> tuple[int, ...]:
     stage's count must divide evenly into its virtual chunks."""
     parallel, num_layers = recipe.parallel, recipe.model.num_layers
     pp, vpp = parallel.pipeline, parallel.virtual_pipeline
-    fixed = {stage: layers for stage, layers in ((0, parallel.first_stage_layers),
-                                                 (pp - 1, parallel.last_stage_layers))
-             if layers is not None}
+    fixed = {
+        stage: layers
+        for stage, layers in ((0, parallel.first_stage_layers), (pp - 1, parallel.last_stage_layers))
+        if layers is not None
+    }
     if not fixed:
         if num_layers % (pp * vpp):
-            recipe_error(recipe, f"model.num_layers={num_layers} does not split evenly into "
-                         f"parallel.pipeline × parallel.virtual_pipeline = {pp}×{vpp} = "
-                         f"{pp * vpp} chunks", "pick degrees whose product divides num_layers, "
-                         "or set parallel.first_stage_layers / last_stage_layers")
+            recipe_error(
+                recipe,
+                f"model.num_layers={num_layers} does not split evenly into "
+                f"parallel.pipeline × parallel.virtual_pipeline = {pp}×{vpp} = "
+                f"{pp * vpp} chunks",
+                "pick degrees whose product divides num_layers, or set parallel.first_stage_layers / last_stage_layers",
+            )
         return (num_layers // pp,) * pp
     if pp == 1:
-        recipe_error(recipe, "parallel.first_stage_layers / last_stage_layers need "
-                     "parallel.pipeline > 1", "remove them or use pipeline parallelism")
+        recipe_error(
+            recipe,
+            "parallel.first_stage_layers / last_stage_layers need parallel.pipeline > 1",
+            "remove them or use pipeline parallelism",
+        )
     middle_stages = pp - len(fixed)
     middle_layers = num_layers - sum(fixed.values())
-    if middle_layers < 0 or (middle_stages == 0) != (middle_layers == 0) or (
-            middle_stages and middle_layers % middle_stages):
-        recipe_error(recipe, f"model.num_layers={num_layers} minus parallel.first_stage_layers "
-                     f"/ last_stage_layers leaves {middle_layers} layers for {middle_stages} "
-                     f"middle pipeline stage(s)", "the rest must split evenly over the middle "
-                     "stages (none left when there are no middle stages)")
+    if (
+        middle_layers < 0
+        or (middle_stages == 0) != (middle_layers == 0)
+        or (middle_stages and middle_layers % middle_stages)
+    ):
+        recipe_error(
+            recipe,
+            f"model.num_layers={num_layers} minus parallel.first_stage_layers "
+            f"/ last_stage_layers leaves {middle_layers} layers for {middle_stages} "
+            f"middle pipeline stage(s)",
+            "the rest must split evenly over the middle stages (none left when there are no middle stages)",
+        )
     per_middle = middle_layers // middle_stages if middle_stages else 0
     stages = tuple(fixed.get(stage, per_middle) for stage in range(pp))
     if any(layers % vpp for layers in stages):
-        recipe_error(recipe, f"layers per pipeline stage {list(stages)} are not all multiples "
-                     f"of parallel.virtual_pipeline={vpp}", "megatron-core splits each stage's "
-                     "layers evenly over its virtual chunks; adjust the stage layer counts")
+        recipe_error(
+            recipe,
+            f"layers per pipeline stage {list(stages)} are not all multiples of parallel.virtual_pipeline={vpp}",
+            "megatron-core splits each stage's layers evenly over its virtual chunks; adjust the stage layer counts",
+        )
     return stages
 
 
@@ -184,17 +228,23 @@ def _num_microbatches(recipe: Recipe, dp: int) -> int:
             sizes[size] = f"ramp-up batch size {size} (train.rampup_batch_size)"
     for size, what in sizes.items():
         if size % per_pass:
-            recipe_error(recipe, f"{what} {size} is not divisible by train.micro_batch_size × "
-                         f"data parallel = {train.micro_batch_size}×{dp} = {per_pass}",
-                         f"make it a multiple of {per_pass} or change micro_batch_size")
+            recipe_error(
+                recipe,
+                f"{what} {size} is not divisible by train.micro_batch_size × "
+                f"data parallel = {train.micro_batch_size}×{dp} = {per_pass}",
+                f"make it a multiple of {per_pass} or change micro_batch_size",
+            )
         if parallel.virtual_pipeline > 1 and (size // per_pass) % parallel.pipeline:
-            recipe_error(recipe, f"{what} {size} gives {size // per_pass} micro-batches, not a "
-                         f"multiple of parallel.pipeline={parallel.pipeline}",
-                         f"megatron-core 0.16's interleaved schedule (virtual_pipeline > 1) runs "
-                         f"micro-batches in groups of pipeline size per virtual stage "
-                         f"(microbatch_group_size_per_vp_stage = pipeline), so make it a "
-                         f"multiple of micro_batch_size × data parallel × pipeline = "
-                         f"{per_pass * parallel.pipeline}")
+            recipe_error(
+                recipe,
+                f"{what} {size} gives {size // per_pass} micro-batches, not a "
+                f"multiple of parallel.pipeline={parallel.pipeline}",
+                f"megatron-core 0.16's interleaved schedule (virtual_pipeline > 1) runs "
+                f"micro-batches in groups of pipeline size per virtual stage "
+                f"(microbatch_group_size_per_vp_stage = pipeline), so make it a "
+                f"multiple of micro_batch_size × data parallel × pipeline = "
+                f"{per_pass * parallel.pipeline}",
+            )
     return train.global_batch_size // per_pass
 
 

@@ -68,8 +68,9 @@ def stage_memory(recipe: Recipe, layout: Layout) -> tuple[StageMemory, ...]:
         activations = _layer_activations(recipe, layout, layers // layout.vpp, in_flight)
         if stage == layout.pp - 1:
             activations += output_activations(recipe, layout)
-        result.append(StageMemory(stage, on_gpu, on_gpu * weight, on_gpu * gradient,
-                                  on_gpu * optimizer, activations, in_flight))
+        result.append(
+            StageMemory(stage, on_gpu, on_gpu * weight, on_gpu * gradient, on_gpu * optimizer, activations, in_flight)
+        )
     return tuple(result)
 
 
@@ -112,8 +113,7 @@ def layer_activations(recipe: Recipe, layout: Layout) -> float:
     key_value = (model.num_query_groups or model.num_attention_heads) * head
     # Inputs of the two norms and of the linears after them (QKV, MLP in): split over the
     # tensor-parallel group only with sequence parallelism.
-    sequence_split = tokens * (4 * element * model.hidden_size
-                               + (2 * model.hidden_size if model.hidden_dropout else 0))
+    sequence_split = tokens * (4 * element * model.hidden_size + (2 * model.hidden_size if model.hidden_dropout else 0))
     # Q, K, V for attention, its output (the projection's input), the MLP's inner tensors.
     mlp_tensors = 3 if model.activation == "swiglu" else 2
     tensor_split = element * tokens * (2 * query + 2 * key_value + mlp_tensors * model.ffn_hidden_size)
@@ -143,8 +143,12 @@ def _layer_activations(recipe: Recipe, layout: Layout, chunk_layers: int, in_fli
     recompute = recipe.recompute
     if recompute.granularity != "full":
         return in_flight * chunk_layers * full
-    layer_input = (DTYPE_BYTES[recipe.precision.dtype] * _tokens(recipe, layout) * recipe.model.hidden_size
-                   / (layout.tp if layout.sequence_parallel else 1))
+    layer_input = (
+        DTYPE_BYTES[recipe.precision.dtype]
+        * _tokens(recipe, layout)
+        * recipe.model.hidden_size
+        / (layout.tp if layout.sequence_parallel else 1)
+    )
     if recompute.method == "block":  # the first num_layers layers of a chunk keep only their input
         checkpointed = min(recompute.num_layers, chunk_layers)
         return in_flight * (checkpointed * layer_input + (chunk_layers - checkpointed) * full)

@@ -44,13 +44,18 @@ def _require_transformer_engine(recipe: Recipe, available: bool, where: str) -> 
     """FP8, or transformer_engine = "on", means Transformer Engine or a refusal: never a run in
     plain precision that exits 0 as if it had been what the recipe asked for."""
     precision = recipe.precision
-    wants = [f"precision.{key} = {value!r}" for key, value, asks in (
-        ("fp8", precision.fp8, precision.fp8 != "none"),
-        ("transformer_engine", precision.transformer_engine, precision.transformer_engine == "on")) if asks]
+    wants = [
+        f"precision.{key} = {value!r}"
+        for key, value, asks in (
+            ("fp8", precision.fp8, precision.fp8 != "none"),
+            ("transformer_engine", precision.transformer_engine, precision.transformer_engine == "on"),
+        )
+        if asks
+    ]
     if wants and not available:
         raise BigptError(
             f"{' and '.join(wants)} needs Transformer Engine on a CUDA GPU, which {where}; install `bigpt[gpu]` "
-            "on a GPU machine, or set precision.fp8 = \"none\" and precision.transformer_engine = \"auto\"."
+            'on a GPU machine, or set precision.fp8 = "none" and precision.transformer_engine = "auto".'
         )
 
 
@@ -146,14 +151,17 @@ def layer_spec(recipe: Recipe, *, use_te: bool):
     qk_layernorm = recipe.model.qk_layernorm
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=_NORMS[recipe.model.normalization],
-                                                    qk_layernorm=qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        normalization=_NORMS[recipe.model.normalization], qk_layernorm=qk_layernorm
+    )
 
 
 def build_model_chunks(recipe: Recipe, layout: Layout) -> tuple[list[GPTModel], TransformerConfig]:
     """The GPTModel chunks this rank holds, in virtual-stage order, and their shared config."""
     use_te = use_transformer_engine(recipe)
-    console.note(f"transformer layers: {'Transformer Engine' if use_te else 'megatron-core local spec (no Transformer Engine)'}")
+    console.note(
+        f"transformer layers: {'Transformer Engine' if use_te else 'megatron-core local spec (no Transformer Engine)'}"
+    )
     config = transformer_config(recipe, layout, use_te=use_te)
     spec = layer_spec(recipe, use_te=use_te)
     m = recipe.model

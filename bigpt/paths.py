@@ -40,8 +40,9 @@ def check_writable(path, key: str) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise BigptError(f"{key} = {path} is not writable: creating a file in {existing} fails "
-                         f"({err.strerror}); {fix}.") from None
+        raise BigptError(
+            f"{key} = {path} is not writable: creating a file in {existing} fails ({err.strerror}); {fix}."
+        ) from None
 
 
 def check_output_file(path, key: str) -> None:
@@ -67,8 +68,10 @@ def _check_name_lengths(existing: Path, missing: list[str], path, key: str) -> N
     limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
     for name in missing:
         if len(os.fsencode(name)) > limit:
-            raise BigptError(f"{key} = {path}: the name {name[:40]}... is longer than the {limit} bytes the "
-                             "filesystem allows; choose a shorter one.")
+            raise BigptError(
+                f"{key} = {path}: the name {name[:40]}... is longer than the {limit} bytes the "
+                "filesystem allows; choose a shorter one."
+            )
 
 
 def write_atomically(path: Path, content: str | Callable[[TextIO], None]) -> None:
@@ -93,7 +96,8 @@ def names_a_full_disk(err: BaseException | str) -> bool:
     """``err`` is a full filesystem or quota: by its errno, or quoting the system's words (a
     serializer's own error)."""
     return getattr(err, "errno", None) in FULL_DISK_ERRNOS or any(
-        os.strerror(code) in str(err) for code in FULL_DISK_ERRNOS)
+        os.strerror(code) in str(err) for code in FULL_DISK_ERRNOS
+    )
 
 
 def almost_full(path) -> bool:
@@ -114,7 +118,9 @@ def reporting_a_full_disk(path, key: str):
         yield
     except Exception as err:
         if names_a_full_disk(err):
-            raise BigptError(f"writing {key} = {path} failed: {os.strerror(errno.ENOSPC)} (or over quota) on its "
-                             "filesystem; nothing was replaced. Free space there or write elsewhere, then run "
-                             "again.") from None
+            raise BigptError(
+                f"writing {key} = {path} failed: {os.strerror(errno.ENOSPC)} (or over quota) on its "
+                "filesystem; nothing was replaced. Free space there or write elsewhere, then run "
+                "again."
+            ) from None
         raise

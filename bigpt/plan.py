@@ -60,7 +60,8 @@ class Plan:
     def step_seconds(self, option: Option) -> float:
         """Time of one step: FLOPs at the busy MFU, stretched by the bubble and full recompute."""
         busy = flops_per_step(option.recipe, option.layout.global_batch_size) / (
-            self.gpus * self.gpu.peak_flops * self.mfu)
+            self.gpus * self.gpu.peak_flops * self.mfu
+        )
         recompute = FULL_RECOMPUTE_TIME if option.recipe.recompute.granularity == "full" else 1.0
         return busy * (1 + option.bubble) * recompute
 
@@ -70,21 +71,42 @@ class Plan:
         return flops / self.step_seconds(option) / (self.gpus * self.gpu.peak_flops)
 
 
-def make_plan(recipe: Recipe, gpus: int, gpu_name: str, *, mfu: float, headroom: float,
-              gpus_per_node: int, fs_bytes_per_second: float = 5e9) -> Plan:
+def make_plan(
+    recipe: Recipe,
+    gpus: int,
+    gpu_name: str,
+    *,
+    mfu: float,
+    headroom: float,
+    gpus_per_node: int,
+    fs_bytes_per_second: float = 5e9,
+) -> Plan:
     """Every valid layout of ``recipe`` on ``gpus`` GPUs; the ones that fit, ranked (see _rank)."""
     gpu = gpu_named(gpu_name)
     if gpus < 1:
         raise BigptError(f"--gpus {gpus}: plan for at least one GPU.")
     valid = [_option(candidate) for candidate in _candidates(recipe, gpus, gpus_per_node)]
     if not valid:
-        raise BigptError(f"no layout of {recipe.source} works on {gpus} GPUs: no tensor × pipeline "
-                         f"× context × data split of {gpus} satisfies the recipe's divisibility "
-                         f"rules (heads, layers, global batch); try a GPU count with more factors "
-                         f"of 2, or check with `launchers/run.py {recipe.source} --dry-run "
-                         f"--world-size {gpus}`.")
-    plan = Plan(recipe, gpus, gpu_name, gpu, mfu, headroom, fs_bytes_per_second, chosen=valid[0], recipe_layout_problem=None,
-                options=[], valid_options=len(valid))
+        raise BigptError(
+            f"no layout of {recipe.source} works on {gpus} GPUs: no tensor × pipeline "
+            f"× context × data split of {gpus} satisfies the recipe's divisibility "
+            f"rules (heads, layers, global batch); try a GPU count with more factors "
+            f"of 2, or check with `launchers/run.py {recipe.source} --dry-run "
+            f"--world-size {gpus}`."
+        )
+    plan = Plan(
+        recipe,
+        gpus,
+        gpu_name,
+        gpu,
+        mfu,
+        headroom,
+        fs_bytes_per_second,
+        chosen=valid[0],
+        recipe_layout_problem=None,
+        options=[],
+        valid_options=len(valid),
+    )
     fitting = sorted((option for option in valid if plan.fits(option)), key=_rank)
     if not fitting:
         least = min(valid, key=lambda option: option.memory.total)
@@ -92,8 +114,12 @@ def make_plan(recipe: Recipe, gpus: int, gpu_name: str, *, mfu: float, headroom:
             f"{recipe.source} fits on no layout of {gpus} × {gpu_name}: the smallest need is "
             f"{least.memory.total / GIB:.1f} GiB per GPU ({describe_layout(least.layout)}) against "
             f"{(1 - headroom) * gpu.memory_gib:.1f} GiB usable; use more or larger GPUs, "
-            + ("a shorter model.seq_length or train.micro_batch_size." if recipe.recompute.granularity == "full"
-               else "or recompute.granularity = \"full\"."))
+            + (
+                "a shorter model.seq_length or train.micro_batch_size."
+                if recipe.recompute.granularity == "full"
+                else 'or recompute.granularity = "full".'
+            )
+        )
     try:
         own = _option((recipe, Layout.from_recipe(recipe, gpus)))
         problem = None
@@ -116,11 +142,17 @@ def _candidates(recipe: Recipe, gpus: int, gpus_per_node: int):
                     dp = gpus // (tp * cp * pp)
                     for mbs in divisors(train.global_batch_size // dp):
                         parallel = dataclasses.replace(
-                            recipe.parallel, tensor=tp, context=cp, pipeline=pp, virtual_pipeline=vpp,
-                            data=0, sequence_parallel=tp > 1)
+                            recipe.parallel,
+                            tensor=tp,
+                            context=cp,
+                            pipeline=pp,
+                            virtual_pipeline=vpp,
+                            data=0,
+                            sequence_parallel=tp > 1,
+                        )
                         candidate = dataclasses.replace(
-                            recipe, parallel=parallel,
-                            train=dataclasses.replace(train, micro_batch_size=mbs))
+                            recipe, parallel=parallel, train=dataclasses.replace(train, micro_batch_size=mbs)
+                        )
                         try:
                             yield candidate, Layout.from_recipe(candidate, gpus)
                         except BigptError:
@@ -151,32 +183,52 @@ def _rank(option: Option) -> tuple:
     """Megatron's rules of thumb (Narayanan et al. 2021), in order: the smallest model-parallel
     group that fits (the other GPUs do data parallelism, which communicates least); within it,
     tensor parallelism inside the node before context parallelism before pipeline stages; then
-    the smaller pipeline bubble (in whole percent, under 1% counting as none), fewer pipeline chunks (less point-to-point traffic),
-    larger micro-batches (more efficient matmuls) and less memory."""
+    the smaller pipeline bubble (in whole percent, under 1% counting as none), fewer pipeline
+    chunks (less point-to-point traffic), larger micro-batches (more efficient matmuls) and less
+    memory."""
     layout = option.layout
-    return (layout.tp * layout.cp * layout.pp, layout.pp, layout.cp, round(max(option.bubble, 0.01), 2),
-            layout.vpp, -layout.micro_batch_size, option.memory.total)
+    return (
+        layout.tp * layout.cp * layout.pp,
+        layout.pp,
+        layout.cp,
+        round(max(option.bubble, 0.01), 2),
+        layout.vpp,
+        -layout.micro_batch_size,
+        option.memory.total,
+    )
 
 
 def describe_layout(layout: Layout) -> str:
     vpp = f" (VPP {layout.vpp})" if layout.vpp > 1 else ""
     sp = ", sequence parallel" if layout.sequence_parallel else ""
-    return (f"TP {layout.tp} × PP {layout.pp}{vpp} × CP {layout.cp} × DP {layout.dp}{sp}, "
-            f"micro-batch {layout.micro_batch_size} × {layout.num_microbatches} micro-batches")
+    return (
+        f"TP {layout.tp} × PP {layout.pp}{vpp} × CP {layout.cp} × DP {layout.dp}{sp}, "
+        f"micro-batch {layout.micro_batch_size} × {layout.num_microbatches} micro-batches"
+    )
 
 
 def report(plan: Plan, top: int) -> str:
     """The plan as text: sizes, memory per GPU, time, budget, then the ranked layouts."""
     recipe, chosen = plan.recipe, plan.chosen
     layout = chosen.layout
-    lines = [f"Plan for {recipe.source} on {plan.gpus} × {plan.gpu_name} "
-             f"({plan.gpu.memory_gib:.1f} GiB, {plan.gpu.peak_flops / 1e12:,.0f} TFLOP/s dense bf16)"]
+    lines = [
+        f"Plan for {recipe.source} on {plan.gpus} × {plan.gpu_name} "
+        f"({plan.gpu.memory_gib:.1f} GiB, {plan.gpu.peak_flops / 1e12:,.0f} TFLOP/s dense bf16)"
+    ]
     lines += _parameter_lines(chosen)
     if plan.recipe_layout_problem:
-        lines.append(f"layout           the recipe's own does not work here ({plan.recipe_layout_problem}); "
-                     f"planned with the best below:")
-    rank = next((f"; ranks {number} of the {len(plan.options)} that fit" for number, option in enumerate(plan.options, 1)
-                 if _same_degrees(option.layout, layout)), "")
+        lines.append(
+            f"layout           the recipe's own does not work here ({plan.recipe_layout_problem}); "
+            f"planned with the best below:"
+        )
+    rank = next(
+        (
+            f"; ranks {number} of the {len(plan.options)} that fit"
+            for number, option in enumerate(plan.options, 1)
+            if _same_degrees(option.layout, layout)
+        ),
+        "",
+    )
     lines.append(f"layout           {describe_layout(layout)}{rank}")
     lines += _memory_lines(plan, chosen)
     flops = flops_per_step(chosen.recipe, layout.global_batch_size)
@@ -184,16 +236,20 @@ def report(plan: Plan, top: int) -> str:
     lines += [
         f"FLOPs per step   {flops:.3e} (3 × forward, causal mask not discounted; as the training log)",
         f"step time        {step:.2f} s at MFU {plan.mfu:.0%} while busy, pipeline bubble "
-        f"{chosen.bubble:.1%}" + (", full recompute ×4/3" if recipe.recompute.granularity == "full" else "")
+        f"{chosen.bubble:.1%}"
+        + (", full recompute ×4/3" if recipe.recompute.granularity == "full" else "")
         + f" → the training log's MFU ≈ {plan.logged_mfu(chosen):.1%}",
     ]
     lines += _checkpoint_lines(plan, chosen)
     lines += _budget_lines(plan, chosen)
-    lines += ["", f"Layouts of {plan.gpus} GPUs that fit ({len(plan.options)} of {plan.valid_options} valid; "
-              f"memory of the most loaded GPU with {plan.headroom:.0%} kept free; the smallest model-parallel "
-              f"group first, then TP before CP before PP, a smaller bubble (<1% counts as none), fewer "
-              f"chunks, larger micro-batches)",
-              _table(plan, plan.options[:top])]
+    lines += [
+        "",
+        f"Layouts of {plan.gpus} GPUs that fit ({len(plan.options)} of {plan.valid_options} valid; "
+        f"memory of the most loaded GPU with {plan.headroom:.0%} kept free; the smallest model-parallel "
+        f"group first, then TP before CP before PP, a smaller bubble (<1% counts as none), fewer "
+        f"chunks, larger micro-batches)",
+        _table(plan, plan.options[:top]),
+    ]
     return "\n".join(lines)
 
 
@@ -201,13 +257,18 @@ def _parameter_lines(option: Option) -> list[str]:
     model, layout = option.recipe.model, option.layout
     vocab = padded_vocab_size(model, layout.tp)
     released, allocated = num_parameters(model), num_parameters(model, vocab)
-    lines = [f"parameters       {released:,} ({released / 1e9:.2f}B); {allocated:,} allocated "
-             f"with the vocab padded to {vocab:,}"]
+    lines = [
+        f"parameters       {released:,} ({released / 1e9:.2f}B); {allocated:,} allocated "
+        f"with the vocab padded to {vocab:,}"
+    ]
     stages = parameters_per_stage(model, layout.layers_per_stage, vocab)
-    lines += [f"  stage {stage:<3}      {count:,} ({layers} layers"
-              + (", embedding" if stage == 0 else "") + (", output layer" if stage == len(stages) - 1 else "")
-              + f"; {count / layout.tp / 1e9:.2f}B per GPU)"
-              for stage, (count, layers) in enumerate(zip(stages, layout.layers_per_stage))]
+    lines += [
+        f"  stage {stage:<3}      {count:,} ({layers} layers"
+        + (", embedding" if stage == 0 else "")
+        + (", output layer" if stage == len(stages) - 1 else "")
+        + f"; {count / layout.tp / 1e9:.2f}B per GPU)"
+        for stage, (count, layers) in enumerate(zip(stages, layout.layers_per_stage))
+    ]
     return lines
 
 
@@ -219,7 +280,8 @@ def _memory_lines(plan: Plan, option: Option) -> list[str]:
     return [
         f"memory per GPU   {memory.total / GIB:.1f} GiB on pipeline stage {memory.stage} (the most loaded): "
         f"{verdict} in {plan.gpu.memory_gib:.1f} GiB with {plan.headroom:.0%} kept free",
-        f"  weights        {memory.weights / GIB:6.1f} GiB  {memory.parameters / 1e9:.2f}B parameters in {precision.dtype}",
+        f"  weights        {memory.weights / GIB:6.1f} GiB  "
+        f"{memory.parameters / 1e9:.2f}B parameters in {precision.dtype}",
         f"  gradients      {memory.gradients / GIB:6.1f} GiB  "
         + ("fp32" if precision.grad_reduce_in_fp32 or precision.dtype == "fp32" else precision.dtype)
         + " gradient buffer",
@@ -236,18 +298,22 @@ def _checkpoint_lines(plan: Plan, option: Option) -> list[str]:
     recipe, checkpoint = option.recipe, option.recipe.checkpoint
     total, busiest = checkpoint_bytes(recipe, option.layout)
     save = total / plan.fs_bytes_per_second
-    lines = [f"checkpoint       {total / 1e9:,.1f} GB per save ({recipe.precision.dtype} weights, fp32 optimizer "
-             f"state, {checkpoint.optimizer_format}); the busiest rank writes {busiest / 1e9:,.2f} GB; "
-             f"{save:,.0f} s at {plan.fs_bytes_per_second / 1e9:g} GB/s (--fs-gbps)"]
+    lines = [
+        f"checkpoint       {total / 1e9:,.1f} GB per save ({recipe.precision.dtype} weights, fp32 optimizer "
+        f"state, {checkpoint.optimizer_format}); the busiest rank writes {busiest / 1e9:,.2f} GB; "
+        f"{save:,.0f} s at {plan.fs_bytes_per_second / 1e9:g} GB/s (--fs-gbps)"
+    ]
     if checkpoint.save_interval and checkpoint.async_save:
         lines[0] += f"; every {checkpoint.save_interval:,} steps, asynchronous (written while training goes on)"
     elif checkpoint.save_interval:
         share = save / (save + checkpoint.save_interval * plan.step_seconds(option))
         lines[0] += f"; every {checkpoint.save_interval:,} steps, synchronous: {share:.1%} of training time"
         if share > SAVE_SHARE_WARNING:
-            lines.append(f"  warning        synchronous saves take more than {SAVE_SHARE_WARNING:.0%} of the training "
-                         "time: raise checkpoint.save_interval, set checkpoint.async_save = true, or save "
-                         "to a faster filesystem")
+            lines.append(
+                f"  warning        synchronous saves take more than {SAVE_SHARE_WARNING:.0%} of the training "
+                "time: raise checkpoint.save_interval, set checkpoint.async_save = true, or save "
+                "to a faster filesystem"
+            )
     return lines
 
 
@@ -260,9 +326,13 @@ def _budget_lines(plan: Plan, option: Option) -> list[str]:
     parameters = num_parameters(recipe.model)
     optimal = CHINCHILLA_TOKENS_PER_PARAMETER * parameters
     ratio = tokens / optimal
-    verdict = ("under-trained for its size: a smaller model on more tokens would do better with this compute"
-               if ratio < 0.8 else "about compute-optimal" if ratio <= 1.25 else
-               "over-trained for its size: more tokens than compute-optimal, buying a smaller model to serve")
+    verdict = (
+        "under-trained for its size: a smaller model on more tokens would do better with this compute"
+        if ratio < 0.8
+        else "about compute-optimal"
+        if ratio <= 1.25
+        else "over-trained for its size: more tokens than compute-optimal, buying a smaller model to serve"
+    )
     return [
         f"compute budget   {steps:,} steps × {layout.global_batch_size * recipe.model.seq_length:,} tokens = "
         f"{tokens:.3g} tokens: {total_flops:.3g} FLOPs = {total_flops / 1e15 / 86400:,.0f} PF/s-days = "
@@ -277,11 +347,22 @@ def _table(plan: Plan, options: list[Option]) -> str:
     header = ("rank", "TP", "PP", "VPP", "CP", "DP", "mbs", "micro-batches", "bubble", "GiB/GPU", "step s", "")
     own = plan.chosen.layout if plan.recipe_layout_problem is None else None
     rows = [header] + [
-        (str(rank), str(o.layout.tp), str(o.layout.pp), str(o.layout.vpp), str(o.layout.cp), str(o.layout.dp),
-         str(o.layout.micro_batch_size), str(o.layout.num_microbatches), f"{o.bubble:.1%}",
-         f"{o.memory.total / GIB:.1f}", f"{plan.step_seconds(o):.2f}",
-         "← recipe" if _same_degrees(o.layout, own) else "")
-        for rank, o in enumerate(options, 1)]
+        (
+            str(rank),
+            str(o.layout.tp),
+            str(o.layout.pp),
+            str(o.layout.vpp),
+            str(o.layout.cp),
+            str(o.layout.dp),
+            str(o.layout.micro_batch_size),
+            str(o.layout.num_microbatches),
+            f"{o.bubble:.1%}",
+            f"{o.memory.total / GIB:.1f}",
+            f"{plan.step_seconds(o):.2f}",
+            "← recipe" if _same_degrees(o.layout, own) else "",
+        )
+        for rank, o in enumerate(options, 1)
+    ]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 

@@ -24,8 +24,12 @@ QUIET_RANK_GRACE_S = 30
 
 parser = recipe_parser(__doc__, example="parallel.tensor=4 train.train_iters=200")
 parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit 0")
-parser.add_argument("--world-size", type=int, default=None,
-                    help="world size to validate against with --dry-run (default: WORLD_SIZE or the recipe's own layout)")
+parser.add_argument(
+    "--world-size",
+    type=int,
+    default=None,
+    help="world size to validate against with --dry-run (default: WORLD_SIZE or the recipe's own layout)",
+)
 
 
 def main(argv=None) -> int:

@@ -40,24 +40,37 @@ MAX_SIGNAL_SECONDS = 65535  # sbatch --signal=...@SECONDS takes at most this
 parser = recipe_parser(__doc__)
 parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
 per_node = parser.add_mutually_exclusive_group()
-per_node.add_argument("--gpus-per-node", type=int, default=8,
-                      help="GPUs per node, one torchrun worker each (default 8)")
-per_node.add_argument("--workers-per-node", type=int,
-                      help="for nodes without GPUs (CPU partitions): torchrun workers per node; "
-                           "no GPUs are requested")
+per_node.add_argument(
+    "--gpus-per-node", type=int, default=8, help="GPUs per node, one torchrun worker each (default 8)"
+)
+per_node.add_argument(
+    "--workers-per-node",
+    type=int,
+    help="for nodes without GPUs (CPU partitions): torchrun workers per node; no GPUs are requested",
+)
 parser.add_argument("--partition", help="SLURM partition")
 parser.add_argument("--account", help="SLURM account")
 parser.add_argument("--time", help="time limit, e.g. 48:00:00 (default: the partition's)")
 parser.add_argument("--job-name", help="default: the recipe's name")
-parser.add_argument("--signal-seconds", type=int, default=300,
-                    help="seconds before the time limit at which bigpt is asked to save and exit (default 300)")
+parser.add_argument(
+    "--signal-seconds",
+    type=int,
+    default=300,
+    help="seconds before the time limit at which bigpt is asked to save and exit (default 300)",
+)
 parser.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (default 29500)")
-parser.add_argument("--env-bin", default=str(Path(sys.executable).parent),
-                    help="directory holding torchrun on the nodes (default: this Python's, "
-                         "right when the nodes share this file system)")
+parser.add_argument(
+    "--env-bin",
+    default=str(Path(sys.executable).parent),
+    help="directory holding torchrun on the nodes (default: this Python's, "
+    "right when the nodes share this file system)",
+)
 parser.add_argument("-o", "--out", help="write the script here instead of standard output")
-parser.add_argument("--submit", action="store_true",
-                    help="submit with sbatch (the script is kept as <run_dir>/slurm-job.sbatch unless -o)")
+parser.add_argument(
+    "--submit",
+    action="store_true",
+    help="submit with sbatch (the script is kept as <run_dir>/slurm-job.sbatch unless -o)",
+)
 
 
 def parse_args(argv=None):
@@ -66,19 +79,25 @@ def parse_args(argv=None):
     if args.nodes < 1 or args.gpus_per_node < 1 or (args.workers_per_node is not None and args.workers_per_node < 1):
         parser.error("--nodes, --gpus-per-node and --workers-per-node must be 1 or more")
     if not 2 * SHUTDOWN_MARGIN_S <= args.signal_seconds <= MAX_SIGNAL_SECONDS:
-        parser.error(f"--signal-seconds must be between {2 * SHUTDOWN_MARGIN_S} (bigpt needs time to save) and "
-                     f"{MAX_SIGNAL_SECONDS} (SLURM's --signal limit), got {args.signal_seconds}")
+        parser.error(
+            f"--signal-seconds must be between {2 * SHUTDOWN_MARGIN_S} (bigpt needs time to save) and "
+            f"{MAX_SIGNAL_SECONDS} (SLURM's --signal limit), got {args.signal_seconds}"
+        )
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be a TCP port between 1 and 65535, got {args.port}")
     if args.time is not None:
         limit = time_limit_seconds(args.time)
         if limit is None:
-            parser.error(f"--time {args.time!r} is not a SLURM time limit: write minutes, minutes:seconds, "
-                         "hours:minutes:seconds, days-hours, days-hours:minutes or days-hours:minutes:seconds "
-                         "(e.g. 48:00:00 or 2-00:00:00), or UNLIMITED")
+            parser.error(
+                f"--time {args.time!r} is not a SLURM time limit: write minutes, minutes:seconds, "
+                "hours:minutes:seconds, days-hours, days-hours:minutes or days-hours:minutes:seconds "
+                "(e.g. 48:00:00 or 2-00:00:00), or UNLIMITED"
+            )
         if limit and args.signal_seconds >= limit:
-            parser.error(f"--signal-seconds {args.signal_seconds} is not shorter than --time {args.time} "
-                         f"({limit} s): the save would be asked for before the job starts; lower it or raise --time")
+            parser.error(
+                f"--signal-seconds {args.signal_seconds} is not shorter than --time {args.time} "
+                f"({limit} s): the save would be asked for before the job starts; lower it or raise --time"
+            )
     return args
 
 
@@ -118,8 +137,10 @@ class Nodes:
         return f"--{'gpus' if self.gpus else 'workers'}-per-node {self.workers}"
 
     def __str__(self) -> str:
-        return (f"--nodes {self.count} × {self.per_node_option} = {self.count * self.workers} "
-                f"{'GPUs' if self.gpus else 'workers'}")
+        return (
+            f"--nodes {self.count} × {self.per_node_option} = {self.count * self.workers} "
+            f"{'GPUs' if self.gpus else 'workers'}"
+        )
 
 
 def check_layout(recipe, nodes: Nodes):
@@ -130,13 +151,17 @@ def check_layout(recipe, nodes: Nodes):
     try:
         layout = Layout.from_recipe(recipe, world)
     except BigptError as err:
-        raise BigptError(f"{nodes} cannot host {recipe.source}: {str(err).rstrip('.')}; "
-                         f"`python tools/plan.py {recipe.source} --gpus {world}` lists the layouts "
-                         f"that can.") from None
+        raise BigptError(
+            f"{nodes} cannot host {recipe.source}: {str(err).rstrip('.')}; "
+            f"`python tools/plan.py {recipe.source} --gpus {world}` lists the layouts "
+            f"that can."
+        ) from None
     if layout.tp > nodes.workers:
-        raise BigptError(f"parallel.tensor={layout.tp} in {recipe.source} is more than {nodes.per_node_option}: "
-                         f"tensor parallelism communicates every layer and must stay inside a node; "
-                         f"lower parallel.tensor (raise parallel.pipeline instead).")
+        raise BigptError(
+            f"parallel.tensor={layout.tp} in {recipe.source} is more than {nodes.per_node_option}: "
+            f"tensor parallelism communicates every layer and must stay inside a node; "
+            f"lower parallel.tensor (raise parallel.pipeline instead)."
+        )
     return layout
 
 
@@ -170,8 +195,11 @@ def batch_script(args, recipe, nodes: Nodes) -> str:
         "signal": f"B:USR1@{args.signal_seconds}",
         "output": f"{run_dir}/slurm-%j.out",
         "chdir": str(Path.cwd()),
-        **{key: value for key, value in (("partition", args.partition), ("account", args.account),
-                                         ("time", args.time)) if value},
+        **{
+            key: value
+            for key, value in (("partition", args.partition), ("account", args.account), ("time", args.time))
+            if value
+        },
     }
     settings = {
         "RECIPE": shlex.quote(str(Path(args.recipe).resolve())),
@@ -188,8 +216,10 @@ def batch_script(args, recipe, nodes: Nodes) -> str:
 def submit(script_path: Path) -> str:
     result = subprocess.run(["sbatch", str(script_path)], capture_output=True, text=True)
     if result.returncode:
-        raise BigptError(f"sbatch {script_path} failed ({result.returncode}): {result.stderr.strip()}; "
-                         f"check --partition/--account/--time against `sinfo` and your allocation.")
+        raise BigptError(
+            f"sbatch {script_path} failed ({result.returncode}): {result.stderr.strip()}; "
+            f"check --partition/--account/--time against `sinfo` and your allocation."
+        )
     return result.stdout.strip()
 
 
@@ -202,8 +232,10 @@ def main(argv=None) -> int:
     nodes = Nodes.from_args(args)
     check_layout(recipe, nodes)
     if args.submit and shutil.which("sbatch") is None:
-        raise BigptError("--submit: sbatch is not on PATH; run this on a SLURM login node, or "
-                         "render the script without --submit (-o FILE) and submit it there.")
+        raise BigptError(
+            "--submit: sbatch is not on PATH; run this on a SLURM login node, or "
+            "render the script without --submit (-o FILE) and submit it there."
+        )
     script = batch_script(args, recipe, nodes)
     check_writable(recipe.run_dir, "run_dir")
     path = Path(args.out or Path(recipe.run_dir) / "slurm-job.sbatch")

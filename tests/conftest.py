@@ -10,7 +10,11 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped, saying so, where torch sees no CUDA device. Under
     pytest-xdist (``-n 2 --dist loadgroup``) the tests on the SLURM cluster share one worker, so
     one cluster is started, not one per worker."""
-    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); this machine has none")
+    skip = (
+        None
+        if torch.cuda.is_available()
+        else pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); this machine has none")
+    )
     for item in items:
         if skip and "gpu" in item.keywords:
             item.add_marker(skip)

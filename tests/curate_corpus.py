@@ -11,21 +11,38 @@ import json
 import random
 from pathlib import Path
 
-ADJECTIVES = ("distant bright faint massive young ancient hot cold dense rotating spiral elliptical "
-              "compact luminous red blue dusty quiet violent isolated nearby remote stable variable "
-              "binary central outer inner early late").split()
-ASTRONOMY_NOUNS = ("galaxy star planet nebula telescope orbit comet asteroid quasar pulsar cluster "
-                   "supernova moon spectrum observatory halo disk jet accretion redshift photon "
-                   "magnetar exoplanet satellite eclipse meteor corona horizon universe").split()
-COOKING_NOUNS = ("recipe oven onion garlic sauce butter flour dough pan skillet broth pepper salt "
-                 "kitchen bread cheese tomato basil olive vinegar soup noodle rice carrot lemon "
-                 "cream sugar spoon knife stew").split()
-VERBS = ("reveals contains shapes heats follows surrounds crosses changes feeds absorbs emits "
-         "reflects orbits hides disturbs balances outshines replaces joins dominates").split()
+ADJECTIVES = (
+    "distant bright faint massive young ancient hot cold dense rotating spiral elliptical "
+    "compact luminous red blue dusty quiet violent isolated nearby remote stable variable "
+    "binary central outer inner early late"
+).split()
+ASTRONOMY_NOUNS = (
+    "galaxy star planet nebula telescope orbit comet asteroid quasar pulsar cluster "
+    "supernova moon spectrum observatory halo disk jet accretion redshift photon "
+    "magnetar exoplanet satellite eclipse meteor corona horizon universe"
+).split()
+COOKING_NOUNS = (
+    "recipe oven onion garlic sauce butter flour dough pan skillet broth pepper salt "
+    "kitchen bread cheese tomato basil olive vinegar soup noodle rice carrot lemon "
+    "cream sugar spoon knife stew"
+).split()
+VERBS = (
+    "reveals contains shapes heats follows surrounds crosses changes feeds absorbs emits "
+    "reflects orbits hides disturbs balances outshines replaces joins dominates"
+).split()
 ADVERBS = "slowly quickly clearly rarely often gently suddenly steadily partly mostly".split()
-CONNECTORS = ("Astronomers think that", "Researchers found that", "It is likely that",
-              "Over many years", "In most cases", "According to recent work", "Because of this",
-              "For a long time", "As a result", "During the night")
+CONNECTORS = (
+    "Astronomers think that",
+    "Researchers found that",
+    "It is likely that",
+    "Over many years",
+    "In most cases",
+    "According to recent work",
+    "Because of this",
+    "For a long time",
+    "As a result",
+    "During the night",
+)
 
 
 def sentence(rng: random.Random, nouns: list[str]) -> str:
@@ -58,34 +75,44 @@ def near_copy(text: str, rng: random.Random, edits: int = 2) -> str:
 
 
 def boilerplate(rng: random.Random) -> str:
-    menu = ["Home", "About us", "Products", "Contact", "Login", "Sign up", "Cart", "Search",
-            "Careers", "Blog", "Help"]
+    menu = ["Home", "About us", "Products", "Contact", "Login", "Sign up", "Cart", "Search", "Careers", "Blog", "Help"]
     lines = rng.sample(menu, 8)
-    lines += ["This website uses cookies to improve your experience",
-              "Accept all cookies", "Read our privacy policy and terms of use",
-              f"Copyright {rng.randint(1998, 2024)} All rights reserved"]
+    lines += [
+        "This website uses cookies to improve your experience",
+        "Accept all cookies",
+        "Read our privacy policy and terms of use",
+        f"Copyright {rng.randint(1998, 2024)} All rights reserved",
+    ]
     return "\n".join(lines)
 
 
 def spam(rng: random.Random) -> str:
-    line = rng.choice(["Buy cheap watches online now, best prices guaranteed!",
-                       "Click here to win a free phone today!",
-                       "Hot singles in your area are waiting for you!"])
+    line = rng.choice(
+        [
+            "Buy cheap watches online now, best prices guaranteed!",
+            "Click here to win a free phone today!",
+            "Hot singles in your area are waiting for you!",
+        ]
+    )
     return "\n".join([line] * rng.randint(10, 20))
 
 
 def gibberish(rng: random.Random) -> str:
     letters = "bcdfghjklmnpqrstvwxz" + "#%&*@$"
-    return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 14)))
-                    for _ in range(rng.randint(60, 120)))
+    return " ".join(
+        "".join(rng.choice(letters) for _ in range(rng.randint(2, 14))) for _ in range(rng.randint(60, 120))
+    )
 
 
-DOMAINS = {"clean": "astro.example.org", "exact": "mirror.astro.example.org",
-           "near": "astro.example.org", "offtopic": "food.example.net"}
+DOMAINS = {
+    "clean": "astro.example.org",
+    "exact": "mirror.astro.example.org",
+    "near": "astro.example.org",
+    "offtopic": "food.example.net",
+}
 
 
-def planted_corpus(seed: int = 0, clean: int = 48, copies: int = 10, junk: int = 8,
-                   offtopic: int = 10) -> list[dict]:
+def planted_corpus(seed: int = 0, clean: int = 48, copies: int = 10, junk: int = 8, offtopic: int = 10) -> list[dict]:
     """The documents, shuffled (copies land far from their originals, in other files)."""
     rng = random.Random(seed)
     documents = [{"id": f"clean-{k}", "text": article(rng, ASTRONOMY_NOUNS)} for k in range(clean)]
@@ -95,9 +122,11 @@ def planted_corpus(seed: int = 0, clean: int = 48, copies: int = 10, junk: int =
         k = rng.randrange(clean)
         documents.append({"id": f"near-{k}-{j}", "text": near_copy(documents[k]["text"], rng)})
     for n in range(junk):
-        documents += [{"id": f"boilerplate-{n}", "text": boilerplate(rng)},
-                      {"id": f"spam-{n}", "text": spam(rng)},
-                      {"id": f"gibberish-{n}", "text": gibberish(rng)}]
+        documents += [
+            {"id": f"boilerplate-{n}", "text": boilerplate(rng)},
+            {"id": f"spam-{n}", "text": spam(rng)},
+            {"id": f"gibberish-{n}", "text": gibberish(rng)},
+        ]
     documents += [{"id": f"offtopic-{n}", "text": article(rng, COOKING_NOUNS)} for n in range(offtopic)]
     rng.shuffle(documents)
     for document in documents:

@@ -19,7 +19,7 @@ from bigpt.runtime.process import exit_without_final_gc  # noqa: E402
 if __name__ == "__main__":
     split = sys.argv.index("--")
     jobs = [job.split(",") for job in sys.argv[1:split]]
-    recipes = [load_recipe(recipe, [f"run_dir={Path(out).parent}", *sys.argv[split + 1:]]) for recipe, _, out in jobs]
+    recipes = [load_recipe(recipe, [f"run_dir={Path(out).parent}", *sys.argv[split + 1 :]]) for recipe, _, out in jobs]
     init_distributed(layout_of(recipes[0]))  # the process groups of the layout all models share
     try:
         for recipe, (_, tokens, out) in zip(recipes, jobs):

@@ -11,8 +11,16 @@ MOCK_RECIPE = Path(__file__).resolve().parent / "recipes" / "mock_tiny.toml"
 FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection.py"
 
 
-def run_bigpt(recipe, *overrides: str, nproc: int = 1, timeout: int = 300, check: bool = True, script=RUN,
-              fault: str = "", rank_logs=None):
+def run_bigpt(
+    recipe,
+    *overrides: str,
+    nproc: int = 1,
+    timeout: int = 300,
+    check: bool = True,
+    script=RUN,
+    fault: str = "",
+    rank_logs=None,
+):
     """``torchrun --nproc_per_node nproc launchers/run.py recipe overrides`` (or another torchrun
     ``script``) with one thread per rank (without it, 8 CPU ranks oversubscribe a small machine
     and crawl). ``fault`` runs it through tests/fault_injection.py instead (e.g. "nan_loss@3").
@@ -24,8 +32,17 @@ def run_bigpt(recipe, *overrides: str, nproc: int = 1, timeout: int = 300, check
         env["BIGPT_TEST_FAULT"] = fault
         script = FAULT_INJECTION
     per_rank = ["--log-dir", str(rank_logs), "--redirects", "3"] if rank_logs else []
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *per_rank,
-               str(script), str(recipe), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *per_rank,
+        str(script),
+        str(recipe),
+        *overrides,
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"bigpt failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

@@ -45,8 +45,10 @@ def unavailable() -> str | None:
     """Why no cluster can be started here, or None."""
     missing = [command for command in COMMANDS if which(command) is None]
     if missing:
-        return (f"SLURM is not installed ({', '.join(missing)} not found): as root, "
-                f"`apt-get install slurm-wlm munge` (scripts/setup.sh does it)")
+        return (
+            f"SLURM is not installed ({', '.join(missing)} not found): as root, "
+            f"`apt-get install slurm-wlm munge` (scripts/setup.sh does it)"
+        )
     if os.geteuid() != 0 and not all(map(resolvable, NODES)):
         return f"the test nodes {' and '.join(NODES)} do not resolve: add `127.0.0.1 {' '.join(NODES)}` to {HOSTS}"
     return None
@@ -77,18 +79,29 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
         socket_path = self.root / "munge.socket"
-        self._start("munged", "munged", "--foreground", "--force", f"--socket={socket_path}",
-                    f"--key-file={key}", f"--pid-file={self.root / 'munged.pid'}",
-                    f"--seed-file={self.root / 'munged.seed'}")
+        self._start(
+            "munged",
+            "munged",
+            "--foreground",
+            "--force",
+            f"--socket={socket_path}",
+            f"--key-file={key}",
+            f"--pid-file={self.root / 'munged.pid'}",
+            f"--seed-file={self.root / 'munged.seed'}",
+        )
         self._wait("munged to listen", socket_path.exists)
         self.conf.write_text(self._slurm_conf(socket_path))
         self._start("slurmctld", "slurmctld", "-D", "-f", str(self.conf))
         for node in NODES:
             (self.root / node).mkdir()  # its spool directory
             self._start(f"slurmd-{node}", "slurmd", "-D", "-N", node, "-f", str(self.conf))
-        self._wait(f"nodes {', '.join(NODES)} to be idle", lambda: self.command(
-            "sinfo", "--noheader", "--Node", "--format=%N %T", check=False).split() == [NODES[0], "idle",
-                                                                                         NODES[1], "idle"])
+        self._wait(
+            f"nodes {', '.join(NODES)} to be idle",
+            lambda: (
+                self.command("sinfo", "--noheader", "--Node", "--format=%N %T", check=False).split()
+                == [NODES[0], "idle", NODES[1], "idle"]
+            ),
+        )
 
     def stop(self) -> None:
         """Cancel every job, wait for them to end, then stop the daemons, last started first."""
@@ -125,28 +138,41 @@ class SlurmCluster:
         return self.jobs(job_id)[0]
 
     def wait_until_no_jobs(self, timeout_s: float) -> None:
-        self._wait("every job to end", lambda: not self.command("squeue", "--noheader", check=False).strip(),
-                   timeout_s)
+        self._wait("every job to end", lambda: not self.command("squeue", "--noheader", check=False).strip(), timeout_s)
 
     def logs(self) -> str:
         """The tail of every daemon's log and output, for failure messages."""
-        return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-2000:]}"
-                         for path in sorted([*self.root.glob("*.log"), *self.root.glob("*.out")]))
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-2000:]}"
+            for path in sorted([*self.root.glob("*.log"), *self.root.glob("*.out")])
+        )
 
     def _start(self, name: str, command: str, *argv: str) -> None:
         """Start a daemon in the foreground; what it prints goes to <root>/<name>.out."""
         with open(self.root / f"{name}.out", "ab") as log:
-            self.daemons.append((name, subprocess.Popen([which(command), *argv], env=self.env, stdout=log,
-                                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                        preexec_fn=_die_with_parent)))
+            self.daemons.append(
+                (
+                    name,
+                    subprocess.Popen(
+                        [which(command), *argv],
+                        env=self.env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        preexec_fn=_die_with_parent,
+                    ),
+                )
+            )
 
     def _wait(self, what: str, ready, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while not ready():
             dead = [name for name, process in self.daemons if process.poll() is not None]
             if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"test SLURM cluster: gave up waiting for {what}"
-                                   f"{' (' + ', '.join(dead) + ' exited)' if dead else ''}\n{self.logs()}")
+                raise RuntimeError(
+                    f"test SLURM cluster: gave up waiting for {what}"
+                    f"{' (' + ', '.join(dead) + ' exited)' if dead else ''}\n{self.logs()}"
+                )
             time.sleep(0.2)
 
     def _slurm_conf(self, munge_socket: Path) -> str:
@@ -155,8 +181,10 @@ class SlurmCluster:
         hardware = " ".join(word for word in probe.split() if not word.startswith(("NodeName=", "UpTime=")))
         user = getpass.getuser()
         root = self.root
-        nodes = "\n".join(f"NodeName={node} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 "
-                          f"Port={free_port()} {hardware}" for node in NODES)
+        nodes = "\n".join(
+            f"NodeName={node} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={free_port()} {hardware}"
+            for node in NODES
+        )
         return f"""\
 ClusterName=bigpt-tests
 SlurmctldHost={socket.gethostname()}(127.0.0.1)
@@ -182,7 +210,7 @@ SchedulerParameters=sched_interval={SCHED_INTERVAL_S}
 # A job whose dependency failed is cancelled, not left pending for ever (chained curation jobs).
 DependencyParameters=kill_invalid_depend
 {nodes}
-PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName={PARTITION} Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
 
     @staticmethod

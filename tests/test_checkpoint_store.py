@@ -180,8 +180,10 @@ def test_a_full_disk_is_named_even_when_the_serializer_reports_only_its_position
     with pytest.raises(BigptError) as info:
         with writer._reporting_failure():
             raise serializer
-    assert f"saving checkpoint {tmp_path / 'iter_0000003'} failed (No space left on device on the filesystem of " \
-           f"{tmp_path}; the writer said: [enforce fail" in str(info.value)
+    assert (
+        f"saving checkpoint {tmp_path / 'iter_0000003'} failed (No space left on device on the filesystem of "
+        f"{tmp_path}; the writer said: [enforce fail" in str(info.value)
+    )
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 0, 100 << 20))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with room on the disk it is a bug: its traceback
         with writer._reporting_failure():

@@ -35,9 +35,14 @@ def test_each_program_has_one_module_level_parser_and_one_meaning_per_output_fla
         assert outputs <= OUTPUT_FLAGS, f"{path.name}: an output flag other than {OUTPUT_FLAGS}"
 
 
-@pytest.mark.parametrize("program, options", [("tools/curate.py", ["--restart", "--verbose"]),
-                                              ("launchers/run.py", ["--dry-run"]),
-                                              ("tools/plan.py", ["--gpus", "8"])])
+@pytest.mark.parametrize(
+    "program, options",
+    [
+        ("tools/curate.py", ["--restart", "--verbose"]),
+        ("launchers/run.py", ["--dry-run"]),
+        ("tools/plan.py", ["--gpus", "8"]),
+    ],
+)
 def test_overrides_may_follow_options(program, options):
     """`PROGRAM RECIPE --flag a.b=1` means `PROGRAM RECIPE a.b=1 --flag` (curate once refused it)."""
     parser = _parser(ROOT / program)

@@ -22,8 +22,12 @@ def test_the_last_rank_or_a_lone_process_speaks(rank, world, monkeypatch, capsys
     out, err = capsys.readouterr()
     assert out == "a step line\n"
     who = " (rank 3)" if rank else ""
-    assert err.splitlines() == ["bigpt: a note", "bigpt: warning: a warning", "bigpt: error: an error every rank meets",
-                                f"bigpt: error{who}: an error of this rank"]
+    assert err.splitlines() == [
+        "bigpt: a note",
+        "bigpt: warning: a warning",
+        "bigpt: error: an error every rank meets",
+        f"bigpt: error{who}: an error of this rank",
+    ]
 
 
 def test_other_ranks_say_only_their_own_errors(monkeypatch, capsys):

@@ -27,6 +27,7 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer r
 
 # --- the probe, run in a fresh interpreter --------------------------------------------------------
 
+
 def _refusal(cpu_compat) -> dict:
     """enable() with an untested megatron-core version: an error, and nothing patched."""
     import megatron.core
@@ -185,6 +186,7 @@ def probe() -> dict:
 
 
 # --- the tests ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def probed() -> dict:

@@ -20,6 +20,10 @@ import pytest
 
 pytest.importorskip("datatrove", reason="the curation extra is not installed: pip install -e '.[curate]'")
 
+import slurm_cluster  # noqa: E402
+from bigpt.curate import load_curation_recipe  # noqa: E402
+from bigpt.curate.run import curate  # noqa: E402
+from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
 from curate_corpus import (  # noqa: E402
     ASTRONOMY_NOUNS,
     COOKING_NOUNS,
@@ -31,11 +35,6 @@ from curate_corpus import (  # noqa: E402
     planted_corpus,
     write_corpus,
 )
-
-import slurm_cluster  # noqa: E402
-from bigpt.curate import load_curation_recipe  # noqa: E402
-from bigpt.curate.run import curate  # noqa: E402
-from bigpt.errors import EXIT_USER_ERROR, BigptError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ASTRONOMY = ROOT / "recipes/data/astronomy.toml"
@@ -83,16 +82,28 @@ def test_report_counts_documents_and_words_per_stage_and_rule(planted):
     report = json.loads((planted.out / "report.json").read_text())
     assert report == planted.report
     stages = {stage["stage"]: stage for stage in report["stages"]}
-    assert list(stages) == ["gopher_repetition", "gopher_quality", "c4", "fineweb_quality",
-                            "keywords", "exact_dedup", "minhash_dedup"]
-    rules = {(name, rule): counts["documents"] for name, stage in stages.items()
-             for rule, counts in stage["dropped_by_rule"].items()}
-    assert rules == {("gopher_repetition", "dup_line_frac"): 8,               # the spam pages
-                     ("gopher_quality", "gopher_short_doc"): 8,               # the boilerplate pages
-                     ("gopher_quality", "gopher_too_many_hashes"): 8,         # the gibberish
-                     ("keywords", "no_included_keyword"): 10,                 # the cooking articles
-                     ("exact_dedup", "exact_duplicate"): 10,
-                     ("minhash_dedup", "near_duplicate"): 10}
+    assert list(stages) == [
+        "gopher_repetition",
+        "gopher_quality",
+        "c4",
+        "fineweb_quality",
+        "keywords",
+        "exact_dedup",
+        "minhash_dedup",
+    ]
+    rules = {
+        (name, rule): counts["documents"]
+        for name, stage in stages.items()
+        for rule, counts in stage["dropped_by_rule"].items()
+    }
+    assert rules == {
+        ("gopher_repetition", "dup_line_frac"): 8,  # the spam pages
+        ("gopher_quality", "gopher_short_doc"): 8,  # the boilerplate pages
+        ("gopher_quality", "gopher_too_many_hashes"): 8,  # the gibberish
+        ("keywords", "no_included_keyword"): 10,  # the cooking articles
+        ("exact_dedup", "exact_duplicate"): 10,
+        ("minhash_dedup", "near_duplicate"): 10,
+    }
     words = {doc["id"]: len(doc["text"].split()) for doc in planted.documents}
     assert report["total"]["in"] == {"documents": 102, "words": sum(words.values())}
     assert report["total"]["kept"]["words"] == sum(words[i] for i in kept_ids(planted.out))
@@ -108,21 +119,19 @@ def test_report_counts_documents_and_words_per_stage_and_rule(planted):
 
 
 def test_curated_output_feeds_preprocess_data(planted, tmp_path):
+    from bigpt.data.preprocess import preprocess
     from test_data_support import make_tokenizer
 
-    from bigpt.data.preprocess import preprocess
-
-    summary = preprocess(planted.out / "curated.jsonl", str(tmp_path / "curated"),
-                         make_tokenizer(tmp_path))
+    summary = preprocess(planted.out / "curated.jsonl", str(tmp_path / "curated"), make_tokenizer(tmp_path))
     assert summary.documents == 48 and summary.bad_lines == 0
 
 
 def test_a_killed_run_resumes_without_redoing_finished_shards_to_the_same_output(planted, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "tools/curate.py", str(ASTRONOMY),
-               *overrides(planted.raw, out, "executor.workers=2")]
-    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "tools/curate.py", str(ASTRONOMY), *overrides(planted.raw, out, "executor.workers=2")]
+    process = subprocess.Popen(
+        command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     completions = out / "work/logs/00_pass/completions"
     deadline = time.monotonic() + 120
     while not (completions.is_dir() and any(completions.iterdir())):  # some first-pass shards done
@@ -131,8 +140,9 @@ def test_a_killed_run_resumes_without_redoing_finished_shards_to_the_same_output
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (out / "curated.jsonl").exists()
-    finished = {path.name: (out / "work/docs/00" / f"{path.name}.jsonl").stat().st_mtime_ns
-                for path in completions.iterdir()}
+    finished = {
+        path.name: (out / "work/docs/00" / f"{path.name}.jsonl").stat().st_mtime_ns for path in completions.iterdir()
+    }
 
     # Resume with one worker: how it is executed is not part of the result.
     curate(load_curation_recipe(ASTRONOMY, overrides(planted.raw, out, "executor.workers=1")))
@@ -154,30 +164,55 @@ def test_fasttext_classifier_and_language_stages_with_local_models(tmp_path):
     cooking = [article(rng, COOKING_NOUNS) for _ in range(60)]
     (tmp_path / "good.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in astronomy[:40]))
     (tmp_path / "bad.txt").write_text("".join(" ".join(t.split()) + "\n" for t in cooking[:40]))
-    result = subprocess.run([sys.executable, "tools/train_quality_classifier.py", "--positive",
-                             tmp_path / "good.jsonl", "--negative", tmp_path / "bad.txt",
-                             "--out", tmp_path / "quality.bin", "--epochs", "50"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tools/train_quality_classifier.py",
+            "--positive",
+            tmp_path / "good.jsonl",
+            "--negative",
+            tmp_path / "bad.txt",
+            "--out",
+            tmp_path / "quality.bin",
+            "--epochs",
+            "50",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "precision 1.000, recall 1.000" in result.stdout
     # A toy language-ID model in lid.176.bin's label format (no download here).
-    french_words = ("le la les un une des et dans sur sous avec pour chat chien maison rouge vert "
-                    "petit grand mange dort voit aime").split()
+    french_words = (
+        "le la les un une des et dans sur sous avec pour chat chien maison rouge vert petit grand mange dort voit aime"
+    ).split()
     french = [" ".join(rng.choice(french_words) for _ in range(80)) for _ in range(60)]
-    (tmp_path / "lid.txt").write_text("".join(f"__label__en {' '.join(t.split())}\n" for t in astronomy[:40] + cooking[:40])
-                                      + "".join(f"__label__fr {t}\n" for t in french[:40]))
-    fasttext.train_supervised(str(tmp_path / "lid.txt"), epoch=20, lr=0.5, dim=16, bucket=10_000,
-                              thread=1, seed=0, verbose=0).save_model(str(tmp_path / "lid.bin"))
-    documents = ([{"id": f"astronomy-{i}", "text": t} for i, t in enumerate(astronomy[40:])]
-                 + [{"id": f"cooking-{i}", "text": t} for i, t in enumerate(cooking[40:])]
-                 + [{"id": f"french-{i}", "text": t} for i, t in enumerate(french[40:])])
+    (tmp_path / "lid.txt").write_text(
+        "".join(f"__label__en {' '.join(t.split())}\n" for t in astronomy[:40] + cooking[:40])
+        + "".join(f"__label__fr {t}\n" for t in french[:40])
+    )
+    fasttext.train_supervised(
+        str(tmp_path / "lid.txt"), epoch=20, lr=0.5, dim=16, bucket=10_000, thread=1, seed=0, verbose=0
+    ).save_model(str(tmp_path / "lid.bin"))
+    documents = (
+        [{"id": f"astronomy-{i}", "text": t} for i, t in enumerate(astronomy[40:])]
+        + [{"id": f"cooking-{i}", "text": t} for i, t in enumerate(cooking[40:])]
+        + [{"id": f"french-{i}", "text": t} for i, t in enumerate(french[40:])]
+    )
     write_corpus(tmp_path / "raw", documents, files=1)
     recipe = tmp_path / "models.toml"
-    recipe.write_text(f'base = "{ASTRONOMY}"\nstages = ["language", "quality_classifier"]\n'
-                      '[stage.language]\nmodel = "lid.bin"\n'
-                      '[stage.quality_classifier]\nmodel = "quality.bin"\n')
-    report = curate(load_curation_recipe(recipe, [f"input.path={tmp_path / 'raw'}",
-                                                  f"output.dir={tmp_path / 'out'}", "report.png=false"])).report
+    recipe.write_text(
+        f'base = "{ASTRONOMY}"\nstages = ["language", "quality_classifier"]\n'
+        '[stage.language]\nmodel = "lid.bin"\n'
+        '[stage.quality_classifier]\nmodel = "quality.bin"\n'
+    )
+    report = curate(
+        load_curation_recipe(
+            recipe, [f"input.path={tmp_path / 'raw'}", f"output.dir={tmp_path / 'out'}", "report.png=false"]
+        )
+    ).report
     assert Counter(kind(i) for i in kept_ids(tmp_path / "out")) == {"astronomy": 20}
     dropped = {stage["stage"]: stage["dropped"]["documents"] for stage in report["stages"]}
     assert dropped == {"language": 20, "quality_classifier": 20}
@@ -191,8 +226,7 @@ def bad_recipe(tmp_path, text: str = "", raw: Path | None = None) -> Path:
         raw = tmp_path / "raw"
         write_corpus(raw, planted_corpus()[:5], files=1)
     path = tmp_path / "bad.toml"
-    path.write_text(f'base = "{ASTRONOMY}"\n{text}\n[input]\npath = "{raw}"\n'
-                    f'[output]\ndir = "{tmp_path / "out"}"\n')
+    path.write_text(f'base = "{ASTRONOMY}"\n{text}\n[input]\npath = "{raw}"\n[output]\ndir = "{tmp_path / "out"}"\n')
     return path
 
 
@@ -234,11 +268,14 @@ def test_missing_language_model_is_refused(tmp_path):
     assert "lid.176.bin does not exist; download a fastText language-ID model" in message
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("a.jsonl", "this is not json\n", "a.jsonl:1 is not JSON"),
-    ("a.jsonl", '{"body": "no text field"}\n', "a.jsonl:1 has no string field 'text'"),
-    ("a.jsonl.gz", "not gzip at all", "cannot be read as jsonl"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("a.jsonl", "this is not json\n", "a.jsonl:1 is not JSON"),
+        ("a.jsonl", '{"body": "no text field"}\n', "a.jsonl:1 has no string field 'text'"),
+        ("a.jsonl.gz", "not gzip at all", "cannot be read as jsonl"),
+    ],
+)
 def test_unreadable_input_is_refused_before_any_work(tmp_path, name, content, expected):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -264,9 +301,13 @@ def test_another_recipe_on_the_same_output_is_refused_and_restart_starts_over(tm
 
 
 def test_cli_error_is_one_paragraph_with_exit_code_2(tmp_path):
-    result = subprocess.run([sys.executable, "tools/curate.py", bad_recipe(tmp_path),
-                             "stage.c4.min_num_sentences=-1"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "tools/curate.py", bad_recipe(tmp_path), "stage.c4.min_num_sentences=-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == EXIT_USER_ERROR
     assert "Traceback" not in result.stderr
     assert "stage.c4.min_num_sentences must be zero or more, got -1" in result.stderr
@@ -279,13 +320,22 @@ def test_slurm_executor_runs_its_chain_of_job_arrays_on_a_real_cluster_to_the_lo
     raw = tmp_path / "raw"
     write_corpus(raw, planted_corpus(clean=6, copies=3, junk=1, offtopic=1), files=2)
     path = tmp_path / "small.toml"
-    path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length", "exact_dedup"]\n'
-                    '[stage.length]\nmin_words = 20\n[report]\npng = false\n')
+    path.write_text(
+        f'base = "{ASTRONOMY}"\nstages = ["length", "exact_dedup"]\n'
+        "[stage.length]\nmin_words = 20\n[report]\npng = false\n"
+    )
     local = curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'local'}"]))
-    recipe = load_curation_recipe(path, [
-        f"input.path={raw}", f"output.dir={tmp_path / 'slurm'}", "executor.kind=slurm",
-        f"executor.slurm.partition={slurm_cluster.PARTITION}", "executor.slurm.mem_per_cpu_gb=1",
-        f"executor.slurm.venv_path={Path(sys.executable).parent / 'activate'}"])
+    recipe = load_curation_recipe(
+        path,
+        [
+            f"input.path={raw}",
+            f"output.dir={tmp_path / 'slurm'}",
+            "executor.kind=slurm",
+            f"executor.slurm.partition={slurm_cluster.PARTITION}",
+            "executor.slurm.mem_per_cpu_gb=1",
+            f"executor.slurm.venv_path={Path(sys.executable).parent / 'activate'}",
+        ],
+    )
     assert curate(recipe).report is None  # submitted; the last job writes the report
     slurm.wait_until_no_jobs(timeout_s=300)
 
@@ -293,8 +343,12 @@ def test_slurm_executor_runs_its_chain_of_job_arrays_on_a_real_cluster_to_the_lo
     # in order to the partition asked for, and every one completed.
     arrays = [job for job in slurm.jobs() if job["JobName"].startswith("astronomy_") and "ArrayTaskId" in job]
     assert list(dict.fromkeys(job["JobName"] for job in arrays)) == [
-        "astronomy_00_pass", "astronomy_01_exact_dedup_signatures", "astronomy_01_exact_dedup_find",
-        "astronomy_01_pass_final", "astronomy_finalize"]
+        "astronomy_00_pass",
+        "astronomy_01_exact_dedup_signatures",
+        "astronomy_01_exact_dedup_find",
+        "astronomy_01_pass_final",
+        "astronomy_finalize",
+    ]
     assert {(job["JobState"], job["Partition"]) for job in arrays} == {("COMPLETED", slurm_cluster.PARTITION)}
     assert (tmp_path / "slurm/curated.jsonl").read_bytes() == (tmp_path / "local/curated.jsonl").read_bytes()
     slurm_report = json.loads((tmp_path / "slurm/report.json").read_text())
@@ -306,13 +360,14 @@ def test_url_and_keyword_selection_rules():
 
     from bigpt.curate.filters import KeywordFilter, UrlDomainFilter
 
-    urls = UrlDomainFilter(include=["example.org"], exclude=["spam.example.org"], url_field="url",
-                           keep_without_url=False)
+    urls = UrlDomainFilter(
+        include=["example.org"], exclude=["spam.example.org"], url_field="url", keep_without_url=False
+    )
 
     def url_result(url):
         return urls.filter(Document(text="x", id="0", metadata={"url": url} if url else {}))
 
-    assert url_result("https://astro.example.org/a") is True            # a subdomain matches
+    assert url_result("https://astro.example.org/a") is True  # a subdomain matches
     assert url_result("https://spam.example.org/a") == (False, "excluded_domain")
     assert url_result("https://example.com/a") == (False, "domain_not_included")
     assert url_result("https://notexample.org/a") == (False, "domain_not_included")
@@ -337,8 +392,18 @@ def test_text_and_parquet_inputs(tmp_path, format):
         pyarrow.parquet.write_table(pyarrow.table({"body": texts}), raw / "a.parquet")
     path = tmp_path / "small.toml"
     path.write_text(f'base = "{ASTRONOMY}"\nstages = ["length"]\n[stage.length]\nmin_words = 3\n')
-    curate(load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'out'}",
-                                       f"input.format={format}", "input.text_field=body", "report.png=false"]))
+    curate(
+        load_curation_recipe(
+            path,
+            [
+                f"input.path={raw}",
+                f"output.dir={tmp_path / 'out'}",
+                f"input.format={format}",
+                "input.text_field=body",
+                "report.png=false",
+            ],
+        )
+    )
     kept = [json.loads(line)["text"] for line in (tmp_path / "out/curated.jsonl").read_text().splitlines()]
     assert kept == [texts[0], texts[2]]
 
@@ -353,9 +418,11 @@ def test_the_first_copy_in_input_order_survives_across_files(tmp_path, tasks):
     rng = random.Random(3)
     texts = [article(rng, ASTRONOMY_NOUNS) for _ in range(6)]
     exact, near, late = texts[3], texts[4], texts[5]
-    files = [[("a-0", texts[0]), ("a-1", texts[1]), ("a-2", texts[2]), ("exact-first", exact), ("near-first", near)],
-             [("exact-second", exact), ("near-second", near_copy(near, rng)), ("late-second", late)],
-             [("near-third", near_copy(near, rng)), ("late-third", late), ("exact-third", exact_copy(exact, rng))]]
+    files = [
+        [("a-0", texts[0]), ("a-1", texts[1]), ("a-2", texts[2]), ("exact-first", exact), ("near-first", near)],
+        [("exact-second", exact), ("near-second", near_copy(near, rng)), ("late-second", late)],
+        [("near-third", near_copy(near, rng)), ("late-third", late), ("exact-third", exact_copy(exact, rng))],
+    ]
     raw = tmp_path / "raw"
     raw.mkdir()
     for number, documents in enumerate(files):
@@ -379,11 +446,14 @@ def two_pass_recipe(tmp_path, raw: Path, *extra: str):
     return load_curation_recipe(path, [f"input.path={raw}", f"output.dir={tmp_path / 'out'}", *extra])
 
 
-@pytest.mark.parametrize("content, extra, skipped", [
-    ("", [], {}),                                                    # an empty file
-    ("\n  \n\n", [], {"blank_line": 3}),                             # blank lines only
-    ('{"text": "too short"}\n' * 3, ["stage.length.min_words=5"], {}),  # every document dropped
-])
+@pytest.mark.parametrize(
+    "content, extra, skipped",
+    [
+        ("", [], {}),  # an empty file
+        ("\n  \n\n", [], {"blank_line": 3}),  # blank lines only
+        ('{"text": "too short"}\n' * 3, ["stage.length.min_words=5"], {}),  # every document dropped
+    ],
+)
 def test_nothing_to_keep_gives_an_empty_result_with_a_report(tmp_path, content, extra, skipped):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -398,8 +468,9 @@ def test_malformed_lines_are_counted_in_the_report(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     good = [json.dumps({"id": f"good-{i}", "text": f"document number {i} is fine"}) for i in range(3)]
-    (raw / "a.jsonl").write_text("\n".join([good[0], "{not json", good[1], "", '{"body": "no text"}',
-                                            '{"text": ""}', good[2], "[1, 2]"]) + "\n")
+    (raw / "a.jsonl").write_text(
+        "\n".join([good[0], "{not json", good[1], "", '{"body": "no text"}', '{"text": ""}', good[2], "[1, 2]"]) + "\n"
+    )
     report = curate(two_pass_recipe(tmp_path, raw)).report
     assert kept_ids(tmp_path / "out") == ["good-0", "good-1", "good-2"]
     assert report["read"] == {"documents": 3, "skipped_lines": {"blank_line": 1, "no_text": 3, "not_json": 1}}
@@ -426,10 +497,10 @@ def test_ray_executor_gives_the_local_result_on_a_local_ray_instance(tmp_path, m
         patch.setitem(sys.modules, "ray", None)
         assert "pip install -e '.[ray]'" in refused(path, *ray)
     results = {}
-    for kind, extra in (("local", []), ("ray", [*ray, "executor.ray.address=local"])):
-        out = tmp_path / kind
+    for executor, extra in (("local", []), ("ray", [*ray, "executor.ray.address=local"])):
+        out = tmp_path / executor
         report = curate(load_curation_recipe(path, [f"output.dir={out}", "executor.workers=2", *extra])).report
-        results[kind] = (out / "curated.jsonl").read_bytes(), {**report, "output": None}
+        results[executor] = (out / "curated.jsonl").read_bytes(), {**report, "output": None}
     assert results["ray"] == results["local"]
     assert results["local"][1]["stages"][0]["dropped_by_rule"]["exact_duplicate"]["documents"] > 0
 
@@ -457,8 +528,9 @@ def test_ctrl_c_says_how_to_resume_without_tracebacks(planted, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == ("bigpt: interrupted; run the same command again to resume "
-                                               "(finished shards are kept).")
+    assert stderr.strip().splitlines()[-1] == (
+        "bigpt: interrupted; run the same command again to resume (finished shards are kept)."
+    )
 
 
 def test_killing_the_main_process_ends_its_workers(planted, tmp_path):
@@ -478,8 +550,13 @@ def test_explain_mode_quotes_what_each_rule_drops_quietly(planted, tmp_path):
     """--sample N runs the stages on the first N documents only, into OUTPUT/explain/; datatrove's
     log lines stay out of the terminal."""
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "tools/curate.py", str(ASTRONOMY), *overrides(planted.raw, out),
-                             "--sample", "40"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "tools/curate.py", str(ASTRONOMY), *overrides(planted.raw, out), "--sample", "40"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     report = json.loads((out / "explain/report.json").read_text())
@@ -577,15 +654,31 @@ def test_layout_lines_closing_marks_and_capitals_do_not_drop_prose():
     from bigpt.curate.recipe import C4Stage, FineWebQualityStage, GopherQualityStage, GopherRepetitionStage
 
     rule = "+" + "-" * 30 + "+" + "-" * 40 + "+"
-    rows = [f"| {name:<28} | {meaning:<38} |" for name, meaning in
-            (("x[index]", "Subscription of a sequence"), ("x.attribute", "Attribute reference"),
-             ("await x", "Await expression"), ("-x, +x", "Negative, positive"), ("x ** y", "Exponentiation"))]
-    table = "The table lists the operators of the language. They go from the highest precedence to the lowest:\n\n" + \
-        "\n".join(line for row in rows for line in (rule, row)) + "\n" + rule
+    rows = [
+        f"| {name:<28} | {meaning:<38} |"
+        for name, meaning in (
+            ("x[index]", "Subscription of a sequence"),
+            ("x.attribute", "Attribute reference"),
+            ("await x", "Await expression"),
+            ("-x, +x", "Negative, positive"),
+            ("x ** y", "Exponentiation"),
+        )
+    ]
+    table = (
+        "The table lists the operators of the language. They go from the highest precedence to the lowest:\n\n"
+        + "\n".join(line for row in rows for line in (rule, row))
+        + "\n"
+        + rule
+    )
     boxed = "\n".join(f"*  {line:<68}*" for line in textwrap.wrap(WRAPPED_MANUAL.split("\n\n")[0], 66))
     boxed = f"{'*' * 72}\n{boxed}\n{'*' * 72}"
-    capitals = " ".join(["THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND, AND THE AUTHORS "
-                         "SHALL NOT BE LIABLE FOR ANY CLAIM OR DAMAGES ARISING FROM ITS USE."] * 2)
+    capitals = " ".join(
+        [
+            "THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND, AND THE AUTHORS "
+            "SHALL NOT BE LIABLE FOR ANY CLAIM OR DAMAGES ARISING FROM ITS USE."
+        ]
+        * 2
+    )
 
     def kept(block, text):
         return block.filter(Document(text=text, id="0"))

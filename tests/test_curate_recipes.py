@@ -20,11 +20,12 @@ def test_shipped_curation_recipe_loads(path):
 
 
 def test_child_recipe_inherits_and_overrides_win():
-    recipe = load_curation_recipe(ROOT / "recipes/data/astronomy.toml",
-                                  ["stage.gopher_quality.min_doc_words=30", "executor.workers=4"])
-    assert recipe.stage.gopher_quality.min_doc_words == 30   # override over the base's 50
-    assert recipe.stage.keywords.min_hits == 2               # the child's own table
-    assert recipe.stage.minhash_dedup.num_buckets == 16      # inherited from web_quality.toml
+    recipe = load_curation_recipe(
+        ROOT / "recipes/data/astronomy.toml", ["stage.gopher_quality.min_doc_words=30", "executor.workers=4"]
+    )
+    assert recipe.stage.gopher_quality.min_doc_words == 30  # override over the base's 50
+    assert recipe.stage.keywords.min_hits == 2  # the child's own table
+    assert recipe.stage.minhash_dedup.num_buckets == 16  # inherited from web_quality.toml
     assert (recipe.executor.workers, recipe.name) == (4, "astronomy")
 
 

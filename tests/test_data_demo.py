@@ -16,9 +16,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def prepare(out: Path) -> tuple[str, float]:
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_demo.py"), "--out",
-                             str(out)], capture_output=True, text=True, check=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "prepare_demo.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return result.stdout, time.monotonic() - started
 
 

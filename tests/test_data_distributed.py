@@ -20,12 +20,10 @@ WORLD_SIZE = 2
 def build_with_cache(rank, directory, cache_dir):
     from bigpt.data import build_datasets
 
-    recipe = indexed_recipe(directory / f"rank{rank}", directory / "tokenizer.model",
-                            [str(directory / "corpus")])
+    recipe = indexed_recipe(directory / f"rank{rank}", directory / "tokenizer.model", [str(directory / "corpus")])
     recipe.data.cache_dir = str(cache_dir)
     train, valid = build_datasets(recipe, world_rank=rank, train_samples=24, valid_samples=4)
-    return {"first_tokens": train[0]["tokens"].tolist(), "train": len(train),
-            "valid": len(valid)}
+    return {"first_tokens": train[0]["tokens"].tolist(), "train": len(train), "valid": len(valid)}
 
 
 def scenario_shared_build(rank, directory):
@@ -45,8 +43,7 @@ def scenario_rank_zero_fails(rank, directory):
             raise OSError("disk full while writing the index cache")
         return "built"
 
-    return build_rank_zero_first(build, world_rank=rank, cache_dir=str(directory),
-                                 timeout_minutes=1)
+    return build_rank_zero_first(build, world_rank=rank, cache_dir=str(directory), timeout_minutes=1)
 
 
 def scenario_rank_zero_too_slow(rank, directory):
@@ -57,12 +54,10 @@ def scenario_rank_zero_too_slow(rank, directory):
             time.sleep(4)
         return "built"
 
-    return build_rank_zero_first(build, world_rank=rank, cache_dir=str(directory),
-                                 timeout_minutes=1 / 30)  # 2 s
+    return build_rank_zero_first(build, world_rank=rank, cache_dir=str(directory), timeout_minutes=1 / 30)  # 2 s
 
 
-SCENARIOS = (scenario_shared_build, scenario_cache_not_shared, scenario_rank_zero_fails,
-             scenario_rank_zero_too_slow)
+SCENARIOS = (scenario_shared_build, scenario_cache_not_shared, scenario_rank_zero_fails, scenario_rank_zero_too_slow)
 
 
 def rank_main(rank, directory, port):
@@ -92,12 +87,9 @@ def results(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("distributed")
     tokenizer = make_tokenizer(directory)
-    preprocess(write_jsonl(directory / "corpus.jsonl", corpus_texts(120)),
-               str(directory / "corpus"), tokenizer)
-    mp.start_processes(rank_main, args=(directory, free_port()), nprocs=WORLD_SIZE,
-                       start_method="spawn")
-    return [json.loads((directory / f"results{rank}.json").read_text())
-            for rank in range(WORLD_SIZE)]
+    preprocess(write_jsonl(directory / "corpus.jsonl", corpus_texts(120)), str(directory / "corpus"), tokenizer)
+    mp.start_processes(rank_main, args=(directory, free_port()), nprocs=WORLD_SIZE, start_method="spawn")
+    return [json.loads((directory / f"results{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
 
 
 @pytest.mark.slow

@@ -21,10 +21,8 @@ def Entry(**fields):
 def web_and_books(tmp_path_factory):
     """Two datasets told apart by their token ids: web uses 10-99, books 200-299."""
     directory = tmp_path_factory.mktemp("datasets")
-    web = write_indexed(directory / "web", [list(range(10, 10 + n % 80 + 5)) + [EOD]
-                                            for n in range(100)])
-    books = write_indexed(directory / "books", [list(range(200, 200 + n % 90 + 5)) + [EOD]
-                                                for n in range(60)])
+    web = write_indexed(directory / "web", [list(range(10, 10 + n % 80 + 5)) + [EOD] for n in range(100)])
+    books = write_indexed(directory / "books", [list(range(200, 200 + n % 90 + 5)) + [EOD] for n in range(60)])
     return web, books
 
 
@@ -36,24 +34,32 @@ def recipe_with_phases(tmp_path, tokenizer_path, first, phases):
 
 def test_a_later_phase_takes_over_at_its_token_count(tmp_path, tokenizer_path, web_and_books):
     web, books = web_and_books
-    recipe = recipe_with_phases(tmp_path, tokenizer_path, web, [
-        Entry(start_tokens=10 * SEQ, blend=[Entry(path=books, weight=1.0)])])
+    recipe = recipe_with_phases(
+        tmp_path, tokenizer_path, web, [Entry(start_tokens=10 * SEQ, blend=[Entry(path=books, weight=1.0)])]
+    )
     train, valid = build_datasets(recipe, world_rank=0, train_samples=30, valid_samples=4)
     assert len(train) >= 30
     sources = ["web" if max(train[k]["tokens"]) < 100 else "books" for k in range(30)]
     assert sources == ["web"] * 10 + ["books"] * 20
     assert all(max(valid[k]["tokens"]) < 100 for k in range(4))  # validation: data.blend
     # Resuming inside the second phase continues it.
-    rows = next(micro_batches(train, consumed_samples=12, micro_batch_size=2, dp_rank=0,
-                              dp_size=1))["tokens"]
+    rows = next(micro_batches(train, consumed_samples=12, micro_batch_size=2, dp_rank=0, dp_size=1))["tokens"]
     assert rows.tolist() == [train[12]["tokens"].tolist(), train[13]["tokens"].tolist()]
 
 
 def test_epochs_set_weights_from_training_split_sizes(tmp_path, tokenizer_path, web_and_books):
     web, books = web_and_books
-    recipe = recipe_with_phases(tmp_path, tokenizer_path, web, [
-        Entry(start_tokens=40 * SEQ, blend=[Entry(path=web, weight=1.0, epochs=1.0),
-                                            Entry(path=books, weight=1.0, epochs=3.0)])])
+    recipe = recipe_with_phases(
+        tmp_path,
+        tokenizer_path,
+        web,
+        [
+            Entry(
+                start_tokens=40 * SEQ,
+                blend=[Entry(path=web, weight=1.0, epochs=1.0), Entry(path=books, weight=1.0, epochs=3.0)],
+            )
+        ],
+    )
     second = plan_phases(recipe, train_samples=100)[1]
     assert (second.first_sample, second.samples) == (40, 60)
     web_tokens, books_tokens = second.train_tokens
@@ -62,12 +68,14 @@ def test_epochs_set_weights_from_training_split_sizes(tmp_path, tokenizer_path, 
 
 def test_plan_tokens_tabulates_shares_and_epochs(tmp_path, tokenizer_path, web_and_books):
     web, books = web_and_books
-    recipe = recipe_with_phases(tmp_path, tokenizer_path, web, [
-        Entry(start_tokens=1000, blend=[Entry(path=web, weight=1.0),
-                                        Entry(path=books, weight=3.0)])])
+    recipe = recipe_with_phases(
+        tmp_path,
+        tokenizer_path,
+        web,
+        [Entry(start_tokens=1000, blend=[Entry(path=web, weight=1.0), Entry(path=books, weight=3.0)])],
+    )
     table = plan_tokens(recipe, train_samples=200).splitlines()
-    assert table[0].split() == ["phase", "tokens", "dataset", "share", "drawn", "split",
-                                "size", "epochs"]
+    assert table[0].split() == ["phase", "tokens", "dataset", "share", "drawn", "split", "size", "epochs"]
     first, *second = table[1:]
     assert first.split()[:4] == ["data.blend", "0-992", web, "100.0%"]
     assert [row.split()[3] for row in second] == ["25.0%", "75.0%"]
@@ -76,30 +84,43 @@ def test_plan_tokens_tabulates_shares_and_epochs(tmp_path, tokenizer_path, web_a
 def test_plan_tokens_refuses_what_a_real_start_refuses(tmp_path, tokenizer_path, web_and_books):
     """The dry run's table is no excuse to pass over a dataset that is not there: it is an error, as
     at a real start, naming the recipe key."""
-    recipe = recipe_with_phases(tmp_path, tokenizer_path, web_and_books[0], [
-        Entry(start_tokens=1000, blend=[Entry(path=str(tmp_path / "elsewhere"), weight=4.0)])])
+    recipe = recipe_with_phases(
+        tmp_path,
+        tokenizer_path,
+        web_and_books[0],
+        [Entry(start_tokens=1000, blend=[Entry(path=str(tmp_path / "elsewhere"), weight=4.0)])],
+    )
     with pytest.raises(BigptError, match=r"data\.phases\[0\]\.blend\[0\]\.path: no indexed dataset at prefix"):
         plan_tokens(recipe, train_samples=200)
 
 
-@pytest.mark.parametrize("phases, problem", [
-    ([Entry(start_tokens=0, blend=["x"])], r"data\.phases\[0\]\.start_tokens = 0 must come after"),
-    ([Entry(start_tokens=64 * SEQ, blend=["x"])], r"before the end of training \(1024 tokens\)"),
-    ([Entry(start_tokens=32, blend=[])], r"data\.phases\[0\]\.blend is empty"),
-])
-def test_phases_out_of_place_are_refused(tmp_path, tokenizer_path, web_and_books, phases,
-                                         problem):
+@pytest.mark.parametrize(
+    "phases, problem",
+    [
+        ([Entry(start_tokens=0, blend=["x"])], r"data\.phases\[0\]\.start_tokens = 0 must come after"),
+        ([Entry(start_tokens=64 * SEQ, blend=["x"])], r"before the end of training \(1024 tokens\)"),
+        ([Entry(start_tokens=32, blend=[])], r"data\.phases\[0\]\.blend is empty"),
+    ],
+)
+def test_phases_out_of_place_are_refused(tmp_path, tokenizer_path, web_and_books, phases, problem):
     recipe = recipe_with_phases(tmp_path, tokenizer_path, web_and_books[0], phases)
     with pytest.raises(BigptError, match=problem):
         plan_phases(recipe, train_samples=64)
 
 
-def test_epochs_must_be_given_for_the_whole_blend_or_not_at_all(tmp_path, tokenizer_path,
-                                                                 web_and_books):
+def test_epochs_must_be_given_for_the_whole_blend_or_not_at_all(tmp_path, tokenizer_path, web_and_books):
     web, books = web_and_books
-    recipe = recipe_with_phases(tmp_path, tokenizer_path, web, [
-        Entry(start_tokens=32, blend=[Entry(path=web, weight=1.0, epochs=2.0),
-                                      Entry(path=books, weight=1.0, epochs=None)])])
+    recipe = recipe_with_phases(
+        tmp_path,
+        tokenizer_path,
+        web,
+        [
+            Entry(
+                start_tokens=32,
+                blend=[Entry(path=web, weight=1.0, epochs=2.0), Entry(path=books, weight=1.0, epochs=None)],
+            )
+        ],
+    )
     with pytest.raises(BigptError, match=r"data\.phases\[0\]\.blend: give epochs for every"):
         plan_phases(recipe, train_samples=64)
 

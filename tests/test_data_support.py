@@ -40,14 +40,15 @@ def write_indexed(prefix: Path, documents: list[list[int]], dtype=numpy.uint16) 
     return str(prefix)
 
 
-def data_recipe(directory: Path, data_toml: str, *, seq_length: int = 32,
-                vocab_size: int = TEST_VOCAB_SIZE, seed: int = 1234):
+def data_recipe(
+    directory: Path, data_toml: str, *, seq_length: int = 32, vocab_size: int = TEST_VOCAB_SIZE, seed: int = 1234
+):
     """A small recipe whose [data] table is ``data_toml``, with run_dir under ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "recipe.toml"
     path.write_text(f"""
 name = "data-test"
-run_dir = "{directory / 'run'}"
+run_dir = "{directory / "run"}"
 [model]
 num_layers = 2
 hidden_size = 64
@@ -69,5 +70,6 @@ lr = 1e-3
 
 def indexed_recipe(directory: Path, tokenizer: Path, prefixes: list[str], **kwargs):
     blend = ", ".join(f'{{path = "{prefix}"}}' for prefix in prefixes)
-    return data_recipe(directory, f'source = "indexed"\ntokenizer = "{tokenizer}"\n'
-                                  f'blend = [{blend}]\nsplit = "90,10,0"', **kwargs)
+    return data_recipe(
+        directory, f'source = "indexed"\ntokenizer = "{tokenizer}"\nblend = [{blend}]\nsplit = "90,10,0"', **kwargs
+    )

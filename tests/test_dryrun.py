@@ -14,8 +14,10 @@ TINY = Path(__file__).resolve().parent.parent / "recipes/tiny.toml"
 
 def tiny_on_mock_data(tmp_path, tokenizer, *overrides):
     """The tiny recipe without its demo data, which a fresh clone has not built."""
-    return load_recipe(TINY, ["data.source=mock", "data.blend=[]", f"data.tokenizer={tokenizer}",
-                              f"run_dir={tmp_path / 'run'}", *overrides])
+    return load_recipe(
+        TINY,
+        ["data.source=mock", "data.blend=[]", f"data.tokenizer={tokenizer}", f"run_dir={tmp_path / 'run'}", *overrides],
+    )
 
 
 def test_describe_spells_out_the_batch_arithmetic(tmp_path, small_tokenizer):
@@ -39,8 +41,14 @@ def test_describe_embeds_the_resolved_recipe(tmp_path, small_tokenizer):
 
 def test_describe_plans_the_data(tmp_path, small_tokenizer):
     """Per phase and dataset: share, tokens drawn; a dataset that is not there is refused, as at a real start."""
-    recipe = load_recipe(TINY, [f"data.blend=[{{path = \"{tmp_path / 'missing_text_document'}\"}}]",
-                                f"data.tokenizer={small_tokenizer}", f"run_dir={tmp_path / 'run'}"])
+    recipe = load_recipe(
+        TINY,
+        [
+            f'data.blend=[{{path = "{tmp_path / "missing_text_document"}"}}]',
+            f"data.tokenizer={small_tokenizer}",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
     with pytest.raises(BigptError, match=r"data.blend\[0\].path: no indexed dataset at prefix .*missing_text_document"):
         describe(recipe, Layout.from_recipe(recipe, 4))
     mock = tiny_on_mock_data(tmp_path, small_tokenizer)
@@ -50,5 +58,11 @@ def test_describe_plans_the_data(tmp_path, small_tokenizer):
 def test_counts_read_with_three_significant_digits():
     from bigpt.numbers import short
 
-    assert [short(n) for n in (999, 30_720, 125_829_120, 8_030_261_248, 70.55e9, 2.5e15)] == \
-        ["999", "30.7K", "126M", "8.03B", "70.5B", "2500T"]
+    assert [short(n) for n in (999, 30_720, 125_829_120, 8_030_261_248, 70.55e9, 2.5e15)] == [
+        "999",
+        "30.7K",
+        "126M",
+        "8.03B",
+        "70.5B",
+        "2500T",
+    ]

@@ -23,8 +23,13 @@ from multirank import FAULT_INJECTION, MOCK_RECIPE, RUN, rank_output, run_bigpt,
 pytestmark = pytest.mark.slow
 
 STEPS = 6
-COMMON = [f"train.train_iters={STEPS}", f"schedule.decay_iters={STEPS}", "checkpoint.save_interval=1",
-          "checkpoint.keep_last=0", "checkpoint.load=auto"]
+COMMON = [
+    f"train.train_iters={STEPS}",
+    f"schedule.decay_iters={STEPS}",
+    "checkpoint.save_interval=1",
+    "checkpoint.keep_last=0",
+    "checkpoint.load=auto",
+]
 LAYOUTS = {
     "tp2": ["parallel.tensor=2"],
     "pp2_vpp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
@@ -51,8 +56,19 @@ def start(run_dir, *overrides, checkpoint_dir, fault: str = ""):
     """Launch a 2-rank job whose stdout is read live (``fault``: as ``run_bigpt``'s)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", BIGPT_TEST_FAULT=fault)
     script = FAULT_INJECTION if fault else RUN
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(script), str(MOCK_RECIPE), f"run_dir={run_dir}", f"checkpoint.dir={checkpoint_dir}", *COMMON, *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(MOCK_RECIPE),
+        f"run_dir={run_dir}",
+        f"checkpoint.dir={checkpoint_dir}",
+        *COMMON,
+        *overrides,
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -92,8 +108,12 @@ def losses(run_dir) -> list[float]:
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(layout, async_save, reference, tmp_path):
     rng = random.Random(layout)
     kill_after = rng.randint(2, STEPS - 2)
-    job = start(tmp_path / "killed", *LAYOUTS[layout], f"checkpoint.async_save={async_save}",
-                checkpoint_dir=tmp_path / "checkpoints")
+    job = start(
+        tmp_path / "killed",
+        *LAYOUTS[layout],
+        f"checkpoint.async_save={async_save}",
+        checkpoint_dir=tmp_path / "checkpoints",
+    )
     wait_for_step(job, kill_after)
     time.sleep(rng.uniform(0, 0.3))  # often inside the save of that step
     doomed = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
@@ -101,8 +121,14 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(layout, async_s
         process.kill()
     psutil.wait_procs(doomed, timeout=30)
 
-    resumed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
-                        *COMMON, *LAYOUTS[layout], nproc=2)
+    resumed = run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path / 'resumed'}",
+        f"checkpoint.dir={tmp_path / 'checkpoints'}",
+        *COMMON,
+        *LAYOUTS[layout],
+        nproc=2,
+    )
     start_step = resumed_step(resumed.stdout)
     assert kill_after - 1 <= start_step <= STEPS
     assert losses(tmp_path / "resumed") == losses(reference(layout))[start_step:]
@@ -127,8 +153,9 @@ def test_preemption_saves_and_exits_for_requeue_even_when_signalled_twice(refere
     preempted_at = int(stderr.split("preempted at step ")[1].split(":")[0])
     assert saved == f"iter_{preempted_at:07d}" and preempted_at < STEPS
 
-    resumed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
-                        *COMMON, nproc=2)
+    resumed = run_bigpt(
+        MOCK_RECIPE, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.dir={tmp_path / 'checkpoints'}", *COMMON, nproc=2
+    )
     assert resumed_step(resumed.stdout) == preempted_at
     assert losses(tmp_path / "resumed") == losses(reference("dp2"))[preempted_at:]
     # The bad-step guard's history went through the checkpoint: the resumed run judges (spikes) as the
@@ -149,8 +176,15 @@ def test_resume_at_another_layout_continues_the_loss(layout, reference, tmp_path
 def single_process(run_dir, *overrides):
     """`python launchers/run.py` (a world of one, as an interactive user starts it), stdout read live."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, str(RUN), str(MOCK_RECIPE), f"run_dir={run_dir}", "train.train_iters=1000",
-               "checkpoint.save_interval=0", *overrides]
+    command = [
+        sys.executable,
+        str(RUN),
+        str(MOCK_RECIPE),
+        f"run_dir={run_dir}",
+        "train.train_iters=1000",
+        "checkpoint.save_interval=0",
+        *overrides,
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -209,19 +243,37 @@ def test_dp_reshardable_checkpoints_resume_exactly_and_refuse_another_tensor_par
     assert losses(tmp_path / "resumed") == losses(reference("dp2"))[3:]
     run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'dp1'}", *dp_only, f"checkpoint.load={checkpoint}", nproc=1)
     assert losses(tmp_path / "dp1") == pytest.approx(losses(reference("dp2"))[3:], rel=1e-5)
-    refused = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path / 'tp2'}", *dp_only, f"checkpoint.load={checkpoint}",
-                        "parallel.tensor=2", nproc=2, check=False)
+    refused = run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path / 'tp2'}",
+        *dp_only,
+        f"checkpoint.load={checkpoint}",
+        "parallel.tensor=2",
+        nproc=2,
+        check=False,
+    )
     assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr  # each rank: a user error
-    assert 'saved with checkpoint.optimizer_format = "dp_reshardable"' in refused.stderr and "tp 1 -> 2" in refused.stderr
+    assert (
+        'saved with checkpoint.optimizer_format = "dp_reshardable"' in refused.stderr and "tp 1 -> 2" in refused.stderr
+    )
     out = tmp_path / "saved" / "checkpoints_tp2_pp1_vpp1"
-    assert (f"python tools/reshard.py {checkpoint} {out} parallel.tensor=2 parallel.pipeline=1 "
-            f'parallel.virtual_pipeline=1 parallel.context=1, then resume with checkpoint.load = "{out}"') in refused.stderr
+    assert (
+        f"python tools/reshard.py {checkpoint} {out} parallel.tensor=2 parallel.pipeline=1 "
+        f'parallel.virtual_pipeline=1 parallel.context=1, then resume with checkpoint.load = "{out}"'
+    ) in refused.stderr
 
 
 @pytest.mark.parametrize("async_save", ["false", "true"])
 def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(async_save, tmp_path):
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, f"checkpoint.async_save={async_save}", nproc=2,
-                       fault="disk_full@3", check=False)
+    result = run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        *COMMON,
+        f"checkpoint.async_save={async_save}",
+        nproc=2,
+        fault="disk_full@3",
+        check=False,
+    )
     assert result.returncode != 0
     assert "saving checkpoint" in result.stderr and "No space left on device" in result.stderr
     assert "the previous checkpoint" in result.stderr and "iter_0000002) is intact" in result.stderr
@@ -234,12 +286,23 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(async_save
 def test_a_nan_loss_is_skipped_on_every_rank(tmp_path):
     """Also what each rank prints (README, "One rank speaks"): the last one, which holds the loss
     (the last pipeline stage), its step lines on stdout and notes on stderr; rank 0 nothing."""
-    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, "parallel.pipeline=2", nproc=2, fault="nan_loss@3",
-              rank_logs=tmp_path / "logs")
+    run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        *COMMON,
+        "parallel.pipeline=2",
+        nproc=2,
+        fault="nan_loss@3",
+        rank_logs=tmp_path / "logs",
+    )
     assert rank_output(tmp_path / "logs", 0) == ("", "")
     stdout, stderr = rank_output(tmp_path / "logs", 1)
     assert [line.split(" | ")[0] for line in stdout.splitlines()] == [
-        "step 1/6", "step 2/6", 'step 3: skipped, the loss is nan (train.on_bad_step = "skip")', *(f"step {n}/6" for n in range(3, 7))]
+        "step 1/6",
+        "step 2/6",
+        'step 3: skipped, the loss is nan (train.on_bad_step = "skip")',
+        *(f"step {n}/6" for n in range(3, 7)),
+    ]
     assert stderr and all(line.startswith("bigpt: ") for line in stderr.splitlines())
     assert scalars(tmp_path, "train/skipped") == [0, 0, 1, 0, 0, 0]
     later = scalars(tmp_path, "train/loss")[3:]
@@ -248,18 +311,30 @@ def test_a_nan_loss_is_skipped_on_every_rank(tmp_path):
 
 def test_a_nan_loss_stops_the_run_with_the_last_checkpoint_intact(tmp_path):
     """Asynchronous saves: the save of step 2, in flight when step 3 stops the run, is finished."""
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *COMMON, "train.on_bad_step=stop", "checkpoint.async_save=true",
-                       nproc=2, fault="nan_loss@3", check=False)
+    result = run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        *COMMON,
+        "train.on_bad_step=stop",
+        "checkpoint.async_save=true",
+        nproc=2,
+        fault="nan_loss@3",
+        check=False,
+    )
     assert result.returncode != 0
-    assert "step 3: the loss is nan; stopping (train.on_bad_step = \"stop\") without saving" in result.stderr
+    assert 'step 3: the loss is nan; stopping (train.on_bad_step = "stop") without saving' in result.stderr
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     assert not (tmp_path / "checkpoints" / "iter_0000003").exists()
     assert len(losses(tmp_path)) == 2
 
 
 # ------------------------------------------------------------------------ fp16 loss scaling
-FP16 = ["precision.dtype=fp16", "precision.hysteresis=1", "parallel.tensor=2",
-        "checkpoint.save_interval=100"]  # a save at the end of each run only
+FP16 = [
+    "precision.dtype=fp16",
+    "precision.hysteresis=1",
+    "parallel.tensor=2",
+    "checkpoint.save_interval=100",
+]  # a save at the end of each run only
 
 
 def test_fp16_training_tracks_fp32(reference, tmp_path):

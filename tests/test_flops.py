@@ -14,26 +14,37 @@ def llama3(**shape) -> ModelConfig:
 
 LLAMA3_8B = llama3(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32)
 LLAMA3_70B = llama3(num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64)
-LLAMA32_1B = llama3(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
-                    tie_embeddings=True)
+LLAMA32_1B = llama3(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32, tie_embeddings=True)
 
 
-@pytest.mark.parametrize("model, expected", [
-    (LLAMA3_8B, 8_030_261_248),
-    (LLAMA3_70B, 70_553_706_496),
-    (LLAMA32_1B, 1_235_814_400),
-])
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (LLAMA3_8B, 8_030_261_248),
+        (LLAMA3_70B, 70_553_706_496),
+        (LLAMA32_1B, 1_235_814_400),
+    ],
+)
 def test_parameter_count_matches_released_models(model, expected):
     assert num_parameters(model) == expected
 
 
 def test_bias_layernorm_and_learned_positions_are_counted():
-    base = ModelConfig(num_layers=1, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2,
-                       seq_length=4, vocab_size=10, activation="gelu", tie_embeddings=True)
+    base = ModelConfig(
+        num_layers=1,
+        hidden_size=8,
+        ffn_hidden_size=16,
+        num_attention_heads=2,
+        seq_length=4,
+        vocab_size=10,
+        activation="gelu",
+        tie_embeddings=True,
+    )
     plain = num_parameters(base)
     assert plain == 10 * 8 + (8 * 24 + 8 * 8 + 8 * 16 + 16 * 8 + 2 * 8) + 8
-    biased = ModelConfig(**{**vars(base), "add_bias_linear": True, "normalization": "layernorm",
-                            "position_embedding": "learned"})
+    biased = ModelConfig(
+        **{**vars(base), "add_bias_linear": True, "normalization": "layernorm", "position_embedding": "learned"}
+    )
     assert num_parameters(biased) == plain + (24 + 8 + 16 + 8) + 3 * 8 + 4 * 8
 
 
@@ -71,13 +82,16 @@ def test_flops_per_step_scales_with_tokens():
     assert flops_per_step(recipe, 128) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("name, tflops", [
-    ("NVIDIA H100 80GB HBM3", 989.0),
-    ("NVIDIA H100 PCIe", 756.0),
-    ("NVIDIA H200", 989.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0),
-    ("NVIDIA GB200", 2500.0),
-])
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA GB200", 2500.0),
+    ],
+)
 def test_peak_flops_for_device_names(name, tflops):
     assert peak_flops_for(name) == tflops * 1e12
 

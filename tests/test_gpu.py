@@ -12,8 +12,14 @@ from multirank import MOCK_RECIPE, run_bigpt, scalars
 pytestmark = pytest.mark.gpu
 
 STEPS = 10
-COMMON = [f"train.train_iters={STEPS}", f"schedule.decay_iters={STEPS}", "logging.interval=1",
-          "model.hidden_size=128", "model.ffn_hidden_size=384", "model.seq_length=128"]
+COMMON = [
+    f"train.train_iters={STEPS}",
+    f"schedule.decay_iters={STEPS}",
+    "logging.interval=1",
+    "model.hidden_size=128",
+    "model.ffn_hidden_size=384",
+    "model.seq_length=128",
+]
 
 
 def _losses(tmp_path, name: str, *overrides: str, nproc: int = 1) -> list[float]:
@@ -31,7 +37,9 @@ def _close(ours: list[float], reference: list[float], rel: float) -> None:
 
 @pytest.fixture(scope="module")
 def transformer_engine():
-    pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed (pip install -e .[gpu])")
+    pytest.importorskip(
+        "transformer_engine.pytorch", reason="Transformer Engine is not installed (pip install -e .[gpu])"
+    )
 
 
 def test_transformer_engine_layers_train_like_the_local_layers(transformer_engine, tmp_path):
@@ -44,7 +52,9 @@ def test_fp8_trains_like_bf16(transformer_engine, tmp_path):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell)")
     bf16 = _losses(tmp_path, "bf16", "precision.dtype=bf16", "precision.transformer_engine=on")
-    fp8 = _losses(tmp_path, "fp8", "precision.dtype=bf16", "precision.transformer_engine=on", "precision.fp8=tensorwise")
+    fp8 = _losses(
+        tmp_path, "fp8", "precision.dtype=bf16", "precision.transformer_engine=on", "precision.fp8=tensorwise"
+    )
     _close(fp8, bf16, rel=5e-2)
 
 

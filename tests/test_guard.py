@@ -36,8 +36,11 @@ def test_skipping_stops_after_too_many_bad_steps_in_a_row():
     g.record(2, 5.0, None)  # a good step resets the count
     g.record(3, float("nan"), "the loss is nan")
     g.record(4, float("nan"), "the loss is nan")
-    with pytest.raises(BigptError, match=r"step 5: the loss is nan; stopping \(3 bad steps in a row exceed "
-                                         r"train.max_skipped_steps = 2\)"):
+    with pytest.raises(
+        BigptError,
+        match=r"step 5: the loss is nan; stopping \(3 bad steps in a row exceed "
+        r"train.max_skipped_steps = 2\)",
+    ):
         g.record(5, float("nan"), "the loss is nan")
 
 

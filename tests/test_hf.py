@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -39,30 +38,85 @@ from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 pytestmark = pytest.mark.slow
 
 TOLERANCE = 1e-4
-LLAMA3_SCALING = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=8192)
+LLAMA3_SCALING = dict(
+    rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
 SHAPES = {
     # 2 query heads per key/value head; vocabulary 1100 is padded differently at TP=1 and TP=2.
-    "gqa2_untied": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=1100, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "gqa2_untied": dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1100,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    ),
     # GQA ratio 4, head_dim × heads != hidden, tied embeddings, Llama-3.2-style RoPE scaling.
-    "gqa4_tied_llama3": dict(hidden_size=96, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
-                             num_key_value_heads=2, head_dim=16, vocab_size=1000, tie_word_embeddings=True,
-                             rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, max_position_embeddings=16384),
-    "mha_untied": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False, rope_theta=20000.0),
+    "gqa4_tied_llama3": dict(
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=1000,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=LLAMA3_SCALING,
+        max_position_embeddings=16384,
+    ),
+    "mha_untied": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=512,
+        tie_word_embeddings=False,
+        rope_theta=20000.0,
+    ),
     # Qwen2.5-style: q/k/v biases, tied embeddings (as Qwen2.5 up to 3B), rope_theta 1e6.
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1100, tie_word_embeddings=True,
-                  rope_theta=1e6, rms_norm_eps=1e-6),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1100,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+    ),
     # Qwen3: per-head q/k RMSNorm, head_dim × heads != hidden (as Qwen3-0.6B).
-    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1000,
-                  tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6),
+    "qwen3": dict(
+        model_type="qwen3",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+    ),
     # Mistral-7B-v0.1-style sliding window, shorter than the 16 tokens compared.
-    "mistral_window": dict(model_type="mistral", hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, vocab_size=512, sliding_window=5,
-                           tie_word_embeddings=False, rope_theta=1e4),
+    "mistral_window": dict(
+        model_type="mistral",
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        sliding_window=5,
+        tie_word_embeddings=False,
+        rope_theta=1e4,
+    ),
 }
 FAMILY_SHAPES = ("qwen2", "qwen3", "mistral_window")  # 4 layers each, for PP=2 × VPP=2
 LOGITS_OF_MODELS = Path(__file__).resolve().parent / "logits_of_models.py"
@@ -120,8 +174,11 @@ def recipe_for(directory: Path, out: Path, name: str, init: str = "from_hf", wei
     """The tiny mock recipe with the model of the HF ``directory``, starting from it (init.from_hf)
     or from ``weights`` (init.from_checkpoint)."""
     model = model_from_hf(json.loads((directory / "config.json").read_text()), directory)
-    out.write_text(f'base = "{MOCK_RECIPE}"\nname = "{name}"\n\n' + table_to_toml("model", dict(model, seq_length=64))
-                   + f'\n\n[init]\n{init} = "{weights or directory}"\n')
+    out.write_text(
+        f'base = "{MOCK_RECIPE}"\nname = "{name}"\n\n'
+        + table_to_toml("model", dict(model, seq_length=64))
+        + f'\n\n[init]\n{init} = "{weights or directory}"\n'
+    )
     return out
 
 
@@ -139,8 +196,14 @@ def logits_of_models(recipes: dict[str, Path], models, root: Path, *overrides: s
 
 
 def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(CONVERT), *args], capture_output=True, text=True, timeout=300,
-                            cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = subprocess.run(
+        [sys.executable, str(CONVERT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -162,8 +225,12 @@ def models(tmp_path_factory):
         directory = save_model(root / name, seed, shape, **({"max_shard_size": "100KB"} if name == SHARDED else {}))
         tokens = np.random.default_rng(seed).integers(0, shape["vocab_size"], size=(2, 16))
         np.save(root / f"{name}_tokens.npy", tokens)
-        found[name] = (directory, root / f"{name}_tokens.npy", reference_logits(directory, tokens),
-                       recipe_for(directory, root / f"{name}.toml", name))
+        found[name] = (
+            directory,
+            root / f"{name}_tokens.npy",
+            reference_logits(directory, tokens),
+            recipe_for(directory, root / f"{name}.toml", name),
+        )
     assert (root / SHARDED / "model.safetensors.index.json").is_file()
     add_tokenizer(root / "mha_untied", 300)
     with open(root / "gqa2_untied" / "pytorch_model.bin", "wb") as f:  # next to the safetensors
@@ -187,8 +254,9 @@ def test_logits_match_transformers_at_tp1(tp1, name):
 def test_the_sliding_window_matters(models):
     """Full attention on the same weights gives other logits: the window is really compared."""
     directory, tokens, reference, _ = models["mistral_window"]
-    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32,
-                                                 sliding_window=None)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, attn_implementation="eager", dtype=torch.float32, sliding_window=None
+    )
     with torch.no_grad():
         full = model(torch.from_numpy(np.load(tokens))).logits.numpy()
     assert np.abs(full - reference).max() > 100 * TOLERANCE
@@ -223,15 +291,19 @@ def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name
         assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
     # transformers reads back the index, the tied config, the RoPE scaling and each family's config
     assert (out / "model.safetensors.index.json").is_file() == (name == SHARDED)
-    assert json.loads((out / "config.json").read_text())["architectures"] == \
-        json.loads((directory / "config.json").read_text())["architectures"]
+    assert (
+        json.loads((out / "config.json").read_text())["architectures"]
+        == json.loads((directory / "config.json").read_text())["architectures"]
+    )
     np.testing.assert_array_equal(reference_logits(out, np.load(tokens)), reference)
     if name != SHARDED:  # an export replaces only what an export wrote: never a download, not even the one imported
         before = {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
         refused = convert("export", str(imported), str(directory), check=False)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr
-        assert f"{directory} exists (a directory with other files) and is not a directory an earlier export " \
-               "wrote" in refused.stderr
+        assert (
+            f"{directory} exists (a directory with other files) and is not a directory an earlier export "
+            "wrote" in refused.stderr
+        )
         assert {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()} == before
         convert("export", str(imported), str(out))  # its own earlier export is replaced
         assert sorted(hf_tensors(out)) == sorted(original)
@@ -241,8 +313,9 @@ def test_tensor_parallel_2_with_another_vocab_padding(models, tmp_path):
     """init.from_hf converted by both ranks; vocab 1100 is padded to 1280 at TP=2 (1152 at TP=1);
     each family's biases and q/k norms are split (or replicated) over the ranks."""
     names = ["gqa2_untied", *FAMILY_SHAPES]
-    differences = logits_of_models({name: models[name][3] for name in names}, models, tmp_path, "parallel.tensor=2",
-                                   nproc=2)
+    differences = logits_of_models(
+        {name: models[name][3] for name in names}, models, tmp_path, "parallel.tensor=2", nproc=2
+    )
     assert max(differences.values()) <= TOLERANCE, differences
 
 
@@ -254,16 +327,21 @@ def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, tmp
     imported = tmp_path / "imported"
     convert("import", str(directory), str(imported))
     assert "[model]" in (imported / "model.toml").read_text()
-    recipes = {SHARDED: recipe_for(directory, tmp_path / "pp2.toml", SHARDED, "from_checkpoint", imported),
-               **{name: models[name][3] for name in FAMILY_SHAPES}}
-    differences = logits_of_models(recipes, models, tmp_path, "parallel.pipeline=2", "parallel.virtual_pipeline=2",
-                                   nproc=2)
+    recipes = {
+        SHARDED: recipe_for(directory, tmp_path / "pp2.toml", SHARDED, "from_checkpoint", imported),
+        **{name: models[name][3] for name in FAMILY_SHAPES},
+    }
+    differences = logits_of_models(
+        recipes, models, tmp_path, "parallel.pipeline=2", "parallel.virtual_pipeline=2", nproc=2
+    )
     assert max(differences.values()) <= TOLERANCE, differences
 
 
 def readme_walkthrough() -> tuple[str, set[str]]:
     """The walkthrough block (docs/huggingface.md) without its settings lines, and the names they set."""
-    block = (REPO / "docs" / "huggingface.md").read_text().split("<!-- walkthrough -->\n```sh\n", 1)[1].split("```", 1)[0]
+    block = (
+        (REPO / "docs" / "huggingface.md").read_text().split("<!-- walkthrough -->\n```sh\n", 1)[1].split("```", 1)[0]
+    )
     settings = set(re.findall(r"^([A-Z]+)=", block, re.MULTILINE))
     return re.sub(r"^[A-Z]+=.*\n", "", block, flags=re.MULTILINE), settings
 
@@ -283,23 +361,33 @@ def test_the_readme_walkthrough_runs(models, tmp_path, name):
     base.write_text(base.read_text() + f"\n[parallel]\ntensor = {nproc}\n")
     words = np.random.default_rng(0).integers(1, SHAPES[name]["vocab_size"] - 7, size=(300, 24))
     for file, rows in (("my_domain.jsonl", words[:200]), ("general.jsonl", words[200:])):
-        (tmp_path / file).write_text("".join(json.dumps({"text": " ".join(f"w{i}" for i in row)}) + "\n"
-                                             for row in rows))
+        (tmp_path / file).write_text(
+            "".join(json.dumps({"text": " ".join(f"w{i}" for i in row)}) + "\n" for row in rows)
+        )
     for folder in ("tools", "launchers"):  # the block runs from the repository root
         (tmp_path / folder).symlink_to(REPO / folder)
     script, settings = readme_walkthrough()
     assert settings == {"HF", "BASE", "NPROC"}
-    env = dict(os.environ, HF=str(hf), BASE=str(base), NPROC=str(nproc), OMP_NUM_THREADS="1",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
+    env = dict(
+        os.environ,
+        HF=str(hf),
+        BASE=str(base),
+        NPROC=str(nproc),
+        OMP_NUM_THREADS="1",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "starting from the weights in" in result.stdout and "step 1/6" in result.stdout
     lr = scalars(tmp_path / "runs" / "my-continual", "train/lr")
     assert lr[0] < lr[1] == pytest.approx(3e-3)  # warmup from 0 to optimizer.lr again, then decay
     out = tmp_path / "hf" / "my-continual"
-    assert json.loads((out / "config.json").read_text())["architectures"] == \
-        json.loads((hf / "config.json").read_text())["architectures"]
+    assert (
+        json.loads((out / "config.json").read_text())["architectures"]
+        == json.loads((hf / "config.json").read_text())["architectures"]
+    )
     assert (out / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
     assert f"tokenizer: tokenizer.json, tokenizer_config.json from {hf}" in (out / "README.md").read_text()
     trained = reference_logits(out, np.load(tokens))
@@ -336,8 +424,12 @@ def test_unknown_architecture_is_refused(small):
 def test_biases_and_other_rope_scaling_are_refused(small):
     edit_config(small, attention_bias=True)
     assert "attention_bias" in refused(small)
-    edit_config(small, attention_bias=False, rope_parameters=None,  # the spelling of released checkpoints
-                rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 4096})
+    edit_config(
+        small,
+        attention_bias=False,
+        rope_parameters=None,  # the spelling of released checkpoints
+        rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 4096},
+    )
     assert "rope_scaling.original_max_position_embeddings = 4096" in refused(small)
     edit_config(small, rope_parameters={**LLAMA3_SCALING, "low_freq_factor": 2.0, "rope_theta": 1e4})  # transformers 5
     assert "rope_parameters.low_freq_factor = 2.0" in refused(small)
@@ -347,11 +439,14 @@ def test_biases_and_other_rope_scaling_are_refused(small):
     assert "partial_rotary_factor = 0.5" in refused(small)
 
 
-@pytest.mark.parametrize("model_type, changes, message", [
-    ("qwen2", dict(use_sliding_window=True, max_window_layers=1), "use_sliding_window = true"),
-    ("qwen3", dict(attention_bias=True), "attention_bias = true"),
-    ("mistral", dict(hidden_act="gelu"), "hidden_act = 'gelu'"),
-])
+@pytest.mark.parametrize(
+    "model_type, changes, message",
+    [
+        ("qwen2", dict(use_sliding_window=True, max_window_layers=1), "use_sliding_window = true"),
+        ("qwen3", dict(attention_bias=True), "attention_bias = true"),
+        ("mistral", dict(hidden_act="gelu"), "hidden_act = 'gelu'"),
+    ],
+)
 def test_what_a_family_cannot_compute_exactly_is_refused(model_type, changes, message):
     config = dict(SMALL, model_type=model_type, architectures=[FAMILY_ARCHITECTURES[model_type]], **changes)
     with pytest.raises(BigptError, match=message):
@@ -375,20 +470,55 @@ def test_mistral_without_a_window_is_mistral_in_and_out():
 
 
 RELEASED = {  # the architecture keys of the released config.json files
-    "qwen2_5_7b_math.toml": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
-                                 intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                                 num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1e6,
-                                 tie_word_embeddings=False, use_sliding_window=False, sliding_window=131072,
-                                 max_window_layers=28, max_position_embeddings=131072),
-    "qwen3_8b_legal.toml": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096,
-                                intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                                num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
-                                rope_theta=1e6, attention_bias=False, tie_word_embeddings=False,
-                                use_sliding_window=False, max_position_embeddings=40960),
-    "mistral_7b_medical.toml": dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=4096,
-                                    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                                    num_key_value_heads=8, vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
-                                    sliding_window=4096, tie_word_embeddings=False, max_position_embeddings=32768),
+    "qwen2_5_7b_math.toml": dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        sliding_window=131072,
+        max_window_layers=28,
+        max_position_embeddings=131072,
+    ),
+    "qwen3_8b_legal.toml": dict(
+        architectures=["Qwen3ForCausalLM"],
+        model_type="qwen3",
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        attention_bias=False,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        max_position_embeddings=40960,
+    ),
+    "mistral_7b_medical.toml": dict(
+        architectures=["MistralForCausalLM"],
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=4096,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+    ),
 }
 
 
@@ -456,7 +586,9 @@ def test_tokenizer_larger_than_the_vocabulary_is_named_with_advice_that_works(sm
 
 
 def test_recipe_that_does_not_match_the_hf_model_is_refused(small, tmp_path):
-    recipe = load_recipe(recipe_for(small, tmp_path / "r.toml", "r"), ["model.hidden_size=128", "model.tie_embeddings=true"])
+    recipe = load_recipe(
+        recipe_for(small, tmp_path / "r.toml", "r"), ["model.hidden_size=128", "model.tie_embeddings=true"]
+    )
     with pytest.raises(BigptError) as error:
         check_recipe_matches(recipe.model, model_from_hf(json.loads((small / "config.json").read_text()), small), small)
     assert "model.hidden_size = 128 (the checkpoint has 64)" in str(error.value)
@@ -486,9 +618,10 @@ def test_dry_run_checks_the_initial_weights_on_paper(small, tmp_path):
     from_checkpoint = recipe_for(small, tmp_path / "ckpt.toml", "ckpt", "from_checkpoint", tmp_path / "imported")
     with pytest.raises(BigptError, match=r"model.rope_base = 1000000.0 \(the checkpoint has 20000.0\)"):
         report(from_checkpoint, "model.rope_base=1e6")  # other logits: only when asked for
-    assert (f"initial weights  weights of {tmp_path / 'imported'}, changed by checkpoint.allow_model_changes: "
-            "model.rope_base 20000.0 -> 1000000.0") in report(from_checkpoint, "model.rope_base=1e6",
-                                                               'checkpoint.allow_model_changes=["rope_base"]')
+    assert (
+        f"initial weights  weights of {tmp_path / 'imported'}, changed by checkpoint.allow_model_changes: "
+        "model.rope_base 20000.0 -> 1000000.0"
+    ) in report(from_checkpoint, "model.rope_base=1e6", 'checkpoint.allow_model_changes=["rope_base"]')
     with pytest.raises(BigptError, match=r"init.from_checkpoint = .* model.ffn_hidden_size = 128"):
         report(from_checkpoint, "model.ffn_hidden_size=128")
     assert "initial weights  random" in report(MOCK_RECIPE)

@@ -39,16 +39,20 @@ def bigpt_imports() -> set[tuple[str, str]]:
 
 
 def test_every_unit_has_a_layer():
-    units = {path.stem if path.is_file() else path.name for path in BIGPT.iterdir()
-             if path.suffix == ".py" or (path / "__init__.py").exists()}
+    units = {
+        path.stem if path.is_file() else path.name
+        for path in BIGPT.iterdir()
+        if path.suffix == ".py" or (path / "__init__.py").exists()
+    }
     assert units - {"__init__"} | {"bigpt"} == set(LAYER)
 
 
 def test_imports_go_down_the_layers_without_cycles():
     edges = bigpt_imports()
     assert not {target for _, target in edges if not target.startswith("bigpt")}, "bigpt imports launchers/ or tools/"
-    upward = sorted(f"{source} -> {target}" for source, target in edges
-                    if LAYER[unit_of(target)] > LAYER[unit_of(source)])
+    upward = sorted(
+        f"{source} -> {target}" for source, target in edges if LAYER[unit_of(target)] > LAYER[unit_of(source)]
+    )
     assert not upward, f"imports up the layers of bigpt/__init__.py: {upward}"
     graph = {}
     for source, target in edges:
@@ -57,7 +61,7 @@ def test_imports_go_down_the_layers_without_cycles():
 
     def cycle_from(unit, path):
         if unit in path:
-            return path[path.index(unit):] + [unit]
+            return path[path.index(unit) :] + [unit]
         return next((found for after in graph.get(unit, ()) if (found := cycle_from(after, path + [unit]))), None)
 
     cycles = [cycle for unit in graph if (cycle := cycle_from(unit, []))]

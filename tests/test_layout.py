@@ -46,11 +46,16 @@ def test_parallel_data_must_agree_with_world_size():
     assert "parallel.data=4 but world size 8" in layout_error(8, "parallel.data=4")
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["parallel.tensor=8", "model.num_attention_heads=8", "model.num_query_groups=4"],
-     "model.num_query_groups=4 is not divisible by parallel.tensor=8"),
-    (["model.ffn_hidden_size=345"], "model.ffn_hidden_size=345 is not divisible by parallel.tensor=2"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["parallel.tensor=8", "model.num_attention_heads=8", "model.num_query_groups=4"],
+            "model.num_query_groups=4 is not divisible by parallel.tensor=8",
+        ),
+        (["model.ffn_hidden_size=345"], "model.ffn_hidden_size=345 is not divisible by parallel.tensor=2"),
+    ],
+)
 def test_tensor_parallel_needs_even_shards(overrides, expected):
     message = layout_error(16, *overrides)
     assert expected in message and "parallel.tensor can be one of [1" in message
@@ -62,24 +67,32 @@ def test_layers_must_split_evenly_over_pipeline_chunks():
 
 
 def test_uneven_first_and_last_stages():
-    result = layout(8, "parallel.pipeline=4", "parallel.tensor=1", "model.num_layers=10",
-                    "parallel.first_stage_layers=2", "parallel.last_stage_layers=2")
+    result = layout(
+        8,
+        "parallel.pipeline=4",
+        "parallel.tensor=1",
+        "model.num_layers=10",
+        "parallel.first_stage_layers=2",
+        "parallel.last_stage_layers=2",
+    )
     assert result.layers_per_stage == (2, 3, 3, 2)
     assert layout(4, "model.num_layers=5", "parallel.first_stage_layers=2").layers_per_stage == (2, 3)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.num_layers=5", "parallel.first_stage_layers=2", "parallel.last_stage_layers=2"],
-    ["model.num_layers=4", "parallel.first_stage_layers=4"],
-    ["model.num_layers=4", "parallel.first_stage_layers=6"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.num_layers=5", "parallel.first_stage_layers=2", "parallel.last_stage_layers=2"],
+        ["model.num_layers=4", "parallel.first_stage_layers=4"],
+        ["model.num_layers=4", "parallel.first_stage_layers=6"],
+    ],
+)
 def test_uneven_stages_never_drop_layers(overrides):
     assert "middle pipeline stage(s)" in layout_error(4, *overrides)
 
 
 def test_uneven_stages_must_divide_into_virtual_chunks():
-    message = layout_error(4, "model.num_layers=8", "parallel.virtual_pipeline=2",
-                           "parallel.first_stage_layers=3")
+    message = layout_error(4, "model.num_layers=8", "parallel.virtual_pipeline=2", "parallel.first_stage_layers=3")
     assert "are not all multiples of parallel.virtual_pipeline=2" in message
 
 
@@ -94,8 +107,7 @@ def test_interleaving():
 
 
 def test_interleaving_needs_microbatches_in_multiples_of_pipeline():
-    message = layout_error(4, "model.num_layers=8", "parallel.virtual_pipeline=2",
-                           "train.global_batch_size=6")
+    message = layout_error(4, "model.num_layers=8", "parallel.virtual_pipeline=2", "train.global_batch_size=6")
     assert "gives 3 micro-batches, not a multiple of parallel.pipeline=2" in message
     assert "microbatch_group_size_per_vp_stage" in message
 

@@ -28,8 +28,14 @@ EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
 RECIPE = FIXTURE / "recipe.toml"
 
 # tests/recipes/mock_tiny.toml at TP2 x PP2 on megatron-core 0.16.1 (6 steps, from scratch).
-MOCK_TINY_TP2_PP2_ON_0_16_1 = [6.239431381225586, 6.259671688079834, 6.109004974365234, 5.918712615966797,
-                               5.703610897064209, 5.543428421020508]
+MOCK_TINY_TP2_PP2_ON_0_16_1 = [
+    6.239431381225586,
+    6.259671688079834,
+    6.109004974365234,
+    5.918712615966797,
+    5.703610897064209,
+    5.543428421020508,
+]
 
 
 @pytest.fixture
@@ -41,8 +47,14 @@ def checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_tp2_pp2_trains_as_on_0_16_1(tmp_path):
-    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "parallel.tensor=2", "parallel.pipeline=2",
-              "checkpoint.save_interval=0", nproc=4)
+    run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        "parallel.tensor=2",
+        "parallel.pipeline=2",
+        "checkpoint.save_interval=0",
+        nproc=4,
+    )
     assert scalars(tmp_path, "train/loss") == pytest.approx(MOCK_TINY_TP2_PP2_ON_0_16_1, rel=1e-6)
 
 
@@ -60,15 +72,30 @@ def test_a_0_16_1_checkpoint_resumes_exactly(checkpoints):
 def test_without_the_adam_step_fix_that_resume_fails(checkpoints):
     """megatron-core 0.19's distributed optimizer with torch's AdamW copies every key of the live
     optimizer state from the checkpoint, 'step' included, which it never saved."""
-    failed = run_bigpt(RECIPE, f"run_dir={checkpoints.parent}", "checkpoint.load=auto", nproc=2, check=False,
-                       fault="without_fix@_keep_torch_adam_step_on_reshardable_load")
+    failed = run_bigpt(
+        RECIPE,
+        f"run_dir={checkpoints.parent}",
+        "checkpoint.load=auto",
+        nproc=2,
+        check=False,
+        fault="without_fix@_keep_torch_adam_step_on_reshardable_load",
+    )
     assert failed.returncode != 0 and "KeyError: 'step'" in failed.stderr
 
 
 @pytest.mark.slow
 def test_a_0_16_1_checkpoint_gives_its_weights_at_another_layout(tmp_path):
-    run_bigpt(RECIPE, f"run_dir={tmp_path}", "checkpoint.load=none", f"init.from_checkpoint={FIXTURE / 'iter_0000004'}",
-              "parallel.tensor=1", "parallel.pipeline=2", "train.train_iters=3", "checkpoint.save_interval=0", nproc=2)
+    run_bigpt(
+        RECIPE,
+        f"run_dir={tmp_path}",
+        "checkpoint.load=none",
+        f"init.from_checkpoint={FIXTURE / 'iter_0000004'}",
+        "parallel.tensor=1",
+        "parallel.pipeline=2",
+        "train.train_iters=3",
+        "checkpoint.save_interval=0",
+        nproc=2,
+    )
     assert scalars(tmp_path, "train/loss") == pytest.approx(EXPECTED["losses_from_init_at_tp1_pp2"], rel=1e-6)
 
 
@@ -76,8 +103,10 @@ def test_a_0_16_1_checkpoint_gives_its_weights_at_another_layout(tmp_path):
 def test_a_0_16_1_checkpoint_exports_the_same_hugging_face_tensors(tmp_path):
     convert("export", str(FIXTURE / "iter_0000004"), str(tmp_path / "hf"))
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
-    exported = {name: hashlib.sha256(t.tobytes()).hexdigest() + f" {t.dtype} {list(t.shape)}"
-                for name, t in sorted(tensors.items())}
+    exported = {
+        name: hashlib.sha256(t.tobytes()).hexdigest() + f" {t.dtype} {list(t.shape)}"
+        for name, t in sorted(tensors.items())
+    }
     assert exported == EXPECTED["hf_export_sha256"]
 
 
@@ -87,8 +116,9 @@ def test_without_the_results_queue_fix_a_signal_to_the_ranks_process_groups_fail
     starts a results Manager process there at the first save, and a preemption signal kills it,
     failing the save that signal asks for. (With the fix: the preemption test in
     test_fault_tolerance.py, which signals the same way.)"""
-    job = start(tmp_path / "run", checkpoint_dir=tmp_path / "checkpoints",
-                fault="without_fix@_start_checkpoint_results_queue")
+    job = start(
+        tmp_path / "run", checkpoint_dir=tmp_path / "checkpoints", fault="without_fix@_start_checkpoint_results_queue"
+    )
     wait_for_step(job, 2)  # saved at steps 1 and 2: the writer's Manager runs
     for rank in ranks_of(job):
         os.killpg(rank.pid, signal.SIGUSR1)
@@ -96,11 +126,17 @@ def test_without_the_results_queue_fix_a_signal_to_the_ranks_process_groups_fail
     assert "failed (Broken pipe)" in stderr and "(exit 75)" not in stderr
 
 
-@pytest.mark.parametrize("fix,target", [
-    ("_keep_torch_adam_step_on_reshardable_load", (DistributedOptimizer, "_set_main_param_and_optimizer_states")),
-    ("_start_checkpoint_results_queue", (filesystem_async, "_results_queue")),
-    ("_model_space_optimizer_state_without_flattened_ranges", (DistributedOptimizer, "sharded_param_state_fs_model_space")),
-])
+@pytest.mark.parametrize(
+    "fix,target",
+    [
+        ("_keep_torch_adam_step_on_reshardable_load", (DistributedOptimizer, "_set_main_param_and_optimizer_states")),
+        ("_start_checkpoint_results_queue", (filesystem_async, "_results_queue")),
+        (
+            "_model_space_optimizer_state_without_flattened_ranges",
+            (DistributedOptimizer, "sharded_param_state_fs_model_space"),
+        ),
+    ],
+)
 def test_a_fix_whose_target_moved_stops_bigpt(fix, target, monkeypatch):
     monkeypatch.delattr(*target)
     with pytest.raises(BigptError, match=rf"bigpt's fix for megatron-core .* cannot be applied .*{target[1]}"):

@@ -19,8 +19,13 @@ from multirank import MOCK_RECIPE, run_bigpt, scalars
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-COMMON = ["precision.dtype=bf16", f"train.train_iters={STEPS}", "schedule.warmup_iters=0",  # every step updates
-          "checkpoint.save_interval=1", "checkpoint.keep_last=0"]
+COMMON = [
+    "precision.dtype=bf16",
+    f"train.train_iters={STEPS}",
+    "schedule.warmup_iters=0",  # every step updates
+    "checkpoint.save_interval=1",
+    "checkpoint.keep_last=0",
+]
 PARALLEL = {"lion": (2, []), "muon": (4, ["parallel.tensor=2"])}  # name: processes, overrides
 SINGLE = (1, ["checkpoint.optimizer_format=fully_reshardable"])
 
@@ -41,8 +46,16 @@ def runs(weights, tmp_path_factory):
         if name not in done:
             root = tmp_path_factory.mktemp(name)
             for layout, (nproc, overrides) in (("single", SINGLE), ("parallel", PARALLEL[name])):
-                run_bigpt(MOCK_RECIPE, f"run_dir={root / layout}", f"optimizer.name={name}", f"init.from_checkpoint={weights}",
-                          *COMMON, *overrides, nproc=nproc, fault="nan_loss@1")
+                run_bigpt(
+                    MOCK_RECIPE,
+                    f"run_dir={root / layout}",
+                    f"optimizer.name={name}",
+                    f"init.from_checkpoint={weights}",
+                    *COMMON,
+                    *overrides,
+                    nproc=nproc,
+                    fault="nan_loss@1",
+                )
             done[name] = root / "single", root / "parallel"
         return done[name]
 
@@ -58,7 +71,9 @@ def test_parallel_layout_trains_like_one_rank(runs, name):
     single, parallel = runs(name)
     reference, losses = _losses(single), _losses(parallel)
     assert math.isnan(reference[0]) and math.isnan(losses[0])  # step 1 skipped on both
-    assert losses[1:] == pytest.approx(reference[1:], rel=1e-4), f"{name}: {PARALLEL[name]} {losses} vs one rank {reference}"
+    assert losses[1:] == pytest.approx(reference[1:], rel=1e-4), (
+        f"{name}: {PARALLEL[name]} {losses} vs one rank {reference}"
+    )
     assert reference[-1] < reference[1] - 0.1  # it learns (step 1 was skipped)
 
 
@@ -68,8 +83,15 @@ def test_resume_is_bit_identical(runs, name, tmp_path):
     for run_dir, (nproc, overrides), saved_at in ((single, SINGLE, 1), (parallel, PARALLEL[name], 2)):
         checkpoint = run_dir / "checkpoints" / f"iter_{saved_at:07d}"
         resumed = tmp_path / f"{run_dir.name}_from_{saved_at}"
-        run_bigpt(MOCK_RECIPE, f"run_dir={resumed}", f"optimizer.name={name}", f"checkpoint.load={checkpoint}",
-                  *COMMON, *overrides, nproc=nproc)
+        run_bigpt(
+            MOCK_RECIPE,
+            f"run_dir={resumed}",
+            f"optimizer.name={name}",
+            f"checkpoint.load={checkpoint}",
+            *COMMON,
+            *overrides,
+            nproc=nproc,
+        )
         assert _losses(resumed) == _losses(run_dir)[saved_at:], f"{name} resumed at step {saved_at}, {nproc} rank(s)"
 
 
@@ -78,7 +100,13 @@ def test_without_the_state_keys_fix_a_lion_checkpoint_does_not_resume(runs, tmp_
     fully_reshardable and dp_reshardable formats it saves exp_avg only, and the load asks for
     exp_avg_sq. (The model-space format names the state the optimizer holds.)"""
     single, _ = runs("lion")
-    failed = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "optimizer.name=lion", *COMMON,
-                       f"checkpoint.load={single / 'checkpoints' / 'iter_0000003'}", check=False,
-                       fault="without_fix@_name_the_state_of_the_optimizer_it_wraps")
+    failed = run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        "optimizer.name=lion",
+        *COMMON,
+        f"checkpoint.load={single / 'checkpoints' / 'iter_0000003'}",
+        check=False,
+        fault="without_fix@_name_the_state_of_the_optimizer_it_wraps",
+    )
     assert failed.returncode != 0 and "KeyError: 'exp_avg_sq'" in failed.stderr

@@ -19,9 +19,15 @@ LAYOUTS = [  # name, processes, overrides
     pytest.param("dp2", 2, ["parallel.distributed_optimizer=true"], id="dp2_distributed_optimizer"),
     pytest.param("tp2_pp2", 4, ["parallel.tensor=2", "parallel.pipeline=2"], id="tp2_pp2"),
     # Recompute changes memory, never the numbers.
-    pytest.param("pp2_full_recompute", 2, ["parallel.pipeline=2", "recompute.granularity=full"], id="pp2_full_recompute"),
-    pytest.param("tp2_selective_recompute", 2, ["parallel.tensor=2", "recompute.granularity=selective"],
-                 id="tp2_selective_recompute"),
+    pytest.param(
+        "pp2_full_recompute", 2, ["parallel.pipeline=2", "recompute.granularity=full"], id="pp2_full_recompute"
+    ),
+    pytest.param(
+        "tp2_selective_recompute",
+        2,
+        ["parallel.tensor=2", "recompute.granularity=selective"],
+        id="tp2_selective_recompute",
+    ),
 ]
 
 

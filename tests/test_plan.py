@@ -27,8 +27,14 @@ def plan(recipe, gpus, gpu="h100-80gb", **kwargs):
 def gpt_recipe(**parallel):
     """A GPT-3-style layer (multi-head attention, 4h GeLU MLP, dropout), the case Megatron-LM's
     formulas (Korthikanti et al. Table 2) are written for."""
-    overrides = ["model.num_query_groups=64", "model.activation='gelu'", "model.ffn_hidden_size=32768",
-                 "model.hidden_dropout=0.1", "model.attention_dropout=0.1", "train.micro_batch_size=2"]
+    overrides = [
+        "model.num_query_groups=64",
+        "model.activation='gelu'",
+        "model.ffn_hidden_size=32768",
+        "model.hidden_dropout=0.1",
+        "model.attention_dropout=0.1",
+        "train.micro_batch_size=2",
+    ]
     overrides += [f"parallel.{key}={str(value).lower()}" for key, value in parallel.items()]
     return load_recipe(RECIPES / "llama_70b.toml", overrides)
 
@@ -80,9 +86,19 @@ def test_weights_and_optimizer_match_megatrons_formula(recipe_name, world):
 def test_in_flight_microbatches_follow_megatron_cores_schedule(pp, vpp, microbatches):
     from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
 
-    layout = Layout(world_size=pp, tp=1, pp=pp, vpp=vpp, cp=1, dp=1, micro_batch_size=1,
-                    global_batch_size=microbatches, num_microbatches=microbatches, sequence_parallel=False,
-                    layers_per_stage=(vpp,) * pp)
+    layout = Layout(
+        world_size=pp,
+        tp=1,
+        pp=pp,
+        vpp=vpp,
+        cp=1,
+        dp=1,
+        micro_batch_size=1,
+        global_batch_size=microbatches,
+        num_microbatches=microbatches,
+        sequence_parallel=False,
+        layers_per_stage=(vpp,) * pp,
+    )
     for stage in range(pp):
         group = SimpleNamespace(size=lambda: pp, rank=lambda stage=stage: stage)
         p2p = SimpleNamespace(pp_group=group, virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
@@ -160,25 +176,34 @@ def test_a_recipe_layout_that_does_not_fit_is_reported_beside_ones_that_do():
 def test_parameter_counts_in_the_report_are_the_published_ones(capsys):
     assert plan_main([str(RECIPES / "llama3_8b.toml"), "--gpus", "8", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    assert "8,030,261,248 (8.03B)" in out and num_parameters(load_recipe(RECIPES / "llama3_8b.toml").model) == 8_030_261_248
+    assert (
+        "8,030,261,248 (8.03B)" in out
+        and num_parameters(load_recipe(RECIPES / "llama3_8b.toml").model) == 8_030_261_248
+    )
 
 
-@pytest.mark.parametrize("recipe_name, published", [
-    ("continual/qwen2_5_7b_math.toml", 7_615_616_512),   # Qwen2.5-7B: q/k/v biases
-    ("continual/qwen3_8b_legal.toml", 8_190_735_360),    # Qwen3-8B: per-head q/k norms
-    ("continual/mistral_7b_medical.toml", 7_241_732_096),  # Mistral-7B-v0.1
-])
+@pytest.mark.parametrize(
+    "recipe_name, published",
+    [
+        ("continual/qwen2_5_7b_math.toml", 7_615_616_512),  # Qwen2.5-7B: q/k/v biases
+        ("continual/qwen3_8b_legal.toml", 8_190_735_360),  # Qwen3-8B: per-head q/k norms
+        ("continual/mistral_7b_medical.toml", 7_241_732_096),  # Mistral-7B-v0.1
+    ],
+)
 def test_family_recipes_count_the_published_parameters(recipe_name, published):
     assert num_parameters(load_recipe(RECIPES / recipe_name).model) == published
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--gpus", "512", "--gpu", "t4"], "unknown GPU 't4'; the planner knows h100-80gb, h200-141gb, a100-80gb"),
-    (["--gpus", "8", "--gpu", "a100-40gb"], "fits on no layout of 8 × a100-40gb"),
-    (["--gpus", "7"], "no layout of"),
-    (["--gpus", str(10**12)], "no layout of"),  # answered at once: each degree is bounded by what it splits
-    (["--gpus", str(10**12), "--gpus-per-node", str(10**12)], "no layout of"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gpus", "512", "--gpu", "t4"], "unknown GPU 't4'; the planner knows h100-80gb, h200-141gb, a100-80gb"),
+        (["--gpus", "8", "--gpu", "a100-40gb"], "fits on no layout of 8 × a100-40gb"),
+        (["--gpus", "7"], "no layout of"),
+        (["--gpus", str(10**12)], "no layout of"),  # answered at once: each degree is bounded by what it splits
+        (["--gpus", str(10**12), "--gpus-per-node", str(10**12)], "no layout of"),
+    ],
+)
 def test_bad_input_is_refused(capsys, argv, message):
     assert plan_main([str(RECIPES / "llama_70b.toml"), *argv]) == 2
     err = capsys.readouterr().err
@@ -186,7 +211,7 @@ def test_bad_input_is_refused(capsys, argv, message):
 
 
 def test_fits_nowhere_suggests_full_recompute_then_more_gpus(capsys):
-    assert plan_main([str(RECIPES / "llama_70b.toml"), "--gpus", "8", "recompute.granularity=\"full\""]) == 2
+    assert plan_main([str(RECIPES / "llama_70b.toml"), "--gpus", "8", 'recompute.granularity="full"']) == 2
     err = capsys.readouterr().err
     assert "fits on no layout" in err and "more or larger GPUs" in err and "recompute" not in err.split("usable;")[1]
 

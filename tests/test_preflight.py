@@ -38,9 +38,20 @@ def dry_run(*overrides, ok=False) -> str:
 
 
 def test_cli_dry_run_reports_a_refusal_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "launchers/run.py", str(MOCK), f"run_dir={tmp_path}",
-                             "checkpoint.dir=/sys/bigpt_checkpoints", "--dry-run"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "launchers/run.py",
+            str(MOCK),
+            f"run_dir={tmp_path}",
+            "checkpoint.dir=/sys/bigpt_checkpoints",
+            "--dry-run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr
     assert "bigpt: error: checkpoint.dir = /sys/bigpt_checkpoints is not writable" in result.stderr
 
@@ -114,13 +125,16 @@ def test_a_checkpoint_to_resume_that_is_missing_is_refused(tmp_path):
 
 def test_a_checkpoint_of_another_shape_is_refused_on_paper(tmp_path):
     saved_run(tmp_path / "checkpoints", 3)
-    message = dry_run(f"run_dir={tmp_path}", "checkpoint.load=auto", "model.hidden_size=128", "model.ffn_hidden_size=320")
+    message = dry_run(
+        f"run_dir={tmp_path}", "checkpoint.load=auto", "model.hidden_size=128", "model.ffn_hidden_size=320"
+    )
     assert "does not match the recipe's model: model.hidden_size = 128 (the checkpoint has 64)" in message
 
 
 # ---------------------------------------------------------------- weights into another architecture
-@pytest.mark.parametrize("override", ["model.rope_base=500000.0", "model.norm_epsilon=1e-6",
-                                      "model.rope_scaling=llama3"])
+@pytest.mark.parametrize(
+    "override", ["model.rope_base=500000.0", "model.norm_epsilon=1e-6", "model.rope_scaling=llama3"]
+)
 def test_a_checkpoint_into_a_model_that_computes_something_else_is_refused(tmp_path, override):
     saved = saved_run(tmp_path / "saved", 3)
     key = override.split("=")[0]
@@ -132,8 +146,13 @@ def test_a_checkpoint_into_a_model_that_computes_something_else_is_refused(tmp_p
 
 def test_a_change_the_recipe_asks_for_is_allowed_and_reported(tmp_path):
     saved = saved_run(tmp_path / "saved", 3)
-    report = dry_run(f"run_dir={tmp_path / 'run'}", f"init.from_checkpoint={saved / 'iter_0000003'}",
-                     "model.rope_base=500000.0", 'checkpoint.allow_model_changes=["rope_base"]', ok=True)
+    report = dry_run(
+        f"run_dir={tmp_path / 'run'}",
+        f"init.from_checkpoint={saved / 'iter_0000003'}",
+        "model.rope_base=500000.0",
+        'checkpoint.allow_model_changes=["rope_base"]',
+        ok=True,
+    )
     assert "changed by checkpoint.allow_model_changes: model.rope_base 10000.0 -> 500000.0" in report
 
 
@@ -144,13 +163,17 @@ def test_allow_model_changes_names_only_keys_that_can_change(key, why):
 
 
 # ---------------------------------------------------------------- FP8 means FP8 or a refusal
-@pytest.mark.parametrize("overrides", [["precision.fp8=delayed"], ["precision.fp8=tensorwise"],
-                                       ["precision.transformer_engine=on"]])
+@pytest.mark.parametrize(
+    "overrides", [["precision.fp8=delayed"], ["precision.fp8=tensorwise"], ["precision.transformer_engine=on"]]
+)
 def test_fp8_without_transformer_engine_is_refused_on_paper_and_at_init(tmp_path, overrides):
     from bigpt.model import use_transformer_engine
 
     message = dry_run(f"run_dir={tmp_path}", *overrides)
-    assert overrides[0].split("=")[0] in message and "needs Transformer Engine on a CUDA GPU, which is not installed here" in message
+    assert (
+        overrides[0].split("=")[0] in message
+        and "needs Transformer Engine on a CUDA GPU, which is not installed here" in message
+    )
     with pytest.raises(BigptError, match="needs Transformer Engine on a CUDA GPU, which this machine does not have"):
         use_transformer_engine(load_recipe(MOCK, overrides))
 
@@ -161,8 +184,6 @@ def test_a_plain_recipe_needs_no_transformer_engine():
     recipe = load_recipe(MOCK)
     check_transformer_engine_installed(recipe)
     assert use_transformer_engine(recipe) is False
-
-
 
 
 def test_a_missing_or_damaged_tokenizer_is_refused_on_paper(tmp_path):

@@ -38,8 +38,13 @@ def with_bad_line(path: Path, texts: list[str], bad: str, line: int) -> Path:
 def test_jsonl_becomes_documents_megatron_reads_with_eod_appended(tmp_path, tokenizer_path):
     texts = corpus_texts(40)
     progress = io.StringIO()
-    summary = preprocess(write_jsonl(tmp_path / "in.jsonl", texts), str(tmp_path / "out"),
-                         tokenizer_path, progress=progress, progress_interval_s=0)
+    summary = preprocess(
+        write_jsonl(tmp_path / "in.jsonl", texts),
+        str(tmp_path / "out"),
+        tokenizer_path,
+        progress=progress,
+        progress_interval_s=0,
+    )
     tokenizer = load_tokenizer(tokenizer_path)
     expected = [tokenizer.encode(text) + [tokenizer.eod] for text in texts]
     assert documents(tmp_path / "out") == expected
@@ -62,19 +67,20 @@ def test_plain_text_is_one_document_per_line(tmp_path, tokenizer_path):
     (tmp_path / "in.txt").write_text("first document\n\nsecond one\n")
     summary = preprocess(tmp_path / "in.txt", str(tmp_path / "out"), tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
-    assert [tokenizer.decode(doc[:-1]) for doc in documents(tmp_path / "out")] == [
-        "first document", "second one"]
+    assert [tokenizer.decode(doc[:-1]) for doc in documents(tmp_path / "out")] == ["first document", "second one"]
     assert summary.empty_lines == 1
 
 
-@pytest.mark.parametrize("bad, problem", [
-    ('{"text": "unterminated', "not valid JSON"),
-    ('{"body": "no text field"}', "not a JSON object with a 'text' field"),
-    ('{"text": 42}', "field 'text' is int, not a string"),
-    ('["a", "list"]', "not a JSON object with a 'text' field"),
-])
-def test_a_bad_jsonl_line_stops_with_its_line_number_and_writes_nothing(tmp_path, tokenizer_path,
-                                                                         bad, problem):
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        ('{"text": "unterminated', "not valid JSON"),
+        ('{"body": "no text field"}', "not a JSON object with a 'text' field"),
+        ('{"text": 42}', "field 'text' is int, not a string"),
+        ('["a", "list"]', "not a JSON object with a 'text' field"),
+    ],
+)
+def test_a_bad_jsonl_line_stops_with_its_line_number_and_writes_nothing(tmp_path, tokenizer_path, bad, problem):
     corpus = with_bad_line(tmp_path / "in.jsonl", corpus_texts(5), bad, line=3)
     with pytest.raises(BigptError, match=rf"in\.jsonl:3: {problem}.*--on-bad-line skip"):
         preprocess(corpus, str(tmp_path / "out"), tokenizer_path)
@@ -84,8 +90,7 @@ def test_a_bad_jsonl_line_stops_with_its_line_number_and_writes_nothing(tmp_path
 def test_a_bad_jsonl_line_can_be_skipped_and_is_reported(tmp_path, tokenizer_path):
     corpus = with_bad_line(tmp_path / "in.jsonl", corpus_texts(5), "not json", line=2)
     progress = io.StringIO()
-    summary = preprocess(corpus, str(tmp_path / "out"), tokenizer_path, on_bad_line="skip",
-                         progress=progress)
+    summary = preprocess(corpus, str(tmp_path / "out"), tokenizer_path, on_bad_line="skip", progress=progress)
     assert (summary.documents, summary.bad_lines) == (5, 1)
     assert "skipping" in progress.getvalue() and "in.jsonl:2: not valid JSON" in progress.getvalue()
 
@@ -114,9 +119,20 @@ def test_input_without_documents_is_refused(tmp_path, tokenizer_path):
 def test_the_cli_reports_a_bad_line_without_a_traceback(tmp_path, tokenizer_path):
     corpus = with_bad_line(tmp_path / "in.jsonl", corpus_texts(5), "{oops", line=4)
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus),
-         "--output-prefix", str(tmp_path / "out"), "--tokenizer", str(tokenizer_path)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            str(REPO / "tools" / "preprocess_data.py"),
+            "--input",
+            str(corpus),
+            "--output-prefix",
+            str(tmp_path / "out"),
+            "--tokenizer",
+            str(tokenizer_path),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == EXIT_USER_ERROR
     assert f"bigpt: error: {corpus}:4: not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
@@ -139,7 +155,7 @@ from bigpt.data.preprocess import preprocess
 from bigpt.errors import BigptError
 for run in range({STRESS_RUNS}):
     try:
-        preprocess({str(corpus)!r}, {str(tmp_path / 'out')!r}, {str(tokenizer_path)!r}, workers=2)
+        preprocess({str(corpus)!r}, {str(tmp_path / "out")!r}, {str(tokenizer_path)!r}, workers=2)
     except BigptError as err:
         assert "in.jsonl:{3 * 256 + 10}:" in str(err), err
     else:
@@ -147,7 +163,12 @@ for run in range({STRESS_RUNS}):
     assert not multiprocessing.active_children(), multiprocessing.active_children()
 print("ok")
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
     assert not list(tmp_path.glob("out*"))

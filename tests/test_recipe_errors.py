@@ -34,8 +34,13 @@ def load_error(path, overrides=()) -> str:
 
 
 def cli_error(*args) -> str:
-    result = subprocess.run([sys.executable, "launchers/run.py", *map(str, args), "--dry-run"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "launchers/run.py", *map(str, args), "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == EXIT_USER_ERROR, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     return result.stderr
@@ -141,45 +146,61 @@ def test_override_wrong_type_names_the_override():
     assert "train.train_iters must be an integer, got 'many' (str) in override" in message
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["model.num_query_groups=3"], "model.num_attention_heads=4 is not a multiple of model.num_query_groups=3"),
-    (["model.hidden_size=130"], "model.hidden_size=130 is not divisible by model.num_attention_heads=4"),
-    (['precision.fp8="delayed"', 'precision.transformer_engine="off"'], "needs Transformer Engine"),
-    (["train.rampup_batch_size=[3, 2, 100]"], "never reaches train.global_batch_size=8"),
-    (["train.rampup_batch_size=[2, 2]"], "does not have 3 entries"),
-    (["optimizer.min_lr=1.0"], "optimizer.min_lr=1.0 is above optimizer.lr"),
-    (["schedule.warmup_iters=30"], "schedule.warmup_iters=30 is not below the end of the decay"),
-    (["schedule.decay_style=wsd"], "needs schedule.wsd_decay_iters"),
-    (["data.blend=[]"], "data.source='indexed' needs data.tokenizer and a non-empty data.blend"),
-    (['data.split="100,0,0"'], "leaves no validation data"),
-    (['data.split="a,b"'], "is not three comma-separated"),
-    (["init.from_hf=a", "init.from_checkpoint=b"], "init.from_hf and init.from_checkpoint are both set"),
-    (['optimizer.name="muon"', 'precision.dtype="fp16"'], "optimizer.name='muon' cannot train in precision.dtype='fp16'"),
-    (['optimizer.name="adafactor"'], "optimizer.name='adafactor' cannot be offered: its factored second moments"),
-    (['model.position_embedding="learned"', "model.max_position_embeddings=64"],
-     "model.max_position_embeddings=64 is shorter than model.seq_length=128"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.num_query_groups=3"], "model.num_attention_heads=4 is not a multiple of model.num_query_groups=3"),
+        (["model.hidden_size=130"], "model.hidden_size=130 is not divisible by model.num_attention_heads=4"),
+        (['precision.fp8="delayed"', 'precision.transformer_engine="off"'], "needs Transformer Engine"),
+        (["train.rampup_batch_size=[3, 2, 100]"], "never reaches train.global_batch_size=8"),
+        (["train.rampup_batch_size=[2, 2]"], "does not have 3 entries"),
+        (["optimizer.min_lr=1.0"], "optimizer.min_lr=1.0 is above optimizer.lr"),
+        (["schedule.warmup_iters=30"], "schedule.warmup_iters=30 is not below the end of the decay"),
+        (["schedule.decay_style=wsd"], "needs schedule.wsd_decay_iters"),
+        (["data.blend=[]"], "data.source='indexed' needs data.tokenizer and a non-empty data.blend"),
+        (['data.split="100,0,0"'], "leaves no validation data"),
+        (['data.split="a,b"'], "is not three comma-separated"),
+        (["init.from_hf=a", "init.from_checkpoint=b"], "init.from_hf and init.from_checkpoint are both set"),
+        (
+            ['optimizer.name="muon"', 'precision.dtype="fp16"'],
+            "optimizer.name='muon' cannot train in precision.dtype='fp16'",
+        ),
+        (['optimizer.name="adafactor"'], "optimizer.name='adafactor' cannot be offered: its factored second moments"),
+        (
+            ['model.position_embedding="learned"', "model.max_position_embeddings=64"],
+            "model.max_position_embeddings=64 is shorter than model.seq_length=128",
+        ),
+    ],
+)
 def test_cross_field_rule(overrides, expected):
     message = load_error(TINY, overrides)
     assert expected in message and "tiny.toml" in message
 
 
 def test_data_phases_need_real_datasets(tmp_path):
-    message = load_error(bad_recipe(tmp_path, '''
+    message = load_error(
+        bad_recipe(
+            tmp_path,
+            """
         [data]
         source = "mock"
         [[data.phases]]
         start_tokens = 1000
         blend = [{path = "anneal_text_document"}]
-        '''))
+        """,
+        )
+    )
     assert "data.phases set, but data.source='mock' (random tokens" in message
 
 
-@pytest.mark.parametrize("recipe_text", [
-    '[data]\nsource = "mock"\ntokenizer = "t.model"\nblend = [{path = "corpus_text_document"}]\n',
-    '[data]\ntokenizer = "t.model"\nblend = [{path = "corpus_text_document"}]\n',  # source left to its default
-    '[data]\nsource = "mock"\ncache_dir = "cache"\n',
-])
+@pytest.mark.parametrize(
+    "recipe_text",
+    [
+        '[data]\nsource = "mock"\ntokenizer = "t.model"\nblend = [{path = "corpus_text_document"}]\n',
+        '[data]\ntokenizer = "t.model"\nblend = [{path = "corpus_text_document"}]\n',  # source left to its default
+        '[data]\nsource = "mock"\ncache_dir = "cache"\n',
+    ],
+)
 def test_data_keys_that_mock_data_would_ignore_are_refused(tmp_path, recipe_text):
     """No recipe naming real data trains on random tokens without a word."""
     path = tmp_path / "mock.toml"
@@ -208,8 +229,15 @@ FLOAT_KEYS = list(_float_keys(Recipe))
 
 
 def test_every_float_key_is_found():
-    assert {"optimizer.lr", "model.init_std", "optimizer.adam_eps", "model.rope_base", "train.clip_grad",
-            "model.norm_epsilon", "optimizer.weight_decay"} <= set(FLOAT_KEYS)
+    assert {
+        "optimizer.lr",
+        "model.init_std",
+        "optimizer.adam_eps",
+        "model.rope_base",
+        "train.clip_grad",
+        "model.norm_epsilon",
+        "optimizer.weight_decay",
+    } <= set(FLOAT_KEYS)
 
 
 @pytest.mark.parametrize("key", FLOAT_KEYS)

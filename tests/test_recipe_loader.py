@@ -35,7 +35,9 @@ def write(path, text):
 def family(tmp_path):
     """grand.toml <- shared/base.toml <- child.toml, each setting overlapping keys."""
     write(tmp_path / "grand.toml", MINIMAL + '[data]\ncache_dir = "cache"\n')
-    write(tmp_path / "shared/base.toml", """
+    write(
+        tmp_path / "shared/base.toml",
+        """
         base = "../grand.toml"
         [model]
         num_layers = 8
@@ -47,8 +49,11 @@ def family(tmp_path):
         source = "indexed"
         tokenizer = "tok/tokenizer.model"
         blend = [{path = "a_text_document"}, {path = "b_text_document", weight = 3}]
-        """)
-    return write(tmp_path / "child.toml", """
+        """,
+    )
+    return write(
+        tmp_path / "child.toml",
+        """
         base = "shared/base.toml"
         name = "child"
         [model]
@@ -59,16 +64,17 @@ def family(tmp_path):
         blend = [{path = "c_text_document", weight = 2}]
         [checkpoint]
         dir = "ckpt"
-        """)
+        """,
+    )
 
 
 def test_deep_merge_child_wins_and_lists_are_replaced(family):
     recipe = load_recipe(family)
     assert recipe.name == "child"
-    assert recipe.model.num_layers == 4          # child
-    assert recipe.model.hidden_size == 128       # base, kept beside the child's model keys
-    assert recipe.model.vocab_size == 1000       # grand
-    assert recipe.model.activation == "swiglu"   # default
+    assert recipe.model.num_layers == 4  # child
+    assert recipe.model.hidden_size == 128  # base, kept beside the child's model keys
+    assert recipe.model.vocab_size == 1000  # grand
+    assert recipe.model.activation == "swiglu"  # default
     assert recipe.optimizer.min_lr == 0.5
     assert len(recipe.data.blend) == 1
 
@@ -97,13 +103,16 @@ def test_precedence_cli_over_recipe_over_base_over_defaults(family):
 def test_override_values_are_toml_or_bare_strings(tmp_path, monkeypatch):
     recipe_path = write(tmp_path / "r.toml", MINIMAL)
     monkeypatch.chdir(tmp_path / "..")
-    recipe = load_recipe(recipe_path, [
-        "model.activation=gelu",
-        "parallel.sequence_parallel=true",
-        "train.rampup_batch_size=[1, 1, 100]",
-        'name="quoted"',
-        "data.tokenizer=tok.model",
-    ])
+    recipe = load_recipe(
+        recipe_path,
+        [
+            "model.activation=gelu",
+            "parallel.sequence_parallel=true",
+            "train.rampup_batch_size=[1, 1, 100]",
+            'name="quoted"',
+            "data.tokenizer=tok.model",
+        ],
+    )
     assert recipe.model.activation == "gelu"
     assert recipe.parallel.sequence_parallel is True
     assert recipe.train.rampup_batch_size == [1, 1, 100]
@@ -118,7 +127,7 @@ def test_ints_are_accepted_for_floats(tmp_path):
 
 
 def test_toml_round_trip_of_an_inherited_recipe(family, tmp_path):
-    recipe = load_recipe(family, ["train.rampup_batch_size=[2, 2, 8]", 'model.kv_channels=32'])
+    recipe = load_recipe(family, ["train.rampup_batch_size=[2, 2, 8]", "model.kv_channels=32"])
     text = recipe_to_toml(recipe)
     assert not {"base", "source"} & set(tomllib.loads(text))
     resolved = write(tmp_path / "elsewhere/resolved.toml", text)

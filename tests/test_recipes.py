@@ -16,8 +16,11 @@ from bigpt.recipe import load_recipe, recipe_to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 # recipes/data/ holds curation recipes (their own schema, tests/test_curate_recipes.py).
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.toml")
-                 if not {"base", "data"} & set(p.relative_to(ROOT / "recipes").parent.parts))
+RECIPES = sorted(
+    p
+    for p in (ROOT / "recipes").rglob("*.toml")
+    if not {"base", "data"} & set(p.relative_to(ROOT / "recipes").parent.parts)
+)
 WORLD_SIZE_COMMENT = re.compile(r"^# intended world size: (\d+)", re.MULTILINE)
 
 
@@ -57,9 +60,22 @@ def test_llama_70b_layout():
 def test_dry_run_cli_prints_the_plan(tmp_path, small_tokenizer):
     """On a machine without the recipe's data (a real start would refuse it, so would the dry run)."""
     result = subprocess.run(
-        [sys.executable, "launchers/run.py", "recipes/llama_70b.toml", "--dry-run", "--world-size", "512",
-         "data.source=mock", "data.blend=[]", f"data.tokenizer={small_tokenizer}", f"run_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "launchers/run.py",
+            "recipes/llama_70b.toml",
+            "--dry-run",
+            "--world-size",
+            "512",
+            "data.source=mock",
+            "data.blend=[]",
+            f"data.tokenizer={small_tokenizer}",
+            f"run_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert "512 = TP 8 × PP 4 × CP 1 × DP 16" in result.stdout

@@ -33,30 +33,63 @@ def srun_command(script: str) -> list[str]:
 
 
 def test_rendered_script_launches_one_torchrun_per_node(capsys, tmp_path):
-    script = render(capsys, RECIPE_70B, f"run_dir={tmp_path / 'run'}", "--nodes", 64,
-                    "--partition", "gpu", "--time", "48:00:00")
+    script = render(
+        capsys, RECIPE_70B, f"run_dir={tmp_path / 'run'}", "--nodes", 64, "--partition", "gpu", "--time", "48:00:00"
+    )
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
-    for directive in ("--nodes=64", "--ntasks-per-node=1", "--gpus-per-node=8", "--requeue",
-                      "--signal=B:USR1@300", "--partition=gpu", "--time=48:00:00", "--job-name=llama3-70b",
-                      f"--output={tmp_path / 'run'}/slurm-%j.out", f"--chdir={Path.cwd()}"):
+    for directive in (
+        "--nodes=64",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--requeue",
+        "--signal=B:USR1@300",
+        "--partition=gpu",
+        "--time=48:00:00",
+        "--job-name=llama3-70b",
+        f"--output={tmp_path / 'run'}/slurm-%j.out",
+        f"--chdir={Path.cwd()}",
+    ):
         assert f"#SBATCH {directive}\n" in script
     assert (tmp_path / "run").is_dir()  # SLURM needs the log's directory to exist at submission
     assert f"RECIPE={RECIPE_70B}\n" in script and "WORKERS_PER_NODE=8\n" in script
     assert "SHUTDOWN_TIMEOUT=270\n" in script and f"OVERRIDES=(run_dir={tmp_path / 'run'})\n" in script
     words = srun_command(script)
     torchrun = words.index("torchrun")
-    assert words[:torchrun] == ["srun", "--ntasks-per-node=1", "--cpus-per-task=$SLURM_CPUS_ON_NODE",
-                                "--kill-on-bad-exit=1"]
+    assert words[:torchrun] == [
+        "srun",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=$SLURM_CPUS_ON_NODE",
+        "--kill-on-bad-exit=1",
+    ]
     assert words[torchrun:] == [
-        "torchrun", "--nnodes=$SLURM_NNODES", "--nproc-per-node=$WORKERS_PER_NODE", "--rdzv-backend=c10d",
-        "--rdzv-endpoint=$HEAD_NODE:$RDZV_PORT", "--rdzv-id=$SLURM_JOB_ID", "--max-restarts=0",
-        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=$SHUTDOWN_TIMEOUT",
-        "$RUN_PY", "$RECIPE", "${OVERRIDES[@]}"]
+        "torchrun",
+        "--nnodes=$SLURM_NNODES",
+        "--nproc-per-node=$WORKERS_PER_NODE",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=$HEAD_NODE:$RDZV_PORT",
+        "--rdzv-id=$SLURM_JOB_ID",
+        "--max-restarts=0",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout=$SHUTDOWN_TIMEOUT",
+        "$RUN_PY",
+        "$RECIPE",
+        "${OVERRIDES[@]}",
+    ]
 
 
 def test_nodes_without_gpus_get_the_workers_asked_for_and_no_gpu_request(capsys, tmp_path):
-    script = render(capsys, MOCK_RECIPE, f"run_dir={tmp_path}", "parallel.tensor=2", "--nodes", 2,
-                    "--workers-per-node", 2, "--partition", "cpu")
+    script = render(
+        capsys,
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        "parallel.tensor=2",
+        "--nodes",
+        2,
+        "--workers-per-node",
+        2,
+        "--partition",
+        "cpu",
+    )
     assert "WORKERS_PER_NODE=2\n" in script and "#SBATCH --nodes=2\n" in script
     assert not [line for line in script.splitlines() if line.startswith("#SBATCH --gpus")]
 
@@ -65,13 +98,16 @@ def test_template_is_valid_bash():
     subprocess.run(["bash", "-n", str(REPO / "launchers" / "bigpt.sbatch")], check=True)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--nodes", "3"], "--nodes 3 × --gpus-per-node 8 = 24 GPUs cannot host"),
-    (["--nodes", "128", "--gpus-per-node", "4"], "parallel.tensor=8 in"),
-    (["--nodes", "64", "parallel.data=8"], "parallel.data=8 but world size 512"),
-    (["--nodes", "3", "--workers-per-node", "2"], "--nodes 3 × --workers-per-node 2 = 6 workers cannot host"),
-    (["--nodes", "256", "--workers-per-node", "2"], "is more than --workers-per-node 2: tensor parallelism"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nodes", "3"], "--nodes 3 × --gpus-per-node 8 = 24 GPUs cannot host"),
+        (["--nodes", "128", "--gpus-per-node", "4"], "parallel.tensor=8 in"),
+        (["--nodes", "64", "parallel.data=8"], "parallel.data=8 but world size 512"),
+        (["--nodes", "3", "--workers-per-node", "2"], "--nodes 3 × --workers-per-node 2 = 6 workers cannot host"),
+        (["--nodes", "256", "--workers-per-node", "2"], "is more than --workers-per-node 2: tensor parallelism"),
+    ],
+)
 def test_a_layout_the_nodes_cannot_host_is_refused_before_anything_is_written(capsys, tmp_path, argv, message):
     out = tmp_path / "job.sbatch"
     assert slurm_main([str(RECIPE_70B), f"run_dir={tmp_path / 'run'}", "-o", str(out), *argv]) == 2
@@ -80,15 +116,18 @@ def test_a_layout_the_nodes_cannot_host_is_refused_before_anything_is_written(ca
     assert not out.exists() and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--time", "48h"], "--time '48h' is not a SLURM time limit"),
-    (["--time", "1:75:00"], "--time '1:75:00' is not a SLURM time limit"),
-    (["--time", "0"], "--time '0' is not a SLURM time limit"),
-    (["--time", "4"], "--signal-seconds 300 is not shorter than --time 4 (240 s)"),
-    (["--time", "1-00:03", "--signal-seconds", "90000"], "--signal-seconds must be between 60"),
-    (["--port", "70000"], "--port must be a TCP port between 1 and 65535, got 70000"),
-    (["--port", "0"], "--port must be a TCP port between 1 and 65535, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--time", "48h"], "--time '48h' is not a SLURM time limit"),
+        (["--time", "1:75:00"], "--time '1:75:00' is not a SLURM time limit"),
+        (["--time", "0"], "--time '0' is not a SLURM time limit"),
+        (["--time", "4"], "--signal-seconds 300 is not shorter than --time 4 (240 s)"),
+        (["--time", "1-00:03", "--signal-seconds", "90000"], "--signal-seconds must be between 60"),
+        (["--port", "70000"], "--port must be a TCP port between 1 and 65535, got 70000"),
+        (["--port", "0"], "--port must be a TCP port between 1 and 65535, got 0"),
+    ],
+)
 def test_slurm_arguments_are_checked(capsys, tmp_path, argv, message):
     with pytest.raises(SystemExit) as exit_:
         slurm_main([str(RECIPE_70B), f"run_dir={tmp_path / 'run'}", "--nodes", "64", *argv])
@@ -96,8 +135,18 @@ def test_slurm_arguments_are_checked(capsys, tmp_path, argv, message):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("time_limit, seconds", [("30", 1800), ("30:15", 1815), ("48:00:00", 172800), ("2-0", 172800),
-                                                 ("1-12:30", 131400), ("1-00:00:10", 86410), ("UNLIMITED", 0)])
+@pytest.mark.parametrize(
+    "time_limit, seconds",
+    [
+        ("30", 1800),
+        ("30:15", 1815),
+        ("48:00:00", 172800),
+        ("2-0", 172800),
+        ("1-12:30", 131400),
+        ("1-00:00:10", 86410),
+        ("UNLIMITED", 0),
+    ],
+)
 def test_slurm_time_formats(time_limit, seconds):
     from launchers.slurm import time_limit_seconds
 
@@ -106,8 +155,10 @@ def test_slurm_time_formats(time_limit, seconds):
 
 def test_an_output_path_that_cannot_be_written_is_refused(capsys, tmp_path):
     (tmp_path / "file").write_text("mine")
-    for out, message in ((tmp_path / "file" / "job.sbatch", "is a file, not a directory"),
-                         (tmp_path, "is a directory; name a file to write")):
+    for out, message in (
+        (tmp_path / "file" / "job.sbatch", "is a file, not a directory"),
+        (tmp_path, "is a directory; name a file to write"),
+    ):
         assert slurm_main([str(RECIPE_70B), f"run_dir={tmp_path / 'run'}", "--nodes", "64", "-o", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("bigpt: error: ") and message in err and "Traceback" not in err
@@ -147,7 +198,8 @@ def attempts(log: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_node_job_preempted_by_scancel_is_requeued_and_resumes_to_the_losses_of_a_local_run(
-        slurm, capsys, tmp_path):
+    slurm, capsys, tmp_path
+):
     """PP2 over n1 and n2 (a worker each): USR1 from scancel makes both ranks save, the job
     requeues itself, resumes from that checkpoint and finishes with the losses of an uninterrupted
     local torchrun of the same layout."""
@@ -173,14 +225,27 @@ def test_two_node_job_preempted_by_scancel_is_requeued_and_resumes_to_the_losses
 
 @pytest.mark.slow
 def test_time_limit_signal_lead_time_makes_the_job_save_requeue_and_resume_and_scancel_stops_it(
-        slurm, capsys, tmp_path):
+    slurm, capsys, tmp_path
+):
     """Once the job is within --signal-seconds of its time limit, SLURM sends USR1 (at its next
     time-limit check, every 30 s): bigpt saves, the job requeues itself and resumes from there.
     The test brings the limit near by shortening it once training runs (as an administrator can).
     Then ``scancel`` (TERM): bigpt saves again, and the job stays cancelled."""
     run_dir = tmp_path / "run"
-    job = submit(capsys, MOCK_RECIPE, "train.train_iters=100000", f"run_dir={run_dir}", "--nodes", 1,
-                 "--workers-per-node", 1, "--time", 10, "--signal-seconds", 100)
+    job = submit(
+        capsys,
+        MOCK_RECIPE,
+        "train.train_iters=100000",
+        f"run_dir={run_dir}",
+        "--nodes",
+        1,
+        "--workers-per-node",
+        1,
+        "--time",
+        10,
+        "--signal-seconds",
+        100,
+    )
     log = run_dir / f"slurm-{job}.out"
     wait_for_log(slurm, job, log, r"step 1/")
     # A limit 60-120 s away: inside the lead time (100 s + the 30 s between checks), and far

@@ -32,8 +32,9 @@ def hf_tokenizer_json(path: Path, specials: list[str]) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(corpus_texts(50), trainer)
     tokenizer.save(str(path))
     return path
@@ -70,8 +71,11 @@ def test_a_tokenizer_json_without_an_end_of_text_token_is_refused(tmp_path):
 
 
 def test_missing_and_unreadable_tokenizers_are_named(tmp_path):
-    with pytest.raises(BigptError, match=r"tokenizer file .*absent\.model does not exist; "
-                                         r"check data\.tokenizer"):
+    with pytest.raises(
+        BigptError,
+        match=r"tokenizer file .*absent\.model does not exist; "
+        r"check data\.tokenizer",
+    ):
         load_tokenizer(tmp_path / "absent.model")
     (tmp_path / "junk.model").write_bytes(b"\x00junk")
     with pytest.raises(BigptError, match="is not a readable SentencePiece model"):
@@ -80,8 +84,9 @@ def test_missing_and_unreadable_tokenizers_are_named(tmp_path):
 
 def test_train_tokenizer_cli_writes_a_model_from_jsonl(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_texts(100), field="body")
-    code = load_tool("train_tokenizer").main(["--input", str(corpus), "--vocab-size", "400",
-                                              "--field", "body", "--output-prefix", str(tmp_path / "tok")])
+    code = load_tool("train_tokenizer").main(
+        ["--input", str(corpus), "--vocab-size", "400", "--field", "body", "--output-prefix", str(tmp_path / "tok")]
+    )
     assert code == 0
     assert load_tokenizer(tmp_path / "tok.model").vocab_size == 400
     assert "wrote" in capsys.readouterr().out
@@ -89,8 +94,9 @@ def test_train_tokenizer_cli_writes_a_model_from_jsonl(tmp_path, capsys):
 
 def test_train_tokenizer_cli_fails_cleanly_when_the_vocabulary_cannot_be_reached(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", ["just a few words"])
-    code = load_tool("train_tokenizer").main(["--input", str(corpus), "--vocab-size", "4096",
-                                              "--output-prefix", str(tmp_path / "tok")])
+    code = load_tool("train_tokenizer").main(
+        ["--input", str(corpus), "--vocab-size", "4096", "--output-prefix", str(tmp_path / "tok")]
+    )
     assert code == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.startswith("bigpt: error: SentencePiece could not train a 4096-token vocabulary")

@@ -34,29 +34,60 @@ def places(tmp_path):
 
 
 CASES = {
-    "preprocess input is a directory": (preprocess_main, "--input {dir} --output-prefix {t}/out --tokenizer {file}",
-                                        "input {dir} is a directory, not a file"),
-    "preprocess tokenizer is a directory": (preprocess_main, "--input {corpus} --output-prefix {t}/out --tokenizer {dir}",
-                                            "tokenizer file {dir} is a directory, not a file"),
-    "preprocess output under a file": (preprocess_main, "--input {corpus} --output-prefix {file}/out --tokenizer {file}",
-                                       "{file} is a file, not a directory"),
-    "tokenizer input is a directory": (tokenizer_main, "--input {dir} --vocab-size 100 --output-prefix {t}/tok",
-                                       "input {dir} is a directory, not a file"),
+    "preprocess input is a directory": (
+        preprocess_main,
+        "--input {dir} --output-prefix {t}/out --tokenizer {file}",
+        "input {dir} is a directory, not a file",
+    ),
+    "preprocess tokenizer is a directory": (
+        preprocess_main,
+        "--input {corpus} --output-prefix {t}/out --tokenizer {dir}",
+        "tokenizer file {dir} is a directory, not a file",
+    ),
+    "preprocess output under a file": (
+        preprocess_main,
+        "--input {corpus} --output-prefix {file}/out --tokenizer {file}",
+        "{file} is a file, not a directory",
+    ),
+    "tokenizer input is a directory": (
+        tokenizer_main,
+        "--input {dir} --vocab-size 100 --output-prefix {t}/tok",
+        "input {dir} is a directory, not a file",
+    ),
     "tokenizer output under a missing parent under a file": (
-        tokenizer_main, "--input {corpus} --vocab-size 100 --output-prefix {file}/a/tok", "{file} is a file, not a directory"),
-    "tokenizer output name too long": (tokenizer_main, "--input {corpus} --vocab-size 100 --output-prefix {t}/" + LONG,
-                                       "bytes the filesystem allows"),
-    "classifier output is a directory": (classifier_main, "--positive {corpus} --negative {corpus} --out {dir}",
-                                         "--out = {dir} is a directory; name a file to write"),
-    "classifier example is a directory": (classifier_main, "--positive {dir} --negative {corpus} --out {t}/q.bin",
-                                          "example file {dir} is a directory, not a file"),
+        tokenizer_main,
+        "--input {corpus} --vocab-size 100 --output-prefix {file}/a/tok",
+        "{file} is a file, not a directory",
+    ),
+    "tokenizer output name too long": (
+        tokenizer_main,
+        "--input {corpus} --vocab-size 100 --output-prefix {t}/" + LONG,
+        "bytes the filesystem allows",
+    ),
+    "classifier output is a directory": (
+        classifier_main,
+        "--positive {corpus} --negative {corpus} --out {dir}",
+        "--out = {dir} is a directory; name a file to write",
+    ),
+    "classifier example is a directory": (
+        classifier_main,
+        "--positive {dir} --negative {corpus} --out {t}/q.bin",
+        "example file {dir} is a directory, not a file",
+    ),
     "export under a file": (convert_main, "export {dir} {file}/hf", "{file} is a file, not a directory"),
     "export into a file": (convert_main, "export {dir} {file}", "{file} exists (a file)"),
     "recipe is a directory": (plan_main, "{dir} --gpus 8", "recipe file {dir} is a directory, not a file"),
-    "demo data under a file": (prepare_demo_main, "--out {file}/demo", "--out = {file}/demo cannot be created: {file} is a file"),
+    "demo data under a file": (
+        prepare_demo_main,
+        "--out {file}/demo",
+        "--out = {file}/demo cannot be created: {file} is a file",
+    ),
     "demo data name too long": (prepare_demo_main, "--out {t}/" + LONG, "bytes the filesystem allows"),
-    "curation output under a file": (curate_main, str(ROOT / "recipes/data/web_quality.toml") + " input.path={corpus} "
-                                     "output.dir={file}/curated", "output.dir = {file}/curated cannot be created: {file} is a file"),
+    "curation output under a file": (
+        curate_main,
+        str(ROOT / "recipes/data/web_quality.toml") + " input.path={corpus} output.dir={file}/curated",
+        "output.dir = {file}/curated cannot be created: {file} is a file",
+    ),
 }
 
 
@@ -70,13 +101,16 @@ def test_a_path_a_tool_cannot_use_is_named(places, capsys, case):
     assert (places / "file").read_text() == "mine" and not any((places / "dir").iterdir())
 
 
-@pytest.mark.parametrize("tokens, message", [
-    (np.array([[1, 2, 512]]), "token ids from 1 to 512, outside 0..511 (model.vocab_size = 512)"),
-    (np.array([[-1, 2]]), "token ids from -1 to 2, outside 0..511"),
-    (np.array([1, 2, 3]), "shape (3,); it must be a non-empty [batch, seq] array of integer token ids"),
-    (np.zeros((1, 2, 3), dtype=np.int64), "shape (1, 2, 3)"),
-    (np.array([[0.5, 1.0]]), "a float64 array"),
-])
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (np.array([[1, 2, 512]]), "token ids from 1 to 512, outside 0..511 (model.vocab_size = 512)"),
+        (np.array([[-1, 2]]), "token ids from -1 to 2, outside 0..511"),
+        (np.array([1, 2, 3]), "shape (3,); it must be a non-empty [batch, seq] array of integer token ids"),
+        (np.zeros((1, 2, 3), dtype=np.int64), "shape (1, 2, 3)"),
+        (np.array([[0.5, 1.0]]), "a float64 array"),
+    ],
+)
 def test_logits_refuses_tokens_the_model_cannot_take(tmp_path, tokens, message):
     np.save(tmp_path / "t.npy", tokens)
     with pytest.raises(BigptError, match="--tokens = .*t.npy holds ") as info:
@@ -102,9 +136,14 @@ def test_a_rendezvous_port_in_use_is_named(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "launchers/run.py", str(MOCK), f"run_dir={tmp_path}"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=120,
-                                env={"PATH": "/usr/bin:/bin", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+        result = subprocess.run(
+            [sys.executable, "launchers/run.py", str(MOCK), f"run_dir={tmp_path}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PATH": "/usr/bin:/bin", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+        )
     assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
     assert "MASTER_PORT" in result.stderr and "--master_port" in result.stderr
@@ -126,9 +165,13 @@ def test_a_full_disk_is_named_and_nothing_is_left_behind(full_disk, small_tokeni
     corpus.write_text("".join(f"w{i % 99 + 1}\n" for i in range(50_000)))  # 50,000 documents
     checkpoint = ROOT / "tests" / "fixtures" / "mcore_0_16_1" / "iter_0000004"
     for main, argv, key in (
-            (preprocess_main, ["--input", str(corpus), "--output-prefix", str(full_disk / "data"),
-                               "--tokenizer", str(small_tokenizer)], "the output prefix"),
-            (convert_main, ["export", str(checkpoint), str(full_disk / "hf")], "the export's OUT")):
+        (
+            preprocess_main,
+            ["--input", str(corpus), "--output-prefix", str(full_disk / "data"), "--tokenizer", str(small_tokenizer)],
+            "the output prefix",
+        ),
+        (convert_main, ["export", str(checkpoint), str(full_disk / "hf")], "the export's OUT"),
+    ):
         assert main(argv) == EXIT_USER_ERROR
         err = capsys.readouterr().err
         assert f"writing {key} = {full_disk}" in err and "No space left on device" in err and "Traceback" not in err

@@ -22,26 +22,55 @@ def test_tensorboard_has_every_logged_scalar(tmp_path):
 
 
 def test_checkpoint_of_another_shape_and_a_fresh_start_over_a_run_are_refused(tmp_path):
-    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "train.train_iters=3", "schedule.warmup_iters=1",
-              "checkpoint.save_interval=1")
+    run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        "train.train_iters=3",
+        "schedule.warmup_iters=1",
+        "checkpoint.save_interval=1",
+    )
     checkpoints = tmp_path / "checkpoints"
     before = {p: p.read_bytes() for p in sorted(checkpoints.rglob("*")) if p.is_file()}
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "checkpoint.load=auto", "model.hidden_size=128",
-                       "model.ffn_hidden_size=320", check=False)
+    result = run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        "checkpoint.load=auto",
+        "model.hidden_size=128",
+        "model.ffn_hidden_size=320",
+        check=False,
+    )
     assert result.returncode != 0  # torchrun reports 1 for any failed rank; the rank itself exits 2
     assert "does not match the recipe's model: model.hidden_size = 128 (the checkpoint has 64)" in result.stderr
     assert "Traceback" not in result.stderr.split("bigpt: error")[1].split("\n")[0]
     # The same mistake as a fresh start (what the error used to advise): refused, nothing overwritten or pruned.
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "checkpoint.load=none", "model.hidden_size=128",
-                       "model.ffn_hidden_size=320", "checkpoint.save_interval=2", "checkpoint.keep_last=1", check=False)
+    result = run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        "checkpoint.load=none",
+        "model.hidden_size=128",
+        "model.ffn_hidden_size=320",
+        "checkpoint.save_interval=2",
+        "checkpoint.keep_last=1",
+        check=False,
+    )
     assert result.returncode != 0
-    assert f"checkpoint.dir {checkpoints} holds checkpoints of another run (iter_0000002, iter_0000003)" in result.stderr
+    assert (
+        f"checkpoint.dir {checkpoints} holds checkpoints of another run (iter_0000002, iter_0000003)" in result.stderr
+    )
     assert {p: p.read_bytes() for p in sorted(checkpoints.rglob("*")) if p.is_file()} == before
     # A resume with a longer run and a later decay: the recipe's schedule wins, said in the log and in recipe.toml.
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "checkpoint.load=auto", "train.train_iters=4",
-                       "schedule.warmup_iters=1", "schedule.decay_iters=12")
-    assert ("the recipe's optimizer and schedule replace the checkpoint's: schedule.decay_iters unset -> 12; "
-            "train.train_iters 3 -> 4") in result.stdout
+    result = run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        "checkpoint.load=auto",
+        "train.train_iters=4",
+        "schedule.warmup_iters=1",
+        "schedule.decay_iters=12",
+    )
+    assert (
+        "the recipe's optimizer and schedule replace the checkpoint's: schedule.decay_iters unset -> 12; "
+        "train.train_iters 3 -> 4"
+    ) in result.stdout
     # cosine from lr 3e-3 to min_lr 3e-4, in samples (8 per step): warmup 8, decay ends at 96; after step 4: 32
     expected = 3e-4 + 0.5 * (math.cos(math.pi * (32 - 8) / (96 - 8)) + 1) * (3e-3 - 3e-4)
     assert scalars(tmp_path, "train/lr")[3] == pytest.approx(expected, rel=1e-6)  # the checkpoint's: 3e-4

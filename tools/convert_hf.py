@@ -30,12 +30,18 @@ to_bigpt = commands.add_parser("import", help="Hugging Face directory -> bigpt c
 to_bigpt.add_argument("hf_dir", help="directory with config.json and *.safetensors")
 to_bigpt.add_argument("out", help="checkpoint directory to write (replaced if it exists)")
 to_hf = commands.add_parser("export", help="bigpt checkpoint -> Hugging Face directory")
-to_hf.add_argument("checkpoint", help="an iter_* directory of a run (or a run's checkpoint directory: its newest "
-                                      "intact checkpoint), or an imported checkpoint")
+to_hf.add_argument(
+    "checkpoint",
+    help="an iter_* directory of a run (or a run's checkpoint directory: its newest "
+    "intact checkpoint), or an imported checkpoint",
+)
 to_hf.add_argument("out", help="Hugging Face directory to write (replaced if it exists)")
-to_hf.add_argument("--hf-files", default=None,
-                   help="take config.json extras and tokenizer files from this directory (default: those "
-                        "of the weights the checkpoint's run started from)")
+to_hf.add_argument(
+    "--hf-files",
+    default=None,
+    help="take config.json extras and tokenizer files from this directory (default: those "
+    "of the weights the checkpoint's run started from)",
+)
 to_hf.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: as stored)")
 to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
 
@@ -59,13 +65,20 @@ def main(argv=None) -> int:
     with process_group_of_one():
         if args.command == "import":
             model = import_hf(Path(args.hf_dir), Path(args.out))
-            console.say(f"wrote {args.out}: {model['num_layers']} layers, hidden {model['hidden_size']}, vocab "
-                        f"{model['vocab_size']}; start a run from it with init.from_checkpoint = \"{args.out}\" "
-                        f"and the [model] table in {Path(args.out) / 'model.toml'}")
+            console.say(
+                f"wrote {args.out}: {model['num_layers']} layers, hidden {model['hidden_size']}, vocab "
+                f'{model["vocab_size"]}; start a run from it with init.from_checkpoint = "{args.out}" '
+                f"and the [model] table in {Path(args.out) / 'model.toml'}"
+            )
         else:
             dtype = getattr(torch, args.dtype) if args.dtype else None
-            note = export_hf(Path(args.checkpoint), Path(args.out), hf_files=args.hf_files and Path(args.hf_files),
-                             dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+            note = export_hf(
+                Path(args.checkpoint),
+                Path(args.out),
+                hf_files=args.hf_files and Path(args.hf_files),
+                dtype=dtype,
+                max_shard_bytes=int(args.max_shard_gb * 2**30),
+            )
             warning = note.startswith("WARNING")
             console.say(f"wrote {args.out}" + ("" if warning else f"; {note}"))
             if warning:

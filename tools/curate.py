@@ -20,16 +20,20 @@ from bigpt.cli import recipe_parser  # noqa: E402
 from bigpt.errors import EXIT_INTERRUPTED, BigptError  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
-
-parser = recipe_parser(__doc__, recipe_help="a curation recipe (recipes/data/*.toml)",
-                       example="stage.gopher_quality.min_doc_words=30")
-parser.add_argument("--restart", action="store_true",
-                    help="discard the output directory's earlier work and start over")
-parser.add_argument("--verbose", action="store_true",
-                    help="show datatrove's own log lines and warnings (always in work/logs/)")
-parser.add_argument("--sample", type=int, metavar="N",
-                    help="explain mode: run the stages on the first N documents only and show, per "
-                         "stage and rule, what it drops with excerpts (written to OUTPUT/explain/)")
+parser = recipe_parser(
+    __doc__, recipe_help="a curation recipe (recipes/data/*.toml)", example="stage.gopher_quality.min_doc_words=30"
+)
+parser.add_argument("--restart", action="store_true", help="discard the output directory's earlier work and start over")
+parser.add_argument(
+    "--verbose", action="store_true", help="show datatrove's own log lines and warnings (always in work/logs/)"
+)
+parser.add_argument(
+    "--sample",
+    type=int,
+    metavar="N",
+    help="explain mode: run the stages on the first N documents only and show, per "
+    "stage and rule, what it drops with excerpts (written to OUTPUT/explain/)",
+)
 
 
 @console.reports_user_errors
@@ -63,14 +67,18 @@ def main(argv=None) -> int:
                 console.say(f"{'':>24}{excerpt['id']} ({excerpt['words']:,} words): {excerpt['text'][:100]}")
     skipped = result.report["read"]["skipped_lines"]
     if skipped:
-        console.say(f"skipped {sum(skipped.values()):,} input lines: "
-                    + ", ".join(f"{reason} {count:,}" for reason, count in skipped.items()))
+        console.say(
+            f"skipped {sum(skipped.values()):,} input lines: "
+            + ", ".join(f"{reason} {count:,}" for reason, count in skipped.items())
+        )
     total = result.report["total"]
     seconds = time.perf_counter() - started
-    console.say(f"kept {total['kept']['documents']:,} of {total['in']['documents']:,} documents "
-                f"({total['kept']['words']:,} of {total['in']['words']:,} words) in {seconds:.1f} s "
-                f"({total['in']['documents'] / seconds:,.0f} documents/s): "
-                f"{result.output}/curated.jsonl, report.json, report.png")
+    console.say(
+        f"kept {total['kept']['documents']:,} of {total['in']['documents']:,} documents "
+        f"({total['kept']['words']:,} of {total['in']['words']:,} words) in {seconds:.1f} s "
+        f"({total['in']['documents'] / seconds:,.0f} documents/s): "
+        f"{result.output}/curated.jsonl, report.json, report.png"
+    )
     return 0
 
 

@@ -39,11 +39,15 @@ def read_tokens(path: str, vocab_size: int):
     except (ValueError, OSError) as err:
         raise BigptError(f"--tokens = {path} is not a .npy array ({err}); write it with numpy.save.") from None
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or 0 in tokens.shape:
-        raise BigptError(f"--tokens = {path} holds a {tokens.dtype} array of shape {tokens.shape}; it must be a "
-                         "non-empty [batch, seq] array of integer token ids (a single sequence: shape [1, seq]).")
+        raise BigptError(
+            f"--tokens = {path} holds a {tokens.dtype} array of shape {tokens.shape}; it must be a "
+            "non-empty [batch, seq] array of integer token ids (a single sequence: shape [1, seq])."
+        )
     if tokens.min() < 0 or tokens.max() >= vocab_size:
-        raise BigptError(f"--tokens = {path} holds token ids from {tokens.min()} to {tokens.max()}, outside 0.."
-                         f"{vocab_size - 1} (model.vocab_size = {vocab_size}); tokenize with the model's tokenizer.")
+        raise BigptError(
+            f"--tokens = {path} holds token ids from {tokens.min()} to {tokens.max()}, outside 0.."
+            f"{vocab_size - 1} (model.vocab_size = {vocab_size}); tokenize with the model's tokenizer."
+        )
     return tokens
 
 
@@ -64,8 +68,11 @@ def write_logits(recipe, tokens, out: str) -> None:
     from bigpt.logits import compute_logits
 
     logits = compute_logits(recipe, layout_of(recipe), torch.from_numpy(tokens).long())
-    if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
-            and parallel_state.get_data_parallel_rank() == 0:
+    if (
+        logits is not None
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    ):
         np.save(out, logits.numpy())
 
 

@@ -24,16 +24,26 @@ from bigpt.runtime import console  # noqa: E402
 parser = recipe_parser(__doc__, example="train.micro_batch_size=2")
 parser.add_argument("--gpus", type=int, required=True, help="number of GPUs to plan for")
 parser.add_argument("--gpu", default="h100-80gb", help=f"GPU model: {', '.join(GPUS)} (default h100-80gb)")
-parser.add_argument("--gpus-per-node", type=int, default=8,
-                    help="GPUs per node; tensor parallelism stays inside a node (default 8)")
-parser.add_argument("--mfu", type=float, default=0.4,
-                    help="model FLOPs utilisation while the GPUs are busy (default 0.4)")
-parser.add_argument("--headroom", type=float, default=0.1,
-                    help="fraction of GPU memory kept free for what the estimate leaves out "
-                         "(CUDA context, NCCL, fragmentation; default 0.1)")
-parser.add_argument("--fs-gbps", type=float, default=5.0,
-                    help="aggregate write bandwidth of the filesystem holding checkpoint.dir, in GB/s: "
-                         "the save time and its share of training time (default 5)")
+parser.add_argument(
+    "--gpus-per-node", type=int, default=8, help="GPUs per node; tensor parallelism stays inside a node (default 8)"
+)
+parser.add_argument(
+    "--mfu", type=float, default=0.4, help="model FLOPs utilisation while the GPUs are busy (default 0.4)"
+)
+parser.add_argument(
+    "--headroom",
+    type=float,
+    default=0.1,
+    help="fraction of GPU memory kept free for what the estimate leaves out "
+    "(CUDA context, NCCL, fragmentation; default 0.1)",
+)
+parser.add_argument(
+    "--fs-gbps",
+    type=float,
+    default=5.0,
+    help="aggregate write bandwidth of the filesystem holding checkpoint.dir, in GB/s: "
+    "the save time and its share of training time (default 5)",
+)
 parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
 
 
@@ -58,8 +68,15 @@ def main(argv=None) -> int:
     from bigpt.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    plan = make_plan(recipe, args.gpus, args.gpu, mfu=args.mfu, headroom=args.headroom,
-                     gpus_per_node=args.gpus_per_node, fs_bytes_per_second=args.fs_gbps * 1e9)
+    plan = make_plan(
+        recipe,
+        args.gpus,
+        args.gpu,
+        mfu=args.mfu,
+        headroom=args.headroom,
+        gpus_per_node=args.gpus_per_node,
+        fs_bytes_per_second=args.fs_gbps * 1e9,
+    )
     console.say(report(plan, args.top))
     return 0
 

@@ -37,16 +37,15 @@ def prepare(out: Path, force: bool) -> None:
         console.say(f"{name}: wrote {output} in {time.monotonic() - started:.1f} s")
 
     step("corpus", corpus, lambda: write_demo_corpus(out, corpus.name))
-    step("tokenizer", tokenizer,
-         lambda: train_tokenizer([corpus], DEMO_VOCAB_SIZE, out / "tokenizer"))
+    step("tokenizer", tokenizer, lambda: train_tokenizer([corpus], DEMO_VOCAB_SIZE, out / "tokenizer"))
 
     def preprocess_corpus():
         from bigpt.data.preprocess import preprocess
 
-        console.say(preprocess(corpus, str(prefix), tokenizer, workers=os.cpu_count() or 1)
-                    .line(str(prefix)))
+        console.say(preprocess(corpus, str(prefix), tokenizer, workers=os.cpu_count() or 1).line(str(prefix)))
 
     step("dataset", Path(f"{prefix}.idx"), preprocess_corpus)
+
 
 parser = Parser(__doc__)
 parser.add_argument("--out", type=Path, default=REPO / "data" / "demo", help="directory to write (default data/demo)")

@@ -16,17 +16,21 @@ from bigpt.cli import Parser  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
 parser = Parser(__doc__)
-parser.add_argument("--input", required=True,
-                    help="a .jsonl/.json/.ndjson file (one JSON object per line) or a text "
-                         "file (one document per line)")
-parser.add_argument("--output-prefix", required=True,
-                    help="writes PREFIX.bin and PREFIX.idx")
-parser.add_argument("--tokenizer", required=True,
-                    help="SentencePiece .model or Hugging Face tokenizer.json")
+parser.add_argument(
+    "--input",
+    required=True,
+    help="a .jsonl/.json/.ndjson file (one JSON object per line) or a text file (one document per line)",
+)
+parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+parser.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
 parser.add_argument("--field", default="text", help="JSONL field holding the text")
 parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-parser.add_argument("--on-bad-line", choices=("stop", "skip"), default="stop",
-                    help="what to do with a JSONL line that is not a JSON object with --field")
+parser.add_argument(
+    "--on-bad-line",
+    choices=("stop", "skip"),
+    default="stop",
+    help="what to do with a JSONL line that is not a JSON object with --field",
+)
 
 
 def parse_args(argv=None):
@@ -45,9 +49,15 @@ def main(argv=None) -> int:
 
     check_output_file(f"{args.output_prefix}.bin", "--output-prefix")
 
-    summary = preprocess(args.input, args.output_prefix, args.tokenizer,
-                         text_field=args.field, workers=args.workers,
-                         on_bad_line=args.on_bad_line, progress=sys.stderr)
+    summary = preprocess(
+        args.input,
+        args.output_prefix,
+        args.tokenizer,
+        text_field=args.field,
+        workers=args.workers,
+        on_bad_line=args.on_bad_line,
+        progress=sys.stderr,
+    )
     console.say(summary.line(args.output_prefix))
     return 0
 

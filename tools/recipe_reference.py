@@ -22,12 +22,18 @@ from bigpt.runtime import console  # noqa: E402
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 REFERENCES = {
-    "recipe-reference.md": (Recipe, "Training recipe reference",
-                            "Every key of a training recipe (`launchers/run.py RECIPE`), by TOML table. "
-                            "Precedence: command-line overrides > the recipe > its `base` chain > these defaults."),
-    "curation-reference.md": (CurationRecipe, "Curation recipe reference",
-                              "Every key of a curation recipe (`tools/curate.py RECIPE`), by TOML table; "
-                              "only the stages named in `stages` run."),
+    "recipe-reference.md": (
+        Recipe,
+        "Training recipe reference",
+        "Every key of a training recipe (`launchers/run.py RECIPE`), by TOML table. "
+        "Precedence: command-line overrides > the recipe > its `base` chain > these defaults.",
+    ),
+    "curation-reference.md": (
+        CurationRecipe,
+        "Curation recipe reference",
+        "Every key of a curation recipe (`tools/curate.py RECIPE`), by TOML table; "
+        "only the stages named in `stages` run.",
+    ),
 }
 """File name in docs/ -> (recipe dataclass, title, introduction)."""
 

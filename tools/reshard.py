@@ -28,9 +28,13 @@ skip_torch_compile_without_gpu()
 parser = Parser(__doc__)
 parser.add_argument("input", metavar="IN", help="a checkpoint, or a directory of them (its newest intact one)")
 parser.add_argument("out", metavar="OUT", help="the checkpoint directory to write (must not exist)")
-parser.add_argument("overrides", nargs="*", metavar="table.key=value",
-                    help="the layout to write and its format, e.g. parallel.tensor=2 parallel.pipeline=4 "
-                         "checkpoint.optimizer_format=dp_reshardable")
+parser.add_argument(
+    "overrides",
+    nargs="*",
+    metavar="table.key=value",
+    help="the layout to write and its format, e.g. parallel.tensor=2 parallel.pipeline=4 "
+    "checkpoint.optimizer_format=dp_reshardable",
+)
 
 
 @console.reports_user_errors

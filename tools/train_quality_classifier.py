@@ -19,8 +19,9 @@ from bigpt.errors import BigptError  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
 parser = Parser(__doc__)
-parser.add_argument("--positive", required=True, type=Path,
-                    help="good documents: JSONL (one object per line) or text (one per line)")
+parser.add_argument(
+    "--positive", required=True, type=Path, help="good documents: JSONL (one object per line) or text (one per line)"
+)
 parser.add_argument("--negative", required=True, type=Path, help="bad documents, same formats")
 parser.add_argument("--out", required=True, type=Path, help="the model file to write")
 parser.add_argument("--field", default="text", help="JSONL field holding the text")
@@ -28,10 +29,15 @@ parser.add_argument("--epochs", type=int, default=20)
 parser.add_argument("--lr", type=float, default=0.5, help="learning rate")
 parser.add_argument("--ngrams", type=int, default=2, help="word n-gram features")
 parser.add_argument("--dim", type=int, default=32, help="embedding size")
-parser.add_argument("--buckets", type=int, default=200_000,
-                    help="hash buckets of the n-gram features (the model holds buckets x dim floats)")
-parser.add_argument("--held-out", type=float, default=0.1,
-                    help="share of the examples kept out of training to measure the model")
+parser.add_argument(
+    "--buckets",
+    type=int,
+    default=200_000,
+    help="hash buckets of the n-gram features (the model holds buckets x dim floats)",
+)
+parser.add_argument(
+    "--held-out", type=float, default=0.1, help="share of the examples kept out of training to measure the model"
+)
 parser.add_argument("--seed", type=int, default=0)
 
 
@@ -53,10 +59,19 @@ def main(argv=None) -> int:
     from bigpt.paths import check_output_file
 
     check_output_file(args.out, "--out")
-    summary = train_quality_classifier(args.positive, args.negative, args.out, text_field=args.field,
-                                       epochs=args.epochs, lr=args.lr, ngrams=args.ngrams,
-                                       dim=args.dim, buckets=args.buckets,
-                                       held_out=args.held_out, seed=args.seed)
+    summary = train_quality_classifier(
+        args.positive,
+        args.negative,
+        args.out,
+        text_field=args.field,
+        epochs=args.epochs,
+        lr=args.lr,
+        ngrams=args.ngrams,
+        dim=args.dim,
+        buckets=args.buckets,
+        held_out=args.held_out,
+        seed=args.seed,
+    )
     console.say(summary.line(str(args.out)))
     return 0
 

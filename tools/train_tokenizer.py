@@ -16,8 +16,9 @@ from bigpt.cli import Parser  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
 parser = Parser(__doc__)
-parser.add_argument("--input", required=True, nargs="+",
-                    help="text files (one document per line) or .jsonl/.json/.ndjson files")
+parser.add_argument(
+    "--input", required=True, nargs="+", help="text files (one document per line) or .jsonl/.json/.ndjson files"
+)
 parser.add_argument("--vocab-size", required=True, type=int)
 parser.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
 parser.add_argument("--field", default="text", help="JSONL field holding the text")
@@ -32,8 +33,9 @@ def main(argv=None) -> int:
 
     check_output_file(f"{args.output_prefix}.model", "--output-prefix")
 
-    model = train_tokenizer(args.input, args.vocab_size, args.output_prefix, text_field=args.field,
-                            verbose=args.verbose)
+    model = train_tokenizer(
+        args.input, args.vocab_size, args.output_prefix, text_field=args.field, verbose=args.verbose
+    )
     console.say(f"wrote {model} ({args.vocab_size} tokens)")
     return 0
 

@@ -65,12 +65,19 @@ class AsyncSaver:
         sharded, common = save_preprocess(sharded_state_dict)
         spread.apply_saving_parallelization(sharded)
         sharded["common_state"] = ShardedObject("common_state", common, (1,), (0,), replica_id=dist.get_rank())
-        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=_FORMAT.keep_only_main_replica)
+        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded, keep_only_main_replica=_FORMAT.keep_only_main_replica
+        )
         _copy_to_host(by_key)  # only what this rank writes
         planner = MCoreSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.directory = directory
-        self.future = dcp.async_save(mcore_to_pyt_state_dict(by_key), storage_writer=dcp.FileSystemWriter(directory),
-                                     planner=planner, process_group=self.group, async_stager=_Copied())
+        self.future = dcp.async_save(
+            mcore_to_pyt_state_dict(by_key),
+            storage_writer=dcp.FileSystemWriter(directory),
+            planner=planner,
+            process_group=self.group,
+            async_stager=_Copied(),
+        )
 
     def written(self, blocking: bool) -> bool:
         """Whether every rank's files are written (waiting for them with ``blocking``). Raises what

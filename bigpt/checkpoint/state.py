@@ -61,8 +61,10 @@ MODEL_PARALLEL = ("tp", "pp", "vpp")
 
 def layout_overrides(tag: dict) -> str:
     """The parallel.* overrides that give a layout tag's model-parallel degrees (tp, pp, vpp, cp)."""
-    return " ".join(f"parallel.{name}={tag[key]}" for key, name in
-                    (("tp", "tensor"), ("pp", "pipeline"), ("vpp", "virtual_pipeline"), ("cp", "context")))
+    return " ".join(
+        f"parallel.{name}={tag[key]}"
+        for key, name in (("tp", "tensor"), ("pp", "pipeline"), ("vpp", "virtual_pipeline"), ("cp", "context"))
+    )
 
 
 def _check_optimizer_format(path: Path, marker: dict, training: Checkpointed) -> None:
@@ -71,12 +73,12 @@ def _check_optimizer_format(path: Path, marker: dict, training: Checkpointed) ->
     if marker.get("optimizer_format") == DP_ONLY_FORMAT and changed:
         out = path.parent.with_name(f"{path.parent.name}_tp{ours['tp']}_pp{ours['pp']}_vpp{ours['vpp']}")
         raise BigptError(
-            f"checkpoint {path} was saved with checkpoint.optimizer_format = \"{DP_ONLY_FORMAT}\", whose "
+            f'checkpoint {path} was saved with checkpoint.optimizer_format = "{DP_ONLY_FORMAT}", whose '
             f"optimizer state loads only at the TP/PP/VPP it was saved with ({', '.join(changed)}); resume "
             "at that layout (any data-parallel size), or reshard it for this one, offline on CPUs: python "
             f"tools/reshard.py {shlex.quote(str(path))} {shlex.quote(str(out))} {layout_overrides(ours)}, then "
-            f"resume with checkpoint.load = \"{out}\"; or start from its weights only with init.from_checkpoint "
-            "and checkpoint.load = \"none\"."
+            f'resume with checkpoint.load = "{out}"; or start from its weights only with init.from_checkpoint '
+            'and checkpoint.load = "none".'
         )
 
 
@@ -93,7 +95,10 @@ def _model_state(model) -> dict:
 
 def _rng_object() -> ShardedObject:
     """Per model-parallel rank; restored only when the layout is unchanged."""
-    pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
+    pp, tp = (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
     return ShardedObject(
         "rng_state",
         rng_state(),
@@ -127,8 +132,10 @@ def _materialize_optimizer_state(optimizer, *, is_loading: bool) -> None:
             for group in state_owner.param_groups:
                 for param in group["params"]:
                     moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-                    state_owner.state[param] = {"step": torch.tensor(0.0),
-                                                **{name: torch.zeros_like(param) for name in moments}}
+                    state_owner.state[param] = {
+                        "step": torch.tensor(0.0),
+                        **{name: torch.zeros_like(param) for name in moments},
+                    }
         elif not isinstance(inner, DistributedOptimizer):
             inner.init_state_fn(state_owner, inner.config)
         elif is_loading:
@@ -139,11 +146,15 @@ def _full_state(training: Checkpointed, model_state: dict, *, is_loading: bool, 
     _materialize_optimizer_state(training.optimizer, is_loading=is_loading)
     state = dict(model_state)
     state["optimizer"] = training.optimizer.sharded_state_dict(
-        model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
+        model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format}
+    )
     state["scheduler"] = training.scheduler.state_dict()
     counters = training.counters
-    state["train_state"] = {"iteration": counters.iteration, "consumed_samples": counters.consumed_samples,
-                            "guard": training.guard.state_dict()}
+    state["train_state"] = {
+        "iteration": counters.iteration,
+        "consumed_samples": counters.consumed_samples,
+        "guard": training.guard.state_dict(),
+    }
     state["rng_state"] = _rng_object()
     return state
 
@@ -178,10 +189,15 @@ class CheckpointWriter:
             "optimizer_format": training.recipe.checkpoint.optimizer_format,
             "bigpt_version": bigpt.__version__,
         }
-        self._finish = partial(self._mark_complete, tmp, final, marker, recipe_to_toml(training.recipe),
-                               training.recipe.checkpoint)
-        state = _full_state(training, _model_state(training.model), is_loading=False,
-                            optimizer_format=training.recipe.checkpoint.optimizer_format)
+        self._finish = partial(
+            self._mark_complete, tmp, final, marker, recipe_to_toml(training.recipe), training.recipe.checkpoint
+        )
+        state = _full_state(
+            training,
+            _model_state(training.model),
+            is_loading=False,
+            optimizer_format=training.recipe.checkpoint.optimizer_format,
+        )
         self.in_flight = final
         with self._reporting_failure():
             if self.pending is None:
@@ -197,8 +213,10 @@ class CheckpointWriter:
         all of them by the first. The choice is made at the first save and kept."""
         if self._spread is None:
             self._spread = FullyParallelSaveStrategyWrapper(
-                get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True),
-                do_cache_distribution=True)
+                get_default_save_sharded_strategy(),
+                parallel_state.get_data_parallel_group(with_context_parallel=True),
+                do_cache_distribution=True,
+            )
         return self._spread
 
     def poll(self) -> None:
@@ -253,8 +271,11 @@ def _cause(err: BaseException, root: Path) -> str | None:
         return str(err.strerror or err)
     lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
     if isinstance(err, CheckpointException):
-        cause = lines[-1].removeprefix("RuntimeError: Worker failure: ") if len(lines) > 1 else \
-            "a write failed; rank 0 reports the cause"
+        cause = (
+            lines[-1].removeprefix("RuntimeError: Worker failure: ")
+            if len(lines) > 1
+            else "a write failed; rank 0 reports the cause"
+        )
     else:
         cause = lines[-1]
     if names_a_full_disk(cause):
@@ -278,13 +299,15 @@ def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = Fals
         elif padding_may_differ and tensor.allow_shape_mismatch and theirs.global_shape[1:] == tensor.global_shape[1:]:
             continue
         elif tuple(theirs.global_shape) != tuple(tensor.global_shape):
-            mismatched.append(f"{tensor.key}: checkpoint {tuple(theirs.global_shape)}, model {tuple(tensor.global_shape)}")
+            mismatched.append(
+                f"{tensor.key}: checkpoint {tuple(theirs.global_shape)}, model {tuple(tensor.global_shape)}"
+            )
     if mismatched:
         shown = "; ".join(sorted(set(mismatched))[:8])
         more = f" (and {len(set(mismatched)) - 8} more)" if len(set(mismatched)) > 8 else ""
         raise BigptError(
             f"checkpoint {path} does not fit the recipe's model: {shown}{more}. Load it with the model "
-            "settings it was saved with (its recipe.toml), or start fresh elsewhere: checkpoint.load = \"none\" "
+            'settings it was saved with (its recipe.toml), or start fresh elsewhere: checkpoint.load = "none" '
             "with a new run_dir (or checkpoint.dir)."
         )
 
@@ -295,8 +318,9 @@ def load_checkpoint(training: Checkpointed, path: Path) -> None:
     model_state = _model_state(training.model)
     _check_shapes(path, model_state)  # before anything is touched
     _check_optimizer_format(path, marker, training)
-    state = _full_state(training, model_state, is_loading=True,
-                        optimizer_format=marker.get("optimizer_format", "fully_reshardable"))
+    state = _full_state(
+        training, model_state, is_loading=True, optimizer_format=marker.get("optimizer_format", "fully_reshardable")
+    )
     same_layout = marker.get("layout") == _layout_tag(training)
     if not same_layout:
         del state["rng_state"]
@@ -320,8 +344,10 @@ def load_weights(model, path: Path, vocab_size: int) -> None:
     state = _model_state(model)
     same_vocab = store.read_marker(path).get("vocab_size") == vocab_size
     _check_shapes(path, state, padding_may_differ=same_vocab)
-    tensors = {name: {key: value for key, value in chunk.items() if not isinstance(value, ShardedObject)}
-               for name, chunk in state.items()}
+    tensors = {
+        name: {key: value for key, value in chunk.items() if not isinstance(value, ShardedObject)}
+        for name, chunk in state.items()
+    }
     loaded = dist_checkpointing.load(tensors, str(path))
     for index, chunk in enumerate(model):
         own = _unwrap(chunk).state_dict()

@@ -71,8 +71,12 @@ def resolve_resume(load: str, checkpoint_dir: str, warn=lambda message: None) ->
     if load == "auto":
         root = Path(checkpoint_dir)
         return _latest_or_fail(root, "checkpoint.dir", warn) if root.exists() else None
-    return checkpoint_at(Path(load), "checkpoint.load", warn,
-                         'or set checkpoint.load = "auto" (resume if possible) or "none" (start fresh)')
+    return checkpoint_at(
+        Path(load),
+        "checkpoint.load",
+        warn,
+        'or set checkpoint.load = "auto" (resume if possible) or "none" (start fresh)',
+    )
 
 
 def checkpoint_at(path: Path, key: str, warn=lambda message: None, alternatives: str = "") -> Path:
@@ -81,10 +85,12 @@ def checkpoint_at(path: Path, key: str, warn=lambda message: None, alternatives:
     is_root = path.is_dir() and not path.name.startswith("iter_") and not (path / MARKER).exists()
     if is_root and (found := latest_in(path, warn)):
         return found
-    why = "it holds no intact checkpoint" if is_root else problem(path) if path.is_dir() else "there is no such directory"
+    why = (
+        "it holds no intact checkpoint" if is_root else problem(path) if path.is_dir() else "there is no such directory"
+    )
     if why:
         raise BigptError(
-            f"{key} = \"{path}\" cannot be loaded: {why}; it is not a complete bigpt checkpoint, nor a directory "
+            f'{key} = "{path}" cannot be loaded: {why}; it is not a complete bigpt checkpoint, nor a directory '
             f"holding one. Point it at an intact iter_* checkpoint or a directory holding some, {alternatives}."
         )
     return path
@@ -96,7 +102,7 @@ def _latest_or_fail(root: Path, where: str, warn) -> Path | None:
         raise BigptError(
             f"{where} ({root}) has held checkpoints but none is intact now (see the warnings above), and bigpt "
             "does not silently start over; restore one from a backup, or start over with checkpoint.load = "
-            "\"none\" and a new checkpoint.dir (or run_dir)."
+            '"none" and a new checkpoint.dir (or run_dir).'
         )
     return found
 
@@ -140,13 +146,17 @@ def check_only_own_checkpoints(root: Path, resume: Path | None, key: str = "chec
     if resume is not None and resume.resolve().parent == root.resolve():
         others = [p for p in _checkpoint_dirs(root) if iteration_of(p) > iteration_of(resume) and problem(p) is None]
         why = f"newer than {resume.name}, which this run resumes from"
-        fix = ("resume the newest with checkpoint.load = \"auto\", or move the newer ones out of the directory "
-               "first if you mean to roll back to " + resume.name)
+        fix = (
+            'resume the newest with checkpoint.load = "auto", or move the newer ones out of the directory '
+            "first if you mean to roll back to " + resume.name
+        )
     else:
         others = _checkpoint_dirs(root)
         why = "of another run" if resume is None else f"of another run than {resume}, which this run resumes from"
-        fix = ("resume them with checkpoint.load = \"auto\", or give this run a place of its own (another run_dir or "
-               "checkpoint.dir), or move them away")
+        fix = (
+            'resume them with checkpoint.load = "auto", or give this run a place of its own (another run_dir or '
+            "checkpoint.dir), or move them away"
+        )
     if others:
         names = ", ".join(p.name for p in others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
         raise BigptError(

@@ -69,9 +69,14 @@ class Tally:
     def save(self, folder: str, rank: int) -> None:
         path = Path(folder) / f"{rank:05d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"in": self.counts["in"], "kept": self.counts["kept"], "dropped": self.dropped,
-                  "hist_in": self.hist_in, "hist_kept": self.hist_kept,
-                  "excerpts": {reason: found for reason, found in self.excerpts.items() if found}}
+        record = {
+            "in": self.counts["in"],
+            "kept": self.counts["kept"],
+            "dropped": self.dropped,
+            "hist_in": self.hist_in,
+            "hist_kept": self.hist_kept,
+            "excerpts": {reason: found for reason, found in self.excerpts.items() if found},
+        }
         write_atomically(path, json.dumps(record))
 
 

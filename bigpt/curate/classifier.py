@@ -26,18 +26,33 @@ class ClassifierSummary:
     """Of held-out positive examples, the share scored good."""
 
     def line(self, out: str) -> str:
-        return (f"wrote {out}: trained on {self.train_examples:,} documents; on {self.held_out:,} "
-                f"held out: precision {self.precision:.3f}, recall {self.recall:.3f} at score 0.5")
+        return (
+            f"wrote {out}: trained on {self.train_examples:,} documents; on {self.held_out:,} "
+            f"held out: precision {self.precision:.3f}, recall {self.recall:.3f} at score 0.5"
+        )
 
 
-def train_quality_classifier(positive: Path, negative: Path, out: Path, *, text_field: str = "text",
-                             label: str = "hq", negative_label: str = "lq", epochs: int = 20,
-                             lr: float = 0.5, ngrams: int = 2, dim: int = 32, buckets: int = 200_000,
-                             held_out: float = 0.1, seed: int = 0) -> ClassifierSummary:
+def train_quality_classifier(
+    positive: Path,
+    negative: Path,
+    out: Path,
+    *,
+    text_field: str = "text",
+    label: str = "hq",
+    negative_label: str = "lq",
+    epochs: int = 20,
+    lr: float = 0.5,
+    ngrams: int = 2,
+    dim: int = 32,
+    buckets: int = 200_000,
+    held_out: float = 0.1,
+    seed: int = 0,
+) -> ClassifierSummary:
     import fasttext
 
-    examples = ([(label, text) for text in _documents(Path(positive), text_field)]
-                + [(negative_label, text) for text in _documents(Path(negative), text_field)])
+    examples = [(label, text) for text in _documents(Path(positive), text_field)] + [
+        (negative_label, text) for text in _documents(Path(negative), text_field)
+    ]
     random.Random(seed).shuffle(examples)
     split = int(len(examples) * held_out)
     test, train = examples[:split], examples[split:]
@@ -46,19 +61,18 @@ def train_quality_classifier(positive: Path, negative: Path, out: Path, *, text_
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, dir=out.parent) as f:
         f.writelines(f"__label__{name} {_one_line(text)}\n" for name, text in train)
     try:
-        model = fasttext.train_supervised(f.name, epoch=epochs, lr=lr, wordNgrams=ngrams, dim=dim,
-                                          bucket=buckets, thread=1, seed=seed, verbose=0)
+        model = fasttext.train_supervised(
+            f.name, epoch=epochs, lr=lr, wordNgrams=ngrams, dim=dim, bucket=buckets, thread=1, seed=seed, verbose=0
+        )
     finally:
         os.unlink(f.name)
     temporary = out.with_name(out.name + ".tmp")
     model.save_model(str(temporary))
     os.replace(temporary, out)
-    scored_good = [name for name, text in test
-                   if _score(model, text, label) >= 0.5]
+    scored_good = [name for name, text in test if _score(model, text, label) >= 0.5]
     true_good = sum(1 for name in scored_good if name == label)
     positives = sum(1 for name, _ in test if name == label)
-    return ClassifierSummary(len(train), len(test), true_good / max(len(scored_good), 1),
-                             true_good / max(positives, 1))
+    return ClassifierSummary(len(train), len(test), true_good / max(len(scored_good), 1), true_good / max(positives, 1))
 
 
 def _score(model, text: str, label: str) -> float:

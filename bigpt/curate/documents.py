@@ -1,7 +1,7 @@
 """How passes hand documents on: a folder of JSONL shards, ``RANK.jsonl`` per task."""
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter

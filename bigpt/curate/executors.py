@@ -33,17 +33,22 @@ def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
     multiprocess.util.register_after_fork(_follow_parent, _follow_parent)
     for number, job in enumerate(jobs, 1):
         started = time.perf_counter()
-        LocalPipelineExecutor(job.pipeline, tasks=job.tasks, workers=min(recipe.executor.workers, job.tasks),
-                              logging_dir=str(work / "logs" / job.name),
-                              start_method="forkserver" if job.fresh_processes else "fork").run()
+        LocalPipelineExecutor(
+            job.pipeline,
+            tasks=job.tasks,
+            workers=min(recipe.executor.workers, job.tasks),
+            logging_dir=str(work / "logs" / job.name),
+            start_method="forkserver" if job.fresh_processes else "fork",
+        ).run()
         _done(number, jobs, started)
 
 
 def _done(number: int, jobs: list[Job], started: float) -> None:
     if sys.stderr.isatty():
         job = jobs[number - 1]
-        console.note(f"[{number}/{len(jobs)}] {job.name}: {job.tasks} tasks done in "
-                     f"{time.perf_counter() - started:.1f} s")
+        console.note(
+            f"[{number}/{len(jobs)}] {job.name}: {job.tasks} tasks done in {time.perf_counter() - started:.1f} s"
+        )
 
 
 def run_ray(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
@@ -56,14 +61,20 @@ def run_ray(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
     for number, job in enumerate(jobs, 1):
         started = time.perf_counter()
         executor = RayPipelineExecutor(
-            job.pipeline, tasks=job.tasks, workers=min(recipe.executor.workers, job.tasks),
-            logging_dir=str(work / "logs" / job.name), cpus_per_task=config.cpus_per_task,
-            mem_per_cpu_gb=config.mem_per_cpu_gb)
+            job.pipeline,
+            tasks=job.tasks,
+            workers=min(recipe.executor.workers, job.tasks),
+            logging_dir=str(work / "logs" / job.name),
+            cpus_per_task=config.cpus_per_task,
+            mem_per_cpu_gb=config.mem_per_cpu_gb,
+        )
         executor.run()
         if failed := executor.get_incomplete_ranks(range(job.tasks)):
-            raise BigptError(f"{len(failed)} of {job.tasks} tasks of step {job.name} failed on Ray; their logs "
-                             f"are in {work / 'logs' / job.name / 'logs'}. Run the same command again to retry "
-                             f"them (finished tasks are kept).")
+            raise BigptError(
+                f"{len(failed)} of {job.tasks} tasks of step {job.name} failed on Ray; their logs "
+                f"are in {work / 'logs' / job.name / 'logs'}. Run the same command again to retry "
+                f"them (finished tasks are kept)."
+            )
         _done(number, jobs, started)
 
 
@@ -74,25 +85,29 @@ def ray_connection(config: RayConfig):
     try:
         import ray
     except ImportError:
-        raise BigptError("executor.kind = \"ray\" needs the Python package 'ray', which is not installed; "
-                         "install bigpt's ray extra: pip install -e '.[ray]'.") from None
+        raise BigptError(
+            "executor.kind = \"ray\" needs the Python package 'ray', which is not installed; "
+            "install bigpt's ray extra: pip install -e '.[ray]'."
+        ) from None
     if ray.is_initialized():
         yield
         return
-    hint = ("start one with `ray start --head` on this machine (then address = \"auto\"), give its head node "
-            "as HOST:PORT, or set executor.ray.address = \"local\" to start Ray here for the run")
+    hint = (
+        'start one with `ray start --head` on this machine (then address = "auto"), give its head node '
+        'as HOST:PORT, or set executor.ray.address = "local" to start Ray here for the run'
+    )
     if config.address not in ("auto", "local"):
         host, _, port = config.address.removeprefix("ray://").rpartition(":")
         try:  # Ray itself retries an unreachable address for minutes
             socket.create_connection((host, int(port)), timeout=5).close()
         except (OSError, ValueError) as err:
-            raise BigptError(f"executor.ray.address = \"{config.address}\" is not a reachable Ray head node "
-                             f"({err}); {hint}.") from None
+            raise BigptError(
+                f'executor.ray.address = "{config.address}" is not a reachable Ray head node ({err}); {hint}.'
+            ) from None
     try:
-        ray.init(address=config.address, log_to_driver=False,
-                 logging_level=logging.ERROR, include_dashboard=False)
+        ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
     except ConnectionError:
-        raise BigptError(f"executor.ray.address = \"{config.address}\" found no Ray cluster to join; {hint}.") from None
+        raise BigptError(f'executor.ray.address = "{config.address}" found no Ray cluster to join; {hint}.') from None
     try:
         yield
     finally:
@@ -165,12 +180,22 @@ def slurm_executors(recipe: CurationRecipe, jobs: list[Job], work: Path, finaliz
     slurm = recipe.executor.slurm
     executors: list[SlurmPipelineExecutor] = []
     for job in [*jobs, Job("finalize", [finalize], 1)]:
-        executors.append(SlurmPipelineExecutor(
-            job.pipeline, tasks=job.tasks, workers=recipe.executor.workers, time=slurm.time,
-            partition=slurm.partition, cpus_per_task=slurm.cpus_per_task,
-            mem_per_cpu_gb=slurm.mem_per_cpu_gb, qos=slurm.qos, venv_path=slurm.venv_path or None,
-            job_name=f"{recipe.name}_{job.name}", logging_dir=str(work / "logs" / job.name),
-            depends=executors[-1] if executors else None))
+        executors.append(
+            SlurmPipelineExecutor(
+                job.pipeline,
+                tasks=job.tasks,
+                workers=recipe.executor.workers,
+                time=slurm.time,
+                partition=slurm.partition,
+                cpus_per_task=slurm.cpus_per_task,
+                mem_per_cpu_gb=slurm.mem_per_cpu_gb,
+                qos=slurm.qos,
+                venv_path=slurm.venv_path or None,
+                job_name=f"{recipe.name}_{job.name}",
+                logging_dir=str(work / "logs" / job.name),
+                depends=executors[-1] if executors else None,
+            )
+        )
     return executors
 
 

@@ -24,9 +24,9 @@ from datatrove.pipeline.filters import (
     GopherRepetitionFilter,
     LanguageFilter,
 )
-from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
-from datatrove.pipeline.filters.c4_filters import CITATION_REGEX, ELLIPSIS, END_PUNCTUATION
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.filters.c4_filters import CITATION_REGEX, ELLIPSIS, END_PUNCTUATION
+from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.utils.binaryio import read_tuples_from_file
@@ -116,8 +116,9 @@ def unwrap(text: str, wrap_length: int, joiner: str = " ") -> str:
     if not wrap_length:
         return text
     lines = text.splitlines()
-    return "".join(line + (joiner if _wrapped(line, after, wrap_length) else "\n")
-                   for line, after in zip(lines, lines[1:] + [""]))[:len(text)]
+    return "".join(
+        line + (joiner if _wrapped(line, after, wrap_length) else "\n") for line, after in zip(lines, lines[1:] + [""])
+    )[: len(text)]
 
 
 def _wrapped(line: str, after: str, wrap_length: int) -> bool:
@@ -142,8 +143,9 @@ class C4Quality(C4QualityFilter):
         if unwrapped:
             doc.text = unwrap(doc.text, self.wrap_length, self.JOINER)
         if self.sentence_lines_only:  # as C4 does it, before its other line rules
-            doc.text = "\n".join(line for line in doc.text.splitlines()
-                                 if ends_sentence(CITATION_REGEX.sub("", line).strip()))
+            doc.text = "\n".join(
+                line for line in doc.text.splitlines() if ends_sentence(CITATION_REGEX.sub("", line).strip())
+            )
         verdict = super().filter(doc)
         if unwrapped:
             doc.text = doc.text.replace(self.JOINER, "\n")

@@ -19,16 +19,16 @@ def input_files(config: InputConfig) -> list[Path]:
     """The input files in a fixed order (sorted paths), each checked to be readable."""
     path = Path(config.path)
     if not path.exists():
-        raise BigptError(f"input.path {path} does not exist; check the path (it is relative to "
-                         f"the recipe file).")
+        raise BigptError(f"input.path {path} does not exist; check the path (it is relative to the recipe file).")
     if path.is_file():
         files = [path]
     else:
         pattern = config.glob or DEFAULT_GLOBS[config.format]
         files = sorted(p for p in path.rglob(pattern) if p.is_file())
         if not files:
-            raise BigptError(f"input.path {path} has no file matching {pattern!r}; set input.glob "
-                             f"or input.format ({config.format}).")
+            raise BigptError(
+                f"input.path {path} has no file matching {pattern!r}; set input.glob or input.format ({config.format})."
+            )
     for file in files:
         _check_readable(file, config)
     return files
@@ -36,16 +36,17 @@ def input_files(config: InputConfig) -> list[Path]:
 
 def _check_readable(file: Path, config: InputConfig) -> None:
     if not os.access(file, os.R_OK):
-        raise BigptError(f"input file {file} cannot be read (permissions); fix them or remove it "
-                         f"from input.path.")
+        raise BigptError(f"input file {file} cannot be read (permissions); fix them or remove it from input.path.")
     try:
         if config.format == "parquet":
             import pyarrow.parquet
 
             columns = pyarrow.parquet.read_schema(file).names
             if config.text_field not in columns:
-                raise BigptError(f"input file {file} has no column {config.text_field!r} "
-                                 f"(input.text_field); its columns: {', '.join(columns)}.")
+                raise BigptError(
+                    f"input file {file} has no column {config.text_field!r} "
+                    f"(input.text_field); its columns: {', '.join(columns)}."
+                )
         elif config.format == "jsonl":
             _check_first_json_line(file, config.text_field)
         else:
@@ -67,11 +68,11 @@ def _check_first_json_line(file: Path, text_field: str) -> None:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise BigptError(f"input file {file}:{number} is not JSON ({err}); input.format is "
-                                 f"jsonl (one JSON object per line).") from None
+                raise BigptError(
+                    f"input file {file}:{number} is not JSON ({err}); input.format is jsonl (one JSON object per line)."
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise BigptError(f"input file {file}:{number} has no string field {text_field!r} "
-                                 f"(input.text_field).")
+                raise BigptError(f"input file {file}:{number} has no string field {text_field!r} (input.text_field).")
             return
 
 
@@ -97,11 +98,11 @@ def input_reader(config: InputConfig, files: list[Path], paths_file: Path, skipp
     paths_file.write_text("".join(f"{file.relative_to(root)}\n" for file in _listed_for_tasks(files, tasks)))
     if config.format == "jsonl":
         relative = [str(file.relative_to(root)) for file in files]
-        return lambda: CountingJsonlReader(str(root), str(skipped), relative, text_key=config.text_field,
-                                           id_key=config.id_field)
+        return lambda: CountingJsonlReader(
+            str(root), str(skipped), relative, text_key=config.text_field, id_key=config.id_field
+        )
     reader = {"parquet": ParquetReader, "text": TextLineReader}[config.format]
-    return lambda: reader(str(root), paths_file=str(paths_file), text_key=config.text_field,
-                          id_key=config.id_field)
+    return lambda: reader(str(root), paths_file=str(paths_file), text_key=config.text_field, id_key=config.id_field)
 
 
 def _listed_for_tasks(files: list[Path], tasks: int) -> list[Path]:
@@ -111,7 +112,7 @@ def _listed_for_tasks(files: list[Path], tasks: int) -> list[Path]:
     start = 0
     for rank in range(tasks):
         positions = range(rank, len(files), tasks)
-        for position, file in zip(positions, files[start:start + len(positions)]):
+        for position, file in zip(positions, files[start : start + len(positions)]):
             listed[position] = file
         start += len(positions)
     return listed

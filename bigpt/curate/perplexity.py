@@ -61,12 +61,18 @@ class PerplexityBand(PipelineStep):
 
         files = sorted(self.scores.glob("*.json"))
         if len(files) != self.tasks:
-            raise BigptError(f"{self.scores} has the scores of {len(files)} of {self.tasks} tasks: the "
-                             "scoring job did not finish; re-run the same command to resume it.")
+            raise BigptError(
+                f"{self.scores} has the scores of {len(files)} of {self.tasks} tasks: the "
+                "scoring job did not finish; re-run the same command to resume it."
+            )
         scores = np.array([score for path in files for score in json.loads(path.read_text())], dtype=np.float64)
         low, high = np.percentile(scores, self.percentiles).tolist() if scores.size else (math.inf, -math.inf)
-        write_atomically(self.band, json.dumps({"percentiles": list(self.percentiles), "perplexity": [low, high],
-                                                "documents": int(scores.size)}))
+        write_atomically(
+            self.band,
+            json.dumps(
+                {"percentiles": list(self.percentiles), "perplexity": [low, high], "documents": int(scores.size)}
+            ),
+        )
         return iter(())
 
 

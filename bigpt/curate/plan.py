@@ -9,8 +9,8 @@ annotated copies its jobs wrote (the perplexity scores). The last pass writes
 """
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
@@ -45,8 +45,9 @@ def plan_jobs(recipe: CurationRecipe, work: Path, read_input: Callable, tasks: i
             read_previous, blocks, passes = documents_reader(work / docs), [], passes + 1
         for job in stage.jobs:
             pipeline = [read_previous(), *job.pipeline] if job.reads_previous_pass else job.pipeline
-            jobs.append(dataclasses.replace(job, name=f"{folder}_{job.name}", pipeline=pipeline,
-                                            reads_previous_pass=False))
+            jobs.append(
+                dataclasses.replace(job, name=f"{folder}_{job.name}", pipeline=pipeline, reads_previous_pass=False)
+            )
         if stage.documents:
             read_previous = documents_reader(stage.documents)
         audited = AuditedFilter if isinstance(stage.block, BaseFilter) else AuditedStep

@@ -10,8 +10,9 @@ overrides, strict keys with did-you-mean, types and ranges, recipe-relative path
 import dataclasses
 import difflib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
 from bigpt.errors import BigptError
 from bigpt.recipe.build import build_dataclass
@@ -158,12 +159,12 @@ class GopherRepetitionStage:
     """Share of characters in duplicate lines above this is dropped."""
     dup_para_char_frac: float = fraction(0.2)
     """Share of characters in duplicate paragraphs above this is dropped."""
-    top_n_gram_fracs: list[float] = field(default_factory=lambda: [0.2, 0.18, 0.16],
-                                          metadata=fraction().metadata)
+    top_n_gram_fracs: list[float] = field(default_factory=lambda: [0.2, 0.18, 0.16], metadata=fraction().metadata)
     """For n = 2, 3, 4: the most frequent n-gram covering more than this share of characters
     is dropped."""
-    dup_n_gram_fracs: list[float] = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.1],
-                                          metadata=fraction().metadata)
+    dup_n_gram_fracs: list[float] = field(
+        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.1], metadata=fraction().metadata
+    )
     """For n = 5..10: duplicated n-grams covering more than this share of characters is dropped."""
     language: str = "en"
     """Language of the word tokenizer."""
@@ -411,33 +412,44 @@ def load_curation_recipe(path: str | os.PathLike, overrides: Iterable[str] = ())
 def _check_stages(recipe: CurationRecipe, origins) -> None:
     where = origins.of("stages").label
     if not recipe.stages:
-        raise BigptError(f"stages is empty in {where}; name at least one of: "
-                         f"{', '.join(STAGE_NAMES)}.")
+        raise BigptError(f"stages is empty in {where}; name at least one of: {', '.join(STAGE_NAMES)}.")
     for name in recipe.stages:
         if name not in STAGE_NAMES:
             close = difflib.get_close_matches(name, STAGE_NAMES, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known stages: {', '.join(STAGE_NAMES)}."
             raise BigptError(f"unknown stage {name!r} in stages in {where}; {hint}")
         if recipe.stages.count(name) > 1:
-            raise BigptError(f"stage {name!r} is named twice in stages in {where}; a stage runs once "
-                             f"(put all its settings in [stage.{name}]).")
+            raise BigptError(
+                f"stage {name!r} is named twice in stages in {where}; a stage runs once "
+                f"(put all its settings in [stage.{name}])."
+            )
         key = MODEL_FILES.get(name)
         if key and getattr(recipe.params(name), key) is None:
-            raise BigptError(f"stage.{name}.{key} is not set but {name!r} is in stages in {where}; "
-                             f"name the model file in [stage.{name}].")
+            raise BigptError(
+                f"stage.{name}.{key} is not set but {name!r} is in stages in {where}; "
+                f"name the model file in [stage.{name}]."
+            )
     band = recipe.stage.perplexity
     if band.min_percentile >= band.max_percentile:
-        raise BigptError(f"stage.perplexity.min_percentile ({band.min_percentile}) must be below "
-                         f"stage.perplexity.max_percentile ({band.max_percentile}) in "
-                         f"{origins.of('stage.perplexity.max_percentile').label}; they bound the band of "
-                         "scores that is kept.")
+        raise BigptError(
+            f"stage.perplexity.min_percentile ({band.min_percentile}) must be below "
+            f"stage.perplexity.max_percentile ({band.max_percentile}) in "
+            f"{origins.of('stage.perplexity.max_percentile').label}; they bound the band of "
+            "scores that is kept."
+        )
     slurm = recipe.executor.slurm
     if recipe.executor.kind == "slurm" and not slurm.partition:
-        raise BigptError("executor.slurm.partition is required for executor.kind = \"slurm\"; "
-                         f"set it in {origins.of('executor.kind').label}.")
+        raise BigptError(
+            'executor.slurm.partition is required for executor.kind = "slurm"; '
+            f"set it in {origins.of('executor.kind').label}."
+        )
     gopher = recipe.stage.gopher_repetition
-    for key, fracs, count in (("top_n_gram_fracs", gopher.top_n_gram_fracs, 3),
-                              ("dup_n_gram_fracs", gopher.dup_n_gram_fracs, 6)):
+    for key, fracs, count in (
+        ("top_n_gram_fracs", gopher.top_n_gram_fracs, 3),
+        ("dup_n_gram_fracs", gopher.dup_n_gram_fracs, 6),
+    ):
         if len(fracs) != count:
-            raise BigptError(f"stage.gopher_repetition.{key} needs {count} values (one per n), "
-                             f"got {len(fracs)} in {origins.of('stage.gopher_repetition.' + key).label}.")
+            raise BigptError(
+                f"stage.gopher_repetition.{key} needs {count} values (one per n), "
+                f"got {len(fracs)} in {origins.of('stage.gopher_repetition.' + key).label}."
+            )

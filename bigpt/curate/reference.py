@@ -35,17 +35,21 @@ def check_reference(checkpoint: str, tokenizer: str | None) -> ReferenceFiles:
     from bigpt.data.tokenizer import load_tokenizer
     from bigpt.hf.convert import checkpoint_model
 
-    path = store.checkpoint_at(Path(checkpoint), f"{KEY}.checkpoint",
-                               alternatives="e.g. a run of a small model on trusted text")
+    path = store.checkpoint_at(
+        Path(checkpoint), f"{KEY}.checkpoint", alternatives="e.g. a run of a small model on trusted text"
+    )
     model = checkpoint_model(path)
     found = Path(tokenizer) if tokenizer else _tokenizer_of(path)
     if found is None:
-        raise BigptError(f"{KEY}.tokenizer is not set and checkpoint {path} names no tokenizer (no "
-                         "data.tokenizer in its recipe.toml, no tokenizer.json in its Hugging Face files); "
-                         f"set {KEY}.tokenizer to the tokenizer its model was trained with.")
+        raise BigptError(
+            f"{KEY}.tokenizer is not set and checkpoint {path} names no tokenizer (no "
+            "data.tokenizer in its recipe.toml, no tokenizer.json in its Hugging Face files); "
+            f"set {KEY}.tokenizer to the tokenizer its model was trained with."
+        )
     if why := not_a_file(found):
-        raise BigptError(f"{KEY}.tokenizer {found} {why}; set {KEY}.tokenizer to the tokenizer "
-                         f"checkpoint {path} was trained with.")
+        raise BigptError(
+            f"{KEY}.tokenizer {found} {why}; set {KEY}.tokenizer to the tokenizer checkpoint {path} was trained with."
+        )
     check_vocab(load_tokenizer(found).vocab_size, model.vocab_size, f"{found} ({KEY}.tokenizer)")
     return ReferenceFiles(path, found)
 
@@ -103,12 +107,14 @@ class ReferenceModel:
         windows = []  # (document, tokens of one window + the token after it)
         for document, text in enumerate(texts):
             ids = ([eod] + self.tokenizer.encode(text) + [eod])[: self.max_tokens + 1]
-            windows += [(document, ids[start:start + self.seq_length + 1])
-                        for start in range(0, len(ids) - 1, self.seq_length)]
+            windows += [
+                (document, ids[start : start + self.seq_length + 1])
+                for start in range(0, len(ids) - 1, self.seq_length)
+            ]
         loss = [0.0] * len(texts)
         count = [0] * len(texts)
         for first in range(0, len(windows), self.batch_size):
-            batch = windows[first:first + self.batch_size]
+            batch = windows[first : first + self.batch_size]
             width = max(len(ids) for _, ids in batch) - 1
             tokens = torch.zeros(len(batch), width, dtype=torch.long)
             labels = torch.zeros_like(tokens)
@@ -118,9 +124,16 @@ class ReferenceModel:
             with torch.no_grad():
                 logits = self.model(tokens.to(self.device), torch.arange(width, device=self.device).unsqueeze(0), None)
                 # over the real vocabulary: the rows padding the embedding are no tokens
-                losses = torch.nn.functional.cross_entropy(
-                    logits[..., : self.vocab_size].flatten(0, 1).float(), labels.to(self.device).flatten(),
-                    reduction="none").view(len(batch), width).double().cpu()
+                losses = (
+                    torch.nn.functional.cross_entropy(
+                        logits[..., : self.vocab_size].flatten(0, 1).float(),
+                        labels.to(self.device).flatten(),
+                        reduction="none",
+                    )
+                    .view(len(batch), width)
+                    .double()
+                    .cpu()
+                )
             for row, (document, ids) in enumerate(batch):
                 loss[document] += losses[row, : len(ids) - 1].sum().item()
                 count[document] += len(ids) - 1
@@ -138,8 +151,13 @@ def _load_model(checkpoint: Path):
     from bigpt.runtime.seeding import seed_everything
 
     model_config = checkpoint_model(checkpoint)
-    recipe = Recipe(name="perplexity_reference", model=model_config, precision=PrecisionConfig(dtype="fp32"),
-                    train=TrainConfig(global_batch_size=1, train_iters=1), optimizer=OptimizerConfig(lr=1.0))
+    recipe = Recipe(
+        name="perplexity_reference",
+        model=model_config,
+        precision=PrecisionConfig(dtype="fp32"),
+        train=TrainConfig(global_batch_size=1, train_iters=1),
+        optimizer=OptimizerConfig(lr=1.0),
+    )
     seed_everything(recipe.train.seed)  # megatron-core's tensor-parallel RNG stream must exist
     (model,), _ = build_model_chunks(recipe, Layout.from_recipe(recipe, 1))
     load_weights([model], checkpoint, model_config.vocab_size)

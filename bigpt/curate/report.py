@@ -20,8 +20,10 @@ def build_report(recipe: CurationRecipe, work: Path, tasks: int) -> dict:
         folder = work / "audit" / stage_folder(index, name)
         records = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
         if len(records) != tasks:
-            raise BigptError(f"{folder} has counts of {len(records)} of {tasks} tasks: the run did not "
-                             f"finish; re-run the same command to resume it.")
+            raise BigptError(
+                f"{folder} has counts of {len(records)} of {tasks} tasks: the run did not "
+                f"finish; re-run the same command to resume it."
+            )
         stage = _stage(name, records, recipe.report.excerpts)
         band = work / "stages" / stage_folder(index, name) / "band.json"
         if band.is_file():  # the perplexity stage: the scores that bound the kept band
@@ -35,14 +37,15 @@ def build_report(recipe: CurationRecipe, work: Path, tasks: int) -> dict:
         "word_unit": "whitespace-separated words",
         "read": {"documents": first["in"]["documents"], "skipped_lines": _skipped_lines(work)},
         "total": {
-            "in": first["in"], "kept": last["kept"],
+            "in": first["in"],
+            "kept": last["kept"],
             "dropped": {key: first["in"][key] - last["kept"][key] for key in ("documents", "words")},
         },
-        "stages": [{key: value for key, value in stage.items() if not key.startswith("hist")}
-                   for stage in stages],
+        "stages": [{key: value for key, value in stage.items() if not key.startswith("hist")} for stage in stages],
         "length_histogram": {
             "bin_lower_edges_words": [0] + [2 ** (b - 1) for b in range(1, LENGTH_BINS)],
-            "before": first["hist_in"], "after": last["hist_kept"],
+            "before": first["hist_in"],
+            "after": last["hist_kept"],
         },
     }
 
@@ -61,16 +64,20 @@ def _stage(name: str, records: list[dict], limit: int) -> dict:
         return [sum(record[key][i] for record in records) for i in range(2)]
 
     reasons = sorted({reason for record in records for reason in record["dropped"]})
-    dropped = {reason: [sum(r["dropped"].get(reason, [0, 0])[i] for r in records) for i in range(2)]
-               for reason in reasons}
+    dropped = {
+        reason: [sum(r["dropped"].get(reason, [0, 0])[i] for r in records) for i in range(2)] for reason in reasons
+    }
     return {
         "stage": name,
         "in": _counts(total("in")),
         "kept": _counts(total("kept")),
         "dropped": _counts([sum(counts[i] for counts in dropped.values()) for i in range(2)]),
         "dropped_by_rule": {reason: _counts(counts) for reason, counts in dropped.items()},
-        "excerpts": {reason: [quote for record in records for quote in record["excerpts"].get(reason, [])][:limit]
-                     for reason in reasons if limit},
+        "excerpts": {
+            reason: [quote for record in records for quote in record["excerpts"].get(reason, [])][:limit]
+            for reason in reasons
+            if limit
+        },
         "hist_in": [sum(column) for column in zip(*(record["hist_in"] for record in records))],
         "hist_kept": [sum(column) for column in zip(*(record["hist_kept"] for record in records))],
     }
@@ -97,12 +104,17 @@ def draw_report(report: dict, path: Path) -> None:
             rows += [(f"    {reason}", counts["documents"], counts["words"]) for reason, counts in rules.items()]
     figure, (left, right) = plt.subplots(1, 2, figsize=(15, max(4, 0.35 * len(rows) + 1.5)))
     total = report["total"]
-    figure.suptitle(f"{report['name']}: kept {total['kept']['documents']:,} of "
-                    f"{total['in']['documents']:,} documents, {total['kept']['words']:,} of "
-                    f"{total['in']['words']:,} words")
+    figure.suptitle(
+        f"{report['name']}: kept {total['kept']['documents']:,} of "
+        f"{total['in']['documents']:,} documents, {total['kept']['words']:,} of "
+        f"{total['in']['words']:,} words"
+    )
     rows = rows[::-1]
-    bars = left.barh([label for label, _, _ in rows], [documents for _, documents, _ in rows],
-                     color=["tab:red" if label.startswith(" ") else "tab:purple" for label, _, _ in rows])
+    bars = left.barh(
+        [label for label, _, _ in rows],
+        [documents for _, documents, _ in rows],
+        color=["tab:red" if label.startswith(" ") else "tab:purple" for label, _, _ in rows],
+    )
     left.bar_label(bars, [f"{documents:,} docs, {words:,} words" for _, documents, words in rows], padding=3)
     left.margins(x=0.35)
     left.set_xlabel("documents dropped")

@@ -103,9 +103,12 @@ def explain(recipe: CurationRecipe, sample: int) -> CurationResult:
         for doc in islice(reader.run(None, 0, 1), sample):
             out.write(json.dumps({**doc.metadata, "id": doc.id, "text": doc.text}) + "\n")
     sampled = dataclasses.replace(
-        recipe, input=InputConfig(path=str(folder / "sample.jsonl")), output=OutputConfig(dir=str(folder)),
+        recipe,
+        input=InputConfig(path=str(folder / "sample.jsonl")),
+        output=OutputConfig(dir=str(folder)),
         executor=dataclasses.replace(recipe.executor, kind="local", tasks=0),
-        report=dataclasses.replace(recipe.report, excerpts=EXPLAIN_EXCERPTS))
+        report=dataclasses.replace(recipe.report, excerpts=EXPLAIN_EXCERPTS),
+    )
     return curate(sampled, restart=True)
 
 
@@ -161,8 +164,11 @@ def _check_reference(recipe: CurationRecipe) -> None:
 def _check_fasttext(recipe: CurationRecipe, stage: str) -> None:
     key = MODEL_FILES[stage]
     path = getattr(recipe.params(stage), key)
-    hint = ("train one with tools/train_quality_classifier.py" if stage == "quality_classifier"
-            else "download a fastText language-ID model (e.g. lid.176.bin) and name it there")
+    hint = (
+        "train one with tools/train_quality_classifier.py"
+        if stage == "quality_classifier"
+        else "download a fastText language-ID model (e.g. lid.176.bin) and name it there"
+    )
     if why := not_a_file(path):
         raise BigptError(f"stage.{stage}.{key} {path} {why}; {hint}.")
     _require("fasttext", f"stage {stage!r}")
@@ -176,8 +182,9 @@ def _check_fasttext(recipe: CurationRecipe, stage: str) -> None:
         labels = [label.removeprefix("__label__") for label in model.labels]
         label = recipe.stage.quality_classifier.label
         if label not in labels:
-            raise BigptError(f"stage.quality_classifier.label {label!r} is not a label of "
-                             f"{path}; its labels: {', '.join(labels)}.")
+            raise BigptError(
+                f"stage.quality_classifier.label {label!r} is not a label of {path}; its labels: {', '.join(labels)}."
+            )
 
 
 def _default_tasks(recipe: CurationRecipe, files: list[Path], fingerprint: Path, restart: bool) -> int:
@@ -191,19 +198,25 @@ def _default_tasks(recipe: CurationRecipe, files: list[Path], fingerprint: Path,
 
 def _check_executor(recipe: CurationRecipe, tasks: int) -> None:
     if recipe.executor.kind == "slurm" and shutil.which("sbatch") is None:
-        raise BigptError("executor.kind = \"slurm\" but there is no sbatch command on this machine's "
-                         "PATH; run on a SLURM login node, or set executor.kind = \"local\".")
+        raise BigptError(
+            'executor.kind = "slurm" but there is no sbatch command on this machine\'s '
+            'PATH; run on a SLURM login node, or set executor.kind = "local".'
+        )
     if "exact_dedup" in recipe.stages and tasks > MAX_DEDUP_TASKS:
-        raise BigptError(f"exact_dedup ranks copies by task and takes at most {MAX_DEDUP_TASKS} tasks, "
-                         f"got {tasks}; set executor.tasks lower or merge input files.")
+        raise BigptError(
+            f"exact_dedup ranks copies by task and takes at most {MAX_DEDUP_TASKS} tasks, "
+            f"got {tasks}; set executor.tasks lower or merge input files."
+        )
 
 
 def _require(module: str, what: str) -> None:
     try:
         __import__(module)
     except ImportError:
-        raise BigptError(f"{what} needs the Python package {module!r}, which is not installed; "
-                         f"install bigpt's curation extra: pip install -e '.[curate]'.") from None
+        raise BigptError(
+            f"{what} needs the Python package {module!r}, which is not installed; "
+            f"install bigpt's curation extra: pip install -e '.[curate]'."
+        ) from None
 
 
 def _fingerprint(recipe: CurationRecipe, files: list[Path], tasks: int) -> dict:
@@ -225,10 +238,14 @@ def _claim(work: Path, out: Path, fingerprint: dict, restart: bool) -> None:
     elif marker.exists():
         if json.loads(marker.read_text()) == fingerprint:
             return
-        raise BigptError(f"{out} holds a curation made with another recipe, input or task count; "
-                         f"re-run with --restart to discard it, or set output.dir elsewhere.")
+        raise BigptError(
+            f"{out} holds a curation made with another recipe, input or task count; "
+            f"re-run with --restart to discard it, or set output.dir elsewhere."
+        )
     elif (out / CURATED).exists() or work.exists():
-        raise BigptError(f"{out} holds files bigpt did not record as this curation's; re-run with "
-                         f"--restart to discard them, or set output.dir elsewhere.")
+        raise BigptError(
+            f"{out} holds files bigpt did not record as this curation's; re-run with "
+            f"--restart to discard them, or set output.dir elsewhere."
+        )
     work.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(fingerprint, indent=1))

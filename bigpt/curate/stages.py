@@ -6,9 +6,9 @@ every document of the previous pass before it can drop any: it adds jobs of its 
 (signatures and matching; scoring and the band) and then a block that opens the next pass.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
@@ -63,38 +63,69 @@ class GlobalStage:
 
 
 def gopher_quality(p: recipe.GopherQualityStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(filters.GopherQuality(
-        min_doc_words=p.min_doc_words, max_doc_words=p.max_doc_words,
-        min_avg_word_length=p.min_avg_word_length, max_avg_word_length=p.max_avg_word_length,
-        max_symbol_word_ratio=p.max_symbol_word_ratio, max_bullet_lines_ratio=p.max_bullet_lines_ratio,
-        max_ellipsis_lines_ratio=p.max_ellipsis_lines_ratio,
-        min_alpha_words_ratio=p.max_non_alpha_words_ratio, min_stop_words=p.min_stop_words,
-        language=p.language), "gopher_quality")
+    return FilterStage(
+        filters.GopherQuality(
+            min_doc_words=p.min_doc_words,
+            max_doc_words=p.max_doc_words,
+            min_avg_word_length=p.min_avg_word_length,
+            max_avg_word_length=p.max_avg_word_length,
+            max_symbol_word_ratio=p.max_symbol_word_ratio,
+            max_bullet_lines_ratio=p.max_bullet_lines_ratio,
+            max_ellipsis_lines_ratio=p.max_ellipsis_lines_ratio,
+            min_alpha_words_ratio=p.max_non_alpha_words_ratio,
+            min_stop_words=p.min_stop_words,
+            language=p.language,
+        ),
+        "gopher_quality",
+    )
 
 
 def gopher_repetition(p: recipe.GopherRepetitionStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(filters.GopherRepetition(
-        dup_line_frac=p.dup_line_frac, dup_para_frac=p.dup_para_frac,
-        dup_line_char_frac=p.dup_line_char_frac, dup_para_char_frac=p.dup_para_char_frac,
-        top_n_grams=tuple(zip((2, 3, 4), p.top_n_gram_fracs)),
-        dup_n_grams=tuple(zip(range(5, 11), p.dup_n_gram_fracs)),
-        language=p.language), "gopher_repetition")
+    return FilterStage(
+        filters.GopherRepetition(
+            dup_line_frac=p.dup_line_frac,
+            dup_para_frac=p.dup_para_frac,
+            dup_line_char_frac=p.dup_line_char_frac,
+            dup_para_char_frac=p.dup_para_char_frac,
+            top_n_grams=tuple(zip((2, 3, 4), p.top_n_gram_fracs)),
+            dup_n_grams=tuple(zip(range(5, 11), p.dup_n_gram_fracs)),
+            language=p.language,
+        ),
+        "gopher_repetition",
+    )
 
 
 def c4(p: recipe.C4Stage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(filters.C4Quality(
-        wrap_length=p.wrap_length, min_num_sentences=p.min_num_sentences, min_words_per_line=p.min_words_per_line,
-        max_word_length=p.max_word_length, filter_no_terminal_punct=p.filter_no_terminal_punct,
-        filter_lorem_ipsum=p.filter_lorem_ipsum, filter_javascript=p.filter_javascript,
-        filter_curly_bracket=p.filter_curly_bracket, filter_policy=p.filter_policy,
-        language=p.language), "c4")
+    return FilterStage(
+        filters.C4Quality(
+            wrap_length=p.wrap_length,
+            min_num_sentences=p.min_num_sentences,
+            min_words_per_line=p.min_words_per_line,
+            max_word_length=p.max_word_length,
+            filter_no_terminal_punct=p.filter_no_terminal_punct,
+            filter_lorem_ipsum=p.filter_lorem_ipsum,
+            filter_javascript=p.filter_javascript,
+            filter_curly_bracket=p.filter_curly_bracket,
+            filter_policy=p.filter_policy,
+            language=p.language,
+        ),
+        "c4",
+    )
 
 
 def fineweb_quality(p: recipe.FineWebQualityStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(filters.FineWebQuality(
-        wrap_length=p.wrap_length, line_punct_thr=p.line_punct_thr, short_line_thr=p.short_line_thr,
-        short_line_length=p.short_line_length, char_duplicates_ratio=p.char_duplicates_ratio,
-        new_line_ratio=p.new_line_ratio, language=p.language), "fineweb_quality")
+    return FilterStage(
+        filters.FineWebQuality(
+            wrap_length=p.wrap_length,
+            line_punct_thr=p.line_punct_thr,
+            short_line_thr=p.short_line_thr,
+            short_line_length=p.short_line_length,
+            char_duplicates_ratio=p.char_duplicates_ratio,
+            new_line_ratio=p.new_line_ratio,
+            language=p.language,
+        ),
+        "fineweb_quality",
+    )
 
 
 def length(p: recipe.LengthStage, folder: str, tasks: int) -> FilterStage:
@@ -102,24 +133,24 @@ def length(p: recipe.LengthStage, folder: str, tasks: int) -> FilterStage:
 
 
 def language(p: recipe.LanguageStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(filters.LocalLanguageFilter(p.model, p.languages, p.min_score),
-                       "language_not_kept")
+    return FilterStage(filters.LocalLanguageFilter(p.model, p.languages, p.min_score), "language_not_kept")
 
 
 def keywords(p: recipe.KeywordsStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(filters.KeywordFilter(p.include, p.exclude, p.min_hits, p.case_sensitive),
-                       "keywords")
+    return FilterStage(filters.KeywordFilter(p.include, p.exclude, p.min_hits, p.case_sensitive), "keywords")
 
 
 def urls(p: recipe.UrlsStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(filters.UrlDomainFilter(p.include_domains, p.exclude_domains, p.url_field,
-                                               p.keep_without_url), "urls")
+    return FilterStage(
+        filters.UrlDomainFilter(p.include_domains, p.exclude_domains, p.url_field, p.keep_without_url), "urls"
+    )
 
 
 def quality_classifier(p: recipe.QualityClassifierStage, folder: str, tasks: int) -> FilterStage:
-    return FilterStage(filters.LocalFastTextClassifier(
-        p.model, keep_labels=[(p.label, p.min_score)], newline_replacement=" "),
-        "below_quality_score")
+    return FilterStage(
+        filters.LocalFastTextClassifier(p.model, keep_labels=[(p.label, p.min_score)], newline_replacement=" "),
+        "below_quality_score",
+    )
 
 
 # datatrove 0.10's default xxhash hashing fails on the str it is given; its sha1 does not.
@@ -135,26 +166,41 @@ def exact_text(doc: Document) -> str:
 
 
 def exact_dedup(p: recipe.ExactDedupStage, folder: str, tasks: int) -> GlobalStage:
-    config = ExactDedupConfig(content_getter=normalized_text if p.normalize else exact_text,
-                              hash_config=HASHING)
+    config = ExactDedupConfig(content_getter=normalized_text if p.normalize else exact_text, hash_config=HASHING)
     signatures, duplicates = f"{folder}/signatures", f"{folder}/duplicates"
     return GlobalStage(
-        jobs=[Job("signatures", [filters.InputOrderExactSignature(signatures, config, finder_workers=tasks)],
-                  tasks, reads_previous_pass=True),
-              Job("find", [ExactFindDedups(signatures, duplicates, config)], tasks)],
-        block=ExactDedupFilter(duplicates, config), reason="exact_duplicate")
+        jobs=[
+            Job(
+                "signatures",
+                [filters.InputOrderExactSignature(signatures, config, finder_workers=tasks)],
+                tasks,
+                reads_previous_pass=True,
+            ),
+            Job("find", [ExactFindDedups(signatures, duplicates, config)], tasks),
+        ],
+        block=ExactDedupFilter(duplicates, config),
+        reason="exact_duplicate",
+    )
 
 
 def minhash_dedup(p: recipe.MinhashDedupStage, folder: str, tasks: int) -> GlobalStage:
-    config = MinhashConfig(n_grams=p.n_grams, num_buckets=p.num_buckets,
-                           hashes_per_bucket=p.hashes_per_bucket, seed=p.seed, hash_config=HASHING)
+    config = MinhashConfig(
+        n_grams=p.n_grams,
+        num_buckets=p.num_buckets,
+        hashes_per_bucket=p.hashes_per_bucket,
+        seed=p.seed,
+        hash_config=HASHING,
+    )
     signatures, buckets, remove = f"{folder}/signatures", f"{folder}/buckets", f"{folder}/remove_ids"
     return GlobalStage(
-        jobs=[Job("signatures", [filters.MinhashSignatures(signatures, config)], tasks,
-                  reads_previous_pass=True),
-              Job("buckets", [MinhashDedupBuckets(signatures, buckets, config=config)], p.num_buckets),
-              Job("cluster", [filters.InputOrderCluster(buckets, remove, config=config)], 1)],
-        block=MinhashDedupFilter(remove), reason="near_duplicate")
+        jobs=[
+            Job("signatures", [filters.MinhashSignatures(signatures, config)], tasks, reads_previous_pass=True),
+            Job("buckets", [MinhashDedupBuckets(signatures, buckets, config=config)], p.num_buckets),
+            Job("cluster", [filters.InputOrderCluster(buckets, remove, config=config)], 1),
+        ],
+        block=MinhashDedupFilter(remove),
+        reason="near_duplicate",
+    )
 
 
 def perplexity(p: recipe.PerplexityStage, folder: str, tasks: int) -> GlobalStage:
@@ -165,10 +211,14 @@ def perplexity(p: recipe.PerplexityStage, folder: str, tasks: int) -> GlobalStag
     files = ReferenceFiles(Path(p.checkpoint), Path(p.tokenizer))  # resolved by the run's checks
     scorer = PerplexityScorer(files, scores, max_tokens=p.max_tokens, batch_size=p.batch_size)
     return GlobalStage(
-        jobs=[Job("score", [scorer, documents_writer(scored)], tasks, reads_previous_pass=True,
-                  fresh_processes=True),
-              Job("band", [PerplexityBand(scores, tasks, band, p.min_percentile, p.max_percentile)], 1)],
-        block=PerplexityBandFilter(band), reason="perplexity_outside_band", documents=scored)
+        jobs=[
+            Job("score", [scorer, documents_writer(scored)], tasks, reads_previous_pass=True, fresh_processes=True),
+            Job("band", [PerplexityBand(scores, tasks, band, p.min_percentile, p.max_percentile)], 1),
+        ],
+        block=PerplexityBandFilter(band),
+        reason="perplexity_outside_band",
+        documents=scored,
+    )
 
 
 STAGES: dict[str, Callable[..., FilterStage | GlobalStage]] = {

@@ -16,8 +16,9 @@ from bigpt.errors import BigptError
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-def micro_batches(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                  dp_size: int, num_workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def micro_batches(
+    dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches on CPU: ``BATCH_KEYS`` → ``[micro_batch_size, seq_length]``.
 
     tokens, labels and position_ids are int64, loss_mask float32. The iterator raises
@@ -27,9 +28,9 @@ def micro_batches(dataset, *, consumed_samples: int, micro_batch_size: int, dp_r
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
     indices = _rank_indices(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=indices, collate_fn=_collate,
-                                         num_workers=num_workers,
-                                         persistent_workers=num_workers > 0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=indices, collate_fn=_collate, num_workers=num_workers, persistent_workers=num_workers > 0
+    )
     return _until_exhausted(loader, len(dataset))
 
 
@@ -38,11 +39,11 @@ def _until_exhausted(loader, length: int):
     raise BigptError(
         f"the dataset has {length} samples and all were consumed; it is built for "
         "train.train_iters (and eval.iters × the number of evaluations), so resuming past "
-        "them needs the datasets built again for the longer run")
+        "them needs the datasets built again for the longer run"
+    )
 
 
-def _rank_indices(length: int, start: int, micro_batch_size: int, dp_rank: int,
-                  dp_size: int) -> Iterator[list[int]]:
+def _rank_indices(length: int, start: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> Iterator[list[int]]:
     """This rank's sample indices per micro-batch; ends before a step the dataset cannot fill."""
     step = micro_batch_size * dp_size
     first = start

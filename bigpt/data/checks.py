@@ -26,39 +26,42 @@ def open_indexed_dataset(prefix: str, key: str) -> IndexedDataset:
     idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
     if not os.path.isfile(idx_path):
         found = " (its .bin exists)" if os.path.isfile(bin_path) else ""
-        raise BigptError(f"{key}: no indexed dataset at prefix {prefix}: {idx_path} does not "
-                         f"exist{found}; give the path without .bin/.idx, or {REGENERATE}")
+        raise BigptError(
+            f"{key}: no indexed dataset at prefix {prefix}: {idx_path} does not "
+            f"exist{found}; give the path without .bin/.idx, or {REGENERATE}"
+        )
     if not os.path.isfile(bin_path):
-        raise BigptError(f"{key}: {bin_path} is missing next to {idx_path}; copy the .bin too, "
-                         f"or {REGENERATE}")
+        raise BigptError(f"{key}: {bin_path} is missing next to {idx_path}; copy the .bin too, or {REGENERATE}")
     # Checked here because megatron-core cannot open these (and prints noise while failing).
     with open(idx_path, "rb") as stream:
         if stream.read(len(_INDEX_HEADER)) != _INDEX_HEADER:
-            raise BigptError(f"{key}: {idx_path} is not a megatron-core index (its header is "
-                             f"wrong); {REGENERATE}")
+            raise BigptError(f"{key}: {idx_path} is not a megatron-core index (its header is wrong); {REGENERATE}")
     if os.path.getsize(bin_path) == 0:
-        raise BigptError(f"{key}: {prefix} holds no documents ({bin_path} is empty); "
-                         f"{REGENERATE} from a non-empty corpus")
+        raise BigptError(
+            f"{key}: {prefix} holds no documents ({bin_path} is empty); {REGENERATE} from a non-empty corpus"
+        )
     try:
         dataset = IndexedDataset(prefix, mmap=True)
     except (AssertionError, ValueError, OSError) as err:
-        raise BigptError(f"{key}: {idx_path} is not a readable megatron-core index ({err}); "
-                         f"{REGENERATE}") from None
+        raise BigptError(f"{key}: {idx_path} is not a readable megatron-core index ({err}); {REGENERATE}") from None
     index = dataset.index
     if len(index) == 0:
-        raise BigptError(f"{key}: {prefix} holds no documents; {REGENERATE} from a non-empty "
-                         "corpus")
+        raise BigptError(f"{key}: {prefix} holds no documents; {REGENERATE} from a non-empty corpus")
     expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
     actual = os.path.getsize(bin_path)
     if actual != expected:
-        raise BigptError(f"{key}: {bin_path} has {actual} bytes but its index {idx_path} "
-                         f"describes {expected} (truncated or mismatched copy); {REGENERATE} "
-                         "or copy both files again")
+        raise BigptError(
+            f"{key}: {bin_path} has {actual} bytes but its index {idx_path} "
+            f"describes {expected} (truncated or mismatched copy); {REGENERATE} "
+            "or copy both files again"
+        )
     empty = numpy.flatnonzero(index.sequence_lengths == 0)
     if empty.size:
-        raise BigptError(f"{key}: {prefix} has {empty.size} zero-length documents (the first is "
-                         f"number {empty[0]}), which megatron-core cannot sample; {REGENERATE}, "
-                         "which appends an end-of-document token to every document")
+        raise BigptError(
+            f"{key}: {prefix} has {empty.size} zero-length documents (the first is "
+            f"number {empty[0]}), which megatron-core cannot sample; {REGENERATE}, "
+            "which appends an end-of-document token to every document"
+        )
     return dataset
 
 
@@ -69,8 +72,9 @@ def split_tokens(dataset: IndexedDataset, bounds: tuple[float, float]) -> int:
     return int(dataset.sequence_lengths[begin:end].sum())
 
 
-def check_split_has_tokens(dataset: IndexedDataset, key: str, split_matrix, split: str,
-                           wanted: dict[Split, int]) -> None:
+def check_split_has_tokens(
+    dataset: IndexedDataset, key: str, split_matrix, split: str, wanted: dict[Split, int]
+) -> None:
     """Each split that must serve samples needs tokens."""
     for part, samples in wanted.items():
         bounds = split_matrix[part.value]
@@ -78,22 +82,29 @@ def check_split_has_tokens(dataset: IndexedDataset, key: str, split_matrix, spli
             raise BigptError(
                 f"{key}: data.split={split!r} gives the {part.name} split none of the "
                 f"{len(dataset)} documents of {dataset.path_prefix}; add documents to that "
-                "dataset or change data.split")
+                "dataset or change data.split"
+            )
 
 
 def check_weights(weights: list[float], key: str) -> None:
     for i, weight in enumerate(weights):
         if not weight > 0:
-            raise BigptError(f"{key}[{i}].weight = {weight} must be positive; drop the "
-                             "dataset from the blend instead of giving it no weight")
+            raise BigptError(
+                f"{key}[{i}].weight = {weight} must be positive; drop the "
+                "dataset from the blend instead of giving it no weight"
+            )
 
 
 def check_vocab(vocab_size: int, model_vocab_size: int, tokenizer_path: str, weights: str | None = None) -> None:
     """``weights``: the [init] key naming the weights the model starts from, whose vocabulary is fixed."""
     if vocab_size > model_vocab_size:
-        fix = (f"set model.vocab_size = {vocab_size} (or more)" if weights is None else
-               f"the vocabulary is that of the weights {weights} names and cannot grow: set data.tokenizer to the "
-               "tokenizer released with those weights (their tokenizer.json or tokenizer.model) and tokenize the "
-               "data with it (tools/preprocess_data.py --tokenizer)")
-        raise BigptError(f"data.tokenizer {tokenizer_path} has {vocab_size} tokens but "
-                         f"model.vocab_size is {model_vocab_size}; {fix}")
+        fix = (
+            f"set model.vocab_size = {vocab_size} (or more)"
+            if weights is None
+            else f"the vocabulary is that of the weights {weights} names and cannot grow: set data.tokenizer to the "
+            "tokenizer released with those weights (their tokenizer.json or tokenizer.model) and tokenize the "
+            "data with it (tools/preprocess_data.py --tokenizer)"
+        )
+        raise BigptError(
+            f"data.tokenizer {tokenizer_path} has {vocab_size} tokens but model.vocab_size is {model_vocab_size}; {fix}"
+        )

@@ -31,57 +31,63 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     """
     data = recipe.data
     if data.source == "mock":
-        tokenizer = checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(
-            recipe.model.vocab_size)
-        config = _config(recipe, tokenizer, {Split.train: train_samples,
-                                             Split.valid: valid_samples})
+        tokenizer = checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(recipe.model.vocab_size)
+        config = _config(recipe, tokenizer, {Split.train: train_samples, Split.valid: valid_samples})
         # Mock data is generated in memory from the seed, so every rank builds its own.
         with megatron_sees_one_process(quiet=True):
             train, valid, _ = BlendedMegatronDatasetBuilder(
-                MockGPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
+                MockGPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+            ).build()
         return train, valid
     tokenizer = checked_tokenizer(recipe)
     cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
     for warning in validation_rereads(recipe, phases[0], valid_samples):
         console.warn(warning)
-    built = [_build_phase(recipe, tokenizer, number, phase, valid_samples if number == 0 else 0,
-                          world_rank, cache_dir)
-             for number, phase in enumerate(phases)]
+    built = [
+        _build_phase(recipe, tokenizer, number, phase, valid_samples if number == 0 else 0, world_rank, cache_dir)
+        for number, phase in enumerate(phases)
+    ]
     train, valid = built[0]
     if len(phases) > 1:
-        train = PhasedDataset([phase.first_sample for phase in phases],
-                              [phase_train for phase_train, _ in built])
+        train = PhasedDataset([phase.first_sample for phase in phases], [phase_train for phase_train, _ in built])
     return train, valid
 
 
-def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: int,
-                 world_rank: int, cache_dir: str):
+def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: int, world_rank: int, cache_dir: str):
     # One dataset needs no blending; weights would make megatron wrap it in a BlendedDataset.
     weights = phase.weights if len(phase.prefixes) > 1 else None
     # Each phase shuffles with its own seed, so a dataset met again is not replayed in order.
-    config = _config(recipe, tokenizer, {Split.train: phase.samples, Split.valid: valid_samples},
-                     blend=(phase.prefixes, weights), cache_dir=cache_dir,
-                     seed=recipe.train.seed + number)
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, [phase.samples, valid_samples, 0],
-                                            lambda: True, config)
+    config = _config(
+        recipe,
+        tokenizer,
+        {Split.train: phase.samples, Split.valid: valid_samples},
+        blend=(phase.prefixes, weights),
+        cache_dir=cache_dir,
+        seed=recipe.train.seed + number,
+    )
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, [phase.samples, valid_samples, 0], lambda: True, config)
     train, valid, _ = build_rank_zero_first(
-        builder.build, world_rank=world_rank, cache_dir=cache_dir,
-        timeout_minutes=recipe.data.build_timeout_minutes)
+        builder.build, world_rank=world_rank, cache_dir=cache_dir, timeout_minutes=recipe.data.build_timeout_minutes
+    )
     return train, valid
 
 
 def checked_tokenizer(recipe) -> Tokenizer:
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     init = recipe.init
-    weights = (f"init.from_hf = {init.from_hf}" if init.from_hf else
-               f"init.from_checkpoint = {init.from_checkpoint}" if init.from_checkpoint else None)
+    weights = (
+        f"init.from_hf = {init.from_hf}"
+        if init.from_hf
+        else f"init.from_checkpoint = {init.from_checkpoint}"
+        if init.from_checkpoint
+        else None
+    )
     check_vocab(tokenizer.vocab_size, recipe.model.vocab_size, recipe.data.tokenizer, weights)
     return tokenizer
 
 
-def _config(recipe, tokenizer: Tokenizer, wanted: dict, *, blend=None, cache_dir=None,
-            seed=None) -> GPTDatasetConfig:
+def _config(recipe, tokenizer: Tokenizer, wanted: dict, *, blend=None, cache_dir=None, seed=None) -> GPTDatasetConfig:
     config = GPTDatasetConfig(
         random_seed=recipe.train.seed if seed is None else seed,
         sequence_length=recipe.model.seq_length,
@@ -97,6 +103,5 @@ def _config(recipe, tokenizer: Tokenizer, wanted: dict, *, blend=None, cache_dir
     )
     # Splits nobody samples from are not built: megatron would build a whole epoch of each
     # (and spin forever on one without tokens). Their documents stay out of the train split.
-    config.split_matrix = [bounds if wanted.get(part) else None
-                           for part, bounds in zip(Split, config.split_matrix)]
+    config.split_matrix = [bounds if wanted.get(part) else None for part, bounds in zip(Split, config.split_matrix)]
     return config

@@ -17,8 +17,19 @@ from pathlib import Path
 
 # Modules that act when imported (open a browser, print, start a GUI), test suites, and the
 # help topics (read as text below) and codec tables (boilerplate).
-_SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test",
-         "lib2to3", "ensurepip", "pydoc_data", "encodings"}
+_SKIP = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "test",
+    "lib2to3",
+    "ensurepip",
+    "pydoc_data",
+    "encodings",
+}
 
 
 def write_demo_corpus(out_dir, name: str = "demo.jsonl") -> tuple[Path, int, int]:
@@ -69,8 +80,9 @@ def _stdlib_modules():
             continue
         yield module
         if hasattr(module, "__path__"):
-            subnames = sorted(info.name for info in pkgutil.walk_packages(
-                module.__path__, f"{top}.", onerror=lambda _: None))
+            subnames = sorted(
+                info.name for info in pkgutil.walk_packages(module.__path__, f"{top}.", onerror=lambda _: None)
+            )
             for subname in subnames:
                 parts = subname.split(".")
                 if any(part.startswith("_") or part in ("test", "tests") for part in parts):
@@ -100,8 +112,7 @@ def _public_members(obj):
 def _defined_in(member, module) -> bool:
     """Defined by the module itself or by its private C/Python helper (``_io`` for ``io``)."""
     home = getattr(member, "__module__", None)
-    return isinstance(home, str) and (home == module.__name__ or home.lstrip("_") ==
-                                      module.__name__.rsplit(".", 1)[-1])
+    return isinstance(home, str) and (home == module.__name__ or home.lstrip("_") == module.__name__.rsplit(".", 1)[-1])
 
 
 def _own_doc(obj) -> str:
@@ -122,9 +133,12 @@ def _signature(obj) -> str:
     except Exception:  # C functions whose text signature names things that do not exist here
         return "(...)"
     plain = (type(None), bool, int, float)
-    parameters = [parameter if parameter.default is parameter.empty or
-                  type(parameter.default) in plain else parameter.replace(default=_Elided())
-                  for parameter in signature.parameters.values()]
+    parameters = [
+        parameter
+        if parameter.default is parameter.empty or type(parameter.default) in plain
+        else parameter.replace(default=_Elided())
+        for parameter in signature.parameters.values()
+    ]
     return str(signature.replace(parameters=parameters))
 
 
@@ -134,9 +148,11 @@ def _callable_text(name: str, obj) -> str:
 
 def _class_text(name: str, cls) -> str:
     doc = _own_doc(cls)
-    methods = [_callable_text(method_name, method)
-               for method_name, method in _public_members(cls)
-               if callable(method) and method_name in vars(cls) and _own_doc(method)]
+    methods = [
+        _callable_text(method_name, method)
+        for method_name, method in _public_members(cls)
+        if callable(method) and method_name in vars(cls) and _own_doc(method)
+    ]
     if not doc and not methods:
         return ""
     return "\n\n".join([f"class {name}{_signature(cls)}", doc, *methods]).strip()

@@ -85,6 +85,7 @@ def encode_in_worker(settings: tuple, first_line: int, lines: list[bytes]) -> En
     global _worker_encoder
     if _worker_encoder is None:
         tokenizer_path, jsonl, text_field, dtype = settings
-        _worker_encoder = DocumentEncoder(load_tokenizer(tokenizer_path), jsonl=jsonl,
-                                          text_field=text_field, dtype=dtype)
+        _worker_encoder = DocumentEncoder(
+            load_tokenizer(tokenizer_path), jsonl=jsonl, text_field=text_field, dtype=dtype
+        )
     return _worker_encoder.encode_chunk(first_line, lines)

@@ -53,9 +53,9 @@ def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0) -> list[P
             raise BigptError(
                 f"data.phases[{i}].start_tokens = {phase.start_tokens} must come after the "
                 f"previous phase's start and before the end of training "
-                f"({train_samples * seq_length} tokens); order the phases by start_tokens")
-    blends = [("data.blend", data.blend)] + [(f"data.phases[{i}].blend", phase.blend)
-                                             for i, phase in enumerate(later)]
+                f"({train_samples * seq_length} tokens); order the phases by start_tokens"
+            )
+    blends = [("data.blend", data.blend)] + [(f"data.phases[{i}].blend", phase.blend) for i, phase in enumerate(later)]
     phases = []
     for i, ((key, blend), start, end) in enumerate(zip(blends, starts, ends)):
         wanted = {Split.train: end - start, Split.valid: valid_samples if i == 0 else 0}
@@ -81,18 +81,19 @@ def validation_rereads(recipe, phase: Phase, valid_samples: int) -> list[str]:
             warnings.append(
                 f"each evaluation reads the validation split of data.blend[{i}] ({prefix}, {tokens:,} tokens) "
                 f"{reads:.0f} times over (eval.iters × train.global_batch_size × model.seq_length = {drawn:,} "
-                "tokens); lower eval.iters, or give validation a larger share of data.split")
+                "tokens); lower eval.iters, or give validation a larger share of data.split"
+            )
     return warnings
 
 
 def _plan_blend(key, blend, split_matrix, split, wanted):
     if not blend:
-        raise BigptError(f"{key} is empty; name at least one dataset, e.g. "
-                         f"[{{path = \"corpus_text_document\"}}]")
+        raise BigptError(f'{key} is empty; name at least one dataset, e.g. [{{path = "corpus_text_document"}}]')
     epochs = [entry.epochs for entry in blend]
     if any(value is not None for value in epochs) and None in epochs:
-        raise BigptError(f"{key}: give epochs for every dataset of the blend or for none "
-                         "(weights are then derived from them)")
+        raise BigptError(
+            f"{key}: give epochs for every dataset of the blend or for none (weights are then derived from them)"
+        )
     prefixes, tokens, valid_tokens = [entry.path for entry in blend], [], []
     for i, prefix in enumerate(prefixes):
         dataset = open_indexed_dataset(prefix, f"{key}[{i}].path")
@@ -140,8 +141,17 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
         total = sum(phase.weights)
         for prefix, weight, tokens in zip(phase.prefixes, phase.weights, phase.train_tokens):
             drawn = weight / total * (last - first)
-            rows.append((phase.key, f"{short(first)}-{short(last)}", prefix, f"{weight / total:.1%}",
-                         short(drawn), short(tokens), f"{drawn / tokens:.2f}"))
+            rows.append(
+                (
+                    phase.key,
+                    f"{short(first)}-{short(last)}",
+                    prefix,
+                    f"{weight / total:.1%}",
+                    short(drawn),
+                    short(tokens),
+                    f"{drawn / tokens:.2f}",
+                )
+            )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(table + [f"warning: {line}" for line in validation_rereads(recipe, phases[0], valid_samples)])

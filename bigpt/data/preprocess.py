@@ -46,15 +46,25 @@ class PreprocessSummary:
 
     def line(self, output_prefix: str) -> str:
         seconds = max(self.seconds, 1e-9)
-        return (f"wrote {output_prefix}.bin/.idx: {self.documents:,} documents, "
-                f"{self.tokens:,} tokens from {self.input_bytes:,} bytes in {self.seconds:.1f} s "
-                f"({self.documents / seconds:,.0f} documents/s, {self.tokens / seconds:,.0f} "
-                f"tokens/s); skipped {self.bad_lines} bad and {self.empty_lines} empty lines")
+        return (
+            f"wrote {output_prefix}.bin/.idx: {self.documents:,} documents, "
+            f"{self.tokens:,} tokens from {self.input_bytes:,} bytes in {self.seconds:.1f} s "
+            f"({self.documents / seconds:,.0f} documents/s, {self.tokens / seconds:,.0f} "
+            f"tokens/s); skipped {self.bad_lines} bad and {self.empty_lines} empty lines"
+        )
 
 
-def preprocess(input_path, output_prefix: str, tokenizer_path, *, text_field: str = "text",
-               workers: int = 1, on_bad_line: str = "stop", progress: TextIO | None = None,
-               progress_interval_s: float = 2.0) -> PreprocessSummary:
+def preprocess(
+    input_path,
+    output_prefix: str,
+    tokenizer_path,
+    *,
+    text_field: str = "text",
+    workers: int = 1,
+    on_bad_line: str = "stop",
+    progress: TextIO | None = None,
+    progress_interval_s: float = 2.0,
+) -> PreprocessSummary:
     """Tokenize every document (one per line) of ``input_path`` and write the indexed dataset.
 
     JSONL input (``.jsonl``/``.json``/``.ndjson``) takes ``text_field`` of each object; other
@@ -75,8 +85,7 @@ def preprocess(input_path, output_prefix: str, tokenizer_path, *, text_field: st
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         try:
             encoded = _in_order(pool, settings, chunks, depth=2 * workers)
-            return _write(encoded, input_path, output_prefix, dtype, on_bad_line, progress,
-                          progress_interval_s)
+            return _write(encoded, input_path, output_prefix, dtype, on_bad_line, progress, progress_interval_s)
         finally:
             # On an error too, the chunks in flight are let finish and the rest cancelled: killing
             # a worker while it sends a result larger than a pipe holds loses the queue's lock with
@@ -84,8 +93,7 @@ def preprocess(input_path, output_prefix: str, tokenizer_path, *, text_field: st
             pool.shutdown(wait=True, cancel_futures=True)
     encoder = DocumentEncoder(tokenizer, jsonl=jsonl, text_field=text_field, dtype=dtype)
     encoded = (encoder.encode_chunk(first, lines) for first, lines in chunks)
-    return _write(encoded, input_path, output_prefix, dtype, on_bad_line, progress,
-                  progress_interval_s)
+    return _write(encoded, input_path, output_prefix, dtype, on_bad_line, progress, progress_interval_s)
 
 
 def _read_chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
@@ -112,9 +120,15 @@ def _in_order(pool: ProcessPoolExecutor, settings, chunks, depth: int) -> Iterat
         yield pending.popleft().result()
 
 
-def _write(encoded: Iterator[EncodedChunk], input_path: Path, output_prefix: str, dtype,
-           on_bad_line: str, progress: TextIO | None, progress_interval_s: float
-           ) -> PreprocessSummary:
+def _write(
+    encoded: Iterator[EncodedChunk],
+    input_path: Path,
+    output_prefix: str,
+    dtype,
+    on_bad_line: str,
+    progress: TextIO | None,
+    progress_interval_s: float,
+) -> PreprocessSummary:
     final_bin, final_idx = get_bin_path(output_prefix), get_idx_path(output_prefix)
     partial_bin, partial_idx = final_bin + ".partial", final_idx + ".partial"
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
@@ -127,8 +141,9 @@ def _write(encoded: Iterator[EncodedChunk], input_path: Path, output_prefix: str
                 for line_number, problem in chunk.bad_lines:
                     where = f"{input_path}:{line_number}: {problem}"
                     if on_bad_line == "stop":
-                        raise BigptError(f"{where}; fix or remove the line, or pass "
-                                         "--on-bad-line skip to leave such lines out")
+                        raise BigptError(
+                            f"{where}; fix or remove the line, or pass --on-bad-line skip to leave such lines out"
+                        )
                     if progress:
                         print(f"skipping {where}", file=progress)
                 for document in chunk.documents:
@@ -143,8 +158,10 @@ def _write(encoded: Iterator[EncodedChunk], input_path: Path, output_prefix: str
                     summary.seconds, last_report = now - started, now
                     print(_progress_line(summary), file=progress, flush=True)
             if not summary.documents:
-                raise BigptError(f"input {input_path} has no documents ({summary.bad_lines} bad and "
-                                 f"{summary.empty_lines} empty lines); nothing was written")
+                raise BigptError(
+                    f"input {input_path} has no documents ({summary.bad_lines} bad and "
+                    f"{summary.empty_lines} empty lines); nothing was written"
+                )
             builder.finalize(partial_idx)
             # A prefix with an .idx is complete, so the old .idx goes first and the new one last.
             if os.path.exists(final_idx):
@@ -162,7 +179,9 @@ def _write(encoded: Iterator[EncodedChunk], input_path: Path, output_prefix: str
 
 
 def _progress_line(summary: PreprocessSummary) -> str:
-    return (f"{summary.documents:,} documents, {summary.tokens:,} tokens, "
-            f"{summary.input_bytes / 2**20:,.1f} MiB | "
-            f"{summary.documents / summary.seconds:,.0f} documents/s, "
-            f"{summary.tokens / summary.seconds:,.0f} tokens/s")
+    return (
+        f"{summary.documents:,} documents, {summary.tokens:,} tokens, "
+        f"{summary.input_bytes / 2**20:,.1f} MiB | "
+        f"{summary.documents / summary.seconds:,.0f} documents/s, "
+        f"{summary.tokens / summary.seconds:,.0f} tokens/s"
+    )

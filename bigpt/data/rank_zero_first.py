@@ -64,8 +64,7 @@ def megatron_sees_one_process(quiet: bool):
         megatron_log.disabled = disabled
 
 
-def build_rank_zero_first(build: Callable[[], T], *, world_rank: int, cache_dir: str,
-                          timeout_minutes: float) -> T:
+def build_rank_zero_first(build: Callable[[], T], *, world_rank: int, cache_dir: str, timeout_minutes: float) -> T:
     """Run ``build`` on rank 0, which fills ``cache_dir``; then on every other rank.
 
     Ranks other than 0 wait at most ``timeout_minutes``; they fail with rank 0's own error if
@@ -84,7 +83,8 @@ def build_rank_zero_first(build: Callable[[], T], *, world_rank: int, cache_dir:
             raise BigptError(
                 f"rank {world_rank} cannot see the dataset index files rank 0 wrote to "
                 f"data.cache_dir {cache_dir} (e.g. {missing[0]}); put data.cache_dir on a file "
-                "system every node shares")
+                "system every node shares"
+            )
         with megatron_sees_one_process(quiet=True):
             return build()
     finally:
@@ -112,8 +112,8 @@ def _wait_for_rank_zero(world_rank: int, cache_dir: str, timeout_minutes: float,
             f"rank {world_rank} waited up to {timeout_minutes:g} min for rank 0 to build the "
             f"dataset indices in data.cache_dir {cache_dir}, and rank 0 neither finished nor "
             f"reported an error ({err}); look for rank 0's error in its log, or raise "
-            "data.build_timeout_minutes for very large blends") from None
+            "data.build_timeout_minutes for very large blends"
+        ) from None
     if isinstance(outcome[0], str):
-        raise BigptError(f"rank 0 failed to build the datasets, so rank {world_rank} stops too: "
-                         f"{outcome[0]}")
+        raise BigptError(f"rank 0 failed to build the datasets, so rank {world_rank} stops too: {outcome[0]}")
     return outcome[0]

@@ -41,14 +41,18 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as err:
-            raise BigptError(f"tokenizer {path} is not a readable SentencePiece model ({err}); "
-                             "train one with tools/train_tokenizer.py") from None
+            raise BigptError(
+                f"tokenizer {path} is not a readable SentencePiece model ({err}); "
+                "train one with tools/train_tokenizer.py"
+            ) from None
         self.vocab_size = self._sp.get_piece_size()
         self.eod = self._sp.eos_id()
         if self.eod < 0:
-            raise BigptError(f"tokenizer {path} has no end-of-sentence piece (eos_id is -1), so "
-                             "documents cannot be separated; train it with an eos piece "
-                             "(tools/train_tokenizer.py does)")
+            raise BigptError(
+                f"tokenizer {path} has no end-of-sentence piece (eos_id is -1), so "
+                "documents cannot be separated; train it with an eos piece "
+                "(tools/train_tokenizer.py does)"
+            )
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -64,8 +68,7 @@ class HuggingFaceTokenizer(Tokenizer):
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises plain Exception subclasses
-            raise BigptError(f"tokenizer {path} is not a readable Hugging Face tokenizer.json "
-                             f"({err})") from None
+            raise BigptError(f"tokenizer {path} is not a readable Hugging Face tokenizer.json ({err})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod = self._end_of_text_id(path)
 
@@ -81,8 +84,10 @@ class HuggingFaceTokenizer(Tokenizer):
             token_id = self._tok.token_to_id(name)
             if token_id is not None:
                 return token_id
-        raise BigptError(f"tokenizer {path} has none of the end-of-text tokens {names}; put a "
-                         "tokenizer_config.json with an eos_token beside it")
+        raise BigptError(
+            f"tokenizer {path} has none of the end-of-text tokens {names}; put a "
+            "tokenizer_config.json with an eos_token beside it"
+        )
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -95,8 +100,10 @@ def load_tokenizer(path) -> Tokenizer:
     """Load ``path``: a ``*.json`` file is a Hugging Face tokenizer, anything else SentencePiece."""
     path = Path(path)
     if why := not_a_file(path):
-        raise BigptError(f"tokenizer file {path} {why}; check data.tokenizer, or make the "
-                         "demo one with `python tools/prepare_demo.py`")
+        raise BigptError(
+            f"tokenizer file {path} {why}; check data.tokenizer, or make the "
+            "demo one with `python tools/prepare_demo.py`"
+        )
     if path.suffix == ".json":
         return HuggingFaceTokenizer(path)
     return SentencePieceTokenizer(path)

@@ -17,8 +17,7 @@ MAX_SENTENCES = 2_000_000
 """Lines sampled for training; enough for a good vocabulary, bounded in memory and time."""
 
 
-def train_tokenizer(inputs, vocab_size: int, out_prefix, *, text_field: str = "text",
-                    verbose: bool = False) -> Path:
+def train_tokenizer(inputs, vocab_size: int, out_prefix, *, text_field: str = "text", verbose: bool = False) -> Path:
     """Write ``out_prefix.model`` (and ``.vocab``) trained on ``inputs``; return the model path."""
     import sentencepiece
 
@@ -45,18 +44,22 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, text_field: str = "t
             max_sentence_length=16384,
             input_sentence_size=MAX_SENTENCES,
             shuffle_input_sentence=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
             num_threads=os.cpu_count() or 1,
             minloglevel=0 if verbose else 2,
         )
     except RuntimeError as err:
         _remove(partial_prefix)
         if not counter.lines:
-            raise BigptError(f"inputs {', '.join(map(str, paths))} hold no text to train "
-                             "on") from None
-        raise BigptError(f"SentencePiece could not train a {vocab_size}-token vocabulary on "
-                         f"{counter.lines:,} lines ({err}); change --vocab-size as that says, or "
-                         "give more text") from None
+            raise BigptError(f"inputs {', '.join(map(str, paths))} hold no text to train on") from None
+        raise BigptError(
+            f"SentencePiece could not train a {vocab_size}-token vocabulary on "
+            f"{counter.lines:,} lines ({err}); change --vocab-size as that says, or "
+            "give more text"
+        ) from None
     for suffix in (".model", ".vocab"):
         os.replace(f"{partial_prefix}{suffix}", f"{out_prefix}{suffix}")
     return Path(f"{out_prefix}.model")

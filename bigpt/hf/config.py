@@ -38,13 +38,21 @@ class Family:
         return found
 
 
-FAMILIES = {family.model_type: family for family in (
-    Family("llama", "LlamaForCausalLM", bias_keys=("attention_bias", "mlp_bias")),
-    Family("mistral", "MistralForCausalLM", window_key="sliding_window"),
-    Family("qwen2", "Qwen2ForCausalLM", add_qkv_bias=True, window_key="use_sliding_window"),
-    Family("qwen3", "Qwen3ForCausalLM", qk_layernorm=True, window_key="use_sliding_window",
-           bias_keys=("attention_bias",)),
-)}
+FAMILIES = {
+    family.model_type: family
+    for family in (
+        Family("llama", "LlamaForCausalLM", bias_keys=("attention_bias", "mlp_bias")),
+        Family("mistral", "MistralForCausalLM", window_key="sliding_window"),
+        Family("qwen2", "Qwen2ForCausalLM", add_qkv_bias=True, window_key="use_sliding_window"),
+        Family(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            qk_layernorm=True,
+            window_key="use_sliding_window",
+            bias_keys=("attention_bias",),
+        ),
+    )
+}
 """By ``model_type``; on export without a source config, the first family that fits is written."""
 
 # megatron-core's RotaryEmbedding (0.16 and still 0.19) passes only the factor to _apply_scaling;
@@ -70,8 +78,11 @@ def _rope(config: dict, source) -> tuple[dict, str]:
             rope.setdefault("rope_type", rope.pop("type"))
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))  # transformers 5: inside
     if partial != 1.0:
-        _refuse(source, f"partial_rotary_factor = {partial} (RoPE on part of each head) is not supported",
-                "bigpt rotates whole heads, as Llama, Mistral and Qwen do")
+        _refuse(
+            source,
+            f"partial_rotary_factor = {partial} (RoPE on part of each head) is not supported",
+            "bigpt rotates whole heads, as Llama, Mistral and Qwen do",
+        )
     return rope, spelling
 
 
@@ -83,13 +94,19 @@ def _rope_keys(config: dict, source) -> dict:
     if rope_type == "llama3":
         for key, value in LLAMA3_ROPE_FIXED.items():
             if rope.get(key) != value:
-                _refuse(source, f"{spelling}.{key} = {rope.get(key)} differs from {value}, the value megatron-core "
-                        "(0.16 to 0.19) hard-codes for llama3 scaling", "only Llama-3.1-style scaling with these "
-                        "parameters (any factor) can be computed exactly")
+                _refuse(
+                    source,
+                    f"{spelling}.{key} = {rope.get(key)} differs from {value}, the value megatron-core "
+                    "(0.16 to 0.19) hard-codes for llama3 scaling",
+                    "only Llama-3.1-style scaling with these parameters (any factor) can be computed exactly",
+                )
         keys.update(rope_scaling="llama3", rope_scaling_factor=float(rope["factor"]))
     elif rope_type != "default":
-        _refuse(source, f"{spelling}.rope_type = {rope_type!r} is not supported",
-                "bigpt supports plain RoPE and rope_type 'llama3'")
+        _refuse(
+            source,
+            f"{spelling}.rope_type = {rope_type!r} is not supported",
+            "bigpt supports plain RoPE and rope_type 'llama3'",
+        )
     return keys
 
 
@@ -97,19 +114,30 @@ def _family(config: dict, source) -> Family:
     architectures = config.get("architectures") or []
     family = FAMILIES.get(config.get("model_type"))
     if family is None or architectures not in ([], [family.architecture]):
-        _refuse(source, f"model_type {config.get('model_type')!r} / architectures {architectures} is not "
-                "supported", "bigpt imports " + ", ".join(f.architecture for f in FAMILIES.values())
-                + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 and models of the same shape); "
-                "mixture-of-experts (Mixtral, Qwen3-MoE, ...) and other architectures are not")
+        _refuse(
+            source,
+            f"model_type {config.get('model_type')!r} / architectures {architectures} is not supported",
+            "bigpt imports "
+            + ", ".join(f.architecture for f in FAMILIES.values())
+            + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 and models of the same shape); "
+            "mixture-of-experts (Mixtral, Qwen3-MoE, ...) and other architectures are not",
+        )
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
-            _refuse(source, f"{key} = true: biases on {'the attention output' if key == 'attention_bias' else 'the MLP'} "
-                    "have no megatron-core option short of biases on every linear layer", "only models without them "
-                    "(Qwen2's query/key/value biases aside) are supported")
+            _refuse(
+                source,
+                f"{key} = true: biases on {'the attention output' if key == 'attention_bias' else 'the MLP'} "
+                "have no megatron-core option short of biases on every linear layer",
+                "only models without them (Qwen2's query/key/value biases aside) are supported",
+            )
     if config.get("use_sliding_window"):
-        _refuse(source, f"use_sliding_window = true (a window only from layer max_window_layers = "
-                f"{config.get('max_window_layers')} on) is not supported", "bigpt's model.attention_window applies "
-                "to every layer, as Mistral's sliding_window does; released Qwen2.5 and Qwen3 models leave it false")
+        _refuse(
+            source,
+            f"use_sliding_window = true (a window only from layer max_window_layers = "
+            f"{config.get('max_window_layers')} on) is not supported",
+            "bigpt's model.attention_window applies "
+            "to every layer, as Mistral's sliding_window does; released Qwen2.5 and Qwen3 models leave it false",
+        )
     return family
 
 
@@ -121,12 +149,19 @@ def model_from_hf(config: dict, source) -> dict:
         _refuse(source, f"hidden_act = {config['hidden_act']!r}", "bigpt's MLP for these families is SwiGLU (silu)")
     missing = [key for key in _REQUIRED if key not in config]
     if missing:
-        _refuse(source, f"keys {missing} are missing", "a config.json of these families names all of " + ", ".join(_REQUIRED))
+        _refuse(
+            source,
+            f"keys {missing} are missing",
+            "a config.json of these families names all of " + ", ".join(_REQUIRED),
+        )
     heads = config["num_attention_heads"]
     groups = config.get("num_key_value_heads") or heads
     if heads % groups:
-        _refuse(source, f"num_attention_heads = {heads} is not a multiple of num_key_value_heads = {groups}",
-                "the config is inconsistent")
+        _refuse(
+            source,
+            f"num_attention_heads = {heads} is not a multiple of num_key_value_heads = {groups}",
+            "the config is inconsistent",
+        )
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     model = {
         "num_layers": config["num_hidden_layers"],
@@ -166,22 +201,34 @@ def effective(model: dict, key: str):
     return value
 
 
-def check_recipe_matches(recipe_model: ModelConfig, saved_model: dict, source, *, key: str = "init.from_hf",
-                         allowed: list[str] = ()) -> list[str]:
+def check_recipe_matches(
+    recipe_model: ModelConfig, saved_model: dict, source, *, key: str = "init.from_hf", allowed: list[str] = ()
+) -> list[str]:
     """The recipe's [model] must describe the model in ``source`` (named by recipe ``key``) in every
     key that changes what the weights compute, but those in ``allowed``
     (checkpoint.allow_model_changes); returns those allowed changes, worded for the log."""
     ours = vars(recipe_model)
-    changed = [(name, effective(ours, name), effective(saved_model, name)) for name in MODEL_FUNCTION_KEYS
-               if effective(ours, name) != effective(saved_model, name)]
-    wrong = [f"model.{name} = {mine!r} (the checkpoint has {theirs!r})" for name, mine, theirs in changed
-             if name not in allowed]
+    changed = [
+        (name, effective(ours, name), effective(saved_model, name))
+        for name in MODEL_FUNCTION_KEYS
+        if effective(ours, name) != effective(saved_model, name)
+    ]
+    wrong = [
+        f"model.{name} = {mine!r} (the checkpoint has {theirs!r})"
+        for name, mine, theirs in changed
+        if name not in allowed
+    ]
     if wrong:
-        table = ("tools/convert_hf.py import writes the matching table to model.toml" if key == "init.from_hf"
-                 else "its recipe.toml or model.toml holds the matching table")
-        raise BigptError(f"{key} = {source} does not match the recipe's model: {'; '.join(wrong)}. Set these in "
-                         f"[model] ({table}); to change a key that keeps the shapes on purpose (a larger "
-                         "rope_base for long-context continuation), list it in checkpoint.allow_model_changes.")
+        table = (
+            "tools/convert_hf.py import writes the matching table to model.toml"
+            if key == "init.from_hf"
+            else "its recipe.toml or model.toml holds the matching table"
+        )
+        raise BigptError(
+            f"{key} = {source} does not match the recipe's model: {'; '.join(wrong)}. Set these in "
+            f"[model] ({table}); to change a key that keeps the shapes on purpose (a larger "
+            "rope_base for long-context continuation), list it in checkpoint.allow_model_changes."
+        )
     return [f"model.{name} {theirs!r} -> {mine!r}" for name, mine, theirs in changed]
 
 
@@ -193,25 +240,43 @@ def _export_family(model: ModelConfig, original: dict | None) -> Family:
         if not family.problems(model):
             return family
     problems = sorted({problem for family in FAMILIES.values() for problem in family.problems(model)})
-    raise BigptError(f"a checkpoint with {', '.join(problems)} fits none of the Hugging Face families bigpt writes "
-                     f"({', '.join(f.architecture for f in FAMILIES.values())}): Qwen2 has q/k/v biases, Qwen3 "
-                     "per-head q/k norms and Mistral a sliding window, each without the others")
+    raise BigptError(
+        f"a checkpoint with {', '.join(problems)} fits none of the Hugging Face families bigpt writes "
+        f"({', '.join(f.architecture for f in FAMILIES.values())}): Qwen2 has q/k/v biases, Qwen3 "
+        "per-head q/k norms and Mistral a sliding window, each without the others"
+    )
 
 
 def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict:
     """A ``config.json`` for ``model``, of the family of ``original`` (the config of the weights the
     run started from) where it fits; keys of ``original`` that do not describe the architecture
     (token ids, generation settings) are kept."""
-    problems = [f"model.{key} = {value!r}" for key, value, wanted in (
-        ("activation", model.activation, "swiglu"), ("normalization", model.normalization, "rmsnorm"),
-        ("position_embedding", model.position_embedding, "rope"), ("add_bias_linear", model.add_bias_linear, False),
-    ) if value != wanted]
+    problems = [
+        f"model.{key} = {value!r}"
+        for key, value, wanted in (
+            ("activation", model.activation, "swiglu"),
+            ("normalization", model.normalization, "rmsnorm"),
+            ("position_embedding", model.position_embedding, "rope"),
+            ("add_bias_linear", model.add_bias_linear, False),
+        )
+        if value != wanted
+    ]
     if problems:
-        raise BigptError(f"a checkpoint with {', '.join(problems)} cannot be written as a Hugging Face model of "
-                         "the families bigpt exports (SwiGLU, RMSNorm, RoPE, no biases beyond Qwen2's q/k/v)")
+        raise BigptError(
+            f"a checkpoint with {', '.join(problems)} cannot be written as a Hugging Face model of "
+            "the families bigpt exports (SwiGLU, RMSNorm, RoPE, no biases beyond Qwen2's q/k/v)"
+        )
     family = _export_family(model, original)
-    stale = ("rope_parameters", "torch_dtype", "layer_types", "attention_bias", "mlp_bias", "use_sliding_window",
-             "sliding_window", "max_window_layers")
+    stale = (
+        "rope_parameters",
+        "torch_dtype",
+        "layer_types",
+        "attention_bias",
+        "mlp_bias",
+        "use_sliding_window",
+        "sliding_window",
+        "max_window_layers",
+    )
     config = {k: v for k, v in (original or {}).items() if k not in stale}
     fields = vars(model)
     config.update(
@@ -227,8 +292,9 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
         hidden_act="silu",
         rms_norm_eps=model.norm_epsilon,
         rope_theta=model.rope_base,
-        rope_scaling=None if model.rope_scaling == "none" else
-        {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_ROPE_FIXED},
+        rope_scaling=None
+        if model.rope_scaling == "none"
+        else {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_ROPE_FIXED},
         tie_word_embeddings=model.tie_embeddings,
         max_position_embeddings=model.max_position_embeddings or model.seq_length,
         dtype=dtype,

@@ -86,8 +86,11 @@ class _Streamed(TorchDistSaveShardedStrategy):
 
     def save(self, sharded_state_dict, checkpoint_dir):
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-        dcp.save(mcore_to_pyt_state_dict(by_key), planner=_MadeWhenWritten(self.makers),
-                 storage_writer=dcp.FileSystemWriter(checkpoint_dir, single_file_per_rank=False))
+        dcp.save(
+            mcore_to_pyt_state_dict(by_key),
+            planner=_MadeWhenWritten(self.makers),
+            storage_writer=dcp.FileSystemWriter(checkpoint_dir, single_file_per_rank=False),
+        )
 
 
 def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
@@ -102,8 +105,9 @@ def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
     for rule, layer in items:
         placeholder = joined(rule, layer, weights.meta)  # the shape and dtype of the data, on the meta device
         state[f"{rule.key}/{layer}"] = placeholder
-        makers[rule.key, placeholder.global_offset] = lambda rule=rule, layer=layer: joined(
-            rule, layer, weights.get).data
+        makers[rule.key, placeholder.global_offset] = lambda rule=rule, layer=layer: (
+            joined(rule, layer, weights.get).data
+        )
     dist_checkpointing.save(state, str(directory), sharded_strategy=_Streamed(makers))
 
 
@@ -115,8 +119,10 @@ def _check_replaceable(out: Path, ours: bool, what: str) -> None:
     ``ours`` (``what`` a conversion wrote; a downloaded model or a run's checkpoint never is)."""
     if out.exists() and not ours and (not out.is_dir() or any(out.iterdir())):
         kind = "a file" if not out.is_dir() else "a directory with other files"
-        raise BigptError(f"{out} exists ({kind}) and is not {what}; refusing to replace it, since that would "
-                         "delete what is there: choose a new or empty output directory")
+        raise BigptError(
+            f"{out} exists ({kind}) and is not {what}; refusing to replace it, since that would "
+            "delete what is there: choose a new or empty output directory"
+        )
 
 
 def import_hf(directory: Path, out: Path) -> dict:
@@ -140,8 +146,13 @@ def import_hf(directory: Path, out: Path) -> dict:
         (tmp / HF_FILES).mkdir()
         copy_side_files(directory, tmp / HF_FILES)
         (tmp / MODEL_TOML).write_text(model_toml(model, directory))
-        marker = {"iteration": 0, "imported_from": str(directory), "vocab_size": model["vocab_size"],
-                  "bigpt_version": bigpt.__version__, "files": store.manifest(tmp)}
+        marker = {
+            "iteration": 0,
+            "imported_from": str(directory),
+            "vocab_size": model["vocab_size"],
+            "bigpt_version": bigpt.__version__,
+            "files": store.manifest(tmp),
+        }
         write_atomically(tmp / store.MARKER, json.dumps(marker, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -153,9 +164,12 @@ def import_hf(directory: Path, out: Path) -> dict:
 def model_toml(model: dict, source: Path) -> str:
     """The [model] table as a recipe fragment (a ``base`` or a table to paste)."""
     table = dict(model, seq_length=min(model["max_position_embeddings"], 8192))
-    return (f"# The architecture of {source} (written by tools/convert_hf.py import).\n"
-            "# Paste this table into a recipe, or name this file as its base; seq_length is yours to choose.\n"
-            + table_to_toml("model", table) + "\n")
+    return (
+        f"# The architecture of {source} (written by tools/convert_hf.py import).\n"
+        "# Paste this table into a recipe, or name this file as its base; seq_length is yours to choose.\n"
+        + table_to_toml("model", table)
+        + "\n"
+    )
 
 
 def checkpoint_model(checkpoint: Path) -> ModelConfig:
@@ -163,8 +177,10 @@ def checkpoint_model(checkpoint: Path) -> ModelConfig:
     for name in ("recipe.toml", MODEL_TOML):
         if (checkpoint / name).is_file():
             return ModelConfig(**tomllib.loads((checkpoint / name).read_text())["model"])
-    raise BigptError(f"{checkpoint} is not a bigpt checkpoint (it has neither recipe.toml nor {MODEL_TOML}); point at "
-                     "an iter_* directory of a run, or at the output of tools/convert_hf.py import")
+    raise BigptError(
+        f"{checkpoint} is not a bigpt checkpoint (it has neither recipe.toml nor {MODEL_TOML}); point at "
+        "an iter_* directory of a run, or at the output of tools/convert_hf.py import"
+    )
 
 
 def hf_files_of(checkpoint: Path) -> Path | None:
@@ -204,31 +220,46 @@ def tokenizer_note(hf_files: Path | None, copied: list[str]) -> str:
     found = [name for name in copied if name in TOKENIZER_FILES]
     if any(name in found for name in ("tokenizer.json", "tokenizer.model")):
         return f"tokenizer: {', '.join(found)} from {hf_files}"
-    why = (f"{hf_files} has no tokenizer.json or tokenizer.model" if hf_files else
-           "the checkpoint's lineage names no Hugging Face directory (it was not started from one)")
-    return (f"WARNING: no tokenizer was exported ({why}): this directory holds weights and config.json only. Copy the "
-            "tokenizer files of the model the run started from into it, or export again with --hf-files DIR "
-            "naming a directory that has them")
+    why = (
+        f"{hf_files} has no tokenizer.json or tokenizer.model"
+        if hf_files
+        else "the checkpoint's lineage names no Hugging Face directory (it was not started from one)"
+    )
+    return (
+        f"WARNING: no tokenizer was exported ({why}): this directory holds weights and config.json only. Copy the "
+        "tokenizer files of the model the run started from into it, or export again with --hf-files DIR "
+        "naming a directory that has them"
+    )
 
 
-def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtype: torch.dtype | None = None,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+def export_hf(
+    checkpoint: Path,
+    out: Path,
+    *,
+    hf_files: Path | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> str:
     """Write the bigpt checkpoint (any layout; or the newest intact one in a run's checkpoint
     directory) as a Hugging Face directory ``out``, with a README.md saying where it came from;
     returns what ``tokenizer_note`` says of its tokenizer."""
     out = Path(out)
-    _check_replaceable(out, (out / EXPORT_MARKER).is_file(), f"a directory an earlier export wrote (it has no "
-                       f"{EXPORT_MARKER})")
-    checkpoint = store.checkpoint_at(Path(checkpoint), "the checkpoint to export",
-                                     alternatives="or at the output of tools/convert_hf.py import")
+    _check_replaceable(
+        out, (out / EXPORT_MARKER).is_file(), f"a directory an earlier export wrote (it has no {EXPORT_MARKER})"
+    )
+    checkpoint = store.checkpoint_at(
+        Path(checkpoint), "the checkpoint to export", alternatives="or at the output of tools/convert_hf.py import"
+    )
     model_config = checkpoint_model(checkpoint)
     model = vars(model_config)
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
     items = _items(model)
     for rule, _ in items:
         if rule.key not in metadata:
-            raise BigptError(f"{checkpoint} has no tensor {rule.key}, which its model needs; the checkpoint is damaged "
-                             "or was written by an incompatible program")
+            raise BigptError(
+                f"{checkpoint} has no tensor {rule.key}, which its model needs; the checkpoint is damaged "
+                "or was written by an incompatible program"
+            )
     dtype = dtype or metadata[items[0][0].key].dtype
     hf_files = hf_files or hf_files_of(checkpoint)
     original = read_config(hf_files) if hf_files and (hf_files / CONFIG).is_file() else None
@@ -253,11 +284,15 @@ def export_hf(checkpoint: Path, out: Path, *, hf_files: Path | None = None, dtyp
             copied = copy_side_files(hf_files, tmp, skip=(CONFIG,)) if hf_files and hf_files.is_dir() else []
             (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             note = tokenizer_note(hf_files, copied)
-            (tmp / "README.md").write_text(f"# {out.name}\n\n{config['architectures'][0]} exported by bigpt "
-                                           f"(tools/convert_hf.py export) from the checkpoint {checkpoint.resolve()}."
-                                           f"\n\n{note}.\n")
-            (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(checkpoint.resolve()),
-                                                         "bigpt_version": bigpt.__version__}, indent=2) + "\n")
+            (tmp / "README.md").write_text(
+                f"# {out.name}\n\n{config['architectures'][0]} exported by bigpt "
+                f"(tools/convert_hf.py export) from the checkpoint {checkpoint.resolve()}."
+                f"\n\n{note}.\n"
+            )
+            (tmp / EXPORT_MARKER).write_text(
+                json.dumps({"exported_from": str(checkpoint.resolve()), "bigpt_version": bigpt.__version__}, indent=2)
+                + "\n"
+            )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,8 +18,13 @@ from bigpt.hf.mapping import expected_hf_shapes
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 # Copied on import and export (whichever exist); none of them is a pickle.
 SIDE_FILES = (CONFIG, "generation_config.json", *TOKENIZER_FILES)
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -30,8 +35,10 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def read_config(directory: Path) -> dict:
     path = directory / CONFIG
     if not path.is_file():
-        raise BigptError(f"{path} does not exist: a Hugging Face model directory needs its config.json; "
-                         "point at the directory that save_pretrained wrote (or the hub snapshot)")
+        raise BigptError(
+            f"{path} does not exist: a Hugging Face model directory needs its config.json; "
+            "point at the directory that save_pretrained wrote (or the hub snapshot)"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -53,18 +60,26 @@ class SafetensorsWeights:
                 raise BigptError(f"{index} is not an index with a weight_map; fetch it again or re-save the model")
             for shard in sorted(set(weight_map.values())):
                 if not (directory / shard).is_file():
-                    raise BigptError(f"{index} names the shard {shard}, which is not in {directory}; the "
-                                     "download is incomplete: fetch that file again")
+                    raise BigptError(
+                        f"{index} names the shard {shard}, which is not in {directory}; the "
+                        "download is incomplete: fetch that file again"
+                    )
             self.files = {name: directory / shard for name, shard in weight_map.items()}
         elif (directory / SINGLE).is_file():
             self.files = dict.fromkeys(_open(directory / SINGLE).keys(), directory / SINGLE)
         else:
             pickles = sorted(p.name for pattern in _PICKLES for p in directory.glob(pattern))
-            found = f" (it has {', '.join(pickles[:3])}: pickle files, which bigpt never loads, since unpickling " \
-                    "runs code from the download)" if pickles else ""
-            raise BigptError(f"{directory} has neither {SINGLE} nor {INDEX}{found}; bigpt reads safetensors "
-                             "weights only: use a safetensors release of the model, or convert it yourself with "
-                             "transformers (from_pretrained then save_pretrained(safe_serialization=True))")
+            found = (
+                f" (it has {', '.join(pickles[:3])}: pickle files, which bigpt never loads, since unpickling "
+                "runs code from the download)"
+                if pickles
+                else ""
+            )
+            raise BigptError(
+                f"{directory} has neither {SINGLE} nor {INDEX}{found}; bigpt reads safetensors "
+                "weights only: use a safetensors release of the model, or convert it yourself with "
+                "transformers (from_pretrained then save_pretrained(safe_serialization=True))"
+            )
         self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
 
     def _read(self, name: str, read):
@@ -77,14 +92,17 @@ class SafetensorsWeights:
         try:
             return self._read(name, lambda handle: tuple(handle.get_slice(name).get_shape()))
         except Exception as err:  # safetensors raises its own error type for a name the file lacks
-            raise BigptError(f"tensor {name} is not in {self.files[name]} although {INDEX} says so ({err}); "
-                             "the file is damaged or from another model: fetch it again") from None
+            raise BigptError(
+                f"tensor {name} is not in {self.files[name]} although {INDEX} says so ({err}); "
+                "the file is damaged or from another model: fetch it again"
+            ) from None
 
     def get(self, name: str) -> torch.Tensor:
         return self._read(name, lambda handle: handle.get_tensor(name))
 
     def meta(self, name: str) -> torch.Tensor:
         """A tensor without data (on the meta device) of the shape and dtype of ``name``."""
+
         def empty(handle):
             part = handle.get_slice(name)
             return torch.empty(part.get_shape(), dtype=part[:0].dtype, device="meta")  # [:0]: no data read
@@ -104,19 +122,25 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
         weights.files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
     missing = sorted(set(expected) - set(weights.files))
     if missing:
-        raise BigptError(f"{directory}: tensor {missing[0]} is missing ({len(missing)} missing in all) although "
-                         f"config.json describes a model that has it; the weights and config.json do not belong "
-                         "together, or the download is incomplete")
+        raise BigptError(
+            f"{directory}: tensor {missing[0]} is missing ({len(missing)} missing in all) although "
+            f"config.json describes a model that has it; the weights and config.json do not belong "
+            "together, or the download is incomplete"
+        )
     unmapped = sorted(set(weights.files) - set(expected))
     if unmapped:
-        raise BigptError(f"{directory}: tensor {unmapped[0]} ({weights.files[unmapped[0]].name}) has no place in "
-                         f"the {model['num_layers']}-layer model config.json describes ({len(unmapped)} such tensors); bigpt "
-                         "cannot map it (biases beyond Qwen2's q/k/v, extra modules and adapters are not supported)")
+        raise BigptError(
+            f"{directory}: tensor {unmapped[0]} ({weights.files[unmapped[0]].name}) has no place in "
+            f"the {model['num_layers']}-layer model config.json describes ({len(unmapped)} such tensors); bigpt "
+            "cannot map it (biases beyond Qwen2's q/k/v, extra modules and adapters are not supported)"
+        )
     for name, shape in expected.items():
         if weights.shape(name) != shape:
-            raise BigptError(f"{directory}: tensor {name} in {weights.files[name].name} has shape "
-                             f"{weights.shape(name)} but config.json implies {shape}; the weights and config.json "
-                             "do not belong together")
+            raise BigptError(
+                f"{directory}: tensor {name} in {weights.files[name].name} has shape "
+                f"{weights.shape(name)} but config.json implies {shape}; the weights and config.json "
+                "do not belong together"
+            )
     check_tokenizer_fits(directory, model["vocab_size"])
     return model, weights
 
@@ -149,11 +173,13 @@ def tokenizer_vocab_size(directory: Path) -> tuple[Path, int] | None:
 def check_tokenizer_fits(directory: Path, vocab_size: int) -> None:
     found = tokenizer_vocab_size(directory)
     if found and found[1] > vocab_size:
-        raise BigptError(f"tokenizer {found[0]} has {found[1]} tokens but config.json's vocab_size is {vocab_size}, "
-                         "so some token ids have no embedding row. If tokens were added to it, give the model rows "
-                         "for them first (transformers: model.resize_token_embeddings(len(tokenizer)), then "
-                         "save_pretrained) and import that directory (init.from_hf or tools/convert_hf.py import); "
-                         "otherwise put back the tokenizer files released with these weights")
+        raise BigptError(
+            f"tokenizer {found[0]} has {found[1]} tokens but config.json's vocab_size is {vocab_size}, "
+            "so some token ids have no embedding row. If tokens were added to it, give the model rows "
+            "for them first (transformers: model.resize_token_embeddings(len(tokenizer)), then "
+            "save_pretrained) and import that directory (init.from_hf or tools/convert_hf.py import); "
+            "otherwise put back the tokenizer files released with these weights"
+        )
 
 
 def copy_side_files(source: Path, destination: Path, *, skip=()) -> list[str]:
@@ -200,8 +226,9 @@ def _write_safetensors(path: Path, layout: list[tuple[str, tuple[int, ...]]], dt
             f.write(tensor.contiguous().view(torch.uint8).numpy().data)
 
 
-def write_shards(directory: Path, shards: list[list[str]], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                 tensors) -> None:
+def write_shards(
+    directory: Path, shards: list[list[str]], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, tensors
+) -> None:
     """Write ``tensors`` ((name, tensor) pairs in shard order, of ``shapes`` and ``dtype``) as
     Hugging Face names them: one ``model.safetensors``, or ``model-0000k-of-0000n.safetensors``
     plus the index. Each tensor is written as it comes and may be dropped after."""

@@ -16,8 +16,8 @@ Both directions of every rule live here, next to each other:
   the same on every tensor-parallel rank.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -58,20 +58,28 @@ def _one(tensor):
 def rules(model: dict) -> list[Rule]:
     """Every tensor of the model described by ``model`` (the [model] table as a dict)."""
     hidden, ffn, vocab = model["hidden_size"], model["ffn_hidden_size"], model["vocab_size"]
-    heads, groups, head_dim = model["num_attention_heads"], effective(model, "num_query_groups"), effective(model, "kv_channels")
+    heads, groups, head_dim = (
+        model["num_attention_heads"],
+        effective(model, "num_query_groups"),
+        effective(model, "kv_channels"),
+    )
     per_group = heads // groups
 
     def join_qkv(tensors):  # weights [rows, hidden] or biases [rows]
         q, k, v = tensors
         rest = q.shape[1:]
-        parts = (q.reshape(groups, per_group * head_dim, *rest), k.reshape(groups, head_dim, *rest),
-                 v.reshape(groups, head_dim, *rest))
+        parts = (
+            q.reshape(groups, per_group * head_dim, *rest),
+            k.reshape(groups, head_dim, *rest),
+            v.reshape(groups, head_dim, *rest),
+        )
         return torch.cat(parts, dim=1).reshape(-1, *rest)
 
     def split_qkv(qkv):
         rest = qkv.shape[1:]
         q, k, v = qkv.reshape(groups, (per_group + 2) * head_dim, *rest).split(
-            [per_group * head_dim, head_dim, head_dim], dim=1)
+            [per_group * head_dim, head_dim, head_dim], dim=1
+        )
         return [part.reshape(-1, *rest) for part in (q, k, v)]
 
     qkv_rows = (heads * head_dim, groups * head_dim, groups * head_dim)
@@ -82,27 +90,66 @@ def rules(model: dict) -> list[Rule]:
     layer = "model.layers.{i}."
     table = [
         Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((vocab, hidden),), _same, unpad),
-        Rule("decoder.layers.self_attention.linear_qkv.layer_norm_weight", (layer + "input_layernorm.weight",),
-             ((hidden,),), _same, _one),
-        Rule("decoder.layers.self_attention.linear_qkv.weight",
-             tuple(layer + f"self_attn.{p}_proj.weight" for p in "qkv"),
-             tuple((rows, hidden) for rows in qkv_rows), join_qkv, split_qkv),
-        Rule("decoder.layers.self_attention.linear_proj.weight", (layer + "self_attn.o_proj.weight",),
-             ((hidden, heads * head_dim),), _same, _one),
-        Rule("decoder.layers.mlp.linear_fc1.layer_norm_weight", (layer + "post_attention_layernorm.weight",),
-             ((hidden,),), _same, _one),
-        Rule("decoder.layers.mlp.linear_fc1.weight", (layer + "mlp.gate_proj.weight", layer + "mlp.up_proj.weight"),
-             ((ffn, hidden), (ffn, hidden)), torch.cat, lambda fc1: list(fc1.chunk(2))),
+        Rule(
+            "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+            (layer + "input_layernorm.weight",),
+            ((hidden,),),
+            _same,
+            _one,
+        ),
+        Rule(
+            "decoder.layers.self_attention.linear_qkv.weight",
+            tuple(layer + f"self_attn.{p}_proj.weight" for p in "qkv"),
+            tuple((rows, hidden) for rows in qkv_rows),
+            join_qkv,
+            split_qkv,
+        ),
+        Rule(
+            "decoder.layers.self_attention.linear_proj.weight",
+            (layer + "self_attn.o_proj.weight",),
+            ((hidden, heads * head_dim),),
+            _same,
+            _one,
+        ),
+        Rule(
+            "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+            (layer + "post_attention_layernorm.weight",),
+            ((hidden,),),
+            _same,
+            _one,
+        ),
+        Rule(
+            "decoder.layers.mlp.linear_fc1.weight",
+            (layer + "mlp.gate_proj.weight", layer + "mlp.up_proj.weight"),
+            ((ffn, hidden), (ffn, hidden)),
+            torch.cat,
+            lambda fc1: list(fc1.chunk(2)),
+        ),
         Rule("decoder.layers.mlp.linear_fc2.weight", (layer + "mlp.down_proj.weight",), ((hidden, ffn),), _same, _one),
         Rule("decoder.final_layernorm.weight", ("model.norm.weight",), ((hidden,),), _same, _one),
     ]
     if effective(model, "add_qkv_bias"):
-        table.insert(3, Rule("decoder.layers.self_attention.linear_qkv.bias",
-                             tuple(layer + f"self_attn.{p}_proj.bias" for p in "qkv"),
-                             tuple((rows,) for rows in qkv_rows), join_qkv, split_qkv))
+        table.insert(
+            3,
+            Rule(
+                "decoder.layers.self_attention.linear_qkv.bias",
+                tuple(layer + f"self_attn.{p}_proj.bias" for p in "qkv"),
+                tuple((rows,) for rows in qkv_rows),
+                join_qkv,
+                split_qkv,
+            ),
+        )
     if effective(model, "qk_layernorm"):  # one weight per head width, shared by all heads
-        table[3:3] = [Rule(f"decoder.layers.self_attention.{p}_layernorm.weight", (layer + f"self_attn.{p}_norm.weight",),
-                           ((head_dim,),), _same, _one) for p in "qk"]
+        table[3:3] = [
+            Rule(
+                f"decoder.layers.self_attention.{p}_layernorm.weight",
+                (layer + f"self_attn.{p}_norm.weight",),
+                ((head_dim,),),
+                _same,
+                _one,
+            )
+            for p in "qk"
+        ]
     if not model["tie_embeddings"]:  # tied: the output layer *is* the embedding, stored once
         table.append(Rule("output_layer.weight", ("lm_head.weight",), ((vocab, hidden),), _same, unpad))
     return table

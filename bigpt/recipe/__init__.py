@@ -1,6 +1,6 @@
 """Recipes: TOML files describing a training run, loaded into typed dataclasses.
 
-    recipe = load_recipe("recipes/llama_70b.toml", ["parallel.tensor=4"])
+recipe = load_recipe("recipes/llama_70b.toml", ["parallel.tensor=4"])
 """
 
 from bigpt.recipe.loader import load_recipe

@@ -98,9 +98,7 @@ def _convert(value, annotation, f, key: str, origins: Origins):
         allowed = typing.get_args(annotation)
         if value not in allowed:
             choices = ", ".join(repr(choice) for choice in allowed)
-            raise BigptError(
-                f"{key} must be one of {choices}, got {value!r} in {origins.of(key).label}."
-            )
+            raise BigptError(f"{key} must be one of {choices}, got {value!r} in {origins.of(key).label}.")
         return value
     value = _scalar(value, annotation, key, origins)
     if RANGE in f.metadata:
@@ -124,10 +122,7 @@ def _scalar(value, annotation, key: str, origins: Origins):
 
 
 def _wrong_type(key: str, value, expected: str, origins: Origins):
-    raise BigptError(
-        f"{key} must be {expected}, got {value!r} ({type(value).__name__}) "
-        f"in {origins.of(key).label}."
-    )
+    raise BigptError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}) in {origins.of(key).label}.")
 
 
 def _unknown(name: str, value, prefix: str, known: list[str], origins: Origins):
@@ -136,8 +131,7 @@ def _unknown(name: str, value, prefix: str, known: list[str], origins: Origins):
     spell = (lambda key: f"[{key}]") if is_table else (lambda key: key)
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"did you mean {spell(prefix + close[0])}?" if close else f"known keys here: {', '.join(known)}."
-    raise BigptError(f"unknown {'table' if is_table else 'key'} {spell(key)} in "
-                     f"{origins.of(key).label}; {hint}")
+    raise BigptError(f"unknown {'table' if is_table else 'key'} {spell(key)} in {origins.of(key).label}; {hint}")
 
 
 def _missing(key: str, prefix: str, origins: Origins):

@@ -62,9 +62,7 @@ def _read_chain(path: Path, chain: tuple[Path, ...]) -> list[tuple[dict, Origin]
     if base is None:
         return [(table, origin)]
     if not isinstance(base, str):
-        raise BigptError(
-            f"base must be a string (a path to another recipe), got {base!r} in {origin.label}."
-        )
+        raise BigptError(f"base must be a string (a path to another recipe), got {base!r} in {origin.label}.")
     return _read_chain(resolved.parent / base, (*chain, resolved)) + [(table, origin)]
 
 
@@ -73,9 +71,7 @@ def _parse_override(text: str) -> dict:
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(part.strip() for part in parts):
-        raise BigptError(
-            f"override {text!r} is not of the form table.key=value (e.g. parallel.tensor=4)."
-        )
+        raise BigptError(f"override {text!r} is not of the form table.key=value (e.g. parallel.tensor=4).")
     try:
         value = tomllib.loads(f"value = {raw}")["value"]
     except tomllib.TOMLDecodeError:

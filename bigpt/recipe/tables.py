@@ -74,14 +74,30 @@ class ModelConfig:
 
 
 MODEL_SHAPE_KEYS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "vocab_size", "activation", "normalization", "position_embedding", "tie_embeddings",
-    "add_bias_linear", "add_qkv_bias", "qk_layernorm",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vocab_size",
+    "activation",
+    "normalization",
+    "position_embedding",
+    "tie_embeddings",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
 )
 """The [model] keys that decide which tensors a checkpoint holds and their shapes."""
 
-MODEL_FUNCTION_KEYS = MODEL_SHAPE_KEYS + ("norm_epsilon", "rope_base", "rope_scaling", "rope_scaling_factor",
-                                          "attention_window")
+MODEL_FUNCTION_KEYS = MODEL_SHAPE_KEYS + (
+    "norm_epsilon",
+    "rope_base",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "attention_window",
+)
 """The [model] keys that decide what given weights compute: weights loaded into a model that differs
 in one of them give other logits (seq_length, max_position_embeddings, dropout and the
 initialisation are the run's own choice)."""
@@ -296,8 +312,9 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this; 0 = none extra."""
     async_save: bool = False
     """Write checkpoints in the background while training continues."""
-    optimizer_format: Literal["fully_sharded_model_space", "fully_reshardable", "dp_reshardable"] = \
+    optimizer_format: Literal["fully_sharded_model_space", "fully_reshardable", "dp_reshardable"] = (
         "fully_sharded_model_space"
+    )
     """How the distributed optimizer's state is saved. fully_sharded_model_space: every rank writes
     its own shard, described in the model's shapes, with no exchange; it loads at any TP/PP/VPP/DP.
     fully_reshardable: loads anywhere too, but the save gathers the optimizer state across the

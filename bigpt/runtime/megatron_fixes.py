@@ -32,8 +32,10 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
     under no_grad."""
     original = getattr(DistributedOptimizer, "_set_main_param_and_optimizer_states", None)
     if original is None:
-        raise patch_target_error("torch AdamW's step on a distributed-optimizer load",
-                                 "DistributedOptimizer._set_main_param_and_optimizer_states is gone")
+        raise patch_target_error(
+            "torch AdamW's step on a distributed-optimizer load",
+            "DistributedOptimizer._set_main_param_and_optimizer_states is gone",
+        )
 
     def set_states(self, model_param, tensors):
         group_index, group_order = self.model_param_group_index_map[model_param]
@@ -57,12 +59,14 @@ def _name_the_state_of_the_optimizer_it_wraps() -> None:
     carries the top-level config, so it saves exp_avg only, and the resume fails (KeyError:
     'exp_avg_sq'). Name the state after the torch optimizer it wraps: Lion keeps exp_avg only."""
     if not isinstance(getattr(DistributedOptimizer, "optimizer_state_keys", None), property):
-        raise patch_target_error("distributed optimizer's state keys",
-                                 "DistributedOptimizer.optimizer_state_keys is no longer a property")
+        raise patch_target_error(
+            "distributed optimizer's state keys", "DistributedOptimizer.optimizer_state_keys is no longer a property"
+        )
 
     def state_keys(self) -> tuple:
         if HAVE_EMERGING_OPTIMIZERS:
             from emerging_optimizers.scalar_optimizers import Lion
+
             if isinstance(self.optimizer, Lion):
                 return ("exp_avg",)
         return ("exp_avg", "exp_avg_sq")
@@ -93,8 +97,10 @@ def _start_checkpoint_results_queue() -> None:
       the process is small (``apply`` runs before CUDA and the communicators start): a fork
       made later would keep a copy of every page the training process changes afterwards."""
     if getattr(filesystem_async, "_results_queue", "missing") is not None:
-        raise patch_target_error("checkpoint writer's results queue",
-                                 "filesystem_async._results_queue, the queue it creates at the first save, is gone")
+        raise patch_target_error(
+            "checkpoint writer's results queue",
+            "filesystem_async._results_queue, the queue it creates at the first save, is gone",
+        )
     manager = SyncManager(ctx=multiprocessing.get_context("fork"))
     manager.start(initializer=start_helper_process)
     filesystem_async._results_queue = manager.Queue()  # what get_write_results_queue() returns from now on

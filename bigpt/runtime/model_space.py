@@ -59,10 +59,19 @@ def _shards(base, key: str, flat: torch.Tensor, start: int, replica_id) -> list[
         for offset, size in blocks(begin - first, end - first, part.local_shape):
             numel, shape = math.prod(size), prepended + size
             global_offset = tuple(at + within for at, within in zip(part.global_offset, (0,) * len(prepended) + offset))
-            shards.append(ShardedTensor(
-                key=part.key, data=flat[position:position + numel].view(shape), dtype=flat.dtype, local_shape=shape,
-                global_shape=part.global_shape, global_offset=global_offset, axis_fragmentations=None,
-                replica_id=part.replica_id, allow_shape_mismatch=part.allow_shape_mismatch))
+            shards.append(
+                ShardedTensor(
+                    key=part.key,
+                    data=flat[position : position + numel].view(shape),
+                    dtype=flat.dtype,
+                    local_shape=shape,
+                    global_shape=part.global_shape,
+                    global_offset=global_offset,
+                    axis_fragmentations=None,
+                    replica_id=part.replica_id,
+                    allow_shape_mismatch=part.allow_shape_mismatch,
+                )
+            )
             position += numel
     return shards
 
@@ -87,15 +96,18 @@ def sharded_param_state(optimizer, model_sharded_state_dict, is_loading: bool = 
         states = optimizer._get_main_param_and_optimizer_states(model_param)
         states["fp32_param"] = states.pop("param")
         states.pop("step", None)  # restored from the param groups
-        state[index] = {name: _shards(base, f"optimizer.state.{name}.{base.key}", value.view(-1), param_range.start,
-                                      replica_id)
-                        for name, value in states.items()}
+        state[index] = {
+            name: _shards(base, f"optimizer.state.{name}.{base.key}", value.view(-1), param_range.start, replica_id)
+            for name, value in states.items()
+        }
     return state
 
 
 def load_param_state(optimizer, state_dict: dict) -> None:
     """Stands in for ``DistributedOptimizer.load_parameter_state_from_fs_model_space``."""
     for index, (model_param, _) in enumerate(_param_ranges(optimizer)):
-        loaded = {"param" if name == "fp32_param" else name: torch.cat([shard.reshape(-1) for shard in shards])
-                  for name, shards in state_dict[index].items()}
+        loaded = {
+            "param" if name == "fp32_param" else name: torch.cat([shard.reshape(-1) for shard in shards])
+            for name, shards in state_dict[index].items()
+        }
         optimizer._set_main_param_and_optimizer_states(model_param, loaded)

@@ -5,9 +5,9 @@ checkpoint and exit with ``EXIT_PREEMPTED``.
 The handler only records the signal, so a second SIGTERM/SIGUSR1 during the save cannot interrupt
 it; every rank learns of a signal that reached any of them through the trainer's per-step flags.
 A second Ctrl-C exits at once, without saving (torchrun starts each rank in a session of its own,
-so a Ctrl-C reaches a rank once, forwarded by torchrun). A rank whose launcher died (torchrun killed with SIGKILL: it can
-pass nothing on) is re-parented; it notices at the next step and stops the same way, rather than
-train on unwatched.
+so a Ctrl-C reaches a rank once, forwarded by torchrun). A rank whose launcher died (torchrun
+killed with SIGKILL: it can pass nothing on) is re-parented; it notices at the next step and stops
+the same way, rather than train on unwatched.
 """
 
 import ctypes
@@ -36,8 +36,10 @@ def _record(signum, frame) -> None:
         # write holds the interpreter, where no Python handler could run.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if console.speaks():
-            _say("bigpt: interrupted: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to stop "
-                 "at once, without saving)\n")
+            _say(
+                "bigpt: interrupted: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to stop "
+                "at once, without saving)\n"
+            )
     _received.append(signal.Signals(signum).name)
 
 

@@ -9,8 +9,15 @@ from bigpt.train.trainer import Callback, Trainer
 
 def checkpointed(trainer: Trainer) -> Checkpointed:
     """The parts of ``trainer`` a checkpoint saves and restores."""
-    return Checkpointed(model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-                        counters=trainer.state, guard=trainer.guard, layout=trainer.layout, recipe=trainer.recipe)
+    return Checkpointed(
+        model=trainer.model,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+        counters=trainer.state,
+        guard=trainer.guard,
+        layout=trainer.layout,
+        recipe=trainer.recipe,
+    )
 
 
 class Checkpointer(Callback):

@@ -33,8 +33,10 @@ class BadStepGuard:
         if factor and len(self.recent) >= SPIKE_WARMUP:
             mean = sum(self.recent) / len(self.recent)
             if loss > factor * mean:
-                return (f"the loss {loss:.4f} is above train.loss_spike_factor = {factor} times the mean of the "
-                        f"last {len(self.recent)} steps ({mean:.4f})")
+                return (
+                    f"the loss {loss:.4f} is above train.loss_spike_factor = {factor} times the mean of the "
+                    f"last {len(self.recent)} steps ({mean:.4f})"
+                )
         return None
 
     def state_dict(self) -> dict:
@@ -57,11 +59,15 @@ class BadStepGuard:
         policy = self.config.on_bad_step
         if policy == "skip" and self.bad_in_a_row <= self.config.max_skipped_steps:
             return
-        why = ("train.on_bad_step = \"stop\"" if policy == "stop" else
-               f"{self.bad_in_a_row} bad steps in a row exceed train.max_skipped_steps = {self.config.max_skipped_steps}")
+        limit = self.config.max_skipped_steps
+        why = (
+            'train.on_bad_step = "stop"'
+            if policy == "stop"
+            else f"{self.bad_in_a_row} bad steps in a row exceed train.max_skipped_steps = {limit}"
+        )
         raise BadStepStop(
             f"step {step}: {reason}; stopping ({why}) without saving, so the last checkpoint in "
             "checkpoint.dir is intact. Resume from it after lowering optimizer.lr, "
-            "raising train.clip_grad, or checking the data at this step; train.on_bad_step = \"skip\" "
+            'raising train.clip_grad, or checking the data at this step; train.on_bad_step = "skip" '
             "skips such steps instead."
         )

@@ -25,8 +25,12 @@ def initial_weights(recipe: Recipe) -> tuple[Path | None, list[str]]:
     if not recipe.init.from_hf:
         return None, []
     source = Path(recipe.init.from_hf).resolve()
-    changes = check_recipe_matches(recipe.model, model_from_hf(read_config(source), source / CONFIG), source,
-                                   allowed=recipe.checkpoint.allow_model_changes)
+    changes = check_recipe_matches(
+        recipe.model,
+        model_from_hf(read_config(source), source / CONFIG),
+        source,
+        allowed=recipe.checkpoint.allow_model_changes,
+    )
     imported = Path(recipe.run_dir) / IMPORT_DIR
     if not (store.is_complete(imported) and store.read_marker(imported).get("imported_from") == str(source)):
         import_hf(source, imported)
@@ -44,8 +48,10 @@ def check_initial_weights(recipe: Recipe) -> str | None:
         source = Path(recipe.init.from_hf).resolve()
         hf_model, _ = inspect_hf(source)
         changes = check_recipe_matches(recipe.model, hf_model, source, allowed=recipe.checkpoint.allow_model_changes)
-        return (f"weights of {source} (Hugging Face; imported into {Path(recipe.run_dir) / IMPORT_DIR} at the start)"
-                + _changed(changes))
+        return (
+            f"weights of {source} (Hugging Face; imported into {Path(recipe.run_dir) / IMPORT_DIR} at the start)"
+            + _changed(changes)
+        )
     return None
 
 
@@ -55,10 +61,18 @@ def _changed(changes: list[str]) -> str:
 
 def _checked_checkpoint(recipe: Recipe) -> tuple[Path, list[str]]:
     assert recipe.init.from_checkpoint is not None  # the callers' condition
-    path = store.checkpoint_at(Path(recipe.init.from_checkpoint), "init.from_checkpoint",
-                               alternatives="or at the output of tools/convert_hf.py import")
-    return path, check_recipe_matches(recipe.model, vars(checkpoint_model(path)), path, key="init.from_checkpoint",
-                                      allowed=recipe.checkpoint.allow_model_changes)
+    path = store.checkpoint_at(
+        Path(recipe.init.from_checkpoint),
+        "init.from_checkpoint",
+        alternatives="or at the output of tools/convert_hf.py import",
+    )
+    return path, check_recipe_matches(
+        recipe.model,
+        vars(checkpoint_model(path)),
+        path,
+        key="init.from_checkpoint",
+        allowed=recipe.checkpoint.allow_model_changes,
+    )
 
 
 def load_initial_weights(recipe: Recipe, chunks) -> str | None:

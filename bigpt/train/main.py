@@ -71,7 +71,15 @@ def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = Tru
     if valid_ds is not None and recipe.eval.interval:
         callbacks.append(Evaluator(lambda: batches(valid_ds, consumed_samples=0), logger))
     callbacks.append(Checkpointer(checkpoint_dir(recipe), recipe.checkpoint.async_save))
-    return Trainer(recipe, layout, model, optimizer, scheduler, lambda consumed: batches(train_ds, consumed_samples=consumed), callbacks)
+    return Trainer(
+        recipe,
+        layout,
+        model,
+        optimizer,
+        scheduler,
+        lambda consumed: batches(train_ds, consumed_samples=consumed),
+        callbacks,
+    )
 
 
 def train(recipe: Recipe, layout: Layout) -> None:
@@ -86,21 +94,31 @@ def train(recipe: Recipe, layout: Layout) -> None:
         if resume is not None:
             load_checkpoint(checkpointed(trainer), resume)
             apply_recipe_hyperparameters(recipe, trainer.optimizer)
-            changed = f"; changed by checkpoint.allow_model_changes: {', '.join(model_changes)}" if model_changes else ""
-            console.say(f"resuming from {resume} (step {trainer.state.iteration}, "
-                        f"{trainer.state.consumed_samples} samples consumed{changed})")
+            changed = (
+                f"; changed by checkpoint.allow_model_changes: {', '.join(model_changes)}" if model_changes else ""
+            )
+            console.say(
+                f"resuming from {resume} (step {trainer.state.iteration}, "
+                f"{trainer.state.consumed_samples} samples consumed{changed})"
+            )
             if console.speaks() and (schedule_changes := resume_changes(recipe, resume)):
-                console.say(f"the recipe's optimizer and schedule replace the checkpoint's: {'; '.join(schedule_changes)}")
+                console.say(
+                    f"the recipe's optimizer and schedule replace the checkpoint's: {'; '.join(schedule_changes)}"
+                )
             if trainer.state.iteration >= recipe.train.train_iters:
-                console.say(f"training is already complete (train.train_iters = {recipe.train.train_iters}); raise "
-                            "train.train_iters to continue, or start over elsewhere: checkpoint.load=none with a new run_dir")
+                console.say(
+                    f"training is already complete (train.train_iters = {recipe.train.train_iters}); raise "
+                    "train.train_iters to continue, or start over elsewhere: checkpoint.load=none with a new run_dir"
+                )
         if dist.get_rank() == 0:
             os.makedirs(recipe.run_dir, exist_ok=True)
             Path(recipe.run_dir, "recipe.toml").write_text(recipe_to_toml(recipe))
         trainer.train()
         if trainer.preempted:
-            raise Preempted(f"preempted at step {trainer.state.iteration}: checkpoint saved in {checkpoint_dir(recipe)}; "
-                            "re-run the same command to resume from it")
+            raise Preempted(
+                f"preempted at step {trainer.state.iteration}: checkpoint saved in {checkpoint_dir(recipe)}; "
+                "re-run the same command to resume from it"
+            )
     finally:
         destroy_distributed()
         if lock is not None:

@@ -34,9 +34,9 @@ def layer_wise(recipe: Recipe) -> bool:
 def _check_installed(recipe: Recipe) -> None:
     if recipe.optimizer.name != "adamw" and not HAVE_EMERGING_OPTIMIZERS:
         raise BigptError(
-            f"optimizer.name = \"{recipe.optimizer.name}\" is megatron-core's emerging optimizer, which needs "
+            f'optimizer.name = "{recipe.optimizer.name}" is megatron-core\'s emerging optimizer, which needs '
             "the emerging-optimizers package (>= 0.2), not installed here; run scripts/setup.sh (it installs "
-            "it on Python 3.11 too) or `pip install emerging-optimizers`, or set optimizer.name = \"adamw\"."
+            'it on Python 3.11 too) or `pip install emerging-optimizers`, or set optimizer.name = "adamw".'
         )
 
 
@@ -56,9 +56,16 @@ def wrap_ddp(recipe: Recipe, config: TransformerConfig, chunks: list) -> list[Di
         check_for_nan_in_grad=False,  # the fault guard decides what a NaN means
     )
     # Only the first chunk buckets: later chunks' grads are ready first under interleaving.
-    return [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0,
-                                    full_param_layout=_layer_wise_layout(recipe, ddp_config, chunk, index))
-            for index, chunk in enumerate(chunks)]
+    return [
+        DistributedDataParallel(
+            config,
+            ddp_config,
+            chunk,
+            disable_bucketing=index > 0,
+            full_param_layout=_layer_wise_layout(recipe, ddp_config, chunk, index),
+        )
+        for index, chunk in enumerate(chunks)
+    ]
 
 
 def _layer_wise_layout(recipe: Recipe, ddp_config: DistributedDataParallelConfig, chunk, index: int):

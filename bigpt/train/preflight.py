@@ -40,8 +40,13 @@ def resume_point(recipe: Recipe, warn=lambda message: None) -> tuple[Path | None
     store.check_only_own_checkpoints(root, resume)
     if resume is None:
         return None, []
-    return resume, check_recipe_matches(recipe.model, vars(checkpoint_model(resume)), resume, key="checkpoint.load",
-                                        allowed=recipe.checkpoint.allow_model_changes)
+    return resume, check_recipe_matches(
+        recipe.model,
+        vars(checkpoint_model(resume)),
+        resume,
+        key="checkpoint.load",
+        allowed=recipe.checkpoint.allow_model_changes,
+    )
 
 
 # What a resume takes from the recipe although the checkpoint saved its own: the optimizer's

@@ -41,19 +41,24 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
     checkpoint = store.checkpoint_at(source, "IN", alternatives="for instance a run's checkpoint.dir")
     marker, saved_recipe = store.read_marker(checkpoint), checkpoint / "recipe.toml"
     if "layout" not in marker or not saved_recipe.is_file():
-        raise BigptError(f"IN = {checkpoint} holds weights only (no recipe.toml and no optimizer state: an import "
-                         "from Hugging Face); weights load at any layout as they are, with init.from_checkpoint.")
+        raise BigptError(
+            f"IN = {checkpoint} holds weights only (no recipe.toml and no optimizer state: an import "
+            "from Hugging Face); weights load at any layout as they are, with init.from_checkpoint."
+        )
     for text in overrides:
         if not text.partition("=")[0].strip().startswith(ALLOWED):
-            raise BigptError(f"override {text!r}: tools/reshard.py changes only the layout (parallel.*) and "
-                             "checkpoint.optimizer_format; the rest of the recipe is the checkpoint's. Pass other "
-                             "changes to the run that resumes from OUT.")
+            raise BigptError(
+                f"override {text!r}: tools/reshard.py changes only the layout (parallel.*) and "
+                "checkpoint.optimizer_format; the rest of the recipe is the checkpoint's. Pass other "
+                "changes to the run that resumes from OUT."
+            )
     default_format = CheckpointConfig().optimizer_format
     target = load_recipe(saved_recipe, [f"checkpoint.optimizer_format={default_format}", "parallel.data=0", *overrides])
     layout = Layout.from_recipe(target)  # on paper: the degrees fit the model and the batch
     if os.path.exists(out):
-        raise BigptError(f"OUT = {out} exists; tools/reshard.py writes a new directory only. Name another, or "
-                         "move that one away.")
+        raise BigptError(
+            f"OUT = {out} exists; tools/reshard.py writes a new directory only. Name another, or move that one away."
+        )
     check_writable(out, "OUT")
 
     saved = marker["layout"]
@@ -63,17 +68,21 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
     work.mkdir(parents=True)
     try:
         if marker.get("optimizer_format") == DP_ONLY_FORMAT and any(saved[key] != ours[key] for key in MODEL_PARALLEL):
-            at_saved_layout = load_recipe(saved_recipe, [*layout_overrides(saved).split(), "parallel.data=0",
-                                                         f"checkpoint.optimizer_format={IN_PLACE_FORMAT}"])
+            at_saved_layout = load_recipe(
+                saved_recipe,
+                [*layout_overrides(saved).split(), "parallel.data=0", f"checkpoint.optimizer_format={IN_PLACE_FORMAT}"],
+            )
             checkpoint = _run_stage(at_saved_layout, checkpoint, work / "stage", f"loading {checkpoint}")
         _run_stage(target, checkpoint, work / "out", f"writing {out}")
         os.replace(work / "out", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     written = store.latest_in(out)
-    return (f"wrote {written} (step {marker['iteration']}, {marker['consumed_samples']} samples consumed, "
-            f"checkpoint.optimizer_format = \"{target.checkpoint.optimizer_format}\"); resume it with "
-            f"checkpoint.load={out} {layout_overrides(ours)} (any data-parallel size)")
+    return (
+        f"wrote {written} (step {marker['iteration']}, {marker['consumed_samples']} samples consumed, "
+        f'checkpoint.optimizer_format = "{target.checkpoint.optimizer_format}"); resume it with '
+        f"checkpoint.load={out} {layout_overrides(ours)} (any data-parallel size)"
+    )
 
 
 def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
@@ -87,13 +96,23 @@ def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several processes, without its warning
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes (gloo) even on a GPU machine: no GPU hours
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={Layout.from_recipe(recipe).world_size}",
-               "-m", "bigpt.train.reshard", str(recipe_file), str(load), str(root)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={Layout.from_recipe(recipe).world_size}",
+        "-m",
+        "bigpt.train.reshard",
+        str(recipe_file),
+        str(load),
+        str(root),
+    ]
     code = subprocess.run(command, env=env, cwd=REPO).returncode
     if code:
-        raise BigptError(f"{what} failed (torchrun exit {code}; the ranks' output above says why); nothing was "
-                         "written.")
+        raise BigptError(
+            f"{what} failed (torchrun exit {code}; the ranks' output above says why); nothing was written."
+        )
     return store.latest_in(root)
 
 

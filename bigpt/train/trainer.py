@@ -120,7 +120,7 @@ class Trainer:
             updated, grad_norm, _ = self.optimizer.step()
         else:
             updated, grad_norm = False, None
-            console.say(f"step {step}: skipped, {bad} (train.on_bad_step = \"skip\")")
+            console.say(f'step {step}: skipped, {bad} (train.on_bad_step = "skip")')
         if updated:
             self.scheduler.step(increment=global_batch_size)
         if on_gpu():
@@ -141,8 +141,12 @@ class Trainer:
         """(gradients finite everywhere, a preemption signal reached some rank): one all-reduce.
         Under fp16 the loss scaler already skips non-finite gradients, and lowers the scale."""
         check_grads = self.recipe.precision.dtype != "fp16"
-        sums = [torch.sum(buffer.grad_data, dtype=torch.float32)
-                for chunk in self.model if check_grads for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+        sums = [
+            torch.sum(buffer.grad_data, dtype=torch.float32)
+            for chunk in self.model
+            if check_grads
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers
+        ]
         grads_bad = (~torch.isfinite(torch.stack(sums))).any() if sums else torch.tensor(False)
         flags = torch.stack([grads_bad.float().cpu(), torch.tensor(float(preemption.requested()))]).to(device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
