@@ -7,6 +7,7 @@ slices with no exchange: ``bigpt.runtime.model_space``), so a checkpoint loads a
 
 import shlex
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -170,7 +171,7 @@ class CheckpointWriter:
         self.pending = AsyncSaver() if asynchronous else None
         self._spread = None
         self.in_flight: Path | None = None
-        self._finish = None
+        self._finish: Callable[[], None] | None = None  # marks the save in flight complete
 
     def save(self, training: Checkpointed) -> None:
         self.wait()  # one save at a time: the previous one must be complete before the next starts
@@ -233,6 +234,7 @@ class CheckpointWriter:
                     self._complete()
 
     def _complete(self) -> None:
+        assert self._finish is not None, "a save is in flight"
         self._finish()
         self._finish = self.in_flight = None
 
@@ -253,6 +255,7 @@ class CheckpointWriter:
             if cause is None:
                 raise
             final = self.in_flight
+            assert final is not None, "failures are reported for the save in flight"
             if dist.get_rank() == 0:
                 shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
             raise BigptError(

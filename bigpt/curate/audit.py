@@ -50,7 +50,11 @@ class Tally:
 
     def add(self, side: str, words: int, reason: str | None = None) -> None:
         """side: "in", "kept" or "dropped" (with a reason)."""
-        counts = self.dropped.setdefault(reason, [0, 0]) if side == "dropped" else self.counts[side]
+        if side == "dropped":
+            assert reason is not None, "a dropped document has a reason"
+            counts = self.dropped.setdefault(reason, [0, 0])
+        else:
+            counts = self.counts[side]
         counts[0] += 1
         counts[1] += words
         if side != "dropped":

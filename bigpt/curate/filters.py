@@ -12,6 +12,7 @@ import re
 import struct
 from collections import Counter
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from datatrove.data import Document
@@ -256,6 +257,8 @@ def _in_domains(host: str, domains: tuple[str, ...]) -> bool:
 
 
 class _LocalLID(FastTextLID):
+    _model: Any  # datatrove's, loaded on first use
+
     def __init__(self, path: str, languages: list[str]):
         super().__init__(languages)
         self.path = path
@@ -285,6 +288,8 @@ class LocalLanguageFilter(_AnyFastTextBuild, LanguageFilter):
 
 class LocalFastTextClassifier(_AnyFastTextBuild, FastTextClassifierFilter):
     """datatrove's FastTextClassifierFilter with the model file read from disk as it is now."""
+
+    _model: Any  # datatrove's, loaded on first use
 
     @property
     def model(self):
@@ -361,7 +366,7 @@ class CountingJsonlReader(JsonlReader):
         self.skipped_folder, self.files = skipped_folder, files
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        self.skipped = Counter()
+        self.skipped: Counter[str] = Counter()
         for filepath, start, end in self._pieces(rank, world_size):
             for document in self._read(filepath, start, end):
                 self.update_doc_stats(document)

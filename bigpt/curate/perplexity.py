@@ -84,11 +84,12 @@ class PerplexityBandFilter(BaseFilter):
     def __init__(self, band: str):
         super().__init__()
         self.band = Path(band)
-        self.bounds = None  # read at the first document: the band job writes it after planning
+        self.bounds: tuple[float, float] | None = None  # read at the first document: the band job writes it
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         if self.bounds is None:
-            self.bounds = json.loads(self.band.read_text())["perplexity"]
+            low, high = json.loads(self.band.read_text())["perplexity"]
+            self.bounds = low, high
         low, high = self.bounds
         score = doc.metadata[SCORE]
         if score > high:

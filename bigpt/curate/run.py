@@ -157,6 +157,7 @@ def _check_reference(recipe: CurationRecipe) -> None:
     from bigpt.curate.reference import check_reference
 
     params = recipe.stage.perplexity
+    assert params.checkpoint is not None, "refused unset when the recipe loaded (MODEL_FILES)"
     files = check_reference(params.checkpoint, params.tokenizer)
     params.checkpoint, params.tokenizer = str(files.checkpoint.resolve()), str(files.tokenizer.resolve())
 

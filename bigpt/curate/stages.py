@@ -133,6 +133,7 @@ def length(p: recipe.LengthStage, folder: str, tasks: int) -> FilterStage:
 
 
 def language(p: recipe.LanguageStage, folder: str, tasks: int) -> FilterStage:
+    assert p.model is not None, "checked before any work: the stages that need a model have one"
     return FilterStage(filters.LocalLanguageFilter(p.model, p.languages, p.min_score), "language_not_kept")
 
 
@@ -208,7 +209,8 @@ def perplexity(p: recipe.PerplexityStage, folder: str, tasks: int) -> GlobalStag
     from bigpt.curate.reference import ReferenceFiles
 
     scores, band, scored = f"{folder}/scores", f"{folder}/band.json", f"{folder}/scored"
-    files = ReferenceFiles(Path(p.checkpoint), Path(p.tokenizer))  # resolved by the run's checks
+    assert p.checkpoint is not None and p.tokenizer is not None, "resolved by the run's checks"
+    files = ReferenceFiles(Path(p.checkpoint), Path(p.tokenizer))
     scorer = PerplexityScorer(files, scores, max_tokens=p.max_tokens, batch_size=p.batch_size)
     return GlobalStage(
         jobs=[

@@ -104,7 +104,7 @@ def _build_and_announce(build: Callable[[], T], cache_dir: str, group) -> T:
 
 
 def _wait_for_rank_zero(world_rank: int, cache_dir: str, timeout_minutes: float, group) -> list:
-    outcome = [None]
+    outcome: list = [None]
     try:
         dist.broadcast_object_list(outcome, src=0, group=group)
     except RuntimeError as err:

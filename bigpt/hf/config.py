@@ -5,7 +5,9 @@ window, Qwen2's query/key/value biases, Qwen3's per-head query/key RMSNorm). Any
 refused by name rather than converted into a model that computes something different.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from bigpt.errors import BigptError
 from bigpt.recipe import ModelConfig
@@ -62,7 +64,7 @@ LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_
 _REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
-def _refuse(source, problem: str, fix: str):
+def _refuse(source, problem: str, fix: str) -> NoReturn:
     raise BigptError(f"{source}: {problem}; {fix}.")
 
 
@@ -112,7 +114,7 @@ def _rope_keys(config: dict, source) -> dict:
 
 def _family(config: dict, source) -> Family:
     architectures = config.get("architectures") or []
-    family = FAMILIES.get(config.get("model_type"))
+    family = FAMILIES.get(config.get("model_type", ""))
     if family is None or architectures not in ([], [family.architecture]):
         _refuse(
             source,
@@ -202,7 +204,7 @@ def effective(model: dict, key: str):
 
 
 def check_recipe_matches(
-    recipe_model: ModelConfig, saved_model: dict, source, *, key: str = "init.from_hf", allowed: list[str] = ()
+    recipe_model: ModelConfig, saved_model: dict, source, *, key: str = "init.from_hf", allowed: Sequence[str] = ()
 ) -> list[str]:
     """The recipe's [model] must describe the model in ``source`` (named by recipe ``key``) in every
     key that changes what the weights compute, but those in ``allowed``
@@ -234,7 +236,7 @@ def check_recipe_matches(
 
 def _export_family(model: ModelConfig, original: dict | None) -> Family:
     """The family of the source config.json if it expresses ``model``, else the first that does."""
-    source = FAMILIES.get((original or {}).get("model_type"))
+    source = FAMILIES.get((original or {}).get("model_type", ""))
     candidates = ([source] if source else []) + list(FAMILIES.values())
     for family in candidates:
         if not family.problems(model):

@@ -48,7 +48,9 @@ DEFAULT_SHARD_BYTES = 5 * 2**30
 def _items(model: dict) -> list[tuple[Rule, int | None]]:
     """(rule, layer) for every tensor, in Hugging Face's order (embedding, layers, norm, head)."""
     embedding, *table = rules(model)  # rules() lists the embedding first
-    layers = [(rule, i) for i in range(model["num_layers"]) for rule in table if rule.per_layer]
+    layers: list[tuple[Rule, int | None]] = [
+        (rule, i) for i in range(model["num_layers"]) for rule in table if rule.per_layer
+    ]
     return [(embedding, None)] + layers + [(rule, None) for rule in table if not rule.per_layer]
 
 

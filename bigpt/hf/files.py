@@ -195,7 +195,9 @@ def copy_side_files(source: Path, destination: Path, *, skip=()) -> list[str]:
 def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
     """Group consecutive tensors (name, bytes) into shards of at most ``max_bytes`` (a bigger
     tensor gets a shard of its own), in order."""
-    shards, current, used = [], [], 0
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
     for name, size in sizes:
         if current and used + size > max_bytes:
             shards.append(current)
@@ -211,7 +213,8 @@ _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F1
 def _write_safetensors(path: Path, layout: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, tensors) -> None:
     """One safetensors file of ``layout`` ((name, shape), in order), written one tensor of
     ``tensors`` at a time: the header comes from the plan, so the file is never held whole."""
-    header, offset, element = {"__metadata__": {"format": "pt"}}, 0, torch.empty((), dtype=dtype).element_size()
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset, element = 0, torch.empty((), dtype=dtype).element_size()
     for name, shape in layout:
         end = offset + element * math.prod(shape)
         header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}

@@ -157,7 +157,7 @@ def rules(model: dict) -> list[Rule]:
 
 def expected_hf_shapes(model: dict) -> dict[str, tuple[int, ...]]:
     """Every Hugging Face tensor name of the model and its shape."""
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for rule in rules(model):
         for layer in range(model["num_layers"]) if rule.per_layer else [None]:
             shapes.update(zip(rule.names(layer), rule.hf_shapes))

@@ -10,8 +10,8 @@ from bigpt.recipe.fields import NOT_A_KEY
 from bigpt.recipe.tables import Recipe
 
 
-def recipe_to_dict(recipe: Recipe) -> dict:
-    """Nested dict of TOML keys (no ``source``, no None values)."""
+def recipe_to_dict(recipe) -> dict:
+    """Nested dict of TOML keys (no ``source``, no None values) of a recipe dataclass (training or curation)."""
     return _to_dict(recipe)
 
 

@@ -54,7 +54,16 @@ def quiet_dependencies() -> None:
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name, start in _EXPECTED_LOG_LINES.items():
-        logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+        logging.getLogger(name).addFilter(_DroppingLinesStartingWith(start))
+
+
+class _DroppingLinesStartingWith(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
 
 
 def rank() -> int:

@@ -20,7 +20,7 @@ class BadStepStop(BigptError):
 class BadStepGuard:
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.recent = deque(maxlen=SPIKE_HISTORY)
+        self.recent: deque[float] = deque(maxlen=SPIKE_HISTORY)
         self.bad_in_a_row = 0
 
     def verdict(self, loss: float, grads_finite: bool) -> str | None:

@@ -113,7 +113,9 @@ def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
         raise BigptError(
             f"{what} failed (torchrun exit {code}; the ranks' output above says why); nothing was written."
         )
-    return store.latest_in(root)
+    written = store.latest_in(root)
+    assert written is not None, f"{what} exited 0 without a checkpoint in {root}"
+    return written
 
 
 def _stage(recipe_file: str, load: str, root: str) -> int:
