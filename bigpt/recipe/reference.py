@@ -11,6 +11,7 @@ import types
 import typing
 
 from bigpt.recipe.fields import NOT_A_KEY, RANGE
+from bigpt.recipe.serialize import toml_value
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -58,21 +59,12 @@ def _type_name(annotation) -> str:
 
 
 def _default(field: dataclasses.Field) -> str:
+    """The default as a recipe would write it (TOML; "none" for an unset key)."""
     if field.default is not dataclasses.MISSING:
-        value = field.default
-        text = (
-            "none"
-            if value is None
-            else f'"{value}"'
-            if isinstance(value, str)
-            else repr(value).lower()
-            if isinstance(value, bool)
-            else repr(value)
-        )
-        return f"`{text}`"
+        return "`none`" if field.default is None else f"`{toml_value(field.default)}`"
     if field.default_factory is not dataclasses.MISSING:
         value = field.default_factory()
-        return "" if dataclasses.is_dataclass(value) else f"`{value!r}`"
+        return "" if dataclasses.is_dataclass(value) else f"`{toml_value(value)}`"
     return "required"
 
 

@@ -18,7 +18,7 @@ def recipe_to_dict(recipe) -> dict:
 def recipe_to_toml(recipe: Recipe) -> str:
     """TOML text that ``load_recipe`` reads back to an equal Recipe (no ``base``: all resolved)."""
     top = recipe_to_dict(recipe)
-    lines = [f"{key} = {_value(value)}" for key, value in top.items() if not isinstance(value, dict)]
+    lines = [f"{key} = {toml_value(value)}" for key, value in top.items() if not isinstance(value, dict)]
     for name, table in top.items():
         if isinstance(table, dict) and table:  # a table left all-None (e.g. [init]) is omitted
             lines += ["", table_to_toml(name, table)]
@@ -27,7 +27,9 @@ def recipe_to_toml(recipe: Recipe) -> str:
 
 def table_to_toml(name: str, table: dict) -> str:
     """One ``[name]`` table of plain values (None values omitted)."""
-    return "\n".join([f"[{name}]"] + [f"{key} = {_value(value)}" for key, value in table.items() if value is not None])
+    return "\n".join(
+        [f"[{name}]"] + [f"{key} = {toml_value(value)}" for key, value in table.items() if value is not None]
+    )
 
 
 def _to_dict(obj) -> dict:
@@ -46,7 +48,8 @@ def _plain(value):
     return value
 
 
-def _value(value) -> str:
+def toml_value(value) -> str:
+    """One value as TOML writes it (a string quoted and escaped, a bool lower-case, a table inline)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -56,11 +59,11 @@ def _value(value) -> str:
     if isinstance(value, str):
         return _string(value)
     if isinstance(value, list) and any(isinstance(item, dict) for item in value):
-        return "[\n" + "".join(f"    {_value(item)},\n" for item in value) + "]"  # a table a line
+        return "[\n" + "".join(f"    {toml_value(item)},\n" for item in value) + "]"  # a table a line
     if isinstance(value, list):
-        return "[" + ", ".join(_value(item) for item in value) + "]"
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {_value(item)}" for key, item in value.items()) + "}"
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} ({type(value).__name__}) as TOML")
 
 
