@@ -24,31 +24,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from datatrove.data import Document  # noqa: E402
-from datatrove.pipeline.filters.base_filter import get_filter_result  # noqa: E402
 from quality_corpus import DEFECTS, GENRES, evaluation_set, genre, kind, original  # noqa: E402
 
 from bigpt.curate import load_curation_recipe  # noqa: E402
 from bigpt.curate.recipe import MODEL_FILES  # noqa: E402
 from bigpt.curate.run import curate  # noqa: E402
-from bigpt.curate.stages import STAGES, FilterStage  # noqa: E402
+from bigpt.curate.stages import first_drop  # noqa: E402
 from curate_corpus import write_corpus  # noqa: E402
 
 TARGETS = {"false_drops": 0.05, "recall": 0.95, "targeted": ("spam", "gibberish", "exact", "near")}
-
-
-def first_rule(recipe, text: str) -> str:
-    """The first filter rule of the recipe that drops ``text`` ("" when none does)."""
-    for name in recipe.stages:
-        stage = STAGES[name](recipe.params(name), "", 1)
-        if not isinstance(stage, FilterStage):
-            continue
-        doc = Document(text=text, id="x")
-        keep, reason = get_filter_result(stage.block.filter(doc))
-        if not keep:
-            return f"{name}:{reason or stage.default_reason}"
-        text = doc.text  # C4 edits the lines of what it keeps
-    return ""
 
 
 def measure(recipe, documents: list[dict], kept: set[str]) -> tuple[dict, dict]:
@@ -62,7 +46,7 @@ def measure(recipe, documents: list[dict], kept: set[str]) -> tuple[dict, dict]:
             row["clean"] += 1
             if not survivors[doc_id]:
                 row["lost"] += 1
-                row["reasons"][first_rule(recipe, texts[doc_id]) or "dedup or selection"] += 1
+                row["reasons"][first_drop(recipe, texts[doc_id]) or "dedup or selection"] += 1
     defects = {d: {"planted": 0, "removed": 0} for d in DEFECTS}
     for doc_id in texts:
         if kind(doc_id) in defects:

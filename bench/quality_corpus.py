@@ -9,7 +9,7 @@ Clean genres (each chunked at paragraph boundaries into documents of 80-600 word
     readmes     /usr/share/doc/*/README*                               (project READMEs, Markdown)
 Defects: ``exact`` (a clean document, re-spaced and re-cased), ``near`` (a few words changed, a
 header line added), ``spam`` (repeated lines, keyword-stuffed templates, templated prose with
-its stop words, caught only by the repetition rules), ``gibberish`` (random
+its stop words, its template two to six times, caught only by the repetition rules), ``gibberish`` (random
 characters, base64 and hex blobs, word salad), ``short`` (a sentence or two), ``table`` (rows of
 numbers) and ``boilerplate`` (navigation and cookie banners). A document's id is
 ``KIND-GENRE-N`` for clean ones and ``KIND-N-of-CLEANID`` for copies. Deterministic per seed on
@@ -150,11 +150,12 @@ def near_copy(text: str, rng: random.Random, vocabulary: list[str]) -> str:
 def spam(rng: random.Random, vocabulary: list[str]) -> str:
     style = rng.randrange(4)
     if style == 3:  # templated SEO prose: stop words, no repeated line, the same sentences per keyword
+        keywords = rng.randint(2, 6)  # two copies of the template are the hardest to tell from clean text
         return "\n\n".join(
             f"Looking for the best {w}? Our store has the largest selection of {w} and {v} with free "
             f"shipping to your door. Buy {w} online today and save up to {rng.randint(10, 70)}% on all "
             f"{v}. We are the number one choice for {w} in your area, with thousands of happy customers."
-            for w, v in zip(rng.sample(vocabulary, 6), rng.sample(vocabulary, 6))
+            for w, v in zip(rng.sample(vocabulary, keywords), rng.sample(vocabulary, keywords))
         )
     if style == 0:  # one line, repeated
         line = f"Buy cheap {rng.choice(vocabulary)} online now, best prices guaranteed!"

@@ -695,3 +695,47 @@ def test_layout_lines_closing_marks_and_capitals_do_not_drop_prose():
     assert kept(c4, table) is True
     assert kept(GopherQualityFilter(min_doc_words=10), capitals) == (False, "gopher_enough_stop_words")
     assert kept(stages.gopher_quality(GopherQualityStage(min_doc_words=10), "", 1).block, capitals) is True
+
+
+API_REFERENCE = """Worker objects run a callable in a separate thread of control and report its result.
+
+Return whether this worker is a daemon. A daemon worker does not keep the program alive.
+
+This method is deprecated, use the daemon attribute instead.
+
+Set whether this worker is a daemon. It must be set before the worker is started.
+
+This method is deprecated, use the daemon attribute instead.
+
+Return the name of this worker, a string used for identification only.
+
+This method is deprecated, use the name attribute instead.
+
+Set the name of this worker. Several workers may be given the same name.
+
+This method is deprecated, use the name attribute instead.
+
+Wait until the worker terminates, or until the optional timeout occurs. When the timeout
+argument is present, it should be a number of seconds; join() always returns None, so call
+is_alive() afterwards to decide whether a timeout happened."""
+
+
+def test_web_quality_keeps_an_api_reference_that_repeats_a_note_per_method_and_drops_a_template_used_twice():
+    """The repetition shares web_quality.toml calibrates (Gopher's times 1.5) sit between the two:
+    Gopher's own drop the reference page, and the sales template is dropped either way."""
+    from datatrove.data import Document
+
+    from bigpt.curate import stages
+    from bigpt.curate.recipe import GopherRepetitionStage
+
+    recipe = load_curation_recipe(ROOT / "recipes/data/web_quality.toml")
+    sales = "\n\n".join(
+        f"Looking for the best {w}? Our store has the largest selection of {w} and {v} with free shipping to "
+        f"your door. Buy {w} online today and save up to {p}% on all {v}. We are the number one choice for "
+        f"{w} in your area, with thousands of happy customers."
+        for w, v, p in (("lanterns", "candles", 30), ("blankets", "pillows", 45))
+    )
+    gopher = stages.gopher_repetition(GopherRepetitionStage(), "", 1).block
+    assert gopher.filter(Document(text=API_REFERENCE, id="0")) == (False, "duplicated_9_n_grams")
+    assert stages.first_drop(recipe, API_REFERENCE) == ""
+    assert stages.first_drop(recipe, sales) == "gopher_repetition:duplicated_6_n_grams"

@@ -20,7 +20,7 @@ from datatrove.pipeline.dedup import (
     MinhashDedupBuckets,
     MinhashDedupFilter,
 )
-from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
 from datatrove.utils.hashing import HashConfig
 
 from bigpt.curate import filters, recipe
@@ -240,3 +240,19 @@ STAGES: dict[str, Callable[..., FilterStage | GlobalStage]] = {
 """Stage name → builder(params, work folder of the stage, tasks per pass)."""
 
 assert tuple(STAGES) == STAGE_NAMES, "the registry and recipe.StagesConfig must list the same stages"
+
+
+def first_drop(curation: recipe.CurationRecipe, text: str) -> str:
+    """The first filter rule of ``curation`` that drops ``text``, as ``STAGE:REASON`` ("" when
+    none does): its filter stages in order on one document, each on the text the one before
+    kept (C4 edits the lines of what it keeps). Global stages need the whole corpus: skipped."""
+    for name in curation.stages:
+        stage = STAGES[name](curation.params(name), "", 1)
+        if not isinstance(stage, FilterStage):
+            continue
+        doc = Document(text=text, id="0")
+        keep, reason = get_filter_result(stage.block.filter(doc))
+        if not keep:
+            return f"{name}:{reason or stage.default_reason}"
+        text = doc.text
+    return ""
