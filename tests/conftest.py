@@ -7,9 +7,12 @@ import slurm_cluster
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` are skipped, saying so, where torch sees no CUDA device. Under
-    pytest-xdist (``-n 2 --dist loadgroup``) the tests on the SLURM cluster share one worker, so
-    one cluster is started, not one per worker."""
+    """Tests marked ``gpu`` are skipped, saying so, where torch sees no CUDA device.
+
+    Under pytest-xdist (``-n 2 --dist loadgroup``) each worker builds its own session and module
+    fixtures, and those are the expensive runs (reference trainings, a SLURM cluster): the tests
+    on the SLURM cluster share one worker, and so do the tests of a module that use one of its
+    module-scoped fixtures, so each is built once, not once per worker."""
     skip = (
         None
         if torch.cuda.is_available()
@@ -20,6 +23,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
         if "slurm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif _uses_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def _uses_a_module_fixture(item) -> bool:
+    definitions = getattr(item, "_fixtureinfo", None)
+    return definitions is not None and any(
+        defs[-1].scope == "module" for defs in definitions.name2fixturedefs.values() if defs
+    )
 
 
 @pytest.fixture(scope="session")
