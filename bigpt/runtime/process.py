@@ -40,7 +40,7 @@ def skip_torch_compile_without_gpu() -> None:
     if os.environ["TORCHDYNAMO_DISABLE"] == "1":
         import torch
 
-        torch.compile = _eager  # type: ignore[assignment]
+        torch.compile = _eager
 
 
 def _eager(model=None, **options):
