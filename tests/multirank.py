@@ -23,7 +23,9 @@ def run_bigpt(
 ):
     """``torchrun --nproc_per_node nproc launchers/run.py recipe overrides`` (or another torchrun
     ``script``) with one thread per rank (without it, 8 CPU ranks oversubscribe a small machine
-    and crawl). ``fault`` runs it through tests/fault_injection.py instead (e.g. "nan_loss@3").
+    and crawl); one process runs as ``python launchers/run.py ...``, a world of one as a user
+    starts it (torchrun's own start and exit cost seconds more, and the multi-rank runs test it).
+    ``fault`` runs it through tests/fault_injection.py instead (e.g. "nan_loss@3").
     ``rank_logs``: each rank's stdout and stderr go to files there (``rank_output``), not to the
     result's. Unsafe unpickling is always refused (TORCH_FORCE_WEIGHTS_ONLY_LOAD), so no load can
     depend on it."""
@@ -31,18 +33,11 @@ def run_bigpt(
     if fault:
         env["BIGPT_TEST_FAULT"] = fault
         script = FAULT_INJECTION
-    per_rank = ["--log-dir", str(rank_logs), "--redirects", "3"] if rank_logs else []
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *per_rank,
-        str(script),
-        str(recipe),
-        *overrides,
-    ]
+    launcher = [sys.executable]
+    if nproc > 1 or rank_logs:
+        per_rank = ["--log-dir", str(rank_logs), "--redirects", "3"] if rank_logs else []
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *per_rank]
+    command = [*launcher, str(script), str(recipe), *overrides]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"bigpt failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
