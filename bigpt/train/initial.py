@@ -10,9 +10,10 @@ from pathlib import Path
 
 from bigpt.checkpoint import load_weights, store
 from bigpt.hf.config import check_recipe_matches, model_from_hf
-from bigpt.hf.convert import checkpoint_model, import_hf
+from bigpt.hf.convert import import_hf
 from bigpt.hf.files import CONFIG, inspect_hf, read_config
 from bigpt.recipe import Recipe
+from bigpt.train.preflight import model_changes
 
 IMPORT_DIR = "init_from_hf"
 
@@ -66,13 +67,7 @@ def _checked_checkpoint(recipe: Recipe) -> tuple[Path, list[str]]:
         "init.from_checkpoint",
         alternatives="or at the output of tools/convert_hf.py import",
     )
-    return path, check_recipe_matches(
-        recipe.model,
-        vars(checkpoint_model(path)),
-        path,
-        key="init.from_checkpoint",
-        allowed=recipe.checkpoint.allow_model_changes,
-    )
+    return path, model_changes(recipe, path, "init.from_checkpoint")
 
 
 def load_initial_weights(recipe: Recipe, chunks) -> str | None:

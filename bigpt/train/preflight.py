@@ -40,11 +40,18 @@ def resume_point(recipe: Recipe, warn=lambda message: None) -> tuple[Path | None
     store.check_only_own_checkpoints(root, resume)
     if resume is None:
         return None, []
-    return resume, check_recipe_matches(
+    return resume, model_changes(recipe, resume, "checkpoint.load")
+
+
+def model_changes(recipe: Recipe, checkpoint: Path, key: str) -> list[str]:
+    """The model ``checkpoint`` was saved with against the recipe's (``key``: the recipe key that
+    named it). A difference is refused unless checkpoint.allow_model_changes allows it; returns
+    the allowed ones, worded for the log."""
+    return check_recipe_matches(
         recipe.model,
-        vars(checkpoint_model(resume)),
-        resume,
-        key="checkpoint.load",
+        vars(checkpoint_model(checkpoint)),
+        checkpoint,
+        key=key,
         allowed=recipe.checkpoint.allow_model_changes,
     )
 
