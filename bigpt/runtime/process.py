@@ -28,24 +28,11 @@ def _drop_teardown_output() -> None:
 def skip_torch_compile_without_gpu() -> None:
     """Call before megatron-core is imported. It wraps its fused kernels in torch.compile as it is
     imported, which loads the inductor compiler (1-3 s). bigpt calls those kernels on GPUs only
-    (``model.transformer_config``: fusions need CUDA), so without one compiling is switched off
-    (TORCHDYNAMO_DISABLE, inherited by the process's children) and torch.compile hands back the
-    function itself: with compiling off, a compiled function runs eagerly anyway, and the
-    decorator no longer imports dynamo (0.4-0.5 s of every process's start)."""
+    (``model.transformer_config``: fusions need CUDA), so without one torch.compile is made a no-op."""
     from bigpt.runtime.device import on_gpu  # imports torch, not megatron-core
 
-    if on_gpu():
-        return
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    if os.environ["TORCHDYNAMO_DISABLE"] == "1":
-        import torch
-
-        torch.compile = _eager
-
-
-def _eager(model=None, **options):
-    """torch.compile with compiling off: the function itself, also when used as ``@torch.compile(...)``."""
-    return model if model is not None else _eager
+    if not on_gpu():
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def exit_without_final_gc(code: int):
