@@ -9,9 +9,9 @@ Clean genres (each chunked at paragraph boundaries into documents of 80-600 word
     readmes     /usr/share/doc/*/README*                               (project READMEs, Markdown)
 Defects: ``exact`` (a clean document, re-spaced and re-cased), ``near`` (a few words changed, a
 header line added), ``spam`` (repeated lines, keyword-stuffed templates, templated prose with
-its stop words, its template two to six times, caught only by the repetition rules), ``gibberish`` (random
-characters, base64 and hex blobs, word salad), ``short`` (a sentence or two), ``table`` (rows of
-numbers) and ``boilerplate`` (navigation and cookie banners). A document's id is
+its stop words and its template two to six times, caught only by the repetition rules),
+``gibberish`` (random characters, base64 and hex blobs, word salad), ``short`` (a sentence or
+two), ``table`` (rows of numbers) and ``boilerplate`` (navigation and cookie banners). A document's id is
 ``KIND-GENRE-N`` for clean ones and ``KIND-N-of-CLEANID`` for copies. Deterministic per seed on
 a given machine; near-identical clean documents (LGPL-2 and 2.1, say) are kept once.
 """
