@@ -16,6 +16,8 @@ import signal
 import pytest
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from safetensors.numpy import load_file
 
 from bigpt.errors import BigptError
@@ -135,11 +137,39 @@ def test_without_the_results_queue_fix_a_signal_to_the_ranks_process_groups_fail
     assert "failed (Broken pipe)" in stderr and "(exit 75)" not in stderr
 
 
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_without_the_torch_norm_fix_sequence_parallelism_cannot_build_a_norm(normalization, monkeypatch):
+    """The local spec's norms (every CPU run's) under sequence parallelism: refused by megatron-core;
+    with the fix, built and marked so that their gradients are summed over the tensor-parallel
+    group (the parity test's TP2 + SP layout trains as one rank does)."""
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=8,
+        num_attention_heads=2,
+        tensor_model_parallel_size=2,
+        sequence_parallel=True,
+        normalization=normalization,
+    )
+    with pytest.raises(AssertionError, match="sequence parallel not supported"):
+        WrappedTorchNorm(config, 8)
+    monkeypatch.setattr(WrappedTorchNorm, "__new__", WrappedTorchNorm.__dict__["__new__"])  # undone after the test
+    megatron_fixes._torch_norms_accept_sequence_parallelism()
+    norm = WrappedTorchNorm(config, 8)
+    assert [getattr(p, "sequence_parallel", False) for p in norm.parameters()] == [True] * len(list(norm.parameters()))
+    assert not any(
+        hasattr(p, "sequence_parallel")
+        for p in WrappedTorchNorm(
+            TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization=normalization), 8
+        ).parameters()
+    )
+
+
 @pytest.mark.parametrize(
     "fix,target",
     [
         ("_keep_torch_adam_step_on_reshardable_load", (DistributedOptimizer, "_set_main_param_and_optimizer_states")),
         ("_start_checkpoint_results_queue", (filesystem_async, "_results_queue")),
+        ("_torch_norms_accept_sequence_parallelism", (WrappedTorchNorm, "__new__")),
         (
             "_model_space_optimizer_state_without_flattened_ranges",
             (DistributedOptimizer, "sharded_param_state_fs_model_space"),

@@ -18,15 +18,16 @@ LAYOUTS = [  # name, processes, overrides
     pytest.param("pp2_vpp2", 2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"], id="pp2_vpp2"),
     pytest.param("dp2", 2, ["parallel.distributed_optimizer=true"], id="dp2_distributed_optimizer"),
     pytest.param("tp2_pp2", 4, ["parallel.tensor=2", "parallel.pipeline=2"], id="tp2_pp2"),
-    # Recompute changes memory, never the numbers.
+    # Recompute changes memory, never the numbers; sequence parallelism splits the norms' and
+    # dropouts' sequence over the tensor-parallel ranks.
     pytest.param(
         "pp2_full_recompute", 2, ["parallel.pipeline=2", "recompute.granularity=full"], id="pp2_full_recompute"
     ),
     pytest.param(
-        "tp2_selective_recompute",
+        "tp2_sp_selective_recompute",
         2,
-        ["parallel.tensor=2", "recompute.granularity=selective"],
-        id="tp2_selective_recompute",
+        ["parallel.tensor=2", "parallel.sequence_parallel=true", "recompute.granularity=selective"],
+        id="tp2_sp_selective_recompute",
     ),
 ]
 

@@ -7,6 +7,7 @@ it never runs without a fix it needs. Each one has a test that fails without it
 (tests/test_megatron_line.py).
 """
 
+import copy
 import multiprocessing
 from multiprocessing.managers import SyncManager
 
@@ -14,6 +15,7 @@ import torch
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from bigpt.runtime import model_space
 from bigpt.runtime.megatron_line import check_megatron_line, patch_target_error
@@ -106,6 +108,33 @@ def _start_checkpoint_results_queue() -> None:
     filesystem_async._results_queue = manager.Queue()  # what get_write_results_queue() returns from now on
 
 
+def _torch_norms_accept_sequence_parallelism() -> None:
+    """megatron-core's torch norms (the local spec's, used without Transformer Engine or Apex, so on
+    every CPU) refuse sequence parallelism, which leaves SP, and MoE with TP > 1 (megatron-core
+    requires SP there), unable to run. A norm computes the same on a slice of the sequence; what SP
+    needs is the replicated weights' gradients summed over the tensor-parallel group, which
+    ``finalize_model_grads`` does for parameters marked ``sequence_parallel``, as megatron-core's
+    Apex and Transformer Engine norms mark theirs. Build the torch norm as without SP, then mark
+    its parameters."""
+    if not isinstance(WrappedTorchNorm.__dict__.get("__new__"), staticmethod):
+        raise patch_target_error(
+            "torch norms under sequence parallelism", "WrappedTorchNorm no longer builds its norm in __new__"
+        )
+    original = WrappedTorchNorm.__new__
+
+    def new(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, *args, **kwargs)
+        without_sp = copy.copy(config)  # a shallow copy: no second __post_init__
+        without_sp.sequence_parallel = False
+        norm = original(cls, without_sp, hidden_size, *args, **kwargs)
+        for parameter in norm.parameters():
+            parameter.sequence_parallel = True
+        return norm
+
+    WrappedTorchNorm.__new__ = staticmethod(new)
+
+
 _applied = False
 
 
@@ -118,4 +147,5 @@ def apply() -> None:
     _name_the_state_of_the_optimizer_it_wraps()
     _model_space_optimizer_state_without_flattened_ranges()
     _start_checkpoint_results_queue()
+    _torch_norms_accept_sequence_parallelism()
     _applied = True
