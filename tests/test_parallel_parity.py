@@ -25,7 +25,13 @@ LAYOUTS = [  # name, processes, overrides
     pytest.param(
         "tp2_selective_recompute",
         2,
-        ["parallel.tensor=2", "recompute.granularity=selective"],
+        # Unfused layers (CPU): every module megatron-core can recompute in a dense layer saves memory.
+        [
+            "parallel.tensor=2",
+            "recompute.granularity=selective",
+            'recompute.modules=["core_attn","layernorm","mlp"]',
+            "precision.transformer_engine=off",
+        ],
         id="tp2_selective_recompute",
     ),
 ]

@@ -241,7 +241,14 @@ class RecomputeConfig:
     """[recompute]: activation recomputation, trading compute for memory."""
 
     granularity: Literal["none", "selective", "full"] = "none"
-    """selective = recompute attention's core only; full = whole layers."""
+    """selective = recompute the modules below; full = whole layers."""
+    modules: list[Literal["core_attn", "layernorm", "mlp"]] = field(default_factory=lambda: ["core_attn"])
+    """For selective: what to recompute (megatron-core's recompute_modules). core_attn = the
+    attention core, which then keeps no s² scores; layernorm = the two norms, which then keep no
+    outputs; mlp = the MLP, which then keeps no inner activations, for one more MLP forward (about
+    a quarter of a Llama layer's training FLOPs). Transformer Engine's attention keeps no scores
+    and its norms are fused into the next linear, so core_attn and layernorm save nothing there:
+    they need precision.transformer_engine = "off"."""
     method: Literal["uniform", "block"] = "uniform"
     """For full: uniform = checkpoint every num_layers layers; block = the first num_layers
     layers of each pipeline stage."""
