@@ -169,6 +169,7 @@ def test_throughput_logs_tflops_and_mfu_of_one_step(monkeypatch, device, overrid
     throughput.on_step(trainer, metrics)
     tokens = 128 * 8192
     tflops_per_device = llama3_8b_flops_per_token_by_hand() * tokens / 10.0 / 8 / 1e12
+    assert metrics["mfu"] == pytest.approx(metrics["tflops"] / peak_tflops, rel=1e-12)  # TFLOP/s over TFLOP/s
     assert metrics["tokens_per_s"] == tokens / 10.0
     assert metrics["tflops"] == pytest.approx(tflops_per_device, rel=1e-12)  # ≈ 674.6
     assert metrics["mfu"] == pytest.approx(tflops_per_device / peak_tflops, rel=1e-12)

@@ -180,6 +180,21 @@ def test_selective_recompute_of_the_mlp_drops_its_inner_activations():
     assert stage_memory(recipe, layout)[0].activations - stage_memory(recomputed, layout)[0].activations == 32 * saved
 
 
+def test_selective_recompute_modules_reach_megatron_core():
+    from bigpt.model import transformer_config
+
+    recipe = load_recipe(
+        Path(__file__).resolve().parent / "recipes" / "mock_tiny.toml",
+        [
+            'recompute.granularity="selective"',
+            'recompute.modules=["layernorm", "mlp"]',
+            'precision.transformer_engine="off"',
+        ],
+    )
+    config = transformer_config(recipe, Layout.from_recipe(recipe, 1), use_te=False)
+    assert config.recompute_granularity == "selective" and config.recompute_modules == ["layernorm", "mlp"]
+
+
 @pytest.mark.parametrize("modules", ['["core_attn"]', '["layernorm", "mlp"]'])
 def test_selective_recompute_that_saves_nothing_under_transformer_engine_is_refused(modules):
     overrides = ['recompute.granularity="selective"', f"recompute.modules={modules}"]
