@@ -73,8 +73,8 @@ class Gpu:
         peak = mfu_peak_flops_per_second(recipe, self.device_name)
         if peak is None:
             raise BigptError(
-                f"{recipe.source}: precision.fp8 = {recipe.precision.fp8!r} on {self.device_name}, which has "
-                'no FP8 tensor cores; plan for an FP8 GPU or set precision.fp8 = "none".'
+                f"precision.fp8={recipe.precision.fp8!r} in {recipe.source} needs FP8 tensor cores, which "
+                f'{self.device_name} does not have; plan for another GPU or set precision.fp8 = "none".'
             )
         return peak
 
@@ -226,8 +226,7 @@ def recompute_flops_per_step(recipe: Recipe, layout: Layout) -> float:
     """FLOPs the recipe's activation recomputation adds to one step (on top of flops_per_step):
     full re-runs the forward of every recomputed layer (all of them with method uniform, the first
     num_layers of each model chunk with block); selective re-runs its modules' forward: core_attn
-    the attention core, mlp the MLP's matmuls, layernorm the norms (not counted, as in the model
-    FLOPs)."""
+    the attention core, mlp the MLP's matmuls."""
     model, recompute = recipe.model, recipe.recompute
     if recompute.granularity == "full":
         if recompute.method == "uniform":

@@ -11,9 +11,9 @@ without sequence parallelism (tests/test_plan.py checks both). Where bigpt diffe
 - dropout masks (1 byte an element) only when the recipe's dropout is non-zero (Llama: none);
 - attention probabilities (s² per head) only without Transformer Engine and without recompute of
   core_attn: on GPUs bigpt's attention is fused (flash/cuDNN) and never stores them;
-- selective recompute drops what its modules keep (recompute.modules): core_attn the scores,
-  layernorm the norms' outputs, mlp the MLP's inner tensors (and, under Transformer Engine, the
-  output of the norm fused into its first linear);
+- selective recompute drops what its modules keep (recompute.modules): core_attn the scores, mlp
+  the MLP's inner tensors (and, under Transformer Engine, the output of the norm fused into its
+  first linear);
 - per-head q/k norms (Qwen3) keep the un-normalised queries and keys;
 - the output layer's logits are counted on the last stage for any pipeline size (Megatron adds
   them only without pipelining, as it reports the first stage), and token ids (8 bytes a token)
@@ -117,9 +117,9 @@ def layer_activations(recipe: Recipe, layout: Layout) -> float:
     recompute = recipe.recompute
     recomputed = set(recompute.modules) if recompute.granularity == "selective" else set()
     unfused = recipe.precision.transformer_engine == "off"
-    # The linears' inputs (the norms' outputs) are recomputed with the norms; Transformer Engine
-    # fuses the MLP's norm into its first linear, so recomputing the MLP drops that one too.
-    linear_inputs = 0 if "layernorm" in recomputed else 1 if "mlp" in recomputed and not unfused else 2
+    # Transformer Engine fuses the MLP's norm into its first linear, so recomputing the MLP drops
+    # that linear's input (the norm's output) too.
+    linear_inputs = 1 if "mlp" in recomputed and not unfused else 2
     # Inputs of the two norms and of the linears after them (QKV, MLP in): split over the
     # tensor-parallel group only with sequence parallelism.
     sequence_split = tokens * (

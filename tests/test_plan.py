@@ -187,15 +187,15 @@ def test_selective_recompute_modules_reach_megatron_core():
         Path(__file__).resolve().parent / "recipes" / "mock_tiny.toml",
         [
             'recompute.granularity="selective"',
-            'recompute.modules=["layernorm", "mlp"]',
+            'recompute.modules=["core_attn", "mlp"]',
             'precision.transformer_engine="off"',
         ],
     )
     config = transformer_config(recipe, Layout.from_recipe(recipe, 1), use_te=False)
-    assert config.recompute_granularity == "selective" and config.recompute_modules == ["layernorm", "mlp"]
+    assert config.recompute_granularity == "selective" and config.recompute_modules == ["core_attn", "mlp"]
 
 
-@pytest.mark.parametrize("modules", ['["core_attn"]', '["layernorm", "mlp"]'])
+@pytest.mark.parametrize("modules", ['["core_attn"]', '["mlp", "core_attn"]'])
 def test_selective_recompute_that_saves_nothing_under_transformer_engine_is_refused(modules):
     overrides = ['recompute.granularity="selective"', f"recompute.modules={modules}"]
     with pytest.raises(BigptError, match='saves no memory.*llama3_8b.toml.*recompute.modules = \\["mlp"\\]'):
@@ -287,6 +287,7 @@ def test_family_recipes_count_the_published_parameters(recipe_name, published):
         (["--gpus", "512", "--gpu", "t4"], "unknown GPU 't4'; the planner knows h100-80gb, h200-141gb, a100-80gb"),
         (["--gpus", "8", "--gpu", "a100-40gb"], "fits on no layout of 8 × a100-40gb"),
         (["--gpus", "7"], "no layout of"),
+        (["--gpus", "512", "--gpu", "a100-80gb", "precision.fp8='tensorwise'"], "needs FP8 tensor cores"),
         (["--gpus", str(10**12)], "no layout of"),  # answered at once: each degree is bounded by what it splits
         (["--gpus", str(10**12), "--gpus-per-node", str(10**12)], "no layout of"),
     ],

@@ -96,14 +96,16 @@ def _check_precision(recipe: Recipe) -> None:
 def _check_recompute(recipe: Recipe) -> None:
     precision = recipe.precision
     recompute = recipe.recompute
-    unfused_only = [module for module in ("core_attn", "layernorm") if module in recompute.modules]
-    if recompute.granularity == "selective" and unfused_only and precision.transformer_engine != "off":
+    if (
+        recompute.granularity == "selective"
+        and "core_attn" in recompute.modules
+        and precision.transformer_engine != "off"
+    ):
         recipe_error(
             recipe,
             f"recompute.modules={recompute.modules} with precision.transformer_engine="
-            f"{precision.transformer_engine!r}: Transformer Engine's fused attention keeps no s² scores and "
-            f"its norms are fused into the next linear, so recomputing {' and '.join(unfused_only)} costs "
-            "time and saves no memory",
+            f"{precision.transformer_engine!r}: Transformer Engine's fused attention keeps no s² scores, so "
+            "recomputing core_attn costs time and saves no memory",
             'drop [recompute] if the activations fit (tools/plan.py shows it), recompute.modules = ["mlp"] '
             'to trade one MLP forward for its inner activations, recompute.granularity = "full", or '
             'precision.transformer_engine = "off" for the unfused layers',
