@@ -121,7 +121,7 @@ def make_plan(
             + (
                 "a shorter model.seq_length or train.micro_batch_size."
                 if recipe.recompute.granularity == "full"
-                else 'or recompute.granularity = "full".'
+                else 'or recompute.granularity = "full" (or "selective" with recompute.modules = ["mlp"]).'
             )
         )
     try:
