@@ -40,7 +40,7 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         f"training tokens  {train.train_iters:,} steps × {tokens_per_step:,} = "
         f"{train.train_iters * tokens_per_step:,} ({short(train.train_iters * tokens_per_step)})",
         f"FLOPs per step   {flops_per_step(recipe, layout.global_batch_size):.3e} "
-        f"(3 × forward, causal mask not discounted)",
+        f"(3 × forward, causal attention halved)",
     ]
     if train.rampup_batch_size:
         start, increment, samples = train.rampup_batch_size

@@ -1,40 +1,62 @@
 """Parameter and FLOP counts of a recipe's model, and GPU peak throughput and memory.
 
 One formula shared by the trainer's TFLOP/s / MFU log, the dry run and planning, so they agree.
+Units are in the names: ``*_flops`` are FLOPs, ``*_flops_per_second`` FLOP/s, ``*_tflops`` TFLOP/s.
 """
 
 from dataclasses import dataclass
 
 from bigpt.errors import BigptError
+from bigpt.layout import Layout
 from bigpt.recipe import ModelConfig, Recipe, padded_vocab_size
 
-PEAK_BF16_TFLOPS = {
-    "h100 pcie": 756.0,
-    "h100 nvl": 835.0,
-    "h100": 989.0,
-    "h200": 989.0,
-    "h800": 989.0,
-    "gh200": 989.0,
-    "b200": 2250.0,
-    "gb200": 2500.0,
-    "a100": 312.0,
-    "a800": 312.0,
-    "l40s": 362.0,
-    "mi300x": 1307.0,
+
+@dataclass(frozen=True)
+class PeakTflops:
+    """Dense (no sparsity) tensor-core peak of one GPU, in TFLOP/s, as its datasheet gives it."""
+
+    bf16: float
+    fp8: float | None
+    """None: the GPU has no FP8 tensor cores (A100)."""
+
+
+PEAK_TFLOPS = {
+    "h100": PeakTflops(989.0, 1979.0),  # SXM
+    "h100 pcie": PeakTflops(756.0, 1513.0),
+    "h100 nvl": PeakTflops(835.0, 1671.0),
+    "h200": PeakTflops(989.0, 1979.0),  # SXM
+    "h200 nvl": PeakTflops(835.0, 1671.0),
+    "h800": PeakTflops(989.0, 1979.0),  # SXM
+    "h800 pcie": PeakTflops(756.0, 1513.0),
+    "gh200": PeakTflops(989.0, 1979.0),
+    "b200": PeakTflops(2250.0, 4500.0),
+    "gb200": PeakTflops(2500.0, 5000.0),
+    "a100": PeakTflops(312.0, None),
+    "a800": PeakTflops(312.0, None),
+    "l40s": PeakTflops(362.0, 733.0),
+    "mi300x": PeakTflops(1307.0, 2615.0),
 }
-"""Dense (no sparsity) bf16 tensor-core peak per GPU, by a lower-case fragment of its name."""
+"""Peaks by a lower-case fragment of ``torch.cuda.get_device_name()``; the longest matching
+fragment wins, so every variant with another peak (PCIe, NVL) needs its own entry. NVIDIA's
+datasheets print sparse figures for FP8/BF16: the dense peak is half of them."""
 
 
-def peak_flops_for(device_name: str) -> float | None:
-    """Peak bf16 FLOP/s for a ``torch.cuda.get_device_name()`` string, None if not in the table.
-
-    The longest matching fragment wins, so "NVIDIA H100 PCIe" is not read as an SXM H100.
-    """
+def peak_flops_per_second(device_name: str, *, fp8: bool = False) -> float | None:
+    """Dense peak FLOP/s (not TFLOP/s) of a ``torch.cuda.get_device_name()`` string for bf16
+    matmuls, or FP8 ones with ``fp8``; None if the GPU is not in PEAK_TFLOPS or has no FP8."""
     name = device_name.lower()
-    matches = [fragment for fragment in PEAK_BF16_TFLOPS if fragment in name]
+    matches = [fragment for fragment in PEAK_TFLOPS if fragment in name]
     if not matches:
         return None
-    return PEAK_BF16_TFLOPS[max(matches, key=len)] * 1e12
+    peak = PEAK_TFLOPS[max(matches, key=len)]
+    tflops = peak.fp8 if fp8 else peak.bf16
+    return None if tflops is None else tflops * 1e12
+
+
+def mfu_peak_flops_per_second(recipe: Recipe, device_name: str) -> float | None:
+    """The peak MFU is measured against: the FP8 peak when precision.fp8 is on (the matmuls run
+    in FP8, so the bf16 peak would flatter it by 2×), the bf16 peak otherwise."""
+    return peak_flops_per_second(device_name, fp8=recipe.precision.fp8 != "none")
 
 
 @dataclass(frozen=True)
@@ -42,14 +64,18 @@ class Gpu:
     """A GPU the planner can plan for."""
 
     device_name: str
-    """As ``torch.cuda.get_device_name()`` reports it; its peak comes from PEAK_BF16_TFLOPS."""
+    """As ``torch.cuda.get_device_name()`` reports it; its peak comes from PEAK_TFLOPS."""
     memory_gib: float
     """Device memory as ``torch.cuda.get_device_properties().total_memory`` reports it."""
 
-    @property
-    def peak_flops(self) -> float:
-        peak = peak_flops_for(self.device_name)
-        assert peak is not None, f"{self.device_name} is in GPUS without its peak in PEAK_BF16_TFLOPS"
+    def peak_flops_per_second(self, recipe: Recipe) -> float:
+        """The peak the recipe's MFU is measured against (see mfu_peak_flops_per_second)."""
+        peak = mfu_peak_flops_per_second(recipe, self.device_name)
+        if peak is None:
+            raise BigptError(
+                f"precision.fp8={recipe.precision.fp8!r} in {recipe.source} needs FP8 tensor cores, which "
+                f'{self.device_name} does not have; plan for another GPU or set precision.fp8 = "none".'
+            )
         return peak
 
 
@@ -152,24 +178,41 @@ def parameters_per_stage(
     return tuple(stages)
 
 
+def attended_keys(model: ModelConfig) -> float:
+    """Keys an average query attends to under the causal mask, bounded by the sliding window w:
+    the mask's area over s queries, s/2 for full attention, w - w²/2s for a window w < s."""
+    s = model.seq_length
+    window = min(s, model.attention_window or s)
+    return window - window * window / (2 * s)
+
+
+def _attention_core_forward_flops(model: ModelConfig) -> float:
+    """Forward FLOPs per token of one layer's scores Q·Kᵀ and score-weighted sum of V."""
+    query, _ = _attention_widths(model)
+    return 2 * 2 * attended_keys(model) * query
+
+
+def _layer_forward_flops(model: ModelConfig) -> float:
+    """Forward FLOPs per token of one transformer layer: its matmuls and attention core."""
+    return 2 * _layer_matmul_parameters(model) + _attention_core_forward_flops(model)
+
+
 def flops_per_token(model: ModelConfig, padded_vocab: int | None = None) -> float:
-    """Training FLOPs per token: 3 × forward (the backward pass costs two forwards).
+    """Model FLOPs per token of training: 3 × forward (the backward pass costs two forwards).
 
     forward = 2 × (matmul weights: every layer's q, k, v, output and MLP matrices, plus the
                    vocab × hidden output layer, tied or not)
             + 2 × 2 × keys × (heads × head width) per layer, for the scores Q·Kᵀ and the
-              score-weighted sum of V, with keys = seq_length (attention_window if shorter).
-    The attention term counts every query against all those keys: the causal mask's
-    halving is NOT applied, as in Megatron-LM's and PaLM's MFU convention (6N + 12·L·s·h), so
-    MFU figures compare with published ones. Embedding lookups, norms, biases, softmax and
-    activation functions are not counted.
+              score-weighted sum of V, with keys = attended_keys: the causal mask halves them
+              (s/2) and a sliding window bounds them.
+    This is Megatron-LM's num_floating_point_operations (core_r0.19.0) and Megatron-Bridge's
+    convention, halved causal term included (Llama-3-8B at 8192 tokens: 51.5 GFLOP/token, not
+    PaLM's unhalved 57.9); they ignore a sliding window, bigpt counts only the keys it attends
+    to. Embedding lookups, norms, biases, softmax and activation functions are not counted, nor
+    is recomputation (recompute_flops_per_step): MFU counts the model's FLOPs only.
     """
     vocab = padded_vocab or model.vocab_size
-    query, _ = _attention_widths(model)
-    matmul_weights = model.num_layers * _layer_matmul_parameters(model) + vocab * model.hidden_size
-    keys = min(model.seq_length, model.attention_window or model.seq_length)
-    attention = model.num_layers * 2 * 2 * keys * query
-    return 3.0 * (2 * matmul_weights + attention)
+    return 3.0 * (model.num_layers * _layer_forward_flops(model) + 2 * vocab * model.hidden_size)
 
 
 def flops_per_step(recipe: Recipe, global_batch_size: int) -> float:
@@ -177,3 +220,26 @@ def flops_per_step(recipe: Recipe, global_batch_size: int) -> float:
     vocab at the recipe's tensor-parallel size is what the output layer multiplies by)."""
     vocab = padded_vocab_size(recipe.model, recipe.parallel.tensor)
     return flops_per_token(recipe.model, vocab) * global_batch_size * recipe.model.seq_length
+
+
+def recompute_flops_per_step(recipe: Recipe, layout: Layout) -> float:
+    """FLOPs the recipe's activation recomputation adds to one step (on top of flops_per_step):
+    full re-runs the forward of every recomputed layer (all of them with method uniform, the first
+    num_layers of each model chunk with block); selective re-runs its modules' forward: core_attn
+    the attention core, mlp the MLP's matmuls."""
+    model, recompute = recipe.model, recipe.recompute
+    if recompute.granularity == "full":
+        if recompute.method == "uniform":
+            layers = model.num_layers
+        else:
+            layers = sum(layout.vpp * min(recompute.num_layers, n // layout.vpp) for n in layout.layers_per_stage)
+        per_token = layers * _layer_forward_flops(model)
+    elif recompute.granularity == "selective":
+        hidden = model.hidden_size
+        per_layer = (_attention_core_forward_flops(model) if "core_attn" in recompute.modules else 0) + (
+            2 * (hidden * _mlp_input_width(model) + model.ffn_hidden_size * hidden) if "mlp" in recompute.modules else 0
+        )
+        per_token = model.num_layers * per_layer
+    else:
+        per_token = 0
+    return per_token * layout.global_batch_size * model.seq_length

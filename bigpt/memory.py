@@ -9,8 +9,11 @@ without sequence parallelism (tests/test_plan.py checks both). Where bigpt diffe
 - grouped-query attention: K and V are num_query_groups × head wide, not hidden_size;
 - SwiGLU keeps three ffn-wide tensors (gate and value, the product), not GeLU's two;
 - dropout masks (1 byte an element) only when the recipe's dropout is non-zero (Llama: none);
-- attention probabilities (s² per head) only without Transformer Engine and without recompute:
-  on GPUs bigpt's attention is fused (flash/cuDNN) and never stores them;
+- attention probabilities (s² per head) only without Transformer Engine and without recompute of
+  core_attn: on GPUs bigpt's attention is fused (flash/cuDNN) and never stores them;
+- selective recompute drops what its modules keep (recompute.modules): core_attn the scores, mlp
+  the MLP's inner tensors (and, under Transformer Engine, the output of the norm fused into its
+  first linear);
 - per-head q/k norms (Qwen3) keep the un-normalised queries and keys;
 - the output layer's logits are counted on the last stage for any pipeline size (Megatron adds
   them only without pipelining, as it reports the first stage), and token ids (8 bytes a token)
@@ -111,15 +114,24 @@ def layer_activations(recipe: Recipe, layout: Layout) -> float:
     head = model.kv_channels or model.hidden_size // model.num_attention_heads
     query = model.num_attention_heads * head
     key_value = (model.num_query_groups or model.num_attention_heads) * head
+    recompute = recipe.recompute
+    recomputed = set(recompute.modules) if recompute.granularity == "selective" else set()
+    unfused = recipe.precision.transformer_engine == "off"
+    # Transformer Engine fuses the MLP's norm into its first linear, so recomputing the MLP drops
+    # that linear's input (the norm's output) too.
+    linear_inputs = 1 if "mlp" in recomputed and not unfused else 2
     # Inputs of the two norms and of the linears after them (QKV, MLP in): split over the
     # tensor-parallel group only with sequence parallelism.
-    sequence_split = tokens * (4 * element * model.hidden_size + (2 * model.hidden_size if model.hidden_dropout else 0))
-    # Q, K, V for attention, its output (the projection's input), the MLP's inner tensors.
-    mlp_tensors = 3 if model.activation == "swiglu" else 2
+    sequence_split = tokens * (
+        (2 + linear_inputs) * element * model.hidden_size + (2 * model.hidden_size if model.hidden_dropout else 0)
+    )
+    # Q, K, V for attention, its output (the projection's input), the MLP's inner tensors (none
+    # when the MLP is recomputed: it keeps only its input).
+    mlp_tensors = 0 if "mlp" in recomputed else 3 if model.activation == "swiglu" else 2
     tensor_split = element * tokens * (2 * query + 2 * key_value + mlp_tensors * model.ffn_hidden_size)
     if model.qk_layernorm:  # the per-head q/k norms keep their inputs too
         tensor_split += element * tokens * (query + key_value)
-    if recipe.recompute.granularity == "none" and recipe.precision.transformer_engine == "off":
+    if unfused and "core_attn" not in recomputed:
         # Unfused attention keeps the softmax output (and its dropout mask and output).
         per_score = element + (1 + element if model.attention_dropout else 0)
         tensor_split += per_score * model.num_attention_heads * tokens * model.seq_length

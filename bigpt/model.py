@@ -92,6 +92,8 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
         extra.update(fp8="hybrid", fp8_recipe=prec.fp8)
     if rc.granularity == "full":
         extra.update(recompute_method=rc.method, recompute_num_layers=rc.num_layers)
+    elif rc.granularity == "selective":
+        extra.update(recompute_modules=list(rc.modules))
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,

@@ -7,15 +7,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from bigpt.errors import BigptError
-from bigpt.flops import Gpu, flops_per_step, gpu_named, num_parameters, parameters_per_stage
+from bigpt.flops import Gpu, flops_per_step, gpu_named, num_parameters, parameters_per_stage, recompute_flops_per_step
 from bigpt.layout import Layout, divisors
 from bigpt.memory import ADAM_STATE_BYTES, DTYPE_BYTES, MASTER_WEIGHT_BYTES, StageMemory, peak_memory
 from bigpt.recipe import Recipe, padded_vocab_size
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20
 """Compute-optimal training tokens per parameter (Hoffmann et al. 2022)."""
-FULL_RECOMPUTE_TIME = 4 / 3
-"""Full recompute runs every forward twice: 8 instead of 6 FLOPs per parameter and token."""
 GIB = 2**30
 SAVE_SHARE_WARNING = 0.03
 """Warn when synchronous saves take more than this share of the training time."""
@@ -41,7 +39,8 @@ class Plan:
     gpu_name: str
     gpu: Gpu
     mfu: float
-    """Model FLOPs utilisation while the GPUs are busy (outside the pipeline bubble)."""
+    """Share of the peak the GPUs reach while busy (outside the pipeline bubble) on all the FLOPs
+    they run, the recomputed forwards included; the peak is the FP8 one for an FP8 recipe."""
     headroom: float
     """Fraction of each GPU's memory kept free for what the estimate leaves out."""
     fs_bytes_per_second: float
@@ -57,18 +56,23 @@ class Plan:
     def fits(self, option: Option) -> bool:
         return option.memory.total <= (1 - self.headroom) * self.gpu.memory_gib * GIB
 
+    def peak_flops_per_second(self) -> float:
+        """All the GPUs' peak, for the recipe's precision."""
+        return self.gpus * self.gpu.peak_flops_per_second(self.recipe)
+
     def step_seconds(self, option: Option) -> float:
-        """Time of one step: FLOPs at the busy MFU, stretched by the bubble and full recompute."""
-        busy = flops_per_step(option.recipe, option.layout.global_batch_size) / (
-            self.gpus * self.gpu.peak_flops * self.mfu
+        """Time of one step: the model's FLOPs and the recomputed ones at the busy utilisation,
+        stretched by the pipeline bubble."""
+        flops = flops_per_step(option.recipe, option.layout.global_batch_size) + recompute_flops_per_step(
+            option.recipe, option.layout
         )
-        recompute = FULL_RECOMPUTE_TIME if option.recipe.recompute.granularity == "full" else 1.0
-        return busy * (1 + option.bubble) * recompute
+        return flops / (self.peak_flops_per_second() * self.mfu) * (1 + option.bubble)
 
     def logged_mfu(self, option: Option) -> float:
-        """The MFU the training log will show: FLOPs per step over step time and peak."""
+        """The MFU the training log will show: the model's FLOPs per step (recompute not counted)
+        over step time and peak."""
         flops = flops_per_step(option.recipe, option.layout.global_batch_size)
-        return flops / self.step_seconds(option) / (self.gpus * self.gpu.peak_flops)
+        return flops / self.step_seconds(option) / self.peak_flops_per_second()
 
 
 def make_plan(
@@ -117,7 +121,7 @@ def make_plan(
             + (
                 "a shorter model.seq_length or train.micro_batch_size."
                 if recipe.recompute.granularity == "full"
-                else 'or recompute.granularity = "full".'
+                else 'or recompute.granularity = "full" (or "selective" with recompute.modules = ["mlp"]).'
             )
         )
     try:
@@ -213,7 +217,9 @@ def report(plan: Plan, top: int) -> str:
     layout = chosen.layout
     lines = [
         f"Plan for {recipe.source} on {plan.gpus} × {plan.gpu_name} "
-        f"({plan.gpu.memory_gib:.1f} GiB, {plan.gpu.peak_flops / 1e12:,.0f} TFLOP/s dense bf16)"
+        f"({plan.gpu.memory_gib:.1f} GiB, {plan.peak_flops_per_second() / plan.gpus / 1e12:,.0f} TFLOP/s dense "
+        + ("FP8" if recipe.precision.fp8 != "none" else "bf16")
+        + ")"
     ]
     lines += _parameter_lines(chosen)
     if plan.recipe_layout_problem:
@@ -232,12 +238,14 @@ def report(plan: Plan, top: int) -> str:
     lines.append(f"layout           {describe_layout(layout)}{rank}")
     lines += _memory_lines(plan, chosen)
     flops = flops_per_step(chosen.recipe, layout.global_batch_size)
+    recomputed = recompute_flops_per_step(chosen.recipe, layout)
     step = plan.step_seconds(chosen)
     lines += [
-        f"FLOPs per step   {flops:.3e} (3 × forward, causal mask not discounted; as the training log)",
-        f"step time        {step:.2f} s at MFU {plan.mfu:.0%} while busy, pipeline bubble "
+        f"FLOPs per step   {flops:.3e} (3 × forward, causal attention halved; as the training log)"
+        + (f" + {recomputed:.3e} recomputed ({recomputed / flops:.1%})" if recomputed else ""),
+        f"step time        {step:.2f} s at {plan.mfu:.0%} of peak while busy, pipeline bubble "
         f"{chosen.bubble:.1%}"
-        + (", full recompute ×4/3" if recipe.recompute.granularity == "full" else "")
+        + (", recompute included" if recomputed else "")
         + f" → the training log's MFU ≈ {plan.logged_mfu(chosen):.1%}",
     ]
     lines += _checkpoint_lines(plan, chosen)
@@ -276,7 +284,9 @@ def _memory_lines(plan: Plan, option: Option) -> list[str]:
     memory, recipe, layout = option.memory, option.recipe, option.layout
     precision = recipe.precision
     verdict = "fits" if plan.fits(option) else "DOES NOT FIT"
-    recompute = recipe.recompute.granularity
+    recompute = recipe.recompute.granularity + (
+        f" ({', '.join(recipe.recompute.modules)})" if recipe.recompute.granularity == "selective" else ""
+    )
     return [
         f"memory per GPU   {memory.total / GIB:.1f} GiB on pipeline stage {memory.stage} (the most loaded): "
         f"{verdict} in {plan.gpu.memory_gib:.1f} GiB with {plan.headroom:.0%} kept free",

@@ -26,7 +26,14 @@ LAYOUTS = [  # name, processes, overrides
     pytest.param(
         "tp2_sp_selective_recompute",
         2,
-        ["parallel.tensor=2", "parallel.sequence_parallel=true", "recompute.granularity=selective"],
+        # Unfused attention (CPU): both modules bigpt offers save memory.
+        [
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=true",
+            "recompute.granularity=selective",
+            'recompute.modules=["core_attn","mlp"]',
+            "precision.transformer_engine=off",
+        ],
         id="tp2_sp_selective_recompute",
     ),
 ]

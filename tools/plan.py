@@ -7,7 +7,8 @@ Everything is computed on paper (no GPU needed). Memory is the most loaded GPU's
 gradients, optimizer state (sharded over data parallel by the distributed optimizer) and the
 activations held at the peak of the 1F1B / interleaved schedule under the recipe's recompute and
 sequence/context parallelism; see bigpt/memory.py for what the estimate leaves out (hence
---headroom). Step time assumes --mfu while the GPUs are busy, plus the pipeline bubble. The
+--headroom). Step time runs the model's FLOPs and those recompute re-runs at --mfu of the peak (FP8's
+for an FP8 recipe) while the GPUs are busy, plus the pipeline bubble. The
 checkpoint line gives the bytes of one save and of its busiest rank, the save time at --fs-gbps,
 and warns when synchronous saves every checkpoint.save_interval steps take over 3% of the time.
 """
@@ -28,7 +29,11 @@ parser.add_argument(
     "--gpus-per-node", type=int, default=8, help="GPUs per node; tensor parallelism stays inside a node (default 8)"
 )
 parser.add_argument(
-    "--mfu", type=float, default=0.4, help="model FLOPs utilisation while the GPUs are busy (default 0.4)"
+    "--mfu",
+    type=float,
+    default=0.4,
+    help="share of the peak the GPUs reach while busy, on the model's FLOPs and the recomputed ones "
+    "(the FP8 peak for an FP8 recipe; default 0.4)",
 )
 parser.add_argument(
     "--headroom",

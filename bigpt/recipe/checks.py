@@ -20,6 +20,7 @@ def check_recipe(recipe: Recipe) -> None:
         _check_model,
         _check_optimizer,
         _check_precision,
+        _check_recompute,
         _check_batch_rampup,
         _check_lr_schedule,
         _check_data,
@@ -89,6 +90,31 @@ def _check_precision(recipe: Recipe) -> None:
             recipe,
             f"precision.fp8={precision.fp8!r} needs Transformer Engine but precision.transformer_engine='off'",
             "set transformer_engine to 'auto' or 'on', or fp8 = 'none'",
+        )
+
+
+def _check_recompute(recipe: Recipe) -> None:
+    precision = recipe.precision
+    recompute = recipe.recompute
+    if (
+        recompute.granularity == "selective"
+        and "core_attn" in recompute.modules
+        and precision.transformer_engine != "off"
+    ):
+        recipe_error(
+            recipe,
+            f"recompute.modules={recompute.modules} with precision.transformer_engine="
+            f"{precision.transformer_engine!r}: Transformer Engine's fused attention keeps no s² scores, so "
+            "recomputing core_attn costs time and saves no memory",
+            'drop [recompute] if the activations fit (tools/plan.py shows it), recompute.modules = ["mlp"] '
+            'to trade one MLP forward for its inner activations, recompute.granularity = "full", or '
+            'precision.transformer_engine = "off" for the unfused layers',
+        )
+    if not recompute.modules and recompute.granularity == "selective":
+        recipe_error(
+            recipe,
+            'recompute.granularity = "selective" with recompute.modules = [] recomputes nothing',
+            'name the modules to recompute or set granularity = "none"',
         )
 
 

@@ -6,7 +6,7 @@ import os
 import psutil
 import torch
 
-from bigpt.flops import flops_per_step, peak_flops_for
+from bigpt.flops import flops_per_step, mfu_peak_flops_per_second
 from bigpt.runtime import console
 from bigpt.runtime.device import on_gpu
 from bigpt.train.trainer import Callback, Trainer
@@ -21,18 +21,21 @@ def memory_gib() -> float:
 
 class Throughput(Callback):
     """Adds tokens/s, TFLOP/s per device and MFU (when the device's peak is known) to the metrics,
-    from the same FLOPs model the planner uses."""
+    from the same FLOPs model the planner uses: the model's FLOPs (recompute not counted), against
+    the FP8 peak for an FP8 recipe (bigpt.flops.mfu_peak_flops_per_second)."""
 
     def on_start(self, trainer):
         name = torch.cuda.get_device_name() if on_gpu() else ""
-        self.peak_tflops = peak_flops_for(name)
+        self.peak_flops_per_second = mfu_peak_flops_per_second(trainer.recipe, name)
 
     def on_step(self, trainer, metrics):
         recipe, seconds = trainer.recipe, metrics["step_time"]
         gbs = metrics["global_batch_size"]
+        flops_per_second = flops_per_step(recipe, gbs) / seconds / trainer.layout.world_size
         metrics["tokens_per_s"] = gbs * recipe.model.seq_length / seconds
-        metrics["tflops"] = flops_per_step(recipe, gbs) / seconds / trainer.layout.world_size / 1e12
-        metrics["mfu"] = metrics["tflops"] / self.peak_tflops if self.peak_tflops else math.nan
+        metrics["tflops"] = flops_per_second / 1e12  # per device
+        peak = self.peak_flops_per_second
+        metrics["mfu"] = flops_per_second / peak if peak else math.nan
         metrics["memory_gib"] = memory_gib()
 
 
