@@ -38,6 +38,10 @@ class Layout:
     """Whether activations outside attention/MLP are split over the tensor-parallel group."""
     layers_per_stage: tuple[int, ...]
     """Transformer layers on each pipeline rank, summed over its virtual chunks."""
+    ep: int = 1
+    """Expert-parallel size: the experts of an MoE layer are split over this many ranks."""
+    etp: int = 1
+    """Tensor-parallel size inside each expert."""
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, world_size: int | None = None) -> "Layout":
@@ -48,6 +52,7 @@ class Layout:
         dp = _data_parallel_size(recipe, world_size)
         _check_tensor_split(recipe)
         _check_sequence_split(recipe)
+        ep, etp = _expert_degrees(recipe, dp)
         return cls(
             world_size=parallel.tensor * parallel.pipeline * parallel.context * dp,
             tp=parallel.tensor,
@@ -60,7 +65,15 @@ class Layout:
             num_microbatches=_num_microbatches(recipe, dp),
             sequence_parallel=parallel.sequence_parallel,
             layers_per_stage=_layers_per_stage(recipe),
+            ep=ep,
+            etp=etp,
         )
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel size of the expert weights: the ranks of a pipeline stage that hold the
+        same experts (megatron-core's expert-data-parallel group)."""
+        return self.tp * self.cp * self.dp // (self.ep * self.etp)
 
 
 def _check_degrees(recipe: Recipe) -> None:
@@ -118,6 +131,47 @@ def _data_parallel_size(recipe: Recipe, world_size: int | None) -> int:
             f"set parallel.data = 0 to derive it, or launch {model_parallel * parallel.data} ranks",
         )
     return dp
+
+
+def _expert_degrees(recipe: Recipe, dp: int) -> tuple[int, int]:
+    """(EP, expert TP), by megatron-core's rules: the experts split evenly over EP, and the ranks
+    of a pipeline stage (TP × CP × DP) split evenly into groups of EP × expert TP."""
+    parallel, moe = recipe.parallel, recipe.moe
+    ep, etp = parallel.expert, parallel.expert_tensor or parallel.tensor
+    if recipe.model.family != "moe_decoder":
+        return 1, 1
+    experts = moe.num_experts or 1
+    if experts % ep:
+        recipe_error(
+            recipe,
+            f"moe.num_experts={experts} is not divisible by parallel.expert={ep}",
+            f"each expert-parallel rank holds an equal share; parallel.expert can be one of {divisors(experts)}",
+        )
+    stage_ranks = parallel.tensor * parallel.context * dp
+    if stage_ranks % (ep * etp):
+        recipe_error(
+            recipe,
+            f"parallel.expert × expert tensor parallel = {ep}×{etp} does not divide the {stage_ranks} ranks of a "
+            f"pipeline stage (parallel.tensor × parallel.context × data parallel = "
+            f"{parallel.tensor}×{parallel.context}×{dp})",
+            "megatron-core takes the expert groups from those ranks: pick degrees that divide it, or launch more ranks",
+        )
+    width = moe.ffn_hidden_size or recipe.model.ffn_hidden_size
+    if width % etp or (moe.shared_expert_ffn_hidden_size or 0) % parallel.tensor:
+        recipe_error(
+            recipe,
+            f"the expert width {width} (moe.ffn_hidden_size) is not divisible by expert tensor parallel {etp}, or "
+            f"moe.shared_expert_ffn_hidden_size by parallel.tensor={parallel.tensor}",
+            "adjust the widths or parallel.expert_tensor",
+        )
+    if parallel.tensor > 1 and not parallel.sequence_parallel:
+        recipe_error(
+            recipe,
+            f"MoE layers with parallel.tensor={parallel.tensor} need parallel.sequence_parallel = true "
+            "(megatron-core's MoE layer refuses tensor parallelism without it)",
+            "set parallel.sequence_parallel = true",
+        )
+    return ep, etp
 
 
 def _check_tensor_split(recipe: Recipe) -> None:

@@ -20,6 +20,7 @@ from megatron.core.utils import init_method_normal
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe, padded_vocab_size
+from bigpt.recipe.checks import moe_layer_pattern
 from bigpt.runtime import console
 from bigpt.runtime.device import on_gpu
 
@@ -94,6 +95,8 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
         extra.update(recompute_method=rc.method, recompute_num_layers=rc.num_layers)
     elif rc.granularity == "selective":
         extra.update(recompute_modules=list(rc.modules))
+    if m.family == "moe_decoder":
+        extra.update(moe_config(recipe, layout, use_te=use_te))
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -147,15 +150,55 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
     )
 
 
-def layer_spec(recipe: Recipe, *, use_te: bool):
+def moe_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> dict:
+    """[moe] as megatron-core's TransformerConfig fields."""
+    moe = recipe.moe
+    # A softmax router normalises the chosen experts' probabilities when it applies the softmax
+    # to the top-k logits alone (pre_softmax off), which equals renormalising a full softmax.
+    pre_softmax = moe.router_score_function == "softmax" and not moe.normalize_topk
+    balancing = moe.load_balancing
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.router_topk,
+        moe_ffn_hidden_size=moe.ffn_hidden_size or recipe.model.ffn_hidden_size,
+        moe_router_score_function=moe.router_score_function,
+        moe_router_pre_softmax=pre_softmax,
+        moe_router_topk_scaling_factor=moe.topk_scaling_factor,
+        moe_router_num_groups=moe.num_groups,
+        moe_router_group_topk=moe.group_topk,
+        moe_router_load_balancing_type=balancing,
+        moe_aux_loss_coeff=moe.aux_loss_coeff if balancing != "none" else 0.0,
+        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_router_enable_expert_bias=moe.expert_bias,
+        moe_router_bias_update_rate=moe.bias_update_rate,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=moe.shared_expert_gate,
+        moe_layer_freq=moe_layer_pattern(recipe),
+        moe_router_dtype="fp32" if moe.router_fp32 else None,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_token_drop_policy=moe.drop_policy,
+        moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        moe_grouped_gemm=use_te,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+
+
+def layer_spec(recipe: Recipe, config: TransformerConfig, *, use_te: bool, vp_stage: int | None):
+    """The layers' spec: one layer spec for a dense model; for MoE, megatron-core's block spec of
+    this pipeline chunk, whose layers are MoE or dense by the [moe] layer pattern."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    normalization = _NORMS[recipe.model.normalization]
+    if recipe.model.family == "moe_decoder":
+        return gpt_layer_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_te, normalization=normalization, vp_stage=vp_stage
+        )
     qk_layernorm = recipe.model.qk_layernorm
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
-        normalization=_NORMS[recipe.model.normalization], qk_layernorm=qk_layernorm
-    )
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
 
 
 def build_model_chunks(recipe: Recipe, layout: Layout) -> tuple[list[GPTModel], TransformerConfig]:
@@ -165,7 +208,6 @@ def build_model_chunks(recipe: Recipe, layout: Layout) -> tuple[list[GPTModel], 
         f"transformer layers: {'Transformer Engine' if use_te else 'megatron-core local spec (no Transformer Engine)'}"
     )
     config = transformer_config(recipe, layout, use_te=use_te)
-    spec = layer_spec(recipe, use_te=use_te)
     m = recipe.model
     chunks = []
     for vp_stage in range(layout.vpp):
@@ -173,7 +215,7 @@ def build_model_chunks(recipe: Recipe, layout: Layout) -> tuple[list[GPTModel], 
         chunks.append(
             GPTModel(
                 config=config,
-                transformer_layer_spec=spec,
+                transformer_layer_spec=layer_spec(recipe, config, use_te=use_te, vp_stage=vp),
                 vocab_size=padded_vocab_size(m, layout.tp),
                 max_sequence_length=m.max_position_embeddings or m.seq_length,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),

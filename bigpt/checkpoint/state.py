@@ -52,7 +52,10 @@ class Checkpointed:
 
 def _layout_tag(training: Checkpointed) -> dict:
     layout = training.layout
-    return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp}
+    tag = {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp}
+    if (layout.ep, layout.etp) != (1, 1):  # a dense model's tag stays as checkpoints before MoE wrote it
+        tag.update(ep=layout.ep, etp=layout.etp)
+    return tag
 
 
 DP_ONLY_FORMAT = "dp_reshardable"
@@ -66,6 +69,21 @@ def layout_overrides(tag: dict) -> str:
         f"parallel.{name}={tag[key]}"
         for key, name in (("tp", "tensor"), ("pp", "pipeline"), ("vpp", "virtual_pipeline"), ("cp", "context"))
     )
+
+
+def _check_expert_layout(path: Path, marker: dict, training: Checkpointed) -> None:
+    """megatron-core builds a second distributed optimizer for the expert weights at EP × expert TP
+    > 1; bigpt does not yet map the optimizer state between one and two of them."""
+    saved, ours = marker.get("layout", {}), _layout_tag(training)
+    degrees = [(key, saved.get(key, 1), ours.get(key, 1)) for key in ("ep", "etp")]
+    changed = [f"{name} {theirs} -> {mine}" for name, theirs, mine in degrees if theirs != mine]
+    if changed:
+        raise BigptError(
+            f"checkpoint {path} was saved at another expert layout ({', '.join(changed)}); resuming its "
+            "optimizer state at another parallel.expert / parallel.expert_tensor is not supported yet. Resume at "
+            f"parallel.expert={saved.get('ep', 1)} parallel.expert_tensor={saved.get('etp', 1)}, or start "
+            'from its weights only (they load at any expert layout) with init.from_checkpoint and checkpoint.load = "none".'
+        )
 
 
 def _check_optimizer_format(path: Path, marker: dict, training: Checkpointed) -> None:
@@ -147,7 +165,11 @@ def _full_state(training: Checkpointed, model_state: dict, *, is_loading: bool, 
     _materialize_optimizer_state(training.optimizer, is_loading=is_loading)
     state = dict(model_state)
     state["optimizer"] = training.optimizer.sharded_state_dict(
-        model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format}
+        model_state,
+        is_loading=is_loading,
+        # With experts, megatron-core chains two optimizers: without a prefix per optimizer, their
+        # tensors are named by the parameters alone, as at any other expert layout.
+        metadata={"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True},
     )
     state["scheduler"] = training.scheduler.state_dict()
     counters = training.counters
@@ -321,6 +343,7 @@ def load_checkpoint(training: Checkpointed, path: Path) -> None:
     model_state = _model_state(training.model)
     _check_shapes(path, model_state)  # before anything is touched
     _check_optimizer_format(path, marker, training)
+    _check_expert_layout(path, marker, training)
     state = _full_state(
         training, model_state, is_loading=True, optimizer_format=marker.get("optimizer_format", "fully_reshardable")
     )

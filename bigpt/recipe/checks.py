@@ -7,7 +7,7 @@ Checks that involve the parallel layout live in ``bigpt.layout``, so a planner c
 from typing import NoReturn
 
 from bigpt.errors import BigptError
-from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MODEL_SHAPE_KEYS, Recipe
+from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MODEL_SHAPE_KEYS, MoEConfig, Recipe
 
 
 def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
@@ -18,6 +18,7 @@ def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
 def check_recipe(recipe: Recipe) -> None:
     for check in (
         _check_model,
+        _check_moe,
         _check_optimizer,
         _check_precision,
         _check_recompute,
@@ -59,6 +60,115 @@ def _check_model(recipe: Recipe) -> None:
             recipe,
             f"model.rope_scaling={model.rope_scaling!r} needs model.position_embedding='rope'",
             "set rope_scaling = 'none'",
+        )
+
+
+def moe_layer_pattern(recipe: Recipe) -> list[int]:
+    """1 (MoE) or 0 (dense) per layer, as [moe] describes it (megatron-core's moe_layer_freq list)."""
+    moe, layers = recipe.moe, recipe.model.num_layers
+    if moe.layer_pattern is not None:
+        return list(moe.layer_pattern)
+    return [int(layer >= moe.first_dense_layers and layer % moe.layer_freq == 0) for layer in range(layers)]
+
+
+def _check_moe(recipe: Recipe) -> None:
+    moe, model = recipe.moe, recipe.model
+    if model.family != "moe_decoder":
+        set_keys = [f"moe.{key}" for key, value in vars(moe).items() if value != getattr(MoEConfig(), key)]
+        if set_keys or recipe.parallel.expert > 1 or recipe.parallel.expert_tensor is not None:
+            given = set_keys + [
+                key
+                for key, unset in (
+                    ("parallel.expert", recipe.parallel.expert == 1),
+                    ("parallel.expert_tensor", recipe.parallel.expert_tensor is None),
+                )
+                if not unset
+            ]
+            recipe_error(
+                recipe,
+                f"{', '.join(given)} set while model.family={model.family!r} has no experts",
+                'set model.family = "moe_decoder" for a Mixture-of-Experts model, or remove them',
+            )
+        return
+    if moe.num_experts is None:
+        recipe_error(recipe, 'model.family = "moe_decoder" without moe.num_experts', "set the number of experts")
+    experts = moe.num_experts
+    if moe.router_topk > experts:
+        recipe_error(recipe, f"moe.router_topk={moe.router_topk} exceeds moe.num_experts={experts}", "lower it")
+    if moe.router_topk == 1 and moe.router_score_function == "softmax" and moe.normalize_topk:
+        recipe_error(
+            recipe,
+            "moe.router_topk=1 with a softmax router and moe.normalize_topk=true makes every chosen "
+            "probability 1, so no gradient reaches the router (megatron-core refuses it)",
+            "set normalize_topk = false (the softmax over all experts, then its top 1: Switch Transformer)",
+        )
+    if moe.router_score_function == "sigmoid" and not moe.normalize_topk and moe.router_topk > 1:
+        recipe_error(
+            recipe,
+            "moe.normalize_topk=false with moe.router_score_function='sigmoid': megatron-core always "
+            "normalises a sigmoid router's top-k scores",
+            "set normalize_topk = true (DeepSeek-V3's norm_topk_prob), or use a softmax router",
+        )
+    if moe.expert_bias and moe.router_score_function != "sigmoid":
+        recipe_error(
+            recipe,
+            "moe.expert_bias=true needs moe.router_score_function='sigmoid' (megatron-core's "
+            "auxiliary-loss-free balancing adds the bias to sigmoid scores)",
+            "use a sigmoid router, or balance with moe.load_balancing instead",
+        )
+    if (moe.num_groups is None) != (moe.group_topk is None):
+        recipe_error(
+            recipe, "moe.num_groups and moe.group_topk go together (group-limited routing)", "set both or neither"
+        )
+    if moe.num_groups is not None and moe.group_topk is not None:
+        if experts % moe.num_groups or moe.group_topk > moe.num_groups:
+            recipe_error(
+                recipe,
+                f"moe.num_groups={moe.num_groups} must divide moe.num_experts={experts} and be at least "
+                f"moe.group_topk={moe.group_topk}",
+                "adjust them",
+            )
+        if moe.router_topk > moe.group_topk * (experts // moe.num_groups):
+            recipe_error(
+                recipe,
+                f"moe.router_topk={moe.router_topk} exceeds the experts of moe.group_topk={moe.group_topk} "
+                f"groups of {experts // moe.num_groups}",
+                "choose more groups per token or fewer experts per token",
+            )
+    if moe.shared_expert_gate and moe.shared_expert_ffn_hidden_size is None:
+        recipe_error(
+            recipe, "moe.shared_expert_gate=true without moe.shared_expert_ffn_hidden_size", "size the shared expert"
+        )
+    if moe.layer_pattern is not None and (
+        len(moe.layer_pattern) != model.num_layers or set(moe.layer_pattern) - {0, 1}
+    ):
+        recipe_error(
+            recipe,
+            f"moe.layer_pattern={moe.layer_pattern} is not one 0 (dense) or 1 (MoE) per layer of "
+            f"model.num_layers={model.num_layers}",
+            "give one entry per layer",
+        )
+    if 1 not in moe_layer_pattern(recipe):
+        recipe_error(
+            recipe,
+            "[moe] leaves no MoE layer (moe.first_dense_layers, layer_freq or layer_pattern)",
+            'make at least one layer MoE, or use model.family = "decoder"',
+        )
+    if model.add_bias_linear:
+        recipe_error(
+            recipe,
+            "model.add_bias_linear=true with MoE layers: megatron-core's experts have no biases",
+            "set add_bias_linear = false (add_qkv_bias still gives the attention biases)",
+        )
+    if moe.load_balancing == "none" and moe.aux_loss_coeff and moe.aux_loss_coeff != MoEConfig().aux_loss_coeff:
+        recipe_error(
+            recipe,
+            f"moe.aux_loss_coeff={moe.aux_loss_coeff} with moe.load_balancing='none'",
+            "choose a load-balancing loss, or remove aux_loss_coeff",
+        )
+    if moe.capacity_factor is None and moe.pad_to_capacity:
+        recipe_error(
+            recipe, "moe.pad_to_capacity=true without moe.capacity_factor (dropless)", "set a capacity_factor"
         )
 
 

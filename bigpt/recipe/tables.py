@@ -14,8 +14,11 @@ from bigpt.recipe.fields import NOT_A_KEY, fraction, non_negative, positive, rec
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """[model]: the decoder-only transformer architecture."""
+    """[model]: the transformer architecture."""
 
+    family: Literal["decoder", "moe_decoder"] = "decoder"
+    """The kind of model: decoder = a dense causal decoder (Llama, Qwen, Mistral); moe_decoder = a
+    causal decoder whose MLPs are Mixture-of-Experts layers, set in [moe]."""
     num_layers: int = positive()
     """Number of transformer layers."""
     hidden_size: int = positive()
@@ -74,6 +77,7 @@ class ModelConfig:
 
 
 MODEL_SHAPE_KEYS = (
+    "family",
     "num_layers",
     "hidden_size",
     "ffn_hidden_size",
@@ -113,6 +117,65 @@ def padded_vocab_size(model: ModelConfig, tensor_parallel: int) -> int:
 
 
 @dataclass(kw_only=True)
+class MoEConfig:
+    """[moe]: the Mixture-of-Experts layers of model.family = "moe_decoder", computed by
+    megatron-core's MoE layer (router, token dispatcher, experts)."""
+
+    num_experts: int | None = positive(None)
+    """Routed experts per MoE layer (required for moe_decoder)."""
+    router_topk: int = positive(2)
+    """Experts each token is routed to."""
+    ffn_hidden_size: int | None = positive(None)
+    """Inner width of one expert's MLP; None = model.ffn_hidden_size."""
+    router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """How router logits become expert scores (sigmoid: DeepSeek-V3)."""
+    normalize_topk: bool = True
+    """Make the chosen experts' probabilities sum to 1 (Hugging Face's norm_topk_prob: Mixtral,
+    Qwen3-MoE, DeepSeek-V3); false = the top-k of a softmax over all experts, unnormalised
+    (Qwen2-MoE). A sigmoid router always normalises (megatron-core)."""
+    topk_scaling_factor: float | None = positive(None)
+    """Multiply the chosen experts' probabilities by this (DeepSeek-V3's routed_scaling_factor)."""
+    num_groups: int | None = positive(None)
+    """Group-limited routing: experts form this many groups (DeepSeek-V3's n_group)."""
+    group_topk: int | None = positive(None)
+    """Group-limited routing: tokens choose experts from this many groups (topk_group)."""
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    """Load-balancing loss: over the micro-batch (aux_loss, GShard/Switch), per sequence
+    (seq_aux_loss, DeepSeek), over the global batch (global_aux_loss), or none."""
+    aux_loss_coeff: float = non_negative(0.01)
+    """Weight of the load-balancing loss."""
+    z_loss_coeff: float = non_negative(0.0)
+    """Weight of the router z-loss (ST-MoE); 0 = off."""
+    expert_bias: bool = False
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the
+    choice of experts only, updated from each step's expert load."""
+    bias_update_rate: float = positive(1e-3)
+    """For expert_bias: the bias's step per optimizer step."""
+    shared_expert_ffn_hidden_size: int | None = positive(None)
+    """Inner width of the shared experts' MLP that every token also passes (all shared experts
+    as one); None = no shared expert."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by a learned sigmoid gate (Qwen2-MoE)."""
+    layer_freq: int = positive(1)
+    """Every layer_freq-th layer is an MoE layer, the others dense (model.ffn_hidden_size)."""
+    first_dense_layers: int = non_negative(0)
+    """The first this many layers are dense (DeepSeek-V3's first_k_dense_replace)."""
+    layer_pattern: list[int] | None = None
+    """One 1 (MoE) or 0 (dense) per layer; replaces layer_freq and first_dense_layers."""
+    router_fp32: bool = True
+    """Compute the router and its probabilities in fp32 (whatever precision.dtype is)."""
+    capacity_factor: float | None = positive(None)
+    """None = dropless (every token reaches its experts); otherwise each expert takes at most
+    capacity_factor × its even share of tokens and drops the rest (drop_policy)."""
+    drop_policy: Literal["probs", "position"] = "probs"
+    """With capacity_factor: drop the tokens of lowest probability, or the last in the sequence."""
+    pad_to_capacity: bool = False
+    """With capacity_factor: pad every expert's input to its capacity (fixed shapes)."""
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach experts on other expert-parallel ranks."""
+
+
+@dataclass(kw_only=True)
 class ParallelConfig:
     """[parallel]: how the model and batch are split over GPUs (world = TP × PP × CP × DP)."""
 
@@ -126,6 +189,11 @@ class ParallelConfig:
     """Context-parallel size: the sequence is split over this many GPUs inside attention."""
     data: int = non_negative(0)
     """Data-parallel size; 0 = whatever the world size leaves, otherwise it must match."""
+    expert: int = positive(1)
+    """Expert-parallel size (moe_decoder): each MoE layer's experts are split over this many
+    ranks, taken from the data-parallel (and context-parallel) ranks."""
+    expert_tensor: int | None = positive(None)
+    """Tensor-parallel size inside each expert; None = parallel.tensor (megatron-core's default)."""
     sequence_parallel: bool = False
     """Split norm/dropout activations along the sequence over the tensor-parallel group."""
     first_stage_layers: int | None = positive(None)
@@ -376,6 +444,8 @@ class Recipe:
     working directory."""
     model: ModelConfig
     """[model]"""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """[moe]"""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """[parallel]"""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

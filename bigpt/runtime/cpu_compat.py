@@ -9,7 +9,9 @@ megatron-core assumes CUDA throughout: it allocates on ``torch.cuda.current_devi
 - a torch-function mode turns every CUDA device argument into the CPU, makes ``.cuda()`` a no-op
   and reports CPU tensors as ``torch.cuda.*Tensor`` to ``Tensor.type()``; it is also entered
   around custom autograd backward passes (activation recompute), where torch drops it;
-- ``torch.cuda`` gets harmless CPU meanings for devices, streams, events, memory and RNG.
+- ``torch.cuda`` gets harmless CPU meanings for devices, streams, events, memory and RNG;
+- what megatron-core brings from the GPU to the host in another form (the MoE dispatcher's split
+  sizes) takes that form on the CPU too.
 
 The CPU default generator plays the device generator: on CPU every op draws from it, so the
 tensor-parallel RNG tracker must swap *its* state for a fork (e.g. dropout inside a TP region)
@@ -26,7 +28,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from bigpt.runtime.device import on_gpu
-from bigpt.runtime.megatron_line import check_megatron_line
+from bigpt.runtime.megatron_line import check_megatron_line, patch_target_error
 
 _enabled = False
 
@@ -159,6 +161,27 @@ def _keep_mode_in_custom_backward() -> None:
     BackwardCFunction.apply = apply
 
 
+def _moe_split_sizes_as_on_gpu() -> None:
+    """megatron-core's all-to-all token dispatcher brings its split sizes from the GPU to the host
+    as NumPy arrays, which ``all_to_all_single`` takes as lists of ints; a tensor already on the
+    CPU is handed back as a tensor, which gloo's ``all_to_all_single`` refuses (TypeError). Convert
+    it as on a GPU."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    original = getattr(token_dispatcher, "maybe_move_tensor_to_cpu", None)
+    if original is None:
+        raise patch_target_error(
+            "the MoE all-to-all dispatcher on CPU", "token_dispatcher.maybe_move_tensor_to_cpu is gone"
+        )
+
+    def move_to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = move_to_host
+
+
 def enable() -> None:
     """Bridge megatron-core's CUDA assumptions to the CPU for this process (idempotent)."""
     global _enabled
@@ -170,6 +193,7 @@ def enable() -> None:
     _patch_torch_cuda()
     _patch_megatron_rng()
     _keep_mode_in_custom_backward()
+    _moe_split_sizes_as_on_gpu()
     _CudaAsCpu().__enter__()  # for the life of the process
     _enabled = True
 

@@ -55,6 +55,8 @@ def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
         distributed_timeout_minutes=timeout_minutes,
     )
     console.note(f"process groups ready: {backend} backend, {layout}")
