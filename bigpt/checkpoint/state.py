@@ -81,8 +81,9 @@ def _check_expert_layout(path: Path, marker: dict, training: Checkpointed) -> No
         raise BigptError(
             f"checkpoint {path} was saved at another expert layout ({', '.join(changed)}); resuming its "
             "optimizer state at another parallel.expert / parallel.expert_tensor is not supported yet. Resume at "
-            f"parallel.expert={saved.get('ep', 1)} parallel.expert_tensor={saved.get('etp', 1)}, or start "
-            'from its weights only (they load at any expert layout) with init.from_checkpoint and checkpoint.load = "none".'
+            f"parallel.expert={saved.get('ep', 1)} parallel.expert_tensor={saved.get('etp', 1)}, or start from "
+            "its weights only (they load at any expert layout) with init.from_checkpoint and "
+            'checkpoint.load = "none".'
         )
 
 

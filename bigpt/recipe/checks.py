@@ -167,9 +167,7 @@ def _check_moe(recipe: Recipe) -> None:
             "choose a load-balancing loss, or remove aux_loss_coeff",
         )
     if moe.capacity_factor is None and moe.pad_to_capacity:
-        recipe_error(
-            recipe, "moe.pad_to_capacity=true without moe.capacity_factor (dropless)", "set a capacity_factor"
-        )
+        recipe_error(recipe, "moe.pad_to_capacity=true without moe.capacity_factor (dropless)", "set a capacity_factor")
 
 
 def _check_optimizer(recipe: Recipe) -> None:
