@@ -170,6 +170,11 @@ def test_override_wrong_type_names_the_override():
             ['model.position_embedding="learned"', "model.max_position_embeddings=64"],
             "model.max_position_embeddings=64 is shorter than model.seq_length=128",
         ),
+        (['recompute.modules=["mlp"]'], "recompute.modules set while recompute.granularity = 'none'"),
+        (
+            ['recompute.granularity="selective"', 'recompute.modules=["mlp"]', "recompute.num_layers=2"],
+            "recompute.num_layers set while recompute.granularity = 'selective'",
+        ),
     ],
 )
 def test_cross_field_rule(overrides, expected):

@@ -7,7 +7,7 @@ Checks that involve the parallel layout live in ``bigpt.layout``, so a planner c
 from typing import NoReturn
 
 from bigpt.errors import BigptError
-from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MODEL_SHAPE_KEYS, MoEConfig, Recipe
+from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MODEL_SHAPE_KEYS, MoEConfig, Recipe, RecomputeConfig
 
 
 def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
@@ -217,6 +217,19 @@ def _check_recompute(recipe: Recipe) -> None:
             'drop [recompute] if the activations fit (tools/plan.py shows it), recompute.modules = ["mlp"] '
             'to trade one MLP forward for its inner activations, recompute.granularity = "full", or '
             'precision.transformer_engine = "off" for the unfused layers',
+        )
+    defaults = RecomputeConfig()
+    unused = [
+        f"recompute.{key}"
+        for key, used_by in (("modules", "selective"), ("method", "full"), ("num_layers", "full"))
+        if recompute.granularity != used_by and getattr(recompute, key) != getattr(defaults, key)
+    ]
+    if unused:
+        recipe_error(
+            recipe,
+            f"{', '.join(unused)} set while recompute.granularity = {recompute.granularity!r}, which does not use "
+            "them (modules is for selective; method and num_layers are for full)",
+            "set the granularity they belong to, or remove them",
         )
     if not recompute.modules and recompute.granularity == "selective":
         recipe_error(
