@@ -136,7 +136,7 @@ def _data_parallel_size(recipe: Recipe, world_size: int | None) -> int:
 def _expert_degrees(recipe: Recipe, dp: int) -> tuple[int, int]:
     """(EP, expert TP), by megatron-core's rules: the experts split evenly over EP, and the ranks
     of a pipeline stage (TP × CP × DP) split evenly into groups of EP × expert TP."""
-    parallel, moe = recipe.parallel, recipe.moe
+    parallel, moe = recipe.parallel, recipe.model.moe
     ep, etp = parallel.expert, parallel.expert_tensor or parallel.tensor
     if recipe.model.family != "moe_decoder":
         return 1, 1
@@ -144,7 +144,7 @@ def _expert_degrees(recipe: Recipe, dp: int) -> tuple[int, int]:
     if experts % ep:
         recipe_error(
             recipe,
-            f"moe.num_experts={experts} is not divisible by parallel.expert={ep}",
+            f"model.moe.num_experts={experts} is not divisible by parallel.expert={ep}",
             f"each expert-parallel rank holds an equal share; parallel.expert can be one of {divisors(experts)}",
         )
     stage_ranks = parallel.tensor * parallel.context * dp
@@ -161,7 +161,7 @@ def _expert_degrees(recipe: Recipe, dp: int) -> tuple[int, int]:
         recipe_error(
             recipe,
             f"the expert width {width} (moe.ffn_hidden_size) is not divisible by expert tensor parallel {etp}, or "
-            f"moe.shared_expert_ffn_hidden_size by parallel.tensor={parallel.tensor}",
+            f"model.moe.shared_expert_ffn_hidden_size by parallel.tensor={parallel.tensor}",
             "adjust the widths or parallel.expert_tensor",
         )
     if parallel.tensor > 1 and not parallel.sequence_parallel:

@@ -20,7 +20,6 @@ from megatron.core.utils import init_method_normal
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe, padded_vocab_size
-from bigpt.recipe.checks import moe_layer_pattern
 from bigpt.runtime import console
 from bigpt.runtime.device import on_gpu
 
@@ -151,8 +150,8 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
 
 
 def moe_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> dict:
-    """[moe] as megatron-core's TransformerConfig fields."""
-    moe = recipe.moe
+    """[model.moe] as megatron-core's TransformerConfig fields."""
+    moe = recipe.model.moe
     # A softmax router normalises the chosen experts' probabilities when it applies the softmax
     # to the top-k logits alone (pre_softmax off), which equals renormalising a full softmax.
     pre_softmax = moe.router_score_function == "softmax" and not moe.normalize_topk
@@ -173,7 +172,7 @@ def moe_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> dict:
         moe_router_bias_update_rate=moe.bias_update_rate,
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
         moe_shared_expert_gate=moe.shared_expert_gate,
-        moe_layer_freq=moe_layer_pattern(recipe),
+        moe_layer_freq=moe.layers(recipe.model.num_layers),
         moe_router_dtype="fp32" if moe.router_fp32 else None,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_token_drop_policy=moe.drop_policy,

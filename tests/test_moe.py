@@ -7,6 +7,7 @@ one rank does from the same checkpoint (experts initialise differently per EP si
 not enough), and resumes bit-identically.
 """
 
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,9 +17,10 @@ import torch
 from bigpt.checkpoint import state
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
+from bigpt.hf.config import check_recipe_matches
 from bigpt.model import transformer_config
-from bigpt.recipe import load_recipe
-from multirank import run_bigpt, scalars
+from bigpt.recipe import load_recipe, recipe_to_toml
+from multirank import MOCK_RECIPE, run_bigpt, scalars
 
 MOE_RECIPE = Path(__file__).resolve().parent / "recipes" / "mock_moe.toml"
 
@@ -30,25 +32,33 @@ def layout_of(*overrides: str, world_size: int = 1) -> Layout:
 @pytest.mark.parametrize(
     "overrides,world_size,words",
     [
-        (["model.family=decoder"], 1, "moe.num_experts, moe.ffn_hidden_size set while model.family='decoder'"),
+        (
+            ["model.family=decoder"],
+            1,
+            "model.moe.num_experts, model.moe.ffn_hidden_size set while model.family='decoder'",
+        ),
         (["model.family=decoder", "parallel.expert=2"], 2, "parallel.expert set while"),
-        (["moe.router_topk=5"], 1, "moe.router_topk=5 exceeds moe.num_experts=4"),
-        (["moe.router_topk=1"], 1, "no gradient reaches the router"),
-        (["moe.router_score_function='sigmoid'", "moe.normalize_topk=false"], 1, "always normalises"),
-        (["moe.expert_bias=true"], 1, "needs moe.router_score_function='sigmoid'"),
-        (["moe.num_groups=2"], 1, "moe.num_groups and moe.group_topk go together"),
-        (["moe.num_groups=3", "moe.group_topk=1"], 1, "must divide moe.num_experts=4"),
-        (["moe.num_groups=4", "moe.group_topk=1"], 1, "moe.router_topk=2 exceeds the experts of moe.group_topk=1"),
-        (["moe.shared_expert_gate=true"], 1, "without moe.shared_expert_ffn_hidden_size"),
-        (["moe.layer_pattern=[1,0]"], 1, "not one 0 (dense) or 1 (MoE) per layer"),
-        (["moe.first_dense_layers=4"], 1, "leaves no MoE layer"),
+        (["model.moe.router_topk=5"], 1, "model.moe.router_topk=5 exceeds model.moe.num_experts=4"),
+        (["model.moe.router_topk=1"], 1, "no gradient reaches the router"),
+        (["model.moe.router_score_function='sigmoid'", "model.moe.normalize_topk=false"], 1, "always normalises"),
+        (["model.moe.expert_bias=true"], 1, "needs model.moe.router_score_function='sigmoid'"),
+        (["model.moe.num_groups=2"], 1, "model.moe.num_groups and model.moe.group_topk go together"),
+        (["model.moe.num_groups=3", "model.moe.group_topk=1"], 1, "must divide model.moe.num_experts=4"),
+        (
+            ["model.moe.num_groups=4", "model.moe.group_topk=1"],
+            1,
+            "model.moe.router_topk=2 exceeds the experts of model.moe.group_topk=1",
+        ),
+        (["model.moe.shared_expert_gate=true"], 1, "without model.moe.shared_expert_ffn_hidden_size"),
+        (["model.moe.layer_pattern=[1,0]"], 1, "not one 0 (dense) or 1 (MoE) per layer"),
+        (["model.moe.first_dense_layers=4"], 1, "leaves no MoE layer"),
         (["model.add_bias_linear=true"], 1, "experts have no biases"),
-        (["moe.pad_to_capacity=true"], 1, "without moe.capacity_factor"),
-        (["parallel.expert=3"], 3, "moe.num_experts=4 is not divisible by parallel.expert=3"),
+        (["model.moe.pad_to_capacity=true"], 1, "without model.moe.capacity_factor"),
+        (["parallel.expert=3"], 3, "model.moe.num_experts=4 is not divisible by parallel.expert=3"),
         (["parallel.expert=4"], 2, "does not divide the 2 ranks of a pipeline stage"),
         (["parallel.tensor=2"], 2, "need parallel.sequence_parallel = true"),
         (
-            ["parallel.tensor=2", "parallel.sequence_parallel=true", "moe.ffn_hidden_size=63"],
+            ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.moe.ffn_hidden_size=63"],
             2,
             "not divisible by expert tensor parallel 2",
         ),
@@ -61,32 +71,32 @@ def test_what_megatron_core_cannot_combine_is_refused_on_paper(overrides, world_
 
 
 ROUTERS = {  # the routers of released MoE models, as [moe] spells them
-    "mixtral": ["moe.num_experts=8", "moe.router_topk=2"],
+    "mixtral": ["model.moe.num_experts=8", "model.moe.router_topk=2"],
     "qwen2_moe": [
-        "moe.normalize_topk=false",
-        "moe.shared_expert_ffn_hidden_size=128",
-        "moe.shared_expert_gate=true",
+        "model.moe.normalize_topk=false",
+        "model.moe.shared_expert_ffn_hidden_size=128",
+        "model.moe.shared_expert_gate=true",
     ],
     "deepseek_v3": [
-        "moe.num_experts=8",
-        "moe.router_score_function='sigmoid'",
-        "moe.expert_bias=true",
-        "moe.load_balancing='seq_aux_loss'",
-        "moe.aux_loss_coeff=0.0001",
-        "moe.topk_scaling_factor=2.5",
-        "moe.num_groups=4",
-        "moe.group_topk=2",
-        "moe.first_dense_layers=1",
-        "moe.shared_expert_ffn_hidden_size=64",
+        "model.moe.num_experts=8",
+        "model.moe.router_score_function='sigmoid'",
+        "model.moe.expert_bias=true",
+        "model.moe.load_balancing='seq_aux_loss'",
+        "model.moe.aux_loss_coeff=0.0001",
+        "model.moe.topk_scaling_factor=2.5",
+        "model.moe.num_groups=4",
+        "model.moe.group_topk=2",
+        "model.moe.first_dense_layers=1",
+        "model.moe.shared_expert_ffn_hidden_size=64",
     ],
     "switch_with_capacity": [
-        "moe.router_topk=1",
-        "moe.normalize_topk=false",
-        "moe.capacity_factor=1.25",
-        "moe.pad_to_capacity=true",
-        "moe.layer_freq=2",
-        "moe.z_loss_coeff=0.001",
-        "moe.token_dispatcher='allgather'",
+        "model.moe.router_topk=1",
+        "model.moe.normalize_topk=false",
+        "model.moe.capacity_factor=1.25",
+        "model.moe.pad_to_capacity=true",
+        "model.moe.layer_freq=2",
+        "model.moe.z_loss_coeff=0.001",
+        "model.moe.token_dispatcher='allgather'",
     ],
 }
 
@@ -96,7 +106,7 @@ ROUTERS = {  # the routers of released MoE models, as [moe] spells them
 def test_released_routers_build_a_config_megatron_core_accepts(router, use_te):
     recipe = load_recipe(MOE_RECIPE, ROUTERS[router])
     config = transformer_config(recipe, Layout.from_recipe(recipe, 1), use_te=use_te)
-    moe = recipe.moe
+    moe = recipe.model.moe
     assert config.num_moe_experts == moe.num_experts and config.moe_router_topk == moe.router_topk
     # normalised top-k probabilities: a softmax over the chosen logits alone (or a sigmoid's, always)
     assert config.moe_router_pre_softmax == (moe.router_score_function == "softmax" and not moe.normalize_topk)
@@ -106,12 +116,14 @@ def test_released_routers_build_a_config_megatron_core_accepts(router, use_te):
 
 
 def test_normalize_topk_gives_each_token_probabilities_that_sum_to_one():
-    """What moe.normalize_topk means, through megatron-core's own routing function."""
+    """What model.moe.normalize_topk means, through megatron-core's own routing function."""
     from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 
     logits = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     for normalize in (True, False):
-        recipe = load_recipe(MOE_RECIPE, ["moe.num_experts=8", f"moe.normalize_topk={str(normalize).lower()}"])
+        recipe = load_recipe(
+            MOE_RECIPE, ["model.moe.num_experts=8", f"model.moe.normalize_topk={str(normalize).lower()}"]
+        )
         config = transformer_config(recipe, Layout.from_recipe(recipe, 1), use_te=False)
         probs, _ = topk_routing_with_score_function(logits, 2, use_pre_softmax=config.moe_router_pre_softmax)
         sums = probs.sum(dim=-1)
@@ -119,6 +131,24 @@ def test_normalize_topk_gives_each_token_probabilities_that_sum_to_one():
             assert torch.allclose(sums, torch.ones(16))
         else:
             assert (sums < 1).all()
+
+
+def test_weights_of_another_mixture_are_refused_and_training_only_keys_may_change():
+    """What [model.moe] makes the weights compute is checked against a checkpoint's model, key by
+    key (the layer pattern as resolved); the balancing losses, capacity and dispatcher are not."""
+    saved = tomllib.loads(recipe_to_toml(load_recipe(MOE_RECIPE)))["model"]
+    changed_training = load_recipe(
+        MOE_RECIPE,
+        ["model.moe.aux_loss_coeff=0.1", "model.moe.token_dispatcher='allgather'", "model.moe.capacity_factor=2.0"],
+    )
+    assert check_recipe_matches(changed_training.model, saved, "ckpt", key="checkpoint.load") == []
+    same_layers = load_recipe(MOE_RECIPE, ["model.moe.layer_pattern=[1,1,1,1]", "model.moe.ffn_hidden_size=64"])
+    assert check_recipe_matches(same_layers.model, saved, "ckpt", key="checkpoint.load") == []
+    other = load_recipe(MOE_RECIPE, ["model.moe.num_experts=8", "model.moe.first_dense_layers=1"])
+    with pytest.raises(BigptError, match=r"model.moe.num_experts = 8 \(the checkpoint has 4\); model.moe.layers"):
+        check_recipe_matches(other.model, saved, "ckpt", key="checkpoint.load")
+    with pytest.raises(BigptError, match="model.family = 'decoder' \\(the checkpoint has 'moe_decoder'\\)"):
+        check_recipe_matches(load_recipe(MOCK_RECIPE).model, saved, "ckpt", key="checkpoint.load")
 
 
 def test_a_resume_at_another_expert_layout_is_refused_saying_what_works(tmp_path):
@@ -135,7 +165,7 @@ PARITY_LAYOUTS = [  # name, processes, overrides
     pytest.param(
         "ep2_pp2_allgather",
         4,
-        ["parallel.expert=2", "parallel.pipeline=2", "moe.token_dispatcher='allgather'"],
+        ["parallel.expert=2", "parallel.pipeline=2", "model.moe.token_dispatcher='allgather'"],
         id="ep2_pp2_allgather",
     ),
     pytest.param(

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from bigpt.errors import BigptError
 from bigpt.recipe import ModelConfig
-from bigpt.recipe.tables import MODEL_FUNCTION_KEYS
+from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MOE_FUNCTION_KEYS, MoEConfig
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,14 @@ def model_from_hf(config: dict, source) -> dict:
 
 def effective(model: dict, key: str):
     """A [model] value with its None defaults resolved, for comparisons."""
+    if key == "moe":  # a table ([model.moe]); it describes experts only in the MoE family
+        if model.get("family", "decoder") != "moe_decoder":
+            return None
+        given = model.get("moe") or {}
+        moe = MoEConfig(**given) if isinstance(given, dict) else given
+        values = {name: getattr(moe, name) for name in MOE_FUNCTION_KEYS}
+        values["ffn_hidden_size"] = moe.ffn_hidden_size or model["ffn_hidden_size"]
+        return {**values, "layers": moe.layers(model["num_layers"])}
     value = model.get(key, getattr(ModelConfig, key, None))
     if key == "rope_scaling_factor" and model.get("rope_scaling", "none") == "none":
         return None  # unused
@@ -203,18 +211,22 @@ def effective(model: dict, key: str):
     return value
 
 
+def _comparable(model: dict) -> dict:
+    """Every value that decides what the weights compute, by name; [model.moe] key by key."""
+    values = {name: effective(model, name) for name in MODEL_FUNCTION_KEYS}
+    experts = values.pop("moe")
+    values.update({f"moe.{name}": value for name, value in (experts or {}).items()})
+    return values
+
+
 def check_recipe_matches(
     recipe_model: ModelConfig, saved_model: dict, source, *, key: str = "init.from_hf", allowed: Sequence[str] = ()
 ) -> list[str]:
     """The recipe's [model] must describe the model in ``source`` (named by recipe ``key``) in every
     key that changes what the weights compute, but those in ``allowed``
     (checkpoint.allow_model_changes); returns those allowed changes, worded for the log."""
-    ours = vars(recipe_model)
-    changed = [
-        (name, effective(ours, name), effective(saved_model, name))
-        for name in MODEL_FUNCTION_KEYS
-        if effective(ours, name) != effective(saved_model, name)
-    ]
+    ours, theirs = _comparable(vars(recipe_model)), _comparable(saved_model)
+    changed = [(name, ours[name], theirs.get(name)) for name in ours if ours[name] != theirs.get(name)]
     wrong = [
         f"model.{name} = {mine!r} (the checkpoint has {theirs!r})"
         for name, mine, theirs in changed

@@ -63,18 +63,10 @@ def _check_model(recipe: Recipe) -> None:
         )
 
 
-def moe_layer_pattern(recipe: Recipe) -> list[int]:
-    """1 (MoE) or 0 (dense) per layer, as [moe] describes it (megatron-core's moe_layer_freq list)."""
-    moe, layers = recipe.moe, recipe.model.num_layers
-    if moe.layer_pattern is not None:
-        return list(moe.layer_pattern)
-    return [int(layer >= moe.first_dense_layers and layer % moe.layer_freq == 0) for layer in range(layers)]
-
-
 def _check_moe(recipe: Recipe) -> None:
-    moe, model = recipe.moe, recipe.model
+    moe, model = recipe.model.moe, recipe.model
     if model.family != "moe_decoder":
-        set_keys = [f"moe.{key}" for key, value in vars(moe).items() if value != getattr(MoEConfig(), key)]
+        set_keys = [f"model.moe.{key}" for key, value in vars(moe).items() if value != getattr(MoEConfig(), key)]
         if set_keys or recipe.parallel.expert > 1 or recipe.parallel.expert_tensor is not None:
             given = set_keys + [
                 key
@@ -91,67 +83,73 @@ def _check_moe(recipe: Recipe) -> None:
             )
         return
     if moe.num_experts is None:
-        recipe_error(recipe, 'model.family = "moe_decoder" without moe.num_experts', "set the number of experts")
+        recipe_error(recipe, 'model.family = "moe_decoder" without model.moe.num_experts', "set the number of experts")
     experts = moe.num_experts
     if moe.router_topk > experts:
-        recipe_error(recipe, f"moe.router_topk={moe.router_topk} exceeds moe.num_experts={experts}", "lower it")
+        recipe_error(
+            recipe, f"model.moe.router_topk={moe.router_topk} exceeds model.moe.num_experts={experts}", "lower it"
+        )
     if moe.router_topk == 1 and moe.router_score_function == "softmax" and moe.normalize_topk:
         recipe_error(
             recipe,
-            "moe.router_topk=1 with a softmax router and moe.normalize_topk=true makes every chosen "
+            "model.moe.router_topk=1 with a softmax router and model.moe.normalize_topk=true makes every chosen "
             "probability 1, so no gradient reaches the router (megatron-core refuses it)",
             "set normalize_topk = false (the softmax over all experts, then its top 1: Switch Transformer)",
         )
     if moe.router_score_function == "sigmoid" and not moe.normalize_topk and moe.router_topk > 1:
         recipe_error(
             recipe,
-            "moe.normalize_topk=false with moe.router_score_function='sigmoid': megatron-core always "
+            "model.moe.normalize_topk=false with model.moe.router_score_function='sigmoid': megatron-core always "
             "normalises a sigmoid router's top-k scores",
             "set normalize_topk = true (DeepSeek-V3's norm_topk_prob), or use a softmax router",
         )
     if moe.expert_bias and moe.router_score_function != "sigmoid":
         recipe_error(
             recipe,
-            "moe.expert_bias=true needs moe.router_score_function='sigmoid' (megatron-core's "
+            "model.moe.expert_bias=true needs model.moe.router_score_function='sigmoid' (megatron-core's "
             "auxiliary-loss-free balancing adds the bias to sigmoid scores)",
-            "use a sigmoid router, or balance with moe.load_balancing instead",
+            "use a sigmoid router, or balance with model.moe.load_balancing instead",
         )
     if (moe.num_groups is None) != (moe.group_topk is None):
         recipe_error(
-            recipe, "moe.num_groups and moe.group_topk go together (group-limited routing)", "set both or neither"
+            recipe,
+            "model.moe.num_groups and model.moe.group_topk go together (group-limited routing)",
+            "set both or neither",
         )
     if moe.num_groups is not None and moe.group_topk is not None:
         if experts % moe.num_groups or moe.group_topk > moe.num_groups:
             recipe_error(
                 recipe,
-                f"moe.num_groups={moe.num_groups} must divide moe.num_experts={experts} and be at least "
-                f"moe.group_topk={moe.group_topk}",
+                f"model.moe.num_groups={moe.num_groups} must divide model.moe.num_experts={experts} and be at least "
+                f"model.moe.group_topk={moe.group_topk}",
                 "adjust them",
             )
         if moe.router_topk > moe.group_topk * (experts // moe.num_groups):
             recipe_error(
                 recipe,
-                f"moe.router_topk={moe.router_topk} exceeds the experts of moe.group_topk={moe.group_topk} "
+                f"model.moe.router_topk={moe.router_topk} exceeds the experts of model.moe.group_topk={moe.group_topk} "
                 f"groups of {experts // moe.num_groups}",
                 "choose more groups per token or fewer experts per token",
             )
     if moe.shared_expert_gate and moe.shared_expert_ffn_hidden_size is None:
         recipe_error(
-            recipe, "moe.shared_expert_gate=true without moe.shared_expert_ffn_hidden_size", "size the shared expert"
+            recipe,
+            "model.moe.shared_expert_gate=true without model.moe.shared_expert_ffn_hidden_size",
+            "size the shared expert",
         )
     if moe.layer_pattern is not None and (
         len(moe.layer_pattern) != model.num_layers or set(moe.layer_pattern) - {0, 1}
     ):
         recipe_error(
             recipe,
-            f"moe.layer_pattern={moe.layer_pattern} is not one 0 (dense) or 1 (MoE) per layer of "
+            f"model.moe.layer_pattern={moe.layer_pattern} is not one 0 (dense) or 1 (MoE) per layer of "
             f"model.num_layers={model.num_layers}",
             "give one entry per layer",
         )
-    if 1 not in moe_layer_pattern(recipe):
+    if 1 not in moe.layers(model.num_layers):
         recipe_error(
             recipe,
-            "[moe] leaves no MoE layer (moe.first_dense_layers, layer_freq or layer_pattern)",
+            "[model.moe] leaves no MoE layer (model.moe.first_dense_layers, layer_freq or layer_pattern)",
             'make at least one layer MoE, or use model.family = "decoder"',
         )
     if model.add_bias_linear:
@@ -163,11 +161,15 @@ def _check_moe(recipe: Recipe) -> None:
     if moe.load_balancing == "none" and moe.aux_loss_coeff and moe.aux_loss_coeff != MoEConfig().aux_loss_coeff:
         recipe_error(
             recipe,
-            f"moe.aux_loss_coeff={moe.aux_loss_coeff} with moe.load_balancing='none'",
+            f"model.moe.aux_loss_coeff={moe.aux_loss_coeff} with model.moe.load_balancing='none'",
             "choose a load-balancing loss, or remove aux_loss_coeff",
         )
     if moe.capacity_factor is None and moe.pad_to_capacity:
-        recipe_error(recipe, "moe.pad_to_capacity=true without moe.capacity_factor (dropless)", "set a capacity_factor")
+        recipe_error(
+            recipe,
+            "model.moe.pad_to_capacity=true without model.moe.capacity_factor (dropless)",
+            "set a capacity_factor",
+        )
 
 
 def _check_optimizer(recipe: Recipe) -> None:

@@ -13,12 +13,77 @@ from bigpt.recipe.fields import NOT_A_KEY, fraction, non_negative, positive, rec
 
 
 @dataclass(kw_only=True)
+class MoEConfig:
+    """[model.moe]: the Mixture-of-Experts layers of model.family = "moe_decoder", computed by
+    megatron-core's MoE layer (router, token dispatcher, experts)."""
+
+    num_experts: int | None = positive(None)
+    """Routed experts per MoE layer (required for moe_decoder)."""
+    router_topk: int = positive(2)
+    """Experts each token is routed to."""
+    ffn_hidden_size: int | None = positive(None)
+    """Inner width of one expert's MLP; None = model.ffn_hidden_size."""
+    router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """How router logits become expert scores (sigmoid: DeepSeek-V3)."""
+    normalize_topk: bool = True
+    """Make the chosen experts' probabilities sum to 1 (Hugging Face's norm_topk_prob: Mixtral,
+    Qwen3-MoE, DeepSeek-V3); false = the top-k of a softmax over all experts, unnormalised
+    (Qwen2-MoE). A sigmoid router always normalises (megatron-core)."""
+    topk_scaling_factor: float | None = positive(None)
+    """Multiply the chosen experts' probabilities by this (DeepSeek-V3's routed_scaling_factor)."""
+    num_groups: int | None = positive(None)
+    """Group-limited routing: experts form this many groups (DeepSeek-V3's n_group)."""
+    group_topk: int | None = positive(None)
+    """Group-limited routing: tokens choose experts from this many groups (topk_group)."""
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    """Load-balancing loss: over the micro-batch (aux_loss, GShard/Switch), per sequence
+    (seq_aux_loss, DeepSeek), over the global batch (global_aux_loss), or none."""
+    aux_loss_coeff: float = non_negative(0.01)
+    """Weight of the load-balancing loss."""
+    z_loss_coeff: float = non_negative(0.0)
+    """Weight of the router z-loss (ST-MoE); 0 = off."""
+    expert_bias: bool = False
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the
+    choice of experts only, updated from each step's expert load."""
+    bias_update_rate: float = positive(1e-3)
+    """For expert_bias: the bias's step per optimizer step."""
+    shared_expert_ffn_hidden_size: int | None = positive(None)
+    """Inner width of the shared experts' MLP that every token also passes (all shared experts
+    as one); None = no shared expert."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by a learned sigmoid gate (Qwen2-MoE)."""
+    layer_freq: int = positive(1)
+    """Every layer_freq-th layer is an MoE layer, the others dense (model.ffn_hidden_size)."""
+    first_dense_layers: int = non_negative(0)
+    """The first this many layers are dense (DeepSeek-V3's first_k_dense_replace)."""
+    layer_pattern: list[int] | None = None
+    """One 1 (MoE) or 0 (dense) per layer; replaces layer_freq and first_dense_layers."""
+    router_fp32: bool = True
+    """Compute the router and its probabilities in fp32 (whatever precision.dtype is)."""
+    capacity_factor: float | None = positive(None)
+    """None = dropless (every token reaches its experts); otherwise each expert takes at most
+    capacity_factor × its even share of tokens and drops the rest (drop_policy)."""
+    drop_policy: Literal["probs", "position"] = "probs"
+    """With capacity_factor: drop the tokens of lowest probability, or the last in the sequence."""
+    pad_to_capacity: bool = False
+    """With capacity_factor: pad every expert's input to its capacity (fixed shapes)."""
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach experts on other expert-parallel ranks."""
+
+    def layers(self, num_layers: int) -> list[int]:
+        """1 (MoE) or 0 (dense) per layer (megatron-core's moe_layer_freq as a list)."""
+        if self.layer_pattern is not None:
+            return list(self.layer_pattern)
+        return [int(layer >= self.first_dense_layers and layer % self.layer_freq == 0) for layer in range(num_layers)]
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """[model]: the transformer architecture."""
 
     family: Literal["decoder", "moe_decoder"] = "decoder"
     """The kind of model: decoder = a dense causal decoder (Llama, Qwen, Mistral); moe_decoder = a
-    causal decoder whose MLPs are Mixture-of-Experts layers, set in [moe]."""
+    causal decoder whose MLPs are Mixture-of-Experts layers, set in [model.moe]."""
     num_layers: int = positive()
     """Number of transformer layers."""
     hidden_size: int = positive()
@@ -74,6 +139,8 @@ class ModelConfig:
     attention_window: int | None = positive(None)
     """Sliding-window attention in every layer: a token attends to itself and the
     attention_window - 1 tokens before it (Mistral's sliding_window); None = all earlier tokens."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """[model.moe]"""
 
 
 MODEL_SHAPE_KEYS = (
@@ -92,8 +159,25 @@ MODEL_SHAPE_KEYS = (
     "add_bias_linear",
     "add_qkv_bias",
     "qk_layernorm",
+    "moe",
 )
 """The [model] keys that decide which tensors a checkpoint holds and their shapes."""
+
+MOE_FUNCTION_KEYS = (
+    "num_experts",
+    "router_topk",
+    "ffn_hidden_size",
+    "router_score_function",
+    "normalize_topk",
+    "topk_scaling_factor",
+    "num_groups",
+    "group_topk",
+    "expert_bias",
+    "shared_expert_ffn_hidden_size",
+    "shared_expert_gate",
+)
+"""The [model.moe] keys that decide what given weights compute, with which layers are MoE (the
+load-balancing losses, capacity and dispatcher are the run's own choice)."""
 
 MODEL_FUNCTION_KEYS = MODEL_SHAPE_KEYS + (
     "norm_epsilon",
@@ -114,65 +198,6 @@ def padded_vocab_size(model: ModelConfig, tensor_parallel: int) -> int:
     """
     multiple = model.make_vocab_size_divisible_by * tensor_parallel
     return -(-model.vocab_size // multiple) * multiple
-
-
-@dataclass(kw_only=True)
-class MoEConfig:
-    """[moe]: the Mixture-of-Experts layers of model.family = "moe_decoder", computed by
-    megatron-core's MoE layer (router, token dispatcher, experts)."""
-
-    num_experts: int | None = positive(None)
-    """Routed experts per MoE layer (required for moe_decoder)."""
-    router_topk: int = positive(2)
-    """Experts each token is routed to."""
-    ffn_hidden_size: int | None = positive(None)
-    """Inner width of one expert's MLP; None = model.ffn_hidden_size."""
-    router_score_function: Literal["softmax", "sigmoid"] = "softmax"
-    """How router logits become expert scores (sigmoid: DeepSeek-V3)."""
-    normalize_topk: bool = True
-    """Make the chosen experts' probabilities sum to 1 (Hugging Face's norm_topk_prob: Mixtral,
-    Qwen3-MoE, DeepSeek-V3); false = the top-k of a softmax over all experts, unnormalised
-    (Qwen2-MoE). A sigmoid router always normalises (megatron-core)."""
-    topk_scaling_factor: float | None = positive(None)
-    """Multiply the chosen experts' probabilities by this (DeepSeek-V3's routed_scaling_factor)."""
-    num_groups: int | None = positive(None)
-    """Group-limited routing: experts form this many groups (DeepSeek-V3's n_group)."""
-    group_topk: int | None = positive(None)
-    """Group-limited routing: tokens choose experts from this many groups (topk_group)."""
-    load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
-    """Load-balancing loss: over the micro-batch (aux_loss, GShard/Switch), per sequence
-    (seq_aux_loss, DeepSeek), over the global batch (global_aux_loss), or none."""
-    aux_loss_coeff: float = non_negative(0.01)
-    """Weight of the load-balancing loss."""
-    z_loss_coeff: float = non_negative(0.0)
-    """Weight of the router z-loss (ST-MoE); 0 = off."""
-    expert_bias: bool = False
-    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the
-    choice of experts only, updated from each step's expert load."""
-    bias_update_rate: float = positive(1e-3)
-    """For expert_bias: the bias's step per optimizer step."""
-    shared_expert_ffn_hidden_size: int | None = positive(None)
-    """Inner width of the shared experts' MLP that every token also passes (all shared experts
-    as one); None = no shared expert."""
-    shared_expert_gate: bool = False
-    """Scale the shared experts' output by a learned sigmoid gate (Qwen2-MoE)."""
-    layer_freq: int = positive(1)
-    """Every layer_freq-th layer is an MoE layer, the others dense (model.ffn_hidden_size)."""
-    first_dense_layers: int = non_negative(0)
-    """The first this many layers are dense (DeepSeek-V3's first_k_dense_replace)."""
-    layer_pattern: list[int] | None = None
-    """One 1 (MoE) or 0 (dense) per layer; replaces layer_freq and first_dense_layers."""
-    router_fp32: bool = True
-    """Compute the router and its probabilities in fp32 (whatever precision.dtype is)."""
-    capacity_factor: float | None = positive(None)
-    """None = dropless (every token reaches its experts); otherwise each expert takes at most
-    capacity_factor × its even share of tokens and drops the rest (drop_policy)."""
-    drop_policy: Literal["probs", "position"] = "probs"
-    """With capacity_factor: drop the tokens of lowest probability, or the last in the sequence."""
-    pad_to_capacity: bool = False
-    """With capacity_factor: pad every expert's input to its capacity (fixed shapes)."""
-    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
-    """How tokens reach experts on other expert-parallel ranks."""
 
 
 @dataclass(kw_only=True)
@@ -444,8 +469,6 @@ class Recipe:
     working directory."""
     model: ModelConfig
     """[model]"""
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    """[moe]"""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """[parallel]"""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
