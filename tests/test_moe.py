@@ -16,8 +16,8 @@ import torch
 
 from bigpt.checkpoint import state
 from bigpt.errors import BigptError
-from bigpt.layout import Layout
 from bigpt.hf.config import check_recipe_matches
+from bigpt.layout import Layout
 from bigpt.model import transformer_config
 from bigpt.recipe import load_recipe, recipe_to_toml
 from multirank import MOCK_RECIPE, run_bigpt, scalars
