@@ -109,32 +109,64 @@ def _attention_widths(model: ModelConfig) -> tuple[int, int]:
     return model.num_attention_heads * head, groups * head
 
 
-def _mlp_input_width(model: ModelConfig) -> int:
+def _mlp_input_width(model: ModelConfig, ffn_width: int | None = None) -> int:
     """Output width of the MLP's first matmul: swiglu computes gate and value in one."""
-    return model.ffn_hidden_size * (2 if model.activation == "swiglu" else 1)
+    return (ffn_width or model.ffn_hidden_size) * (2 if model.activation == "swiglu" else 1)
 
 
-def _layer_matmul_parameters(model: ModelConfig) -> int:
-    """Weights of one layer's matrices: q, k, v, attention output, MLP in, MLP out."""
+def _mlp_matmul_parameters(model: ModelConfig, ffn_width: int) -> int:
+    """Weights of one MLP (or one expert) of inner width ``ffn_width``: its input and output matrices."""
+    return model.hidden_size * _mlp_input_width(model, ffn_width) + ffn_width * model.hidden_size
+
+
+def _attention_matmul_parameters(model: ModelConfig) -> int:
+    """Weights of one layer's q, k, v and attention output matrices."""
     query, key_value = _attention_widths(model)
-    hidden = model.hidden_size
+    return model.hidden_size * (query + 2 * key_value) + query * model.hidden_size
+
+
+def moe_layers(model: ModelConfig) -> list[bool]:
+    """Per layer: whether its MLP is a Mixture-of-Experts layer ([model.moe]'s layer pattern)."""
+    if model.family != "moe_decoder":
+        return [False] * model.num_layers
+    return [bool(kind) for kind in model.moe.layers(model.num_layers)]
+
+
+def _routed_expert_parameters(model: ModelConfig, experts: int) -> int:
+    """Weights of ``experts`` routed experts of one MoE layer (split over expert parallelism)."""
+    return experts * _mlp_matmul_parameters(model, model.moe.ffn_hidden_size or model.ffn_hidden_size)
+
+
+def _moe_shared_parameters(model: ModelConfig) -> int:
+    """Weights of one MoE layer outside its routed experts: the router, the shared experts and their gate."""
+    moe, hidden = model.moe, model.hidden_size
+    shared = (
+        _mlp_matmul_parameters(model, moe.shared_expert_ffn_hidden_size) if moe.shared_expert_ffn_hidden_size else 0
+    )
+    return hidden * (moe.num_experts or 0) + shared + (hidden if moe.shared_expert_gate else 0)
+
+
+def _layer_matmul_parameters(model: ModelConfig, moe: bool = False, *, active: bool = False) -> int:
+    """Weights of one layer's matrices: q, k, v, attention output, and the MLP, or an MoE layer's
+    router, shared experts and routed experts (all of them, or with ``active`` the router_topk
+    that one token passes)."""
+    if not moe:
+        return _attention_matmul_parameters(model) + _mlp_matmul_parameters(model, model.ffn_hidden_size)
+    experts = model.moe.router_topk if active else model.moe.num_experts or 0
     return (
-        hidden * (query + 2 * key_value)
-        + query * hidden
-        + hidden * _mlp_input_width(model)
-        + model.ffn_hidden_size * hidden
+        _attention_matmul_parameters(model) + _moe_shared_parameters(model) + _routed_expert_parameters(model, experts)
     )
 
 
-def _layer_parameters(model: ModelConfig) -> int:
+def _layer_parameters(model: ModelConfig, moe: bool = False, *, active: bool = False) -> int:
     query, key_value = _attention_widths(model)
     qkv_biases = query + 2 * key_value
-    other_biases = model.hidden_size + _mlp_input_width(model) + model.hidden_size
+    other_biases = model.hidden_size + _mlp_input_width(model) + model.hidden_size  # MoE refuses add_bias_linear
     head = query // model.num_attention_heads
     # q/k norms: one weight (and bias, for layernorm) per head width, shared by the heads
     qk_norms = 2 * head * (2 if model.normalization == "layernorm" else 1) if model.qk_layernorm else 0
     return (
-        _layer_matmul_parameters(model)
+        _layer_matmul_parameters(model, moe, active=active)
         + 2 * _norm_parameters(model)
         + qk_norms
         + (qkv_biases + other_biases if model.add_bias_linear else qkv_biases if model.add_qkv_bias else 0)
@@ -148,34 +180,56 @@ def _input_parameters(model: ModelConfig, vocab: int) -> int:
     return vocab * model.hidden_size + learned
 
 
-def num_parameters(model: ModelConfig, padded_vocab: int | None = None) -> int:
-    """Trainable parameters: embeddings, layers, final norm, and the output layer unless tied.
+def num_parameters(model: ModelConfig, padded_vocab: int | None = None, *, active: bool = False) -> int:
+    """Trainable parameters: embeddings, layers, final norm, and the output layer unless tied;
+    with ``active``, an MoE model's parameters that one token passes (its router_topk experts).
 
     ``padded_vocab`` defaults to the tokenizer's vocab_size (the count of a released model);
     pass ``padded_vocab_size(model, tp)`` for what is actually allocated.
     """
     vocab = padded_vocab or model.vocab_size
     output = 0 if model.tie_embeddings else vocab * model.hidden_size
-    return (
-        _input_parameters(model, vocab) + model.num_layers * _layer_parameters(model) + _norm_parameters(model) + output
-    )
+    layers = sum(_layer_parameters(model, moe, active=active) for moe in moe_layers(model))
+    return _input_parameters(model, vocab) + layers + _norm_parameters(model) + output
+
+
+def _stage_layers(model: ModelConfig, layers_per_stage: tuple[int, ...], vpp: int) -> list[list[bool]]:
+    """Per pipeline stage, whether each of its layers is MoE: megatron-core gives model chunk v of
+    stage r the (v × stages + r)-th slice of the layers (interleaving), each stage's layers split
+    evenly over its vpp chunks."""
+    kinds, stages = moe_layers(model), [[] for _ in layers_per_stage]
+    first = 0
+    for chunk in range(vpp):
+        for stage, layers in enumerate(layers_per_stage):
+            stages[stage] += kinds[first : first + layers // vpp]
+            first += layers // vpp
+    return stages
 
 
 def parameters_per_stage(
-    model: ModelConfig, layers_per_stage: tuple[int, ...], padded_vocab: int | None = None
+    model: ModelConfig, layers_per_stage: tuple[int, ...], padded_vocab: int | None = None, vpp: int = 1
 ) -> tuple[int, ...]:
-    """Parameters held by each pipeline stage (summed over its tensor-parallel shards).
+    """Parameters held by each pipeline stage (summed over its tensor- and expert-parallel shards).
 
     With tied embeddings and more than one stage, the last stage holds its own copy of the
     embedding for the output layer (Megatron keeps the two in sync), so the stages then sum to
     one embedding more than ``num_parameters``.
     """
     vocab = padded_vocab or model.vocab_size
-    stages = [layers * _layer_parameters(model) for layers in layers_per_stage]
+    stages = [
+        sum(_layer_parameters(model, moe) for moe in kinds) for kinds in _stage_layers(model, layers_per_stage, vpp)
+    ]
     stages[0] += _input_parameters(model, vocab)
     has_output_weights = not model.tie_embeddings or len(stages) > 1
     stages[-1] += _norm_parameters(model) + (vocab * model.hidden_size if has_output_weights else 0)
     return tuple(stages)
+
+
+def expert_parameters_per_stage(model: ModelConfig, layers_per_stage: tuple[int, ...], vpp: int = 1) -> tuple[int, ...]:
+    """The routed experts' share of ``parameters_per_stage``: split over expert parallelism × expert
+    tensor parallelism (not tensor parallelism), their optimizer state over the expert-data-parallel ranks."""
+    routed = _routed_expert_parameters(model, model.moe.num_experts or 0) if model.family == "moe_decoder" else 0
+    return tuple(routed * sum(kinds) for kinds in _stage_layers(model, layers_per_stage, vpp))
 
 
 def attended_keys(model: ModelConfig) -> float:
@@ -192,16 +246,18 @@ def _attention_core_forward_flops(model: ModelConfig) -> float:
     return 2 * 2 * attended_keys(model) * query
 
 
-def _layer_forward_flops(model: ModelConfig) -> float:
-    """Forward FLOPs per token of one transformer layer: its matmuls and attention core."""
-    return 2 * _layer_matmul_parameters(model) + _attention_core_forward_flops(model)
+def _layer_forward_flops(model: ModelConfig, moe: bool = False) -> float:
+    """Forward FLOPs per token of one transformer layer: the matmuls the token passes (an MoE
+    layer's router, shared experts and router_topk experts) and the attention core."""
+    return 2 * _layer_matmul_parameters(model, moe, active=True) + _attention_core_forward_flops(model)
 
 
 def flops_per_token(model: ModelConfig, padded_vocab: int | None = None) -> float:
     """Model FLOPs per token of training: 3 × forward (the backward pass costs two forwards).
 
-    forward = 2 × (matmul weights: every layer's q, k, v, output and MLP matrices, plus the
-                   vocab × hidden output layer, tied or not)
+    forward = 2 × (matmul weights: every layer's q, k, v, output and MLP matrices, or an MoE
+                   layer's router, shared experts and the router_topk experts a token passes,
+                   plus the vocab × hidden output layer, tied or not)
             + 2 × 2 × keys × (heads × head width) per layer, for the scores Q·Kᵀ and the
               score-weighted sum of V, with keys = attended_keys: the causal mask halves them
               (s/2) and a sliding window bounds them.
@@ -212,7 +268,8 @@ def flops_per_token(model: ModelConfig, padded_vocab: int | None = None) -> floa
     is recomputation (recompute_flops_per_step): MFU counts the model's FLOPs only.
     """
     vocab = padded_vocab or model.vocab_size
-    return 3.0 * (model.num_layers * _layer_forward_flops(model) + 2 * vocab * model.hidden_size)
+    layers = sum(_layer_forward_flops(model, moe) for moe in moe_layers(model))
+    return 3.0 * (layers + 2 * vocab * model.hidden_size)
 
 
 def flops_per_step(recipe: Recipe, global_batch_size: int) -> float:
@@ -233,7 +290,8 @@ def recompute_flops_per_step(recipe: Recipe, layout: Layout) -> float:
             layers = model.num_layers
         else:
             layers = sum(layout.vpp * min(recompute.num_layers, n // layout.vpp) for n in layout.layers_per_stage)
-        per_token = layers * _layer_forward_flops(model)
+        mean_layer = sum(_layer_forward_flops(model, moe) for moe in moe_layers(model)) / model.num_layers
+        per_token = layers * mean_layer
     elif recompute.granularity == "selective":
         hidden = model.hidden_size
         per_layer = (_attention_core_forward_flops(model) if "core_attn" in recompute.modules else 0) + (
