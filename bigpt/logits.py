@@ -10,6 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from bigpt.data.batches import on_model_device
 from bigpt.layout import Layout
 from bigpt.model import build_model_chunks
 from bigpt.recipe import Recipe
@@ -20,8 +21,8 @@ from bigpt.train.initial import load_initial_weights
 @torch.no_grad()
 def compute_logits(recipe: Recipe, layout: Layout, tokens: torch.Tensor) -> torch.Tensor | None:
     """[batch, seq, vocab] fp32 logits of ``tokens`` ([batch, seq] ids; with interleaved pipeline
-    parallelism, batch must be a multiple of parallel.pipeline) on the last pipeline stage, None
-    on the other stages. Needs the process groups (``init_distributed``)."""
+    parallelism, batch must be a multiple of parallel.pipeline) on the last pipeline stage, on the
+    model's device; None on the other stages. Needs the process groups (``init_distributed``)."""
     seed_everything(recipe.train.seed)  # megatron-core's tensor-parallel RNG streams must exist
     chunks, _ = build_model_chunks(recipe, layout)
     load_initial_weights(recipe, chunks)
@@ -31,8 +32,8 @@ def compute_logits(recipe: Recipe, layout: Layout, tokens: torch.Tensor) -> torc
     position_ids = torch.arange(seq).unsqueeze(0)
 
     def forward_step(data_iterator, model):
-        row = next(data_iterator)  # one sequence per micro-batch
-        output = model(row, position_ids, None)  # no labels: logits, [1, seq, vocab / tp]
+        inputs = on_model_device(model, {"tokens": next(data_iterator), "position_ids": position_ids})
+        output = model(inputs["tokens"], inputs["position_ids"], None)  # one sequence, no labels: [1, seq, vocab / tp]
         return output, lambda logits: (logits.sum() * 0, torch.tensor(1), {"logits": logits})
 
     rows = tokens.split(1)

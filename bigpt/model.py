@@ -57,6 +57,12 @@ def _require_transformer_engine(recipe: Recipe, available: bool, where: str) -> 
             f"{' and '.join(wants)} needs Transformer Engine on a CUDA GPU, which {where}; install `bigpt[gpu]` "
             'on a GPU machine, or set precision.fp8 = "none" and precision.transformer_engine = "auto".'
         )
+    if recipe.parallel.context > 1 and not available:  # megatron-core's own attention asserts context = 1
+        raise BigptError(
+            f"parallel.context = {recipe.parallel.context} needs Transformer Engine on a CUDA GPU (megatron-core's "
+            f"context-parallel attention is Transformer Engine's), which {where}; install `bigpt[gpu]` on a GPU "
+            "machine, or set parallel.context = 1."
+        )
 
 
 def check_transformer_engine_installed(recipe: Recipe) -> None:
@@ -133,11 +139,14 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
         # (their deallocation trick relies on CUDA storage semantics).
         use_cpu_initialization=not gpu,
         deallocate_pipeline_outputs=gpu,
-        # gloo matches a batch of p2p messages to one peer by order alone: with PP=2 interleaving,
-        # the forward activation and the backward gradient between the same two ranks (same
-        # shape) can swap silently. Unbatched, megatron-core sends the two directions over two
-        # different groups. NCCL's batched p2p has no such problem.
-        batch_p2p_comm=gpu,
+        # Batched p2p between the same two ranks can pair same-shaped messages crosswise: at PP=2
+        # with interleaving, a forward activation with a backward gradient (Megatron-LM refuses
+        # that layout unless p2p overlap is on). So interleaved schedules on GPUs overlap unbatched
+        # p2p, as Megatron-LM runs them (batch_p2p_comm = not overlap_p2p_comm); the others batch
+        # it. On CPUs unbatched: gloo matches a batch by order alone, and unbatched megatron-core
+        # sends the two directions over two different groups.
+        overlap_p2p_comm=gpu and layout.vpp > 1,
+        batch_p2p_comm=gpu and layout.vpp == 1,
         # megatron-core's fused causal softmax kernel ignores window_size (its unfused one applies it).
         masked_softmax_fusion=fused and not _window_size(m.attention_window, m.seq_length),
         bias_activation_fusion=fused and (gated or m.add_bias_linear),

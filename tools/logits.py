@@ -73,7 +73,7 @@ def write_logits(recipe, tokens, out: str) -> None:
         and parallel_state.get_tensor_model_parallel_rank() == 0
         and parallel_state.get_data_parallel_rank() == 0
     ):
-        np.save(out, logits.numpy())
+        np.save(out, logits.cpu().numpy())
 
 
 @console.reports_user_errors

@@ -109,6 +109,19 @@ def _unwrap(chunk) -> GPTModel:
     return chunk
 
 
+def _gather_fresh_weights(training: Checkpointed) -> None:
+    """With ``parallel.overlap_param_gather`` the optimizer step updates only each rank's shard of
+    the weights, and megatron-core gathers the others at the next forward: until then a rank holds
+    the previous step's. Gather them now, as Megatron-LM does before every save (``force_param_sync``),
+    so that a save writes the weights of the step it is named after."""
+    ddp_config = getattr(training.model[0], "ddp_config", None)
+    if ddp_config is None or not ddp_config.overlap_param_gather:
+        return
+    training.optimizer.prepare_model_params_for_param_sync()
+    for chunk in training.model:
+        chunk.start_param_sync(force_sync=True)
+
+
 def _model_state(model) -> dict:
     return {f"model{index}": _unwrap(chunk).sharded_state_dict() for index, chunk in enumerate(model)}
 
@@ -141,9 +154,9 @@ def _materialize_optimizer_state(optimizer, *, is_loading: bool) -> None:
     (when every step so far was skipped: fp16 overflow, a bad-step guard, a preemption before the
     first) or to load. Give it the state its first step would start from, which changes nothing:
     torch's Adam step 0 and zero moments (megatron-core's own initialiser leaves out the step);
-    for the emerging optimizers megatron-core's initialiser (zero momentum). Other Adams under the
-    distributed optimizer (Transformer Engine's fused Adam) take megatron-core's way before a
-    load: one zero-gradient step, whose effects the load overwrites."""
+    for the others (Transformer Engine's fused Adam, which keeps its step count in the parameter
+    groups; the emerging optimizers) megatron-core's initialiser (zero moments or momentum). A
+    save without it would write no moments at all, and its resume would fail on their absence."""
     for inner in _leaf_optimizers(optimizer):
         state_owner = getattr(inner, "optimizer", None)
         if state_owner is None or state_owner.state:
@@ -156,10 +169,10 @@ def _materialize_optimizer_state(optimizer, *, is_loading: bool) -> None:
                         "step": torch.tensor(0.0),
                         **{name: torch.zeros_like(param) for name in moments},
                     }
-        elif not isinstance(inner, DistributedOptimizer):
+        elif inner.init_state_fn is not None:
             inner.init_state_fn(state_owner, inner.config)
-        elif is_loading:
-            inner._init_optimizer_states_with_dummy_values()
+        elif is_loading and isinstance(inner, DistributedOptimizer):
+            inner._init_optimizer_states_with_dummy_values()  # megatron-core's way: a zero-gradient step
 
 
 def _full_state(training: Checkpointed, model_state: dict, *, is_loading: bool, optimizer_format: str) -> dict:
@@ -216,6 +229,7 @@ class CheckpointWriter:
         self._finish = partial(
             self._mark_complete, tmp, final, marker, recipe_to_toml(training.recipe), training.recipe.checkpoint
         )
+        _gather_fresh_weights(training)
         state = _full_state(
             training,
             _model_state(training.model),

@@ -56,3 +56,10 @@ def _rank_indices(length: int, start: int, micro_batch_size: int, dp_rank: int, 
 def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     # Blended datasets add a "dataset_id"; the batch carries only what the model step reads.
     return {key: torch.stack([sample[key] for sample in samples]) for key in BATCH_KEYS}
+
+
+def on_model_device(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with every tensor on ``model``'s device: batches are built on the CPU, and every
+    forward pass (training, evaluation, logits) hands its inputs to the model through here."""
+    device = next(model.parameters()).device
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}

@@ -201,6 +201,13 @@ def _check_precision(recipe: Recipe) -> None:
             f"precision.fp8={precision.fp8!r} needs Transformer Engine but precision.transformer_engine='off'",
             "set transformer_engine to 'auto' or 'on', or fp8 = 'none'",
         )
+    if recipe.parallel.context > 1 and precision.transformer_engine == "off":
+        recipe_error(
+            recipe,
+            f"parallel.context={recipe.parallel.context} needs Transformer Engine (megatron-core's context-parallel "
+            "attention is Transformer Engine's) but precision.transformer_engine='off'",
+            "set transformer_engine to 'auto' or 'on', or parallel.context = 1",
+        )
 
 
 def _check_recompute(recipe: Recipe) -> None:

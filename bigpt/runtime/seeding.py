@@ -4,14 +4,18 @@ import random
 
 import numpy as np
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 
 from bigpt.runtime.device import on_gpu
 
 
 def seed_everything(seed: int) -> None:
-    """Python, NumPy and torch get ``seed``; megatron-core's tracker derives the tensor-parallel
-    stream from it (same across data-parallel replicas, distinct across TP ranks)."""
+    """Python, NumPy and torch get ``seed`` + 100 × this rank's pipeline stage; megatron-core's
+    tracker derives the tensor-parallel stream from that (same across data-parallel replicas,
+    distinct across TP ranks). The stage term is Megatron-LM's (``_set_random_seed``): megatron-core's
+    streams have none, so without it every stage would draw the same numbers and initialise its
+    layers as copies of the other stages' (the virtual chunks of one stage differ: they draw in turn)."""
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -8,15 +8,20 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from bigpt.data.batches import on_model_device
 from bigpt.runtime.device import device
 
 
 def forward_step(data_iterator, model):
     """megatron-core's ``forward_step_func``: every rank reads the micro-batch (cheap, and it keeps
     each rank's data position in step); the first stage uses the tokens, the last the labels."""
-    batch = next(data_iterator)
+    batch = on_model_device(model, next(data_iterator))
     if parallel_state.get_context_parallel_world_size() > 1:
-        batch = get_batch_on_this_cp_rank(batch)
+        # This rank's 2 of the 2 × cp sequence chunks (zigzag, for causal load balance), within its
+        # own context-parallel group: without the group megatron-core splits over the whole world.
+        batch = get_batch_on_this_cp_rank(
+            batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group()
+        )
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     loss_mask = batch["loss_mask"]
     return output, lambda output_tensor: token_loss(loss_mask, output_tensor)
