@@ -90,6 +90,25 @@ def _check_precision(recipe: Recipe) -> None:
             f"precision.fp8={precision.fp8!r} needs Transformer Engine but precision.transformer_engine='off'",
             "set transformer_engine to 'auto' or 'on', or fp8 = 'none'",
         )
+    bf16_layers = {"fp8_bf16_first_layers": precision.fp8_bf16_first_layers}
+    bf16_layers["fp8_bf16_last_layers"] = precision.fp8_bf16_last_layers
+    if precision.fp8 == "delayed" and any(bf16_layers.values()):
+        recipe_error(
+            recipe,
+            "precision.fp8_bf16_first_layers / fp8_bf16_last_layers keep layers in bf16, which "
+            "megatron-core cannot do with precision.fp8='delayed'",
+            "use fp8 = 'tensorwise' (current scaling), or set both to 0",
+        )
+    # megatron-core's bound (TransformerConfig): at most the layers of one pipeline stage each
+    per_stage = recipe.model.num_layers // recipe.parallel.pipeline
+    for key, layers in bf16_layers.items():
+        if precision.fp8 != "none" and layers > per_stage:
+            recipe_error(
+                recipe,
+                f"precision.{key}={layers} is more than the {per_stage} layers of a pipeline stage "
+                f"(model.num_layers={recipe.model.num_layers} / parallel.pipeline={recipe.parallel.pipeline})",
+                f"keep at most {per_stage} layers in bf16 at each end",
+            )
 
 
 def _check_batch_rampup(recipe: Recipe) -> None:
