@@ -12,6 +12,7 @@ probes. Also here: a Transformer Engine that is installed but does not load.
 
 import importlib.abc
 import importlib.util
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -216,3 +217,25 @@ def test_the_transformer_engine_install_line_is_the_gpu_extra_everywhere():
     assert f'gpu = ["{requirement}"]' in (ROOT / "pyproject.toml").read_text()
     for where in ("README.md", "scripts/setup.sh"):
         assert f'--no-build-isolation "{requirement}"' in (ROOT / where).read_text(), where
+
+
+# ---------------------------------------------------------------- bench/gpu, what a CPU can check
+def test_the_gpu_benchmark_refuses_an_unknown_argument_before_installing_anything(tmp_path):
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu/run.sh"), "--out", str(tmp_path), "--stpes", "5"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "unknown argument '--stpes'" in result.stderr and "usage:" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_gpu_benchmark_plans_on_paper(capsys):
+    spec = importlib.util.spec_from_file_location("gpu_throughput", ROOT / "bench/gpu/throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    assert throughput.main(["--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "1 GPU(s) = TP 1 x PP 1 (VPP 1) x CP 1 x DP 1; 65,536 tokens/step" in plan
+    assert "planner     peak memory" in plan
