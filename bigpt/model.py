@@ -53,10 +53,6 @@ def transformer_engine_problem() -> str | None:
     return None
 
 
-def transformer_engine_available() -> bool:
-    return transformer_engine_problem() is None
-
-
 def _require_transformer_engine(recipe: Recipe, problem: str | None, where: str) -> None:
     """FP8, or transformer_engine = "on", means Transformer Engine or a refusal: never a run in
     plain precision that exits 0 as if it had been what the recipe asked for."""
@@ -110,8 +106,10 @@ APEX_EXTENSIONS = {
     "persist_layer_norm": ("apex",),
 }
 """The fusion flags whose kernels are Apex's CUDA extensions, and those extensions. Apex is not on
-PyPI and bigpt never installs it: each flag is set only where its extensions import, as
-Megatron-LM's validate_args does for gradient_accumulation_fusion."""
+PyPI and bigpt never installs it: each flag is set only where its extensions import (Megatron-
+Bridge likewise turns gradient_accumulation_fusion off without fused_weight_gradient_mlp_cuda).
+With Transformer Engine and no Apex its layers lose their fused weight-gradient accumulation too:
+the flag is one for the whole model."""
 
 
 @functools.cache
