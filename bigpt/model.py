@@ -9,6 +9,7 @@ separate layers (other checkpoint names); docs/megatron-core.md.
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +211,22 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool, gpu: boo
         **fusions(recipe, use_te=use_te, gpu=gpu),
         **extra,
     )
+
+
+def check_gpu_transformer_config(recipe: Recipe, layout: Layout) -> None:
+    """On paper (--dry-run): the config a GPU run builds passes megatron-core's own checks, which
+    otherwise first run on the GPU. Its local-layers variant: Transformer Engine's adds only its
+    RoPE kernel, which does not import where there is no GPU."""
+    try:
+        with warnings.catch_warnings():  # refusals only: a real start says its warnings itself
+            warnings.simplefilter("ignore")
+            transformer_config(recipe, layout, use_te=False, gpu=True)
+    except (ValueError, AssertionError) as error:
+        raise BigptError(
+            f"megatron-core's TransformerConfig refuses the model {recipe.source or 'the recipe'} describes, as "
+            f"built for a GPU: {error}. Change the [model] / [parallel] / [precision] keys it names; bigpt "
+            "should have refused this itself, so please report it too."
+        ) from error
 
 
 def layer_spec(recipe: Recipe, *, use_te: bool):

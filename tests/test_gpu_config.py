@@ -138,6 +138,19 @@ def test_fp8_recipe_keys_reach_megatron_core(transformer_engine_assumed):
     assert (tensorwise.num_layers_at_start_in_bf16, tensorwise.num_layers_at_end_in_bf16) == (1, 1)
 
 
+def test_the_dry_run_puts_the_gpu_config_through_megatron_cores_checks(monkeypatch, tmp_path):
+    """Whatever megatron-core's TransformerConfig refuses that bigpt's checks let through is
+    refused on paper, not on the GPU: here, as if bigpt still asked for bias + relu fusion."""
+    from bigpt.dryrun import describe
+
+    recipe = load_recipe(ROOT / "tests/recipes/mock_tiny.toml", [*VARIANTS["relu_with_biases"], f"run_dir={tmp_path}"])
+    layout = Layout.from_recipe(recipe, 1)
+    assert "data plan" in describe(recipe, layout)
+    monkeypatch.setattr(bigpt_model, "fusions", lambda recipe, **_: {"bias_activation_fusion": True})
+    with pytest.raises(BigptError, match="megatron-core's TransformerConfig refuses the model .*mock_tiny.toml"):
+        describe(recipe, layout)
+
+
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_param_gather_is_started_by_the_schedule_only_when_aligned(interleaved):
     overrides = VARIANTS["interleaved_overlapped"][1:]
