@@ -154,7 +154,13 @@ def test_override_wrong_type_names_the_override():
         (['precision.fp8="delayed"', 'precision.transformer_engine="off"'], "needs Transformer Engine"),
         (
             ['precision.fp8="delayed"', "precision.fp8_bf16_first_layers=1"],
-            "megatron-core cannot do with precision.fp8='delayed'",
+            "precision.fp8_bf16_first_layers=1 applies to precision.fp8='tensorwise' only, and "
+            "precision.fp8='delayed': megatron-core cannot keep layers in bf16 with delayed scaling",
+        ),
+        (
+            ["precision.fp8_amax_history_len=16"],
+            "precision.fp8_amax_history_len=16 applies to precision.fp8='delayed' only, and precision.fp8='none': "
+            "it would be ignored",
         ),
         (
             ['precision.fp8="tensorwise"', "precision.fp8_bf16_last_layers=3"],
