@@ -99,6 +99,7 @@ def build_bare(recipe, layout, bigpt_chunks):
 
     from bigpt.model import DTYPES, transformer_config
     from bigpt.recipe import padded_vocab_size
+    from bigpt.runtime.device import on_gpu
 
     m, p, prec, o, s, t = (
         recipe.model,
@@ -108,7 +109,7 @@ def build_bare(recipe, layout, bigpt_chunks):
         recipe.schedule,
         recipe.train,
     )
-    config = transformer_config(recipe, layout, use_te=False)
+    config = transformer_config(recipe, layout, use_te=False, gpu=on_gpu())
     spec = get_gpt_layer_local_spec(normalization={"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[m.normalization])
     chunks = []
     for vp_stage in range(layout.vpp):

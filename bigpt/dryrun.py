@@ -51,11 +51,12 @@ def describe(recipe: Recipe, layout: Layout) -> str:
     # What a real start refuses before step 1, checked the same way (torch + megatron-core, only here).
     from bigpt.data import plan_tokens
     from bigpt.data.datasets import checked_tokenizer
-    from bigpt.model import check_transformer_engine_installed
+    from bigpt.model import check_gpu_transformer_config, check_transformer_engine_installed
     from bigpt.train.initial import check_initial_weights
     from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point
 
     check_transformer_engine_installed(recipe)
+    check_gpu_transformer_config(recipe, layout)
     check_outputs(recipe)
     if recipe.data.tokenizer:
         checked_tokenizer(recipe)

@@ -197,9 +197,10 @@ def _stage_layers(model: ModelConfig, layers_per_stage: tuple[int, ...], vpp: in
     """Per pipeline stage, whether each of its layers is MoE: megatron-core gives model chunk v of
     stage r the (v × stages + r)-th slice of the layers (interleaving), each stage's layers split
     evenly over its vpp chunks."""
-    kinds, stages = moe_layers(model), [[] for _ in layers_per_stage]
+    kinds = moe_layers(model)
+    stages: list[list[bool]] = [[] for _ in layers_per_stage]
     first = 0
-    for chunk in range(vpp):
+    for _ in range(vpp):
         for stage, layers in enumerate(layers_per_stage):
             stages[stage] += kinds[first : first + layers // vpp]
             first += layers // vpp

@@ -9,6 +9,7 @@ separate layers (other checkpoint names); docs/megatron-core.md.
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,18 +30,31 @@ _NORMS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
 _POSITIONS = {"rope": "rope", "learned": "learned_absolute"}
 
 
+TE_INSTALL = 'pip install --no-build-isolation "transformer-engine[pytorch]>=2.17,<2.18"'
+"""Transformer Engine's torch extension compiles against the torch already installed, which pip's
+build isolation would hide from it (then it builds against another torch, or fails)."""
+
+
 @functools.cache
-def transformer_engine_available() -> bool:
+def transformer_engine_problem() -> str | None:
+    """Why Transformer Engine's layers cannot run here, or None when they can; decided once. Any
+    failure to load counts, not only ImportError: a missing shared library is an OSError, an
+    extension built against another torch a RuntimeError."""
     if not on_gpu():
-        return False
+        return "no CUDA GPU is visible"
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "transformer_engine is not installed"
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except Exception as error:
+        return (
+            f"transformer_engine is installed but does not load ({type(error).__name__}: {error}); "
+            f"reinstall it against this torch with `{TE_INSTALL}`"
+        )
+    return None
 
 
-def _require_transformer_engine(recipe: Recipe, available: bool, where: str) -> None:
+def _require_transformer_engine(recipe: Recipe, problem: str | None, where: str) -> None:
     """FP8, or transformer_engine = "on", means Transformer Engine or a refusal: never a run in
     plain precision that exits 0 as if it had been what the recipe asked for."""
     precision = recipe.precision
@@ -52,12 +66,13 @@ def _require_transformer_engine(recipe: Recipe, available: bool, where: str) -> 
         )
         if asks
     ]
-    if wants and not available:
+    if wants and problem:
         raise BigptError(
-            f"{' and '.join(wants)} needs Transformer Engine on a CUDA GPU, which {where}; install `bigpt[gpu]` "
-            'on a GPU machine, or set precision.fp8 = "none" and precision.transformer_engine = "auto".'
+            f"{' and '.join(wants)} needs Transformer Engine on a CUDA GPU, which {where} ({problem}); install "
+            f'`bigpt[gpu]` on a GPU machine (`{TE_INSTALL}`), or set precision.fp8 = "none" and '
+            'precision.transformer_engine = "auto".'
         )
-    if recipe.parallel.context > 1 and not available:  # megatron-core's own attention asserts context = 1
+    if recipe.parallel.context > 1 and problem:  # megatron-core's own attention asserts context = 1
         raise BigptError(
             f"parallel.context = {recipe.parallel.context} needs Transformer Engine on a CUDA GPU (megatron-core's "
             f"context-parallel attention is Transformer Engine's), which {where}; install `bigpt[gpu]` on a GPU "
@@ -68,14 +83,17 @@ def _require_transformer_engine(recipe: Recipe, available: bool, where: str) -> 
 def check_transformer_engine_installed(recipe: Recipe) -> None:
     """On paper (--dry-run): what needs Transformer Engine finds it installed (no device is probed)."""
     installed = importlib.util.find_spec("transformer_engine") is not None
-    _require_transformer_engine(recipe, installed, "is not installed here")
+    _require_transformer_engine(recipe, None if installed else "no transformer_engine package", "is not installed here")
 
 
 def use_transformer_engine(recipe: Recipe) -> bool:
     """Decide once, at init (the recipe was validated on paper before any device was probed)."""
-    available = transformer_engine_available()
-    _require_transformer_engine(recipe, available, "this machine does not have")
-    return available and recipe.precision.transformer_engine != "off"
+    problem = transformer_engine_problem()
+    _require_transformer_engine(recipe, problem, "this machine does not have")
+    wanted = recipe.precision.transformer_engine != "off"
+    if problem and wanted and on_gpu() and importlib.util.find_spec("transformer_engine") is not None:
+        console.warn(f"{problem}. Running with megatron-core's local layers meanwhile.")
+    return problem is None and wanted
 
 
 def _window_size(window: int | None, seq_length: int) -> tuple[int, int] | None:
@@ -85,17 +103,73 @@ def _window_size(window: int | None, seq_length: int) -> tuple[int, int] | None:
     return (window - 1, 0) if window and window < seq_length else None
 
 
-def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> TransformerConfig:
+APEX_EXTENSIONS = {
+    # megatron-core's own ColumnParallelLinear (GPTModel's output layer, with or without Transformer
+    # Engine) raises without it; Transformer Engine does not ship it.
+    "gradient_accumulation_fusion": ("fused_weight_gradient_mlp_cuda",),
+    # the local spec's fused causal softmax in bf16/fp16 (Transformer Engine's attention ignores the flag)
+    "masked_softmax_fusion": ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"),
+    # apex's FusedLayerNorm (the local spec's norm when apex imports); torch's norm refuses the flag
+    "persist_layer_norm": ("apex",),
+}
+"""The fusion flags whose kernels are Apex's CUDA extensions, and those extensions. Apex is not on
+PyPI and bigpt never installs it: each flag is set only where its extensions import (Megatron-
+Bridge likewise turns gradient_accumulation_fusion off without fused_weight_gradient_mlp_cuda).
+With Transformer Engine and no Apex its layers lose their fused weight-gradient accumulation too:
+the flag is one for the whole model."""
+
+
+@functools.cache
+def importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # an extension present but built for another torch fails to load: absent too
+        return False
+    return True
+
+
+def fusions(recipe: Recipe, *, use_te: bool, gpu: bool) -> dict[str, bool]:
+    """megatron-core's fusion flags for this recipe: CUDA kernels, so all off on CPU; those of Apex
+    only where Apex's extensions import; RoPE's (Transformer Engine's kernel) only with its layers."""
+    m = recipe.model
+    flags = {
+        "gradient_accumulation_fusion": True,
+        "masked_softmax_fusion": not _window_size(m.attention_window, m.seq_length),  # its kernel ignores the window
+        # megatron-core fuses a bias with gelu and with swiglu (fusions/fused_bias_*.py), not with
+        # relu; a non-gated gelu without a bias has nothing to fuse (TransformerConfig refuses both).
+        "bias_activation_fusion": m.activation == "swiglu" or (m.activation == "gelu" and m.add_bias_linear),
+        "bias_dropout_fusion": True,
+        "apply_rope_fusion": use_te and m.position_embedding == "rope",
+        "persist_layer_norm": True,
+    }
+    return {
+        flag: gpu and wanted and all(importable(module) for module in APEX_EXTENSIONS.get(flag, ()))
+        for flag, wanted in flags.items()
+    }
+
+
+def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool, gpu: bool) -> TransformerConfig:
+    """The config bigpt's model chunks share. ``use_te`` and ``gpu`` are decided by the caller
+    (use_transformer_engine, on_gpu), so the GPU config can be built, and checked, on a CPU."""
     m, p, prec, rc = recipe.model, recipe.parallel, recipe.precision, recipe.recompute
     activation, gated = _ACTIVATIONS[m.activation]
     dtype = DTYPES[prec.dtype]
-    gpu = on_gpu()
-    fused = gpu  # the fused kernels are CUDA-only
     extra = {}
     if not m.scaled_output_init:
         extra["output_layer_init_method"] = init_method_normal(m.init_std)
     if prec.fp8 != "none":
-        extra.update(fp8="hybrid", fp8_recipe=prec.fp8)
+        extra.update(
+            fp8="hybrid",
+            fp8_recipe=prec.fp8,
+            fp8_amax_history_len=prec.fp8_amax_history_len,
+            fp8_amax_compute_algo=prec.fp8_amax_compute_algo,
+        )
+        if prec.fp8_bf16_first_layers or prec.fp8_bf16_last_layers:
+            extra.update(
+                first_last_layers_bf16=True,
+                num_layers_at_start_in_bf16=prec.fp8_bf16_first_layers,
+                num_layers_at_end_in_bf16=prec.fp8_bf16_last_layers,
+            )
     if rc.granularity == "full":
         extra.update(recompute_method=rc.method, recompute_num_layers=rc.num_layers)
     elif rc.granularity == "selective":
@@ -147,13 +221,7 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> Trans
         # sends the two directions over two different groups.
         overlap_p2p_comm=gpu and layout.vpp > 1,
         batch_p2p_comm=gpu and layout.vpp == 1,
-        # megatron-core's fused causal softmax kernel ignores window_size (its unfused one applies it).
-        masked_softmax_fusion=fused and not _window_size(m.attention_window, m.seq_length),
-        bias_activation_fusion=fused and (gated or m.add_bias_linear),
-        bias_dropout_fusion=fused,
-        apply_rope_fusion=fused and use_te,
-        persist_layer_norm=fused and use_te,
-        gradient_accumulation_fusion=use_te,
+        **fusions(recipe, use_te=use_te, gpu=gpu),
         **extra,
     )
 
@@ -193,6 +261,22 @@ def moe_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> dict:
     )
 
 
+def check_gpu_transformer_config(recipe: Recipe, layout: Layout) -> None:
+    """On paper (--dry-run): the config a GPU run builds passes megatron-core's own checks, which
+    otherwise first run on the GPU. Its local-layers variant: Transformer Engine's adds only its
+    RoPE kernel, which does not import where there is no GPU."""
+    try:
+        with warnings.catch_warnings():  # refusals only: a real start says its warnings itself
+            warnings.simplefilter("ignore")
+            transformer_config(recipe, layout, use_te=False, gpu=True)
+    except (ValueError, AssertionError) as error:
+        raise BigptError(
+            f"megatron-core's TransformerConfig refuses the model {recipe.source or 'the recipe'} describes, as "
+            f"built for a GPU: {error}. Change the [model] / [parallel] / [precision] keys it names; bigpt "
+            "should have refused this itself, so please report it too."
+        ) from error
+
+
 def layer_spec(recipe: Recipe, config: TransformerConfig, *, use_te: bool, vp_stage: int | None):
     """The layers' spec: one layer spec for a dense model; for MoE, megatron-core's block spec of
     this pipeline chunk, whose layers are MoE or dense by the [moe] layer pattern."""
@@ -215,7 +299,7 @@ def build_model_chunks(recipe: Recipe, layout: Layout) -> tuple[list[GPTModel], 
     console.note(
         f"transformer layers: {'Transformer Engine' if use_te else 'megatron-core local spec (no Transformer Engine)'}"
     )
-    config = transformer_config(recipe, layout, use_te=use_te)
+    config = transformer_config(recipe, layout, use_te=use_te, gpu=on_gpu())
     m = recipe.model
     chunks = []
     for vp_stage in range(layout.vpp):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up bigpt in ./.venv from nothing: torch (the CPU build unless a GPU is present), megatron-core 0.19
-# with emerging-optimizers (Lion, Muon), bigpt itself (editable) and the test tools. Safe to re-run.
+# with emerging-optimizers (Lion, Muon), bigpt itself (editable), the test tools, and on a GPU machine
+# (nvidia-smi present) Transformer Engine (the gpu extra). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -20,6 +21,14 @@ if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 12))'; the
         > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bigpt_typing_override.pth"
 fi
 .venv/bin/python -m pip install -q -e ".[test,curate,ray]"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    # The gpu extra, Transformer Engine: its torch extension (transformer_engine_torch) compiles at
+    # install time against the torch installed above, which pip's build isolation would hide from
+    # it; without isolation its build tools must be here already. Needs the CUDA toolkit and cuDNN
+    # (CUDA_HOME, or NVTE_CUDA_INCLUDE_PATH for the headers).
+    .venv/bin/python -m pip install -q "pybind11[global]" ninja setuptools wheel
+    .venv/bin/python -m pip install -q --no-build-isolation "transformer-engine[pytorch]>=2.17,<2.18"
+fi
 
 # SLURM and munge for the tests on a real two-node cluster on this machine (tests/slurm_cluster.py):
 # installed where this runs as root with apt, as on CI; elsewhere those tests are skipped, saying why.

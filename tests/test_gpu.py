@@ -1,4 +1,5 @@
-"""On a GPU: Transformer Engine layers, bf16 and FP8 train like megatron-core's local layers.
+"""On a GPU: megatron-core's local layers in bf16, Transformer Engine layers and FP8 train like
+the reference (fp32 local layers, bf16 local layers, bf16).
 
 Marked ``gpu``: skipped (with the reason) where torch sees no CUDA device, as on CI; run on a GPU
 machine with ``pytest -m gpu``. Each run is the tiny mock recipe, as a user launches it.
@@ -40,6 +41,14 @@ def transformer_engine():
     pytest.importorskip(
         "transformer_engine.pytorch", reason="Transformer Engine is not installed (pip install -e .[gpu])"
     )
+
+
+def test_local_layers_train_in_bf16_like_fp32(tmp_path):
+    """The path of a GPU run without Transformer Engine: megatron-core's local spec with the
+    fusions bigpt enables on a GPU (none of Apex's where Apex is not installed)."""
+    fp32 = _losses(tmp_path, "fp32", "precision.dtype=fp32", "precision.transformer_engine=off")
+    bf16 = _losses(tmp_path, "bf16", "precision.dtype=bf16", "precision.transformer_engine=off")
+    _close(bf16, fp32, rel=3e-2)
 
 
 def test_transformer_engine_layers_train_like_the_local_layers(transformer_engine, tmp_path):

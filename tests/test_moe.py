@@ -105,7 +105,7 @@ ROUTERS = {  # the routers of released MoE models, as [moe] spells them
 @pytest.mark.parametrize("use_te", [False, True], ids=["local", "transformer_engine"])
 def test_released_routers_build_a_config_megatron_core_accepts(router, use_te):
     recipe = load_recipe(MOE_RECIPE, ROUTERS[router])
-    config = transformer_config(recipe, Layout.from_recipe(recipe, 1), use_te=use_te)
+    config = transformer_config(recipe, Layout.from_recipe(recipe, 1), use_te=use_te, gpu=False)
     moe = recipe.model.moe
     assert config.num_moe_experts == moe.num_experts and config.moe_router_topk == moe.router_topk
     # normalised top-k probabilities: a softmax over the chosen logits alone (or a sigmoid's, always)
@@ -124,7 +124,7 @@ def test_normalize_topk_gives_each_token_probabilities_that_sum_to_one():
         recipe = load_recipe(
             MOE_RECIPE, ["model.moe.num_experts=8", f"model.moe.normalize_topk={str(normalize).lower()}"]
         )
-        config = transformer_config(recipe, Layout.from_recipe(recipe, 1), use_te=False)
+        config = transformer_config(recipe, Layout.from_recipe(recipe, 1), use_te=False, gpu=False)
         probs, _ = topk_routing_with_score_function(logits, 2, use_pre_softmax=config.moe_router_pre_softmax)
         sums = probs.sum(dim=-1)
         if normalize:

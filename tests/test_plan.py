@@ -191,7 +191,7 @@ def test_selective_recompute_modules_reach_megatron_core():
             'precision.transformer_engine="off"',
         ],
     )
-    config = transformer_config(recipe, Layout.from_recipe(recipe, 1), use_te=False)
+    config = transformer_config(recipe, Layout.from_recipe(recipe, 1), use_te=False, gpu=False)
     assert config.recompute_granularity == "selective" and config.recompute_modules == ["core_attn", "mlp"]
 
 

@@ -152,6 +152,20 @@ def test_override_wrong_type_names_the_override():
         (["model.num_query_groups=3"], "model.num_attention_heads=4 is not a multiple of model.num_query_groups=3"),
         (["model.hidden_size=130"], "model.hidden_size=130 is not divisible by model.num_attention_heads=4"),
         (['precision.fp8="delayed"', 'precision.transformer_engine="off"'], "needs Transformer Engine"),
+        (
+            ['precision.fp8="delayed"', "precision.fp8_bf16_first_layers=1"],
+            "precision.fp8_bf16_first_layers=1 applies to precision.fp8='tensorwise' only, and "
+            "precision.fp8='delayed': megatron-core cannot keep layers in bf16 with delayed scaling",
+        ),
+        (
+            ["precision.fp8_amax_history_len=16"],
+            "precision.fp8_amax_history_len=16 applies to precision.fp8='delayed' only, and precision.fp8='none': "
+            "it would be ignored",
+        ),
+        (
+            ['precision.fp8="tensorwise"', "precision.fp8_bf16_last_layers=3"],
+            "precision.fp8_bf16_last_layers=3 is more than the 2 layers of a pipeline stage",
+        ),
         (["train.rampup_batch_size=[3, 2, 100]"], "never reaches train.global_batch_size=8"),
         (["train.rampup_batch_size=[2, 2]"], "does not have 3 entries"),
         (["optimizer.min_lr=1.0"], "optimizer.min_lr=1.0 is above optimizer.lr"),

@@ -77,7 +77,9 @@ def test_every_forward_pass_hands_the_model_its_inputs_on_its_device(monkeypatch
 
     recipe = load_recipe(MOCK_RECIPE)
     layout = Layout.from_recipe(recipe, 1)
-    model = StandInGPT(transformer_config(recipe, layout, use_te=False), recipe.model.vocab_size, device="meta")
+    model = StandInGPT(
+        transformer_config(recipe, layout, use_te=False, gpu=False), recipe.model.vocab_size, device="meta"
+    )
     with world_of_one():
         output, loss = forward_step(iter([cpu_batch(recipe.model.seq_length)]), model)
         assert model.devices == {"meta"} and all(value.device.type == "meta" for value in loss(output)[:2])
@@ -131,14 +133,13 @@ def test_no_two_pipeline_stages_or_virtual_chunks_start_equal(virtual):
 
 # ------------------------------------------------------------ interleaved p2p as Megatron-LM runs it
 @pytest.mark.parametrize("pipeline, virtual", [(2, 1), (2, 2), (4, 2)])
-def test_interleaved_pipelines_never_batch_their_p2p(monkeypatch, pipeline, virtual):
+def test_interleaved_pipelines_never_batch_their_p2p(pipeline, virtual):
     """With interleaving at PP=2 both neighbours are one rank, and batched sends and receives of the
     same shape can pair up crosswise: Megatron-LM (arguments.py) refuses it unless p2p overlap is
     on, and runs interleaved schedules overlapped and unbatched (argument_utils.py). On a GPU bigpt
     configures the same; megatron-core's schedule refuses both at once."""
     import bigpt.model
 
-    monkeypatch.setattr(bigpt.model, "on_gpu", lambda: True)
     recipe = load_recipe(
         MOCK_RECIPE,
         [
@@ -148,7 +149,7 @@ def test_interleaved_pipelines_never_batch_their_p2p(monkeypatch, pipeline, virt
             "train.global_batch_size=16",
         ],
     )
-    config = bigpt.model.transformer_config(recipe, Layout.from_recipe(recipe, pipeline), use_te=False)
+    config = bigpt.model.transformer_config(recipe, Layout.from_recipe(recipe, pipeline), use_te=False, gpu=True)
     assert not (config.batch_p2p_comm and config.overlap_p2p_comm)
     assert config.overlap_p2p_comm == (virtual > 1) and config.batch_p2p_comm == (virtual == 1)
 

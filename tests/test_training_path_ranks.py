@@ -56,7 +56,7 @@ def scenario_context_parallel(rank: int, directory) -> dict:
     layout = Layout.from_recipe(recipe, WORLD_SIZE)
     init_distributed(layout)
     try:
-        config = transformer_config(recipe, layout, use_te=False)
+        config = transformer_config(recipe, layout, use_te=False, gpu=False)
         config.finalize_model_grads_func = finalize_model_grads  # as bigpt wires it (wire_model_config)
         stand_in = StandInGPT(config, VOCAB)
         (model,) = wrap_ddp(recipe, config, [stand_in])

@@ -7,7 +7,14 @@ Checks that involve the parallel layout live in ``bigpt.layout``, so a planner c
 from typing import NoReturn
 
 from bigpt.errors import BigptError
-from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MODEL_SHAPE_KEYS, MoEConfig, Recipe, RecomputeConfig
+from bigpt.recipe.tables import (
+    MODEL_FUNCTION_KEYS,
+    MODEL_SHAPE_KEYS,
+    MoEConfig,
+    PrecisionConfig,
+    Recipe,
+    RecomputeConfig,
+)
 
 
 def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
@@ -208,6 +215,48 @@ def _check_precision(recipe: Recipe) -> None:
             "attention is Transformer Engine's) but precision.transformer_engine='off'",
             "set transformer_engine to 'auto' or 'on', or parallel.context = 1",
         )
+    _check_fp8_scaling(recipe)
+
+
+FP8_SCALING_KEYS = {
+    "delayed": ("fp8_amax_history_len", "fp8_amax_compute_algo"),
+    "tensorwise": ("fp8_bf16_first_layers", "fp8_bf16_last_layers"),
+}
+"""[precision] keys that apply to one FP8 scaling recipe only."""
+
+
+def _check_fp8_scaling(recipe: Recipe) -> None:
+    precision = recipe.precision
+    defaults = PrecisionConfig()
+    for scaling, keys in FP8_SCALING_KEYS.items():
+        changed = [
+            f"precision.{key}={getattr(precision, key)!r}"
+            for key in keys
+            if getattr(precision, key) != getattr(defaults, key)
+        ]
+        if changed and precision.fp8 != scaling:
+            many = len(changed) > 1
+            why = (
+                "megatron-core cannot keep layers in bf16 with delayed scaling"
+                if scaling == "tensorwise" and precision.fp8 == "delayed"
+                else f"{'they' if many else 'it'} would be ignored"
+            )
+            recipe_error(
+                recipe,
+                f"{' and '.join(changed)} {'apply' if many else 'applies'} to precision.fp8='{scaling}' only, "
+                f"and precision.fp8={precision.fp8!r}: {why}",
+                f"remove {'them' if many else 'it'}, or use fp8 = '{scaling}'",
+            )
+    # megatron-core's bound (TransformerConfig): at most the layers of one pipeline stage each
+    per_stage = recipe.model.num_layers // recipe.parallel.pipeline
+    for key in FP8_SCALING_KEYS["tensorwise"]:
+        if getattr(precision, key) > per_stage:
+            recipe_error(
+                recipe,
+                f"precision.{key}={getattr(precision, key)} is more than the {per_stage} layers of a pipeline stage "
+                f"(model.num_layers={recipe.model.num_layers} / parallel.pipeline={recipe.parallel.pipeline})",
+                f"keep at most {per_stage} layers in bf16 at each end",
+            )
 
 
 def _check_recompute(recipe: Recipe) -> None:

@@ -240,7 +240,21 @@ class PrecisionConfig:
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Parameter and activation dtype (the optimizer keeps fp32 master weights for bf16/fp16)."""
     fp8: Literal["none", "delayed", "tensorwise"] = "none"
-    """FP8 matmuls through Transformer Engine and the recipe for their scaling factors."""
+    """FP8 matmuls through Transformer Engine and the recipe for their scaling factors: delayed =
+    from a history of past maxima (fp8_amax_*), tensorwise = current scaling, from each tensor's
+    own maximum."""
+    fp8_amax_history_len: int = positive(1024)
+    """fp8 = "delayed" only: steps of per-tensor maxima (amax) kept to choose each scaling factor
+    from (megatron-core's default keeps 1; Transformer Engine's and Megatron-Bridge's recipes 1024)."""
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """fp8 = "delayed" only: scale by the largest amax in the history, or by the most recent one."""
+    fp8_bf16_first_layers: int = non_negative(0)
+    """fp8 = "tensorwise" only: transformer layers at the start of the model kept in bf16 rather than
+    FP8, the most sensitive ones (Megatron-Bridge's current-scaling recipe keeps 1 here and 1 at
+    the end); megatron-core cannot do this with delayed scaling."""
+    fp8_bf16_last_layers: int = non_negative(0)
+    """fp8 = "tensorwise" only: transformer layers at the end of the model kept in bf16 rather
+    than FP8."""
     transformer_engine: Literal["auto", "on", "off"] = "auto"
     """Use Transformer Engine layers: auto = when importable and a GPU is present."""
     initial_loss_scale: float = positive(65536.0)

@@ -43,18 +43,11 @@ def _check_installed(recipe: Recipe) -> None:
 def wrap_ddp(recipe: Recipe, config: TransformerConfig, chunks: list) -> list[DistributedDataParallel]:
     """Half-precision wrapper (bf16/fp16) and megatron-core DDP around every model chunk."""
     _check_installed(recipe)  # before anything depends on the optimizer's layout
-    p, prec = recipe.parallel, recipe.precision
     if layer_wise(recipe):
         tag_params_for_buffer_routing(chunks)  # before DDP: which buffer, and so which layout, each takes
-    if prec.dtype != "fp32":
+    if recipe.precision.dtype != "fp32":
         chunks = [Float16Module(config, chunk) for chunk in chunks]
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=prec.grad_reduce_in_fp32,
-        overlap_grad_reduce=p.overlap_grad_reduce,
-        overlap_param_gather=p.overlap_param_gather,
-        use_distributed_optimizer=p.distributed_optimizer,
-        check_for_nan_in_grad=False,  # the fault guard decides what a NaN means
-    )
+    ddp_config = ddp_config_for(recipe)
     # Only the first chunk buckets: later chunks' grads are ready first under interleaving.
     return [
         DistributedDataParallel(
@@ -66,6 +59,22 @@ def wrap_ddp(recipe: Recipe, config: TransformerConfig, chunks: list) -> list[Di
         )
         for index, chunk in enumerate(chunks)
     ]
+
+
+def ddp_config_for(recipe: Recipe) -> DistributedDataParallelConfig:
+    p = recipe.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=recipe.precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        # As Megatron-LM: with interleaving, every pipeline stage starts its chunks' parameter
+        # all-gathers from the schedule (config.param_sync_func, wire_model_config); without it,
+        # DDP's forward hooks dispatch them. Both at once dispatch each bucket twice (megatron-core
+        # warns on every rank).
+        align_param_gather=p.overlap_param_gather and p.virtual_pipeline > 1,
+        use_distributed_optimizer=p.distributed_optimizer,
+        check_for_nan_in_grad=False,  # the fault guard decides what a NaN means
+    )
 
 
 def _layer_wise_layout(recipe: Recipe, ddp_config: DistributedDataParallelConfig, chunk, index: int):
@@ -82,9 +91,9 @@ def _layer_wise_layout(recipe: Recipe, ddp_config: DistributedDataParallelConfig
     )
 
 
-def build_optimizer(recipe: Recipe, model: list[DistributedDataParallel]):
+def optimizer_config(recipe: Recipe) -> OptimizerConfig:
     o, prec = recipe.optimizer, recipe.precision
-    config = OptimizerConfig(
+    return OptimizerConfig(
         optimizer=MEGATRON_OPTIMIZERS[o.name],
         lr=o.lr,
         min_lr=o.min_lr,
@@ -107,7 +116,10 @@ def build_optimizer(recipe: Recipe, model: list[DistributedDataParallel]):
         use_layer_wise_distributed_optimizer=layer_wise(recipe),
         overlap_param_gather=recipe.parallel.overlap_param_gather,
     )
-    return get_megatron_optimizer(config, model)
+
+
+def build_optimizer(recipe: Recipe, model: list[DistributedDataParallel]):
+    return get_megatron_optimizer(optimizer_config(recipe), model)
 
 
 def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
@@ -171,7 +183,7 @@ def wire_model_config(config: TransformerConfig, model: list[DistributedDataPara
         config.no_sync_func = no_sync[0] if one else no_sync
         grad_sync = [chunk.start_grad_sync for chunk in model]
         config.grad_sync_func = grad_sync[0] if one else grad_sync
-    if model[0].ddp_config.overlap_param_gather:
+    if model[0].ddp_config.align_param_gather:  # else DDP's forward hooks start them (ddp_config_for)
         param_sync = [chunk.start_param_sync for chunk in model]
         config.param_sync_func = param_sync[0] if one else param_sync
 
