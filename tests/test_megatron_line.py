@@ -4,7 +4,9 @@ bigpt applies to it (bigpt/runtime/megatron_fixes.py), each shown to be needed.
 tests/fixtures/mcore_0_16_1 holds a checkpoint written on 0.16.1 and what 0.16.1 made of it (its
 README says how): the line bigpt ships now must resume it as 0.16.1 did (to RECORDED_ELSEWHERE: the
 numbers were recorded on another machine), start from its weights at another layout, and export the
-same Hugging Face tensors (bit for bit: a conversion moves tensors, it does no arithmetic).
+same Hugging Face tensors (bit for bit: a conversion moves tensors, it does no arithmetic). Losses
+of a run from scratch are not compared with 0.16.1's: bigpt then seeded every pipeline stage alike
+(each stage's layers started as copies of the first's), and now seeds them as Megatron-LM does.
 """
 
 import hashlib
@@ -22,7 +24,7 @@ from safetensors.numpy import load_file
 
 from bigpt.errors import BigptError
 from bigpt.runtime import megatron_fixes
-from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
+from multirank import REPO, run_bigpt, scalars
 from test_fault_tolerance import ranks_of, start, wait_for_step
 from test_hf import convert
 
@@ -36,35 +38,11 @@ RECIPE = FIXTURE / "recipe.toml"
 # resumed run against an uninterrupted one in the same test: tests/test_fault_tolerance.py).
 RECORDED_ELSEWHERE = 1e-5
 
-# tests/recipes/mock_tiny.toml at TP2 x PP2 on megatron-core 0.16.1 (6 steps, from scratch).
-MOCK_TINY_TP2_PP2_ON_0_16_1 = [
-    6.239431381225586,
-    6.259671688079834,
-    6.109004974365234,
-    5.918712615966797,
-    5.703610897064209,
-    5.543428421020508,
-]
-
-
 @pytest.fixture
 def checkpoints(tmp_path):
     """A run directory whose only checkpoint is the fixture's (so that a resume picks it)."""
     shutil.copytree(FIXTURE / "iter_0000004", tmp_path / "checkpoints" / "iter_0000004")
     return tmp_path / "checkpoints"
-
-
-@pytest.mark.slow
-def test_tp2_pp2_trains_as_on_0_16_1(tmp_path):
-    run_bigpt(
-        MOCK_RECIPE,
-        f"run_dir={tmp_path}",
-        "parallel.tensor=2",
-        "parallel.pipeline=2",
-        "checkpoint.save_interval=0",
-        nproc=4,
-    )
-    assert scalars(tmp_path, "train/loss") == pytest.approx(MOCK_TINY_TP2_PP2_ON_0_16_1, rel=RECORDED_ELSEWHERE)
 
 
 @pytest.mark.slow
