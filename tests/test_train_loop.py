@@ -58,21 +58,28 @@ def test_checkpoint_of_another_shape_and_a_fresh_start_over_a_run_are_refused(tm
         f"checkpoint.dir {checkpoints} holds checkpoints of another run (iter_0000002, iter_0000003)" in result.stderr
     )
     assert {p: p.read_bytes() for p in sorted(checkpoints.rglob("*")) if p.is_file()} == before
-    # A resume with a longer run and a later decay: the recipe's schedule wins, said in the log and in recipe.toml.
-    result = run_bigpt(
-        MOCK_RECIPE,
-        f"run_dir={tmp_path}",
+    # A resume with a longer run, a later decay and new lr bounds (a re-warmed continual run): the
+    # recipe's optimizer and schedule win, said in the log and in recipe.toml.
+    resume = (
         "checkpoint.load=auto",
         "train.train_iters=4",
         "schedule.warmup_iters=1",
         "schedule.decay_iters=12",
+        "optimizer.lr=2e-3",
+        "optimizer.min_lr=2e-4",
     )
+    # megatron-core alone cannot load the optimizer state with other lr bounds (its groups are keyed by them).
+    failed = run_bigpt(
+        MOCK_RECIPE, f"run_dir={tmp_path}", *resume, fault="without_fix@_resume_with_new_lr_bounds", check=False
+    )
+    assert failed.returncode != 0 and "KeyError" in failed.stderr
+    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", *resume)
     assert (
-        "the recipe's optimizer and schedule replace the checkpoint's: schedule.decay_iters unset -> 12; "
-        "train.train_iters 3 -> 4"
+        "the recipe's optimizer and schedule replace the checkpoint's: optimizer.lr 0.003 -> 0.002; "
+        "optimizer.min_lr 0.0003 -> 0.0002; schedule.decay_iters unset -> 12; train.train_iters 3 -> 4"
     ) in result.stdout
-    # cosine from lr 3e-3 to min_lr 3e-4, in samples (8 per step): warmup 8, decay ends at 96; after step 4: 32
-    expected = 3e-4 + 0.5 * (math.cos(math.pi * (32 - 8) / (96 - 8)) + 1) * (3e-3 - 3e-4)
+    # cosine from lr 2e-3 to min_lr 2e-4, in samples (8 per step): warmup 8, decay ends at 96; after step 4: 32
+    expected = 2e-4 + 0.5 * (math.cos(math.pi * (32 - 8) / (96 - 8)) + 1) * (2e-3 - 2e-4)
     assert scalars(tmp_path, "train/lr")[3] == pytest.approx(expected, rel=1e-6)  # the checkpoint's: 3e-4
     assert "decay_iters = 12" in (tmp_path / "recipe.toml").read_text()
 

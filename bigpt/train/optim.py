@@ -178,7 +178,8 @@ def wire_model_config(config: TransformerConfig, model: list[DistributedDataPara
 
 def apply_recipe_hyperparameters(recipe: Recipe, optimizer) -> None:
     """After a resume: loading the optimizer's state also restored the checkpoint's Adam betas and
-    epsilon; the recipe's win, as the schedule's do (the scheduler sets lr and weight decay)."""
+    epsilon; the recipe's win, as the schedule's do (the scheduler sets lr and weight decay from
+    the groups' lr bounds, which stay the recipe's: megatron_fixes._resume_with_new_lr_bounds)."""
     o = recipe.optimizer
     for group in optimizer.param_groups:
         group.update(betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
