@@ -92,6 +92,12 @@ def test_launching_the_wrong_number_of_ranks_is_refused(tmp_path):
 
 
 def test_global_batch_ramps_up(tmp_path):
-    """train.rampup_batch_size=[4, 4, 16]: batches of 4 until 16 samples are consumed, then 8."""
-    run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "train.rampup_batch_size=[4, 4, 16]")
+    """train.rampup_batch_size=[4, 4, 16]: batches of 4 until 16 samples are consumed, then 8; warmup
+    (2 steps) and decay (to step 6) end where the recipe says; evaluations run full batches."""
+    run_bigpt(
+        MOCK_RECIPE, f"run_dir={tmp_path}", "train.rampup_batch_size=[4, 4, 16]", "eval.interval=3", "eval.iters=1"
+    )
     assert scalars(tmp_path, "train/global_batch_size") == [4, 4, 4, 4, 8, 8]
+    lrs = scalars(tmp_path, "train/lr")
+    assert max(lrs) == lrs[1] == pytest.approx(3e-3) and lrs[-1] == pytest.approx(3e-4)
+    assert len(scalars(tmp_path, "valid/loss")) == 2
