@@ -10,8 +10,13 @@ from multirank import MOCK_RECIPE, run_bigpt, scalars
 pytestmark = pytest.mark.slow
 
 
-def test_tensorboard_has_every_logged_scalar(tmp_path):
-    result = run_bigpt(MOCK_RECIPE, f"run_dir={tmp_path}", "eval.interval=3", "eval.iters=1")
+DROPOUT = ("model.hidden_dropout=0.1", "model.attention_dropout=0.1")
+
+
+def test_tensorboard_has_every_logged_scalar_and_dropout_resumes_exactly(tmp_path):
+    result = run_bigpt(
+        MOCK_RECIPE, f"run_dir={tmp_path}", "eval.interval=3", "eval.iters=1", "checkpoint.save_interval=3", *DROPOUT
+    )
     for tag in ("loss", "lr", "grad_norm", "step_time", "tokens_per_s", "tflops", "memory_gib"):
         assert len(scalars(tmp_path, f"train/{tag}")) == 6, tag
     valid = scalars(tmp_path, "valid/loss")
@@ -19,6 +24,14 @@ def test_tensorboard_has_every_logged_scalar(tmp_path):
     assert scalars(tmp_path, "valid/perplexity") == pytest.approx([math.exp(v) for v in valid])
     assert "step 6/6" in result.stdout and "validation loss" in result.stdout
     assert (tmp_path / "recipe.toml").is_file()
+    # Dropout draws from the RNG the checkpoint carries: resumed at step 3 and evaluated at other
+    # steps (evaluations and the resume make new data iterators), the run trains bit-identically.
+    resumed = tmp_path / "resumed"
+    checkpoint = tmp_path / "checkpoints" / "iter_0000003"
+    run_bigpt(
+        MOCK_RECIPE, f"run_dir={resumed}", f"checkpoint.load={checkpoint}", "eval.interval=1", "eval.iters=1", *DROPOUT
+    )
+    assert scalars(resumed, "train/loss") == scalars(tmp_path, "train/loss")[3:]
 
 
 def test_checkpoint_of_another_shape_and_a_fresh_start_over_a_run_are_refused(tmp_path):
