@@ -1,6 +1,7 @@
 """The training loop end to end on one CPU rank: logged scalars, validation, refusals, ramp-up
 (exact resume is tested after SIGKILL and preemption in test_fault_tolerance.py)."""
 
+import json
 import math
 
 import pytest
@@ -26,8 +27,12 @@ def test_tensorboard_has_every_logged_scalar_and_dropout_resumes_exactly(tmp_pat
     assert (tmp_path / "recipe.toml").is_file()
     # Dropout draws from the RNG the checkpoint carries: resumed at step 3 and evaluated at other
     # steps (evaluations and the resume make new data iterators), the run trains bit-identically.
+    # The checkpoint says it was saved at data parallel 2 (as a DP=2 run's would): TP and PP are
+    # unchanged, so the RNG state is restored all the same (it was dropped at any layout change).
     resumed = tmp_path / "resumed"
     checkpoint = tmp_path / "checkpoints" / "iter_0000003"
+    marker = json.loads((checkpoint / "bigpt.json").read_text())
+    (checkpoint / "bigpt.json").write_text(json.dumps({**marker, "layout": {**marker["layout"], "dp": 2}}))
     run_bigpt(
         MOCK_RECIPE, f"run_dir={resumed}", f"checkpoint.load={checkpoint}", "eval.interval=1", "eval.iters=1", *DROPOUT
     )
