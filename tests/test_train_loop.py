@@ -16,10 +16,20 @@ DROPOUT = ("model.hidden_dropout=0.1", "model.attention_dropout=0.1")
 
 def test_tensorboard_has_every_logged_scalar_and_dropout_resumes_exactly(tmp_path):
     result = run_bigpt(
-        MOCK_RECIPE, f"run_dir={tmp_path}", "eval.interval=3", "eval.iters=1", "checkpoint.save_interval=3", *DROPOUT
+        MOCK_RECIPE,
+        f"run_dir={tmp_path}",
+        "eval.interval=3",
+        "eval.iters=1",
+        "checkpoint.save_interval=3",
+        "logging.interval=4",
+        *DROPOUT,
     )
     for tag in ("loss", "lr", "grad_norm", "step_time", "tokens_per_s", "tflops", "memory_gib"):
         assert len(scalars(tmp_path, f"train/{tag}")) == 6, tag
+    losses = scalars(tmp_path, "train/loss")
+    means = [sum(losses[:4]) / 4, sum(losses[4:]) / 2]  # the logging steps 4 and 6 (the last)
+    assert scalars(tmp_path, "train/loss_interval_mean") == pytest.approx(means, rel=1e-6)
+    assert f"step 6/6 | tokens 3,072 | loss {means[1]:.4f} |" in result.stdout
     valid = scalars(tmp_path, "valid/loss")
     assert len(valid) == 2  # steps 3 and 6
     assert scalars(tmp_path, "valid/perplexity") == pytest.approx([math.exp(v) for v in valid])

@@ -334,7 +334,7 @@ class LoggingConfig:
     """[logging]: what is reported and how often."""
 
     interval: int = positive(1)
-    """Log loss, throughput and MFU every this many steps."""
+    """Log loss, throughput and MFU every this many steps; the loss logged is the mean over them."""
     tensorboard: bool = True
     """Also write TensorBoard events under <run_dir>/tensorboard."""
 
