@@ -15,6 +15,7 @@ import signal
 import pytest
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import MegatronOptimizer
 from safetensors.numpy import load_file
 
 from bigpt.errors import BigptError
@@ -135,6 +136,7 @@ def test_without_the_results_queue_fix_a_signal_to_the_ranks_process_groups_fail
             "_model_space_optimizer_state_without_flattened_ranges",
             (DistributedOptimizer, "sharded_param_state_fs_model_space"),
         ),
+        ("_resume_with_new_lr_bounds", (MegatronOptimizer, "_filter_and_reorder_param_groups")),
     ],
 )
 def test_a_fix_whose_target_moved_stops_bigpt(fix, target, monkeypatch):
