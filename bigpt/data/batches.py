@@ -46,8 +46,8 @@ def _until_exhausted(loader, length: int):
     yield from loader
     raise BigptError(
         f"the dataset has {length} samples and all were consumed; the training split is built for "
-        "train.train_iters × train.global_batch_size samples and the validation split for one "
-        "evaluation (eval.iters × train.global_batch_size, read from its first sample at every "
+        "the samples of train.train_iters steps and the validation split for one evaluation "
+        "(eval.iters × train.global_batch_size samples, read from its first sample at every "
         "evaluation), so a run past them needs the datasets built again for the longer run"
     )
 
