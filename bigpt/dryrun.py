@@ -1,10 +1,21 @@
 """The --dry-run report: the resolved recipe and its plan, computed on paper."""
 
 from bigpt.flops import flops_per_step, num_parameters, parameters_per_stage
-from bigpt.layout import Layout
+from bigpt.layout import Layout, samples_by_step
 from bigpt.numbers import short
 from bigpt.recipe import Recipe, padded_vocab_size, recipe_to_toml
 from bigpt.runtime import console
+
+
+def _training_tokens(recipe: Recipe) -> str:
+    train, seq = recipe.train, recipe.model.seq_length
+    tokens = samples_by_step(train, train.train_iters) * seq
+    per_step = train.global_batch_size * seq
+    if train.rampup_batch_size:
+        return (
+            f"training tokens  {train.train_iters:,} steps, ramping up to {per_step:,} = {tokens:,} ({short(tokens)})"
+        )
+    return f"training tokens  {train.train_iters:,} steps × {per_step:,} = {tokens:,} ({short(tokens)})"
 
 
 def describe(recipe: Recipe, layout: Layout) -> str:
@@ -37,16 +48,15 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         f"batch            global {layout.global_batch_size} = micro {layout.micro_batch_size} "
         f"× DP {layout.dp} × {layout.num_microbatches} micro-batches",
         f"tokens per step  {layout.global_batch_size} × seq {model.seq_length} = {tokens_per_step:,}",
-        f"training tokens  {train.train_iters:,} steps × {tokens_per_step:,} = "
-        f"{train.train_iters * tokens_per_step:,} ({short(train.train_iters * tokens_per_step)})",
+        _training_tokens(recipe),
         f"FLOPs per step   {flops_per_step(recipe, layout.global_batch_size):.3e} "
         f"(3 × forward, causal attention halved)",
     ]
     if train.rampup_batch_size:
         start, increment, samples = train.rampup_batch_size
         lines.append(
-            f"batch ramp-up    from {start} by {increment} over {samples:,} samples "
-            f"(tokens above assume the full batch throughout)"
+            f"batch ramp-up    from {start} by {increment} over {samples:,} samples (warmup and decay "
+            f"end at the steps the recipe names; evaluation uses the full batch)"
         )
     # What a real start refuses before step 1, checked the same way (torch + megatron-core, only here).
     from bigpt.data import plan_tokens

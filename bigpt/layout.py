@@ -8,7 +8,7 @@ is checked here first, with an error that names the recipe keys and what to chan
 import math
 from dataclasses import dataclass
 
-from bigpt.recipe import Recipe
+from bigpt.recipe import Recipe, TrainConfig
 from bigpt.recipe.checks import recipe_error
 
 
@@ -300,6 +300,33 @@ def _num_microbatches(recipe: Recipe, dp: int) -> int:
                 f"{per_pass * parallel.pipeline}",
             )
     return train.global_batch_size // per_pass
+
+
+def global_batch_at(train: TrainConfig, consumed_samples: int) -> int:
+    """The global batch of the step that starts after ``consumed_samples``. Under
+    train.rampup_batch_size [start, increment, ramp_samples] (Megatron's --rampup-batch-size) it
+    grows by ``increment`` every ramp_samples / increments samples: increment k from the first
+    count c with c × increments ≥ k × ramp_samples, as megatron-core's calculator is told
+    (bigpt.train.optim.rampup_schedule)."""
+    if not train.rampup_batch_size:
+        return train.global_batch_size
+    start, increment, ramp_samples = train.rampup_batch_size
+    increments = (train.global_batch_size - start) // increment
+    reached = increments if ramp_samples == 0 else min(increments, consumed_samples * increments // ramp_samples)
+    return start + reached * increment
+
+
+def samples_by_step(train: TrainConfig, steps: int) -> int:
+    """Samples consumed by the end of step ``steps``: steps × global_batch_size, less what the
+    smaller batches of a ramp-up leave out. The schedule (warmup, decay) counts samples, so its
+    points in steps become these."""
+    consumed = 0
+    for step in range(steps):
+        batch = global_batch_at(train, consumed)
+        if batch == train.global_batch_size:  # the ramp-up is over: the rest are full batches
+            return consumed + (steps - step) * batch
+        consumed += batch
+    return consumed
 
 
 def divisors(n: int, at_most: int | None = None) -> list[int]:

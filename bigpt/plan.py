@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from bigpt.errors import BigptError
 from bigpt.flops import Gpu, flops_per_step, gpu_named, num_parameters, parameters_per_stage, recompute_flops_per_step
-from bigpt.layout import Layout, divisors
+from bigpt.layout import Layout, divisors, samples_by_step
 from bigpt.memory import ADAM_STATE_BYTES, DTYPE_BYTES, MASTER_WEIGHT_BYTES, StageMemory, peak_memory
 from bigpt.recipe import Recipe, padded_vocab_size
 
@@ -330,9 +330,11 @@ def _checkpoint_lines(plan: Plan, option: Option) -> list[str]:
 def _budget_lines(plan: Plan, option: Option) -> list[str]:
     recipe, layout = option.recipe, option.layout
     steps = recipe.train.train_iters
-    tokens = steps * layout.global_batch_size * recipe.model.seq_length
-    total_flops = steps * flops_per_step(recipe, layout.global_batch_size)
-    seconds = steps * plan.step_seconds(option)
+    samples = samples_by_step(recipe.train, steps)
+    full_batches = samples / layout.global_batch_size  # a ramp-up's smaller steps as shares of a full one
+    tokens = samples * recipe.model.seq_length
+    total_flops = full_batches * flops_per_step(recipe, layout.global_batch_size)
+    seconds = full_batches * plan.step_seconds(option)
     parameters = num_parameters(recipe.model)
     optimal = CHINCHILLA_TOKENS_PER_PARAMETER * parameters
     ratio = tokens / optimal
@@ -344,10 +346,11 @@ def _budget_lines(plan: Plan, option: Option) -> list[str]:
         else "over-trained for its size: more tokens than compute-optimal, buying a smaller model to serve"
     )
     return [
-        f"compute budget   {steps:,} steps × {layout.global_batch_size * recipe.model.seq_length:,} tokens = "
+        f"compute budget   {steps:,} steps × {layout.global_batch_size * recipe.model.seq_length:,} tokens"
+        + (" (ramping up)" if recipe.train.rampup_batch_size else "")
+        + " = "
         f"{tokens:.3g} tokens: {total_flops:.3g} FLOPs = {total_flops / 1e15 / 86400:,.0f} PF/s-days = "
-        f"{seconds * plan.gpus / 3600:,.0f} GPU-hours ({seconds / 86400:,.1f} days on {plan.gpus} GPUs)"
-        + (" with the full batch throughout" if recipe.train.rampup_batch_size else ""),
+        f"{seconds * plan.gpus / 3600:,.0f} GPU-hours ({seconds / 86400:,.1f} days on {plan.gpus} GPUs)",
         f"compute-optimal  {CHINCHILLA_TOKENS_PER_PARAMETER} tokens/parameter (Chinchilla) = {optimal:.3g} tokens; "
         f"this plan trains {tokens / parameters:.1f} tokens/parameter ({ratio:.2g}× compute-optimal): {verdict}",
     ]

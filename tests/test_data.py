@@ -70,6 +70,15 @@ def test_loader_workers_keep_the_stream(tmp_path):
     assert in_process == with_workers
 
 
+def test_making_batches_leaves_the_default_generator_alone(tmp_path):
+    """It is CPU dropout's generator: a new iterator (a resume, an evaluation) must not move it."""
+    recipe = data_recipe(tmp_path, 'source = "mock"', seq_length=8, vocab_size=100)
+    train, _ = build_datasets(recipe, world_rank=0, train_samples=16, valid_samples=0)
+    before = torch.get_rng_state()
+    next(micro_batches(train, consumed_samples=0, micro_batch_size=2, dp_rank=0, dp_size=1))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_two_data_parallel_ranks_together_see_what_one_rank_sees(tmp_path):
     recipe = data_recipe(tmp_path, 'source = "mock"', seq_length=8, vocab_size=100)
     train, _ = build_datasets(recipe, world_rank=0, train_samples=64, valid_samples=0)

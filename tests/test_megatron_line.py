@@ -18,6 +18,7 @@ import signal
 import pytest
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import MegatronOptimizer
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from safetensors.numpy import load_file
@@ -37,6 +38,7 @@ RECIPE = FIXTURE / "recipe.toml"
 # as 5.203390598, 9e-8 apart). Bit-identical comparisons stay within one environment (a
 # resumed run against an uninterrupted one in the same test: tests/test_fault_tolerance.py).
 RECORDED_ELSEWHERE = 1e-5
+
 
 @pytest.fixture
 def checkpoints(tmp_path):
@@ -152,6 +154,7 @@ def test_without_the_torch_norm_fix_sequence_parallelism_cannot_build_a_norm(nor
             "_model_space_optimizer_state_without_flattened_ranges",
             (DistributedOptimizer, "sharded_param_state_fs_model_space"),
         ),
+        ("_resume_with_new_lr_bounds", (MegatronOptimizer, "_filter_and_reorder_param_groups")),
     ],
 )
 def test_a_fix_whose_target_moved_stops_bigpt(fix, target, monkeypatch):

@@ -127,7 +127,8 @@ def _model_state(model) -> dict:
 
 
 def _rng_object() -> ShardedObject:
-    """Per model-parallel rank; restored only when the layout is unchanged."""
+    """Per (pipeline, tensor) rank, one copy for its data-parallel and context-parallel replicas;
+    restored when TP and PP are unchanged (``_rng_fits``)."""
     pp, tp = (
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_tensor_model_parallel_world_size(),
@@ -139,6 +140,16 @@ def _rng_object() -> ShardedObject:
         (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
     )
+
+
+RNG_LAYOUT = ("tp", "pp")
+"""The degrees that decide which RNG state a rank holds (its tensor-parallel stream, its stage's
+dropout), as Megatron-LM's checkpointing decides: another DP, CP or VPP size keeps the state."""
+
+
+def _rng_fits(saved_layout: dict, training: Checkpointed) -> bool:
+    ours = _layout_tag(training)
+    return all(saved_layout.get(key) == ours[key] for key in RNG_LAYOUT)
 
 
 def _leaf_optimizers(optimizer) -> list:
@@ -353,7 +364,7 @@ def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = Fals
 
 
 def load_checkpoint(training: Checkpointed, path: Path) -> None:
-    """Restore model, optimizer, scheduler, counters and (same layout only) RNG from ``path``."""
+    """Restore model, optimizer, scheduler, counters and (same TP and PP only) RNG from ``path``."""
     marker = store.read_marker(path)
     model_state = _model_state(training.model)
     _check_shapes(path, model_state)  # before anything is touched
@@ -362,8 +373,8 @@ def load_checkpoint(training: Checkpointed, path: Path) -> None:
     state = _full_state(
         training, model_state, is_loading=True, optimizer_format=marker.get("optimizer_format", "fully_reshardable")
     )
-    same_layout = marker.get("layout") == _layout_tag(training)
-    if not same_layout:
+    rng_fits = _rng_fits(marker.get("layout", {}), training)
+    if not rng_fits:
         del state["rng_state"]
     loaded = dist_checkpointing.load(state, str(path))
     _load_model(training.model, loaded)
@@ -372,7 +383,7 @@ def load_checkpoint(training: Checkpointed, path: Path) -> None:
     training.counters.iteration = loaded["train_state"]["iteration"]
     training.counters.consumed_samples = loaded["train_state"]["consumed_samples"]
     training.guard.load_state_dict(loaded["train_state"].get("guard", {}))  # none before the guard was saved
-    if same_layout:
+    if rng_fits:
         set_rng_state(loaded["rng_state"])
 
 

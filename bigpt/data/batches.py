@@ -29,7 +29,15 @@ def micro_batches(
         raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
     indices = _rank_indices(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=indices, collate_fn=_collate, num_workers=num_workers, persistent_workers=num_workers > 0
+        dataset,
+        batch_sampler=indices,
+        collate_fn=_collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        # Each iterator draws its workers' base seed from this generator; without one it draws from
+        # torch's default CPU generator, which is also dropout's on CPU: every new iterator (a resume,
+        # each evaluation) would move the training's dropout masks. The order is the sampler's alone.
+        generator=torch.Generator().manual_seed(0),
     )
     return _until_exhausted(loader, len(dataset))
 
@@ -37,9 +45,10 @@ def micro_batches(
 def _until_exhausted(loader, length: int):
     yield from loader
     raise BigptError(
-        f"the dataset has {length} samples and all were consumed; it is built for "
-        "train.train_iters (and eval.iters × the number of evaluations), so resuming past "
-        "them needs the datasets built again for the longer run"
+        f"the dataset has {length} samples and all were consumed; the training split is built for "
+        "the samples of train.train_iters steps and the validation split for one evaluation "
+        "(eval.iters × train.global_batch_size samples, read from its first sample at every "
+        "evaluation), so a run past them needs the datasets built again for the longer run"
     )
 
 

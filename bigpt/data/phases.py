@@ -23,6 +23,7 @@ from bigpt.data.checks import (
     split_tokens,
 )
 from bigpt.errors import BigptError
+from bigpt.layout import samples_by_step
 from bigpt.numbers import short
 
 
@@ -128,7 +129,7 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
     phase, the tokens drawn from it, its training-split size and the epochs that makes. The
     datasets are checked as a real start checks them: a missing or damaged one is an error."""
     train = recipe.train
-    train_samples = train_samples or train.train_iters * train.global_batch_size
+    train_samples = train_samples or samples_by_step(train, train.train_iters)
     seq_length = recipe.model.seq_length
     if recipe.data.source == "mock":
         return f"data: mock (random tokens), {short(train_samples * seq_length)} tokens"

@@ -283,7 +283,9 @@ class TrainConfig:
     """Seed for initialisation, dropout and data order."""
     rampup_batch_size: list[int] | None = None
     """[start, increment, ramp_samples]: grow the global batch from start by increment over
-    ramp_samples samples, as Megatron's --rampup-batch-size; None = no ramp-up."""
+    ramp_samples samples, as Megatron's --rampup-batch-size; None = no ramp-up. Steps stay steps:
+    warmup and decay end at the steps schedule.* names, train.train_iters steps train fewer samples
+    than at the full batch (--dry-run counts them), and evaluation uses the full batch."""
     clip_grad: float = non_negative(1.0)
     """Clip the global gradient norm to this; 0 = no clipping."""
     on_bad_step: Literal["skip", "stop"] = "skip"
@@ -447,7 +449,7 @@ class LoggingConfig:
     """[logging]: what is reported and how often."""
 
     interval: int = positive(1)
-    """Log loss, throughput and MFU every this many steps."""
+    """Log loss, throughput and MFU every this many steps; the loss logged is the mean over them."""
     tensorboard: bool = True
     """Also write TensorBoard events under <run_dir>/tensorboard."""
 

@@ -15,6 +15,7 @@ import torch
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import MegatronOptimizer, param_group_identifier_keys
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from bigpt.runtime import model_space
@@ -135,6 +136,59 @@ def _torch_norms_accept_sequence_parallelism() -> None:
     WrappedTorchNorm.__new__ = staticmethod(new)
 
 
+LR_BOUNDS = ("max_lr", "min_lr")
+
+
+def _saved_groups_take_the_recipe_lr_bounds(current_groups: list[dict], saved_groups: list[dict]) -> None:
+    """Give each saved parameter group the lr bounds of the current group it matches on every
+    other identifier key (in place). Where two current groups differ in their lr bounds alone,
+    the saved groups are left as they are (megatron-core's exact match decides)."""
+    others = [key for key in param_group_identifier_keys if key not in LR_BOUNDS]
+
+    def identity(group: dict) -> tuple:  # as megatron-core's: missing and None alike, NeMo's pre_ aliases
+        return tuple(group.get(key, group.get(f"pre_{key}")) for key in others)
+
+    bounds: dict[tuple, set] = {}
+    for group in current_groups:
+        bounds.setdefault(identity(group), set()).add(tuple(group.get(key) for key in LR_BOUNDS))
+    for group in saved_groups:
+        candidates = bounds.get(identity(group), set())
+        if len(candidates) == 1:
+            group.update(zip(LR_BOUNDS, next(iter(candidates)), strict=True))
+
+
+def _resume_with_new_lr_bounds() -> None:
+    """megatron-core 0.19 pairs the parameter groups of a loaded optimizer state with the current
+    ones by a key that includes each group's max_lr and min_lr (``param_group_identifier_keys``):
+    a resume whose optimizer.lr or optimizer.min_lr differs from the checkpoint's fails (the
+    distributed optimizer: KeyError; the others: ValueError), and where it matches, the loaded
+    groups would bring the checkpoint's bounds back, which the scheduler reads. A resume takes the
+    recipe's optimizer and schedule (re-warming a resumed run is how continual pretraining starts),
+    as Megatron-LM's --override-opt-param-scheduler means to: pair the groups on every other key,
+    and keep the current (the recipe's) bounds."""
+    distributed_load = getattr(DistributedOptimizer, "load_state_dict", None)
+    pair_groups = getattr(MegatronOptimizer, "_filter_and_reorder_param_groups", None)
+    if distributed_load is None or pair_groups is None or not set(LR_BOUNDS) <= set(param_group_identifier_keys):
+        raise patch_target_error(
+            "resuming with new lr bounds",
+            "DistributedOptimizer.load_state_dict, MegatronOptimizer._filter_and_reorder_param_groups or the "
+            "max_lr/min_lr parameter-group identifier keys are gone",
+        )
+
+    def load_state_dict(self, state_dict):
+        saved_groups = state_dict.get("optimizer", {}).get("param_groups")
+        if saved_groups is not None:
+            _saved_groups_take_the_recipe_lr_bounds(self.optimizer.param_groups, saved_groups)
+        return distributed_load(self, state_dict)
+
+    def filter_and_reorder_param_groups(current_groups, state_dict_groups):
+        _saved_groups_take_the_recipe_lr_bounds(current_groups, state_dict_groups)
+        return pair_groups(current_groups, state_dict_groups)
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+    MegatronOptimizer._filter_and_reorder_param_groups = staticmethod(filter_and_reorder_param_groups)
+
+
 _applied = False
 
 
@@ -146,6 +200,7 @@ def apply() -> None:
     _keep_torch_adam_step_on_reshardable_load()
     _name_the_state_of_the_optimizer_it_wraps()
     _model_space_optimizer_state_without_flattened_ranges()
+    _resume_with_new_lr_bounds()
     _start_checkpoint_results_queue()
     _torch_norms_accept_sequence_parallelism()
     _applied = True

@@ -41,11 +41,15 @@ class Throughput(Callback):
 
 class MetricsLogger(Callback):
     """One line every ``logging.interval`` steps from the speaking rank (it holds the loss, as every
-    rank does); every scalar to TensorBoard, which that rank writes."""
+    rank does); every scalar to TensorBoard, which that rank writes. The line's loss is the mean
+    over the steps since the previous line, skipped steps left out (as Megatron-LM's): one step's
+    loss is noisy. TensorBoard keeps every step's train/loss and adds that mean as
+    train/loss_interval_mean at the logging steps; the line's other numbers are its own step's."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.writer = None
+        self.interval_losses: list[float] = []  # of the steps trained since the last line
 
     def on_start(self, trainer):
         if trainer.recipe.logging.tensorboard and console.speaks():
@@ -58,12 +62,18 @@ class MetricsLogger(Callback):
         if self.writer:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"train/{key}", float(value), step)
+        if not metrics["skipped"]:
+            self.interval_losses.append(metrics["loss"])
         if step % trainer.recipe.logging.interval and step != trainer.recipe.train.train_iters:
             return
+        mean_loss = sum(self.interval_losses) / len(self.interval_losses) if self.interval_losses else math.nan
+        self.interval_losses = []
+        if self.writer:
+            self.writer.add_scalar("train/loss_interval_mean", mean_loss, step)
         tokens = trainer.state.consumed_samples * trainer.recipe.model.seq_length
         mfu = "n/a" if math.isnan(metrics["mfu"]) else f"{metrics['mfu']:.1%}"
         console.say(
-            f"step {step}/{trainer.recipe.train.train_iters} | tokens {tokens:,} | loss {metrics['loss']:.4f} "
+            f"step {step}/{trainer.recipe.train.train_iters} | tokens {tokens:,} | loss {mean_loss:.4f} "
             f"| lr {metrics['lr']:.3e} | grad norm {metrics['grad_norm']:.3f} | {metrics['step_time']:.3f} s "
             f"| {metrics['tokens_per_s']:,.0f} tok/s | {metrics['tflops']:.3g} TFLOP/s/dev | MFU {mfu} "
             f"| mem {metrics['memory_gib']:.2f} GiB" + (" | skipped" if metrics["skipped"] else "")

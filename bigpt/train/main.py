@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from bigpt.checkpoint import load_checkpoint, store
 from bigpt.data import build_datasets, micro_batches
 from bigpt.errors import Preempted
-from bigpt.layout import Layout
+from bigpt.layout import Layout, samples_by_step
 from bigpt.model import build_model_chunks
 from bigpt.recipe import Recipe, recipe_to_toml
 from bigpt.runtime import console
@@ -53,11 +53,14 @@ def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = Tru
     """Everything a run needs, on a process group that already exists (``initial_weights``: as
     ``build_model_and_optimizer``'s)."""
     model, optimizer, scheduler = build_model_and_optimizer(recipe, layout, initial_weights=initial_weights)
-    gbs = recipe.train.global_batch_size
-    # Every evaluation reads the same first eval.iters global batches of the validation split.
-    valid_samples = gbs * recipe.eval.iters if recipe.eval.interval else 0
+    train = recipe.train
+    # Every evaluation reads the same first eval.iters global batches (full size) of the validation split.
+    valid_samples = train.global_batch_size * recipe.eval.iters if recipe.eval.interval else 0
     train_ds, valid_ds = build_datasets(
-        recipe, world_rank=dist.get_rank(), train_samples=gbs * recipe.train.train_iters, valid_samples=valid_samples
+        recipe,
+        world_rank=dist.get_rank(),
+        train_samples=samples_by_step(train, train.train_iters),
+        valid_samples=valid_samples,
     )
     batches = partial(
         micro_batches,

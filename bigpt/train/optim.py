@@ -16,7 +16,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from bigpt.errors import BigptError
-from bigpt.layout import Layout
+from bigpt.layout import Layout, samples_by_step
 from bigpt.model import DTYPES
 from bigpt.recipe import Recipe
 
@@ -123,27 +123,30 @@ def build_optimizer(recipe: Recipe, model: list[DistributedDataParallel]):
 
 
 def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
-    """LR schedule in samples (not steps), so warmup and decay stay put under batch ramp-up. A
-    resumed run keeps the checkpoint's position (samples consumed) and takes everything else from
-    the recipe."""
-    s, o, gbs = recipe.schedule, recipe.optimizer, recipe.train.global_batch_size
-    decay_iters = s.decay_iters or recipe.train.train_iters
+    """LR schedule in samples (megatron-core's scheduler steps by the samples of each step), its
+    points (warmup, decay, WSD's decay) set in steps by the recipe: each becomes the samples
+    consumed by that step, so under a batch ramp-up warmup ends and decay reaches min_lr at the
+    steps the recipe names. A resumed run keeps the checkpoint's position (samples consumed) and
+    takes everything else from the recipe."""
+    s, o, train = recipe.schedule, recipe.optimizer, recipe.train
+    decay_iters = s.decay_iters or train.train_iters
+    decay_samples = samples_by_step(train, decay_iters)
     wsd = s.decay_style == "wsd"
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=s.warmup_iters * gbs,
-        lr_decay_steps=decay_iters * gbs,
+        lr_warmup_steps=samples_by_step(train, s.warmup_iters),
+        lr_decay_steps=decay_samples,
         lr_decay_style="WSD" if wsd else s.decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
-        wd_incr_steps=decay_iters * gbs,
+        wd_incr_steps=decay_samples,
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,  # on resume the recipe's schedule wins (see resume_changes)
-        wsd_decay_steps=(s.wsd_decay_iters or 0) * gbs if wsd else None,
+        wsd_decay_steps=decay_samples - samples_by_step(train, decay_iters - (s.wsd_decay_iters or 0)) if wsd else None,
         lr_wsd_decay_style=s.wsd_decay_style if wsd else None,
     )
 
@@ -190,7 +193,8 @@ def wire_model_config(config: TransformerConfig, model: list[DistributedDataPara
 
 def apply_recipe_hyperparameters(recipe: Recipe, optimizer) -> None:
     """After a resume: loading the optimizer's state also restored the checkpoint's Adam betas and
-    epsilon; the recipe's win, as the schedule's do (the scheduler sets lr and weight decay)."""
+    epsilon; the recipe's win, as the schedule's do (the scheduler sets lr and weight decay from
+    the groups' lr bounds, which stay the recipe's: megatron_fixes._resume_with_new_lr_bounds)."""
     o = recipe.optimizer
     for group in optimizer.param_groups:
         group.update(betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)

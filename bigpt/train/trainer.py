@@ -155,13 +155,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, make_iterator, iters: int) -> float:
-        """Mean token loss over ``iters`` global batches of the validation set."""
+        """Mean token loss over ``iters`` global batches of the validation set, of the full
+        train.global_batch_size during a batch ramp-up too (as Megatron-LM's), so that every
+        evaluation measures the same samples."""
         for chunk in self.model:
             chunk.eval()
         total = torch.zeros(2, dtype=torch.float64)
         data_iterator = self.data_iterator(make_iterator)
         for _ in range(iters):
-            total += reduce_losses(self.run_schedule(data_iterator, get_num_microbatches(), forward_only=True))
+            total += reduce_losses(self.run_schedule(data_iterator, self.layout.num_microbatches, forward_only=True))
         for chunk in self.model:
             chunk.train()
         return (total[0] / total[1].clamp(min=1)).item()
