@@ -2,6 +2,7 @@
 
 from bigpt.flops import flops_per_step, num_parameters, parameters_per_stage
 from bigpt.layout import Layout, samples_by_step
+from bigpt.memory import stage_memory
 from bigpt.numbers import short
 from bigpt.recipe import Recipe, padded_vocab_size, recipe_to_toml
 from bigpt.runtime import console
@@ -32,17 +33,28 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         recipe_to_toml(recipe),
         "# Plan",
         f"world size       {layout.world_size} = TP {layout.tp} × PP {layout.pp} × CP {layout.cp} "
-        f"× DP {layout.dp}" + (" (sequence parallel)" if layout.sequence_parallel else ""),
+        f"× DP {layout.dp}"
+        + (" (sequence parallel)" if layout.sequence_parallel else "")
+        + (f"; experts over EP {layout.ep} × expert TP {layout.etp}" if model.family == "moe_decoder" else ""),
         f"layers           {model.num_layers} over pipeline stages: {list(layout.layers_per_stage)}{chunks}",
         f"vocab            {model.vocab_size:,} padded to {vocab:,} (a multiple of "
         f"make_vocab_size_divisible_by {model.make_vocab_size_divisible_by} × TP {layout.tp})",
         f"parameters       {total:,} ({short(total)})"
         + (f"; {unpadded:,} without vocab padding" if unpadded != total else ""),
     ]
-    stages = parameters_per_stage(model, layout.layers_per_stage, vocab)
+    if model.family == "moe_decoder":
+        active = num_parameters(model, vocab, active=True)
+        lines.append(
+            f"  active         {active:,} ({short(active)}) per token: {model.moe.router_topk} of "
+            f"{model.moe.num_experts} experts (FLOPs per step count these)"
+        )
+    stages = parameters_per_stage(model, layout.layers_per_stage, vocab, layout.vpp)
+    split = f"TP {layout.tp}" + (
+        f", experts at EP {layout.ep} × expert TP {layout.etp}" if layout.ep * layout.etp > 1 else ""
+    )
     lines += [
-        f"  stage {stage:<3}      {count:,} ({short(count)}; {short(count / layout.tp)} per GPU at TP {layout.tp})"
-        for stage, count in enumerate(stages)
+        f"  stage {stage:<3}      {count:,} ({short(count)}; {short(memory.parameters)} per GPU at {split})"
+        for stage, (count, memory) in enumerate(zip(stages, stage_memory(recipe, layout)))
     ]
     lines += [
         f"batch            global {layout.global_batch_size} = micro {layout.micro_batch_size} "

@@ -193,7 +193,7 @@ def num_parameters(model: ModelConfig, padded_vocab: int | None = None, *, activ
     return _input_parameters(model, vocab) + layers + _norm_parameters(model) + output
 
 
-def _stage_layers(model: ModelConfig, layers_per_stage: tuple[int, ...], vpp: int) -> list[list[bool]]:
+def stage_layer_kinds(model: ModelConfig, layers_per_stage: tuple[int, ...], vpp: int) -> list[list[bool]]:
     """Per pipeline stage, whether each of its layers is MoE: megatron-core gives model chunk v of
     stage r the (v × stages + r)-th slice of the layers (interleaving), each stage's layers split
     evenly over its vpp chunks."""
@@ -218,7 +218,7 @@ def parameters_per_stage(
     """
     vocab = padded_vocab or model.vocab_size
     stages = [
-        sum(_layer_parameters(model, moe) for moe in kinds) for kinds in _stage_layers(model, layers_per_stage, vpp)
+        sum(_layer_parameters(model, moe) for moe in kinds) for kinds in stage_layer_kinds(model, layers_per_stage, vpp)
     ]
     stages[0] += _input_parameters(model, vocab)
     has_output_weights = not model.tie_embeddings or len(stages) > 1
@@ -230,7 +230,7 @@ def expert_parameters_per_stage(model: ModelConfig, layers_per_stage: tuple[int,
     """The routed experts' share of ``parameters_per_stage``: split over expert parallelism × expert
     tensor parallelism (not tensor parallelism), their optimizer state over the expert-data-parallel ranks."""
     routed = _routed_expert_parameters(model, model.moe.num_experts or 0) if model.family == "moe_decoder" else 0
-    return tuple(routed * sum(kinds) for kinds in _stage_layers(model, layers_per_stage, vpp))
+    return tuple(routed * sum(kinds) for kinds in stage_layer_kinds(model, layers_per_stage, vpp))
 
 
 def attended_keys(model: ModelConfig) -> float:

@@ -25,7 +25,7 @@ context-parallel exchange buffers and transient all-gather buffers (hence the pl
 import math
 from dataclasses import dataclass
 
-from bigpt.flops import parameters_per_stage
+from bigpt.flops import expert_parameters_per_stage, moe_layers, parameters_per_stage
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe, padded_vocab_size
 
@@ -59,20 +59,27 @@ class StageMemory:
 
 def stage_memory(recipe: Recipe, layout: Layout) -> tuple[StageMemory, ...]:
     """Memory of every pipeline stage; the first stage holds the most in-flight micro-batches,
-    the last the output layer, so either can be the peak."""
+    the last the output layer, so either can be the peak. An MoE model's routed experts are split
+    over expert parallelism × expert tensor parallelism, not tensor parallelism, and their
+    optimizer state over the expert-data-parallel ranks."""
     vocab = padded_vocab_size(recipe.model, layout.tp)
-    stages = parameters_per_stage(recipe.model, layout.layers_per_stage, vocab)
-    weight, gradient, optimizer = _bytes_per_parameter(recipe, layout)
+    stages = parameters_per_stage(recipe.model, layout.layers_per_stage, vocab, layout.vpp)
+    experts = expert_parameters_per_stage(recipe.model, layout.layers_per_stage, layout.vpp)
+    weight, gradient, optimizer = _bytes_per_parameter(recipe)
+    shard = layout.dp if recipe.parallel.distributed_optimizer else 1
+    expert_shard = layout.expert_dp if recipe.parallel.distributed_optimizer else 1
     result = []
-    for stage, (params, layers) in enumerate(zip(stages, layout.layers_per_stage)):
+    for stage, (params, routed, layers) in enumerate(zip(stages, experts, layout.layers_per_stage)):
         # Norm weights are replicated over tensor parallel rather than split: <0.01% of a layer.
-        on_gpu = params // layout.tp
+        dense, expert = (params - routed) // layout.tp, routed // (layout.ep * layout.etp)
+        on_gpu = dense + expert
         in_flight = in_flight_microbatches(layout, stage)
         activations = _layer_activations(recipe, layout, layers // layout.vpp, in_flight)
         if stage == layout.pp - 1:
             activations += output_activations(recipe, layout)
+        optimizer_bytes = optimizer * (dense / shard + expert / expert_shard)
         result.append(
-            StageMemory(stage, on_gpu, on_gpu * weight, on_gpu * gradient, on_gpu * optimizer, activations, in_flight)
+            StageMemory(stage, on_gpu, on_gpu * weight, on_gpu * gradient, optimizer_bytes, activations, in_flight)
         )
     return tuple(result)
 
@@ -81,15 +88,13 @@ def peak_memory(recipe: Recipe, layout: Layout) -> StageMemory:
     return max(stage_memory(recipe, layout), key=lambda stage: stage.total)
 
 
-def _bytes_per_parameter(recipe: Recipe, layout: Layout) -> tuple[float, float, float]:
-    """(weight, gradient, optimizer) bytes per parameter: bf16 weights with fp32 gradients and a
-    sharded optimizer are Megatron's 6 + 12/dp."""
+def _bytes_per_parameter(recipe: Recipe) -> tuple[float, float, float]:
+    """(weight, gradient, optimizer) bytes per parameter before the distributed optimizer shards
+    the last: bf16 weights with fp32 gradients and a sharded optimizer are Megatron's 6 + 12/dp."""
     precision = recipe.precision
     weight = DTYPE_BYTES[precision.dtype]
     gradient = 4 if precision.grad_reduce_in_fp32 else weight
     optimizer: float = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if weight < 4 else 0)
-    if recipe.parallel.distributed_optimizer:
-        optimizer /= layout.dp
     return weight, gradient, optimizer
 
 
@@ -128,7 +133,8 @@ def layer_activations(recipe: Recipe, layout: Layout) -> float:
     # Q, K, V for attention, its output (the projection's input), the MLP's inner tensors (none
     # when the MLP is recomputed: it keeps only its input).
     mlp_tensors = 0 if "mlp" in recomputed else 3 if model.activation == "swiglu" else 2
-    tensor_split = element * tokens * (2 * query + 2 * key_value + mlp_tensors * model.ffn_hidden_size)
+    tensor_split: float = element * tokens * (2 * query + 2 * key_value)
+    tensor_split += element * tokens * _mlp_activation_width(recipe, layout, mlp_tensors)
     if model.qk_layernorm:  # the per-head q/k norms keep their inputs too
         tensor_split += element * tokens * (query + key_value)
     if unfused and "core_attn" not in recomputed:
@@ -136,6 +142,25 @@ def layer_activations(recipe: Recipe, layout: Layout) -> float:
         per_score = element + (1 + element if model.attention_dropout else 0)
         tensor_split += per_score * model.num_attention_heads * tokens * model.seq_length
     return sequence_split / (layout.tp if layout.sequence_parallel else 1) + tensor_split / layout.tp
+
+
+def _mlp_activation_width(recipe: Recipe, layout: Layout, mlp_tensors: int) -> float:
+    """Elements per token the MLP keeps, in tensor-parallel units, averaged over the layers: a
+    dense MLP its inner tensors; an MoE layer, for each of the router_topk experts a token is
+    dispatched to (balanced: a rank receives as many as it sends), the dispatched input and the
+    expert's inner tensors (split over expert tensor parallelism), and the shared experts'."""
+    model = recipe.model
+    kinds = moe_layers(model)
+    dense = mlp_tensors * model.ffn_hidden_size
+    if not any(kinds):
+        return dense
+    moe = model.moe
+    expert_width = moe.ffn_hidden_size or model.ffn_hidden_size
+    kept = 3 if model.activation == "swiglu" else 2  # recompute.modules' "mlp" is the dense MLP's alone
+    routed = moe.router_topk * (model.hidden_size + kept * expert_width / layout.etp) * layout.tp
+    shared = kept * (moe.shared_expert_ffn_hidden_size or 0)
+    moe_layers_share = sum(kinds) / len(kinds)
+    return (1 - moe_layers_share) * dense + moe_layers_share * (routed + shared)
 
 
 def output_activations(recipe: Recipe, layout: Layout) -> float:

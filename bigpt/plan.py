@@ -4,12 +4,21 @@ the memory from bigpt.memory, the divisibility rules from bigpt.layout.
 """
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 from bigpt.errors import BigptError
-from bigpt.flops import Gpu, flops_per_step, gpu_named, num_parameters, parameters_per_stage, recompute_flops_per_step
+from bigpt.flops import (
+    Gpu,
+    flops_per_step,
+    gpu_named,
+    num_parameters,
+    parameters_per_stage,
+    recompute_flops_per_step,
+    stage_layer_kinds,
+)
 from bigpt.layout import Layout, divisors, samples_by_step
-from bigpt.memory import ADAM_STATE_BYTES, DTYPE_BYTES, MASTER_WEIGHT_BYTES, StageMemory, peak_memory
+from bigpt.memory import ADAM_STATE_BYTES, DTYPE_BYTES, MASTER_WEIGHT_BYTES, StageMemory, peak_memory, stage_memory
 from bigpt.recipe import Recipe, padded_vocab_size
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20
@@ -144,7 +153,9 @@ def _candidates(recipe: Recipe, gpus: int, gpus_per_node: int):
             for pp in divisors(gpus // (tp * cp), at_most=model.num_layers):
                 for vpp in divisors(model.num_layers // pp) if pp > 1 else (1,):
                     dp = gpus // (tp * cp * pp)
-                    for mbs in divisors(train.global_batch_size // dp):
+                    for ep, mbs in itertools.product(
+                        _expert_parallel_sizes(model, tp * cp * dp), divisors(train.global_batch_size // dp)
+                    ):
                         parallel = dataclasses.replace(
                             recipe.parallel,
                             tensor=tp,
@@ -153,6 +164,8 @@ def _candidates(recipe: Recipe, gpus: int, gpus_per_node: int):
                             virtual_pipeline=vpp,
                             data=0,
                             sequence_parallel=tp > 1,
+                            expert=ep,
+                            expert_tensor=1 if model.family == "moe_decoder" else None,
                         )
                         candidate = dataclasses.replace(
                             recipe, parallel=parallel, train=dataclasses.replace(train, micro_batch_size=mbs)
@@ -161,6 +174,25 @@ def _candidates(recipe: Recipe, gpus: int, gpus_per_node: int):
                             yield candidate, Layout.from_recipe(candidate, gpus)
                         except BigptError:
                             continue
+
+
+def all_to_all_bytes(recipe: Recipe, layout: Layout) -> float:
+    """Bytes one GPU of the most loaded stage sends to other expert-parallel ranks in a step: each
+    of its tokens goes to router_topk experts and comes back (dispatch and combine), in the forward
+    and again in the backward, a (EP - 1) / EP share of them to other ranks (balanced routing)."""
+    model = recipe.model
+    moe_layers_per_stage = max(sum(kinds) for kinds in stage_layer_kinds(model, layout.layers_per_stage, layout.vpp))
+    tokens = layout.micro_batch_size * model.seq_length // (layout.cp * (layout.tp if layout.sequence_parallel else 1))
+    per_layer = 4 * tokens * model.moe.router_topk * model.hidden_size * DTYPE_BYTES[recipe.precision.dtype]
+    return per_layer * moe_layers_per_stage * layout.num_microbatches * (layout.ep - 1) / layout.ep
+
+
+def _expert_parallel_sizes(model, stage_ranks: int) -> list[int]:
+    """Expert-parallel sizes to plan: those that split the experts evenly over ranks of a stage
+    (expert tensor parallelism 1, as Megatron-LM advises with EP); 1 for a dense model."""
+    if model.family != "moe_decoder":
+        return [1]
+    return [ep for ep in divisors(stage_ranks) if (model.moe.num_experts or 1) % ep == 0]
 
 
 def _option(candidate: tuple[Recipe, Layout]) -> Option:
@@ -178,9 +210,9 @@ def checkpoint_bytes(recipe: Recipe, layout: Layout) -> tuple[float, float]:
     model, p = recipe.model, recipe.parallel
     weight = DTYPE_BYTES[recipe.precision.dtype]
     optimizer = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if p.distributed_optimizer or weight < 4 else 0)
+    busiest = max(stage.parameters for stage in stage_memory(recipe, layout))
     vocab = padded_vocab_size(model, layout.tp)
-    per_gpu = max(parameters_per_stage(model, layout.layers_per_stage, vocab)) / layout.tp
-    return num_parameters(model, vocab) * (weight + optimizer), per_gpu * (weight + optimizer) / layout.dp
+    return num_parameters(model, vocab) * (weight + optimizer), busiest * (weight + optimizer) / layout.dp
 
 
 def _rank(option: Option) -> tuple:
@@ -195,6 +227,7 @@ def _rank(option: Option) -> tuple:
         layout.tp * layout.cp * layout.pp,
         layout.pp,
         layout.cp,
+        layout.ep,  # the all-to-all reaches fewer ranks
         round(max(option.bubble, 0.01), 2),
         layout.vpp,
         -layout.micro_batch_size,
@@ -205,8 +238,9 @@ def _rank(option: Option) -> tuple:
 def describe_layout(layout: Layout) -> str:
     vpp = f" (VPP {layout.vpp})" if layout.vpp > 1 else ""
     sp = ", sequence parallel" if layout.sequence_parallel else ""
+    experts = f", EP {layout.ep} × expert TP {layout.etp}" if layout.ep * layout.etp > 1 else ""
     return (
-        f"TP {layout.tp} × PP {layout.pp}{vpp} × CP {layout.cp} × DP {layout.dp}{sp}, "
+        f"TP {layout.tp} × PP {layout.pp}{vpp} × CP {layout.cp} × DP {layout.dp}{sp}{experts}, "
         f"micro-batch {layout.micro_batch_size} × {layout.num_microbatches} micro-batches"
     )
 
@@ -248,6 +282,12 @@ def report(plan: Plan, top: int) -> str:
         + (", recompute included" if recomputed else "")
         + f" → the training log's MFU ≈ {plan.logged_mfu(chosen):.1%}",
     ]
+    if recipe.model.family == "moe_decoder":
+        lines.append(
+            f"all-to-all       {all_to_all_bytes(chosen.recipe, layout) / 1e9:,.2f} GB per GPU per step leave "
+            f"for other expert-parallel ranks (tokens to and from their experts, forward and backward; "
+            f"{recipe.model.moe.token_dispatcher} dispatcher at EP {layout.ep})"
+        )
     lines += _checkpoint_lines(plan, chosen)
     lines += _budget_lines(plan, chosen)
     lines += [
@@ -269,13 +309,21 @@ def _parameter_lines(option: Option) -> list[str]:
         f"parameters       {released:,} ({released / 1e9:.2f}B); {allocated:,} allocated "
         f"with the vocab padded to {vocab:,}"
     ]
-    stages = parameters_per_stage(model, layout.layers_per_stage, vocab)
+    if model.family == "moe_decoder":
+        active = num_parameters(model, active=True)
+        lines.append(
+            f"  active         {active:,} ({active / 1e9:.2f}B) per token ({model.moe.router_topk} of "
+            f"{model.moe.num_experts} experts; FLOPs and MFU count these)"
+        )
+    stages = parameters_per_stage(model, layout.layers_per_stage, vocab, layout.vpp)
     lines += [
         f"  stage {stage:<3}      {count:,} ({layers} layers"
         + (", embedding" if stage == 0 else "")
         + (", output layer" if stage == len(stages) - 1 else "")
-        + f"; {count / layout.tp / 1e9:.2f}B per GPU)"
-        for stage, (count, layers) in enumerate(zip(stages, layout.layers_per_stage))
+        + f"; {memory.parameters / 1e9:.2f}B per GPU)"
+        for stage, (count, layers, memory) in enumerate(
+            zip(stages, layout.layers_per_stage, stage_memory(option.recipe, layout))
+        )
     ]
     return lines
 
@@ -297,7 +345,12 @@ def _memory_lines(plan: Plan, option: Option) -> list[str]:
         + " gradient buffer",
         f"  optimizer      {memory.optimizer / GIB:6.1f} GiB  Adam moments"
         + ("" if precision.dtype == "fp32" else " + fp32 master weights")
-        + (f", sharded over DP {layout.dp}" if recipe.parallel.distributed_optimizer else ", not sharded"),
+        + (f", sharded over DP {layout.dp}" if recipe.parallel.distributed_optimizer else ", not sharded")
+        + (
+            f" (the experts' over expert DP {layout.expert_dp})"
+            if recipe.parallel.distributed_optimizer and layout.ep * layout.etp > 1
+            else ""
+        ),
         f"  activations    {memory.activations / GIB:6.1f} GiB  {memory.in_flight} micro-batch(es) in flight × "
         f"{layout.layers_per_stage[memory.stage] // layout.vpp} layers, recompute {recompute}"
         + (", sequence parallel" if layout.sequence_parallel else ""),
@@ -357,7 +410,9 @@ def _budget_lines(plan: Plan, option: Option) -> list[str]:
 
 
 def _table(plan: Plan, options: list[Option]) -> str:
-    header = ("rank", "TP", "PP", "VPP", "CP", "DP", "mbs", "micro-batches", "bubble", "GiB/GPU", "step s", "")
+    experts = plan.recipe.model.family == "moe_decoder"
+    header = ("rank", "TP", "PP", "VPP", "CP", "DP") + (("EP",) if experts else ())
+    header += ("mbs", "micro-batches", "bubble", "GiB/GPU", "step s", "")
     own = plan.chosen.layout if plan.recipe_layout_problem is None else None
     rows = [header] + [
         (
@@ -367,6 +422,7 @@ def _table(plan: Plan, options: list[Option]) -> str:
             str(o.layout.vpp),
             str(o.layout.cp),
             str(o.layout.dp),
+            *((str(o.layout.ep),) if experts else ()),
             str(o.layout.micro_batch_size),
             str(o.layout.num_microbatches),
             f"{o.bubble:.1%}",
@@ -381,5 +437,5 @@ def _table(plan: Plan, options: list[Option]) -> str:
 
 
 def _same_degrees(layout: Layout, other: Layout | None) -> bool:
-    fields = ("tp", "pp", "vpp", "cp", "dp", "micro_batch_size")
+    fields = ("tp", "pp", "vpp", "cp", "dp", "ep", "etp", "micro_batch_size")
     return other is not None and all(getattr(layout, f) == getattr(other, f) for f in fields)

@@ -16,10 +16,13 @@ import torch
 
 from bigpt.checkpoint import state
 from bigpt.errors import BigptError
+from bigpt.flops import expert_parameters_per_stage, flops_per_token, num_parameters
 from bigpt.hf.config import check_recipe_matches
 from bigpt.layout import Layout
+from bigpt.memory import stage_memory
 from bigpt.model import transformer_config
-from bigpt.recipe import load_recipe, recipe_to_toml
+from bigpt.plan import all_to_all_bytes, make_plan, report
+from bigpt.recipe import ModelConfig, load_recipe, recipe_to_toml
 from multirank import MOCK_RECIPE, run_bigpt, scalars
 
 MOE_RECIPE = Path(__file__).resolve().parent / "recipes" / "mock_moe.toml"
@@ -226,3 +229,60 @@ def test_expert_layout_trains_as_one_rank(moe_start, layout, nproc, overrides):
     run_bigpt(MOE_RECIPE, *_from(checkpoint, root / layout), *overrides, nproc=nproc)
     losses = scalars(root / layout, "train/loss")
     assert losses == pytest.approx(reference, rel=1e-5), f"{layout}: {losses} vs one rank {reference}"
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.mark.parametrize(
+    "recipe_name,total,active",
+    [  # the model cards' totals, and the parameter count of Mixtral's released safetensors
+        ("mixtral_8x7b.toml", 46_702_792_704, 12.9e9),
+        ("qwen3_30b_a3b.toml", 30.5e9, 3.3e9),
+        ("qwen3_235b_a22b.toml", 235e9, 22e9),
+    ],
+)
+def test_published_moe_shapes_count_as_their_model_cards(recipe_name, total, active):
+    model = load_recipe(RECIPES / recipe_name).model
+    assert num_parameters(model) == pytest.approx(total, rel=2e-3)
+    assert num_parameters(model, active=True) == pytest.approx(active, rel=2e-2)
+
+
+def test_moe_flops_count_the_experts_a_token_passes():
+    """Mixtral-8x7B by hand: per layer the attention matrices, the router and 2 of 8 SwiGLU
+    experts; the output layer; the causal attention core at s/2 keys."""
+    model = load_recipe(RECIPES / "mixtral_8x7b.toml").model
+    hidden, layers, seq = 4096, 32, 4096
+    attention = hidden * (hidden + 2 * 1024) + hidden * hidden
+    two_experts = 2 * 3 * hidden * 14336
+    router = hidden * 8
+    forward = 2 * (layers * (attention + two_experts + router) + 32000 * hidden) + layers * 4 * (seq / 2) * hidden
+    assert flops_per_token(model) == pytest.approx(3 * forward, rel=1e-12)
+    dense = ModelConfig(**{**vars(model), "family": "decoder"})  # the same shape with one 14336-wide MLP
+    assert flops_per_token(model) - flops_per_token(dense) == pytest.approx(6 * layers * (two_experts / 2 + router))
+
+
+def test_expert_weights_and_their_optimizer_state_split_over_expert_parallelism():
+    recipes = {ep: load_recipe(RECIPES / "mixtral_8x7b.toml", [f"parallel.expert={ep}"]) for ep in (1, 8)}
+    by_ep = {ep: Layout.from_recipe(recipe, 64) for ep, recipe in recipes.items()}
+    memory = {ep: stage_memory(recipes[ep], layout)[1] for ep, layout in by_ep.items()}
+    experts = expert_parameters_per_stage(recipes[8].model, (8, 8, 8, 8))[1]
+    assert experts == 8 * 8 * 3 * 4096 * 14336  # 8 layers of 8 SwiGLU experts
+    assert memory[1].parameters - memory[8].parameters == experts - experts // 8
+    # optimizer state: the dense weights over DP 16, the experts over the expert-data-parallel ranks
+    dense = memory[8].parameters - experts // 8
+    assert by_ep[8].expert_dp == 2 and by_ep[1].expert_dp == 16
+    assert memory[8].optimizer == pytest.approx(12 * (dense / 16 + experts / 8 / 2))
+
+
+def test_the_planner_ranks_expert_parallel_sizes_and_reports_the_all_to_all():
+    recipe = load_recipe(RECIPES / "qwen3_30b_a3b.toml")
+    plan = make_plan(recipe, 16, "h100-80gb", mfu=0.4, headroom=0.1, gpus_per_node=8)
+    sizes = {option.layout.ep for option in plan.options}
+    assert sizes <= {1, 2, 4, 8, 16} and 8 in sizes and all(128 % ep == 0 for ep in sizes)
+    text = report(plan, top=5)
+    assert "active         3,353,032,704" in text and " EP " in text.splitlines()[-6]
+    layout = plan.chosen.layout
+    tokens = 4096  # mbs 1 × seq 4096, no CP or SP
+    assert all_to_all_bytes(plan.chosen.recipe, layout) == 4 * tokens * 8 * 2048 * 2 * 24 * 32 * 7 / 8
+    assert "all-to-all       360.78 GB per GPU per step" in text
