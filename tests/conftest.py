@@ -6,6 +6,7 @@ import torch
 import slurm_cluster
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped, saying so, where torch sees no CUDA device.
 

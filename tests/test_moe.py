@@ -23,6 +23,7 @@ from bigpt.memory import stage_memory
 from bigpt.model import transformer_config
 from bigpt.plan import all_to_all_bytes, make_plan, report
 from bigpt.recipe import ModelConfig, load_recipe, recipe_to_toml
+from bigpt.train.moe_metrics import MoEMetrics
 from multirank import MOCK_RECIPE, run_bigpt, scalars
 
 MOE_RECIPE = Path(__file__).resolve().parent / "recipes" / "mock_moe.toml"
@@ -220,6 +221,24 @@ def test_expert_parallel_all_to_all_trains_as_one_rank_and_resumes_bit_identical
     )
     assert "resuming from" in resumed.stdout
     assert scalars(tmp_path, "train/loss") == losses[2:]
+    # MoE metrics, recorded once for every backend: megatron-core's balancing loss (before its
+    # coefficient: about 1 for a balanced router) and the load of the busiest expert per layer
+    balancing, imbalance = scalars(ep2, "train/moe_load_balancing_loss"), scalars(ep2, "train/moe_load_imbalance")
+    assert len(balancing) == len(imbalance) == PARITY_STEPS
+    assert all(0.9 < value < 2 for value in balancing) and all(1 <= value < 4 for value in imbalance)
+    assert "| load balancing loss 1.0" in resumed.stdout and "| load imbalance " in resumed.stdout
+
+
+def test_an_expert_that_no_token_reached_for_an_interval_is_named(capsys):
+    model = load_recipe(MOE_RECIPE).model
+    metrics = MoEMetrics(model)
+    metrics.interval_counts = torch.ones(model.num_layers, 4)
+    metrics.interval_start = 5
+    metrics._warn_about_idle_experts(model, 8)
+    assert capsys.readouterr().err == ""
+    metrics.interval_counts[2, 3] = 0
+    metrics._warn_about_idle_experts(model, 8)
+    assert "steps 5-8: no token reached layer 3 expert 3;" in capsys.readouterr().err
 
 
 @pytest.mark.slow

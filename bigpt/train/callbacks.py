@@ -46,10 +46,13 @@ class MetricsLogger(Callback):
     loss is noisy. TensorBoard keeps every step's train/loss and adds that mean as
     train/loss_interval_mean at the logging steps; the line's other numbers are its own step's."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, line_fields: tuple[str, ...] = ()):
+        """``line_fields``: more metrics (a model family's, e.g. MoE's) the line shows, as interval means."""
         self.run_dir = run_dir
         self.writer = None
         self.interval_losses: list[float] = []  # of the steps trained since the last line
+        self.line_fields = line_fields
+        self.interval_fields: dict[str, list[float]] = {name: [] for name in line_fields}
 
     def on_start(self, trainer):
         if trainer.recipe.logging.tensorboard and console.speaks():
@@ -64,10 +67,19 @@ class MetricsLogger(Callback):
                 self.writer.add_scalar(f"train/{key}", float(value), step)
         if not metrics["skipped"]:
             self.interval_losses.append(metrics["loss"])
+            for name, values in self.interval_fields.items():
+                if name in metrics:
+                    values.append(metrics[name])
         if step % trainer.recipe.logging.interval and step != trainer.recipe.train.train_iters:
             return
         mean_loss = sum(self.interval_losses) / len(self.interval_losses) if self.interval_losses else math.nan
         self.interval_losses = []
+        extras = "".join(
+            f" | {name.removeprefix('moe_').replace('_', ' ')} {sum(values) / len(values):.4g}"
+            for name, values in self.interval_fields.items()
+            if values
+        )
+        self.interval_fields = {name: [] for name in self.line_fields}
         if self.writer:
             self.writer.add_scalar("train/loss_interval_mean", mean_loss, step)
         tokens = trainer.state.consumed_samples * trainer.recipe.model.seq_length
@@ -76,7 +88,7 @@ class MetricsLogger(Callback):
             f"step {step}/{trainer.recipe.train.train_iters} | tokens {tokens:,} | loss {mean_loss:.4f} "
             f"| lr {metrics['lr']:.3e} | grad norm {metrics['grad_norm']:.3f} | {metrics['step_time']:.3f} s "
             f"| {metrics['tokens_per_s']:,.0f} tok/s | {metrics['tflops']:.3g} TFLOP/s/dev | MFU {mfu} "
-            f"| mem {metrics['memory_gib']:.2f} GiB" + (" | skipped" if metrics["skipped"] else "")
+            f"| mem {metrics['memory_gib']:.2f} GiB{extras}" + (" | skipped" if metrics["skipped"] else "")
         )
 
     def log_eval(self, step: int, loss: float) -> None:

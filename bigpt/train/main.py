@@ -19,6 +19,7 @@ from bigpt.runtime.seeding import seed_everything
 from bigpt.train.callbacks import Evaluator, MetricsLogger, Throughput
 from bigpt.train.checkpointing import Checkpointer, checkpointed
 from bigpt.train.initial import load_initial_weights
+from bigpt.train.moe_metrics import MoEMetrics
 from bigpt.train.optim import (
     apply_recipe_hyperparameters,
     build_optimizer,
@@ -69,8 +70,9 @@ def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = Tru
         dp_size=layout.dp,
         num_workers=recipe.data.num_workers,
     )
-    logger = MetricsLogger(recipe.run_dir)
-    callbacks = [Throughput(), logger]
+    experts = [MoEMetrics(recipe.model)] if recipe.model.family == "moe_decoder" else []
+    logger = MetricsLogger(recipe.run_dir, line_fields=experts[0].line_fields if experts else ())
+    callbacks = [Throughput(), *experts, logger]
     if valid_ds is not None and recipe.eval.interval:
         callbacks.append(Evaluator(lambda: batches(valid_ds, consumed_samples=0), logger))
     callbacks.append(Checkpointer(checkpoint_dir(recipe), recipe.checkpoint.async_save))
