@@ -1,10 +1,9 @@
-"""Recipe → megatron-core ``TransformerConfig`` + layer spec → ``GPTModel`` chunk(s).
+"""Recipe → megatron-core ``TransformerConfig`` → the model family's chunk(s) (``bigpt.families``).
 
-One chunk per virtual pipeline stage on this rank (one chunk without interleaving). Transformer
-Engine's fused layers are used when it is importable on a GPU; megatron-core's local spec
-otherwise. GPTModel, although megatron-core 0.19 deprecates it for HybridModel: HybridModel's stack
-spec is Transformer Engine only, has no llama3 RoPE scaling, and splits attention and MLP into
-separate layers (other checkpoint names); docs/megatron-core.md.
+One chunk per virtual pipeline stage on this rank (one chunk without interleaving). What every
+family shares is decided here: precision, parallel degrees, fusions and whether Transformer
+Engine's fused layers are used (when it loads on a GPU; megatron-core's local spec otherwise). The
+family adds its layers' config fields, their spec and the model class.
 """
 
 import functools
@@ -13,21 +12,19 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer import MegatronModule, TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from bigpt.errors import BigptError
+from bigpt.families import family_of
+from bigpt.families.decoder import NORMS
 from bigpt.layout import Layout
-from bigpt.recipe import Recipe, padded_vocab_size
+from bigpt.recipe import Recipe
 from bigpt.runtime import console
 from bigpt.runtime.device import on_gpu
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "relu": (F.relu, False)}
-_NORMS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
-_POSITIONS = {"rope": "rope", "learned": "learned_absolute"}
 
 
 TE_INSTALL = 'pip install --no-build-isolation "transformer-engine[pytorch]>=2.17,<2.18"'
@@ -174,8 +171,7 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool, gpu: boo
         extra.update(recompute_method=rc.method, recompute_num_layers=rc.num_layers)
     elif rc.granularity == "selective":
         extra.update(recompute_modules=list(rc.modules))
-    if m.family == "moe_decoder":
-        extra.update(moe_config(recipe, layout, use_te=use_te))
+    extra.update(family_of(m).config_fields(recipe, layout, use_te))
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -185,7 +181,7 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool, gpu: boo
         kv_channels=m.kv_channels,
         gated_linear_unit=gated,
         activation_func=activation,
-        normalization=_NORMS[m.normalization],
+        normalization=NORMS[m.normalization],
         layernorm_epsilon=m.norm_epsilon,
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
@@ -226,41 +222,6 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool, gpu: boo
     )
 
 
-def moe_config(recipe: Recipe, layout: Layout, *, use_te: bool) -> dict:
-    """[model.moe] as megatron-core's TransformerConfig fields."""
-    moe = recipe.model.moe
-    # A softmax router normalises the chosen experts' probabilities when it applies the softmax
-    # to the top-k logits alone (pre_softmax off), which equals renormalising a full softmax.
-    pre_softmax = moe.router_score_function == "softmax" and not moe.normalize_topk
-    balancing = moe.load_balancing
-    return dict(
-        num_moe_experts=moe.num_experts,
-        moe_router_topk=moe.router_topk,
-        moe_ffn_hidden_size=moe.ffn_hidden_size or recipe.model.ffn_hidden_size,
-        moe_router_score_function=moe.router_score_function,
-        moe_router_pre_softmax=pre_softmax,
-        moe_router_topk_scaling_factor=moe.topk_scaling_factor,
-        moe_router_num_groups=moe.num_groups,
-        moe_router_group_topk=moe.group_topk,
-        moe_router_load_balancing_type=balancing,
-        moe_aux_loss_coeff=moe.aux_loss_coeff if balancing != "none" else 0.0,
-        moe_z_loss_coeff=moe.z_loss_coeff or None,
-        moe_router_enable_expert_bias=moe.expert_bias,
-        moe_router_bias_update_rate=moe.bias_update_rate,
-        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
-        moe_shared_expert_gate=moe.shared_expert_gate,
-        moe_layer_freq=moe.layers(recipe.model.num_layers),
-        moe_router_dtype="fp32" if moe.router_fp32 else None,
-        moe_expert_capacity_factor=moe.capacity_factor,
-        moe_token_drop_policy=moe.drop_policy,
-        moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
-        moe_token_dispatcher_type=moe.token_dispatcher,
-        moe_grouped_gemm=use_te,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-    )
-
-
 def check_gpu_transformer_config(recipe: Recipe, layout: Layout) -> None:
     """On paper (--dry-run): the config a GPU run builds passes megatron-core's own checks, which
     otherwise first run on the GPU. Its local-layers variant: Transformer Engine's adds only its
@@ -277,47 +238,17 @@ def check_gpu_transformer_config(recipe: Recipe, layout: Layout) -> None:
         ) from error
 
 
-def layer_spec(recipe: Recipe, config: TransformerConfig, *, use_te: bool, vp_stage: int | None):
-    """The layers' spec: one layer spec for a dense model; for MoE, megatron-core's block spec of
-    this pipeline chunk, whose layers are MoE or dense by the [moe] layer pattern."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    normalization = _NORMS[recipe.model.normalization]
-    if recipe.model.family == "moe_decoder":
-        return gpt_layer_specs.get_gpt_decoder_block_spec(
-            config, use_transformer_engine=use_te, normalization=normalization, vp_stage=vp_stage
-        )
-    qk_layernorm = recipe.model.qk_layernorm
-    if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
-
-
-def build_model_chunks(recipe: Recipe, layout: Layout) -> tuple[list[GPTModel], TransformerConfig]:
-    """The GPTModel chunks this rank holds, in virtual-stage order, and their shared config."""
+def build_model_chunks(recipe: Recipe, layout: Layout) -> tuple[list[MegatronModule], TransformerConfig]:
+    """The chunks this rank holds of the recipe's model family, in virtual-stage order, and their
+    shared config."""
     use_te = use_transformer_engine(recipe)
     console.note(
         f"transformer layers: {'Transformer Engine' if use_te else 'megatron-core local spec (no Transformer Engine)'}"
     )
     config = transformer_config(recipe, layout, use_te=use_te, gpu=on_gpu())
-    m = recipe.model
+    family = family_of(recipe.model)
     chunks = []
     for vp_stage in range(layout.vpp):
         vp = vp_stage if layout.vpp > 1 else None
-        chunks.append(
-            GPTModel(
-                config=config,
-                transformer_layer_spec=layer_spec(recipe, config, use_te=use_te, vp_stage=vp),
-                vocab_size=padded_vocab_size(m, layout.tp),
-                max_sequence_length=m.max_position_embeddings or m.seq_length,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                share_embeddings_and_output_weights=m.tie_embeddings,
-                position_embedding_type=_POSITIONS[m.position_embedding],
-                rotary_base=m.rope_base,
-                rope_scaling=m.rope_scaling == "llama3",
-                rope_scaling_factor=m.rope_scaling_factor,
-                vp_stage=vp,
-            )
-        )
+        chunks.append(family.build_chunk(recipe, layout, config, family.layer_spec(recipe, config, use_te, vp), vp))
     return chunks, config

@@ -9,7 +9,7 @@ LAYERS = [  # lowest first; a unit is a subpackage or a top-level module of bigp
     {"recipe"},
     {"layout", "flops", "memory", "plan"},
     {"runtime"},
-    {"model", "data", "checkpoint", "hf"},
+    {"model", "data", "checkpoint", "hf", "families"},
     {"train", "curate"},
     {"dryrun", "logits"},
 ]

@@ -72,8 +72,8 @@ def test_every_forward_pass_hands_the_model_its_inputs_on_its_device(monkeypatch
     """Batches are built on the CPU; a model on another device gets every input on its device:
     training and evaluation (``forward_step``) and logits (``compute_logits``, tools/logits.py)."""
     import bigpt.logits
+    from bigpt.families.decoder import forward_step
     from bigpt.model import transformer_config
-    from bigpt.train.step import forward_step
 
     recipe = load_recipe(MOCK_RECIPE)
     layout = Layout.from_recipe(recipe, 1)

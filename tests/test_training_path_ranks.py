@@ -42,12 +42,13 @@ def scenario_context_parallel(rank: int, directory) -> dict:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from bigpt.families.decoder import forward_step
     from bigpt.layout import Layout
     from bigpt.model import transformer_config
     from bigpt.recipe import load_recipe
     from bigpt.runtime.distributed import destroy_distributed, init_distributed
     from bigpt.train.optim import wrap_ddp
-    from bigpt.train.step import forward_step, reduce_losses
+    from bigpt.train.step import reduce_losses
 
     # Without the distributed optimizer every rank's gradient buffer holds all of the gradients.
     recipe = load_recipe(

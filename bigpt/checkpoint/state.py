@@ -22,8 +22,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
-from megatron.core.models.gpt import GPTModel
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import DistributedOptimizer
+from megatron.core.transformer.module import Float16Module, MegatronModule
 from torch.distributed.checkpoint.api import CheckpointException
 
 import bigpt
@@ -102,9 +103,9 @@ def _check_optimizer_format(path: Path, marker: dict, training: Checkpointed) ->
         )
 
 
-def _unwrap(chunk) -> GPTModel:
-    """The GPTModel inside DDP / Float16Module: checkpoint keys must not depend on the wrappers."""
-    while not isinstance(chunk, GPTModel):
+def _unwrap(chunk) -> MegatronModule:
+    """The model family's chunk inside DDP / Float16Module: checkpoint keys must not depend on the wrappers."""
+    while isinstance(chunk, DistributedDataParallel | Float16Module):
         chunk = chunk.module
     return chunk
 

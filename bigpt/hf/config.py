@@ -30,10 +30,16 @@ class Family:
     bigpt refuses), or None (never)."""
     bias_keys: tuple[str, ...] = ()
     """The bias switches its config.json has; an export writes them false (an import refuses them true)."""
+    model_family: str = "decoder"
+    """The bigpt model family (model.family, bigpt.families) it is a Hugging Face form of."""
 
     def problems(self, model: ModelConfig) -> list[str]:
         """The [model] values this family cannot express."""
-        wanted = (("add_qkv_bias", self.add_qkv_bias), ("qk_layernorm", self.qk_layernorm))
+        wanted = (
+            ("family", self.model_family),
+            ("add_qkv_bias", self.add_qkv_bias),
+            ("qk_layernorm", self.qk_layernorm),
+        )
         found = [f"model.{key} = {getattr(model, key)}" for key, value in wanted if getattr(model, key) != value]
         if model.attention_window and self.window_key != "sliding_window":
             found.append(f"model.attention_window = {model.attention_window}")
@@ -253,6 +259,12 @@ def _export_family(model: ModelConfig, original: dict | None) -> Family:
     for family in candidates:
         if not family.problems(model):
             return family
+    if not any(family.model_family == model.family for family in FAMILIES.values()):
+        raise BigptError(
+            f"a checkpoint of model.family = {model.family!r} has no Hugging Face form in bigpt yet (its "
+            "export and import cover model.family = 'decoder': "
+            f"{', '.join(f.architecture for f in FAMILIES.values())}); keep training it as a bigpt checkpoint"
+        )
     problems = sorted({problem for family in FAMILIES.values() for problem in family.problems(model)})
     raise BigptError(
         f"a checkpoint with {', '.join(problems)} fits none of the Hugging Face families bigpt writes "

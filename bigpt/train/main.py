@@ -8,8 +8,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from bigpt.checkpoint import load_checkpoint, store
-from bigpt.data import build_datasets, micro_batches
+from bigpt.data import micro_batches
 from bigpt.errors import Preempted
+from bigpt.families import family_of
 from bigpt.layout import Layout, samples_by_step
 from bigpt.model import build_model_chunks
 from bigpt.recipe import Recipe, recipe_to_toml
@@ -57,7 +58,7 @@ def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = Tru
     train = recipe.train
     # Every evaluation reads the same first eval.iters global batches (full size) of the validation split.
     valid_samples = train.global_batch_size * recipe.eval.iters if recipe.eval.interval else 0
-    train_ds, valid_ds = build_datasets(
+    train_ds, valid_ds = family_of(recipe.model).build_datasets(
         recipe,
         world_rank=dist.get_rank(),
         train_samples=samples_by_step(train, train.train_iters),

@@ -15,12 +15,13 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from bigpt.families import family_of
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe
 from bigpt.runtime import console, preemption
 from bigpt.runtime.device import device, on_gpu
 from bigpt.train.guard import BadStepGuard, BadStepStop
-from bigpt.train.step import forward_step, reduce_losses
+from bigpt.train.step import reduce_losses
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Trainer:
         self.guard = BadStepGuard(recipe.train)
         self.preempted = False
         self._forward_backward = get_forward_backward_func()
+        self.family = family_of(recipe.model)
 
     def data_iterator(self, make_iterator):
         """One iterator per virtual pipeline chunk over the same stream, or a single one."""
@@ -72,7 +74,7 @@ class Trainer:
     def run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
         model = self.model if len(self.model) > 1 else self.model[0]
         return self._forward_backward(
-            forward_step_func=forward_step,
+            forward_step_func=self.family.forward_step,
             data_iterator=data_iterator,
             model=model,
             num_microbatches=num_microbatches,
