@@ -155,13 +155,45 @@ def test_weights_of_another_mixture_are_refused_and_training_only_keys_may_chang
         check_recipe_matches(load_recipe(MOCK_RECIPE).model, saved, "ckpt", key="checkpoint.load")
 
 
-def test_a_resume_at_another_expert_layout_is_refused_saying_what_works(tmp_path):
-    training = SimpleNamespace(layout=layout_of(world_size=1))
-    marker = {"layout": {"tp": 1, "pp": 1, "vpp": 1, "cp": 1, "dp": 2, "ep": 2, "etp": 1}}
-    with pytest.raises(BigptError, match="ep 2 -> 1.*Resume at parallel.expert=2.*init.from_checkpoint"):
-        state._check_expert_layout(tmp_path / "iter_0000003", marker, training)
-    dense_marker = {"layout": {"tp": 1, "pp": 1, "vpp": 1, "cp": 1, "dp": 1}}  # as dense checkpoints are tagged
-    state._check_expert_layout(tmp_path / "iter_0000003", dense_marker, training)
+def _groups(*identities) -> list[dict]:
+    """Saved parameter groups: (wd_mult, is_expert_parallel) each, with their step."""
+    return [
+        {"wd_mult": wd, "is_expert_parallel": expert, "max_lr": 3e-3, "min_lr": 3e-4, "step": 3.0, "params": [0]}
+        for wd, expert in identities
+    ]
+
+
+def test_optimizer_state_saved_by_one_optimizer_loads_into_two_and_back():
+    """megatron-core chains a second distributed optimizer for the experts at EP > 1: the non-tensor
+    state of a checkpoint takes the structure of this run's optimizers (the tensors, named without
+    an optimizer prefix, already did). At EP 1 the experts sit in the dense groups, so the expert
+    optimizer takes its groups' state from those."""
+    two = SimpleNamespace(chained_optimizers=[object(), object()])
+    one = SimpleNamespace(chained_optimizers=[object()])
+    saved_by_one = {
+        "optimizer": {"param_groups": _groups((1.0, False), (0.0, False))},
+        "param_state_sharding_type": "fully_sharded_model_space",
+        0: {"param_state": "tensors of the dense weights"},
+        1: {"param_state": "tensors of the experts"},
+    }
+    live = state._as_live_optimizers(saved_by_one, two)
+    assert set(live) == {0, 1} and live[1]["param_state"] == "tensors of the experts"
+    assert live[1]["param_state_sharding_type"] == "fully_sharded_model_space"
+    identities = {(g["wd_mult"], g["is_expert_parallel"]) for g in live[1]["optimizer"]["param_groups"]}
+    assert (1.0, True) in identities and all(g["step"] == 3.0 for g in live[1]["optimizer"]["param_groups"])
+
+    saved_by_two = {
+        0: {"optimizer": {"param_groups": _groups((1.0, False), (0.0, False))}, "param_state_sharding_type": "x"},
+        1: {"optimizer": {"param_groups": _groups((1.0, True))}, "param_state_sharding_type": "x"},
+        "param_state": "tensors of every weight",
+    }
+    live = state._as_live_optimizers(saved_by_two, one)
+    assert live["param_state"] == "tensors of every weight" and live["param_state_sharding_type"] == "x"
+    assert {(g["wd_mult"], g["is_expert_parallel"]) for g in live["optimizer"]["param_groups"]} >= {
+        (1.0, False),
+        (0.0, False),
+    }
+    assert state._as_live_optimizers(saved_by_two, two) is saved_by_two  # the same structure: as saved
 
 
 PARITY_STEPS = 4
@@ -206,7 +238,7 @@ def _from(checkpoint, run_dir):
 
 
 @pytest.mark.slow
-def test_expert_parallel_all_to_all_trains_as_one_rank_and_resumes_bit_identically(moe_start, tmp_path):
+def test_expert_parallel_all_to_all_trains_as_one_rank_and_resumes_at_any_expert_layout(moe_start, tmp_path):
     root, _, reference, ep2 = moe_start
     losses = scalars(ep2, "train/loss")
     assert losses == pytest.approx(reference, rel=1e-5), f"EP2: {losses} vs one rank {reference}"
@@ -221,6 +253,15 @@ def test_expert_parallel_all_to_all_trains_as_one_rank_and_resumes_bit_identical
     )
     assert "resuming from" in resumed.stdout
     assert scalars(tmp_path, "train/loss") == losses[2:]
+    # at another expert layout: EP 2 -> 1 (one optimizer where two saved), then 1 -> 2
+    ep1 = tmp_path / "ep1"
+    resume = [f"train.train_iters={PARITY_STEPS}", "checkpoint.save_interval=1", "checkpoint.keep_last=0"]
+    run_bigpt(MOE_RECIPE, f"run_dir={ep1}", f"checkpoint.load={ep2 / 'checkpoints' / 'iter_0000002'}", *resume)
+    assert scalars(ep1, "train/loss") == pytest.approx(losses[2:], rel=1e-5)
+    back = tmp_path / "back_to_ep2"
+    load_ep1 = f"checkpoint.load={ep1 / 'checkpoints' / 'iter_0000003'}"
+    run_bigpt(MOE_RECIPE, f"run_dir={back}", load_ep1, *resume, "parallel.expert=2", nproc=2)
+    assert scalars(back, "train/loss") == pytest.approx(losses[3:], rel=1e-5)
     # MoE metrics, recorded once for every backend: megatron-core's balancing loss (before its
     # coefficient: about 1 for a balanced router) and the load of the busiest expert per layer
     balancing, imbalance = scalars(ep2, "train/moe_load_balancing_loss"), scalars(ep2, "train/moe_load_imbalance")
@@ -305,3 +346,16 @@ def test_the_planner_ranks_expert_parallel_sizes_and_reports_the_all_to_all():
     tokens = 4096  # mbs 1 × seq 4096, no CP or SP
     assert all_to_all_bytes(plan.chosen.recipe, layout) == 4 * tokens * 8 * 2048 * 2 * 24 * 32 * 7 / 8
     assert "all-to-all       360.78 GB per GPU per step" in text
+
+
+def test_the_dp_reshardable_format_refuses_another_expert_layout_and_names_the_reshard(tmp_path):
+    training = SimpleNamespace(layout=layout_of(world_size=1))
+    marker = {
+        "layout": {"tp": 1, "pp": 1, "vpp": 1, "cp": 1, "dp": 2, "ep": 2, "etp": 1},
+        "optimizer_format": "dp_reshardable",
+    }
+    with pytest.raises(BigptError, match=r"TP/PP/VPP/EP it was saved with \(ep 2 -> 1\).*tools/reshard.py"):
+        state._check_optimizer_format(tmp_path / "checkpoints" / "iter_0000003", marker, training)
+    state._check_optimizer_format(
+        tmp_path / "checkpoints" / "iter_0000003", {**marker, "optimizer_format": "fully_sharded_model_space"}, training
+    )

@@ -5,6 +5,7 @@ optimizer's state in model space (``checkpoint.optimizer_format``, by default ea
 slices with no exchange: ``bigpt.runtime.model_space``), so a checkpoint loads at any TP/PP/VPP/DP.
 """
 
+import copy
 import shlex
 import shutil
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.transformer.module import Float16Module, MegatronModule
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -61,41 +63,78 @@ def _layout_tag(training: Checkpointed) -> dict:
 
 DP_ONLY_FORMAT = "dp_reshardable"
 """checkpoint.optimizer_format that reshards over data parallelism only."""
-MODEL_PARALLEL = ("tp", "pp", "vpp")
+MODEL_PARALLEL = ("tp", "pp", "vpp", "ep", "etp")
+"""Degrees whose change the dp_reshardable optimizer format cannot follow."""
+EXPERT_PARALLEL = ("ep", "etp")
 
 
 def layout_overrides(tag: dict) -> str:
-    """The parallel.* overrides that give a layout tag's model-parallel degrees (tp, pp, vpp, cp)."""
-    return " ".join(
-        f"parallel.{name}={tag[key]}"
-        for key, name in (("tp", "tensor"), ("pp", "pipeline"), ("vpp", "virtual_pipeline"), ("cp", "context"))
-    )
+    """The parallel.* overrides that give a layout tag's model-parallel degrees (tp, pp, vpp, cp, and
+    ep and expert tp where the tag has them)."""
+    names = (("tp", "tensor"), ("pp", "pipeline"), ("vpp", "virtual_pipeline"), ("cp", "context"))
+    names += (("ep", "expert"), ("etp", "expert_tensor"))
+    return " ".join(f"parallel.{name}={tag[key]}" for key, name in names if key in tag)
 
 
-def _check_expert_layout(path: Path, marker: dict, training: Checkpointed) -> None:
-    """megatron-core builds a second distributed optimizer for the expert weights at EP × expert TP
-    > 1; bigpt does not yet map the optimizer state between one and two of them."""
+def _expert_layout_changes(marker: dict, training: Checkpointed) -> list[str]:
+    """How the expert layout (EP, expert TP) differs from the checkpoint's, e.g. ["ep 2 -> 1"]."""
     saved, ours = marker.get("layout", {}), _layout_tag(training)
-    degrees = [(key, saved.get(key, 1), ours.get(key, 1)) for key in ("ep", "etp")]
-    changed = [f"{name} {theirs} -> {mine}" for name, theirs, mine in degrees if theirs != mine]
-    if changed:
-        raise BigptError(
-            f"checkpoint {path} was saved at another expert layout ({', '.join(changed)}); resuming its "
-            "optimizer state at another parallel.expert / parallel.expert_tensor is not supported yet. Resume at "
-            f"parallel.expert={saved.get('ep', 1)} parallel.expert_tensor={saved.get('etp', 1)}, or start from "
-            "its weights only (they load at any expert layout) with init.from_checkpoint and "
-            'checkpoint.load = "none".'
-        )
+    return [
+        f"{key} {saved.get(key, 1)} -> {ours.get(key, 1)}"
+        for key in EXPERT_PARALLEL
+        if saved.get(key, 1) != ours.get(key, 1)
+    ]
+
+
+def _group_identity(group: dict) -> tuple:
+    """What megatron-core pairs a saved parameter group with a live one by."""
+    return tuple(group.get(key, group.get(f"pre_{key}")) for key in param_group_identifier_keys)
+
+
+def _as_live_optimizers(loaded: dict, optimizer) -> dict:
+    """The loaded optimizer state in the structure of this run's optimizers. megatron-core chains a
+    second distributed optimizer for the expert weights when EP × expert TP > 1, so a checkpoint
+    saved at another expert layout holds one optimizer's non-tensor state (parameter groups, with
+    their step and lr bounds; the state format) where this run has two, or two where it has one.
+    Its tensors carry no optimizer prefix (``chained_optim_avoid_prefix``) and were loaded into
+    this run's structure. Give every live optimizer all the saved parameter groups: each takes
+    those that match its own (megatron-core pairs groups by their identifier keys, among them
+    is_expert_parallel)."""
+    live = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+    numbered = sorted(key for key, value in loaded.items() if isinstance(key, int) and "optimizer" in value)
+    saved = [loaded[key] for key in numbered] if numbered else [loaded]
+    if len(saved) == live:
+        return loaded
+    groups = [group for part in saved for group in part["optimizer"]["param_groups"]]
+    # At EP × expert TP = 1 the experts' weights are in the dense groups (is_expert_parallel false),
+    # so a run that splits them takes their step and hyperparameters from those groups.
+    identities = {_group_identity(group) for group in groups}
+    for group in list(groups):
+        twin = {**group, "is_expert_parallel": not group.get("is_expert_parallel", False)}
+        if _group_identity(twin) not in identities:
+            groups.append(twin)
+    common = {key: value for key, value in saved[0].items() if key not in ("optimizer", "param_state")}
+    if live == 1:
+        tensors = {key: value for key, value in loaded.items() if not isinstance(key, int) and key != "optimizer"}
+        return {**tensors, **common, "optimizer": {"param_groups": groups}}
+    return {
+        index: {**loaded[index], **common, "optimizer": {"param_groups": copy.deepcopy(groups)}}
+        for index in range(live)
+    }
 
 
 def _check_optimizer_format(path: Path, marker: dict, training: Checkpointed) -> None:
     saved, ours = marker.get("layout", {}), _layout_tag(training)
-    changed = [f"{key} {saved.get(key)} -> {ours[key]}" for key in MODEL_PARALLEL if saved.get(key) != ours[key]]
+    changed = [
+        f"{key} {saved.get(key, 1)} -> {ours.get(key, 1)}"
+        for key in MODEL_PARALLEL
+        if saved.get(key, 1) != ours.get(key, 1)
+    ]
     if marker.get("optimizer_format") == DP_ONLY_FORMAT and changed:
         out = path.parent.with_name(f"{path.parent.name}_tp{ours['tp']}_pp{ours['pp']}_vpp{ours['vpp']}")
         raise BigptError(
             f'checkpoint {path} was saved with checkpoint.optimizer_format = "{DP_ONLY_FORMAT}", whose '
-            f"optimizer state loads only at the TP/PP/VPP it was saved with ({', '.join(changed)}); resume "
+            f"optimizer state loads only at the TP/PP/VPP/EP it was saved with ({', '.join(changed)}); resume "
             "at that layout (any data-parallel size), or reshard it for this one, offline on CPUs: python "
             f"tools/reshard.py {shlex.quote(str(path))} {shlex.quote(str(out))} {layout_overrides(ours)}, then "
             f'resume with checkpoint.load = "{out}"; or start from its weights only with init.from_checkpoint '
@@ -370,7 +409,13 @@ def load_checkpoint(training: Checkpointed, path: Path) -> None:
     model_state = _model_state(training.model)
     _check_shapes(path, model_state)  # before anything is touched
     _check_optimizer_format(path, marker, training)
-    _check_expert_layout(path, marker, training)
+    expert_changes = _expert_layout_changes(marker, training)
+    if expert_changes and not training.recipe.parallel.distributed_optimizer:
+        raise BigptError(
+            f"checkpoint {path} was saved at another expert layout ({', '.join(expert_changes)}); bigpt maps the "
+            "optimizer state between expert layouts with parallel.distributed_optimizer = true only; resume with "
+            "it, or at the checkpoint's parallel.expert / parallel.expert_tensor"
+        )
     state = _full_state(
         training, model_state, is_loading=True, optimizer_format=marker.get("optimizer_format", "fully_reshardable")
     )
@@ -379,7 +424,7 @@ def load_checkpoint(training: Checkpointed, path: Path) -> None:
         del state["rng_state"]
     loaded = dist_checkpointing.load(state, str(path))
     _load_model(training.model, loaded)
-    training.optimizer.load_state_dict(loaded["optimizer"])
+    training.optimizer.load_state_dict(_as_live_optimizers(loaded["optimizer"], training.optimizer))
     training.scheduler.load_state_dict(loaded["scheduler"])
     training.counters.iteration = loaded["train_state"]["iteration"]
     training.counters.consumed_samples = loaded["train_state"]["consumed_samples"]

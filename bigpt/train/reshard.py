@@ -63,11 +63,15 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
 
     saved = marker["layout"]
     ours = {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp}
+    if layout.ep * layout.etp > 1:
+        ours.update(ep=layout.ep, etp=layout.etp)
     work = out.with_name(out.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)  # a leftover of a reshard that was killed
     work.mkdir(parents=True)
     try:
-        if marker.get("optimizer_format") == DP_ONLY_FORMAT and any(saved[key] != ours[key] for key in MODEL_PARALLEL):
+        if marker.get("optimizer_format") == DP_ONLY_FORMAT and any(
+            saved.get(key, 1) != ours.get(key, 1) for key in MODEL_PARALLEL
+        ):
             at_saved_layout = load_recipe(
                 saved_recipe,
                 [*layout_overrides(saved).split(), "parallel.data=0", f"checkpoint.optimizer_format={IN_PLACE_FORMAT}"],
