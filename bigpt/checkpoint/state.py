@@ -71,8 +71,14 @@ EXPERT_PARALLEL = ("ep", "etp")
 def layout_overrides(tag: dict) -> str:
     """The parallel.* overrides that give a layout tag's model-parallel degrees (tp, pp, vpp, cp, and
     ep and expert tp where the tag has them)."""
-    names = (("tp", "tensor"), ("pp", "pipeline"), ("vpp", "virtual_pipeline"), ("cp", "context"))
-    names += (("ep", "expert"), ("etp", "expert_tensor"))
+    names = (
+        ("tp", "tensor"),
+        ("pp", "pipeline"),
+        ("vpp", "virtual_pipeline"),
+        ("cp", "context"),
+        ("ep", "expert"),
+        ("etp", "expert_tensor"),
+    )
     return " ".join(f"parallel.{name}={tag[key]}" for key, name in names if key in tag)
 
 
