@@ -8,7 +8,8 @@ In one run, on every rank, this builds
 
 - bigpt's trainer with ``bigpt.train.main.build_trainer`` (model chunks, DDP, distributed
   optimizer, LR scheduler, callbacks) and times ``Trainer.train_step``, and
-- a bare loop written here directly against megatron-core: ``GPTModel`` (local layer spec) +
+- a bare loop written here directly against megatron-core: ``GPTModel`` (local layer spec; an MoE
+  recipe's block spec of MoE and dense layers) +
   ``DistributedDataParallel`` + ``get_megatron_optimizer`` + ``OptimizerParamScheduler`` +
   ``get_forward_backward_func`` and a minimal forward step. Its ``TransformerConfig`` comes
   from ``bigpt.model.transformer_config``, so both run exactly the same model; the bare model
@@ -92,7 +93,7 @@ def build_bare(recipe, layout, bigpt_chunks):
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import Float16Module
@@ -110,10 +111,16 @@ def build_bare(recipe, layout, bigpt_chunks):
         recipe.train,
     )
     config = transformer_config(recipe, layout, use_te=False, gpu=on_gpu())
-    spec = get_gpt_layer_local_spec(normalization={"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[m.normalization])
+    normalization = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[m.normalization]
     chunks = []
     for vp_stage in range(layout.vpp):
         vp = vp_stage if layout.vpp > 1 else None
+        if m.family == "moe_decoder":  # MoE or dense layers by the layer pattern, megatron-core's block spec
+            spec = get_gpt_decoder_block_spec(
+                config, use_transformer_engine=False, normalization=normalization, vp_stage=vp
+            )
+        else:
+            spec = get_gpt_layer_local_spec(normalization=normalization)
         chunk = GPTModel(
             config=config,
             transformer_layer_spec=spec,
