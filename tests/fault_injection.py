@@ -19,13 +19,14 @@ sys.path.insert(0, str(REPO / "launchers"))
 
 import run  # noqa: E402
 
+from bigpt.families import decoder  # noqa: E402
 from bigpt.runtime import megatron_fixes  # noqa: E402
-from bigpt.train import step, trainer  # noqa: E402
+from bigpt.train import trainer  # noqa: E402
 
 
 def nan_loss_at(bad_step: int) -> None:
     current = {"step": 0}
-    train_step, token_loss = trainer.Trainer.train_step, step.token_loss
+    train_step, token_loss = trainer.Trainer.train_step, decoder.token_loss  # the loss of both decoder families
 
     def counting_train_step(self, data_iterator):
         current["step"] = self.state.iteration + 1
@@ -37,7 +38,7 @@ def nan_loss_at(bad_step: int) -> None:
         return token_loss(loss_mask, per_token_loss)
 
     trainer.Trainer.train_step = counting_train_step
-    step.token_loss = poisoned_token_loss
+    decoder.token_loss = poisoned_token_loss
 
 
 def disk_full_at(full_step: int) -> None:
