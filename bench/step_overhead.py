@@ -341,7 +341,9 @@ def report(args, recipe, layout, num_microbatches, step_times, bigpt_loss, bare_
     t = recipe.train
     print(
         f"step overhead: {os.path.relpath(args.recipe)} | {layout.world_size} ranks = TP {layout.tp} x PP {layout.pp} "
-        f"(VPP {layout.vpp}) x CP {layout.cp} x DP {layout.dp} | gbs {t.global_batch_size} = mbs "
+        f"(VPP {layout.vpp}) x CP {layout.cp} x DP {layout.dp}"
+        + (f", experts over EP {layout.ep} x expert TP {layout.etp}" if layout.ep * layout.etp > 1 else "")
+        + f" | gbs {t.global_batch_size} = mbs "
         f"{t.micro_batch_size} x DP {layout.dp} x {num_microbatches} micro-batches | seq "
         f"{recipe.model.seq_length} | {recipe.precision.dtype} | torch {torch.__version__}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
