@@ -160,7 +160,7 @@ def _expert_degrees(recipe: Recipe, dp: int) -> tuple[int, int]:
     if width % etp or (moe.shared_expert_ffn_hidden_size or 0) % parallel.tensor:
         recipe_error(
             recipe,
-            f"the expert width {width} (moe.ffn_hidden_size) is not divisible by expert tensor parallel {etp}, or "
+            f"the expert width {width} (model.moe.ffn_hidden_size) is not divisible by expert tensor parallel {etp}, or "
             f"model.moe.shared_expert_ffn_hidden_size by parallel.tensor={parallel.tensor}",
             "adjust the widths or parallel.expert_tensor",
         )
