@@ -160,8 +160,8 @@ def _expert_degrees(recipe: Recipe, dp: int) -> tuple[int, int]:
     if width % etp or (moe.shared_expert_ffn_hidden_size or 0) % parallel.tensor:
         recipe_error(
             recipe,
-            f"the expert width {width} (model.moe.ffn_hidden_size) is not divisible by expert tensor parallel {etp}, or "
-            f"model.moe.shared_expert_ffn_hidden_size by parallel.tensor={parallel.tensor}",
+            f"the expert width {width} (model.moe.ffn_hidden_size) is not divisible by expert tensor parallel "
+            f"{etp}, or model.moe.shared_expert_ffn_hidden_size by parallel.tensor={parallel.tensor}",
             "adjust the widths or parallel.expert_tensor",
         )
     if parallel.tensor > 1 and not parallel.sequence_parallel:
