@@ -116,21 +116,29 @@ def write_atomically(
     path, content: str | Callable[[TextIO], None] | Callable[[BinaryIO], None], key: str | None = None, binary=False
 ) -> None:
     """``path`` holds the old content or all of the new (``content``, or what ``content(file)``
-    writes; a ``binary`` file for that), even after a crash or a full disk: written to a temporary
-    file beside it, flushed to disk, then renamed over it; a failed write removes the temporary
-    file. With ``key`` (what names ``path`` to the user) a full disk is one paragraph, not a
-    traceback."""
+    writes; a ``binary`` file for that), even after a crash or a full disk (``replacing_atomically``)."""
+    with replacing_atomically(path, key) as temporary, open(temporary, "wb" if binary else "w") as f:
+        if callable(content):
+            content(f)
+        else:
+            f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def replacing_atomically(path, key: str | None = None):
+    """The path of a new temporary file beside ``path``, for the block to write: renamed over
+    ``path`` when the block succeeds, removed when it fails, so that ``path`` holds the old content
+    or all of the new. With ``key`` (what names ``path`` to the user) a full disk is one
+    paragraph, not a traceback."""
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
     try:
-        with reporting_a_full_disk(path, key) if key else nullcontext(), os.fdopen(descriptor, "wb" if binary else "w") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
+        with reporting_a_full_disk(path, key) if key else nullcontext():
+            yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's file is private; the output is not
         os.replace(temporary, path)
     except BaseException:
         with suppress(OSError):
@@ -142,6 +150,13 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a directory output ``out`` is built before it is renamed into place: a hidden name of
+    bigpt's own beside it, so that the leftover of a killed run can be deleted and a user's
+    ``OUT.tmp`` never is."""
+    return out.with_name(f".{out.name}.bigpt-partial")
 
 
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

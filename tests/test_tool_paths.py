@@ -117,7 +117,11 @@ FOREIGN_OUTPUTS = {
     "logits --out": (logits_main, f"{MOCK} --tokens {{tokens}} --out {{t}}/l.npy", "l.npy"),
     "export OUT": (convert_main, "export {dir} {t}/hf", "hf"),
     "demo tokenizer.vocab": (prepare_demo_main, "--out {t}", "tokenizer.vocab"),  # beside demo.jsonl
-    "slurm -o": (slurm_main, f"{MOCK} run_dir={{t}}/run --nodes 1 --workers-per-node 1 -o {{t}}/job.sbatch", "job.sbatch"),
+    "slurm -o": (
+        slurm_main,
+        f"{MOCK} run_dir={{t}}/run --nodes 1 --workers-per-node 1 -o {{t}}/job.sbatch",
+        "job.sbatch",
+    ),
 }
 
 

@@ -37,7 +37,7 @@ from bigpt.errors import BigptError
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
-from bigpt.paths import OVERWRITE, reporting_a_full_disk, write_atomically
+from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
@@ -139,7 +139,7 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False) -> dict:
     _check_replaceable(out, imported, "a checkpoint an earlier import wrote", overwrite)
     model, weights = inspect_hf(directory)
     rank, world = dist.get_rank(), dist.get_world_size()
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = partial_dir(out)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an import that was killed
         tmp.mkdir(parents=True)
@@ -252,7 +252,9 @@ def export_hf(
     ``out`` that bigpt did not write."""
     out = Path(out)
     _check_replaceable(
-        out, (out / EXPORT_MARKER).is_file(), f"a directory an earlier export wrote (it has no {EXPORT_MARKER})",
+        out,
+        (out / EXPORT_MARKER).is_file(),
+        f"a directory an earlier export wrote (it has no {EXPORT_MARKER})",
         overwrite,
     )
     checkpoint = store.checkpoint_at(
@@ -277,8 +279,8 @@ def export_hf(
     element = torch.empty((), dtype=dtype).element_size()
     order = [name for rule, layer in items for name in rule.names(layer)]
     shards = plan_shards([(name, element * math.prod(shapes[name])) for name in order], max_shard_bytes)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = partial_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an export that was killed
     tmp.mkdir(parents=True)
 
     def tensors():

@@ -9,10 +9,10 @@ import tomllib
 from pathlib import Path
 
 from bigpt.checkpoint import store
+from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches
 from bigpt.hf.convert import checkpoint_model
 from bigpt.paths import WRITTEN_BY, check_replaceable, check_writable, write_atomically, written_by_bigpt
-from bigpt.errors import BigptError
 from bigpt.recipe import Recipe, recipe_to_dict, recipe_to_toml
 
 
