@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import IO
 
 from bigpt.errors import BigptError
 
@@ -112,9 +112,7 @@ def check_replaceable(path, key: str, overwrite: bool = False, ours: Callable[[P
     )
 
 
-def write_atomically(
-    path, content: str | Callable[[TextIO], None] | Callable[[BinaryIO], None], key: str | None = None, binary=False
-) -> None:
+def write_atomically(path, content: str | Callable[[IO], None], key: str | None = None, binary: bool = False) -> None:
     """``path`` holds the old content or all of the new (``content``, or what ``content(file)``
     writes; a ``binary`` file for that), even after a crash or a full disk (``replacing_atomically``)."""
     with replacing_atomically(path, key) as temporary, open(temporary, "wb" if binary else "w") as f:
