@@ -55,7 +55,7 @@ def finalize(tmp_dir: Path, final_dir: Path, marker: dict) -> None:
     if final_dir.exists():  # the same iteration saved again (e.g. a re-run): replace it whole
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
-    write_atomically(final_dir.parent / LATEST, final_dir.name + "\n", key="checkpoint.dir's latest")
+    write_atomically(final_dir.parent / LATEST, final_dir.name + "\n")  # a failure: the save reports it
 
 
 def written_latest(path: Path) -> bool:
