@@ -4,6 +4,8 @@
   order with its options (``run.py R --dry-run a.b=1`` is ``run.py R a.b=1 --dry-run``).
 - ``--out PATH`` is the one file or directory a program writes; ``--output-prefix P`` names the
   several files ``P.*`` it writes. No other flag names an output.
+- ``--overwrite`` is the one flag that lets a program replace an output file bigpt did not write;
+  without it, such a file is refused before any work, named in one paragraph.
 - Each program builds its parser once, at module level (``parser``), so ``--help``, the program
   and its tests read the same one.
 """
@@ -34,3 +36,8 @@ def recipe_parser(
     parser.add_argument("recipe", help=recipe_help)
     parser.add_argument("overrides", nargs="*", metavar="table.key=value", help=f"dotted overrides, e.g. {example}")
     return parser
+
+
+def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    """The program's ``--overwrite``: replace ``what`` (its outputs) even when bigpt did not write them."""
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} (refused otherwise)")

@@ -19,8 +19,8 @@ def _training_tokens(recipe: Recipe) -> str:
     return f"training tokens  {train.train_iters:,} steps × {per_step:,} = {tokens:,} ({short(tokens)})"
 
 
-def describe(recipe: Recipe, layout: Layout) -> str:
-    """Resolved recipe as TOML, then the layout, sizes and batch arithmetic."""
+def describe(recipe: Recipe, layout: Layout, overwrite: bool = False) -> str:
+    """Resolved recipe as TOML, then the layout, sizes and batch arithmetic (``overwrite``: --overwrite)."""
     model, train = recipe.model, recipe.train
     vocab = padded_vocab_size(model, layout.tp)
     total = num_parameters(model, vocab)
@@ -79,7 +79,7 @@ def describe(recipe: Recipe, layout: Layout) -> str:
 
     check_transformer_engine_installed(recipe)
     check_gpu_transformer_config(recipe, layout)
-    check_outputs(recipe)
+    check_outputs(recipe, overwrite)
     if recipe.data.tokenizer:
         checked_tokenizer(recipe)
     resume, changes = resume_point(recipe, warn=console.warn)

@@ -2,13 +2,14 @@
 paragraph naming the key or argument; never a traceback, and "is a directory" when it is one."""
 
 import errno
+import itertools
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import TextIO
+from typing import IO
 
 from bigpt.errors import BigptError
 
@@ -45,14 +46,18 @@ def check_writable(path, key: str) -> None:
         ) from None
 
 
-def check_output_file(path, key: str) -> None:
+def check_output_file(
+    path, key: str, overwrite: bool = False, ours: Callable[[Path], bool] = lambda path: False
+) -> None:
     """A file will be written at ``path`` (named by ``key``): it is not a directory, its name fits
-    the filesystem, and its directory can be written in (or created)."""
+    the filesystem, its directory can be written in (or created), and an existing file there is
+    bigpt's own (``ours``) or the user passed OVERWRITE (``overwrite``)."""
     path = Path(path)
     if os.path.isdir(path):  # (os.path: False, not an error, for a name too long)
         raise BigptError(f"{key} = {path} is a directory; name a file to write.")
     check_writable(path.parent, f"the directory of {key}")
     _check_name_lengths(*_split_existing(path), path, key)
+    check_replaceable(path, key, overwrite, ours)
 
 
 def _split_existing(path: Path) -> tuple[Path, list[str]]:
@@ -74,18 +79,85 @@ def _check_name_lengths(existing: Path, missing: list[str], path, key: str) -> N
             )
 
 
-def write_atomically(path: Path, content: str | Callable[[TextIO], None]) -> None:
+# Every program writes over a file only when bigpt wrote it or the user passes this flag (the same
+# spelling in every tool); the text files bigpt owns carry WRITTEN_BY in their first lines.
+OVERWRITE = "--overwrite"
+WRITTEN_BY = "# written by bigpt"
+
+
+def written_by_bigpt(path) -> bool:
+    """``path`` is a text file whose first lines hold bigpt's WRITTEN_BY line (a script keeps its
+    ``#!`` line first)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return any(line.startswith(WRITTEN_BY) for line in itertools.islice(f, 3))
+    except OSError:
+        return False
+
+
+def check_replaceable(path, key: str, overwrite: bool = False, ours: Callable[[Path], bool] = lambda path: False):
+    """Writing ``path`` (named by ``key``) loses nothing of the user's: it does not exist, it is a
+    file bigpt wrote (``ours``), or the user passed OVERWRITE (``overwrite``). A directory is never
+    replaced by a file."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        raise BigptError(f"{key} = {path} is a directory; name a file to write, or move the directory away.")
+    if overwrite or ours(path):
+        return
+    raise BigptError(
+        f"{key}: {path} exists and bigpt did not write it; refusing to replace it. Move it away or "
+        f"choose another path, or pass {OVERWRITE} to replace it on purpose."
+    )
+
+
+def write_atomically(path, content: str | Callable[[IO], None], key: str | None = None, binary: bool = False) -> None:
     """``path`` holds the old content or all of the new (``content``, or what ``content(file)``
-    writes), even after a crash: written beside it, flushed to disk, then renamed over it."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as f:
+    writes; a ``binary`` file for that), even after a crash or a full disk (``replacing_atomically``)."""
+    with (
+        replacing_atomically(path, key) as temporary,
+        open(temporary, "wb" if binary else "w", encoding=None if binary else "utf-8") as f,
+    ):
         if callable(content):
             content(f)
         else:
             f.write(content)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(temporary, path)
+
+
+@contextmanager
+def replacing_atomically(path, key: str | None = None):
+    """The path of a new temporary file beside ``path``, for the block to write: renamed over
+    ``path`` when the block succeeds, removed when it fails, so that ``path`` holds the old content
+    or all of the new. With ``key`` (what names ``path`` to the user) a full disk is one
+    paragraph, not a traceback."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        with reporting_a_full_disk(path, key) if key else nullcontext():
+            yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's file is private; the output is not
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a directory output ``out`` is built before it is renamed into place: a hidden name of
+    bigpt's own beside it, so that the leftover of a killed run can be deleted and a user's
+    ``OUT.tmp`` never is."""
+    return out.with_name(f".{out.name}.bigpt-partial")
 
 
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

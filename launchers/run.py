@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.cli import recipe_parser  # noqa: E402
+from bigpt.cli import add_overwrite, recipe_parser  # noqa: E402
 from bigpt.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, BigptError, Preempted  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
@@ -24,6 +24,7 @@ QUIET_RANK_GRACE_S = 30
 
 parser = recipe_parser(__doc__, example="parallel.tensor=4 train.train_iters=200")
 parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit 0")
+add_overwrite(parser, "the run's recipe.toml in run_dir, or checkpoint.dir's latest, that bigpt did not write")
 parser.add_argument(
     "--world-size",
     type=int,
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             from bigpt.dryrun import describe
 
-            console.say(describe(recipe, Layout.from_recipe(recipe, args.world_size)))
+            console.say(describe(recipe, Layout.from_recipe(recipe, args.world_size), args.overwrite))
             return 0
         layout = Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     except BigptError as err:  # the same on every rank: say it once
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     try:
         from bigpt.train.main import train
 
-        train(recipe, layout)
+        train(recipe, layout, args.overwrite)
         return 0
     except BigptError as err:
         console.rank_error(str(err))

@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bigpt.cli import recipe_parser  # noqa: E402
+from bigpt.cli import add_overwrite, recipe_parser  # noqa: E402
 from bigpt.errors import BigptError  # noqa: E402
-from bigpt.paths import check_output_file, check_writable  # noqa: E402
+from bigpt.paths import WRITTEN_BY, check_output_file, check_writable, write_atomically, written_by_bigpt  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parent / "bigpt.sbatch"
@@ -66,6 +66,7 @@ parser.add_argument(
     "right when the nodes share this file system)",
 )
 parser.add_argument("-o", "--out", help="write the script here instead of standard output")
+add_overwrite(parser, "an existing script (-o, or <run_dir>/slurm-job.sbatch) that bigpt did not render")
 parser.add_argument(
     "--submit",
     action="store_true",
@@ -210,7 +211,8 @@ def batch_script(args, recipe, nodes: Nodes) -> str:
         "RUN_PY": shlex.quote(str(REPO / "launchers" / "run.py")),
         "ENV_BIN": shlex.quote(args.env_bin),
     }
-    return render(TEMPLATE.read_text(), directives, settings)
+    shebang, rest = render(TEMPLATE.read_text(), directives, settings).split("\n", 1)
+    return f"{shebang}\n{WRITTEN_BY} (launchers/slurm.py): rendered again, it replaces this file\n{rest}"
 
 
 def submit(script_path: Path) -> str:
@@ -240,10 +242,12 @@ def main(argv=None) -> int:
     check_writable(recipe.run_dir, "run_dir")
     path = Path(args.out or Path(recipe.run_dir) / "slurm-job.sbatch")
     if args.out or args.submit:
-        check_output_file(path, "--out" if args.out else "the script <run_dir>/slurm-job.sbatch")
+        check_output_file(
+            path, "--out" if args.out else "the script <run_dir>/slurm-job.sbatch", args.overwrite, written_by_bigpt
+        )
     os.makedirs(recipe.run_dir, exist_ok=True)  # SLURM does not create the log's directory
     if args.out or args.submit:
-        path.write_text(script)
+        write_atomically(path, script, key="--out" if args.out else "the script <run_dir>/slurm-job.sbatch")
         if args.submit:
             console.say(submit(path))
     else:

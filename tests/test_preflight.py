@@ -103,6 +103,74 @@ def test_the_data_cache_is_an_output_too(tmp_path):
     assert output_places(recipe)["data.cache_dir"] == tmp_path / "data_cache"
 
 
+# ---------------------------------------------------------------- files the run would replace
+def test_a_run_dir_that_is_the_recipes_own_folder_leaves_the_recipe_alone(tmp_path):
+    """The run writes run_dir/recipe.toml: there it is the user's recipe (comments, base line)."""
+    from bigpt.dryrun import describe
+
+    mine = tmp_path / "recipe.toml"
+    mine.write_text(f'# my experiment\nbase = "{MOCK}"\nrun_dir = "{tmp_path}"\n')
+    before = snapshot(tmp_path)
+    recipe = load_recipe(mine)
+    with pytest.raises(BigptError) as refused:
+        describe(recipe, Layout.from_recipe(recipe, 1))
+    assert f"run_dir: {mine} exists and bigpt did not write it" in str(refused.value)
+    assert "--overwrite" in str(refused.value) and "\n" not in str(refused.value)
+    assert snapshot(tmp_path) == before
+    assert "data plan" in describe(recipe, Layout.from_recipe(recipe, 1), overwrite=True)
+
+
+def test_a_resume_rewrites_the_run_recipe_it_wrote(tmp_path):
+    from bigpt.train.preflight import check_outputs, write_run_recipe
+
+    recipe = load_recipe(MOCK, [f"run_dir={tmp_path}"])
+    check_outputs(recipe)
+    write_run_recipe(recipe)
+    check_outputs(recipe)  # its own recipe.toml: replaceable
+    longer = load_recipe(MOCK, [f"run_dir={tmp_path}", "train.train_iters=99"])
+    write_run_recipe(longer)
+    assert load_recipe(tmp_path / "recipe.toml") == longer
+    assert [p.name for p in tmp_path.iterdir()] == ["recipe.toml"]  # no temporary file left
+
+
+def test_a_latest_bigpt_did_not_write_is_refused(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / store.LATEST).write_text("the latest of my notes\n")
+    message = dry_run(f"run_dir={tmp_path}", "checkpoint.load=none")
+    assert f"checkpoint.dir: {checkpoints / store.LATEST} exists and bigpt did not write it" in message
+    assert "--overwrite" in message
+    assert (checkpoints / store.LATEST).read_text() == "the latest of my notes\n"
+    (checkpoints / store.LATEST).unlink()
+    (checkpoints / store.LATEST).mkdir()
+    assert f"checkpoint.dir = {checkpoints / store.LATEST} is a directory" in dry_run(f"run_dir={tmp_path}")
+
+
+def test_a_file_where_tensorboard_writes_is_refused(tmp_path):
+    (tmp_path / "tensorboard").write_text("mine")
+    message = dry_run(f"run_dir={tmp_path}", "logging.tensorboard=true")
+    assert f"run_dir: {tmp_path / 'tensorboard'} exists and is not a directory" in message
+    assert (tmp_path / "tensorboard").read_text() == "mine"
+
+
+def test_a_full_disk_while_writing_the_run_recipe_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from bigpt.train.preflight import write_run_recipe
+
+    write_run_recipe(load_recipe(MOCK, [f"run_dir={tmp_path}"]))
+    before = snapshot(tmp_path)
+
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(BigptError, match="writing run_dir's recipe.toml = .* failed: No space left on device"):
+        write_run_recipe(load_recipe(MOCK, [f"run_dir={tmp_path}", "train.train_iters=99"]))
+    assert snapshot(tmp_path) == before  # the old file whole, no temporary file left
+
+
 # ---------------------------------------------------------------- checkpoints of another run
 def test_a_fresh_start_into_a_copied_run_is_refused_and_touches_nothing(tmp_path):
     checkpoints = saved_run(tmp_path / "run" / "checkpoints", 25, 30)

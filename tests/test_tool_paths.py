@@ -2,6 +2,9 @@
 never a traceback, and "is a directory" when it is one. Also tools/logits.py's token checks and a
 rendezvous port already in use."""
 
+import argparse
+import errno
+import os
 import socket
 import subprocess
 import sys
@@ -11,8 +14,10 @@ import numpy as np
 import pytest
 
 from bigpt.errors import EXIT_USER_ERROR, BigptError
+from launchers.slurm import main as slurm_main
 from tools.convert_hf import main as convert_main
 from tools.curate import main as curate_main
+from tools.logits import main as logits_main
 from tools.logits import read_tokens
 from tools.plan import main as plan_main
 from tools.prepare_demo import main as prepare_demo_main
@@ -23,6 +28,7 @@ from tools.train_tokenizer import main as tokenizer_main
 ROOT = Path(__file__).resolve().parent.parent
 MOCK = ROOT / "tests/recipes/mock_tiny.toml"
 LONG = "x" * 300
+WRITERS = ("preprocess_data", "train_tokenizer", "convert_hf", "prepare_demo", "train_quality_classifier", "logits")
 
 
 @pytest.fixture
@@ -99,6 +105,83 @@ def test_a_path_a_tool_cannot_use_is_named(places, capsys, case):
     err = capsys.readouterr().err
     assert "bigpt: error: " in err and message.format(**names) in err and "Traceback" not in err
     assert (places / "file").read_text() == "mine" and not any((places / "dir").iterdir())
+
+
+# Each program's output where a user's file already is: "{t}/..." names the file, with "mine" in it.
+FOREIGN_OUTPUTS = {
+    "preprocess .bin": (preprocess_main, "--input {corpus} --output-prefix {t}/out --tokenizer {file}", "out.bin"),
+    "preprocess .idx": (preprocess_main, "--input {corpus} --output-prefix {t}/out --tokenizer {file}", "out.idx"),
+    "tokenizer .model": (tokenizer_main, "--input {corpus} --vocab-size 100 --output-prefix {t}/tok", "tok.model"),
+    "tokenizer .vocab": (tokenizer_main, "--input {corpus} --vocab-size 100 --output-prefix {t}/tok", "tok.vocab"),
+    "classifier --out": (classifier_main, "--positive {corpus} --negative {corpus} --out {t}/q.bin", "q.bin"),
+    "logits --out": (logits_main, f"{MOCK} --tokens {{tokens}} --out {{t}}/l.npy", "l.npy"),
+    "export OUT": (convert_main, "export {dir} {t}/hf", "hf"),
+    "demo tokenizer.vocab": (prepare_demo_main, "--out {t}", "tokenizer.vocab"),  # beside demo.jsonl
+    "slurm -o": (
+        slurm_main,
+        f"{MOCK} run_dir={{t}}/run --nodes 1 --workers-per-node 1 -o {{t}}/job.sbatch",
+        "job.sbatch",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN_OUTPUTS)
+def test_an_output_bigpt_did_not_write_is_refused_naming_overwrite(places, capsys, case):
+    main, argv, name = FOREIGN_OUTPUTS[case]
+    (places / name).write_text("mine")
+    (places / "demo.jsonl").write_text('{"text": "a corpus prepare_demo already wrote"}\n')
+    np.save(places / "tokens.npy", np.array([[1, 2]]))
+    names = dict(t=places, dir=places / "dir", file=places / "file", corpus=places / "corpus.jsonl")
+    assert main(argv.format(**names, tokens=places / "tokens.npy").split()) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{places / name} exists" in err and "--overwrite" in err
+    assert (places / name).read_text() == "mine"
+
+
+def test_overwrite_replaces_and_bigpt_replaces_its_own_without_it(tmp_path, capsys):
+    job = tmp_path / "job.sbatch"
+    argv = [str(MOCK), f"run_dir={tmp_path / 'run'}", "--nodes", "1", "--workers-per-node", "1", "-o", str(job)]
+    job.write_text("mine")
+    assert slurm_main([*argv, "--overwrite"]) == 0
+    assert "#SBATCH --nodes=1" in job.read_text()
+    assert slurm_main([*argv, "--job-name", "again"]) == 0  # its own script: no flag needed
+    assert "#SBATCH --job-name=again" in job.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.sbatch", "run"]  # no temporary file left
+
+
+def test_preprocess_overwrite_replaces_a_users_file(tmp_path, tokenizer_path):
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello world"}\n')
+    (tmp_path / "out.bin").write_text("mine")
+    argv = f"--input {tmp_path / 'corpus.jsonl'} --output-prefix {tmp_path / 'out'} --tokenizer {tokenizer_path}"
+    assert preprocess_main(argv.split()) == EXIT_USER_ERROR
+    assert preprocess_main([*argv.split(), "--overwrite"]) == 0
+    assert (tmp_path / "out.bin").read_bytes() != b"mine" and (tmp_path / "out.idx").is_file()
+
+
+@pytest.mark.parametrize("program", ["launchers/run.py", "launchers/slurm.py", *(f"tools/{t}.py" for t in WRITERS)])
+def test_every_writing_program_offers_the_same_overwrite_flag(program):
+    import importlib
+
+    parser = importlib.import_module(program.removesuffix(".py").replace("/", ".")).parser
+    subcommands = [p for a in parser._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    for each in subcommands or [parser]:
+        assert "--overwrite" in each.format_help(), each.prog
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path):
+    from bigpt.paths import write_atomically
+
+    path = tmp_path / "out.json"
+    path.write_text("old and whole")
+
+    def half_then_full_disk(f):
+        f.write("half of the new")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(BigptError, match=r"writing --out = .*out.json failed: No space left on device"):
+        write_atomically(path, half_then_full_disk, key="--out")
+    assert path.read_text() == "old and whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from bigpt.paths import WRITTEN_BY
 from multirank import MOCK_RECIPE, run_bigpt, scalars
 
 pytestmark = pytest.mark.slow
@@ -109,7 +110,8 @@ def test_checkpoint_of_another_shape_and_a_fresh_start_over_a_run_are_refused(tm
     # cosine from lr 2e-3 to min_lr 2e-4, in samples (8 per step): warmup 8, decay ends at 96; after step 4: 32
     expected = 2e-4 + 0.5 * (math.cos(math.pi * (32 - 8) / (96 - 8)) + 1) * (2e-3 - 2e-4)
     assert scalars(tmp_path, "train/lr")[3] == pytest.approx(expected, rel=1e-6)  # the checkpoint's: 3e-4
-    assert "decay_iters = 12" in (tmp_path / "recipe.toml").read_text()
+    assert "decay_iters = 12" in (tmp_path / "recipe.toml").read_text()  # its own recipe.toml, rewritten
+    assert (tmp_path / "recipe.toml").read_text().startswith(WRITTEN_BY)
 
 
 def test_launching_the_wrong_number_of_ranks_is_refused(tmp_path):

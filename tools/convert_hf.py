@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.cli import Parser  # noqa: E402
+from bigpt.cli import Parser, add_overwrite  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -28,14 +28,16 @@ parser = Parser(__doc__)
 commands = parser.add_subparsers(dest="command", required=True)
 to_bigpt = commands.add_parser("import", help="Hugging Face directory -> bigpt checkpoint")
 to_bigpt.add_argument("hf_dir", help="directory with config.json and *.safetensors")
-to_bigpt.add_argument("out", help="checkpoint directory to write (replaced if it exists)")
+to_bigpt.add_argument("out", help="checkpoint directory to write (replaced if an earlier import wrote it)")
+add_overwrite(to_bigpt, "an OUT that an earlier import did not write (deleting what is there)")
 to_hf = commands.add_parser("export", help="bigpt checkpoint -> Hugging Face directory")
 to_hf.add_argument(
     "checkpoint",
     help="an iter_* directory of a run (or a run's checkpoint directory: its newest "
     "intact checkpoint), or an imported checkpoint",
 )
-to_hf.add_argument("out", help="Hugging Face directory to write (replaced if it exists)")
+to_hf.add_argument("out", help="Hugging Face directory to write (replaced if an earlier export wrote it)")
+add_overwrite(to_hf, "an OUT that an earlier export did not write (deleting what is there)")
 to_hf.add_argument(
     "--hf-files",
     default=None,
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
 
     with process_group_of_one():
         if args.command == "import":
-            model = import_hf(Path(args.hf_dir), Path(args.out))
+            model = import_hf(Path(args.hf_dir), Path(args.out), args.overwrite)
             console.say(
                 f"wrote {args.out}: {model['num_layers']} layers, hidden {model['hidden_size']}, vocab "
                 f'{model["vocab_size"]}; start a run from it with init.from_checkpoint = "{args.out}" '
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
                 hf_files=args.hf_files and Path(args.hf_files),
                 dtype=dtype,
                 max_shard_bytes=int(args.max_shard_gb * 2**30),
+                overwrite=args.overwrite,
             )
             warning = note.startswith("WARNING")
             console.say(f"wrote {args.out}" + ("" if warning else f"; {note}"))

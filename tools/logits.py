@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.cli import recipe_parser  # noqa: E402
+from bigpt.cli import add_overwrite, recipe_parser  # noqa: E402
 from bigpt.errors import BigptError  # noqa: E402
-from bigpt.paths import check_input_file, check_output_file  # noqa: E402
+from bigpt.paths import check_input_file, check_output_file, write_atomically  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 from bigpt.runtime.process import exit_without_final_gc, skip_torch_compile_without_gpu  # noqa: E402
 
@@ -27,6 +27,7 @@ skip_torch_compile_without_gpu()
 parser = recipe_parser(__doc__, example="parallel.tensor=2")
 parser.add_argument("--tokens", required=True, help="[batch, seq] token ids, .npy")
 parser.add_argument("--out", required=True, help="where to write the [batch, seq, vocab] logits, .npy")
+add_overwrite(parser, "an existing --out file")
 
 
 def read_tokens(path: str, vocab_size: int):
@@ -73,7 +74,7 @@ def write_logits(recipe, tokens, out: str) -> None:
         and parallel_state.get_tensor_model_parallel_rank() == 0
         and parallel_state.get_data_parallel_rank() == 0
     ):
-        np.save(out, logits.cpu().numpy())
+        write_atomically(out, lambda f: np.save(f, logits.cpu().numpy()), key="--out", binary=True)
 
 
 @console.reports_user_errors
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     layout = layout_of(recipe)
     tokens = read_tokens(args.tokens, recipe.model.vocab_size)
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", args.overwrite)
     init_distributed(layout)
     try:
         write_logits(recipe, tokens, args.out)

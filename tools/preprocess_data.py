@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.cli import Parser  # noqa: E402
+from bigpt.cli import Parser, add_overwrite  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
 parser = Parser(__doc__)
@@ -22,6 +22,7 @@ parser.add_argument(
     help="a .jsonl/.json/.ndjson file (one JSON object per line) or a text file (one document per line)",
 )
 parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+add_overwrite(parser, "an existing PREFIX.bin or PREFIX.idx")
 parser.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
 parser.add_argument("--field", default="text", help="JSONL field holding the text")
 parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     from bigpt.data.preprocess import preprocess
     from bigpt.paths import check_output_file
 
-    check_output_file(f"{args.output_prefix}.bin", "--output-prefix")
+    for suffix in (".bin", ".idx"):
+        check_output_file(f"{args.output_prefix}{suffix}", "--output-prefix", args.overwrite)
 
     summary = preprocess(
         args.input,

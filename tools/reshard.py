@@ -9,8 +9,8 @@ in checkpoint.optimizer_format (an override, else the default). Resume from it w
 checkpoint.load = OUT (or checkpoint.dir = OUT) at that TP/PP/VPP/CP and any data-parallel size.
 The work runs megatron-core on TP x PP x CP gloo processes of this machine (x parallel.data when
 given); a checkpoint saved "dp_reshardable" at another layout first goes through a copy at its own
-layout (in OUT.tmp, removed at the end). Nothing is written to OUT unless it all succeeds, and an
-OUT that exists is refused.
+layout (in a hidden .OUT.bigpt-partial beside OUT, removed at the end). Nothing is written to OUT
+unless it all succeeds, and an OUT that exists is refused.
 """
 
 import sys

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.cli import Parser  # noqa: E402
+from bigpt.cli import Parser, add_overwrite  # noqa: E402
 from bigpt.errors import BigptError  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
@@ -24,6 +24,7 @@ parser.add_argument(
 )
 parser.add_argument("--negative", required=True, type=Path, help="bad documents, same formats")
 parser.add_argument("--out", required=True, type=Path, help="the model file to write")
+add_overwrite(parser, "an existing --out file")
 parser.add_argument("--field", default="text", help="JSONL field holding the text")
 parser.add_argument("--epochs", type=int, default=20)
 parser.add_argument("--lr", type=float, default=0.5, help="learning rate")
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
         raise BigptError(f"training a classifier needs {err.name!r}: pip install -e '.[curate]'.") from None
     from bigpt.paths import check_output_file
 
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", args.overwrite)
     summary = train_quality_classifier(
         args.positive,
         args.negative,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigpt.cli import Parser  # noqa: E402
+from bigpt.cli import Parser, add_overwrite  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
 parser = Parser(__doc__)
@@ -21,6 +21,7 @@ parser.add_argument(
 )
 parser.add_argument("--vocab-size", required=True, type=int)
 parser.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+add_overwrite(parser, "an existing PREFIX.model or PREFIX.vocab")
 parser.add_argument("--field", default="text", help="JSONL field holding the text")
 parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
 
@@ -31,7 +32,8 @@ def main(argv=None) -> int:
     from bigpt.data.tokenizer_training import train_tokenizer
     from bigpt.paths import check_output_file
 
-    check_output_file(f"{args.output_prefix}.model", "--output-prefix")
+    for suffix in (".model", ".vocab"):
+        check_output_file(f"{args.output_prefix}{suffix}", "--output-prefix", args.overwrite)
 
     model = train_tokenizer(
         args.input, args.vocab_size, args.output_prefix, text_field=args.field, verbose=args.verbose

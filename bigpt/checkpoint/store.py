@@ -5,6 +5,7 @@ therefore never sees half a checkpoint."""
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -54,7 +55,16 @@ def finalize(tmp_dir: Path, final_dir: Path, marker: dict) -> None:
     if final_dir.exists():  # the same iteration saved again (e.g. a re-run): replace it whole
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
-    write_atomically(final_dir.parent / LATEST, final_dir.name + "\n")
+    write_atomically(final_dir.parent / LATEST, final_dir.name + "\n")  # a failure: the save reports it
+
+
+def written_latest(path: Path) -> bool:
+    """``path`` is a ``latest`` as ``finalize`` writes it: one checkpoint's name (a user's file of
+    that name is never replaced)."""
+    try:
+        return re.fullmatch(r"iter_\d+\n?", path.read_text()) is not None
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def read_marker(path: Path) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bigpt.data.encode import JSONL_SUFFIXES, document_text
 from bigpt.errors import BigptError
-from bigpt.paths import not_a_file
+from bigpt.paths import not_a_file, replacing_atomically
 
 
 @dataclass
@@ -66,9 +66,8 @@ def train_quality_classifier(
         )
     finally:
         os.unlink(f.name)
-    temporary = out.with_name(out.name + ".tmp")
-    model.save_model(str(temporary))
-    os.replace(temporary, out)
+    with replacing_atomically(out, "--out") as temporary:
+        model.save_model(str(temporary))
     scored_good = [name for name, text in test if _score(model, text, label) >= 0.5]
     true_good = sum(1 for name in scored_good if name == label)
     positives = sum(1 for name, _ in test if name == label)

@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from bigpt.paths import write_atomically
+
 # Modules that act when imported (open a browser, print, start a GUI), test suites, and the
 # help topics (read as text below) and codec tables (boilerplate).
 _SKIP = {
@@ -37,12 +39,14 @@ def write_demo_corpus(out_dir, name: str = "demo.jsonl") -> tuple[Path, int, int
     path = Path(out_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     documents = 0
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as stream:
+
+    def write(stream) -> None:
+        nonlocal documents
         for source, text in stdlib_documents():
             stream.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
             documents += 1
-    partial.replace(path)
+
+    write_atomically(path, write, key="--out")
     return path, documents, path.stat().st_size
 
 

@@ -37,7 +37,7 @@ from bigpt.errors import BigptError
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
-from bigpt.paths import reporting_a_full_disk, write_atomically
+from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
@@ -116,27 +116,30 @@ def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
 EXPORT_MARKER = "bigpt_export.json"  # inside an exported directory: what it was exported from
 
 
-def _check_replaceable(out: Path, ours: bool, what: str) -> None:
+def _check_replaceable(out: Path, ours: bool, what: str, overwrite: bool) -> None:
     """Never delete a directory this module did not write: ``out`` must be missing, empty, or
-    ``ours`` (``what`` a conversion wrote; a downloaded model or a run's checkpoint never is)."""
-    if out.exists() and not ours and (not out.is_dir() or any(out.iterdir())):
+    ``ours`` (``what`` a conversion wrote; a downloaded model or a run's checkpoint never is),
+    unless the user passed --overwrite (``overwrite``)."""
+    if out.exists() and not ours and not overwrite and (not out.is_dir() or any(out.iterdir())):
         kind = "a file" if not out.is_dir() else "a directory with other files"
         raise BigptError(
-            f"{out} exists ({kind}) and is not {what}; refusing to replace it, since that would "
-            "delete what is there: choose a new or empty output directory"
+            f"OUT: {out} exists ({kind}) and is not {what}; refusing to replace it, since that would "
+            f"delete what is there: choose a new or empty output directory, or pass {OVERWRITE} to "
+            "replace it on purpose"
         )
 
 
-def import_hf(directory: Path, out: Path) -> dict:
+def import_hf(directory: Path, out: Path, overwrite: bool = False) -> dict:
     """Write the Hugging Face model in ``directory`` as a bigpt checkpoint at ``out``, with every
     rank of the process group converting a share of the tensors, one at a time; returns its
-    [model] table. ``out`` appears only when complete."""
+    [model] table. ``out`` appears only when complete; ``overwrite`` (--overwrite) replaces one
+    that bigpt did not write."""
     directory, out = Path(directory).resolve(), Path(out)
     imported = store.is_complete(out) and "imported_from" in store.read_marker(out)
-    _check_replaceable(out, imported, "a checkpoint an earlier import wrote")
+    _check_replaceable(out, imported, "a checkpoint an earlier import wrote", overwrite)
     model, weights = inspect_hf(directory)
     rank, world = dist.get_rank(), dist.get_world_size()
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = partial_dir(out)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an import that was killed
         tmp.mkdir(parents=True)
@@ -241,13 +244,18 @@ def export_hf(
     hf_files: Path | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> str:
     """Write the bigpt checkpoint (any layout; or the newest intact one in a run's checkpoint
     directory) as a Hugging Face directory ``out``, with a README.md saying where it came from;
-    returns what ``tokenizer_note`` says of its tokenizer."""
+    returns what ``tokenizer_note`` says of its tokenizer. ``overwrite`` (--overwrite) replaces an
+    ``out`` that bigpt did not write."""
     out = Path(out)
     _check_replaceable(
-        out, (out / EXPORT_MARKER).is_file(), f"a directory an earlier export wrote (it has no {EXPORT_MARKER})"
+        out,
+        (out / EXPORT_MARKER).is_file(),
+        f"a directory an earlier export wrote (it has no {EXPORT_MARKER})",
+        overwrite,
     )
     checkpoint = store.checkpoint_at(
         Path(checkpoint), "the checkpoint to export", alternatives="or at the output of tools/convert_hf.py import"
@@ -271,8 +279,8 @@ def export_hf(
     element = torch.empty((), dtype=dtype).element_size()
     order = [name for rule, layer in items for name in rule.names(layer)]
     shards = plan_shards([(name, element * math.prod(shapes[name])) for name in order], max_shard_bytes)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = partial_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an export that was killed
     tmp.mkdir(parents=True)
 
     def tensors():

@@ -1,8 +1,6 @@
 """Parse → build → train → close: what `launchers/run.py` runs on every rank."""
 
-import os
 from functools import partial
-from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -13,7 +11,7 @@ from bigpt.errors import Preempted
 from bigpt.families import family_of
 from bigpt.layout import Layout, samples_by_step
 from bigpt.model import build_model_chunks
-from bigpt.recipe import Recipe, recipe_to_toml
+from bigpt.recipe import Recipe
 from bigpt.runtime import console
 from bigpt.runtime.distributed import destroy_distributed, init_distributed
 from bigpt.runtime.seeding import seed_everything
@@ -29,7 +27,7 @@ from bigpt.train.optim import (
     wire_model_config,
     wrap_ddp,
 )
-from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point
+from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point, write_run_recipe
 from bigpt.train.trainer import Trainer
 
 
@@ -88,11 +86,12 @@ def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = Tru
     )
 
 
-def train(recipe: Recipe, layout: Layout) -> None:
+def train(recipe: Recipe, layout: Layout, overwrite: bool = False) -> None:
+    """``overwrite``: --overwrite, replace output files bigpt did not write."""
     init_distributed(layout)
     lock = None
     try:
-        check_outputs(recipe)
+        check_outputs(recipe, overwrite)
         resume, model_changes = resume_point(recipe, warn=console.warn)  # reads only: a refused run changes nothing
         if dist.get_rank() == 0:
             lock = store.lock_directory(checkpoint_dir(recipe))
@@ -117,8 +116,7 @@ def train(recipe: Recipe, layout: Layout) -> None:
                     "train.train_iters to continue, or start over elsewhere: checkpoint.load=none with a new run_dir"
                 )
         if dist.get_rank() == 0:
-            os.makedirs(recipe.run_dir, exist_ok=True)
-            Path(recipe.run_dir, "recipe.toml").write_text(recipe_to_toml(recipe))
+            write_run_recipe(recipe)
         trainer.train()
         if trainer.preempted:
             raise Preempted(

@@ -1,17 +1,19 @@
 """What a start checks before step 1 that needs no process group, so that nothing is found only
 after hours of training; ``--dry-run`` runs the same checks. Every output place can be written,
-the checkpoint to resume from exists and computes what the recipe's [model] says, and the
-checkpoint directory holds no checkpoints this run did not write."""
+no file the run would replace is one bigpt did not write (unless --overwrite), the checkpoint to
+resume from exists and computes what the recipe's [model] says, and the checkpoint directory holds
+no checkpoints this run did not write."""
 
 import os
 import tomllib
 from pathlib import Path
 
 from bigpt.checkpoint import store
+from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches
 from bigpt.hf.convert import checkpoint_model
-from bigpt.paths import check_writable
-from bigpt.recipe import Recipe, recipe_to_dict
+from bigpt.paths import WRITTEN_BY, check_replaceable, check_writable, write_atomically, written_by_bigpt
+from bigpt.recipe import Recipe, recipe_to_dict, recipe_to_toml
 
 
 def checkpoint_dir(recipe: Recipe) -> Path:
@@ -26,9 +28,32 @@ def output_places(recipe: Recipe) -> dict[str, Path]:
     return places
 
 
-def check_outputs(recipe: Recipe) -> None:
+RUN_RECIPE = "recipe.toml"  # in run_dir: the resolved recipe the run ran with
+TENSORBOARD = "tensorboard"  # in run_dir: TensorBoard's event files (new names, never replaced)
+
+
+def check_outputs(recipe: Recipe, overwrite: bool = False) -> None:
+    """Every output place can be written, and the files the run replaces there are bigpt's own
+    (or ``overwrite``, --overwrite): a run_dir that is the recipe's own folder must not have the
+    recipe written over."""
     for key, path in output_places(recipe).items():
         check_writable(path, key)
+    run_dir = Path(recipe.run_dir)
+    check_replaceable(run_dir / RUN_RECIPE, "run_dir", overwrite, ours=written_by_bigpt)
+    check_replaceable(checkpoint_dir(recipe) / store.LATEST, "checkpoint.dir", overwrite, ours=store.written_latest)
+    tensorboard = run_dir / TENSORBOARD
+    if recipe.logging.tensorboard and os.path.lexists(tensorboard) and not tensorboard.is_dir():
+        raise BigptError(
+            f"run_dir: {tensorboard} exists and is not a directory, so TensorBoard cannot write its event "
+            "files there; move it away, choose another run_dir, or set logging.tensorboard = false."
+        )
+
+
+def write_run_recipe(recipe: Recipe) -> None:
+    """``run_dir/recipe.toml``: the resolved recipe, marked as bigpt's so that a resume replaces it."""
+    os.makedirs(recipe.run_dir, exist_ok=True)
+    header = f"{WRITTEN_BY}: the resolved recipe this run ran with (a resume rewrites this file)\n"
+    write_atomically(Path(recipe.run_dir, RUN_RECIPE), header + recipe_to_toml(recipe), key="run_dir's recipe.toml")
 
 
 def resume_point(recipe: Recipe, warn=lambda message: None) -> tuple[Path | None, list[str]]:

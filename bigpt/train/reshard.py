@@ -35,7 +35,7 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
     from bigpt.checkpoint import store
     from bigpt.checkpoint.state import DP_ONLY_FORMAT, MODEL_PARALLEL, layout_overrides
     from bigpt.layout import Layout
-    from bigpt.paths import check_writable
+    from bigpt.paths import check_writable, partial_dir
     from bigpt.recipe import CheckpointConfig, load_recipe
 
     checkpoint = store.checkpoint_at(source, "IN", alternatives="for instance a run's checkpoint.dir")
@@ -65,7 +65,7 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
     ours = {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp}
     if layout.ep * layout.etp > 1:
         ours.update(ep=layout.ep, etp=layout.etp)
-    work = out.with_name(out.name + ".tmp")
+    work = partial_dir(out)
     shutil.rmtree(work, ignore_errors=True)  # a leftover of a reshard that was killed
     work.mkdir(parents=True)
     try:
