@@ -133,6 +133,20 @@ def test_a_resume_rewrites_the_run_recipe_it_wrote(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.toml"]  # no temporary file left
 
 
+def test_a_resume_of_a_run_from_before_the_mark_rewrites_its_recipe(tmp_path):
+    """Runs started before bigpt marked its recipe.toml: the file reads back as exactly the
+    resolved recipe bigpt writes, which no recipe of a user's does."""
+    from bigpt.recipe import recipe_to_toml
+    from bigpt.train.preflight import check_outputs
+
+    recipe = load_recipe(MOCK, [f"run_dir={tmp_path}"])
+    (tmp_path / "recipe.toml").write_text(recipe_to_toml(recipe))  # as bigpt wrote it before the mark
+    check_outputs(recipe)
+    (tmp_path / "recipe.toml").write_text(recipe_to_toml(recipe) + "# my note\n")
+    with pytest.raises(BigptError, match="exists and bigpt did not write it"):
+        check_outputs(recipe)
+
+
 def test_a_latest_bigpt_did_not_write_is_refused(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()

@@ -13,7 +13,7 @@ from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches
 from bigpt.hf.convert import checkpoint_model
 from bigpt.paths import WRITTEN_BY, check_replaceable, check_writable, write_atomically, written_by_bigpt
-from bigpt.recipe import Recipe, recipe_to_dict, recipe_to_toml
+from bigpt.recipe import Recipe, load_recipe, recipe_to_dict, recipe_to_toml
 
 
 def checkpoint_dir(recipe: Recipe) -> Path:
@@ -39,7 +39,7 @@ def check_outputs(recipe: Recipe, overwrite: bool = False) -> None:
     for key, path in output_places(recipe).items():
         check_writable(path, key)
     run_dir = Path(recipe.run_dir)
-    check_replaceable(run_dir / RUN_RECIPE, "run_dir", overwrite, ours=written_by_bigpt)
+    check_replaceable(run_dir / RUN_RECIPE, "run_dir", overwrite, ours=_run_recipe_is_ours)
     check_replaceable(checkpoint_dir(recipe) / store.LATEST, "checkpoint.dir", overwrite, ours=store.written_latest)
     tensorboard = run_dir / TENSORBOARD
     if recipe.logging.tensorboard and os.path.lexists(tensorboard) and not tensorboard.is_dir():
@@ -47,6 +47,18 @@ def check_outputs(recipe: Recipe, overwrite: bool = False) -> None:
             f"run_dir: {tensorboard} exists and is not a directory, so TensorBoard cannot write its event "
             "files there; move it away, choose another run_dir, or set logging.tensorboard = false."
         )
+
+
+def _run_recipe_is_ours(path: Path) -> bool:
+    """A run's recipe.toml bigpt wrote: marked as bigpt's, or, from before the mark, a resolved
+    recipe exactly as bigpt writes one (a recipe of the user's has a base line, comments or keys
+    left at their defaults, so it never reads back the same)."""
+    if written_by_bigpt(path):
+        return True
+    try:
+        return recipe_to_toml(load_recipe(path)) == path.read_text(encoding="utf-8")
+    except (BigptError, OSError, UnicodeDecodeError):
+        return False
 
 
 def write_run_recipe(recipe: Recipe) -> None:
