@@ -7,6 +7,7 @@ as long as the epochs add up to. ``plan_tokens`` prints what each dataset actual
 """
 
 import bisect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,12 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.utils import Split
 
 from bigpt.data.checks import (
+    check_index_fits,
+    check_mock_index_fits,
     check_split_has_tokens,
     check_weights,
     open_indexed_dataset,
+    split_documents,
     split_tokens,
 )
 from bigpt.errors import BigptError
@@ -60,7 +64,7 @@ def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0) -> list[P
     phases = []
     for i, ((key, blend), start, end) in enumerate(zip(blends, starts, ends)):
         wanted = {Split.train: end - start, Split.valid: valid_samples if i == 0 else 0}
-        prefixes, weights, tokens, valid_tokens = _plan_blend(key, blend, split_matrix, data.split, wanted)
+        prefixes, weights, tokens, valid_tokens = _plan_blend(key, blend, split_matrix, data.split, wanted, seq_length)
         phases.append(Phase(key, start, end - start, prefixes, weights, tokens, valid_tokens))
     return phases
 
@@ -87,7 +91,7 @@ def validation_rereads(recipe, phase: Phase, valid_samples: int) -> list[str]:
     return warnings
 
 
-def _plan_blend(key, blend, split_matrix, split, wanted):
+def _plan_blend(key, blend, split_matrix, split, wanted, seq_length):
     if not blend:
         raise BigptError(f'{key} is empty; name at least one dataset, e.g. [{{path = "corpus_text_document"}}]')
     epochs = [entry.epochs for entry in blend]
@@ -95,10 +99,11 @@ def _plan_blend(key, blend, split_matrix, split, wanted):
         raise BigptError(
             f"{key}: give epochs for every dataset of the blend or for none (weights are then derived from them)"
         )
-    prefixes, tokens, valid_tokens = [entry.path for entry in blend], [], []
+    prefixes, datasets, tokens, valid_tokens = [entry.path for entry in blend], [], [], []
     for i, prefix in enumerate(prefixes):
         dataset = open_indexed_dataset(prefix, f"{key}[{i}].path")
         check_split_has_tokens(dataset, f"{key}[{i}].path", split_matrix, split, wanted)
+        datasets.append(dataset)
         tokens.append(split_tokens(dataset, split_matrix[Split.train.value]))
         valid = split_matrix[Split.valid.value]
         valid_tokens.append(split_tokens(dataset, valid) if valid is not None else 0)
@@ -107,6 +112,20 @@ def _plan_blend(key, blend, split_matrix, split, wanted):
     else:
         weights = [value * count for value, count in zip(epochs, tokens)]
     check_weights(weights, key)
+    for part, length_key in ((Split.train, "train.train_iters"), (Split.valid, "eval.iters")):
+        bounds = split_matrix[part.value]
+        if not wanted.get(part) or bounds is None:
+            continue
+        for i, (prefix, weight, dataset) in enumerate(zip(prefixes, weights, datasets)):
+            check_index_fits(
+                f"{key}[{i}].path",
+                f"the {part.name} split of {prefix}",
+                split_documents(dataset, bounds),
+                split_tokens(dataset, bounds),
+                math.ceil(weight / sum(weights) * wanted[part]),
+                seq_length,
+                length_key,
+            )
     return prefixes, weights, tokens, valid_tokens
 
 
@@ -131,9 +150,10 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
     train = recipe.train
     train_samples = train_samples or samples_by_step(train, train.train_iters)
     seq_length = recipe.model.seq_length
-    if recipe.data.source == "mock":
-        return f"data: mock (random tokens), {short(train_samples * seq_length)} tokens"
     valid_samples = train.global_batch_size * recipe.eval.iters if recipe.eval.interval else 0
+    if recipe.data.source == "mock":
+        check_mock_index_fits(train_samples, valid_samples, seq_length)
+        return f"data: mock (random tokens), {short(train_samples * seq_length)} tokens"
     rows = [("phase", "tokens", "dataset", "share", "drawn", "split size", "epochs")]
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
     for phase in phases:
