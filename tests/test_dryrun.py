@@ -109,9 +109,8 @@ def test_a_dry_run_collects_every_problem_after_the_plan(tmp_path):
 def test_a_training_length_no_dataset_index_holds_is_refused_before_building_it(tmp_path, small_tokenizer):
     """megatron-core would count the epochs one by one and then build an index of every epoch's
     documents: hours or out of memory before step 1, without a word."""
-    from test_data_support import write_indexed
-
     from bigpt.data.datasets import build_datasets
+    from test_data_support import write_indexed
 
     prefix = write_indexed(tmp_path / "small_text_document", [[5] * 10] * 10)
     recipe = load_recipe(
