@@ -195,6 +195,15 @@ def test_override_wrong_type_names_the_override():
             "more than the 9.223e+18 that megatron-core's dataset indices (int64) can count",
         ),
         ([f"eval.iters={2**60}"], f"eval.iters={2**60} × train.global_batch_size=8"),
+        (
+            [f"train.seed={2**32 - 100}"],
+            f"train.seed={2**32 - 100} is too large: the seeds derived from it (up to train.seed + 100, for "
+            "parallel.pipeline=2 and 0 data.phases) must be at most 4294967295",
+        ),
+        (
+            ["optimizer.adam_beta2=1.0"],
+            "optimizer.adam_beta2=1.0 with optimizer.name='adamw': the moment would never decay",
+        ),
         (['recompute.modules=["mlp"]'], "recompute.modules set while recompute.granularity = 'none'"),
         (
             ['recompute.granularity="selective"', 'recompute.modules=["mlp"]', "recompute.num_layers=2"],

@@ -31,6 +31,7 @@ def check_recipe(recipe: Recipe) -> None:
         _check_recompute,
         _check_batch_rampup,
         _check_training_length,
+        _check_seed,
         _check_lr_schedule,
         _check_data,
         _check_init,
@@ -194,6 +195,15 @@ def _check_moe(recipe: Recipe) -> None:
 
 
 def _check_optimizer(recipe: Recipe) -> None:
+    for key in ("adam_beta1", "adam_beta2"):
+        beta = getattr(recipe.optimizer, key)
+        if recipe.optimizer.name == "adamw" and beta >= 1:
+            recipe_error(
+                recipe,
+                f"optimizer.{key}={beta} with optimizer.name='adamw': the moment would never decay and Adam's bias "
+                "correction 1 - beta^t is 0 (torch refuses it at the first step)",
+                "use a decay below 1, e.g. 0.9 for adam_beta1 and 0.95 for adam_beta2",
+            )
     if recipe.optimizer.name == "adafactor":
         recipe_error(
             recipe,
@@ -356,6 +366,23 @@ def _check_training_length(recipe: Recipe) -> None:
                 "megatron-core's dataset indices (int64) can count",
                 f"lower {key}",
             )
+
+
+NUMPY_SEED_MAX = 2**32 - 1
+
+
+def _check_seed(recipe: Recipe) -> None:
+    # NumPy takes seeds up to 2**32 - 1: bigpt seeds each pipeline stage with seed + 100 × stage
+    # (as Megatron-LM) and megatron-core's dataset shuffles each data phase with seed + phase.
+    offset = max(100 * (recipe.parallel.pipeline - 1), len(recipe.data.phases))
+    if recipe.train.seed + offset > NUMPY_SEED_MAX:
+        recipe_error(
+            recipe,
+            f"train.seed={recipe.train.seed} is too large: the seeds derived from it (up to train.seed + {offset}, "
+            f"for parallel.pipeline={recipe.parallel.pipeline} and {len(recipe.data.phases)} data.phases) must be at "
+            f"most {NUMPY_SEED_MAX}, the largest seed NumPy takes",
+            f"use a seed of at most {NUMPY_SEED_MAX - offset}",
+        )
 
 
 def _check_lr_schedule(recipe: Recipe) -> None:
