@@ -1,6 +1,6 @@
 """The --dry-run report: the resolved recipe and its plan, computed on paper."""
 
-from bigpt.errors import BigptError
+from bigpt.errors import BigptError, BigptErrors
 from bigpt.flops import flops_per_step, num_parameters, parameters_per_stage
 from bigpt.layout import Layout, samples_by_step
 from bigpt.memory import stage_memory
@@ -95,7 +95,7 @@ def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None) 
         try:
             return check(*args, **kwargs)
         except BigptError as err:
-            problems.append(str(err))
+            problems.extend(err.problems if isinstance(err, BigptErrors) else [str(err)])
             return REFUSED
 
     checked(check_transformer_engine_installed, recipe)

@@ -61,7 +61,7 @@ def test_describe_plans_the_data(tmp_path, small_tokenizer):
 
 def test_the_readme_dry_run_shows_the_plan_then_every_problem_on_a_fresh_clone():
     """README's on-paper command, where the Llama-3 tokenizer and data are not there: the whole
-    plan first, then both problems, exit 2."""
+    plan first, then every problem (the tokenizer, each dataset of the blend), exit 2."""
     if (ROOT / "data/llama3").exists():
         pytest.skip("data/llama3 exists here: not a fresh clone")
     result = subprocess.run(
@@ -76,9 +76,10 @@ def test_the_readme_dry_run_shows_the_plan_then_every_problem_on_a_fresh_clone()
     assert "FLOPs per step" in result.stdout and "start            fresh at step 0" in result.stdout
     assert "data plan        not known: see the problems below" in result.stdout
     problems = result.stderr.splitlines()
-    assert problems[0] == "bigpt: error: 2 problems a start would refuse:", result.stderr
+    assert problems[0] == "bigpt: error: 3 problems a start would refuse:", result.stderr
     assert "tokenizer file" in problems[1] and "data/llama3/tokenizer.json does not exist" in problems[1]
-    assert "data.blend[0].path: no indexed dataset at prefix" in problems[2]
+    assert "data.blend[0].path: no indexed dataset at prefix" in problems[2] and "web_text_document" in problems[2]
+    assert "data.blend[1].path: no indexed dataset at prefix" in problems[3] and "code_text_document" in problems[3]
 
 
 def test_a_dry_run_collects_every_problem_after_the_plan(tmp_path):
@@ -104,6 +105,31 @@ def test_a_dry_run_collects_every_problem_after_the_plan(tmp_path):
     )
     with pytest.raises(BigptError, match="is not writable"):  # without a list: the first refusal, as a start
         describe(recipe, Layout.from_recipe(recipe, 1))
+
+
+def test_every_missing_dataset_of_every_phase_is_named(tmp_path, small_tokenizer):
+    """Listed one by one by a dry run; said together, in one paragraph, by a start."""
+    from bigpt.data.phases import plan_phases
+
+    recipe = load_recipe(
+        TINY,
+        [
+            f'data.blend=[{{path = "{tmp_path / "web"}"}}, {{path = "{tmp_path / "books"}"}}]',
+            f'data.phases=[{{start_tokens = 10240, blend = [{{path = "{tmp_path / "anneal"}"}}]}}]',
+            f"data.tokenizer={small_tokenizer}",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
+    problems: list[str] = []
+    describe(recipe, Layout.from_recipe(recipe, 4), problems)
+    assert [problem.split(":")[0] for problem in problems] == [
+        "data.blend[0].path",
+        "data.blend[1].path",
+        "data.phases[0].blend[0].path",
+    ]
+    with pytest.raises(BigptError) as info:
+        plan_phases(recipe, 240)
+    assert "\n" not in str(info.value) and all(problem in str(info.value) for problem in problems)
 
 
 def test_a_training_length_no_dataset_index_holds_is_refused_before_building_it(tmp_path, small_tokenizer):

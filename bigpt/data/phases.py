@@ -26,7 +26,7 @@ from bigpt.data.checks import (
     split_documents,
     split_tokens,
 )
-from bigpt.errors import BigptError
+from bigpt.errors import BigptError, BigptErrors, raise_problems
 from bigpt.layout import samples_by_step
 from bigpt.numbers import short
 
@@ -61,11 +61,18 @@ def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0) -> list[P
                 f"({train_samples * seq_length} tokens); order the phases by start_tokens"
             )
     blends = [("data.blend", data.blend)] + [(f"data.phases[{i}].blend", phase.blend) for i, phase in enumerate(later)]
-    phases = []
+    phases, problems = [], []
     for i, ((key, blend), start, end) in enumerate(zip(blends, starts, ends)):
         wanted = {Split.train: end - start, Split.valid: valid_samples if i == 0 else 0}
-        prefixes, weights, tokens, valid_tokens = _plan_blend(key, blend, split_matrix, data.split, wanted, seq_length)
+        try:
+            prefixes, weights, tokens, valid_tokens = _plan_blend(
+                key, blend, split_matrix, data.split, wanted, seq_length
+            )
+        except BigptError as err:  # every phase's datasets are checked before saying what is wrong
+            problems += err.problems if isinstance(err, BigptErrors) else [str(err)]
+            continue
         phases.append(Phase(key, start, end - start, prefixes, weights, tokens, valid_tokens))
+    raise_problems(problems)
     return phases
 
 
@@ -99,14 +106,19 @@ def _plan_blend(key, blend, split_matrix, split, wanted, seq_length):
         raise BigptError(
             f"{key}: give epochs for every dataset of the blend or for none (weights are then derived from them)"
         )
-    prefixes, datasets, tokens, valid_tokens = [entry.path for entry in blend], [], [], []
+    prefixes, datasets, tokens, valid_tokens, problems = [entry.path for entry in blend], [], [], [], []
     for i, prefix in enumerate(prefixes):
-        dataset = open_indexed_dataset(prefix, f"{key}[{i}].path")
-        check_split_has_tokens(dataset, f"{key}[{i}].path", split_matrix, split, wanted)
+        try:
+            dataset = open_indexed_dataset(prefix, f"{key}[{i}].path")
+            check_split_has_tokens(dataset, f"{key}[{i}].path", split_matrix, split, wanted)
+        except BigptError as err:  # every dataset of the blend is checked before saying what is wrong
+            problems.append(str(err))
+            continue
         datasets.append(dataset)
         tokens.append(split_tokens(dataset, split_matrix[Split.train.value]))
         valid = split_matrix[Split.valid.value]
         valid_tokens.append(split_tokens(dataset, valid) if valid is not None else 0)
+    raise_problems(problems)
     if epochs[0] is None:
         weights = [entry.weight for entry in blend]
     else:
