@@ -1,11 +1,16 @@
 """The --dry-run report: the resolved recipe and its plan, computed on paper."""
 
+from bigpt.errors import BigptError, BigptErrors
 from bigpt.flops import flops_per_step, num_parameters, parameters_per_stage
 from bigpt.layout import Layout, samples_by_step
 from bigpt.memory import stage_memory
 from bigpt.numbers import short
 from bigpt.recipe import Recipe, padded_vocab_size, recipe_to_toml
 from bigpt.runtime import console
+
+REFUSED = object()
+"""What a check gives back in a dry run that collects problems, when it found one."""
+SEE_PROBLEMS = "not known: see the problems below"
 
 
 def _training_tokens(recipe: Recipe) -> str:
@@ -19,8 +24,12 @@ def _training_tokens(recipe: Recipe) -> str:
     return f"training tokens  {train.train_iters:,} steps × {per_step:,} = {tokens:,} ({short(tokens)})"
 
 
-def describe(recipe: Recipe, layout: Layout, overwrite: bool = False) -> str:
-    """Resolved recipe as TOML, then the layout, sizes and batch arithmetic (``overwrite``: --overwrite)."""
+def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, overwrite: bool = False) -> str:
+    """Resolved recipe as TOML, then the layout, sizes and batch arithmetic, then what a start
+    checks before step 1 (outputs, tokenizer, resume point, initial weights, data). Each of those
+    refusals raises at once, as at a real start, unless ``problems`` is given: then its paragraph
+    is added to that list and the report goes on with what it can still compute. A model that
+    megatron-core refuses has no plan to show and raises either way. ``overwrite``: --overwrite."""
     model, train = recipe.model, recipe.train
     vocab = padded_vocab_size(model, layout.tp)
     total = num_parameters(model, vocab)
@@ -77,22 +86,41 @@ def describe(recipe: Recipe, layout: Layout, overwrite: bool = False) -> str:
     from bigpt.train.initial import check_initial_weights
     from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point
 
-    check_transformer_engine_installed(recipe)
-    check_gpu_transformer_config(recipe, layout)
-    check_outputs(recipe, overwrite)
+    check_gpu_transformer_config(recipe, layout)  # a model megatron-core refuses has no plan to show
+
+    def checked(check, *args, **kwargs):
+        """The check's result; a refusal raises at once without ``problems``, else joins them."""
+        if problems is None:
+            return check(*args, **kwargs)
+        try:
+            return check(*args, **kwargs)
+        except BigptError as err:
+            problems.extend(err.problems if isinstance(err, BigptErrors) else [str(err)])
+            return REFUSED
+
+    checked(check_transformer_engine_installed, recipe)
+    checked(check_outputs, recipe, overwrite)
     if recipe.data.tokenizer:
-        checked_tokenizer(recipe)
-    resume, changes = resume_point(recipe, warn=console.warn)
-    if resume is None:
-        lines.append(f"start            fresh at step 0; checkpoints go to {checkpoint_dir(recipe)}")
-        lines.append(f"initial weights  {check_initial_weights(recipe) or 'random (model.init_std)'}")
+        checked(checked_tokenizer, recipe)
+    resume_point_and_changes = checked(resume_point, recipe, warn=console.warn)
+    if resume_point_and_changes is REFUSED:
+        lines.append(f"start            {SEE_PROBLEMS}")
     else:
-        changed = f"; changed by checkpoint.allow_model_changes: {', '.join(changes)}" if changes else ""
-        lines.append(f"start            resume from {resume}{changed}")
-        if schedule_changes := resume_changes(recipe, resume):
+        resume, changes = resume_point_and_changes
+        if resume is None:
+            lines.append(f"start            fresh at step 0; checkpoints go to {checkpoint_dir(recipe)}")
+            initial = checked(check_initial_weights, recipe)
             lines.append(
-                f"                 the recipe's optimizer and schedule replace the checkpoint's: "
-                f"{'; '.join(schedule_changes)}"
+                f"initial weights  {SEE_PROBLEMS if initial is REFUSED else initial or 'random (model.init_std)'}"
             )
-    lines += ["data plan", plan_tokens(recipe)]
+        else:
+            changed = f"; changed by checkpoint.allow_model_changes: {', '.join(changes)}" if changes else ""
+            lines.append(f"start            resume from {resume}{changed}")
+            if schedule_changes := resume_changes(recipe, resume):
+                lines.append(
+                    f"                 the recipe's optimizer and schedule replace the checkpoint's: "
+                    f"{'; '.join(schedule_changes)}"
+                )
+    data_plan = checked(plan_tokens, recipe)
+    lines += [f"data plan        {SEE_PROBLEMS}"] if data_plan is REFUSED else ["data plan", data_plan]
     return "\n".join(lines)

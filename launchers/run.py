@@ -1,7 +1,7 @@
 """Entry point: `torchrun --nproc_per_node N launchers/run.py RECIPE [key=value ...]`.
 
 `python launchers/run.py RECIPE --dry-run [--world-size N]` validates the recipe on paper and
-prints the plan without touching a device.
+prints the plan without touching a device, then every problem a start would refuse (exit 2 if any).
 """
 
 import os
@@ -23,7 +23,11 @@ QUIET_RANK_GRACE_S = 30
 
 
 parser = recipe_parser(__doc__, example="parallel.tensor=4 train.train_iters=200")
-parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit 0")
+parser.add_argument(
+    "--dry-run",
+    action="store_true",
+    help="validate and print the plan, then every problem a start would refuse; exit 0 if none, 2 if any",
+)
 add_overwrite(parser, "the run's recipe.toml in run_dir, or checkpoint.dir's latest, that bigpt did not write")
 parser.add_argument(
     "--world-size",
@@ -43,8 +47,14 @@ def main(argv=None) -> int:
         if args.dry_run:
             from bigpt.dryrun import describe
 
-            console.say(describe(recipe, Layout.from_recipe(recipe, args.world_size), args.overwrite))
-            return 0
+            problems: list[str] = []
+            console.say(describe(recipe, Layout.from_recipe(recipe, args.world_size), problems, args.overwrite))
+            if not problems:
+                return 0
+            console.error(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} a start would refuse:")
+            for problem in problems:
+                console.error(problem)
+            return EXIT_USER_ERROR
         layout = Layout.from_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     except BigptError as err:  # the same on every rank: say it once
         console.error(str(err))

@@ -184,6 +184,26 @@ def test_override_wrong_type_names_the_override():
             ['model.position_embedding="learned"', "model.max_position_embeddings=64"],
             "model.max_position_embeddings=64 is shorter than model.seq_length=128",
         ),
+        (["model.kv_channels=15"], "model.kv_channels=15 is odd, but rotary embeddings"),
+        (
+            ["model.hidden_size=132"],
+            "the head width model.hidden_size / model.num_attention_heads = 33 is odd, but rotary embeddings",
+        ),
+        (
+            [f"train.train_iters={10**19}"],
+            f"train.train_iters={10**19} × train.global_batch_size=8 × model.seq_length=128 = 1.024e+22 tokens, "
+            "more than the 9.223e+18 that megatron-core's dataset indices (int64) can count",
+        ),
+        ([f"eval.iters={2**60}"], f"eval.iters={2**60} × train.global_batch_size=8"),
+        (
+            [f"train.seed={2**32 - 100}"],
+            f"train.seed={2**32 - 100} is too large: the seeds derived from it (up to train.seed + 100, for "
+            "parallel.pipeline=2 and 0 data.phases) must be at most 4294967295",
+        ),
+        (
+            ["optimizer.adam_beta2=1.0"],
+            "optimizer.adam_beta2=1.0 with optimizer.name='adamw': the moment would never decay",
+        ),
         (['recompute.modules=["mlp"]'], "recompute.modules set while recompute.granularity = 'none'"),
         (
             ['recompute.granularity="selective"', 'recompute.modules=["mlp"]', "recompute.num_layers=2"],
@@ -194,6 +214,12 @@ def test_override_wrong_type_names_the_override():
 def test_cross_field_rule(overrides, expected):
     message = load_error(TINY, overrides)
     assert expected in message and "tiny.toml" in message
+
+
+def test_an_odd_head_width_is_fine_without_rotary_embeddings():
+    """The RoPE rule is about RoPE: learned positions take any head width."""
+    recipe = load_recipe(TINY, ["model.kv_channels=15", 'model.position_embedding="learned"'])
+    assert recipe.model.kv_channels == 15
 
 
 def test_data_phases_need_real_datasets(tmp_path):

@@ -6,8 +6,11 @@ bad dataset fails the same way everywhere instead of leaving ranks waiting on ea
 """
 
 import os
+from types import SimpleNamespace
 
 import numpy
+import psutil
+from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
 from megatron.core.datasets.indexed_dataset import (
     _INDEX_HEADER,
     IndexedDataset,
@@ -65,11 +68,21 @@ def open_indexed_dataset(prefix: str, key: str) -> IndexedDataset:
     return dataset
 
 
-def split_tokens(dataset: IndexedDataset, bounds: tuple[float, float]) -> int:
-    """Tokens of the documents megatron-core puts in a split with these (begin, end) fractions."""
+def _split_range(dataset: IndexedDataset, bounds: tuple[float, float]) -> tuple[int, int]:
+    """The documents megatron-core puts in a split with these (begin, end) fractions."""
     num_documents = len(dataset)
     begin, end = (int(round(bound * num_documents)) for bound in bounds)
+    return begin, end
+
+
+def split_tokens(dataset: IndexedDataset, bounds: tuple[float, float]) -> int:
+    begin, end = _split_range(dataset, bounds)
     return int(dataset.sequence_lengths[begin:end].sum())
+
+
+def split_documents(dataset: IndexedDataset, bounds: tuple[float, float]) -> int:
+    begin, end = _split_range(dataset, bounds)
+    return end - begin
 
 
 def check_split_has_tokens(
@@ -84,6 +97,41 @@ def check_split_has_tokens(
                 f"{len(dataset)} documents of {dataset.path_prefix}; add documents to that "
                 "dataset or change data.split"
             )
+
+
+INT32_MAX = 2**31 - 1
+
+
+def check_index_fits(
+    key: str, what: str, documents: int, epoch_tokens: int, samples: int, seq_length: int, length_key: str
+) -> None:
+    """megatron-core's GPTDataset builds its indices in memory, on one rank: counting the epochs
+    it needs one by one (in Python), then a document index of every epoch's documents (int32
+    each), a sample index and a shuffle index (up to 16 + 8 bytes a sample); its C++ helper takes
+    the epoch count as an int32. A training length beyond that hangs or fails before step 1."""
+    epochs = -(-(samples * seq_length + 1) // epoch_tokens)
+    index_bytes = 4 * documents * epochs + 24 * (samples + 1)
+    memory = psutil.virtual_memory().total
+    if epochs <= INT32_MAX and index_bytes <= memory:
+        return
+    counter = f", and more than its int32 epoch counter holds ({INT32_MAX:,})" if epochs > INT32_MAX else ""
+    raise BigptError(
+        f"{key}: {samples:,} samples of model.seq_length={seq_length} tokens read {what} ({epoch_tokens:,} tokens in "
+        f"{documents:,} documents) {epochs:,} times over, and megatron-core's sample index for that takes "
+        f"{index_bytes / 2**30:,.0f} GiB of memory, more than this machine's {memory / 2**30:,.0f} GiB{counter}; "
+        f"lower {length_key} or train on more data"
+    )
+
+
+def check_mock_index_fits(train_samples: int, valid_samples: int, seq_length: int) -> None:
+    """check_index_fits for data.source = "mock": megatron-core's fixed set of random documents
+    (at most all of them in a split)."""
+    documents = MockGPTLowLevelDataset(SimpleNamespace(vocab_size=2, eod=1)).sequence_lengths
+    tokens = int(documents.sum())
+    for samples, length_key in ((train_samples, "train.train_iters"), (valid_samples, "eval.iters")):
+        if samples:
+            what = "megatron-core's mock dataset"
+            check_index_fits(length_key, what, len(documents), tokens, samples, seq_length, length_key)
 
 
 def check_weights(weights: list[float], key: str) -> None:

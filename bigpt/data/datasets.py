@@ -6,7 +6,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import Split
 
-from bigpt.data.checks import check_vocab
+from bigpt.data.checks import check_mock_index_fits, check_vocab
 from bigpt.data.phases import Phase, PhasedDataset, plan_phases, validation_rereads
 from bigpt.data.rank_zero_first import build_rank_zero_first, megatron_sees_one_process
 from bigpt.data.tokenizer import Tokenizer, load_tokenizer
@@ -31,6 +31,7 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     """
     data = recipe.data
     if data.source == "mock":
+        check_mock_index_fits(train_samples, valid_samples, recipe.model.seq_length)
         tokenizer = checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(recipe.model.vocab_size)
         config = _config(recipe, tokenizer, {Split.train: train_samples, Split.valid: valid_samples})
         # Mock data is generated in memory from the seed, so every rank builds its own.

@@ -7,6 +7,7 @@ as long as the epochs add up to. ``plan_tokens`` prints what each dataset actual
 """
 
 import bisect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,15 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.utils import Split
 
 from bigpt.data.checks import (
+    check_index_fits,
+    check_mock_index_fits,
     check_split_has_tokens,
     check_weights,
     open_indexed_dataset,
+    split_documents,
     split_tokens,
 )
-from bigpt.errors import BigptError
+from bigpt.errors import BigptError, BigptErrors, raise_problems
 from bigpt.layout import samples_by_step
 from bigpt.numbers import short
 
@@ -57,11 +61,18 @@ def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0) -> list[P
                 f"({train_samples * seq_length} tokens); order the phases by start_tokens"
             )
     blends = [("data.blend", data.blend)] + [(f"data.phases[{i}].blend", phase.blend) for i, phase in enumerate(later)]
-    phases = []
+    phases, problems = [], []
     for i, ((key, blend), start, end) in enumerate(zip(blends, starts, ends)):
         wanted = {Split.train: end - start, Split.valid: valid_samples if i == 0 else 0}
-        prefixes, weights, tokens, valid_tokens = _plan_blend(key, blend, split_matrix, data.split, wanted)
+        try:
+            prefixes, weights, tokens, valid_tokens = _plan_blend(
+                key, blend, split_matrix, data.split, wanted, seq_length
+            )
+        except BigptError as err:  # every phase's datasets are checked before saying what is wrong
+            problems += err.problems if isinstance(err, BigptErrors) else [str(err)]
+            continue
         phases.append(Phase(key, start, end - start, prefixes, weights, tokens, valid_tokens))
+    raise_problems(problems)
     return phases
 
 
@@ -87,7 +98,7 @@ def validation_rereads(recipe, phase: Phase, valid_samples: int) -> list[str]:
     return warnings
 
 
-def _plan_blend(key, blend, split_matrix, split, wanted):
+def _plan_blend(key, blend, split_matrix, split, wanted, seq_length):
     if not blend:
         raise BigptError(f'{key} is empty; name at least one dataset, e.g. [{{path = "corpus_text_document"}}]')
     epochs = [entry.epochs for entry in blend]
@@ -95,18 +106,38 @@ def _plan_blend(key, blend, split_matrix, split, wanted):
         raise BigptError(
             f"{key}: give epochs for every dataset of the blend or for none (weights are then derived from them)"
         )
-    prefixes, tokens, valid_tokens = [entry.path for entry in blend], [], []
+    prefixes, datasets, tokens, valid_tokens, problems = [entry.path for entry in blend], [], [], [], []
     for i, prefix in enumerate(prefixes):
-        dataset = open_indexed_dataset(prefix, f"{key}[{i}].path")
-        check_split_has_tokens(dataset, f"{key}[{i}].path", split_matrix, split, wanted)
+        try:
+            dataset = open_indexed_dataset(prefix, f"{key}[{i}].path")
+            check_split_has_tokens(dataset, f"{key}[{i}].path", split_matrix, split, wanted)
+        except BigptError as err:  # every dataset of the blend is checked before saying what is wrong
+            problems.append(str(err))
+            continue
+        datasets.append(dataset)
         tokens.append(split_tokens(dataset, split_matrix[Split.train.value]))
         valid = split_matrix[Split.valid.value]
         valid_tokens.append(split_tokens(dataset, valid) if valid is not None else 0)
+    raise_problems(problems)
     if epochs[0] is None:
         weights = [entry.weight for entry in blend]
     else:
         weights = [value * count for value, count in zip(epochs, tokens)]
     check_weights(weights, key)
+    for part, length_key in ((Split.train, "train.train_iters"), (Split.valid, "eval.iters")):
+        bounds = split_matrix[part.value]
+        if not wanted.get(part) or bounds is None:
+            continue
+        for i, (prefix, weight, dataset) in enumerate(zip(prefixes, weights, datasets)):
+            check_index_fits(
+                f"{key}[{i}].path",
+                f"the {part.name} split of {prefix}",
+                split_documents(dataset, bounds),
+                split_tokens(dataset, bounds),
+                math.ceil(weight / sum(weights) * wanted[part]),
+                seq_length,
+                length_key,
+            )
     return prefixes, weights, tokens, valid_tokens
 
 
@@ -131,9 +162,10 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
     train = recipe.train
     train_samples = train_samples or samples_by_step(train, train.train_iters)
     seq_length = recipe.model.seq_length
-    if recipe.data.source == "mock":
-        return f"data: mock (random tokens), {short(train_samples * seq_length)} tokens"
     valid_samples = train.global_batch_size * recipe.eval.iters if recipe.eval.interval else 0
+    if recipe.data.source == "mock":
+        check_mock_index_fits(train_samples, valid_samples, seq_length)
+        return f"data: mock (random tokens), {short(train_samples * seq_length)} tokens"
     rows = [("phase", "tokens", "dataset", "share", "drawn", "split size", "epochs")]
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
     for phase in phases:

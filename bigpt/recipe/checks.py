@@ -30,6 +30,8 @@ def check_recipe(recipe: Recipe) -> None:
         _check_precision,
         _check_recompute,
         _check_batch_rampup,
+        _check_training_length,
+        _check_seed,
         _check_lr_schedule,
         _check_data,
         _check_init,
@@ -54,6 +56,19 @@ def _check_model(recipe: Recipe) -> None:
             f"model.hidden_size={model.hidden_size} is not divisible by "
             f"model.num_attention_heads={model.num_attention_heads}",
             "change one of them or set model.kv_channels (the head width) explicitly",
+        )
+    head_width = model.kv_channels or model.hidden_size // model.num_attention_heads
+    if model.position_embedding == "rope" and head_width % 2:
+        width = (
+            f"model.kv_channels={model.kv_channels}"
+            if model.kv_channels
+            else f"the head width model.hidden_size / model.num_attention_heads = {head_width}"
+        )
+        recipe_error(
+            recipe,
+            f"{width} is odd, but rotary embeddings (model.position_embedding='rope') turn the channels of each "
+            "head in pairs (megatron-core fails at the first forward)",
+            "make the head width even, or use position_embedding = 'learned'",
         )
     positions = model.max_position_embeddings or model.seq_length
     if model.position_embedding == "learned" and positions < model.seq_length:
@@ -180,6 +195,15 @@ def _check_moe(recipe: Recipe) -> None:
 
 
 def _check_optimizer(recipe: Recipe) -> None:
+    for key in ("adam_beta1", "adam_beta2"):
+        beta = getattr(recipe.optimizer, key)
+        if recipe.optimizer.name == "adamw" and beta >= 1:
+            recipe_error(
+                recipe,
+                f"optimizer.{key}={beta} with optimizer.name='adamw': the moment would never decay and Adam's bias "
+                "correction 1 - beta^t is 0 (torch refuses it at the first step)",
+                "use a decay below 1, e.g. 0.9 for adam_beta1 and 0.95 for adam_beta2",
+            )
     if recipe.optimizer.name == "adafactor":
         recipe_error(
             recipe,
@@ -323,6 +347,41 @@ def _check_batch_rampup(recipe: Recipe) -> None:
             f"never reaches train.global_batch_size={train.global_batch_size}",
             "pick start below global_batch_size with (global_batch_size - start) a "
             "multiple of increment, or remove rampup_batch_size",
+        )
+
+
+INDEX_INT_MAX = 2**63 - 1
+"""megatron-core's dataset indices and bigpt's counters count samples and tokens in int64."""
+
+
+def _check_training_length(recipe: Recipe) -> None:
+    train, seq_length = recipe.train, recipe.model.seq_length
+    for key, count in (("train.train_iters", train.train_iters), ("eval.iters", recipe.eval.iters)):
+        tokens = count * train.global_batch_size * seq_length  # at most: a ramp-up trains fewer
+        if tokens >= INDEX_INT_MAX:
+            recipe_error(
+                recipe,
+                f"{key}={count} × train.global_batch_size={train.global_batch_size} × "
+                f"model.seq_length={seq_length} = {tokens:.3e} tokens, more than the {INDEX_INT_MAX:.3e} that "
+                "megatron-core's dataset indices (int64) can count",
+                f"lower {key}",
+            )
+
+
+NUMPY_SEED_MAX = 2**32 - 1
+
+
+def _check_seed(recipe: Recipe) -> None:
+    # NumPy takes seeds up to 2**32 - 1: bigpt seeds each pipeline stage with seed + 100 × stage
+    # (as Megatron-LM) and megatron-core's dataset shuffles each data phase with seed + phase.
+    offset = max(100 * (recipe.parallel.pipeline - 1), len(recipe.data.phases))
+    if recipe.train.seed + offset > NUMPY_SEED_MAX:
+        recipe_error(
+            recipe,
+            f"train.seed={recipe.train.seed} is too large: the seeds derived from it (up to train.seed + {offset}, "
+            f"for parallel.pipeline={recipe.parallel.pipeline} and {len(recipe.data.phases)} data.phases) must be at "
+            f"most {NUMPY_SEED_MAX}, the largest seed NumPy takes",
+            f"use a seed of at most {NUMPY_SEED_MAX - offset}",
         )
 
 
