@@ -139,7 +139,7 @@ def replacing_atomically(path, key: str | None = None):
     try:
         with reporting_a_full_disk(path, key) if key else nullcontext():
             yield Path(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's file is private; the output is not
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's file is private; the output is not
         os.replace(temporary, path)
     except BaseException:
         with suppress(OSError):
@@ -147,10 +147,13 @@ def replacing_atomically(path, key: str | None = None):
         raise
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once, at import: setting it to read it races with threads that create files
 
 
 def partial_dir(out: Path) -> Path:
