@@ -46,13 +46,13 @@ class MetricsLogger(Callback):
     loss is noisy. TensorBoard keeps every step's train/loss and adds that mean as
     train/loss_interval_mean at the logging steps; the line's other numbers are its own step's."""
 
-    def __init__(self, run_dir: str, line_fields: tuple[str, ...] = ()):
-        """``line_fields``: more metrics (a model family's, e.g. MoE's) the line shows, as interval means."""
+    def __init__(self, run_dir: str, line_fields: dict[str, str] | None = None):
+        """``line_fields``: more metrics the line shows as interval means (a model family's, e.g.
+        MoE's), each with its label."""
         self.run_dir = run_dir
         self.writer = None
-        self.interval_losses: list[float] = []  # of the steps trained since the last line
-        self.line_fields = line_fields
-        self.interval_fields: dict[str, list[float]] = {name: [] for name in line_fields}
+        self.labels = {"loss": "loss", **(line_fields or {})}
+        self.interval: dict[str, list[float]] = {name: [] for name in self.labels}  # since the last line
 
     def on_start(self, trainer):
         if trainer.recipe.logging.tensorboard and console.speaks():
@@ -66,20 +66,15 @@ class MetricsLogger(Callback):
             for key, value in metrics.items():
                 self.writer.add_scalar(f"train/{key}", float(value), step)
         if not metrics["skipped"]:
-            self.interval_losses.append(metrics["loss"])
-            for name, values in self.interval_fields.items():
+            for name, values in self.interval.items():
                 if name in metrics:
                     values.append(metrics[name])
         if step % trainer.recipe.logging.interval and step != trainer.recipe.train.train_iters:
             return
-        mean_loss = sum(self.interval_losses) / len(self.interval_losses) if self.interval_losses else math.nan
-        self.interval_losses = []
-        extras = "".join(
-            f" | {name.removeprefix('moe_').replace('_', ' ')} {sum(values) / len(values):.4g}"
-            for name, values in self.interval_fields.items()
-            if values
-        )
-        self.interval_fields = {name: [] for name in self.line_fields}
+        means = {name: sum(values) / len(values) for name, values in self.interval.items() if values}
+        self.interval = {name: [] for name in self.labels}
+        mean_loss = means.pop("loss", math.nan)
+        extras = "".join(f" | {self.labels[name]} {mean:.4g}" for name, mean in means.items())
         if self.writer:
             self.writer.add_scalar("train/loss_interval_mean", mean_loss, step)
         tokens = trainer.state.consumed_samples * trainer.recipe.model.seq_length

@@ -70,7 +70,7 @@ def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = Tru
         num_workers=recipe.data.num_workers,
     )
     experts = [MoEMetrics(recipe.model)] if recipe.model.family == "moe_decoder" else []
-    logger = MetricsLogger(recipe.run_dir, line_fields=experts[0].line_fields if experts else ())
+    logger = MetricsLogger(recipe.run_dir, line_fields=experts[0].line_fields if experts else None)
     callbacks = [Throughput(), *experts, logger]
     if valid_ds is not None and recipe.eval.interval:
         callbacks.append(Evaluator(lambda: batches(valid_ds, consumed_samples=0), logger))

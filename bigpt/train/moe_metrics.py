@@ -48,8 +48,9 @@ class MoEMetrics(Callback):
         )
         if model.moe.z_loss_coeff:
             self.names.append("z_loss")
-        self.line_fields = tuple(f"moe_{name}" for name in self.names) + ("moe_load_imbalance",)
-        """The metrics the console line shows."""
+        self.line_fields = {f"moe_{name}": name.replace("_", " ") for name in self.names}
+        self.line_fields["moe_load_imbalance"] = "load imbalance"
+        """The metrics the console line shows, with their labels."""
         self.step_counts = torch.zeros(0)  # tokens per (layer, expert), this step, this rank
         self.interval_counts = torch.zeros(0)  # the same, summed over ranks and the interval
         self.interval_start = 1
