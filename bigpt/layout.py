@@ -136,10 +136,10 @@ def _data_parallel_size(recipe: Recipe, world_size: int | None) -> int:
 def _expert_degrees(recipe: Recipe, dp: int) -> tuple[int, int]:
     """(EP, expert TP), by megatron-core's rules: the experts split evenly over EP, and the ranks
     of a pipeline stage (TP × CP × DP) split evenly into groups of EP × expert TP."""
-    parallel, moe = recipe.parallel, recipe.model.moe
-    ep, etp = parallel.expert, parallel.expert_tensor or parallel.tensor
     if recipe.model.family != "moe_decoder":
         return 1, 1
+    parallel, moe = recipe.parallel, recipe.model.moe
+    ep, etp = parallel.expert, parallel.expert_tensor or parallel.tensor
     experts = moe.num_experts or 1
     if experts % ep:
         recipe_error(

@@ -19,7 +19,7 @@ from bigpt.flops import (
 )
 from bigpt.layout import Layout, divisors, samples_by_step
 from bigpt.memory import ADAM_STATE_BYTES, DTYPE_BYTES, MASTER_WEIGHT_BYTES, StageMemory, peak_memory, stage_memory
-from bigpt.recipe import Recipe, padded_vocab_size
+from bigpt.recipe import ModelConfig, Recipe, padded_vocab_size
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20
 """Compute-optimal training tokens per parameter (Hoffmann et al. 2022)."""
@@ -187,7 +187,7 @@ def all_to_all_bytes(recipe: Recipe, layout: Layout) -> float:
     return per_layer * moe_layers_per_stage * layout.num_microbatches * (layout.ep - 1) / layout.ep
 
 
-def _expert_parallel_sizes(model, stage_ranks: int) -> list[int]:
+def _expert_parallel_sizes(model: ModelConfig, stage_ranks: int) -> list[int]:
     """Expert-parallel sizes to plan: those that split the experts evenly over ranks of a stage
     (expert tensor parallelism 1, as Megatron-LM advises with EP); 1 for a dense model."""
     if model.family != "moe_decoder":
