@@ -284,7 +284,8 @@ def recompute_flops_per_step(recipe: Recipe, layout: Layout) -> float:
     """FLOPs the recipe's activation recomputation adds to one step (on top of flops_per_step):
     full re-runs the forward of every recomputed layer (all of them with method uniform, the first
     num_layers of each model chunk with block); selective re-runs its modules' forward: core_attn
-    the attention core, mlp the MLP's matmuls."""
+    the attention core, mlp a dense layer's MLP matmuls, moe an MoE layer's (router, shared experts,
+    the router_topk experts a token passes), shared_experts its shared experts'."""
     model, recompute = recipe.model, recipe.recompute
     if recompute.granularity == "full":
         if recompute.method == "uniform":
@@ -294,11 +295,17 @@ def recompute_flops_per_step(recipe: Recipe, layout: Layout) -> float:
         mean_layer = sum(_layer_forward_flops(model, moe) for moe in moe_layers(model)) / model.num_layers
         per_token = layers * mean_layer
     elif recompute.granularity == "selective":
-        hidden = model.hidden_size
-        per_layer = (_attention_core_forward_flops(model) if "core_attn" in recompute.modules else 0) + (
-            2 * (hidden * _mlp_input_width(model) + model.ffn_hidden_size * hidden) if "mlp" in recompute.modules else 0
-        )
-        per_token = model.num_layers * per_layer
+        modules = recompute.modules
+        per_token = 0
+        for moe in moe_layers(model):
+            per_token += _attention_core_forward_flops(model) if "core_attn" in modules else 0
+            if not moe and "mlp" in modules:
+                per_token += 2 * _mlp_matmul_parameters(model, model.ffn_hidden_size)
+            elif moe and "moe" in modules:
+                routed = _routed_expert_parameters(model, model.moe.router_topk)
+                per_token += 2 * (_moe_shared_parameters(model) + routed)
+            elif moe and "shared_experts" in modules and model.moe.shared_expert_ffn_hidden_size:
+                per_token += 2 * _mlp_matmul_parameters(model, model.moe.shared_expert_ffn_hidden_size)
     else:
         per_token = 0
     return per_token * layout.global_batch_size * model.seq_length

@@ -133,6 +133,16 @@ def _data_parallel_size(recipe: Recipe, world_size: int | None) -> int:
     return dp
 
 
+def fewest_data_parallel(recipe: Recipe) -> int:
+    """The fewest data-parallel ranks the recipe's layout can run at: 1, or as many as make a
+    pipeline stage's TP × CP × DP ranks a multiple of the expert groups' EP × expert TP."""
+    parallel = recipe.parallel
+    if recipe.model.family != "moe_decoder":
+        return 1
+    experts = parallel.expert * (parallel.expert_tensor or parallel.tensor)
+    return experts // math.gcd(parallel.tensor * parallel.context, experts)
+
+
 def _expert_degrees(recipe: Recipe, dp: int) -> tuple[int, int]:
     """(EP, expert TP), by megatron-core's rules: the experts split evenly over EP, and the ranks
     of a pipeline stage (TP × CP × DP) split evenly into groups of EP × expert TP."""

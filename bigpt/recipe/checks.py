@@ -319,6 +319,31 @@ def _check_recompute(recipe: Recipe) -> None:
             'recompute.granularity = "selective" with recompute.modules = [] recomputes nothing',
             'name the modules to recompute or set granularity = "none"',
         )
+    if recompute.granularity == "selective":
+        _check_recomputed_modules_exist(recipe)
+
+
+def _check_recomputed_modules_exist(recipe: Recipe) -> None:
+    """Each selective module must find something to recompute in this model: megatron-core
+    silently skips one that does not (mlp on MoE layers, moe on dense ones)."""
+    model = recipe.model
+    kinds = model.moe.layers(model.num_layers) if model.family == "moe_decoder" else [0] * model.num_layers
+    found = {
+        "core_attn": True,
+        "mlp": not all(kinds),
+        "moe": any(kinds),
+        "shared_experts": any(kinds) and bool(model.moe.shared_expert_ffn_hidden_size),
+    }
+    missing = [module for module in recipe.recompute.modules if not found[module]]
+    if missing:
+        recipe_error(
+            recipe,
+            f"recompute.modules names {missing}, which this model does not have: mlp is a dense layer's "
+            f"MLP (this model has {len(kinds) - sum(map(bool, kinds))} dense layers), moe an MoE layer "
+            f"({sum(map(bool, kinds))} here), shared_experts an MoE layer's shared experts "
+            "(model.moe.shared_expert_ffn_hidden_size), and megatron-core silently recomputes nothing for them",
+            'recompute "moe" (or "shared_experts") for MoE layers and "mlp" for dense ones, or drop them',
+        )
 
 
 def _check_batch_rampup(recipe: Recipe) -> None:

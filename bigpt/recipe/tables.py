@@ -351,14 +351,17 @@ class RecomputeConfig:
 
     granularity: Literal["none", "selective", "full"] = "none"
     """selective = recompute the modules below; full = whole layers."""
-    modules: list[Literal["core_attn", "mlp"]] = field(default_factory=lambda: ["core_attn"])
+    modules: list[Literal["core_attn", "mlp", "moe", "shared_experts"]] = field(default_factory=lambda: ["core_attn"])
     """For selective: what to recompute (megatron-core's recompute_modules). core_attn = the
     attention core, which then keeps no s² scores: only unfused attention stores them, so it needs
     precision.transformer_engine = "off" (Transformer Engine's fused attention keeps none); mlp =
-    the MLP, which then keeps only its input, for one more MLP forward (about a quarter of a Llama
-    layer's training FLOPs). megatron-core's "layernorm" is not offered: Transformer Engine fuses
-    a dense layer's norms into the next linear (nothing to recompute), and without it
-    megatron-core 0.19's output-discarding checkpoint requires Transformer Engine."""
+    a dense layer's MLP, which then keeps only its input, for one more MLP forward (about a quarter
+    of a Llama layer's training FLOPs; megatron-core skips MoE layers here); moe = an MoE layer
+    (router, token dispatch and its all-to-all, experts, shared experts), which then keeps only its
+    input; shared_experts = an MoE layer's shared experts alone. megatron-core's "layernorm" and
+    "moe_act" are not offered: Transformer Engine fuses a dense layer's norms into the next linear
+    (nothing to recompute), megatron-core 0.19's output-discarding checkpoint they use requires
+    Transformer Engine, and moe_act also grouped GEMM experts."""
     method: Literal["uniform", "block"] = "uniform"
     """For full: uniform = checkpoint every num_layers layers; block = the first num_layers
     layers of each pipeline stage."""
