@@ -1,0 +1,356 @@
+"""A model ladder: plan a grid of model sizes × compute budgets from a base recipe, run it, read
+each run's final validation loss, and fit a scaling law (bigpt.scaling) with a plot.
+
+The sizing rule (``size_model``): a width d, a multiple of the base's head width; as many heads as
+fit (the base's head width), the base's heads-per-query-group ratio, the base's depth-to-width
+ratio (layers = d × base layers / base width, at least 1) and FFN-to-width ratio (rounded up to a
+multiple of 8). Every other key (vocabulary, sequence length, batch, optimizer, data) is the base's,
+so the runs differ only in size and length, and all evaluate on the same validation batches.
+
+Each budget C (FLOPs, C = 6ND with N = bigpt.scaling.scaling_parameters) trains every size whose
+tokens per parameter fall in a range (IsoFLOP: several sizes per budget), for D = C / 6N tokens
+rounded to whole steps, with its cosine schedule decaying over exactly its own steps: a cycle
+longer than the run leaves the learning rate high at the end and biases the fit (Hoffmann et al.).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigpt.errors import BigptError
+from bigpt.layout import Layout
+from bigpt.numbers import short
+from bigpt.paths import WRITTEN_BY, check_output_file, write_atomically, written_by_bigpt
+from bigpt.recipe import Recipe, load_recipe, recipe_to_toml
+from bigpt.runtime import console
+from bigpt.scaling import PARAMETERS_COUNTED, Fit, Point, budgets_of, scaling_parameters
+
+MANIFEST = "ladder.json"
+LADDER_FORMAT = "bigpt ladder 1"
+TOKENS_PER_PARAMETER = (1.0, 400.0)
+"""Default range of tokens per parameter a budget's sizes train for: wide enough to bracket the
+optimum on both sides (Chinchilla's is near 20), so each budget's loss curve has its minimum."""
+FFN_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One run of the ladder."""
+
+    name: str
+    recipe: str
+    """Path of its recipe (absolute)."""
+    run_dir: str
+    width: int
+    layers: int
+    parameters: int
+    """N as bigpt.scaling counts it."""
+    tokens: int
+    budget: float
+    """The budget C it was planned for (6ND of its rounded tokens is within a step of it)."""
+    train_iters: int
+    hours: float | None = None
+    """The planner's estimate on the GPUs the plan was made for (None: no layout fits there)."""
+
+
+def size_model(base: Recipe, width: int) -> dict:
+    """The [model] keys of a model of ``width`` by the ladder's sizing rule (module docstring)."""
+    model = base.model
+    head = model.kv_channels or model.hidden_size // model.num_attention_heads
+    if width < head or width % head:
+        raise BigptError(
+            f"--widths: {width} is not a positive multiple of the base recipe's head width {head} "
+            f"(model.hidden_size / model.num_attention_heads); choose multiples of {head}."
+        )
+    heads = width // head
+    per_group = model.num_attention_heads // (model.num_query_groups or model.num_attention_heads)
+    groups = max(1, heads // per_group)
+    while heads % groups:
+        groups -= 1
+    ffn = math.ceil(model.ffn_hidden_size / model.hidden_size * width / FFN_MULTIPLE) * FFN_MULTIPLE
+    return {
+        "hidden_size": width,
+        "num_layers": max(1, round(width * model.num_layers / model.hidden_size)),
+        "num_attention_heads": heads,
+        "num_query_groups": groups,
+        "ffn_hidden_size": ffn,
+    }
+
+
+def default_widths(base: Recipe, sizes: int = 5) -> list[int]:
+    """``sizes`` widths from the base's down, √2 apart (so N about 2.8× apart), as multiples of the head width."""
+    model = base.model
+    head = model.kv_channels or model.hidden_size // model.num_attention_heads
+    widths = {max(head, round(model.hidden_size / 2 ** (k / 2) / head) * head) for k in range(sizes)}
+    return sorted(widths)
+
+
+def plan_ladder(
+    base_path: str,
+    out: Path,
+    *,
+    widths: list[int],
+    budgets: list[float],
+    overrides: list[str] = (),  # type: ignore[assignment]
+    tokens_per_parameter: tuple[float, float] = TOKENS_PER_PARAMETER,
+    estimate=None,
+) -> list[tuple[Rung, Recipe]]:
+    """The ladder's runs and their recipes (nothing written). ``estimate(recipe)``: hours of one run, or None."""
+    base = load_recipe(base_path, overrides)
+    tokens_per_step = base.train.global_batch_size * base.model.seq_length
+    if base.train.rampup_batch_size:
+        raise BigptError(
+            f"{base_path}: train.rampup_batch_size makes a run's tokens depend on its length; a ladder's runs "
+            "need D = steps × global batch × sequence length. Remove the ramp-up for the ladder."
+        )
+    if not budgets:
+        raise BigptError("--budgets: name at least one compute budget in FLOPs, e.g. --budgets 1e15,3e15,1e16.")
+    rungs = []
+    for width in sorted(set(widths)):
+        sized = dataclasses.replace(base.model, **size_model(base, width))
+        parameters = scaling_parameters(sized)
+        for budget in sorted(budgets):
+            iters = round(budget / (6 * parameters * tokens_per_step))
+            tokens = iters * tokens_per_step
+            low, high = tokens_per_parameter
+            if iters < 1 or not low <= tokens / parameters <= high:
+                continue
+            name = f"w{width}-c{budget:.1e}".replace("+", "")
+            recipe = _rung_recipe(base, sized, name, out, iters)
+            rung = Rung(
+                name=name,
+                recipe=str(out.resolve() / "recipes" / f"{name}.toml"),
+                run_dir=recipe.run_dir,
+                width=width,
+                layers=sized.num_layers,
+                parameters=parameters,
+                tokens=tokens,
+                budget=budget,
+                train_iters=iters,
+                hours=estimate(recipe) if estimate else None,
+            )
+            rungs.append((rung, recipe))
+    if not rungs:
+        raise BigptError(
+            f"no size of --widths {','.join(map(str, widths))} trains for {tokens_per_parameter[0]:g} to "
+            f"{tokens_per_parameter[1]:g} tokens per parameter at any of --budgets; raise the budgets or use "
+            "smaller widths."
+        )
+    return rungs
+
+
+def _rung_recipe(base: Recipe, model, name: str, out: Path, iters: int) -> Recipe:
+    schedule = dataclasses.replace(
+        base.schedule,
+        decay_style="cosine",
+        decay_iters=iters,  # the cycle ends with the run
+        warmup_iters=min(base.schedule.warmup_iters, iters // 10),
+        wsd_decay_iters=None,
+    )
+    run_dir = str(out.resolve() / "runs" / name)
+    return dataclasses.replace(
+        base,
+        name=name,
+        run_dir=run_dir,
+        model=model,
+        train=dataclasses.replace(base.train, train_iters=iters),
+        schedule=schedule,
+        # one evaluation at the end at least: the final validation loss is the point the fit reads
+        eval=dataclasses.replace(base.eval, interval=min(base.eval.interval or iters, iters)),
+        logging=dataclasses.replace(base.logging, tensorboard=True),
+        checkpoint=dataclasses.replace(base.checkpoint, dir=None, load="auto"),
+    )
+
+
+def write_ladder(base_path: str, out: Path, rungs: list[tuple[Rung, Recipe]], overwrite: bool = False) -> None:
+    """The recipes under ``out``/recipes and the manifest ``out``/ladder.json (each checked first:
+    a file bigpt did not write is replaced only with ``overwrite``); each recipe is loaded back
+    (all of bigpt's checks) before anything is written."""
+    texts = {}
+    for rung, recipe in rungs:
+        text = f"{WRITTEN_BY}: rung {rung.name} of the ladder in {out} (tools/ladder.py plan)\n{recipe_to_toml(recipe)}"
+        check_output_file(rung.recipe, "--out", overwrite, ours=written_by_bigpt)
+        texts[rung.recipe] = text
+    manifest = out / MANIFEST
+    check_output_file(manifest, "--out", overwrite, ours=_manifest_is_ours)
+    os.makedirs(out / "recipes", exist_ok=True)
+    for path, text in texts.items():
+        write_atomically(path, text, key="--out")
+        try:
+            load_recipe(path)
+        except BigptError as err:
+            raise BigptError(f"the ladder's recipe {path} (from {base_path}) is refused: {err}") from None
+    document = {
+        "format": LADDER_FORMAT,
+        "base": str(Path(base_path).resolve()),
+        "parameters_counted": PARAMETERS_COUNTED,
+        "runs": [dataclasses.asdict(rung) for rung, _ in rungs],
+    }
+    write_atomically(manifest, json.dumps(document, indent=1) + "\n", key="--out")
+
+
+def _manifest_is_ours(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == LADDER_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_ladder(directory) -> list[Rung]:
+    path = Path(directory) / MANIFEST
+    if not _manifest_is_ours(path):
+        raise BigptError(
+            f"{directory} holds no ladder ({MANIFEST} from `tools/ladder.py plan BASE --out {directory}`); "
+            "plan one there first, or fit a CSV of params, tokens and loss."
+        )
+    runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
+    return [Rung(**run) for run in runs]
+
+
+def table(rungs: list[Rung], gpus_note: str = "") -> str:
+    """The ladder as text: one line a run, then the total compute."""
+    header = ("run", "width × layers", "N", "D", "D/N", "C = 6ND", "steps", "hours" + gpus_note)
+    rows = [header] + [
+        (
+            r.name,
+            f"{r.width} × {r.layers}",
+            short(r.parameters),
+            short(r.tokens),
+            f"{r.tokens / r.parameters:.1f}",
+            f"{6 * r.parameters * r.tokens:.2e}",
+            str(r.train_iters),
+            "n/a" if r.hours is None else f"{r.hours:.3g}",
+        )
+        for r in rungs
+    ]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    total = sum(6 * r.parameters * r.tokens for r in rungs)
+    hours = [r.hours for r in rungs if r.hours is not None]
+    lines.append(
+        f"{len(rungs)} runs, {total:.3g} FLOPs in all" + (f", {sum(hours):.3g} hours{gpus_note}" if hours else "")
+    )
+    lines.append(PARAMETERS_COUNTED + ".")
+    return "\n".join(lines)
+
+
+def final_loss(rung: Rung) -> float | None:
+    """The run's validation loss at its last step (TensorBoard's valid/loss), or None before it has one."""
+    events = Path(rung.run_dir) / "tensorboard"
+    if not events.is_dir():
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    if "valid/loss" not in accumulator.Tags().get("scalars", ()):
+        return None
+    last = [event.value for event in accumulator.Scalars("valid/loss") if event.step == rung.train_iters]
+    return last[-1] if last else None
+
+
+def points_of(rungs: list[Rung]) -> tuple[list[Point], list[str]]:
+    """(points of the finished runs, names of the others)."""
+    points, unfinished = [], []
+    for rung in rungs:
+        loss = final_loss(rung)
+        if loss is None:
+            unfinished.append(rung.name)
+        else:
+            points.append(Point(rung.parameters, rung.tokens, loss, rung.name))
+    return points, unfinished
+
+
+def run_ladder(rungs: list[Rung], launch) -> None:
+    """Each unfinished run in turn (``launch(rung, world_size)``), finished ones skipped, a progress
+    line each; a run that stopped part-way resumes from its latest checkpoint (checkpoint.load = auto).
+    A launch that only submits the run returns what to say of it (a job id); one that trains returns None."""
+    for number, rung in enumerate(rungs, 1):
+        prefix = f"[{number}/{len(rungs)}] {rung.name} (N {short(rung.parameters)}, D {short(rung.tokens)})"
+        loss = final_loss(rung)
+        if loss is not None:
+            console.say(f"{prefix}: finished before, validation loss {loss:.4f}; skipped")
+            continue
+        recipe = load_recipe(rung.recipe)
+        started = time.monotonic()
+        console.say(f"{prefix}: {rung.train_iters} steps")
+        submitted = launch(rung, Layout.from_recipe(recipe).world_size)
+        if submitted:
+            console.say(f"{prefix}: {submitted}")
+            continue
+        loss = final_loss(rung)
+        if loss is None:
+            raise BigptError(
+                f"{rung.name} ended without a validation loss at step {rung.train_iters} in "
+                f"{rung.run_dir}/tensorboard; see its log above, then run the ladder again (it resumes)."
+            )
+        console.say(f"{prefix}: done in {time.monotonic() - started:.0f} s, validation loss {loss:.4f}")
+
+
+def launch_locally(rung: Rung, world_size: int) -> None:
+    """A world of one in this process (no start-up cost); more ranks under torchrun."""
+    if world_size == 1:
+        from bigpt.train.main import train
+
+        recipe = load_recipe(rung.recipe)
+        train(recipe, Layout.from_recipe(recipe, 1))
+        return
+    repo = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
+    command += [str(repo / "launchers" / "run.py"), rung.recipe]
+    if subprocess.run(command).returncode:
+        raise BigptError(
+            f"{rung.name} failed (see its output above); fix the cause, then run the ladder again (it resumes)."
+        )
+
+
+def plot(fit: Fit, path) -> None:
+    """Loss against N per budget with the law's curves and the compute-optimal frontier (left);
+    the optimal N against C by approach 3 and approach 2 (right). A PNG marked as bigpt's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    law = fit.law
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    groups = budgets_of(fit.points)
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
+    sizes = np.array([p.parameters for p in fit.points])
+    span = np.geomspace(sizes.min() / 2, sizes.max() * 2, 200)
+    for group, colour in zip(groups, colours):
+        flops = float(np.exp(np.mean(np.log([p.flops for p in group]))))
+        left.scatter([p.parameters for p in group], [p.loss for p in group], color=colour, label=f"C = {flops:.2g}")
+        left.plot(span, [law.loss(n, flops / (6 * n)) for n in span], color=colour, lw=1)
+    budgets = np.geomspace(min(p.flops for p in fit.points), max(p.flops for p in fit.points), 50)
+    optima = [law.optimal(c) for c in budgets]
+    left.plot([n for n, _ in optima], [law.loss(n, d) for n, d in optima], "k--", lw=1, label="compute-optimal")
+    left.set(xscale="log", xlabel="N (parameters, input embedding excluded)", ylabel="final validation loss")
+    left.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3g} + {law.B:.3g}/D^{law.beta:.3g}")
+    left.legend(fontsize=7)
+    right.plot(budgets, [n for n, _ in optima], "k-", label="approach 3 (fitted law)")
+    if fit.isoflop:
+        iso = fit.isoflop
+        right.scatter([b["flops"] for b in iso.budgets], [b["optimal_parameters"] for b in iso.budgets], color="C1")
+        right.plot(budgets, iso.coefficient * budgets**iso.a, "C1--", label=f"approach 2 (IsoFLOP): N ∝ C^{iso.a:.3g}")
+    right.set(xscale="log", yscale="log", xlabel="C = 6ND (FLOPs)", ylabel="compute-optimal N")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, metadata={"Description": WRITTEN_BY.lstrip("# ")})
+    plt.close(figure)
+
+
+def plot_is_ours(path) -> bool:
+    """A PNG ``plot`` wrote: its text chunk (before the image data) carries bigpt's mark."""
+    try:
+        with open(path, "rb") as f:
+            return WRITTEN_BY.lstrip("# ").encode() in f.read(4096)
+    except OSError:
+        return False
