@@ -1,0 +1,124 @@
+"""tools/ladder.py end to end on CPU: a ladder of tiny models on real text (the demo corpus's
+standard-library documents) is planned, run in this process one run after another, fitted and
+plotted, once for the module; each test checks one part of what it left."""
+
+import itertools
+import json
+
+import pytest
+
+from bigpt.data import load_tokenizer
+from bigpt.data.demo_corpus import stdlib_documents
+from bigpt.recipe import load_recipe
+from bigpt.scaling import LAW_FORMAT
+from test_data_support import write_indexed
+from tools import ladder
+
+WIDTHS, BUDGETS = "8,16,24", "1e9,3e9,1e10"
+
+
+def base_recipe(directory, tokenizer_path) -> str:
+    """A 2-layer, 64-wide model with 8-wide heads on 400 documents (about 250K tokens)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    documents = [tokenizer.encode(text) + [tokenizer.eod] for _, text in itertools.islice(stdlib_documents(), 400)]
+    prefix = write_indexed(directory / "corpus", documents)
+    path = directory / "base.toml"
+    path.write_text(f"""name = "ladder-base"
+[model]
+num_layers = 2
+hidden_size = 64
+ffn_hidden_size = 172
+num_attention_heads = 8
+seq_length = 32
+vocab_size = 512
+[train]
+micro_batch_size = 64
+global_batch_size = 64
+train_iters = 10                # each run of the ladder sets its own
+[precision]
+dtype = "fp32"
+[optimizer]
+lr = 1e-2
+min_lr = 1e-3
+[schedule]
+warmup_iters = 2
+[data]
+source = "indexed"
+tokenizer = "{tokenizer_path}"
+blend = [{{ path = "{prefix}" }}]
+split = "95,5,0"
+[eval]
+iters = 4
+[logging]
+interval = 1000
+tensorboard = false
+""")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ladder_dir(tmp_path_factory, tokenizer_path):
+    directory = tmp_path_factory.mktemp("ladder")
+    base = base_recipe(directory, tokenizer_path)
+    out = directory / "ladder"
+    plan = ["plan", base, "--out", str(out), "--widths", WIDTHS, "--budgets", BUDGETS]
+    assert ladder.main([*plan, "--tokens-per-parameter", "3,100", "--gpus", "1"]) == 0
+    assert ladder.main(["run", str(out)]) == 0
+    assert ladder.main(["fit", str(out), "--budget", "1e11", "--bootstrap", "20"]) == 0
+    return out
+
+
+def test_the_plan_sizes_each_model_by_one_rule_and_fits_each_schedule_to_its_run(ladder_dir):
+    manifest = json.loads((ladder_dir / "ladder.json").read_text())
+    runs = manifest["runs"]
+    assert {run["width"] for run in runs} == {8, 16, 24}
+    assert all(3 <= run["tokens"] / run["parameters"] <= 100 for run in runs)
+    for run in runs:
+        recipe = load_recipe(run["recipe"])
+        model = recipe.model
+        assert model.hidden_size == run["width"] and model.num_attention_heads == run["width"] // 8
+        assert recipe.train.train_iters == run["train_iters"]
+        assert recipe.schedule.decay_style == "cosine" and recipe.schedule.decay_iters == run["train_iters"]
+        assert run["tokens"] == run["train_iters"] * 64 * 32
+        assert 6 * run["parameters"] * run["tokens"] == pytest.approx(run["budget"], rel=0.05)
+        assert recipe.logging.tensorboard and recipe.eval.interval  # the final validation loss is recorded
+    with open(runs[0]["recipe"]) as recipe_file:
+        assert recipe_file.readline().startswith("# written by bigpt")
+
+
+def test_every_run_finished_and_a_second_run_skips_them(ladder_dir, capsys):
+    capsys.readouterr()
+    assert ladder.main(["run", str(ladder_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = json.loads((ladder_dir / "ladder.json").read_text())["runs"]
+    assert len([line for line in lines if line.endswith("; skipped")]) == len(runs)
+
+
+def test_the_fit_is_written_for_the_planner_with_its_plot(ladder_dir):
+    fit = json.loads((ladder_dir / "fit.json").read_text())
+    assert fit["format"] == LAW_FORMAT
+    law = fit["law"]
+    assert 0 < law["alpha"] < 3 and 0 < law["beta"] < 3 and law["E"] > 0
+    losses = {point["name"]: point["loss"] for point in fit["points"]}
+    assert len(losses) == len(json.loads((ladder_dir / "ladder.json").read_text())["runs"])
+    # more tokens for the same model: a lower loss
+    assert losses["w8-c1.0e10"] < losses["w8-c3.0e09"] < losses["w8-c1.0e09"]
+    assert fit["budget"]["flops"] == 1e11 and fit["budget"]["loss"] > law["E"]
+    assert (ladder_dir / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outputs_bigpt_did_not_write_are_refused(ladder_dir, tmp_path, capsys):
+    user_file = tmp_path / "mine.png"
+    user_file.write_bytes(b"not bigpt's")
+    prefix = str(tmp_path / "mine")
+    assert ladder.main(["fit", str(ladder_dir), "--output-prefix", prefix, "--bootstrap", "0"]) == 2
+    assert "bigpt did not write it" in capsys.readouterr().err
+    assert user_file.read_bytes() == b"not bigpt's"
+    # its own outputs are replaced without --overwrite
+    assert ladder.main(["fit", str(ladder_dir), "--bootstrap", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == LAW_FORMAT
+
+
+def test_a_directory_without_a_ladder_is_refused(tmp_path, capsys):
+    assert ladder.main(["run", str(tmp_path)]) == 2
+    assert "holds no ladder" in capsys.readouterr().err
