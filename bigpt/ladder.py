@@ -20,14 +20,16 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigpt.checkpoint.store import checkpoint_name
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.numbers import short
 from bigpt.paths import WRITTEN_BY, check_output_file, write_atomically, written_by_bigpt
-from bigpt.recipe import Recipe, load_recipe, recipe_to_toml
+from bigpt.recipe import ModelConfig, Recipe, load_recipe, recipe_to_toml
 from bigpt.runtime import console
 from bigpt.scaling import PARAMETERS_COUNTED, Fit, Point, budgets_of, scaling_parameters
 
@@ -57,6 +59,10 @@ class Rung:
     train_iters: int
     hours: float | None = None
     """The planner's estimate on the GPUs the plan was made for (None: no layout fits there)."""
+    kind: str = "cosine"
+    """cosine: a run of its own; stable: a warmup-stable-decay ladder's constant-rate run (not a
+    point of the fit); decay: a decay branched from the stable run at ``branch_step``."""
+    branch_step: int = 0
 
 
 def size_model(base: Recipe, width: int) -> dict:
@@ -99,11 +105,14 @@ def plan_ladder(
     budgets: list[float],
     overrides: list[str] = (),  # type: ignore[assignment]
     tokens_per_parameter: tuple[float, float] = TOKENS_PER_PARAMETER,
-    estimate=None,
+    wsd_decay: float | None = None,
+    estimate: Callable[[Recipe], float | None] | None = None,
 ) -> list[tuple[Rung, Recipe]]:
-    """The ladder's runs and their recipes (nothing written). ``estimate(recipe)``: hours of one run, or None."""
+    """The ladder's runs and their recipes (nothing written). ``wsd_decay``: a warmup-stable-decay
+    ladder whose decays take this fraction of each run (``_Size.wsd_rungs``); None: a cosine run per
+    size and budget. ``estimate(recipe)``: hours of one run, or None."""
     base = load_recipe(base_path, overrides)
-    tokens_per_step = base.train.global_batch_size * base.model.seq_length
+    tokens_per_step = _tokens_per_step(base)
     if base.train.rampup_batch_size:
         raise BigptError(
             f"{base_path}: train.rampup_batch_size makes a run's tokens depend on its length; a ladder's runs "
@@ -112,60 +121,147 @@ def plan_ladder(
     if not budgets:
         raise BigptError("--budgets: name at least one compute budget in FLOPs, e.g. --budgets 1e15,3e15,1e16.")
     rungs = []
+    low, high = tokens_per_parameter
     for width in sorted(set(widths)):
         sized = dataclasses.replace(base.model, **size_model(base, width))
         parameters = scaling_parameters(sized)
+        lengths = []  # (budget, steps) of this size
         for budget in sorted(budgets):
             iters = round(budget / (6 * parameters * tokens_per_step))
-            tokens = iters * tokens_per_step
-            low, high = tokens_per_parameter
-            if iters < 1 or not low <= tokens / parameters <= high:
-                continue
-            name = f"w{width}-c{budget:.1e}".replace("+", "")
-            recipe = _rung_recipe(base, sized, name, out, iters)
-            rung = Rung(
-                name=name,
-                recipe=str(out.resolve() / "recipes" / f"{name}.toml"),
-                run_dir=recipe.run_dir,
-                width=width,
-                layers=sized.num_layers,
-                parameters=parameters,
-                tokens=tokens,
-                budget=budget,
-                train_iters=iters,
-                hours=estimate(recipe) if estimate else None,
-            )
-            rungs.append((rung, recipe))
+            if iters >= 1 and low <= iters * tokens_per_step / parameters <= high:
+                lengths.append((budget, iters))
+        if not lengths:
+            continue
+        size = _Size(base, sized, width, parameters, out, estimate)
+        rungs += size.wsd_rungs(lengths, wsd_decay) if wsd_decay else size.cosine_rungs(lengths)
     if not rungs:
         raise BigptError(
-            f"no size of --widths {','.join(map(str, widths))} trains for {tokens_per_parameter[0]:g} to "
-            f"{tokens_per_parameter[1]:g} tokens per parameter at any of --budgets; raise the budgets or use "
-            "smaller widths."
+            f"no size of --widths {','.join(map(str, widths))} trains for {low:g} to {high:g} tokens per parameter "
+            "at any of --budgets; raise the budgets or use smaller widths."
         )
     return rungs
 
 
-def _rung_recipe(base: Recipe, model, name: str, out: Path, iters: int) -> Recipe:
-    schedule = dataclasses.replace(
-        base.schedule,
-        decay_style="cosine",
-        decay_iters=iters,  # the cycle ends with the run
-        warmup_iters=min(base.schedule.warmup_iters, iters // 10),
-        wsd_decay_iters=None,
-    )
-    run_dir = str(out.resolve() / "runs" / name)
-    return dataclasses.replace(
-        base,
-        name=name,
-        run_dir=run_dir,
-        model=model,
-        train=dataclasses.replace(base.train, train_iters=iters),
-        schedule=schedule,
-        # one evaluation at the end at least: the final validation loss is the point the fit reads
-        eval=dataclasses.replace(base.eval, interval=min(base.eval.interval or iters, iters)),
-        logging=dataclasses.replace(base.logging, tensorboard=True),
-        checkpoint=dataclasses.replace(base.checkpoint, dir=None, load="auto"),
-    )
+@dataclass(frozen=True)
+class _Size:
+    """One model size of the ladder, making its runs' recipes."""
+
+    base: Recipe
+    model: ModelConfig
+    width: int
+    parameters: int
+    out: Path
+    estimate: Callable[[Recipe], float | None] | None
+
+    def cosine_rungs(self, lengths: list[tuple[float, int]]) -> list[tuple[Rung, Recipe]]:
+        """A run per budget, its cosine cycle ending with it."""
+        warmup = self.base.schedule.warmup_iters
+        return [
+            self.rung(
+                f"w{self.width}-c{budget:.1e}".replace("+", ""),
+                budget,
+                iters,
+                dataclasses.replace(
+                    self.base.schedule,
+                    decay_style="cosine",
+                    decay_iters=iters,  # the cycle ends with the run
+                    warmup_iters=min(warmup, iters // 10),
+                    wsd_decay_iters=None,
+                ),
+            )
+            for budget, iters in lengths
+        ]
+
+    def wsd_rungs(self, lengths: list[tuple[float, int]], fraction: float) -> list[tuple[Rung, Recipe]]:
+        """One run at a constant learning rate (after warmup) as long as the longest budget's
+        stable part, saving where each budget's decay branches off; then per budget a decay of
+        ``fraction`` of its length to optimizer.min_lr, resumed from that checkpoint (optimizer
+        state and data position included)."""
+        decays = [max(1, round(fraction * iters)) for _, iters in lengths]
+        # Branch points are multiples of the first (each one is a save of the stable run, and each
+        # save costs time): at most half that step away from the exact point.
+        interval = max(1, min(iters - decay for (_, iters), decay in zip(lengths, decays)))
+        branches = [
+            max(interval, round((iters - decay) / interval) * interval) for (_, iters), decay in zip(lengths, decays)
+        ]
+        warmup = min(self.base.schedule.warmup_iters, branches[0] // 10)
+        stable_iters = max(branches)
+        stable_name = f"w{self.width}-stable"
+        constant = dataclasses.replace(
+            self.base.schedule, decay_style="constant", decay_iters=None, warmup_iters=warmup, wsd_decay_iters=None
+        )
+        stable = self.rung(
+            stable_name,
+            6 * self.parameters * stable_iters * _tokens_per_step(self.base),
+            stable_iters,
+            constant,
+            kind="stable",
+            save_interval=interval,
+        )
+        rungs = [stable]
+        for (budget, _), decay, branch in zip(lengths, decays, branches):
+            schedule = dataclasses.replace(
+                self.base.schedule,
+                decay_style="wsd",
+                decay_iters=branch + decay,
+                wsd_decay_iters=decay,
+                warmup_iters=warmup,
+            )
+            checkpoint = Path(stable[1].run_dir, "checkpoints", checkpoint_name(branch))
+            name = f"w{self.width}-c{budget:.1e}-decay".replace("+", "")
+            rungs.append(
+                self.rung(name, budget, branch + decay, schedule, kind="decay", branch=branch, load=checkpoint)
+            )
+        return rungs
+
+    def rung(
+        self,
+        name: str,
+        budget: float,
+        iters: int,
+        schedule,
+        *,
+        kind: str = "cosine",
+        branch: int = 0,
+        load: Path | None = None,
+        save_interval: int | None = None,
+    ) -> tuple[Rung, Recipe]:
+        base = self.base
+        run_dir = str(self.out.resolve() / "runs" / name)
+        checkpoint = dataclasses.replace(base.checkpoint, dir=None, load=str(load) if load else "auto")
+        if save_interval:  # the stable run keeps every checkpoint a decay branches from
+            checkpoint = dataclasses.replace(checkpoint, save_interval=save_interval, keep_every=save_interval)
+        recipe = dataclasses.replace(
+            base,
+            name=name,
+            run_dir=run_dir,
+            model=self.model,
+            train=dataclasses.replace(base.train, train_iters=iters),
+            schedule=schedule,
+            # one evaluation at the end at least: the final validation loss is the point the fit reads
+            eval=dataclasses.replace(base.eval, interval=min(base.eval.interval or iters, iters)),
+            logging=dataclasses.replace(base.logging, tensorboard=True),
+            checkpoint=checkpoint,
+        )
+        rung = Rung(
+            name=name,
+            recipe=str(self.out.resolve() / "recipes" / f"{name}.toml"),
+            run_dir=run_dir,
+            width=self.width,
+            layers=self.model.num_layers,
+            parameters=self.parameters,
+            tokens=iters * _tokens_per_step(base),
+            budget=budget,
+            train_iters=iters,
+            hours=self.estimate(recipe) if self.estimate else None,
+            kind=kind,
+            branch_step=branch,
+        )
+        return rung, recipe
+
+
+def _tokens_per_step(recipe: Recipe) -> int:
+    return recipe.train.global_batch_size * recipe.model.seq_length
 
 
 def write_ladder(base_path: str, out: Path, rungs: list[tuple[Rung, Recipe]], overwrite: bool = False) -> None:
@@ -216,26 +312,41 @@ def read_ladder(directory) -> list[Rung]:
 def table(rungs: list[Rung], gpus_note: str = "") -> str:
     """The ladder as text: one line a run, then the total compute."""
     header = ("run", "width × layers", "N", "D", "D/N", "C = 6ND", "steps", "hours" + gpus_note)
-    rows = [header] + [
-        (
-            r.name,
-            f"{r.width} × {r.layers}",
-            short(r.parameters),
-            short(r.tokens),
-            f"{r.tokens / r.parameters:.1f}",
-            f"{6 * r.parameters * r.tokens:.2e}",
-            str(r.train_iters),
-            "n/a" if r.hours is None else f"{r.hours:.3g}",
+    rows = [header]
+    total_flops, total_hours = 0.0, []
+    for r in rungs:
+        own = (r.train_iters - r.branch_step) / r.train_iters  # a decay branch runs only its own steps
+        total_flops += 6 * r.parameters * r.tokens * own
+        hours = None if r.hours is None else r.hours * own
+        total_hours += [] if hours is None else [hours]
+        rows.append(
+            (
+                r.name,
+                f"{r.width} × {r.layers}",
+                short(r.parameters),
+                short(r.tokens),
+                f"{r.tokens / r.parameters:.1f}",
+                f"{6 * r.parameters * r.tokens:.2e}",
+                f"{r.branch_step}+{r.train_iters - r.branch_step}" if r.branch_step else str(r.train_iters),
+                "n/a" if hours is None else f"{hours:.3g}",
+            )
         )
-        for r in rungs
-    ]
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    total = sum(6 * r.parameters * r.tokens for r in rungs)
-    hours = [r.hours for r in rungs if r.hours is not None]
     lines.append(
-        f"{len(rungs)} runs, {total:.3g} FLOPs in all" + (f", {sum(hours):.3g} hours{gpus_note}" if hours else "")
+        f"{len(rungs)} runs, {total_flops:.3g} FLOPs in all"
+        + (f", {sum(total_hours):.3g} hours{gpus_note}" if total_hours else "")
     )
+    decays = [r for r in rungs if r.kind == "decay"]
+    if decays:
+        steps = sum(r.train_iters for r in rungs if r.kind == "stable") + sum(
+            r.train_iters - r.branch_step for r in decays
+        )
+        alone = sum(r.train_iters for r in decays)
+        lines.append(
+            f"warmup-stable-decay: {steps:,} steps in all (a stable run per size, a decay per budget) where a run "
+            f"per budget would take {alone:,}: {1 - steps / alone:.0%} saved"
+        )
     lines.append(PARAMETERS_COUNTED + ".")
     return "\n".join(lines)
 
@@ -258,7 +369,7 @@ def final_loss(rung: Rung) -> float | None:
 def points_of(rungs: list[Rung]) -> tuple[list[Point], list[str]]:
     """(points of the finished runs, names of the others)."""
     points, unfinished = [], []
-    for rung in rungs:
+    for rung in (r for r in rungs if r.kind != "stable"):
         loss = final_loss(rung)
         if loss is None:
             unfinished.append(rung.name)

@@ -11,6 +11,7 @@ from bigpt.data import load_tokenizer
 from bigpt.data.demo_corpus import stdlib_documents
 from bigpt.recipe import load_recipe
 from bigpt.scaling import LAW_FORMAT
+from multirank import MOCK_RECIPE
 from test_data_support import write_indexed
 from tools import ladder
 
@@ -122,3 +123,29 @@ def test_outputs_bigpt_did_not_write_are_refused(ladder_dir, tmp_path, capsys):
 def test_a_directory_without_a_ladder_is_refused(tmp_path, capsys):
     assert ladder.main(["run", str(tmp_path)]) == 2
     assert "holds no ladder" in capsys.readouterr().err
+
+
+def test_a_warmup_stable_decay_ladder_branches_each_budget_from_one_run_per_size(tmp_path, capsys):
+    """--wsd on paper: per size a constant-rate run saving at every branch point, and per budget a
+    decay resumed from the stable run's checkpoint at that point, ending at the budget's length."""
+    out = tmp_path / "wsd"
+    plan = ["plan", str(MOCK_RECIPE), "--out", str(out), "--widths", "32,64", "--budgets", "3e9,1e10,3e10"]
+    assert ladder.main([*plan, "--wsd", "0.2", "--tokens-per-parameter", "1,1000"]) == 0
+    assert "warmup-stable-decay: " in capsys.readouterr().out
+    runs = json.loads((out / "ladder.json").read_text())["runs"]
+    for stable in (run for run in runs if run["kind"] == "stable"):
+        recipe = load_recipe(stable["recipe"])
+        assert recipe.schedule.decay_style == "constant"
+        interval = recipe.checkpoint.save_interval
+        decays = [run for run in runs if run["kind"] == "decay" and run["width"] == stable["width"]]
+        assert len(decays) >= 2 and recipe.checkpoint.keep_every == interval
+        assert max(run["branch_step"] for run in decays) == recipe.train.train_iters
+        for run in decays:
+            branch = load_recipe(run["recipe"])
+            assert run["branch_step"] % interval == 0
+            assert branch.checkpoint.load == f"{stable['run_dir']}/checkpoints/iter_{run['branch_step']:07d}"
+            assert branch.schedule.decay_style == "wsd" and branch.schedule.decay_iters == run["train_iters"]
+            decay = branch.schedule.wsd_decay_iters
+            assert decay == run["train_iters"] - run["branch_step"] == pytest.approx(0.2 * run["train_iters"], abs=1)
+            assert branch.schedule.warmup_iters == recipe.schedule.warmup_iters
+            assert 6 * run["parameters"] * run["tokens"] == pytest.approx(run["budget"], rel=0.2)

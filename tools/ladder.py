@@ -49,6 +49,13 @@ plan_parser.add_argument(
     metavar="LOW,HIGH",
     help="the range of D/N a budget's sizes train for (default 1,400)",
 )
+plan_parser.add_argument(
+    "--wsd",
+    type=float,
+    metavar="DECAY_FRACTION",
+    help="warmup-stable-decay: one constant-rate run per size, and per budget a decay of this fraction of its "
+    "length (e.g. 0.2) branched from that run's checkpoint: several budgets for little more than one run",
+)
 plan_parser.add_argument("--gpus", type=int, default=8, help="GPUs per run, for the time estimate (default 8)")
 plan_parser.add_argument("--gpu", default="h100-80gb", help="GPU for the time estimate (default h100-80gb)")
 plan_parser.add_argument("--mfu", type=float, default=0.4, help="MFU for the time estimate (default 0.4)")
@@ -91,6 +98,8 @@ def plan(args) -> None:
     low_high = args.tokens_per_parameter or TOKENS_PER_PARAMETER
     if len(low_high) != 2 or not 0 < low_high[0] < low_high[1]:
         raise BigptError("--tokens-per-parameter takes LOW,HIGH with 0 < LOW < HIGH, e.g. 1,400.")
+    if args.wsd is not None and not 0 < args.wsd < 1:
+        raise BigptError(f"--wsd {args.wsd}: the decay's fraction of each run must be between 0 and 1, e.g. 0.2.")
     base = load_recipe(args.recipe, args.overrides)
     widths = args.widths or default_widths(base)
     budgets = args.budgets or default_budgets(base, widths)
@@ -101,6 +110,7 @@ def plan(args) -> None:
         budgets=budgets,
         overrides=args.overrides,
         tokens_per_parameter=(low_high[0], low_high[1]),
+        wsd_decay=args.wsd,
         estimate=estimate,
     )
     write_ladder(args.recipe, args.out, rungs, args.overwrite)
