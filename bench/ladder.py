@@ -1,5 +1,5 @@
 """A model ladder on CPU, end to end: the demo corpus (the standard library's documents) with a
-512-token SentencePiece tokenizer, five widths × four budgets of tiny models planned, run one after
+512-token SentencePiece tokenizer, five widths × five budgets of tiny models planned, run one after
 another in this process and fitted, as tools/ladder.py does it.
 
     OMP_NUM_THREADS=1 python bench/ladder.py --out /tmp/ladder-bench     # a few minutes on 2 cores
@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 
 from bigpt.cli import Parser  # noqa: E402
 
-WIDTHS, BUDGETS, TOKENS_PER_PARAMETER = "8,16,24,32,48", "1e9,3e9,1e10,3e10", "2,200"
+WIDTHS, BUDGETS, TOKENS_PER_PARAMETER = "8,16,24,32,48", "1e9,3e9,1e10,3e10,1e11", "2,100"
 BASE = """name = "ladder-bench"
 [model]
 num_layers = 2
@@ -28,7 +28,7 @@ vocab_size = 512
 [train]
 micro_batch_size = 64
 global_batch_size = 64
-train_iters = 10                # each run of the ladder sets its own
+train_iters = 100               # each run of the ladder sets its own
 [precision]
 dtype = "fp32"
 [optimizer]

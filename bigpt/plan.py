@@ -396,7 +396,7 @@ def _budget_lines(plan: Plan, option: Option) -> list[str]:
     seconds = full_batches * plan.step_seconds(option)
     parameters = num_parameters(recipe.model)
     if plan.law is None:
-        optimal = CHINCHILLA_TOKENS_PER_PARAMETER * parameters
+        optimal: float = CHINCHILLA_TOKENS_PER_PARAMETER * parameters
         optimum = (
             f"compute-optimal  {CHINCHILLA_TOKENS_PER_PARAMETER} tokens/parameter (Chinchilla) = {optimal:.3g} tokens; "
             f"this plan trains {tokens / parameters:.1f} tokens/parameter"

@@ -351,13 +351,13 @@ def read_points_csv(path) -> list[Point]:
         points = []
         for line, row in enumerate(reader, start=2):
             try:
-                values = [float(row[key]) for key in ("params", "tokens", "loss")]
+                parameters, tokens, loss = (float(row[key]) for key in ("params", "tokens", "loss"))
             except (TypeError, ValueError):
                 raise BigptError(
                     f"{path} line {line}: params, tokens and loss must be numbers, not "
                     f"{row.get('params')!r}, {row.get('tokens')!r}, {row.get('loss')!r}."
                 ) from None
-            points.append(Point(*values, name=row.get("name") or f"line {line}"))
+            points.append(Point(parameters, tokens, loss, name=row.get("name") or f"line {line}"))
     return points
 
 

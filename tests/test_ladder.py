@@ -4,6 +4,8 @@ plotted, once for the module; each test checks one part of what it left."""
 
 import itertools
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +151,26 @@ def test_a_warmup_stable_decay_ladder_branches_each_budget_from_one_run_per_size
             assert decay == run["train_iters"] - run["branch_step"] == pytest.approx(0.2 * run["train_iters"], abs=1)
             assert branch.schedule.warmup_iters == recipe.schedule.warmup_iters
             assert 6 * run["parameters"] * run["tokens"] == pytest.approx(run["budget"], rel=0.2)
+
+
+def test_run_with_slurm_submits_each_unfinished_run_through_the_slurm_launcher(tmp_path, monkeypatch, capsys):
+    """--slurm: launchers/slurm.py renders each run's batch script into its run_dir and submits it
+    (here to a stand-in sbatch that only answers), one progress line per run."""
+    out = tmp_path / "ladder"
+    plan = ["plan", str(MOCK_RECIPE), "--out", str(out), "--widths", "32,64", "--budgets", "3e11"]
+    assert ladder.main([*plan, "--tokens-per-parameter", "1,1000"]) == 0
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.parent.mkdir()
+    sbatch.write_text('#!/bin/sh\necho "Submitted batch job 42 ($1)"\n')
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
+    capsys.readouterr()
+    assert ladder.main(["run", str(out), "--slurm", "--nodes", "1", "--workers-per-node", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = json.loads((out / "ladder.json").read_text())["runs"]
+    assert len(runs) == 2
+    for number, run in enumerate(runs, 1):
+        script = Path(run["run_dir"]) / "slurm-job.sbatch"
+        submitted = f"submitted (Submitted batch job 42 ({script}))"
+        assert any(line.startswith(f"[{number}/2] {run['name']} ") and line.endswith(submitted) for line in lines)
+        assert run["recipe"] in script.read_text()
