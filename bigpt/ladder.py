@@ -404,21 +404,26 @@ def run_ladder(rungs: list[Rung], launch) -> None:
         console.say(f"{prefix}: done in {time.monotonic() - started:.0f} s, validation loss {loss:.4f}")
 
 
-def launch_locally(rung: Rung, world_size: int) -> None:
-    """A world of one in this process (no start-up cost); more ranks under torchrun."""
-    if world_size == 1:
-        from bigpt.train.main import train
+def launching_locally(overwrite: bool = False) -> Callable[[Rung, int], None]:
+    """A launch on this machine: a world of one in this process (no start-up cost per run), more
+    ranks under torchrun. ``overwrite``: --overwrite, as launchers/run.py takes it."""
 
-        recipe = load_recipe(rung.recipe)
-        train(recipe, Layout.from_recipe(recipe, 1))
-        return
-    repo = Path(__file__).resolve().parent.parent
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
-    command += [str(repo / "launchers" / "run.py"), rung.recipe]
-    if subprocess.run(command).returncode:
-        raise BigptError(
-            f"{rung.name} failed (see its output above); fix the cause, then run the ladder again (it resumes)."
-        )
+    def launch(rung: Rung, world_size: int) -> None:
+        if world_size == 1:
+            from bigpt.train.main import train
+
+            recipe = load_recipe(rung.recipe)
+            train(recipe, Layout.from_recipe(recipe, 1), overwrite)
+            return
+        repo = Path(__file__).resolve().parent.parent
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
+        command += [str(repo / "launchers" / "run.py"), rung.recipe] + (["--overwrite"] if overwrite else [])
+        if subprocess.run(command).returncode:
+            raise BigptError(
+                f"{rung.name} failed (see its output above); fix the cause, then run the ladder again (it resumes)."
+            )
+
+    return launch
 
 
 def plot(fit: Fit, path) -> None:

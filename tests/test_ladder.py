@@ -71,6 +71,7 @@ def ladder_dir(tmp_path_factory, tokenizer_path):
     return out
 
 
+@pytest.mark.slow  # the module's ladder: tens of seconds of training
 def test_the_plan_sizes_each_model_by_one_rule_and_fits_each_schedule_to_its_run(ladder_dir):
     manifest = json.loads((ladder_dir / "ladder.json").read_text())
     runs = manifest["runs"]
@@ -89,6 +90,7 @@ def test_the_plan_sizes_each_model_by_one_rule_and_fits_each_schedule_to_its_run
         assert recipe_file.readline().startswith("# written by bigpt")
 
 
+@pytest.mark.slow  # the module's ladder: tens of seconds of training
 def test_every_run_finished_and_a_second_run_skips_them(ladder_dir, capsys):
     capsys.readouterr()
     assert ladder.main(["run", str(ladder_dir)]) == 0
@@ -97,6 +99,7 @@ def test_every_run_finished_and_a_second_run_skips_them(ladder_dir, capsys):
     assert len([line for line in lines if line.endswith("; skipped")]) == len(runs)
 
 
+@pytest.mark.slow  # the module's ladder: tens of seconds of training
 def test_the_fit_is_written_for_the_planner_with_its_plot(ladder_dir):
     fit = json.loads((ladder_dir / "fit.json").read_text())
     assert fit["format"] == LAW_FORMAT
@@ -110,6 +113,7 @@ def test_the_fit_is_written_for_the_planner_with_its_plot(ladder_dir):
     assert (ladder_dir / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # the module's ladder: tens of seconds of training
 def test_outputs_bigpt_did_not_write_are_refused(ladder_dir, tmp_path, capsys):
     user_file = tmp_path / "mine.png"
     user_file.write_bytes(b"not bigpt's")

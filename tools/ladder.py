@@ -69,6 +69,9 @@ run_parser.add_argument(
     metavar="SLURM_OPTION",
     help="submit each unfinished run with launchers/slurm.py and these of its options (--nodes 1 ...)",
 )
+add_overwrite(
+    run_parser, "a run's outputs that bigpt did not write (its recipe.toml, its checkpoints' latest, a job script)"
+)
 
 fit_parser = commands.add_parser("fit", help="fit the scaling law to a ladder or a CSV")
 fit_parser.add_argument("source", type=Path, help="a ladder's directory, or a CSV with columns params,tokens,loss")
@@ -132,10 +135,13 @@ def default_budgets(base, widths: list[int]) -> list[float]:
 
 
 def run(args) -> None:
-    from bigpt.ladder import launch_locally, read_ladder, run_ladder
+    from bigpt.ladder import launching_locally, read_ladder, run_ladder
 
     rungs = read_ladder(args.ladder)
-    run_ladder(rungs, launch_locally if args.slurm is None else submitting(args.slurm))
+    overwrite = ["--overwrite"] if args.overwrite else []
+    run_ladder(
+        rungs, launching_locally(args.overwrite) if args.slurm is None else submitting([*args.slurm, *overwrite])
+    )
 
 
 def submitting(slurm_options: list[str]):
