@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigpt.checkpoint.store import checkpoint_name
 from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.numbers import short
@@ -177,6 +176,8 @@ class _Size:
         stable part, saving where each budget's decay branches off; then per budget a decay of
         ``fraction`` of its length to optimizer.min_lr, resumed from that checkpoint (optimizer
         state and data position included)."""
+        from bigpt.checkpoint.store import checkpoint_name  # (importing bigpt.checkpoint loads megatron-core)
+
         decays = [max(1, round(fraction * iters)) for _, iters in lengths]
         # Branch points are multiples of the first (each one is a save of the stable run, and each
         # save costs time): at most half that step away from the exact point.

@@ -178,3 +178,30 @@ def test_run_with_slurm_submits_each_unfinished_run_through_the_slurm_launcher(t
         submitted = f"submitted (Submitted batch job 42 ({script}))"
         assert any(line.startswith(f"[{number}/2] {run['name']} ") and line.endswith(submitted) for line in lines)
         assert run["recipe"] in script.read_text()
+
+
+def test_plan_refuses_to_replace_a_recipe_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "ladder"
+    (out / "recipes").mkdir(parents=True)
+    mine = out / "recipes" / "w32-c3.0e11.toml"
+    mine.write_text("# my own recipe\n")
+    plan = ["plan", str(MOCK_RECIPE), "--out", str(out), "--widths", "32", "--budgets", "3e11"]
+    assert ladder.main(plan) == 2
+    assert "bigpt did not write it" in capsys.readouterr().err and mine.read_text() == "# my own recipe\n"
+    assert not (out / "ladder.json").exists()
+    assert ladder.main([*plan, "--overwrite"]) == 0
+    assert mine.read_text().startswith("# written by bigpt")
+
+
+def test_fit_reads_results_from_elsewhere_as_a_csv(tmp_path, capsys):
+    from test_scaling import CHINCHILLA, chinchilla_points
+
+    csv = tmp_path / "results.csv"
+    rows = [f"{p.parameters},{p.tokens},{p.loss}" for p in chinchilla_points()]
+    csv.write_text("params,tokens,loss\n" + "\n".join(rows) + "\n")
+    assert ladder.main(["fit", str(csv), "--bootstrap", "0", "--budget", "5.76e23"]) == 0
+    text = capsys.readouterr().out
+    assert "fitted to 200 runs" in text and "at C = 5.76e+23 FLOPs: N = " in text
+    law = json.loads((tmp_path / "results_fit.json").read_text())["law"]
+    assert law["alpha"] == pytest.approx(CHINCHILLA.alpha, abs=0.02)
+    assert (tmp_path / "results_fit.png").is_file()
