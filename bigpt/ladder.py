@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +102,7 @@ def plan_ladder(
     *,
     widths: list[int],
     budgets: list[float],
-    overrides: list[str] = (),  # type: ignore[assignment]
+    overrides: Sequence[str] = (),
     tokens_per_parameter: tuple[float, float] = TOKENS_PER_PARAMETER,
     wsd_decay: float | None = None,
     estimate: Callable[[Recipe], float | None] | None = None,
@@ -266,9 +266,10 @@ def _tokens_per_step(recipe: Recipe) -> int:
 
 
 def write_ladder(base_path: str, out: Path, rungs: list[tuple[Rung, Recipe]], overwrite: bool = False) -> None:
-    """The recipes under ``out``/recipes and the manifest ``out``/ladder.json (each checked first:
-    a file bigpt did not write is replaced only with ``overwrite``); each recipe is loaded back
-    (all of bigpt's checks) before anything is written."""
+    """The recipes under ``out``/recipes and the manifest ``out``/ladder.json (every path checked
+    before the first write: a file bigpt did not write is replaced only with ``overwrite``). Each
+    recipe is loaded back as it is written (all of bigpt's checks); the manifest comes last, so a
+    refused recipe leaves no ladder to run."""
     texts = {}
     for rung, recipe in rungs:
         text = f"{WRITTEN_BY}: rung {rung.name} of the ladder in {out} (tools/ladder.py plan)\n{recipe_to_toml(recipe)}"
