@@ -11,9 +11,11 @@ import pytest
 
 from bigpt.data import load_tokenizer
 from bigpt.data.demo_corpus import stdlib_documents
+from bigpt.layout import Layout
 from bigpt.recipe import load_recipe
 from bigpt.scaling import LAW_FORMAT
-from multirank import MOCK_RECIPE
+from bigpt.train.main import train
+from multirank import MOCK_RECIPE, scalars
 from test_data_support import write_indexed
 from tools import ladder
 
@@ -66,6 +68,10 @@ def ladder_dir(tmp_path_factory, tokenizer_path):
     out = directory / "ladder"
     plan = ["plan", base, "--out", str(out), "--widths", WIDTHS, "--budgets", BUDGETS]
     assert ladder.main([*plan, "--tokens-per-parameter", "3,100", "--gpus", "1"]) == 0
+    # the first run stopped half-way (as a preempted one does, with a checkpoint): the ladder resumes it
+    first = json.loads((out / "ladder.json").read_text())["runs"][0]
+    half = load_recipe(first["recipe"], [f"train.train_iters={first['train_iters'] // 2}"])
+    train(half, Layout.from_recipe(half, 1))
     assert ladder.main(["run", str(out)]) == 0
     assert ladder.main(["fit", str(out), "--budget", "1e11", "--bootstrap", "20"]) == 0
     return out
@@ -91,6 +97,15 @@ def test_the_plan_sizes_each_model_by_one_rule_and_fits_each_schedule_to_its_run
 
 
 @pytest.mark.slow  # the module's ladder: tens of seconds of training
+@pytest.mark.slow  # the module's ladder: tens of seconds of training
+def test_a_run_stopped_part_way_resumes_where_it_stopped(ladder_dir):
+    """The first run trained to half its steps before the ladder ran: the ladder resumed it from
+    that checkpoint (each step's loss logged once), not from the start."""
+    first = json.loads((ladder_dir / "ladder.json").read_text())["runs"][0]
+    assert len(scalars(first["run_dir"], "train/loss")) == first["train_iters"]
+    assert len(scalars(first["run_dir"], "valid/loss")) == 2  # at the half-way stop and at the end
+
+
 def test_every_run_finished_and_a_second_run_skips_them(ladder_dir, capsys):
     capsys.readouterr()
     assert ladder.main(["run", str(ladder_dir)]) == 0
