@@ -183,7 +183,7 @@ def test_run_with_slurm_submits_each_unfinished_run_through_the_slurm_launcher(t
     sbatch.write_text('#!/bin/sh\necho "Submitted batch job 42 ($1)"\n')
     sbatch.chmod(0o755)
     monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
-    capsys.readouterr()
+    assert "this ladder has 2 points, 2 sizes and 2 token counts: the fit needs more" in capsys.readouterr().err
     assert ladder.main(["run", str(out), "--slurm", "--nodes", "1", "--workers-per-node", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     runs = json.loads((out / "ladder.json").read_text())["runs"]

@@ -117,6 +117,13 @@ def plan(args) -> None:
         estimate=estimate,
     )
     write_ladder(args.recipe, args.out, rungs, args.overwrite)
+    points = [rung for rung, _ in rungs if rung.kind != "stable"]
+    sizes, lengths = len({rung.width for rung in points}), len({rung.tokens for rung in points})
+    if len(points) <= 5 or sizes < 3 or lengths < 3:
+        console.warn(
+            f"this ladder has {len(points)} points, {sizes} sizes and {lengths} token counts: the fit needs more than "
+            "5 points, 3 sizes and 3 token counts (and dozens of points to pin the law); add --widths or --budgets."
+        )
     console.say(table([rung for rung, _ in rungs], f" on {args.gpus} × {args.gpu} at MFU {args.mfu:g}"))
     console.say(f"wrote {len(rungs)} recipes in {args.out / 'recipes'}; next: tools/ladder.py run {args.out}")
 
