@@ -432,6 +432,11 @@ def _law_line(law: ScalingLaw, model: ModelConfig, tokens: float) -> tuple[str, 
         f"embedding) is best spent on N = {best_parameters:.3g}, D = {best_tokens:.3g} tokens (predicted loss "
         f"{law.loss(best_parameters, best_tokens):.4f}); this recipe as written: predicted loss "
         f"{law.loss(parameters, tokens):.4f}, D = {tokens:.3g} tokens"
+        + (
+            f" (an extrapolation {flops / law.largest_fitted_flops:.2g}× beyond the largest run fitted)"
+            if law.largest_fitted_flops and flops > 10 * law.largest_fitted_flops
+            else ""
+        )
     ), best_tokens
 
 

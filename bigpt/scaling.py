@@ -11,6 +11,7 @@ N is ``scaling_parameters``: the parameters a token's forward pass multiplies by
 that C = 6ND is the training compute the FLOPs log counts, less attention's score term.
 """
 
+import dataclasses
 import itertools
 import json
 import math
@@ -66,6 +67,8 @@ class ScalingLaw:
     B: float
     alpha: float
     beta: float
+    largest_fitted_flops: float | None = None
+    """The largest compute 6ND among the runs fitted: predictions far beyond it are extrapolations."""
 
     def loss(self, parameters: float, tokens: float) -> float:
         return self.E + self.A / parameters**self.alpha + self.B / tokens**self.beta
@@ -234,7 +237,11 @@ def _theta(law: ScalingLaw) -> np.ndarray:
 def _settled(law: ScalingLaw) -> bool:
     """Exponents a law can use: a fit that ran α or β to 0 (the term is a constant, E's double) or
     past 3 has not found the curvature it needs."""
-    return 0.01 < law.alpha < 3 and 0.01 < law.beta < 3 and all(math.isfinite(v) for v in asdict(law).values())
+    return (
+        0.01 < law.alpha < 3
+        and 0.01 < law.beta < 3
+        and all(math.isfinite(getattr(law, name)) for name in LAW_PARAMETERS)
+    )
 
 
 def fit_law(
@@ -254,7 +261,7 @@ def fit_law(
             "needs. Check that the runs finished and trained (a loss near log(vocab) learned nothing), and "
             "that the sizes and budgets span at least 4× each; then fit again."
         )
-    fit = Fit(law, points, objective)
+    fit = Fit(dataclasses.replace(law, largest_fitted_flops=max(p.flops for p in points)), points, objective)
     try:
         fit.isoflop = fit_isoflop(points)
     except BigptError as err:
@@ -378,7 +385,10 @@ def load_law(path) -> ScalingLaw:
             f"{key} is not a scaling-law fit ({LAW_FORMAT!r}); name the .json `tools/ladder.py fit` wrote."
         )
     try:
-        result = ScalingLaw(**{name: float(law[name]) for name in LAW_PARAMETERS})
+        result = ScalingLaw(
+            **{name: float(law[name]) for name in LAW_PARAMETERS},
+            largest_fitted_flops=float(law["largest_fitted_flops"]) if law.get("largest_fitted_flops") else None,
+        )
     except (KeyError, TypeError, ValueError):
         raise BigptError(
             f"{key}: its law lacks one of {', '.join(LAW_PARAMETERS)} as a number; fit it again."

@@ -101,7 +101,7 @@ def test_the_planner_replaces_chinchillas_rule_with_a_fitted_law(tmp_path, capsy
     loss of the recipe as written, by the law in the JSON."""
     from tools import plan as plan_tool
 
-    law = ScalingLaw(E=1.8, A=500.0, B=400.0, alpha=0.35, beta=0.3)
+    law = ScalingLaw(E=1.8, A=500.0, B=400.0, alpha=0.35, beta=0.3, largest_fitted_flops=1e19)
     path = tmp_path / "fit.json"
     path.write_text(json.dumps({"format": LAW_FORMAT, "law": vars(law)}))
     recipe = "recipes/llama3_8b.toml"
@@ -114,6 +114,7 @@ def test_the_planner_replaces_chinchillas_rule_with_a_fitted_law(tmp_path, capsy
     assert f"N = {best_n:.3g}, D = {best_d:.3g} tokens" in text
     assert f"this recipe as written: predicted loss {law.loss(parameters, tokens):.4f}" in text
     assert "Chinchilla" not in text
+    assert "an extrapolation " in text and "× beyond the largest run fitted" in text
     path.write_text("{}")
     assert plan_tool.main([recipe, "--gpus", "64", "--law", str(path)]) == 2
     assert "is not a scaling-law fit" in capsys.readouterr().err
