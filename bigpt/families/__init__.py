@@ -17,11 +17,12 @@ tests/test_moe.py (checks on paper, parity with one rank, resume). docs/architec
 """
 
 from bigpt.families.decoder import DECODER
+from bigpt.families.encoder import ENCODER
 from bigpt.families.moe_decoder import MOE_DECODER
 from bigpt.families.spec import ModelFamily
 from bigpt.recipe import ModelConfig
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (DECODER, MOE_DECODER)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (DECODER, MOE_DECODER, ENCODER)}
 """Every family, by its model.family name."""
 
 

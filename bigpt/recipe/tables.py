@@ -78,12 +78,31 @@ class MoEConfig:
 
 
 @dataclass(kw_only=True)
+class EncoderConfig:
+    """[model.encoder]: the masked-language-model encoder of model.family = "encoder" (BERT,
+    RoBERTa), megatron-core's BertModel with its masked-LM head."""
+
+    norm_position: Literal["post", "pre"] = "post"
+    """Where the layer norms sit: post = after each residual sum, with a norm on the embeddings
+    (BERT, RoBERTa; their released weights need it); pre = before attention and the MLP, with a
+    final norm (megatron-core's BERT, more stable to train deep)."""
+    token_types: int = non_negative(2)
+    """Rows of the token-type (segment) embedding: 2 = BERT's sentence A / B, 1 = RoBERTa's single
+    row, 0 = none."""
+    next_sentence_prediction: bool = False
+    """BERT's second objective on a binary head. Not offered (true is refused): RoBERTa showed it
+    does not help, and it needs sentence pairs the data pipeline does not build."""
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """[model]: the transformer architecture."""
 
-    family: Literal["decoder", "moe_decoder"] = "decoder"
+    family: Literal["decoder", "moe_decoder", "encoder"] = "decoder"
     """The kind of model: decoder = a dense causal decoder (Llama, Qwen, Mistral); moe_decoder = a
-    causal decoder whose MLPs are Mixture-of-Experts layers, set in [model.moe]."""
+    causal decoder whose MLPs are Mixture-of-Experts layers, set in [model.moe]; encoder = a
+    bidirectional encoder trained by masked language modelling (BERT, RoBERTa), set in
+    [model.encoder]."""
     num_layers: int = positive()
     """Number of transformer layers."""
     hidden_size: int = positive()
@@ -141,6 +160,8 @@ class ModelConfig:
     attention_window - 1 tokens before it (Mistral's sliding_window); None = all earlier tokens."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """[model.moe]"""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """[model.encoder]"""
 
 
 MODEL_SHAPE_KEYS = (
@@ -160,6 +181,7 @@ MODEL_SHAPE_KEYS = (
     "add_qkv_bias",
     "qk_layernorm",
     "moe",
+    "encoder",
 )
 """The [model] keys that decide which tensors a checkpoint holds and their shapes."""
 

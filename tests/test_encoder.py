@@ -1,0 +1,178 @@
+"""The masked-LM encoder family (model.family = "encoder", bigpt/families/encoder.py): BERT's and
+RoBERTa's post-LayerNorm computed exactly on megatron-core's BERT layer, its keys checked on paper,
+its counts, and its masked samples (bigpt/data/masked.py)."""
+
+import tomllib
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from bigpt.errors import BigptError
+from bigpt.flops import num_parameters
+from bigpt.hf.config import check_recipe_matches
+from bigpt.layout import Layout
+from bigpt.recipe import load_recipe, recipe_to_toml
+from multirank import MOCK_RECIPE, REPO
+from test_training_path import world_of_one
+
+ENCODER_RECIPE = REPO / "tests" / "recipes" / "mock_encoder.toml"
+
+
+def build_encoder(*overrides: str):
+    """The one-rank chunk bigpt builds for the tiny encoder recipe (call inside world_of_one)."""
+    from bigpt.model import build_model_chunks
+    from bigpt.runtime.seeding import seed_everything
+
+    recipe = load_recipe(ENCODER_RECIPE, list(overrides))
+    seed_everything(recipe.train.seed)
+    chunks, _ = build_model_chunks(recipe, Layout.from_recipe(recipe, 1))
+    return recipe, chunks[0]
+
+
+def hf_bert_of(recipe) -> BertForMaskedLM:
+    m = recipe.model
+    config = BertConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        intermediate_size=m.ffn_hidden_size,
+        max_position_embeddings=m.max_position_embeddings or m.seq_length,
+        type_vocab_size=m.encoder.token_types,
+        layer_norm_eps=m.norm_epsilon,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config).eval()
+    with torch.no_grad():  # transformers starts norms at 1 and 0, biases at 0: make them count
+        for name, parameter in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def bert_weights_as_megatron(hf: BertForMaskedLM, num_layers: int, heads: int, vocab_rows: int) -> dict:
+    """BertForMaskedLM's weights under megatron-core's names, post-LN's norms one position later
+    (the module docstring of bigpt/families/encoder.py); q, k and v interleaved per head."""
+    state = hf.state_dict()
+
+    def norm(prefix):
+        return {"weight": state[f"{prefix}.weight"], "bias": state[f"{prefix}.bias"]}
+
+    def padded(tensor):
+        return torch.cat([tensor, tensor.new_zeros(vocab_rows - tensor.shape[0], *tensor.shape[1:])])
+
+    ours = {
+        "embedding.word_embeddings.weight": padded(state["bert.embeddings.word_embeddings.weight"]),
+        "embedding.position_embeddings.weight": state["bert.embeddings.position_embeddings.weight"],
+        "embedding.tokentype_embeddings.weight": state["bert.embeddings.token_type_embeddings.weight"],
+        "lm_head.dense.weight": state["cls.predictions.transform.dense.weight"],
+        "lm_head.dense.bias": state["cls.predictions.transform.dense.bias"],
+        "output_layer.bias": padded(state["cls.predictions.bias"]),
+    }
+    ours.update({f"lm_head.layer_norm.{k}": v for k, v in norm("cls.predictions.transform.LayerNorm").items()})
+    for i in range(num_layers):
+        hf_layer, layer = f"bert.encoder.layer.{i}", f"encoder.layers.{i}"
+        input_norm = "bert.embeddings.LayerNorm" if i == 0 else f"bert.encoder.layer.{i - 1}.output.LayerNorm"
+        ours.update({f"{layer}.input_layernorm.{k}": v for k, v in norm(input_norm).items()})
+        ours.update(
+            {f"{layer}.pre_mlp_layernorm.{k}": v for k, v in norm(f"{hf_layer}.attention.output.LayerNorm").items()}
+        )
+        for kind in ("weight", "bias"):
+            q, k, v = (state[f"{hf_layer}.attention.self.{name}.{kind}"] for name in ("query", "key", "value"))
+            per_head = [t.reshape(heads, -1, *t.shape[1:]) for t in (q, k, v)]
+            ours[f"{layer}.self_attention.linear_qkv.{kind}"] = torch.cat(per_head, dim=1).reshape(-1, *q.shape[1:])
+            ours[f"{layer}.self_attention.linear_proj.{kind}"] = state[f"{hf_layer}.attention.output.dense.{kind}"]
+            ours[f"{layer}.mlp.linear_fc1.{kind}"] = state[f"{hf_layer}.intermediate.dense.{kind}"]
+            ours[f"{layer}.mlp.linear_fc2.{kind}"] = state[f"{hf_layer}.output.dense.{kind}"]
+    last = f"bert.encoder.layer.{num_layers - 1}.output.LayerNorm"
+    ours.update({f"encoder.final_layernorm.{k}": v for k, v in norm(last).items()})
+    return ours
+
+
+@pytest.fixture(scope="module")
+def logits_against_transformers():
+    """{norm_position: (bigpt's MLM logits, transformers' BertForMaskedLM's)} at every position of
+    padded sequences of two segments, the weights of one BertForMaskedLM loaded into both."""
+    found = {}
+    with world_of_one():
+        for position in ("post", "pre"):
+            recipe, chunk = build_encoder(f'model.encoder.norm_position="{position}"')
+            hf = hf_bert_of(recipe)
+            m = recipe.model
+            weights = bert_weights_as_megatron(hf, m.num_layers, m.num_attention_heads, chunk.vocab_size)
+            missing, unexpected = chunk.load_state_dict(weights, strict=False)
+            assert not unexpected and all(name.endswith("_extra_state") for name in missing), (missing, unexpected)
+            generator = torch.Generator().manual_seed(1)
+            tokens = torch.randint(4, m.vocab_size, (2, 24), generator=generator)
+            types = (torch.arange(24) >= 10).long().expand(2, 24)
+            padding = torch.ones(2, 24, dtype=torch.long)
+            padding[1, 18:] = 0
+            with torch.no_grad():
+                ours, _ = chunk.eval()(tokens, padding, tokentype_ids=types)
+                theirs = hf(input_ids=tokens, attention_mask=padding, token_type_ids=types).logits
+            real = padding.bool()  # padded positions' outputs mean nothing in either
+            found[position] = (ours[..., : m.vocab_size][real], theirs[real])
+    return found
+
+
+def test_post_layernorm_encoder_computes_bert_exactly(logits_against_transformers):
+    ours, theirs = logits_against_transformers["post"]
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_pre_layernorm_is_another_model(logits_against_transformers):
+    """The same weights in megatron-core's own (pre-LN) layer: other logits, so the post-LN
+    comparison above is not met by any placement of the norms."""
+    ours, theirs = logits_against_transformers["pre"]
+    assert (ours - theirs).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["model.encoder.next_sentence_prediction=true"], "next_sentence_prediction=true is not offered"),
+        (["model.attention_window=16"], 'model.attention_window=16 with model.family = "encoder"'),
+        (["model.qk_layernorm=true"], "BERT layers have no query/key norms"),
+        (['model.family="decoder"', "model.encoder.token_types=1"], "model.encoder.token_types set while"),
+    ],
+)
+def test_what_the_encoder_does_not_offer_is_refused_on_paper(overrides, words):
+    with pytest.raises(BigptError, match=words):
+        load_recipe(ENCODER_RECIPE, overrides)
+
+
+RECIPES = REPO / "recipes"
+
+
+@pytest.mark.parametrize(
+    "recipe_name,released",
+    [  # BertForMaskedLM(bert-base-uncased's config), RobertaForMaskedLM(roberta-base's), counted by transformers
+        ("bert_base.toml", 109_514_298),
+        ("roberta_base.toml", 124_697_433),
+    ],
+)
+def test_encoder_recipes_count_as_the_released_models(recipe_name, released):
+    assert num_parameters(load_recipe(RECIPES / recipe_name).model) == released
+
+
+def test_the_count_is_what_megatron_core_builds():
+    with world_of_one():
+        recipe, chunk = build_encoder()
+        built = sum(parameter.numel() for parameter in chunk.parameters())
+    assert num_parameters(recipe.model, chunk.vocab_size) == built
+
+
+def test_weights_of_another_encoder_are_refused():
+    """[model.encoder] decides what the weights compute (the norms' places, the token types); a
+    checkpoint of another family, or one written before the table existed, compares without it."""
+    saved = tomllib.loads(recipe_to_toml(load_recipe(ENCODER_RECIPE)))["model"]
+    assert check_recipe_matches(load_recipe(ENCODER_RECIPE).model, saved, "ckpt", key="checkpoint.load") == []
+    pre = load_recipe(ENCODER_RECIPE, ['model.encoder.norm_position="pre"'])
+    with pytest.raises(BigptError, match=r"model.encoder = .*'norm_position': 'pre'.* \(the checkpoint has .*'post'"):
+        check_recipe_matches(pre.model, saved, "ckpt", key="checkpoint.load")
+    decoder = tomllib.loads(recipe_to_toml(load_recipe(MOCK_RECIPE)))["model"]
+    del decoder["encoder"]
+    assert check_recipe_matches(load_recipe(MOCK_RECIPE).model, decoder, "ckpt", key="checkpoint.load") == []
