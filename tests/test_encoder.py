@@ -3,17 +3,28 @@ RoBERTa's post-LayerNorm computed exactly on megatron-core's BERT layer, its key
 its counts, and its masked samples (bigpt/data/masked.py)."""
 
 import tomllib
+from types import SimpleNamespace
 
+import numpy
 import pytest
 import torch
+from megatron.core.datasets.bert_dataset import BERTMaskedWordPieceDataset
 from transformers import BertConfig, BertForMaskedLM
 
+from bigpt.data.masked import (
+    MASKED_BATCH_KEYS,
+    MOCK_SPECIALS,
+    NOT_A_TOKEN,
+    MaskedLMDataset,
+    masked_vocabulary,
+)
+from bigpt.data.tokenizer import load_tokenizer
 from bigpt.errors import BigptError
 from bigpt.flops import num_parameters
 from bigpt.hf.config import check_recipe_matches
 from bigpt.layout import Layout
 from bigpt.recipe import load_recipe, recipe_to_toml
-from multirank import MOCK_RECIPE, REPO
+from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 from test_training_path import world_of_one
 
 ENCODER_RECIPE = REPO / "tests" / "recipes" / "mock_encoder.toml"
@@ -176,3 +187,145 @@ def test_weights_of_another_encoder_are_refused():
     decoder = tomllib.loads(recipe_to_toml(load_recipe(MOCK_RECIPE)))["model"]
     del decoder["encoder"]
     assert check_recipe_matches(load_recipe(MOCK_RECIPE).model, decoder, "ckpt", key="checkpoint.load") == []
+
+
+# ------------------------------------------------------------ layouts against one rank, resume
+PARITY_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def encoder_start(tmp_path_factory):
+    """A one-rank encoder checkpoint after 2 steps, and the one-rank run from it (saving every
+    step): the weights every layout starts from (layouts initialise differently) and its losses."""
+    root = tmp_path_factory.mktemp("encoder")
+    run_bigpt(ENCODER_RECIPE, f"run_dir={root / 'init'}", "train.train_iters=2", "schedule.warmup_iters=1")
+    checkpoint = root / "init" / "checkpoints" / "iter_0000002"
+    run_bigpt(
+        ENCODER_RECIPE, *_from(checkpoint, root / "reference"), "checkpoint.save_interval=1", "checkpoint.keep_last=0"
+    )
+    return root, checkpoint, scalars(root / "reference", "train/loss")
+
+
+def _from(checkpoint, run_dir):
+    return [f"run_dir={run_dir}", f"init.from_checkpoint={checkpoint}", f"train.train_iters={PARITY_STEPS}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout,nproc,overrides",
+    [
+        pytest.param("tp2_pp2_vpp2", 4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
+        pytest.param("dp2", 2, []),
+    ],
+)
+def test_encoder_layout_trains_as_one_rank(encoder_start, layout, nproc, overrides):
+    root, checkpoint, reference = encoder_start
+    run_bigpt(ENCODER_RECIPE, *_from(checkpoint, root / layout), *overrides, nproc=nproc)
+    losses = scalars(root / layout, "train/loss")
+    assert len(losses) == PARITY_STEPS
+    assert losses == pytest.approx(reference, rel=1e-5), f"{layout}: {losses} vs one rank {reference}"
+
+
+@pytest.mark.slow
+def test_encoder_resumes_bit_identically(encoder_start, tmp_path):
+    root, _, reference = encoder_start
+    resumed = run_bigpt(
+        ENCODER_RECIPE,
+        f"run_dir={tmp_path}",
+        f"checkpoint.load={root / 'reference' / 'checkpoints' / 'iter_0000001'}",
+        f"train.train_iters={PARITY_STEPS}",
+    )
+    assert "resuming from" in resumed.stdout
+    assert scalars(tmp_path, "train/loss") == reference[1:]
+
+
+# ------------------------------------------------------------ masked samples
+@pytest.fixture(scope="module")
+def masked_samples():
+    """The first 64 training samples bigpt builds for the tiny encoder on mock data (pad id 1)."""
+    from bigpt.data.datasets import build_datasets
+
+    recipe = load_recipe(ENCODER_RECIPE)
+    train, _ = build_datasets(recipe, world_rank=0, train_samples=64, valid_samples=0)
+    return recipe, train, [train[i] for i in range(64)]
+
+
+def test_masked_samples_pad_with_the_pad_id_and_attend_to_real_tokens_only(masked_samples):
+    _, train, samples = masked_samples
+    pad, mask = MOCK_SPECIALS["pad"], MOCK_SPECIALS["mask"]
+    assert set(samples[0]) == set(MASKED_BATCH_KEYS)
+    padded = 0
+    for sample in samples:
+        real = sample["padding_mask"].bool()
+        length = int(real.sum())
+        assert real[:length].all() and not real[length:].any()  # padding at the end only
+        assert (sample["tokens"][~real] == pad).all() and (sample["tokens"][real] != pad).all()
+        assert (sample["token_types"][~real] == 0).all()
+        chosen = sample["loss_mask"].bool()
+        assert not chosen[~real].any() and (sample["labels"][chosen] > mask).all()  # words, never specials
+        padded += length < len(real)
+    assert padded  # short samples were drawn (data.masking.short_sequence_probability)
+    shares = [float(s["loss_mask"].sum() / s["padding_mask"].sum()) for s in samples]
+    assert 0.1 < sum(shares) / len(shares) < 0.16  # data.masking.probability = 0.15 of the real tokens
+
+
+def test_megatron_cores_own_sample_attends_to_padding_when_the_pad_id_is_not_0(masked_samples):
+    """What MaskedLMDataset fixes: megatron-core's BERT sample marks padding where a token equals
+    the pad id and writes the pad id into the mask, so with RoBERTa's pad id 1 every position,
+    padding included, is attended to, and padding becomes token 0 (RoBERTa's <s>)."""
+    _, train, samples = masked_samples
+    short = next(i for i, sample in enumerate(samples) if not sample["padding_mask"].all())
+    train._pad_token_id = MOCK_SPECIALS["pad"]  # as megatron-core sets it from the tokenizer
+    try:
+        theirs = BERTMaskedWordPieceDataset.__getitem__(train, short)
+    finally:
+        train._pad_token_id = NOT_A_TOKEN
+    assert (theirs["padding_mask"] == 1).all()
+    assert (theirs["text"][~samples[short]["padding_mask"].bool().numpy()] == 0).all()
+
+
+def _tokenizer(tmp_path, pieces: list[str]):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(WordLevel({piece: i for i, piece in enumerate(pieces)}, unk_token=pieces[0])).save(str(path))
+    return load_tokenizer(path)
+
+
+SENTENCEPIECE_PIECES = ["<unk>", "<s>", "</s>", "<pad>", "<mask>", "\u2581un", "believ", "able", "\u2581a", "\u2581b"]
+
+
+def test_whole_words_of_sentencepiece_pieces_are_masked_together(tmp_path):
+    vocabulary = masked_vocabulary(_tokenizer(tmp_path, SENTENCEPIECE_PIECES), "tok", whole_word=True)
+    assert (vocabulary.cls, vocabulary.sep, vocabulary.mask, vocabulary.pad) == (1, 2, 4, 3)
+    assert [vocabulary.inv_vocab[i] for i in (5, 6, 7, 8)] == ["\u2581un", "##believ", "##able", "\u2581a"]
+    words = [[5, 6, 7], [8], [9], [5, 7], [8]] * 4  # ▁un believ able | ▁a | ▁b | ▁un able | ▁a
+    tokens = [1] + [piece for word in words for piece in word] + [2]
+    config = SimpleNamespace(
+        tokenizer=vocabulary,
+        masking_do_full_word=True,
+        masking_probability=0.3,
+        masking_max_ngram=1,
+        masking_use_longer_ngrams=False,
+        masking_use_geometric_distribution=False,
+        masking_do_permutation=False,
+    )
+    dataset = SimpleNamespace(config=config, _get_token_mask=lambda rng: vocabulary.mask)
+    _, positions, *_ = MaskedLMDataset._create_masked_lm_predictions(
+        dataset, tokens, len(tokens), numpy.random.RandomState(0)
+    )
+    starts = numpy.cumsum([1] + [len(word) for word in words])[:-1]
+    chosen = set(positions)
+    assert chosen and any(len(word) > 1 and start in chosen for start, word in zip(starts, words))
+    for start, word in zip(starts, words):
+        assert {start + i in chosen for i in range(len(word))} in ({True}, {False})
+
+
+def test_a_tokenizer_without_the_masking_tokens_or_word_marks_is_refused(tmp_path):
+    with pytest.raises(BigptError, match=r"has no mask \(\[MASK\] or <mask>\) token"):
+        masked_vocabulary(_tokenizer(tmp_path, ["<unk>", "<s>", "</s>", "<pad>", "a"]), "tok")
+    plain = _tokenizer(tmp_path, ["<unk>", "<s>", "</s>", "<pad>", "<mask>", "a", "b"])
+    with pytest.raises(BigptError, match="marks no word boundaries"):
+        masked_vocabulary(plain, "tok", whole_word=True)
+    assert masked_vocabulary(plain, "tok").inv_vocab[5] == "a"

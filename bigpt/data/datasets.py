@@ -58,7 +58,7 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
             ).build()
         return train, valid
     checked = checked_tokenizer(recipe)
-    tokenizer = masked_vocabulary(checked, data.tokenizer) if masked else checked
+    tokenizer = masked_vocabulary(checked, data.tokenizer, whole_word=data.masking.whole_word) if masked else checked
     cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
     for warning in validation_rereads(recipe, phases[0], valid_samples):

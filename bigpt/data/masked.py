@@ -65,7 +65,7 @@ WORD_STARTS = ("\u2581", "\u0120")
 marks the others, "##")."""
 
 
-def masked_vocabulary(tokenizer: Tokenizer, path) -> MaskedVocabulary:
+def masked_vocabulary(tokenizer: Tokenizer, path, *, whole_word: bool = False) -> MaskedVocabulary:
     """A tokenizer's special tokens and word boundaries, as megatron-core's masked datasets read them."""
     pieces = tokenizer.pieces()
     ids = {piece: i for i, piece in enumerate(pieces)}
@@ -78,6 +78,12 @@ def masked_vocabulary(tokenizer: Tokenizer, path) -> MaskedVocabulary:
             "SentencePiece tokenizer that has them (tools/train_tokenizer.py can add them)"
         )
     marked = next((mark for mark in WORD_STARTS if any(piece.startswith(mark) for piece in pieces)), None)
+    if whole_word and not marked and not any(piece.startswith("##") for piece in pieces):
+        raise BigptError(
+            f"data.masking.whole_word = true, but tokenizer {path} (data.tokenizer) marks no word boundaries "
+            '(WordPiece\'s "##", SentencePiece\'s "▁" or byte-level BPE\'s "Ġ"), so no word can be told from its '
+            "pieces; set whole_word = false"
+        )
     if marked:  # the pieces that do not begin a word continue one
         special = set(specials.values())
         pieces = [piece if i in special or piece.startswith(marked) else f"##{piece}" for i, piece in enumerate(pieces)]
@@ -151,16 +157,17 @@ class MockMaskedLMDataset(MaskedLMDataset):
 
 def masked_config(recipe, vocabulary: MaskedVocabulary, **fields) -> BERTMaskedWordPieceDatasetConfig:
     """megatron-core's BERT dataset config for the recipe; ``fields``: blend, split, cache, seed."""
+    masking = recipe.data.masking
     return BERTMaskedWordPieceDatasetConfig(
         sequence_length=recipe.model.seq_length,
         tokenizer=vocabulary,
-        masking_probability=0.15,
-        short_sequence_probability=0.1,
-        masking_max_ngram=1,
-        masking_do_full_word=False,
+        masking_probability=masking.probability,
+        short_sequence_probability=masking.short_sequence_probability,
+        masking_max_ngram=masking.max_span,
+        masking_do_full_word=masking.whole_word,
         masking_do_permutation=False,
         masking_use_longer_ngrams=False,
-        masking_use_geometric_distribution=False,
+        masking_use_geometric_distribution=masking.span_lengths == "geometric",
         classification_head=False,
         **fields,
     )

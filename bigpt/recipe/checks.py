@@ -11,6 +11,7 @@ from bigpt.recipe.tables import (
     MODEL_FUNCTION_KEYS,
     MODEL_SHAPE_KEYS,
     EncoderConfig,
+    MaskingConfig,
     MoEConfig,
     PrecisionConfig,
     Recipe,
@@ -198,10 +199,11 @@ def _check_moe(recipe: Recipe) -> None:
 
 def _check_encoder(recipe: Recipe) -> None:
     model, encoder = recipe.model, recipe.model.encoder
+    masking = recipe.data.masking
     if model.family != "encoder":
         set_keys = [
             f"model.encoder.{key}" for key, value in vars(encoder).items() if value != getattr(EncoderConfig(), key)
-        ]
+        ] + [f"data.masking.{key}" for key, value in vars(masking).items() if value != getattr(MaskingConfig(), key)]
         if set_keys:
             recipe_error(
                 recipe,
@@ -216,6 +218,18 @@ def _check_encoder(recipe: Recipe) -> None:
             "next-sentence objective does not help, and it needs sentence pairs that bigpt's masked datasets "
             "do not build",
             "remove it (masked language modelling alone, as RoBERTa trains)",
+        )
+    if not 0 < masking.probability < 1:
+        recipe_error(
+            recipe,
+            f"data.masking.probability = {masking.probability} leaves nothing to predict or nothing to see",
+            "choose a share between 0 and 1 (BERT: 0.15)",
+        )
+    if masking.span_lengths == "geometric" and masking.max_span == 1:
+        recipe_error(
+            recipe,
+            "data.masking.span_lengths = 'geometric' with data.masking.max_span = 1: every span is one token long",
+            "raise max_span (SpanBERT: 10), or remove span_lengths",
         )
     # What megatron-core's BertModel does not do, or a decoder's key that means nothing bidirectionally
     refused = [

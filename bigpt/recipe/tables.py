@@ -412,6 +412,29 @@ class DataPhase:
 
 
 @dataclass(kw_only=True)
+class MaskingConfig:
+    """[data.masking]: how model.family = "encoder" masks its samples (megatron-core's masked
+    datasets). A sample is masked anew each time it is drawn, seeded by its position in the
+    stream: a sentence met again in a later epoch gets another mask (RoBERTa's dynamic masking).
+    Salient-span masking is not offered (it needs an entity tagger)."""
+
+    probability: float = fraction(0.15)
+    """Share of a sample's tokens chosen for prediction; of those, 80% become the mask token, 10%
+    a random token and 10% stay as they are (BERT)."""
+    whole_word: bool = False
+    """Choose whole words, all their pieces together: WordPiece's "##" pieces, and SentencePiece's
+    or byte-level BPE's pieces that do not start a word (without "▁" or "Ġ")."""
+    max_span: int = positive(1)
+    """Mask spans of up to this many consecutive words (or tokens); 1 = single ones (BERT)."""
+    span_lengths: Literal["inverse", "geometric"] = "inverse"
+    """For max_span > 1: the length n of each span drawn with probability ∝ 1/n, or from a geometric
+    distribution with p = 0.2 clipped at max_span (SpanBERT)."""
+    short_sequence_probability: float = fraction(0.1)
+    """Share of samples made shorter than model.seq_length on purpose (BERT), so the model also
+    sees short inputs."""
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """[data]: tokenizer and training data."""
 
@@ -432,6 +455,8 @@ class DataConfig:
     phases: list[DataPhase] = field(default_factory=list)
     """Later training phases (curriculum, final anneal on high-quality data) in order of
     start_tokens; data.blend is the first phase, from token 0. Validation always uses data.blend."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    """[data.masking]"""
 
 
 @dataclass(kw_only=True)
