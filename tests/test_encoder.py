@@ -23,6 +23,7 @@ from bigpt.errors import BigptError
 from bigpt.flops import num_parameters
 from bigpt.hf.config import check_recipe_matches
 from bigpt.layout import Layout
+from bigpt.plan import make_plan
 from bigpt.recipe import load_recipe, recipe_to_toml
 from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 from test_training_path import world_of_one
@@ -329,3 +330,32 @@ def test_a_tokenizer_without_the_masking_tokens_or_word_marks_is_refused(tmp_pat
     with pytest.raises(BigptError, match="marks no word boundaries"):
         masked_vocabulary(plain, "tok", whole_word=True)
     assert masked_vocabulary(plain, "tok").inv_vocab[5] == "a"
+
+
+def test_the_planner_offers_no_context_parallelism_for_an_encoder():
+    recipe = load_recipe(RECIPES / "bert_base.toml")
+    with pytest.raises(BigptError, match='parallel.context=2 with model.family = "encoder"'):
+        Layout.from_recipe(load_recipe(RECIPES / "bert_base.toml", ["parallel.context=2"]), 16)
+    plan = make_plan(recipe, 16, "h100-80gb", mfu=0.4, headroom=0.1, gpus_per_node=8)
+    assert plan.options and all(option.layout.cp == 1 for option in plan.options)
+
+
+@pytest.mark.gpu
+def test_transformer_engine_post_layernorm_layer_computes_the_local_one():
+    """The Transformer Engine post-LN layer (its norms unfused from the linears) against the local
+    one with the same weights. Written without a GPU at hand: not yet run."""
+    pytest.importorskip("transformer_engine.pytorch")
+    with world_of_one():
+        _, local = build_encoder('precision.transformer_engine="off"')
+        _, fused = build_encoder('precision.transformer_engine="on"')
+        missing, unexpected = fused.load_state_dict(local.state_dict(), strict=False)
+        assert not unexpected and all(name.endswith("_extra_state") for name in missing), (missing, unexpected)
+        tokens = torch.randint(4, 512, (2, 24), device="cuda")
+        padding = torch.ones(2, 24, dtype=torch.long, device="cuda")
+        padding[1, 18:] = 0
+        types = torch.zeros_like(tokens)
+        with torch.no_grad():
+            ours, _ = local.eval()(tokens, padding, tokentype_ids=types)
+            theirs, _ = fused.eval()(tokens, padding, tokentype_ids=types)
+    real = padding.bool()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-4

@@ -251,12 +251,6 @@ def _check_encoder(recipe: Recipe) -> None:
             "megatron-core's BertModel takes no RoPE scaling",
             'set it to "none"',
         ),
-        (
-            recipe.parallel.context > 1,
-            f"parallel.context={recipe.parallel.context}",
-            "megatron-core splits a sequence over context-parallel ranks for causal attention only",
-            "set parallel.context = 1",
-        ),
     ]
     for wrong, key, why, fix in refused:
         if wrong:
