@@ -2,6 +2,7 @@
 RoBERTa's post-LayerNorm computed exactly on megatron-core's BERT layer, its keys checked on paper,
 its counts, and its masked samples (bigpt/data/masked.py)."""
 
+import json
 import tomllib
 from types import SimpleNamespace
 
@@ -359,3 +360,47 @@ def test_transformer_engine_post_layernorm_layer_computes_the_local_one():
             theirs, _ = fused.eval()(tokens, padding, tokentype_ids=types)
     real = padding.bool()
     assert (ours[real] - theirs[real]).abs().max() <= 1e-4
+
+
+def test_sentences_of_preprocessed_documents_are_packed_into_masked_samples(tmp_path):
+    """tools/preprocess_data.py --split-sentences writes a sequence per sentence; the encoder's
+    indexed datasets pack the sentences of one document into a sample, framed by [CLS] and [SEP]."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from bigpt.data.datasets import build_datasets
+    from bigpt.data.preprocess import preprocess
+
+    words = [f"w{i}" for i in range(40)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>", ".", *words]
+    tokenizer = Tokenizer(WordLevel({piece: i for i, piece in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    rng = numpy.random.default_rng(0)
+    documents = [
+        " ".join(" ".join(rng.choice(words, size=rng.integers(3, 8))) + "." for _ in range(5)) for _ in range(40)
+    ]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    prefix = str(tmp_path / "corpus")
+    preprocess(tmp_path / "corpus.jsonl", prefix, tmp_path / "tokenizer.json", sentences=True)
+    written = IndexedDataset(prefix)
+    assert len(written.document_indices) - 1 == 40 and len(written) == 200  # five sentences each
+    assert written[0][-1] == vocab.index(".")  # no end-of-document token
+    recipe = load_recipe(
+        ENCODER_RECIPE,
+        [
+            f"model.vocab_size={len(vocab)}",
+            "data.source='indexed'",
+            f"data.tokenizer='{tmp_path / 'tokenizer.json'}'",
+            f"data.blend=[{{path='{prefix}'}}]",
+            "data.split='100,0,0'",
+            f"data.cache_dir='{tmp_path / 'cache'}'",
+        ],
+    )
+    train, _ = build_datasets(recipe, world_rank=0, train_samples=16, valid_samples=0)
+    sample = train[0]
+    real = sample["tokens"][sample["padding_mask"].bool()].tolist()
+    assert real[0] == vocab.index("[CLS]") and real[-1] == vocab.index("[SEP]")
+    assert len(real) > 2 + 8  # more than one sentence (at most 8 tokens each)
