@@ -404,3 +404,17 @@ def test_sentences_of_preprocessed_documents_are_packed_into_masked_samples(tmp_
     real = sample["tokens"][sample["padding_mask"].bool()].tolist()
     assert real[0] == vocab.index("[CLS]") and real[-1] == vocab.index("[SEP]")
     assert len(real) > 2 + 8  # more than one sentence (at most 8 tokens each)
+
+
+def test_logits_of_an_encoder_are_its_masked_lm_logits_at_every_position():
+    """bigpt.logits (tools/logits.py) runs the family's own forward: an encoder's MLM logits."""
+    from bigpt.logits import compute_logits
+
+    tokens = torch.randint(4, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with world_of_one():
+        recipe, chunk = build_encoder()  # the weights compute_logits builds: random, of train.seed
+        with torch.no_grad():
+            expected, _ = chunk.eval()(tokens, torch.ones_like(tokens), tokentype_ids=torch.zeros_like(tokens))
+        logits = compute_logits(recipe, Layout.from_recipe(recipe, 1), tokens)
+    assert logits.shape == (2, 16, recipe.model.vocab_size)
+    assert torch.equal(logits, expected[..., : recipe.model.vocab_size])

@@ -126,6 +126,13 @@ def forward_step(data_iterator, model):
     return output, lambda output_tensor: token_loss(loss_mask, _loss_of(output_tensor))
 
 
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Masked-LM logits at every position of one unpadded sequence of token type 0."""
+    types = torch.zeros_like(tokens) if _token_types(model) else None
+    output = model(tokens, torch.ones_like(tokens), tokentype_ids=types)
+    return _loss_of(output)  # the last stage's (logits, binary-head logits): the logits
+
+
 def _token_types(model) -> bool:
     """Whether this chunk embeds token types (the first stage's, with model.encoder.token_types)."""
     bert = get_attr_wrapped_model(model, "encoder", return_model_obj=True)  # under DDP and Float16Module
@@ -133,7 +140,7 @@ def _token_types(model) -> bool:
 
 
 def _loss_of(output) -> torch.Tensor:
-    """BertModel's last stage returns (per-token loss, binary-head logits); the loss."""
+    """BertModel's last stage returns (per-token loss or logits, binary-head logits): the first."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -144,6 +151,7 @@ ENCODER = ModelFamily(
     layer_spec=layer_spec,
     build_chunk=build_chunk,
     forward_step=forward_step,
+    logits=logits,
     build_datasets=build_datasets,
     hf_model_types=(),  # BertForMaskedLM / RobertaForMaskedLM conversion: not yet
 )
