@@ -371,6 +371,8 @@ def test_sentences_of_preprocessed_documents_are_packed_into_masked_samples(tmp_
     from tokenizers.pre_tokenizers import Whitespace
 
     from bigpt.data.datasets import build_datasets
+    from bigpt.data.masked import masked_token_share
+    from bigpt.data.phases import plan_tokens
     from bigpt.data.preprocess import preprocess
 
     words = [f"w{i}" for i in range(40)]
@@ -388,22 +390,30 @@ def test_sentences_of_preprocessed_documents_are_packed_into_masked_samples(tmp_
     written = IndexedDataset(prefix)
     assert len(written.document_indices) - 1 == 40 and len(written) == 200  # five sentences each
     assert written[0][-1] == vocab.index(".")  # no end-of-document token
-    recipe = load_recipe(
-        ENCODER_RECIPE,
-        [
-            f"model.vocab_size={len(vocab)}",
-            "data.source='indexed'",
-            f"data.tokenizer='{tmp_path / 'tokenizer.json'}'",
-            f"data.blend=[{{path='{prefix}'}}]",
-            "data.split='100,0,0'",
-            f"data.cache_dir='{tmp_path / 'cache'}'",
-        ],
-    )
+    overrides = [
+        f"model.vocab_size={len(vocab)}",
+        "data.source='indexed'",
+        f"data.tokenizer='{tmp_path / 'tokenizer.json'}'",
+        f"data.blend=[{{path='{prefix}'}}]",
+        "data.split='100,0,0'",
+        f"data.cache_dir='{tmp_path / 'cache'}'",
+    ]
+    recipe = load_recipe(ENCODER_RECIPE, overrides)
     train, _ = build_datasets(recipe, world_rank=0, train_samples=16, valid_samples=0)
     sample = train[0]
     real = sample["tokens"][sample["padding_mask"].bool()].tolist()
     assert real[0] == vocab.index("[CLS]") and real[-1] == vocab.index("[SEP]")
     assert len(real) > 2 + 8  # more than one sentence (at most 8 tokens each)
+    # The dry run says how much of the data the samples hold: at 16 tokens a sample, a document
+    # written as one sequence is cut to 13 tokens, its sentences are packed whole.
+    preprocess(tmp_path / "corpus.jsonl", str(tmp_path / "whole"), tmp_path / "tokenizer.json")
+    short = load_recipe(ENCODER_RECIPE, ["model.seq_length=16"])
+    by_sentence = masked_token_share(IndexedDataset(prefix), short)
+    by_document = masked_token_share(IndexedDataset(str(tmp_path / "whole")), short)
+    assert by_document < 0.5 < 0.7 < by_sentence
+    assert f"masked samples hold {by_sentence:.0%} of {prefix}'s tokens in one pass" in plan_tokens(
+        load_recipe(ENCODER_RECIPE, [*overrides, "model.seq_length=16"])
+    )
 
 
 def test_logits_of_an_encoder_are_its_masked_lm_logits_at_every_position():

@@ -155,6 +155,31 @@ class MockMaskedLMDataset(MaskedLMDataset):
         return index
 
 
+def masked_token_share(dataset, recipe) -> float:
+    """The share of an indexed dataset's tokens that one pass of masked samples holds: megatron-
+    core's own sample map (whole sentences of one document, up to seq_length - 2 tokens between
+    [CLS] and [SEP], some shorter on purpose), what a truncated sample leaves out not counted."""
+    from megatron.core.datasets import helpers
+
+    masking, sizes = recipe.data.masking, dataset.sequence_lengths
+    if not len(sizes):
+        return 0.0
+    samples = helpers.build_mapping(
+        dataset.document_indices,
+        sizes,
+        1,  # one pass
+        2**63,  # as many samples as it makes
+        recipe.model.seq_length - 3,  # the room megatron-core's BERT dataset leaves ([CLS], two [SEP])
+        masking.short_sequence_probability,
+        recipe.train.seed,
+        False,
+        1,
+    )
+    ends = numpy.concatenate([[0], numpy.cumsum(sizes, dtype=numpy.int64)])
+    held = numpy.minimum(ends[samples[:, 1]] - ends[samples[:, 0]], samples[:, 2]).sum()
+    return float(held / ends[-1])
+
+
 def masked_config(recipe, vocabulary: MaskedVocabulary, **fields) -> BERTMaskedWordPieceDatasetConfig:
     """megatron-core's BERT dataset config for the recipe; ``fields``: blend, split, cache, seed."""
     masking = recipe.data.masking
