@@ -150,6 +150,9 @@ def test_pre_layernorm_is_another_model(logits_against_transformers):
         (["model.attention_window=16"], 'model.attention_window=16 with model.family = "encoder"'),
         (["model.qk_layernorm=true"], "BERT layers have no query/key norms"),
         (['model.family="decoder"', "model.encoder.token_types=1"], "model.encoder.token_types set while"),
+        (['model.family="decoder"', "data.masking.whole_word=true"], "data.masking.whole_word set while"),
+        (["data.masking.probability=1.0"], "leaves nothing to predict or nothing to see"),
+        (["data.masking.span_lengths='geometric'"], "every span is one token long"),
     ],
 )
 def test_what_the_encoder_does_not_offer_is_refused_on_paper(overrides, words):
