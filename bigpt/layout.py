@@ -96,6 +96,13 @@ def _check_degrees(recipe: Recipe) -> None:
             "parallel.overlap_param_gather=true needs parallel.distributed_optimizer and parallel.overlap_grad_reduce",
             "turn both on, or overlap_param_gather off",
         )
+    if parallel.context > 1 and recipe.model.family == "encoder":
+        recipe_error(
+            recipe,
+            f'parallel.context={parallel.context} with model.family = "encoder": megatron-core splits a sequence '
+            "over context-parallel ranks for causal attention only",
+            "set parallel.context = 1",
+        )
     name = recipe.optimizer.name
     if name != "adamw" and parallel.distributed_optimizer and recipe.precision.dtype != "bf16":
         recipe_error(

@@ -170,12 +170,14 @@ def _mlp_activation_width(recipe: Recipe, layout: Layout, mlp_tensors: int, reco
 
 
 def output_activations(recipe: Recipe, layout: Layout) -> float:
-    """The last stage's final norm and output layer inputs, plus the fp32 softmax the cross
-    entropy keeps and the logits' gradient, for the one micro-batch whose loss is computed."""
+    """The last stage's final norm and output layer inputs (and an encoder's masked-LM head's: its
+    dense layer, GELU and norm), plus the fp32 softmax the cross entropy keeps and the logits'
+    gradient, for the one micro-batch whose loss is computed."""
     model = recipe.model
     tokens = _tokens(recipe, layout)
     element = DTYPE_BYTES[recipe.precision.dtype]
-    inputs = 2 * element * tokens * model.hidden_size / (layout.tp if layout.sequence_parallel else 1)
+    kept = 2 + (3 if model.family == "encoder" else 0)
+    inputs = kept * element * tokens * model.hidden_size / (layout.tp if layout.sequence_parallel else 1)
     vocab = padded_vocab_size(model, layout.tp)
     return inputs + (4 + element) * tokens * vocab / layout.tp
 

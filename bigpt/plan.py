@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from bigpt.errors import BigptError
 from bigpt.flops import (
     Gpu,
+    attention_counted,
     flops_per_step,
     gpu_named,
     num_parameters,
@@ -281,7 +282,7 @@ def report(plan: Plan, top: int) -> str:
     recomputed = recompute_flops_per_step(chosen.recipe, layout)
     step = plan.step_seconds(chosen)
     lines += [
-        f"FLOPs per step   {flops:.3e} (3 × forward, causal attention halved; as the training log)"
+        f"FLOPs per step   {flops:.3e} (3 × forward, {attention_counted(chosen.recipe.model)}; as the training log)"
         + (f" + {recomputed:.3e} recomputed ({recomputed / flops:.1%})" if recomputed else ""),
         f"step time        {step:.2f} s at {plan.mfu:.0%} of peak while busy, pipeline bubble "
         f"{chosen.bubble:.1%}"

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from bigpt.errors import BigptError
 from bigpt.recipe import ModelConfig
-from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MOE_FUNCTION_KEYS, MoEConfig
+from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MOE_FUNCTION_KEYS, EncoderConfig, MoEConfig
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,11 @@ def effective(model: dict, key: str):
         values = {name: getattr(moe, name) for name in MOE_FUNCTION_KEYS}
         values["ffn_hidden_size"] = moe.ffn_hidden_size or model["ffn_hidden_size"]
         return {**values, "layers": moe.layers(model["num_layers"])}
+    if key == "encoder":  # a table ([model.encoder]); it describes the model only in the encoder family
+        if model.get("family", "decoder") != "encoder":
+            return None
+        given = model.get("encoder") or {}
+        return vars(EncoderConfig(**given) if isinstance(given, dict) else given)
     value = model.get(key, getattr(ModelConfig, key, None))
     if key == "rope_scaling_factor" and model.get("rope_scaling", "none") == "none":
         return None  # unused

@@ -10,6 +10,8 @@ from bigpt.errors import BigptError
 from bigpt.recipe.tables import (
     MODEL_FUNCTION_KEYS,
     MODEL_SHAPE_KEYS,
+    EncoderConfig,
+    MaskingConfig,
     MoEConfig,
     PrecisionConfig,
     Recipe,
@@ -26,6 +28,7 @@ def check_recipe(recipe: Recipe) -> None:
     for check in (
         _check_model,
         _check_moe,
+        _check_encoder,
         _check_optimizer,
         _check_precision,
         _check_recompute,
@@ -192,6 +195,66 @@ def _check_moe(recipe: Recipe) -> None:
             "model.moe.pad_to_capacity=true without model.moe.capacity_factor (dropless)",
             "set a capacity_factor",
         )
+
+
+def _check_encoder(recipe: Recipe) -> None:
+    model, encoder = recipe.model, recipe.model.encoder
+    masking = recipe.data.masking
+    if model.family != "encoder":
+        set_keys = [
+            f"model.encoder.{key}" for key, value in vars(encoder).items() if value != getattr(EncoderConfig(), key)
+        ] + [f"data.masking.{key}" for key, value in vars(masking).items() if value != getattr(MaskingConfig(), key)]
+        if set_keys:
+            recipe_error(
+                recipe,
+                f"{', '.join(set_keys)} set while model.family={model.family!r} is not a masked-LM encoder",
+                'set model.family = "encoder", or remove them',
+            )
+        return
+    if encoder.next_sentence_prediction:
+        recipe_error(
+            recipe,
+            "model.encoder.next_sentence_prediction=true is not offered: RoBERTa showed that BERT's "
+            "next-sentence objective does not help, and it needs sentence pairs that bigpt's masked datasets "
+            "do not build",
+            "remove it (masked language modelling alone, as RoBERTa trains)",
+        )
+    if not 0 < masking.probability < 1:
+        recipe_error(
+            recipe,
+            f"data.masking.probability = {masking.probability} leaves nothing to predict or nothing to see",
+            "choose a share between 0 and 1 (BERT: 0.15)",
+        )
+    if masking.span_lengths == "geometric" and masking.max_span == 1:
+        recipe_error(
+            recipe,
+            "data.masking.span_lengths = 'geometric' with data.masking.max_span = 1: every span is one token long",
+            "raise max_span (SpanBERT: 10), or remove span_lengths",
+        )
+    # What megatron-core's BertModel does not do, or a decoder's key that means nothing bidirectionally
+    refused = [
+        (
+            model.attention_window is not None,
+            f"model.attention_window={model.attention_window}",
+            "a sliding window is causal (the tokens before), and an encoder attends both ways",
+            "remove it",
+        ),
+        (
+            model.qk_layernorm,
+            "model.qk_layernorm=true",
+            "megatron-core's BERT layers have no query/key norms",
+            "set it to false",
+        ),
+        (
+            model.rope_scaling != "none",
+            f"model.rope_scaling={model.rope_scaling!r}",
+            "megatron-core's BertModel takes no RoPE scaling",
+            'set it to "none"',
+        ),
+    ]
+    for wrong, key, why, fix in refused:
+        if wrong:
+            recipe_error(recipe, f'{key} with model.family = "encoder": {why}', fix)
 
 
 def _check_optimizer(recipe: Recipe) -> None:
