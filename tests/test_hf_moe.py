@@ -1,0 +1,223 @@
+"""Hugging Face Mixture-of-Experts models in and out: Mixtral, Qwen2-MoE and Qwen3-MoE.
+
+Tiny random models of each family (routers, norms and biases randomised; Mixtral with a sliding
+window; Qwen2-MoE with its gated shared expert, unnormalised top-k and a dense first layer;
+Qwen3-MoE with per-head q/k norms, a head_dim that is not hidden / heads, and decoder_sparse_step
+2) are built with transformers and imported by bigpt: fp32 logits must match transformers' within
+1e-4 at EP=1 (in this process) and EP=2 (one torchrun job); the router runs in fp32 in both, so
+near-tied top-k choices fall the same way. An export of an import gives back every tensor bit
+for bit, and transformers loads it as the same class with no missing or unexpected weight. MoE
+families megatron-core cannot compute identically are refused by name.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from bigpt.errors import BigptError
+from bigpt.hf.config import hf_from_model, model_from_hf
+from bigpt.hf.files import inspect_hf
+from bigpt.recipe import ModelConfig, load_recipe
+from test_hf import TOLERANCE, hf_tensors, logits_of_models, recipe_for, reference_logits, save_model
+
+ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, rms_norm_eps=1e-6)
+SHAPES = {
+    # every layer MoE, softmax → top-2 → renormalised; Mistral's sliding window, shorter than the tokens
+    "mixtral": dict(
+        ATTENTION,
+        model_type="mixtral",
+        intermediate_size=48,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=300,
+        sliding_window=6,
+        rope_theta=1e6,
+    ),
+    # q/k/v biases, a gated shared expert, top-2 of a softmax over 6 experts not renormalised, a dense first layer
+    "qwen2_moe": dict(
+        ATTENTION,
+        model_type="qwen2_moe",
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=6,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        mlp_only_layers=[0],
+        vocab_size=300,
+        tie_word_embeddings=False,
+    ),
+    # per-head q/k norms, head_dim × heads != hidden, MoE in every second layer, renormalised top-3 of 8
+    "qwen3_moe": dict(
+        ATTENTION,
+        model_type="qwen3_moe",
+        head_dim=32,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,
+        vocab_size=300,
+        tie_word_embeddings=False,
+    ),
+}
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """name -> (HF directory, tokens file, transformers' logits, bigpt recipe with init.from_hf)."""
+    root = tmp_path_factory.mktemp("hf_moe")
+    found = {}
+    for seed, (name, shape) in enumerate(SHAPES.items()):
+        directory = save_model(root / name, seed, shape)
+        tokens = np.random.default_rng(seed).integers(0, shape["vocab_size"], size=(2, 16))
+        np.save(root / f"{name}_tokens.npy", tokens)
+        found[name] = (
+            directory,
+            root / f"{name}_tokens.npy",
+            reference_logits(directory, tokens),
+            recipe_for(directory, root / f"{name}.toml", name),
+        )
+    return found
+
+
+@pytest.fixture(scope="module")
+def ep1(moe_models, tmp_path_factory):
+    """name -> (max |bigpt - transformers| at EP=1 with init.from_hf, the import it made), in this process."""
+    from bigpt.layout import Layout
+    from bigpt.logits import compute_logits
+    from bigpt.runtime.distributed import model_parallel_of_one
+
+    root = tmp_path_factory.mktemp("ep1")
+    found = {}
+    for name, (_, tokens, reference, recipe_file) in moe_models.items():
+        recipe = load_recipe(recipe_file, [f"run_dir={root / name}"])
+        with model_parallel_of_one():
+            logits = compute_logits(recipe, Layout.from_recipe(recipe, 1), torch.from_numpy(np.load(tokens)).long())
+        found[name] = (float(np.abs(logits.numpy() - reference).max()), root / name / "init_from_hf")
+    print({name: difference for name, (difference, _) in found.items()})
+    return found
+
+
+def test_the_models_are_what_they_claim(moe_models):
+    """Every tensor random (transformers starts some at zero or one), and each family's features present."""
+    for directory, *_ in moe_models.values():
+        for key, tensor in hf_tensors(directory).items():
+            assert tensor.std() > 0.01, key
+    qwen2 = hf_tensors(moe_models["qwen2_moe"][0])
+    assert "model.layers.0.mlp.gate_proj.weight" in qwen2 and "model.layers.1.mlp.shared_expert_gate.weight" in qwen2
+    qwen3 = hf_tensors(moe_models["qwen3_moe"][0])
+    assert "model.layers.0.mlp.gate_proj.weight" in qwen3 and "model.layers.1.mlp.experts.7.up_proj.weight" in qwen3
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_logits_match_transformers_at_ep1(ep1, name):
+    assert ep1[name][0] <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_export_of_an_import_reproduces_every_tensor(moe_models, ep1, tmp_path, name):
+    from bigpt.hf.convert import export_hf
+    from bigpt.runtime.distributed import process_group_of_one
+
+    directory, tokens, reference, _ = moe_models[name]
+    out = tmp_path / "exported"
+    with process_group_of_one():
+        export_hf(ep1[name][1], out)
+    original, exported = hf_tensors(directory), hf_tensors(out)
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    model, loading = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert type(model).__name__ == ARCHITECTURES[name]
+    assert not any(loading.values()), loading  # no missing, unexpected or mismatched weight
+    np.testing.assert_array_equal(reference_logits(out, np.load(tokens)), reference)
+    assert model_from_hf(json.loads((out / "config.json").read_text()), out) == model_from_hf(
+        json.loads((directory / "config.json").read_text()), directory
+    )
+
+
+@pytest.mark.slow
+def test_logits_match_transformers_at_ep2(moe_models, tmp_path):
+    """Each rank holds half of every MoE layer's experts; the import is written by both ranks."""
+    differences = logits_of_models(
+        {name: recipe for name, (*_, recipe) in moe_models.items()}, moe_models, tmp_path, "parallel.expert=2", nproc=2
+    )
+    assert max(differences.values()) <= TOLERANCE, differences
+
+
+# --- what cannot be computed identically is refused by name ------------------------------------
+
+
+def hf_config(model_type: str, **changes) -> dict:
+    config = AutoConfig.for_model(model_type, **changes).to_dict()
+    return json.loads(json.dumps(config))  # as config.json holds it
+
+
+@pytest.mark.parametrize(
+    "model_type, changes, words",
+    [
+        ("olmoe", {}, "q_norm/k_norm as wide as all heads"),
+        ("deepseek_v2", dict(topk_method="group_limited_greedy"), "'group_limited_greedy' ranks expert groups"),
+        ("gpt_oss", {}, "GPT-OSS has biases on its experts and router"),
+    ],
+)
+def test_moe_families_megatron_core_cannot_compute_are_refused_by_name(model_type, changes, words):
+    with pytest.raises(BigptError, match=f"model_type '{model_type}' is not supported: .*{words}"):
+        model_from_hf(hf_config(model_type, **changes), "config.json")
+
+
+def test_a_qwen_moe_without_moe_layers_is_refused():
+    config = hf_config("qwen3_moe", num_hidden_layers=2, mlp_only_layers=[0, 1])
+    with pytest.raises(BigptError, match=r"mlp_only_layers = \[0, 1\] leave no MoE layer"):
+        model_from_hf(config, "config.json")
+
+
+def test_what_no_moe_family_expresses_is_refused_on_export():
+    model = model_from_hf(dict(SHAPES["mixtral"], architectures=["MixtralForCausalLM"]), "config.json")
+    for change, words in [
+        (dict(router_score_function="sigmoid"), "model.moe.router_score_function = 'sigmoid'"),
+        (dict(num_groups=2, group_topk=1), "model.moe.num_groups = 2"),
+    ]:
+        recipe = ModelConfig(**model | {"moe": model["moe"] | change}, seq_length=64)
+        with pytest.raises(BigptError, match=f"{words}.* fits none of the Hugging Face families"):
+            hf_from_model(recipe, "float32", None)
+
+
+def test_inspect_names_a_missing_expert(moe_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "mixtral"
+    directory.mkdir()
+    source = moe_models["mixtral"][0]
+    (directory / "config.json").write_bytes((source / "config.json").read_bytes())
+    tensors = load_file(source / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(BigptError, match=r"block_sparse_moe.experts.3.w2.weight is missing"):
+        inspect_hf(directory)
+
+
+def test_the_import_writes_an_moe_recipe_table(moe_models):
+    model = model_from_hf(json.loads((moe_models["qwen2_moe"][0] / "config.json").read_text()), Path("config.json"))
+    assert model["family"] == "moe_decoder"
+    assert model["moe"] == dict(
+        num_experts=6,
+        router_topk=2,
+        normalize_topk=False,
+        ffn_hidden_size=32,
+        shared_expert_ffn_hidden_size=48,
+        shared_expert_gate=True,
+        layer_pattern=[0, 1, 1, 1],
+    )
+    assert model_from_hf(dict(SHAPES["qwen3_moe"]), "config.json")["moe"]["layer_pattern"] == [0, 1, 0, 1]
