@@ -19,10 +19,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bigpt.errors import BigptError
-from bigpt.hf.config import hf_from_model, model_from_hf
+from bigpt.hf.config import check_recipe_matches, hf_from_model, model_from_hf
 from bigpt.hf.files import inspect_hf
-from bigpt.recipe import ModelConfig, load_recipe
+from bigpt.recipe import ModelConfig, load_recipe, table_to_toml
+from multirank import MOCK_RECIPE, REPO
 from test_hf import TOLERANCE, hf_tensors, logits_of_models, recipe_for, reference_logits, save_model
+from test_moe import MOE_RECIPE
 
 ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, rms_norm_eps=1e-6)
 SHAPES = {
@@ -66,6 +68,11 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
 }
+# The dense model upcycled: a Qwen3 (per-head q/k norms) whose MLP becomes 4 experts, 2 per token.
+DENSE = dict(
+    ATTENTION, model_type="qwen3", head_dim=32, intermediate_size=64, vocab_size=300, tie_word_embeddings=False
+)
+UPCYCLED = {"num_experts": 4, "router_topk": 2}
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -91,20 +98,47 @@ def moe_models(tmp_path_factory):
     return found
 
 
+def upcycle_recipe(dense: Path, out: Path, **moe) -> Path:
+    """A recipe of the MoE form of the Hugging Face model ``dense``, upcycled from it."""
+    model = model_from_hf(json.loads((dense / "config.json").read_text()), dense)
+    table = dict(model, family="moe_decoder", seq_length=64, moe=UPCYCLED | moe)
+    out.write_text(
+        f'base = "{MOCK_RECIPE}"\nname = "upcycled"\n\n'
+        + table_to_toml("model", table)
+        + f'\n\n[init]\nfrom_hf = "{dense}"\nupcycle = true\n'
+    )
+    return out
+
+
 @pytest.fixture(scope="module")
-def ep1(moe_models, tmp_path_factory):
-    """name -> (max |bigpt - transformers| at EP=1 with init.from_hf, the import it made), in this process."""
+def upcycled(tmp_path_factory):
+    """(dense HF directory, tokens file, transformers' logits of the dense model, upcycling recipe)."""
+    root = tmp_path_factory.mktemp("upcycle")
+    dense = save_model(root / "dense", 7, DENSE)
+    tokens = np.random.default_rng(7).integers(0, DENSE["vocab_size"], size=(2, 16))
+    np.save(root / "tokens.npy", tokens)
+    return dense, root / "tokens.npy", reference_logits(dense, tokens), upcycle_recipe(dense, root / "upcycle.toml")
+
+
+def logits_in_process(recipe_file: Path, run_dir: Path, tokens: Path, *overrides: str) -> np.ndarray:
+    """tools/logits.py's logits of ``recipe_file`` (with its [init] weights) at one rank, in this process."""
     from bigpt.layout import Layout
     from bigpt.logits import compute_logits
     from bigpt.runtime.distributed import model_parallel_of_one
 
+    recipe = load_recipe(recipe_file, [f"run_dir={run_dir}", *overrides])
+    with model_parallel_of_one():
+        return compute_logits(recipe, Layout.from_recipe(recipe, 1), torch.from_numpy(np.load(tokens)).long()).numpy()
+
+
+@pytest.fixture(scope="module")
+def ep1(moe_models, tmp_path_factory):
+    """name -> (max |bigpt - transformers| at EP=1 with init.from_hf, the import it made), in this process."""
     root = tmp_path_factory.mktemp("ep1")
     found = {}
     for name, (_, tokens, reference, recipe_file) in moe_models.items():
-        recipe = load_recipe(recipe_file, [f"run_dir={root / name}"])
-        with model_parallel_of_one():
-            logits = compute_logits(recipe, Layout.from_recipe(recipe, 1), torch.from_numpy(np.load(tokens)).long())
-        found[name] = (float(np.abs(logits.numpy() - reference).max()), root / name / "init_from_hf")
+        logits = logits_in_process(recipe_file, root / name, tokens)
+        found[name] = (float(np.abs(logits - reference).max()), root / name / "init_from_hf")
     print({name: difference for name, (difference, _) in found.items()})
     return found
 
@@ -148,12 +182,45 @@ def test_export_of_an_import_reproduces_every_tensor(moe_models, ep1, tmp_path, 
 
 
 @pytest.mark.slow
-def test_logits_match_transformers_at_ep2(moe_models, tmp_path):
-    """Each rank holds half of every MoE layer's experts; the import is written by both ranks."""
+def test_logits_match_transformers_at_ep2(moe_models, upcycled, tmp_path):
+    """Each rank holds half of every MoE layer's experts; the import is written by both ranks; each
+    rank upcycles its own experts from the dense model (one job for all: each start costs seconds)."""
+    models = dict(moe_models, upcycled=upcycled)
     differences = logits_of_models(
-        {name: recipe for name, (*_, recipe) in moe_models.items()}, moe_models, tmp_path, "parallel.expert=2", nproc=2
+        {name: recipe for name, (*_, recipe) in models.items()}, models, tmp_path, "parallel.expert=2", nproc=2
     )
     assert max(differences.values()) <= TOLERANCE, differences
+
+
+# --- dense → MoE upcycling ---------------------------------------------------------------------
+
+
+def test_an_upcycled_model_computes_what_the_dense_model_computes(upcycled, tmp_path):
+    """Every expert a copy of the dense MLP and the top-k probabilities renormalised: each token's
+    experts sum to the dense MLP, so the logits (and the first step's loss) are the dense model's.
+    Without renormalising, megatron-core scales the copies to keep the activations' size on average,
+    not per token: other logits, which shows the comparison reaches the experts."""
+    dense, tokens, reference, recipe = upcycled
+    assert np.abs(logits_in_process(recipe, tmp_path / "a", tokens) - reference).max() <= TOLERANCE
+    unnormalised = upcycle_recipe(dense, tmp_path / "unnormalised.toml", normalize_topk=False)
+    assert np.abs(logits_in_process(unnormalised, tmp_path / "b", tokens) - reference).max() > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ([], "neither init.from_hf nor init.from_checkpoint is set"),
+        (["model.moe.first_dense_layers=1", "init.from_checkpoint='c'"], "some layers are dense"),
+        (["model.moe.shared_expert_ffn_hidden_size=32", "init.from_checkpoint='c'"], "a shared expert has no dense"),
+        (["model.moe.ffn_hidden_size=48", "init.from_checkpoint='c'"], "does not split model.ffn_hidden_size=160"),
+        (["model.moe.ffn_hidden_size=32", "init.from_checkpoint='c'"], "into a number of slices that divides"),
+    ],
+)
+def test_what_cannot_upcycle_is_refused_on_paper(overrides, words):
+    with pytest.raises(BigptError, match=words):
+        load_recipe(MOE_RECIPE, ["init.upcycle=true", *overrides])
+    with pytest.raises(BigptError, match="init.upcycle = true but model.family='decoder'"):
+        load_recipe(MOCK_RECIPE, ["init.upcycle=true", "init.from_checkpoint='c'"])
 
 
 # --- what cannot be computed identically is refused by name ------------------------------------
@@ -221,3 +288,79 @@ def test_the_import_writes_an_moe_recipe_table(moe_models):
         layer_pattern=[0, 1, 1, 1],
     )
     assert model_from_hf(dict(SHAPES["qwen3_moe"]), "config.json")["moe"]["layer_pattern"] == [0, 1, 0, 1]
+
+
+RELEASED = {  # the architecture keys of the released config.json files
+    "mixtral_8x7b.toml": dict(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=32000,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+    ),
+    "qwen2_moe_a2_7b.toml": dict(  # Qwen1.5-MoE-A2.7B
+        architectures=["Qwen2MoeForCausalLM"],
+        model_type="qwen2_moe",
+        hidden_size=2048,
+        intermediate_size=5632,
+        moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_experts=60,
+        num_experts_per_tok=4,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        vocab_size=151936,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        use_sliding_window=False,
+        sliding_window=32768,
+        max_window_layers=21,
+        tie_word_embeddings=False,
+        max_position_embeddings=8192,
+    ),
+    "qwen3_30b_a3b.toml": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        head_dim=128,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        vocab_size=151936,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        attention_bias=False,
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+        max_position_embeddings=40960,
+    ),
+}
+
+
+@pytest.mark.parametrize("recipe", RELEASED)
+def test_moe_recipes_describe_the_released_models(recipe):
+    """init.from_hf with the released config.json would accept each MoE recipe's [model], and an
+    export of the recipe's model writes that family."""
+    loaded = load_recipe(REPO / "recipes" / recipe)
+    check_recipe_matches(loaded.model, model_from_hf(RELEASED[recipe], "config.json"), "config.json")
+    assert hf_from_model(loaded.model, "bfloat16", None)["architectures"] == RELEASED[recipe]["architectures"]

@@ -299,6 +299,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
     [  # the model cards' totals, and the parameter count of Mixtral's released safetensors
         ("mixtral_8x7b.toml", 46_702_792_704, 12.9e9),
         ("qwen3_30b_a3b.toml", 30.5e9, 3.3e9),
+        ("qwen2_moe_a2_7b.toml", 14.3e9, 2.7e9),
         ("qwen3_235b_a22b.toml", 235e9, 22e9),
     ],
 )
