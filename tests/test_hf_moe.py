@@ -192,6 +192,50 @@ def test_logits_match_transformers_at_ep2(moe_models, upcycled, tmp_path):
     assert max(differences.values()) <= TOLERANCE, differences
 
 
+def test_dry_run_checks_moe_and_upcycled_initial_weights_on_paper(moe_models, upcycled, tmp_path):
+    """--dry-run reads config.json and tensor headers: an MoE model against the recipe's
+    [model.moe], and a dense model to upcycle against the recipe's dense form."""
+    from bigpt.dryrun import describe
+    from bigpt.layout import Layout
+
+    def report(recipe: Path, *overrides: str) -> str:
+        loaded = load_recipe(recipe, [f"run_dir={tmp_path / 'run'}", *overrides])
+        return describe(loaded, Layout.from_recipe(loaded, 1))
+
+    directory, *_, recipe = moe_models["qwen3_moe"]
+    assert f"initial weights  weights of {directory.resolve()} (Hugging Face" in report(recipe)
+    with pytest.raises(BigptError, match=r"model.moe.router_topk = 2 \(the checkpoint has 3\)"):
+        report(recipe, "model.moe.router_topk=2")
+    dense, *_, upcycling = upcycled
+    assert f"initial weights  weights of {dense.resolve()} (Hugging Face" in report(upcycling)
+    with pytest.raises(BigptError, match=r"model.ffn_hidden_size = 32 \(the checkpoint has 64\)"):
+        report(upcycling, "model.ffn_hidden_size=32")
+
+
+def test_the_import_reads_one_expert_at_a_time(moe_models, tmp_path, monkeypatch):
+    """Each expert's tensors are read from the Hugging Face files only when their slice of the
+    expert-stacked tensor is written (as test_hf.py shows for the dense tensors): never more than
+    the three inputs of one join (q, k, v) between two files."""
+    import collections
+
+    from bigpt.hf.convert import import_hf
+    from bigpt.hf.files import SafetensorsWeights
+    from bigpt.runtime.distributed import process_group_of_one
+
+    get, files_when_read = SafetensorsWeights.get, []
+
+    def watched(self, name):
+        files_when_read.append(len(list(tmp_path.rglob("*.distcp"))))
+        return get(self, name)
+
+    monkeypatch.setattr(SafetensorsWeights, "get", watched)
+    directory = moe_models["qwen3_moe"][0]
+    with process_group_of_one():
+        import_hf(directory, tmp_path / "imported")
+    assert len(files_when_read) == len(hf_tensors(directory))  # each read once
+    assert max(collections.Counter(files_when_read).values()) <= 3, files_when_read
+
+
 # --- dense → MoE upcycling ---------------------------------------------------------------------
 
 

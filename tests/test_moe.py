@@ -243,6 +243,7 @@ def test_expert_parallel_all_to_all_trains_as_one_rank_and_resumes_at_any_expert
     losses = scalars(ep2, "train/loss")
     assert losses == pytest.approx(reference, rel=1e-5), f"EP2: {losses} vs one rank {reference}"
     assert losses[-1] < losses[0]
+    _export_computes_what_bigpt_computes(ep2 / "checkpoints" / "iter_0000002", tmp_path / "hf")
     resumed = run_bigpt(
         MOE_RECIPE,
         f"run_dir={tmp_path}",
@@ -268,6 +269,30 @@ def test_expert_parallel_all_to_all_trains_as_one_rank_and_resumes_at_any_expert
     assert len(balancing) == len(imbalance) == PARITY_STEPS
     assert all(0.9 < value < 2 for value in balancing) and all(1 <= value < 4 for value in imbalance)
     assert "| load balancing loss 1.0" in resumed.stdout and "| load imbalance " in resumed.stdout
+
+
+def _export_computes_what_bigpt_computes(checkpoint: Path, out: Path) -> None:
+    """A checkpoint trained at EP2, exported (in this process) as the Hugging Face family of its
+    model (Mixtral: every layer MoE, renormalised top-k): transformers loads every weight and its
+    logits are bigpt's, those of the checkpoint at one rank."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from bigpt.hf.convert import export_hf
+    from bigpt.runtime.distributed import process_group_of_one
+    from test_hf import TOLERANCE, reference_logits
+    from test_hf_moe import logits_in_process
+
+    with process_group_of_one():
+        export_hf(checkpoint, out)
+    model, loading = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == "MixtralForCausalLM" and not any(loading.values()), loading
+    tokens = np.random.default_rng(0).integers(0, 512, size=(2, 16))
+    np.save(out.parent / "tokens.npy", tokens)
+    ours = logits_in_process(
+        MOE_RECIPE, out.parent / "logits", out.parent / "tokens.npy", f"init.from_checkpoint={checkpoint}"
+    )
+    assert np.abs(ours - reference_logits(out, tokens)).max() <= TOLERANCE
 
 
 def test_an_expert_that_no_token_reached_for_an_interval_is_named(capsys):

@@ -7,7 +7,7 @@ vocabulary size on load. Export reads a checkpoint of any layout back one layer 
 Both run in an existing process group: a tool runs a group of one, a training job converts
 with all of its ranks, each writing a share of the tensors. Neither holds the model in memory:
 import makes each tensor only when torch's writer reaches it, export reads one layer at a time
-(bench/hf_import_memory.py measures both).
+(bench/hf_import_memory.py measures both, for a dense model and an MoE).
 """
 
 import itertools
@@ -230,8 +230,9 @@ def hf_files_of(checkpoint: Path) -> Path | None:
 
 def _layer_loads(checkpoint: Path, metadata: dict, items: list[Item], num_layers: int, dtype: torch.dtype):
     """Yield (item, its tensor in ``dtype``) in ``items`` order, one load per run of items of the
-    same layer (memory stays near one layer)."""
-    for _, run in itertools.groupby(items, key=lambda item: item[1]):
+    same layer, or of the same expert of a layer (memory stays near one layer's dense tensors, or
+    one expert's, however many experts a layer has)."""
+    for _, run in itertools.groupby(items, key=lambda item: item[1:]):
         request = {}
         for item in run:
             saved = metadata[item[0].checkpoint_key(item[1])]
