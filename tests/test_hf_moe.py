@@ -4,7 +4,7 @@ Tiny random models of each family (routers, norms and biases randomised; Mixtral
 window; Qwen2-MoE with its gated shared expert, unnormalised top-k and a dense first layer;
 Qwen3-MoE with per-head q/k norms, a head_dim that is not hidden / heads, and decoder_sparse_step
 2) are built with transformers and imported by bigpt: fp32 logits must match transformers' within
-1e-4 at EP=1 (in this process) and EP=2 (one torchrun job); the router runs in fp32 in both, so
+1e-4 at EP=1 (in this process) and PP=2 × EP=2 (one torchrun job); the router runs in fp32, so
 near-tied top-k choices fall the same way. An export of an import gives back every tensor bit
 for bit, and transformers loads it as the same class with no missing or unexpected weight. MoE
 families megatron-core cannot compute identically are refused by name.
@@ -182,13 +182,13 @@ def test_export_of_an_import_reproduces_every_tensor(moe_models, ep1, tmp_path, 
 
 
 @pytest.mark.slow
-def test_logits_match_transformers_at_ep2(moe_models, upcycled, tmp_path):
-    """Each rank holds half of every MoE layer's experts; the import is written by both ranks; each
-    rank upcycles its own experts from the dense model (one job for all: each start costs seconds)."""
+def test_logits_match_transformers_at_pp2_ep2(moe_models, upcycled, tmp_path):
+    """Two pipeline stages of two layers, each stage's experts split over two ranks (EP2); the
+    import is written by all four ranks, and each rank upcycles its own experts from the dense
+    model. One job for all: each start costs seconds."""
     models = dict(moe_models, upcycled=upcycled)
-    differences = logits_of_models(
-        {name: recipe for name, (*_, recipe) in models.items()}, models, tmp_path, "parallel.expert=2", nproc=2
-    )
+    recipes = {name: recipe for name, (*_, recipe) in models.items()}
+    differences = logits_of_models(recipes, models, tmp_path, "parallel.pipeline=2", "parallel.expert=2", nproc=4)
     assert max(differences.values()) <= TOLERANCE, differences
 
 
