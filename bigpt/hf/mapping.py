@@ -33,6 +33,7 @@ from bigpt.hf.moe import Experts
 
 LAYER = "{i}"  # the layer number in a Hugging Face name (and in an MoE model's megatron keys)
 EXPERT = "{e}"  # the expert number in a Hugging Face name
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")  # a dense MLP's projections (mlp.*), in every family
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def _moe_mlps(model: dict, experts: Experts, stack: str, layer: str) -> list[Rul
     sparse = tuple(i for i, is_moe in enumerate(moe["layers"]) if is_moe)
     dense = tuple(i for i, is_moe in enumerate(moe["layers"]) if not is_moe)
     block = f"{layer}{experts.block}"
-    table = _gated_mlp(f"{stack}mlp", layer + "mlp", QWEN_NAMES, model["ffn_hidden_size"], hidden, layers=dense)
+    table = _gated_mlp(f"{stack}mlp", layer + "mlp", DENSE_MLP, model["ffn_hidden_size"], hidden, layers=dense)
     table += [
         Rule(
             f"{stack}mlp.router.weight",
@@ -124,7 +125,7 @@ def _moe_mlps(model: dict, experts: Experts, stack: str, layer: str) -> list[Rul
     if experts.shared_expert:
         shared = moe["shared_expert_ffn_hidden_size"]
         table += _gated_mlp(
-            f"{stack}mlp.shared_experts", f"{block}.shared_expert", QWEN_NAMES, shared, hidden, layers=sparse
+            f"{stack}mlp.shared_experts", f"{block}.shared_expert", DENSE_MLP, shared, hidden, layers=sparse
         )
         table.append(
             Rule(
@@ -137,9 +138,6 @@ def _moe_mlps(model: dict, experts: Experts, stack: str, layer: str) -> list[Rul
             )
         )
     return table
-
-
-QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")  # a dense MLP's projections, in every family
 
 
 def experts_of(model: dict) -> Experts:
@@ -182,7 +180,7 @@ def rules(model: dict) -> list[Rule]:
         return [tensor[:vocab]]
 
     layer = "model.layers.{i}."
-    moe = model.get("family") == "moe_decoder"
+    moe = effective(model, "family") == "moe_decoder"
     stack = "decoder.layers.{i}." if moe else "decoder.layers."  # an MoE model's layers are keyed by number
     table = [
         Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((vocab, hidden),), _same, unpad),
@@ -219,7 +217,7 @@ def rules(model: dict) -> list[Rule]:
     table[5:5] = (
         _moe_mlps(model, experts_of(model), stack, layer)
         if moe
-        else _gated_mlp(stack + "mlp", layer + "mlp", QWEN_NAMES, ffn, hidden)
+        else _gated_mlp(stack + "mlp", layer + "mlp", DENSE_MLP, ffn, hidden)
     )
     if effective(model, "add_qkv_bias"):
         table.insert(
