@@ -27,7 +27,7 @@ def compute_logits(recipe: Recipe, layout: Layout, tokens: torch.Tensor) -> torc
     model's device; None on the other stages. Needs the process groups (``init_distributed``)."""
     seed_everything(recipe.train.seed)  # megatron-core's tensor-parallel RNG streams must exist
     chunks, _ = build_model_chunks(recipe, layout)
-    load_initial_weights(recipe, chunks)
+    load_initial_weights(recipe, layout, chunks)
     for chunk in chunks:
         chunk.eval()
     batch, seq = tokens.shape

@@ -250,6 +250,7 @@ def test_expert_parallel_all_to_all_trains_as_one_rank_and_resumes_at_any_expert
     losses = scalars(ep2, "train/loss")
     assert losses == pytest.approx(reference, rel=1e-5), f"EP2: {losses} vs one rank {reference}"
     assert losses[-1] < losses[0]
+    _export_computes_what_bigpt_computes(ep2 / "checkpoints" / "iter_0000002", tmp_path / "hf")
     resumed = run_bigpt(
         MOE_RECIPE,
         f"run_dir={tmp_path}",
@@ -283,6 +284,30 @@ def test_expert_parallel_all_to_all_trains_as_one_rank_and_resumes_at_any_expert
     assert "| load balancing loss 1.0" in resumed.stdout and "| load imbalance " in resumed.stdout
 
 
+def _export_computes_what_bigpt_computes(checkpoint: Path, out: Path) -> None:
+    """A checkpoint trained at EP2, exported (in this process) as the Hugging Face family of its
+    model (Mixtral: every layer MoE, renormalised top-k): transformers loads every weight and its
+    logits are bigpt's, those of the checkpoint at one rank."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from bigpt.hf.convert import export_hf
+    from bigpt.runtime.distributed import process_group_of_one
+    from test_hf import TOLERANCE, reference_logits
+    from test_hf_moe import logits_in_process
+
+    with process_group_of_one():
+        export_hf(checkpoint, out)
+    model, loading = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == "MixtralForCausalLM" and not any(loading.values()), loading
+    tokens = np.random.default_rng(0).integers(0, 512, size=(2, 16))
+    np.save(out.parent / "tokens.npy", tokens)
+    ours = logits_in_process(
+        MOE_RECIPE, out.parent / "logits", out.parent / "tokens.npy", f"init.from_checkpoint={checkpoint}"
+    )
+    assert np.abs(ours - reference_logits(out, tokens)).max() <= TOLERANCE
+
+
 def test_an_expert_that_no_token_reached_for_an_interval_is_named(capsys):
     model = load_recipe(MOE_RECIPE).model
     metrics = MoEMetrics(model)
@@ -312,6 +337,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
     [  # the model cards' totals, and the parameter count of Mixtral's released safetensors
         ("mixtral_8x7b.toml", 46_702_792_704, 12.9e9),
         ("qwen3_30b_a3b.toml", 30.5e9, 3.3e9),
+        ("qwen2_moe_a2_7b.toml", 14.3e9, 2.7e9),
         ("qwen3_235b_a22b.toml", 235e9, 22e9),
     ],
 )

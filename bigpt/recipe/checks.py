@@ -553,6 +553,51 @@ def _check_init(recipe: Recipe) -> None:
         recipe_error(
             recipe, "init.from_hf and init.from_checkpoint are both set", "start from one of them and remove the other"
         )
+    if recipe.init.upcycle:
+        _check_upcycle(recipe)
+
+
+def _check_upcycle(recipe: Recipe) -> None:
+    """What megatron-core's upcycling (transformer/moe/upcycling_utils.py) cannot convert."""
+    model, moe = recipe.model, recipe.model.moe
+    dense_width, width = model.ffn_hidden_size, moe.ffn_hidden_size or model.ffn_hidden_size
+    problems = [
+        (
+            model.family != "moe_decoder",
+            f"model.family={model.family!r}",
+            "upcycling makes an MoE model: set model.family = 'moe_decoder'",
+        ),
+        (
+            not (recipe.init.from_hf or recipe.init.from_checkpoint),
+            "neither init.from_hf nor init.from_checkpoint is set",
+            "name the dense model to upcycle",
+        ),
+        (
+            not all(moe.layers(model.num_layers)),
+            "some layers are dense (model.moe.first_dense_layers, layer_freq or layer_pattern)",
+            "megatron-core's upcycling converts every layer's MLP: make every layer an MoE layer",
+        ),
+        (
+            moe.shared_expert_ffn_hidden_size is not None,
+            f"model.moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size}",
+            "a shared expert has no dense counterpart to copy: remove it",
+        ),
+        (
+            dense_width % width or (moe.num_experts or 0) % (dense_width // width or 1),
+            f"model.moe.ffn_hidden_size={width} does not split model.ffn_hidden_size={dense_width} (the dense "
+            f"MLP) into a number of slices that divides model.moe.num_experts={moe.num_experts}",
+            "make the experts as wide as the dense MLP (a copy each), or a divisor of it",
+        ),
+        (
+            (recipe.parallel.expert_tensor or recipe.parallel.tensor) != recipe.parallel.tensor,
+            f"parallel.expert_tensor={recipe.parallel.expert_tensor} differs from "
+            f"parallel.tensor={recipe.parallel.tensor}",
+            "megatron-core splits each rank's dense MLP shard into its experts: leave parallel.expert_tensor unset",
+        ),
+    ]
+    for wrong, problem, fix in problems:
+        if wrong:
+            recipe_error(recipe, f"init.upcycle = true but {problem}", fix)
 
 
 def _check_allowed_model_changes(recipe: Recipe) -> None:

@@ -522,6 +522,12 @@ class InitConfig:
     """A Hugging Face checkpoint directory (config.json + safetensors) to import."""
     from_checkpoint: str | None = recipe_path()
     """A bigpt checkpoint whose weights (not optimizer or step) start this run."""
+    upcycle: bool = False
+    """Start a Mixture-of-Experts model (model.family = "moe_decoder") from the dense model that
+    from_hf or from_checkpoint names, by megatron-core's upcycling: each layer's experts are
+    copies of its dense MLP (split in model.ffn_hidden_size / model.moe.ffn_hidden_size slices
+    when the experts are narrower), the routers freshly initialised, everything else copied. The
+    dense model is the recipe's [model] with family = "decoder" and no [model.moe]."""
 
 
 @dataclass(kw_only=True)
