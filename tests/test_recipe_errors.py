@@ -184,6 +184,10 @@ def test_override_wrong_type_names_the_override():
             ['model.position_embedding="learned"', "model.max_position_embeddings=64"],
             "model.max_position_embeddings=64 is shorter than model.seq_length=128",
         ),
+        (
+            ['model.rope_scaling="llama3"', "model.rope_high_freq_factor=1.0"],
+            "model.rope_high_freq_factor=1.0 is not above model.rope_low_freq_factor=1.0",
+        ),
         (["model.kv_channels=15"], "model.kv_channels=15 is odd, but rotary embeddings"),
         (
             ["model.hidden_size=132"],

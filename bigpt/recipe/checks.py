@@ -83,6 +83,13 @@ def _check_model(recipe: Recipe) -> None:
             f"model.rope_scaling={model.rope_scaling!r} needs model.position_embedding='rope'",
             "set rope_scaling = 'none'",
         )
+    if model.rope_scaling == "llama3" and model.rope_high_freq_factor <= model.rope_low_freq_factor:
+        recipe_error(
+            recipe,
+            f"model.rope_high_freq_factor={model.rope_high_freq_factor} is not above "
+            f"model.rope_low_freq_factor={model.rope_low_freq_factor}, but llama3 scaling ramps between them",
+            "set rope_high_freq_factor above rope_low_freq_factor (Llama 3.1-3.3: 4.0 and 1.0)",
+        )
 
 
 def _check_moe(recipe: Recipe) -> None:
