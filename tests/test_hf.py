@@ -798,3 +798,60 @@ def test_init_from_something_that_is_not_a_checkpoint_is_refused(small, tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(BigptError, match="init.from_checkpoint = .* is not a complete bigpt checkpoint"):
         initial_weights(recipe)
+
+
+def test_a_continual_run_grows_the_vocabulary(tmp_path):
+    """init.extend_vocab: a tiny Llama with a SentencePiece tokenizer, extended by
+    tools/extend_vocab.py from domain text. --dry-run reports the growth and the tokens saved; the
+    run's model has the new rows (the padded vocabulary recomputed) and, on text without new
+    tokens, transformers' logits of the original model; its export is a model transformers loads
+    whose old rows are the original ones bit for bit, whose new rows are the mean of their
+    pieces' rows, with the extended tokenizer."""
+    import bigpt.logits
+    from bigpt.data.vocab_extension import read_extension
+    from bigpt.dryrun import describe
+    from bigpt.hf.convert import export_hf
+    from bigpt.layout import Layout
+    from bigpt.runtime import megatron_fixes
+    from bigpt.runtime.distributed import model_parallel_of_one, process_group_of_one
+    from test_vocab_extension import extend, make_corpus
+
+    corpus = make_corpus(tmp_path)
+    directory = save_model(tmp_path / "llama", 0, dict(SMALL, vocab_size=300))
+    shutil.copyfile(corpus["sp"], directory / "tokenizer.model")
+    extended = tmp_path / "ext" / "tokenizer.model"
+    extend("--tokenizer", directory / "tokenizer.model", "--learn", 6, "--text", corpus["domain"], "--output", extended)
+    extension = read_extension(f"{extended}.extension.json")
+    grown = extension.vocab_size
+    recipe_file = recipe_for(directory, tmp_path / "grow.toml", "grow")
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        f"model.vocab_size={grown}",
+        "model.make_vocab_size_divisible_by=8",  # 300 rows pad to 304, the grown ones to 312
+        f'init.extend_vocab="{extended}.extension.json"',
+    ]
+    recipe = load_recipe(recipe_file, overrides)
+    layout = Layout.from_recipe(recipe, 1)
+    said = describe(recipe, layout)
+    assert f"vocabulary grown 300 -> {grown} rows ({len(extension.tokens)} new tokens" in said and "% fewer" in said
+    with pytest.raises(BigptError, match=f"set model.vocab_size = {grown}"):
+        describe(load_recipe(recipe_file, [*overrides, "model.vocab_size=300"]), layout)
+
+    tokens = np.random.default_rng(0).integers(0, 300, size=(2, 16))  # old tokens only
+    reference = reference_logits(directory, tokens)
+    megatron_fixes.apply()
+    with model_parallel_of_one():
+        logits = bigpt.logits.compute_logits(recipe, layout, torch.from_numpy(tokens)).numpy()
+    assert logits.shape == (2, 16, grown)
+    assert np.abs(logits[..., :300] - reference).max() <= TOLERANCE
+
+    out = tmp_path / "exported"
+    with process_group_of_one():
+        export_hf(tmp_path / "run" / "init_from_hf", out)
+    original, exported = hf_tensors(directory), hf_tensors(out)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert exported[name].shape[0] == grown and torch.equal(exported[name][:300], original[name])
+        for token in extension.tokens:
+            torch.testing.assert_close(exported[name][token.id], original[name][token.pieces].mean(dim=0))
+    assert (out / "tokenizer.model").read_bytes() == extended.read_bytes()
+    np.testing.assert_allclose(reference_logits(out, tokens)[..., :300], reference, atol=1e-5, rtol=0)

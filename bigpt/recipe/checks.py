@@ -472,6 +472,13 @@ def _check_init(recipe: Recipe) -> None:
         recipe_error(
             recipe, "init.from_hf and init.from_checkpoint are both set", "start from one of them and remove the other"
         )
+    if recipe.init.extend_vocab and not recipe.init.from_hf:
+        recipe_error(
+            recipe,
+            f"init.extend_vocab = {recipe.init.extend_vocab} is set without init.from_hf",
+            "a vocabulary grows while a Hugging Face model is imported: start from init.from_hf (export a bigpt "
+            "checkpoint with tools/convert_hf.py export first), or remove init.extend_vocab",
+        )
 
 
 def _check_allowed_model_changes(recipe: Recipe) -> None:

@@ -529,6 +529,11 @@ class InitConfig:
     """A Hugging Face checkpoint directory (config.json + safetensors) to import."""
     from_checkpoint: str | None = recipe_path()
     """A bigpt checkpoint whose weights (not optimizer or step) start this run."""
+    extend_vocab: str | None = recipe_path()
+    """A vocabulary extension (the OUTPUT.extension.json tools/extend_vocab.py wrote) for init.from_hf:
+    the embedding and output layer grow to model.vocab_size, the old rows kept as they are, each
+    new token's row the mean of the rows of the pieces the old tokenizer split it into; the
+    extended tokenizer is exported with the model."""
 
 
 @dataclass(kw_only=True)
