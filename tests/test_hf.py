@@ -548,6 +548,9 @@ def test_rope_scaling_keys_round_trip_and_are_compared():
     with pytest.raises(BigptError, match=r"model.rope_beta_fast = 32.0 \(the checkpoint has 8.0\)") as error:
         check_recipe_matches(yarn, saved, "ckpt", key="init.from_checkpoint")
     assert "rope_low_freq_factor" not in str(error.value)  # llama3's: YaRN does not read it
+    linear = vars(ModelConfig(**{**vars(yarn), "rope_scaling": "linear"}))  # the same factor, another scaling
+    with pytest.raises(BigptError, match=r"model.rope_scaling = 'yarn' \(the checkpoint has 'linear'\)"):
+        check_recipe_matches(yarn, linear, "ckpt")
     assert check_recipe_matches(yarn, saved, "ckpt", allowed=["rope_beta_fast"]) == ["model.rope_beta_fast 8.0 -> 32.0"]
 
 

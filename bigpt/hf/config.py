@@ -12,7 +12,13 @@ from typing import NoReturn
 
 from bigpt.errors import BigptError
 from bigpt.recipe import ModelConfig
-from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MOE_FUNCTION_KEYS, ROPE_SCALING_USES, MoEConfig
+from bigpt.recipe.tables import (
+    MODEL_FUNCTION_KEYS,
+    MOE_FUNCTION_KEYS,
+    ROPE_SCALING_KEYS,
+    ROPE_SCALING_USES,
+    MoEConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -275,11 +281,8 @@ def effective(model: dict, key: str):
         values["ffn_hidden_size"] = moe.ffn_hidden_size or model["ffn_hidden_size"]
         return {**values, "layers": moe.layers(model["num_layers"])}
     value = model.get(key, getattr(ModelConfig, key, None))
-    if (
-        key.startswith("rope_")
-        and key != "rope_base"
-        and key not in ROPE_SCALING_USES[model.get("rope_scaling", "none")]
-    ):
+    scaling = model.get("rope_scaling", "none")
+    if key in ("rope_scaling_factor", *ROPE_SCALING_KEYS) and key not in ROPE_SCALING_USES[scaling]:
         return None  # not read by this rope_scaling
     if key == "num_query_groups":
         return value or model["num_attention_heads"]
@@ -302,6 +305,8 @@ def check_recipe_matches(
     """The recipe's [model] must describe the model in ``source`` (named by recipe ``key``) in every
     key that changes what the weights compute, but those in ``allowed``
     (checkpoint.allow_model_changes); returns those allowed changes, worded for the log."""
+    if "rope_scaling" in allowed:  # a new scaling comes with its parameters
+        allowed = [*allowed, "rope_scaling_factor", *ROPE_SCALING_KEYS]
     ours, theirs = _comparable(vars(recipe_model)), _comparable(saved_model)
     changed = [(name, ours[name], theirs.get(name)) for name in ours if ours[name] != theirs.get(name)]
     wrong = [

@@ -498,7 +498,8 @@ class CheckpointConfig:
     allow_model_changes: list[str] = field(default_factory=list)
     """[model] keys (e.g. ["rope_base"], for long-context continuation) that may differ from the
     model of the weights this run loads (checkpoint.load, init.from_checkpoint, init.from_hf); the
-    change is logged. Any other difference in what the weights compute is refused."""
+    change is logged. "rope_scaling" allows its parameters (rope_scaling_factor, rope_beta_fast, ...)
+    too. Any other difference in what the weights compute is refused."""
 
 
 @dataclass(kw_only=True)
