@@ -24,6 +24,30 @@ def _training_tokens(recipe: Recipe) -> str:
     return f"training tokens  {train.train_iters:,} steps × {per_step:,} = {tokens:,} ({short(tokens)})"
 
 
+def _context(recipe: Recipe, layout: Layout) -> str:
+    """A longer context than the model was pretrained at: how far its RoPE scaling reaches, the
+    busiest GPU's memory at this length, and the context-parallel degree that keeps each GPU's
+    share of a sequence at the original length."""
+    model = recipe.model
+    original = (
+        model.rope_original_max_position_embeddings
+        if model.rope_scaling in ("llama3", "yarn")
+        else round(model.seq_length / model.rope_scaling_factor)
+    )
+    reach = model.rope_scaling_factor * original
+    peak = max(stage_memory(recipe, layout), key=lambda stage: stage.total)
+    cp = 1
+    while model.seq_length / cp > original and cp < model.seq_length // 2:
+        cp *= 2
+    beyond = f"; seq_length is beyond the {reach:,.0f} the scaling reaches" if model.seq_length > reach else ""
+    return (
+        f"context          {model.seq_length:,} tokens, rope_scaling {model.rope_scaling!r} × "
+        f"{model.rope_scaling_factor:g} over {original:,}{beyond}; the busiest GPU holds {short(peak.total)}B "
+        f"({short(peak.activations)}B activations) at CP {layout.cp}; CP {cp} keeps each GPU's share of a "
+        f"sequence at {model.seq_length // cp:,} tokens (tools/plan.py ranks the layouts that fit)"
+    )
+
+
 def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, overwrite: bool = False) -> str:
     """Resolved recipe as TOML, then the layout, sizes and batch arithmetic, then what a start
     checks before step 1 (outputs, tokenizer, resume point, initial weights, data). Each of those
@@ -73,6 +97,8 @@ def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, 
         f"FLOPs per step   {flops_per_step(recipe, layout.global_batch_size):.3e} "
         f"(3 × forward, {attention_counted(model)})",
     ]
+    if model.rope_scaling != "none":
+        lines.append(_context(recipe, layout))
     if train.rampup_batch_size:
         start, increment, samples = train.rampup_batch_size
         lines.append(

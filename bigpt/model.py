@@ -16,7 +16,7 @@ from megatron.core.transformer import MegatronModule, TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from bigpt.errors import BigptError
-from bigpt.families import family_of
+from bigpt.families import family_of, rope
 from bigpt.families.decoder import NORMS
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe
@@ -136,7 +136,9 @@ def fusions(recipe: Recipe, *, use_te: bool, gpu: bool) -> dict[str, bool]:
         # relu; a non-gated gelu without a bias has nothing to fuse (TransformerConfig refuses both).
         "bias_activation_fusion": m.activation == "swiglu" or (m.activation == "gelu" and m.add_bias_linear),
         "bias_dropout_fusion": True,
-        "apply_rope_fusion": use_te and m.position_embedding == "rope",
+        # Transformer Engine's fused RoPE cannot apply YaRN's attention factor (megatron-core warns
+        # at every call and runs its own).
+        "apply_rope_fusion": use_te and m.position_embedding == "rope" and m.rope_scaling != "yarn",
         "persist_layer_norm": True,
     }
     return {
@@ -172,7 +174,8 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool, gpu: boo
     elif rc.granularity == "selective":
         extra.update(recompute_modules=list(rc.modules))
     extra.update(family_of(m).config_fields(recipe, layout, use_te))
-    return TransformerConfig(
+    extra.update(rope.config_fields(m))
+    return rope.config_class(m)(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,

@@ -1,7 +1,7 @@
 """Hugging Face models in and out, checked against transformers as the independent reference.
 
 Small random models of every family and several shapes (Llama: GQA ratios 2 and 4 and MHA, tied
-and untied embeddings, Llama-3.1 RoPE scaling, an explicit head_dim, a vocabulary that needs
+and untied embeddings, llama3, YaRN and linear RoPE scaling, an explicit head_dim, a vocabulary that needs
 padding, sharded safetensors; Qwen2 with q/k/v biases; Qwen3 with per-head q/k norms; Mistral
 with a sliding window shorter than the tokens) are built with transformers' own config classes,
 every norm weight and bias randomised, and saved with ``save_pretrained``. bigpt imports them
@@ -117,7 +117,73 @@ SHAPES = {
         tie_word_embeddings=False,
         rope_theta=1e4,
     ),
+    # RoPE scalings of released long-context models, with an original context shorter than the
+    # 16 tokens compared so that each part of each formula changes the logits (test_the_rope_scaling_matters).
+    # Llama 3.1-style with other frequency factors and original length than megatron-core's defaults.
+    "llama3_freq_factors": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        rope_theta=10000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=2.0,
+            high_freq_factor=16.0,
+            original_max_position_embeddings=64,
+        ),
+        max_position_embeddings=512,
+    ),
+    # Qwen2.5/Qwen3 long-context spelling: factor and original length only.
+    "qwen3_yarn": dict(
+        model_type="qwen3",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=512,
+        rope_theta=1e6,
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8),
+        max_position_embeddings=32,
+    ),
+    # DeepSeek-V3's spelling ("type", betas, mscale and mscale_all_dim), on a Llama.
+    "llama_yarn_mscale": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=512,
+        rope_theta=10000.0,
+        rope_scaling=dict(
+            type="yarn",
+            factor=8.0,
+            original_max_position_embeddings=8,
+            beta_fast=16,
+            beta_slow=2,
+            mscale=0.8,
+            mscale_all_dim=0.5,
+        ),
+        max_position_embeddings=64,
+    ),
+    "qwen2_linear": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        rope_theta=10000.0,
+        rope_scaling=dict(rope_type="linear", factor=4.0),
+    ),
 }
+ROPE_SHAPES = ("llama3_freq_factors", "qwen3_yarn", "llama_yarn_mscale", "qwen2_linear")
 FAMILY_SHAPES = ("qwen2", "qwen3", "mistral_window")  # 4 layers each, for PP=2 × VPP=2
 LOGITS_OF_MODELS = Path(__file__).resolve().parent / "logits_of_models.py"
 FAMILY_ARCHITECTURES = {family.model_type: family.architecture for family in FAMILIES.values()}
@@ -262,6 +328,28 @@ def test_the_sliding_window_matters(models):
     assert np.abs(full - reference).max() > 100 * TOLERANCE
 
 
+@pytest.mark.parametrize(
+    "name, instead",
+    [  # megatron-core's fixed llama3 parameters; YaRN without its attention factor; no scaling
+        ("llama3_freq_factors", dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+        ("llama_yarn_mscale", dict(attention_factor=1.0)),
+        ("qwen3_yarn", dict(rope_type="default")),
+        ("qwen2_linear", dict(rope_type="default")),
+    ],
+)
+def test_the_rope_scaling_matters(models, name, instead):
+    """Each scaling's parameters change the logits compared: none of them is compared idly."""
+    directory, tokens, reference, _ = models[name]
+    config = AutoConfig.from_pretrained(directory)
+    config.rope_parameters = {**config.rope_parameters, **instead}
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, config=config, attn_implementation="eager", dtype=torch.float32
+    )
+    with torch.no_grad():
+        other = model(torch.from_numpy(np.load(tokens))).logits.numpy()
+    assert np.abs(other - reference).max() > 100 * TOLERANCE
+
+
 def test_no_pickle_is_loaded(models, tp1):
     directory = models["gqa2_untied"][0]
     assert (directory / "pytorch_model.bin").is_file() and not (directory.parent / "unpickled").exists()
@@ -311,8 +399,9 @@ def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name
 
 def test_tensor_parallel_2_with_another_vocab_padding(models, tmp_path):
     """init.from_hf converted by both ranks; vocab 1100 is padded to 1280 at TP=2 (1152 at TP=1);
-    each family's biases and q/k norms are split (or replicated) over the ranks."""
-    names = ["gqa2_untied", *FAMILY_SHAPES]
+    each family's biases and q/k norms are split (or replicated) over the ranks, and each RoPE
+    scaling holds on every rank."""
+    names = ["gqa2_untied", *FAMILY_SHAPES, *ROPE_SHAPES]
     differences = logits_of_models(
         {name: models[name][3] for name in names}, models, tmp_path, "parallel.tensor=2", nproc=2
     )
@@ -430,15 +519,39 @@ def test_biases_and_other_rope_scaling_are_refused(small):
         small,
         attention_bias=False,
         rope_parameters=None,  # the spelling of released checkpoints
-        rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 4096},
+        rope_scaling={"type": "dynamic", "factor": 2.0},
     )
-    assert "rope_scaling.original_max_position_embeddings = 4096" in refused(small)
-    edit_config(small, rope_parameters={**LLAMA3_SCALING, "low_freq_factor": 2.0, "rope_theta": 1e4})  # transformers 5
-    assert "rope_parameters.low_freq_factor = 2.0" in refused(small)
-    edit_config(small, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
-    assert "rope_parameters.rope_type = 'yarn'" in refused(small)
+    assert "rope_scaling.rope_type = 'dynamic' is not supported (dynamic NTK scaling" in refused(small)
+    edit_config(small, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})  # transformers 5
+    assert "rope_parameters.rope_type = 'longrope' is not supported (LongRoPE" in refused(small)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+    edit_config(small, rope_parameters={**yarn, "attention_factor": 1.0})
+    assert "rope_parameters.attention_factor = 1.0 differs from 1.138" in refused(small)
+    edit_config(small, rope_parameters={**yarn, "truncate": False})
+    assert "rope_parameters.truncate = False" in refused(small)
+    edit_config(small, rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4})
+    assert "lacks ['low_freq_factor', 'high_freq_factor']" in refused(small)
     edit_config(small, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
     assert "partial_rotary_factor = 0.5" in refused(small)
+
+
+def test_rope_scaling_keys_round_trip_and_are_compared():
+    """Each scaling's keys come back from an export as they went in; a checkpoint recorded with
+    other values of a key its scaling reads is refused, one of a key it does not read is not."""
+    for shape in ROPE_SHAPES:
+        config = dict(SHAPES[shape], architectures=None)
+        model = model_from_hf(dict(config, model_type=config.get("model_type", "llama")), "config.json")
+        recipe = ModelConfig(**model, seq_length=64)
+        assert model_from_hf(hf_from_model(recipe, "float32", None), "exported") == model, shape
+    yarn = ModelConfig(**model_from_hf(dict(SHAPES["qwen3_yarn"]), "config.json"), seq_length=64)
+    saved = vars(ModelConfig(**{**vars(yarn), "rope_beta_fast": 8.0, "rope_low_freq_factor": 3.0}))
+    with pytest.raises(BigptError, match=r"model.rope_beta_fast = 32.0 \(the checkpoint has 8.0\)") as error:
+        check_recipe_matches(yarn, saved, "ckpt", key="init.from_checkpoint")
+    assert "rope_low_freq_factor" not in str(error.value)  # llama3's: YaRN does not read it
+    linear = vars(ModelConfig(**{**vars(yarn), "rope_scaling": "linear"}))  # the same factor, another scaling
+    with pytest.raises(BigptError, match=r"model.rope_scaling = 'yarn' \(the checkpoint has 'linear'\)"):
+        check_recipe_matches(yarn, linear, "ckpt")
+    assert check_recipe_matches(yarn, saved, "ckpt", allowed=["rope_beta_fast"]) == ["model.rope_beta_fast 8.0 -> 32.0"]
 
 
 @pytest.mark.parametrize(
@@ -688,3 +801,60 @@ def test_init_from_something_that_is_not_a_checkpoint_is_refused(small, tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(BigptError, match="init.from_checkpoint = .* is not a complete bigpt checkpoint"):
         initial_weights(recipe)
+
+
+def test_a_continual_run_grows_the_vocabulary(tmp_path):
+    """init.extend_vocab: a tiny Llama with a SentencePiece tokenizer, extended by
+    tools/extend_vocab.py from domain text. --dry-run reports the growth and the tokens saved; the
+    run's model has the new rows (the padded vocabulary recomputed) and, on text without new
+    tokens, transformers' logits of the original model; its export is a model transformers loads
+    whose old rows are the original ones bit for bit, whose new rows are the mean of their
+    pieces' rows, with the extended tokenizer."""
+    import bigpt.logits
+    from bigpt.data.vocab_extension import read_extension
+    from bigpt.dryrun import describe
+    from bigpt.hf.convert import export_hf
+    from bigpt.layout import Layout
+    from bigpt.runtime import megatron_fixes
+    from bigpt.runtime.distributed import model_parallel_of_one, process_group_of_one
+    from test_vocab_extension import extend, make_corpus
+
+    corpus = make_corpus(tmp_path)
+    directory = save_model(tmp_path / "llama", 0, dict(SMALL, vocab_size=300))
+    shutil.copyfile(corpus["sp"], directory / "tokenizer.model")
+    extended = tmp_path / "ext" / "tokenizer.model"
+    extend("--tokenizer", directory / "tokenizer.model", "--learn", 6, "--text", corpus["domain"], "--output", extended)
+    extension = read_extension(f"{extended}.extension.json")
+    grown = extension.vocab_size
+    recipe_file = recipe_for(directory, tmp_path / "grow.toml", "grow")
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        f"model.vocab_size={grown}",
+        "model.make_vocab_size_divisible_by=8",  # 300 rows pad to 304, the grown ones to 312
+        f'init.extend_vocab="{extended}.extension.json"',
+    ]
+    recipe = load_recipe(recipe_file, overrides)
+    layout = Layout.from_recipe(recipe, 1)
+    said = describe(recipe, layout)
+    assert f"vocabulary grown 300 -> {grown} rows ({len(extension.tokens)} new tokens" in said and "% fewer" in said
+    with pytest.raises(BigptError, match=f"set model.vocab_size = {grown}"):
+        describe(load_recipe(recipe_file, [*overrides, "model.vocab_size=300"]), layout)
+
+    tokens = np.random.default_rng(0).integers(0, 300, size=(2, 16))  # old tokens only
+    reference = reference_logits(directory, tokens)
+    megatron_fixes.apply()
+    with model_parallel_of_one():
+        logits = bigpt.logits.compute_logits(recipe, layout, torch.from_numpy(tokens)).numpy()
+    assert logits.shape == (2, 16, grown)
+    assert np.abs(logits[..., :300] - reference).max() <= TOLERANCE
+
+    out = tmp_path / "exported"
+    with process_group_of_one():
+        export_hf(tmp_path / "run" / "init_from_hf", out)
+    original, exported = hf_tensors(directory), hf_tensors(out)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert exported[name].shape[0] == grown and torch.equal(exported[name][:300], original[name])
+        for token in extension.tokens:
+            torch.testing.assert_close(exported[name][token.id], original[name][token.pieces].mean(dim=0))
+    assert (out / "tokenizer.model").read_bytes() == extended.read_bytes()
+    np.testing.assert_allclose(reference_logits(out, tokens)[..., :300], reference, atol=1e-5, rtol=0)

@@ -238,6 +238,32 @@ def test_a_change_the_recipe_asks_for_is_allowed_and_reported(tmp_path):
     assert "changed by checkpoint.allow_model_changes: model.rope_base 10000.0 -> 500000.0" in report
 
 
+LONGER = (
+    "model.seq_length=256",
+    'model.rope_scaling="yarn"',
+    "model.rope_scaling_factor=4.0",
+    "model.rope_original_max_position_embeddings=64",
+)
+
+
+def test_a_longer_context_is_a_new_phase_from_the_weights_shown_on_paper(tmp_path):
+    """4× the context with YaRN: from the weights (init.from_checkpoint) with the scaling allowed,
+    reported with the memory and context-parallel degree the length needs; never as a resume,
+    whose data position and schedule count sequences of the saved length."""
+    saved = saved_run(tmp_path / "saved", 3) / "iter_0000003"
+    scaling = 'checkpoint.allow_model_changes=["rope_scaling"]'  # its parameters come with it
+    report = dry_run(f"run_dir={tmp_path / 'run'}", f"init.from_checkpoint={saved}", *LONGER, scaling, ok=True)
+    assert "changed by checkpoint.allow_model_changes: model.rope_scaling 'none' -> 'yarn'" in report
+    assert "model.rope_scaling_factor None -> 4.0" in report  # unused before: recorded as such
+    assert re.search(
+        r"context          256 tokens, rope_scaling 'yarn' × 4 over 64; the busiest GPU holds .* at CP 1; CP 4 keeps",
+        report,
+    )
+    message = dry_run(f"run_dir={tmp_path / 'run'}", f"checkpoint.load={saved}", *LONGER, scaling)
+    assert f"checkpoint.load resumes {saved}, saved at model.seq_length = 64, but the recipe asks for 256" in message
+    assert f'init.from_checkpoint = "{saved}"' in message
+
+
 @pytest.mark.parametrize("key, why", [("hidden_size", "changes the shapes"), ("init_std", "is not a [model] key")])
 def test_allow_model_changes_names_only_keys_that_can_change(key, why):
     with pytest.raises(BigptError, match=re.escape(f"checkpoint.allow_model_changes names '{key}', which {why}")):

@@ -175,6 +175,7 @@ def test_override_wrong_type_names_the_override():
         (['data.split="100,0,0"'], "leaves no validation data"),
         (['data.split="a,b"'], "is not three comma-separated"),
         (["init.from_hf=a", "init.from_checkpoint=b"], "init.from_hf and init.from_checkpoint are both set"),
+        (["init.extend_vocab=ext.json"], "ext.json is set without init.from_hf"),
         (
             ['optimizer.name="muon"', 'precision.dtype="fp16"'],
             "optimizer.name='muon' cannot train in precision.dtype='fp16'",
@@ -183,6 +184,10 @@ def test_override_wrong_type_names_the_override():
         (
             ['model.position_embedding="learned"', "model.max_position_embeddings=64"],
             "model.max_position_embeddings=64 is shorter than model.seq_length=128",
+        ),
+        (
+            ['model.rope_scaling="llama3"', "model.rope_high_freq_factor=1.0"],
+            "model.rope_high_freq_factor=1.0 is not above model.rope_low_freq_factor=1.0",
         ),
         (["model.kv_channels=15"], "model.kv_channels=15 is odd, but rotary embeddings"),
         (

@@ -48,6 +48,23 @@ def test_tensorboard_has_every_logged_scalar_and_dropout_resumes_exactly(tmp_pat
         MOCK_RECIPE, f"run_dir={resumed}", f"checkpoint.load={checkpoint}", "eval.interval=1", "eval.iters=1", *DROPOUT
     )
     assert scalars(resumed, "train/loss") == scalars(tmp_path, "train/loss")[3:]
+    # A 4× longer context as a new phase from these weights, YaRN over the 64 tokens they were
+    # trained at (docs/huggingface.md): it loads and trains.
+    longer = run_bigpt(
+        MOCK_RECIPE,
+        f"run_dir={tmp_path / 'longer'}",
+        f"init.from_checkpoint={tmp_path / 'checkpoints'}",
+        "model.seq_length=256",
+        'model.rope_scaling="yarn"',
+        "model.rope_scaling_factor=4.0",
+        "model.rope_original_max_position_embeddings=64",
+        'checkpoint.allow_model_changes=["rope_scaling"]',
+        "train.train_iters=2",
+        "schedule.warmup_iters=1",
+    )
+    assert "changed by checkpoint.allow_model_changes: model.rope_scaling 'none' -> 'yarn'" in longer.stdout
+    assert "step 2/2 | tokens 4,096 |" in longer.stdout
+    assert all(math.isfinite(loss) for loss in scalars(tmp_path / "longer", "train/loss"))
 
 
 def test_checkpoint_of_another_shape_and_a_fresh_start_over_a_run_are_refused(tmp_path):

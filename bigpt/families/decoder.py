@@ -10,14 +10,13 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from bigpt.data.batches import on_model_device
 from bigpt.data.datasets import build_datasets
+from bigpt.families import rope
 from bigpt.families.spec import ModelFamily
 from bigpt.hf.config import FAMILIES as HF_FAMILIES
 from bigpt.recipe import padded_vocab_size
 
 NORMS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
 """model.normalization → megatron-core's name."""
-POSITIONS = {"rope": "rope", "learned": "learned_absolute"}
-"""model.position_embedding → megatron-core's name."""
 
 
 def no_config_fields(recipe, layout, use_te) -> dict:
@@ -36,7 +35,7 @@ def layer_spec(recipe, config, use_te, vp_stage):
 
 def build_chunk(recipe, layout, config, spec, vp_stage):
     m = recipe.model
-    return GPTModel(
+    chunk = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(m, layout.tp),
@@ -44,12 +43,11 @@ def build_chunk(recipe, layout, config, spec, vp_stage):
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=m.tie_embeddings,
-        position_embedding_type=POSITIONS[m.position_embedding],
-        rotary_base=m.rope_base,
-        rope_scaling=m.rope_scaling == "llama3",
-        rope_scaling_factor=m.rope_scaling_factor,
+        **rope.gpt_model_arguments(m),
         vp_stage=vp_stage,
     )
+    rope.scale_frequencies(chunk, m)
+    return chunk
 
 
 def forward_step(data_iterator, model):

@@ -7,6 +7,7 @@ experts: ``bigpt.hf.moe``). Anything else is refused by name rather than convert
 that computes something different.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -14,7 +15,14 @@ from typing import NoReturn
 from bigpt.errors import BigptError
 from bigpt.hf import moe as hf_moe
 from bigpt.recipe import ModelConfig
-from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MOE_FUNCTION_KEYS, EncoderConfig, MoEConfig
+from bigpt.recipe.tables import (
+    MODEL_FUNCTION_KEYS,
+    MOE_FUNCTION_KEYS,
+    ROPE_SCALING_KEYS,
+    ROPE_SCALING_USES,
+    EncoderConfig,
+    MoEConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -95,9 +103,25 @@ FAMILIES = {
 }
 """By ``model_type``; on export without a source config, the first family that fits is written."""
 
-# megatron-core's RotaryEmbedding (0.16 and still 0.19) passes only the factor to _apply_scaling;
-# these three are its defaults (Llama 3.1/3.2's values), so HF configs with others cannot be matched.
-LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+HF_ROPE_KEYS = {
+    "rope_scaling_factor": "factor",
+    "rope_original_max_position_embeddings": "original_max_position_embeddings",
+    "rope_low_freq_factor": "low_freq_factor",
+    "rope_high_freq_factor": "high_freq_factor",
+    "rope_beta_fast": "beta_fast",
+    "rope_beta_slow": "beta_slow",
+    "rope_mscale": "mscale",
+    "rope_mscale_all_dim": "mscale_all_dim",
+}
+"""[model] RoPE key → its name in config.json's rope_scaling (rope_parameters)."""
+
+REFUSED_ROPE = {
+    "dynamic": "dynamic NTK scaling changes the frequencies with the length of each input at inference, "
+    "which a trained model's fixed frequencies cannot follow",
+    "longrope": "LongRoPE (Phi-3) has a factor per frequency and switches between two sets by input length; "
+    "megatron-core's rotary embeddings have neither",
+}
+"""RoPE scalings of transformers that bigpt refuses, and why."""
 
 _REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
@@ -126,28 +150,78 @@ def _rope(config: dict, source) -> tuple[dict, str]:
     return rope, spelling
 
 
+def yarn_attention_factor(factor: float, mscale: float, mscale_all_dim: float) -> float:
+    """The factor YaRN multiplies the rotated queries and keys by, as megatron-core computes it."""
+
+    def get_mscale(scale: float, m: float) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    return get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+
+
 def _rope_keys(config: dict, source) -> dict:
-    """The [model] RoPE keys of a config.json (the scaling ones only when it scales)."""
+    """The [model] RoPE keys of a config.json (the scaling ones only when it scales), read as
+    transformers reads them (its defaults included)."""
     rope, spelling = _rope(config, source)
     rope_type = rope.get("rope_type", "default")
-    keys = {"position_embedding": "rope", "rope_base": float(rope["rope_theta"])}
-    if rope_type == "llama3":
-        for key, value in LLAMA3_ROPE_FIXED.items():
-            if rope.get(key) != value:
-                _refuse(
-                    source,
-                    f"{spelling}.{key} = {rope.get(key)} differs from {value}, the value megatron-core "
-                    "(0.16 to 0.19) hard-codes for llama3 scaling",
-                    "only Llama-3.1-style scaling with these parameters (any factor) can be computed exactly",
-                )
-        keys.update(rope_scaling="llama3", rope_scaling_factor=float(rope["factor"]))
-    elif rope_type != "default":
+    keys: dict[str, object] = {"position_embedding": "rope", "rope_base": float(rope["rope_theta"])}
+    if rope_type == "default":
+        return keys
+    if rope_type not in ROPE_SCALING_USES or rope_type == "none":
         _refuse(
             source,
-            f"{spelling}.rope_type = {rope_type!r} is not supported",
-            "bigpt supports plain RoPE and rope_type 'llama3'",
+            f"{spelling}.rope_type = {rope_type!r} is not supported"
+            + (f" ({REFUSED_ROPE[rope_type]})" if rope_type in REFUSED_ROPE else ""),
+            "bigpt computes plain RoPE and rope_type 'llama3', 'yarn' and 'linear'",
         )
+    if rope_type in ("llama3", "yarn"):  # transformers' defaults (standardize_rope_params)
+        if "original_max_position_embeddings" in config:
+            rope["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+        rope.setdefault("original_max_position_embeddings", config.get("max_position_embeddings", 2048))
+    if rope_type == "yarn":
+        if rope.get("factor") is None:
+            rope["factor"] = config["max_position_embeddings"] / rope["original_max_position_embeddings"]
+        rope["beta_fast"] = rope.get("beta_fast") or 32.0
+        rope["beta_slow"] = rope.get("beta_slow") or 1.0
+        if not (rope.get("mscale") and rope.get("mscale_all_dim")):  # transformers then takes 0.1 ln factor + 1
+            rope.update(mscale=1.0, mscale_all_dim=0.0)
+        if rope.get("truncate", True) is not True:
+            _refuse(
+                source,
+                f"{spelling}.truncate = {rope['truncate']} (YaRN's ramp between unrounded dimensions) is not supported",
+                "bigpt's YaRN (megatron-core's) rounds the ramp's ends, as transformers does by default",
+            )
+        attention = yarn_attention_factor(rope["factor"], rope["mscale"], rope["mscale_all_dim"])
+        if rope.get("attention_factor") is not None and not math.isclose(rope["attention_factor"], attention):
+            _refuse(
+                source,
+                f"{spelling}.attention_factor = {rope['attention_factor']} differs from {attention}, the value "
+                "YaRN's formula gives for its factor, mscale and mscale_all_dim",
+                "bigpt (megatron-core) computes YaRN's attention factor from these; remove attention_factor or "
+                "make it agree",
+            )
+    wanted = [HF_ROPE_KEYS[key] for key in ROPE_SCALING_USES[rope_type]]
+    missing = [name for name in wanted if rope.get(name) is None]
+    if missing:
+        _refuse(source, f"{spelling} of rope_type {rope_type!r} lacks {missing}", "transformers needs them too")
+    keys["rope_scaling"] = rope_type
+    for key in ROPE_SCALING_USES[rope_type]:
+        keys[key] = (int if key == "rope_original_max_position_embeddings" else float)(rope[HF_ROPE_KEYS[key]])
     return keys
+
+
+def _hf_rope_scaling(model: ModelConfig) -> dict | None:
+    """config.json's rope_scaling for model.rope_scaling (None: none)."""
+    if model.rope_scaling == "none":
+        return None
+    scaling: dict[str, object] = {"rope_type": model.rope_scaling}
+    scaling.update({HF_ROPE_KEYS[key]: getattr(model, key) for key in ROPE_SCALING_USES[model.rope_scaling]})
+    if model.rope_scaling == "yarn" and not (model.rope_mscale and model.rope_mscale_all_dim):
+        # transformers then ignores both (0.1 ln factor + 1): state the factor megatron-core computes if it differs
+        ours = yarn_attention_factor(model.rope_scaling_factor, model.rope_mscale, model.rope_mscale_all_dim)
+        if ours != yarn_attention_factor(model.rope_scaling_factor, 1.0, 0.0):
+            scaling["attention_factor"] = ours
+    return scaling
 
 
 def _family(config: dict, source) -> Family:
@@ -256,8 +330,9 @@ def effective(model: dict, key: str):
         given = model.get("encoder") or {}
         return vars(EncoderConfig(**given) if isinstance(given, dict) else given)
     value = model.get(key, getattr(ModelConfig, key, None))
-    if key == "rope_scaling_factor" and model.get("rope_scaling", "none") == "none":
-        return None  # unused
+    scaling = model.get("rope_scaling", "none")
+    if key in ("rope_scaling_factor", *ROPE_SCALING_KEYS) and key not in ROPE_SCALING_USES[scaling]:
+        return None  # not read by this rope_scaling
     if key == "num_query_groups":
         return value or model["num_attention_heads"]
     if key == "kv_channels":
@@ -279,6 +354,8 @@ def check_recipe_matches(
     """The recipe's [model] must describe the model in ``source`` (named by recipe ``key``) in every
     key that changes what the weights compute, but those in ``allowed``
     (checkpoint.allow_model_changes); returns those allowed changes, worded for the log."""
+    if "rope_scaling" in allowed:  # a new scaling comes with its parameters
+        allowed = [*allowed, "rope_scaling_factor", *ROPE_SCALING_KEYS]
     ours, theirs = _comparable(vars(recipe_model)), _comparable(saved_model)
     changed = [(name, ours[name], theirs.get(name)) for name in ours if ours[name] != theirs.get(name)]
     wrong = [
@@ -372,9 +449,7 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
         hidden_act="silu",
         rms_norm_eps=model.norm_epsilon,
         rope_theta=model.rope_base,
-        rope_scaling=None
-        if model.rope_scaling == "none"
-        else {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_ROPE_FIXED},
+        rope_scaling=_hf_rope_scaling(model),
         tie_word_embeddings=model.tie_embeddings,
         max_position_embeddings=model.max_position_embeddings or model.seq_length,
         dtype=dtype,

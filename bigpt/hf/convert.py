@@ -33,9 +33,19 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 import bigpt
 from bigpt.checkpoint import store
+from bigpt.data.vocab_extension import VocabExtension, extension_tokenizer, read_extension
 from bigpt.errors import BigptError
 from bigpt.hf.config import hf_from_model
-from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
+from bigpt.hf.files import (
+    CONFIG,
+    TOKENIZER_FILES,
+    SafetensorsWeights,
+    copy_side_files,
+    inspect_hf,
+    plan_shards,
+    read_config,
+    write_shards,
+)
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
 from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
@@ -152,15 +162,52 @@ def _check_replaceable(out: Path, ours: bool, what: str, overwrite: bool) -> Non
         )
 
 
-def import_hf(directory: Path, out: Path, overwrite: bool = False) -> dict:
+VOCABULARY_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def grow_vocabulary(table: torch.Tensor, extension: VocabExtension, vocab_size: int) -> torch.Tensor:
+    """An embedding or output table ([vocab, hidden]) with ``vocab_size`` rows: the old rows as
+    they were, each new token's row the mean of the rows of the pieces the old tokenizer split it
+    into (computed in fp32)."""
+    grown = torch.zeros((vocab_size, table.shape[1]), dtype=table.dtype)
+    grown[: table.shape[0]] = table
+    for token in extension.tokens:
+        grown[token.id] = table[token.pieces].float().mean(dim=0).to(table.dtype)
+    return grown
+
+
+class _GrownVocabulary:
+    """Safetensors weights whose embedding and output layer have the rows of an extended vocabulary."""
+
+    def __init__(self, weights, extension: VocabExtension, vocab_size: int):
+        self.weights, self.extension, self.vocab_size = weights, extension, vocab_size
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.weights.get(name)
+        return grow_vocabulary(tensor, self.extension, self.vocab_size) if name in VOCABULARY_TENSORS else tensor
+
+    def meta(self, name: str) -> torch.Tensor:
+        tensor = self.weights.meta(name)
+        if name in VOCABULARY_TENSORS:
+            return torch.empty((self.vocab_size, *tensor.shape[1:]), dtype=tensor.dtype, device="meta")
+        return tensor
+
+
+def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab: str | Path | None = None) -> dict:
     """Write the Hugging Face model in ``directory`` as a bigpt checkpoint at ``out``, with every
     rank of the process group converting a share of the tensors, one at a time; returns its
     [model] table. ``out`` appears only when complete; ``overwrite`` (--overwrite) replaces one
-    that bigpt did not write."""
+    that bigpt did not write. ``extend_vocab`` (init.extend_vocab): the vocabulary extension whose
+    rows the embedding and output layer grow, and whose tokenizer the checkpoint carries."""
     directory, out = Path(directory).resolve(), Path(out)
     imported = store.is_complete(out) and "imported_from" in store.read_marker(out)
     _check_replaceable(out, imported, "a checkpoint an earlier import wrote", overwrite)
-    model, weights = inspect_hf(directory)
+    model, safetensors = inspect_hf(directory)
+    weights: SafetensorsWeights | _GrownVocabulary = safetensors
+    if extend_vocab:
+        extension = read_extension(extend_vocab)
+        model["vocab_size"] = extension.model_vocab_size(model["vocab_size"])
+        weights = _GrownVocabulary(safetensors, extension, model["vocab_size"])
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = partial_dir(out)
     if rank == 0:
@@ -173,10 +220,18 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False) -> dict:
     if rank == 0:
         (tmp / HF_FILES).mkdir()
         copy_side_files(directory, tmp / HF_FILES)
+        if extend_vocab:  # the extended tokenizer replaces the source's (its other files stay)
+            tokenizer = extension_tokenizer(extend_vocab)
+            for name in ("tokenizer.json", "tokenizer.model"):
+                (tmp / HF_FILES / name).unlink(missing_ok=True)
+            shutil.copyfile(
+                tokenizer, tmp / HF_FILES / ("tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model")
+            )
         (tmp / MODEL_TOML).write_text(model_toml(model, directory))
         marker = {
             "iteration": 0,
             "imported_from": str(directory),
+            **({"vocab_extension": str(Path(extend_vocab).resolve())} if extend_vocab else {}),
             "vocab_size": model["vocab_size"],
             "bigpt_version": bigpt.__version__,
             "files": store.manifest(tmp),

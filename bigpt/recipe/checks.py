@@ -86,6 +86,13 @@ def _check_model(recipe: Recipe) -> None:
             f"model.rope_scaling={model.rope_scaling!r} needs model.position_embedding='rope'",
             "set rope_scaling = 'none'",
         )
+    if model.rope_scaling == "llama3" and model.rope_high_freq_factor <= model.rope_low_freq_factor:
+        recipe_error(
+            recipe,
+            f"model.rope_high_freq_factor={model.rope_high_freq_factor} is not above "
+            f"model.rope_low_freq_factor={model.rope_low_freq_factor}, but llama3 scaling ramps between them",
+            "set rope_high_freq_factor above rope_low_freq_factor (Llama 3.1-3.3: 4.0 and 1.0)",
+        )
 
 
 def _check_moe(recipe: Recipe) -> None:
@@ -552,6 +559,13 @@ def _check_init(recipe: Recipe) -> None:
     if recipe.init.from_hf and recipe.init.from_checkpoint:
         recipe_error(
             recipe, "init.from_hf and init.from_checkpoint are both set", "start from one of them and remove the other"
+        )
+    if recipe.init.extend_vocab and not recipe.init.from_hf:
+        recipe_error(
+            recipe,
+            f"init.extend_vocab = {recipe.init.extend_vocab} is set without init.from_hf",
+            "a vocabulary grows while a Hugging Face model is imported: start from init.from_hf (export a bigpt "
+            "checkpoint with tools/convert_hf.py export first), or remove init.extend_vocab",
         )
     if recipe.init.upcycle:
         _check_upcycle(recipe)

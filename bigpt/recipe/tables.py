@@ -133,10 +133,35 @@ class ModelConfig:
     """Rotary embeddings on q/k, or a learned absolute position table."""
     rope_base: float = positive(10000.0)
     """RoPE base frequency (Llama 3 uses 500000)."""
-    rope_scaling: Literal["none", "llama3"] = "none"
-    """Frequency scaling of RoPE; llama3 is the Llama-3.1 long-context scheme."""
+    rope_scaling: Literal["none", "llama3", "yarn", "linear"] = "none"
+    """Frequency scaling of RoPE for a context longer than the one the model was pretrained at:
+    llama3 (Llama 3.1-3.3: low frequencies divided by the factor, high ones kept, a smooth ramp
+    between), yarn (YaRN, as Qwen2.5/Qwen3 long-context and DeepSeek-V3 configs: a ramp between
+    extrapolated and interpolated frequencies, and the attention scaled), linear (every position
+    divided by the factor). Hugging Face's rope_scaling.rope_type of the same name."""
     rope_scaling_factor: float = positive(8.0)
-    """Scale factor for rope_scaling = "llama3"."""
+    """How many times longer the context is than rope_original_max_position_embeddings
+    (rope_scaling.factor)."""
+    rope_original_max_position_embeddings: int = positive(8192)
+    """For llama3 and yarn: the context length the model was pretrained at, before scaling
+    (rope_scaling.original_max_position_embeddings)."""
+    rope_low_freq_factor: float = positive(1.0)
+    """For llama3: wavelengths longer than rope_original_max_position_embeddings / this are
+    divided by the factor (rope_scaling.low_freq_factor)."""
+    rope_high_freq_factor: float = positive(4.0)
+    """For llama3: wavelengths shorter than rope_original_max_position_embeddings / this are kept;
+    must exceed rope_low_freq_factor (rope_scaling.high_freq_factor)."""
+    rope_beta_fast: float = positive(32.0)
+    """For yarn: dimensions turning more than this many times over the original context are kept
+    (extrapolated) (rope_scaling.beta_fast)."""
+    rope_beta_slow: float = positive(1.0)
+    """For yarn: dimensions turning fewer than this many times are interpolated (rope_scaling.beta_slow)."""
+    rope_mscale: float = non_negative(1.0)
+    """For yarn: the attention factor is (0.1 × rope_mscale × ln factor + 1) / (0.1 × rope_mscale_all_dim ×
+    ln factor + 1), multiplying the rotated queries and keys (rope_scaling.mscale, DeepSeek's spelling)."""
+    rope_mscale_all_dim: float = non_negative(0.0)
+    """For yarn: see rope_mscale (rope_scaling.mscale_all_dim); the defaults give YaRN's
+    0.1 × ln factor + 1."""
     tie_embeddings: bool = False
     """Share the input embedding with the output layer."""
     attention_dropout: float = fraction(0.0)
@@ -201,11 +226,43 @@ MOE_FUNCTION_KEYS = (
 """The [model.moe] keys that decide what given weights compute, with which layers are MoE (the
 load-balancing losses, capacity and dispatcher are the run's own choice)."""
 
+ROPE_SCALING_KEYS = (
+    "rope_original_max_position_embeddings",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_beta_fast",
+    "rope_beta_slow",
+    "rope_mscale",
+    "rope_mscale_all_dim",
+)
+"""The parameters of a rope_scaling beyond its factor."""
+
+ROPE_SCALING_USES = {
+    "none": (),
+    "linear": ("rope_scaling_factor",),
+    "llama3": (
+        "rope_scaling_factor",
+        "rope_original_max_position_embeddings",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+    ),
+    "yarn": (
+        "rope_scaling_factor",
+        "rope_original_max_position_embeddings",
+        "rope_beta_fast",
+        "rope_beta_slow",
+        "rope_mscale",
+        "rope_mscale_all_dim",
+    ),
+}
+"""The [model] keys each rope_scaling reads; the others change nothing it computes."""
+
 MODEL_FUNCTION_KEYS = MODEL_SHAPE_KEYS + (
     "norm_epsilon",
     "rope_base",
     "rope_scaling",
     "rope_scaling_factor",
+    *ROPE_SCALING_KEYS,
     "attention_window",
 )
 """The [model] keys that decide what given weights compute: weights loaded into a model that differs
@@ -491,7 +548,8 @@ class CheckpointConfig:
     allow_model_changes: list[str] = field(default_factory=list)
     """[model] keys (e.g. ["rope_base"], for long-context continuation) that may differ from the
     model of the weights this run loads (checkpoint.load, init.from_checkpoint, init.from_hf); the
-    change is logged. Any other difference in what the weights compute is refused."""
+    change is logged. "rope_scaling" allows its parameters (rope_scaling_factor, rope_beta_fast, ...)
+    too. Any other difference in what the weights compute is refused."""
 
 
 @dataclass(kw_only=True)
@@ -528,6 +586,11 @@ class InitConfig:
     copies of its dense MLP (split in model.ffn_hidden_size / model.moe.ffn_hidden_size slices
     when the experts are narrower), the routers freshly initialised, everything else copied. The
     dense model is the recipe's [model] with family = "decoder" and no [model.moe]."""
+    extend_vocab: str | None = recipe_path()
+    """A vocabulary extension (the OUTPUT.extension.json tools/extend_vocab.py wrote) for init.from_hf:
+    the embedding and output layer grow to model.vocab_size, the old rows kept as they are, each
+    new token's row the mean of the rows of the pieces the old tokenizer split it into; the
+    extended tokenizer is exported with the model."""
 
 
 @dataclass(kw_only=True)

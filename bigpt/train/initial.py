@@ -14,6 +14,8 @@ from pathlib import Path
 from megatron.core.transformer.moe.upcycling_utils import upcycle_state_dict
 
 from bigpt.checkpoint import load_weights, store
+from bigpt.data.vocab_extension import read_extension
+from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches, model_from_hf
 from bigpt.hf.convert import import_hf
 from bigpt.hf.files import CONFIG, inspect_hf, read_config
@@ -34,16 +36,33 @@ def initial_weights(recipe: Recipe) -> tuple[Path | None, list[str]]:
     if not recipe.init.from_hf:
         return None, []
     source = Path(recipe.init.from_hf).resolve()
-    changes = check_recipe_matches(
-        weights_model(recipe),
-        model_from_hf(read_config(source), source / CONFIG),
-        source,
-        allowed=recipe.checkpoint.allow_model_changes,
-    )
+    changes = _check_hf_model(recipe, model_from_hf(read_config(source), source / CONFIG), source)
     imported = Path(recipe.run_dir) / IMPORT_DIR
-    if not (store.is_complete(imported) and store.read_marker(imported).get("imported_from") == str(source)):
-        import_hf(source, imported)
+    extension = str(Path(recipe.init.extend_vocab).resolve()) if recipe.init.extend_vocab else None
+    marker = store.read_marker(imported) if store.is_complete(imported) else {}
+    if marker.get("imported_from") != str(source) or marker.get("vocab_extension") != extension:
+        import_hf(source, imported, extend_vocab=recipe.init.extend_vocab)
     return imported, changes
+
+
+def _check_hf_model(recipe: Recipe, hf_model: dict, source: Path) -> list[str]:
+    """check_recipe_matches for init.from_hf, the vocabulary grown first by init.extend_vocab."""
+    if recipe.init.extend_vocab:
+        extension = read_extension(recipe.init.extend_vocab)
+        if extension.base_vocab_size > hf_model["vocab_size"]:
+            raise BigptError(
+                f"init.extend_vocab = {recipe.init.extend_vocab} extends a tokenizer of {extension.base_vocab_size} "
+                f"tokens, more than the {hf_model['vocab_size']} rows of {source}: extend that model's tokenizer"
+            )
+        grown = extension.model_vocab_size(hf_model["vocab_size"])
+        if recipe.model.vocab_size != grown:
+            raise BigptError(
+                f"init.extend_vocab = {recipe.init.extend_vocab} extends the tokenizer to {extension.vocab_size} "
+                f"tokens and {source} has {hf_model['vocab_size']} rows, but model.vocab_size = "
+                f"{recipe.model.vocab_size}: set model.vocab_size = {grown} (the rows of the grown model)"
+            )
+        hf_model = dict(hf_model, vocab_size=grown)
+    return check_recipe_matches(weights_model(recipe), hf_model, source, allowed=recipe.checkpoint.allow_model_changes)
 
 
 def check_initial_weights(recipe: Recipe) -> str | None:
@@ -56,11 +75,17 @@ def check_initial_weights(recipe: Recipe) -> str | None:
     if recipe.init.from_hf:
         source = Path(recipe.init.from_hf).resolve()
         hf_model, _ = inspect_hf(source)
-        changes = check_recipe_matches(
-            weights_model(recipe), hf_model, source, allowed=recipe.checkpoint.allow_model_changes
-        )
+        changes = _check_hf_model(recipe, hf_model, source)
+        grown = ""
+        if recipe.init.extend_vocab:
+            extension = read_extension(recipe.init.extend_vocab)
+            grown = (
+                f"; vocabulary grown {hf_model['vocab_size']} -> {recipe.model.vocab_size} rows "
+                f"({len(extension.tokens)} new tokens, init.extend_vocab; {extension.saving()})"
+            )
         return (
             f"weights of {source} (Hugging Face; imported into {Path(recipe.run_dir) / IMPORT_DIR} at the start)"
+            + grown
             + _changed(changes)
         )
     return None
