@@ -112,7 +112,9 @@ def check_replaceable(path, key: str, overwrite: bool = False, ours: Callable[[P
     )
 
 
-def write_atomically(path, content: str | Callable[[IO], None], key: str | None = None, binary: bool = False) -> None:
+def write_atomically(
+    path, content: str | bytes | Callable[[IO], None], key: str | None = None, binary: bool = False
+) -> None:
     """``path`` holds the old content or all of the new (``content``, or what ``content(file)``
     writes; a ``binary`` file for that), even after a crash or a full disk (``replacing_atomically``)."""
     with (
@@ -188,11 +190,14 @@ def almost_full(path) -> bool:
 def reporting_a_full_disk(path, key: str):
     """Writes to ``path`` (named by ``key``) whose partial output the caller removes: a full
     filesystem or quota is one paragraph naming the path, whatever the writer raised (an OSError,
-    or a serializer's own error quoting the system's)."""
+    a serializer's own error quoting the system's, or one that says only its symptom, such as
+    torch's "unexpected pos", on a filesystem with almost nothing left)."""
     try:
         yield
-    except Exception as err:
-        if names_a_full_disk(err):
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, BigptError):  # (an inner write's paragraph stays)
+        raise
+    except BaseException as err:  # torch.distributed.checkpoint's CheckpointException is not an Exception
+        if names_a_full_disk(err) or almost_full(_split_existing(Path(path))[0]):
             raise BigptError(
                 f"writing {key} = {path} failed: {os.strerror(errno.ENOSPC)} (or over quota) on its "
                 "filesystem; nothing was replaced. Free space there or write elsewhere, then run "

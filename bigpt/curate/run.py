@@ -124,11 +124,11 @@ class Finalizer:
 
         work = self.out / "work"
         report = build_report(self.recipe, work, self.tasks)
-        write_atomically(self.out / "report.json", lambda f: json.dump(report, f, indent=2))
+        write_atomically(self.out / "report.json", lambda f: json.dump(report, f, indent=2), key="output.dir's report")
         if self.recipe.report.png:
             draw_report(report, self.out / "report.png")
         shards = sorted((work / FINAL_DOCS).glob("*.jsonl"))
-        write_atomically(self.out / CURATED, lambda f: _concatenate(shards, f))
+        write_atomically(self.out / CURATED, lambda f: _concatenate(shards, f), key="output.dir's curated corpus")
         return report
 
     def __call__(self, data=None, rank: int = 0, world_size: int = 1):

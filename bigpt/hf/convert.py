@@ -10,6 +10,7 @@ import makes each tensor only when torch's writer reaches it, export reads one l
 (bench/hf_import_memory.py measures both).
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -29,6 +30,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import WriteItemType
 
 import bigpt
@@ -95,6 +97,19 @@ class _Streamed(TorchDistSaveShardedStrategy):
         )
 
 
+@contextlib.contextmanager
+def _interrupts_as_raised():
+    """torch.distributed.checkpoint reports whatever stopped a save or load, Ctrl-C included, as a
+    CheckpointException: an interrupt is raised again as itself (a tool ends it in one line)."""
+    try:
+        yield
+    except CheckpointException as err:
+        interrupts = [exc for exc, _ in err.failures.values() if isinstance(exc, KeyboardInterrupt)]
+        if interrupts:
+            raise interrupts[0] from None
+        raise
+
+
 def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
     """``dist_checkpointing.save`` of the tensors of ``items`` ((rule, layer) pairs), each joined
     from its Hugging Face tensors only when it is written and dropped after: memory stays near
@@ -110,7 +125,8 @@ def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
         makers[rule.key, placeholder.global_offset] = lambda rule=rule, layer=layer: (
             joined(rule, layer, weights.get).data
         )
-    dist_checkpointing.save(state, str(directory), sharded_strategy=_Streamed(makers))
+    with _interrupts_as_raised():
+        dist_checkpointing.save(state, str(directory), sharded_strategy=_Streamed(makers))
 
 
 EXPORT_MARKER = "bigpt_export.json"  # inside an exported directory: what it was exported from
@@ -144,24 +160,29 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an import that was killed
         tmp.mkdir(parents=True)
     dist.barrier()
-    mine = [item for number, item in enumerate(_items(model)) if number % world == rank]
-    _save_streamed(mine, weights, model["num_layers"], tmp)
-    dist.barrier()
-    if rank == 0:
-        (tmp / HF_FILES).mkdir()
-        copy_side_files(directory, tmp / HF_FILES)
-        (tmp / MODEL_TOML).write_text(model_toml(model, directory))
-        marker = {
-            "iteration": 0,
-            "imported_from": str(directory),
-            "vocab_size": model["vocab_size"],
-            "bigpt_version": bigpt.__version__,
-            "files": store.manifest(tmp),
-        }
-        write_atomically(tmp / store.MARKER, json.dumps(marker, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+    try:
+        with reporting_a_full_disk(out, "OUT"):
+            mine = [item for number, item in enumerate(_items(model)) if number % world == rank]
+            _save_streamed(mine, weights, model["num_layers"], tmp)
+            dist.barrier()
+            if rank == 0:
+                (tmp / HF_FILES).mkdir()
+                copy_side_files(directory, tmp / HF_FILES)
+                (tmp / MODEL_TOML).write_text(model_toml(model, directory))
+                marker = {
+                    "iteration": 0,
+                    "imported_from": str(directory),
+                    "vocab_size": model["vocab_size"],
+                    "bigpt_version": bigpt.__version__,
+                    "files": store.manifest(tmp),
+                }
+                write_atomically(tmp / store.MARKER, json.dumps(marker, indent=2))
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+    except BaseException:  # an interrupt or a full disk: nothing half written is left (OUT is replaced whole)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dist.barrier()
     return model
 
@@ -214,7 +235,8 @@ def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype):
             shape = saved.global_shape if layer is None else saved.global_shape[1:]
             request[rule.key] = _sharded(rule.key, torch.empty(shape, dtype=saved.dtype), layer, saved.global_shape[0])
         # one layer of the stacked tensors: a partial read, which the integrity check would refuse
-        loaded = dist_checkpointing.load(request, str(checkpoint), validate_access_integrity=False)
+        with _interrupts_as_raised():
+            loaded = dist_checkpointing.load(request, str(checkpoint), validate_access_integrity=False)
         for key in request:  # (the load also returns the checkpoint's common, non-tensor state)
             tensor = loaded[key] if layer is None else loaded[key][0]
             yield key, layer, tensor.to(dtype)

@@ -112,11 +112,22 @@ def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
         str(load),
         str(root),
     ]
-    code = subprocess.run(command, env=env, cwd=REPO).returncode
+    stage = subprocess.Popen(command, env=env, cwd=REPO)
+    try:
+        code = stage.wait()
+    except BaseException:  # Ctrl-C (which reached torchrun too) or SIGTERM: torchrun stops its ranks
+        stage.terminate()
+        stage.wait()
+        raise
     if code:
-        raise BigptError(
-            f"{what} failed (torchrun exit {code}; the ranks' output above says why); nothing was written."
+        from bigpt.paths import almost_full
+
+        why = (
+            f"the filesystem of {root} is full (or over quota): free space there or write OUT elsewhere"
+            if almost_full(root)
+            else "the ranks' output above says why"
         )
+        raise BigptError(f"{what} failed (torchrun exit {code}; {why}); nothing was written.")
     written = store.latest_in(root)
     assert written is not None, f"{what} exited 0 without a checkpoint in {root}"
     return written
