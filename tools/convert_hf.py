@@ -61,6 +61,14 @@ to_hf.add_argument(
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
     console.quiet_dependencies()
+    if args.command == "export" and not (
+        math.isfinite(args.max_shard_gb) and MIN_SHARD_BYTES <= args.max_shard_gb * 2**30 <= MAX_SHARD_BYTES
+    ):
+        raise BigptError(
+            f"--max-shard-gb {args.max_shard_gb}: the largest safetensors shard must be a size in GiB "
+            f"from 1 KiB ({MIN_SHARD_BYTES / 2**30:.7f}) to 1 PiB ({MAX_SHARD_BYTES // 2**30}); Hugging "
+            "Face's default is 5. A tensor larger than the size gets a shard of its own."
+        )
     from bigpt.paths import check_writable
 
     check_writable(Path(args.out).resolve().parent, "the directory of OUT")
@@ -82,14 +90,6 @@ def main(argv=None) -> int:
                 f"and the [model] table in {Path(args.out) / 'model.toml'}"
             )
         else:
-            if not (
-                math.isfinite(args.max_shard_gb) and MIN_SHARD_BYTES <= args.max_shard_gb * 2**30 <= MAX_SHARD_BYTES
-            ):
-                raise BigptError(
-                    f"--max-shard-gb {args.max_shard_gb}: the largest safetensors shard must be a size in GiB "
-                    f"from 1 KiB ({MIN_SHARD_BYTES / 2**30:.7f}) to 1 PiB ({MAX_SHARD_BYTES // 2**30}); Hugging "
-                    "Face's default is 5. A tensor larger than the size gets a shard of its own."
-                )
             dtype = getattr(torch, args.dtype) if args.dtype else None
             note = export_hf(
                 Path(args.checkpoint),

@@ -41,6 +41,7 @@ from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf,
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
 from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
+from bigpt.runtime import console
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
 MODEL_TOML = "model.toml"  # inside an imported checkpoint: its [model] table, a recipe fragment
@@ -100,13 +101,14 @@ class _Streamed(TorchDistSaveShardedStrategy):
 @contextlib.contextmanager
 def _interrupts_as_raised():
     """torch.distributed.checkpoint reports whatever stopped a save or load, Ctrl-C included, as a
-    CheckpointException: an interrupt is raised again as itself (a tool ends it in one line)."""
+    CheckpointException: an interrupt or a BigptError (a tensor refused as it is read) is raised
+    again as itself, so that a tool ends it in one line or one paragraph."""
     try:
         yield
     except CheckpointException as err:
-        interrupts = [exc for exc, _ in err.failures.values() if isinstance(exc, KeyboardInterrupt)]
-        if interrupts:
-            raise interrupts[0] from None
+        ours = [exc for exc, _ in err.failures.values() if isinstance(exc, KeyboardInterrupt | BigptError)]
+        if ours:
+            raise ours[0] from None
         raise
 
 
@@ -154,6 +156,8 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False) -> dict:
     imported = store.is_complete(out) and "imported_from" in store.read_marker(out)
     _check_replaceable(out, imported, "a checkpoint an earlier import wrote", overwrite)
     model, weights = inspect_hf(directory)
+    if weights.note:
+        console.note(weights.note)
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = partial_dir(out)
     if rank == 0:
