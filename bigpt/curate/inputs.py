@@ -19,7 +19,10 @@ def input_files(config: InputConfig) -> list[Path]:
     """The input files in a fixed order (sorted paths), each checked to be readable."""
     path = Path(config.path)
     if not path.exists():
-        raise BigptError(f"input.path {path} does not exist; check the path (it is relative to the recipe file).")
+        raise BigptError(
+            f"input.path {path} does not exist; check the path (a relative one is relative to the recipe file "
+            "that sets it, or to the working directory when set on the command line)."
+        )
     if path.is_file():
         files = [path]
     else:

@@ -24,6 +24,7 @@ def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
 
 def check_recipe(recipe: Recipe) -> None:
     for check in (
+        _check_name,
         _check_model,
         _check_moe,
         _check_optimizer,
@@ -38,6 +39,27 @@ def check_recipe(recipe: Recipe) -> None:
         _check_allowed_model_changes,
     ):
         check(recipe)
+
+
+def _check_name(recipe: Recipe) -> None:
+    """The name is a folder of the runs folder (runs/<name>, the default run_dir) and a part of job
+    names: never one that empties that path or climbs out of runs/."""
+    name = recipe.name
+    parts = name.split("/")
+    if not name.strip("/ ") or "." in parts:
+        where = "runs/ itself"
+    elif ".." in parts or name.startswith(("/", "~")):
+        where = "outside runs/"
+    elif name != name.strip():
+        where = "a folder whose name starts or ends with a space"
+    else:
+        return
+    recipe_error(
+        recipe,
+        f"name = {name!r} cannot name a run: its default folder runs/<name> would be {where}",
+        "name the run with letters, digits, '-' and '_' ('/' makes a subfolder of runs/), and set run_dir to "
+        "write elsewhere",
+    )
 
 
 def _check_model(recipe: Recipe) -> None:
