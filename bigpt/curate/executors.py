@@ -21,6 +21,7 @@ import multiprocess.util
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.utils.word_tokenizers import load_word_tokenizer
 
+from bigpt.curate.inputs import InputCutShort
 from bigpt.curate.recipe import CurationRecipe, RayConfig
 from bigpt.curate.stages import Job
 from bigpt.errors import BigptError
@@ -33,13 +34,17 @@ def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
     multiprocess.util.register_after_fork(_follow_parent, _follow_parent)
     for number, job in enumerate(jobs, 1):
         started = time.perf_counter()
-        LocalPipelineExecutor(
+        executor = LocalPipelineExecutor(
             job.pipeline,
             tasks=job.tasks,
             workers=min(recipe.executor.workers, job.tasks),
             logging_dir=str(work / "logs" / job.name),
             start_method="forkserver" if job.fresh_processes else "fork",
-        ).run()
+        )
+        try:
+            executor.run()
+        except InputCutShort as err:  # from a worker: the input, not the program, is at fault
+            raise err.refusal() from None
         _done(number, jobs, started)
 
 
