@@ -126,7 +126,7 @@ def open_decompressed(file: Path | str, binary: BinaryIO | None = None) -> Binar
     if name.endswith(".xz"):
         return lzma.LZMAFile(binary)  # type: ignore[return-value]
     if name.endswith((".zst", ".zstd")):
-        return io.BufferedReader(_ZstdFrames(binary))  # type: ignore[return-value]
+        return io.BufferedReader(_ZstdFrames(binary))
     return binary
 
 
