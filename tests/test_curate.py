@@ -836,3 +836,16 @@ def test_a_record_cut_short_by_a_failed_run_is_named_and_restart_starts_over(tmp
     assert (
         curate(load_curation_recipe(path, ["report.png=false"]), restart=True).report["total"]["in"]["documents"] == 5
     )
+
+
+def test_a_full_disk_in_a_worker_names_the_output_and_how_to_resume(tmp_path, monkeypatch):
+    import errno
+
+    from datatrove.executor import LocalPipelineExecutor
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(LocalPipelineExecutor, "run", full)
+    with pytest.raises(BigptError, match=r"output.dir = .*/out: a worker's write failed: No space left on device"):
+        curate(load_curation_recipe(bad_recipe(tmp_path, 'stages = ["length"]'), ["report.png=false"]))

@@ -25,6 +25,7 @@ from bigpt.curate.inputs import InputCutShort
 from bigpt.curate.recipe import CurationRecipe, RayConfig
 from bigpt.curate.stages import Job
 from bigpt.errors import BigptError
+from bigpt.paths import names_a_full_disk
 from bigpt.runtime import console
 
 
@@ -45,6 +46,13 @@ def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
             executor.run()
         except InputCutShort as err:  # from a worker: the input, not the program, is at fault
             raise err.refusal() from None
+        except OSError as err:
+            if not names_a_full_disk(err):
+                raise
+            raise BigptError(
+                f"output.dir = {work.parent}: a worker's write failed: {err.strerror or err} (or over quota). "
+                "Free space there, then run the same command again to resume (finished shards are kept)."
+            ) from None
         _done(number, jobs, started)
 
 
