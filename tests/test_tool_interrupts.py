@@ -208,3 +208,27 @@ def test_logits(tmp_path, capsys, monkeypatch, how):
     argv = f"{MOCK} --tokens {tmp_path}/tokens.npy --out {tmp_path}/logits.npy --overwrite".split()
     check_ended(capsys, logits_main(argv), how, "--out", f"{tmp_path}/logits.npy")
     assert listing(tmp_path) == before
+
+
+def test_an_interrupted_tool_stops_its_child_before_going_on():
+    """tools/reshard.py's torchrun stages: Ctrl-C (or SIGTERM) in the tool terminates the child and
+    waits for it, so nothing writes into the partial output the tool then removes."""
+    import subprocess
+    import sys
+    import threading
+
+    from bigpt.runtime.process import run_child
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def recorded(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C, as a terminal sends it
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "Popen", recorded)
+        with pytest.raises(KeyboardInterrupt):
+            run_child([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert started[0].returncode == -signal.SIGTERM

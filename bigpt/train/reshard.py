@@ -14,7 +14,6 @@ more processes would only cost memory.
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -94,6 +93,7 @@ def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
     from bigpt.checkpoint import store
     from bigpt.layout import Layout
     from bigpt.recipe import recipe_to_toml
+    from bigpt.runtime.process import run_child
 
     recipe_file = root.with_name(root.name + ".toml")
     recipe_file.write_text(recipe_to_toml(recipe))
@@ -112,13 +112,7 @@ def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
         str(load),
         str(root),
     ]
-    stage = subprocess.Popen(command, env=env, cwd=REPO)
-    try:
-        code = stage.wait()
-    except BaseException:  # Ctrl-C (which reached torchrun too) or SIGTERM: torchrun stops its ranks
-        stage.terminate()
-        stage.wait()
-        raise
+    code = run_child(command, env=env, cwd=REPO)
     if code:
         from bigpt.paths import almost_full
 
