@@ -28,8 +28,9 @@ def home(tmp_path, monkeypatch):
 
 
 def test_a_tilde_in_any_recipe_path_is_the_home_directory(home, tmp_path):
+    (home / "base.toml").write_text(f'base = "{MOCK}"\n')
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'base = "{MOCK}"\nrun_dir = "~/runs/a"\n[checkpoint]\ndir = "~/ckpt"\n')
+    recipe.write_text('base = "~/base.toml"\nrun_dir = "~/runs/a"\n[checkpoint]\ndir = "~/ckpt"\n')
     loaded = load_recipe(recipe)
     assert (loaded.run_dir, loaded.checkpoint.dir) == (f"{home}/runs/a", f"{home}/ckpt")
     overridden = load_recipe(MOCK, ["run_dir=~/b", "checkpoint.dir=~"])
