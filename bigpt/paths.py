@@ -119,9 +119,7 @@ def check_replaceable(path, key: str, overwrite: bool = False, ours: Callable[[P
     )
 
 
-def write_atomically(
-    path, content: str | bytes | Callable[[IO], None], key: str | None = None, binary: bool = False
-) -> None:
+def write_atomically(path, content: str | Callable[[IO], None], key: str | None = None, binary: bool = False) -> None:
     """``path`` holds the old content or all of the new (``content``, or what ``content(file)``
     writes; a ``binary`` file for that), even after a crash or a full disk (``replacing_atomically``)."""
     with (

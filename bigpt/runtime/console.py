@@ -129,8 +129,8 @@ def reports_user_errors(main):
                 rank_error(str(err))
                 return EXIT_USER_ERROR
             except KeyboardInterrupt as err:
-                code = EXIT_INTERRUPTED + (err.signum - signal.SIGINT if isinstance(err, Terminated) else 0)
-                note(f"{interruption(err)}; the output being written was removed (exit {code})")
+                code = 128 + err.signum if isinstance(err, Terminated) else EXIT_INTERRUPTED  # as a shell reports it
+                note(f"{_interruption(err)}; the output being written was removed (exit {code})")
                 return code
             except OSError as err:
                 if not names_a_full_disk(err):
@@ -145,8 +145,8 @@ def reports_user_errors(main):
     return run
 
 
-def interruption(err: KeyboardInterrupt) -> str:
-    """ "interrupted (Ctrl-C)", or what signal stopped the process."""
+def _interruption(err: KeyboardInterrupt) -> str:
+    """What stopped the process, in words: interrupted (Ctrl-C), or stopped by a signal."""
     return f"stopped by {signal.Signals(err.signum).name}" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
 
 
