@@ -6,11 +6,15 @@
   several files ``P.*`` it writes. No other flag names an output.
 - ``--overwrite`` is the one flag that lets a program replace an output file bigpt did not write;
   without it, such a file is refused before any work, named in one paragraph.
+- A path argument may start with ``~`` (the user's home) even where the shell leaves it as is
+  (``--out=~/x``, a quoted ``"~/my data"``); relative paths are relative to the working directory.
 - Each program builds its parser once, at module level (``parser``), so ``--help``, the program
   and its tests read the same one.
 """
 
 import argparse
+import os
+from pathlib import Path
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,8 +28,22 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         if self._subparsers is not None:  # argparse cannot intermix with subcommands
-            return super().parse_args(args, namespace)
-        return self.parse_intermixed_args(args, namespace)
+            parsed = super().parse_args(args, namespace)
+        else:
+            parsed = self.parse_intermixed_args(args, namespace)
+        for name, value in vars(parsed).items():
+            setattr(parsed, name, _home_expanded(value))
+        return parsed
+
+
+def _home_expanded(value):
+    """An argument's ``~`` or ``~/...`` as the shell would expand it (a ``table.key=~/x`` override
+    is the recipe loader's to expand)."""
+    if isinstance(value, list):
+        return [_home_expanded(item) for item in value]
+    if isinstance(value, str | Path) and str(value).startswith("~"):
+        return type(value)(os.path.expanduser(value))
+    return value
 
 
 def recipe_parser(

@@ -32,5 +32,14 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved after SIGTERM/SIGUSR1/SIGINT; re-run t
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended (nothing saved)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``signum``) in a tool, raised as Ctrl-C is (``console.terminating_cleanly``), so
+    that what cleans up after an interrupt cleans up after it too; the tool exits 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class Preempted(Exception):
     """A preemption signal arrived; the run saved a checkpoint and stops so that it can be requeued."""

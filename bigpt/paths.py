@@ -14,6 +14,13 @@ from typing import IO
 from bigpt.errors import BigptError
 
 
+def described(path) -> str:
+    """``path`` as a message names it: as given, and where a relative path is (every relative path
+    a user gives, on a command line or as a run's output key, is relative to the working directory;
+    a recipe's input paths are made absolute when it is read)."""
+    return str(path) if os.path.isabs(path) else f"{path} (in the working directory {os.getcwd()})"
+
+
 def not_a_file(path) -> str | None:
     """Why ``path`` is not a file to read ("is a directory, not a file", "does not exist"), or None."""
     if os.path.isdir(path):
@@ -24,7 +31,7 @@ def not_a_file(path) -> str | None:
 def check_input_file(path, key: str) -> Path:
     """``path`` (named by ``key``) is a file."""
     if why := not_a_file(path):
-        raise BigptError(f"{key} = {path} {why}; check the path.")
+        raise BigptError(f"{key} = {described(path)} {why}; check the path.")
     return Path(path)
 
 
@@ -35,14 +42,14 @@ def check_writable(path, key: str) -> None:
     existing, missing = _split_existing(Path(path))
     fix = f"set {key} to a directory you can write, or fix the permissions"
     if not existing.is_dir():
-        raise BigptError(f"{key} = {path} cannot be created: {existing} is a file, not a directory; {fix}.")
+        raise BigptError(f"{key} = {described(path)} cannot be created: {existing} is a file, not a directory; {fix}.")
     _check_name_lengths(existing, missing, path, key)
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise BigptError(
-            f"{key} = {path} is not writable: creating a file in {existing} fails ({err.strerror}); {fix}."
+            f"{key} = {described(path)} is not writable: creating a file in {existing} fails ({err.strerror}); {fix}."
         ) from None
 
 
@@ -107,7 +114,7 @@ def check_replaceable(path, key: str, overwrite: bool = False, ours: Callable[[P
     if overwrite or ours(path):
         return
     raise BigptError(
-        f"{key}: {path} exists and bigpt did not write it; refusing to replace it. Move it away or "
+        f"{key}: {described(path)} exists and bigpt did not write it; refusing to replace it. Move it away or "
         f"choose another path, or pass {OVERWRITE} to replace it on purpose."
     )
 
@@ -188,13 +195,16 @@ def almost_full(path) -> bool:
 def reporting_a_full_disk(path, key: str):
     """Writes to ``path`` (named by ``key``) whose partial output the caller removes: a full
     filesystem or quota is one paragraph naming the path, whatever the writer raised (an OSError,
-    or a serializer's own error quoting the system's)."""
+    a serializer's own error quoting the system's, or one that says only its symptom, such as
+    torch's "unexpected pos", on a filesystem with almost nothing left)."""
     try:
         yield
-    except Exception as err:
-        if names_a_full_disk(err):
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, BigptError):  # (an inner write's paragraph stays)
+        raise
+    except BaseException as err:  # torch.distributed.checkpoint's CheckpointException is not an Exception
+        if names_a_full_disk(err) or almost_full(_split_existing(Path(path))[0]):
             raise BigptError(
-                f"writing {key} = {path} failed: {os.strerror(errno.ENOSPC)} (or over quota) on its "
+                f"writing {key} = {described(path)} failed: {os.strerror(errno.ENOSPC)} (or over quota) on its "
                 "filesystem; nothing was replaced. Free space there or write elsewhere, then run "
                 "again."
             ) from None

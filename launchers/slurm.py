@@ -172,7 +172,7 @@ def render(template: str, directives: dict[str, str | None], settings: dict[str,
     value is None are removed."""
     lines = template.splitlines()
     for key, value in directives.items():
-        line = f"#SBATCH --{key}={value}"
+        line = f"#SBATCH --{key}={_directive_value(value)}"
         found = [i for i, text in enumerate(lines) if text.startswith(f"#SBATCH --{key}=")]
         if value is None:
             lines = [text for i, text in enumerate(lines) if i not in found]
@@ -185,6 +185,16 @@ def render(template: str, directives: dict[str, str | None], settings: dict[str,
         index = next(i for i, text in enumerate(lines) if text.startswith(f"{name}="))
         lines[index] = f"{name}={value}"
     return "\n".join(lines) + "\n"
+
+
+def _directive_value(value: str | None) -> str | None:
+    """``value`` as sbatch reads it from an ``#SBATCH`` line, which ends at a space unless
+    double-quoted (a path with spaces); a newline cannot be written there at all."""
+    if value is None or not re.search(r'[\s"\\]', value):
+        return value
+    if "\n" in value or "\r" in value:
+        raise BigptError(f"the path {value!r} holds a line break, which an #SBATCH line cannot; rename it.")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def batch_script(args, recipe, nodes: Nodes) -> str:

@@ -739,3 +739,113 @@ def test_web_quality_keeps_an_api_reference_that_repeats_a_note_per_method_and_d
     assert gopher.filter(Document(text=API_REFERENCE, id="0")) == (False, "duplicated_9_n_grams")
     assert stages.first_drop(recipe, API_REFERENCE) == ""
     assert stages.first_drop(recipe, sales) == "gopher_repetition:duplicated_6_n_grams"
+
+
+# --- inputs as they come (issue 25 part 8) -----------------------------------------------------
+
+
+def compressed(path: Path, data: bytes) -> Path:
+    """``data`` compressed by ``path``'s suffix, written there."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    compress = {
+        ".gz": gzip.compress,
+        ".bz2": bz2.compress,
+        ".xz": lzma.compress,
+        ".zst": lambda data: b"".join(zstandard.ZstdCompressor().compress(part) for part in (data[:99], data[99:])),
+    }[path.suffix]
+    path.write_bytes(compress(data))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst", ".bz2", ".xz"])
+def test_a_compressed_input_cut_short_stops_the_run_naming_it(tmp_path, suffix):
+    """Whole, every compression reads back (a zstd file of two frames too); cut short, the reader
+    raises InputCutShort (its one paragraph, said by run_local), not an EOFError's traceback, and
+    zstd, whose reader just stops, is caught too."""
+    from bigpt.curate.filters import CountingJsonlReader
+    from bigpt.curate.inputs import InputCutShort
+
+    lines = b"".join(b'{"text": "document %d about stars and planets"}\n' % i for i in range(2000))
+    whole = compressed(tmp_path / f"whole.jsonl{suffix}", lines)
+    data = whole.read_bytes()
+    (tmp_path / f"cut.jsonl{suffix}").write_bytes(data[: len(data) // 2])
+
+    def read(name: str) -> list:
+        reader = CountingJsonlReader(str(tmp_path), str(tmp_path / "skipped"), [name])
+        return list(reader.run())
+
+    assert len(read(whole.name)) == 2000
+    with pytest.raises(InputCutShort) as cut:
+        read(f"cut.jsonl{suffix}")
+    message = str(cut.value.refusal())
+    assert f"input file {tmp_path}/cut.jsonl{suffix} is cut short" in message and "Fetch the file again" in message
+
+
+def test_a_bad_byte_on_the_first_line_is_skipped_as_anywhere_else(tmp_path):
+    """docs/data.md: lines that are not UTF-8 are skipped and counted (not_utf8); the check before
+    the run reads the first line with text, as the run does, instead of refusing the file."""
+    from bigpt.curate.filters import CountingJsonlReader
+    from bigpt.curate.inputs import input_files
+    from bigpt.curate.recipe import InputConfig
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = b'{"text": "caf\xe9 latin-1"}\n\n{"text": "fine"}\n'
+    (raw / "a.jsonl").write_bytes(lines)
+    compressed(raw / "b.jsonl.gz", lines)
+    assert len(input_files(InputConfig(path=str(raw)))) == 2
+    reader = CountingJsonlReader(str(raw), str(tmp_path / "skipped"), ["a.jsonl", "b.jsonl.gz"])
+    assert [document.text for document in reader.run()] == ["fine", "fine"]
+    assert json.loads((tmp_path / "skipped/00000.json").read_text()) == {"blank_line": 2, "not_utf8": 2}
+
+
+@pytest.mark.parametrize("where", ["input folder", "inside it"])
+def test_an_output_folder_in_the_input_folder_is_refused(tmp_path, where):
+    raw = tmp_path / "raw"
+    write_corpus(raw, planted_corpus()[:5], files=1)
+    out = raw if where == "input folder" else raw / "curated"
+    with pytest.raises(BigptError, match=f"output.dir = {out} is {'the input folder' if out == raw else 'inside'}"):
+        curate(load_curation_recipe(bad_recipe(tmp_path, raw=raw), [f"output.dir={out}"]))
+    assert sorted(p.name for p in raw.rglob("*")) == sorted(p.name for p in raw.glob("*.jsonl"))
+
+
+def test_an_input_among_the_files_a_run_rewrites_is_refused(tmp_path):
+    out = tmp_path / "out"
+    (out / "work").mkdir(parents=True)
+    write_corpus(out / "work", planted_corpus()[:5], files=1)
+    (out / "curated.jsonl").write_text((next((out / "work").glob("*.jsonl"))).read_text())
+    for source in (out / "work", out / "curated.jsonl"):
+        with pytest.raises(BigptError, match="is among what output.dir = .* holds for the curation itself"):
+            curate(load_curation_recipe(bad_recipe(tmp_path, raw=source)), restart=True)
+        assert source.exists()
+
+
+def test_a_record_cut_short_by_a_failed_run_is_named_and_restart_starts_over(tmp_path):
+    """A run stopped while it recorded its fingerprint: the next run says so (no JSON traceback)
+    and --restart starts over."""
+    path = bad_recipe(tmp_path, 'stages = ["length"]')
+    (tmp_path / "out/work").mkdir(parents=True)
+    (tmp_path / "out/work/fingerprint.json").write_text('{"recipe": {"na')
+    with pytest.raises(BigptError, match="fingerprint.json cannot be read .* re-run with --restart"):
+        curate(load_curation_recipe(path, ["report.png=false"]))
+    assert (
+        curate(load_curation_recipe(path, ["report.png=false"]), restart=True).report["total"]["in"]["documents"] == 5
+    )
+
+
+def test_a_full_disk_in_a_worker_names_the_output_and_how_to_resume(tmp_path, monkeypatch):
+    import errno
+
+    from datatrove.executor import LocalPipelineExecutor
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(LocalPipelineExecutor, "run", full)
+    with pytest.raises(BigptError, match=r"output.dir = .*/out: a worker's write failed: No space left on device"):
+        curate(load_curation_recipe(bad_recipe(tmp_path, 'stages = ["length"]'), ["report.png=false"]))

@@ -15,15 +15,19 @@ safetensors shards, config.json (of the family the run started from), the tokeni
 those weights, and a README.md saying where it all came from (and warning when no tokenizer was found).
 """
 
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigpt.cli import Parser, add_overwrite  # noqa: E402
+from bigpt.errors import BigptError  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
+MIN_SHARD_BYTES = 2**10  # below, every tensor is a file of its own anyway
+MAX_SHARD_BYTES = 2**50  # a pebibyte: any model in one file; beyond, a typo (and past float's exact integers)
 
 
 parser = Parser(__doc__)
@@ -47,13 +51,26 @@ to_hf.add_argument(
     "of the weights the checkpoint's run started from)",
 )
 to_hf.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: as stored)")
-to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
+to_hf.add_argument(
+    "--max-shard-gb",
+    type=float,
+    default=5.0,
+    help="largest safetensors shard, in GiB, above 0 (a tensor larger than that gets a shard of its own)",
+)
 
 
 @console.reports_user_errors
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
     console.quiet_dependencies()
+    if args.command == "export" and not (
+        math.isfinite(args.max_shard_gb) and MIN_SHARD_BYTES <= args.max_shard_gb * 2**30 <= MAX_SHARD_BYTES
+    ):
+        raise BigptError(
+            f"--max-shard-gb {args.max_shard_gb}: the largest safetensors shard must be a size in GiB "
+            f"from 1 KiB ({MIN_SHARD_BYTES / 2**30:.7f}) to 1 PiB ({MAX_SHARD_BYTES // 2**30}); Hugging "
+            "Face's default is 5. A tensor larger than the size gets a shard of its own."
+        )
     from bigpt.paths import check_writable
 
     check_writable(Path(args.out).resolve().parent, "the directory of OUT")

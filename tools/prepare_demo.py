@@ -43,7 +43,7 @@ def prepare(out: Path, overwrite: bool) -> None:
     step(
         "tokenizer",
         tokenizer,
-        lambda: train_tokenizer([corpus], DEMO_VOCAB_SIZE, out / "tokenizer"),
+        lambda: train_tokenizer([corpus], DEMO_VOCAB_SIZE, out / "tokenizer", key="--out"),
         also_writes=(out / "tokenizer.vocab",),
     )
 

@@ -21,9 +21,11 @@ import multiprocess.util
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.utils.word_tokenizers import load_word_tokenizer
 
+from bigpt.curate.inputs import InputCutShort
 from bigpt.curate.recipe import CurationRecipe, RayConfig
 from bigpt.curate.stages import Job
 from bigpt.errors import BigptError
+from bigpt.paths import names_a_full_disk
 from bigpt.runtime import console
 
 
@@ -33,13 +35,24 @@ def run_local(recipe: CurationRecipe, jobs: list[Job], work: Path) -> None:
     multiprocess.util.register_after_fork(_follow_parent, _follow_parent)
     for number, job in enumerate(jobs, 1):
         started = time.perf_counter()
-        LocalPipelineExecutor(
+        executor = LocalPipelineExecutor(
             job.pipeline,
             tasks=job.tasks,
             workers=min(recipe.executor.workers, job.tasks),
             logging_dir=str(work / "logs" / job.name),
             start_method="forkserver" if job.fresh_processes else "fork",
-        ).run()
+        )
+        try:
+            executor.run()
+        except InputCutShort as err:  # from a worker: the input, not the program, is at fault
+            raise err.refusal() from None
+        except OSError as err:
+            if not names_a_full_disk(err):
+                raise
+            raise BigptError(
+                f"output.dir = {work.parent}: a worker's write failed: {err.strerror or err} (or over quota). "
+                "Free space there, then run the same command again to resume (finished shards are kept)."
+            ) from None
         _done(number, jobs, started)
 
 

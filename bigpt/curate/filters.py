@@ -35,6 +35,8 @@ from datatrove.utils.lid import FastTextLID
 from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 from datatrove.utils.word_tokenizers import load_word_tokenizer
 
+from bigpt.curate.inputs import COMPRESSED, InputCutShort, open_decompressed
+
 
 def load_fasttext(path: str):
     from fasttext.FastText import _FastText
@@ -359,8 +361,6 @@ class CountingJsonlReader(JsonlReader):
     logs them): blank_line, not_json, no_text (no non-empty string under the text field),
     not_utf8."""
 
-    COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
-
     def __init__(self, data_folder: str, skipped_folder: str, files: list[str], **options):
         super().__init__(data_folder, **options)
         self.skipped_folder, self.files = skipped_folder, files
@@ -382,7 +382,7 @@ class CountingJsonlReader(JsonlReader):
         low, high = rank * total // world_size, (rank + 1) * total // world_size
         offset = 0
         for filepath, size in zip(self.files, sizes):
-            if filepath.endswith(self.COMPRESSED):
+            if filepath.endswith(COMPRESSED):
                 if low <= offset < high:
                     yield filepath, None, None
             elif max(low - offset, 0) < min(high - offset, size):
@@ -391,8 +391,11 @@ class CountingJsonlReader(JsonlReader):
 
     def _read(self, filepath: str, start: int | None, end: int | None):
         if start is None:
-            with self.data_folder.open(filepath, "rb", compression=self.compression) as lines:
-                yield from self._documents(lines, filepath, 0, None)
+            with open_decompressed(filepath, self.data_folder.open(filepath, "rb")) as lines:
+                try:
+                    yield from self._documents(lines, filepath, 0, None)
+                except EOFError:
+                    raise InputCutShort(f"{self.data_folder.path}/{filepath}") from None
             return
         with self.data_folder.open(filepath, "rb") as lines:
             number = 0

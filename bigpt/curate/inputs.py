@@ -4,10 +4,14 @@ Everything is checked before any work starts: a missing path, no matching file, 
 cannot be opened, or a first record without the text field is a BigptError naming the file.
 """
 
+import bz2
 import gzip
+import io
 import json
+import lzma
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from bigpt.curate.recipe import InputConfig
 from bigpt.errors import BigptError
@@ -19,7 +23,10 @@ def input_files(config: InputConfig) -> list[Path]:
     """The input files in a fixed order (sorted paths), each checked to be readable."""
     path = Path(config.path)
     if not path.exists():
-        raise BigptError(f"input.path {path} does not exist; check the path (it is relative to the recipe file).")
+        raise BigptError(
+            f"input.path {path} does not exist; check the path (a relative one is relative to the recipe file "
+            "that sets it, or to the working directory when set on the command line)."
+        )
     if path.is_file():
         files = [path]
     else:
@@ -61,8 +68,14 @@ def _check_readable(file: Path, config: InputConfig) -> None:
 
 
 def _check_first_json_line(file: Path, text_field: str) -> None:
-    with _open_text(file) as lines:
-        for number, line in enumerate(lines, 1):
+    """The first line with text is a JSON object with the text field; blank lines and lines that
+    are not UTF-8 before it are skipped (and counted) by the run, as anywhere else."""
+    with open_decompressed(file) as binary:
+        for number, raw in enumerate(binary, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
             if not line.strip():
                 continue
             try:
@@ -77,9 +90,82 @@ def _check_first_json_line(file: Path, text_field: str) -> None:
 
 
 def _open_text(file: Path):
-    if file.suffix == ".gz":
-        return gzip.open(file, "rt", encoding="utf-8")
-    return open(file, encoding="utf-8")
+    return io.TextIOWrapper(open_decompressed(file), encoding="utf-8")
+
+
+COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+CUT_SHORT = "Compressed file ended before the end-of-stream marker was reached"  # Python's own words
+
+
+class InputCutShort(Exception):
+    """Raised in a worker (and sent to the main process) when a compressed input file ends before
+    its stream does: a download or copy that did not finish."""
+
+    def __init__(self, file: str):
+        super().__init__(file)
+        self.file = file
+
+    def refusal(self) -> BigptError:
+        return BigptError(
+            f"input file {self.file} is cut short: its compressed stream ends before its end marker (a "
+            "download or copy that did not finish). Fetch the file again, or remove it from input.path, "
+            "then run the same command again (finished shards are kept)."
+        )
+
+
+def open_decompressed(file: Path | str, binary: BinaryIO | None = None) -> BinaryIO:
+    """The lines of ``file`` (read from ``binary`` when given), decompressed by its suffix: a
+    stream that ends before its end marker (a download cut short) raises EOFError, for zstd too
+    (whose reader would just stop)."""
+    binary = binary or open(file, "rb")
+    name = str(file)
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=binary)  # type: ignore[return-value]
+    if name.endswith(".bz2"):
+        return bz2.BZ2File(binary)  # type: ignore[return-value]
+    if name.endswith(".xz"):
+        return lzma.LZMAFile(binary)  # type: ignore[return-value]
+    if name.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdFrames(binary))
+    return binary
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The frames of a zstd stream one after another, as raw bytes; EOFError if the last ends early."""
+
+    def __init__(self, binary: BinaryIO):
+        try:
+            import zstandard
+        except ImportError:
+            raise BigptError(
+                "reading .zst input needs the Python package 'zstandard', which is not installed; install "
+                "bigpt's curation extra: pip install -e '.[curate]'."
+            ) from None
+        self.binary, self.new_frame = binary, zstandard.ZstdDecompressor().decompressobj
+        self.frame, self.pending, self.started = self.new_frame(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            left = b""
+            if self.frame.eof:  # the next frame starts with what the last one left
+                left, self.frame, self.started = self.frame.unused_data, self.new_frame(), False
+            chunk = left or self.binary.read(1 << 20)
+            if not chunk:
+                if self.started:  # a frame begun and not ended
+                    raise EOFError(CUT_SHORT)
+                return 0
+            self.started = True
+            self.pending = self.frame.decompress(chunk)
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
+
+    def close(self) -> None:
+        self.binary.close()
+        super().close()
 
 
 def input_reader(config: InputConfig, files: list[Path], paths_file: Path, skipped: Path, tasks: int):

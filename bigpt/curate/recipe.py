@@ -16,7 +16,7 @@ from typing import Literal
 
 from bigpt.errors import BigptError
 from bigpt.recipe.build import build_dataclass
-from bigpt.recipe.fields import NOT_A_KEY, fraction, non_negative, percentile, positive, recipe_path
+from bigpt.recipe.fields import NOT_A_KEY, fraction, non_negative, output_path, percentile, positive, recipe_path
 from bigpt.recipe.loader import merge_layers
 
 
@@ -40,7 +40,7 @@ class InputConfig:
 class OutputConfig:
     """[output]: where the curated corpus, the report and the resumable work files go."""
 
-    dir: str
+    dir: str = output_path()
     """Output directory, relative to the working directory (like a training run_dir). It gets
     curated.jsonl (feed it to tools/preprocess_data.py), report.json, report.png and work/."""
 

@@ -12,6 +12,7 @@ from bigpt.curate.audit import LENGTH_BINS, SKIPPED_LINES
 from bigpt.curate.plan import stage_folder
 from bigpt.curate.recipe import CurationRecipe
 from bigpt.errors import BigptError
+from bigpt.paths import replacing_atomically
 
 
 def build_report(recipe: CurationRecipe, work: Path, tasks: int) -> dict:
@@ -133,7 +134,6 @@ def draw_report(report: dict, path: Path) -> None:
     right.set_title("document length before and after curation")
     right.legend()
     figure.tight_layout()
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=100)
+    with replacing_atomically(path, "output.dir's report.png") as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
-    temporary.replace(path)

@@ -47,6 +47,7 @@ def curate(recipe: CurationRecipe, *, restart: bool = False) -> CurationResult:
         _require("matplotlib", "report.png (set report.png = false to skip it)")
     _require("datatrove", "curation")
     out = Path(recipe.output.dir)
+    _check_apart(recipe.input.path, files, out)
     check_writable(out, "output.dir")
     tasks = recipe.executor.tasks or _default_tasks(recipe, files, out / "work" / "fingerprint.json", restart)
     _check_executor(recipe, tasks)
@@ -124,11 +125,11 @@ class Finalizer:
 
         work = self.out / "work"
         report = build_report(self.recipe, work, self.tasks)
-        write_atomically(self.out / "report.json", lambda f: json.dump(report, f, indent=2))
+        write_atomically(self.out / "report.json", lambda f: json.dump(report, f, indent=2), key="output.dir's report")
         if self.recipe.report.png:
             draw_report(report, self.out / "report.png")
         shards = sorted((work / FINAL_DOCS).glob("*.jsonl"))
-        write_atomically(self.out / CURATED, lambda f: _concatenate(shards, f))
+        write_atomically(self.out / CURATED, lambda f: _concatenate(shards, f), key="output.dir's curated corpus")
         return report
 
     def __call__(self, data=None, rank: int = 0, world_size: int = 1):
@@ -141,6 +142,28 @@ def _concatenate(shards: list[Path], out) -> None:
     for shard in shards:
         with open(shard) as f:
             shutil.copyfileobj(f, out)
+
+
+def _check_apart(input_path: str, files: list[Path], out: Path) -> None:
+    """The input and the output do not overlap: an output folder inside the input folder would be
+    read back as input by the next run, and input inside the folders a run rewrites (work/, its
+    results; --restart empties them) would be lost."""
+    source, target = Path(input_path).resolve(), out.resolve()
+    if source.is_dir() and (target == source or source in target.parents):
+        raise BigptError(
+            f"output.dir = {out} is {'the input folder' if target == source else 'inside the input folder'} "
+            f"input.path = {input_path}: the next run would read its curated corpus and work files as input. "
+            "Set output.dir outside the input folder."
+        )
+    rewritten = [target / "work", *(target / name for name in RESULT_FILES)]
+    for file in files:
+        resolved = file.resolve()
+        if any(resolved == place or place in resolved.parents for place in rewritten):
+            raise BigptError(
+                f"input file {file} is among what output.dir = {out} holds for the curation itself (work/, "
+                f"{', '.join(RESULT_FILES)}), which a run rewrites and --restart deletes. Copy it elsewhere "
+                "and name the copy in input.path, or set output.dir elsewhere."
+            )
 
 
 def _check_models(recipe: CurationRecipe) -> None:
@@ -192,8 +215,9 @@ def _default_tasks(recipe: CurationRecipe, files: list[Path], fingerprint: Path,
     """executor.tasks = 0: a task per input file and, for JSONL (split by bytes), at least one
     per worker, so one large file keeps every worker busy; a resumed run keeps the count it was
     started with (the work files are per task), whatever workers it is given now."""
-    if fingerprint.exists() and not restart:
-        return json.loads(fingerprint.read_text())["tasks"]
+    recorded = None if restart else _recorded(fingerprint)
+    if recorded and isinstance(recorded.get("tasks"), int):
+        return recorded["tasks"]
     return max(len(files), recipe.executor.workers if recipe.input.format == "jsonl" else 1)
 
 
@@ -237,16 +261,28 @@ def _claim(work: Path, out: Path, fingerprint: dict, restart: bool) -> None:
         for name in RESULT_FILES:
             (out / name).unlink(missing_ok=True)
     elif marker.exists():
-        if json.loads(marker.read_text()) == fingerprint:
+        recorded = _recorded(marker)
+        if recorded == fingerprint:
             return
-        raise BigptError(
-            f"{out} holds a curation made with another recipe, input or task count; "
-            f"re-run with --restart to discard it, or set output.dir elsewhere."
+        what = (
+            "a curation made with another recipe, input or task count"
+            if recorded
+            else f"a curation whose record {marker} cannot be read (a run stopped while writing it)"
         )
+        raise BigptError(f"{out} holds {what}; re-run with --restart to discard it, or set output.dir elsewhere.")
     elif (out / CURATED).exists() or work.exists():
         raise BigptError(
             f"{out} holds files bigpt did not record as this curation's; re-run with "
             f"--restart to discard them, or set output.dir elsewhere."
         )
     work.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(fingerprint, indent=1))
+    write_atomically(marker, json.dumps(fingerprint, indent=1), key="output.dir's work/fingerprint.json")
+
+
+def _recorded(marker: Path) -> dict | None:
+    """The fingerprint a run recorded in ``marker``; None when there is none or it is unreadable."""
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None

@@ -8,6 +8,7 @@ reads the result with no bigpt code involved.
 import contextlib
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 from collections import deque
@@ -84,7 +85,9 @@ def preprocess(
     chunks = _read_chunks(input_path)
     if workers > 1:
         settings = (str(tokenizer_path), jsonl, text_field, dtype, sentences)
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_leave_ctrl_c_to_the_parent
+        )
         try:
             encoded = _in_order(pool, settings, chunks, depth=2 * workers)
             return _write(encoded, input_path, output_prefix, dtype, on_bad_line, progress, progress_interval_s)
@@ -96,6 +99,12 @@ def preprocess(
     encoder = DocumentEncoder(tokenizer, jsonl=jsonl, text_field=text_field, dtype=dtype, sentences=sentences)
     encoded = (encoder.encode_chunk(first, lines) for first, lines in chunks)
     return _write(encoded, input_path, output_prefix, dtype, on_bad_line, progress, progress_interval_s)
+
+
+def _leave_ctrl_c_to_the_parent() -> None:
+    """In a worker: Ctrl-C reaches every process of the terminal's group; the parent stops the
+    pool and removes the partial output, a worker would only print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _read_chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:

@@ -5,20 +5,30 @@ digits split one by one, whitespace kept as written (indentation matters in code
 normalisation, and ids unk=0, bos=1, eos=2 with eos as the end-of-document token.
 """
 
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from bigpt.data.encode import JSONL_SUFFIXES, document_text
 from bigpt.errors import BigptError
-from bigpt.paths import not_a_file
+from bigpt.paths import not_a_file, replacing_atomically
 
 MAX_SENTENCES = 2_000_000
 """Lines sampled for training; enough for a good vocabulary, bounded in memory and time."""
 
 
-def train_tokenizer(inputs, vocab_size: int, out_prefix, *, text_field: str = "text", verbose: bool = False) -> Path:
-    """Write ``out_prefix.model`` (and ``.vocab``) trained on ``inputs``; return the model path."""
+def train_tokenizer(
+    inputs,
+    vocab_size: int,
+    out_prefix,
+    *,
+    text_field: str = "text",
+    verbose: bool = False,
+    key: str = "--output-prefix",
+) -> Path:
+    """Write ``out_prefix.model`` (and ``.vocab``; ``key`` names them to the user) trained on
+    ``inputs``; return the model path."""
     import sentencepiece
 
     paths = [Path(path) for path in inputs]
@@ -28,11 +38,13 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, text_field: str = "t
     counter = _LineCounter()
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    partial_prefix = out_prefix.with_name(out_prefix.name + ".partial")
+    # Trained into memory and written by bigpt: SentencePiece's own files, on a full disk, are cut
+    # short without an error (and the tool said "wrote" and exited 0).
+    model = io.BytesIO()
     try:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=counter.count(_training_lines(paths, text_field)),
-            model_prefix=str(partial_prefix),
+            model_writer=model,
             model_type="bpe",
             vocab_size=vocab_size,
             byte_fallback=True,
@@ -52,7 +64,8 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, text_field: str = "t
             minloglevel=0 if verbose else 2,
         )
     except RuntimeError as err:
-        _remove(partial_prefix)
+        if counter.stopped_by:  # Ctrl-C or an error while reading, which SentencePiece reports as its own
+            raise counter.stopped_by from None
         if not counter.lines:
             raise BigptError(f"inputs {', '.join(map(str, paths))} hold no text to train on") from None
         raise BigptError(
@@ -60,19 +73,31 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, text_field: str = "t
             f"{counter.lines:,} lines ({err}); change --vocab-size as that says, or "
             "give more text"
         ) from None
-    for suffix in (".model", ".vocab"):
-        os.replace(f"{partial_prefix}{suffix}", f"{out_prefix}{suffix}")
+    # The .vocab as SentencePiece writes it: each piece and its score.
+    pieces = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = "".join(f"{pieces.id_to_piece(i)}\t{pieces.get_score(i):g}\n" for i in range(pieces.get_piece_size()))
+    with (  # both written before either is renamed: a failure leaves the old pair whole
+        replacing_atomically(f"{out_prefix}.model", key) as model_file,
+        replacing_atomically(f"{out_prefix}.vocab", key) as vocab_file,
+    ):
+        model_file.write_bytes(model.getvalue())
+        vocab_file.write_text(vocab, encoding="utf-8")
     return Path(f"{out_prefix}.model")
 
 
 class _LineCounter:
     def __init__(self):
         self.lines = 0
+        self.stopped_by: BaseException | None = None
 
     def count(self, lines: Iterator[str]) -> Iterator[str]:
-        for line in lines:
-            self.lines += 1
-            yield line
+        try:
+            for line in lines:
+                self.lines += 1
+                yield line
+        except BaseException as err:
+            self.stopped_by = err
+            raise
 
 
 def _training_lines(paths: list[Path], text_field: str) -> Iterator[str]:
@@ -86,9 +111,3 @@ def _training_lines(paths: list[Path], text_field: str) -> Iterator[str]:
                 except ValueError:
                     continue  # preprocessing reports bad lines; training just needs text
                 yield from (line for line in text.split("\n") if line.strip())
-
-
-def _remove(prefix: Path) -> None:
-    for suffix in (".model", ".vocab"):
-        if os.path.exists(f"{prefix}{suffix}"):
-            os.remove(f"{prefix}{suffix}")

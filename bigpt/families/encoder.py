@@ -23,7 +23,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from bigpt.data.batches import on_model_device
 from bigpt.data.datasets import build_datasets
-from bigpt.families.decoder import POSITIONS, token_loss
+from bigpt.families.decoder import token_loss
 from bigpt.families.spec import ModelFamily
 from bigpt.recipe import padded_vocab_size
 
@@ -110,7 +110,7 @@ def build_chunk(recipe, layout, config, spec, vp_stage):
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=m.tie_embeddings,
-        position_embedding_type=POSITIONS[m.position_embedding],
+        position_embedding_type="rope" if m.position_embedding == "rope" else "learned_absolute",
         add_binary_head=False,  # next-sentence prediction: refused on paper (model.encoder)
         vp_stage=vp_stage,
     )

@@ -10,6 +10,7 @@ import makes each tensor only when torch's writer reaches it, export reads one l
 (bench/hf_import_memory.py measures both, for a dense model and an MoE).
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -29,6 +30,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import WriteItemType
 
 import bigpt
@@ -50,6 +52,7 @@ from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
 from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
 from bigpt.recipe.tables import MoEConfig
+from bigpt.runtime import console
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
 MODEL_TOML = "model.toml"  # inside an imported checkpoint: its [model] table, a recipe fragment
@@ -129,6 +132,20 @@ class _Streamed(TorchDistSaveShardedStrategy):
         )
 
 
+@contextlib.contextmanager
+def _interrupts_as_raised():
+    """torch.distributed.checkpoint reports whatever stopped a save or load, Ctrl-C included, as a
+    CheckpointException: an interrupt or a BigptError (a tensor refused as it is read) is raised
+    again as itself, so that a tool ends it in one line or one paragraph."""
+    try:
+        yield
+    except CheckpointException as err:
+        ours = [exc for exc, _ in err.failures.values() if isinstance(exc, KeyboardInterrupt | BigptError)]
+        if ours:
+            raise ours[0] from None
+        raise
+
+
 def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
     """``dist_checkpointing.save`` of the tensors of ``items`` ((rule, layer) pairs), each joined
     from its Hugging Face tensors only when it is written and dropped after: memory stays near
@@ -143,7 +160,8 @@ def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
         placeholder = joined(item, weights.meta)  # the shape and dtype of the data, on the meta device
         state[f"{item[0].key}/{item[1]}/{item[2]}"] = placeholder
         makers[placeholder.key, placeholder.global_offset] = lambda item=item: joined(item, weights.get).data
-    dist_checkpointing.save(state, str(directory), sharded_strategy=_Streamed(makers))
+    with _interrupts_as_raised():
+        dist_checkpointing.save(state, str(directory), sharded_strategy=_Streamed(makers))
 
 
 EXPORT_MARKER = "bigpt_export.json"  # inside an exported directory: what it was exported from
@@ -203,6 +221,8 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab:
     imported = store.is_complete(out) and "imported_from" in store.read_marker(out)
     _check_replaceable(out, imported, "a checkpoint an earlier import wrote", overwrite)
     model, safetensors = inspect_hf(directory)
+    if safetensors.note:
+        console.note(safetensors.note)
     weights: SafetensorsWeights | _GrownVocabulary = safetensors
     if extend_vocab:
         extension = read_extension(extend_vocab)
@@ -214,32 +234,37 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an import that was killed
         tmp.mkdir(parents=True)
     dist.barrier()
-    mine = [item for number, item in enumerate(_items(model)) if number % world == rank]
-    _save_streamed(mine, weights, model["num_layers"], tmp)
-    dist.barrier()
-    if rank == 0:
-        (tmp / HF_FILES).mkdir()
-        copy_side_files(directory, tmp / HF_FILES)
-        if extend_vocab:  # the extended tokenizer replaces the source's (its other files stay)
-            tokenizer = extension_tokenizer(extend_vocab)
-            for name in ("tokenizer.json", "tokenizer.model"):
-                (tmp / HF_FILES / name).unlink(missing_ok=True)
-            shutil.copyfile(
-                tokenizer, tmp / HF_FILES / ("tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model")
-            )
-        (tmp / MODEL_TOML).write_text(model_toml(model, directory))
-        marker = {
-            "iteration": 0,
-            "imported_from": str(directory),
-            **({"vocab_extension": str(Path(extend_vocab).resolve())} if extend_vocab else {}),
-            "vocab_size": model["vocab_size"],
-            "bigpt_version": bigpt.__version__,
-            "files": store.manifest(tmp),
-        }
-        write_atomically(tmp / store.MARKER, json.dumps(marker, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+    try:
+        with reporting_a_full_disk(out, "OUT"):
+            mine = [item for number, item in enumerate(_items(model)) if number % world == rank]
+            _save_streamed(mine, weights, model["num_layers"], tmp)
+            dist.barrier()
+            if rank == 0:
+                (tmp / HF_FILES).mkdir()
+                copy_side_files(directory, tmp / HF_FILES)
+                if extend_vocab:  # the extended tokenizer replaces the source's (its other files stay)
+                    tokenizer = extension_tokenizer(extend_vocab)
+                    for name in ("tokenizer.json", "tokenizer.model"):
+                        (tmp / HF_FILES / name).unlink(missing_ok=True)
+                    shutil.copyfile(
+                        tokenizer, tmp / HF_FILES / ("tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model")
+                    )
+                (tmp / MODEL_TOML).write_text(model_toml(model, directory))
+                marker = {
+                    "iteration": 0,
+                    "imported_from": str(directory),
+                    **({"vocab_extension": str(Path(extend_vocab).resolve())} if extend_vocab else {}),
+                    "vocab_size": model["vocab_size"],
+                    "bigpt_version": bigpt.__version__,
+                    "files": store.manifest(tmp),
+                }
+                write_atomically(tmp / store.MARKER, json.dumps(marker, indent=2))
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+    except BaseException:  # an interrupt or a full disk: nothing half written is left (OUT is replaced whole)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dist.barrier()
     return model
 
@@ -294,7 +319,8 @@ def _layer_loads(checkpoint: Path, metadata: dict, items: list[Item], num_layers
             shape = saved.global_shape[len(_sliced_axes(item, num_layers)) :]
             request[item] = _sharded(item, torch.empty(shape, dtype=saved.dtype), num_layers)
         # one layer of the stacked tensors: a partial read, which the integrity check would refuse
-        loaded = dist_checkpointing.load(request, str(checkpoint), validate_access_integrity=False)
+        with _interrupts_as_raised():
+            loaded = dist_checkpointing.load(request, str(checkpoint), validate_access_integrity=False)
         for item in request:  # (the load also returns the checkpoint's common, non-tensor state)
             tensor = loaded[item]
             for _ in _sliced_axes(item, num_layers):

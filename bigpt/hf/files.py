@@ -50,6 +50,8 @@ class SafetensorsWeights:
 
     def __init__(self, directory: Path):
         self.directory = directory
+        self.note = ""
+        """What the import should say about how the weights are read (``unify_dtypes``)."""
         index = directory / INDEX
         if index.is_file():
             try:
@@ -97,15 +99,45 @@ class SafetensorsWeights:
                 "the file is damaged or from another model: fetch it again"
             ) from None
 
+    dtype: torch.dtype | None = None
+    """Every tensor is read in this dtype (``unify_dtypes``); None: as stored."""
+
+    def stored_dtype(self, name: str) -> str:
+        """safetensors' name of the dtype ``name`` is stored in ("BF16", "F16", ...)."""
+        return self._read(name, lambda handle: handle.get_slice(name).get_dtype())
+
     def get(self, name: str) -> torch.Tensor:
-        return self._read(name, lambda handle: handle.get_tensor(name))
+        tensor = self._read(name, lambda handle: handle.get_tensor(name))
+        if self.dtype is None or tensor.dtype == self.dtype:
+            return tensor
+        converted = tensor.to(self.dtype)
+        if not torch.isfinite(converted).all() and torch.isfinite(tensor).all():
+            raise BigptError(
+                f"tensor {name} in {self.files[name]} holds values beyond the range of {self.dtype} (as "
+                f"which the weights are read, see the note above), up to {tensor.abs().max().item():.4g}; "
+                "save the model in one dtype that holds them all (bfloat16 or float32) and import that"
+            )
+        return converted
+
+    def rows_equal(self, name: str, other: str, rows: int = 4096) -> bool:
+        """Tensors ``name`` and ``other`` are equal, compared ``rows`` rows at a time (memory stays
+        near two such blocks, whatever the vocabulary)."""
+        if self.shape(name) != self.shape(other):
+            return False
+        with _open(self.files[name]) as first, _open(self.files[other]) as second:
+            left, right = first.get_slice(name), second.get_slice(other)
+            return all(
+                torch.equal(left[start : start + rows].float(), right[start : start + rows].float())
+                for start in range(0, self.shape(name)[0], rows)
+            )
 
     def meta(self, name: str) -> torch.Tensor:
         """A tensor without data (on the meta device) of the shape and dtype of ``name``."""
 
         def empty(handle):
             part = handle.get_slice(name)
-            return torch.empty(part.get_shape(), dtype=part[:0].dtype, device="meta")  # [:0]: no data read
+            dtype = self.dtype or part[:0].dtype  # [:0]: no data read
+            return torch.empty(part.get_shape(), dtype=dtype, device="meta")
 
         return self._read(name, empty)
 
@@ -118,8 +150,9 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     model = model_from_hf(read_config(directory), directory / CONFIG)
     weights = SafetensorsWeights(directory)
     expected = expected_hf_shapes(model)
-    if model["tie_embeddings"]:
-        weights.files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
+    if model["tie_embeddings"] and "lm_head.weight" in weights.files:  # some tied checkpoints store the copy too
+        _check_tied_copy(directory, weights)
+        del weights.files["lm_head.weight"]
     missing = sorted(set(expected) - set(weights.files))
     if missing:
         raise BigptError(
@@ -142,7 +175,58 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
                 "do not belong together"
             )
     check_tokenizer_fits(directory, model["vocab_size"])
+    unify_dtypes(weights, read_config(directory))
     return model, weights
+
+
+def _check_tied_copy(directory: Path, weights: SafetensorsWeights) -> None:
+    """A tied model's stored ``lm_head.weight`` is the embedding's copy: dropping one that differs
+    would silently change the model (transformers ties it to the embedding as well)."""
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    if embedding in weights.files and not weights.rows_equal(head, embedding):
+        raise BigptError(
+            f"{directory}: config.json ties the output layer to the embedding (tie_word_embeddings is "
+            f"true), but {head} in {weights.files[head].name} differs from {embedding}; bigpt will "
+            "not drop a trained output layer without a word. If the model has an output layer of its "
+            'own, set "tie_word_embeddings": false in config.json; if the tied embedding is meant, '
+            f"remove {head} from the weights (transformers: from_pretrained, then save_pretrained). "
+            "Then import again"
+        )
+
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
+
+
+def unify_dtypes(weights: SafetensorsWeights, config: dict) -> None:
+    """Weights stored in several float dtypes (shards mixing float16 and bfloat16) are read in one,
+    with a note naming what is converted: config.json's torch_dtype, as transformers loads them,
+    or float32, which holds every value of both, when config.json names none of them. A value
+    the dtype cannot hold is refused when read (``SafetensorsWeights.get``)."""
+    by_dtype: dict[str, list[str]] = {}
+    for name in weights.files:
+        by_dtype.setdefault(weights.stored_dtype(name), []).append(name)
+    if len(by_dtype) < 2:
+        return
+    unknown = sorted(set(by_dtype) - set(_DTYPES))
+    if unknown:
+        raise BigptError(
+            f"{weights.directory}: tensor {by_dtype[unknown[0]][0]} is stored as {unknown[0]}, beside "
+            f"tensors in {', '.join(sorted(set(by_dtype) - {unknown[0]}))}; bigpt imports float weights "
+            "(float32, bfloat16, float16) only: save the model unquantized"
+        )
+    named = str(config.get("torch_dtype") or config.get("dtype") or "")
+    in_config = {str(dtype).removeprefix("torch."): code for code, dtype in _DTYPES.items()}.get(named)
+    target = in_config if in_config in by_dtype else "F32"
+    weights.dtype = _DTYPES[target]
+    why = "config.json's torch_dtype" if target == in_config else "config.json names neither; float32 holds both"
+    mix = " and ".join(
+        f"{str(_DTYPES[code]).removeprefix('torch.')} ({len(names)} tensors, e.g. {names[0]})"
+        for code, names in sorted(by_dtype.items())
+    )
+    weights.note = (
+        f"{weights.directory}: the weights mix {mix}; every tensor is read as "
+        f"{str(weights.dtype).removeprefix('torch.')} ({why})"
+    )
 
 
 def _open(path: Path):

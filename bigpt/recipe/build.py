@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigpt.errors import BigptError
-from bigpt.recipe.fields import NOT_A_KEY, RANGE, RECIPE_PATH
+from bigpt.recipe.fields import NOT_A_KEY, OUTPUT_PATH, RANGE, RECIPE_PATH
 from bigpt.recipe.tables import Recipe
 
 
@@ -107,6 +107,8 @@ def _convert(value, annotation, f, key: str, origins: Origins):
             raise BigptError(f"{key} must be {wording}, got {value!r} in {origins.of(key).label}.")
     if RECIPE_PATH in f.metadata and value not in f.metadata[RECIPE_PATH]:
         value = os.path.normpath(origins.of(key).directory / os.path.expanduser(value))
+    if OUTPUT_PATH in f.metadata:
+        value = os.path.expanduser(value)
     return value
 
 

@@ -26,6 +26,7 @@ def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
 
 def check_recipe(recipe: Recipe) -> None:
     for check in (
+        _check_name,
         _check_model,
         _check_moe,
         _check_encoder,
@@ -41,6 +42,27 @@ def check_recipe(recipe: Recipe) -> None:
         _check_allowed_model_changes,
     ):
         check(recipe)
+
+
+def _check_name(recipe: Recipe) -> None:
+    """The name is a folder of the runs folder (runs/<name>, the default run_dir) and a part of job
+    names: never one that empties that path or climbs out of runs/."""
+    name = recipe.name
+    parts = name.split("/")
+    if not name.strip("/ ") or "." in parts:
+        where = "runs/ itself"
+    elif ".." in parts or name.startswith(("/", "~")):
+        where = "outside runs/"
+    elif name != name.strip():
+        where = "a folder whose name starts or ends with a space"
+    else:
+        return
+    recipe_error(
+        recipe,
+        f"name = {name!r} cannot name a run: its default folder runs/<name> would be {where}",
+        "name the run with letters, digits, '-' and '_' ('/' makes a subfolder of runs/), and set run_dir to "
+        "write elsewhere",
+    )
 
 
 def _check_model(recipe: Recipe) -> None:
@@ -257,6 +279,12 @@ def _check_encoder(recipe: Recipe) -> None:
             f"model.rope_scaling={model.rope_scaling!r}",
             "megatron-core's BertModel takes no RoPE scaling",
             'set it to "none"',
+        ),
+        (
+            model.position_embedding == "rope" and model.rope_base != 10000,
+            f"model.rope_base={model.rope_base}",
+            "megatron-core's BertModel builds its rotary embedding with base 10000 and takes no other",
+            "set it to 10000, or use learned position embeddings",
         ),
     ]
     for wrong, key, why, fix in refused:

@@ -13,6 +13,10 @@ RECIPE_PATH = "bigpt_recipe_path"
 """Metadata key: keywords that are not paths; any other string is resolved against the
 directory of the recipe file that set it (the working directory for CLI overrides)."""
 
+OUTPUT_PATH = "bigpt_output_path"
+"""Metadata key: a directory this program writes, relative to the working directory (``~`` is
+the user's home, as in a shell)."""
+
 NOT_A_KEY = "bigpt_not_a_key"
 """Metadata key: the field is filled by the loader, never read from TOML."""
 
@@ -44,3 +48,8 @@ def percentile(default=MISSING):
 def recipe_path(default=None, keywords=()):
     """A file or directory named relative to the recipe file that sets it."""
     return field(default=default, metadata={RECIPE_PATH: tuple(keywords)})
+
+
+def output_path(default=MISSING):
+    """A directory the program writes, named relative to the working directory it runs in."""
+    return field(default=default, metadata={OUTPUT_PATH: True})

@@ -63,7 +63,7 @@ def _read_chain(path: Path, chain: tuple[Path, ...]) -> list[tuple[dict, Origin]
         return [(table, origin)]
     if not isinstance(base, str):
         raise BigptError(f"base must be a string (a path to another recipe), got {base!r} in {origin.label}.")
-    return _read_chain(resolved.parent / base, (*chain, resolved)) + [(table, origin)]
+    return _read_chain(resolved.parent / os.path.expanduser(base), (*chain, resolved)) + [(table, origin)]
 
 
 def _parse_override(text: str) -> dict:

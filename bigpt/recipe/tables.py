@@ -9,7 +9,7 @@ the job is launched from, like any output path on a command line.
 from dataclasses import MISSING, dataclass, field
 from typing import Literal
 
-from bigpt.recipe.fields import NOT_A_KEY, fraction, non_negative, positive, recipe_path
+from bigpt.recipe.fields import NOT_A_KEY, fraction, non_negative, output_path, positive, recipe_path
 
 
 @dataclass(kw_only=True)
@@ -523,7 +523,7 @@ class DataConfig:
 class CheckpointConfig:
     """[checkpoint]: saving, resuming and retention."""
 
-    dir: str | None = None
+    dir: str | None = output_path(None)
     """Where checkpoints are written; None = <run_dir>/checkpoints. Relative to the working
     directory, like run_dir."""
     save_interval: int = non_negative(0)
@@ -599,7 +599,7 @@ class Recipe:
 
     name: str
     """Run name, used in logs and the default run_dir."""
-    run_dir: str = ""
+    run_dir: str = output_path("")
     """Output directory (logs, TensorBoard, checkpoints); empty = runs/<name>. Relative to the
     working directory."""
     model: ModelConfig

@@ -16,13 +16,18 @@ The rank comes from torchrun's environment (RANK, WORLD_SIZE), so it is known be
 groups exist, and in a signal handler.
 """
 
+import contextlib
+import errno
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
-from bigpt.errors import EXIT_USER_ERROR, BigptError
+from bigpt.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, BigptError, Terminated
+from bigpt.paths import names_a_full_disk
 
 _EXPECTED_WARNINGS = (
     r".*(Apex|Transformer Engine and Apex) (is|are) not installed.*",
@@ -105,15 +110,66 @@ def rank_error(message: str) -> None:
 
 
 def reports_user_errors(main):
-    """Decorates a tool's ``main(argv) -> int``: a BigptError is said as its one paragraph,
-    without a traceback, and the tool exits with ``EXIT_USER_ERROR``."""
+    """Decorates a tool's ``main(argv) -> int``, the one place every tool ends:
+
+    - a BigptError is said as its one paragraph, without a traceback (exit ``EXIT_USER_ERROR``);
+    - Ctrl-C (KeyboardInterrupt) or SIGTERM is one line (exit 130, or 143 for SIGTERM): SIGTERM
+      is raised as ``Terminated`` so that the ``finally`` blocks that remove partial outputs run;
+    - a full disk (or quota) that no writer named is one paragraph naming the file, when known.
+
+    Each tool removes what it had half written (``bigpt.paths``: temporary names, renamed when
+    complete) on the way out, so the line can say so."""
 
     @functools.wraps(main)
     def run(argv=None) -> int:
-        try:
-            return main(argv)
-        except BigptError as err:  # a tool under torchrun: each rank, as it may exit first
-            rank_error(str(err))
-            return EXIT_USER_ERROR
+        with terminating_cleanly():
+            try:
+                return main(argv)
+            except BigptError as err:  # a tool under torchrun: each rank, as it may exit first
+                rank_error(str(err))
+                return EXIT_USER_ERROR
+            except KeyboardInterrupt as err:
+                code = 128 + err.signum if isinstance(err, Terminated) else EXIT_INTERRUPTED  # as a shell reports it
+                note(f"{_interruption(err)}; the output being written was removed (exit {code})")
+                return code
+            except OSError as err:
+                if not names_a_full_disk(err):
+                    raise
+                where = f"writing {err.filename}" if err.filename else "writing the output"
+                rank_error(
+                    f"{where} failed: {os.strerror(errno.ENOSPC)} (or over quota); what was half "
+                    "written was removed. Free space there or write elsewhere, then run again."
+                )
+                return EXIT_USER_ERROR
 
     return run
+
+
+def _interruption(err: KeyboardInterrupt) -> str:
+    """What stopped the process, in words: interrupted (Ctrl-C), or stopped by a signal."""
+    return f"stopped by {signal.Signals(err.signum).name}" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+
+
+@contextlib.contextmanager
+def terminating_cleanly():
+    """SIGTERM (a ``kill``, a scheduler's cancel) raises ``Terminated`` in this process for the
+    block, as Ctrl-C raises KeyboardInterrupt, instead of ending it where it stands (a half-written
+    output left behind). Processes forked meanwhile keep the default: they end at once. Outside
+    the main thread (a tool's main called from a thread) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != owner:  # a forked worker: die as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -6,6 +6,7 @@ On a 2-core machine each is seconds per process, and a test suite starts hundred
 import atexit
 import gc
 import os
+import subprocess
 import sys
 
 _silence_teardown = False
@@ -44,3 +45,17 @@ def exit_without_final_gc(code: int):
     gc.freeze()
     _silence_teardown = True
     sys.exit(code)
+
+
+def run_child(command: list[str], **popen) -> int:
+    """``command``'s exit code, run to its end; when this process is interrupted meanwhile (Ctrl-C,
+    or SIGTERM raised as ``Terminated``), the child gets SIGTERM and is waited for before the
+    interrupt goes on, so that it stops writing before the caller removes what it wrote (torchrun
+    passes SIGTERM to its ranks; subprocess.run would SIGKILL it and orphan them)."""
+    child = subprocess.Popen(command, **popen)
+    try:
+        return child.wait()
+    except BaseException:
+        child.terminate()
+        child.wait()
+        raise

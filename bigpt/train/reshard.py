@@ -15,7 +15,6 @@ any data-parallel size, so more processes would only cost memory.
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -106,6 +105,7 @@ def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
     from bigpt.checkpoint import store
     from bigpt.layout import Layout
     from bigpt.recipe import recipe_to_toml
+    from bigpt.runtime.process import run_child
 
     recipe_file = root.with_name(root.name + ".toml")
     recipe_file.write_text(recipe_to_toml(recipe))
@@ -124,11 +124,16 @@ def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
         str(load),
         str(root),
     ]
-    code = subprocess.run(command, env=env, cwd=REPO).returncode
+    code = run_child(command, env=env, cwd=REPO)
     if code:
-        raise BigptError(
-            f"{what} failed (torchrun exit {code}; the ranks' output above says why); nothing was written."
+        from bigpt.paths import almost_full
+
+        why = (
+            f"the filesystem of {root} is full (or over quota): free space there or write OUT elsewhere"
+            if almost_full(root)
+            else "the ranks' output above says why"
         )
+        raise BigptError(f"{what} failed (torchrun exit {code}; {why}); nothing was written.")
     written = store.latest_in(root)
     assert written is not None, f"{what} exited 0 without a checkpoint in {root}"
     return written
