@@ -143,14 +143,17 @@ def test_pre_layernorm_is_another_model(logits_against_transformers):
     assert (ours - theirs).abs().max() > 1e-2
 
 
+ROPE = ["model.position_embedding='rope'"]
+
+
 @pytest.mark.parametrize(
     "overrides,words",
     [
         (["model.encoder.next_sentence_prediction=true"], "next_sentence_prediction=true is not offered"),
         (["model.attention_window=16"], 'model.attention_window=16 with model.family = "encoder"'),
         (["model.qk_layernorm=true"], "BERT layers have no query/key norms"),
-        (["model.rope_scaling='linear'", "model.rope_scaling_factor=2.0"], "BertModel takes no RoPE scaling"),
-        (["model.position_embedding='rope'", "model.rope_base=500000.0"], "builds its rotary embedding with base 10000"),
+        ([*ROPE, "model.rope_scaling='linear'", "model.rope_scaling_factor=2.0"], "BertModel takes no RoPE scaling"),
+        ([*ROPE, "model.rope_base=500000.0"], "rotary embedding with base 10000"),
         (['model.family="decoder"', "model.encoder.token_types=1"], "model.encoder.token_types set while"),
         (['model.family="decoder"', "data.masking.whole_word=true"], "data.masking.whole_word set while"),
         (["data.masking.probability=1.0"], "leaves nothing to predict or nothing to see"),

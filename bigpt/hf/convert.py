@@ -246,9 +246,8 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab:
                     tokenizer = extension_tokenizer(extend_vocab)
                     for name in ("tokenizer.json", "tokenizer.model"):
                         (tmp / HF_FILES / name).unlink(missing_ok=True)
-                    shutil.copyfile(
-                        tokenizer, tmp / HF_FILES / ("tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model")
-                    )
+                    name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
+                    shutil.copyfile(tokenizer, tmp / HF_FILES / name)
                 (tmp / MODEL_TOML).write_text(model_toml(model, directory))
                 marker = {
                     "iteration": 0,
