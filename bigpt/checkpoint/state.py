@@ -8,6 +8,7 @@ slices with no exchange: ``bigpt.runtime.model_space``), so a checkpoint loads a
 import copy
 import shlex
 import shutil
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -336,7 +337,15 @@ class CheckpointWriter:
         if dist.get_rank() == 0:
             (tmp / "recipe.toml").write_text(recipe_text)
             store.finalize(tmp, final, dict(marker, files=store.manifest(tmp)))
-            store.apply_retention(self.root, config.keep_last, config.keep_every, final)
+            left = store.apply_retention(self.root, config.keep_last, config.keep_every, final)
+            if left:  # rank 0's own line: the console's warnings come from the last rank only
+                print(
+                    f"bigpt: warning: checkpoint {final.name} saved, but retention (checkpoint.keep_last = "
+                    f"{config.keep_last}) could not delete older checkpoints: {'; '.join(left)}. Delete or "
+                    "move them by hand (or fix their permissions); saving goes on.",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     @contextmanager
     def _reporting_failure(self):
