@@ -8,7 +8,6 @@ slices with no exchange: ``bigpt.runtime.model_space``), so a checkpoint loads a
 import copy
 import shlex
 import shutil
-import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.paths import almost_full, names_a_full_disk
 from bigpt.recipe import Recipe, recipe_to_toml
+from bigpt.runtime import console
 from bigpt.runtime.seeding import rng_state, set_rng_state
 
 
@@ -338,13 +338,12 @@ class CheckpointWriter:
             (tmp / "recipe.toml").write_text(recipe_text)
             store.finalize(tmp, final, dict(marker, files=store.manifest(tmp)))
             left = store.apply_retention(self.root, config.keep_last, config.keep_every, final)
-            if left:  # rank 0's own line: the console's warnings come from the last rank only
-                print(
-                    f"bigpt: warning: checkpoint {final.name} saved, but retention (checkpoint.keep_last = "
-                    f"{config.keep_last}) could not delete older checkpoints: {'; '.join(left)}. Delete or "
-                    "move them by hand (or fix their permissions); saving goes on.",
-                    file=sys.stderr,
-                    flush=True,
+            if left:
+                console.warn(
+                    f"checkpoint {final.name} saved, but retention (checkpoint.keep_last = {config.keep_last}) could "
+                    f"not delete older checkpoints: {'; '.join(left)}. Delete or move them by hand (or fix their "
+                    "permissions); saving goes on.",
+                    here=True,  # rank 0 alone saw it
                 )
 
     @contextmanager

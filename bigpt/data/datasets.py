@@ -1,12 +1,14 @@
 """Recipe [data] → megatron-core GPT datasets (mock, or phases of indexed-dataset blends)."""
 
 import os
+from pathlib import Path
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import Split
 
 from bigpt.data.checks import check_mock_index_fits, check_vocab
+from bigpt.data.index_cache import KeyedGPTDataset, drop_damaged
 from bigpt.data.phases import Phase, PhasedDataset, plan_phases, validation_rereads
 from bigpt.data.rank_zero_first import build_rank_zero_first, megatron_sees_one_process
 from bigpt.data.tokenizer import Tokenizer, load_tokenizer
@@ -25,7 +27,8 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     """Return ``(train, valid)`` datasets; ``valid`` is None when ``valid_samples`` is 0.
 
     Call on every rank. ``source = "indexed"`` datasets are checked on every rank first, then
-    their sample indices are built on rank 0 into ``data.cache_dir`` and loaded by the others.
+    their sample indices are built on rank 0 into ``data.cache_dir`` and loaded by the others
+    (keyed on each index file's identity, checked before use: ``index_cache``).
     Samples are dicts of ``seq_length``-long tensors: tokens, labels, loss_mask, position_ids.
     Validation samples come from the first phase's blend (``data.blend``).
     """
@@ -67,9 +70,14 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
         cache_dir=cache_dir,
         seed=recipe.train.seed + number,
     )
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, [phase.samples, valid_samples, 0], lambda: True, config)
+    builder = BlendedMegatronDatasetBuilder(KeyedGPTDataset, [phase.samples, valid_samples, 0], lambda: True, config)
+
+    def build():
+        drop_damaged(Path(cache_dir))  # before megatron maps a cached file: each rank, rank 0 first
+        return builder.build()
+
     train, valid, _ = build_rank_zero_first(
-        builder.build, world_rank=world_rank, cache_dir=cache_dir, timeout_minutes=recipe.data.build_timeout_minutes
+        build, world_rank=world_rank, cache_dir=cache_dir, timeout_minutes=recipe.data.build_timeout_minutes
     )
     return train, valid
 

@@ -1,0 +1,116 @@
+"""The sample-index cache (``data.cache_dir``): keyed on what each dataset is, checked before use.
+
+megatron-core finds a dataset's cached indices by a hash of its settings and its path prefix
+alone, and trusts every file it finds there. So a corpus re-tokenised under the same prefix
+reused the old indices (training silently on other samples, or an IndexError past its end), and
+a file cut short by a kill or a full disk (megatron writes them in place) failed with a traceback
+at the next start. Here the key also holds the identity of the index file (``index_identity``),
+indices cached for another version of it are dropped, and every cached file is checked against
+its own header before megatron maps it; what is dropped is built anew, and each drop is said.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy
+from megatron.core.datasets.gpt_dataset import GPTDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from bigpt.runtime import console
+
+INDEX_FILE = "index_file"
+"""The key bigpt adds to megatron-core's description of a dataset (and so to its hash)."""
+
+_hashed: dict[tuple, str] = {}  # (path, size, mtime, inode) -> hash: each phase and split reopens a dataset
+
+
+def index_identity(dataset: IndexedDataset) -> dict:
+    """What the sample indices of ``dataset`` are built from: the document lengths its ``.idx``
+    file holds (the document, sample and shuffle indices depend on them alone), as a hash, with
+    the sizes of its ``.idx`` and ``.bin`` files."""
+    idx, bin_ = Path(f"{dataset.path_prefix}.idx"), Path(f"{dataset.path_prefix}.bin")
+    stat = idx.stat()
+    seen = (str(idx.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if seen not in _hashed:
+        lengths = numpy.ascontiguousarray(dataset.sequence_lengths)
+        _hashed[seen] = hashlib.blake2b(lengths.tobytes() if lengths.size else b"", digest_size=16).hexdigest()
+    return {"idx_bytes": stat.st_size, "bin_bytes": bin_.stat().st_size, "lengths_blake2b": _hashed[seen]}
+
+
+class KeyedGPTDataset(GPTDataset):
+    """megatron-core's GPTDataset, whose cached indices are keyed on its index file's identity too."""
+
+    def _build_document_sample_shuffle_indices(self):
+        cache = self.config.path_to_cache
+        if cache:
+            self.unique_identifiers[INDEX_FILE] = index_identity(self.dataset)
+            # megatron-core's own description and hash (MegatronDataset.__init__), of the extended key
+            self.unique_description = json.dumps(
+                self.unique_identifiers, indent=4, default=lambda obj: obj.unique_identifiers
+            )
+            self.unique_description_hash = hashlib.md5(
+                self.unique_description.encode("utf-8"), usedforsecurity=False
+            ).hexdigest()
+            self._drop_other_versions(Path(cache))
+        return super()._build_document_sample_shuffle_indices()
+
+    def _drop_other_versions(self, cache: Path) -> None:
+        """Drop the indices cached for this dataset, split and settings when its index file was another."""
+        kind = f"{type(self).__name__}-{self.index_split.name}"
+        if (cache / f"{self.unique_description_hash}-{kind}-description.txt").is_file():
+            return
+        ours = {key: value for key, value in json.loads(self.unique_description).items() if key != INDEX_FILE}
+        for description in sorted(cache.glob(f"*-{kind}-description.txt")):
+            try:
+                theirs = json.loads(description.read_text())
+            except (OSError, ValueError):
+                continue  # not readable: drop_damaged's to judge
+            if theirs.pop(INDEX_FILE, None) is not None and theirs == ours:
+                _drop(cache, description.name.removesuffix("description.txt"))
+                console.warn(
+                    f"data.cache_dir {cache}: the {self.index_split.name} indices cached for {self.dataset_path} "
+                    f"were built from another version of {self.dataset_path}.idx (it was rewritten since); "
+                    "they are dropped and built anew",
+                    here=True,
+                )
+
+
+def drop_damaged(cache: Path) -> None:
+    """Drop each set of cached indices (``<hash>-<class>-<split>-*``) holding a file that is not
+    whole: a ``.npy`` shorter or longer than its header says (a kill or a full disk while megatron
+    wrote it), or unreadable; it is built anew. Said once per set."""
+    if not cache.is_dir():
+        return
+    sets: dict[str, list[Path]] = {}
+    for path in sorted(cache.glob("*-*-*-*.npy")):
+        sets.setdefault(path.name[: path.name.rindex("-") + 1], []).append(path)
+    for stem, files in sets.items():
+        for path in files:
+            if why := _npy_problem(path):
+                _drop(cache, stem)
+                console.warn(
+                    f"data.cache_dir {cache}: {path.name} is damaged ({why}), as a kill or a full disk leaves "
+                    "a file megatron-core was writing; the indices cached with it are dropped and built anew",
+                    here=True,
+                )
+                break
+
+
+def _npy_problem(path: Path) -> str | None:
+    """Why the ``.npy`` file at ``path`` cannot be mapped as it says it is, or None."""
+    size = path.stat().st_size
+    if not size:
+        return "it is empty"
+    try:
+        mapped = numpy.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as err:
+        return f"{size:,} bytes that numpy cannot map: {err}"
+    expected = mapped.offset + mapped.nbytes
+    del mapped
+    return f"{size:,} bytes where its header says {expected:,}" if size != expected else None
+
+
+def _drop(cache: Path, stem: str) -> None:
+    for path in cache.glob(f"{stem}*"):
+        path.unlink(missing_ok=True)
