@@ -248,6 +248,7 @@ def _full_state(training: Checkpointed, model_state: dict, *, is_loading: bool, 
     state["train_state"] = {
         "iteration": counters.iteration,
         "consumed_samples": counters.consumed_samples,
+        "consumed_tokens": counters.consumed_tokens,
         "guard": training.guard.state_dict(),
     }
     state["rng_state"] = _rng_object()
@@ -279,6 +280,8 @@ class CheckpointWriter:
         marker = {  # taken now: training moves on while an asynchronous save is written
             "iteration": training.counters.iteration,
             "consumed_samples": training.counters.consumed_samples,
+            "consumed_tokens": training.counters.consumed_tokens,
+            "seq_length": training.recipe.model.seq_length,
             "layout": _layout_tag(training),
             "vocab_size": training.recipe.model.vocab_size,  # lets another padding of the vocabulary load
             "optimizer_format": training.recipe.checkpoint.optimizer_format,
@@ -442,6 +445,10 @@ def load_checkpoint(training: Checkpointed, path: Path) -> None:
     training.scheduler.load_state_dict(loaded["scheduler"])
     training.counters.iteration = loaded["train_state"]["iteration"]
     training.counters.consumed_samples = loaded["train_state"]["consumed_samples"]
+    tokens = loaded["train_state"].get("consumed_tokens")  # none before bigpt counted tokens
+    if tokens is None:
+        tokens = store.saved_progress(path, training.recipe.model.seq_length)["consumed_tokens"]
+    training.counters.consumed_tokens = tokens
     training.guard.load_state_dict(loaded["train_state"].get("guard", {}))  # none before the guard was saved
     if rng_fits:
         set_rng_state(loaded["rng_state"])

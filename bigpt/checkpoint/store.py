@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import tomllib
 from pathlib import Path
 
 from bigpt.errors import BigptError
@@ -69,6 +70,24 @@ def written_latest(path: Path) -> bool:
 
 def read_marker(path: Path) -> dict:
     return json.loads((path / MARKER).read_text())
+
+
+def saved_progress(path: Path, seq_length: int) -> dict:
+    """The counters of the checkpoint at ``path`` and what it was trained with: iteration,
+    consumed_samples, consumed_tokens, seq_length, and its recipe's [train] table (batch size and
+    ramp-up). Checkpoints from before bigpt counted tokens count samples × their recipe's
+    model.seq_length (``seq_length`` when they name none)."""
+    marker = read_marker(path)
+    recipe_file = path / "recipe.toml"
+    saved = tomllib.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    seq_length = marker.get("seq_length") or saved.get("model", {}).get("seq_length") or seq_length
+    return {
+        "iteration": marker["iteration"],
+        "consumed_samples": marker["consumed_samples"],
+        "consumed_tokens": marker.get("consumed_tokens", marker["consumed_samples"] * seq_length),
+        "seq_length": seq_length,
+        "train": saved.get("train", {}),
+    }
 
 
 def resolve_resume(load: str, checkpoint_dir: str, warn=lambda message: None) -> Path | None:
