@@ -74,3 +74,26 @@ def test_a_damaged_cache_file_is_rebuilt_and_said(tmp_path, tokenizer_path, caps
     assert f"data.cache_dir {cache}: {path.name} is damaged (" in said
     assert "the indices cached with it are dropped and built anew" in said
     assert path.read_bytes() == whole
+
+
+def test_a_damaged_cache_file_that_cannot_be_deleted_is_named(tmp_path, tokenizer_path, monkeypatch):
+    from pathlib import Path
+
+    from bigpt.errors import BigptError
+
+    web = write_indexed(tmp_path / "web", documents(10, 120, 80))
+    recipe = indexed_recipe(tmp_path, tokenizer_path, [web], seq_length=16)
+    build(recipe)
+    cache = tmp_path / "run" / "data_cache"
+    (path,) = cache.glob("*-train-sample_index.npy")
+    path.write_bytes(path.read_bytes()[:-8])
+    unlink = Path.unlink
+
+    def not_ours(self, *args, **kwargs):  # another user's files, in a folder this user cannot write
+        if self.parent == cache:
+            raise PermissionError(13, "Permission denied")
+        unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", not_ours)
+    with pytest.raises(BigptError, match=rf"data.cache_dir {cache}: .* is cached with {path.name}, which is damaged"):
+        build(recipe)

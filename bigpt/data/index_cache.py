@@ -17,6 +17,7 @@ import numpy
 from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from bigpt.errors import BigptError
 from bigpt.runtime import console
 
 INDEX_FILE = "index_file"
@@ -67,7 +68,11 @@ class KeyedGPTDataset(GPTDataset):
             except (OSError, ValueError):
                 continue  # not readable: drop_damaged's to judge
             if theirs.pop(INDEX_FILE, None) is not None and theirs == ours:
-                _drop(cache, description.name.removesuffix("description.txt"))
+                _drop(
+                    cache,
+                    description.name.removesuffix("description.txt"),
+                    f"was built from another {self.dataset_path}.idx",
+                )
                 console.warn(
                     f"data.cache_dir {cache}: the {self.index_split.name} indices cached for {self.dataset_path} "
                     f"were built from another version of {self.dataset_path}.idx (it was rewritten since); "
@@ -88,7 +93,7 @@ def drop_damaged(cache: Path) -> None:
     for stem, files in sets.items():
         for path in files:
             if why := _npy_problem(path):
-                _drop(cache, stem)
+                _drop(cache, stem, f"is cached with {path.name}, which is damaged ({why})")
                 console.warn(
                     f"data.cache_dir {cache}: {path.name} is damaged ({why}), as a kill or a full disk leaves "
                     "a file megatron-core was writing; the indices cached with it are dropped and built anew",
@@ -111,6 +116,13 @@ def _npy_problem(path: Path) -> str | None:
     return f"{size:,} bytes where its header says {expected:,}" if size != expected else None
 
 
-def _drop(cache: Path, stem: str) -> None:
+def _drop(cache: Path, stem: str, why: str) -> None:
+    """Delete the cached files named ``stem*``, which are ``why`` (worded for the error if one cannot go)."""
     for path in cache.glob(f"{stem}*"):
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            raise BigptError(
+                f"data.cache_dir {cache}: {path.name} {why}, and cannot be deleted ({err.strerror or err}) to build it "
+                "anew; delete it by hand, or point data.cache_dir at a folder of this run's own"
+            ) from None
