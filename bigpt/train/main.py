@@ -111,7 +111,7 @@ def train(recipe: Recipe, layout: Layout, overwrite: bool = False) -> None:
             lock = store.lock_directory(checkpoint_dir(recipe))
         resumed = resumed_from(recipe, resume) if resume is not None else None
         trainer = build_trainer(recipe, layout, resumed=resumed)
-        if resume is not None:
+        if resume is not None and resumed is not None:
             load_checkpoint(checkpointed(trainer), resume)
             apply_recipe_hyperparameters(recipe, trainer.optimizer)
             changed = (
