@@ -47,9 +47,15 @@ def test_a_corpus_retokenised_under_the_same_prefix_gets_new_indices(tmp_path, t
 
 
 @pytest.mark.parametrize(
-    "victim", ["document_index", "sample_index", "shuffle_index", "BlendedDataset-train-dataset_index"]
+    "victim, damage",
+    [  # each file a set holds, each way a write is cut short
+        ("document_index", "empty"),
+        ("sample_index", "data cut"),
+        ("shuffle_index", "header cut"),
+        ("BlendedDataset-train-dataset_index", "data cut"),
+        ("sample_index", "bytes appended"),
+    ],
 )
-@pytest.mark.parametrize("damage", ["empty", "header cut", "data cut", "bytes appended"])
 def test_a_damaged_cache_file_is_rebuilt_and_said(tmp_path, tokenizer_path, capsys, victim, damage):
     """As a kill or a full disk leaves a file megatron-core was writing (it writes in place)."""
     web = write_indexed(tmp_path / "web", documents(10, 120, 80))
