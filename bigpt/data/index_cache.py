@@ -104,7 +104,10 @@ def drop_damaged(cache: Path) -> None:
 
 def _npy_problem(path: Path) -> str | None:
     """Why the ``.npy`` file at ``path`` cannot be mapped as it says it is, or None."""
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as err:  # e.g. a link to a file that is gone
+        return f"it cannot be read: {err.strerror or err}"
     if not size:
         return "it is empty"
     try:

@@ -165,5 +165,6 @@ def resumed_batch_changes(recipe: Recipe, resumed: Resumed) -> str:
         f"({resumed.consumed_samples:,} samples and {resumed.consumed_tokens:,} tokens consumed by step "
         f"{resumed.iteration}); {stream}the {remaining} step{'s' * (remaining != 1)} left read "
         f"{samples_by_step(now, remaining, resumed.consumed_samples):,} samples from sample {position:,} of the "
-        f"training stream on. The schedule's points stay at their steps{phases}."
+        f"training stream on. The schedule's points stay at their steps{phases} (between points the lr "
+        "follows the new batches' share of the samples left, so it may step at this resume)."
     )
