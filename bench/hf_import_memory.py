@@ -1,9 +1,10 @@
 """How much memory does tools/convert_hf.py import (and export) take, against the model's size?
 
-    OMP_NUM_THREADS=1 python bench/hf_import_memory.py [--dir DIR] [--layers 6 30] [--checkout DIR ...]
+    OMP_NUM_THREADS=1 python bench/hf_import_memory.py [--dir DIR] [--layers 6 30] [--experts N] [--checkout DIR ...]
 
 Writes random-weight Hugging Face Llama directories (fp32, GQA, untied embeddings, ``--hidden``
-wide) with ``--layers`` layers each, one layer per safetensors shard, without building a model
+wide; with ``--experts``, Mixtral directories of that many experts per layer) with ``--layers``
+layers each, one layer per safetensors shard, without building a model
 (each tensor is made, written and dropped). Each conversion runs in a fresh process of its own:
 ``import`` of every directory, then ``export`` of that import. Its peak resident memory is the
 kernel's (``ru_maxrss`` of that child alone, from ``wait4``); the baseline is a child that
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from transformers import LlamaConfig  # noqa: E402
+from transformers import LlamaConfig, MixtralConfig  # noqa: E402
 
 from bigpt.hf.config import model_from_hf  # noqa: E402
 from bigpt.hf.files import plan_shards, write_shards  # noqa: E402
@@ -49,13 +50,14 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 30], help="one model per number of layers")
     parser.add_argument("--hidden", type=int, default=512, help="hidden size (ffn 2.75x, 8 heads, 4 key/value heads)")
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
+    parser.add_argument("--experts", type=int, default=0, help="write Mixtral models of this many experts a layer")
     parser.add_argument("--checkout", action="append", default=[], help="another bigpt checkout to measure too")
     return parser.parse_args(argv)
 
 
-def write_model(directory: Path, layers: int, hidden: int, vocab: int) -> int:
-    """A random Llama, one shard per layer; returns its bytes."""
-    config = LlamaConfig(
+def write_model(directory: Path, layers: int, hidden: int, vocab: int, experts: int) -> int:
+    """A random Llama (or Mixtral of ``experts`` experts), one shard per layer; returns its bytes."""
+    shape = dict(
         hidden_size=hidden,
         intermediate_size=hidden * 11 // 4,
         num_hidden_layers=layers,
@@ -64,6 +66,7 @@ def write_model(directory: Path, layers: int, hidden: int, vocab: int) -> int:
         vocab_size=vocab,
         tie_word_embeddings=False,
     )
+    config = MixtralConfig(**shape, num_local_experts=experts) if experts else LlamaConfig(**shape)
     config.save_pretrained(directory)
     shapes = expected_hf_shapes(model_from_hf(config.to_dict(), directory))
     sizes = [(name, 4 * math.prod(shape)) for name, shape in shapes.items()]
@@ -96,10 +99,14 @@ def main(argv=None) -> None:
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
     checkouts = [ROOT] + [Path(c).resolve() for c in args.checkout]
-    models = {layers: write_model(root / f"hf_{layers}", layers, args.hidden, args.vocab) for layers in args.layers}
+    models = {
+        layers: write_model(root / f"hf_{layers}", layers, args.hidden, args.vocab, args.experts)
+        for layers in args.layers
+    }
     largest = 4 * args.vocab * args.hidden
+    kind = f"Mixtral of {args.experts} experts" if args.experts else "Llama"
     print(
-        f"hf import/export memory: Llama fp32, hidden {args.hidden}, vocab {args.vocab}, largest tensor "
+        f"hf import/export memory: {kind} fp32, hidden {args.hidden}, vocab {args.vocab}, largest tensor "
         f"{largest / 2**20:.1f} MiB; torch {torch.__version__}, one fresh process per figure"
     )
     print(

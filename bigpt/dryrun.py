@@ -1,7 +1,7 @@
 """The --dry-run report: the resolved recipe and its plan, computed on paper."""
 
 from bigpt.errors import BigptError, BigptErrors
-from bigpt.flops import flops_per_step, num_parameters, parameters_per_stage
+from bigpt.flops import attention_counted, flops_per_step, num_parameters, parameters_per_stage
 from bigpt.layout import Layout, samples_by_step
 from bigpt.memory import stage_memory
 from bigpt.numbers import short
@@ -71,7 +71,7 @@ def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, 
         f"tokens per step  {layout.global_batch_size} × seq {model.seq_length} = {tokens_per_step:,}",
         _training_tokens(recipe),
         f"FLOPs per step   {flops_per_step(recipe, layout.global_batch_size):.3e} "
-        f"(3 × forward, causal attention halved)",
+        f"(3 × forward, {attention_counted(model)})",
     ]
     if train.rampup_batch_size:
         start, increment, samples = train.rampup_batch_size

@@ -174,10 +174,20 @@ def _layer_parameters(model: ModelConfig, moe: bool = False, *, active: bool = F
 
 
 def _input_parameters(model: ModelConfig, vocab: int) -> int:
-    """Token embedding, plus the learned position table if used."""
+    """Token embedding, plus the learned position table if used, and an encoder's token types."""
     positions = model.max_position_embeddings or model.seq_length
     learned = positions * model.hidden_size if model.position_embedding == "learned" else 0
-    return vocab * model.hidden_size + learned
+    token_types = model.encoder.token_types * model.hidden_size if model.family == "encoder" else 0
+    return vocab * model.hidden_size + learned + token_types
+
+
+def _head_parameters(model: ModelConfig, vocab: int, *, output_weights: bool) -> int:
+    """After the last layer: the final norm, an encoder's masked-LM head (a dense layer with its
+    bias, a layer norm, and the output layer's bias per vocabulary entry), and the output layer's
+    weights when ``output_weights``."""
+    hidden = model.hidden_size
+    masked_lm_head = hidden * hidden + hidden + 2 * hidden + vocab if model.family == "encoder" else 0
+    return _norm_parameters(model) + masked_lm_head + (vocab * hidden if output_weights else 0)
 
 
 def num_parameters(model: ModelConfig, padded_vocab: int | None = None, *, active: bool = False) -> int:
@@ -188,9 +198,9 @@ def num_parameters(model: ModelConfig, padded_vocab: int | None = None, *, activ
     pass ``padded_vocab_size(model, tp)`` for what is actually allocated.
     """
     vocab = padded_vocab or model.vocab_size
-    output = 0 if model.tie_embeddings else vocab * model.hidden_size
     layers = sum(_layer_parameters(model, moe, active=active) for moe in moe_layers(model))
-    return _input_parameters(model, vocab) + layers + _norm_parameters(model) + output
+    head = _head_parameters(model, vocab, output_weights=not model.tie_embeddings)
+    return _input_parameters(model, vocab) + layers + head
 
 
 def stage_layer_kinds(model: ModelConfig, layers_per_stage: tuple[int, ...], vpp: int) -> list[list[bool]]:
@@ -221,8 +231,7 @@ def parameters_per_stage(
         sum(_layer_parameters(model, moe) for moe in kinds) for kinds in stage_layer_kinds(model, layers_per_stage, vpp)
     ]
     stages[0] += _input_parameters(model, vocab)
-    has_output_weights = not model.tie_embeddings or len(stages) > 1
-    stages[-1] += _norm_parameters(model) + (vocab * model.hidden_size if has_output_weights else 0)
+    stages[-1] += _head_parameters(model, vocab, output_weights=not model.tie_embeddings or len(stages) > 1)
     return tuple(stages)
 
 
@@ -235,10 +244,18 @@ def expert_parameters_per_stage(model: ModelConfig, layers_per_stage: tuple[int,
 
 def attended_keys(model: ModelConfig) -> float:
     """Keys an average query attends to under the causal mask, bounded by the sliding window w:
-    the mask's area over s queries, s/2 for full attention, w - w²/2s for a window w < s."""
+    the mask's area over s queries, s/2 for full attention, w - w²/2s for a window w < s; all s
+    in an encoder, which attends both ways."""
     s = model.seq_length
+    if model.family == "encoder":
+        return s
     window = min(s, model.attention_window or s)
     return window - window * window / (2 * s)
+
+
+def attention_counted(model: ModelConfig) -> str:
+    """How the FLOP count takes the attention scores (attended_keys), in the plans' words."""
+    return "bidirectional attention, all keys" if model.family == "encoder" else "causal attention halved"
 
 
 def _attention_core_forward_flops(model: ModelConfig) -> float:
@@ -258,10 +275,11 @@ def flops_per_token(model: ModelConfig, padded_vocab: int | None = None) -> floa
 
     forward = 2 × (matmul weights: every layer's q, k, v, output and MLP matrices, or an MoE
                    layer's router, shared experts and the router_topk experts a token passes,
-                   plus the vocab × hidden output layer, tied or not)
+                   plus the vocab × hidden output layer, tied or not, and an encoder's
+                   hidden × hidden masked-LM head before it, at every position)
             + 2 × 2 × keys × (heads × head width) per layer, for the scores Q·Kᵀ and the
               score-weighted sum of V, with keys = attended_keys: the causal mask halves them
-              (s/2) and a sliding window bounds them.
+              (s/2), a sliding window bounds them, an encoder attends to all s.
     This is Megatron-LM's num_floating_point_operations (core_r0.19.0) and Megatron-Bridge's
     convention, halved causal term included (Llama-3-8B at 8192 tokens: 51.5 GFLOP/token, not
     PaLM's unhalved 57.9); they ignore a sliding window, bigpt counts only the keys it attends
@@ -270,7 +288,8 @@ def flops_per_token(model: ModelConfig, padded_vocab: int | None = None) -> floa
     """
     vocab = padded_vocab or model.vocab_size
     layers = sum(_layer_forward_flops(model, moe) for moe in moe_layers(model))
-    return 3.0 * (layers + 2 * vocab * model.hidden_size)
+    masked_lm_head = model.hidden_size**2 if model.family == "encoder" else 0  # its dense layer
+    return 3.0 * (layers + 2 * (masked_lm_head + vocab * model.hidden_size))
 
 
 def flops_per_step(recipe: Recipe, global_batch_size: int) -> float:
@@ -284,7 +303,8 @@ def recompute_flops_per_step(recipe: Recipe, layout: Layout) -> float:
     """FLOPs the recipe's activation recomputation adds to one step (on top of flops_per_step):
     full re-runs the forward of every recomputed layer (all of them with method uniform, the first
     num_layers of each model chunk with block); selective re-runs its modules' forward: core_attn
-    the attention core, mlp the MLP's matmuls."""
+    the attention core, mlp a dense layer's MLP matmuls, moe an MoE layer's (router, shared experts,
+    the router_topk experts a token passes), shared_experts its shared experts'."""
     model, recompute = recipe.model, recipe.recompute
     if recompute.granularity == "full":
         if recompute.method == "uniform":
@@ -294,11 +314,17 @@ def recompute_flops_per_step(recipe: Recipe, layout: Layout) -> float:
         mean_layer = sum(_layer_forward_flops(model, moe) for moe in moe_layers(model)) / model.num_layers
         per_token = layers * mean_layer
     elif recompute.granularity == "selective":
-        hidden = model.hidden_size
-        per_layer = (_attention_core_forward_flops(model) if "core_attn" in recompute.modules else 0) + (
-            2 * (hidden * _mlp_input_width(model) + model.ffn_hidden_size * hidden) if "mlp" in recompute.modules else 0
-        )
-        per_token = model.num_layers * per_layer
+        modules = recompute.modules
+        per_token = 0
+        for moe in moe_layers(model):
+            per_token += _attention_core_forward_flops(model) if "core_attn" in modules else 0
+            if not moe and "mlp" in modules:
+                per_token += 2 * _mlp_matmul_parameters(model, model.ffn_hidden_size)
+            elif moe and "moe" in modules:
+                routed = _routed_expert_parameters(model, model.moe.router_topk)
+                per_token += 2 * (_moe_shared_parameters(model) + routed)
+            elif moe and "shared_experts" in modules and model.moe.shared_expert_ffn_hidden_size:
+                per_token += 2 * _mlp_matmul_parameters(model, model.moe.shared_expert_ffn_hidden_size)
     else:
         per_token = 0
     return per_token * layout.global_batch_size * model.seq_length

@@ -96,6 +96,13 @@ def _check_degrees(recipe: Recipe) -> None:
             "parallel.overlap_param_gather=true needs parallel.distributed_optimizer and parallel.overlap_grad_reduce",
             "turn both on, or overlap_param_gather off",
         )
+    if parallel.context > 1 and recipe.model.family == "encoder":
+        recipe_error(
+            recipe,
+            f'parallel.context={parallel.context} with model.family = "encoder": megatron-core splits a sequence '
+            "over context-parallel ranks for causal attention only",
+            "set parallel.context = 1",
+        )
     name = recipe.optimizer.name
     if name != "adamw" and parallel.distributed_optimizer and recipe.precision.dtype != "bf16":
         recipe_error(
@@ -131,6 +138,16 @@ def _data_parallel_size(recipe: Recipe, world_size: int | None) -> int:
             f"set parallel.data = 0 to derive it, or launch {model_parallel * parallel.data} ranks",
         )
     return dp
+
+
+def fewest_data_parallel(recipe: Recipe) -> int:
+    """The fewest data-parallel ranks the recipe's layout can run at: 1, or as many as make a
+    pipeline stage's TP × CP × DP ranks a multiple of the expert groups' EP × expert TP."""
+    parallel = recipe.parallel
+    if recipe.model.family != "moe_decoder":
+        return 1
+    experts = parallel.expert * (parallel.expert_tensor or parallel.tensor)
+    return experts // math.gcd(parallel.tensor * parallel.context, experts)
 
 
 def _expert_degrees(recipe: Recipe, dp: int) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Next-token logits of a recipe's model, with the weights [init] names, at any layout.
+"""The logits of a recipe's model (next-token, or an encoder's masked-LM logits at every position),
+with the weights [init] names, at any layout.
 
 The forward pass is megatron-core's own pipeline schedule (forward only); the vocabulary shards
 are gathered over the tensor-parallel group. This is how imported weights are checked against
@@ -11,6 +12,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from bigpt.data.batches import on_model_device
+from bigpt.families import family_of
 from bigpt.layout import Layout
 from bigpt.model import build_model_chunks
 from bigpt.recipe import Recipe
@@ -25,15 +27,15 @@ def compute_logits(recipe: Recipe, layout: Layout, tokens: torch.Tensor) -> torc
     model's device; None on the other stages. Needs the process groups (``init_distributed``)."""
     seed_everything(recipe.train.seed)  # megatron-core's tensor-parallel RNG streams must exist
     chunks, _ = build_model_chunks(recipe, layout)
-    load_initial_weights(recipe, chunks)
+    load_initial_weights(recipe, layout, chunks)
     for chunk in chunks:
         chunk.eval()
     batch, seq = tokens.shape
-    position_ids = torch.arange(seq).unsqueeze(0)
+    family = family_of(recipe.model)
 
     def forward_step(data_iterator, model):
-        inputs = on_model_device(model, {"tokens": next(data_iterator), "position_ids": position_ids})
-        output = model(inputs["tokens"], inputs["position_ids"], None)  # one sequence, no labels: [1, seq, vocab / tp]
+        inputs = on_model_device(model, {"tokens": next(data_iterator)})
+        output = family.logits(model, inputs["tokens"])  # one sequence: [1, seq, vocab / tp] on the last stage
         return output, lambda logits: (logits.sum() * 0, torch.tensor(1), {"logits": logits})
 
     rows = tokens.split(1)

@@ -12,8 +12,8 @@ without sequence parallelism (tests/test_plan.py checks both). Where bigpt diffe
 - attention probabilities (s² per head) only without Transformer Engine and without recompute of
   core_attn: on GPUs bigpt's attention is fused (flash/cuDNN) and never stores them;
 - selective recompute drops what its modules keep (recompute.modules): core_attn the scores, mlp
-  the MLP's inner tensors (and, under Transformer Engine, the output of the norm fused into its
-  first linear);
+  a dense MLP's inner tensors (and, under Transformer Engine, the output of the norm fused into its
+  first linear), moe all an MoE layer keeps but its input, shared_experts its shared experts';
 - per-head q/k norms (Qwen3) keep the un-normalised queries and keys;
 - the output layer's logits are counted on the last stage for any pipeline size (Megatron adds
   them only without pipelining, as it reports the first stage), and token ids (8 bytes a token)
@@ -134,7 +134,7 @@ def layer_activations(recipe: Recipe, layout: Layout) -> float:
     # when the MLP is recomputed: it keeps only its input).
     mlp_tensors = 0 if "mlp" in recomputed else 3 if model.activation == "swiglu" else 2
     tensor_split: float = element * tokens * (2 * query + 2 * key_value)
-    tensor_split += element * tokens * _mlp_activation_width(recipe, layout, mlp_tensors)
+    tensor_split += element * tokens * _mlp_activation_width(recipe, layout, mlp_tensors, recomputed)
     if model.qk_layernorm:  # the per-head q/k norms keep their inputs too
         tensor_split += element * tokens * (query + key_value)
     if unfused and "core_attn" not in recomputed:
@@ -144,11 +144,13 @@ def layer_activations(recipe: Recipe, layout: Layout) -> float:
     return sequence_split / (layout.tp if layout.sequence_parallel else 1) + tensor_split / layout.tp
 
 
-def _mlp_activation_width(recipe: Recipe, layout: Layout, mlp_tensors: int) -> float:
+def _mlp_activation_width(recipe: Recipe, layout: Layout, mlp_tensors: int, recomputed: set[str]) -> float:
     """Elements per token the MLP keeps, in tensor-parallel units, averaged over the layers: a
     dense MLP its inner tensors; an MoE layer, for each of the router_topk experts a token is
     dispatched to (balanced: a rank receives as many as it sends), the dispatched input and the
-    expert's inner tensors (split over expert tensor parallelism), and the shared experts'."""
+    expert's inner tensors (split over expert tensor parallelism), and the shared experts' (none of
+    them when recompute.modules has "moe": the layer keeps its input alone; no shared experts' with
+    "shared_experts")."""
     model = recipe.model
     kinds = moe_layers(model)
     dense = mlp_tensors * model.ffn_hidden_size
@@ -159,17 +161,23 @@ def _mlp_activation_width(recipe: Recipe, layout: Layout, mlp_tensors: int) -> f
     kept = 3 if model.activation == "swiglu" else 2  # recompute.modules' "mlp" is the dense MLP's alone
     routed = moe.router_topk * (model.hidden_size + kept * expert_width / layout.etp) * layout.tp
     shared = kept * (moe.shared_expert_ffn_hidden_size or 0)
+    if "moe" in recomputed:
+        routed = shared = 0
+    elif "shared_experts" in recomputed:
+        shared = 0
     moe_layers_share = sum(kinds) / len(kinds)
     return (1 - moe_layers_share) * dense + moe_layers_share * (routed + shared)
 
 
 def output_activations(recipe: Recipe, layout: Layout) -> float:
-    """The last stage's final norm and output layer inputs, plus the fp32 softmax the cross
-    entropy keeps and the logits' gradient, for the one micro-batch whose loss is computed."""
+    """The last stage's final norm and output layer inputs (and an encoder's masked-LM head's: its
+    dense layer, GELU and norm), plus the fp32 softmax the cross entropy keeps and the logits'
+    gradient, for the one micro-batch whose loss is computed."""
     model = recipe.model
     tokens = _tokens(recipe, layout)
     element = DTYPE_BYTES[recipe.precision.dtype]
-    inputs = 2 * element * tokens * model.hidden_size / (layout.tp if layout.sequence_parallel else 1)
+    kept = 2 + (3 if model.family == "encoder" else 0)
+    inputs = kept * element * tokens * model.hidden_size / (layout.tp if layout.sequence_parallel else 1)
     vocab = padded_vocab_size(model, layout.tp)
     return inputs + (4 + element) * tokens * vocab / layout.tp
 

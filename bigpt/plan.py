@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from bigpt.errors import BigptError
 from bigpt.flops import (
     Gpu,
+    attention_counted,
     flops_per_step,
     gpu_named,
     num_parameters,
@@ -20,6 +21,7 @@ from bigpt.flops import (
 from bigpt.layout import Layout, divisors, samples_by_step
 from bigpt.memory import ADAM_STATE_BYTES, DTYPE_BYTES, MASTER_WEIGHT_BYTES, StageMemory, peak_memory, stage_memory
 from bigpt.recipe import ModelConfig, Recipe, padded_vocab_size
+from bigpt.scaling import ScalingLaw, scaling_parameters
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20
 """Compute-optimal training tokens per parameter (Hoffmann et al. 2022)."""
@@ -54,6 +56,9 @@ class Plan:
     """Fraction of each GPU's memory kept free for what the estimate leaves out."""
     fs_bytes_per_second: float
     """Aggregate write bandwidth of the filesystem holding checkpoint.dir."""
+    law: ScalingLaw | None
+    """A scaling law fitted to one's own ladder (tools/ladder.py fit); None: Chinchilla's 20
+    tokens per parameter."""
     chosen: Option
     """The recipe's own layout, or the best option when the recipe's does not work here."""
     recipe_layout_problem: str | None
@@ -93,6 +98,7 @@ def make_plan(
     headroom: float,
     gpus_per_node: int,
     fs_bytes_per_second: float = 5e9,
+    law: ScalingLaw | None = None,
 ) -> Plan:
     """Every valid layout of ``recipe`` on ``gpus`` GPUs; the ones that fit, ranked (see _rank)."""
     gpu = gpu_named(gpu_name)
@@ -115,6 +121,7 @@ def make_plan(
         mfu,
         headroom,
         fs_bytes_per_second,
+        law,
         chosen=valid[0],
         recipe_layout_problem=None,
         options=[],
@@ -275,7 +282,7 @@ def report(plan: Plan, top: int) -> str:
     recomputed = recompute_flops_per_step(chosen.recipe, layout)
     step = plan.step_seconds(chosen)
     lines += [
-        f"FLOPs per step   {flops:.3e} (3 × forward, causal attention halved; as the training log)"
+        f"FLOPs per step   {flops:.3e} (3 × forward, {attention_counted(chosen.recipe.model)}; as the training log)"
         + (f" + {recomputed:.3e} recomputed ({recomputed / flops:.1%})" if recomputed else ""),
         f"step time        {step:.2f} s at {plan.mfu:.0%} of peak while busy, pipeline bubble "
         f"{chosen.bubble:.1%}"
@@ -389,7 +396,14 @@ def _budget_lines(plan: Plan, option: Option) -> list[str]:
     total_flops = full_batches * flops_per_step(recipe, layout.global_batch_size)
     seconds = full_batches * plan.step_seconds(option)
     parameters = num_parameters(recipe.model)
-    optimal = CHINCHILLA_TOKENS_PER_PARAMETER * parameters
+    if plan.law is None:
+        optimal: float = CHINCHILLA_TOKENS_PER_PARAMETER * parameters
+        optimum = (
+            f"compute-optimal  {CHINCHILLA_TOKENS_PER_PARAMETER} tokens/parameter (Chinchilla) = {optimal:.3g} tokens; "
+            f"this plan trains {tokens / parameters:.1f} tokens/parameter"
+        )
+    else:
+        optimum, optimal = _law_line(plan.law, recipe.model, tokens)
     ratio = tokens / optimal
     verdict = (
         "under-trained for its size: a smaller model on more tokens would do better with this compute"
@@ -404,9 +418,27 @@ def _budget_lines(plan: Plan, option: Option) -> list[str]:
         + " = "
         f"{tokens:.3g} tokens: {total_flops:.3g} FLOPs = {total_flops / 1e15 / 86400:,.0f} PF/s-days = "
         f"{seconds * plan.gpus / 3600:,.0f} GPU-hours ({seconds / 86400:,.1f} days on {plan.gpus} GPUs)",
-        f"compute-optimal  {CHINCHILLA_TOKENS_PER_PARAMETER} tokens/parameter (Chinchilla) = {optimal:.3g} tokens; "
-        f"this plan trains {tokens / parameters:.1f} tokens/parameter ({ratio:.2g}× compute-optimal): {verdict}",
+        f"{optimum} ({ratio:.2g}× compute-optimal): {verdict}",
     ]
+
+
+def _law_line(law: ScalingLaw, model: ModelConfig, tokens: float) -> tuple[str, float]:
+    """The fitted law's compute-optimal allocation of this recipe's budget C = 6ND (N as the law
+    counts it) and the loss it predicts for the recipe as written; and the optimal token count."""
+    parameters = scaling_parameters(model)
+    flops = 6 * parameters * tokens
+    best_parameters, best_tokens = law.optimal(flops)
+    return (
+        f"compute-optimal  by the fitted law, C = 6ND = {flops:.3g} FLOPs (N = {parameters:.3g} without the input "
+        f"embedding) is best spent on N = {best_parameters:.3g}, D = {best_tokens:.3g} tokens (predicted loss "
+        f"{law.loss(best_parameters, best_tokens):.4f}); this recipe as written: predicted loss "
+        f"{law.loss(parameters, tokens):.4f}, D = {tokens:.3g} tokens"
+        + (
+            f" (an extrapolation {flops / law.largest_fitted_flops:.2g}× beyond the largest run fitted)"
+            if law.largest_fitted_flops and flops > 10 * law.largest_fitted_flops
+            else ""
+        )
+    ), best_tokens
 
 
 def _table(plan: Plan, options: list[Option]) -> str:

@@ -27,7 +27,12 @@ def test_a_recipe_chooses_its_family_with_one_key(recipe, family):
 
 
 def test_hugging_face_forms_belong_to_their_family_and_the_others_are_refused_by_name():
-    assert set(FAMILIES["decoder"].hf_model_types) == set(HF_FAMILIES)
-    assert FAMILIES["moe_decoder"].hf_model_types == ()
-    with pytest.raises(BigptError, match="model.family = 'moe_decoder' has no Hugging Face form in bigpt yet"):
-        hf_from_model(load_recipe(MOE_RECIPE).model, "bf16", None)
+    assert {name for family in FAMILIES.values() for name in family.hf_model_types} == set(HF_FAMILIES)
+    assert set(FAMILIES["decoder"].hf_model_types) == {"llama", "mistral", "qwen2", "qwen3"}
+    assert set(FAMILIES["moe_decoder"].hf_model_types) == {"mixtral", "qwen2_moe", "qwen3_moe"}
+    assert hf_from_model(load_recipe(MOE_RECIPE).model, "bf16", None)["architectures"] == ["MixtralForCausalLM"]
+    with pytest.raises(
+        BigptError,
+        match=r"num_groups = 2.* fits none .* 'moe_decoder' \(MixtralForCausalLM cannot have model.moe.num_groups",
+    ):
+        hf_from_model(load_recipe(MOE_RECIPE, ["model.moe.num_groups=2", "model.moe.group_topk=1"]).model, "bf16", None)

@@ -419,8 +419,8 @@ def edit_config(directory: Path, **changes) -> None:
 
 
 def test_unknown_architecture_is_refused(small):
-    edit_config(small, architectures=["MixtralForCausalLM"], model_type="mixtral")
-    assert "MixtralForCausalLM" in refused(small) and "mixture-of-experts" in refused(small)
+    edit_config(small, architectures=["PhimoeForCausalLM"], model_type="phimoe")
+    assert "PhimoeForCausalLM" in refused(small) and "other architectures are not" in refused(small)
 
 
 def test_biases_and_other_rope_scaling_are_refused(small):

@@ -7,11 +7,11 @@ BIGPT = Path(__file__).resolve().parent.parent / "bigpt"
 LAYERS = [  # lowest first; a unit is a subpackage or a top-level module of bigpt
     {"bigpt", "errors", "paths", "numbers", "cli"},
     {"recipe"},
-    {"layout", "flops", "memory", "plan"},
+    {"layout", "flops", "memory", "plan", "scaling"},
     {"runtime"},
     {"model", "data", "checkpoint", "hf", "families"},
     {"train", "curate"},
-    {"dryrun", "logits"},
+    {"dryrun", "logits", "ladder"},
 ]
 LAYER = {unit: number for number, units in enumerate(LAYERS) for unit in units}
 

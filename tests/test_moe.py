@@ -18,12 +18,13 @@ from bigpt.checkpoint import state
 from bigpt.errors import BigptError
 from bigpt.flops import expert_parameters_per_stage, flops_per_token, num_parameters
 from bigpt.hf.config import check_recipe_matches
-from bigpt.layout import Layout
+from bigpt.layout import Layout, fewest_data_parallel
 from bigpt.memory import stage_memory
 from bigpt.model import transformer_config
 from bigpt.plan import all_to_all_bytes, make_plan, report
 from bigpt.recipe import ModelConfig, load_recipe, recipe_to_toml
 from bigpt.train.moe_metrics import MoEMetrics
+from bigpt.train.reshard import reshard
 from multirank import MOCK_RECIPE, run_bigpt, scalars
 
 MOE_RECIPE = Path(__file__).resolve().parent / "recipes" / "mock_moe.toml"
@@ -205,6 +206,12 @@ PARITY_LAYOUTS = [  # name, processes, overrides
         id="ep2_pp2_allgather",
     ),
     pytest.param(
+        "ep2_dp2_allgather",  # 4 data-parallel ranks; each expert's weights data-parallel over 2
+        4,
+        ["parallel.expert=2", "model.moe.token_dispatcher='allgather'"],
+        id="ep2_dp2_allgather",
+    ),
+    pytest.param(
         "tp2_ep2_sp",  # expert TP 1: the expert weights are data-parallel over 2 ranks
         4,
         ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "parallel.expert_tensor=1"],
@@ -243,6 +250,7 @@ def test_expert_parallel_all_to_all_trains_as_one_rank_and_resumes_at_any_expert
     losses = scalars(ep2, "train/loss")
     assert losses == pytest.approx(reference, rel=1e-5), f"EP2: {losses} vs one rank {reference}"
     assert losses[-1] < losses[0]
+    _export_computes_what_bigpt_computes(ep2 / "checkpoints" / "iter_0000002", tmp_path / "hf")
     resumed = run_bigpt(
         MOE_RECIPE,
         f"run_dir={tmp_path}",
@@ -262,12 +270,42 @@ def test_expert_parallel_all_to_all_trains_as_one_rank_and_resumes_at_any_expert
     load_ep1 = f"checkpoint.load={ep1 / 'checkpoints' / 'iter_0000003'}"
     run_bigpt(MOE_RECIPE, f"run_dir={back}", load_ep1, *resume, "parallel.expert=2", nproc=2)
     assert scalars(back, "train/loss") == pytest.approx(losses[3:], rel=1e-5)
+    # EP 2 -> 4 offline: tools/reshard.py runs its stage at the fewest ranks EP 4 allows (4)
+    ep4 = tmp_path / "ep4_checkpoint"
+    assert "parallel.expert=4" in reshard(ep2 / "checkpoints" / "iter_0000002", ep4, ["parallel.expert=4"])
+    at_ep4 = tmp_path / "at_ep4"
+    run_bigpt(MOE_RECIPE, f"run_dir={at_ep4}", f"checkpoint.load={ep4}", *resume, "parallel.expert=4", nproc=4)
+    assert scalars(at_ep4, "train/loss") == pytest.approx(losses[2:], rel=1e-5)
     # MoE metrics, recorded once for every backend: megatron-core's balancing loss (before its
     # coefficient: about 1 for a balanced router) and the load of the busiest expert per layer
     balancing, imbalance = scalars(ep2, "train/moe_load_balancing_loss"), scalars(ep2, "train/moe_load_imbalance")
     assert len(balancing) == len(imbalance) == PARITY_STEPS
     assert all(0.9 < value < 2 for value in balancing) and all(1 <= value < 4 for value in imbalance)
     assert "| load balancing loss 1.0" in resumed.stdout and "| load imbalance " in resumed.stdout
+
+
+def _export_computes_what_bigpt_computes(checkpoint: Path, out: Path) -> None:
+    """A checkpoint trained at EP2, exported (in this process) as the Hugging Face family of its
+    model (Mixtral: every layer MoE, renormalised top-k): transformers loads every weight and its
+    logits are bigpt's, those of the checkpoint at one rank."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from bigpt.hf.convert import export_hf
+    from bigpt.runtime.distributed import process_group_of_one
+    from test_hf import TOLERANCE, reference_logits
+    from test_hf_moe import logits_in_process
+
+    with process_group_of_one():
+        export_hf(checkpoint, out)
+    model, loading = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == "MixtralForCausalLM" and not any(loading.values()), loading
+    tokens = np.random.default_rng(0).integers(0, 512, size=(2, 16))
+    np.save(out.parent / "tokens.npy", tokens)
+    ours = logits_in_process(
+        MOE_RECIPE, out.parent / "logits", out.parent / "tokens.npy", f"init.from_checkpoint={checkpoint}"
+    )
+    assert np.abs(ours - reference_logits(out, tokens)).max() <= TOLERANCE
 
 
 def test_an_expert_that_no_token_reached_for_an_interval_is_named(capsys):
@@ -299,6 +337,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
     [  # the model cards' totals, and the parameter count of Mixtral's released safetensors
         ("mixtral_8x7b.toml", 46_702_792_704, 12.9e9),
         ("qwen3_30b_a3b.toml", 30.5e9, 3.3e9),
+        ("qwen2_moe_a2_7b.toml", 14.3e9, 2.7e9),
         ("qwen3_235b_a22b.toml", 235e9, 22e9),
     ],
 )
@@ -348,6 +387,31 @@ def test_the_planner_ranks_expert_parallel_sizes_and_reports_the_all_to_all():
     assert "all-to-all       360.78 GB per GPU per step" in text
 
 
+TP2_SP = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
+
+
+@pytest.mark.parametrize(
+    "overrides,fewest",
+    [
+        (["parallel.expert=4"], 4),
+        (["parallel.expert=4", *TP2_SP, "parallel.expert_tensor=1"], 2),
+        (["parallel.expert=2", *TP2_SP, "parallel.expert_tensor=1"], 1),
+        (["parallel.expert=2", *TP2_SP], 2),  # expert TP = TP: groups of 4
+    ],
+)
+def test_the_fewest_ranks_an_expert_layout_runs_at(overrides, fewest):
+    """What tools/reshard.py runs its stages at: the fewest data-parallel ranks that make a
+    pipeline stage's ranks a multiple of EP x expert TP; fewer are refused."""
+    recipe = load_recipe(MOE_RECIPE, overrides)
+    assert fewest_data_parallel(recipe) == fewest
+    model_parallel = recipe.parallel.tensor * recipe.parallel.pipeline
+    assert Layout.from_recipe(recipe, model_parallel * fewest).dp == fewest
+    if fewest > 1:
+        with pytest.raises(BigptError, match="does not divide"):
+            Layout.from_recipe(recipe, model_parallel * (fewest - 1))
+    assert fewest_data_parallel(load_recipe(MOCK_RECIPE, ["parallel.tensor=2"])) == 1  # dense: no expert groups
+
+
 def test_the_dp_reshardable_format_refuses_another_expert_layout_and_names_the_reshard(tmp_path):
     training = SimpleNamespace(layout=layout_of(world_size=1))
     marker = {
@@ -359,3 +423,47 @@ def test_the_dp_reshardable_format_refuses_another_expert_layout_and_names_the_r
     state._check_optimizer_format(
         tmp_path / "checkpoints" / "iter_0000003", {**marker, "optimizer_format": "fully_sharded_model_space"}, training
     )
+
+
+@pytest.mark.parametrize(
+    "modules,flag",
+    [(["moe"], "moe_layer_recompute"), (["shared_experts"], "shared_experts_recompute")],
+)
+def test_recomputing_moe_layers_changes_no_number_and_is_counted(modules, flag):
+    """megatron-core's selective recompute of MoE layers (and their shared experts) runs on bigpt's
+    CPU layer with the same loss and gradients as keeping the activations; the planner counts the
+    forward it repeats and the memory it saves; modules with nothing to recompute are refused."""
+    from bigpt.flops import recompute_flops_per_step
+    from bigpt.memory import layer_activations
+    from bigpt.model import build_model_chunks
+    from bigpt.runtime.seeding import seed_everything
+    from test_training_path import cpu_batch, world_of_one
+
+    shared_and_dense = ["model.moe.shared_expert_ffn_hidden_size=32", "model.moe.first_dense_layers=1"]
+    keeping = load_recipe(MOE_RECIPE, shared_and_dense)
+    recomputing = load_recipe(
+        MOE_RECIPE, [*shared_and_dense, "recompute.granularity='selective'", f"recompute.modules={modules}"]
+    )
+    results = []
+    torch.manual_seed(0)
+    batch = cpu_batch(keeping.model.seq_length)
+    for recipe in (keeping, recomputing):
+        with world_of_one():
+            seed_everything(recipe.train.seed)
+            (chunk,), _ = build_model_chunks(recipe, Layout.from_recipe(recipe))
+            moe_layers = [layer.mlp for layer in chunk.decoder.layers if hasattr(layer.mlp, "router")]
+            assert len(moe_layers) == recipe.model.num_layers - 1
+            assert all(getattr(mlp, flag) == (recipe is recomputing) for mlp in moe_layers)
+            losses = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            losses.sum().backward()
+            results.append((losses.detach(), [p.grad.clone() for p in chunk.parameters()]))
+    (kept_loss, kept_grads), (loss, grads) = results
+    assert torch.equal(loss, kept_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, kept_grads, strict=True))
+    layout = Layout.from_recipe(recomputing)
+    assert recompute_flops_per_step(recomputing, layout) > 0 == recompute_flops_per_step(keeping, layout)
+    assert layer_activations(recomputing, layout) < layer_activations(keeping, layout)
+    with pytest.raises(BigptError, match=r"recompute.modules names \['mlp'\], which this model does not have"):
+        load_recipe(MOE_RECIPE, ["recompute.granularity='selective'", "recompute.modules=['mlp']"])
+    with pytest.raises(BigptError, match=r"names \['moe'\]"):
+        load_recipe(MOCK_RECIPE, ["recompute.granularity='selective'", "recompute.modules=['moe']"])

@@ -28,7 +28,15 @@ from tools.train_tokenizer import main as tokenizer_main
 ROOT = Path(__file__).resolve().parent.parent
 MOCK = ROOT / "tests/recipes/mock_tiny.toml"
 LONG = "x" * 300
-WRITERS = ("preprocess_data", "train_tokenizer", "convert_hf", "prepare_demo", "train_quality_classifier", "logits")
+WRITERS = (
+    "preprocess_data",
+    "train_tokenizer",
+    "convert_hf",
+    "prepare_demo",
+    "train_quality_classifier",
+    "logits",
+    "ladder",
+)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Hugging Face directories (Llama, Mistral, Qwen2/2.5, Qwen3) in and out of bigpt checkpoints (continual pretraining).
+"""Hugging Face directories (Llama, Mistral, Qwen2/2.5, Qwen3; Mixtral, Qwen2-MoE, Qwen3-MoE) in and out of bigpt
+checkpoints (continual pretraining).
 
     python tools/convert_hf.py import data/hf/Meta-Llama-3-8B checkpoints/llama3-8b
     python tools/convert_hf.py export runs/llama3-8b-legal/checkpoints/iter_0005000 hf/llama3-8b-legal
@@ -6,7 +7,8 @@
 import reads config.json, model.safetensors (or the shards named by model.safetensors.index.json;
 pickle files are never loaded) and the tokenizer files, and writes a bigpt checkpoint that loads
 at any TP/PP/VPP (start a run from it with init.from_checkpoint = OUT, or skip this step with
-init.from_hf = HF_DIR), with OUT/model.toml, the [model] table to put in the recipe.
+init.from_hf = HF_DIR), with OUT/model.toml, the [model] table to put in the recipe (an MoE model's
+[model.moe] inline). An MoE checkpoint loads at any expert-parallel size too.
 
 export writes a checkpoint of any layout as a directory transformers' from_pretrained loads:
 safetensors shards, config.json (of the family the run started from), the tokenizer files of

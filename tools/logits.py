@@ -1,4 +1,5 @@
-"""Write a model's next-token logits on given tokens (checks imported weights at any layout).
+"""Write a model's logits on given tokens (checks imported weights at any layout): next-token
+logits, or a masked-LM encoder's logits at every position (one unpadded segment).
 
     torchrun --nproc_per_node 2 tools/logits.py RECIPE --tokens tokens.npy --out logits.npy parallel.tensor=2
 

@@ -1,5 +1,7 @@
 """Plan a recipe on N GPUs before launching it: parameters, memory per GPU, step time, compute
-budget against the compute-optimal token count, and the valid layouts that fit, ranked.
+budget against the compute-optimal token count (Chinchilla's 20 tokens per parameter, or with
+--law FIT.json the allocation and predicted loss of a law fitted by tools/ladder.py fit), and the
+valid layouts that fit, ranked.
 
     python tools/plan.py recipes/llama_70b.toml --gpus 512 --gpu h100-80gb
 
@@ -50,6 +52,12 @@ parser.add_argument(
     "the save time and its share of training time (default 5)",
 )
 parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
+parser.add_argument(
+    "--law",
+    metavar="FIT.json",
+    help="a scaling law fitted by tools/ladder.py fit: its compute-optimal N and D for the recipe's budget and "
+    "the recipe's predicted final loss replace Chinchilla's 20 tokens per parameter",
+)
 
 
 def parse_args(argv=None):
@@ -71,7 +79,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from bigpt.plan import make_plan, report
     from bigpt.recipe import load_recipe
+    from bigpt.scaling import load_law
 
+    law = load_law(args.law) if args.law else None
     recipe = load_recipe(args.recipe, args.overrides)
     plan = make_plan(
         recipe,
@@ -81,6 +91,7 @@ def main(argv=None) -> int:
         headroom=args.headroom,
         gpus_per_node=args.gpus_per_node,
         fs_bytes_per_second=args.fs_gbps * 1e9,
+        law=law,
     )
     console.say(report(plan, args.top))
     return 0

@@ -4,7 +4,8 @@
         --output-prefix data/corpus_text_document --workers 8
 
 One document per line; each gets the tokenizer's end-of-document token appended. Name the
-output prefix (without .bin/.idx) in a recipe's data.blend.
+output prefix (without .bin/.idx) in a recipe's data.blend. For a masked-LM encoder
+(model.family = "encoder"), --split-sentences writes each sentence of a document as a sequence.
 """
 
 import sys
@@ -26,6 +27,12 @@ add_overwrite(parser, "an existing PREFIX.bin or PREFIX.idx")
 parser.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
 parser.add_argument("--field", default="text", help="JSONL field holding the text")
 parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+parser.add_argument(
+    "--split-sentences",
+    action="store_true",
+    help="one sequence per sentence, no end-of-document token: data for model.family = 'encoder', whose "
+    "samples pack whole sentences of one document (one sequence per document: one truncated sample each)",
+)
 parser.add_argument(
     "--on-bad-line",
     choices=("stop", "skip"),
@@ -58,6 +65,7 @@ def main(argv=None) -> int:
         text_field=args.field,
         workers=args.workers,
         on_bad_line=args.on_bad_line,
+        sentences=args.split_sentences,
         progress=sys.stderr,
     )
     console.say(summary.line(args.output_prefix))

@@ -19,7 +19,8 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 def micro_batches(
     dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches on CPU: ``BATCH_KEYS`` → ``[micro_batch_size, seq_length]``.
+    """This rank's micro-batches on CPU: ``BATCH_KEYS`` (a masked-LM dataset's ``MASKED_BATCH_KEYS``) →
+    ``[micro_batch_size, seq_length]``.
 
     tokens, labels and position_ids are int64, loss_mask float32. The iterator raises
     BigptError once the dataset cannot fill another full step (it is sized for the run when
@@ -63,8 +64,9 @@ def _rank_indices(length: int, start: int, micro_batch_size: int, dp_rank: int, 
 
 
 def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    # Blended datasets add a "dataset_id"; the batch carries only what the model step reads.
-    return {key: torch.stack([sample[key] for sample in samples]) for key in BATCH_KEYS}
+    # Blended datasets add a "dataset_id"; the batch carries only what the model step reads
+    # (BATCH_KEYS, or a masked-LM dataset's MASKED_BATCH_KEYS).
+    return {key: torch.stack([sample[key] for sample in samples]) for key in samples[0] if key != "dataset_id"}
 
 
 def on_model_device(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

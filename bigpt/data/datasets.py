@@ -1,4 +1,5 @@
-"""Recipe [data] → megatron-core GPT datasets (mock, or phases of indexed-dataset blends)."""
+"""Recipe [data] → megatron-core's datasets (mock, or phases of indexed-dataset blends): GPT's
+for a decoder, the masked-LM ones (``bigpt.data.masked``) for an encoder."""
 
 import os
 from pathlib import Path
@@ -8,7 +9,14 @@ from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import Split
 
 from bigpt.data.checks import check_mock_index_fits, check_vocab
-from bigpt.data.index_cache import KeyedGPTDataset, drop_damaged
+from bigpt.data.index_cache import KeyedGPTDataset, KeyedMaskedLMDataset, drop_damaged
+from bigpt.data.masked import (
+    MaskedVocabulary,
+    MockMaskedLMDataset,
+    masked_config,
+    masked_vocabulary,
+    mock_vocabulary,
+)
 from bigpt.data.phases import Phase, PhasedDataset, plan_phases, validation_rereads
 from bigpt.data.rank_zero_first import build_rank_zero_first, megatron_sees_one_process
 from bigpt.data.tokenizer import Tokenizer, load_tokenizer
@@ -33,17 +41,26 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     Validation samples come from the first phase's blend (``data.blend``).
     """
     data = recipe.data
+    masked = recipe.model.family == "encoder"
+    tokenizer: Tokenizer | MaskedVocabulary
     if data.source == "mock":
-        check_mock_index_fits(train_samples, valid_samples, recipe.model.seq_length)
-        tokenizer = checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(recipe.model.vocab_size)
+        if masked:
+            tokenizer = mock_vocabulary(recipe.model.vocab_size)
+        else:
+            check_mock_index_fits(train_samples, valid_samples, recipe.model.seq_length)
+            tokenizer = checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(recipe.model.vocab_size)
         config = _config(recipe, tokenizer, {Split.train: train_samples, Split.valid: valid_samples})
         # Mock data is generated in memory from the seed, so every rank builds its own.
         with megatron_sees_one_process(quiet=True):
             train, valid, _ = BlendedMegatronDatasetBuilder(
-                MockGPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+                MockMaskedLMDataset if masked else MockGPTDataset,
+                [train_samples, valid_samples, 0],
+                lambda: True,
+                config,
             ).build()
         return train, valid
-    tokenizer = checked_tokenizer(recipe)
+    checked = checked_tokenizer(recipe)
+    tokenizer = masked_vocabulary(checked, data.tokenizer, whole_word=data.masking.whole_word) if masked else checked
     cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
     for warning in validation_rereads(recipe, phases[0], valid_samples):
@@ -70,7 +87,8 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
         cache_dir=cache_dir,
         seed=recipe.train.seed + number,
     )
-    builder = BlendedMegatronDatasetBuilder(KeyedGPTDataset, [phase.samples, valid_samples, 0], lambda: True, config)
+    dataset = KeyedMaskedLMDataset if recipe.model.family == "encoder" else KeyedGPTDataset
+    builder = BlendedMegatronDatasetBuilder(dataset, [phase.samples, valid_samples, 0], lambda: True, config)
 
     def build():
         drop_damaged(Path(cache_dir))  # before megatron maps a cached file: each rank, rank 0 first
@@ -96,20 +114,26 @@ def checked_tokenizer(recipe) -> Tokenizer:
     return tokenizer
 
 
-def _config(recipe, tokenizer: Tokenizer, wanted: dict, *, blend=None, cache_dir=None, seed=None) -> GPTDatasetConfig:
-    config = GPTDatasetConfig(
+def _config(recipe, tokenizer, wanted: dict, *, blend=None, cache_dir=None, seed=None):
+    shared = dict(
         random_seed=recipe.train.seed if seed is None else seed,
-        sequence_length=recipe.model.seq_length,
         blend=blend,
         split=recipe.data.split if blend else None,
         path_to_cache=cache_dir,
-        tokenizer=tokenizer,
-        # Documents are packed back to back and attend across EOD: Megatron's default pretraining.
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
     )
+    if recipe.model.family == "encoder":
+        config = masked_config(recipe, tokenizer, **shared)
+    else:
+        config = GPTDatasetConfig(
+            sequence_length=recipe.model.seq_length,
+            tokenizer=tokenizer,
+            # Documents are packed back to back and attend across EOD: Megatron's default pretraining.
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+            **shared,
+        )
     # Splits nobody samples from are not built: megatron would build a whole epoch of each
     # (and spin forever on one without tokens). Their documents stay out of the train split.
     config.split_matrix = [bounds if wanted.get(part) else None for part, bounds in zip(Split, config.split_matrix)]

@@ -4,6 +4,7 @@ Kept free of torch and megatron-core imports so workers start in a blink.
 """
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import numpy
@@ -19,22 +20,31 @@ class EncodedChunk:
     """The documents of a run of input lines, in order, and what was wrong with the rest."""
 
     documents: list[numpy.ndarray] = field(default_factory=list)
+    sequence_lengths: list[list[int]] = field(default_factory=list)
+    """Per document, the lengths of its sequences: the whole document, or its sentences."""
     bad_lines: list[tuple[int, str]] = field(default_factory=list)
     """(1-based line number, what is wrong) for lines that hold no usable document."""
     empty_lines: int = 0
     input_bytes: int = 0
 
 
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+"""Where a sentence ends: after ., ! or ? and white space, or at a line break within a document."""
+
+
 class DocumentEncoder:
     """One document per line: a JSON object's ``text_field`` for JSONL, else the line itself.
 
     Every document gets the tokenizer's end-of-document id appended, so documents stay
-    separable once megatron-core packs them into fixed-length samples.
+    separable once megatron-core packs them into fixed-length samples. With ``sentences``, a
+    document is written as one sequence per sentence, with no end-of-document id: what
+    megatron-core's masked datasets (model.family = "encoder") read, sentences of one document
+    packed into a sample (one sequence per document makes each document one truncated sample).
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, jsonl: bool, text_field: str, dtype):
+    def __init__(self, tokenizer: Tokenizer, *, jsonl: bool, text_field: str, dtype, sentences: bool = False):
         self.tokenizer, self.dtype = tokenizer, dtype
-        self.jsonl, self.text_field = jsonl, text_field
+        self.jsonl, self.text_field, self.sentences = jsonl, text_field, sentences
 
     def encode_chunk(self, first_line: int, lines: list[bytes]) -> EncodedChunk:
         chunk = EncodedChunk()
@@ -48,9 +58,16 @@ class DocumentEncoder:
             if not text:
                 chunk.empty_lines += 1
                 continue
-            ids = self.tokenizer.encode(text)
-            ids.append(self.tokenizer.eod)
-            chunk.documents.append(numpy.array(ids, dtype=self.dtype))
+            if self.sentences:
+                pieces = [self.tokenizer.encode(sentence) for sentence in SENTENCE_END.split(text) if sentence.strip()]
+                pieces = [ids for ids in pieces if ids]
+            else:
+                pieces = [self.tokenizer.encode(text) + [self.tokenizer.eod]]
+            if not pieces:
+                chunk.empty_lines += 1
+                continue
+            chunk.documents.append(numpy.array([i for ids in pieces for i in ids], dtype=self.dtype))
+            chunk.sequence_lengths.append([len(ids) for ids in pieces])
         return chunk
 
 
@@ -84,8 +101,8 @@ def encode_in_worker(settings: tuple, first_line: int, lines: list[bytes]) -> En
     parent, where a failing worker initializer would break the pool)."""
     global _worker_encoder
     if _worker_encoder is None:
-        tokenizer_path, jsonl, text_field, dtype = settings
+        tokenizer_path, jsonl, text_field, dtype, sentences = settings
         _worker_encoder = DocumentEncoder(
-            load_tokenizer(tokenizer_path), jsonl=jsonl, text_field=text_field, dtype=dtype
+            load_tokenizer(tokenizer_path), jsonl=jsonl, text_field=text_field, dtype=dtype, sentences=sentences
         )
     return _worker_encoder.encode_chunk(first_line, lines)

@@ -17,6 +17,7 @@ import numpy
 from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from bigpt.data.masked import MaskedLMDataset
 from bigpt.errors import BigptError
 from bigpt.runtime import console
 
@@ -27,68 +28,77 @@ _hashed: dict[tuple, str] = {}  # (path, size, mtime, inode) -> hash: each phase
 
 
 def index_identity(dataset: IndexedDataset) -> dict:
-    """What the sample indices of ``dataset`` are built from: the document lengths its ``.idx``
-    file holds (the document, sample and shuffle indices depend on them alone), as a hash, with
-    the sizes of its ``.idx`` and ``.bin`` files."""
+    """What the sample indices of ``dataset`` are built from: the sequence lengths and document
+    boundaries its ``.idx`` file holds (the indices depend on them alone), as a hash, with the
+    sizes of its ``.idx`` and ``.bin`` files."""
     idx, bin_ = Path(f"{dataset.path_prefix}.idx"), Path(f"{dataset.path_prefix}.bin")
     stat = idx.stat()
     seen = (str(idx.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     if seen not in _hashed:
-        lengths = numpy.ascontiguousarray(dataset.sequence_lengths)
-        _hashed[seen] = hashlib.blake2b(lengths.tobytes() if lengths.size else b"", digest_size=16).hexdigest()
+        digest = hashlib.blake2b(digest_size=16)
+        for array in (dataset.sequence_lengths, dataset.document_indices):  # documents split by either
+            digest.update(memoryview(numpy.ascontiguousarray(array)).cast("B"))
+        _hashed[seen] = digest.hexdigest()
     return {"idx_bytes": stat.st_size, "bin_bytes": bin_.stat().st_size, "lengths_blake2b": _hashed[seen]}
+
+
+def key_on_index_file(dataset) -> None:
+    """Before a megatron-core dataset looks for its cached indices: add its index file's identity
+    to its description and hash (megatron-core's own, of the extended key), and drop the indices
+    cached for the same dataset, split and settings from another version of that file."""
+    cache = dataset.config.path_to_cache
+    if not cache:
+        return
+    dataset.unique_identifiers[INDEX_FILE] = index_identity(dataset.dataset)
+    dataset.unique_description = json.dumps(
+        dataset.unique_identifiers, indent=4, default=lambda obj: obj.unique_identifiers
+    )
+    dataset.unique_description_hash = hashlib.md5(
+        dataset.unique_description.encode("utf-8"), usedforsecurity=False
+    ).hexdigest()
+    cache = Path(cache)
+    if any(cache.glob(f"{dataset.unique_description_hash}-*description.txt")):
+        return
+    ours = {key: value for key, value in json.loads(dataset.unique_description).items() if key != INDEX_FILE}
+    for description in sorted(cache.glob(f"*-{type(dataset).__name__}-*description.txt")):
+        try:
+            theirs = json.loads(description.read_text())
+        except (OSError, ValueError):
+            continue  # not readable: drop_damaged's to judge
+        if theirs.pop(INDEX_FILE, None) is not None and theirs == ours:
+            prefix = dataset.dataset_path
+            _drop(cache, description.name.removesuffix("description.txt"), f"was built from another {prefix}.idx")
+            console.warn(
+                f"data.cache_dir {cache}: the {dataset.index_split.name} indices cached for {prefix} were built "
+                f"from another version of {prefix}.idx (it was rewritten since); they are dropped and built anew",
+                here=True,
+            )
 
 
 class KeyedGPTDataset(GPTDataset):
     """megatron-core's GPTDataset, whose cached indices are keyed on its index file's identity too."""
 
     def _build_document_sample_shuffle_indices(self):
-        cache = self.config.path_to_cache
-        if cache:
-            self.unique_identifiers[INDEX_FILE] = index_identity(self.dataset)
-            # megatron-core's own description and hash (MegatronDataset.__init__), of the extended key
-            self.unique_description = json.dumps(
-                self.unique_identifiers, indent=4, default=lambda obj: obj.unique_identifiers
-            )
-            self.unique_description_hash = hashlib.md5(
-                self.unique_description.encode("utf-8"), usedforsecurity=False
-            ).hexdigest()
-            self._drop_other_versions(Path(cache))
+        key_on_index_file(self)
         return super()._build_document_sample_shuffle_indices()
 
-    def _drop_other_versions(self, cache: Path) -> None:
-        """Drop the indices cached for this dataset, split and settings when its index file was another."""
-        kind = f"{type(self).__name__}-{self.index_split.name}"
-        if (cache / f"{self.unique_description_hash}-{kind}-description.txt").is_file():
-            return
-        ours = {key: value for key, value in json.loads(self.unique_description).items() if key != INDEX_FILE}
-        for description in sorted(cache.glob(f"*-{kind}-description.txt")):
-            try:
-                theirs = json.loads(description.read_text())
-            except (OSError, ValueError):
-                continue  # not readable: drop_damaged's to judge
-            if theirs.pop(INDEX_FILE, None) is not None and theirs == ours:
-                _drop(
-                    cache,
-                    description.name.removesuffix("description.txt"),
-                    f"was built from another {self.dataset_path}.idx",
-                )
-                console.warn(
-                    f"data.cache_dir {cache}: the {self.index_split.name} indices cached for {self.dataset_path} "
-                    f"were built from another version of {self.dataset_path}.idx (it was rewritten since); "
-                    "they are dropped and built anew",
-                    here=True,
-                )
+
+class KeyedMaskedLMDataset(MaskedLMDataset):
+    """bigpt's masked-LM dataset, whose cached indices are keyed on its index file's identity too."""
+
+    def _build_sample_index(self, sequence_length: int, min_sentences_per_sample: int) -> numpy.ndarray:
+        key_on_index_file(self)
+        return super()._build_sample_index(sequence_length, min_sentences_per_sample)
 
 
 def drop_damaged(cache: Path) -> None:
-    """Drop each set of cached indices (``<hash>-<class>-<split>-*``) holding a file that is not
+    """Drop each set of cached indices (``<hash>-<class>[-<split>]-*``) holding a file that is not
     whole: a ``.npy`` shorter or longer than its header says (a kill or a full disk while megatron
     wrote it), or unreadable; it is built anew. Said once per set."""
     if not cache.is_dir():
         return
     sets: dict[str, list[Path]] = {}
-    for path in sorted(cache.glob("*-*-*-*.npy")):
+    for path in sorted(cache.glob("*-*.npy")):  # <hash>-<class>[-<split>]-<name>.npy
         sets.setdefault(path.name[: path.name.rindex("-") + 1], []).append(path)
     for stem, files in sets.items():
         for path in files:

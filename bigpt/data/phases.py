@@ -26,6 +26,7 @@ from bigpt.data.checks import (
     split_documents,
     split_tokens,
 )
+from bigpt.data.masked import masked_token_share
 from bigpt.errors import BigptError, BigptErrors, raise_problems
 from bigpt.layout import samples_by_step
 from bigpt.numbers import short
@@ -187,4 +188,24 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
             )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    if recipe.model.family == "encoder":
+        table += _masked_shares(recipe, phases)
     return "\n".join(table + [f"warning: {line}" for line in validation_rereads(recipe, phases[0], valid_samples)])
+
+
+def _masked_shares(recipe, phases: list[Phase]) -> list[str]:
+    """Per dataset, how much of it masked samples hold (model.family = "encoder")."""
+    lines = []
+    for phase in phases:
+        for i, prefix in enumerate(phase.prefixes):
+            share = masked_token_share(open_indexed_dataset(prefix, f"{phase.key}[{i}].path"), recipe)
+            lines.append(
+                f"masked samples hold {share:.0%} of {prefix}'s tokens in one pass (whole sentences of one "
+                f"document, up to model.seq_length - 3 = {recipe.model.seq_length - 3})"
+                + (
+                    "; the rest is cut off: write a sequence per sentence (tools/preprocess_data.py --split-sentences)"
+                    if share < 0.9
+                    else ""
+                )
+            )
+    return lines

@@ -64,12 +64,14 @@ def preprocess(
     on_bad_line: str = "stop",
     progress: TextIO | None = None,
     progress_interval_s: float = 2.0,
+    sentences: bool = False,
 ) -> PreprocessSummary:
     """Tokenize every document (one per line) of ``input_path`` and write the indexed dataset.
 
     JSONL input (``.jsonl``/``.json``/``.ndjson``) takes ``text_field`` of each object; other
     files are plain text. ``on_bad_line`` is "stop" (raise BigptError naming file:line) or
-    "skip" (report each on ``progress`` and go on).
+    "skip" (report each on ``progress`` and go on). ``sentences``: one sequence per sentence of a
+    document (for masked-LM encoders; ``DocumentEncoder``).
     """
     input_path = Path(input_path)
     if why := not_a_file(input_path):
@@ -81,7 +83,7 @@ def preprocess(
     jsonl = input_path.suffix in JSONL_SUFFIXES
     chunks = _read_chunks(input_path)
     if workers > 1:
-        settings = (str(tokenizer_path), jsonl, text_field, dtype)
+        settings = (str(tokenizer_path), jsonl, text_field, dtype, sentences)
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         try:
             encoded = _in_order(pool, settings, chunks, depth=2 * workers)
@@ -91,7 +93,7 @@ def preprocess(
             # a worker while it sends a result larger than a pipe holds loses the queue's lock with
             # it, and multiprocessing.Pool.terminate then waits on that lock forever.
             pool.shutdown(wait=True, cancel_futures=True)
-    encoder = DocumentEncoder(tokenizer, jsonl=jsonl, text_field=text_field, dtype=dtype)
+    encoder = DocumentEncoder(tokenizer, jsonl=jsonl, text_field=text_field, dtype=dtype, sentences=sentences)
     encoded = (encoder.encode_chunk(first, lines) for first, lines in chunks)
     return _write(encoded, input_path, output_prefix, dtype, on_bad_line, progress, progress_interval_s)
 
@@ -146,8 +148,8 @@ def _write(
                         )
                     if progress:
                         print(f"skipping {where}", file=progress)
-                for document in chunk.documents:
-                    builder.add_document(document, [document.size])
+                for document, lengths in zip(chunk.documents, chunk.sequence_lengths):
+                    builder.add_document(document, lengths)
                     summary.tokens += document.size
                 summary.documents += len(chunk.documents)
                 summary.bad_lines += len(chunk.bad_lines)

@@ -17,13 +17,13 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from megatron.core.datasets import blended_dataset, blended_megatron_dataset_builder, gpt_dataset
+from megatron.core.datasets import blended_dataset, blended_megatron_dataset_builder, gpt_dataset, masked_dataset
 
 from bigpt.errors import BigptError
 
 T = TypeVar("T")
 # What asks torch.distributed for the world: the rank ordering and "rank 0 writes the cache".
-MEGATRON_DATASET_MODULES = (blended_megatron_dataset_builder, gpt_dataset, blended_dataset)
+MEGATRON_DATASET_MODULES = (blended_megatron_dataset_builder, gpt_dataset, blended_dataset, masked_dataset)
 
 
 class _WorldOfOne:

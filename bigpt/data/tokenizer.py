@@ -28,6 +28,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def pieces(self) -> list[str]:
+        """Every id's piece (token string), by id."""
+        raise NotImplementedError
+
     @property
     def unique_identifiers(self) -> dict:
         # Only what changes the token stream: moving the file keeps the dataset-index cache valid.
@@ -59,6 +63,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(list(ids))
+
+    def pieces(self) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -94,6 +101,10 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def pieces(self) -> list[str]:
+        by_id = {i: piece for piece, i in self._tok.get_vocab(with_added_tokens=True).items()}
+        return [by_id.get(i, "") for i in range(self.vocab_size)]
 
 
 def load_tokenizer(path) -> Tokenizer:

@@ -69,6 +69,12 @@ def forward_step(data_iterator, model):
     return output, lambda output_tensor: token_loss(loss_mask, output_tensor)
 
 
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at every position (one sequence, no labels)."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+    return model(tokens, positions, None)
+
+
 def token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """(loss sum, token count, {"lm loss": [sum, count]}) as megatron-core's schedule expects."""
     mask = loss_mask.view(-1).float()
@@ -84,6 +90,7 @@ DECODER = ModelFamily(
     layer_spec=layer_spec,
     build_chunk=build_chunk,
     forward_step=forward_step,
+    logits=logits,
     build_datasets=build_datasets,
     hf_model_types=tuple(name for name, hf in HF_FAMILIES.items() if hf.model_family == "decoder"),
 )

@@ -7,6 +7,7 @@ import dataclasses
 from megatron.core.models.gpt import gpt_layer_specs
 
 from bigpt.families.decoder import DECODER, NORMS
+from bigpt.hf.config import FAMILIES as HF_FAMILIES
 
 
 def config_fields(recipe, layout, use_te) -> dict:
@@ -56,5 +57,5 @@ MOE_DECODER = dataclasses.replace(
     name="moe_decoder",
     config_fields=config_fields,
     layer_spec=layer_spec,
-    hf_model_types=(),  # Mixtral, Qwen2/3-MoE and DeepSeek-V3 conversion: not yet
+    hf_model_types=tuple(name for name, hf in HF_FAMILIES.items() if hf.model_family == "moe_decoder"),
 )

@@ -25,6 +25,9 @@ class ModelFamily:
     forward_step: Callable
     """megatron-core's ``forward_step_func``: (data_iterator, model) → (output, loss function); the
     loss function returns (loss sum, token count, {"lm loss": [sum, count]})."""
+    logits: Callable
+    """(chunk, tokens [1, seq] on its device) → what the chunk passes on without labels: hidden
+    states, or on the last stage its [1, seq, vocab / tp] logits (tools/logits.py)."""
     build_datasets: Callable
     """(recipe, *, world_rank, train_samples, valid_samples) → (train, valid) datasets whose samples
     the forward step reads."""

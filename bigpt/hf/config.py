@@ -1,8 +1,10 @@
-"""Hugging Face ``config.json`` ⇄ bigpt's ``[model]`` table, for the dense decoder families
+"""Hugging Face ``config.json`` ⇄ bigpt's ``[model]`` table, for the decoder families
 megatron-core builds exactly: Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 (GQA with any group ratio,
 SwiGLU, RMSNorm, non-interleaved RoPE, tied or untied embeddings; per family: Mistral's sliding
-window, Qwen2's query/key/value biases, Qwen3's per-head query/key RMSNorm). Anything else is
-refused by name rather than converted into a model that computes something different.
+window, Qwen2's query/key/value biases, Qwen3's per-head query/key RMSNorm), and the
+Mixture-of-Experts decoders built on their attention: Mixtral, Qwen2-MoE and Qwen3-MoE (their
+experts: ``bigpt.hf.moe``). Anything else is refused by name rather than converted into a model
+that computes something different.
 """
 
 from collections.abc import Sequence
@@ -10,8 +12,9 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from bigpt.errors import BigptError
+from bigpt.hf import moe as hf_moe
 from bigpt.recipe import ModelConfig
-from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MOE_FUNCTION_KEYS, MoEConfig
+from bigpt.recipe.tables import MODEL_FUNCTION_KEYS, MOE_FUNCTION_KEYS, EncoderConfig, MoEConfig
 
 
 @dataclass(frozen=True)
@@ -32,17 +35,22 @@ class Family:
     """The bias switches its config.json has; an export writes them false (an import refuses them true)."""
     model_family: str = "decoder"
     """The bigpt model family (model.family, bigpt.families) it is a Hugging Face form of."""
+    experts: hf_moe.Experts | None = None
+    """Its experts (model_family "moe_decoder")."""
 
-    def problems(self, model: ModelConfig) -> list[str]:
+    def problems(self, model: ModelConfig | dict) -> list[str]:
         """The [model] values this family cannot express."""
+        fields = model if isinstance(model, dict) else vars(model)
         wanted = (
             ("family", self.model_family),
             ("add_qkv_bias", self.add_qkv_bias),
             ("qk_layernorm", self.qk_layernorm),
         )
-        found = [f"model.{key} = {getattr(model, key)}" for key, value in wanted if getattr(model, key) != value]
-        if model.attention_window and self.window_key != "sliding_window":
-            found.append(f"model.attention_window = {model.attention_window}")
+        found = [f"model.{key} = {effective(fields, key)}" for key, value in wanted if effective(fields, key) != value]
+        if effective(fields, "attention_window") and self.window_key != "sliding_window":
+            found.append(f"model.attention_window = {effective(fields, 'attention_window')}")
+        if self.experts is not None and not found:
+            found += hf_moe.problems(self.experts, effective(fields, "moe"))
         return found
 
 
@@ -58,6 +66,30 @@ FAMILIES = {
             qk_layernorm=True,
             window_key="use_sliding_window",
             bias_keys=("attention_bias",),
+        ),
+        Family(
+            "mixtral",
+            "MixtralForCausalLM",
+            window_key="sliding_window",
+            model_family="moe_decoder",
+            experts=hf_moe.MIXTRAL,
+        ),
+        Family(
+            "qwen2_moe",
+            "Qwen2MoeForCausalLM",
+            add_qkv_bias=True,
+            window_key="use_sliding_window",
+            model_family="moe_decoder",
+            experts=hf_moe.QWEN2_MOE,
+        ),
+        Family(
+            "qwen3_moe",
+            "Qwen3MoeForCausalLM",
+            qk_layernorm=True,
+            window_key="use_sliding_window",
+            bias_keys=("attention_bias",),
+            model_family="moe_decoder",
+            experts=hf_moe.QWEN3_MOE,
         ),
     )
 }
@@ -121,14 +153,20 @@ def _rope_keys(config: dict, source) -> dict:
 def _family(config: dict, source) -> Family:
     architectures = config.get("architectures") or []
     family = FAMILIES.get(config.get("model_type", ""))
+    if config.get("model_type") in hf_moe.REFUSED:
+        _refuse(
+            source,
+            f"model_type {config['model_type']!r} is not supported: {hf_moe.REFUSED[config['model_type']]}",
+            "bigpt cannot compute it identically, so it does not convert it",
+        )
     if family is None or architectures not in ([], [family.architecture]):
         _refuse(
             source,
             f"model_type {config.get('model_type')!r} / architectures {architectures} is not supported",
             "bigpt imports "
             + ", ".join(f.architecture for f in FAMILIES.values())
-            + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 and models of the same shape); "
-            "mixture-of-experts (Mixtral, Qwen3-MoE, ...) and other architectures are not",
+            + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen1.5/2-MoE, Qwen3-MoE and models "
+            "of the same shape); other architectures are not",
         )
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
@@ -138,6 +176,8 @@ def _family(config: dict, source) -> Family:
                 "have no megatron-core option short of biases on every linear layer",
                 "only models without them (Qwen2's query/key/value biases aside) are supported",
             )
+    if config.get("qkv_bias") is False:  # Qwen2-MoE's switch (transformers 5), true in every release
+        _refuse(source, "qkv_bias = false", f"{family.architecture} has query/key/value biases")
     if config.get("use_sliding_window"):
         _refuse(
             source,
@@ -194,6 +234,9 @@ def model_from_hf(config: dict, source) -> dict:
         model["qk_layernorm"] = True
     if family.window_key == "sliding_window" and config.get("sliding_window"):
         model["attention_window"] = config["sliding_window"]
+    if family.experts is not None:
+        model["ffn_hidden_size"], model["moe"] = hf_moe.moe_from_hf(family.experts, config, source)
+        model = {"family": family.model_family, **model}
     return model
 
 
@@ -207,6 +250,11 @@ def effective(model: dict, key: str):
         values = {name: getattr(moe, name) for name in MOE_FUNCTION_KEYS}
         values["ffn_hidden_size"] = moe.ffn_hidden_size or model["ffn_hidden_size"]
         return {**values, "layers": moe.layers(model["num_layers"])}
+    if key == "encoder":  # a table ([model.encoder]); it describes the model only in the encoder family
+        if model.get("family", "decoder") != "encoder":
+            return None
+        given = model.get("encoder") or {}
+        return vars(EncoderConfig(**given) if isinstance(given, dict) else given)
     value = model.get(key, getattr(ModelConfig, key, None))
     if key == "rope_scaling_factor" and model.get("rope_scaling", "none") == "none":
         return None  # unused
@@ -252,24 +300,29 @@ def check_recipe_matches(
     return [f"model.{name} {theirs!r} -> {mine!r}" for name, mine, theirs in changed]
 
 
-def _export_family(model: ModelConfig, original: dict | None) -> Family:
+def export_family(model: ModelConfig | dict, original: dict | None) -> Family:
     """The family of the source config.json if it expresses ``model``, else the first that does."""
+    model_family = effective(model if isinstance(model, dict) else vars(model), "family")
     source = FAMILIES.get((original or {}).get("model_type", ""))
-    candidates = ([source] if source else []) + list(FAMILIES.values())
+    candidates = [f for f in ([source] if source else []) + list(FAMILIES.values()) if f.model_family == model_family]
     for family in candidates:
         if not family.problems(model):
             return family
-    if not any(family.model_family == model.family for family in FAMILIES.values()):
+    if not candidates:
+        families = (f.model_family for f in FAMILIES.values())
         raise BigptError(
-            f"a checkpoint of model.family = {model.family!r} has no Hugging Face form in bigpt yet (its "
-            "export and import cover model.family = 'decoder': "
-            f"{', '.join(f.architecture for f in FAMILIES.values())}); keep training it as a bigpt checkpoint"
+            f"a checkpoint of model.family = {model_family!r} has no Hugging Face form in bigpt yet (its "
+            f"export and import cover model.family = {', '.join(repr(f) for f in dict.fromkeys(families))}); "
+            "keep training it as a bigpt checkpoint"
         )
-    problems = sorted({problem for family in FAMILIES.values() for problem in family.problems(model)})
+    problems = sorted({problem for family in candidates for problem in family.problems(model)})
     raise BigptError(
         f"a checkpoint with {', '.join(problems)} fits none of the Hugging Face families bigpt writes "
-        f"({', '.join(f.architecture for f in FAMILIES.values())}): Qwen2 has q/k/v biases, Qwen3 "
-        "per-head q/k norms and Mistral a sliding window, each without the others"
+        f"for model.family = {model_family!r} ("
+        + "; ".join(f"{f.architecture} cannot have {', '.join(f.problems(model))}" for f in candidates)
+        + "): Qwen2 and Qwen2-MoE have q/k/v biases, Qwen3 and Qwen3-MoE per-head q/k norms and Mistral "
+        "and Mixtral a sliding window, each without the others; Mixtral's experts are in every layer "
+        "and renormalised, Qwen2-MoE's with a gated shared expert"
     )
 
 
@@ -292,7 +345,7 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
             f"a checkpoint with {', '.join(problems)} cannot be written as a Hugging Face model of "
             "the families bigpt exports (SwiGLU, RMSNorm, RoPE, no biases beyond Qwen2's q/k/v)"
         )
-    family = _export_family(model, original)
+    family = export_family(model, original)
     stale = (
         "rope_parameters",
         "torch_dtype",
@@ -302,6 +355,7 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
         "use_sliding_window",
         "sliding_window",
         "max_window_layers",
+        *hf_moe.COUNT_KEYS,
     )
     config = {k: v for k, v in (original or {}).items() if k not in stale}
     fields = vars(model)
@@ -326,6 +380,8 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
         dtype=dtype,
         **dict.fromkeys(family.bias_keys, False),
     )
+    if family.experts is not None:
+        config.update(hf_moe.hf_from_moe(family.experts, effective(fields, "moe")))
     if family.window_key == "sliding_window":
         config["sliding_window"] = model.attention_window
     elif family.window_key == "use_sliding_window":

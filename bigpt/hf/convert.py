@@ -7,7 +7,7 @@ vocabulary size on load. Export reads a checkpoint of any layout back one layer 
 Both run in an existing process group: a tool runs a group of one, a training job converts
 with all of its ranks, each writing a share of the tensors. Neither holds the model in memory:
 import makes each tensor only when torch's writer reaches it, export reads one layer at a time
-(bench/hf_import_memory.py measures both).
+(bench/hf_import_memory.py measures both, for a dense model and an MoE).
 """
 
 import itertools
@@ -39,28 +39,52 @@ from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf,
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
 from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
+from bigpt.recipe.tables import MoEConfig
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
 MODEL_TOML = "model.toml"  # inside an imported checkpoint: its [model] table, a recipe fragment
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
-def _items(model: dict) -> list[tuple[Rule, int | None]]:
-    """(rule, layer) for every tensor, in Hugging Face's order (embedding, layers, norm, head)."""
+Item = tuple[Rule, int | None, int | None]
+"""(rule, layer, expert): one megatron tensor, or one layer's or one expert's slice of it."""
+
+
+def _items(model: dict) -> list[Item]:
+    """Every (rule, layer, expert), in Hugging Face's order (embedding, layers, norm, head)."""
     embedding, *table = rules(model)  # rules() lists the embedding first
-    layers: list[tuple[Rule, int | None]] = [
-        (rule, i) for i in range(model["num_layers"]) for rule in table if rule.per_layer
+    per_layer = [
+        (rule, layer, expert)
+        for rule in table
+        if rule.per_layer
+        for layer, expert in rule.instances(model["num_layers"])
     ]
-    return [(embedding, None)] + layers + [(rule, None) for rule in table if not rule.per_layer]
+    layers = sorted(per_layer, key=lambda item: item[1] or 0)  # a stable sort: each layer's in the rules' order
+    return [(embedding, None, None)] + layers + [(rule, None, None) for rule in table if not rule.per_layer]
 
 
-def _sharded(key: str, tensor: torch.Tensor, layer: int | None, num_layers: int) -> ShardedTensor:
-    """``tensor`` as (a one-layer slice of) the global tensor ``key``."""
-    if layer is None:
-        return ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
-    # A real leading axis of size 1 rather than megatron's prepend_axis_num: with the latter,
-    # megatron-core 0.16 cannot read a single layer back (it expects the whole grid locally).
-    return ShardedTensor.from_rank_offsets(key, tensor.unsqueeze(0), (0, layer, num_layers), replica_id=0)
+def _sharded(item: Item, tensor: torch.Tensor, num_layers: int) -> ShardedTensor:
+    """``tensor`` as the global tensor of ``item``, or its one-layer or one-expert slice."""
+    rule, layer, _ = item
+    # A real leading axis of size 1 per slice rather than megatron's prepend_axis_num: with the
+    # latter, megatron-core 0.16 cannot read a single layer back (it expects the whole grid locally).
+    slices = _sliced_axes(item, num_layers)
+    for _ in slices:
+        tensor = tensor.unsqueeze(0)
+    offsets = [(axis, index, count) for axis, (index, count) in enumerate(slices)]
+    return ShardedTensor.from_rank_offsets(rule.checkpoint_key(layer), tensor, *offsets, replica_id=0)
+
+
+def _sliced_axes(item: Item, num_layers: int) -> list[tuple[int, int]]:
+    """(index, size) of each leading axis ``item`` is one slice of: the layer axis of a stacked
+    tensor (the dense decoder; an MoE model keys its layers by number), then the expert axis."""
+    rule, layer, expert = item
+    axes = []
+    if layer is not None and rule.checkpoint_key(layer) == rule.key:
+        axes.append((layer, num_layers))
+    if expert is not None:
+        axes.append((expert, rule.experts))
+    return axes
 
 
 class _MadeWhenWritten(MCoreSavePlanner):
@@ -100,16 +124,15 @@ def _save_streamed(items, weights, num_layers: int, directory: Path) -> None:
     from its Hugging Face tensors only when it is written and dropped after: memory stays near
     the largest tensor (and the inputs of its join), whatever the size of the model."""
 
-    def joined(rule, layer, read) -> ShardedTensor:
-        return _sharded(rule.key, rule.join([read(name) for name in rule.names(layer)]), layer, num_layers)
+    def joined(item: Item, read) -> ShardedTensor:
+        rule, layer, expert = item
+        return _sharded(item, rule.join([read(name) for name in rule.names(layer, expert)]), num_layers)
 
     state, makers = {}, {}
-    for rule, layer in items:
-        placeholder = joined(rule, layer, weights.meta)  # the shape and dtype of the data, on the meta device
-        state[f"{rule.key}/{layer}"] = placeholder
-        makers[rule.key, placeholder.global_offset] = lambda rule=rule, layer=layer: (
-            joined(rule, layer, weights.get).data
-        )
+    for item in items:
+        placeholder = joined(item, weights.meta)  # the shape and dtype of the data, on the meta device
+        state[f"{item[0].key}/{item[1]}/{item[2]}"] = placeholder
+        makers[placeholder.key, placeholder.global_offset] = lambda item=item: joined(item, weights.get).data
     dist_checkpointing.save(state, str(directory), sharded_strategy=_Streamed(makers))
 
 
@@ -181,7 +204,8 @@ def checkpoint_model(checkpoint: Path) -> ModelConfig:
     """The [model] table a checkpoint was saved with: its recipe.toml, or an import's model.toml."""
     for name in ("recipe.toml", MODEL_TOML):
         if (checkpoint / name).is_file():
-            return ModelConfig(**tomllib.loads((checkpoint / name).read_text())["model"])
+            table = tomllib.loads((checkpoint / name).read_text())["model"]
+            return ModelConfig(**table | {"moe": MoEConfig(**table.get("moe", {}))})
     raise BigptError(
         f"{checkpoint} is not a bigpt checkpoint (it has neither recipe.toml nor {MODEL_TOML}); point at "
         "an iter_* directory of a run, or at the output of tools/convert_hf.py import"
@@ -204,20 +228,23 @@ def hf_files_of(checkpoint: Path) -> Path | None:
     return None
 
 
-def _layer_loads(checkpoint: Path, metadata: dict, items, dtype: torch.dtype):
-    """Yield (rule, layer, global tensor in ``dtype``) in ``items`` order, one load per run of
-    items of the same layer (memory stays near one layer)."""
-    for layer, run in itertools.groupby(items, key=lambda item: item[1]):
+def _layer_loads(checkpoint: Path, metadata: dict, items: list[Item], num_layers: int, dtype: torch.dtype):
+    """Yield (item, its tensor in ``dtype``) in ``items`` order, one load per run of items of the
+    same layer, or of the same expert of a layer (memory stays near one layer's dense tensors, or
+    one expert's, however many experts a layer has)."""
+    for _, run in itertools.groupby(items, key=lambda item: item[1:]):
         request = {}
-        for rule, _ in run:
-            saved = metadata[rule.key]
-            shape = saved.global_shape if layer is None else saved.global_shape[1:]
-            request[rule.key] = _sharded(rule.key, torch.empty(shape, dtype=saved.dtype), layer, saved.global_shape[0])
+        for item in run:
+            saved = metadata[item[0].checkpoint_key(item[1])]
+            shape = saved.global_shape[len(_sliced_axes(item, num_layers)) :]
+            request[item] = _sharded(item, torch.empty(shape, dtype=saved.dtype), num_layers)
         # one layer of the stacked tensors: a partial read, which the integrity check would refuse
         loaded = dist_checkpointing.load(request, str(checkpoint), validate_access_integrity=False)
-        for key in request:  # (the load also returns the checkpoint's common, non-tensor state)
-            tensor = loaded[key] if layer is None else loaded[key][0]
-            yield key, layer, tensor.to(dtype)
+        for item in request:  # (the load also returns the checkpoint's common, non-tensor state)
+            tensor = loaded[item]
+            for _ in _sliced_axes(item, num_layers):
+                tensor = tensor[0]
+            yield item, tensor.to(dtype)
 
 
 def tokenizer_note(hf_files: Path | None, copied: list[str]) -> str:
@@ -263,30 +290,31 @@ def export_hf(
     model_config = checkpoint_model(checkpoint)
     model = vars(model_config)
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
-    items = _items(model)
-    for rule, _ in items:
-        if rule.key not in metadata:
-            raise BigptError(
-                f"{checkpoint} has no tensor {rule.key}, which its model needs; the checkpoint is damaged "
-                "or was written by an incompatible program"
-            )
-    dtype = dtype or metadata[items[0][0].key].dtype
     hf_files = hf_files or hf_files_of(checkpoint)
     original = read_config(hf_files) if hf_files and (hf_files / CONFIG).is_file() else None
-    config = hf_from_model(model_config, str(dtype).removeprefix("torch."), original)
+    config = hf_from_model(model_config, str(dtype or torch.float32).removeprefix("torch."), original)
+    items = _items(model)
+    for rule, layer, _ in items:
+        if rule.checkpoint_key(layer) not in metadata:
+            raise BigptError(
+                f"{checkpoint} has no tensor {rule.checkpoint_key(layer)}, which its model needs; the "
+                "checkpoint is damaged or was written by an incompatible program"
+            )
+    if dtype is None:
+        dtype = metadata[items[0][0].key].dtype
+        config["dtype"] = str(dtype).removeprefix("torch.")
 
     shapes = expected_hf_shapes(model)
     element = torch.empty((), dtype=dtype).element_size()
-    order = [name for rule, layer in items for name in rule.names(layer)]
+    order = [name for rule, layer, expert in items for name in rule.names(layer, expert)]
     shards = plan_shards([(name, element * math.prod(shapes[name])) for name in order], max_shard_bytes)
     tmp = partial_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an export that was killed
     tmp.mkdir(parents=True)
 
     def tensors():
-        rule_of = {rule.key: rule for rule, _ in items}
-        for key, layer, tensor in _layer_loads(checkpoint, metadata, items, dtype):
-            yield from zip(rule_of[key].names(layer), rule_of[key].split(tensor))
+        for (rule, layer, expert), tensor in _layer_loads(checkpoint, metadata, items, model["num_layers"], dtype):
+            yield from zip(rule.names(layer, expert), rule.split(tensor))
 
     try:
         with reporting_a_full_disk(out, "the export's OUT"):

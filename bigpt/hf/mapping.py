@@ -1,9 +1,11 @@
-"""The one map between Hugging Face tensors (Llama, Mistral, Qwen2, Qwen3 share their names) and
-megatron-core's global checkpoint tensors.
+"""The one map between Hugging Face tensors (Llama, Mistral, Qwen2, Qwen3 share their names; the
+MoE families share them but for their experts) and megatron-core's global checkpoint tensors.
 
 A bigpt checkpoint holds every parameter under its layout-independent global name (what
 ``GPTModel.sharded_state_dict()`` produces); per-layer parameters are stacked over a leading
-layer axis, and the embedding and output layer may carry padding rows past the vocabulary.
+layer axis (an MoE model's layers differ, so megatron-core keys them by layer number instead:
+``decoder.layers.3.…``), and the embedding and output layer may carry padding rows past the
+vocabulary.
 Both directions of every rule live here, next to each other:
 
 - ``linear_qkv.weight`` (and Qwen2's ``linear_qkv.bias``) is grouped by key/value head: for each
@@ -13,7 +15,12 @@ Both directions of every rule live here, next to each other:
 - the norms before attention and MLP are stored under the Transformer Engine names
   (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``), on every spec;
 - Qwen3's per-head ``q_norm``/``k_norm`` are ``q_layernorm``/``k_layernorm``: one head wide,
-  the same on every tensor-parallel rank.
+  the same on every tensor-parallel rank;
+- an MoE layer's experts are one tensor per projection with a leading expert axis
+  (``mlp.experts.experts.linear_fc1.weight``: [experts, 2 × width, hidden], whatever the expert
+  parallel size), one Hugging Face tensor per expert written into each slice; the router is
+  ``mlp.router.weight``, Qwen2-MoE's shared expert ``mlp.shared_experts.*`` with its
+  ``gate_weight``.
 """
 
 from collections.abc import Callable
@@ -21,9 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bigpt.hf.config import effective
+from bigpt.hf.config import effective, export_family
+from bigpt.hf.moe import Experts
 
-LAYER = "{i}"  # the layer number in a Hugging Face name
+LAYER = "{i}"  # the layer number in a Hugging Face name (and in an MoE model's megatron keys)
+EXPERT = "{e}"  # the expert number in a Hugging Face name
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")  # a dense MLP's projections (mlp.*), in every family
 
 
 @dataclass(frozen=True)
@@ -38,13 +48,27 @@ class Rule:
     """Hugging Face tensors -> one layer's (or the whole) megatron tensor."""
     split: Callable[[torch.Tensor], list[torch.Tensor]]
     """The inverse."""
+    layers: tuple[int, ...] | None = None
+    """The layers that have this tensor (None: every layer); an MoE model's dense and MoE layers differ."""
+    experts: int = 0
+    """One Hugging Face tensor per expert ({e} in hf_names): the megatron tensor has a leading
+    expert axis of this size."""
 
     @property
     def per_layer(self) -> bool:
         return LAYER in self.hf_names[0]
 
-    def names(self, layer: int | None) -> list[str]:
-        return [name.format(i=layer) for name in self.hf_names]
+    def names(self, layer: int | None, expert: int | None = None) -> list[str]:
+        return [name.format(i=layer, e=expert) for name in self.hf_names]
+
+    def checkpoint_key(self, layer: int | None) -> str:
+        """The megatron-core key of ``layer``'s tensor."""
+        return self.key.format(i=layer)
+
+    def instances(self, num_layers: int) -> list[tuple[int | None, int | None]]:
+        """(layer, expert) of every tensor this rule makes, in Hugging Face's order."""
+        layers = (self.layers if self.layers is not None else range(num_layers)) if self.per_layer else [None]
+        return [(layer, expert) for layer in layers for expert in (range(self.experts) if self.experts else [None])]
 
 
 def _same(tensors):
@@ -53,6 +77,74 @@ def _same(tensors):
 
 def _one(tensor):
     return [tensor]
+
+
+def _gated_mlp(key: str, hf: str, names: tuple[str, str, str], ffn: int, hidden: int, **where) -> list[Rule]:
+    """A SwiGLU MLP's two megatron tensors (``key``.linear_fc1/linear_fc2) from its gate, up and
+    down projections ``names`` (``hf``.<name>.weight); ``where``: Rule's layers and experts."""
+    gate, up, down = (f"{hf}.{name}.weight" for name in names)
+    return [
+        Rule(
+            f"{key}.linear_fc1.weight",
+            (gate, up),
+            ((ffn, hidden), (ffn, hidden)),
+            torch.cat,
+            lambda fc1: list(fc1.chunk(2)),
+            **where,
+        ),
+        Rule(f"{key}.linear_fc2.weight", (down,), ((hidden, ffn),), _same, _one, **where),
+    ]
+
+
+def _moe_mlps(model: dict, experts: Experts, stack: str, layer: str) -> list[Rule]:
+    """The MLP tensors of an MoE model: megatron-core's MoE layer, or a dense MLP in the other layers."""
+    hidden, moe = model["hidden_size"], effective(model, "moe")
+    sparse = tuple(i for i, is_moe in enumerate(moe["layers"]) if is_moe)
+    dense = tuple(i for i, is_moe in enumerate(moe["layers"]) if not is_moe)
+    block = f"{layer}{experts.block}"
+    table = _gated_mlp(f"{stack}mlp", layer + "mlp", DENSE_MLP, model["ffn_hidden_size"], hidden, layers=dense)
+    table += [
+        Rule(
+            f"{stack}mlp.router.weight",
+            (f"{block}.gate.weight",),
+            ((moe["num_experts"], hidden),),
+            _same,
+            _one,
+            layers=sparse,
+        ),
+        *_gated_mlp(
+            f"{stack}mlp.experts.experts",
+            f"{block}.experts.{EXPERT}",
+            experts.projections,
+            moe["ffn_hidden_size"],
+            hidden,
+            layers=sparse,
+            experts=moe["num_experts"],
+        ),
+    ]
+    if experts.shared_expert:
+        shared = moe["shared_expert_ffn_hidden_size"]
+        table += _gated_mlp(
+            f"{stack}mlp.shared_experts", f"{block}.shared_expert", DENSE_MLP, shared, hidden, layers=sparse
+        )
+        table.append(
+            Rule(
+                f"{stack}mlp.shared_experts.gate_weight",
+                (f"{block}.shared_expert_gate.weight",),
+                ((1, hidden),),
+                _same,
+                _one,
+                layers=sparse,
+            )
+        )
+    return table
+
+
+def experts_of(model: dict) -> Experts:
+    """The Hugging Face form of an MoE model's experts: of the one MoE family that expresses it."""
+    experts = export_family(model, None).experts
+    assert experts is not None  # the family of an MoE model
+    return experts
 
 
 def rules(model: dict) -> list[Rule]:
@@ -88,51 +180,50 @@ def rules(model: dict) -> list[Rule]:
         return [tensor[:vocab]]
 
     layer = "model.layers.{i}."
+    moe = effective(model, "family") == "moe_decoder"
+    stack = "decoder.layers.{i}." if moe else "decoder.layers."  # an MoE model's layers are keyed by number
     table = [
         Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((vocab, hidden),), _same, unpad),
         Rule(
-            "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+            stack + "self_attention.linear_qkv.layer_norm_weight",
             (layer + "input_layernorm.weight",),
             ((hidden,),),
             _same,
             _one,
         ),
         Rule(
-            "decoder.layers.self_attention.linear_qkv.weight",
+            stack + "self_attention.linear_qkv.weight",
             tuple(layer + f"self_attn.{p}_proj.weight" for p in "qkv"),
             tuple((rows, hidden) for rows in qkv_rows),
             join_qkv,
             split_qkv,
         ),
         Rule(
-            "decoder.layers.self_attention.linear_proj.weight",
+            stack + "self_attention.linear_proj.weight",
             (layer + "self_attn.o_proj.weight",),
             ((hidden, heads * head_dim),),
             _same,
             _one,
         ),
         Rule(
-            "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+            stack + "mlp.linear_fc1.layer_norm_weight",
             (layer + "post_attention_layernorm.weight",),
             ((hidden,),),
             _same,
             _one,
         ),
-        Rule(
-            "decoder.layers.mlp.linear_fc1.weight",
-            (layer + "mlp.gate_proj.weight", layer + "mlp.up_proj.weight"),
-            ((ffn, hidden), (ffn, hidden)),
-            torch.cat,
-            lambda fc1: list(fc1.chunk(2)),
-        ),
-        Rule("decoder.layers.mlp.linear_fc2.weight", (layer + "mlp.down_proj.weight",), ((hidden, ffn),), _same, _one),
         Rule("decoder.final_layernorm.weight", ("model.norm.weight",), ((hidden,),), _same, _one),
     ]
+    table[5:5] = (
+        _moe_mlps(model, experts_of(model), stack, layer)
+        if moe
+        else _gated_mlp(stack + "mlp", layer + "mlp", DENSE_MLP, ffn, hidden)
+    )
     if effective(model, "add_qkv_bias"):
         table.insert(
             3,
             Rule(
-                "decoder.layers.self_attention.linear_qkv.bias",
+                stack + "self_attention.linear_qkv.bias",
                 tuple(layer + f"self_attn.{p}_proj.bias" for p in "qkv"),
                 tuple((rows,) for rows in qkv_rows),
                 join_qkv,
@@ -142,7 +233,7 @@ def rules(model: dict) -> list[Rule]:
     if effective(model, "qk_layernorm"):  # one weight per head width, shared by all heads
         table[3:3] = [
             Rule(
-                f"decoder.layers.self_attention.{p}_layernorm.weight",
+                stack + f"self_attention.{p}_layernorm.weight",
                 (layer + f"self_attn.{p}_norm.weight",),
                 ((head_dim,),),
                 _same,
@@ -159,6 +250,6 @@ def expected_hf_shapes(model: dict) -> dict[str, tuple[int, ...]]:
     """Every Hugging Face tensor name of the model and its shape."""
     shapes: dict[str, tuple[int, ...]] = {}
     for rule in rules(model):
-        for layer in range(model["num_layers"]) if rule.per_layer else [None]:
-            shapes.update(zip(rule.names(layer), rule.hf_shapes))
+        for layer, expert in rule.instances(model["num_layers"]):
+            shapes.update(zip(rule.names(layer, expert), rule.hf_shapes))
     return shapes

@@ -10,6 +10,8 @@ from bigpt.errors import BigptError
 from bigpt.recipe.tables import (
     MODEL_FUNCTION_KEYS,
     MODEL_SHAPE_KEYS,
+    EncoderConfig,
+    MaskingConfig,
     MoEConfig,
     PrecisionConfig,
     Recipe,
@@ -26,6 +28,7 @@ def check_recipe(recipe: Recipe) -> None:
     for check in (
         _check_model,
         _check_moe,
+        _check_encoder,
         _check_optimizer,
         _check_precision,
         _check_recompute,
@@ -194,6 +197,66 @@ def _check_moe(recipe: Recipe) -> None:
         )
 
 
+def _check_encoder(recipe: Recipe) -> None:
+    model, encoder = recipe.model, recipe.model.encoder
+    masking = recipe.data.masking
+    if model.family != "encoder":
+        set_keys = [
+            f"model.encoder.{key}" for key, value in vars(encoder).items() if value != getattr(EncoderConfig(), key)
+        ] + [f"data.masking.{key}" for key, value in vars(masking).items() if value != getattr(MaskingConfig(), key)]
+        if set_keys:
+            recipe_error(
+                recipe,
+                f"{', '.join(set_keys)} set while model.family={model.family!r} is not a masked-LM encoder",
+                'set model.family = "encoder", or remove them',
+            )
+        return
+    if encoder.next_sentence_prediction:
+        recipe_error(
+            recipe,
+            "model.encoder.next_sentence_prediction=true is not offered: RoBERTa showed that BERT's "
+            "next-sentence objective does not help, and it needs sentence pairs that bigpt's masked datasets "
+            "do not build",
+            "remove it (masked language modelling alone, as RoBERTa trains)",
+        )
+    if not 0 < masking.probability < 1:
+        recipe_error(
+            recipe,
+            f"data.masking.probability = {masking.probability} leaves nothing to predict or nothing to see",
+            "choose a share between 0 and 1 (BERT: 0.15)",
+        )
+    if masking.span_lengths == "geometric" and masking.max_span == 1:
+        recipe_error(
+            recipe,
+            "data.masking.span_lengths = 'geometric' with data.masking.max_span = 1: every span is one token long",
+            "raise max_span (SpanBERT: 10), or remove span_lengths",
+        )
+    # What megatron-core's BertModel does not do, or a decoder's key that means nothing bidirectionally
+    refused = [
+        (
+            model.attention_window is not None,
+            f"model.attention_window={model.attention_window}",
+            "a sliding window is causal (the tokens before), and an encoder attends both ways",
+            "remove it",
+        ),
+        (
+            model.qk_layernorm,
+            "model.qk_layernorm=true",
+            "megatron-core's BERT layers have no query/key norms",
+            "set it to false",
+        ),
+        (
+            model.rope_scaling != "none",
+            f"model.rope_scaling={model.rope_scaling!r}",
+            "megatron-core's BertModel takes no RoPE scaling",
+            'set it to "none"',
+        ),
+    ]
+    for wrong, key, why, fix in refused:
+        if wrong:
+            recipe_error(recipe, f'{key} with model.family = "encoder": {why}', fix)
+
+
 def _check_optimizer(recipe: Recipe) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         beta = getattr(recipe.optimizer, key)
@@ -318,6 +381,31 @@ def _check_recompute(recipe: Recipe) -> None:
             recipe,
             'recompute.granularity = "selective" with recompute.modules = [] recomputes nothing',
             'name the modules to recompute or set granularity = "none"',
+        )
+    if recompute.granularity == "selective":
+        _check_recomputed_modules_exist(recipe)
+
+
+def _check_recomputed_modules_exist(recipe: Recipe) -> None:
+    """Each selective module must find something to recompute in this model: megatron-core
+    silently skips one that does not (mlp on MoE layers, moe on dense ones)."""
+    model = recipe.model
+    kinds = model.moe.layers(model.num_layers) if model.family == "moe_decoder" else [0] * model.num_layers
+    found = {
+        "core_attn": True,
+        "mlp": not all(kinds),
+        "moe": any(kinds),
+        "shared_experts": any(kinds) and bool(model.moe.shared_expert_ffn_hidden_size),
+    }
+    missing = [module for module in recipe.recompute.modules if not found[module]]
+    if missing:
+        recipe_error(
+            recipe,
+            f"recompute.modules names {missing}, which this model does not have: mlp is a dense layer's "
+            f"MLP (this model has {len(kinds) - sum(map(bool, kinds))} dense layers), moe an MoE layer "
+            f"({sum(map(bool, kinds))} here), shared_experts an MoE layer's shared experts "
+            "(model.moe.shared_expert_ffn_hidden_size), and megatron-core silently recomputes nothing for them",
+            'recompute "moe" (or "shared_experts") for MoE layers and "mlp" for dense ones, or drop them',
         )
 
 
@@ -465,6 +553,51 @@ def _check_init(recipe: Recipe) -> None:
         recipe_error(
             recipe, "init.from_hf and init.from_checkpoint are both set", "start from one of them and remove the other"
         )
+    if recipe.init.upcycle:
+        _check_upcycle(recipe)
+
+
+def _check_upcycle(recipe: Recipe) -> None:
+    """What megatron-core's upcycling (transformer/moe/upcycling_utils.py) cannot convert."""
+    model, moe = recipe.model, recipe.model.moe
+    dense_width, width = model.ffn_hidden_size, moe.ffn_hidden_size or model.ffn_hidden_size
+    problems = [
+        (
+            model.family != "moe_decoder",
+            f"model.family={model.family!r}",
+            "upcycling makes an MoE model: set model.family = 'moe_decoder'",
+        ),
+        (
+            not (recipe.init.from_hf or recipe.init.from_checkpoint),
+            "neither init.from_hf nor init.from_checkpoint is set",
+            "name the dense model to upcycle",
+        ),
+        (
+            not all(moe.layers(model.num_layers)),
+            "some layers are dense (model.moe.first_dense_layers, layer_freq or layer_pattern)",
+            "megatron-core's upcycling converts every layer's MLP: make every layer an MoE layer",
+        ),
+        (
+            moe.shared_expert_ffn_hidden_size is not None,
+            f"model.moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size}",
+            "a shared expert has no dense counterpart to copy: remove it",
+        ),
+        (
+            dense_width % width or (moe.num_experts or 0) % (dense_width // width or 1),
+            f"model.moe.ffn_hidden_size={width} does not split model.ffn_hidden_size={dense_width} (the dense "
+            f"MLP) into a number of slices that divides model.moe.num_experts={moe.num_experts}",
+            "make the experts as wide as the dense MLP (a copy each), or a divisor of it",
+        ),
+        (
+            (recipe.parallel.expert_tensor or recipe.parallel.tensor) != recipe.parallel.tensor,
+            f"parallel.expert_tensor={recipe.parallel.expert_tensor} differs from "
+            f"parallel.tensor={recipe.parallel.tensor}",
+            "megatron-core splits each rank's dense MLP shard into its experts: leave parallel.expert_tensor unset",
+        ),
+    ]
+    for wrong, problem, fix in problems:
+        if wrong:
+            recipe_error(recipe, f"init.upcycle = true but {problem}", fix)
 
 
 def _check_allowed_model_changes(recipe: Recipe) -> None:

@@ -78,12 +78,31 @@ class MoEConfig:
 
 
 @dataclass(kw_only=True)
+class EncoderConfig:
+    """[model.encoder]: the masked-language-model encoder of model.family = "encoder" (BERT,
+    RoBERTa), megatron-core's BertModel with its masked-LM head."""
+
+    norm_position: Literal["post", "pre"] = "post"
+    """Where the layer norms sit: post = after each residual sum, with a norm on the embeddings
+    (BERT, RoBERTa; their released weights need it); pre = before attention and the MLP, with a
+    final norm (megatron-core's BERT, more stable to train deep)."""
+    token_types: int = non_negative(2)
+    """Rows of the token-type (segment) embedding: 2 = BERT's sentence A / B, 1 = RoBERTa's single
+    row, 0 = none."""
+    next_sentence_prediction: bool = False
+    """BERT's second objective on a binary head. Not offered (true is refused): RoBERTa showed it
+    does not help, and it needs sentence pairs the data pipeline does not build."""
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """[model]: the transformer architecture."""
 
-    family: Literal["decoder", "moe_decoder"] = "decoder"
+    family: Literal["decoder", "moe_decoder", "encoder"] = "decoder"
     """The kind of model: decoder = a dense causal decoder (Llama, Qwen, Mistral); moe_decoder = a
-    causal decoder whose MLPs are Mixture-of-Experts layers, set in [model.moe]."""
+    causal decoder whose MLPs are Mixture-of-Experts layers, set in [model.moe]; encoder = a
+    bidirectional encoder trained by masked language modelling (BERT, RoBERTa), set in
+    [model.encoder]."""
     num_layers: int = positive()
     """Number of transformer layers."""
     hidden_size: int = positive()
@@ -141,6 +160,8 @@ class ModelConfig:
     attention_window - 1 tokens before it (Mistral's sliding_window); None = all earlier tokens."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """[model.moe]"""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """[model.encoder]"""
 
 
 MODEL_SHAPE_KEYS = (
@@ -160,6 +181,7 @@ MODEL_SHAPE_KEYS = (
     "add_qkv_bias",
     "qk_layernorm",
     "moe",
+    "encoder",
 )
 """The [model] keys that decide which tensors a checkpoint holds and their shapes."""
 
@@ -351,14 +373,17 @@ class RecomputeConfig:
 
     granularity: Literal["none", "selective", "full"] = "none"
     """selective = recompute the modules below; full = whole layers."""
-    modules: list[Literal["core_attn", "mlp"]] = field(default_factory=lambda: ["core_attn"])
+    modules: list[Literal["core_attn", "mlp", "moe", "shared_experts"]] = field(default_factory=lambda: ["core_attn"])
     """For selective: what to recompute (megatron-core's recompute_modules). core_attn = the
     attention core, which then keeps no s² scores: only unfused attention stores them, so it needs
     precision.transformer_engine = "off" (Transformer Engine's fused attention keeps none); mlp =
-    the MLP, which then keeps only its input, for one more MLP forward (about a quarter of a Llama
-    layer's training FLOPs). megatron-core's "layernorm" is not offered: Transformer Engine fuses
-    a dense layer's norms into the next linear (nothing to recompute), and without it
-    megatron-core 0.19's output-discarding checkpoint requires Transformer Engine."""
+    a dense layer's MLP, which then keeps only its input, for one more MLP forward (about a quarter
+    of a Llama layer's training FLOPs; megatron-core skips MoE layers here); moe = an MoE layer
+    (router, token dispatch and its all-to-all, experts, shared experts), which then keeps only its
+    input; shared_experts = an MoE layer's shared experts alone. megatron-core's "layernorm" and
+    "moe_act" are not offered: Transformer Engine fuses a dense layer's norms into the next linear
+    (nothing to recompute), megatron-core 0.19's output-discarding checkpoint they use requires
+    Transformer Engine, and moe_act also grouped GEMM experts."""
     method: Literal["uniform", "block"] = "uniform"
     """For full: uniform = checkpoint every num_layers layers; block = the first num_layers
     layers of each pipeline stage."""
@@ -390,6 +415,29 @@ class DataPhase:
 
 
 @dataclass(kw_only=True)
+class MaskingConfig:
+    """[data.masking]: how model.family = "encoder" masks its samples (megatron-core's masked
+    datasets). A sample is masked anew each time it is drawn, seeded by its position in the
+    stream: a sentence met again in a later epoch gets another mask (RoBERTa's dynamic masking).
+    Salient-span masking is not offered (it needs an entity tagger)."""
+
+    probability: float = fraction(0.15)
+    """Share of a sample's tokens chosen for prediction; of those, 80% become the mask token, 10%
+    a random token and 10% stay as they are (BERT)."""
+    whole_word: bool = False
+    """Choose whole words, all their pieces together: WordPiece's "##" pieces, and SentencePiece's
+    or byte-level BPE's pieces that do not start a word (without "▁" or "Ġ")."""
+    max_span: int = positive(1)
+    """Mask spans of up to this many consecutive words (or tokens); 1 = single ones (BERT)."""
+    span_lengths: Literal["inverse", "geometric"] = "inverse"
+    """For max_span > 1: the length n of each span drawn with probability ∝ 1/n, or from a geometric
+    distribution with p = 0.2 clipped at max_span (SpanBERT)."""
+    short_sequence_probability: float = fraction(0.1)
+    """Share of samples made shorter than model.seq_length on purpose (BERT), so the model also
+    sees short inputs."""
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """[data]: tokenizer and training data."""
 
@@ -410,6 +458,8 @@ class DataConfig:
     phases: list[DataPhase] = field(default_factory=list)
     """Later training phases (curriculum, final anneal on high-quality data) in order of
     start_tokens; data.blend is the first phase, from token 0. Validation always uses data.blend."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    """[data.masking]"""
 
 
 @dataclass(kw_only=True)
@@ -472,6 +522,12 @@ class InitConfig:
     """A Hugging Face checkpoint directory (config.json + safetensors) to import."""
     from_checkpoint: str | None = recipe_path()
     """A bigpt checkpoint whose weights (not optimizer or step) start this run."""
+    upcycle: bool = False
+    """Start a Mixture-of-Experts model (model.family = "moe_decoder") from the dense model that
+    from_hf or from_checkpoint names, by megatron-core's upcycling: each layer's experts are
+    copies of its dense MLP (split in model.ffn_hidden_size / model.moe.ffn_hidden_size slices
+    when the experts are narrower), the routers freshly initialised, everything else copied. The
+    dense model is the recipe's [model] with family = "decoder" and no [model.moe]."""
 
 
 @dataclass(kw_only=True)

@@ -50,7 +50,7 @@ def build_model_and_optimizer(
     init_batch_calculator(recipe, layout)
     chunks, config = build_model_chunks(recipe, layout)
     if initial_weights:
-        source = load_initial_weights(recipe, chunks)
+        source = load_initial_weights(recipe, layout, chunks)
         if source is not None:
             console.say(f"starting from the weights in {source} (fresh optimizer and schedule, step 0)")
     model = wrap_ddp(recipe, config, chunks)

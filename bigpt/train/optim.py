@@ -3,7 +3,10 @@
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    init_num_microbatches_calculator,
+)
 from megatron.core.optimizer import (
     HAVE_EMERGING_OPTIMIZERS,
     LayerWiseDistributedOptimizer,
@@ -170,8 +173,10 @@ def rampup_schedule(rampup_batch_size: list[int], global_batch_size: int) -> str
 
 
 def init_batch_calculator(recipe: Recipe, layout: Layout) -> None:
-    """megatron-core's micro-batch calculator (global batch ramp-up), set for this process."""
+    """megatron-core's micro-batch calculator (global batch ramp-up), set for this process: a
+    previous run's in the same process (a ladder's runs, one after another) is replaced."""
     t = recipe.train
+    destroy_num_microbatches_calculator()  # megatron-core refuses to set it twice
     init_num_microbatches_calculator(
         rank=torch.distributed.get_rank(),
         global_batch_size=t.global_batch_size,

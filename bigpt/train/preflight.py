@@ -15,7 +15,7 @@ from bigpt.hf.config import check_recipe_matches
 from bigpt.hf.convert import checkpoint_model
 from bigpt.layout import Resumed, data_position, samples_by_step
 from bigpt.paths import WRITTEN_BY, check_replaceable, check_writable, write_atomically, written_by_bigpt
-from bigpt.recipe import Recipe, load_recipe, recipe_to_dict, recipe_to_toml
+from bigpt.recipe import ModelConfig, Recipe, load_recipe, recipe_to_dict, recipe_to_toml
 
 
 def checkpoint_dir(recipe: Recipe) -> Path:
@@ -82,12 +82,12 @@ def resume_point(recipe: Recipe, warn=lambda message: None) -> tuple[Path | None
     return resume, model_changes(recipe, resume, "checkpoint.load")
 
 
-def model_changes(recipe: Recipe, checkpoint: Path, key: str) -> list[str]:
-    """The model ``checkpoint`` was saved with against the recipe's (``key``: the recipe key that
-    named it). A difference is refused unless checkpoint.allow_model_changes allows it; returns
-    the allowed ones, worded for the log."""
+def model_changes(recipe: Recipe, checkpoint: Path, key: str, model: ModelConfig | None = None) -> list[str]:
+    """The model ``checkpoint`` was saved with against the recipe's (or ``model``; ``key``: the
+    recipe key that named it). A difference is refused unless checkpoint.allow_model_changes
+    allows it; returns the allowed ones, worded for the log."""
     return check_recipe_matches(
-        recipe.model,
+        model or recipe.model,
         vars(checkpoint_model(checkpoint)),
         checkpoint,
         key=key,

@@ -7,9 +7,10 @@ builds the recipe's model, optimizer and scheduler at the recipe's layout, loads
 so step, samples consumed (the data position, which is global: any DP and micro-batch count
 continues the same sample stream), scheduler and optimizer state carry over. A checkpoint whose
 format cannot load at the new layout ("dp_reshardable" across TP/PP/VPP) first goes through a
-stage at its own layout that saves it in a format that loads anywhere. Every stage runs at data
-parallel 1 unless parallel.data says otherwise: both formats load at any data-parallel size, so
-more processes would only cost memory.
+stage at its own layout that saves it in a format that loads anywhere. Every stage runs at the
+fewest data-parallel ranks its layout allows (1, or what the expert-parallel groups need: megatron-core
+takes them from a pipeline stage's ranks) unless parallel.data says otherwise: both formats load at
+any data-parallel size, so more processes would only cost memory.
 """
 
 import os
@@ -36,7 +37,7 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
     from bigpt.checkpoint.state import DP_ONLY_FORMAT, MODEL_PARALLEL, layout_overrides
     from bigpt.layout import Layout
     from bigpt.paths import check_writable, partial_dir
-    from bigpt.recipe import CheckpointConfig, load_recipe
+    from bigpt.recipe import CheckpointConfig
 
     checkpoint = store.checkpoint_at(source, "IN", alternatives="for instance a run's checkpoint.dir")
     marker, saved_recipe = store.read_marker(checkpoint), checkpoint / "recipe.toml"
@@ -53,7 +54,7 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
                 "changes to the run that resumes from OUT."
             )
     default_format = CheckpointConfig().optimizer_format
-    target = load_recipe(saved_recipe, [f"checkpoint.optimizer_format={default_format}", "parallel.data=0", *overrides])
+    target = _at_fewest_ranks(saved_recipe, [f"checkpoint.optimizer_format={default_format}", *overrides])
     layout = Layout.from_recipe(target)  # on paper: the degrees fit the model and the batch
     if os.path.exists(out):
         raise BigptError(
@@ -72,9 +73,8 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
         if marker.get("optimizer_format") == DP_ONLY_FORMAT and any(
             saved.get(key, 1) != ours.get(key, 1) for key in MODEL_PARALLEL
         ):
-            at_saved_layout = load_recipe(
-                saved_recipe,
-                [*layout_overrides(saved).split(), "parallel.data=0", f"checkpoint.optimizer_format={IN_PLACE_FORMAT}"],
+            at_saved_layout = _at_fewest_ranks(
+                saved_recipe, [*layout_overrides(saved).split(), f"checkpoint.optimizer_format={IN_PLACE_FORMAT}"]
             )
             checkpoint = _run_stage(at_saved_layout, checkpoint, work / "stage", f"loading {checkpoint}")
         _run_stage(target, checkpoint, work / "out", f"writing {out}")
@@ -85,8 +85,20 @@ def reshard(source: Path, out: Path, overrides: list[str]) -> str:
     return (
         f"wrote {written} (step {marker['iteration']}, {marker['consumed_samples']} samples consumed, "
         f'checkpoint.optimizer_format = "{target.checkpoint.optimizer_format}"); resume it with '
-        f"checkpoint.load={out} {layout_overrides(ours)} (any data-parallel size)"
+        f"checkpoint.load={out} {layout_overrides(ours)} "
+        f"(any data-parallel size{' the expert groups divide' if layout.ep > 1 else ''})"
     )
+
+
+def _at_fewest_ranks(recipe_file: Path, overrides: list[str]):
+    """The recipe with ``overrides``, at ``fewest_data_parallel`` ranks unless they name parallel.data."""
+    from bigpt.layout import fewest_data_parallel
+    from bigpt.recipe import load_recipe
+
+    if any(text.partition("=")[0].strip() == "parallel.data" for text in overrides):
+        return load_recipe(recipe_file, overrides)
+    dp = fewest_data_parallel(load_recipe(recipe_file, [*overrides, "parallel.data=1"]))
+    return load_recipe(recipe_file, [*overrides, f"parallel.data={dp}"])
 
 
 def _run_stage(recipe, load: Path, root: Path, what: str) -> Path:
