@@ -103,3 +103,36 @@ def test_a_damaged_cache_file_that_cannot_be_deleted_is_named(tmp_path, tokenize
     monkeypatch.setattr(Path, "unlink", not_ours)
     with pytest.raises(BigptError, match=rf"data.cache_dir {cache}: .* is cached with {path.name}, which is damaged"):
         build(recipe)
+
+
+def test_an_encoders_corpus_retokenised_under_the_same_prefix_gets_new_indices(tmp_path, capsys):
+    """The masked-LM datasets cache their sample index (of sentences) the same way."""
+    import json
+    from pathlib import Path
+
+    from bigpt.recipe import load_recipe
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>", *(f"w{i}" for i in range(60))]
+    model = {"type": "WordLevel", "vocab": {piece: i for i, piece in enumerate(vocab)}, "unk_token": "[UNK]"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": model}))
+    old, new = range(6, 36), range(36, 66)  # the ids of each version's words
+    prefix = write_indexed(tmp_path / "corpus", [[old[(d + k) % 30] for k in range(5 + d % 7)] for d in range(80)])
+    recipe = load_recipe(
+        Path(__file__).parent / "recipes" / "mock_encoder.toml",
+        [
+            f"model.vocab_size={len(vocab)}",
+            "model.seq_length=16",
+            "data.source='indexed'",
+            f"data.tokenizer='{tmp_path / 'tokenizer.json'}'",
+            f"data.blend=[{{path='{prefix}'}}]",
+            "data.split='100,0,0'",
+            f"data.cache_dir='{tmp_path / 'cache'}'",
+        ],
+    )
+    build_datasets(recipe, world_rank=0, train_samples=20, valid_samples=0)
+    capsys.readouterr()
+    write_indexed(tmp_path / "corpus", [[new[(d + k) % 30] for k in range(3 + d % 4)] for d in range(30)])
+    train, _ = build_datasets(recipe, world_rank=0, train_samples=20, valid_samples=0)
+    words = [token for k in range(20) for token in train[k]["tokens"].tolist() if token >= old.start]
+    assert sum(token in new for token in words) > 0.8 * len(words)  # masking swaps a few for random words
+    assert "were built from another version of" in capsys.readouterr().err
