@@ -73,8 +73,8 @@ class Gpu:
         peak = mfu_peak_flops_per_second(recipe, self.device_name)
         if peak is None:
             raise BigptError(
-                f"precision.fp8={recipe.precision.fp8!r} in {recipe.source} needs FP8 tensor cores, which "
-                f'{self.device_name} does not have; plan for another GPU or set precision.fp8 = "none".'
+                f"precision.fp8={recipe.precision.fp8!r} in {recipe.where('precision.fp8')} needs FP8 tensor cores, "
+                f'which {self.device_name} does not have; plan for another GPU or set precision.fp8 = "none".'
             )
         return peak
 

@@ -333,17 +333,60 @@ def global_batch_at(train: TrainConfig, consumed_samples: int) -> int:
     return start + reached * increment
 
 
-def samples_by_step(train: TrainConfig, steps: int) -> int:
-    """Samples consumed by the end of step ``steps``: steps × global_batch_size, less what the
-    smaller batches of a ramp-up leave out. The schedule (warmup, decay) counts samples, so its
-    points in steps become these."""
-    consumed = 0
+def samples_by_step(train: TrainConfig, steps: int, consumed: int = 0) -> int:
+    """Samples consumed by ``steps`` steps that start after ``consumed`` samples (0: from the first
+    step): steps × global_batch_size, less what the smaller batches of a ramp-up leave out. The
+    schedule (warmup, decay) counts samples, so its points in steps become these."""
+    start = consumed
     for step in range(steps):
         batch = global_batch_at(train, consumed)
         if batch == train.global_batch_size:  # the ramp-up is over: the rest are full batches
-            return consumed + (steps - step) * batch
+            return consumed + (steps - step) * batch - start
         consumed += batch
-    return consumed
+    return consumed - start
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a resumed run starts: the counters of its checkpoint, and the batch settings (its
+    [train]) and sequence length it was saved with, which this run may change."""
+
+    iteration: int
+    consumed_samples: int
+    consumed_tokens: int
+    seq_length: int
+    train: TrainConfig
+
+
+def data_position(consumed_tokens: int, seq_length: int) -> int:
+    """The sample of the training stream (of ``seq_length``-token samples) a run continues from:
+    after the samples that hold the tokens consumed so far (consumed samples, unless the sequence
+    length changed), so that data phases, which start at a token count, switch at it whatever
+    batch sizes and sequence lengths came before."""
+    return consumed_tokens // seq_length
+
+
+def samples_at_step(train: TrainConfig, step: int, resumed: Resumed | None = None) -> int:
+    """Samples consumed by the end of step ``step``, with the batches of ``train`` from the start,
+    or after a resume: the checkpoint's sample count at its step, its own batch settings before,
+    ``train``'s after. So the schedule's points (in steps) stay at their steps when a resume
+    changes train.global_batch_size or train.rampup_batch_size."""
+    if resumed is None:
+        return samples_by_step(train, step)
+    if step <= resumed.iteration:  # past: as the checkpoint's batches consumed them
+        return min(samples_by_step(resumed.train, step), resumed.consumed_samples)
+    return resumed.consumed_samples + samples_by_step(train, step - resumed.iteration, resumed.consumed_samples)
+
+
+def train_samples_needed(train: TrainConfig, seq_length: int, resumed: Resumed | None = None) -> int:
+    """Length of the training sample stream a run to train.train_iters reads: from the resumed
+    position on, the samples of its remaining steps."""
+    if resumed is None:
+        return samples_by_step(train, train.train_iters)
+    remaining = max(train.train_iters - resumed.iteration, 0)
+    return data_position(resumed.consumed_tokens, seq_length) + samples_by_step(
+        train, remaining, resumed.consumed_samples
+    )
 
 
 def divisors(n: int, at_most: int | None = None) -> list[int]:

@@ -159,7 +159,7 @@ def check_layout(recipe, nodes: Nodes):
         ) from None
     if layout.tp > nodes.workers:
         raise BigptError(
-            f"parallel.tensor={layout.tp} in {recipe.source} is more than {nodes.per_node_option}: "
+            f"parallel.tensor={layout.tp} in {recipe.where('parallel.tensor')} is more than {nodes.per_node_option}: "
             f"tensor parallelism communicates every layer and must stay inside a node; "
             f"lower parallel.tensor (raise parallel.pipeline instead)."
         )

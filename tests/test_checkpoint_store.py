@@ -212,3 +212,66 @@ def test_a_slice_of_a_flattened_parameter_is_a_few_contiguous_blocks_of_it():
                     position += math.prod(size)
                 assert position == stop and len(found) <= 2 * len(shape) - 1
                 assert tensor.view(-1)[start:stop].eq(1).all() and tensor.sum() == stop - start
+
+
+def _deleting_fails(error):
+    real = store.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if path.name == store.checkpoint_name(10):
+            raise error
+        real(path, *args, **kwargs)
+
+    return rmtree
+
+
+@pytest.mark.parametrize(
+    "failure, reason",
+    [
+        ("symlink", "a symbolic link to "),
+        (PermissionError(13, "Permission denied", "iter_0000010/__0_0.distcp"), "Permission denied: iter_0000010/"),
+        (OSError(16, "Device or resource busy", ".nfs000123"), "Device or resource busy: .nfs000123"),
+    ],
+)
+def test_a_checkpoint_retention_cannot_delete_is_named_and_later_saves_go_on(
+    tmp_path, monkeypatch, capsys, failure, reason
+):
+    """The save succeeded: retention's failure is a warning naming what is left and why, never the
+    save's failure; and the next save (and its retention) still runs."""
+    from types import SimpleNamespace
+
+    from bigpt.checkpoint import state
+
+    root = tmp_path / "checkpoints"
+    if failure == "symlink":  # a checkpoint kept elsewhere, linked in: its files are never followed
+        elsewhere = fake_checkpoint(tmp_path / "archive", 10)
+        root.mkdir()
+        (root / elsewhere.name).symlink_to(elsewhere)
+    else:
+        fake_checkpoint(root, 10)
+        monkeypatch.setattr(store.shutil, "rmtree", _deleting_fails(failure))
+    monkeypatch.setattr(state.dist, "get_rank", lambda: 0)
+    writer = state.CheckpointWriter(root, asynchronous=False)
+    config = SimpleNamespace(keep_last=1, keep_every=0)
+
+    def save(iteration):
+        final = root / store.checkpoint_name(iteration)
+        tmp = final.with_name(final.name + ".tmp")
+        tmp.mkdir()
+        (tmp / "metadata.json").write_text("{}")
+        writer.in_flight = final
+        with writer._reporting_failure():
+            writer._mark_complete(tmp, final, {"iteration": iteration}, "", config)
+
+    save(20)
+    err = capsys.readouterr().err
+    assert "checkpoint iter_0000020 saved, but retention (checkpoint.keep_last = 1) could not delete" in err
+    assert f"iter_0000010 ({reason}" in err and "saving goes on" in err
+    assert store.latest_in(root) == root / "iter_0000020"
+    save(30)  # the next save completes, and its retention deletes what it can
+    assert store.latest_in(root) == root / "iter_0000030" and not (root / "iter_0000020").exists()
+    again = capsys.readouterr().err
+    if failure == "symlink":  # still linked in, said again; the linked checkpoint's files are untouched
+        assert "iter_0000010 (a symbolic link" in again and store.is_complete(elsewhere)
+    else:  # half deleted, its marker first: never again taken for a checkpoint, to resume or to prune
+        assert again == "" and not store.is_complete(root / "iter_0000010")

@@ -137,3 +137,42 @@ def test_an_evaluation_that_rereads_a_tiny_validation_split_says_so(tmp_path, to
     assert "times over (eval.iters × train.global_batch_size × model.seq_length = 6,400 tokens)" in plan
     recipe.eval.iters = 2
     assert "warning" not in plan_tokens(recipe, train_samples=80)
+
+
+@pytest.mark.parametrize("seq_length, global_batch_size", [(SEQ, 2), (SEQ, 8), (SEQ // 2, 8), (SEQ * 2, 2)])
+def test_a_resume_with_another_batch_or_sequence_length_switches_phase_at_its_token_count(
+    tmp_path, tokenizer_path, web_and_books, seq_length, global_batch_size
+):
+    """A checkpoint saved after 3 steps of 4 samples of SEQ tokens (192 tokens); the resumed run
+    reads the stream bigpt builds for it (its length, its position) with other batches: books,
+    the phase from 20 × SEQ tokens on, begin where that many tokens have been consumed."""
+    from dataclasses import replace
+
+    from bigpt.layout import Resumed, data_position, train_samples_needed
+
+    web, books = web_and_books
+    start_tokens = 20 * SEQ
+    recipe = recipe_with_phases(
+        tmp_path, tokenizer_path, web, [Entry(start_tokens=start_tokens, blend=[Entry(path=books, weight=1.0)])]
+    )
+    recipe.model.seq_length = seq_length
+    recipe.train = replace(recipe.train, global_batch_size=global_batch_size, micro_batch_size=1)
+    resumed = Resumed(
+        iteration=3,
+        consumed_samples=12,
+        consumed_tokens=12 * SEQ,
+        seq_length=SEQ,
+        train=replace(recipe.train, global_batch_size=4),
+    )
+    samples = train_samples_needed(recipe.train, seq_length, resumed)
+    train, _ = build_datasets(recipe, world_rank=0, train_samples=samples, valid_samples=0)
+    position = data_position(resumed.consumed_tokens, seq_length)
+    stream = micro_batches(train, consumed_samples=position, micro_batch_size=1, dp_rank=0, dp_size=1)
+    tokens, switched_at = resumed.consumed_tokens, None
+    for _ in range(recipe.train.train_iters - resumed.iteration):  # every step the resumed run trains
+        for _ in range(global_batch_size):
+            sample = next(stream)["tokens"][0]
+            if switched_at is None and max(sample) >= 200:
+                switched_at = tokens
+            tokens += seq_length
+    assert switched_at == start_tokens

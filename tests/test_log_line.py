@@ -31,13 +31,14 @@ def test_the_line_logs_the_mean_loss_of_its_interval_without_skipped_steps(tmp_p
     recipe = load_recipe(
         MOCK_RECIPE, [f"run_dir={tmp_path}", "logging.interval=3", "logging.tensorboard=false", "train.train_iters=7"]
     )
-    trainer = SimpleNamespace(recipe=recipe, state=SimpleNamespace(iteration=0, consumed_samples=0))
+    trainer = SimpleNamespace(recipe=recipe, state=SimpleNamespace(iteration=0, consumed_samples=0, consumed_tokens=0))
     logger = MetricsLogger(str(tmp_path))
     logger.on_start(trainer)
     steps = [(6.0, False), (5.0, False), (4.5, False), (5.5, False), (float("nan"), True), (3.5, False), (2.0, False)]
     for loss, skipped in steps:
         trainer.state.iteration += 1
         trainer.state.consumed_samples += 8
+        trainer.state.consumed_tokens += 8 * 64
         logger.on_step(trainer, step_metrics(loss, skipped))
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" | ")[0] for line in lines] == ["step 3/7", "step 6/7", "step 7/7"]

@@ -125,3 +125,41 @@ def test_evaluation_during_ramp_up_runs_full_global_batches(tmp_path, calculator
     monkeypatch.setattr(trainer_module, "reduce_losses", lambda losses: losses[0]["lm loss"].double())
     assert trainer.evaluate(lambda: iter(()), iters=3) == pytest.approx(2.0)
     assert asked == [(4, True)] * 3
+
+
+@pytest.mark.parametrize(
+    "resume_with",
+    [
+        RAMP,  # the same batches: the lr continues exactly
+        ("train.global_batch_size=16",),
+        ("train.global_batch_size=4",),
+        ("train.rampup_batch_size=[2, 2, 40]",),
+        ("train.rampup_batch_size=[2, 2, 40]", "model.seq_length=32"),
+    ],
+)
+def test_a_resume_with_other_batches_keeps_the_schedule_at_its_steps(tmp_path, calculator, resume_with):
+    """Saved at step 3 of a ramp-up run (batches 4, 4, 4: 12 samples); resumed with other batches,
+    the scheduler set as bigpt sets it (the checkpoint's samples restored) decays to min_lr at
+    train.train_iters (step 6), not before or after; with the same batches, the lr continues
+    where it was (with others it follows their share of the remaining schedule)."""
+    from bigpt.layout import Resumed
+
+    before = mock(tmp_path, *RAMP)
+    calculator(before)
+    saved_lr = lr_per_step(before)[2]
+    resumed = Resumed(iteration=3, consumed_samples=12, consumed_tokens=12 * 64, seq_length=64, train=before.train)
+    after = mock(tmp_path, *resume_with)
+    calculator(after)
+    optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=0.0)
+    scheduler = build_scheduler(after, optimizer, resumed)
+    scheduler.step(increment=resumed.consumed_samples)  # the checkpoint's position (load_state_dict)
+    if resume_with == RAMP:
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(saved_lr)
+    consumed, lrs = resumed.consumed_samples, []
+    for _ in range(after.train.train_iters - resumed.iteration):
+        update_num_microbatches(consumed, consistency_check=True)
+        scheduler.step(increment=get_current_global_batch_size())
+        consumed += get_current_global_batch_size()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == sorted(lrs, reverse=True) and lrs[-2] > 3e-4
+    assert lrs[-1] == pytest.approx(3e-4)

@@ -218,7 +218,58 @@ def test_override_wrong_type_names_the_override():
 )
 def test_cross_field_rule(overrides, expected):
     message = load_error(TINY, overrides)
-    assert expected in message and "tiny.toml" in message
+    assert expected in message
+    assert any(f"override '{override}'" in message for override in overrides)  # what set the value, not the file
+
+
+TINY_LABEL = "recipes/tiny.toml"  # as the recipe was named: relative to the working directory (the repository)
+
+
+@pytest.mark.parametrize(
+    "recipe_text, overrides, where",
+    [
+        # Every key the problem names was set by an override: the file is not blamed.
+        ("", ["model.kv_channels=15"], "in override 'model.kv_channels=15'; "),
+        ("", ['recompute.modules=["mlp"]'], """in override 'recompute.modules=["mlp"]'; """),
+        # One by an override, one by the file: both, in the order the problem names them.
+        ("", ["model.num_query_groups=3"], f"in {TINY_LABEL} and override 'model.num_query_groups=3'; "),
+        ("", ["optimizer.min_lr=1.0"], f"in override 'optimizer.min_lr=1.0' and {TINY_LABEL}; "),
+        # A list set by an override (data.phases), beside a list and a value of the file's table.
+        (
+            "",
+            ['data.source="mock"', "data.phases=[{start_tokens=100, blend=[{path='a'}]}]"],
+            f"in {TINY_LABEL} and override 'data.phases=[{{start_tokens=100, blend=[{{path='a'}}]}}]' and "
+            """override 'data.source="mock"'; """,
+        ),
+        # An override beside the child recipe's value; the child's value beside its base's.
+        (
+            "[train]\ntrain_iters = 40\n",
+            ["schedule.warmup_iters=50"],
+            "in override 'schedule.warmup_iters=50' and {bad}; ",
+        ),
+        ("[schedule]\nwarmup_iters = 50\n", [], f"in {{bad}} and {TINY_LABEL}; "),
+        ("[model]\nnum_query_groups = 3\n", [], f"in {TINY_LABEL} and {{bad}}; "),
+        # An override of a key the child recipe also sets: the override is what to change.
+        ("[model]\nnum_query_groups = 1\n", ["model.num_query_groups=3"], "override 'model.num_query_groups=3'; "),
+    ],
+)
+def test_a_problem_is_placed_where_its_values_were_set(tmp_path, recipe_text, overrides, where):
+    """Each key a cross-field problem names is attributed to the layer that set it: a command-line
+    override, the recipe file, or the base recipe it inherits from."""
+    path = bad_recipe(tmp_path, recipe_text) if recipe_text else TINY
+    message = load_error(path, overrides)
+    assert where.replace("{bad}", str(path)) in message
+    if recipe_text.startswith("[model]") and overrides:
+        assert str(path) not in message
+
+
+def test_a_layout_problem_names_the_override_that_caused_it():
+    from bigpt.layout import Layout
+
+    with pytest.raises(BigptError) as info:
+        Layout.from_recipe(load_recipe(TINY, ["train.global_batch_size=10"]), world_size=8)
+    assert "train.global_batch_size 10 is not divisible by train.micro_batch_size × data parallel" in str(info.value)
+    assert f"in override 'train.global_batch_size=10' and {TINY_LABEL}; " in str(info.value)
 
 
 def test_an_odd_head_width_is_fine_without_rotary_embeddings():

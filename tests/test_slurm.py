@@ -106,6 +106,11 @@ def test_template_is_valid_bash():
         (["--nodes", "64", "parallel.data=8"], "parallel.data=8 but world size 512"),
         (["--nodes", "3", "--workers-per-node", "2"], "--nodes 3 × --workers-per-node 2 = 6 workers cannot host"),
         (["--nodes", "256", "--workers-per-node", "2"], "is more than --workers-per-node 2: tensor parallelism"),
+        # A value set on the command line is attributed to the override, not to the recipe file.
+        (
+            ["--nodes", "256", "--workers-per-node", "4", "parallel.tensor=8"],
+            "parallel.tensor=8 in override 'parallel.tensor=8' is more than --workers-per-node 4",
+        ),
     ],
 )
 def test_a_layout_the_nodes_cannot_host_is_refused_before_anything_is_written(capsys, tmp_path, argv, message):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from bigpt.checkpoint import store
 from bigpt.paths import WRITTEN_BY
 from multirank import MOCK_RECIPE, run_bigpt, scalars
 
@@ -105,7 +106,9 @@ def test_checkpoint_of_another_shape_and_a_fresh_start_over_a_run_are_refused(tm
     )
     assert {p: p.read_bytes() for p in sorted(checkpoints.rglob("*")) if p.is_file()} == before
     # A resume with a longer run, a later decay and new lr bounds (a re-warmed continual run): the
-    # recipe's optimizer and schedule win, said in the log and in recipe.toml.
+    # recipe's optimizer and schedule win, said in the log and in recipe.toml. With twice the batch
+    # and half the sequence: the counters stay true (tokens counted as consumed, not recomputed from
+    # the new batch and length), and the schedule's points stay at their steps.
     resume = (
         "checkpoint.load=auto",
         "train.train_iters=4",
@@ -113,6 +116,8 @@ def test_checkpoint_of_another_shape_and_a_fresh_start_over_a_run_are_refused(tm
         "schedule.decay_iters=12",
         "optimizer.lr=2e-3",
         "optimizer.min_lr=2e-4",
+        "train.global_batch_size=16",
+        "model.seq_length=32",
     )
     # megatron-core alone cannot load the optimizer state with other lr bounds (its groups are keyed by them).
     failed = run_bigpt(
@@ -124,8 +129,18 @@ def test_checkpoint_of_another_shape_and_a_fresh_start_over_a_run_are_refused(tm
         "the recipe's optimizer and schedule replace the checkpoint's: optimizer.lr 0.003 -> 0.002; "
         "optimizer.min_lr 0.0003 -> 0.0002; schedule.decay_iters unset -> 12; train.train_iters 3 -> 4"
     ) in result.stdout
-    # cosine from lr 2e-3 to min_lr 2e-4, in samples (8 per step): warmup 8, decay ends at 96; after step 4: 32
-    expected = 2e-4 + 0.5 * (math.cos(math.pi * (32 - 8) / (96 - 8)) + 1) * (2e-3 - 2e-4)
+    assert (
+        "resuming with train.global_batch_size 8 -> 16; model.seq_length 64 -> 32 since the checkpoint: its counters "
+        "stay true (24 samples and 1,536 tokens consumed by step 3); the training data is cut into 32-token samples "
+        "now" in result.stdout
+    )
+    assert "the 1 step left read 16 samples from sample 48 of the training stream on" in result.stdout
+    assert "step 4/4 | tokens 2,048 |" in result.stdout  # 1,536 + 16 × 32
+    marker = store.read_marker(checkpoints / "iter_0000004")
+    assert (marker["consumed_samples"], marker["consumed_tokens"], marker["seq_length"]) == (40, 2048, 32)
+    # cosine from lr 2e-3 to min_lr 2e-4, in samples: warmup ends at step 1 (8 samples, as consumed), decay at
+    # step 12 (24 samples by step 3, then 16 a step: 168); after step 4: 40
+    expected = 2e-4 + 0.5 * (math.cos(math.pi * (40 - 8) / (168 - 8)) + 1) * (2e-3 - 2e-4)
     assert scalars(tmp_path, "train/lr")[3] == pytest.approx(expected, rel=1e-6)  # the checkpoint's: 3e-4
     assert "decay_iters = 12" in (tmp_path / "recipe.toml").read_text()  # its own recipe.toml, rewritten
     assert (tmp_path / "recipe.toml").read_text().startswith(WRITTEN_BY)

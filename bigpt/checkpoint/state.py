@@ -36,6 +36,7 @@ from bigpt.errors import BigptError
 from bigpt.layout import Layout
 from bigpt.paths import almost_full, names_a_full_disk
 from bigpt.recipe import Recipe, recipe_to_toml
+from bigpt.runtime import console
 from bigpt.runtime.seeding import rng_state, set_rng_state
 
 
@@ -247,6 +248,7 @@ def _full_state(training: Checkpointed, model_state: dict, *, is_loading: bool, 
     state["train_state"] = {
         "iteration": counters.iteration,
         "consumed_samples": counters.consumed_samples,
+        "consumed_tokens": counters.consumed_tokens,
         "guard": training.guard.state_dict(),
     }
     state["rng_state"] = _rng_object()
@@ -278,6 +280,8 @@ class CheckpointWriter:
         marker = {  # taken now: training moves on while an asynchronous save is written
             "iteration": training.counters.iteration,
             "consumed_samples": training.counters.consumed_samples,
+            "consumed_tokens": training.counters.consumed_tokens,
+            "seq_length": training.recipe.model.seq_length,
             "layout": _layout_tag(training),
             "vocab_size": training.recipe.model.vocab_size,  # lets another padding of the vocabulary load
             "optimizer_format": training.recipe.checkpoint.optimizer_format,
@@ -336,7 +340,14 @@ class CheckpointWriter:
         if dist.get_rank() == 0:
             (tmp / "recipe.toml").write_text(recipe_text)
             store.finalize(tmp, final, dict(marker, files=store.manifest(tmp)))
-            store.apply_retention(self.root, config.keep_last, config.keep_every, final)
+            left = store.apply_retention(self.root, config.keep_last, config.keep_every, final)
+            if left:
+                console.warn(
+                    f"checkpoint {final.name} saved, but retention (checkpoint.keep_last = {config.keep_last}) could "
+                    f"not delete older checkpoints: {'; '.join(left)}. Delete or move them by hand (or fix their "
+                    "permissions); saving goes on.",
+                    here=True,  # rank 0 alone saw it
+                )
 
     @contextmanager
     def _reporting_failure(self):
@@ -434,6 +445,10 @@ def load_checkpoint(training: Checkpointed, path: Path) -> None:
     training.scheduler.load_state_dict(loaded["scheduler"])
     training.counters.iteration = loaded["train_state"]["iteration"]
     training.counters.consumed_samples = loaded["train_state"]["consumed_samples"]
+    tokens = loaded["train_state"].get("consumed_tokens")  # none before bigpt counted tokens
+    if tokens is None:
+        tokens = store.saved_progress(path, training.recipe.model.seq_length)["consumed_tokens"]
+    training.counters.consumed_tokens = tokens
     training.guard.load_state_dict(loaded["train_state"].get("guard", {}))  # none before the guard was saved
     if rng_fits:
         set_rng_state(loaded["rng_state"])

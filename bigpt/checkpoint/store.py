@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import tomllib
 from pathlib import Path
 
 from bigpt.errors import BigptError
@@ -69,6 +70,24 @@ def written_latest(path: Path) -> bool:
 
 def read_marker(path: Path) -> dict:
     return json.loads((path / MARKER).read_text())
+
+
+def saved_progress(path: Path, seq_length: int) -> dict:
+    """The counters of the checkpoint at ``path`` and what it was trained with: iteration,
+    consumed_samples, consumed_tokens, seq_length, and its recipe's [train] table (batch size and
+    ramp-up). Checkpoints from before bigpt counted tokens count samples × their recipe's
+    model.seq_length (``seq_length`` when they name none)."""
+    marker = read_marker(path)
+    recipe_file = path / "recipe.toml"
+    saved = tomllib.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    seq_length = marker.get("seq_length") or saved.get("model", {}).get("seq_length") or seq_length
+    return {
+        "iteration": marker["iteration"],
+        "consumed_samples": marker["consumed_samples"],
+        "consumed_tokens": marker.get("consumed_tokens", marker["consumed_samples"] * seq_length),
+        "seq_length": seq_length,
+        "train": saved.get("train", {}),
+    }
 
 
 def resolve_resume(load: str, checkpoint_dir: str, warn=lambda message: None) -> Path | None:
@@ -175,14 +194,31 @@ def check_only_own_checkpoints(root: Path, resume: Path | None, key: str = "chec
         )
 
 
-def apply_retention(root: Path, keep_last: int, keep_every: int, newest: Path) -> None:
+def apply_retention(root: Path, keep_last: int, keep_every: int, newest: Path) -> list[str]:
     """Keep the newest ``keep_last`` checkpoints up to ``newest`` (the one just written), plus every
     ``keep_every``-th iteration; never one after ``newest`` (check_only_own_checkpoints makes sure
-    there is none, but retention must not be what deletes work if one appears)."""
+    there is none, but retention must not be what deletes work if one appears). Returns why each
+    checkpoint it could not delete is still there: the save itself succeeded, and later saves go on."""
     complete = [p for p in _saved(root) if is_complete(p) and iteration_of(p) <= iteration_of(newest)]
+    left = []
     for path in complete[:-keep_last] if keep_last else []:
         if not (keep_every and iteration_of(path) % keep_every == 0):
-            shutil.rmtree(path)
+            if why := _delete_checkpoint(path):
+                left.append(f"{path.name} ({why})")
+    return left
+
+
+def _delete_checkpoint(path: Path) -> str | None:
+    """Delete the checkpoint at ``path``, its marker first (so that what a failure leaves behind is
+    never taken for a complete checkpoint); None, or why it could not be deleted."""
+    if path.is_symlink():  # its files are elsewhere, maybe a user's copy: never followed
+        return f"a symbolic link to {os.readlink(path)}, which retention does not follow"
+    try:
+        (path / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path)
+    except OSError as err:
+        return f"{err.strerror or err}: {err.filename or path}"
+    return None
 
 
 def lock_directory(root: Path, key: str = "checkpoint.dir"):

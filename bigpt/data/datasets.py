@@ -2,14 +2,15 @@
 for a decoder, the masked-LM ones (``bigpt.data.masked``) for an encoder."""
 
 import os
+from pathlib import Path
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import Split
 
 from bigpt.data.checks import check_mock_index_fits, check_vocab
+from bigpt.data.index_cache import KeyedGPTDataset, KeyedMaskedLMDataset, drop_damaged
 from bigpt.data.masked import (
-    MaskedLMDataset,
     MaskedVocabulary,
     MockMaskedLMDataset,
     masked_config,
@@ -34,7 +35,8 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     """Return ``(train, valid)`` datasets; ``valid`` is None when ``valid_samples`` is 0.
 
     Call on every rank. ``source = "indexed"`` datasets are checked on every rank first, then
-    their sample indices are built on rank 0 into ``data.cache_dir`` and loaded by the others.
+    their sample indices are built on rank 0 into ``data.cache_dir`` and loaded by the others
+    (keyed on each index file's identity, checked before use: ``index_cache``).
     Samples are dicts of ``seq_length``-long tensors: tokens, labels, loss_mask, position_ids.
     Validation samples come from the first phase's blend (``data.blend``).
     """
@@ -85,10 +87,15 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
         cache_dir=cache_dir,
         seed=recipe.train.seed + number,
     )
-    dataset = MaskedLMDataset if recipe.model.family == "encoder" else GPTDataset
+    dataset = KeyedMaskedLMDataset if recipe.model.family == "encoder" else KeyedGPTDataset
     builder = BlendedMegatronDatasetBuilder(dataset, [phase.samples, valid_samples, 0], lambda: True, config)
+
+    def build():
+        drop_damaged(Path(cache_dir))  # before megatron maps a cached file: each rank, rank 0 first
+        return builder.build()
+
     train, valid, _ = build_rank_zero_first(
-        builder.build, world_rank=world_rank, cache_dir=cache_dir, timeout_minutes=recipe.data.build_timeout_minutes
+        build, world_rank=world_rank, cache_dir=cache_dir, timeout_minutes=recipe.data.build_timeout_minutes
     )
     return train, valid
 

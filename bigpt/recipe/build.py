@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -50,13 +51,39 @@ class Origins:
             key = key.rpartition(".")[0]
         return self.default
 
+    def where(self, text: str) -> str:
+        """The layers that set the keys ``text`` names, first named first, as a reader fixes them:
+        "override 'train.global_batch_size=12' and recipes/a.toml"; the top recipe file when
+        ``text`` names no key a layer set (defaults are changed there)."""
+        labels: list[str] = []
+        for key in _KEY_NAMED.findall(text):
+            origin = self._set_by(key)
+            if origin is not None and origin.label not in labels:
+                labels.append(origin.label)
+        return " and ".join(labels) or self.default.label
+
+    def _set_by(self, key: str) -> Origin | None:
+        """The layer that set ``key`` (or the list holding it), not merely its table; None for a default."""
+        key = key.split("[")[0]
+        while "." in key:
+            if key in self.by_key:
+                return self.by_key[key]
+            key = key.rpartition(".")[0]
+        return None
+
+
+_KEY_NAMED = re.compile(r"\b[a-z_]+(?:\.[a-z_0-9]+|\[\d+\])+")
+"""A dotted recipe key in a message: train.global_batch_size, data.phases[1].start_tokens."""
+
 
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def build_recipe(merged: dict, origins: Origins, source: str) -> Recipe:
     """Type-check ``merged`` against the Recipe dataclasses and construct it."""
-    return build_dataclass(Recipe, merged, origins, source=source)
+    recipe = build_dataclass(Recipe, merged, origins, source=source)
+    recipe.origins = origins
+    return recipe
 
 
 def build_dataclass(cls, merged: dict, origins: Origins, **extra):

@@ -21,7 +21,7 @@ from bigpt.recipe.tables import (
 
 def recipe_error(recipe: Recipe, problem: str, fix: str) -> NoReturn:
     """Raise the one-paragraph error for a cross-field mistake: what, where, what to do."""
-    raise BigptError(f"{problem} in {recipe.source or 'the recipe'}; {fix}.")
+    raise BigptError(f"{problem} in {recipe.where(problem)}; {fix}.")
 
 
 def check_recipe(recipe: Recipe) -> None:

@@ -7,7 +7,7 @@ the job is launched from, like any output path on a command line.
 """
 
 from dataclasses import MISSING, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from bigpt.recipe.fields import NOT_A_KEY, fraction, non_negative, output_path, positive, recipe_path
 
@@ -628,6 +628,13 @@ class Recipe:
     """[init]"""
     source: str = field(default="", compare=False, metadata={NOT_A_KEY: True})
     """Path of the top recipe file (not a TOML key; not part of equality)."""
+    origins: Any = field(default=None, compare=False, repr=False, metadata={NOT_A_KEY: True})
+    """Where each key was set, a ``recipe.build.Origins`` (not a TOML key; not part of equality)."""
+
+    def where(self, problem: str) -> str:
+        """Where to fix what ``problem`` says: the files and overrides that set the keys it names
+        (an override named as such, not as the recipe file), else the recipe file."""
+        return self.origins.where(problem) if self.origins else self.source or "the recipe"
 
     def __post_init__(self):
         if not self.run_dir:

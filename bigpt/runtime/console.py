@@ -94,8 +94,9 @@ def note(message: str) -> None:
         print(f"bigpt: {message}", file=sys.stderr, flush=True)
 
 
-def warn(message: str) -> None:
-    if speaks():
+def warn(message: str, *, here: bool = False) -> None:
+    """``here``: said by this rank whichever it is (what this rank alone found, e.g. as rank 0)."""
+    if here or speaks():
         print(f"bigpt: warning: {message}", file=sys.stderr, flush=True)
 
 

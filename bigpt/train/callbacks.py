@@ -77,7 +77,7 @@ class MetricsLogger(Callback):
         extras = "".join(f" | {self.labels[name]} {mean:.4g}" for name, mean in means.items())
         if self.writer:
             self.writer.add_scalar("train/loss_interval_mean", mean_loss, step)
-        tokens = trainer.state.consumed_samples * trainer.recipe.model.seq_length
+        tokens = trainer.state.consumed_tokens
         mfu = "n/a" if math.isnan(metrics["mfu"]) else f"{metrics['mfu']:.1%}"
         console.say(
             f"step {step}/{trainer.recipe.train.train_iters} | tokens {tokens:,} | loss {mean_loss:.4f} "

@@ -9,7 +9,7 @@ from bigpt.checkpoint import load_checkpoint, store
 from bigpt.data import micro_batches
 from bigpt.errors import Preempted
 from bigpt.families import family_of
-from bigpt.layout import Layout, samples_by_step
+from bigpt.layout import Layout, Resumed, train_samples_needed
 from bigpt.model import build_model_chunks
 from bigpt.recipe import Recipe
 from bigpt.runtime import console
@@ -27,14 +27,25 @@ from bigpt.train.optim import (
     wire_model_config,
     wrap_ddp,
 )
-from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point, write_run_recipe
+from bigpt.train.preflight import (
+    check_outputs,
+    checkpoint_dir,
+    resume_changes,
+    resume_point,
+    resumed_batch_changes,
+    resumed_from,
+    write_run_recipe,
+)
 from bigpt.train.trainer import Trainer
 
 
-def build_model_and_optimizer(recipe: Recipe, layout: Layout, *, initial_weights: bool = True):
+def build_model_and_optimizer(
+    recipe: Recipe, layout: Layout, *, initial_weights: bool = True, resumed: Resumed | None = None
+):
     """The model chunks (wrapped for data parallelism), optimizer and learning-rate scheduler, on a
     process group that already exists. ``initial_weights``: load [init]'s weights (a resumed run
-    skips them: its checkpoint replaces them anyway)."""
+    skips them: its checkpoint replaces them anyway). ``resumed``: the checkpoint's counters and
+    batch settings, which place the schedule's points."""
     seed_everything(recipe.train.seed)
     init_batch_calculator(recipe, layout)
     chunks, config = build_model_chunks(recipe, layout)
@@ -45,21 +56,24 @@ def build_model_and_optimizer(recipe: Recipe, layout: Layout, *, initial_weights
     model = wrap_ddp(recipe, config, chunks)
     optimizer = build_optimizer(recipe, model)
     wire_model_config(config, model, optimizer)
-    scheduler = build_scheduler(recipe, optimizer)
+    scheduler = build_scheduler(recipe, optimizer, resumed)
     return model, optimizer, scheduler
 
 
-def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = True) -> Trainer:
-    """Everything a run needs, on a process group that already exists (``initial_weights``: as
-    ``build_model_and_optimizer``'s)."""
-    model, optimizer, scheduler = build_model_and_optimizer(recipe, layout, initial_weights=initial_weights)
+def build_trainer(recipe: Recipe, layout: Layout, *, resumed: Resumed | None = None) -> Trainer:
+    """Everything a run needs, on a process group that already exists; ``resumed``: the checkpoint
+    it resumes from (then no initial weights: the checkpoint's replace them), which places the
+    schedule and the data stream."""
+    model, optimizer, scheduler = build_model_and_optimizer(
+        recipe, layout, initial_weights=resumed is None, resumed=resumed
+    )
     train = recipe.train
     # Every evaluation reads the same first eval.iters global batches (full size) of the validation split.
     valid_samples = train.global_batch_size * recipe.eval.iters if recipe.eval.interval else 0
     train_ds, valid_ds = family_of(recipe.model).build_datasets(
         recipe,
         world_rank=dist.get_rank(),
-        train_samples=samples_by_step(train, train.train_iters),
+        train_samples=train_samples_needed(train, recipe.model.seq_length, resumed),
         valid_samples=valid_samples,
     )
     batches = partial(
@@ -81,7 +95,7 @@ def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = Tru
         model,
         optimizer,
         scheduler,
-        lambda consumed: batches(train_ds, consumed_samples=consumed),
+        lambda position: batches(train_ds, consumed_samples=position),
         callbacks,
     )
 
@@ -95,8 +109,9 @@ def train(recipe: Recipe, layout: Layout, overwrite: bool = False) -> None:
         resume, model_changes = resume_point(recipe, warn=console.warn)  # reads only: a refused run changes nothing
         if dist.get_rank() == 0:
             lock = store.lock_directory(checkpoint_dir(recipe))
-        trainer = build_trainer(recipe, layout, initial_weights=resume is None)
-        if resume is not None:
+        resumed = resumed_from(recipe, resume) if resume is not None else None
+        trainer = build_trainer(recipe, layout, resumed=resumed)
+        if resume is not None and resumed is not None:
             load_checkpoint(checkpointed(trainer), resume)
             apply_recipe_hyperparameters(recipe, trainer.optimizer)
             changed = (
@@ -104,8 +119,11 @@ def train(recipe: Recipe, layout: Layout, overwrite: bool = False) -> None:
             )
             console.say(
                 f"resuming from {resume} (step {trainer.state.iteration}, "
-                f"{trainer.state.consumed_samples} samples consumed{changed})"
+                f"{trainer.state.consumed_samples:,} samples and {trainer.state.consumed_tokens:,} tokens "
+                f"consumed{changed})"
             )
+            if batch_changes := resumed_batch_changes(recipe, resumed):
+                console.say(batch_changes)
             if console.speaks() and (schedule_changes := resume_changes(recipe, resume)):
                 console.say(
                     f"the recipe's optimizer and schedule replace the checkpoint's: {'; '.join(schedule_changes)}"

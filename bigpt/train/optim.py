@@ -19,7 +19,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from bigpt.errors import BigptError
-from bigpt.layout import Layout, samples_by_step
+from bigpt.layout import Layout, Resumed, samples_at_step
 from bigpt.model import DTYPES
 from bigpt.recipe import Recipe
 
@@ -125,22 +125,27 @@ def build_optimizer(recipe: Recipe, model: list[DistributedDataParallel]):
     return get_megatron_optimizer(optimizer_config(recipe), model)
 
 
-def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
+def build_scheduler(recipe: Recipe, optimizer, resumed: Resumed | None = None) -> OptimizerParamScheduler:
     """LR schedule in samples (megatron-core's scheduler steps by the samples of each step), its
     points (warmup, decay, WSD's decay) set in steps by the recipe: each becomes the samples
     consumed by that step, so under a batch ramp-up warmup ends and decay reaches min_lr at the
     steps the recipe names. A resumed run keeps the checkpoint's position (samples consumed) and
-    takes everything else from the recipe."""
+    takes everything else from the recipe; ``resumed`` counts the samples of steps before the
+    checkpoint's as they were consumed, so a changed batch size moves no point (``samples_at_step``)."""
     s, o, train = recipe.schedule, recipe.optimizer, recipe.train
     decay_iters = s.decay_iters or train.train_iters
-    decay_samples = samples_by_step(train, decay_iters)
+
+    def at(step: int) -> int:
+        return samples_at_step(train, step, resumed)
+
+    decay_samples = at(decay_iters)
     wsd = s.decay_style == "wsd"
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=samples_by_step(train, s.warmup_iters),
+        lr_warmup_steps=at(s.warmup_iters),
         lr_decay_steps=decay_samples,
         lr_decay_style="WSD" if wsd else s.decay_style,
         start_wd=o.weight_decay,
@@ -149,7 +154,7 @@ def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,  # on resume the recipe's schedule wins (see resume_changes)
-        wsd_decay_steps=decay_samples - samples_by_step(train, decay_iters - (s.wsd_decay_iters or 0)) if wsd else None,
+        wsd_decay_steps=decay_samples - at(decay_iters - (s.wsd_decay_iters or 0)) if wsd else None,
         lr_wsd_decay_style=s.wsd_decay_style if wsd else None,
     )
 

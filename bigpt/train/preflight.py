@@ -6,12 +6,14 @@ no checkpoints this run did not write."""
 
 import os
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 from bigpt.checkpoint import store
 from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches
 from bigpt.hf.convert import checkpoint_model
+from bigpt.layout import Resumed, data_position, samples_by_step
 from bigpt.paths import WRITTEN_BY, check_replaceable, check_writable, write_atomically, written_by_bigpt
 from bigpt.recipe import ModelConfig, Recipe, load_recipe, recipe_to_dict, recipe_to_toml
 
@@ -123,3 +125,56 @@ def resume_changes(recipe: Recipe, resume: Path) -> list[str]:
             if mine.get(item) != theirs.get(item):
                 changes.append(f"{table}.{item} {theirs.get(item, 'unset')} -> {mine.get(item, 'unset')}")
     return changes
+
+
+def resumed_from(recipe: Recipe, checkpoint: Path) -> Resumed:
+    """The counters of ``checkpoint`` and the batch settings and sequence length it was saved with."""
+    saved = store.saved_progress(checkpoint, recipe.model.seq_length)
+    train = saved["train"]
+    return Resumed(
+        iteration=saved["iteration"],
+        consumed_samples=saved["consumed_samples"],
+        consumed_tokens=saved["consumed_tokens"],
+        seq_length=saved["seq_length"],
+        train=replace(
+            recipe.train,
+            global_batch_size=train.get("global_batch_size", recipe.train.global_batch_size),
+            rampup_batch_size=train.get("rampup_batch_size"),
+        ),
+    )
+
+
+def resumed_batch_changes(recipe: Recipe, resumed: Resumed) -> str:
+    """What a resume with another batch size, ramp-up or sequence length than its checkpoint's does
+    (worded for the log; empty when none changed). Nothing is refused: the counters are kept in
+    samples and tokens, so every point the recipe names stays where it says."""
+    before, now = resumed.train, recipe.train
+    changes = [
+        f"{key} {old} -> {new}"
+        for key, old, new in (
+            ("train.global_batch_size", before.global_batch_size, now.global_batch_size),
+            ("train.rampup_batch_size", before.rampup_batch_size, now.rampup_batch_size),
+            ("model.seq_length", resumed.seq_length, recipe.model.seq_length),
+        )
+        if old != new
+    ]
+    if not changes:
+        return ""
+    seq_length = recipe.model.seq_length
+    position = data_position(resumed.consumed_tokens, seq_length)
+    remaining = max(now.train_iters - resumed.iteration, 0)
+    stream = (
+        f"the training data is cut into {seq_length}-token samples now, so it continues after the tokens "
+        "consumed, not at the same documents (some text is read again or skipped); "
+        if seq_length != resumed.seq_length
+        else ""
+    )
+    phases = ", data phases at their data.phases[].start_tokens" if recipe.data.phases else ""
+    return (
+        f"resuming with {'; '.join(changes)} since the checkpoint: its counters stay true "
+        f"({resumed.consumed_samples:,} samples and {resumed.consumed_tokens:,} tokens consumed by step "
+        f"{resumed.iteration}); {stream}the {remaining} step{'s' * (remaining != 1)} left read "
+        f"{samples_by_step(now, remaining, resumed.consumed_samples):,} samples from sample {position:,} of the "
+        f"training stream on. The schedule's points stay at their steps{phases} (between points the lr "
+        "follows the new batches' share of the samples left, so it may step at this resume)."
+    )

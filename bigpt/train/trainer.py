@@ -16,7 +16,7 @@ from megatron.core.num_microbatches_calculator import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from bigpt.families import family_of
-from bigpt.layout import Layout
+from bigpt.layout import Layout, data_position
 from bigpt.recipe import Recipe
 from bigpt.runtime import console, preemption
 from bigpt.runtime.device import device, on_gpu
@@ -30,6 +30,10 @@ class TrainState:
 
     iteration: int = 0
     consumed_samples: int = 0
+    """Samples trained on: the batch ramp-up and the learning-rate schedule count these."""
+    consumed_tokens: int = 0
+    """Tokens trained on (each step's samples × its model.seq_length): the data stream continues
+    after them (``layout.data_position``), and data phases start at a count of them."""
 
 
 class Callback:
@@ -54,7 +58,7 @@ class Callback:
 
 class Trainer:
     def __init__(self, recipe: Recipe, layout: Layout, model, optimizer, scheduler, batches, callbacks):
-        """``batches(consumed_samples)`` returns a fresh micro-batch iterator for this rank."""
+        """``batches(position)`` returns a fresh micro-batch iterator for this rank, from that sample on."""
         self.recipe, self.layout = recipe, layout
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.batches = batches
@@ -91,7 +95,8 @@ class Trainer:
                 closing.callback(callback.close, self)
                 callback.on_start(self)
             update_num_microbatches(self.state.consumed_samples, consistency_check=False)
-            train_iterator = self.data_iterator(lambda: self.batches(self.state.consumed_samples))
+            position = data_position(self.state.consumed_tokens, self.recipe.model.seq_length)
+            train_iterator = self.data_iterator(lambda: self.batches(position))
             try:
                 while self.state.iteration < self.recipe.train.train_iters and not self.preempted:
                     metrics = self.train_step(train_iterator)
@@ -129,6 +134,7 @@ class Trainer:
             torch.cuda.synchronize()
         self.state.iteration += 1
         self.state.consumed_samples += global_batch_size
+        self.state.consumed_tokens += global_batch_size * self.recipe.model.seq_length
         return {
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
