@@ -80,15 +80,6 @@ def resume_point(recipe: Recipe, warn=lambda message: None) -> tuple[Path | None
     if resume is None:
         return None, []
     changes = model_changes(recipe, resume, "checkpoint.load")
-    saved_length = checkpoint_model(resume).seq_length
-    if saved_length != recipe.model.seq_length:
-        raise BigptError(
-            f"checkpoint.load resumes {resume}, saved at model.seq_length = {saved_length}, but the recipe "
-            f"asks for {recipe.model.seq_length}: a resume continues the data and the schedule counted in "
-            "sequences of one length. To go on at another context length, start a new phase from its weights "
-            f'in a new run_dir: init.from_checkpoint = "{resume}" (a fresh optimizer and schedule, the learning '
-            "rate re-warmed), listing the RoPE keys you change in checkpoint.allow_model_changes."
-        )
     return resume, changes
 
 
