@@ -1,0 +1,199 @@
+"""Evaluation during training: named validation sets (eval.sets), each reported as its own loss
+and perplexity, through the objects bigpt builds, in one process (a world of one)."""
+
+import contextlib
+import io
+import math
+
+from pathlib import Path
+
+import pytest
+
+from bigpt.data import plan_tokens
+from bigpt.errors import BigptError
+from bigpt.layout import Layout
+from bigpt.recipe import load_recipe
+from multirank import MOCK_RECIPE, scalars
+from test_data_support import data_recipe, write_indexed
+from test_training_path import world_of_one
+from wandb_files import history, offline_runs
+
+EOD = 2
+
+
+@pytest.fixture(scope="module")
+def general_and_domain(tmp_path_factory):
+    """Two datasets told apart by their token ids: "general" uses 10-89, "domain" 200-299."""
+    directory = tmp_path_factory.mktemp("datasets")
+    general = write_indexed(directory / "general", [list(range(10, 10 + n % 80 + 5)) + [EOD] for n in range(100)])
+    domain = write_indexed(directory / "domain", [list(range(200, 200 + n % 90 + 5)) + [EOD] for n in range(60)])
+    return general, domain
+
+
+def continual_recipe(directory, tokenizer, general, domain, sets: str):
+    """Trains on the domain dataset, evaluated every 2 steps on ``sets`` ([[eval.sets]] tables)."""
+    return data_recipe(
+        directory,
+        f'source = "indexed"\ntokenizer = "{tokenizer}"\nblend = [{{path = "{domain}"}}]\nsplit = "80,20,0"\n'
+        f'[eval]\ninterval = 2\niters = 1\n{sets}\n[checkpoint]\nload = "none"\nsave_interval = 0\n'
+        "[logging]\ninterval = 2\n",
+        seq_length=16,
+    )
+
+
+SETS = """
+[[eval.sets]]
+name = "general"
+blend = [{{path = "{general}"}}]
+[[eval.sets]]
+name = "domain"
+iters = 2
+"""
+
+
+WANDB = """
+[logging.wandb]
+project = "bigpt-test"
+mode = "offline"
+tags = ["continual"]
+"""
+
+
+def trained(recipe, train_iters: int = 2) -> str:
+    """Train in this process; what the console said."""
+    from bigpt.checkpoint import load_checkpoint
+    from bigpt.train.checkpointing import checkpointed
+    from bigpt.train.main import build_trainer
+    from bigpt.train.preflight import resume_point
+
+    recipe.train.train_iters = train_iters
+    said = io.StringIO()
+    with world_of_one(), contextlib.redirect_stdout(said):
+        trainer = build_trainer(recipe, Layout.from_recipe(recipe, 1))
+        resume, _ = resume_point(recipe)
+        if resume is not None:
+            load_checkpoint(checkpointed(trainer), resume)
+        trainer.train()
+    return said.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_path, general_and_domain):
+    """The same training without eval.sets, and with a "general" and a "domain" set (the latter
+    data.blend's validation split, read for 2 batches)."""
+    general, domain = general_and_domain
+    root = tmp_path_factory.mktemp("runs")
+    plain = continual_recipe(root / "plain", tokenizer_path, general, domain, "")
+    named = continual_recipe(root / "named", tokenizer_path, general, domain, SETS.format(general=general) + WANDB)
+    trained(plain)
+    return plain, named, trained(named)
+
+
+def test_named_validation_sets_are_each_reported_under_their_name(runs):
+    plain, named, out = runs
+    assert "step 2 | validation general loss" in out and "step 2 | validation domain loss" in out
+    general, domain = scalars(named.run_dir, "valid/general/loss"), scalars(named.run_dir, "valid/domain/loss")
+    assert scalars(named.run_dir, "valid/domain/perplexity") == pytest.approx([math.exp(v) for v in domain])
+    # Without eval.sets: data.blend's validation split as "valid". The domain set is that split, read
+    # for one batch more: its loss differs from valid/loss, and general (other tokens) from both.
+    valid = scalars(plain.run_dir, "valid/loss")
+    assert len(valid) == len(general) == len(domain) == 1
+    assert len({valid[0], general[0], domain[0]}) == 3
+    with pytest.raises(KeyError):
+        scalars(named.run_dir, "valid/loss")  # only the named sets
+
+
+def test_a_named_set_of_data_blend_reads_what_the_default_validation_reads(runs, tmp_path):
+    plain, named, _ = runs
+    recipe = load_recipe(named.source, ["eval.sets=[{name = 'same'}]", f"run_dir={tmp_path}"])
+    trained(recipe)
+    assert scalars(tmp_path, "valid/same/loss") == scalars(plain.run_dir, "valid/loss")
+
+
+def test_the_dry_run_shows_each_set_and_what_one_evaluation_reads(runs):
+    _, named, _ = runs
+    table = plan_tokens(named).splitlines()
+    start = next(i for i, line in enumerate(table) if line.startswith("validation set"))
+    assert table[start].split() == [
+        "validation",
+        "set",
+        "dataset",
+        "share",
+        "read",
+        "per",
+        "evaluation",
+        "split",
+        "size",
+    ]
+    general, domain = table[start + 1].split(), table[start + 2].split()
+    # 1 and 2 batches of 8 samples of 16 tokens
+    assert general[0] == "general" and general[2:4] == ["100.0%", "128"]
+    assert domain[0] == "domain" and domain[2:4] == ["100.0%", "256"]
+
+
+@pytest.mark.parametrize(
+    "sets,words",
+    [
+        ("[{name = 'valid'}]", "eval.sets[0].name = 'valid' is not a usable name"),
+        ("[{name = 'a b'}]", "eval.sets[0].name = 'a b' is not a usable name"),
+        ("[{name = 'x'}, {name = 'x'}]", "eval.sets[1].name = 'x' names two validation sets"),
+        ("[{name = 'x', blend = [{path = '/nowhere/data'}]}]", "eval.sets[0].blend[0].path"),
+    ],
+)
+def test_bad_sets_are_refused_on_paper(runs, sets, words):
+    _, named, _ = runs
+    with pytest.raises(BigptError, match=words.replace("[", "\\[").replace("]", "\\]")):
+        plan_tokens(load_recipe(named.source, [f"eval.sets={sets}"]))
+
+
+def test_sets_need_datasets(runs):
+    _, named, _ = runs
+    with pytest.raises(BigptError, match="eval.sets names validation sets, but data.source is 'mock'"):
+        load_recipe(named.source, ["data.source='mock'", "data.blend=[]"])
+
+
+def test_weights_and_biases_holds_every_scalar_tensorboard_holds_and_a_resume_continues_its_run(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, named, _ = runs
+    (first,) = offline_runs(named.run_dir)
+    run_id, logged = history(first)
+    events = EventAccumulator(str(Path(named.run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "valid/general/loss", "valid/domain/perplexity", "train/loss_interval_mean"} <= set(tags)
+    assert set(logged) == set(tags)
+    for tag in tags:
+        assert logged[tag] == pytest.approx(
+            {event.step: event.value for event in events.Scalars(tag)}, rel=1e-6, nan_ok=True
+        ), tag
+    # One more step from the checkpoint of step 2: the same W&B run, from step 3 on.
+    trained(load_recipe(named.source, ["checkpoint.load=auto"]), train_iters=3)
+    earlier, resumed = offline_runs(named.run_dir)
+    assert earlier == first
+    resumed_id, resumed_logged = history(resumed)
+    assert resumed_id == run_id and set(resumed_logged["train/loss"]) == {3}
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["logging.wandb.project='team/p'"], "logging.wandb.project = 'team/p' is not a W&B project name"),
+        (["logging.wandb.project='p'", f"logging.wandb.tags=['{'x' * 65}']"], "longer than W&B's 64 characters"),
+        (["logging.wandb.entity='team'"], "logging.wandb.entity set without logging.wandb.project"),
+    ],
+)
+def test_bad_wandb_settings_are_refused_on_paper(overrides, words):
+    with pytest.raises(BigptError, match=words):
+        load_recipe(MOCK_RECIPE, overrides)
+
+
+def test_wandb_without_its_package_is_refused_on_paper(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(
+        BigptError, match=r"the wandb package is not installed in .*; install it \(pip install 'bigpt\[wandb\]'\)"
+    ):
+        load_recipe(MOCK_RECIPE, ["logging.wandb.project='p'"])
