@@ -136,7 +136,7 @@ def test_the_dry_run_shows_each_set_and_what_one_evaluation_reads(runs):
     [
         ("[{name = 'valid'}]", "eval.sets[0].name = 'valid' is not a usable name"),
         ("[{name = 'a b'}]", "eval.sets[0].name = 'a b' is not a usable name"),
-        ("[{name = 'x'}, {name = 'x'}]", "eval.sets[1].name = 'x' names two validation sets"),
+        ("[{name = 'x'}, {name = 'x'}]", "eval.sets[1].name = 'x' is given twice"),
         ("[{name = 'x', blend = [{path = '/nowhere/data'}]}]", "eval.sets[0].blend[0].path"),
     ],
 )
@@ -197,3 +197,79 @@ def test_wandb_without_its_package_is_refused_on_paper(monkeypatch):
         BigptError, match=r"the wandb package is not installed in .*; install it \(pip install 'bigpt\[wandb\]'\)"
     ):
         load_recipe(MOCK_RECIPE, ["logging.wandb.project='p'"])
+
+
+# ------------------------------------------------------------------ downstream tasks
+TASKS = Path(__file__).resolve().parent.parent / "recipes" / "tasks"
+
+
+def reference_loglikelihoods(model_dir, tokenizer, examples, max_length: int) -> list[float]:
+    """lm-evaluation-harness's log-likelihood of each (context, " " + choice), written here from its
+    definition (HFLM._encode_pair and _loglikelihood_tokens) on transformers' model: an
+    independent scorer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
+    scores = []
+    for example in examples:
+        for choice in example.choices:
+            context, continuation = example.context, " " + choice
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces > 0:
+                continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+            whole, context_enc = tokenizer.encode(context + continuation), tokenizer.encode(context)
+            continuation_enc = whole[len(context_enc) :]
+            if not context_enc:
+                context_enc = [tokenizer.eod]
+            inp = torch.tensor((context_enc + continuation_enc)[-(max_length + 1) :][:-1]).unsqueeze(0)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(inp).logits[0].double(), dim=-1)
+            rows = logprobs[-len(continuation_enc) :]
+            scores.append(float(rows.gather(1, torch.tensor(continuation_enc).unsqueeze(1)).sum()))
+    return scores
+
+
+def reference_accuracies(examples, scores) -> tuple[float, float]:
+    import numpy as np
+
+    acc = acc_norm = 0
+    for example in examples:
+        lls, scores = np.array(scores[: len(example.choices)]), scores[len(example.choices) :]
+        acc += int(np.argmax(lls)) == example.gold
+        acc_norm += int(np.argmax(lls / np.array([float(len(c)) for c in example.choices]))) == example.gold
+    return acc / len(examples), acc_norm / len(examples)
+
+
+def test_task_scores_equal_an_lm_eval_definition_scorer_on_transformers(tmp_path, tokenizer_path):
+    """A Hugging Face Llama imported by bigpt (init.from_hf) scores the shipped tasks as the
+    reference scorer does on transformers' own model: every choice's log-likelihood, acc, acc_norm."""
+    from bigpt.data import load_tokenizer
+    from bigpt.data.tasks import read_task
+    from bigpt.train.main import build_model_and_optimizer
+    from bigpt.train.tasks import load_tasks, loglikelihoods, score
+    from bigpt.train.trainer import Trainer
+    from test_hf import SHAPES, recipe_for, save_model
+
+    model_dir = save_model(tmp_path / "hf", 3, SHAPES["mha_untied"])  # vocabulary 512, as the tokenizer's
+    tasks = f"[{{name = 'continuation', path = '{TASKS / 'stdlib_continuation.jsonl'}', limit = 8}}, "
+    tasks += f"{{name = 'function', path = '{TASKS / 'stdlib_function.jsonl'}', limit = 8}}]"
+    recipe = load_recipe(
+        recipe_for(model_dir, tmp_path / "recipe.toml", "tasks"),
+        [f"run_dir={tmp_path / 'run'}", f"data.tokenizer='{tokenizer_path}'", f"eval.tasks={tasks}"],
+    )
+    tokenizer = load_tokenizer(tokenizer_path)
+    layout = Layout.from_recipe(recipe, 1)
+    with world_of_one():
+        model, optimizer, scheduler = build_model_and_optimizer(recipe, layout)
+        trainer = Trainer(recipe, layout, model, optimizer, scheduler, None, [])
+        ours = {
+            task.name: (task, loglikelihoods(trainer, task.samples), score(trainer, task))
+            for task in load_tasks(recipe, tokenizer)
+        }
+    for entry in recipe.eval.tasks:
+        examples = read_task(entry.path, "test")[: entry.limit]
+        task, scores, accuracy = ours[entry.name]
+        expected = reference_loglikelihoods(model_dir, tokenizer, examples, recipe.model.seq_length)
+        assert scores == pytest.approx(expected, abs=2e-4), entry.name
+        assert (accuracy["acc"], accuracy["acc_norm"]) == reference_accuracies(examples, expected)

@@ -475,20 +475,28 @@ def _check_eval_sets(recipe: Recipe) -> None:
             "eval.sets names validation sets, but data.source is 'mock' (random tokens, no datasets to read)",
             "set data.source = 'indexed' with the datasets, or remove eval.sets",
         )
-    names = [entry.name for entry in sets]
-    for i, name in enumerate(names):
-        if not EVAL_SET_NAME.fullmatch(name) or name == "valid":
-            recipe_error(
-                recipe,
-                f"eval.sets[{i}].name = {name!r} is not a usable name (it becomes valid/<name>/loss)",
-                'use letters, digits, "_", "-" or ".", other than "valid", e.g. name = "domain"',
-            )
-        if name in names[:i]:
-            recipe_error(
-                recipe,
-                f"eval.sets[{i}].name = {name!r} names two validation sets",
-                "give each [[eval.sets]] its own name",
-            )
+    if recipe.eval.tasks and not recipe.data.tokenizer:
+        recipe_error(
+            recipe,
+            "eval.tasks needs the model's tokenizer to tokenize its examples, and data.tokenizer is not set",
+            "set data.tokenizer (the tokenizer the model was trained with)",
+        )
+    for table, entries, metric in (
+        ("eval.sets", sets, "valid/<name>/loss"),
+        ("eval.tasks", recipe.eval.tasks, "task/<name>/acc"),
+    ):
+        names = [entry.name for entry in entries]
+        for i, name in enumerate(names):
+            if not EVAL_SET_NAME.fullmatch(name) or name == "valid":
+                recipe_error(
+                    recipe,
+                    f"{table}[{i}].name = {name!r} is not a usable name (it becomes {metric})",
+                    'use letters, digits, "_", "-" or ".", other than "valid", e.g. name = "domain"',
+                )
+            if name in names[:i]:
+                recipe_error(
+                    recipe, f"{table}[{i}].name = {name!r} is given twice", f"give each [[{table}]] its own name"
+                )
 
 
 WANDB_TAG_LENGTH = 64  # the W&B server's limit

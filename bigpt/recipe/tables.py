@@ -489,6 +489,19 @@ class EvalSet:
 
 
 @dataclass(kw_only=True)
+class EvalTask:
+    """One [[eval.tasks]] entry: a zero-shot multiple-choice task, reported as task/<name>/acc and
+    task/<name>/acc_norm (lm-evaluation-harness's definitions; format: docs/evaluation.md)."""
+
+    name: str
+    """Its name in logs and metrics (letters, digits, "_", "-", "."), e.g. "hellaswag"."""
+    path: str = recipe_path(default=MISSING)
+    """The task's JSONL file: one {"context", "choices", "gold"} object per line."""
+    limit: int | None = positive(None)
+    """Score only the first this many examples; None = all."""
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     """[eval]: validation loss during training."""
 
@@ -500,6 +513,8 @@ class EvalConfig:
     """Named validation sets (data.source = "indexed"), e.g. [[eval.sets]] name = "general" and
     [[eval.sets]] name = "domain", each with its own blend: forgetting and gain side by side.
     None = one set, the validation split of data.blend, reported as valid/loss."""
+    tasks: list[EvalTask] = field(default_factory=list)
+    """Downstream multiple-choice tasks scored at every evaluation (needs data.tokenizer)."""
 
 
 @dataclass(kw_only=True)

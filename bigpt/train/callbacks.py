@@ -100,6 +100,11 @@ class ConsoleLine(Callback):
             if name.startswith("valid/") and name.endswith("/loss"):
                 label = "validation" if name == "valid/loss" else f"validation {name[len('valid/') : -len('/loss')]}"
                 console.say(f"step {step} | {label} loss {value:.4f} | perplexity {perplexity(value):.2f}")
+            elif name.startswith("task/") and name.endswith("/acc"):
+                task = name[len("task/") : -len("/acc")]
+                console.say(
+                    f"step {step} | task {task} | acc {value:.4f} | acc_norm {metrics[f'task/{task}/acc_norm']:.4f}"
+                )
 
 
 class TensorBoard(Callback):

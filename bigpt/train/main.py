@@ -7,6 +7,7 @@ from megatron.core import parallel_state
 
 from bigpt.checkpoint import load_checkpoint, store
 from bigpt.data import build_validation_sets, default_validation_samples, micro_batches
+from bigpt.data.datasets import checked_tokenizer
 from bigpt.errors import Preempted
 from bigpt.families import family_of
 from bigpt.layout import Layout, samples_by_step
@@ -28,6 +29,7 @@ from bigpt.train.optim import (
     wrap_ddp,
 )
 from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point, write_run_recipe
+from bigpt.train.tasks import TaskEvaluator, load_tasks
 from bigpt.train.trainer import Trainer
 from bigpt.train.wandb_logger import WandbLogger
 
@@ -77,6 +79,8 @@ def build_trainer(recipe: Recipe, layout: Layout, *, initial_weights: bool = Tru
         callbacks.append(WandbLogger())
     if recipe.eval.interval:
         callbacks.append(Evaluator(validation_sets(recipe, valid_ds, batches)))
+        if recipe.eval.tasks:
+            callbacks.append(TaskEvaluator(load_tasks(recipe, checked_tokenizer(recipe))))
     callbacks.append(Checkpointer(checkpoint_dir(recipe), recipe.checkpoint.async_save))
     return Trainer(
         recipe,

@@ -100,10 +100,12 @@ class Trainer:
             return make_iterator()
         return [make_iterator() for _ in self.model]
 
-    def run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
+    def run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool, forward_step=None) -> list[dict]:
+        """megatron-core's schedule over the model chunks; ``forward_step``: another than the
+        family's (the same inputs, other losses)."""
         model = self.model if len(self.model) > 1 else self.model[0]
         return get_forward_backward_func()(
-            forward_step_func=self.family.forward_step,
+            forward_step_func=forward_step or self.family.forward_step,
             data_iterator=data_iterator,
             model=model,
             num_microbatches=num_microbatches,
