@@ -4,7 +4,6 @@ and perplexity, through the objects bigpt builds, in one process (a world of one
 import contextlib
 import io
 import math
-
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from test_training_path import world_of_one
 from wandb_files import history, offline_runs
 
 EOD = 2
+TASKS = Path(__file__).resolve().parent.parent / "recipes" / "tasks"
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,10 @@ def continual_recipe(directory, tokenizer, general, domain, sets: str):
 
 
 SETS = """
+[[eval.tasks]]
+name = "function"
+path = "{tasks}/stdlib_function.jsonl"
+limit = 4
 [[eval.sets]]
 name = "general"
 blend = [{{path = "{general}"}}]
@@ -84,7 +88,9 @@ def runs(tmp_path_factory, tokenizer_path, general_and_domain):
     general, domain = general_and_domain
     root = tmp_path_factory.mktemp("runs")
     plain = continual_recipe(root / "plain", tokenizer_path, general, domain, "")
-    named = continual_recipe(root / "named", tokenizer_path, general, domain, SETS.format(general=general) + WANDB)
+    named = continual_recipe(
+        root / "named", tokenizer_path, general, domain, SETS.format(general=general, tasks=TASKS) + WANDB
+    )
     trained(plain)
     return plain, named, trained(named)
 
@@ -92,6 +98,8 @@ def runs(tmp_path_factory, tokenizer_path, general_and_domain):
 def test_named_validation_sets_are_each_reported_under_their_name(runs):
     plain, named, out = runs
     assert "step 2 | validation general loss" in out and "step 2 | validation domain loss" in out
+    assert "step 2 | task function | acc " in out
+    assert 0 <= scalars(named.run_dir, "task/function/acc_norm")[0] <= 1
     general, domain = scalars(named.run_dir, "valid/general/loss"), scalars(named.run_dir, "valid/domain/loss")
     assert scalars(named.run_dir, "valid/domain/perplexity") == pytest.approx([math.exp(v) for v in domain])
     # Without eval.sets: data.blend's validation split as "valid". The domain set is that split, read
@@ -161,7 +169,7 @@ def test_weights_and_biases_holds_every_scalar_tensorboard_holds_and_a_resume_co
     events = EventAccumulator(str(Path(named.run_dir) / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"train/loss", "valid/general/loss", "valid/domain/perplexity", "train/loss_interval_mean"} <= set(tags)
+    assert {"train/loss", "valid/general/loss", "valid/domain/perplexity", "task/function/acc"} <= set(tags)
     assert set(logged) == set(tags)
     for tag in tags:
         assert logged[tag] == pytest.approx(
@@ -200,7 +208,6 @@ def test_wandb_without_its_package_is_refused_on_paper(monkeypatch):
 
 
 # ------------------------------------------------------------------ downstream tasks
-TASKS = Path(__file__).resolve().parent.parent / "recipes" / "tasks"
 
 
 def reference_loglikelihoods(model_dir, tokenizer, examples, max_length: int) -> list[float]:
@@ -241,35 +248,70 @@ def reference_accuracies(examples, scores) -> tuple[float, float]:
     return acc / len(examples), acc_norm / len(examples)
 
 
-def test_task_scores_equal_an_lm_eval_definition_scorer_on_transformers(tmp_path, tokenizer_path):
-    """A Hugging Face Llama imported by bigpt (init.from_hf) scores the shipped tasks as the
-    reference scorer does on transformers' own model: every choice's log-likelihood, acc, acc_norm."""
+@pytest.fixture(scope="module")
+def task_model(tmp_path_factory, tokenizer_path):
+    """A random Hugging Face Llama (vocabulary 512, as the test tokenizer's), a recipe that starts
+    from it with the two shipped tasks (8 examples each), and the reference scorer's
+    log-likelihoods of every choice, by task."""
     from bigpt.data import load_tokenizer
     from bigpt.data.tasks import read_task
+    from test_hf import SHAPES, recipe_for, save_model
+
+    root = tmp_path_factory.mktemp("task_model")
+    model_dir = save_model(root / "hf", 3, SHAPES["mha_untied"])
+    tasks = ", ".join(
+        f"{{name = '{name}', path = '{TASKS / f'stdlib_{name}.jsonl'}', limit = 8}}"
+        for name in ("continuation", "function")
+    )
+    path = recipe_for(model_dir, root / "recipe.toml", "tasks")
+    path.write_text(path.read_text() + f'\n[data]\ntokenizer = "{tokenizer_path}"\n[eval]\ntasks = [{tasks}]\n')
+    recipe = load_recipe(path, [f"run_dir={root / 'run'}"])
+    tokenizer = load_tokenizer(tokenizer_path)
+    expected = {}
+    for entry in recipe.eval.tasks:
+        examples = read_task(entry.path, "test")[: entry.limit]
+        expected[entry.name] = (
+            examples,
+            reference_loglikelihoods(model_dir, tokenizer, examples, recipe.model.seq_length),
+        )
+    return recipe, expected
+
+
+def test_task_scores_equal_an_lm_eval_definition_scorer_on_transformers(task_model):
+    """The Hugging Face model imported by bigpt (init.from_hf) scores the shipped tasks as the
+    reference scorer does on transformers' own model: every choice's log-likelihood, acc, acc_norm."""
+    from bigpt.data import load_tokenizer
     from bigpt.train.main import build_model_and_optimizer
     from bigpt.train.tasks import load_tasks, loglikelihoods, score
     from bigpt.train.trainer import Trainer
-    from test_hf import SHAPES, recipe_for, save_model
 
-    model_dir = save_model(tmp_path / "hf", 3, SHAPES["mha_untied"])  # vocabulary 512, as the tokenizer's
-    tasks = f"[{{name = 'continuation', path = '{TASKS / 'stdlib_continuation.jsonl'}', limit = 8}}, "
-    tasks += f"{{name = 'function', path = '{TASKS / 'stdlib_function.jsonl'}', limit = 8}}]"
-    recipe = load_recipe(
-        recipe_for(model_dir, tmp_path / "recipe.toml", "tasks"),
-        [f"run_dir={tmp_path / 'run'}", f"data.tokenizer='{tokenizer_path}'", f"eval.tasks={tasks}"],
-    )
-    tokenizer = load_tokenizer(tokenizer_path)
+    recipe, expected = task_model
     layout = Layout.from_recipe(recipe, 1)
     with world_of_one():
         model, optimizer, scheduler = build_model_and_optimizer(recipe, layout)
         trainer = Trainer(recipe, layout, model, optimizer, scheduler, None, [])
-        ours = {
-            task.name: (task, loglikelihoods(trainer, task.samples), score(trainer, task))
-            for task in load_tasks(recipe, tokenizer)
-        }
-    for entry in recipe.eval.tasks:
-        examples = read_task(entry.path, "test")[: entry.limit]
-        task, scores, accuracy = ours[entry.name]
-        expected = reference_loglikelihoods(model_dir, tokenizer, examples, recipe.model.seq_length)
-        assert scores == pytest.approx(expected, abs=2e-4), entry.name
-        assert (accuracy["acc"], accuracy["acc_norm"]) == reference_accuracies(examples, expected)
+        tasks = load_tasks(recipe, load_tokenizer(recipe.data.tokenizer))
+        ours = {task.name: (loglikelihoods(trainer, task.samples), score(trainer, task)) for task in tasks}
+    for name, (examples, reference) in expected.items():
+        scores, accuracy = ours[name]
+        assert scores == pytest.approx(reference, abs=2e-4), name
+        assert (accuracy["acc"], accuracy["acc_norm"]) == reference_accuracies(examples, reference)
+
+
+@pytest.mark.slow
+def test_the_evaluation_tool_scores_alike_at_tensor_and_pipeline_parallel_2(task_model, tmp_path):
+    """tools/evaluate.py on 4 ranks (TP 2 × PP 2, the vocabulary split, the loss on the last stage)."""
+    import json
+
+    from multirank import REPO, run_bigpt
+
+    recipe, expected = task_model
+    out = tmp_path / "scores.json"
+    run_bigpt(
+        recipe.source, "--out", str(out), f"run_dir={tmp_path}", "parallel.tensor=2", "parallel.pipeline=2",
+        nproc=4, script=REPO / "tools" / "evaluate.py",
+    )  # fmt: skip
+    scores = json.loads(out.read_text())
+    for name, (examples, reference) in expected.items():
+        assert scores[name]["loglikelihoods"] == pytest.approx(reference, abs=2e-4), name
+        assert (scores[name]["acc"], scores[name]["acc_norm"]) == reference_accuracies(examples, reference)
