@@ -315,3 +315,28 @@ def test_the_evaluation_tool_scores_alike_at_tensor_and_pipeline_parallel_2(task
     for name, (examples, reference) in expected.items():
         assert scores[name]["loglikelihoods"] == pytest.approx(reference, abs=2e-4), name
         assert (scores[name]["acc"], scores[name]["acc_norm"]) == reference_accuracies(examples, reference)
+
+
+def test_the_dry_run_reads_every_task_and_names_a_bad_line(tmp_path, tokenizer_path):
+    from bigpt.dryrun import describe
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"context": "a", "choices": ["b", "c"], "gold": 1}\n{"context": "a", "choices": ["b"], "gold": 0}\n'
+    )
+    tasks = f"[{{name = 'function', path = '{TASKS / 'stdlib_function.jsonl'}', limit = 10}}, {{name = 'bad', path = '{bad}'}}]"
+    recipe = load_recipe(
+        MOCK_RECIPE, [f"run_dir={tmp_path}", f"data.tokenizer='{tokenizer_path}'", f"eval.tasks={tasks}"]
+    )
+    with pytest.raises(
+        BigptError, match=rf"eval.tasks\[1\].path = {bad}, line 2: the context must be text, the choices at least two"
+    ):
+        describe(recipe, Layout.from_recipe(recipe, 1))
+    recipe.eval.tasks.pop()
+    report = describe(recipe, Layout.from_recipe(recipe, 1))
+    assert "task function: 10 examples, 40 choices scored per evaluation" in report
+
+
+def test_tasks_need_the_tokenizer(tmp_path):
+    with pytest.raises(BigptError, match="eval.tasks needs the model's tokenizer"):
+        load_recipe(MOCK_RECIPE, [f"eval.tasks=[{{name = 'x', path = '{TASKS / 'stdlib_function.jsonl'}'}}]"])

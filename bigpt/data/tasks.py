@@ -71,6 +71,19 @@ def read_task(path: str | Path, key: str) -> list[Example]:
     return examples
 
 
+def plan_tasks(recipe) -> str:
+    """For the dry run: each task of eval.tasks, read and checked as a start reads it, and what one
+    evaluation scores."""
+    lines = []
+    for i, entry in enumerate(recipe.eval.tasks):
+        examples = read_task(entry.path, f"eval.tasks[{i}].path")[: entry.limit]
+        choices = sum(len(example.choices) for example in examples)
+        lines.append(
+            f"task {entry.name}: {len(examples)} examples, {choices} choices scored per evaluation ({entry.path})"
+        )
+    return "\n".join(lines)
+
+
 def context_and_continuation(tokenizer: Tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness's ``_encode_pair`` of (context, delimiter + choice)."""
     continuation = DELIMITER + choice
