@@ -324,7 +324,8 @@ def test_the_dry_run_reads_every_task_and_names_a_bad_line(tmp_path, tokenizer_p
     bad.write_text(
         '{"context": "a", "choices": ["b", "c"], "gold": 1}\n{"context": "a", "choices": ["b"], "gold": 0}\n'
     )
-    tasks = f"[{{name = 'function', path = '{TASKS / 'stdlib_function.jsonl'}', limit = 10}}, {{name = 'bad', path = '{bad}'}}]"
+    good = TASKS / "stdlib_function.jsonl"
+    tasks = f"[{{name = 'function', path = '{good}', limit = 10}}, {{name = 'bad', path = '{bad}'}}]"
     recipe = load_recipe(
         MOCK_RECIPE, [f"run_dir={tmp_path}", f"data.tokenizer='{tokenizer_path}'", f"eval.tasks={tasks}"]
     )
@@ -340,3 +341,29 @@ def test_the_dry_run_reads_every_task_and_names_a_bad_line(tmp_path, tokenizer_p
 def test_tasks_need_the_tokenizer(tmp_path):
     with pytest.raises(BigptError, match="eval.tasks needs the model's tokenizer"):
         load_recipe(MOCK_RECIPE, [f"eval.tasks=[{{name = 'x', path = '{TASKS / 'stdlib_function.jsonl'}'}}]"])
+
+
+def test_tensorboard_groups_train_each_validation_set_and_the_tasks(runs):
+    """The Custom Scalars layout: a chart's patterns match the tags each group is for."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    _, named, _ = runs
+    events = EventAccumulator(str(Path(named.run_dir) / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    (config,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {
+        (category.title, chart.title): chart.multiline.tag for category in layout.category for chart in category.chart
+    }
+    tags = events.Tags()["scalars"]
+
+    def shown(group: str, chart: str) -> set[str]:
+        return {tag for tag in tags if any(re.search(pattern, tag) for pattern in charts[group, chart])}
+
+    assert shown("validation", "loss") == {"valid/general/loss", "valid/domain/loss"}
+    assert shown("tasks", "acc") == {"task/function/acc"}
+    assert shown("train", "loss") == {"train/loss", "train/loss_interval_mean"}
+    assert "MoE routers" not in {group for group, _ in charts}

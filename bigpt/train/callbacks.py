@@ -121,7 +121,9 @@ class TensorBoard(Callback):
         if console.speaks():
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+            writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+            writer.add_custom_scalars(dashboard_layout(trainer.recipe))
+            self.writer = writer
 
     def log_metrics(self, trainer, step, metrics):
         if self.writer:
@@ -131,6 +133,35 @@ class TensorBoard(Callback):
     def close(self, trainer):
         if self.writer:
             self.writer.close()
+
+
+def dashboard_layout(recipe) -> dict:
+    """TensorBoard's Custom Scalars layout: one group each for training, the validation sets side
+    by side, the downstream tasks and the MoE routers (the charts match tags by regular expression)."""
+    train = {
+        "loss": ["Multiline", [r"train/loss$", r"train/loss_interval_mean"]],
+        "learning rate": ["Multiline", [r"train/lr$"]],
+        "gradient norm": ["Multiline", [r"train/grad_norm$"]],
+        "tokens per second": ["Multiline", [r"train/tokens_per_s$"]],
+        "memory (GiB)": ["Multiline", [r"train/memory_gib$"]],
+    }
+    groups = {"train": train}
+    if recipe.eval.interval:
+        groups["validation"] = {
+            "loss": ["Multiline", [r"valid/(.+/)?loss$"]],
+            "perplexity": ["Multiline", [r"valid/(.+/)?perplexity$"]],
+        }
+        if recipe.eval.tasks:
+            groups["tasks"] = {
+                "acc": ["Multiline", [r"task/.+/acc$"]],
+                "acc_norm": ["Multiline", [r"task/.+/acc_norm$"]],
+            }
+    if recipe.model.family == "moe_decoder":
+        groups["MoE routers"] = {
+            "balancing losses": ["Multiline", [r"train/moe_.*loss$"]],
+            "load imbalance": ["Multiline", [r"train/moe_load_imbalance$"]],
+        }
+    return groups
 
 
 def perplexity(loss: float) -> float:

@@ -38,7 +38,8 @@ class _Reading:
     """The micro-batch iterator a family's forward step reads, remembering the batch it took."""
 
     def __init__(self, iterator):
-        self.iterator, self.batch = iterator, None
+        self.iterator = iterator
+        self.batch: dict = {}
 
     def __next__(self):
         self.batch = next(self.iterator)
