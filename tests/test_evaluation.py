@@ -367,3 +367,21 @@ def test_tensorboard_groups_train_each_validation_set_and_the_tasks(runs):
     assert shown("tasks", "acc") == {"task/function/acc"}
     assert shown("train", "loss") == {"train/loss", "train/loss_interval_mean"}
     assert "MoE routers" not in {group for group, _ in charts}
+
+
+def test_a_wandb_run_that_cannot_start_is_one_paragraph(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import wandb
+
+    from bigpt.train.wandb_logger import WandbLogger
+
+    def refuse(**settings):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    recipe = load_recipe(MOCK_RECIPE, [f"run_dir={tmp_path}", "logging.wandb.project='p'"])
+    logger = WandbLogger()
+    with world_of_one(), pytest.raises(BigptError, match=r"\(api_key not configured \(no-tty\)\); log in"):
+        logger.on_start(SimpleNamespace(recipe=recipe))
+    assert logger.run_id is not None and len(logger.run_id) == 8  # chosen for the checkpoint before the start

@@ -12,7 +12,7 @@ import torch
 from bigpt.flops import flops_per_step, mfu_peak_flops_per_second
 from bigpt.runtime import console
 from bigpt.runtime.device import on_gpu
-from bigpt.train.trainer import Callback, Trainer, logging_step
+from bigpt.train.trainer import Callback, Trainer, evaluation_step, logging_step
 
 
 def memory_gib() -> float:
@@ -192,9 +192,7 @@ class Evaluator(Callback):
         self.sets = sets
 
     def on_step(self, trainer: Trainer, metrics):
-        interval = trainer.recipe.eval.interval
-        step = trainer.state.iteration
-        if interval and (step % interval == 0 or step == trainer.recipe.train.train_iters):
+        if evaluation_step(trainer.recipe, trainer.state.iteration):
             for validation in self.sets:
                 loss = trainer.evaluate(validation.make_iterator, validation.iters)
                 trainer.record(f"{validation.prefix}/loss", loss)

@@ -14,7 +14,7 @@ from bigpt.data.tasks import Example, accuracies, blank_sample, read_task, scori
 from bigpt.data.tokenizer import Tokenizer
 from bigpt.recipe import Recipe
 from bigpt.runtime.device import device
-from bigpt.train.trainer import Callback, Trainer
+from bigpt.train.trainer import Callback, Trainer, evaluation_step
 
 
 @dataclass
@@ -110,8 +110,7 @@ class TaskEvaluator(Callback):
         self.tasks = tasks
 
     def on_step(self, trainer, metrics):
-        interval, step = trainer.recipe.eval.interval, trainer.state.iteration
-        if interval and (step % interval == 0 or step == trainer.recipe.train.train_iters):
+        if evaluation_step(trainer.recipe, trainer.state.iteration):
             for task in self.tasks:
                 for name, value in score(trainer, task).items():
                     trainer.record(f"task/{task.name}/{name}", value)

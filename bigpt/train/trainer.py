@@ -42,6 +42,13 @@ def logging_step(recipe: Recipe, step: int) -> bool:
     return step % recipe.logging.interval == 0 or step == recipe.train.train_iters
 
 
+def evaluation_step(recipe: Recipe, step: int) -> bool:
+    """A step at which validation sets and tasks are evaluated: every eval.interval steps (0:
+    never), and the last."""
+    interval = recipe.eval.interval
+    return bool(interval) and (step % interval == 0 or step == recipe.train.train_iters)
+
+
 class Callback:
     """Hooks that every rank reaches alike (collectives allowed), except ``close``.
 

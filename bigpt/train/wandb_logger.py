@@ -8,6 +8,7 @@ import tomllib
 
 import torch.distributed as dist
 
+from bigpt.errors import BigptError
 from bigpt.recipe import recipe_to_toml
 from bigpt.runtime import console
 from bigpt.train.trainer import Callback
@@ -37,18 +38,25 @@ class WandbLogger(Callback):
         if not console.speaks():
             return
         recipe, settings = trainer.recipe, trainer.recipe.logging.wandb
-        self.run = wandb.init(
-            project=settings.project,
-            entity=settings.entity,
-            name=settings.name or recipe.name,
-            tags=settings.tags or None,
-            mode=settings.mode,
-            dir=recipe.run_dir,
-            id=self.run_id,
-            resume="allow",
-            config=tomllib.loads(recipe_to_toml(recipe)),
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
-        )
+        try:
+            self.run = wandb.init(
+                project=settings.project,
+                entity=settings.entity,
+                name=settings.name or recipe.name,
+                tags=settings.tags or None,
+                mode=settings.mode,
+                dir=recipe.run_dir,
+                id=self.run_id,
+                resume="allow",  # a resumed run continues the W&B run of its checkpoint
+                config=tomllib.loads(recipe_to_toml(recipe)),
+                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+            )
+        except wandb.errors.Error as err:
+            raise BigptError(
+                f"Weights & Biases could not start the run of logging.wandb.project = {settings.project!r} "
+                f"({err}); log in (wandb login, or WANDB_API_KEY), check logging.wandb.entity, or set "
+                'logging.wandb.mode = "offline" to write the run under run_dir and upload it later (wandb sync).'
+            ) from None
 
     def log_metrics(self, trainer, step, metrics):
         if self.run is not None:
