@@ -52,6 +52,9 @@ blend = [{{path = "{general}"}}]
 [[eval.sets]]
 name = "domain"
 iters = 2
+[[eval.sets]]
+name = "same"
+iters = 1
 """
 
 
@@ -84,7 +87,8 @@ def trained(recipe, train_iters: int = 2) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer_path, general_and_domain):
     """The same training without eval.sets, and with a "general" and a "domain" set (the latter
-    data.blend's validation split, read for 2 batches)."""
+    data.blend's validation split, read for 2 batches), a "same" set (data.blend's, 1 batch, as the
+    default reads), a task and W&B; what the second said."""
     general, domain = general_and_domain
     root = tmp_path_factory.mktemp("runs")
     plain = continual_recipe(root / "plain", tokenizer_path, general, domain, "")
@@ -111,11 +115,9 @@ def test_named_validation_sets_are_each_reported_under_their_name(runs):
         scalars(named.run_dir, "valid/loss")  # only the named sets
 
 
-def test_a_named_set_of_data_blend_reads_what_the_default_validation_reads(runs, tmp_path):
+def test_a_named_set_of_data_blend_reads_what_the_default_validation_reads(runs):
     plain, named, _ = runs
-    recipe = load_recipe(named.source, ["eval.sets=[{name = 'same'}]", f"run_dir={tmp_path}"])
-    trained(recipe)
-    assert scalars(tmp_path, "valid/same/loss") == scalars(plain.run_dir, "valid/loss")
+    assert scalars(named.run_dir, "valid/same/loss") == scalars(plain.run_dir, "valid/loss")
 
 
 def test_the_dry_run_shows_each_set_and_what_one_evaluation_reads(runs):
@@ -299,8 +301,9 @@ def test_task_scores_equal_an_lm_eval_definition_scorer_on_transformers(task_mod
 
 
 @pytest.mark.slow
-def test_the_evaluation_tool_scores_alike_at_tensor_and_pipeline_parallel_2(task_model, tmp_path):
-    """tools/evaluate.py on 4 ranks (TP 2 × PP 2, the vocabulary split, the loss on the last stage)."""
+def test_the_evaluation_tool_scores_alike_at_pipeline_and_data_parallel_2(task_model, tmp_path):
+    """tools/evaluate.py on 4 ranks, PP 2 × DP 2: each data-parallel rank scores its share of the
+    choices, the last pipeline stage holds the losses, every rank learns them all."""
     import json
 
     from multirank import REPO, run_bigpt
@@ -308,7 +311,7 @@ def test_the_evaluation_tool_scores_alike_at_tensor_and_pipeline_parallel_2(task
     recipe, expected = task_model
     out = tmp_path / "scores.json"
     run_bigpt(
-        recipe.source, "--out", str(out), f"run_dir={tmp_path}", "parallel.tensor=2", "parallel.pipeline=2",
+        recipe.source, "--out", str(out), f"run_dir={tmp_path}", "parallel.pipeline=2",
         nproc=4, script=REPO / "tools" / "evaluate.py",
     )  # fmt: skip
     scores = json.loads(out.read_text())
@@ -353,7 +356,7 @@ def test_tensorboard_groups_train_each_validation_set_and_the_tasks(runs):
     _, named, _ = runs
     events = EventAccumulator(str(Path(named.run_dir) / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
-    (config,) = events.Tensors("custom_scalars__config__")
+    config = events.Tensors("custom_scalars__config__")[0]  # one per start: the run and its resume
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     charts = {
         (category.title, chart.title): chart.multiline.tag for category in layout.category for chart in category.chart
@@ -363,7 +366,7 @@ def test_tensorboard_groups_train_each_validation_set_and_the_tasks(runs):
     def shown(group: str, chart: str) -> set[str]:
         return {tag for tag in tags if any(re.search(pattern, tag) for pattern in charts[group, chart])}
 
-    assert shown("validation", "loss") == {"valid/general/loss", "valid/domain/loss"}
+    assert shown("validation", "loss") == {"valid/general/loss", "valid/domain/loss", "valid/same/loss"}
     assert shown("tasks", "acc") == {"task/function/acc"}
     assert shown("train", "loss") == {"train/loss", "train/loss_interval_mean"}
     assert "MoE routers" not in {group for group, _ in charts}

@@ -105,6 +105,8 @@ def test_stateful_callbacks_are_named_parts_of_the_checkpoint(tmp_path):
     """A callback with a state_name is saved and loaded by the checkpoint code as it is (its part
     of train_state); a checkpoint without it loads it empty; a tool that builds no callbacks
     (a reshard) saves it again as it was."""
+    from dataclasses import replace
+
     from bigpt.checkpoint import CheckpointWriter, load_checkpoint
     from bigpt.train.checkpointing import checkpointed
     from bigpt.train.main import build_model_and_optimizer
@@ -112,15 +114,13 @@ def test_stateful_callbacks_are_named_parts_of_the_checkpoint(tmp_path):
 
     recipe = load_recipe(MOCK_RECIPE, [f"run_dir={tmp_path}"])
     layout = Layout.from_recipe(recipe, 1)
-
-    def training(*callbacks):
-        from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
-
-        destroy_num_microbatches_calculator()  # each build sets it
-        model, optimizer, scheduler = build_model_and_optimizer(recipe, layout)
-        return checkpointed(Trainer(recipe, layout, model, optimizer, scheduler, None, list(callbacks)))
-
     with world_of_one():
+        model, optimizer, scheduler = build_model_and_optimizer(recipe, layout)
+
+        def training(*callbacks):
+            """The same model and optimizer, with these callbacks' parts."""
+            return checkpointed(Trainer(recipe, layout, model, optimizer, scheduler, None, list(callbacks)))
+
         saver = Recorder("runs", 0, [], state_name="run_identity")
         saver.state = {"seen": 7, "id": "abc123"}
         saved = training(saver)
@@ -136,5 +136,5 @@ def test_stateful_callbacks_are_named_parts_of_the_checkpoint(tmp_path):
         load_checkpoint(training(again), tmp_path / "b" / "iter_0000000")
         assert again.state == {"seen": 7, "id": "abc123"}
         fresh = Recorder("new", 0, [], state_name="added_later")
-        load_checkpoint(training(fresh), tmp_path / "a" / "iter_0000000")
+        load_checkpoint(replace(saved, parts={"added_later": fresh}), tmp_path / "a" / "iter_0000000")
         assert fresh.state == {}
