@@ -108,6 +108,7 @@ def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, 
     # What a real start refuses before step 1, checked the same way (torch + megatron-core, only here).
     from bigpt.data import plan_tokens
     from bigpt.data.datasets import checked_tokenizer
+    from bigpt.data.tasks import plan_tasks
     from bigpt.model import check_gpu_transformer_config, check_transformer_engine_installed
     from bigpt.train.initial import check_initial_weights
     from bigpt.train.preflight import check_outputs, checkpoint_dir, resume_changes, resume_point
@@ -149,4 +150,7 @@ def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, 
                 )
     data_plan = checked(plan_tokens, recipe)
     lines += [f"data plan        {SEE_PROBLEMS}"] if data_plan is REFUSED else ["data plan", data_plan]
+    if recipe.eval.tasks:
+        tasks = checked(plan_tasks, recipe)
+        lines += [f"tasks            {SEE_PROBLEMS}"] if tasks is REFUSED else ["tasks", tasks]
     return "\n".join(lines)

@@ -49,9 +49,28 @@ class Checkpointed:
     optimizer: Any
     scheduler: Any
     counters: Any
-    guard: Any
+    parts: dict[str, Any]
+    """Named stateful parts (the bad-step guard, callbacks that keep state): each one's
+    ``state_dict()`` is saved under its name, and given back to its ``load_state_dict`` (an empty
+    dict from a checkpoint saved before the part existed). A new part changes nothing here."""
     layout: Layout
     recipe: Recipe
+
+
+COUNTERS = ("iteration", "consumed_samples", "consumed_tokens")
+"""train_state's own entries; every other entry is a named part's state."""
+
+
+class _KeptPart:
+    """A part of a loaded checkpoint that nothing in this process claims (a tool that reshards a
+    run's checkpoint builds no callbacks): a later save of the same ``Checkpointed`` writes it
+    back as it was."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
 
 
 def _layout_tag(training: Checkpointed) -> dict:
@@ -249,7 +268,7 @@ def _full_state(training: Checkpointed, model_state: dict, *, is_loading: bool, 
         "iteration": counters.iteration,
         "consumed_samples": counters.consumed_samples,
         "consumed_tokens": counters.consumed_tokens,
-        "guard": training.guard.state_dict(),
+        **{name: part.state_dict() for name, part in training.parts.items()},
     }
     state["rng_state"] = _rng_object()
     return state
@@ -421,7 +440,8 @@ def _check_shapes(path: Path, expected: dict, *, padding_may_differ: bool = Fals
 
 
 def load_checkpoint(training: Checkpointed, path: Path) -> None:
-    """Restore model, optimizer, scheduler, counters and (same TP and PP only) RNG from ``path``."""
+    """Restore model, optimizer, scheduler, counters, the stateful parts and (same TP and PP only)
+    RNG from ``path``."""
     marker = store.read_marker(path)
     model_state = _model_state(training.model)
     _check_shapes(path, model_state)  # before anything is touched
@@ -449,7 +469,11 @@ def load_checkpoint(training: Checkpointed, path: Path) -> None:
     if tokens is None:
         tokens = store.saved_progress(path, training.recipe.model.seq_length)["consumed_tokens"]
     training.counters.consumed_tokens = tokens
-    training.guard.load_state_dict(loaded["train_state"].get("guard", {}))  # none before the guard was saved
+    for name, part in training.parts.items():
+        part.load_state_dict(loaded["train_state"].get(name, {}))
+    for name, state in loaded["train_state"].items():
+        if name not in COUNTERS and name not in training.parts:
+            training.parts[name] = _KeptPart(state)
     if rng_fits:
         set_rng_state(loaded["rng_state"])
 

@@ -12,6 +12,8 @@ import importlib
 
 _HOMES = {
     "build_datasets": "bigpt.data.datasets",
+    "build_validation_sets": "bigpt.data.datasets",
+    "default_validation_samples": "bigpt.data.phases",
     "micro_batches": "bigpt.data.batches",
     "BATCH_KEYS": "bigpt.data.batches",
     "load_tokenizer": "bigpt.data.tokenizer",

@@ -17,7 +17,7 @@ from bigpt.data.masked import (
     masked_vocabulary,
     mock_vocabulary,
 )
-from bigpt.data.phases import Phase, PhasedDataset, plan_phases, validation_rereads
+from bigpt.data.phases import Phase, PhasedDataset, plan_phases, plan_validation_sets, validation_rereads
 from bigpt.data.rank_zero_first import build_rank_zero_first, megatron_sees_one_process
 from bigpt.data.tokenizer import Tokenizer, load_tokenizer
 from bigpt.runtime import console
@@ -73,6 +73,19 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     if len(phases) > 1:
         train = PhasedDataset([phase.first_sample for phase in phases], [phase_train for phase_train, _ in built])
     return train, valid
+
+
+def build_validation_sets(recipe, *, world_rank: int) -> dict:
+    """The named validation sets of eval.sets, by name: each its blend's validation split (call on
+    every rank, as ``build_datasets``). Each evaluation reads a set's first samples."""
+    tokenizer = checked_tokenizer(recipe)
+    cache_dir = os.path.abspath(recipe.data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
+    sets = {}
+    for plan in plan_validation_sets(recipe):
+        for warning in validation_rereads(recipe, plan.blend, plan.samples):
+            console.warn(warning)
+        _, sets[plan.name] = _build_phase(recipe, tokenizer, 0, plan.blend, plan.samples, world_rank, cache_dir)
+    return sets
 
 
 def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: int, world_rank: int, cache_dir: str):

@@ -77,14 +77,46 @@ def plan_phases(recipe, train_samples: int, *, valid_samples: int = 0) -> list[P
     return phases
 
 
+@dataclass
+class ValidationSetPlan:
+    """One [[eval.sets]] entry, its datasets checked."""
+
+    name: str
+    samples: int
+    """Samples one evaluation reads: eval.sets[i].iters (or eval.iters) × train.global_batch_size."""
+    blend: Phase
+    """Its datasets (samples 0: only their validation splits are read)."""
+
+
+def plan_validation_sets(recipe) -> list[ValidationSetPlan]:
+    """The named validation sets (eval.sets; none without it), their datasets checked as a start
+    checks them, every set before saying what is wrong."""
+    data, seq_length = recipe.data, recipe.model.seq_length
+    split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(data.split))
+    plans, problems = [], []
+    for i, entry in enumerate(recipe.eval.sets):
+        key, blend = (f"eval.sets[{i}].blend", entry.blend) if entry.blend else ("data.blend", data.blend)
+        samples = recipe.train.global_batch_size * (entry.iters or recipe.eval.iters)
+        try:
+            prefixes, weights, tokens, valid_tokens = _plan_blend(
+                key, blend, split_matrix, data.split, {Split.valid: samples}, seq_length
+            )
+        except BigptError as err:
+            problems += err.problems if isinstance(err, BigptErrors) else [str(err)]
+            continue
+        plans.append(ValidationSetPlan(entry.name, samples, Phase(key, 0, 0, prefixes, weights, tokens, valid_tokens)))
+    raise_problems(problems)
+    return plans
+
+
 EVAL_READS_WARNED = 4
 """An evaluation that reads a validation split more times over than this says so."""
 
 
 def validation_rereads(recipe, phase: Phase, valid_samples: int) -> list[str]:
-    """Warnings for each dataset of the first phase (validation uses data.blend) whose validation
-    split one evaluation reads more than EVAL_READS_WARNED times over: its loss is measured on a
-    few documents, repeated."""
+    """Warnings for each dataset of a validation blend (data.blend's, or a named set's) whose
+    validation split one evaluation reads more than EVAL_READS_WARNED times over: its loss is
+    measured on a few documents, repeated."""
     drawn = valid_samples * recipe.model.seq_length
     total = sum(phase.weights)
     warnings = []
@@ -92,7 +124,7 @@ def validation_rereads(recipe, phase: Phase, valid_samples: int) -> list[str]:
         reads = weight / total * drawn / tokens if tokens else 0
         if reads > EVAL_READS_WARNED:
             warnings.append(
-                f"each evaluation reads the validation split of data.blend[{i}] ({prefix}, {tokens:,} tokens) "
+                f"each evaluation reads the validation split of {phase.key}[{i}] ({prefix}, {tokens:,} tokens) "
                 f"{reads:.0f} times over (eval.iters × train.global_batch_size × model.seq_length = {drawn:,} "
                 "tokens); lower eval.iters, or give validation a larger share of data.split"
             )
@@ -163,7 +195,7 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
     train = recipe.train
     train_samples = train_samples or samples_by_step(train, train.train_iters)
     seq_length = recipe.model.seq_length
-    valid_samples = train.global_batch_size * recipe.eval.iters if recipe.eval.interval else 0
+    valid_samples = default_validation_samples(recipe)
     if recipe.data.source == "mock":
         check_mock_index_fits(train_samples, valid_samples, seq_length)
         return f"data: mock (random tokens), {short(train_samples * seq_length)} tokens"
@@ -186,11 +218,34 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
                     f"{drawn / tokens:.2f}",
                 )
             )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    warnings = validation_rereads(recipe, phases[0], valid_samples)
+    table = _tabulated(rows)
     if recipe.model.family == "encoder":
         table += _masked_shares(recipe, phases)
-    return "\n".join(table + [f"warning: {line}" for line in validation_rereads(recipe, phases[0], valid_samples)])
+    sets = plan_validation_sets(recipe)
+    if sets:
+        set_rows: list[tuple[str, ...]] = [("validation set", "dataset", "share", "read per evaluation", "split size")]
+        for plan in sets:
+            total = sum(plan.blend.weights)
+            for prefix, weight, tokens in zip(plan.blend.prefixes, plan.blend.weights, plan.blend.valid_tokens):
+                read = weight / total * plan.samples * seq_length
+                set_rows.append((plan.name, prefix, f"{weight / total:.1%}", short(read), short(tokens)))
+            warnings += validation_rereads(recipe, plan.blend, plan.samples)
+        table += _tabulated(set_rows)
+    return "\n".join(table + [f"warning: {line}" for line in warnings])
+
+
+def default_validation_samples(recipe) -> int:
+    """Samples of data.blend's validation split that each evaluation reads (the first eval.iters
+    global batches, full size): 0 without evaluation, or with named sets (eval.sets) instead."""
+    if not recipe.eval.interval or recipe.eval.sets:
+        return 0
+    return recipe.train.global_batch_size * recipe.eval.iters
+
+
+def _tabulated(rows: list[tuple]) -> list[str]:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
 def _masked_shares(recipe, phases: list[Phase]) -> list[str]:

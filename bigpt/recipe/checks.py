@@ -4,6 +4,8 @@ Checks that involve the parallel layout live in ``bigpt.layout``, so a planner c
 [parallel] on a loaded recipe and re-check just that part.
 """
 
+import importlib.util
+import re
 from typing import NoReturn
 
 from bigpt.errors import BigptError
@@ -38,6 +40,8 @@ def check_recipe(recipe: Recipe) -> None:
         _check_seed,
         _check_lr_schedule,
         _check_data,
+        _check_eval_sets,
+        _check_wandb,
         _check_init,
         _check_allowed_model_changes,
     ):
@@ -580,6 +584,76 @@ def _check_data(recipe: Recipe) -> None:
             recipe,
             f"eval.interval={recipe.eval.interval} but data.split={data.split!r} leaves no validation data",
             "give validation a share or set interval = 0",
+        )
+
+
+EVAL_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _check_eval_sets(recipe: Recipe) -> None:
+    sets = recipe.eval.sets
+    if sets and recipe.data.source != "indexed":
+        recipe_error(
+            recipe,
+            "eval.sets names validation sets, but data.source is 'mock' (random tokens, no datasets to read)",
+            "set data.source = 'indexed' with the datasets, or remove eval.sets",
+        )
+    if recipe.eval.tasks and not recipe.data.tokenizer:
+        recipe_error(
+            recipe,
+            "eval.tasks needs the model's tokenizer to tokenize its examples, and data.tokenizer is not set",
+            "set data.tokenizer (the tokenizer the model was trained with)",
+        )
+    for table, entries, metric in (
+        ("eval.sets", sets, "valid/<name>/loss"),
+        ("eval.tasks", recipe.eval.tasks, "task/<name>/acc"),
+    ):
+        names = [entry.name for entry in entries]
+        for i, name in enumerate(names):
+            if not EVAL_SET_NAME.fullmatch(name) or name == "valid":
+                recipe_error(
+                    recipe,
+                    f"{table}[{i}].name = {name!r} is not a usable name (it becomes {metric})",
+                    'use letters, digits, "_", "-" or ".", other than "valid", e.g. name = "domain"',
+                )
+            if name in names[:i]:
+                recipe_error(
+                    recipe, f"{table}[{i}].name = {name!r} is given twice", f"give each [[{table}]] its own name"
+                )
+
+
+WANDB_TAG_LENGTH = 64  # the W&B server's limit
+
+
+def _check_wandb(recipe: Recipe) -> None:
+    wandb = recipe.logging.wandb
+    if wandb.project is None:
+        ignored = [key for key in ("entity", "name", "tags") if getattr(wandb, key)]
+        if ignored:
+            recipe_error(
+                recipe,
+                f"logging.wandb.{', logging.wandb.'.join(ignored)} set without logging.wandb.project",
+                "name the W&B project to log to, or remove them",
+            )
+        return
+    if not wandb.project.strip() or "/" in wandb.project:
+        recipe_error(
+            recipe,
+            f"logging.wandb.project = {wandb.project!r} is not a W&B project name",
+            'write the project alone, e.g. project = "continual" (a team goes in logging.wandb.entity)',
+        )
+    for i, tag in enumerate(wandb.tags):
+        if not tag or len(tag) > WANDB_TAG_LENGTH:
+            recipe_error(
+                recipe,
+                f"logging.wandb.tags[{i}] = {tag!r} is empty or longer than W&B's {WANDB_TAG_LENGTH} characters",
+                "shorten it",
+            )
+    if importlib.util.find_spec("wandb") is None:
+        recipe_error(
+            recipe,
+            "logging.wandb.project is set, but the wandb package is not installed",
+            "install it (pip install 'bigpt[wandb]'), or remove [logging.wandb]",
         )
 
 

@@ -553,6 +553,25 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class WandbConfig:
+    """[logging.wandb]: Weights & Biases (the optional extra: pip install 'bigpt[wandb]'), the same
+    scalars as TensorBoard, the resolved recipe as the run's config. A resumed run continues the
+    same W&B run (its id is in the checkpoint)."""
+
+    project: str | None = None
+    """W&B project; None = no W&B."""
+    entity: str | None = None
+    """W&B team or user; None = the logged-in user's default."""
+    name: str | None = None
+    """The W&B run's display name; None = the recipe's name."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the W&B run (64 characters at most each)."""
+    mode: Literal["online", "offline"] = "online"
+    """online = stream to the W&B server (needs a login: WANDB_API_KEY); offline = files under
+    <run_dir>/wandb only, uploaded later with `wandb sync`."""
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     """[logging]: what is reported and how often."""
 
@@ -560,6 +579,34 @@ class LoggingConfig:
     """Log loss, throughput and MFU every this many steps; the loss logged is the mean over them."""
     tensorboard: bool = True
     """Also write TensorBoard events under <run_dir>/tensorboard."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """[logging.wandb]"""
+
+
+@dataclass(kw_only=True)
+class EvalSet:
+    """One [[eval.sets]] entry: a named validation set, reported as valid/<name>/loss and
+    valid/<name>/perplexity."""
+
+    name: str
+    """Its name in logs and metrics (letters, digits, "_", "-", "."), e.g. "general" or "domain"."""
+    blend: list[BlendEntry] = field(default_factory=list)
+    """Datasets whose validation split (data.split) it reads, as data.blend; empty = data.blend's."""
+    iters: int | None = positive(None)
+    """Validation batches (of global_batch_size) per evaluation; None = eval.iters."""
+
+
+@dataclass(kw_only=True)
+class EvalTask:
+    """One [[eval.tasks]] entry: a zero-shot multiple-choice task, reported as task/<name>/acc and
+    task/<name>/acc_norm (lm-evaluation-harness's definitions; format: docs/evaluation.md)."""
+
+    name: str
+    """Its name in logs and metrics (letters, digits, "_", "-", "."), e.g. "hellaswag"."""
+    path: str = recipe_path(default=MISSING)
+    """The task's JSONL file: one {"context", "choices", "gold"} object per line."""
+    limit: int | None = positive(None)
+    """Score only the first this many examples; None = all."""
 
 
 @dataclass(kw_only=True)
@@ -570,6 +617,12 @@ class EvalConfig:
     """Evaluate every this many steps; 0 = never."""
     iters: int = positive(10)
     """Validation batches (of global_batch_size) per evaluation."""
+    sets: list[EvalSet] = field(default_factory=list)
+    """Named validation sets (data.source = "indexed"), e.g. [[eval.sets]] name = "general" and
+    [[eval.sets]] name = "domain", each with its own blend: forgetting and gain side by side.
+    None = one set, the validation split of data.blend, reported as valid/loss."""
+    tasks: list[EvalTask] = field(default_factory=list)
+    """Downstream multiple-choice tasks scored at every evaluation (needs data.tokenizer)."""
 
 
 @dataclass(kw_only=True)

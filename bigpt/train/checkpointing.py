@@ -14,13 +14,15 @@ def checkpointed(trainer: Trainer) -> Checkpointed:
         optimizer=trainer.optimizer,
         scheduler=trainer.scheduler,
         counters=trainer.state,
-        guard=trainer.guard,
+        parts=trainer.stateful_parts(),
         layout=trainer.layout,
         recipe=trainer.recipe,
     )
 
 
 class Checkpointer(Callback):
+    priority = -100  # last: a save holds what every other callback did at this step
+
     def __init__(self, root: Path, asynchronous: bool):
         self.writer = CheckpointWriter(root, asynchronous)
         self.last_saved = None

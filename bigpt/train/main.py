@@ -6,7 +6,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from bigpt.checkpoint import load_checkpoint, store
-from bigpt.data import micro_batches
+from bigpt.data import build_validation_sets, default_validation_samples, micro_batches
+from bigpt.data.datasets import checked_tokenizer
 from bigpt.errors import Preempted
 from bigpt.families import family_of
 from bigpt.layout import Layout, Resumed, train_samples_needed
@@ -15,7 +16,7 @@ from bigpt.recipe import Recipe
 from bigpt.runtime import console
 from bigpt.runtime.distributed import destroy_distributed, init_distributed
 from bigpt.runtime.seeding import seed_everything
-from bigpt.train.callbacks import Evaluator, MetricsLogger, Throughput
+from bigpt.train.callbacks import ConsoleLine, Evaluator, IntervalMeans, TensorBoard, Throughput, ValidationSet
 from bigpt.train.checkpointing import Checkpointer, checkpointed
 from bigpt.train.initial import load_initial_weights
 from bigpt.train.moe_metrics import MoEMetrics
@@ -36,7 +37,9 @@ from bigpt.train.preflight import (
     resumed_from,
     write_run_recipe,
 )
+from bigpt.train.tasks import TaskEvaluator, load_tasks
 from bigpt.train.trainer import Trainer
+from bigpt.train.wandb_logger import WandbLogger
 
 
 def build_model_and_optimizer(
@@ -68,13 +71,11 @@ def build_trainer(recipe: Recipe, layout: Layout, *, resumed: Resumed | None = N
         recipe, layout, initial_weights=resumed is None, resumed=resumed
     )
     train = recipe.train
-    # Every evaluation reads the same first eval.iters global batches (full size) of the validation split.
-    valid_samples = train.global_batch_size * recipe.eval.iters if recipe.eval.interval else 0
     train_ds, valid_ds = family_of(recipe.model).build_datasets(
         recipe,
         world_rank=dist.get_rank(),
         train_samples=train_samples_needed(train, recipe.model.seq_length, resumed),
-        valid_samples=valid_samples,
+        valid_samples=default_validation_samples(recipe),
     )
     batches = partial(
         micro_batches,
@@ -84,10 +85,16 @@ def build_trainer(recipe: Recipe, layout: Layout, *, resumed: Resumed | None = N
         num_workers=recipe.data.num_workers,
     )
     experts = [MoEMetrics(recipe.model)] if recipe.model.family == "moe_decoder" else []
-    logger = MetricsLogger(recipe.run_dir, line_fields=experts[0].line_fields if experts else None)
-    callbacks = [Throughput(), *experts, logger]
-    if valid_ds is not None and recipe.eval.interval:
-        callbacks.append(Evaluator(lambda: batches(valid_ds, consumed_samples=0), logger))
+    line_fields = experts[0].line_fields if experts else {}
+    callbacks = [Throughput(), *experts, IntervalMeans(["loss", *line_fields]), ConsoleLine(line_fields)]
+    if recipe.logging.tensorboard:
+        callbacks.append(TensorBoard(recipe.run_dir))
+    if recipe.logging.wandb.project is not None:
+        callbacks.append(WandbLogger())
+    if recipe.eval.interval:
+        callbacks.append(Evaluator(validation_sets(recipe, valid_ds, batches)))
+        if recipe.eval.tasks:
+            callbacks.append(TaskEvaluator(load_tasks(recipe, checked_tokenizer(recipe))))
     callbacks.append(Checkpointer(checkpoint_dir(recipe), recipe.checkpoint.async_save))
     return Trainer(
         recipe,
@@ -98,6 +105,24 @@ def build_trainer(recipe: Recipe, layout: Layout, *, resumed: Resumed | None = N
         lambda position: batches(train_ds, consumed_samples=position),
         callbacks,
     )
+
+
+def validation_sets(recipe: Recipe, valid_ds, batches) -> list[ValidationSet]:
+    """eval.sets by name, or the validation split of data.blend as "valid". Every evaluation reads
+    the same first global batches (full size) of each."""
+    if not recipe.eval.sets:
+        return (
+            []
+            if valid_ds is None
+            else [ValidationSet("valid", partial(batches, valid_ds, consumed_samples=0), recipe.eval.iters)]
+        )
+    built = build_validation_sets(recipe, world_rank=dist.get_rank())
+    return [
+        ValidationSet(
+            entry.name, partial(batches, built[entry.name], consumed_samples=0), entry.iters or recipe.eval.iters
+        )
+        for entry in recipe.eval.sets
+    ]
 
 
 def train(recipe: Recipe, layout: Layout, overwrite: bool = False) -> None:

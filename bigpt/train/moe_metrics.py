@@ -19,7 +19,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from bigpt.recipe import ModelConfig
 from bigpt.runtime import console
 from bigpt.runtime.device import device
-from bigpt.train.trainer import Callback
+from bigpt.train.trainer import Callback, logging_step
 
 BALANCING_METRICS = {
     "aux_loss": "load_balancing_loss",
@@ -40,7 +40,9 @@ class _Scalars:
 
 
 class MoEMetrics(Callback):
-    """Adds the MoE metrics to each step's metrics (before the logger reads them)."""
+    """Adds the MoE metrics to each step's metrics (before the backends read them)."""
+
+    priority = 90
 
     def __init__(self, model: ModelConfig):
         self.names = (
@@ -92,7 +94,7 @@ class MoEMetrics(Callback):
         metrics["moe_load_imbalance"] = float((moe_rows.max(dim=1).values / moe_rows.mean(dim=1).clamp(min=1e-9)).max())
         self.interval_counts += counts
         step = trainer.state.iteration
-        if step % trainer.recipe.logging.interval == 0 or step == trainer.recipe.train.train_iters:
+        if logging_step(trainer.recipe, step):
             self._warn_about_idle_experts(model, step)
             self.interval_counts.zero_()
             self.interval_start = step + 1

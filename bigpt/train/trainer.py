@@ -1,5 +1,9 @@
 """The loop: steps, counters and callbacks. The model-specific work lives in ``step.py``; logging,
-throughput, evaluation and checkpointing are callbacks."""
+throughput, evaluation and checkpointing are callbacks.
+
+Metrics are a channel: each step's metrics (``train/<name>``) and whatever callbacks record with
+``Trainer.record`` (``valid/<set>/loss``, ...) reach every callback's ``log_metrics`` once per
+step, as named scalars; the console line, TensorBoard and Weights & Biases are such consumers."""
 
 import contextlib
 import math
@@ -15,6 +19,7 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from bigpt.checkpoint.state import COUNTERS
 from bigpt.families import family_of
 from bigpt.layout import Layout, data_position
 from bigpt.recipe import Recipe
@@ -36,14 +41,45 @@ class TrainState:
     after them (``layout.data_position``), and data phases start at a count of them."""
 
 
+def logging_step(recipe: Recipe, step: int) -> bool:
+    """A step whose metrics the console line shows: every logging.interval steps, and the last."""
+    return step % recipe.logging.interval == 0 or step == recipe.train.train_iters
+
+
+def evaluation_step(recipe: Recipe, step: int) -> bool:
+    """A step at which validation sets and tasks are evaluated: every eval.interval steps (0:
+    never), and the last."""
+    interval = recipe.eval.interval
+    return bool(interval) and (step % interval == 0 or step == recipe.train.train_iters)
+
+
 class Callback:
-    """Hooks that every rank reaches alike (collectives allowed), except ``close``."""
+    """Hooks that every rank reaches alike (collectives allowed), except ``close``.
+
+    Callbacks run in descending ``priority`` (ties in the order given): those that add to a step's
+    metrics before those that read them. A callback with a ``state_name`` is a stateful part of the
+    checkpoint: its ``state_dict()`` (plain Python values, the same on every rank) is saved under
+    that name and handed back to ``load_state_dict`` on resume (an empty dict when the checkpoint
+    has none: saved before the part existed)."""
+
+    priority: int = 0
+    state_name: str | None = None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def on_start(self, trainer: "Trainer") -> None:
         pass
 
     def on_step(self, trainer: "Trainer", metrics: dict) -> None:
         """After every optimizer step; ``metrics`` may be extended for later callbacks."""
+
+    def log_metrics(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
+        """After every step's ``on_step``: every scalar of this step, by name (``train/loss``,
+        ``valid/loss``, ...); a consumer (console, TensorBoard, W&B) writes what it wants of them."""
 
     def on_end(self, trainer: "Trainer") -> None:
         """The run reached train.train_iters, or a preemption signal stops it."""
@@ -62,11 +98,11 @@ class Trainer:
         self.recipe, self.layout = recipe, layout
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.batches = batches
-        self.callbacks = callbacks
+        self.callbacks = sorted(callbacks, key=lambda callback: -callback.priority)  # stable: ties keep their order
         self.state = TrainState()
         self.guard = BadStepGuard(recipe.train)
+        self.recorded: dict[str, float] = {}  # this step's metrics besides the step's own (evaluations)
         self.preempted = False
-        self._forward_backward = get_forward_backward_func()
         self.family = family_of(recipe.model)
 
     def data_iterator(self, make_iterator):
@@ -75,10 +111,12 @@ class Trainer:
             return make_iterator()
         return [make_iterator() for _ in self.model]
 
-    def run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
+    def run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool, forward_step=None) -> list[dict]:
+        """megatron-core's schedule over the model chunks; ``forward_step``: another than the
+        family's (the same inputs, other losses)."""
         model = self.model if len(self.model) > 1 else self.model[0]
-        return self._forward_backward(
-            forward_step_func=self.family.forward_step,
+        return get_forward_backward_func()(
+            forward_step_func=forward_step or self.family.forward_step,
             data_iterator=data_iterator,
             model=model,
             num_microbatches=num_microbatches,
@@ -99,15 +137,39 @@ class Trainer:
             train_iterator = self.data_iterator(lambda: self.batches(position))
             try:
                 while self.state.iteration < self.recipe.train.train_iters and not self.preempted:
-                    metrics = self.train_step(train_iterator)
-                    for callback in self.callbacks:
-                        callback.on_step(self, metrics)
+                    self.after_step(self.train_step(train_iterator))
             except BadStepStop:
                 for callback in self.callbacks:
                     callback.on_stop(self)
                 raise
             for callback in self.callbacks:
                 callback.on_end(self)
+
+    def stateful_parts(self) -> dict:
+        """What a checkpoint saves besides model, optimizer, scheduler, counters and RNG, by name:
+        the bad-step guard and every callback that has a ``state_name``."""
+        parts = {"guard": self.guard}
+        for callback in self.callbacks:
+            if callback.state_name is not None:
+                assert callback.state_name not in (*parts, *COUNTERS), f"a second part named {callback.state_name}"
+                parts[callback.state_name] = callback
+        return parts
+
+    def record(self, name: str, value: float) -> None:
+        """A metric of this step besides the step's own (e.g. ``valid/loss``): it reaches every
+        callback's ``log_metrics`` with them."""
+        self.recorded[name] = float(value)
+
+    def after_step(self, step_metrics: dict) -> None:
+        """Every callback's ``on_step`` (which may extend ``step_metrics`` or ``record`` more), then
+        every callback's ``log_metrics`` with all of this step's metrics, by name."""
+        for callback in self.callbacks:
+            callback.on_step(self, step_metrics)
+        metrics = {f"train/{name}": float(value) for name, value in step_metrics.items()}
+        metrics.update(self.recorded)
+        self.recorded = {}
+        for callback in self.callbacks:
+            callback.log_metrics(self, self.state.iteration, metrics)
 
     def train_step(self, data_iterator) -> dict:
         update_num_microbatches(self.state.consumed_samples, consistency_check=True)
