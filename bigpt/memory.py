@@ -23,6 +23,7 @@ context-parallel exchange buffers and transient all-gather buffers (hence the pl
 """
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from bigpt.flops import expert_parameters_per_stage, moe_layers, parameters_per_stage
@@ -144,7 +145,7 @@ def layer_activations(recipe: Recipe, layout: Layout) -> float:
     return sequence_split / (layout.tp if layout.sequence_parallel else 1) + tensor_split / layout.tp
 
 
-def _mlp_activation_width(recipe: Recipe, layout: Layout, mlp_tensors: int, recomputed: set[str]) -> float:
+def _mlp_activation_width(recipe: Recipe, layout: Layout, mlp_tensors: int, recomputed: Collection[str]) -> float:
     """Elements per token the MLP keeps, in tensor-parallel units, averaged over the layers: a
     dense MLP its inner tensors; an MoE layer, for each of the router_topk experts a token is
     dispatched to (balanced: a rank receives as many as it sends), the dispatched input and the
