@@ -157,6 +157,7 @@ ROPE = ["model.position_embedding='rope'"]
         (['model.family="decoder"', "model.encoder.token_types=1"], "model.encoder.token_types set while"),
         (['model.family="decoder"', "data.masking.whole_word=true"], "data.masking.whole_word set while"),
         (["data.masking.probability=1.0"], "leaves nothing to predict or nothing to see"),
+        (["eval.tasks=[{name='t', path='t.jsonl'}]"], "which a masked-LM encoder does not compute"),
         (["data.masking.span_lengths='geometric'"], "every span is one token long"),
     ],
 )

@@ -598,6 +598,13 @@ def _check_eval_sets(recipe: Recipe) -> None:
             "eval.sets names validation sets, but data.source is 'mock' (random tokens, no datasets to read)",
             "set data.source = 'indexed' with the datasets, or remove eval.sets",
         )
+    if recipe.eval.tasks and recipe.model.family == "encoder":
+        recipe_error(
+            recipe,
+            'eval.tasks with model.family = "encoder": a task is scored by the log-likelihood of each choice '
+            "given its context, which a masked-LM encoder does not compute",
+            "score encoders' downstream tasks by fine-tuning outside bigpt, or remove eval.tasks",
+        )
     if recipe.eval.tasks and not recipe.data.tokenizer:
         recipe_error(
             recipe,
