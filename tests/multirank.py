@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import zygote
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,13 +36,14 @@ def run_bigpt(
     depend on it.
     The processes are forked from tests/zygote.py, which has imported torch, megatron-core and
     bigpt once, and behave as those of torchrun or python would; ``real_launcher`` starts the real
-    ones instead, for a test of what only they do (a whole process's output, torchrun itself)."""
+    ones instead, for a test of what only they do (a whole process's output, torchrun itself), as
+    does a machine with a GPU (CUDA cannot be used in a process forked after its use)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
     if fault:
         env["BIGPT_TEST_FAULT"] = fault
         script = FAULT_INJECTION
     torchrun = nproc > 1 or bool(rank_logs)
-    if real_launcher:
+    if real_launcher or torch.cuda.is_available():  # a zygote must not have touched CUDA: the real ones on GPUs
         launcher = [sys.executable]
         if torchrun:
             per_rank = ["--log-dir", str(rank_logs), "--redirects", "3"] if rank_logs else []

@@ -28,11 +28,11 @@ returns what ``subprocess.run([python, script, *args], capture_output=True, text
   ``subprocess.TimeoutExpired`` raised.
 
 Fork safety: the zygote runs nothing but imports. It never touches torch.distributed, megatron-core's
-parallel state or a tensor, keeps one intra-op thread (OMP_NUM_THREADS=1: no OpenMP pool to
-inherit), and forks only while it has a single thread. Environment variables that a module reads
-as it is imported are the zygote's, taken from the pytest worker's environment at its start; each
-run's own variables (BIGPT_TEST_FAULT, TORCH_FORCE_WEIGHTS_ONLY_LOAD, ...) are read at call time
-by bigpt and torch, so they apply.
+parallel state, CUDA or a tensor, keeps one intra-op thread (OMP_NUM_THREADS=1, which ``run``
+requires: no OpenMP pool to inherit), and forks only while it has a single thread. It starts
+with the first run's environment; a run whose variables that modules read as they are imported
+(``IMPORT_TIME_PREFIXES``: PYTHON*, TORCH*, CUDA*, ...) differ gets a new zygote. bigpt reads its
+own variables (BIGPT_TEST_FAULT) when it runs, and torch TORCH_FORCE_WEIGHTS_ONLY_LOAD at each load.
 
 The protocol, one JSON line at a time over a socket pair: the test sends a request, the zygote
 answers {"pid"} of the job (its child that plays torchrun, leader of the run's process group),
@@ -40,6 +40,7 @@ then {"returncode"} once the job has exited.
 """
 
 import atexit
+import gc
 import json
 import os
 import select
@@ -65,6 +66,9 @@ PRELOAD = (  # launchers/run.py and what a run imports after it, found by diffin
     "megatron.core.models.mimo",
     "torch.distributed.elastic.multiprocessing.errors",  # the job's report of a failed rank
 )
+# Variables read as a module is imported (CPython's, torch's, CUDA's, ...): a run whose values
+# differ from the zygote's gets a new zygote. bigpt reads its own (BIGPT_*) when it runs.
+IMPORT_TIME_PREFIXES = ("PYTHON", "TORCH", "PYTORCH", "CUDA", "NCCL", "NVTE", "MEGATRON", "OMP", "MKL", "TRITON", "HF_")
 RANK_GRACE_S = 30  # torchrun's: from SIGTERM to the ranks left after a failure to SIGKILL
 
 
@@ -86,13 +90,23 @@ def run(argv, *, env, cwd, nproc=1, torchrun=False, rank_logs=None, timeout=300)
     global _zygote
     if nproc > 1 and not torchrun:
         raise ValueError("several processes are a torchrun job")
-    if _zygote is None or _zygote.process.poll() is not None:
-        _zygote = _Zygote()
+    if env.get("OMP_NUM_THREADS") != "1":
+        raise ValueError("a zygote's processes have one intra-op thread: set OMP_NUM_THREADS=1")
+    if _zygote is not None and (_zygote.process.poll() is not None or _zygote.imported_with != _import_time(env)):
+        stop()
+    if _zygote is None:
+        _zygote = _Zygote(env)
     return _zygote.run([str(a) for a in argv], env, cwd, nproc, torchrun, rank_logs, timeout)
 
 
+def _import_time(env: dict) -> dict:
+    """The variables that a module may read as it is imported: the zygote's must be the run's."""
+    return {name: value for name, value in env.items() if name.startswith(IMPORT_TIME_PREFIXES)}
+
+
 class _Zygote:
-    def __init__(self):
+    def __init__(self, env: dict):
+        self.imported_with = _import_time(env)
         self.log = tempfile.NamedTemporaryFile(prefix="bigpt-zygote-", suffix=".log", delete=False)
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
@@ -101,7 +115,7 @@ class _Zygote:
             stdin=subprocess.DEVNULL,
             stdout=self.log,
             stderr=self.log,
-            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+            env=env,
             cwd=REPO,
         )
         theirs.close()
@@ -123,9 +137,12 @@ class _Zygote:
         try:
             request = {"argv": argv, "env": env, "cwd": str(cwd), "nproc": nproc, "torchrun": torchrun}
             self.channel.send({**request, "rank_logs": rank_logs and str(rank_logs), "out": str(out)})
-            deadline = time.monotonic() + timeout
-            job = self.channel.receive(None)["pid"]
-            ended = self.channel.receive(deadline - time.monotonic())
+            started = self.channel.receive(timeout)  # (the zygote's own start is not the run's time)
+            if started is None:
+                self.process.kill()
+                raise subprocess.TimeoutExpired(command, timeout, *self._output(out))
+            job = started["pid"]
+            ended = self.channel.receive(timeout)
             if ended is None:  # past the timeout: the whole job, every rank
                 os.killpg(job, signal.SIGKILL)
                 self.channel.receive(None)  # the zygote has collected it
@@ -138,7 +155,8 @@ class _Zygote:
 
     @staticmethod
     def _output(out: Path) -> tuple[str, str]:
-        return (out / "stdout").read_text(errors="replace"), (out / "stderr").read_text(errors="replace")
+        read = [out / name for name in ("stdout", "stderr")]
+        return tuple(path.read_text(errors="replace") if path.exists() else "" for path in read)  # type: ignore
 
     def _log_tail(self) -> str:
         return Path(self.log.name).read_text(errors="replace")[-6000:]
@@ -211,15 +229,15 @@ def _child(main, *args) -> None:
 
 def _preload() -> tuple[bytes, bytes]:
     """Import what a run imports; what that prints (fd 1 and 2), to be printed again by each run."""
-    import torch
-
-    torch.set_num_threads(1)
     sys.path.insert(0, str(REPO / "launchers"))  # as tests/fault_injection.py imports it
     captured = [tempfile.TemporaryFile() for _ in (1, 2)]
     saved = [os.dup(1), os.dup(2)]
     for fd, file in zip((1, 2), captured):
         os.dup2(file.fileno(), fd)
     try:
+        import torch
+
+        torch.set_num_threads(1)
         for name in PRELOAD:
             __import__(name)
     finally:
@@ -228,8 +246,6 @@ def _preload() -> tuple[bytes, bytes]:
         for fd, original in zip((1, 2), saved):
             os.dup2(original, fd)
             os.close(original)
-    import gc
-
     gc.freeze()  # the children share these pages for longer (a collection writes to every object)
     for file in captured:
         file.seek(0)
