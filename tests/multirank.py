@@ -38,7 +38,7 @@ def run_bigpt(
     bigpt once, and behave as those of torchrun or python would; ``real_launcher`` starts the real
     ones instead, for a test of what only they do (a whole process's output, torchrun itself), as
     does a machine with a GPU (CUDA cannot be used in a process forked after its use)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
+    env = run_environment()
     if fault:
         env["BIGPT_TEST_FAULT"] = fault
         script = FAULT_INJECTION
@@ -58,6 +58,11 @@ def run_bigpt(
     if check and result.returncode != 0:
         raise AssertionError(f"bigpt failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def run_environment() -> dict[str, str]:
+    """The test's environment as every run gets it (one zygote serves every run of the same)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
 
 
 def rank_output(rank_logs, rank: int) -> tuple[str, str]:

@@ -2,7 +2,6 @@
 it sees what a rank of torchrun sees, and a failure or a timeout ends the run as torchrun would."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import psutil
 import pytest
 
 import zygote
+from multirank import run_environment
 
 RANK_REPORT = """
 import json, os, sys, time
@@ -30,7 +30,7 @@ if os.environ["BEHAVE"] in ("fail", "hang"):  # the others wait, to be stopped
 
 
 def environment(behave: str) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", BEHAVE=behave)
+    return dict(run_environment(), BEHAVE=behave)  # run_bigpt's: the same zygote
 
 
 @pytest.fixture
