@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import slurm_cluster
+import zygote
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups into the test ids
@@ -26,6 +27,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("slurm"))
         elif _uses_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def pytest_sessionfinish(session):
+    zygote.stop()
 
 
 def _uses_a_module_fixture(item) -> bool:

@@ -50,10 +50,10 @@ def checkpoints(tmp_path):
 @pytest.mark.slow
 def test_a_0_16_1_checkpoint_resumes_as_0_16_1_continued_it(checkpoints):
     run_dir = checkpoints.parent
-    resumed = run_bigpt(RECIPE, f"run_dir={run_dir}", "checkpoint.load=auto", nproc=2)
+    resumed = run_bigpt(RECIPE, f"run_dir={run_dir}", "checkpoint.load=auto", nproc=2, real_launcher=True)
     assert "resuming from" in resumed.stdout and "(step 4," in resumed.stdout
     assert scalars(run_dir, "train/loss") == pytest.approx(EXPECTED["losses_after_resume"], rel=RECORDED_ELSEWHERE)
-    # Quiet: bigpt's own lines, no dependency warnings, no teardown reports.
+    # Quiet: bigpt's own lines, no dependency warnings, no teardown reports (whole processes: torchrun's).
     assert [line for line in resumed.stderr.splitlines() if not line.startswith("bigpt: ")] == []
 
 

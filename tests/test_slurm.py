@@ -209,7 +209,7 @@ def test_two_node_job_preempted_by_scancel_is_requeued_and_resumes_to_the_losses
     requeues itself, resumes from that checkpoint and finishes with the losses of an uninterrupted
     local torchrun of the same layout."""
     recipe = [MOCK_RECIPE, "parallel.pipeline=2", "train.train_iters=20"]
-    run_bigpt(*recipe, f"run_dir={tmp_path / 'local'}", nproc=2)
+    run_bigpt(*recipe, f"run_dir={tmp_path / 'local'}", nproc=2, real_launcher=True)
     run_dir = tmp_path / "slurm"
     job = submit(capsys, *recipe, f"run_dir={run_dir}", "--nodes", 2, "--workers-per-node", 1)
     log = run_dir / f"slurm-{job}.out"
