@@ -201,25 +201,26 @@ def test_optimizer_state_saved_by_one_optimizer_loads_into_two_and_back():
 
 
 PARITY_STEPS = 4
-PARITY_LAYOUTS = [  # name, processes, overrides
-    pytest.param(
-        "ep2_pp2_allgather",
-        4,
-        ["parallel.expert=2", "parallel.pipeline=2", "model.moe.token_dispatcher='allgather'"],
-        id="ep2_pp2_allgather",
-    ),
-    pytest.param(
-        "ep2_dp2_allgather",  # 4 data-parallel ranks; each expert's weights data-parallel over 2
-        4,
-        ["parallel.expert=2", "model.moe.token_dispatcher='allgather'"],
-        id="ep2_dp2_allgather",
-    ),
-    pytest.param(
-        "tp2_ep2_sp",  # expert TP 1: the expert weights are data-parallel over 2 ranks
+EXPERT_LAYOUTS = {  # name: (processes, overrides); EP2 alone with the all-to-all dispatcher is moe_start's run
+    "ep2": (2, ["parallel.expert=2"]),
+    "ep2_pp2": (4, ["parallel.expert=2", "parallel.pipeline=2"]),
+    "ep2_dp2": (4, ["parallel.expert=2"]),  # 4 data-parallel ranks; each expert's weights data-parallel over 2
+    # expert TP 1: the expert weights are data-parallel over the 2 tensor-parallel ranks
+    "tp2_ep2_sp": (
         4,
         ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "parallel.expert_tensor=1"],
-        id="tp2_ep2_sp_expert_dp2",
     ),
+}
+PARITY_LAYOUTS = [  # every expert layout with both token dispatchers
+    pytest.param(
+        f"{name}_{dispatcher}",
+        nproc,
+        [*overrides, f"model.moe.token_dispatcher='{dispatcher}'"],
+        id=f"{name}_{dispatcher}",
+    )
+    for name, (nproc, overrides) in EXPERT_LAYOUTS.items()
+    for dispatcher in ("alltoall", "allgather")
+    if (name, dispatcher) != ("ep2", "alltoall")
 ]
 
 
