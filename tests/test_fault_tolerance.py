@@ -368,3 +368,17 @@ def test_the_planner_predicts_what_a_save_writes(reference):
     shards = [path.stat().st_size for path in (reference("dp2") / "checkpoints" / "iter_0000006").glob("*.distcp")]
     assert sum(shards) == pytest.approx(total, rel=0.1)  # measured: +6.5 % (per-tensor headers, small state)
     assert max(shards) == pytest.approx(busiest, rel=0.1)
+
+
+def test_a_run_leaves_the_signal_handlers_as_it_found_them():
+    """A run records the stop signals (to save before stopping) and gives the handlers back when
+    it ends: a process that goes on (tools/ladder.py's in-process runs, a test worker) must still
+    stop its pools' workers with SIGTERM, which a recording handler would swallow."""
+    from bigpt.runtime import preemption
+
+    before = {signum: signal.getsignal(signum) for signum in preemption.SIGNALS}
+    with preemption.stopping_with_a_checkpoint():
+        assert all(signal.getsignal(signum) is not before[signum] for signum in preemption.SIGNALS)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.requested()
+    assert {signum: signal.getsignal(signum) for signum in preemption.SIGNALS} == before

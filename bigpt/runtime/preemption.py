@@ -10,6 +10,7 @@ killed with SIGKILL: it can pass nothing on) is re-parented; it notices at the n
 the same way, rather than train on unwatched.
 """
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -23,11 +24,22 @@ _received: list[str] = []
 _launcher: list[int] = []
 
 
-def install() -> None:
+@contextlib.contextmanager
+def stopping_with_a_checkpoint():
+    """The stop signals are recorded for the block (a run); the handlers before it are restored
+    after, so a process that goes on (tools/ladder.py's runs, a test) is not left with handlers
+    that make a SIGTERM do nothing: datatrove's and multiprocessing's pools stop their workers with it."""
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
     _received.clear()
     _launcher[:] = [os.getppid()]
     for signum in SIGNALS:
         signal.signal(signum, _record)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        _launcher.clear()
 
 
 def _record(signum, frame) -> None:

@@ -13,7 +13,7 @@ from bigpt.families import family_of
 from bigpt.layout import Layout, Resumed, train_samples_needed
 from bigpt.model import build_model_chunks
 from bigpt.recipe import Recipe
-from bigpt.runtime import console
+from bigpt.runtime import console, preemption
 from bigpt.runtime.distributed import destroy_distributed, init_distributed
 from bigpt.runtime.seeding import seed_everything
 from bigpt.train.callbacks import ConsoleLine, Evaluator, IntervalMeans, TensorBoard, Throughput, ValidationSet
@@ -127,6 +127,11 @@ def validation_sets(recipe: Recipe, valid_ds, batches) -> list[ValidationSet]:
 
 def train(recipe: Recipe, layout: Layout, overwrite: bool = False) -> None:
     """``overwrite``: --overwrite, replace output files bigpt did not write."""
+    with preemption.stopping_with_a_checkpoint():
+        _train(recipe, layout, overwrite)
+
+
+def _train(recipe: Recipe, layout: Layout, overwrite: bool) -> None:
     init_distributed(layout)
     lock = None
     try:

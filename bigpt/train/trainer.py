@@ -126,8 +126,8 @@ class Trainer:
         )
 
     def train(self) -> None:
-        """Run to train.train_iters, or until a preemption signal (then ``self.preempted``)."""
-        preemption.install()
+        """Run to train.train_iters, or until a preemption signal (then ``self.preempted``; the
+        signals are recorded inside ``preemption.stopping_with_a_checkpoint``, as bigpt.train.main runs it)."""
         with contextlib.ExitStack() as closing:  # every close runs, even when one of them raises
             for callback in self.callbacks:
                 closing.callback(callback.close, self)
