@@ -127,7 +127,8 @@ def _family(config: dict, source) -> Family:
             f"model_type {config.get('model_type')!r} / architectures {architectures} is not supported",
             "bigpt imports "
             + ", ".join(f.architecture for f in FAMILIES.values())
-            + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 and models of the same shape); "
+            + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 and models of the same shape), and the "
+            "encoders BertForMaskedLM, BertModel and RobertaForMaskedLM; "
             "mixture-of-experts (Mixtral, Qwen3-MoE, ...) and other architectures are not",
         )
     for key in ("attention_bias", "mlp_bias"):
@@ -152,6 +153,10 @@ def _family(config: dict, source) -> Family:
 def model_from_hf(config: dict, source) -> dict:
     """The ``[model]`` keys (recipe spelling) of a ``config.json``; refuses what bigpt cannot
     compute identically. ``source`` names the file in errors."""
+    from bigpt.hf import bert  # its own file (config and tensors), which builds on this one
+
+    if config.get("model_type") in bert.ENCODER_FAMILIES:
+        return bert.model_from_hf(config, source)
     family = _family(config, source)
     if config.get("hidden_act", "silu") != "silu":
         _refuse(source, f"hidden_act = {config['hidden_act']!r}", "bigpt's MLP for these families is SwiGLU (silu)")
@@ -282,6 +287,10 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
     """A ``config.json`` for ``model``, of the family of ``original`` (the config of the weights the
     run started from) where it fits; keys of ``original`` that do not describe the architecture
     (token ids, generation settings) are kept."""
+    if model.family == "encoder":
+        from bigpt.hf import bert
+
+        return bert.hf_from_model(model, dtype, original)
     problems = [
         f"model.{key} = {value!r}"
         for key, value, wanted in (

@@ -34,20 +34,23 @@ from torch.distributed.checkpoint.planner import WriteItemType
 import bigpt
 from bigpt.checkpoint import store
 from bigpt.errors import BigptError
+from bigpt.hf.bert import ENCODER_FAMILIES, fresh_head_note
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
 from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
+from bigpt.runtime import console
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
 MODEL_TOML = "model.toml"  # inside an imported checkpoint: its [model] table, a recipe fragment
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
-def _items(model: dict) -> list[tuple[Rule, int | None]]:
-    """(rule, layer) for every tensor, in Hugging Face's order (embedding, layers, norm, head)."""
-    embedding, *table = rules(model)  # rules() lists the embedding first
+def _items(model: dict, config: dict | None) -> list[tuple[Rule, int | None]]:
+    """(rule, layer) for every tensor of ``model`` in the Hugging Face form ``config`` describes,
+    in Hugging Face's order (embedding, layers, norm, head)."""
+    embedding, *table = rules(model, config)  # rules() lists the embedding first
     layers: list[tuple[Rule, int | None]] = [
         (rule, i) for i in range(model["num_layers"]) for rule in table if rule.per_layer
     ]
@@ -138,16 +141,19 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False) -> dict:
     imported = store.is_complete(out) and "imported_from" in store.read_marker(out)
     _check_replaceable(out, imported, "a checkpoint an earlier import wrote", overwrite)
     model, weights = inspect_hf(directory)
+    config = read_config(directory)
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = partial_dir(out)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an import that was killed
         tmp.mkdir(parents=True)
     dist.barrier()
-    mine = [item for number, item in enumerate(_items(model)) if number % world == rank]
+    mine = [item for number, item in enumerate(_items(model, config)) if number % world == rank]
     _save_streamed(mine, weights, model["num_layers"], tmp)
     dist.barrier()
     if rank == 0:
+        for note in _import_notes(config, weights, directory):
+            console.note(note)
         (tmp / HF_FILES).mkdir()
         copy_side_files(directory, tmp / HF_FILES)
         (tmp / MODEL_TOML).write_text(model_toml(model, directory))
@@ -164,6 +170,20 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False) -> dict:
         os.replace(tmp, out)
     dist.barrier()
     return model
+
+
+def _import_notes(config: dict, weights, directory: Path) -> list[str]:
+    """What an import leaves out of the weights or makes anew, said as it does so."""
+    notes = []
+    if weights.left_out:
+        notes.append(
+            f"{directory}: left out {len(weights.left_out)} tensors that masked-LM training does not use "
+            f"({', '.join(weights.left_out[:4])}{', ...' if len(weights.left_out) > 4 else ''}); an export "
+            "does not write them"
+        )
+    if config.get("model_type") in ENCODER_FAMILIES:
+        notes += filter(None, [fresh_head_note(config, directory)])
+    return notes
 
 
 def model_toml(model: dict, source: Path) -> str:
@@ -263,7 +283,10 @@ def export_hf(
     model_config = checkpoint_model(checkpoint)
     model = vars(model_config)
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
-    items = _items(model)
+    hf_files = hf_files or hf_files_of(checkpoint)
+    original = read_config(hf_files) if hf_files and (hf_files / CONFIG).is_file() else None
+    config = hf_from_model(model_config, "", original)  # the form of the tensors (its dtype: below)
+    items = _items(model, config)
     for rule, _ in items:
         if rule.key not in metadata:
             raise BigptError(
@@ -271,11 +294,9 @@ def export_hf(
                 "or was written by an incompatible program"
             )
     dtype = dtype or metadata[items[0][0].key].dtype
-    hf_files = hf_files or hf_files_of(checkpoint)
-    original = read_config(hf_files) if hf_files and (hf_files / CONFIG).is_file() else None
-    config = hf_from_model(model_config, str(dtype).removeprefix("torch."), original)
+    config["dtype"] = str(dtype).removeprefix("torch.")
 
-    shapes = expected_hf_shapes(model)
+    shapes = expected_hf_shapes(model, config)
     element = torch.empty((), dtype=dtype).element_size()
     order = [name for rule, layer in items for name in rule.names(layer)]
     shards = plan_shards([(name, element * math.prod(shapes[name])) for name in order], max_shard_bytes)

@@ -81,6 +81,8 @@ class SafetensorsWeights:
                 "transformers (from_pretrained then save_pretrained(safe_serialization=True))"
             )
         self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
+        self.left_out: list[str] = []
+        """Tensors of the directory that the model does not use (bigpt.hf.bert.left_out)."""
 
     def _read(self, name: str, read):
         """``read(handle)`` of the file that holds ``name``, through a handle closed at once:
@@ -115,10 +117,17 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     single tensor is read: architecture, every tensor present with the shape config.json
     implies, no tensor bigpt could not map, a tokenizer that fits the vocabulary."""
     directory = Path(directory)
-    model = model_from_hf(read_config(directory), directory / CONFIG)
+    config = read_config(directory)
+    model = model_from_hf(config, directory / CONFIG)
     weights = SafetensorsWeights(directory)
-    expected = expected_hf_shapes(model)
-    if model["tie_embeddings"]:
+    expected = expected_hf_shapes(model, config)
+    if model["family"] == "encoder":  # a released BERT's pooler and next-sentence head: unused
+        from bigpt.hf.bert import left_out
+
+        weights.left_out = left_out(weights.files, config)
+        for name in weights.left_out:
+            del weights.files[name]
+    elif model["tie_embeddings"]:
         weights.files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
     missing = sorted(set(expected) - set(weights.files))
     if missing:
