@@ -121,7 +121,7 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     model = model_from_hf(config, directory / CONFIG)
     weights = SafetensorsWeights(directory)
     expected = expected_hf_shapes(model, config)
-    if model["family"] == "encoder":  # a released BERT's pooler and next-sentence head: unused
+    if model.get("family") == "encoder":  # a released BERT's pooler and next-sentence head: unused
         from bigpt.hf.bert import left_out
 
         weights.left_out = left_out(weights.files, config)
