@@ -171,3 +171,12 @@ def test_a_pre_layernorm_encoder_has_no_hugging_face_form():
     with pytest.raises(BigptError, match="model.encoder.norm_position = 'pre' has no Hugging Face BERT"):
         hf_from_model(recipe.model, "float32", None)
     assert hf_from_model(load_recipe(ENCODER_RECIPE).model, "float32", None)["architectures"] == ["BertForMaskedLM"]
+
+
+def test_the_imported_model_table_leaves_roberta_its_usable_positions(converted):
+    """model.toml's seq_length: RoBERTa's 42-row table gives 40 positions (two are never a token's)."""
+    import tomllib
+
+    for name, positions in (("roberta", 40), ("bert", 40)):
+        table = tomllib.loads((converted[name][1] / "model.toml").read_text())["model"]
+        assert (table["seq_length"], table["max_position_embeddings"]) == (positions, 40 if name == "bert" else 42)

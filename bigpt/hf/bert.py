@@ -148,8 +148,10 @@ def model_from_hf(config: dict, source) -> dict:
 
 
 def usable_positions(model: dict, config: dict) -> int:
-    """Positions a sequence may use: RoBERTa's table has pad_token_id + 1 rows for none."""
-    return model["max_position_embeddings"] - position_offset(config)
+    """Positions a sequence may use (of any family's ``config``): RoBERTa's table has
+    pad_token_id + 1 rows for none."""
+    encoder = config.get("model_type") in ENCODER_FAMILIES
+    return model["max_position_embeddings"] - (position_offset(config) if encoder else 0)
 
 
 def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict:

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 import bigpt
 from bigpt.checkpoint import store
 from bigpt.errors import BigptError
-from bigpt.hf.bert import ENCODER_FAMILIES, fresh_head_note
+from bigpt.hf.bert import ENCODER_FAMILIES, fresh_head_note, usable_positions
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
@@ -156,7 +156,7 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False) -> dict:
             console.note(note)
         (tmp / HF_FILES).mkdir()
         copy_side_files(directory, tmp / HF_FILES)
-        (tmp / MODEL_TOML).write_text(model_toml(model, directory))
+        (tmp / MODEL_TOML).write_text(model_toml(model, directory, config))
         marker = {
             "iteration": 0,
             "imported_from": str(directory),
@@ -186,9 +186,9 @@ def _import_notes(config: dict, weights, directory: Path) -> list[str]:
     return notes
 
 
-def model_toml(model: dict, source: Path) -> str:
-    """The [model] table as a recipe fragment (a ``base`` or a table to paste)."""
-    table = dict(model, seq_length=min(model["max_position_embeddings"], 8192))
+def model_toml(model: dict, source: Path, config: dict) -> str:
+    """The [model] table of ``config`` as a recipe fragment (a ``base`` or a table to paste)."""
+    table = dict(model, seq_length=min(usable_positions(model, config), 8192))
     return (
         f"# The architecture of {source} (written by tools/convert_hf.py import).\n"
         "# Paste this table into a recipe, or name this file as its base; seq_length is yours to choose.\n"
