@@ -1,11 +1,13 @@
 """Hugging Face BERT and RoBERTa in and out of the encoder family (bigpt/hf/bert.py), against
 transformers as the reference: tiny BertForMaskedLM, BertModel and RobertaForMaskedLM (every norm
 and bias randomised) imported, their masked-LM logits computed by tools/logits.py's
-``compute_logits`` at TP=1 from the import, and exported back bit for bit; all in this process."""
+``compute_logits`` at TP=1 from the import, and exported back bit for bit; all in this process.
+tests/test_hf.py's TP=2 and PP=2 × VPP=2 jobs compute their logits too (``hf_encoders``)."""
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -28,7 +30,7 @@ TOLERANCE = 1e-4
 SHAPE = dict(
     vocab_size=300,
     hidden_size=32,
-    num_hidden_layers=2,
+    num_hidden_layers=4,
     num_attention_heads=4,
     intermediate_size=64,
     layer_norm_eps=1e-12,
@@ -65,6 +67,16 @@ def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return {k: v for file in sorted(directory.glob("*.safetensors")) for k, v in load_file(file).items()}
 
 
+def encoder_recipe(path: Path, model: dict, init: str, weights: Path) -> Path:
+    """The tiny encoder recipe with ``model`` (the [model] of an import), starting from ``weights``."""
+    path.write_text(
+        f'base = "{ENCODER_RECIPE}"\nname = "{path.stem}"\n\n'
+        + table_to_toml("model", dict(model, seq_length=SEQ))
+        + f'\n\n[init]\n{init} = "{weights}"\n'
+    )
+    return path
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """name -> (source dir, imported checkpoint, exported dir, bigpt's logits, transformers' logits,
@@ -88,13 +100,10 @@ def converted(tmp_path_factory):
         with process_group_of_one(), contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
             model = import_hf(source, imported)
             export_hf(imported, exported)
-        recipe_file = root / f"{name}.toml"
-        recipe_file.write_text(
-            f'base = "{ENCODER_RECIPE}"\nname = "{name}"\n\n'
-            + table_to_toml("model", dict(model, seq_length=SEQ))
-            + f'\n\n[init]\nfrom_checkpoint = "{imported}"\n'
+        recipe = load_recipe(
+            encoder_recipe(root / f"{name}.toml", model, "from_checkpoint", imported),
+            [f"run_dir={root / name / 'run'}"],
         )
-        recipe = load_recipe(recipe_file, [f"run_dir={root / name / 'run'}"])
         with world_of_one():
             ours = compute_logits(recipe, Layout.from_recipe(recipe, 1), tokens)
         reference = AutoModelForMaskedLM.from_pretrained(exported if name == "bert_bare" else source).eval()
@@ -180,3 +189,20 @@ def test_the_imported_model_table_leaves_roberta_its_usable_positions(converted)
     for name, positions in (("roberta", 40), ("bert", 40)):
         table = tomllib.loads((converted[name][1] / "model.toml").read_text())["model"]
         assert (table["seq_length"], table["max_position_embeddings"]) == (positions, 40 if name == "bert" else 42)
+
+
+def hf_encoders(root: Path) -> dict:
+    """The tiny BertForMaskedLM and RobertaForMaskedLM as tests/test_hf.py's ``models`` entries
+    (directory, tokens file, transformers' logits, recipe starting from init.from_hf): its
+    TP=2 and PP=2 × VPP=2 jobs compute their logits alongside the decoders'."""
+    tokens = torch.randint(2, SHAPE["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(0))
+    np.save(root / "encoder_tokens.npy", tokens.numpy())
+    found = {}
+    for name in ("bert", "roberta"):
+        source = save(name, root / name)
+        with torch.no_grad():
+            theirs = AutoModelForMaskedLM.from_pretrained(source).eval()(input_ids=tokens).logits.numpy()
+        model = model_from_hf(json.loads((source / "config.json").read_text()), source)
+        recipe = encoder_recipe(root / f"{name}.toml", model, "from_hf", source)
+        found[name] = (source, root / "encoder_tokens.npy", theirs, recipe)
+    return found
