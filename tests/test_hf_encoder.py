@@ -206,3 +206,39 @@ def hf_encoders(root: Path) -> dict:
         recipe = encoder_recipe(root / f"{name}.toml", model, "from_hf", source)
         found[name] = (source, root / "encoder_tokens.npy", theirs, recipe)
     return found
+
+
+def test_a_released_bert_checkpoints_extras_and_old_names_are_read(converted, tmp_path):
+    """bert-base-uncased's file as released: LayerNorm gamma/beta, the pooler and next-sentence
+    head, the tied decoder's copies and a position_ids buffer. The extras are left out (the unused
+    modules named), the old names read as transformers reads them."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from bigpt.hf.files import inspect_hf
+
+    source = converted["bert"][0]
+    released = tmp_path / "released"
+    shutil.copytree(source, released)
+    original = hf_tensors(source)
+    hidden = SHAPE["hidden_size"]
+    renamed = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in original.items()
+    }
+    extras = {
+        "bert.pooler.dense.weight": torch.zeros(hidden, hidden),
+        "bert.pooler.dense.bias": torch.zeros(hidden),
+        "cls.seq_relationship.weight": torch.zeros(2, hidden),
+        "cls.seq_relationship.bias": torch.zeros(2),
+        "cls.predictions.decoder.weight": original["bert.embeddings.word_embeddings.weight"].clone(),
+        "cls.predictions.decoder.bias": original["cls.predictions.bias"].clone(),
+        "bert.embeddings.position_ids": torch.arange(40).unsqueeze(0),
+    }
+    save_file(renamed | extras, released / "model.safetensors")
+    model, weights = inspect_hf(released)
+    assert weights.left_out == sorted(name for name in extras if "pooler" in name or "seq_relationship" in name)
+    assert sorted(weights.files) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(weights.get(name), tensor), name

@@ -401,14 +401,23 @@ def fresh_head_note(config: dict, source) -> str | None:
 
 
 def left_out(names, config: dict) -> list[str]:
-    """The tensors of ``names`` that the import leaves out: modules masked-LM training does not use
-    (the pooler, the next-sentence head) and, with tied embeddings, the decoder's copy of them."""
+    """The tensors of ``names`` that masked-LM training does not use (the pooler, the next-sentence
+    head): the import leaves them out and says so."""
+    return sorted(name for name in names if any(part in name for part in UNUSED))
+
+
+def redundant(names, config: dict) -> list[str]:
+    """Tensors of ``names`` that repeat others (the tied decoder's copy of the word embeddings, its
+    bias's copy of the head's bias) or are buffers; dropped without a word."""
     family = ENCODER_FAMILIES[config["model_type"]]
-    tied_copies = (
-        (family.head + "decoder.weight", family.head + "decoder.bias")
-        if config.get("tie_word_embeddings", True)
-        else (family.head + "decoder.bias",)
-    )
-    return sorted(
-        name for name in names if any(part in name for part in UNUSED) or name in tied_copies or name.endswith(BUFFERS)
-    )
+    copies = [family.head + "decoder.bias"]
+    if config.get("tie_word_embeddings", True):
+        copies.append(family.head + "decoder.weight")
+    return sorted(name for name in names if name in copies or name.endswith(BUFFERS))
+
+
+def current_names(names) -> dict[str, str]:
+    """{name in the file: transformers' name} for the LayerNorm ``gamma``/``beta`` of checkpoints
+    saved before transformers named them ``weight``/``bias`` (bert-base-uncased's)."""
+    old = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
+    return {name: name.replace(suffix, new) for name in names for suffix, new in old.items() if name.endswith(suffix)}

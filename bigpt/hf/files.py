@@ -83,16 +83,24 @@ class SafetensorsWeights:
         self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
         self.left_out: list[str] = []
         """Tensors of the directory that the model does not use (bigpt.hf.bert.left_out)."""
+        self.stored: dict[str, str] = {}
+        """A tensor's name in its file, where it differs from the name the map uses."""
+
+    def rename(self, names: dict[str, str]) -> None:
+        """Use the names ``names`` maps to for the tensors it maps from."""
+        for stored, name in names.items():
+            self.files[name] = self.files.pop(stored)
+            self.stored[name] = stored
 
     def _read(self, name: str, read):
-        """``read(handle)`` of the file that holds ``name``, through a handle closed at once:
-        safetensors maps the file, and what a handle kept open has read would stay resident."""
+        """``read(handle, name in the file)`` of the file that holds ``name``, through a handle closed
+        at once: safetensors maps the file, and what a handle kept open has read would stay resident."""
         with _open(self.files[name]) as handle:
-            return read(handle)
+            return read(handle, self.stored.get(name, name))
 
     def shape(self, name: str) -> tuple[int, ...]:
         try:
-            return self._read(name, lambda handle: tuple(handle.get_slice(name).get_shape()))
+            return self._read(name, lambda handle, stored: tuple(handle.get_slice(stored).get_shape()))
         except Exception as err:  # safetensors raises its own error type for a name the file lacks
             raise BigptError(
                 f"tensor {name} is not in {self.files[name]} although {INDEX} says so ({err}); "
@@ -100,13 +108,13 @@ class SafetensorsWeights:
             ) from None
 
     def get(self, name: str) -> torch.Tensor:
-        return self._read(name, lambda handle: handle.get_tensor(name))
+        return self._read(name, lambda handle, stored: handle.get_tensor(stored))
 
     def meta(self, name: str) -> torch.Tensor:
         """A tensor without data (on the meta device) of the shape and dtype of ``name``."""
 
-        def empty(handle):
-            part = handle.get_slice(name)
+        def empty(handle, stored):
+            part = handle.get_slice(stored)
             return torch.empty(part.get_shape(), dtype=part[:0].dtype, device="meta")  # [:0]: no data read
 
         return self._read(name, empty)
@@ -121,11 +129,12 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     model = model_from_hf(config, directory / CONFIG)
     weights = SafetensorsWeights(directory)
     expected = expected_hf_shapes(model, config)
-    if model.get("family") == "encoder":  # a released BERT's pooler and next-sentence head: unused
-        from bigpt.hf.bert import left_out
+    if model.get("family") == "encoder":
+        from bigpt.hf import bert
 
-        weights.left_out = left_out(weights.files, config)
-        for name in weights.left_out:
+        weights.rename(bert.current_names(weights.files))
+        weights.left_out = bert.left_out(weights.files, config)  # a released BERT's pooler, NSP head
+        for name in weights.left_out + bert.redundant(weights.files, config):
             del weights.files[name]
     elif model["tie_embeddings"]:
         weights.files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
