@@ -29,5 +29,6 @@ def test_a_recipe_chooses_its_family_with_one_key(recipe, family):
 def test_hugging_face_forms_belong_to_their_family_and_the_others_are_refused_by_name():
     assert set(FAMILIES["decoder"].hf_model_types) == set(HF_FAMILIES)
     assert FAMILIES["moe_decoder"].hf_model_types == ()
+    assert FAMILIES["encoder"].hf_model_types == ("bert", "roberta")
     with pytest.raises(BigptError, match="model.family = 'moe_decoder' has no Hugging Face form in bigpt yet"):
         hf_from_model(load_recipe(MOE_RECIPE).model, "bf16", None)

@@ -22,7 +22,9 @@ The pooler and the next-sentence head of a released checkpoint are not used by m
 training: they are left out, and the import says so.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -68,7 +70,7 @@ BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 """Buffers some checkpoints saved next to the weights; recomputed, not loaded."""
 
 
-def _refuse(source, problem: str, fix: str):
+def _refuse(source, problem: str, fix: str) -> NoReturn:
     raise BigptError(f"{source}: {problem}; {fix}.")
 
 
@@ -210,11 +212,11 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
 class _NamedBy(Rule):
     """A rule whose Hugging Face names are not one template per layer (post-LN's shifted norms)."""
 
-    name_of: object = None
+    name_of: Callable[[int | None], list[str]] = lambda layer: []
     """(layer) -> its Hugging Face names."""
 
     def names(self, layer: int | None) -> list[str]:
-        return self.name_of(layer)  # type: ignore[operator]
+        return self.name_of(layer)
 
 
 def _same(tensors):
@@ -389,8 +391,9 @@ def _head_rules(family: EncoderFamily, head: bool, config: dict, hidden: int, vo
 
 
 def fresh_head_note(config: dict, source) -> str | None:
-    """What an import says when the weights have no masked-LM head (None: they have one)."""
-    if has_head(config):
+    """What an import says when the weights have no masked-LM head (None: they have one, or are
+    not an encoder's)."""
+    if config.get("model_type") not in ENCODER_FAMILIES or has_head(config):
         return None
     family = ENCODER_FAMILIES[config["model_type"]]
     return (

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 import bigpt
 from bigpt.checkpoint import store
 from bigpt.errors import BigptError
-from bigpt.hf.bert import ENCODER_FAMILIES, fresh_head_note, usable_positions
+from bigpt.hf.bert import fresh_head_note, usable_positions
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import CONFIG, TOKENIZER_FILES, copy_side_files, inspect_hf, plan_shards, read_config, write_shards
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
@@ -181,9 +181,8 @@ def _import_notes(config: dict, weights, directory: Path) -> list[str]:
             f"({', '.join(weights.left_out[:4])}{', ...' if len(weights.left_out) > 4 else ''}); an export "
             "does not write them"
         )
-    if config.get("model_type") in ENCODER_FAMILIES:
-        notes += filter(None, [fresh_head_note(config, directory)])
-    return notes
+    head = fresh_head_note(config, directory)
+    return notes + [head] if head else notes
 
 
 def model_toml(model: dict, source: Path, config: dict) -> str:
