@@ -30,7 +30,7 @@ import torch
 
 from bigpt.errors import BigptError
 from bigpt.hf.config import effective
-from bigpt.hf.mapping import LAYER, Rule
+from bigpt.hf.mapping import LAYER, Rule, _one, _same
 from bigpt.recipe import ModelConfig
 
 
@@ -215,16 +215,8 @@ class _NamedBy(Rule):
     name_of: Callable[[int | None], list[str]] = lambda layer: []
     """(layer) -> its Hugging Face names."""
 
-    def names(self, layer: int | None) -> list[str]:
+    def names(self, layer: int | None, expert: int | None = None) -> list[str]:
         return self.name_of(layer)
-
-
-def _same(tensors):
-    return tensors[0]
-
-
-def _one(tensor):
-    return [tensor]
 
 
 def rules(model: dict, config: dict | None) -> list[Rule]:
