@@ -305,6 +305,14 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """BERT and RoBERTa (tests/test_hf_encoder.py), as ``models``' entries, for the layout jobs."""
+    from test_hf_encoder import hf_encoders
+
+    return hf_encoders(tmp_path_factory.mktemp("encoders"))
+
+
+@pytest.fixture(scope="module")
 def tp1(models, tmp_path_factory):
     """name -> (max |bigpt - transformers| at TP=1 with init.from_hf, the run directory holding the import)."""
     root = tmp_path_factory.mktemp("tp1")
@@ -397,21 +405,20 @@ def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name
         assert sorted(hf_tensors(out)) == sorted(original)
 
 
-def test_tensor_parallel_2_with_another_vocab_padding(models, tmp_path):
+def test_tensor_parallel_2_with_another_vocab_padding(models, encoders, tmp_path):
     """init.from_hf converted by both ranks; vocab 1100 is padded to 1280 at TP=2 (1152 at TP=1);
     each family's biases and q/k norms are split (or replicated) over the ranks, and each RoPE
-    scaling holds on every rank."""
+    scaling holds on every rank; the encoders' masked-LM logits (vocab 300: 512 at TP=2) too."""
     names = ["gqa2_untied", *FAMILY_SHAPES, *ROPE_SHAPES]
-    differences = logits_of_models(
-        {name: models[name][3] for name in names}, models, tmp_path, "parallel.tensor=2", nproc=2
-    )
+    recipes = {name: models[name][3] for name in names} | {name: encoder[3] for name, encoder in encoders.items()}
+    differences = logits_of_models(recipes, models | encoders, tmp_path, "parallel.tensor=2", nproc=2)
     assert max(differences.values()) <= TOLERANCE, differences
 
 
-def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, tmp_path):
+def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, encoders, tmp_path):
     """tools/convert_hf.py import, then init.from_checkpoint at PP=2 × VPP=2, one layer per chunk
-    (tied embeddings: the last stage's output layer loads the embedding); the families start
-    from init.from_hf at the same layout."""
+    (tied embeddings: the last stage's output layer loads the embedding); the families and the
+    encoders start from init.from_hf at the same layout."""
     directory = models[SHARDED][0]
     imported = tmp_path / "imported"
     convert("import", str(directory), str(imported))
@@ -419,9 +426,10 @@ def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, tmp
     recipes = {
         SHARDED: recipe_for(directory, tmp_path / "pp2.toml", SHARDED, "from_checkpoint", imported),
         **{name: models[name][3] for name in FAMILY_SHAPES},
+        **{name: encoder[3] for name, encoder in encoders.items()},
     }
     differences = logits_of_models(
-        recipes, models, tmp_path, "parallel.pipeline=2", "parallel.virtual_pipeline=2", nproc=2
+        recipes, models | encoders, tmp_path, "parallel.pipeline=2", "parallel.virtual_pipeline=2", nproc=2
     )
     assert max(differences.values()) <= TOLERANCE, differences
 

@@ -25,6 +25,7 @@ from bigpt.data.batches import on_model_device
 from bigpt.data.datasets import build_datasets
 from bigpt.families.decoder import token_loss
 from bigpt.families.spec import ModelFamily
+from bigpt.hf.bert import ENCODER_FAMILIES
 from bigpt.recipe import padded_vocab_size
 
 
@@ -153,5 +154,5 @@ ENCODER = ModelFamily(
     forward_step=forward_step,
     logits=logits,
     build_datasets=build_datasets,
-    hf_model_types=(),  # BertForMaskedLM / RobertaForMaskedLM conversion: not yet
+    hf_model_types=tuple(ENCODER_FAMILIES),
 )

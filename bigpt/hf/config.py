@@ -240,7 +240,8 @@ def _family(config: dict, source) -> Family:
             "bigpt imports "
             + ", ".join(f.architecture for f in FAMILIES.values())
             + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen1.5/2-MoE, Qwen3-MoE and models "
-            "of the same shape); other architectures are not",
+            "of the same shape, and the encoders BertForMaskedLM, BertModel and RobertaForMaskedLM); other "
+            "architectures are not",
         )
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
@@ -266,6 +267,10 @@ def _family(config: dict, source) -> Family:
 def model_from_hf(config: dict, source) -> dict:
     """The ``[model]`` keys (recipe spelling) of a ``config.json``; refuses what bigpt cannot
     compute identically. ``source`` names the file in errors."""
+    from bigpt.hf import bert  # its own file (config and tensors), which builds on this one
+
+    if config.get("model_type") in bert.ENCODER_FAMILIES:
+        return bert.model_from_hf(config, source)
     family = _family(config, source)
     if config.get("hidden_act", "silu") != "silu":
         _refuse(source, f"hidden_act = {config['hidden_act']!r}", "bigpt's MLP for these families is SwiGLU (silu)")
@@ -407,6 +412,10 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
     """A ``config.json`` for ``model``, of the family of ``original`` (the config of the weights the
     run started from) where it fits; keys of ``original`` that do not describe the architecture
     (token ids, generation settings) are kept."""
+    if model.family == "encoder":
+        from bigpt.hf import bert
+
+        return bert.hf_from_model(model, dtype, original)
     problems = [
         f"model.{key} = {value!r}"
         for key, value, wanted in (

@@ -37,6 +37,7 @@ import bigpt
 from bigpt.checkpoint import store
 from bigpt.data.vocab_extension import VocabExtension, extension_tokenizer, read_extension
 from bigpt.errors import BigptError
+from bigpt.hf.bert import fresh_head_note, usable_positions
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import (
     CONFIG,
@@ -51,7 +52,7 @@ from bigpt.hf.files import (
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
 from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
-from bigpt.recipe.tables import MoEConfig
+from bigpt.recipe.tables import EncoderConfig, MoEConfig
 from bigpt.runtime import console
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
@@ -63,9 +64,10 @@ Item = tuple[Rule, int | None, int | None]
 """(rule, layer, expert): one megatron tensor, or one layer's or one expert's slice of it."""
 
 
-def _items(model: dict) -> list[Item]:
-    """Every (rule, layer, expert), in Hugging Face's order (embedding, layers, norm, head)."""
-    embedding, *table = rules(model)  # rules() lists the embedding first
+def _items(model: dict, config: dict | None) -> list[Item]:
+    """Every (rule, layer, expert) of ``model`` in the Hugging Face form ``config`` describes, in
+    Hugging Face's order (embedding, layers, norm, head)."""
+    embedding, *table = rules(model, config)  # rules() lists the embedding first
     per_layer = [
         (rule, layer, expert)
         for rule in table
@@ -228,6 +230,7 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab:
         extension = read_extension(extend_vocab)
         model["vocab_size"] = extension.model_vocab_size(model["vocab_size"])
         weights = _GrownVocabulary(safetensors, extension, model["vocab_size"])
+    config = read_config(directory)
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = partial_dir(out)
     if rank == 0:
@@ -236,10 +239,12 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab:
     dist.barrier()
     try:
         with reporting_a_full_disk(out, "OUT"):
-            mine = [item for number, item in enumerate(_items(model)) if number % world == rank]
+            mine = [item for number, item in enumerate(_items(model, config)) if number % world == rank]
             _save_streamed(mine, weights, model["num_layers"], tmp)
             dist.barrier()
             if rank == 0:
+                for note in _import_notes(config, safetensors, directory):
+                    console.note(note)
                 (tmp / HF_FILES).mkdir()
                 copy_side_files(directory, tmp / HF_FILES)
                 if extend_vocab:  # the extended tokenizer replaces the source's (its other files stay)
@@ -248,7 +253,7 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab:
                         (tmp / HF_FILES / name).unlink(missing_ok=True)
                     name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
                     shutil.copyfile(tokenizer, tmp / HF_FILES / name)
-                (tmp / MODEL_TOML).write_text(model_toml(model, directory))
+                (tmp / MODEL_TOML).write_text(model_toml(model, directory, config))
                 marker = {
                     "iteration": 0,
                     "imported_from": str(directory),
@@ -268,9 +273,22 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab:
     return model
 
 
-def model_toml(model: dict, source: Path) -> str:
-    """The [model] table as a recipe fragment (a ``base`` or a table to paste)."""
-    table = dict(model, seq_length=min(model["max_position_embeddings"], 8192))
+def _import_notes(config: dict, weights, directory: Path) -> list[str]:
+    """What an import leaves out of the weights or makes anew, said as it does so."""
+    notes = []
+    if weights.left_out:
+        notes.append(
+            f"{directory}: left out {len(weights.left_out)} tensors that masked-LM training does not use "
+            f"({', '.join(weights.left_out[:4])}{', ...' if len(weights.left_out) > 4 else ''}); an export "
+            "does not write them"
+        )
+    head = fresh_head_note(config, directory)
+    return notes + [head] if head else notes
+
+
+def model_toml(model: dict, source: Path, config: dict) -> str:
+    """The [model] table of ``config`` as a recipe fragment (a ``base`` or a table to paste)."""
+    table = dict(model, seq_length=min(usable_positions(model, config), 8192))
     return (
         f"# The architecture of {source} (written by tools/convert_hf.py import).\n"
         "# Paste this table into a recipe, or name this file as its base; seq_length is yours to choose.\n"
@@ -284,7 +302,8 @@ def checkpoint_model(checkpoint: Path) -> ModelConfig:
     for name in ("recipe.toml", MODEL_TOML):
         if (checkpoint / name).is_file():
             table = tomllib.loads((checkpoint / name).read_text())["model"]
-            return ModelConfig(**table | {"moe": MoEConfig(**table.get("moe", {}))})
+            tables = {"moe": MoEConfig(**table.get("moe", {})), "encoder": EncoderConfig(**table.get("encoder", {}))}
+            return ModelConfig(**table | tables)
     raise BigptError(
         f"{checkpoint} is not a bigpt checkpoint (it has neither recipe.toml nor {MODEL_TOML}); point at "
         "an iter_* directory of a run, or at the output of tools/convert_hf.py import"
@@ -373,7 +392,7 @@ def export_hf(
     hf_files = hf_files or hf_files_of(checkpoint)
     original = read_config(hf_files) if hf_files and (hf_files / CONFIG).is_file() else None
     config = hf_from_model(model_config, str(dtype or torch.float32).removeprefix("torch."), original)
-    items = _items(model)
+    items = _items(model, config)
     for rule, layer, _ in items:
         if rule.checkpoint_key(layer) not in metadata:
             raise BigptError(
@@ -384,7 +403,7 @@ def export_hf(
         dtype = metadata[items[0][0].key].dtype
         config["dtype"] = str(dtype).removeprefix("torch.")
 
-    shapes = expected_hf_shapes(model)
+    shapes = expected_hf_shapes(model, config)
     element = torch.empty((), dtype=dtype).element_size()
     order = [name for rule, layer, expert in items for name in rule.names(layer, expert)]
     shards = plan_shards([(name, element * math.prod(shapes[name])) for name in order], max_shard_bytes)

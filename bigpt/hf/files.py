@@ -83,16 +83,26 @@ class SafetensorsWeights:
                 "transformers (from_pretrained then save_pretrained(safe_serialization=True))"
             )
         self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
+        self.left_out: list[str] = []
+        """Tensors of the directory that the model does not use (bigpt.hf.bert.left_out)."""
+        self.stored: dict[str, str] = {}
+        """A tensor's name in its file, where it differs from the name the map uses."""
+
+    def rename(self, names: dict[str, str]) -> None:
+        """Use the names ``names`` maps to for the tensors it maps from."""
+        for stored, name in names.items():
+            self.files[name] = self.files.pop(stored)
+            self.stored[name] = stored
 
     def _read(self, name: str, read):
-        """``read(handle)`` of the file that holds ``name``, through a handle closed at once:
-        safetensors maps the file, and what a handle kept open has read would stay resident."""
+        """``read(handle, name in the file)`` of the file that holds ``name``, through a handle closed
+        at once: safetensors maps the file, and what a handle kept open has read would stay resident."""
         with _open(self.files[name]) as handle:
-            return read(handle)
+            return read(handle, self.stored.get(name, name))
 
     def shape(self, name: str) -> tuple[int, ...]:
         try:
-            return self._read(name, lambda handle: tuple(handle.get_slice(name).get_shape()))
+            return self._read(name, lambda handle, stored: tuple(handle.get_slice(stored).get_shape()))
         except Exception as err:  # safetensors raises its own error type for a name the file lacks
             raise BigptError(
                 f"tensor {name} is not in {self.files[name]} although {INDEX} says so ({err}); "
@@ -104,10 +114,10 @@ class SafetensorsWeights:
 
     def stored_dtype(self, name: str) -> str:
         """safetensors' name of the dtype ``name`` is stored in ("BF16", "F16", ...)."""
-        return self._read(name, lambda handle: handle.get_slice(name).get_dtype())
+        return self._read(name, lambda handle, stored: handle.get_slice(stored).get_dtype())
 
     def get(self, name: str) -> torch.Tensor:
-        tensor = self._read(name, lambda handle: handle.get_tensor(name))
+        tensor = self._read(name, lambda handle, stored: handle.get_tensor(stored))
         if self.dtype is None or tensor.dtype == self.dtype:
             return tensor
         converted = tensor.to(self.dtype)
@@ -125,7 +135,8 @@ class SafetensorsWeights:
         if self.shape(name) != self.shape(other):
             return False
         with _open(self.files[name]) as first, _open(self.files[other]) as second:
-            left, right = first.get_slice(name), second.get_slice(other)
+            left = first.get_slice(self.stored.get(name, name))
+            right = second.get_slice(self.stored.get(other, other))
             return all(
                 torch.equal(left[start : start + rows].float(), right[start : start + rows].float())
                 for start in range(0, self.shape(name)[0], rows)
@@ -134,8 +145,8 @@ class SafetensorsWeights:
     def meta(self, name: str) -> torch.Tensor:
         """A tensor without data (on the meta device) of the shape and dtype of ``name``."""
 
-        def empty(handle):
-            part = handle.get_slice(name)
+        def empty(handle, stored):
+            part = handle.get_slice(stored)
             dtype = self.dtype or part[:0].dtype  # [:0]: no data read
             return torch.empty(part.get_shape(), dtype=dtype, device="meta")
 
@@ -147,10 +158,18 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     single tensor is read: architecture, every tensor present with the shape config.json
     implies, no tensor bigpt could not map, a tokenizer that fits the vocabulary."""
     directory = Path(directory)
-    model = model_from_hf(read_config(directory), directory / CONFIG)
+    config = read_config(directory)
+    model = model_from_hf(config, directory / CONFIG)
     weights = SafetensorsWeights(directory)
-    expected = expected_hf_shapes(model)
-    if model["tie_embeddings"] and "lm_head.weight" in weights.files:  # some tied checkpoints store the copy too
+    expected = expected_hf_shapes(model, config)
+    if model.get("family") == "encoder":
+        from bigpt.hf import bert
+
+        weights.rename(bert.current_names(weights.files))
+        weights.left_out = bert.left_out(weights.files, config)  # a released BERT's pooler, NSP head
+        for name in weights.left_out + bert.redundant(weights.files, config):
+            del weights.files[name]
+    elif model["tie_embeddings"] and "lm_head.weight" in weights.files:  # some tied checkpoints store the copy too
         _check_tied_copy(directory, weights)
         del weights.files["lm_head.weight"]
     missing = sorted(set(expected) - set(weights.files))

@@ -147,8 +147,13 @@ def experts_of(model: dict) -> Experts:
     return experts
 
 
-def rules(model: dict) -> list[Rule]:
-    """Every tensor of the model described by ``model`` (the [model] table as a dict)."""
+def rules(model: dict, config: dict | None = None) -> list[Rule]:
+    """Every tensor of the model described by ``model`` (the [model] table as a dict), in the
+    Hugging Face form ``config`` (its config.json) describes; the embedding first."""
+    if model.get("family") == "encoder":  # BERT, RoBERTa: bigpt/hf/bert.py
+        from bigpt.hf import bert
+
+        return bert.rules(model, config)
     hidden, ffn, vocab = model["hidden_size"], model["ffn_hidden_size"], model["vocab_size"]
     heads, groups, head_dim = (
         model["num_attention_heads"],
@@ -246,10 +251,10 @@ def rules(model: dict) -> list[Rule]:
     return table
 
 
-def expected_hf_shapes(model: dict) -> dict[str, tuple[int, ...]]:
-    """Every Hugging Face tensor name of the model and its shape."""
+def expected_hf_shapes(model: dict, config: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor name of the model (in the form ``config`` describes) and its shape."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for rule in rules(model):
+    for rule in rules(model, config):
         for layer, expert in rule.instances(model["num_layers"]):
             shapes.update(zip(rule.names(layer, expert), rule.hf_shapes))
     return shapes

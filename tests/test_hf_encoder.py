@@ -1,0 +1,244 @@
+"""Hugging Face BERT and RoBERTa in and out of the encoder family (bigpt/hf/bert.py), against
+transformers as the reference: tiny BertForMaskedLM, BertModel and RobertaForMaskedLM (every norm
+and bias randomised) imported, their masked-LM logits computed by tools/logits.py's
+``compute_logits`` at TP=1 from the import, and exported back bit for bit; all in this process.
+tests/test_hf.py's TP=2 and PP=2 × VPP=2 jobs compute their logits too (``hf_encoders``)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForMaskedLM,
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
+
+from bigpt.errors import BigptError
+from bigpt.hf.config import model_from_hf
+from bigpt.recipe import load_recipe, table_to_toml
+from test_encoder import ENCODER_RECIPE
+from test_training_path import world_of_one
+
+TOLERANCE = 1e-4
+SHAPE = dict(
+    vocab_size=300,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=64,
+    layer_norm_eps=1e-12,
+)
+MODELS = {  # name -> (class, config); RoBERTa: positions from pad_token_id + 1 = 2, one token type
+    "bert": (BertForMaskedLM, BertConfig(**SHAPE, max_position_embeddings=40)),
+    "bert_bare": (BertModel, BertConfig(**SHAPE, max_position_embeddings=40)),
+    "roberta": (
+        RobertaForMaskedLM,
+        RobertaConfig(**SHAPE, max_position_embeddings=42, type_vocab_size=1, pad_token_id=1),
+    ),
+}
+SEQ = 24
+
+
+def save(name: str, directory: Path) -> Path:
+    cls, config = MODELS[name]
+    torch.manual_seed(len(name))
+    model = cls(config)
+    with torch.no_grad():  # transformers starts norms at 1 and 0, biases at 0: make them count
+        for parameter_name, parameter in model.named_parameters():
+            if "LayerNorm" in parameter_name or "layer_norm" in parameter_name or parameter_name.endswith("bias"):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    model.save_pretrained(directory)
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, **{f"w{i}": i for i in range(5, 300)}}
+    Tokenizer(WordLevel(vocab, unk_token="[UNK]")).save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for file in sorted(directory.glob("*.safetensors")) for k, v in load_file(file).items()}
+
+
+def encoder_recipe(path: Path, model: dict, init: str, weights: Path) -> Path:
+    """The tiny encoder recipe with ``model`` (the [model] of an import), starting from ``weights``."""
+    path.write_text(
+        f'base = "{ENCODER_RECIPE}"\nname = "{path.stem}"\n\n'
+        + table_to_toml("model", dict(model, seq_length=SEQ))
+        + f'\n\n[init]\n{init} = "{weights}"\n'
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """name -> (source dir, imported checkpoint, exported dir, bigpt's logits, transformers' logits,
+    what the import said)."""
+    import contextlib
+    import io
+
+    from bigpt.hf.convert import export_hf, import_hf
+    from bigpt.layout import Layout
+    from bigpt.logits import compute_logits
+    from bigpt.runtime.distributed import process_group_of_one
+
+    root = tmp_path_factory.mktemp("hf_encoder")
+    # token ids from 2: never RoBERTa's pad id 1 (its positions count real tokens only)
+    tokens = torch.randint(2, SHAPE["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(0))
+    found = {}
+    for name in MODELS:
+        source = save(name, root / name)
+        imported, exported = root / f"{name}_imported", root / f"{name}_exported"
+        said = io.StringIO()
+        with process_group_of_one(), contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            model = import_hf(source, imported)
+            export_hf(imported, exported)
+        recipe = load_recipe(
+            encoder_recipe(root / f"{name}.toml", model, "from_checkpoint", imported),
+            [f"run_dir={root / name / 'run'}"],
+        )
+        with world_of_one():
+            ours = compute_logits(recipe, Layout.from_recipe(recipe, 1), tokens)
+        reference = AutoModelForMaskedLM.from_pretrained(exported if name == "bert_bare" else source).eval()
+        with torch.no_grad():
+            theirs = reference(input_ids=tokens).logits
+        found[name] = (source, imported, exported, ours, theirs, said.getvalue())
+    return found
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta"])
+def test_masked_lm_logits_of_an_import_match_transformers(converted, name):
+    *_, ours, theirs, _ = converted[name]
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= TOLERANCE
+
+
+def test_roberta_positions_are_counted_from_the_pad_id():
+    """Without the rotation by pad_token_id + 1 rows the logits differ: the comparison above sees it."""
+    from bigpt.hf.bert import rules
+
+    config = MODELS["roberta"][1].to_dict()
+    model = model_from_hf(config, "config.json")
+    (positions,) = [rule for rule in rules(model, config) if rule.key == "embedding.position_embeddings.weight"]
+    table = torch.arange(42.0).unsqueeze(1)
+    assert positions.join([table])[:2, 0].tolist() == [2.0, 3.0]  # the first token's row is 2
+    assert torch.equal(positions.split(positions.join([table]))[0], table)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_export_of_an_import_reproduces_every_tensor(converted, name):
+    source, _, exported, *_ = converted[name]
+    cls = MODELS[name][0]
+    original, written = hf_tensors(source), hf_tensors(exported)
+    masked_lm = BertForMaskedLM if cls is BertModel else cls
+    reloaded, info = masked_lm.from_pretrained(exported, output_loading_info=True)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert json.loads((exported / "config.json").read_text())["architectures"] == [masked_lm.__name__]
+    assert (exported / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    if cls is BertModel:  # the encoder's tensors come back under BertForMaskedLM's names; the pooler is left out
+        original = {f"bert.{k}": v for k, v in original.items() if not k.startswith("pooler.")}
+        written = {k: v for k, v in written.items() if not k.startswith("cls.")}
+    assert sorted(written) == sorted(original)
+    for key, tensor in original.items():
+        assert written[key].dtype == tensor.dtype and torch.equal(written[key], tensor), key
+
+
+def test_a_bare_bert_model_gets_a_fresh_head_and_is_told_so(converted):
+    """BertModel has no masked-LM head: the import makes one as transformers initialises it, and
+    says so; the logits of the export (with that head) are bigpt's."""
+    source, _, exported, ours, theirs, said = converted["bert_bare"]
+    assert "is a BertModel (no masked-LM head): the head" in said and "starts fresh" in said
+    assert "left out 2 tensors that masked-LM training does not use (pooler.dense.bias, pooler.dense.weight)" in said
+    head = hf_tensors(exported)
+    assert torch.equal(head["cls.predictions.bias"], torch.zeros(SHAPE["vocab_size"]))
+    assert torch.equal(head["cls.predictions.transform.LayerNorm.weight"], torch.ones(SHAPE["hidden_size"]))
+    assert 0.01 < float(head["cls.predictions.transform.dense.weight"].std()) < 0.03  # initializer_range 0.02
+    assert (ours - theirs).abs().max() <= TOLERANCE
+
+
+def test_an_encoder_of_another_shape_or_task_is_refused():
+    config = MODELS["bert"][1].to_dict()
+    with pytest.raises(BigptError, match="architectures \\['BertForSequenceClassification'\\] is not supported"):
+        model_from_hf(dict(config, architectures=["BertForSequenceClassification"]), "config.json")
+    with pytest.raises(BigptError, match="position_embedding_type = 'relative_key'"):
+        model_from_hf(dict(config, position_embedding_type="relative_key"), "config.json")
+    with pytest.raises(BigptError, match="hidden_act = 'gelu_new'"):
+        model_from_hf(dict(config, hidden_act="gelu_new"), "config.json")
+
+
+def test_a_pre_layernorm_encoder_has_no_hugging_face_form():
+    from bigpt.hf.config import hf_from_model
+
+    recipe = load_recipe(ENCODER_RECIPE, ['model.encoder.norm_position="pre"'])
+    with pytest.raises(BigptError, match="model.encoder.norm_position = 'pre' has no Hugging Face BERT"):
+        hf_from_model(recipe.model, "float32", None)
+    assert hf_from_model(load_recipe(ENCODER_RECIPE).model, "float32", None)["architectures"] == ["BertForMaskedLM"]
+
+
+def test_the_imported_model_table_leaves_roberta_its_usable_positions(converted):
+    """model.toml's seq_length: RoBERTa's 42-row table gives 40 positions (two are never a token's)."""
+    import tomllib
+
+    for name, positions in (("roberta", 40), ("bert", 40)):
+        table = tomllib.loads((converted[name][1] / "model.toml").read_text())["model"]
+        assert (table["seq_length"], table["max_position_embeddings"]) == (positions, 40 if name == "bert" else 42)
+
+
+def hf_encoders(root: Path) -> dict:
+    """The tiny BertForMaskedLM and RobertaForMaskedLM as tests/test_hf.py's ``models`` entries
+    (directory, tokens file, transformers' logits, recipe starting from init.from_hf): its
+    TP=2 and PP=2 × VPP=2 jobs compute their logits alongside the decoders'."""
+    tokens = torch.randint(2, SHAPE["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(0))
+    np.save(root / "encoder_tokens.npy", tokens.numpy())
+    found = {}
+    for name in ("bert", "roberta"):
+        source = save(name, root / name)
+        with torch.no_grad():
+            theirs = AutoModelForMaskedLM.from_pretrained(source).eval()(input_ids=tokens).logits.numpy()
+        model = model_from_hf(json.loads((source / "config.json").read_text()), source)
+        recipe = encoder_recipe(root / f"{name}.toml", model, "from_hf", source)
+        found[name] = (source, root / "encoder_tokens.npy", theirs, recipe)
+    return found
+
+
+def test_a_released_bert_checkpoints_extras_and_old_names_are_read(converted, tmp_path):
+    """bert-base-uncased's file as released: LayerNorm gamma/beta, the pooler and next-sentence
+    head, the tied decoder's copies and a position_ids buffer. The extras are left out (the unused
+    modules named), the old names read as transformers reads them."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from bigpt.hf.files import inspect_hf
+
+    source = converted["bert"][0]
+    released = tmp_path / "released"
+    shutil.copytree(source, released)
+    original = hf_tensors(source)
+    hidden = SHAPE["hidden_size"]
+    renamed = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in original.items()
+    }
+    extras = {
+        "bert.pooler.dense.weight": torch.zeros(hidden, hidden),
+        "bert.pooler.dense.bias": torch.zeros(hidden),
+        "cls.seq_relationship.weight": torch.zeros(2, hidden),
+        "cls.seq_relationship.bias": torch.zeros(2),
+        "cls.predictions.decoder.weight": original["bert.embeddings.word_embeddings.weight"].clone(),
+        "cls.predictions.decoder.bias": original["cls.predictions.bias"].clone(),
+        "bert.embeddings.position_ids": torch.arange(40).unsqueeze(0),
+    }
+    save_file(renamed | extras, released / "model.safetensors")
+    model, weights = inspect_hf(released)
+    assert weights.left_out == sorted(name for name in extras if "pooler" in name or "seq_relationship" in name)
+    assert sorted(weights.files) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(weights.get(name), tensor), name
