@@ -89,7 +89,9 @@ def test_the_gpu_configs_pass_megatron_cores_checks(path, overrides, use_te, tra
     assert not config.persist_layer_norm or gpt_layer_specs.HAVE_APEX
     # The fusions that need no Apex are what a GPU run gets.
     assert config.bias_dropout_fusion
-    assert config.apply_rope_fusion == (use_te and recipe.model.position_embedding == "rope")
+    # Transformer Engine's fused RoPE cannot apply YaRN's attention factor (bigpt/families/rope.py)
+    rope = recipe.model.position_embedding == "rope" and recipe.model.rope_scaling != "yarn"
+    assert config.apply_rope_fusion == (use_te and rope)
     fusable = recipe.model.activation != "relu" and (config.gated_linear_unit or config.add_bias_linear)
     assert config.bias_activation_fusion == fusable
     assert not config.use_cpu_initialization and config.deallocate_pipeline_outputs

@@ -7,6 +7,7 @@ runs what needs several ranks (context-parallel split, overlapped parameter gath
 
 import contextlib
 import itertools
+import os
 
 import pytest
 import torch
@@ -236,3 +237,16 @@ def test_a_checkpoint_of_an_optimizer_that_never_stepped_resumes_with_a_lazy_fus
         )
         for ours, theirs in zip(resumed.model[0].parameters(), saved.model[0].parameters()):
             assert torch.equal(ours, theirs)
+
+
+def test_a_world_of_one_leaves_the_environment_as_it_found_it(monkeypatch):
+    """A plain `python` run sets torchrun's RANK, WORLD_SIZE and LOCAL_RANK for itself; a process
+    that goes on after the run (tools/ladder.py's runs) must not look like a rank of a job after."""
+    from bigpt.runtime.distributed import destroy_distributed, init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    init_distributed(Layout.from_recipe(load_recipe(MOCK_RECIPE)))
+    assert os.environ["RANK"] == "0"
+    destroy_distributed()
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(os.environ)

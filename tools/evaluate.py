@@ -42,7 +42,7 @@ def evaluate(recipe, layout) -> dict:
 
     seed_everything(recipe.train.seed)  # megatron-core's tensor-parallel RNG streams must exist
     chunks, _ = build_model_chunks(recipe, layout)
-    load_initial_weights(recipe, chunks)
+    load_initial_weights(recipe, layout, chunks)
     scorer = Trainer(recipe, layout, chunks, None, None, None, [])
     results = {}
     for task in load_tasks(recipe, checked_tokenizer(recipe)):

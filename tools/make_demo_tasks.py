@@ -1,7 +1,7 @@
 """Write the two demo multiple-choice tasks in recipes/tasks/ from text every Python installation
 carries (the standard library's docstrings), in the format of docs/evaluation.md.
 
-    python tools/make_demo_tasks.py recipes/tasks
+    python tools/make_demo_tasks.py recipes/tasks --overwrite
 
 stdlib_continuation: the start of a docstring sentence; which of four endings is its own (the
 others end other functions' sentences): HellaSwag's shape.
@@ -17,6 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bigpt.cli import Parser, add_overwrite  # noqa: E402
+from bigpt.runtime import console  # noqa: E402
+
+parser = Parser(__doc__)
+parser.add_argument("out", metavar="OUT_DIR", nargs="?", default="recipes/tasks", help="where the two task files go")
+add_overwrite(parser, "task files already in OUT_DIR")
 
 MODULES = (
     "os",
@@ -67,11 +74,18 @@ def second_half(sentence: str) -> str:
     return " ".join(words[len(words) // 2 :])
 
 
-def main(out_dir: str) -> None:
+@console.reports_user_errors
+def main(argv=None) -> int:
+    from bigpt.paths import check_output_file, write_atomically
+
+    args = parser.parse_args(argv)
+    files = ("stdlib_continuation.jsonl", "stdlib_function.jsonl")
+    for file_name in files:
+        check_output_file(Path(args.out) / file_name, "OUT_DIR", args.overwrite)
     rows = summaries()
     rng = random.Random(0)
     rng.shuffle(rows)
-    out = Path(out_dir)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     continuation, function = [], []
     for index, (name, sentence) in enumerate(rows[:EXAMPLES]):
@@ -87,10 +101,11 @@ def main(out_dir: str) -> None:
         names = [other for other, _ in rng.sample(others, 3)]
         choices = names[:gold] + [name] + names[gold:]
         function.append({"context": f'"{sentence}" This describes the function', "choices": choices, "gold": gold})
-    for file_name, examples in (("stdlib_continuation.jsonl", continuation), ("stdlib_function.jsonl", function)):
-        (out / file_name).write_text("".join(json.dumps(example) + "\n" for example in examples))
-        print(f"{out / file_name}: {len(examples)} examples")
+    for file_name, examples in zip(files, (continuation, function), strict=True):
+        write_atomically(out / file_name, "".join(json.dumps(example) + "\n" for example in examples))
+        console.say(f"{out / file_name}: {len(examples)} examples")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "recipes/tasks")
+    sys.exit(main())

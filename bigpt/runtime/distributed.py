@@ -13,6 +13,11 @@ from bigpt.layout import Layout
 from bigpt.runtime import console, cpu_compat, megatron_fixes
 from bigpt.runtime.device import on_gpu
 
+_world_of_one_variables: list[str] = []
+"""The variables init_distributed set for a world of one, removed again by destroy_distributed: a
+process that goes on after its run (tools/ladder.py's runs, a test) is not left looking like a
+rank of a job."""
+
 
 def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
     """Join the job torchrun started and build megatron-core's tp/pp/vpp/cp/dp groups."""
@@ -35,8 +40,10 @@ def init_distributed(layout: Layout, timeout_minutes: int = 10) -> None:
         backend = "gloo"
     rendezvous = {}
     if "MASTER_ADDR" not in os.environ:  # a plain `python` run: a world of one
+        _world_of_one_variables[:] = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if name not in os.environ]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if "MASTER_PORT" in os.environ:
+            _world_of_one_variables.append("MASTER_ADDR")
             os.environ["MASTER_ADDR"] = "127.0.0.1"
         else:  # its store in memory: no port, so two such runs on one machine never collide
             rendezvous = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
@@ -66,6 +73,9 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+    for name in _world_of_one_variables:
+        os.environ.pop(name, None)
+    _world_of_one_variables.clear()
 
 
 @contextlib.contextmanager

@@ -122,6 +122,8 @@ def _torch_norms_accept_sequence_parallelism() -> None:
             "torch norms under sequence parallelism", "WrappedTorchNorm no longer builds its norm in __new__"
         )
     original = WrappedTorchNorm.__new__
+    if hasattr(original, "__wrapped__"):  # applied already (a process that ran a model before)
+        return
 
     def new(cls, config, hidden_size, *args, **kwargs):
         if not config.sequence_parallel:
@@ -133,6 +135,7 @@ def _torch_norms_accept_sequence_parallelism() -> None:
             parameter.sequence_parallel = True
         return norm
 
+    new.__wrapped__ = original  # type: ignore[attr-defined]
     WrappedTorchNorm.__new__ = staticmethod(new)
 
 
