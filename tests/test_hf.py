@@ -429,9 +429,7 @@ def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, tmp
 def readme_walkthrough(marker: str = "walkthrough") -> tuple[str, set[str]]:
     """The block after ``<!-- marker -->`` in docs/huggingface.md without its settings lines, and
     the names they set."""
-    block = (
-        (REPO / "docs" / "huggingface.md").read_text().split(f"<!-- {marker} -->\n```sh\n", 1)[1].split("```", 1)[0]
-    )
+    block = (REPO / "docs" / "huggingface.md").read_text().split(f"<!-- {marker} -->\n```sh\n", 1)[1].split("```", 1)[0]
     settings = set(re.findall(r"^([A-Z]+)=", block, re.MULTILINE))
     return re.sub(r"^[A-Z]+=.*\n", "", block, flags=re.MULTILINE), settings
 

@@ -11,6 +11,7 @@ families megatron-core cannot compute identically are refused by name.
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -229,6 +230,19 @@ def test_the_moe_walkthrough_runs(moe_models, tmp_path):
     assert (out / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
     trained = reference_logits(out, np.load(tokens))
     assert np.isfinite(trained).all() and np.abs(trained - reference).max() > 1e-3
+
+
+def test_the_moe_walkthroughs_layout_is_the_planners_first_choice():
+    """What the walkthrough's settings say (docs/huggingface.md): on NPROC GPUs, BASE with no
+    pipeline and each layer's experts over EP GPUs is the layout tools/plan.py ranks first."""
+    from bigpt.plan import make_plan
+
+    block = (REPO / "docs" / "huggingface.md").read_text().split("<!-- moe walkthrough -->", 1)[1]
+    settings = dict(re.findall(r"^([A-Z]+)=(\S+)", block.split("```", 2)[1], re.MULTILINE))
+    assert "pipeline = 1\nexpert = $EP\n" in block
+    recipe = load_recipe(REPO / settings["BASE"], ["parallel.pipeline=1", f"parallel.expert={settings['EP']}"])
+    plan = make_plan(recipe, int(settings["NPROC"]), "h100-80gb", mfu=0.4, headroom=0.1, gpus_per_node=8)
+    assert plan.recipe_layout_problem is None and plan.options[0] == plan.chosen
 
 
 def test_dry_run_checks_moe_and_upcycled_initial_weights_on_paper(moe_models, upcycled, tmp_path):
