@@ -221,6 +221,7 @@ def test_the_moe_walkthrough_runs(moe_models, tmp_path):
     assert "TP 1 × PP 1 × CP 1 × DP 2, EP 2 × expert TP 1" in plan and "← recipe" in plan
     assert "all-to-all" in plan and "alltoall dispatcher at EP 2" in plan
     assert "starting from the weights in" in result.stdout and "step 1/6" in result.stdout
+    assert (tmp_path / "runs" / "my-moe" / "init_from_hf" / "model.toml").is_file()
     lr = scalars(tmp_path / "runs" / "my-moe", "train/lr")
     assert lr[0] < lr[1] == pytest.approx(3e-5)  # warmup from 0 to the recipe's lower peak, then decay
     out = tmp_path / "hf" / "my-moe"
