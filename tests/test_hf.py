@@ -434,13 +434,36 @@ def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, enc
     assert max(differences.values()) <= TOLERANCE, differences
 
 
-def readme_walkthrough() -> tuple[str, set[str]]:
-    """The walkthrough block (docs/huggingface.md) without its settings lines, and the names they set."""
-    block = (
-        (REPO / "docs" / "huggingface.md").read_text().split("<!-- walkthrough -->\n```sh\n", 1)[1].split("```", 1)[0]
-    )
+def readme_walkthrough(marker: str = "walkthrough") -> tuple[str, set[str]]:
+    """The block after ``<!-- marker -->`` in docs/huggingface.md without its settings lines, and
+    the names they set."""
+    block = (REPO / "docs" / "huggingface.md").read_text().split(f"<!-- {marker} -->\n```sh\n", 1)[1].split("```", 1)[0]
     settings = set(re.findall(r"^([A-Z]+)=", block, re.MULTILINE))
     return re.sub(r"^[A-Z]+=.*\n", "", block, flags=re.MULTILINE), settings
+
+
+def run_walkthrough(marker: str, root: Path, words: int, **settings) -> subprocess.CompletedProcess:
+    """Run the docs/huggingface.md block after ``<!-- marker -->`` in ``root`` (standing for the
+    repository root) with its settings lines replaced by ``settings``, on my_domain.jsonl and
+    general.jsonl of random words w1 … w{words - 1} (add_tokenizer's vocabulary)."""
+    rows = np.random.default_rng(0).integers(1, words, size=(300, 24))
+    for file, part in (("my_domain.jsonl", rows[:200]), ("general.jsonl", rows[200:])):
+        (root / file).write_text("".join(json.dumps({"text": " ".join(f"w{i}" for i in row)}) + "\n" for row in part))
+    for folder in ("tools", "launchers"):
+        (root / folder).symlink_to(REPO / folder)
+    script, names = readme_walkthrough(marker)
+    assert names == set(settings)
+    env = dict(
+        os.environ,
+        **{name: str(value) for name, value in settings.items()},
+        OMP_NUM_THREADS="1",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
 
 
 def test_the_readme_walkthrough_runs(models, tmp_path):
@@ -458,27 +481,7 @@ def test_the_readme_walkthrough_runs(models, tmp_path):
     base = recipe_for(hf, tmp_path / "base.toml", name)  # stands for recipes/continual/<family>.toml
     nproc = 2
     base.write_text(base.read_text() + f"\n[parallel]\ntensor = {nproc}\n")
-    words = np.random.default_rng(0).integers(1, SHAPES[name]["vocab_size"] - 7, size=(300, 24))
-    for file, rows in (("my_domain.jsonl", words[:200]), ("general.jsonl", words[200:])):
-        (tmp_path / file).write_text(
-            "".join(json.dumps({"text": " ".join(f"w{i}" for i in row)}) + "\n" for row in rows)
-        )
-    for folder in ("tools", "launchers"):  # the block runs from the repository root
-        (tmp_path / folder).symlink_to(REPO / folder)
-    script, settings = readme_walkthrough()
-    assert settings == {"HF", "BASE", "NPROC"}
-    env = dict(
-        os.environ,
-        HF=str(hf),
-        BASE=str(base),
-        NPROC=str(nproc),
-        OMP_NUM_THREADS="1",
-        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    )
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    result = run_walkthrough("walkthrough", tmp_path, SHAPES[name]["vocab_size"] - 7, HF=hf, BASE=base, NPROC=nproc)
     assert "starting from the weights in" in result.stdout and "step 1/6" in result.stdout
     lr = scalars(tmp_path / "runs" / "my-continual", "train/lr")
     assert lr[0] < lr[1] == pytest.approx(3e-3)  # warmup from 0 to optimizer.lr again, then decay
