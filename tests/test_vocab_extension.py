@@ -94,3 +94,13 @@ def test_tokens_from_a_list_skip_the_known_ones(corpus, tmp_path, capsys):
     assert "none of the tokens given is new" in capsys.readouterr().err
     assert extend_vocab.main([*refused, "--learn", "3"]) == 2
     assert "--learn needs the domain text" in capsys.readouterr().err
+
+
+def test_learning_more_tokens_than_a_small_text_holds_learns_those_it_holds(corpus, tmp_path):
+    """--learn N is "up to N": on domain text too small for the vocabulary N asks SentencePiece
+    for, the tokens the text holds are learned (the walkthrough's --learn 2000 on a small text)."""
+    out = tmp_path / "tokenizer.json"
+    extend("--tokenizer", corpus["json"], "--learn", 2000, "--text", corpus["domain"], "--output", out)
+    assert {" photosynthesis", " mitochondria"} <= {
+        token.text for token in read_extension(f"{out}.extension.json").tokens
+    }

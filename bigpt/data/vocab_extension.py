@@ -9,6 +9,7 @@ pieces the old tokenizer split it into. No torch here (tools start fast).
 """
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -165,14 +166,23 @@ def learn_tokens(base: Tokenizer, text_files: list[Path], count: int, *, text_fi
     from bigpt.data.tokenizer_training import train_tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
-        sizes = (count * 8 + 300, count * 2 + 280)  # ask for fewer if the text is too small for more
-        for size in sizes:
+        scratch_model = Path(scratch) / "domain"
+        try:
+            model = train_tokenizer(text_files, count * 8 + 300, scratch_model, text_field=text_field)
+        except BigptError as err:
+            # A domain text smaller than the vocabulary asked for: SentencePiece names the most
+            # pieces it holds; learn from those (up to N new tokens, as --learn promises).
+            most = re.search(r"value <= (\d+)", str(err))
+            if not most:
+                raise
             try:
-                model = train_tokenizer(text_files, size, Path(scratch) / "domain", text_field=text_field)
-                break
+                model = train_tokenizer(text_files, int(most.group(1)), scratch_model, text_field=text_field)
             except BigptError:
-                if size == sizes[-1]:
-                    raise
+                raise BigptError(
+                    f"--text {', '.join(map(str, text_files))} is too small to learn new tokens from (SentencePiece "
+                    f"finds at most {most.group(1)} pieces there, bytes and characters included); give more "
+                    "domain text, or list the tokens with --tokens"
+                ) from None
         domain = load_tokenizer(model)
         assert isinstance(domain, SentencePieceTokenizer)
         sp = domain._sp
