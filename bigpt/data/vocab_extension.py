@@ -155,6 +155,21 @@ def write_extension(extension: VocabExtension, out_path) -> Path:
     return path
 
 
+def read_documents(paths, text_field: str = "text") -> list[str]:
+    """The documents of text files (one a line) or JSONL files (``text_field``); bad lines skipped."""
+    from bigpt.data.encode import JSONL_SUFFIXES, document_text
+
+    documents = []
+    for path in map(Path, paths):
+        with open(path, "rb") as stream:
+            for raw in stream:
+                try:
+                    documents.append(document_text(raw, jsonl=path.suffix in JSONL_SUFFIXES, text_field=text_field))
+                except ValueError:
+                    continue
+    return documents
+
+
 def count_tokens(tokenizer: Tokenizer, documents: list[str]) -> int:
     return sum(len(tokenizer.encode(text)) for text in documents)
 
@@ -162,7 +177,9 @@ def count_tokens(tokenizer: Tokenizer, documents: list[str]) -> int:
 def learn_tokens(base: Tokenizer, text_files: list[Path], count: int, *, text_field: str = "text") -> list[str]:
     """Up to ``count`` frequent words of the domain text (with their leading space) that the
     tokenizer splits into several pieces: the word pieces bigpt's tokenizer trainer learns on that
-    text, in the order it learns them (the most frequent merges first)."""
+    text, in the order it learns them (the most frequent merges first), that are whole words
+    there. A part of a word (" th" of " the") would be matched inside every word it starts, and
+    split those differently than before."""
     from bigpt.data.tokenizer_training import train_tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -191,5 +208,10 @@ def learn_tokens(base: Tokenizer, text_files: list[Path], count: int, *, text_fi
             for i in range(sp.get_piece_size())
             if sp.is_unknown(i) is False and not sp.is_control(i) and not sp.is_byte(i)
         ]
-    found = [text for text in candidates if text.startswith(" ") and len(text) > 2 and not _known(base, text)]
+    words = {word for document in read_documents(text_files, text_field) for word in document.split()}
+    found = [
+        text
+        for text in candidates
+        if text.startswith(" ") and len(text) > 2 and text[1:] in words and not _known(base, text)
+    ]
     return found[:count]
