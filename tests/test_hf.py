@@ -491,6 +491,8 @@ def test_the_vocabulary_and_context_walkthrough_runs(tmp_path):
     factor 4, exported. transformers loads the export, tokenizes text without the new tokens as
     the released tokenizer did and domain text in fewer tokens, and computes bigpt's logits of
     the trained checkpoint at the longer length (the YaRN config and the grown rows exported)."""
+    from transformers import AutoTokenizer
+
     import bigpt.logits
     from bigpt.data.tokenizer import load_tokenizer
     from bigpt.data.vocab_extension import read_extension
@@ -498,7 +500,6 @@ def test_the_vocabulary_and_context_walkthrough_runs(tmp_path):
     from bigpt.runtime import megatron_fixes
     from bigpt.runtime.distributed import model_parallel_of_one
     from test_vocab_extension import make_corpus
-    from transformers import AutoTokenizer
 
     (tmp_path / "corpus").mkdir()
     corpus = make_corpus(tmp_path / "corpus")
