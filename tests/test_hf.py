@@ -545,6 +545,11 @@ def test_the_vocabulary_and_context_walkthrough_runs(tmp_path):
         ours = bigpt.logits.compute_logits(recipe, Layout.from_recipe(recipe, 1), torch.from_numpy(tokens)).numpy()
     theirs = reference_logits(out, tokens)
     assert theirs.shape == (2, 256, grown) and np.abs(ours[..., :grown] - theirs).max() <= TOLERANCE
+    config = AutoConfig.from_pretrained(out)  # the exported YaRN is what makes them equal
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "default"}
+    model = AutoModelForCausalLM.from_pretrained(out, config=config, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        assert np.abs(model(torch.from_numpy(tokens)).logits.numpy() - theirs).max() > 100 * TOLERANCE
 
 
 # --- bad input: every refusal names what is wrong ----------------------------------------------
