@@ -443,7 +443,6 @@ def readme_walkthrough(marker: str = "walkthrough") -> tuple[str, set[str]]:
     return "".join(lines[count:]), {line.split("=", 1)[0] for line in lines[:count]}
 
 
-
 def run_walkthrough(marker: str, root: Path, words: int | None, **settings) -> subprocess.CompletedProcess:
     """Run the docs/huggingface.md block after ``<!-- marker -->`` in ``root`` (standing for the
     repository root) with its settings lines replaced by ``settings``, on my_domain.jsonl and
@@ -530,7 +529,8 @@ def test_the_vocabulary_and_context_walkthrough_runs(tmp_path):
     for file, text in (("my_domain.jsonl", corpus["domain"]), ("general.jsonl", corpus["general"])):
         lines = text.read_text().splitlines()[:300]
         (tmp_path / file).write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
-    result = run_walkthrough("walkthrough: vocabulary and context", tmp_path, None, HF=hf, BASE=base, NPROC=1, CONTEXT=64)
+    settings = {"HF": hf, "BASE": base, "NPROC": 1, "CONTEXT": 64}
+    result = run_walkthrough("walkthrough: vocabulary and context", tmp_path, None, **settings)
 
     extension = read_extension(tmp_path / "data" / "mine" / "tokenizer.json.extension.json")
     grown = extension.vocab_size
