@@ -5,6 +5,7 @@ from bigpt.flops import attention_counted, flops_per_step, num_parameters, param
 from bigpt.layout import Layout, samples_by_step
 from bigpt.memory import stage_memory
 from bigpt.numbers import short
+from bigpt.plan import GIB
 from bigpt.recipe import Recipe, padded_vocab_size, recipe_to_toml
 from bigpt.runtime import console
 
@@ -42,8 +43,8 @@ def _context(recipe: Recipe, layout: Layout) -> str:
     beyond = f"; seq_length is beyond the {reach:,.0f} the scaling reaches" if model.seq_length > reach else ""
     return (
         f"context          {model.seq_length:,} tokens, rope_scaling {model.rope_scaling!r} × "
-        f"{model.rope_scaling_factor:g} over {original:,}{beyond}; the busiest GPU holds {short(peak.total)}B "
-        f"({short(peak.activations)}B activations) at CP {layout.cp}; CP {cp} keeps each GPU's share of a "
+        f"{model.rope_scaling_factor:g} over {original:,}{beyond}; the busiest GPU holds {peak.total / GIB:.1f} GiB "
+        f"({peak.activations / GIB:.1f} GiB activations) at CP {layout.cp}; CP {cp} keeps each GPU's share of a "
         f"sequence at {model.seq_length // cp:,} tokens (tools/plan.py ranks the layouts that fit)"
     )
 

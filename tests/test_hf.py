@@ -434,13 +434,41 @@ def test_pipeline_parallel_2_interleaved_from_an_imported_checkpoint(models, enc
     assert max(differences.values()) <= TOLERANCE, differences
 
 
-def readme_walkthrough() -> tuple[str, set[str]]:
-    """The walkthrough block (docs/huggingface.md) without its settings lines, and the names they set."""
-    block = (
-        (REPO / "docs" / "huggingface.md").read_text().split("<!-- walkthrough -->\n```sh\n", 1)[1].split("```", 1)[0]
+def readme_walkthrough(marker: str = "walkthrough") -> tuple[str, set[str]]:
+    """A walkthrough block (docs/huggingface.md, after ``<!-- marker -->``) without the settings
+    lines it starts with, and the names they set."""
+    block = (REPO / "docs" / "huggingface.md").read_text().split(f"<!-- {marker} -->\n```sh\n", 1)[1].split("```", 1)[0]
+    lines = block.splitlines(keepends=True)
+    count = next(i for i, line in enumerate(lines) if not re.match(r"[A-Z]+=", line))
+    return "".join(lines[count:]), {line.split("=", 1)[0] for line in lines[:count]}
+
+
+def run_walkthrough(marker: str, root: Path, words: int | None, **settings) -> subprocess.CompletedProcess:
+    """Run the docs/huggingface.md block after ``<!-- marker -->`` in ``root`` (standing for the
+    repository root) with its settings lines replaced by ``settings``, on my_domain.jsonl and
+    general.jsonl of random words w1 … w{words - 1} (add_tokenizer's vocabulary; None: the
+    caller wrote them)."""
+    if words is not None:
+        rows = np.random.default_rng(0).integers(1, words, size=(300, 24))
+        for file, part in (("my_domain.jsonl", rows[:200]), ("general.jsonl", rows[200:])):
+            (root / file).write_text(
+                "".join(json.dumps({"text": " ".join(f"w{i}" for i in row)}) + "\n" for row in part)
+            )
+    for folder in ("tools", "launchers"):
+        (root / folder).symlink_to(REPO / folder)
+    script, names = readme_walkthrough(marker)
+    assert names == set(settings)
+    env = dict(
+        os.environ,
+        **{name: str(value) for name, value in settings.items()},
+        OMP_NUM_THREADS="1",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     )
-    settings = set(re.findall(r"^([A-Z]+)=", block, re.MULTILINE))
-    return re.sub(r"^[A-Z]+=.*\n", "", block, flags=re.MULTILINE), settings
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
 
 
 def test_the_readme_walkthrough_runs(models, tmp_path):
@@ -458,27 +486,7 @@ def test_the_readme_walkthrough_runs(models, tmp_path):
     base = recipe_for(hf, tmp_path / "base.toml", name)  # stands for recipes/continual/<family>.toml
     nproc = 2
     base.write_text(base.read_text() + f"\n[parallel]\ntensor = {nproc}\n")
-    words = np.random.default_rng(0).integers(1, SHAPES[name]["vocab_size"] - 7, size=(300, 24))
-    for file, rows in (("my_domain.jsonl", words[:200]), ("general.jsonl", words[200:])):
-        (tmp_path / file).write_text(
-            "".join(json.dumps({"text": " ".join(f"w{i}" for i in row)}) + "\n" for row in rows)
-        )
-    for folder in ("tools", "launchers"):  # the block runs from the repository root
-        (tmp_path / folder).symlink_to(REPO / folder)
-    script, settings = readme_walkthrough()
-    assert settings == {"HF", "BASE", "NPROC"}
-    env = dict(
-        os.environ,
-        HF=str(hf),
-        BASE=str(base),
-        NPROC=str(nproc),
-        OMP_NUM_THREADS="1",
-        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    )
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    result = run_walkthrough("walkthrough", tmp_path, SHAPES[name]["vocab_size"] - 7, HF=hf, BASE=base, NPROC=nproc)
     assert "starting from the weights in" in result.stdout and "step 1/6" in result.stdout
     lr = scalars(tmp_path / "runs" / "my-continual", "train/lr")
     assert lr[0] < lr[1] == pytest.approx(3e-3)  # warmup from 0 to optimizer.lr again, then decay
@@ -491,6 +499,73 @@ def test_the_readme_walkthrough_runs(models, tmp_path):
     assert f"tokenizer: tokenizer.json, tokenizer_config.json from {hf}" in (out / "README.md").read_text()
     trained = reference_logits(out, np.load(tokens))
     assert np.isfinite(trained).all() and np.abs(trained - reference).max() > 1e-3
+
+
+def test_the_vocabulary_and_context_walkthrough_runs(tmp_path):
+    """The walkthrough of a domain run that reaches further (docs/huggingface.md), command for
+    command, on a tiny Llama with a tokenizer.json trained at 64 tokens: tokens learned from the
+    domain text, data tokenized with them, the import grown and trained at 256 tokens with YaRN
+    factor 4, exported. transformers loads the export, tokenizes text without the new tokens as
+    the released tokenizer did and domain text in fewer tokens, and computes bigpt's logits of
+    the trained checkpoint at the longer length (the YaRN config and the grown rows exported)."""
+    from transformers import AutoTokenizer
+
+    import bigpt.logits
+    from bigpt.data.tokenizer import load_tokenizer
+    from bigpt.data.vocab_extension import read_extension
+    from bigpt.layout import Layout
+    from bigpt.runtime import megatron_fixes
+    from bigpt.runtime.distributed import model_parallel_of_one
+    from test_vocab_extension import make_corpus
+
+    (tmp_path / "corpus").mkdir()
+    corpus = make_corpus(tmp_path / "corpus")
+    released = load_tokenizer(corpus["json"])
+    hf = save_model(tmp_path / "released", 0, dict(SMALL, vocab_size=released.vocab_size, max_position_embeddings=64))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(corpus["json"].with_name(name), hf / name)
+    base = recipe_for(hf, tmp_path / "base.toml", "tiny")  # stands for recipes/continual/<family>.toml
+    base.write_text(base.read_text() + "\n[train]\ntrain_iters = 3\n")
+    for file, text in (("my_domain.jsonl", corpus["domain"]), ("general.jsonl", corpus["general"])):
+        lines = text.read_text().splitlines()[:300]
+        (tmp_path / file).write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    settings = {"HF": hf, "BASE": base, "NPROC": 1, "CONTEXT": 64}
+    result = run_walkthrough("walkthrough: vocabulary and context", tmp_path, None, **settings)
+
+    extension = read_extension(tmp_path / "data" / "mine" / "tokenizer.json.extension.json")
+    grown = extension.vocab_size
+    assert grown > released.vocab_size and "% fewer" in result.stdout
+    assert f"vocabulary grown {released.vocab_size} -> {grown} rows" in result.stdout  # the dry run
+    assert "model.rope_scaling 'none' -> 'yarn'" in result.stdout
+    assert "context          256 tokens, rope_scaling 'yarn' × 4 over 64" in result.stdout
+    assert "step 3/3" in result.stdout
+
+    out = tmp_path / "hf" / "my-reach"
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == grown and config["max_position_embeddings"] == 256
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "data" / "mine" / "tokenizer.json").read_bytes()
+    assert "tokenizer: tokenizer.json extended by init.extend_vocab" in (out / "README.md").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    general, domain = corpus["general"].read_text()[:4000], corpus["domain"].read_text()[:4000]
+    plain = tokenizer(general, add_special_tokens=False)["input_ids"]
+    assert plain == released.encode(general)  # no new token in it: the very ids of the released tokenizer
+    assert len(tokenizer(domain, add_special_tokens=False)["input_ids"]) < len(released.encode(domain))
+
+    tokens = np.array([plain[:256], tokenizer(domain, add_special_tokens=False)["input_ids"][:256]])
+    assert tokens[0].max() < released.vocab_size <= tokens[1].max()
+    trained = sorted((tmp_path / "runs" / "my-reach" / "checkpoints").glob("iter_*"))[-1]
+    recipe = load_recipe(recipe_for(out, tmp_path / "trained.toml", "trained", "from_checkpoint", trained))
+    recipe = load_recipe(recipe.source, ["model.seq_length=256", f"run_dir={tmp_path / 'logits'}"])
+    megatron_fixes.apply()
+    with model_parallel_of_one():
+        ours = bigpt.logits.compute_logits(recipe, Layout.from_recipe(recipe, 1), torch.from_numpy(tokens)).numpy()
+    theirs = reference_logits(out, tokens)
+    assert theirs.shape == (2, 256, grown) and np.abs(ours[..., :grown] - theirs).max() <= TOLERANCE
+    config = AutoConfig.from_pretrained(out)  # the exported YaRN is what makes them equal
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "default"}
+    model = AutoModelForCausalLM.from_pretrained(out, config=config, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        assert np.abs(model(torch.from_numpy(tokens)).logits.numpy() - theirs).max() > 100 * TOLERANCE
 
 
 # --- bad input: every refusal names what is wrong ----------------------------------------------

@@ -11,6 +11,8 @@ families megatron-core cannot compute identically are refused by name.
 """
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,17 @@ from bigpt.errors import BigptError
 from bigpt.hf.config import check_recipe_matches, hf_from_model, model_from_hf
 from bigpt.hf.files import inspect_hf
 from bigpt.recipe import ModelConfig, load_recipe, table_to_toml
-from multirank import MOCK_RECIPE, REPO
-from test_hf import TOLERANCE, hf_tensors, logits_of_models, recipe_for, reference_logits, save_model
+from multirank import MOCK_RECIPE, REPO, scalars
+from test_hf import (
+    TOLERANCE,
+    add_tokenizer,
+    hf_tensors,
+    logits_of_models,
+    recipe_for,
+    reference_logits,
+    run_walkthrough,
+    save_model,
+)
 from test_moe import MOE_RECIPE
 
 ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, rms_norm_eps=1e-6)
@@ -190,6 +201,49 @@ def test_logits_match_transformers_at_pp2_ep2(moe_models, upcycled, tmp_path):
     recipes = {name: recipe for name, (*_, recipe) in models.items()}
     differences = logits_of_models(recipes, models, tmp_path, "parallel.pipeline=2", "parallel.expert=2", nproc=4)
     assert max(differences.values()) <= TOLERANCE, differences
+
+
+@pytest.mark.slow
+def test_the_moe_walkthrough_runs(moe_models, tmp_path):
+    """The Mixture-of-Experts walkthrough (docs/huggingface.md), command for command, on the tiny
+    Qwen3-MoE at EP=2 on two processes: tokenize domain and replay text, a recipe of one's own with
+    the expert-parallel layout the planner shows, dry run, train from the released weights (each
+    rank importing its experts) with a re-warmed learning rate, export as Qwen3-MoE, which
+    transformers loads with no missing or unexpected weight."""
+    directory, tokens, reference, _ = moe_models["qwen3_moe"]
+    hf = tmp_path / "released"
+    shutil.copytree(directory, hf)
+    words = SHAPES["qwen3_moe"]["vocab_size"] - 7
+    add_tokenizer(hf, words)
+    base = recipe_for(hf, tmp_path / "base.toml", "qwen3_moe")  # stands for recipes/qwen3_30b_a3b.toml
+    result = run_walkthrough("moe walkthrough", tmp_path, words, HF=hf, BASE=base, NPROC=2, EP=2)
+    plan = result.stdout.split("Plan for my_moe.toml on 2 ", 1)[1]
+    assert "TP 1 × PP 1 × CP 1 × DP 2, EP 2 × expert TP 1" in plan and "← recipe" in plan
+    assert "all-to-all" in plan and "alltoall dispatcher at EP 2" in plan
+    assert "starting from the weights in" in result.stdout and "step 1/6" in result.stdout
+    assert (tmp_path / "runs" / "my-moe" / "init_from_hf" / "model.toml").is_file()
+    lr = scalars(tmp_path / "runs" / "my-moe", "train/lr")
+    assert lr[0] < lr[1] == pytest.approx(3e-5)  # warmup from 0 to the recipe's lower peak, then decay
+    out = tmp_path / "hf" / "my-moe"
+    model, loading = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and not any(loading.values()), loading
+    assert sorted(hf_tensors(out)) == sorted(hf_tensors(hf))
+    assert (out / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    trained = reference_logits(out, np.load(tokens))
+    assert np.isfinite(trained).all() and np.abs(trained - reference).max() > 1e-3
+
+
+def test_the_moe_walkthroughs_layout_is_the_planners_first_choice():
+    """What the walkthrough's settings say (docs/huggingface.md): on NPROC GPUs, BASE with no
+    pipeline and each layer's experts over EP GPUs is the layout tools/plan.py ranks first."""
+    from bigpt.plan import make_plan
+
+    block = (REPO / "docs" / "huggingface.md").read_text().split("<!-- moe walkthrough -->", 1)[1]
+    settings = dict(re.findall(r"^([A-Z]+)=(\S+)", block.split("```", 2)[1], re.MULTILINE))
+    assert "pipeline = 1\nexpert = $EP\n" in block
+    recipe = load_recipe(REPO / settings["BASE"], ["parallel.pipeline=1", f"parallel.expert={settings['EP']}"])
+    plan = make_plan(recipe, int(settings["NPROC"]), "h100-80gb", mfu=0.4, headroom=0.1, gpus_per_node=8)
+    assert plan.recipe_layout_problem is None and plan.options[0] == plan.chosen
 
 
 def test_dry_run_checks_moe_and_upcycled_initial_weights_on_paper(moe_models, upcycled, tmp_path):

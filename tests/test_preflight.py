@@ -255,7 +255,8 @@ def test_a_longer_context_is_a_new_phase_from_the_weights_shown_on_paper(tmp_pat
     assert "changed by checkpoint.allow_model_changes: model.rope_scaling 'none' -> 'yarn'" in report
     assert "model.rope_scaling_factor None -> 4.0" in report  # unused before: recorded as such
     assert re.search(
-        r"context          256 tokens, rope_scaling 'yarn' × 4 over 64; the busiest GPU holds .* at CP 1; CP 4 keeps",
+        r"context          256 tokens, rope_scaling 'yarn' × 4 over 64; the busiest GPU holds \d+\.\d GiB "
+        r"\(\d+\.\d GiB activations\) at CP 1; CP 4 keeps",
         report,
     )
     # a resume at the longer length is honoured too: its counters are kept in tokens

@@ -72,7 +72,8 @@ def test_learned_tokens_save_tokens_and_change_nothing_else(corpus, tmp_path, ki
     extension = read_extension(f"{out}.extension.json")
     assert extension.base_vocab_size == base.vocab_size and grown.vocab_size == base.vocab_size + len(extension.tokens)
     assert 0 < len(extension.tokens) <= 6
-    general = corpus["general"].read_text()
+    new = {token.text for token in extension.tokens}
+    general = " ".join(word for word in corpus["general"].read_text().split() if f" {word}" not in new)
     assert grown.encode(general) == base.encode(general)  # no new token in it: the very same ids
     saved = extension.domain_text
     assert saved["tokens_after"] < saved["tokens_before"] and "% fewer" in said
@@ -94,3 +95,17 @@ def test_tokens_from_a_list_skip_the_known_ones(corpus, tmp_path, capsys):
     assert "none of the tokens given is new" in capsys.readouterr().err
     assert extend_vocab.main([*refused, "--learn", "3"]) == 2
     assert "--learn needs the domain text" in capsys.readouterr().err
+
+
+def test_learning_more_tokens_than_a_small_text_holds_learns_those_it_holds(corpus, tmp_path):
+    """--learn N is "up to N": on domain text too small for the vocabulary N asks SentencePiece
+    for, the tokens the text holds are learned (the walkthrough's --learn 2000 on a small text),
+    each a whole word, so that text without them tokenizes as before."""
+    out = tmp_path / "tokenizer.json"
+    extend("--tokenizer", corpus["json"], "--learn", 2000, "--text", corpus["domain"], "--output", out)
+    learned = {token.text for token in read_extension(f"{out}.extension.json").tokens}
+    assert {" photosynthesis", " mitochondria"} <= learned
+    # whole words only: a part such as " th" would be matched inside " the" and split it anew
+    assert learned <= {f" {word}" for word in DOMAIN + GENERAL}
+    general = corpus["general"].read_text()  # none of the domain's words (the base splits none of its own)
+    assert load_tokenizer(out).encode(general) == load_tokenizer(corpus["json"]).encode(general)

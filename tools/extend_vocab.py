@@ -31,25 +31,17 @@ parser.add_argument("--output", required=True, help="the extended tokenizer (sam
 add_overwrite(parser, "an existing OUTPUT or OUTPUT.extension.json")
 
 
-def _documents(paths: list[str], field: str) -> list[str]:
-    from bigpt.data.encode import JSONL_SUFFIXES, document_text
-
-    documents = []
-    for path in map(Path, paths):
-        with open(path, "rb") as stream:
-            for raw in stream:
-                try:
-                    documents.append(document_text(raw, jsonl=path.suffix in JSONL_SUFFIXES, text_field=field))
-                except ValueError:
-                    continue
-    return documents
-
-
 @console.reports_user_errors
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from bigpt.data.tokenizer import load_tokenizer
-    from bigpt.data.vocab_extension import count_tokens, extend_tokenizer, learn_tokens, write_extension
+    from bigpt.data.vocab_extension import (
+        count_tokens,
+        extend_tokenizer,
+        learn_tokens,
+        read_documents,
+        write_extension,
+    )
     from bigpt.errors import BigptError
     from bigpt.paths import check_output_file, not_a_file
 
@@ -69,7 +61,7 @@ def main(argv=None) -> int:
         tokens = learn_tokens(base, [Path(path) for path in args.text], args.learn, text_field=args.field)
     extension = extend_tokenizer(args.tokenizer, tokens, args.output)
     if args.text:
-        documents = _documents(args.text, args.field)
+        documents = read_documents(args.text, args.field)
         extension.domain_text = {
             "files": list(args.text),
             "tokens_before": count_tokens(base, documents),

@@ -9,6 +9,7 @@ pieces the old tokenizer split it into. No torch here (tools start fast).
 """
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -154,6 +155,21 @@ def write_extension(extension: VocabExtension, out_path) -> Path:
     return path
 
 
+def read_documents(paths, text_field: str = "text") -> list[str]:
+    """The documents of text files (one a line) or JSONL files (``text_field``); bad lines skipped."""
+    from bigpt.data.encode import JSONL_SUFFIXES, document_text
+
+    documents = []
+    for path in map(Path, paths):
+        with open(path, "rb") as stream:
+            for raw in stream:
+                try:
+                    documents.append(document_text(raw, jsonl=path.suffix in JSONL_SUFFIXES, text_field=text_field))
+                except ValueError:
+                    continue
+    return documents
+
+
 def count_tokens(tokenizer: Tokenizer, documents: list[str]) -> int:
     return sum(len(tokenizer.encode(text)) for text in documents)
 
@@ -161,18 +177,29 @@ def count_tokens(tokenizer: Tokenizer, documents: list[str]) -> int:
 def learn_tokens(base: Tokenizer, text_files: list[Path], count: int, *, text_field: str = "text") -> list[str]:
     """Up to ``count`` frequent words of the domain text (with their leading space) that the
     tokenizer splits into several pieces: the word pieces bigpt's tokenizer trainer learns on that
-    text, in the order it learns them (the most frequent merges first)."""
+    text, in the order it learns them (the most frequent merges first), that are whole words
+    there. A part of a word (" th" of " the") would be matched inside every word it starts, and
+    split those differently than before."""
     from bigpt.data.tokenizer_training import train_tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
-        sizes = (count * 8 + 300, count * 2 + 280)  # ask for fewer if the text is too small for more
-        for size in sizes:
+        scratch_model = Path(scratch) / "domain"
+        try:
+            model = train_tokenizer(text_files, count * 8 + 300, scratch_model, text_field=text_field)
+        except BigptError as err:
+            # A domain text smaller than the vocabulary asked for: SentencePiece names the most
+            # pieces it holds; learn from those (up to N new tokens, as --learn promises).
+            most = re.search(r"value <= (\d+)", str(err))
+            if not most:
+                raise
             try:
-                model = train_tokenizer(text_files, size, Path(scratch) / "domain", text_field=text_field)
-                break
+                model = train_tokenizer(text_files, int(most.group(1)), scratch_model, text_field=text_field)
             except BigptError:
-                if size == sizes[-1]:
-                    raise
+                raise BigptError(
+                    f"--text {', '.join(map(str, text_files))} is too small to learn new tokens from (SentencePiece "
+                    f"finds at most {most.group(1)} pieces there, bytes and characters included); give more "
+                    "domain text, or list the tokens with --tokens"
+                ) from None
         domain = load_tokenizer(model)
         assert isinstance(domain, SentencePieceTokenizer)
         sp = domain._sp
@@ -181,5 +208,10 @@ def learn_tokens(base: Tokenizer, text_files: list[Path], count: int, *, text_fi
             for i in range(sp.get_piece_size())
             if sp.is_unknown(i) is False and not sp.is_control(i) and not sp.is_byte(i)
         ]
-    found = [text for text in candidates if text.startswith(" ") and len(text) > 2 and not _known(base, text)]
+    words = {word for document in read_documents(text_files, text_field) for word in document.split()}
+    found = [
+        text
+        for text in candidates
+        if text.startswith(" ") and len(text) > 2 and text[1:] in words and not _known(base, text)
+    ]
     return found[:count]

@@ -248,11 +248,7 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab:
                 (tmp / HF_FILES).mkdir()
                 copy_side_files(directory, tmp / HF_FILES)
                 if extend_vocab:  # the extended tokenizer replaces the source's (its other files stay)
-                    tokenizer = extension_tokenizer(extend_vocab)
-                    for name in ("tokenizer.json", "tokenizer.model"):
-                        (tmp / HF_FILES / name).unlink(missing_ok=True)
-                    name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
-                    shutil.copyfile(tokenizer, tmp / HF_FILES / name)
+                    _replace_tokenizer(tmp / HF_FILES, extension_tokenizer(extend_vocab))
                 (tmp / MODEL_TOML).write_text(model_toml(model, directory, config))
                 marker = {
                     "iteration": 0,
@@ -310,20 +306,44 @@ def checkpoint_model(checkpoint: Path) -> ModelConfig:
     )
 
 
+def _lineage_origin(checkpoint: Path) -> tuple[Path, dict]:
+    """Where a lineage of continual runs began: the first checkpoint, going back through
+    init.from_checkpoint, that is an import (it holds Hugging Face files) or whose run did not
+    start from a bigpt checkpoint; with its run's [init] table."""
+    for _ in range(100):  # a cycle cannot happen, but never loop forever
+        recipe = checkpoint / "recipe.toml"
+        init = tomllib.loads(recipe.read_text()).get("init", {}) if recipe.is_file() else {}
+        if (checkpoint / HF_FILES).is_dir() or not init.get("from_checkpoint"):
+            return checkpoint, init
+        checkpoint = Path(init["from_checkpoint"])
+    return checkpoint, {}
+
+
 def hf_files_of(checkpoint: Path) -> Path | None:
     """Where the Hugging Face config and tokenizer files of a checkpoint's lineage are: its own
     (an import), or those of the weights its run started from (init.from_hf / from_checkpoint)."""
-    for _ in range(100):  # a lineage of continual runs; a cycle cannot happen, but never loop forever
-        if (checkpoint / HF_FILES).is_dir():
-            return checkpoint / HF_FILES
-        recipe = checkpoint / "recipe.toml"
-        init = tomllib.loads(recipe.read_text()).get("init", {}) if recipe.is_file() else {}
-        if init.get("from_hf"):
-            return Path(init["from_hf"])
-        if not init.get("from_checkpoint"):
-            return None
-        checkpoint = Path(init["from_checkpoint"])
-    return None
+    origin, init = _lineage_origin(checkpoint)
+    if (origin / HF_FILES).is_dir():
+        return origin / HF_FILES
+    return Path(init["from_hf"]) if init.get("from_hf") else None
+
+
+def extended_tokenizer_of(checkpoint: Path) -> Path | None:
+    """The tokenizer a checkpoint's lineage grew its vocabulary for (init.extend_vocab with
+    init.from_hf), which replaces the released one beside the weights; an import carries its own."""
+    origin, init = _lineage_origin(checkpoint)
+    if (origin / HF_FILES).is_dir() or not init.get("extend_vocab"):
+        return None
+    return extension_tokenizer(init["extend_vocab"])
+
+
+def _replace_tokenizer(directory: Path, tokenizer: Path) -> str:
+    """Put ``tokenizer`` (an extended one) in place of ``directory``'s, of either kind; its name there."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        (directory / name).unlink(missing_ok=True)
+    name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
+    shutil.copyfile(tokenizer, directory / name)
+    return name
 
 
 def _layer_loads(checkpoint: Path, metadata: dict, items: list[Item], num_layers: int, dtype: torch.dtype):
@@ -389,6 +409,7 @@ def export_hf(
     model_config = checkpoint_model(checkpoint)
     model = vars(model_config)
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    extended = None if hf_files else extended_tokenizer_of(checkpoint)
     hf_files = hf_files or hf_files_of(checkpoint)
     original = read_config(hf_files) if hf_files and (hf_files / CONFIG).is_file() else None
     config = hf_from_model(model_config, str(dtype or torch.float32).removeprefix("torch."), original)
@@ -421,6 +442,11 @@ def export_hf(
             copied = copy_side_files(hf_files, tmp, skip=(CONFIG,)) if hf_files and hf_files.is_dir() else []
             (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             note = tokenizer_note(hf_files, copied)
+            if extended:  # the run grew the vocabulary: its tokenizer, not the released one
+                note = (
+                    f"tokenizer: {_replace_tokenizer(tmp, extended)} extended by init.extend_vocab ({extended}), "
+                    f"the other files from {hf_files}"
+                )
             (tmp / "README.md").write_text(
                 f"# {out.name}\n\n{config['architectures'][0]} exported by bigpt "
                 f"(tools/convert_hf.py export) from the checkpoint {checkpoint.resolve()}."
