@@ -906,7 +906,7 @@ def test_a_continual_run_grows_the_vocabulary(tmp_path):
     directory = save_model(tmp_path / "llama", 0, dict(SMALL, vocab_size=300))
     shutil.copyfile(corpus["sp"], directory / "tokenizer.model")
     extended = tmp_path / "ext" / "tokenizer.model"
-    extend("--tokenizer", directory / "tokenizer.model", "--learn", 6, "--text", corpus["domain"], "--output", extended)
+    extend("--tokenizer", directory / "tokenizer.model", "--learn", 6, "--text", corpus["domain"], "--out", extended)
     extension = read_extension(f"{extended}.extension.json")
     grown = extension.vocab_size
     recipe_file = recipe_for(directory, tmp_path / "grow.toml", "grow")

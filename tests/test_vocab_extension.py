@@ -66,7 +66,7 @@ def extend(*args) -> None:
 @pytest.mark.parametrize("kind", ["sp", "json"])
 def test_learned_tokens_save_tokens_and_change_nothing_else(corpus, tmp_path, kind, capsys):
     out = tmp_path / ("ext.model" if kind == "sp" else "tokenizer.json")
-    extend("--tokenizer", corpus[kind], "--learn", 6, "--text", corpus["domain"], "--output", out)
+    extend("--tokenizer", corpus[kind], "--learn", 6, "--text", corpus["domain"], "--out", out)
     said = capsys.readouterr().out
     base, grown = load_tokenizer(corpus[kind]), load_tokenizer(out)
     extension = read_extension(f"{out}.extension.json")
@@ -87,10 +87,10 @@ def test_tokens_from_a_list_skip_the_known_ones(corpus, tmp_path, capsys):
     words = tmp_path / "words.txt"
     words.write_text(" chlorophyll\n the\n chlorophyll\n ribosome\n")
     out = tmp_path / "ext.model"
-    extend("--tokenizer", corpus["sp"], "--tokens", words, "--output", out)
+    extend("--tokenizer", corpus["sp"], "--tokens", words, "--out", out)
     assert [token.text for token in read_extension(f"{out}.extension.json").tokens] == [" chlorophyll", " ribosome"]
     words.write_text(" the\n")
-    refused = ["--tokenizer", str(corpus["sp"]), "--output", str(tmp_path / "x.model")]
+    refused = ["--tokenizer", str(corpus["sp"]), "--out", str(tmp_path / "x.model")]
     assert extend_vocab.main([*refused, "--tokens", str(words)]) == 2
     assert "none of the tokens given is new" in capsys.readouterr().err
     assert extend_vocab.main([*refused, "--learn", "3"]) == 2
@@ -102,7 +102,7 @@ def test_learning_more_tokens_than_a_small_text_holds_learns_those_it_holds(corp
     for, the tokens the text holds are learned (the walkthrough's --learn 2000 on a small text),
     each a whole word, so that text without them tokenizes as before."""
     out = tmp_path / "tokenizer.json"
-    extend("--tokenizer", corpus["json"], "--learn", 2000, "--text", corpus["domain"], "--output", out)
+    extend("--tokenizer", corpus["json"], "--learn", 2000, "--text", corpus["domain"], "--out", out)
     learned = {token.text for token in read_extension(f"{out}.extension.json").tokens}
     assert {" photosynthesis", " mitochondria"} <= learned
     # whole words only: a part such as " th" would be matched inside " the" and split it anew

@@ -1,7 +1,7 @@
 """Add a domain's own tokens to a tokenizer, for a continual run that grows the model's vocabulary.
 
-    python tools/extend_vocab.py --tokenizer hf/tokenizer.json --tokens words.txt --output ext/tokenizer.json
-    python tools/extend_vocab.py --tokenizer tok.model --learn 500 --text domain.jsonl --output ext/tok.model
+    python tools/extend_vocab.py --tokenizer hf/tokenizer.json --tokens words.txt --out ext/tokenizer.json
+    python tools/extend_vocab.py --tokenizer tok.model --learn 500 --text domain.jsonl --out ext/tok.model
 
 New tokens come from a file (one per line, a leading space kept) or are learned from the domain
 text (--learn N: the words bigpt's tokenizer trainer finds most worth a token there, that the
@@ -27,7 +27,7 @@ source.add_argument("--tokens", help="a text file of new tokens, one per line")
 source.add_argument("--learn", type=int, metavar="N", help="learn up to N new tokens from --text")
 parser.add_argument("--text", nargs="+", default=[], help="domain text files (one document per line, or .jsonl)")
 parser.add_argument("--field", default="text", help="JSONL field holding the text")
-parser.add_argument("--output", required=True, help="the extended tokenizer (same kind as --tokenizer)")
+parser.add_argument("--out", required=True, help="the extended tokenizer (same kind as --tokenizer)")
 add_overwrite(parser, "an existing OUTPUT or OUTPUT.extension.json")
 
 
@@ -50,8 +50,8 @@ def main(argv=None) -> int:
             raise BigptError(f"--text {path} {why}")
     if args.learn is not None and not args.text:
         raise BigptError("--learn needs the domain text to learn from: give --text FILE ...")
-    for path in (args.output, f"{args.output}.extension.json"):
-        check_output_file(path, "--output", args.overwrite)
+    for path in (args.out, f"{args.out}.extension.json"):
+        check_output_file(path, "--out", args.overwrite)
     base = load_tokenizer(args.tokenizer)
     if args.tokens:
         if why := not_a_file(Path(args.tokens)):
@@ -59,17 +59,17 @@ def main(argv=None) -> int:
         tokens = [line.rstrip("\r\n") for line in Path(args.tokens).read_text().splitlines()]
     else:
         tokens = learn_tokens(base, [Path(path) for path in args.text], args.learn, text_field=args.field)
-    extension = extend_tokenizer(args.tokenizer, tokens, args.output)
+    extension = extend_tokenizer(args.tokenizer, tokens, args.out)
     if args.text:
         documents = read_documents(args.text, args.field)
         extension.domain_text = {
             "files": list(args.text),
             "tokens_before": count_tokens(base, documents),
-            "tokens_after": count_tokens(load_tokenizer(args.output), documents),
+            "tokens_after": count_tokens(load_tokenizer(args.out), documents),
         }
-    record = write_extension(extension, args.output)
+    record = write_extension(extension, args.out)
     console.say(
-        f"wrote {args.output} ({extension.base_vocab_size} -> {extension.vocab_size} tokens, "
+        f"wrote {args.out} ({extension.base_vocab_size} -> {extension.vocab_size} tokens, "
         f"{len(extension.tokens)} new) and {record}; {extension.saving()}. Continue training with "
         f'init.extend_vocab = "{record}" and model.vocab_size = the model\'s rows grown to fit it '
         f"(at least {extension.vocab_size})"

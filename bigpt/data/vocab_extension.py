@@ -106,9 +106,7 @@ def extend_tokenizer(base_path, tokens: list[str], out_path) -> VocabExtension:
     base_path, out_path = Path(base_path), Path(out_path)
     base = load_tokenizer(base_path)
     if (base_path.suffix == ".json") != (out_path.suffix == ".json"):
-        raise BigptError(
-            f"--output {out_path} must be of the kind of --tokenizer {base_path} (tokenizer.json or .model)"
-        )
+        raise BigptError(f"--out {out_path} must be of the kind of --tokenizer {base_path} (tokenizer.json or .model)")
     new = [text for text in dict.fromkeys(tokens) if text and not _known(base, text)]  # in order, once
     if not new:
         raise BigptError(
