@@ -17,34 +17,13 @@ sys.path.insert(0, str(REPO))
 from bigpt.cli import Parser  # noqa: E402
 
 WIDTHS, BUDGETS, TOKENS_PER_PARAMETER = "8,16,24,32,48", "1e9,3e9,1e10,3e10,1e11", "2,100"
-BASE = """name = "ladder-bench"
-[model]
-num_layers = 2
-hidden_size = 64
-ffn_hidden_size = 172
-num_attention_heads = 8
-seq_length = 32
-vocab_size = 512
-[train]
-micro_batch_size = 64
-global_batch_size = 64
-train_iters = 100               # each run of the ladder sets its own
-[precision]
-dtype = "fp32"
-[optimizer]
-lr = 1e-2
-min_lr = 1e-3
-[schedule]
-warmup_iters = 10
+BASE = f"""name = "ladder-bench"
+base = "{REPO / "recipes/base/ladder_tiny.toml"}"
 [data]
 source = "indexed"
 tokenizer = "tokenizer.model"
-blend = [{ path = "demo_text_document" }]
+blend = [{{ path = "demo_text_document" }}]
 split = "98,2,0"
-[eval]
-iters = 8
-[logging]
-interval = 1000
 """
 
 parser = Parser(__doc__)

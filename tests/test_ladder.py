@@ -15,7 +15,7 @@ from bigpt.layout import Layout
 from bigpt.recipe import load_recipe
 from bigpt.scaling import LAW_FORMAT
 from bigpt.train.main import train
-from multirank import MOCK_RECIPE, scalars
+from multirank import MOCK_RECIPE, REPO, scalars
 from test_data_support import write_indexed
 from tools import ladder
 
@@ -23,28 +23,15 @@ WIDTHS, BUDGETS = "8,16,24", "1e9,3e9,1e10"
 
 
 def base_recipe(directory, tokenizer_path) -> str:
-    """A 2-layer, 64-wide model with 8-wide heads on 400 documents (about 250K tokens)."""
+    """recipes/base/ladder_tiny.toml on 400 documents (about 250K tokens)."""
     tokenizer = load_tokenizer(tokenizer_path)
     documents = [tokenizer.encode(text) + [tokenizer.eod] for _, text in itertools.islice(stdlib_documents(), 400)]
     prefix = write_indexed(directory / "corpus", documents)
     path = directory / "base.toml"
     path.write_text(f"""name = "ladder-base"
-[model]
-num_layers = 2
-hidden_size = 64
-ffn_hidden_size = 172
-num_attention_heads = 8
-seq_length = 32
-vocab_size = 512
+base = "{REPO / "recipes/base/ladder_tiny.toml"}"
 [train]
-micro_batch_size = 64
-global_batch_size = 64
 train_iters = 10                # each run of the ladder sets its own
-[precision]
-dtype = "fp32"
-[optimizer]
-lr = 1e-2
-min_lr = 1e-3
 [schedule]
 warmup_iters = 2
 [data]
@@ -55,7 +42,6 @@ split = "95,5,0"
 [eval]
 iters = 4
 [logging]
-interval = 1000
 tensorboard = false
 """)
     return str(path)
