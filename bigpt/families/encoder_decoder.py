@@ -31,6 +31,7 @@ from bigpt.data.batches import on_model_device
 from bigpt.data.datasets import build_datasets
 from bigpt.families.decoder import token_loss
 from bigpt.families.spec import ModelFamily
+from bigpt.hf.t5 import T5_FAMILIES
 from bigpt.recipe import padded_vocab_size
 
 DECODER_START_TOKEN = 0
@@ -174,5 +175,5 @@ ENCODER_DECODER = ModelFamily(
     forward_step=forward_step,
     logits=logits,
     build_datasets=build_datasets,
-    hf_model_types=(),
+    hf_model_types=tuple(T5_FAMILIES),
 )

@@ -50,9 +50,10 @@ from bigpt.hf.files import (
     write_shards,
 )
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
+from bigpt.hf.t5 import INPUT_LENGTH
 from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
-from bigpt.recipe.tables import EncoderConfig, MoEConfig
+from bigpt.recipe.tables import EncoderConfig, EncoderDecoderConfig, MoEConfig
 from bigpt.runtime import console
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
@@ -95,8 +96,8 @@ def _sliced_axes(item: Item, num_layers: int) -> list[tuple[int, int]]:
     tensor (the dense decoder; an MoE model keys its layers by number), then the expert axis."""
     rule, layer, expert = item
     axes = []
-    if layer is not None and rule.checkpoint_key(layer) == rule.key:
-        axes.append((layer, num_layers))
+    if layer is not None and rule.checkpoint_key(layer) == rule.key:  # a stack of all of rule.layers (T5's encoder)
+        axes.append((layer, num_layers if rule.layers is None else len(rule.layers)))
     if expert is not None:
         axes.append((expert, rule.experts))
     return axes
@@ -274,7 +275,7 @@ def _import_notes(config: dict, weights, directory: Path) -> list[str]:
     notes = []
     if weights.left_out:
         notes.append(
-            f"{directory}: left out {len(weights.left_out)} tensors that masked-LM training does not use "
+            f"{directory}: left out {len(weights.left_out)} tensors that {weights.left_out_by} does not use "
             f"({', '.join(weights.left_out[:4])}{', ...' if len(weights.left_out) > 4 else ''}); an export "
             "does not write them"
         )
@@ -284,7 +285,8 @@ def _import_notes(config: dict, weights, directory: Path) -> list[str]:
 
 def model_toml(model: dict, source: Path, config: dict) -> str:
     """The [model] table of ``config`` as a recipe fragment (a ``base`` or a table to paste)."""
-    table = dict(model, seq_length=min(usable_positions(model, config), 8192))
+    positions = usable_positions(model, config) if "max_position_embeddings" in model else INPUT_LENGTH  # T5: no table
+    table = dict(model, seq_length=min(positions, 8192))
     return (
         f"# The architecture of {source} (written by tools/convert_hf.py import).\n"
         "# Paste this table into a recipe, or name this file as its base; seq_length is yours to choose.\n"
@@ -298,7 +300,11 @@ def checkpoint_model(checkpoint: Path) -> ModelConfig:
     for name in ("recipe.toml", MODEL_TOML):
         if (checkpoint / name).is_file():
             table = tomllib.loads((checkpoint / name).read_text())["model"]
-            tables = {"moe": MoEConfig(**table.get("moe", {})), "encoder": EncoderConfig(**table.get("encoder", {}))}
+            tables = {
+                "moe": MoEConfig(**table.get("moe", {})),
+                "encoder": EncoderConfig(**table.get("encoder", {})),
+                "encoder_decoder": EncoderDecoderConfig(**table.get("encoder_decoder", {})),
+            }
             return ModelConfig(**table | tables)
     raise BigptError(
         f"{checkpoint} is not a bigpt checkpoint (it has neither recipe.toml nor {MODEL_TOML}); point at "

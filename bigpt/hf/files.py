@@ -85,6 +85,8 @@ class SafetensorsWeights:
         self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
         self.left_out: list[str] = []
         """Tensors of the directory that the model does not use (bigpt.hf.bert.left_out)."""
+        self.left_out_by = "masked-LM training"
+        """What does not use them, for the import's note."""
         self.stored: dict[str, str] = {}
         """A tensor's name in its file, where it differs from the name the map uses."""
 
@@ -169,6 +171,10 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
         weights.left_out = bert.left_out(weights.files, config)  # a released BERT's pooler, NSP head
         for name in weights.left_out + bert.redundant(weights.files, config):
             del weights.files[name]
+    elif model.get("family") == "encoder_decoder":
+        from bigpt.hf import t5
+
+        t5.check_tying(directory, weights, model, config)  # and drops the embedding's copies
     elif model["tie_embeddings"] and "lm_head.weight" in weights.files:  # some tied checkpoints store the copy too
         _check_tied_copy(directory, weights)
         del weights.files["lm_head.weight"]
