@@ -103,6 +103,20 @@ def _check_degrees(recipe: Recipe) -> None:
             "over context-parallel ranks for causal attention only",
             "set parallel.context = 1",
         )
+    if recipe.model.family == "encoder_decoder":
+        refused = [
+            (parallel.pipeline > 1, f"parallel.pipeline={parallel.pipeline}", "set parallel.pipeline = 1"),
+            (parallel.context > 1, f"parallel.context={parallel.context}", "set parallel.context = 1"),
+        ]
+        for wrong, key, fix in refused:
+            if wrong:
+                recipe_error(
+                    recipe,
+                    f'{key} with model.family = "encoder_decoder": megatron-core 0.19\'s T5Model splits neither its '
+                    "stacks over pipeline stages nor its sequences over context-parallel ranks (its cross-attention "
+                    "and relative position bias; Megatron-LM's pretrain_t5.py refuses both too)",
+                    f"{fix}, and use tensor and data parallelism",
+                )
     name = recipe.optimizer.name
     if name != "adamw" and parallel.distributed_optimizer and recipe.precision.dtype != "bf16":
         recipe_error(

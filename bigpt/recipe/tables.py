@@ -95,14 +95,30 @@ class EncoderConfig:
 
 
 @dataclass(kw_only=True)
+class EncoderDecoderConfig:
+    """[model.encoder_decoder]: the encoder-decoder of model.family = "encoder_decoder" (T5),
+    megatron-core's T5Model with T5's relative position bias. Its decoder has model.num_layers
+    layers; the widths, heads (model.kv_channels: T5's d_kv) and norms are [model]'s, for both stacks."""
+
+    encoder_layers: int | None = positive(None)
+    """Layers of the encoder; None = model.num_layers, as many as the decoder's."""
+    relative_attention_num_buckets: int = positive(32)
+    """Buckets of relative distance, each with a learned bias per head (T5's
+    relative_attention_num_buckets; half of them per direction in the encoder)."""
+    relative_attention_max_distance: int = positive(128)
+    """Distances from this on share the last bucket (relative_attention_max_distance)."""
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """[model]: the transformer architecture."""
 
-    family: Literal["decoder", "moe_decoder", "encoder"] = "decoder"
+    family: Literal["decoder", "moe_decoder", "encoder", "encoder_decoder"] = "decoder"
     """The kind of model: decoder = a dense causal decoder (Llama, Qwen, Mistral); moe_decoder = a
     causal decoder whose MLPs are Mixture-of-Experts layers, set in [model.moe]; encoder = a
     bidirectional encoder trained by masked language modelling (BERT, RoBERTa), set in
-    [model.encoder]."""
+    [model.encoder]; encoder_decoder = an encoder and a decoder trained by span corruption (T5), set
+    in [model.encoder_decoder]."""
     num_layers: int = positive()
     """Number of transformer layers."""
     hidden_size: int = positive()
@@ -123,14 +139,16 @@ class ModelConfig:
     """The tokenizer's vocabulary size; the embedding is padded, see ``padded_vocab_size``."""
     make_vocab_size_divisible_by: int = positive(128)
     """Pad the embedding rows to a multiple of this times the tensor-parallel size."""
-    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
-    """MLP activation; swiglu is gated (three MLP matrices instead of two)."""
+    activation: Literal["swiglu", "gelu", "relu", "geglu"] = "swiglu"
+    """MLP activation; swiglu and geglu are gated (three MLP matrices instead of two). geglu is GELU
+    in its tanh approximation, gated (T5 v1.1's gated-gelu, Hugging Face's gelu_new)."""
     normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Norm before attention, before the MLP and after the last layer."""
     norm_epsilon: float = positive(1e-5)
     """Epsilon added inside the norm."""
-    position_embedding: Literal["rope", "learned"] = "rope"
-    """Rotary embeddings on q/k, or a learned absolute position table."""
+    position_embedding: Literal["rope", "learned", "relative"] = "rope"
+    """Rotary embeddings on q/k, a learned absolute position table, or T5's learned relative
+    position bias on the attention scores (model.family = "encoder_decoder" only)."""
     rope_base: float = positive(10000.0)
     """RoPE base frequency (Llama 3 uses 500000)."""
     rope_scaling: Literal["none", "llama3", "yarn", "linear"] = "none"
@@ -187,6 +205,8 @@ class ModelConfig:
     """[model.moe]"""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """[model.encoder]"""
+    encoder_decoder: EncoderDecoderConfig = field(default_factory=EncoderDecoderConfig)
+    """[model.encoder_decoder]"""
 
 
 MODEL_SHAPE_KEYS = (
@@ -207,6 +227,7 @@ MODEL_SHAPE_KEYS = (
     "qk_layernorm",
     "moe",
     "encoder",
+    "encoder_decoder",
 )
 """The [model] keys that decide which tensors a checkpoint holds and their shapes."""
 
