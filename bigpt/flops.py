@@ -282,6 +282,8 @@ def attended_keys(model: ModelConfig) -> float:
 
 def attention_counted(model: ModelConfig) -> str:
     """How the FLOP count takes the attention scores (attended_keys), in the plans' words."""
+    if model.family == "encoder_decoder":
+        return "encoder and cross-attention all keys, decoder self-attention halved"
     return "bidirectional attention, all keys" if model.family == "encoder" else "causal attention halved"
 
 
