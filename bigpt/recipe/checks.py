@@ -19,6 +19,7 @@ from bigpt.recipe.tables import (
     PrecisionConfig,
     Recipe,
     RecomputeConfig,
+    SpanCorruptionConfig,
 )
 
 
@@ -34,6 +35,7 @@ def check_recipe(recipe: Recipe) -> None:
         _check_moe,
         _check_encoder,
         _check_encoder_decoder,
+        _check_span_corruption,
         _check_optimizer,
         _check_precision,
         _check_recompute,
@@ -243,7 +245,12 @@ def _check_encoder(recipe: Recipe) -> None:
             recipe_error(
                 recipe,
                 f"{', '.join(set_keys)} set while model.family={model.family!r} is not a masked-LM encoder",
-                'set model.family = "encoder", or remove them',
+                'set model.family = "encoder", or remove them'
+                + (
+                    " (an encoder-decoder's masking is [data.span_corruption])"
+                    if model.family == "encoder_decoder"
+                    else ""
+                ),
             )
         return
     if encoder.next_sentence_prediction:
@@ -358,6 +365,51 @@ def _check_encoder_decoder(recipe: Recipe) -> None:
             f"{distance}: T5's buckets go half to exact distances (a quarter per direction in the encoder) and "
             "half to logarithmic ranges up to the max distance, which must lie beyond the exact ones",
             "use at least 4 buckets and a max distance above half of them (T5: 32 and 128)",
+        )
+
+
+def _check_span_corruption(recipe: Recipe) -> None:
+    span = recipe.data.span_corruption
+    if recipe.model.family != "encoder_decoder":
+        set_keys = [
+            f"data.span_corruption.{key}"
+            for key, value in vars(span).items()
+            if value != getattr(SpanCorruptionConfig(), key)
+        ]
+        if set_keys:
+            recipe_error(
+                recipe,
+                f"{', '.join(set_keys)} set while model.family={recipe.model.family!r} is not an encoder-decoder",
+                'set model.family = "encoder_decoder" for span corruption (T5), or remove them',
+            )
+        return
+    if span.mean_span_length < 1:
+        recipe_error(
+            recipe,
+            f"data.span_corruption.mean_span_length = {span.mean_span_length}: a span holds at least one token",
+            "choose 1 or more (T5: 3)",
+        )
+    # Each span is cut out between kept tokens, so spans ≤ kept tokens: density / mean ≤ 1 - density.
+    most = span.mean_span_length / (span.mean_span_length + 1)
+    if not 0 < span.noise_density <= most:
+        recipe_error(
+            recipe,
+            f"data.span_corruption.noise_density = {span.noise_density} with mean_span_length = "
+            f"{span.mean_span_length}: "
+            + (
+                "nothing would be dropped"
+                if span.noise_density <= 0
+                else f"each span needs a kept token before it, so at most {most:.3g} of a sample can be dropped "
+                "in spans of that mean length"
+            ),
+            "choose a share above 0 and at most mean_span_length / (mean_span_length + 1) (T5: 0.15)",
+        )
+    if recipe.model.seq_length < 4:
+        recipe_error(
+            recipe,
+            f"model.seq_length = {recipe.model.seq_length} with span corruption: a sample holds "
+            "model.seq_length - 2 tokens, and a span is dropped only between kept ones",
+            "use 4 or more",
         )
 
 

@@ -108,6 +108,10 @@ class EncoderDecoderConfig:
     relative_attention_max_distance: int = positive(128)
     """Distances from this on share the last bucket (relative_attention_max_distance)."""
 
+    def encoder_depth(self, num_layers: int) -> int:
+        """The encoder's layers, given model.num_layers (the decoder's)."""
+        return self.encoder_layers or num_layers
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -516,6 +520,44 @@ class MaskingConfig:
 
 
 @dataclass(kw_only=True)
+class SpanCorruptionConfig:
+    """[data.span_corruption]: how model.family = "encoder_decoder" corrupts its samples (T5's span
+    corruption): spans of a sample's tokens are dropped from the encoder's input, each replaced by a
+    sentinel (<extra_id_0>, <extra_id_1>, ...), and the decoder writes each sentinel then the tokens
+    it stands for, then EOS. A sample is corrupted anew each time it is drawn, seeded by its position
+    in the stream. T5's other objectives (prefix LM, deshuffling, BERT-style) are not offered."""
+
+    noise_density: float = fraction(0.15)
+    """Share of a sample's tokens dropped: round(tokens × noise_density), at least one (T5: 0.15)."""
+    mean_span_length: float = positive(3.0)
+    """Mean length of a dropped span: the dropped tokens form round(dropped / mean_span_length) spans
+    of random lengths, with kept tokens of random lengths between them (T5: 3)."""
+
+    def noise_and_spans(self, length: int) -> tuple[int, int]:
+        """(dropped tokens, spans) of a sample of ``length`` tokens, as T5's ``random_spans_noise_mask``
+        counts them; each span follows at least one kept token."""
+        if length < 2:
+            return 0, 0
+        noise = min(max(round(length * self.noise_density), 1), length - 1)
+        return noise, min(max(round(noise / self.mean_span_length), 1), length - noise)
+
+    def most_spans(self, seq_length: int) -> int:
+        """The most spans, so sentinels, a sample of an encoder of ``seq_length`` positions can have."""
+        return max(self.noise_and_spans(length)[1] for length in range(1, sample_tokens(seq_length) + 1))
+
+    def decoder_seq_length(self, seq_length: int) -> int:
+        """The decoder's positions for an encoder of ``seq_length``: its start token, then the
+        sentinel and tokens of each span of the longest sample (its targets: the same, then EOS)."""
+        return 1 + max(sum(self.noise_and_spans(length)) for length in range(1, sample_tokens(seq_length) + 1))
+
+
+def sample_tokens(seq_length: int) -> int:
+    """The tokens a span-corruption sample holds at most: megatron-core's T5 samples leave two of the
+    encoder's positions (bigpt ends the encoder's input with EOS in one)."""
+    return seq_length - 2
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """[data]: tokenizer and training data."""
 
@@ -538,6 +580,8 @@ class DataConfig:
     start_tokens; data.blend is the first phase, from token 0. Validation always uses data.blend."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     """[data.masking]"""
+    span_corruption: SpanCorruptionConfig = field(default_factory=SpanCorruptionConfig)
+    """[data.span_corruption]"""
 
 
 @dataclass(kw_only=True)
