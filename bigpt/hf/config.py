@@ -342,8 +342,8 @@ def effective(model: dict, key: str):
         if model.get("family", "decoder") != "encoder_decoder":
             return None
         given = model.get("encoder_decoder") or {}
-        table = vars(EncoderDecoderConfig(**given) if isinstance(given, dict) else given)
-        return {**table, "encoder_layers": table["encoder_layers"] or model["num_layers"]}
+        table = EncoderDecoderConfig(**given) if isinstance(given, dict) else given
+        return {**vars(table), "encoder_layers": table.encoder_depth(model["num_layers"])}
     value = model.get(key, getattr(ModelConfig, key, None))
     scaling = model.get("rope_scaling", "none")
     if key in ("rope_scaling_factor", *ROPE_SCALING_KEYS) and key not in ROPE_SCALING_USES[scaling]:
