@@ -257,11 +257,18 @@ def test_a_scaling_that_disagrees_with_the_tying_is_refused(converted, tmp_path)
         (dict(model_type="longt5"), "model_type 'longt5' is not supported: LongT5's local and transient-global"),
         (dict(model_type="switch_transformers"), "'switch_transformers' is not supported: Switch Transformers' Mix"),
         (dict(architectures=["T5EncoderModel"]), r"architectures \['T5EncoderModel'\] is not supported"),
-        (dict(feed_forward_proj="gated-silu"), "feed_forward_proj = 'gated-silu' is not supported"),
+        (  # as a hand-written config.json states it (save_pretrained writes dense_act_fn and is_gated_act too)
+            dict(feed_forward_proj="gated-silu", dense_act_fn=None, is_gated_act=None),
+            "feed_forward_proj = 'gated-silu' is not supported",
+        ),
+        (  # transformers builds the MLP its saved dense_act_fn names, whatever feed_forward_proj says
+            dict(feed_forward_proj="gated-gelu", dense_act_fn="gelu", is_gated_act=True),
+            r"feed_forward_proj = 'gated-gelu' \(dense_act_fn = 'gelu', is_gated_act = true\) is not supported",
+        ),
     ],
 )
 def test_t5_variants_bigpt_cannot_compute_are_refused_by_name(changes, message):
-    config = dict(MODELS["t5_v1_0"][1].to_dict(), **changes)
+    config = {key: value for key, value in dict(MODELS["t5_v1_0"][1].to_dict(), **changes).items() if value is not None}
     with pytest.raises(BigptError, match=message):
         model_from_hf(config, "config.json")
 

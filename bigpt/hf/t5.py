@@ -66,6 +66,8 @@ REFUSED = {
 
 ACTIVATIONS = {"relu": "relu", "gated-gelu": "geglu"}
 """config.json's feed_forward_proj → model.activation (gated-gelu is transformers' gelu_new, tanh)."""
+MLPS = {(False, "relu"): "relu", (True, "gelu_new"): "geglu", (True, "gelu_pytorch_tanh"): "geglu"}
+"""(is_gated_act, dense_act_fn), what transformers computes → model.activation."""
 
 INPUT_LENGTH = 512
 """The inputs released T5 models were pretrained on (the model.toml of an import proposes it:
@@ -121,13 +123,6 @@ def model_from_hf(config: dict, source) -> dict:
     missing = [key for key in _REQUIRED if key not in config]
     if missing:
         _refuse(source, f"keys {missing} are missing", "a config.json of T5 names all of " + ", ".join(_REQUIRED))
-    feed_forward = config.get("feed_forward_proj", family.feed_forward_proj)
-    if feed_forward not in ACTIVATIONS:
-        _refuse(
-            source,
-            f"feed_forward_proj = {feed_forward!r} is not supported",
-            "bigpt's encoder-decoder computes T5's 'relu' (v1.0) and 'gated-gelu' (v1.1, FLAN-T5, mT5) MLPs",
-        )
     tied = scales_output(config)
     model = {
         "family": "encoder_decoder",
@@ -137,7 +132,7 @@ def model_from_hf(config: dict, source) -> dict:
         "num_attention_heads": config["num_heads"],
         "kv_channels": config["d_kv"],  # stated, as T5's config does (d_kv × num_heads may differ from d_model)
         "vocab_size": config["vocab_size"],
-        "activation": ACTIVATIONS[feed_forward],
+        "activation": _activation(config, family, source),
         "normalization": "rmsnorm",
         "norm_epsilon": config.get("layer_norm_epsilon", 1e-6),
         "position_embedding": "relative",
@@ -150,6 +145,26 @@ def model_from_hf(config: dict, source) -> dict:
         "relative_attention_max_distance": config.get("relative_attention_max_distance", 128),
     }
     return model
+
+
+def _activation(config: dict, family: T5Family, source) -> str:
+    """model.activation for the MLP transformers builds from ``config``: feed_forward_proj, unless
+    the saved dense_act_fn and is_gated_act (which transformers prefers) say otherwise."""
+    feed_forward = config.get("feed_forward_proj", family.feed_forward_proj)
+    gated = feed_forward.startswith("gated-")
+    derived = "gelu_new" if feed_forward == "gated-gelu" else feed_forward.removeprefix("gated-")
+    mlp = (config.get("is_gated_act", gated), config.get("dense_act_fn", derived))
+    if mlp not in MLPS:
+        spelled = f"feed_forward_proj = {feed_forward!r}" + (
+            f" (dense_act_fn = {mlp[1]!r}, is_gated_act = {str(mlp[0]).lower()})" if mlp != (gated, derived) else ""
+        )
+        _refuse(
+            source,
+            f"{spelled} is not supported",
+            "bigpt's encoder-decoder computes T5's 'relu' (v1.0) and 'gated-gelu' (v1.1, FLAN-T5, mT5: the tanh "
+            "GELU, gelu_new) MLPs",
+        )
+    return MLPS[mlp]
 
 
 def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict:
