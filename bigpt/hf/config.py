@@ -21,6 +21,7 @@ from bigpt.recipe.tables import (
     ROPE_SCALING_KEYS,
     ROPE_SCALING_USES,
     EncoderConfig,
+    EncoderDecoderConfig,
     MoEConfig,
 )
 
@@ -334,6 +335,12 @@ def effective(model: dict, key: str):
             return None
         given = model.get("encoder") or {}
         return vars(EncoderConfig(**given) if isinstance(given, dict) else given)
+    if key == "encoder_decoder":  # a table ([model.encoder_decoder]), of the encoder-decoder family only
+        if model.get("family", "decoder") != "encoder_decoder":
+            return None
+        given = model.get("encoder_decoder") or {}
+        table = EncoderDecoderConfig(**given) if isinstance(given, dict) else given
+        return {**vars(table), "encoder_layers": table.encoder_depth(model["num_layers"])}
     value = model.get(key, getattr(ModelConfig, key, None))
     scaling = model.get("rope_scaling", "none")
     if key in ("rope_scaling_factor", *ROPE_SCALING_KEYS) and key not in ROPE_SCALING_USES[scaling]:
