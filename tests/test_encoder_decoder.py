@@ -2,6 +2,8 @@
 T5's function computed on megatron-core's T5Model (against transformers with the same weights), what
 megatron-core needs for it, its keys checked on paper, its counts."""
 
+import tomllib
+
 import pytest
 import torch
 from megatron.core.models.T5 import t5_spec
@@ -13,8 +15,9 @@ from transformers import T5Config, T5ForConditionalGeneration
 from bigpt.errors import BigptError
 from bigpt.families.encoder_decoder import RelativeBiasAttention, attention_masks, forward_step
 from bigpt.flops import encoder_decoder_flops_per_sample, num_parameters
+from bigpt.hf.config import check_recipe_matches
 from bigpt.layout import Layout
-from bigpt.recipe import load_recipe
+from bigpt.recipe import load_recipe, recipe_to_toml
 from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 from test_reshard import reshard
 from test_training_path import world_of_one
@@ -245,6 +248,21 @@ def test_pipeline_and_context_parallelism_are_refused_on_paper(parallel):
     recipe = load_recipe(T5_RECIPE, [parallel])
     with pytest.raises(BigptError, match=f'{parallel} with model.family = "encoder_decoder": megatron-core 0.19\'s'):
         Layout.from_recipe(recipe, 2)
+
+
+def test_weights_of_another_encoder_decoder_are_refused():
+    """[model.encoder_decoder] decides what the weights compute: a checkpoint saved with the same
+    table loads (its encoder_layers default resolved), one with other buckets does not."""
+    saved = tomllib.loads(recipe_to_toml(load_recipe(T5_RECIPE)))["model"]
+    assert check_recipe_matches(load_recipe(T5_RECIPE).model, saved, "ckpt", key="checkpoint.load") == []
+    del saved["encoder_decoder"]["encoder_layers"]  # None, written by a recipe that left it out
+    same = load_recipe(T5_RECIPE, ["model.num_layers=3"])
+    assert check_recipe_matches(same.model, {**saved, "num_layers": 3}, "ckpt", key="checkpoint.load") == []
+    other = load_recipe(T5_RECIPE, ["model.encoder_decoder.relative_attention_max_distance=40"])
+    with pytest.raises(
+        BigptError, match=r"model.encoder_decoder = .*'relative_attention_max_distance': 40.* \(the checkpoint"
+    ):
+        check_recipe_matches(other.model, saved | {"num_layers": 2}, "ckpt", key="checkpoint.load")
 
 
 def test_t5_base_counts_as_the_released_model():
