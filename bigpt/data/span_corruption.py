@@ -22,8 +22,6 @@ What it gets wrong, and ``SpanCorruptionDataset`` fixes:
 - padding: labels are padded with -1, not a token.
 """
 
-import itertools
-import re
 from dataclasses import dataclass
 
 import numpy
@@ -78,9 +76,6 @@ def mock_span_vocabulary(recipe) -> SpanVocabulary:
     )
 
 
-SENTINEL = re.compile(r"<extra_id_(\d+)>")
-"""T5's sentinel pieces, <extra_id_0> the first span's."""
-
 PAD_NAMES = ("<pad>", "[PAD]")
 
 
@@ -96,9 +91,9 @@ def span_vocabulary(tokenizer: Tokenizer, recipe) -> SpanVocabulary:
             'corruption (model.family = "encoder_decoder") pads samples with and starts the decoder with '
             "(T5's decoder start is its pad id); use a T5 tokenizer or one that has it"
         )
-    sentinels = list(
-        itertools.takewhile(lambda i: i is not None, (ids.get(f"<extra_id_{n}>") for n in itertools.count()))
-    )
+    sentinels: list[int] = []
+    while (sentinel := ids.get(f"<extra_id_{len(sentinels)}>")) is not None:
+        sentinels.append(sentinel)
     needed = recipe.data.span_corruption.most_spans(recipe.model.seq_length)
     if len(sentinels) < needed:
         raise BigptError(
