@@ -209,6 +209,14 @@ def test_a_tokenizer_without_the_sentinels_or_pad_a_sample_needs_is_refused(tmp_
     )
     assert "has no T5 sentinel token(s)" in refusal(_hf_tokenizer(tmp_path, sentinels=0))
     assert "has no pad token (<pad> or [PAD])" in refusal(tokenizer_path)  # bigpt's own SentencePiece
+    # The dry run lists it as a problem a start would refuse.
+    from bigpt.dryrun import describe
+    from bigpt.layout import Layout
+
+    recipe = load_recipe(T5_RECIPE, [f"run_dir={tmp_path / 'run'}", f"data.tokenizer='{tmp_path / 'tokenizer.json'}'"])
+    problems: list[str] = []
+    describe(recipe, Layout.from_recipe(recipe, 1), problems)
+    assert [problem for problem in problems if "has no T5 sentinel token(s)" in problem], problems
 
 
 @pytest.mark.parametrize(
