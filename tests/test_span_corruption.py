@@ -11,6 +11,7 @@ import torch
 from megatron.core.datasets.masked_dataset import MaskedWordPieceDataset
 from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
 
+from bigpt.data.masked import MASKED_BATCH_KEYS
 from bigpt.data.span_corruption import MOCK_SPECIALS, NOT_A_TOKEN, SPAN_BATCH_KEYS, span_vocabulary
 from bigpt.data.tokenizer import load_tokenizer
 from bigpt.errors import BigptError
@@ -36,11 +37,12 @@ def source_tokens(dataset, index: int) -> list[int]:
     return [int(token) for sentence in range(first, end) for token in dataset.dataset[sentence]][:length]
 
 
-def spans_of(sample: dict, sentinels: list[int]) -> tuple[list[int], list[list[int]]]:
+def spans_of(sample: dict, vocabulary) -> tuple[list[int], list[list[int]]]:
     """(the encoder's kept tokens with a sentinel for each span, the spans), read back from a sample."""
+    sentinels = vocabulary.additional_special_tokens_ids
     encoder = sample["text_enc"][sample["enc_mask"].bool()].tolist()
     labels = sample["labels"][sample["loss_mask"].bool()].tolist()
-    assert encoder[-1] == EOS and labels[-1] == EOS
+    assert encoder[-1] == vocabulary.eos and labels[-1] == vocabulary.eos
     spans, at = [], [labels.index(sentinel) for sentinel in sentinels if sentinel in labels] + [len(labels) - 1]
     for start, end in zip(at, at[1:]):
         spans.append(labels[start + 1 : end])
@@ -80,7 +82,7 @@ def test_samples_are_t5s_span_corruption_padded_by_position(t5_samples):
         real = sample["dec_mask"].bool()
         assert torch.equal(sample["text_dec"][real][1:], sample["labels"][real][:-1])  # shifted by one
         assert (sample["labels"][~real] == PAD).all()
-        encoder, spans = spans_of(sample, sentinels)
+        encoder, spans = spans_of(sample, train.config.tokenizer)
         used = [token for token in encoder if token in sentinels]
         assert used == sentinels[: len(spans)]  # one sentinel per span, in order
         assert uncorrupted(encoder, spans, sentinels) == source_tokens(train, index)
@@ -91,13 +93,12 @@ def test_samples_are_t5s_span_corruption_padded_by_position(t5_samples):
 
 def test_the_noise_density_and_mean_span_length_asked_for_are_what_samples_get(t5_samples):
     _, train, samples = t5_samples
-    other_recipe, other = build(["data.span_corruption.noise_density=0.3", "data.span_corruption.mean_span_length=5"])
+    _, other = build(["data.span_corruption.noise_density=0.3", "data.span_corruption.mean_span_length=5"])
     for dataset, drawn, density, mean in ((train, samples, 0.15, 3), (other, None, 0.3, 5)):
         drawn = drawn or [dataset[i] for i in range(SAMPLES)]
-        sentinels = dataset.config.tokenizer.additional_special_tokens_ids
         dropped = total = spans = 0
         for index, sample in enumerate(drawn):
-            _, sample_spans = spans_of(sample, sentinels)
+            _, sample_spans = spans_of(sample, dataset.config.tokenizer)
             dropped += sum(map(len, sample_spans))
             spans += len(sample_spans)
             total += len(source_tokens(dataset, index))
@@ -249,43 +250,54 @@ def test_t5s_lengths_follow_from_the_spans():
 
 def test_preprocessed_sentences_are_packed_into_span_corruption_samples(tmp_path):
     """tools/preprocess_data.py --split-sentences serves T5 as it serves the encoder: sentences of
-    one document packed into a sample; the dry run's data plan says how much of the data samples hold."""
+    one document packed into a sample; the dry run's data plan says how much of the data samples hold.
+    An <unk> of id 0 (SentencePiece's) is a token; named validation sets (eval.sets) read the
+    family's samples, the encoder's too."""
     from tokenizers import AddedToken, Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
+    from bigpt.data.datasets import build_validation_sets
     from bigpt.data.phases import plan_tokens
     from bigpt.data.preprocess import preprocess
     from bigpt.data.span_corruption import span_token_share
 
     words = [f"w{i}" for i in range(40)]
-    vocab = ["<pad>", "</s>", "<unk>", ".", *words]
+    vocab = ["<unk>", "<pad>", "</s>", "<s>", "<mask>", ".", *words]  # T5's and the encoder's specials
     tokenizer = Tokenizer(WordLevel({piece: i for i, piece in enumerate(vocab)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = Whitespace()
     tokenizer.add_special_tokens([AddedToken(f"<extra_id_{n}>", special=True) for n in range(4)])
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     rng = numpy.random.default_rng(0)
     documents = [
-        " ".join(" ".join(rng.choice(words, size=rng.integers(3, 8))) + "." for _ in range(5)) for _ in range(40)
+        " ".join(" ".join(rng.choice([*words, "unknown"], size=rng.integers(3, 8))) + "." for _ in range(5))
+        for _ in range(40)
     ]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
     prefix = str(tmp_path / "corpus")
     preprocess(tmp_path / "corpus.jsonl", prefix, tmp_path / "tokenizer.json", sentences=True)
     overrides = [
-        "model.vocab_size=48",
+        "model.vocab_size=50",
         "model.seq_length=16",
         "data.source='indexed'",
         f"data.tokenizer='{tmp_path / 'tokenizer.json'}'",
         f"data.blend=[{{path='{prefix}'}}]",
-        "data.split='100,0,0'",
+        "data.split='90,10,0'",
         f"data.cache_dir='{tmp_path / 'cache'}'",
+        "eval.interval=2",
+        "eval.iters=1",
+        "eval.sets=[{name='general'}]",
     ]
     recipe, train = build(overrides, samples=16)
     sample = train[0]
     sentinels = train.config.tokenizer.additional_special_tokens_ids
-    encoder, spans = spans_of(sample, sentinels)
+    encoder, spans = spans_of(sample, train.config.tokenizer)
     assert uncorrupted(encoder, spans, sentinels) == source_tokens(train, 0)
     assert source_tokens(train, 0).count(vocab.index(".")) > 1  # more than one sentence
+    unknown = [sample["enc_mask"][sample["text_enc"] == 0] for sample in (train[i] for i in range(16))]
+    assert torch.cat(unknown).numel() and torch.cat(unknown).all()  # <unk> = 0 is a token, not padding
+    valid = build_validation_sets(recipe, world_rank=0)["general"]
+    assert set(valid[0]) == set(SPAN_BATCH_KEYS) and spans_of(valid[0], train.config.tokenizer)[1]
     preprocess(tmp_path / "corpus.jsonl", str(tmp_path / "whole"), tmp_path / "tokenizer.json")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -293,3 +305,5 @@ def test_preprocessed_sentences_are_packed_into_span_corruption_samples(tmp_path
     by_document = span_token_share(IndexedDataset(str(tmp_path / "whole")), recipe)
     assert by_document < 0.5 < 0.8 < by_sentence
     assert f"span-corruption samples hold {by_sentence:.0%} of {prefix}'s tokens in one pass" in plan_tokens(recipe)
+    encoder = load_recipe(REPO / "tests" / "recipes" / "mock_encoder.toml", overrides)
+    assert set(build_validation_sets(encoder, world_rank=0)["general"][0]) == set(MASKED_BATCH_KEYS)
