@@ -256,6 +256,9 @@ def _layers_per_stage(recipe: Recipe) -> tuple[int, ...]:
     stage's count must divide evenly into its virtual chunks."""
     parallel, num_layers = recipe.parallel, recipe.model.num_layers
     pp, vpp = parallel.pipeline, parallel.virtual_pipeline
+    model = recipe.model
+    if model.family == "encoder_decoder" and pp == 1:  # both stacks, in the one stage it can have
+        return (model.encoder_decoder.encoder_depth(num_layers) + num_layers,)
     fixed = {
         stage: layers
         for stage, layers in ((0, parallel.first_stage_layers), (pp - 1, parallel.last_stage_layers))

@@ -106,16 +106,11 @@ def layer_spec(recipe, config, use_te, vp_stage) -> Specs:
     )
 
 
-def encoder_layers(model) -> int:
-    """The encoder's layers: model.encoder_decoder.encoder_layers, or as many as the decoder's (model.num_layers)."""
-    return model.encoder_decoder.encoder_layers or model.num_layers
-
-
 def build_chunk(recipe, layout, config, specs: Specs, vp_stage):
     m = recipe.model
     chunk = T5Model(
         config=config,
-        encoder_config=dataclasses.replace(config, num_layers=encoder_layers(m)),
+        encoder_config=dataclasses.replace(config, num_layers=m.encoder_decoder.encoder_depth(m.num_layers)),
         transformer_encoder_layer_spec=specs.encoder,
         transformer_decoder_layer_spec=specs.decoder,
         vocab_size=padded_vocab_size(m, layout.tp),

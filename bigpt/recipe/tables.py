@@ -108,6 +108,10 @@ class EncoderDecoderConfig:
     relative_attention_max_distance: int = positive(128)
     """Distances from this on share the last bucket (relative_attention_max_distance)."""
 
+    def encoder_depth(self, num_layers: int) -> int:
+        """The encoder's layers, given model.num_layers (the decoder's)."""
+        return self.encoder_layers or num_layers
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
