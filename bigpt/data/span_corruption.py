@@ -13,13 +13,14 @@ token, then each sentinel and its span, and is trained to write the same shifted
 What it gets wrong, and ``SpanCorruptionDataset`` fixes:
 - it marks padding where a token *equals the pad id*: T5's decoder starts with the pad id (0), so
   its first position was marked padding (Megatron-LM's local attention masks, from ``id >= 1``,
-  hide it and any <unk> of id 0 as well). Here padding is found by position.
+  hide it and any <unk> of id 0 as well). Here padding is found by position, and the family
+  builds its attention masks from ``enc_mask`` and ``dec_mask``, never from token ids.
 - it chooses spans as BERT chooses n-grams (lengths drawn ∝ 1/n, or geometric with p = 0.2, next
   to each other at times, each with a sentinel of its own), so no mean span length can be asked
   for. Here they are T5's (``random_spans_noise_mask``): round(L × noise_density) tokens in
   round(that / mean_span_length) spans of random lengths, a kept token before each.
 - the encoder's input has no EOS, which T5's has (the sample leaves room for it).
-- padding: labels are padded with -1, not a token.
+- its labels pad with -1, no token's id; here padding holds the pad id everywhere.
 """
 
 from dataclasses import dataclass
