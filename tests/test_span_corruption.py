@@ -173,26 +173,46 @@ def test_sentinels_are_read_from_a_hugging_face_tokenizer_in_order(tmp_path):
     assert vocabulary.additional_special_tokens_ids == [47, 46, 45, 44, 43]  # <extra_id_0> = 47, as T5's
 
 
-def test_sentinels_are_read_from_a_sentencepiece_model(tmp_path):
+def _sentencepiece(directory, **options):
+    """A tiny SentencePiece model laid out as T5's spiece.model (<pad> 0, </s> 1, <unk> 2)."""
     import sentencepiece
 
-    text = tmp_path / "text.txt"
+    directory.mkdir(exist_ok=True)
+    text = directory / "text.txt"
     text.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
     sentencepiece.SentencePieceTrainer.train(
         input=str(text),
-        model_prefix=str(tmp_path / "spiece"),
-        vocab_size=60,
+        model_prefix=str(directory / "spiece"),
         pad_id=0,
         eos_id=1,
         unk_id=2,
         bos_id=-1,
-        user_defined_symbols=[f"<extra_id_{n}>" for n in range(4)],
         minloglevel=2,
+        **options,
     )
-    path = tmp_path / "spiece.model"
+    return directory / "spiece.model"
+
+
+def test_sentinels_are_read_from_a_sentencepiece_model(tmp_path):
+    """As pieces of its own, or after its pieces as T5's spiece.model has them: transformers'
+    T5Tokenizer counts them in the tokenizer_config.json saved beside it (extra_ids)."""
+    symbols = [f"<extra_id_{n}>" for n in range(4)]
+    path = _sentencepiece(tmp_path / "symbols", vocab_size=60, user_defined_symbols=symbols)
     recipe = load_recipe(T5_RECIPE, [f"data.tokenizer='{path}'", "model.seq_length=40"])
     vocabulary = span_vocabulary(load_tokenizer(path), recipe)
     assert (vocabulary.pad, vocabulary.eos) == (0, 1) and vocabulary.additional_special_tokens_ids == [3, 4, 5, 6]
+
+    path = _sentencepiece(tmp_path / "t5", vocab_size=50)
+    recipe = load_recipe(T5_RECIPE, [f"data.tokenizer='{path}'", "model.seq_length=40"])
+    with pytest.raises(BigptError, match="has no T5 sentinel token"):
+        span_vocabulary(load_tokenizer(path), recipe)
+    (tmp_path / "t5" / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 100}))
+    vocabulary = span_vocabulary(load_tokenizer(path), recipe)
+    assert vocabulary.additional_special_tokens_ids == list(range(149, 49, -1))  # <extra_id_0> = 149, as T5's
+    assert vocabulary.vocab_size == 150 and vocabulary.inv_vocab[149] == "<extra_id_0>"
+    small = load_recipe(T5_RECIPE, [f"data.tokenizer='{path}'", "model.seq_length=40", "model.vocab_size=128"])
+    with pytest.raises(BigptError, match="sentinels up to id 149.*set model.vocab_size = 150 or more"):
+        span_vocabulary(load_tokenizer(path), small)
 
 
 def test_a_tokenizer_without_the_sentinels_or_pad_a_sample_needs_is_refused(tmp_path, tokenizer_path):

@@ -23,7 +23,9 @@ What it gets wrong, and ``SpanCorruptionDataset`` fixes:
 - its labels pad with -1, no token's id; here padding holds the pad id everywhere.
 """
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy
 import torch
@@ -31,7 +33,7 @@ from megatron.core.datasets.megatron_dataset import _PAD_TOKEN_ID as NOT_A_TOKEN
 from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset, T5MaskedWordPieceDatasetConfig
 
 from bigpt.data.masked import MockDocuments, OfMockDocuments, packed_token_share
-from bigpt.data.tokenizer import Tokenizer
+from bigpt.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from bigpt.errors import BigptError
 from bigpt.recipe.tables import SpanCorruptionConfig, sample_tokens
 
@@ -95,16 +97,44 @@ def span_vocabulary(tokenizer: Tokenizer, recipe) -> SpanVocabulary:
     sentinels: list[int] = []
     while (sentinel := ids.get(f"<extra_id_{len(sentinels)}>")) is not None:
         sentinels.append(sentinel)
+    if not sentinels and isinstance(tokenizer, SentencePieceTokenizer):  # T5's spiece.model: after its pieces
+        extra = t5_extra_ids(Path(path).with_name("tokenizer_config.json"))
+        sentinels = [len(pieces) + extra - 1 - n for n in range(extra)]  # <extra_id_0> the highest
+        pieces += [f"<extra_id_{n}>" for n in reversed(range(extra))]
     needed = recipe.data.span_corruption.most_spans(recipe.model.seq_length)
     if len(sentinels) < needed:
         raise BigptError(
             f"tokenizer {path} (data.tokenizer) has {len(sentinels) or 'no'} T5 sentinel token(s) (<extra_id_0>, "
             f"<extra_id_1>, ... in order), but a sample of model.seq_length = {recipe.model.seq_length} can have "
             f"{needed} dropped spans (data.span_corruption), each replaced by a sentinel of its own; use a tokenizer "
-            "with them (T5's tokenizer.json has 100; its spiece.model alone has none, transformers adds them), or "
-            "fewer spans (a shorter model.seq_length or a longer data.span_corruption.mean_span_length)"
+            "with them (T5's tokenizer.json has 100; T5's spiece.model has them after its pieces when the "
+            "tokenizer_config.json saved with it, whose extra_ids counts them, lies beside it), or fewer spans (a "
+            "shorter model.seq_length or a longer data.span_corruption.mean_span_length)"
+        )
+    if len(pieces) > recipe.model.vocab_size:
+        raise BigptError(
+            f"tokenizer {path} (data.tokenizer) has its T5 sentinels up to id {len(pieces) - 1}, after its "
+            f"SentencePiece pieces, but model.vocab_size is {recipe.model.vocab_size}; set model.vocab_size = "
+            f"{len(pieces)} or more (T5's is 32128)"
         )
     return SpanVocabulary(len(pieces), pad=pad, eos=tokenizer.eod, sentinels=sentinels, pieces=dict(enumerate(pieces)))
+
+
+def t5_extra_ids(config: Path) -> int:
+    """How many sentinels T5's tokenizer puts after the pieces of its SentencePiece model: the
+    ``extra_ids`` of the tokenizer_config.json beside it (transformers' T5Tokenizer); 0 without one."""
+    if not config.is_file():
+        return 0
+    try:
+        extra = json.loads(config.read_text()).get("extra_ids", 0)
+    except (ValueError, AttributeError):
+        extra = None
+    if not isinstance(extra, int) or extra < 0:
+        raise BigptError(
+            f"{config}, beside data.tokenizer, is not a tokenizer config whose extra_ids is a count of T5 sentinels; "
+            "fix or remove it"
+        )
+    return extra
 
 
 @dataclass
