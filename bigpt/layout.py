@@ -248,6 +248,16 @@ def _check_sequence_split(recipe: Recipe) -> None:
             f"divisible by parallel.tensor={parallel.tensor}",
             "sequence parallelism splits each sequence over the tensor-parallel ranks; adjust either",
         )
+    if parallel.sequence_parallel and recipe.model.family == "encoder_decoder":
+        decoder = recipe.data.span_corruption.decoder_seq_length(seq)
+        if decoder % parallel.tensor:
+            recipe_error(
+                recipe,
+                f"the decoder's length {decoder} (what span corruption of model.seq_length={seq} tokens needs, "
+                f"[data.span_corruption]) is not divisible by parallel.tensor={parallel.tensor}",
+                "sequence parallelism splits the decoder's sequences over the tensor-parallel ranks too; set "
+                "parallel.sequence_parallel = false, or a seq_length whose decoder length is divisible",
+            )
 
 
 def _layers_per_stage(recipe: Recipe) -> tuple[int, ...]:

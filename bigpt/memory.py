@@ -176,7 +176,7 @@ def _encoder_decoder_activations(recipe: Recipe, layout: Layout, in_flight: int)
     query = key_value = model.num_attention_heads * head
     decoder_tokens, encoder_tokens = _tokens(recipe, layout, decoder), _tokens(recipe, layout, encoder)
     inputs = 2 * element * decoder_tokens * model.hidden_size / (layout.tp if layout.sequence_parallel else 1)
-    cross = element * (2 * query * decoder_tokens + 2 * key_value * encoder_tokens)
+    cross: float = element * (2 * query * decoder_tokens + 2 * key_value * encoder_tokens)
     cross += _unfused_score_bytes(recipe) * model.num_attention_heads * decoder_tokens * encoder
     return (
         _layer_activations(recipe, layout, depth, in_flight, encoder)

@@ -2,6 +2,8 @@
 T5's function computed on megatron-core's T5Model (against transformers with the same weights), what
 megatron-core needs for it, its keys checked on paper, its counts."""
 
+import tomllib
+
 import pytest
 import torch
 from megatron.core.models.T5 import t5_spec
@@ -13,9 +15,11 @@ from transformers import T5Config, T5ForConditionalGeneration
 from bigpt.errors import BigptError
 from bigpt.families.encoder_decoder import RelativeBiasAttention, attention_masks, forward_step
 from bigpt.flops import encoder_decoder_flops_per_sample, num_parameters
+from bigpt.hf.config import check_recipe_matches
 from bigpt.layout import Layout
-from bigpt.recipe import load_recipe
-from multirank import MOCK_RECIPE, REPO
+from bigpt.recipe import load_recipe, recipe_to_toml
+from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
+from test_reshard import reshard
 from test_training_path import world_of_one
 
 T5_RECIPE = REPO / "tests" / "recipes" / "mock_t5.toml"
@@ -246,6 +250,21 @@ def test_pipeline_and_context_parallelism_are_refused_on_paper(parallel):
         Layout.from_recipe(recipe, 2)
 
 
+def test_weights_of_another_encoder_decoder_are_refused():
+    """[model.encoder_decoder] decides what the weights compute: a checkpoint saved with the same
+    table loads (its encoder_layers default resolved), one with other buckets does not."""
+    saved = tomllib.loads(recipe_to_toml(load_recipe(T5_RECIPE)))["model"]
+    assert check_recipe_matches(load_recipe(T5_RECIPE).model, saved, "ckpt", key="checkpoint.load") == []
+    del saved["encoder_decoder"]["encoder_layers"]  # None, written by a recipe that left it out
+    same = load_recipe(T5_RECIPE, ["model.num_layers=3"])
+    assert check_recipe_matches(same.model, {**saved, "num_layers": 3}, "ckpt", key="checkpoint.load") == []
+    other = load_recipe(T5_RECIPE, ["model.encoder_decoder.relative_attention_max_distance=40"])
+    with pytest.raises(
+        BigptError, match=r"model.encoder_decoder = .*'relative_attention_max_distance': 40.* \(the checkpoint"
+    ):
+        check_recipe_matches(other.model, saved | {"num_layers": 2}, "ckpt", key="checkpoint.load")
+
+
 def test_t5_base_counts_as_the_released_model():
     """recipes/t5_base.toml against transformers' count of T5ForConditionalGeneration with
     t5-base's config (222,903,552: the tied output layer counted once)."""
@@ -282,3 +301,64 @@ def test_the_flop_count_is_what_the_forward_multiplies():
     masked_half = m.num_layers * 2 * 2 * (decoder_tokens / 2) * query * decoder_tokens
     counted = encoder_decoder_flops_per_sample(m, chunk.vocab_size, decoder_tokens) / 3
     assert counted + masked_half == counter.get_total_flops()
+
+
+# ------------------------------------------------------------ layouts against one rank, resume, reshard
+PARITY_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def t5_start(tmp_path_factory):
+    """A one-rank T5 checkpoint after 2 steps, and the one-rank run from it (saving every step): the
+    weights every layout starts from (layouts initialise differently) and its losses."""
+    root = tmp_path_factory.mktemp("t5")
+    run_bigpt(T5_RECIPE, f"run_dir={root / 'init'}", "train.train_iters=2", "schedule.warmup_iters=1")
+    checkpoint = root / "init" / "checkpoints" / "iter_0000002"
+    run_bigpt(T5_RECIPE, *_from(checkpoint, root / "reference"), "checkpoint.save_interval=1", "checkpoint.keep_last=0")
+    return root, checkpoint, scalars(root / "reference", "train/loss")
+
+
+def _from(checkpoint, run_dir):
+    return [f"run_dir={run_dir}", f"init.from_checkpoint={checkpoint}", f"train.train_iters={PARITY_STEPS}"]
+
+
+@pytest.mark.slow
+def test_t5_at_dp2_trains_as_one_rank(t5_start):
+    """(TP=2 against one rank: the resharded checkpoint's run below, from the same step.)"""
+    root, checkpoint, reference = t5_start
+    run_bigpt(T5_RECIPE, *_from(checkpoint, root / "dp2"), nproc=2)
+    assert scalars(root / "dp2", "train/loss") == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_t5_resumes_bit_identically(t5_start, tmp_path):
+    root, _, reference = t5_start
+    resumed = run_bigpt(
+        T5_RECIPE,
+        f"run_dir={tmp_path}",
+        f"checkpoint.load={root / 'reference' / 'checkpoints' / 'iter_0000001'}",
+        f"train.train_iters={PARITY_STEPS}",
+    )
+    assert "resuming from" in resumed.stdout
+    assert scalars(tmp_path, "train/loss") == reference[1:]
+
+
+@pytest.mark.slow
+def test_a_t5_checkpoint_resharded_to_tp2_continues_the_loss(t5_start, tmp_path):
+    """tools/reshard.py: the one-rank checkpoint of step 1 (model, optimizer, data position) written
+    at TP=2, resumed there with sequence parallelism: steps 2 and 3 as the one-rank run's. Sequence
+    parallelism splits both stacks' sequences (the encoder's 128 tokens, the decoder's 26) and
+    gathers them for the relative position bias of the full length."""
+    root, _, reference = t5_start
+    written = reshard(root / "reference" / "checkpoints" / "iter_0000001", tmp_path / "tp2", "parallel.tensor=2")
+    assert "(step 1, 8 samples consumed" in written.stdout
+    run_bigpt(
+        T5_RECIPE,
+        f"run_dir={tmp_path / 'resumed'}",
+        f"checkpoint.load={tmp_path / 'tp2'}",
+        f"train.train_iters={PARITY_STEPS}",
+        "parallel.tensor=2",
+        "parallel.sequence_parallel=true",
+        nproc=2,
+    )
+    assert scalars(tmp_path / "resumed", "train/loss") == pytest.approx(reference[1:], rel=1e-5)

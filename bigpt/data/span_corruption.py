@@ -13,18 +13,19 @@ token, then each sentinel and its span, and is trained to write the same shifted
 What it gets wrong, and ``SpanCorruptionDataset`` fixes:
 - it marks padding where a token *equals the pad id*: T5's decoder starts with the pad id (0), so
   its first position was marked padding (Megatron-LM's local attention masks, from ``id >= 1``,
-  hide it and any <unk> of id 0 as well). Here padding is found by position.
+  hide it and any <unk> of id 0 as well). Here padding is found by position, and the family
+  builds its attention masks from ``enc_mask`` and ``dec_mask``, never from token ids.
 - it chooses spans as BERT chooses n-grams (lengths drawn ∝ 1/n, or geometric with p = 0.2, next
   to each other at times, each with a sentinel of its own), so no mean span length can be asked
   for. Here they are T5's (``random_spans_noise_mask``): round(L × noise_density) tokens in
   round(that / mean_span_length) spans of random lengths, a kept token before each.
 - the encoder's input has no EOS, which T5's has (the sample leaves room for it).
-- padding: labels are padded with -1, not a token.
+- its labels pad with -1, no token's id; here padding holds the pad id everywhere.
 """
 
-import itertools
-import re
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy
 import torch
@@ -32,7 +33,7 @@ from megatron.core.datasets.megatron_dataset import _PAD_TOKEN_ID as NOT_A_TOKEN
 from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset, T5MaskedWordPieceDatasetConfig
 
 from bigpt.data.masked import MockDocuments, OfMockDocuments, packed_token_share
-from bigpt.data.tokenizer import Tokenizer
+from bigpt.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from bigpt.errors import BigptError
 from bigpt.recipe.tables import SpanCorruptionConfig, sample_tokens
 
@@ -78,9 +79,6 @@ def mock_span_vocabulary(recipe) -> SpanVocabulary:
     )
 
 
-SENTINEL = re.compile(r"<extra_id_(\d+)>")
-"""T5's sentinel pieces, <extra_id_0> the first span's."""
-
 PAD_NAMES = ("<pad>", "[PAD]")
 
 
@@ -96,19 +94,47 @@ def span_vocabulary(tokenizer: Tokenizer, recipe) -> SpanVocabulary:
             'corruption (model.family = "encoder_decoder") pads samples with and starts the decoder with '
             "(T5's decoder start is its pad id); use a T5 tokenizer or one that has it"
         )
-    sentinels = list(
-        itertools.takewhile(lambda i: i is not None, (ids.get(f"<extra_id_{n}>") for n in itertools.count()))
-    )
+    sentinels: list[int] = []
+    while (sentinel := ids.get(f"<extra_id_{len(sentinels)}>")) is not None:
+        sentinels.append(sentinel)
+    if not sentinels and isinstance(tokenizer, SentencePieceTokenizer):  # T5's spiece.model: after its pieces
+        extra = t5_extra_ids(Path(path).with_name("tokenizer_config.json"))
+        sentinels = [len(pieces) + extra - 1 - n for n in range(extra)]  # <extra_id_0> the highest
+        pieces += [f"<extra_id_{n}>" for n in reversed(range(extra))]
     needed = recipe.data.span_corruption.most_spans(recipe.model.seq_length)
     if len(sentinels) < needed:
         raise BigptError(
             f"tokenizer {path} (data.tokenizer) has {len(sentinels) or 'no'} T5 sentinel token(s) (<extra_id_0>, "
             f"<extra_id_1>, ... in order), but a sample of model.seq_length = {recipe.model.seq_length} can have "
             f"{needed} dropped spans (data.span_corruption), each replaced by a sentinel of its own; use a tokenizer "
-            "with them (T5's tokenizer.json has 100; its spiece.model alone has none, transformers adds them), or "
-            "fewer spans (a shorter model.seq_length or a longer data.span_corruption.mean_span_length)"
+            "with them (T5's tokenizer.json has 100; T5's spiece.model has them after its pieces when the "
+            "tokenizer_config.json saved with it, whose extra_ids counts them, lies beside it), or fewer spans (a "
+            "shorter model.seq_length or a longer data.span_corruption.mean_span_length)"
+        )
+    if len(pieces) > recipe.model.vocab_size:
+        raise BigptError(
+            f"tokenizer {path} (data.tokenizer) has its T5 sentinels up to id {len(pieces) - 1}, after its "
+            f"SentencePiece pieces, but model.vocab_size is {recipe.model.vocab_size}; set model.vocab_size = "
+            f"{len(pieces)} or more (T5's is 32128)"
         )
     return SpanVocabulary(len(pieces), pad=pad, eos=tokenizer.eod, sentinels=sentinels, pieces=dict(enumerate(pieces)))
+
+
+def t5_extra_ids(config: Path) -> int:
+    """How many sentinels T5's tokenizer puts after the pieces of its SentencePiece model: the
+    ``extra_ids`` of the tokenizer_config.json beside it (transformers' T5Tokenizer); 0 without one."""
+    if not config.is_file():
+        return 0
+    try:
+        extra = json.loads(config.read_text()).get("extra_ids", 0)
+    except (ValueError, AttributeError):
+        extra = None
+    if not isinstance(extra, int) or extra < 0:
+        raise BigptError(
+            f"{config}, beside data.tokenizer, is not a tokenizer config whose extra_ids is a count of T5 sentinels; "
+            "fix or remove it"
+        )
+    return extra
 
 
 @dataclass

@@ -63,7 +63,8 @@ class RelativeBiasAttention(DotProductAttention):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.scale_mask_softmax = _BiasedSoftmax(self.scale_mask_softmax)
+        softmax: torch.nn.Module = self.scale_mask_softmax  # type: ignore[has-type]
+        self.scale_mask_softmax = _BiasedSoftmax(softmax)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, **kwargs):
         self.scale_mask_softmax.bias = attention_bias
@@ -107,7 +108,8 @@ def layer_spec(recipe, config, use_te, vp_stage) -> Specs:
     )
 
 
-def build_chunk(recipe, layout, config, specs: Specs, vp_stage):
+def build_chunk(recipe, layout, config, specs, vp_stage):
+    """``specs``: ``layer_spec``'s ``Specs``."""
     m = recipe.model
     chunk = T5Model(
         config=config,

@@ -338,7 +338,7 @@ def effective(model: dict, key: str):
             return None
         given = model.get("encoder") or {}
         return vars(EncoderConfig(**given) if isinstance(given, dict) else given)
-    if key == "encoder_decoder":  # a table; its encoder has as many layers as the decoder unless it says
+    if key == "encoder_decoder":  # a table ([model.encoder_decoder]), of the encoder-decoder family only
         if model.get("family", "decoder") != "encoder_decoder":
             return None
         given = model.get("encoder_decoder") or {}
