@@ -236,7 +236,7 @@ def test_a_released_checkpoints_copies_and_unused_tensors_are_read(converted, tm
 
 def test_a_scaling_that_disagrees_with_the_tying_is_refused(converted, tmp_path):
     """bigpt scales the output exactly when tied, as every released T5: the other two mixtures,
-    which transformers 5 can express, are refused by name before a tensor is read."""
+    which transformers 5 can express, are refused by name before the import writes anything."""
     from bigpt.hf.files import inspect_hf
 
     for name, scaled, message in (

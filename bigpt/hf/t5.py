@@ -11,7 +11,7 @@ output scaled by d_model**-0.5; T5 v1.1 and FLAN-T5: gated GELU, untied, unscale
 - the output scaling is in the config: ``scale_decoder_outputs`` (transformers 5), else
   ``tie_word_embeddings`` (older releases: v1.1's false). mT5 never scales.
 bigpt's family scales exactly when tied (as every released T5 does); a config whose scaling
-disagrees with its weights' tying is refused, by ``check_tying`` before any tensor is read.
+disagrees with its weights' tying is refused by ``check_tying``, before the import writes anything.
 
 What the family's megatron-core tensors hold:
 - ``shared.weight`` is the word embedding (the stacks' ``embed_tokens`` are its copies);
@@ -64,10 +64,10 @@ REFUSED = {
 }
 """T5-like model types refused by name, with why."""
 
-ACTIVATIONS = {"relu": "relu", "gated-gelu": "geglu"}
-"""config.json's feed_forward_proj → model.activation (gated-gelu is transformers' gelu_new, tanh)."""
 MLPS = {(False, "relu"): "relu", (True, "gelu_new"): "geglu", (True, "gelu_pytorch_tanh"): "geglu"}
-"""(is_gated_act, dense_act_fn), what transformers computes → model.activation."""
+"""(is_gated_act, dense_act_fn), the MLP transformers builds → model.activation (geglu: the tanh GELU)."""
+FEED_FORWARD_PROJ = {"relu": ("relu", "relu"), "geglu": ("gated-gelu", "gelu_new")}
+"""model.activation → the feed_forward_proj and dense_act_fn an export writes."""
 
 INPUT_LENGTH = 512
 """The inputs released T5 models were pretrained on (the model.toml of an import proposes it:
@@ -123,7 +123,6 @@ def model_from_hf(config: dict, source) -> dict:
     missing = [key for key in _REQUIRED if key not in config]
     if missing:
         _refuse(source, f"keys {missing} are missing", "a config.json of T5 names all of " + ", ".join(_REQUIRED))
-    tied = scales_output(config)
     model = {
         "family": "encoder_decoder",
         "num_layers": config.get("num_decoder_layers") or config["num_layers"],
@@ -136,13 +135,13 @@ def model_from_hf(config: dict, source) -> dict:
         "normalization": "rmsnorm",
         "norm_epsilon": config.get("layer_norm_epsilon", 1e-6),
         "position_embedding": "relative",
-        "tie_embeddings": tied,
+        "tie_embeddings": scales_output(config),
         "add_bias_linear": False,
-    }
-    model["encoder_decoder"] = {
-        "encoder_layers": config["num_layers"],
-        "relative_attention_num_buckets": config.get("relative_attention_num_buckets", 32),
-        "relative_attention_max_distance": config.get("relative_attention_max_distance", 128),
+        "encoder_decoder": {
+            "encoder_layers": config["num_layers"],
+            "relative_attention_num_buckets": config.get("relative_attention_num_buckets", 32),
+            "relative_attention_max_distance": config.get("relative_attention_max_distance", 128),
+        },
     }
     return model
 
@@ -171,12 +170,10 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
     """A ``config.json`` for the encoder-decoder ``model``: of ``original``'s model type (T5
     without one) where it fits; keys of ``original`` that do not describe the architecture (token
     ids, task prefixes) are kept."""
-    fields = vars(model)
-    stacks = _effective_table(fields)
     problems = [
         f"model.{key} = {value!r}"
         for key, value, wanted in (
-            ("activation", model.activation, sorted(set(ACTIVATIONS.values()))),
+            ("activation", model.activation, list(FEED_FORWARD_PROJ)),
             ("normalization", model.normalization, ["rmsnorm"]),
             ("position_embedding", model.position_embedding, ["relative"]),
             ("add_bias_linear", model.add_bias_linear, [False]),
@@ -186,16 +183,17 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
         )
         if value not in wanted
     ]
-    family = T5_FAMILIES.get((original or {}).get("model_type", ""), T5_FAMILIES["t5"])
-    if model.tie_embeddings and not family.scales_output:
-        family = T5_FAMILIES["t5"]  # mT5 is untied; a tied model is T5 v1.0's form
     if problems:
         raise BigptError(
             f"an encoder-decoder checkpoint with {', '.join(problems)} has no Hugging Face T5 form (ReLU or gated "
             "GELU, RMSNorm, relative position bias, no biases, multi-head attention); keep training it as a "
             "bigpt checkpoint"
         )
-    feed_forward = {value: key for key, value in ACTIVATIONS.items()}[model.activation]
+    family = T5_FAMILIES.get((original or {}).get("model_type", ""), T5_FAMILIES["t5"])
+    if model.tie_embeddings and not family.scales_output:
+        family = T5_FAMILIES["t5"]  # mT5 is untied; a tied model is T5 v1.0's form
+    stacks = effective(vars(model), "encoder_decoder")
+    feed_forward, activation = FEED_FORWARD_PROJ[model.activation]
     stale = ("torch_dtype", "architectures", "model_type", "dense_act_fn", "is_gated_act")
     config = {k: v for k, v in (original or {}).items() if k not in stale}
     config.setdefault("pad_token_id", 0)
@@ -215,7 +213,7 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
         relative_attention_max_distance=stacks["relative_attention_max_distance"],
         layer_norm_epsilon=model.norm_epsilon,
         feed_forward_proj=feed_forward,
-        dense_act_fn="gelu_new" if feed_forward == "gated-gelu" else "relu",
+        dense_act_fn=activation,
         is_gated_act=feed_forward.startswith("gated-"),
         is_encoder_decoder=True,
         # older transformers read both from tie_word_embeddings, transformers 5 the scaling from its own key
@@ -228,17 +226,11 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
     return config
 
 
-def _effective_table(model: dict) -> dict:
-    """[model.encoder_decoder] of ``model`` (a table, or a dict where read from a model.toml), its
-    encoder_layers resolved (None: as many as the decoder's)."""
-    return effective(model, "encoder_decoder")
-
-
 # ------------------------------------------------------------------ tensors
 def rules(model: dict, config: dict | None) -> list[Rule]:
     """Every tensor of the encoder-decoder ``model`` (the [model] table as a dict) in the Hugging Face
     form ``config`` describes (None: a T5ForConditionalGeneration). The word embedding comes first."""
-    stacks = _effective_table(model)
+    stacks = effective(model, "encoder_decoder")  # encoder_layers resolved
     hidden, ffn, vocab = model["hidden_size"], model["ffn_hidden_size"], model["vocab_size"]
     heads = model["num_attention_heads"]
     head_dim = model.get("kv_channels") or hidden // heads
@@ -314,6 +306,12 @@ def rules(model: dict, config: dict | None) -> list[Rule]:
     return table
 
 
+_ONE_MIXTURE = (
+    "bigpt's encoder-decoder scales its output exactly when it is tied, as every released T5 does, so it cannot "
+    "compute this mixture identically"
+)
+
+
 def check_tying(directory: Path, weights, model: dict, config: dict) -> None:
     """Hold ``weights`` (``SafetensorsWeights``) to the tying ``model`` read from ``config``, as
     transformers 5 reads it (an ``lm_head.weight`` that differs from ``shared.weight`` unties); drop
@@ -334,16 +332,14 @@ def check_tying(directory: Path, weights, model: dict, config: dict) -> None:
             f"config.json scales the decoder's output by d_model**-0.5 (as T5 v1.0 does: "
             f"{_scaling_keys(config)}) but {HEAD} differs from {SHARED}, an output layer of its own (as T5 v1.1 "
             "has, unscaled)",
-            "bigpt's encoder-decoder scales its output exactly when it is tied, as every released T5 does, so "
-            "it cannot compute this mixture identically",
+            _ONE_MIXTURE,
         )
     if not model["tie_embeddings"] and HEAD not in weights.files:
         _refuse(
             directory,
             f"config.json leaves the decoder's output unscaled ({_scaling_keys(config)}), as T5 v1.1 does, but the "
             f"weights hold no {HEAD}, so transformers ties it to {SHARED}",
-            "bigpt's encoder-decoder scales its output exactly when it is tied, as every released T5 does, so "
-            "it cannot compute this mixture identically",
+            _ONE_MIXTURE,
         )
     weights.left_out = sorted(name for name in weights.files if name in UNUSED)
     weights.left_out_by = "T5's cross-attention (transformers ignores them too)"
