@@ -20,6 +20,7 @@ from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5For
 from bigpt.errors import BigptError
 from bigpt.hf.config import model_from_hf
 from bigpt.recipe import load_recipe, table_to_toml
+from test_span_corruption import _sentencepiece
 from test_training_path import world_of_one
 
 TOLERANCE = 1e-4
@@ -41,13 +42,15 @@ MODELS = {  # name -> (class, config, untied: the weights hold an lm_head of the
     ),
     "mt5": (MT5ForConditionalGeneration, MT5Config(**SHAPE, d_kv=8, num_layers=2), True),
 }
+TOKENIZERS = {"t5_v1_0": "tokenizer.json", "t5_v1_1": "tokenizer.json", "mt5": "spiece.model"}
 SEQ, DECODER_SEQ = 24, 16  # longer than the exact buckets: the logarithmic ones are used too
 
 
 def save(name: str, directory: Path) -> Path:
     """A random model ``name`` as save_pretrained writes it, its norms random too; an untied one as
     the released T5 v1.1 and mT5 files are (an lm_head of its own, tie_word_embeddings false: older
-    transformers' spelling, which transformers 5 reads as unscaled)."""
+    transformers' spelling, which transformers 5 reads as unscaled). Its tokenizer: a tokenizer.json,
+    or mT5's only one, a SentencePiece spiece.model."""
     cls, config, untied = MODELS[name]
     torch.manual_seed(len(name))
     model = cls(config)
@@ -61,11 +64,16 @@ def save(name: str, directory: Path) -> Path:
         tensors["lm_head.weight"] = torch.randn(SHAPE["vocab_size"], SHAPE["d_model"])
         save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
         edit_config(directory, tie_word_embeddings=False, scale_decoder_outputs=None)
+    if name == "mt5":
+        shutil.copyfile(
+            _sentencepiece(directory.parent / f"{name}_spiece", vocab_size=50), directory / TOKENIZERS[name]
+        )
+        return directory
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 300)}}
-    Tokenizer(WordLevel(vocab, unk_token="<unk>")).save(str(directory / "tokenizer.json"))
+    Tokenizer(WordLevel(vocab, unk_token="<unk>")).save(str(directory / TOKENIZERS[name]))
     return directory
 
 
@@ -171,7 +179,9 @@ def test_export_of_an_import_reproduces_every_tensor(converted, name):
     assert config["architectures"] == [cls.__name__]
     assert getattr(reloaded.config, "scale_decoder_outputs", False) == (name == "t5_v1_0")  # mT5 has no such flag
     assert torch.equal(reloaded.lm_head.weight, original.get("lm_head.weight", original["shared.weight"]))
-    assert (exported / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    tokenizer = TOKENIZERS[name]
+    assert (exported / tokenizer).read_bytes() == (source / tokenizer).read_bytes()
+    assert f"tokenizer: {tokenizer} from " in (exported / "README.md").read_text()
 
 
 def test_the_imported_model_table_proposes_t5s_input_length(converted):

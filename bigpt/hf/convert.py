@@ -41,6 +41,7 @@ from bigpt.hf.bert import fresh_head_note, usable_positions
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import (
     CONFIG,
+    SENTENCEPIECE_FILES,
     TOKENIZER_FILES,
     SafetensorsWeights,
     copy_side_files,
@@ -345,7 +346,7 @@ def extended_tokenizer_of(checkpoint: Path) -> Path | None:
 
 def _replace_tokenizer(directory: Path, tokenizer: Path) -> str:
     """Put ``tokenizer`` (an extended one) in place of ``directory``'s, of either kind; its name there."""
-    for name in ("tokenizer.json", "tokenizer.model"):
+    for name in ("tokenizer.json", *SENTENCEPIECE_FILES):
         (directory / name).unlink(missing_ok=True)
     name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
     shutil.copyfile(tokenizer, directory / name)
@@ -375,10 +376,10 @@ def _layer_loads(checkpoint: Path, metadata: dict, items: list[Item], num_layers
 def tokenizer_note(hf_files: Path | None, copied: list[str]) -> str:
     """What an export says about its tokenizer (in the tool's output and the export's README.md)."""
     found = [name for name in copied if name in TOKENIZER_FILES]
-    if any(name in found for name in ("tokenizer.json", "tokenizer.model")):
+    if any(name in found for name in ("tokenizer.json", *SENTENCEPIECE_FILES)):
         return f"tokenizer: {', '.join(found)} from {hf_files}"
     why = (
-        f"{hf_files} has no tokenizer.json or tokenizer.model"
+        f"{hf_files} has no tokenizer.json, {' or '.join(SENTENCEPIECE_FILES)}"
         if hf_files
         else "the checkpoint's lineage names no Hugging Face directory (it was not started from one)"
     )

@@ -18,11 +18,13 @@ from bigpt.hf.mapping import expected_hf_shapes
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model")
+"""A SentencePiece tokenizer's file: Llama's name, T5's and mT5's (their only tokenizer, for mT5)."""
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "tokenizer.model",
+    *SENTENCEPIECE_FILES,
     "chat_template.jinja",
 )
 # Copied on import and export (whichever exist); none of them is a pickle.
@@ -269,11 +271,11 @@ def tokenizer_vocab_size(directory: Path) -> tuple[Path, int] | None:
             import tokenizers
 
             return path, tokenizers.Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
-        path = directory / "tokenizer.model"
-        if path.is_file():
-            import sentencepiece
+        for path in (directory / name for name in SENTENCEPIECE_FILES):
+            if path.is_file():
+                import sentencepiece
 
-            return path, sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+                return path, sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
     except Exception as err:  # both libraries raise plain exceptions from native code
         raise BigptError(f"tokenizer {path} cannot be read ({err}); fetch it again") from None
     return None
