@@ -1,7 +1,13 @@
 """The --dry-run report: the resolved recipe and its plan, computed on paper."""
 
 from bigpt.errors import BigptError, BigptErrors
-from bigpt.flops import attention_counted, flops_per_step, num_parameters, parameters_per_stage
+from bigpt.flops import (
+    attention_counted,
+    decoder_seq_length,
+    flops_per_step,
+    num_parameters,
+    parameters_per_stage,
+)
 from bigpt.layout import Layout, samples_by_step
 from bigpt.memory import stage_memory
 from bigpt.numbers import short
@@ -70,7 +76,12 @@ def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, 
         f"× DP {layout.dp}"
         + (" (sequence parallel)" if layout.sequence_parallel else "")
         + (f"; experts over EP {layout.ep} × expert TP {layout.etp}" if model.family == "moe_decoder" else ""),
-        f"layers           {model.num_layers} over pipeline stages: {list(layout.layers_per_stage)}{chunks}",
+        (
+            f"layers           {model.encoder_decoder.encoder_depth(model.num_layers)} encoder + "
+            f"{model.num_layers} decoder (decoder length {decoder_seq_length(recipe)}), in one pipeline stage"
+            if model.family == "encoder_decoder"
+            else f"layers           {model.num_layers} over pipeline stages: {list(layout.layers_per_stage)}{chunks}"
+        ),
         f"vocab            {model.vocab_size:,} padded to {vocab:,} (a multiple of "
         f"make_vocab_size_divisible_by {model.make_vocab_size_divisible_by} × TP {layout.tp})",
         f"parameters       {total:,} ({short(total)})"
@@ -108,7 +119,7 @@ def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, 
         )
     # What a real start refuses before step 1, checked the same way (torch + megatron-core, only here).
     from bigpt.data import plan_tokens
-    from bigpt.data.datasets import checked_tokenizer
+    from bigpt.data.datasets import data_vocabulary
     from bigpt.data.tasks import plan_tasks
     from bigpt.model import check_gpu_transformer_config, check_transformer_engine_installed
     from bigpt.train.initial import check_initial_weights
@@ -129,7 +140,7 @@ def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, 
     checked(check_transformer_engine_installed, recipe)
     checked(check_outputs, recipe, overwrite)
     if recipe.data.tokenizer:
-        checked(checked_tokenizer, recipe)
+        checked(data_vocabulary, recipe)
     resume_point_and_changes = checked(resume_point, recipe, warn=console.warn)
     if resume_point_and_changes is REFUSED:
         lines.append(f"start            {SEE_PROBLEMS}")

@@ -109,9 +109,13 @@ def _attention_widths(model: ModelConfig) -> tuple[int, int]:
     return model.num_attention_heads * head, groups * head
 
 
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+"""model.activation values whose MLP has a gate: three matrices instead of two."""
+
+
 def _mlp_input_width(model: ModelConfig, ffn_width: int | None = None) -> int:
-    """Output width of the MLP's first matmul: swiglu computes gate and value in one."""
-    return (ffn_width or model.ffn_hidden_size) * (2 if model.activation == "swiglu" else 1)
+    """Output width of the MLP's first matmul: a gated MLP computes gate and value in one."""
+    return (ffn_width or model.ffn_hidden_size) * (2 if model.activation in GATED_ACTIVATIONS else 1)
 
 
 def _mlp_matmul_parameters(model: ModelConfig, ffn_width: int) -> int:
@@ -173,6 +177,26 @@ def _layer_parameters(model: ModelConfig, moe: bool = False, *, active: bool = F
     )
 
 
+def _cross_attention_parameters(model: ModelConfig) -> int:
+    """A decoder layer's cross-attention (T5): its q, k, v and output matrices, their biases, and its norm."""
+    query, key_value = _attention_widths(model)
+    qkv_biases = query + 2 * key_value
+    biases = qkv_biases + model.hidden_size if model.add_bias_linear else qkv_biases if model.add_qkv_bias else 0
+    return _attention_matmul_parameters(model) + biases + _norm_parameters(model)
+
+
+def _layers_parameters(model: ModelConfig, *, active: bool = False) -> int:
+    """Every transformer layer's parameters; an encoder-decoder's two stacks (T5): the encoder's
+    layers and its final norm, the decoder's layers with their cross-attention, and each stack's
+    relative position bias table, buckets × heads (the decoder's final norm is the head's)."""
+    if model.family != "encoder_decoder":
+        return sum(_layer_parameters(model, moe, active=active) for moe in moe_layers(model))
+    table = model.encoder_decoder
+    encoder = table.encoder_depth(model.num_layers) * _layer_parameters(model) + _norm_parameters(model)
+    decoder = model.num_layers * (_layer_parameters(model) + _cross_attention_parameters(model))
+    return encoder + decoder + 2 * table.relative_attention_num_buckets * model.num_attention_heads
+
+
 def _input_parameters(model: ModelConfig, vocab: int) -> int:
     """Token embedding, plus the learned position table if used, and an encoder's token types."""
     positions = model.max_position_embeddings or model.seq_length
@@ -198,9 +222,8 @@ def num_parameters(model: ModelConfig, padded_vocab: int | None = None, *, activ
     pass ``padded_vocab_size(model, tp)`` for what is actually allocated.
     """
     vocab = padded_vocab or model.vocab_size
-    layers = sum(_layer_parameters(model, moe, active=active) for moe in moe_layers(model))
     head = _head_parameters(model, vocab, output_weights=not model.tie_embeddings)
-    return _input_parameters(model, vocab) + layers + head
+    return _input_parameters(model, vocab) + _layers_parameters(model, active=active) + head
 
 
 def stage_layer_kinds(model: ModelConfig, layers_per_stage: tuple[int, ...], vpp: int) -> list[list[bool]]:
@@ -227,9 +250,13 @@ def parameters_per_stage(
     one embedding more than ``num_parameters``.
     """
     vocab = padded_vocab or model.vocab_size
-    stages = [
-        sum(_layer_parameters(model, moe) for moe in kinds) for kinds in stage_layer_kinds(model, layers_per_stage, vpp)
-    ]
+    if model.family == "encoder_decoder":  # one stage: its pipeline parallelism is refused (bigpt.layout)
+        stages = [_layers_parameters(model)]
+    else:
+        stages = [
+            sum(_layer_parameters(model, moe) for moe in kinds)
+            for kinds in stage_layer_kinds(model, layers_per_stage, vpp)
+        ]
     stages[0] += _input_parameters(model, vocab)
     stages[-1] += _head_parameters(model, vocab, output_weights=not model.tie_embeddings or len(stages) > 1)
     return tuple(stages)
@@ -255,6 +282,8 @@ def attended_keys(model: ModelConfig) -> float:
 
 def attention_counted(model: ModelConfig) -> str:
     """How the FLOP count takes the attention scores (attended_keys), in the plans' words."""
+    if model.family == "encoder_decoder":
+        return "encoder and cross-attention all keys, decoder self-attention halved"
     return "bidirectional attention, all keys" if model.family == "encoder" else "causal attention halved"
 
 
@@ -292,10 +321,38 @@ def flops_per_token(model: ModelConfig, padded_vocab: int | None = None) -> floa
     return 3.0 * (layers + 2 * (masked_lm_head + vocab * model.hidden_size))
 
 
+def decoder_seq_length(recipe: Recipe) -> int:
+    """An encoder-decoder's decoder positions per sample: as many as span corruption of an encoder
+    input of model.seq_length can need ([data.span_corruption])."""
+    return recipe.data.span_corruption.decoder_seq_length(recipe.model.seq_length)
+
+
+def encoder_decoder_flops_per_sample(model: ModelConfig, padded_vocab: int, decoder_tokens: int) -> float:
+    """Training FLOPs of one sample of an encoder-decoder (T5), 3 × forward, as flops_per_token
+    counts: the encoder's layers at each of its s_e = seq_length tokens (attending to all s_e);
+    the decoder's at each of its s_d tokens, with their cross-attention's q and output matrices,
+    its causal self-attention halved (s_d/2 keys) and cross-attention scores over all s_e encoder
+    outputs, whose keys and values each decoder layer projects once per sample; the output layer
+    at each decoder token."""
+    encoder_tokens = model.seq_length
+    query, key_value = _attention_widths(model)
+    hidden = model.hidden_size
+    layer = 2 * _layer_matmul_parameters(model)
+    encoder = encoder_tokens * (layer + 2 * 2 * encoder_tokens * query)
+    cross = 2 * 2 * hidden * query + 2 * 2 * encoder_tokens * query
+    decoder = decoder_tokens * (layer + 2 * 2 * (decoder_tokens / 2) * query + cross)
+    cross_keys_values = 2 * hidden * 2 * key_value * encoder_tokens
+    output = decoder_tokens * 2 * padded_vocab * hidden
+    depth = model.encoder_decoder.encoder_depth(model.num_layers)
+    return 3.0 * (depth * encoder + model.num_layers * (decoder + cross_keys_values) + output)
+
+
 def flops_per_step(recipe: Recipe, global_batch_size: int) -> float:
     """Training FLOPs of one optimizer step of ``global_batch_size`` sequences (the padded
     vocab at the recipe's tensor-parallel size is what the output layer multiplies by)."""
     vocab = padded_vocab_size(recipe.model, recipe.parallel.tensor)
+    if recipe.model.family == "encoder_decoder":
+        return encoder_decoder_flops_per_sample(recipe.model, vocab, decoder_seq_length(recipe)) * global_batch_size
     return flops_per_token(recipe.model, vocab) * global_batch_size * recipe.model.seq_length
 
 

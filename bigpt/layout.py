@@ -103,6 +103,20 @@ def _check_degrees(recipe: Recipe) -> None:
             "over context-parallel ranks for causal attention only",
             "set parallel.context = 1",
         )
+    if recipe.model.family == "encoder_decoder":
+        refused = [
+            (parallel.pipeline > 1, f"parallel.pipeline={parallel.pipeline}", "set parallel.pipeline = 1"),
+            (parallel.context > 1, f"parallel.context={parallel.context}", "set parallel.context = 1"),
+        ]
+        for wrong, key, fix in refused:
+            if wrong:
+                recipe_error(
+                    recipe,
+                    f'{key} with model.family = "encoder_decoder": megatron-core 0.19\'s T5Model splits neither its '
+                    "stacks over pipeline stages nor its sequences over context-parallel ranks (its cross-attention "
+                    "and relative position bias; Megatron-LM's pretrain_t5.py refuses both too)",
+                    f"{fix}, and use tensor and data parallelism",
+                )
     name = recipe.optimizer.name
     if name != "adamw" and parallel.distributed_optimizer and recipe.precision.dtype != "bf16":
         recipe_error(
@@ -234,6 +248,16 @@ def _check_sequence_split(recipe: Recipe) -> None:
             f"divisible by parallel.tensor={parallel.tensor}",
             "sequence parallelism splits each sequence over the tensor-parallel ranks; adjust either",
         )
+    if parallel.sequence_parallel and recipe.model.family == "encoder_decoder":
+        decoder = recipe.data.span_corruption.decoder_seq_length(seq)
+        if decoder % parallel.tensor:
+            recipe_error(
+                recipe,
+                f"the decoder's length {decoder} (what span corruption of model.seq_length={seq} tokens needs, "
+                f"[data.span_corruption]) is not divisible by parallel.tensor={parallel.tensor}",
+                "sequence parallelism splits the decoder's sequences over the tensor-parallel ranks too; set "
+                "parallel.sequence_parallel = false, or a seq_length whose decoder length is divisible",
+            )
 
 
 def _layers_per_stage(recipe: Recipe) -> tuple[int, ...]:
@@ -242,6 +266,9 @@ def _layers_per_stage(recipe: Recipe) -> tuple[int, ...]:
     stage's count must divide evenly into its virtual chunks."""
     parallel, num_layers = recipe.parallel, recipe.model.num_layers
     pp, vpp = parallel.pipeline, parallel.virtual_pipeline
+    model = recipe.model
+    if model.family == "encoder_decoder" and pp == 1:  # both stacks, in the one stage it can have
+        return (model.encoder_decoder.encoder_depth(num_layers) + num_layers,)
     fixed = {
         stage: layers
         for stage, layers in ((0, parallel.first_stage_layers), (pp - 1, parallel.last_stage_layers))

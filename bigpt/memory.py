@@ -26,7 +26,13 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from bigpt.flops import expert_parameters_per_stage, moe_layers, parameters_per_stage
+from bigpt.flops import (
+    GATED_ACTIVATIONS,
+    decoder_seq_length,
+    expert_parameters_per_stage,
+    moe_layers,
+    parameters_per_stage,
+)
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe, padded_vocab_size
 
@@ -75,7 +81,10 @@ def stage_memory(recipe: Recipe, layout: Layout) -> tuple[StageMemory, ...]:
         dense, expert = (params - routed) // layout.tp, routed // (layout.ep * layout.etp)
         on_gpu = dense + expert
         in_flight = in_flight_microbatches(layout, stage)
-        activations = _layer_activations(recipe, layout, layers // layout.vpp, in_flight)
+        if recipe.model.family == "encoder_decoder":
+            activations = _encoder_decoder_activations(recipe, layout, in_flight)
+        else:
+            activations = _layer_activations(recipe, layout, layers // layout.vpp, in_flight)
         if stage == layout.pp - 1:
             activations += output_activations(recipe, layout)
         optimizer_bytes = optimizer * (dense / shard + expert / expert_shard)
@@ -112,10 +121,12 @@ def in_flight_microbatches(layout: Layout, stage: int) -> int:
     return min(warmup + 1, total)
 
 
-def layer_activations(recipe: Recipe, layout: Layout) -> float:
-    """Bytes one transformer layer keeps for its backward pass, for one micro-batch, on one GPU."""
+def layer_activations(recipe: Recipe, layout: Layout, sequence: int | None = None) -> float:
+    """Bytes one transformer layer keeps for its backward pass, for one micro-batch of sequences of
+    ``sequence`` tokens (default model.seq_length), on one GPU."""
     model = recipe.model
-    tokens = _tokens(recipe, layout)
+    sequence = sequence or model.seq_length
+    tokens = _tokens(recipe, layout, sequence)
     element = DTYPE_BYTES[recipe.precision.dtype]
     head = model.kv_channels or model.hidden_size // model.num_attention_heads
     query = model.num_attention_heads * head
@@ -133,16 +144,45 @@ def layer_activations(recipe: Recipe, layout: Layout) -> float:
     )
     # Q, K, V for attention, its output (the projection's input), the MLP's inner tensors (none
     # when the MLP is recomputed: it keeps only its input).
-    mlp_tensors = 0 if "mlp" in recomputed else 3 if model.activation == "swiglu" else 2
+    mlp_tensors = 0 if "mlp" in recomputed else 3 if model.activation in GATED_ACTIVATIONS else 2
     tensor_split: float = element * tokens * (2 * query + 2 * key_value)
     tensor_split += element * tokens * _mlp_activation_width(recipe, layout, mlp_tensors, recomputed)
     if model.qk_layernorm:  # the per-head q/k norms keep their inputs too
         tensor_split += element * tokens * (query + key_value)
-    if unfused and "core_attn" not in recomputed:
-        # Unfused attention keeps the softmax output (and its dropout mask and output).
-        per_score = element + (1 + element if model.attention_dropout else 0)
-        tensor_split += per_score * model.num_attention_heads * tokens * model.seq_length
+    tensor_split += _unfused_score_bytes(recipe) * model.num_attention_heads * tokens * sequence
     return sequence_split / (layout.tp if layout.sequence_parallel else 1) + tensor_split / layout.tp
+
+
+def _unfused_score_bytes(recipe: Recipe) -> float:
+    """Bytes per attention score that unfused attention keeps (the softmax output, and its dropout
+    mask and output); none when Transformer Engine's fused attention recomputes them."""
+    recompute = recipe.recompute
+    unfused = recipe.precision.transformer_engine == "off"
+    if not unfused or (recompute.granularity == "selective" and "core_attn" in recompute.modules):
+        return 0
+    element = DTYPE_BYTES[recipe.precision.dtype]
+    return element + (1 + element if recipe.model.attention_dropout else 0)
+
+
+def _encoder_decoder_activations(recipe: Recipe, layout: Layout, in_flight: int) -> float:
+    """An encoder-decoder's (T5) activations: the encoder's layers at its sequence length, the
+    decoder's at its own, and each decoder layer's cross-attention (its norm's and q's inputs, q
+    and the attention output per decoder token, keys and values per encoder token, the scores)."""
+    model = recipe.model
+    encoder, decoder = model.seq_length, decoder_seq_length(recipe)
+    depth = model.encoder_decoder.encoder_depth(model.num_layers)
+    element = DTYPE_BYTES[recipe.precision.dtype]
+    head = model.kv_channels or model.hidden_size // model.num_attention_heads
+    query = key_value = model.num_attention_heads * head
+    decoder_tokens, encoder_tokens = _tokens(recipe, layout, decoder), _tokens(recipe, layout, encoder)
+    inputs = 2 * element * decoder_tokens * model.hidden_size / (layout.tp if layout.sequence_parallel else 1)
+    cross: float = element * (2 * query * decoder_tokens + 2 * key_value * encoder_tokens)
+    cross += _unfused_score_bytes(recipe) * model.num_attention_heads * decoder_tokens * encoder
+    return (
+        _layer_activations(recipe, layout, depth, in_flight, encoder)
+        + _layer_activations(recipe, layout, model.num_layers, in_flight, decoder)
+        + in_flight * model.num_layers * (inputs + cross / layout.tp)
+    )
 
 
 def _mlp_activation_width(recipe: Recipe, layout: Layout, mlp_tensors: int, recomputed: Collection[str]) -> float:
@@ -159,7 +199,7 @@ def _mlp_activation_width(recipe: Recipe, layout: Layout, mlp_tensors: int, reco
         return dense
     moe = model.moe
     expert_width = moe.ffn_hidden_size or model.ffn_hidden_size
-    kept = 3 if model.activation == "swiglu" else 2  # recompute.modules' "mlp" is the dense MLP's alone
+    kept = 3 if model.activation in GATED_ACTIVATIONS else 2  # recompute.modules' "mlp" is the dense MLP's alone
     routed = moe.router_topk * (model.hidden_size + kept * expert_width / layout.etp) * layout.tp
     shared = kept * (moe.shared_expert_ffn_hidden_size or 0)
     if "moe" in recomputed:
@@ -175,7 +215,8 @@ def output_activations(recipe: Recipe, layout: Layout) -> float:
     dense layer, GELU and norm), plus the fp32 softmax the cross entropy keeps and the logits'
     gradient, for the one micro-batch whose loss is computed."""
     model = recipe.model
-    tokens = _tokens(recipe, layout)
+    decoder = model.family == "encoder_decoder"  # its output layer reads the decoder's positions
+    tokens = _tokens(recipe, layout, decoder_seq_length(recipe) if decoder else None)
     element = DTYPE_BYTES[recipe.precision.dtype]
     kept = 2 + (3 if model.family == "encoder" else 0)
     inputs = kept * element * tokens * model.hidden_size / (layout.tp if layout.sequence_parallel else 1)
@@ -183,15 +224,18 @@ def output_activations(recipe: Recipe, layout: Layout) -> float:
     return inputs + (4 + element) * tokens * vocab / layout.tp
 
 
-def _layer_activations(recipe: Recipe, layout: Layout, chunk_layers: int, in_flight: int) -> float:
-    """Activations of one stage: in_flight micro-batches of a chunk of chunk_layers layers."""
-    full = layer_activations(recipe, layout)
+def _layer_activations(
+    recipe: Recipe, layout: Layout, chunk_layers: int, in_flight: int, sequence: int | None = None
+) -> float:
+    """Activations of one stage: in_flight micro-batches of a chunk of chunk_layers layers (of
+    sequences of ``sequence`` tokens, default model.seq_length)."""
+    full = layer_activations(recipe, layout, sequence)
     recompute = recipe.recompute
     if recompute.granularity != "full":
         return in_flight * chunk_layers * full
     layer_input = (
         DTYPE_BYTES[recipe.precision.dtype]
-        * _tokens(recipe, layout)
+        * _tokens(recipe, layout, sequence)
         * recipe.model.hidden_size
         / (layout.tp if layout.sequence_parallel else 1)
     )
@@ -203,6 +247,7 @@ def _layer_activations(recipe: Recipe, layout: Layout, chunk_layers: int, in_fli
     return in_flight * groups * layer_input + min(recompute.num_layers, chunk_layers) * full
 
 
-def _tokens(recipe: Recipe, layout: Layout) -> int:
-    """Tokens of one micro-batch on one GPU (context parallelism splits the sequence)."""
-    return layout.micro_batch_size * recipe.model.seq_length // layout.cp
+def _tokens(recipe: Recipe, layout: Layout, sequence: int | None = None) -> int:
+    """Tokens of one micro-batch of sequences of ``sequence`` tokens (default model.seq_length) on
+    one GPU (context parallelism splits the sequence)."""
+    return layout.micro_batch_size * (sequence or recipe.model.seq_length) // layout.cp

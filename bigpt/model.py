@@ -24,7 +24,19 @@ from bigpt.runtime import console
 from bigpt.runtime.device import on_gpu
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "relu": (F.relu, False)}
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU in its tanh approximation (Hugging Face's gelu_new, T5 v1.1's gated-gelu)."""
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS = {
+    "swiglu": (F.silu, True),
+    "gelu": (F.gelu, False),
+    "relu": (F.relu, False),
+    "geglu": (gelu_tanh, True),
+}
 
 
 TE_INSTALL = 'pip install --no-build-isolation "transformer-engine[pytorch]>=2.17,<2.18"'

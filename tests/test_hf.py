@@ -254,7 +254,8 @@ def logits_of_models(recipes: dict[str, Path], models, root: Path, *overrides: s
     jobs = []
     for name, recipe in recipes.items():
         (root / name).mkdir(parents=True)
-        jobs.append(f"{recipe},{models[name][1]},{root / name / 'logits.npy'}")
+        decoder_tokens = models[name][4:]  # an encoder-decoder's entry names its decoder tokens
+        jobs.append(",".join(map(str, (recipe, models[name][1], root / name / "logits.npy", *decoder_tokens))))
     run_bigpt(*jobs, "--", *overrides, nproc=nproc, script=LOGITS_OF_MODELS)
     found = {name: float(np.abs(np.load(root / name / "logits.npy") - models[name][2]).max()) for name in recipes}
     print(found)
@@ -310,6 +311,14 @@ def encoders(tmp_path_factory):
     from test_hf_encoder import hf_encoders
 
     return hf_encoders(tmp_path_factory.mktemp("encoders"))
+
+
+@pytest.fixture(scope="module")
+def t5s(tmp_path_factory):
+    """T5 v1.0 and v1.1 (tests/test_hf_t5.py), as ``models``' entries with their decoder tokens."""
+    from test_hf_t5 import hf_t5s
+
+    return hf_t5s(tmp_path_factory.mktemp("t5s"))
 
 
 @pytest.fixture(scope="module")
@@ -405,13 +414,15 @@ def test_export_of_an_import_reproduces_every_tensor(models, tp1, tmp_path, name
         assert sorted(hf_tensors(out)) == sorted(original)
 
 
-def test_tensor_parallel_2_with_another_vocab_padding(models, encoders, tmp_path):
+def test_tensor_parallel_2_with_another_vocab_padding(models, encoders, t5s, tmp_path):
     """init.from_hf converted by both ranks; vocab 1100 is padded to 1280 at TP=2 (1152 at TP=1);
     each family's biases and q/k norms are split (or replicated) over the ranks, and each RoPE
-    scaling holds on every rank; the encoders' masked-LM logits (vocab 300: 512 at TP=2) too."""
+    scaling holds on every rank; the encoders' masked-LM logits (vocab 300: 512 at TP=2) too, and
+    T5's decoder logits (its relative position bias split over the ranks by head)."""
     names = ["gqa2_untied", *FAMILY_SHAPES, *ROPE_SHAPES]
-    recipes = {name: models[name][3] for name in names} | {name: encoder[3] for name, encoder in encoders.items()}
-    differences = logits_of_models(recipes, models | encoders, tmp_path, "parallel.tensor=2", nproc=2)
+    others = encoders | t5s
+    recipes = {name: models[name][3] for name in names} | {name: other[3] for name, other in others.items()}
+    differences = logits_of_models(recipes, models | others, tmp_path, "parallel.tensor=2", nproc=2)
     assert max(differences.values()) <= TOLERANCE, differences
 
 

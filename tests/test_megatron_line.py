@@ -17,6 +17,7 @@ import signal
 
 import pytest
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.models.T5.t5_model import T5Model
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 from megatron.core.transformer import TransformerConfig
@@ -157,6 +158,7 @@ def test_without_the_torch_norm_fix_sequence_parallelism_cannot_build_a_norm(nor
             (DistributedOptimizer, "sharded_param_state_fs_model_space"),
         ),
         ("_resume_with_new_lr_bounds", (MegatronOptimizer, "_filter_and_reorder_param_groups")),
+        ("_t5_output_layer_saved_once", (T5Model, "sharded_state_dict")),
     ],
 )
 def test_a_fix_whose_target_moved_stops_bigpt(fix, target, monkeypatch):

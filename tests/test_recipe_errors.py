@@ -93,7 +93,7 @@ def test_bool_is_not_an_int(tmp_path):
 
 def test_bad_enum_lists_the_choices(tmp_path):
     message = load_error(bad_recipe(tmp_path, '[model]\nactivation = "silu"\n'))
-    assert "model.activation must be one of 'swiglu', 'gelu', 'relu', got 'silu'" in message
+    assert "model.activation must be one of 'swiglu', 'gelu', 'relu', 'geglu', got 'silu'" in message
 
 
 def test_non_positive_size(tmp_path):

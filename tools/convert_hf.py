@@ -1,5 +1,6 @@
 """Hugging Face directories (Llama, Mistral, Qwen2/2.5, Qwen3; Mixtral, Qwen2-MoE, Qwen3-MoE; the
-encoders BERT and RoBERTa) in and out of bigpt checkpoints (continual pretraining).
+encoders BERT and RoBERTa; the encoder-decoders T5 and mT5) in and out of bigpt checkpoints
+(continual pretraining).
 
     python tools/convert_hf.py import data/hf/Meta-Llama-3-8B checkpoints/llama3-8b
     python tools/convert_hf.py export runs/llama3-8b-legal/checkpoints/iter_0005000 hf/llama3-8b-legal

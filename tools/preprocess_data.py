@@ -5,7 +5,8 @@
 
 One document per line; each gets the tokenizer's end-of-document token appended. Name the
 output prefix (without .bin/.idx) in a recipe's data.blend. For a masked-LM encoder
-(model.family = "encoder"), --split-sentences writes each sentence of a document as a sequence.
+(model.family = "encoder") or an encoder-decoder ("encoder_decoder", T5), --split-sentences writes
+each sentence of a document as a sequence.
 """
 
 import sys
@@ -30,7 +31,8 @@ parser.add_argument("--workers", type=int, default=1, help="tokenizing processes
 parser.add_argument(
     "--split-sentences",
     action="store_true",
-    help="one sequence per sentence, no end-of-document token: data for model.family = 'encoder', whose "
+    help="one sequence per sentence, no end-of-document token: data for model.family = 'encoder' or "
+    "'encoder_decoder', whose "
     "samples pack whole sentences of one document (one sequence per document: one truncated sample each)",
 )
 parser.add_argument(

@@ -1,5 +1,6 @@
 """Recipe [data] → megatron-core's datasets (mock, or phases of indexed-dataset blends): GPT's
-for a decoder, the masked-LM ones (``bigpt.data.masked``) for an encoder."""
+for a decoder, the masked-LM ones (``bigpt.data.masked``) for an encoder, the span-corruption ones
+(``bigpt.data.span_corruption``) for an encoder-decoder."""
 
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import Split
 
 from bigpt.data.checks import check_mock_index_fits, check_vocab
-from bigpt.data.index_cache import KeyedGPTDataset, KeyedMaskedLMDataset, drop_damaged
+from bigpt.data.index_cache import KeyedGPTDataset, KeyedMaskedLMDataset, KeyedSpanCorruptionDataset, drop_damaged
 from bigpt.data.masked import (
     MaskedVocabulary,
     MockMaskedLMDataset,
@@ -19,6 +20,13 @@ from bigpt.data.masked import (
 )
 from bigpt.data.phases import Phase, PhasedDataset, plan_phases, plan_validation_sets, validation_rereads
 from bigpt.data.rank_zero_first import build_rank_zero_first, megatron_sees_one_process
+from bigpt.data.span_corruption import (
+    MockSpanCorruptionDataset,
+    SpanVocabulary,
+    mock_span_vocabulary,
+    span_config,
+    span_vocabulary,
+)
 from bigpt.data.tokenizer import Tokenizer, load_tokenizer
 from bigpt.runtime import console
 
@@ -37,30 +45,29 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
     Call on every rank. ``source = "indexed"`` datasets are checked on every rank first, then
     their sample indices are built on rank 0 into ``data.cache_dir`` and loaded by the others
     (keyed on each index file's identity, checked before use: ``index_cache``).
-    Samples are dicts of ``seq_length``-long tensors: tokens, labels, loss_mask, position_ids.
+    Samples are dicts of ``seq_length``-long tensors: tokens, labels, loss_mask, position_ids (a
+    decoder's; an encoder's ``MASKED_BATCH_KEYS``, an encoder-decoder's ``SPAN_BATCH_KEYS``).
     Validation samples come from the first phase's blend (``data.blend``).
     """
-    data = recipe.data
-    masked = recipe.model.family == "encoder"
-    tokenizer: Tokenizer | MaskedVocabulary
+    data, family = recipe.data, recipe.model.family
+    tokenizer: Tokenizer | MaskedVocabulary | SpanVocabulary
     if data.source == "mock":
-        if masked:
-            tokenizer = mock_vocabulary(recipe.model.vocab_size)
+        if family == "encoder":
+            tokenizer, mock = mock_vocabulary(recipe.model.vocab_size), MockMaskedLMDataset
+        elif family == "encoder_decoder":
+            tokenizer, mock = mock_span_vocabulary(recipe), MockSpanCorruptionDataset
         else:
             check_mock_index_fits(train_samples, valid_samples, recipe.model.seq_length)
             tokenizer = checked_tokenizer(recipe) if data.tokenizer else VocabularyOnly(recipe.model.vocab_size)
+            mock = MockGPTDataset
         config = _config(recipe, tokenizer, {Split.train: train_samples, Split.valid: valid_samples})
         # Mock data is generated in memory from the seed, so every rank builds its own.
         with megatron_sees_one_process(quiet=True):
             train, valid, _ = BlendedMegatronDatasetBuilder(
-                MockMaskedLMDataset if masked else MockGPTDataset,
-                [train_samples, valid_samples, 0],
-                lambda: True,
-                config,
+                mock, [train_samples, valid_samples, 0], lambda: True, config
             ).build()
         return train, valid
-    checked = checked_tokenizer(recipe)
-    tokenizer = masked_vocabulary(checked, data.tokenizer, whole_word=data.masking.whole_word) if masked else checked
+    tokenizer = data_vocabulary(recipe)
     cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
     for warning in validation_rereads(recipe, phases[0], valid_samples):
@@ -78,7 +85,7 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
 def build_validation_sets(recipe, *, world_rank: int) -> dict:
     """The named validation sets of eval.sets, by name: each its blend's validation split (call on
     every rank, as ``build_datasets``). Each evaluation reads a set's first samples."""
-    tokenizer = checked_tokenizer(recipe)
+    tokenizer = data_vocabulary(recipe)
     cache_dir = os.path.abspath(recipe.data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     sets = {}
     for plan in plan_validation_sets(recipe):
@@ -100,7 +107,9 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
         cache_dir=cache_dir,
         seed=recipe.train.seed + number,
     )
-    dataset = KeyedMaskedLMDataset if recipe.model.family == "encoder" else KeyedGPTDataset
+    dataset = {"encoder": KeyedMaskedLMDataset, "encoder_decoder": KeyedSpanCorruptionDataset}.get(
+        recipe.model.family, KeyedGPTDataset
+    )
     builder = BlendedMegatronDatasetBuilder(dataset, [phase.samples, valid_samples, 0], lambda: True, config)
 
     def build():
@@ -111,6 +120,17 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
         build, world_rank=world_rank, cache_dir=cache_dir, timeout_minutes=recipe.data.build_timeout_minutes
     )
     return train, valid
+
+
+def data_vocabulary(recipe) -> Tokenizer | MaskedVocabulary | SpanVocabulary:
+    """data.tokenizer, checked, as the model family's datasets read it: an encoder's special tokens
+    and word boundaries, an encoder-decoder's sentinels; refused if it lacks what they need."""
+    checked = checked_tokenizer(recipe)
+    if recipe.model.family == "encoder":
+        return masked_vocabulary(checked, recipe.data.tokenizer, whole_word=recipe.data.masking.whole_word)
+    if recipe.model.family == "encoder_decoder":
+        return span_vocabulary(checked, recipe)
+    return checked
 
 
 def checked_tokenizer(recipe) -> Tokenizer:
@@ -136,6 +156,8 @@ def _config(recipe, tokenizer, wanted: dict, *, blend=None, cache_dir=None, seed
     )
     if recipe.model.family == "encoder":
         config = masked_config(recipe, tokenizer, **shared)
+    elif recipe.model.family == "encoder_decoder":
+        config = span_config(recipe, tokenizer, **shared)
     else:
         config = GPTDatasetConfig(
             sequence_length=recipe.model.seq_length,

@@ -18,6 +18,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from bigpt.data.masked import MaskedLMDataset
+from bigpt.data.span_corruption import SpanCorruptionDataset
 from bigpt.errors import BigptError
 from bigpt.runtime import console
 
@@ -83,12 +84,21 @@ class KeyedGPTDataset(GPTDataset):
         return super()._build_document_sample_shuffle_indices()
 
 
-class KeyedMaskedLMDataset(MaskedLMDataset):
-    """bigpt's masked-LM dataset, whose cached indices are keyed on its index file's identity too."""
+class KeyedSampleIndex:
+    """Keys a masked dataset's cached sample index on its index file's identity too (put it first
+    among the bases)."""
 
     def _build_sample_index(self, sequence_length: int, min_sentences_per_sample: int) -> numpy.ndarray:
         key_on_index_file(self)
-        return super()._build_sample_index(sequence_length, min_sentences_per_sample)
+        return super()._build_sample_index(sequence_length, min_sentences_per_sample)  # type: ignore[misc]
+
+
+class KeyedMaskedLMDataset(KeyedSampleIndex, MaskedLMDataset):
+    """bigpt's masked-LM dataset, whose cached indices are keyed on its index file's identity too."""
+
+
+class KeyedSpanCorruptionDataset(KeyedSampleIndex, SpanCorruptionDataset):
+    """bigpt's span-corruption dataset, whose cached indices are keyed on its index file's identity too."""
 
 
 def drop_damaged(cache: Path) -> None:

@@ -115,31 +115,27 @@ class MaskedLMDataset(BERTMaskedWordPieceDataset):
 
 class MockDocuments:
     """megatron-core's indexed dataset as the masked datasets read it, of random documents made of
-    random sentences (3 to 40 tokens, no special ids), the same for every seed and process."""
+    random sentences (3 to 40 tokens of ``words``, no special ids), the same for every seed and process."""
 
     documents = 20000
     seed = 0
 
-    def __init__(self, vocabulary: MaskedVocabulary):
+    def __init__(self, words: range):
         rng = numpy.random.default_rng(self.seed)
         sentences_per_document = rng.integers(1, 8, size=self.documents)
         self.document_indices = numpy.concatenate([[0], numpy.cumsum(sentences_per_document)]).astype(numpy.int64)
         self.sequence_lengths = rng.integers(3, 41, size=int(self.document_indices[-1])).astype(numpy.int32)
         self.offsets = numpy.concatenate([[0], numpy.cumsum(self.sequence_lengths)])
-        first_word = max(MOCK_SPECIALS.values()) + 1
-        self.tokens = rng.integers(first_word, vocabulary.vocab_size, size=int(self.offsets[-1]))
+        self.tokens = rng.integers(words.start, words.stop, size=int(self.offsets[-1]))
         self.path_prefix = None
 
     def __getitem__(self, sentence: int) -> numpy.ndarray:
         return self.tokens[self.offsets[sentence] : self.offsets[sentence + 1]]
 
 
-class MockMaskedLMDataset(MaskedLMDataset):
-    """``MaskedLMDataset`` over ``MockDocuments`` (data.source = "mock")."""
-
-    @staticmethod
-    def build_low_level_dataset(dataset_path, config) -> MockDocuments:
-        return MockDocuments(config.tokenizer)
+class OfMockDocuments:
+    """Makes a masked dataset read ``MockDocuments`` (data.source = "mock"): put it first among the
+    bases and give ``build_low_level_dataset``."""
 
     @staticmethod
     def numel_low_level_dataset(low_level_dataset: MockDocuments) -> int:
@@ -148,20 +144,28 @@ class MockMaskedLMDataset(MaskedLMDataset):
     def _build_sample_index(self, sequence_length: int, min_sentences_per_sample: int) -> numpy.ndarray:
         # Every rank builds mock data alone: megatron-core's index is built in memory; its cache
         # file goes to a directory of this process's own, gone after.
-        cache = self.config.path_to_cache
-        with tempfile.TemporaryDirectory() as self.config.path_to_cache:
-            index = super()._build_sample_index(sequence_length, min_sentences_per_sample)
-        self.config.path_to_cache = cache
+        cache = self.config.path_to_cache  # type: ignore[attr-defined]
+        with tempfile.TemporaryDirectory() as self.config.path_to_cache:  # type: ignore[attr-defined]
+            index = super()._build_sample_index(sequence_length, min_sentences_per_sample)  # type: ignore[misc]
+        self.config.path_to_cache = cache  # type: ignore[attr-defined]
         return index
 
 
-def masked_token_share(dataset, recipe) -> float:
-    """The share of an indexed dataset's tokens that one pass of masked samples holds: megatron-
-    core's own sample map (whole sentences of one document, up to seq_length - 2 tokens between
-    [CLS] and [SEP], some shorter on purpose), what a truncated sample leaves out not counted."""
+class MockMaskedLMDataset(OfMockDocuments, MaskedLMDataset):
+    """``MaskedLMDataset`` over ``MockDocuments`` (data.source = "mock")."""
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path, config) -> MockDocuments:
+        return MockDocuments(range(max(MOCK_SPECIALS.values()) + 1, config.tokenizer.vocab_size))
+
+
+def packed_token_share(dataset, *, room: int, short_sequence_probability: float, seed: int) -> float:
+    """The share of an indexed dataset's tokens that one pass of megatron-core's masked samples
+    holds: whole sentences of one document, up to ``room`` tokens, some shorter on purpose (its own
+    sample map), what a truncated sample leaves out not counted."""
     from megatron.core.datasets import helpers
 
-    masking, sizes = recipe.data.masking, dataset.sequence_lengths
+    sizes = dataset.sequence_lengths
     if not len(sizes):
         return 0.0
     samples = helpers.build_mapping(
@@ -169,15 +173,26 @@ def masked_token_share(dataset, recipe) -> float:
         sizes,
         1,  # one pass
         2**63,  # as many samples as it makes
-        recipe.model.seq_length - 3,  # the room megatron-core's BERT dataset leaves ([CLS], two [SEP])
-        masking.short_sequence_probability,
-        recipe.train.seed,
+        room,
+        short_sequence_probability,
+        seed,
         False,
         1,
     )
     ends = numpy.concatenate([[0], numpy.cumsum(sizes, dtype=numpy.int64)])
     held = numpy.minimum(ends[samples[:, 1]] - ends[samples[:, 0]], samples[:, 2]).sum()
     return float(held / ends[-1])
+
+
+def masked_token_share(dataset, recipe) -> float:
+    """``packed_token_share`` of masked-LM samples: up to model.seq_length - 3 tokens (the room
+    megatron-core's BERT dataset leaves: [CLS], two [SEP])."""
+    return packed_token_share(
+        dataset,
+        room=recipe.model.seq_length - 3,
+        short_sequence_probability=recipe.data.masking.short_sequence_probability,
+        seed=recipe.train.seed,
+    )
 
 
 def masked_config(recipe, vocabulary: MaskedVocabulary, **fields) -> BERTMaskedWordPieceDatasetConfig:

@@ -27,6 +27,7 @@ from bigpt.data.checks import (
     split_tokens,
 )
 from bigpt.data.masked import masked_token_share
+from bigpt.data.span_corruption import span_token_share
 from bigpt.errors import BigptError, BigptErrors, raise_problems
 from bigpt.layout import samples_by_step
 from bigpt.numbers import short
@@ -220,7 +221,7 @@ def plan_tokens(recipe, train_samples: int | None = None) -> str:
             )
     warnings = validation_rereads(recipe, phases[0], valid_samples)
     table = _tabulated(rows)
-    if recipe.model.family == "encoder":
+    if recipe.model.family in ("encoder", "encoder_decoder"):
         table += _masked_shares(recipe, phases)
     sets = plan_validation_sets(recipe)
     if sets:
@@ -249,14 +250,19 @@ def _tabulated(rows: list[tuple]) -> list[str]:
 
 
 def _masked_shares(recipe, phases: list[Phase]) -> list[str]:
-    """Per dataset, how much of it masked samples hold (model.family = "encoder")."""
+    """Per dataset, how much of it masked-LM (model.family = "encoder") or span-corruption samples
+    ("encoder_decoder") hold."""
+    if recipe.model.family == "encoder":
+        kind, share_of, reserved = "masked", masked_token_share, 3  # [CLS] and two [SEP]
+    else:
+        kind, share_of, reserved = "span-corruption", span_token_share, 2  # megatron-core's T5 room (sample_tokens)
     lines = []
     for phase in phases:
         for i, prefix in enumerate(phase.prefixes):
-            share = masked_token_share(open_indexed_dataset(prefix, f"{phase.key}[{i}].path"), recipe)
+            share = share_of(open_indexed_dataset(prefix, f"{phase.key}[{i}].path"), recipe)
             lines.append(
-                f"masked samples hold {share:.0%} of {prefix}'s tokens in one pass (whole sentences of one "
-                f"document, up to model.seq_length - 3 = {recipe.model.seq_length - 3})"
+                f"{kind} samples hold {share:.0%} of {prefix}'s tokens in one pass (whole sentences of one "
+                f"document, up to model.seq_length - {reserved} = {recipe.model.seq_length - reserved})"
                 + (
                     "; the rest is cut off: write a sequence per sentence (tools/preprocess_data.py --split-sentences)"
                     if share < 0.9

@@ -10,7 +10,7 @@ schedule), checkpoints (whatever the chunk's sharded state dict holds), the coun
 [model] (``[model.moe]``) with their checks in ``bigpt.recipe.checks``, since a recipe is checked on
 paper before anything is built.
 
-Adding a family (next: the encoder-decoder, T5): a module here with its ``ModelFamily``,
+Adding a family: a module here with its ``ModelFamily``,
 its name added to ``model.family``'s choices (``bigpt/recipe/tables.py``) and to ``FAMILIES``
 below, its keys as a [model.<family>] table if it has any, and tests of the same kind as
 tests/test_moe.py (checks on paper, parity with one rank, resume). docs/architecture.md says more.
@@ -18,11 +18,12 @@ tests/test_moe.py (checks on paper, parity with one rank, resume). docs/architec
 
 from bigpt.families.decoder import DECODER
 from bigpt.families.encoder import ENCODER
+from bigpt.families.encoder_decoder import ENCODER_DECODER
 from bigpt.families.moe_decoder import MOE_DECODER
 from bigpt.families.spec import ModelFamily
 from bigpt.recipe import ModelConfig
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (DECODER, MOE_DECODER, ENCODER)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (DECODER, MOE_DECODER, ENCODER, ENCODER_DECODER)}
 """Every family, by its model.family name."""
 
 

@@ -27,7 +27,8 @@ class ModelFamily:
     loss function returns (loss sum, token count, {"lm loss": [sum, count]})."""
     logits: Callable
     """(chunk, tokens [1, seq] on its device) → what the chunk passes on without labels: hidden
-    states, or on the last stage its [1, seq, vocab / tp] logits (tools/logits.py)."""
+    states, or on the last stage its [1, seq, vocab / tp] logits (tools/logits.py). An
+    encoder-decoder's takes ``decoder_tokens`` [1, decoder seq] too, and gives their logits."""
     build_datasets: Callable
     """(recipe, *, world_rank, train_samples, valid_samples) → (train, valid) datasets whose samples
     the forward step reads."""

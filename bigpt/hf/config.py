@@ -21,6 +21,7 @@ from bigpt.recipe.tables import (
     ROPE_SCALING_KEYS,
     ROPE_SCALING_USES,
     EncoderConfig,
+    EncoderDecoderConfig,
     MoEConfig,
 )
 
@@ -240,8 +241,9 @@ def _family(config: dict, source) -> Family:
             "bigpt imports "
             + ", ".join(f.architecture for f in FAMILIES.values())
             + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen1.5/2-MoE, Qwen3-MoE and models "
-            "of the same shape, and the encoders BertForMaskedLM, BertModel and RobertaForMaskedLM); other "
-            "architectures are not",
+            "of the same shape, the encoders BertForMaskedLM, BertModel and RobertaForMaskedLM, and the "
+            "encoder-decoders T5ForConditionalGeneration and MT5ForConditionalGeneration); other architectures "
+            "are not",
         )
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
@@ -267,10 +269,12 @@ def _family(config: dict, source) -> Family:
 def model_from_hf(config: dict, source) -> dict:
     """The ``[model]`` keys (recipe spelling) of a ``config.json``; refuses what bigpt cannot
     compute identically. ``source`` names the file in errors."""
-    from bigpt.hf import bert  # its own file (config and tensors), which builds on this one
+    from bigpt.hf import bert, t5  # their own files (config and tensors), which build on this one
 
     if config.get("model_type") in bert.ENCODER_FAMILIES:
         return bert.model_from_hf(config, source)
+    if t5.is_t5(config):
+        return t5.model_from_hf(config, source)
     family = _family(config, source)
     if config.get("hidden_act", "silu") != "silu":
         _refuse(source, f"hidden_act = {config['hidden_act']!r}", "bigpt's MLP for these families is SwiGLU (silu)")
@@ -334,6 +338,12 @@ def effective(model: dict, key: str):
             return None
         given = model.get("encoder") or {}
         return vars(EncoderConfig(**given) if isinstance(given, dict) else given)
+    if key == "encoder_decoder":  # a table ([model.encoder_decoder]), of the encoder-decoder family only
+        if model.get("family", "decoder") != "encoder_decoder":
+            return None
+        given = model.get("encoder_decoder") or {}
+        table = EncoderDecoderConfig(**given) if isinstance(given, dict) else given
+        return {**vars(table), "encoder_layers": table.encoder_depth(model["num_layers"])}
     value = model.get(key, getattr(ModelConfig, key, None))
     scaling = model.get("rope_scaling", "none")
     if key in ("rope_scaling_factor", *ROPE_SCALING_KEYS) and key not in ROPE_SCALING_USES[scaling]:
@@ -416,6 +426,10 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
         from bigpt.hf import bert
 
         return bert.hf_from_model(model, dtype, original)
+    if model.family == "encoder_decoder":
+        from bigpt.hf import t5
+
+        return t5.hf_from_model(model, dtype, original)
     problems = [
         f"model.{key} = {value!r}"
         for key, value, wanted in (

@@ -41,6 +41,7 @@ from bigpt.hf.bert import fresh_head_note, usable_positions
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import (
     CONFIG,
+    SENTENCEPIECE_FILES,
     TOKENIZER_FILES,
     SafetensorsWeights,
     copy_side_files,
@@ -50,9 +51,10 @@ from bigpt.hf.files import (
     write_shards,
 )
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
+from bigpt.hf.t5 import INPUT_LENGTH
 from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
-from bigpt.recipe.tables import EncoderConfig, MoEConfig
+from bigpt.recipe.tables import EncoderConfig, EncoderDecoderConfig, MoEConfig
 from bigpt.runtime import console
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
@@ -95,8 +97,8 @@ def _sliced_axes(item: Item, num_layers: int) -> list[tuple[int, int]]:
     tensor (the dense decoder; an MoE model keys its layers by number), then the expert axis."""
     rule, layer, expert = item
     axes = []
-    if layer is not None and rule.checkpoint_key(layer) == rule.key:
-        axes.append((layer, num_layers))
+    if layer is not None and rule.checkpoint_key(layer) == rule.key:  # a stack of all of rule.layers (T5's encoder)
+        axes.append((layer, num_layers if rule.layers is None else len(rule.layers)))
     if expert is not None:
         axes.append((expert, rule.experts))
     return axes
@@ -274,7 +276,7 @@ def _import_notes(config: dict, weights, directory: Path) -> list[str]:
     notes = []
     if weights.left_out:
         notes.append(
-            f"{directory}: left out {len(weights.left_out)} tensors that masked-LM training does not use "
+            f"{directory}: left out {len(weights.left_out)} tensors that {weights.left_out_by} does not use "
             f"({', '.join(weights.left_out[:4])}{', ...' if len(weights.left_out) > 4 else ''}); an export "
             "does not write them"
         )
@@ -284,7 +286,8 @@ def _import_notes(config: dict, weights, directory: Path) -> list[str]:
 
 def model_toml(model: dict, source: Path, config: dict) -> str:
     """The [model] table of ``config`` as a recipe fragment (a ``base`` or a table to paste)."""
-    table = dict(model, seq_length=min(usable_positions(model, config), 8192))
+    positions = usable_positions(model, config) if "max_position_embeddings" in model else INPUT_LENGTH  # T5: no table
+    table = dict(model, seq_length=min(positions, 8192))
     return (
         f"# The architecture of {source} (written by tools/convert_hf.py import).\n"
         "# Paste this table into a recipe, or name this file as its base; seq_length is yours to choose.\n"
@@ -298,7 +301,11 @@ def checkpoint_model(checkpoint: Path) -> ModelConfig:
     for name in ("recipe.toml", MODEL_TOML):
         if (checkpoint / name).is_file():
             table = tomllib.loads((checkpoint / name).read_text())["model"]
-            tables = {"moe": MoEConfig(**table.get("moe", {})), "encoder": EncoderConfig(**table.get("encoder", {}))}
+            tables = {
+                "moe": MoEConfig(**table.get("moe", {})),
+                "encoder": EncoderConfig(**table.get("encoder", {})),
+                "encoder_decoder": EncoderDecoderConfig(**table.get("encoder_decoder", {})),
+            }
             return ModelConfig(**table | tables)
     raise BigptError(
         f"{checkpoint} is not a bigpt checkpoint (it has neither recipe.toml nor {MODEL_TOML}); point at "
@@ -339,7 +346,7 @@ def extended_tokenizer_of(checkpoint: Path) -> Path | None:
 
 def _replace_tokenizer(directory: Path, tokenizer: Path) -> str:
     """Put ``tokenizer`` (an extended one) in place of ``directory``'s, of either kind; its name there."""
-    for name in ("tokenizer.json", "tokenizer.model"):
+    for name in ("tokenizer.json", *SENTENCEPIECE_FILES):
         (directory / name).unlink(missing_ok=True)
     name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
     shutil.copyfile(tokenizer, directory / name)
@@ -369,10 +376,10 @@ def _layer_loads(checkpoint: Path, metadata: dict, items: list[Item], num_layers
 def tokenizer_note(hf_files: Path | None, copied: list[str]) -> str:
     """What an export says about its tokenizer (in the tool's output and the export's README.md)."""
     found = [name for name in copied if name in TOKENIZER_FILES]
-    if any(name in found for name in ("tokenizer.json", "tokenizer.model")):
+    if any(name in found for name in ("tokenizer.json", *SENTENCEPIECE_FILES)):
         return f"tokenizer: {', '.join(found)} from {hf_files}"
     why = (
-        f"{hf_files} has no tokenizer.json or tokenizer.model"
+        f"{hf_files} has no tokenizer.json, {' or '.join(SENTENCEPIECE_FILES)}"
         if hf_files
         else "the checkpoint's lineage names no Hugging Face directory (it was not started from one)"
     )

@@ -18,11 +18,13 @@ from bigpt.hf.mapping import expected_hf_shapes
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model")
+"""A SentencePiece tokenizer's file: Llama's name, T5's and mT5's (their only tokenizer, for mT5)."""
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "tokenizer.model",
+    *SENTENCEPIECE_FILES,
     "chat_template.jinja",
 )
 # Copied on import and export (whichever exist); none of them is a pickle.
@@ -85,6 +87,8 @@ class SafetensorsWeights:
         self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
         self.left_out: list[str] = []
         """Tensors of the directory that the model does not use (bigpt.hf.bert.left_out)."""
+        self.left_out_by = "masked-LM training"
+        """What does not use them, for the import's note."""
         self.stored: dict[str, str] = {}
         """A tensor's name in its file, where it differs from the name the map uses."""
 
@@ -169,6 +173,10 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
         weights.left_out = bert.left_out(weights.files, config)  # a released BERT's pooler, NSP head
         for name in weights.left_out + bert.redundant(weights.files, config):
             del weights.files[name]
+    elif model.get("family") == "encoder_decoder":
+        from bigpt.hf import t5
+
+        t5.check_tying(directory, weights, model, config)  # and drops the embedding's copies
     elif model["tie_embeddings"] and "lm_head.weight" in weights.files:  # some tied checkpoints store the copy too
         _check_tied_copy(directory, weights)
         del weights.files["lm_head.weight"]
@@ -263,11 +271,11 @@ def tokenizer_vocab_size(directory: Path) -> tuple[Path, int] | None:
             import tokenizers
 
             return path, tokenizers.Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
-        path = directory / "tokenizer.model"
-        if path.is_file():
-            import sentencepiece
+        for path in (directory / name for name in SENTENCEPIECE_FILES):
+            if path.is_file():
+                import sentencepiece
 
-            return path, sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+                return path, sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
     except Exception as err:  # both libraries raise plain exceptions from native code
         raise BigptError(f"tokenizer {path} cannot be read ({err}); fetch it again") from None
     return None

@@ -154,6 +154,10 @@ def rules(model: dict, config: dict | None = None) -> list[Rule]:
         from bigpt.hf import bert
 
         return bert.rules(model, config)
+    if model.get("family") == "encoder_decoder":  # T5, mT5: bigpt/hf/t5.py
+        from bigpt.hf import t5
+
+        return t5.rules(model, config)
     hidden, ffn, vocab = model["hidden_size"], model["ffn_hidden_size"], model["vocab_size"]
     heads, groups, head_dim = (
         model["num_attention_heads"],

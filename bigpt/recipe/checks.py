@@ -13,11 +13,13 @@ from bigpt.recipe.tables import (
     MODEL_FUNCTION_KEYS,
     MODEL_SHAPE_KEYS,
     EncoderConfig,
+    EncoderDecoderConfig,
     MaskingConfig,
     MoEConfig,
     PrecisionConfig,
     Recipe,
     RecomputeConfig,
+    SpanCorruptionConfig,
 )
 
 
@@ -32,6 +34,8 @@ def check_recipe(recipe: Recipe) -> None:
         _check_model,
         _check_moe,
         _check_encoder,
+        _check_encoder_decoder,
+        _check_span_corruption,
         _check_optimizer,
         _check_precision,
         _check_recompute,
@@ -241,7 +245,12 @@ def _check_encoder(recipe: Recipe) -> None:
             recipe_error(
                 recipe,
                 f"{', '.join(set_keys)} set while model.family={model.family!r} is not a masked-LM encoder",
-                'set model.family = "encoder", or remove them',
+                'set model.family = "encoder", or remove them'
+                + (
+                    " (an encoder-decoder's masking is [data.span_corruption])"
+                    if model.family == "encoder_decoder"
+                    else ""
+                ),
             )
         return
     if encoder.next_sentence_prediction:
@@ -294,6 +303,114 @@ def _check_encoder(recipe: Recipe) -> None:
     for wrong, key, why, fix in refused:
         if wrong:
             recipe_error(recipe, f'{key} with model.family = "encoder": {why}', fix)
+
+
+def _check_encoder_decoder(recipe: Recipe) -> None:
+    model, table = recipe.model, recipe.model.encoder_decoder
+    if model.family != "encoder_decoder":
+        set_keys = [
+            f"model.encoder_decoder.{key}"
+            for key, value in vars(table).items()
+            if value != getattr(EncoderDecoderConfig(), key)
+        ] + (["model.position_embedding = 'relative'"] if model.position_embedding == "relative" else [])
+        if set_keys:
+            recipe_error(
+                recipe,
+                f"{', '.join(set_keys)} set while model.family={model.family!r} is not an encoder-decoder",
+                'set model.family = "encoder_decoder" (T5), or remove them',
+            )
+        return
+    # What megatron-core's T5Model does not do, or a key that means nothing for T5's relative positions
+    refused = [
+        (
+            model.position_embedding != "relative",
+            f"model.position_embedding={model.position_embedding!r}",
+            "bigpt's encoder-decoder is T5's, with a learned relative position bias",
+            "set it to 'relative'",
+        ),
+        (
+            (model.num_query_groups or model.num_attention_heads) != model.num_attention_heads,
+            f"model.num_query_groups={model.num_query_groups}",
+            "megatron-core's cross-attention has no grouped-query form",
+            "remove it (one key/value head per query head)",
+        ),
+        (
+            model.attention_window is not None,
+            f"model.attention_window={model.attention_window}",
+            "megatron-core's T5 attends to every position (its encoder both ways)",
+            "remove it",
+        ),
+        (
+            model.qk_layernorm,
+            "model.qk_layernorm=true",
+            "megatron-core's T5 layers have no query/key norms",
+            "set it to false",
+        ),
+        (
+            model.max_position_embeddings is not None,
+            f"model.max_position_embeddings={model.max_position_embeddings}",
+            "relative positions have no position table (distances from "
+            "model.encoder_decoder.relative_attention_max_distance on share one bucket)",
+            "remove it",
+        ),
+    ]
+    for wrong, key, why, fix in refused:
+        if wrong:
+            recipe_error(recipe, f'{key} with model.family = "encoder_decoder": {why}', fix)
+    buckets, distance = table.relative_attention_num_buckets, table.relative_attention_max_distance
+    if buckets < 4 or distance <= buckets // 2:
+        recipe_error(
+            recipe,
+            f"model.encoder_decoder.relative_attention_num_buckets={buckets} with relative_attention_max_distance="
+            f"{distance}: T5's buckets go half to exact distances (a quarter per direction in the encoder) and "
+            "half to logarithmic ranges up to the max distance, which must lie beyond the exact ones",
+            "use at least 4 buckets and a max distance above half of them (T5: 32 and 128)",
+        )
+
+
+def _check_span_corruption(recipe: Recipe) -> None:
+    span = recipe.data.span_corruption
+    if recipe.model.family != "encoder_decoder":
+        set_keys = [
+            f"data.span_corruption.{key}"
+            for key, value in vars(span).items()
+            if value != getattr(SpanCorruptionConfig(), key)
+        ]
+        if set_keys:
+            recipe_error(
+                recipe,
+                f"{', '.join(set_keys)} set while model.family={recipe.model.family!r} is not an encoder-decoder",
+                'set model.family = "encoder_decoder" for span corruption (T5), or remove them',
+            )
+        return
+    if span.mean_span_length < 1:
+        recipe_error(
+            recipe,
+            f"data.span_corruption.mean_span_length = {span.mean_span_length}: a span holds at least one token",
+            "choose 1 or more (T5: 3)",
+        )
+    # Each span is cut out between kept tokens, so spans ≤ kept tokens: density / mean ≤ 1 - density.
+    most = span.mean_span_length / (span.mean_span_length + 1)
+    if not 0 < span.noise_density <= most:
+        recipe_error(
+            recipe,
+            f"data.span_corruption.noise_density = {span.noise_density} with mean_span_length = "
+            f"{span.mean_span_length}: "
+            + (
+                "nothing would be dropped"
+                if span.noise_density <= 0
+                else f"each span needs a kept token before it, so at most {most:.3g} of a sample can be dropped "
+                "in spans of that mean length"
+            ),
+            "choose a share above 0 and at most mean_span_length / (mean_span_length + 1) (T5: 0.15)",
+        )
+    if recipe.model.seq_length < 4:
+        recipe_error(
+            recipe,
+            f"model.seq_length = {recipe.model.seq_length} with span corruption: a sample holds "
+            "model.seq_length - 2 tokens, and a span is dropped only between kept ones",
+            "use 4 or more",
+        )
 
 
 def _check_optimizer(recipe: Recipe) -> None:
@@ -598,11 +715,12 @@ def _check_eval_sets(recipe: Recipe) -> None:
             "eval.sets names validation sets, but data.source is 'mock' (random tokens, no datasets to read)",
             "set data.source = 'indexed' with the datasets, or remove eval.sets",
         )
-    if recipe.eval.tasks and recipe.model.family == "encoder":
+    if recipe.eval.tasks and recipe.model.family in ("encoder", "encoder_decoder"):
         recipe_error(
             recipe,
-            'eval.tasks with model.family = "encoder": a task is scored by the log-likelihood of each choice '
-            "given its context, which a masked-LM encoder does not compute",
+            f"eval.tasks with model.family = {recipe.model.family!r}: a task is scored by the log-likelihood of each "
+            "choice given its context, as a causal decoder continues it, which "
+            f"{'a masked-LM encoder' if recipe.model.family == 'encoder' else 'an encoder-decoder'} does not compute",
             "score encoders' downstream tasks by fine-tuning outside bigpt, or remove eval.tasks",
         )
     if recipe.eval.tasks and not recipe.data.tokenizer:

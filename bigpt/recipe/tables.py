@@ -95,14 +95,34 @@ class EncoderConfig:
 
 
 @dataclass(kw_only=True)
+class EncoderDecoderConfig:
+    """[model.encoder_decoder]: the encoder-decoder of model.family = "encoder_decoder" (T5),
+    megatron-core's T5Model with T5's relative position bias. Its decoder has model.num_layers
+    layers; the widths, heads (model.kv_channels: T5's d_kv) and norms are [model]'s, for both stacks."""
+
+    encoder_layers: int | None = positive(None)
+    """Layers of the encoder; None = model.num_layers, as many as the decoder's."""
+    relative_attention_num_buckets: int = positive(32)
+    """Buckets of relative distance, each with a learned bias per head (T5's
+    relative_attention_num_buckets; half of them per direction in the encoder)."""
+    relative_attention_max_distance: int = positive(128)
+    """Distances from this on share the last bucket (relative_attention_max_distance)."""
+
+    def encoder_depth(self, num_layers: int) -> int:
+        """The encoder's layers, given model.num_layers (the decoder's)."""
+        return self.encoder_layers or num_layers
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """[model]: the transformer architecture."""
 
-    family: Literal["decoder", "moe_decoder", "encoder"] = "decoder"
+    family: Literal["decoder", "moe_decoder", "encoder", "encoder_decoder"] = "decoder"
     """The kind of model: decoder = a dense causal decoder (Llama, Qwen, Mistral); moe_decoder = a
     causal decoder whose MLPs are Mixture-of-Experts layers, set in [model.moe]; encoder = a
     bidirectional encoder trained by masked language modelling (BERT, RoBERTa), set in
-    [model.encoder]."""
+    [model.encoder]; encoder_decoder = an encoder and a decoder trained by span corruption (T5), set
+    in [model.encoder_decoder]."""
     num_layers: int = positive()
     """Number of transformer layers."""
     hidden_size: int = positive()
@@ -123,14 +143,16 @@ class ModelConfig:
     """The tokenizer's vocabulary size; the embedding is padded, see ``padded_vocab_size``."""
     make_vocab_size_divisible_by: int = positive(128)
     """Pad the embedding rows to a multiple of this times the tensor-parallel size."""
-    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
-    """MLP activation; swiglu is gated (three MLP matrices instead of two)."""
+    activation: Literal["swiglu", "gelu", "relu", "geglu"] = "swiglu"
+    """MLP activation; swiglu and geglu are gated (three MLP matrices instead of two). geglu is GELU
+    in its tanh approximation, gated (T5 v1.1's gated-gelu, Hugging Face's gelu_new)."""
     normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Norm before attention, before the MLP and after the last layer."""
     norm_epsilon: float = positive(1e-5)
     """Epsilon added inside the norm."""
-    position_embedding: Literal["rope", "learned"] = "rope"
-    """Rotary embeddings on q/k, or a learned absolute position table."""
+    position_embedding: Literal["rope", "learned", "relative"] = "rope"
+    """Rotary embeddings on q/k, a learned absolute position table, or T5's learned relative
+    position bias on the attention scores (model.family = "encoder_decoder" only)."""
     rope_base: float = positive(10000.0)
     """RoPE base frequency (Llama 3 uses 500000)."""
     rope_scaling: Literal["none", "llama3", "yarn", "linear"] = "none"
@@ -187,6 +209,8 @@ class ModelConfig:
     """[model.moe]"""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """[model.encoder]"""
+    encoder_decoder: EncoderDecoderConfig = field(default_factory=EncoderDecoderConfig)
+    """[model.encoder_decoder]"""
 
 
 MODEL_SHAPE_KEYS = (
@@ -207,6 +231,7 @@ MODEL_SHAPE_KEYS = (
     "qk_layernorm",
     "moe",
     "encoder",
+    "encoder_decoder",
 )
 """The [model] keys that decide which tensors a checkpoint holds and their shapes."""
 
@@ -495,6 +520,44 @@ class MaskingConfig:
 
 
 @dataclass(kw_only=True)
+class SpanCorruptionConfig:
+    """[data.span_corruption]: how model.family = "encoder_decoder" corrupts its samples (T5's span
+    corruption): spans of a sample's tokens are dropped from the encoder's input, each replaced by a
+    sentinel (<extra_id_0>, <extra_id_1>, ...), and the decoder writes each sentinel then the tokens
+    it stands for, then EOS. A sample is corrupted anew each time it is drawn, seeded by its position
+    in the stream. T5's other objectives (prefix LM, deshuffling, BERT-style) are not offered."""
+
+    noise_density: float = fraction(0.15)
+    """Share of a sample's tokens dropped: round(tokens × noise_density), at least one (T5: 0.15)."""
+    mean_span_length: float = positive(3.0)
+    """Mean length of a dropped span: the dropped tokens form round(dropped / mean_span_length) spans
+    of random lengths, with kept tokens of random lengths between them (T5: 3)."""
+
+    def noise_and_spans(self, length: int) -> tuple[int, int]:
+        """(dropped tokens, spans) of a sample of ``length`` tokens, as T5's ``random_spans_noise_mask``
+        counts them; each span follows at least one kept token."""
+        if length < 2:
+            return 0, 0
+        noise = min(max(round(length * self.noise_density), 1), length - 1)
+        return noise, min(max(round(noise / self.mean_span_length), 1), length - noise)
+
+    def most_spans(self, seq_length: int) -> int:
+        """The most spans, so sentinels, a sample of an encoder of ``seq_length`` positions can have."""
+        return max(self.noise_and_spans(length)[1] for length in range(1, sample_tokens(seq_length) + 1))
+
+    def decoder_seq_length(self, seq_length: int) -> int:
+        """The decoder's positions for an encoder of ``seq_length``: its start token, then the
+        sentinel and tokens of each span of the longest sample (its targets: the same, then EOS)."""
+        return 1 + max(sum(self.noise_and_spans(length)) for length in range(1, sample_tokens(seq_length) + 1))
+
+
+def sample_tokens(seq_length: int) -> int:
+    """The tokens a span-corruption sample holds at most: megatron-core's T5 samples leave two of the
+    encoder's positions (bigpt ends the encoder's input with EOS in one)."""
+    return seq_length - 2
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """[data]: tokenizer and training data."""
 
@@ -517,6 +580,8 @@ class DataConfig:
     start_tokens; data.blend is the first phase, from token 0. Validation always uses data.blend."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     """[data.masking]"""
+    span_corruption: SpanCorruptionConfig = field(default_factory=SpanCorruptionConfig)
+    """[data.span_corruption]"""
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,7 @@ from multiprocessing.managers import SyncManager
 
 import torch
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.models.T5.t5_model import T5Model
 from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import MegatronOptimizer, param_group_identifier_keys
@@ -139,6 +140,26 @@ def _torch_norms_accept_sequence_parallelism() -> None:
     WrappedTorchNorm.__new__ = staticmethod(new)
 
 
+def _t5_output_layer_saved_once() -> None:
+    """megatron-core's T5Model holds its untied output layer twice (``output_layer`` is
+    ``lm_head.output_layer``), so its sharded state dict saves the one tensor under two keys, and
+    only ``output_layer.weight`` may change its vocabulary padding on load: an untied T5 then cannot
+    load at a tensor-parallel size that pads the vocabulary differently, and a checkpoint written
+    without the alias (a Hugging Face import) not at all. Save it once, as ``output_layer.weight``."""
+    original = getattr(T5Model, "sharded_state_dict", None)
+    if original is None or "sharded_state_dict" not in T5Model.__dict__:
+        raise patch_target_error("T5's output layer saved once", "T5Model.sharded_state_dict is gone")
+    if hasattr(original, "__wrapped__"):  # applied already
+        return
+
+    def sharded_state_dict(self, prefix="", *args, **kwargs):
+        state = original(self, prefix, *args, **kwargs)
+        return {key: value for key, value in state.items() if not key.startswith(f"{prefix}lm_head.output_layer.")}
+
+    sharded_state_dict.__wrapped__ = original  # type: ignore[attr-defined]
+    T5Model.sharded_state_dict = sharded_state_dict
+
+
 LR_BOUNDS = ("max_lr", "min_lr")
 
 
@@ -206,4 +227,5 @@ def apply() -> None:
     _resume_with_new_lr_bounds()
     _start_checkpoint_results_queue()
     _torch_norms_accept_sequence_parallelism()
+    _t5_output_layer_saved_once()
     _applied = True

@@ -1,0 +1,364 @@
+"""The encoder-decoder family (model.family = "encoder_decoder", bigpt/families/encoder_decoder.py):
+T5's function computed on megatron-core's T5Model (against transformers with the same weights), what
+megatron-core needs for it, its keys checked on paper, its counts."""
+
+import tomllib
+
+import pytest
+import torch
+from megatron.core.models.T5 import t5_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import T5Config, T5ForConditionalGeneration
+
+from bigpt.errors import BigptError
+from bigpt.families.encoder_decoder import RelativeBiasAttention, attention_masks, forward_step
+from bigpt.flops import encoder_decoder_flops_per_sample, num_parameters
+from bigpt.hf.config import check_recipe_matches
+from bigpt.layout import Layout
+from bigpt.recipe import load_recipe, recipe_to_toml
+from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
+from test_reshard import reshard
+from test_training_path import world_of_one
+
+T5_RECIPE = REPO / "tests" / "recipes" / "mock_t5.toml"
+V1_1 = ["model.activation='geglu'", "model.tie_embeddings=false"]
+"""T5 v1.1's differences from the recipe's v1.0: gated GELU (tanh), untied output layer."""
+
+
+def build_t5(*overrides: str):
+    """The one-rank chunk bigpt builds for the tiny T5 recipe (call inside world_of_one)."""
+    from bigpt.model import build_model_chunks
+    from bigpt.runtime.seeding import seed_everything
+
+    recipe = load_recipe(T5_RECIPE, list(overrides))
+    seed_everything(recipe.train.seed)
+    chunks, _ = build_model_chunks(recipe, Layout.from_recipe(recipe, 1))
+    return recipe, chunks[0]
+
+
+def hf_t5_of(recipe) -> T5ForConditionalGeneration:
+    m = recipe.model
+    config = T5Config(
+        vocab_size=m.vocab_size,
+        d_model=m.hidden_size,
+        d_kv=m.kv_channels,
+        d_ff=m.ffn_hidden_size,
+        num_layers=m.encoder_decoder.encoder_depth(m.num_layers),
+        num_decoder_layers=m.num_layers,
+        num_heads=m.num_attention_heads,
+        relative_attention_num_buckets=m.encoder_decoder.relative_attention_num_buckets,
+        relative_attention_max_distance=m.encoder_decoder.relative_attention_max_distance,
+        dropout_rate=0.0,
+        layer_norm_epsilon=m.norm_epsilon,
+        feed_forward_proj="relu" if m.activation == "relu" else "gated-gelu",
+        tie_word_embeddings=m.tie_embeddings,
+    )
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers starts norms at 1: make them count
+        for name, parameter in model.named_parameters():
+            if "layer_norm" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def t5_weights_as_megatron(hf: T5ForConditionalGeneration, recipe, vocab_rows: int) -> dict:
+    """T5ForConditionalGeneration's weights under megatron-core's names: q, k, v interleaved per head
+    (k, v for cross-attention), [wi_0; wi_1] the gated MLP's input, one relative bias table per stack."""
+    m, state = recipe.model, hf.state_dict()
+    heads, hidden = m.num_attention_heads, m.hidden_size
+
+    def per_head(*matrices):
+        return torch.stack([w.view(heads, -1, hidden) for w in matrices], 1).reshape(-1, hidden)
+
+    def padded(tensor):
+        return torch.cat([tensor, tensor.new_zeros(vocab_rows - tensor.shape[0], *tensor.shape[1:])])
+
+    ours = {"embedding.word_embeddings.weight": padded(state["shared.weight"])}
+    if not m.tie_embeddings:
+        ours["output_layer.weight"] = padded(state["lm_head.weight"])
+    stacks = {"encoder": m.encoder_decoder.encoder_depth(m.num_layers), "decoder": m.num_layers}
+    for stack, layers in stacks.items():
+        bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        ours[f"{stack}_relative_pos_emb.relative_attention_bias.weight"] = state[bias]
+        ours[f"{stack}.final_layernorm.weight"] = state[f"{stack}.final_layer_norm.weight"]
+        for i in range(layers):
+            ours_, theirs = f"{stack}.layers.{i}.", f"{stack}.block.{i}.layer."
+            attention = theirs + "0.SelfAttention."
+            ours[ours_ + "input_layernorm.weight"] = state[theirs + "0.layer_norm.weight"]
+            ours[ours_ + "self_attention.linear_qkv.weight"] = per_head(
+                *(state[f"{attention}{x}.weight"] for x in "qkv")
+            )
+            ours[ours_ + "self_attention.linear_proj.weight"] = state[attention + "o.weight"]
+            mlp = theirs + ("2" if stack == "decoder" else "1")
+            if stack == "decoder":
+                cross = theirs + "1.EncDecAttention."
+                ours[ours_ + "pre_cross_attn_layernorm.weight"] = state[theirs + "1.layer_norm.weight"]
+                ours[ours_ + "cross_attention.linear_q.weight"] = state[cross + "q.weight"]
+                ours[ours_ + "cross_attention.linear_kv.weight"] = per_head(
+                    state[cross + "k.weight"], state[cross + "v.weight"]
+                )
+                ours[ours_ + "cross_attention.linear_proj.weight"] = state[cross + "o.weight"]
+            ours[ours_ + "pre_mlp_layernorm.weight"] = state[mlp + ".layer_norm.weight"]
+            dense = mlp + ".DenseReluDense."
+            gated = m.activation == "geglu"
+            fc1 = (
+                torch.cat([state[dense + "wi_0.weight"], state[dense + "wi_1.weight"]])
+                if gated
+                else state[dense + "wi.weight"]
+            )
+            ours[ours_ + "mlp.linear_fc1.weight"] = fc1
+            ours[ours_ + "mlp.linear_fc2.weight"] = state[dense + "wo.weight"]
+    return {name: tensor.clone() for name, tensor in ours.items()}
+
+
+@pytest.fixture(scope="module")
+def logits_against_transformers():
+    """{version: (bigpt's decoder logits, transformers')} for padded encoder inputs, the weights of
+    one T5ForConditionalGeneration loaded into both: v1.0 (ReLU, tied: the output scaled by
+    d_model**-0.5) and v1.1 (gated tanh-GELU, untied), d_kv × heads ≠ d_model."""
+    found = {}
+    with world_of_one():
+        for version, overrides in (("v1.0", []), ("v1.1", V1_1)):
+            recipe, chunk = build_t5(*overrides)
+            hf = hf_t5_of(recipe)
+            weights = t5_weights_as_megatron(hf, recipe, chunk.vocab_size)
+            missing, unexpected = chunk.load_state_dict(weights, strict=False)
+            # the untied output layer is one module under two names (lm_head.output_layer, output_layer)
+            assert not unexpected and all(n.endswith("_extra_state") or n.startswith("lm_head.") for n in missing)
+            generator = torch.Generator().manual_seed(1)
+            encoder = torch.randint(1, recipe.model.vocab_size, (2, 40), generator=generator)  # beyond max distance
+            decoder = torch.randint(0, recipe.model.vocab_size, (2, 12), generator=generator)
+            enc_mask = torch.ones(2, 40, dtype=torch.long)
+            enc_mask[1, 30:] = 0
+            with torch.no_grad():
+                masks = attention_masks(chunk, enc_mask, torch.ones(2, 12, dtype=torch.long))
+                ours = chunk.eval()(encoder, decoder, *masks)[..., : recipe.model.vocab_size]
+                theirs = hf(input_ids=encoder, attention_mask=enc_mask, decoder_input_ids=decoder).logits
+            found[version] = (ours, theirs)
+    return found
+
+
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_the_encoder_decoder_computes_t5(logits_against_transformers, version):
+    ours, theirs = logits_against_transformers[version]
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_megatron_cores_local_attention_refuses_a_bias_which_ours_adds():
+    """T5's relative position bias: megatron-core's local attention asserts it gets none;
+    RelativeBiasAttention adds it to the scores (softmax(q·kᵀ + bias)·v with T5's softmax_scale 1)."""
+    with world_of_one():
+        recipe, chunk = build_t5()
+        config = chunk.config
+        arguments = dict(
+            config=config,
+            layer_number=1,
+            attn_mask_type=AttnMaskType.arbitrary,
+            attention_type="self",
+            softmax_scale=config.softmax_scale,  # as SelfAttention passes it: 1, T5's
+        )
+        generator = torch.Generator().manual_seed(0)
+        heads, head = config.num_attention_heads, config.kv_channels
+        q, k, v = (torch.randn(6, 2, heads, head, generator=generator) for _ in range(3))  # [s, b, heads, head]
+        bias = torch.randn(1, heads, 6, 6, generator=generator)
+        with pytest.raises(AssertionError, match="Attention bias is not supported"):
+            DotProductAttention(**arguments)(q, k, v, None, attention_bias=bias)
+        ours = RelativeBiasAttention(**arguments)(q, k, v, None, attention_bias=bias)
+    scores = torch.einsum("sbhd,tbhd->bhst", q, k) + bias
+    expected = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), v).reshape(6, 2, heads * head)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_megatron_cores_t5_block_specs_drop_the_final_norms_which_ours_keep():
+    """Without Transformer Engine megatron-core's T5 block specs name no final norm (TENorm is None),
+    and a block without one skips it silently; the family builds from the layer specs."""
+    assert t5_spec.get_t5_encoder_with_local_block_spec(2).layer_norm is None
+    with world_of_one():
+        _, chunk = build_t5()
+    assert chunk.encoder.final_layernorm is not None and chunk.decoder.final_layernorm is not None
+
+
+def test_the_loss_is_the_decoders_on_its_target_tokens_and_padding_is_not_read():
+    """The forward step's loss: cross entropy summed over loss_mask tokens, with their count; the
+    encoder's padding (by enc_mask, not by id) changes nothing, nor does a later decoder token."""
+    with world_of_one():
+        recipe, chunk = build_t5()
+        chunk.eval()
+        generator = torch.Generator().manual_seed(2)
+        batch = {
+            "text_enc": torch.randint(1, 512, (2, 16), generator=generator),
+            "text_dec": torch.randint(1, 512, (2, 8), generator=generator),
+            "labels": torch.randint(1, 512, (2, 8), generator=generator),
+            "loss_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3]),
+            "enc_mask": torch.tensor([[1] * 16, [1] * 12 + [0] * 4]),
+            "dec_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3]),
+        }
+        batch["text_enc"][:, 0] = 0  # a token of id 0 (T5's pad id) where enc_mask says token: read
+        with torch.no_grad():
+            output, loss_of = forward_step(iter([batch]), chunk)
+            loss, count, _ = loss_of(output)
+            logits = chunk(
+                batch["text_enc"], batch["text_dec"], *attention_masks(chunk, batch["enc_mask"], batch["dec_mask"])
+            )
+            changed = {key: value.clone() for key, value in batch.items()}
+            changed["text_enc"][1, 12:] = 7  # under padding
+            changed["text_dec"][:, 6] = 7  # after position 5
+            again = chunk(
+                changed["text_enc"], changed["text_dec"], *attention_masks(chunk, batch["enc_mask"], batch["dec_mask"])
+            )
+            batch["text_enc"][:, 0] = 7
+            other = chunk(
+                batch["text_enc"], batch["text_dec"], *attention_masks(chunk, batch["enc_mask"], batch["dec_mask"])
+            )
+    entropy = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    assert count == 13
+    torch.testing.assert_close(loss, (entropy * batch["loss_mask"].flatten()).sum())
+    torch.testing.assert_close(again[:, :6], logits[:, :6])
+    assert not torch.allclose(other, logits)
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["model.position_embedding='rope'"], "bigpt's encoder-decoder is T5's"),
+        (["model.num_query_groups=2"], "cross-attention has no grouped-query form"),
+        (["model.attention_window=16"], 'model.attention_window=16 with model.family = "encoder_decoder"'),
+        (["model.qk_layernorm=true"], "T5 layers have no query/key norms"),
+        (["model.max_position_embeddings=128"], "relative positions have no position table"),
+        (["model.encoder_decoder.relative_attention_max_distance=4"], "which must lie beyond the exact ones"),
+        (["model.family='decoder'", "model.position_embedding='rope'"], "model.encoder_decoder.encoder_layers, "),
+        (["eval.tasks=[{name='t', path='t.jsonl'}]"], "which an encoder-decoder does not compute"),
+    ],
+)
+def test_what_the_encoder_decoder_does_not_offer_is_refused_on_paper(overrides, words):
+    with pytest.raises(BigptError, match=words):
+        load_recipe(T5_RECIPE, overrides)
+
+
+def test_relative_positions_are_the_encoder_decoders_alone():
+    with pytest.raises(BigptError, match="model.position_embedding = 'relative' set while model.family='decoder'"):
+        load_recipe(MOCK_RECIPE, ["model.position_embedding='relative'"])
+
+
+@pytest.mark.parametrize("parallel", ["parallel.pipeline=2", "parallel.context=2"])
+def test_pipeline_and_context_parallelism_are_refused_on_paper(parallel):
+    recipe = load_recipe(T5_RECIPE, [parallel])
+    with pytest.raises(BigptError, match=f'{parallel} with model.family = "encoder_decoder": megatron-core 0.19\'s'):
+        Layout.from_recipe(recipe, 2)
+
+
+def test_weights_of_another_encoder_decoder_are_refused():
+    """[model.encoder_decoder] decides what the weights compute: a checkpoint saved with the same
+    table loads (its encoder_layers default resolved), one with other buckets does not."""
+    saved = tomllib.loads(recipe_to_toml(load_recipe(T5_RECIPE)))["model"]
+    assert check_recipe_matches(load_recipe(T5_RECIPE).model, saved, "ckpt", key="checkpoint.load") == []
+    del saved["encoder_decoder"]["encoder_layers"]  # None, written by a recipe that left it out
+    same = load_recipe(T5_RECIPE, ["model.num_layers=3"])
+    assert check_recipe_matches(same.model, {**saved, "num_layers": 3}, "ckpt", key="checkpoint.load") == []
+    other = load_recipe(T5_RECIPE, ["model.encoder_decoder.relative_attention_max_distance=40"])
+    with pytest.raises(
+        BigptError, match=r"model.encoder_decoder = .*'relative_attention_max_distance': 40.* \(the checkpoint"
+    ):
+        check_recipe_matches(other.model, saved | {"num_layers": 2}, "ckpt", key="checkpoint.load")
+
+
+def test_t5_base_counts_as_the_released_model():
+    """recipes/t5_base.toml against transformers' count of T5ForConditionalGeneration with
+    t5-base's config (222,903,552: the tied output layer counted once)."""
+    t5_base = T5Config(
+        vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12, feed_forward_proj="relu"
+    )
+    with torch.device("meta"):
+        released = T5ForConditionalGeneration(t5_base).num_parameters()
+    assert released == 222_903_552
+    assert num_parameters(load_recipe(REPO / "recipes" / "t5_base.toml").model) == released
+
+
+@pytest.mark.parametrize("overrides", [[], V1_1], ids=["v1.0", "v1.1"])
+def test_the_count_is_what_megatron_core_builds(overrides):
+    with world_of_one():
+        recipe, chunk = build_t5(*overrides)
+        built = sum(parameter.numel() for parameter in chunk.parameters())
+    assert num_parameters(recipe.model, chunk.vocab_size) == built
+
+
+def test_the_flop_count_is_what_the_forward_multiplies():
+    """encoder_decoder_flops_per_sample / 3 is the forward's matmul FLOPs as torch counts them, but
+    for the decoder's self-attention scores, which the count halves for the causal mask (as it does
+    for a decoder) and the forward computes whole."""
+    decoder_tokens = 10
+    with world_of_one():
+        recipe, chunk = build_t5(*V1_1)
+        m = recipe.model
+        encoder = torch.randint(1, m.vocab_size, (1, m.seq_length))
+        decoder = torch.randint(1, m.vocab_size, (1, decoder_tokens))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            chunk.eval()(encoder, decoder, None, None, None)
+    query = m.num_attention_heads * m.kv_channels
+    masked_half = m.num_layers * 2 * 2 * (decoder_tokens / 2) * query * decoder_tokens
+    counted = encoder_decoder_flops_per_sample(m, chunk.vocab_size, decoder_tokens) / 3
+    assert counted + masked_half == counter.get_total_flops()
+
+
+# ------------------------------------------------------------ layouts against one rank, resume, reshard
+PARITY_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def t5_start(tmp_path_factory):
+    """A one-rank T5 checkpoint after 2 steps, and the one-rank run from it (saving every step): the
+    weights every layout starts from (layouts initialise differently) and its losses."""
+    root = tmp_path_factory.mktemp("t5")
+    run_bigpt(T5_RECIPE, f"run_dir={root / 'init'}", "train.train_iters=2", "schedule.warmup_iters=1")
+    checkpoint = root / "init" / "checkpoints" / "iter_0000002"
+    run_bigpt(T5_RECIPE, *_from(checkpoint, root / "reference"), "checkpoint.save_interval=1", "checkpoint.keep_last=0")
+    return root, checkpoint, scalars(root / "reference", "train/loss")
+
+
+def _from(checkpoint, run_dir):
+    return [f"run_dir={run_dir}", f"init.from_checkpoint={checkpoint}", f"train.train_iters={PARITY_STEPS}"]
+
+
+@pytest.mark.slow
+def test_t5_at_dp2_trains_as_one_rank(t5_start):
+    """(TP=2 against one rank: the resharded checkpoint's run below, from the same step.)"""
+    root, checkpoint, reference = t5_start
+    run_bigpt(T5_RECIPE, *_from(checkpoint, root / "dp2"), nproc=2)
+    assert scalars(root / "dp2", "train/loss") == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_t5_resumes_bit_identically(t5_start, tmp_path):
+    root, _, reference = t5_start
+    resumed = run_bigpt(
+        T5_RECIPE,
+        f"run_dir={tmp_path}",
+        f"checkpoint.load={root / 'reference' / 'checkpoints' / 'iter_0000001'}",
+        f"train.train_iters={PARITY_STEPS}",
+    )
+    assert "resuming from" in resumed.stdout
+    assert scalars(tmp_path, "train/loss") == reference[1:]
+
+
+@pytest.mark.slow
+def test_a_t5_checkpoint_resharded_to_tp2_continues_the_loss(t5_start, tmp_path):
+    """tools/reshard.py: the one-rank checkpoint of step 1 (model, optimizer, data position) written
+    at TP=2, resumed there with sequence parallelism: steps 2 and 3 as the one-rank run's. Sequence
+    parallelism splits both stacks' sequences (the encoder's 128 tokens, the decoder's 26) and
+    gathers them for the relative position bias of the full length."""
+    root, _, reference = t5_start
+    written = reshard(root / "reference" / "checkpoints" / "iter_0000001", tmp_path / "tp2", "parallel.tensor=2")
+    assert "(step 1, 8 samples consumed" in written.stdout
+    run_bigpt(
+        T5_RECIPE,
+        f"run_dir={tmp_path / 'resumed'}",
+        f"checkpoint.load={tmp_path / 'tp2'}",
+        f"train.train_iters={PARITY_STEPS}",
+        "parallel.tensor=2",
+        "parallel.sequence_parallel=true",
+        nproc=2,
+    )
+    assert scalars(tmp_path / "resumed", "train/loss") == pytest.approx(reference[1:], rel=1e-5)
