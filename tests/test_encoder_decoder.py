@@ -267,6 +267,28 @@ def test_weights_of_another_encoder_decoder_are_refused():
         check_recipe_matches(other.model, saved | {"num_layers": 2}, "ckpt", key="checkpoint.load")
 
 
+def test_logits_of_an_encoder_decoder_are_its_decoders():
+    """bigpt.logits (tools/logits.py) runs the family's own forward: the decoder's logits given the
+    encoder's tokens, after T5's decoder start token alone unless decoder tokens are given."""
+    from bigpt.families.encoder_decoder import logits as family_logits
+    from bigpt.logits import compute_logits
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 512, (2, 16), generator=generator)
+    decoder = torch.randint(3, 512, (1, 5), generator=generator)
+    with world_of_one():
+        recipe, chunk = build_t5()  # the weights compute_logits builds: random, of train.seed
+        with torch.no_grad():
+            start_token = torch.zeros(1, 1, dtype=torch.long)  # one sequence at a time, as compute_logits
+            start = torch.cat([chunk.eval()(row, start_token, None, None, None) for row in tokens.split(1)])
+            given = family_logits(chunk, tokens[:1], decoder)
+            expected = chunk(tokens[:1], decoder, None, None, None)
+        logits = compute_logits(recipe, Layout.from_recipe(recipe, 1), tokens)
+    assert logits.shape == (2, 1, recipe.model.vocab_size)
+    assert torch.equal(logits, start[..., : recipe.model.vocab_size])
+    assert given.shape == (1, 5, chunk.vocab_size) and torch.equal(given, expected)
+
+
 def test_t5_base_counts_as_the_released_model():
     """recipes/t5_base.toml against transformers' count of T5ForConditionalGeneration with
     t5-base's config (222,903,552: the tied output layer counted once)."""
