@@ -222,6 +222,37 @@ def test_the_loss_is_the_decoders_on_its_target_tokens_and_padding_is_not_read()
     assert not torch.allclose(other, logits)
 
 
+@pytest.mark.gpu
+def test_transformer_engine_t5_computes_the_local_one():
+    """Transformer Engine's T5 layers (its attention taking the relative bias itself, its masks as
+    (queries', keys') padding pairs) against the local ones with the same weights. Written without a
+    GPU at hand: not yet run."""
+    pytest.importorskip("transformer_engine.pytorch")
+    fused_norms = {  # Transformer Engine fuses these norms into the next linear
+        ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
+        ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight",
+    }
+    with world_of_one():
+        _, local = build_t5('precision.transformer_engine="off"')
+        _, fused = build_t5('precision.transformer_engine="on"')
+        weights = {}
+        for name, tensor in local.state_dict().items():
+            for old, new in fused_norms.items():
+                name = name.replace(old, new)
+            weights[name] = tensor
+        missing, unexpected = fused.load_state_dict(weights, strict=False)
+        assert not unexpected and all(name.endswith("_extra_state") for name in missing), (missing, unexpected)
+        encoder = torch.randint(3, 512, (2, 40), device="cuda")
+        decoder = torch.randint(3, 512, (2, 12), device="cuda")
+        enc_mask = torch.ones(2, 40, dtype=torch.long, device="cuda")
+        enc_mask[1, 30:] = 0
+        dec_mask = torch.ones(2, 12, dtype=torch.long, device="cuda")
+        with torch.no_grad():
+            ours = local.eval()(encoder, decoder, *attention_masks(local, enc_mask, dec_mask))
+            theirs = fused.eval()(encoder, decoder, *attention_masks(fused, enc_mask, dec_mask))
+    assert (ours - theirs).abs().max() <= 1e-4 * ours.abs().max()
+
+
 @pytest.mark.parametrize(
     "overrides,words",
     [
@@ -250,6 +281,14 @@ def test_pipeline_and_context_parallelism_are_refused_on_paper(parallel):
     recipe = load_recipe(T5_RECIPE, [parallel])
     with pytest.raises(BigptError, match=f'{parallel} with model.family = "encoder_decoder": megatron-core 0.19\'s'):
         Layout.from_recipe(recipe, 2)
+
+
+def test_sequence_parallelism_needs_a_decoder_length_that_splits_over_tp():
+    """Sequence parallelism splits the decoder's sequences too: 64 encoder tokens make 13 decoder positions."""
+    recipe = load_recipe(T5_RECIPE, ["model.seq_length=64", "parallel.tensor=2", "parallel.sequence_parallel=true"])
+    with pytest.raises(BigptError, match=r"the decoder's length 13 .* is not divisible by parallel.tensor=2"):
+        Layout.from_recipe(recipe, 2)
+    Layout.from_recipe(load_recipe(T5_RECIPE, ["parallel.tensor=2", "parallel.sequence_parallel=true"]), 2)  # 26
 
 
 def test_weights_of_another_encoder_decoder_are_refused():
