@@ -16,10 +16,15 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from bigpt.errors import BigptError
 from bigpt.families.encoder_decoder import RelativeBiasAttention, attention_masks, forward_step
-from bigpt.flops import encoder_decoder_flops_per_sample, num_parameters
+from bigpt.flops import (
+    decoder_seq_length,
+    encoder_decoder_flops_per_sample,
+    num_parameters,
+    recompute_flops_per_step,
+)
 from bigpt.hf.config import check_recipe_matches
 from bigpt.layout import Layout
-from bigpt.recipe import load_recipe, recipe_to_toml
+from bigpt.recipe import load_recipe, padded_vocab_size, recipe_to_toml
 from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 from test_reshard import reshard
 from test_training_path import world_of_one
@@ -466,3 +471,14 @@ def test_t5_trains_on_preprocessed_text(tmp_path):
     losses = scalars(tmp_path / "run", "train/loss")
     assert len(losses) == 8 and losses[-1] < 0.95 * losses[0]
     assert len(scalars(tmp_path / "run", "valid/loss")) == 1
+
+
+def test_full_recomputation_reruns_the_forward_of_both_stacks():
+    """recompute.granularity = "full": every layer's forward again, which is the whole forward
+    (torch's count, above) but for the output layer."""
+    recipe = load_recipe(T5_RECIPE, ['recompute.granularity="full"', "recompute.num_layers=1"])
+    layout = Layout.from_recipe(recipe, 1)
+    m, vocab = recipe.model, padded_vocab_size(recipe.model, 1)
+    decoder = decoder_seq_length(recipe)
+    forward = encoder_decoder_flops_per_sample(m, vocab, decoder) / 3 - decoder * 2 * vocab * m.hidden_size
+    assert recompute_flops_per_step(recipe, layout) == pytest.approx(forward * layout.global_batch_size)
