@@ -70,6 +70,14 @@ def test_a_tokenizer_json_without_an_end_of_text_token_is_refused(tmp_path):
         load_tokenizer(path)
 
 
+def test_a_bert_tokenizer_ends_documents_with_its_separator(tmp_path):
+    """bert-base-uncased's tokenizer.json has no end-of-text token and its tokenizer_config.json
+    names none (transformers writes cls, sep, mask and pad tokens): [SEP] ends a document."""
+    path = hf_tokenizer_json(tmp_path / "tokenizer.json", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"sep_token": "[SEP]", "do_lower_case": True}))
+    assert load_tokenizer(path).eod == 3
+
+
 def test_missing_and_unreadable_tokenizers_are_named(tmp_path):
     with pytest.raises(
         BigptError,
