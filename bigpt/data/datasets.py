@@ -59,8 +59,7 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
                 config,
             ).build()
         return train, valid
-    checked = checked_tokenizer(recipe)
-    tokenizer = masked_vocabulary(checked, data.tokenizer, whole_word=data.masking.whole_word) if masked else checked
+    tokenizer = indexed_tokenizer(recipe)
     cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
     for warning in validation_rereads(recipe, phases[0], valid_samples):
@@ -78,7 +77,7 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
 def build_validation_sets(recipe, *, world_rank: int) -> dict:
     """The named validation sets of eval.sets, by name: each its blend's validation split (call on
     every rank, as ``build_datasets``). Each evaluation reads a set's first samples."""
-    tokenizer = checked_tokenizer(recipe)
+    tokenizer = indexed_tokenizer(recipe)
     cache_dir = os.path.abspath(recipe.data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     sets = {}
     for plan in plan_validation_sets(recipe):
@@ -111,6 +110,15 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
         build, world_rank=world_rank, cache_dir=cache_dir, timeout_minutes=recipe.data.build_timeout_minutes
     )
     return train, valid
+
+
+def indexed_tokenizer(recipe) -> Tokenizer | MaskedVocabulary:
+    """What megatron-core's datasets of indexed data read for the recipe's family: an encoder's
+    masked datasets the special tokens and word boundaries of its tokenizer."""
+    tokenizer = checked_tokenizer(recipe)
+    if recipe.model.family == "encoder":
+        return masked_vocabulary(tokenizer, recipe.data.tokenizer, whole_word=recipe.data.masking.whole_word)
+    return tokenizer
 
 
 def checked_tokenizer(recipe) -> Tokenizer:
