@@ -108,7 +108,7 @@ def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, 
         )
     # What a real start refuses before step 1, checked the same way (torch + megatron-core, only here).
     from bigpt.data import plan_tokens
-    from bigpt.data.datasets import checked_tokenizer, indexed_tokenizer
+    from bigpt.data.datasets import data_vocabulary
     from bigpt.data.tasks import plan_tasks
     from bigpt.model import check_gpu_transformer_config, check_transformer_engine_installed
     from bigpt.train.initial import check_initial_weights
@@ -128,8 +128,8 @@ def describe(recipe: Recipe, layout: Layout, problems: list[str] | None = None, 
 
     checked(check_transformer_engine_installed, recipe)
     checked(check_outputs, recipe, overwrite)
-    if recipe.data.tokenizer:  # as the datasets read it: an encoder's needs its masking tokens
-        checked(indexed_tokenizer if recipe.data.source == "indexed" else checked_tokenizer, recipe)
+    if recipe.data.tokenizer:
+        checked(data_vocabulary, recipe)
     resume_point_and_changes = checked(resume_point, recipe, warn=console.warn)
     if resume_point_and_changes is REFUSED:
         lines.append(f"start            {SEE_PROBLEMS}")

@@ -59,7 +59,7 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
                 config,
             ).build()
         return train, valid
-    tokenizer = indexed_tokenizer(recipe)
+    tokenizer = data_vocabulary(recipe)
     cache_dir = os.path.abspath(data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     phases = plan_phases(recipe, train_samples, valid_samples=valid_samples)
     for warning in validation_rereads(recipe, phases[0], valid_samples):
@@ -77,7 +77,7 @@ def build_datasets(recipe, *, world_rank: int, train_samples: int, valid_samples
 def build_validation_sets(recipe, *, world_rank: int) -> dict:
     """The named validation sets of eval.sets, by name: each its blend's validation split (call on
     every rank, as ``build_datasets``). Each evaluation reads a set's first samples."""
-    tokenizer = indexed_tokenizer(recipe)
+    tokenizer = data_vocabulary(recipe)
     cache_dir = os.path.abspath(recipe.data.cache_dir or os.path.join(recipe.run_dir, "data_cache"))
     sets = {}
     for plan in plan_validation_sets(recipe):
@@ -112,13 +112,13 @@ def _build_phase(recipe, tokenizer, number: int, phase: Phase, valid_samples: in
     return train, valid
 
 
-def indexed_tokenizer(recipe) -> Tokenizer | MaskedVocabulary:
-    """What megatron-core's datasets of indexed data read for the recipe's family: an encoder's
-    masked datasets the special tokens and word boundaries of its tokenizer."""
-    tokenizer = checked_tokenizer(recipe)
+def data_vocabulary(recipe) -> Tokenizer | MaskedVocabulary:
+    """data.tokenizer, checked, as the model family's datasets read it: an encoder's special tokens
+    and word boundaries; refused if it lacks what they need."""
+    checked = checked_tokenizer(recipe)
     if recipe.model.family == "encoder":
-        return masked_vocabulary(tokenizer, recipe.data.tokenizer, whole_word=recipe.data.masking.whole_word)
-    return tokenizer
+        return masked_vocabulary(checked, recipe.data.tokenizer, whole_word=recipe.data.masking.whole_word)
+    return checked
 
 
 def checked_tokenizer(recipe) -> Tokenizer:
