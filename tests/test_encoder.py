@@ -207,9 +207,25 @@ PARITY_STEPS = 3
 @pytest.fixture(scope="module")
 def encoder_start(tmp_path_factory):
     """A one-rank encoder checkpoint after 2 steps, and the one-rank run from it (saving every
-    step): the weights every layout starts from (layouts initialise differently) and its losses."""
+    step): the weights every layout starts from (layouts initialise differently) and its losses.
+    The 2 steps train on a "domain" corpus of sentences and evaluate two named validation sets
+    (eval.sets), it and a "general" corpus of other words."""
     root = tmp_path_factory.mktemp("encoder")
-    run_bigpt(ENCODER_RECIPE, f"run_dir={root / 'init'}", "train.train_iters=2", "schedule.warmup_iters=1")
+    domain = sentence_corpus(root, "domain", SENTENCE_WORDS[:20])
+    general = sentence_corpus(root, "general", SENTENCE_WORDS[20:], seed=1)
+    run_bigpt(
+        ENCODER_RECIPE,
+        f"run_dir={root / 'init'}",
+        "train.train_iters=2",
+        "schedule.warmup_iters=1",
+        "data.source='indexed'",
+        f"data.tokenizer='{root / 'tokenizer.json'}'",
+        f"data.blend=[{{path='{domain}'}}]",
+        "data.split='80,20,0'",
+        "eval.interval=2",
+        "eval.iters=1",
+        f"eval.sets=[{{name='domain', blend=[{{path='{domain}'}}]}}, {{name='general', blend=[{{path='{general}'}}]}}]",
+    )
     checkpoint = root / "init" / "checkpoints" / "iter_0000002"
     run_bigpt(
         ENCODER_RECIPE, *_from(checkpoint, root / "reference"), "checkpoint.save_interval=1", "checkpoint.keep_last=0"
@@ -235,6 +251,16 @@ def test_encoder_layout_trains_as_one_rank(encoder_start, layout, nproc, overrid
     losses = scalars(root / layout, "train/loss")
     assert len(losses) == PARITY_STEPS
     assert losses == pytest.approx(reference, rel=1e-5), f"{layout}: {losses} vs one rank {reference}"
+
+
+@pytest.mark.slow
+def test_named_validation_sets_of_an_encoder_are_each_evaluated(encoder_start):
+    """eval.sets with an encoder: each set's validation split in masked samples, its masked-LM loss
+    reported under its name (the sets' datasets once read the plain tokenizer and failed)."""
+    root = encoder_start[0]
+    domain, general = (scalars(root / "init", f"valid/{name}/loss") for name in ("domain", "general"))
+    assert len(domain) == len(general) == 1 and domain != general  # each its own sentences
+    assert all(3.0 < loss < 9.0 for loss in domain + general)  # about ln(512) = 6.2 of barely trained weights
 
 
 @pytest.mark.slow
@@ -342,6 +368,17 @@ def test_a_tokenizer_without_the_masking_tokens_or_word_marks_is_refused(tmp_pat
     assert masked_vocabulary(plain, "tok").inv_vocab[5] == "a"
 
 
+def test_a_tokenizer_without_the_masking_tokens_is_refused_on_paper(tmp_path):
+    """--dry-run checks the tokenizer as the encoder's datasets read it, not only as a tokenizer."""
+    from bigpt.dryrun import describe
+
+    _tokenizer(tmp_path, ["<unk>", "<s>", "</s>", "<pad>", "a"])
+    overrides = ["data.source='indexed'", f"data.tokenizer='{tmp_path / 'tokenizer.json'}'", "data.blend=[{path='x'}]"]
+    recipe = load_recipe(ENCODER_RECIPE, [f"run_dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(BigptError, match=r"has no mask \(\[MASK\] or <mask>\) token"):
+        describe(recipe, Layout.from_recipe(recipe, 1))
+
+
 def test_the_planner_offers_no_context_parallelism_for_an_encoder():
     recipe = load_recipe(RECIPES / "bert_base.toml")
     with pytest.raises(BigptError, match='parallel.context=2 with model.family = "encoder"'):
@@ -371,31 +408,46 @@ def test_transformer_engine_post_layernorm_layer_computes_the_local_one():
     assert (ours[real] - theirs[real]).abs().max() <= 1e-4
 
 
+SENTENCE_WORDS = [f"w{i}" for i in range(40)]
+SENTENCE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>", ".", *SENTENCE_WORDS]
+
+
+def sentence_corpus(directory, name: str, words: list[str], seed: int = 0) -> str:
+    """40 documents of five sentences of 3 to 7 of ``words`` (of SENTENCE_WORDS) in
+    ``directory``/``name``.jsonl, preprocessed by sentence with ``directory``/tokenizer.json (a
+    word-level tokenizer of SENTENCE_VOCAB, written once); the dataset's prefix."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from bigpt.data.preprocess import preprocess
+
+    if not (directory / "tokenizer.json").exists():
+        tokenizer = Tokenizer(WordLevel({piece: i for i, piece in enumerate(SENTENCE_VOCAB)}, unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = Whitespace()
+        tokenizer.save(str(directory / "tokenizer.json"))
+    rng = numpy.random.default_rng(seed)
+    documents = [
+        " ".join(" ".join(rng.choice(words, size=rng.integers(3, 8))) + "." for _ in range(5)) for _ in range(40)
+    ]
+    (directory / f"{name}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    prefix = str(directory / name)
+    preprocess(directory / f"{name}.jsonl", prefix, directory / "tokenizer.json", sentences=True)
+    return prefix
+
+
 def test_sentences_of_preprocessed_documents_are_packed_into_masked_samples(tmp_path):
     """tools/preprocess_data.py --split-sentences writes a sequence per sentence; the encoder's
     indexed datasets pack the sentences of one document into a sample, framed by [CLS] and [SEP]."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
 
     from bigpt.data.datasets import build_datasets
     from bigpt.data.masked import masked_token_share
     from bigpt.data.phases import plan_tokens
     from bigpt.data.preprocess import preprocess
 
-    words = [f"w{i}" for i in range(40)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>", ".", *words]
-    tokenizer = Tokenizer(WordLevel({piece: i for i, piece in enumerate(vocab)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = Whitespace()
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    rng = numpy.random.default_rng(0)
-    documents = [
-        " ".join(" ".join(rng.choice(words, size=rng.integers(3, 8))) + "." for _ in range(5)) for _ in range(40)
-    ]
-    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
-    prefix = str(tmp_path / "corpus")
-    preprocess(tmp_path / "corpus.jsonl", prefix, tmp_path / "tokenizer.json", sentences=True)
+    vocab = SENTENCE_VOCAB
+    prefix = sentence_corpus(tmp_path, "corpus", SENTENCE_WORDS)
     written = IndexedDataset(prefix)
     assert len(written.document_indices) - 1 == 40 and len(written) == 200  # five sentences each
     assert written[0][-1] == vocab.index(".")  # no end-of-document token

@@ -242,3 +242,70 @@ def test_a_released_bert_checkpoints_extras_and_old_names_are_read(converted, tm
     assert sorted(weights.files) == sorted(original)
     for name, tensor in original.items():
         assert torch.equal(weights.get(name), tensor), name
+
+
+def test_the_continual_recipe_describes_bert_base_uncased():
+    """init.from_hf with bert-base-uncased's config.json (transformers' BertConfig defaults) would
+    accept the encoder walkthrough's BASE."""
+    from bigpt.hf.config import check_recipe_matches
+
+    released = dict(BertConfig().to_dict(), architectures=["BertForMaskedLM"])
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes/continual/bert_base_biomedical.toml")
+    check_recipe_matches(recipe.model, model_from_hf(released, "config.json"), "config.json")
+
+
+def write_sentences(path: Path, words: list[str], documents: int, rng) -> None:
+    """JSONL documents of 3 to 6 sentences of random ``words``."""
+    lines = []
+    for _ in range(documents):
+        sentences = [" ".join(rng.choice(words, size=rng.integers(4, 10))) + "." for _ in range(rng.integers(3, 7))]
+        lines.append(json.dumps({"text": " ".join(sentences)}) + "\n")
+    path.write_text("".join(lines))
+
+
+@pytest.mark.slow
+def test_the_encoder_walkthrough_runs(tmp_path):
+    """The encoder walkthrough (docs/huggingface.md), command for command, on a tiny
+    BertForMaskedLM with a WordPiece tokenizer as transformers saves BERT's: domain and general
+    text tokenized a sentence per sequence, a recipe of one's own on the family's continual one
+    (from the released weights, a re-warmed learning rate, a validation set of each), dry run,
+    training, export. transformers loads the export as a BertForMaskedLM, whose logits are no
+    longer the released model's: it trained, and its domain loss fell."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    from multirank import scalars
+    from test_hf import run_walkthrough  # test_hf imports this module
+
+    hf = save("bert", tmp_path / "released")
+    words = [f"w{i}" for i in range(6, SHAPE["vocab_size"])]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *words]) + "\n")
+    (hf / "tokenizer.json").unlink()  # save()'s stand-in: BERT's own, as save_pretrained writes it
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(hf)
+    rng = np.random.default_rng(0)
+    write_sentences(tmp_path / "my_domain.jsonl", words[:60], 160, rng)  # a domain of few words
+    write_sentences(tmp_path / "general.jsonl", words, 80, rng)
+    model = model_from_hf(json.loads((hf / "config.json").read_text()), hf)
+    base = encoder_recipe(tmp_path / "base.toml", model, "from_hf", hf)  # stands for BASE
+    base.write_text(base.read_text() + "\n[train]\ntrain_iters = 12\n\n[eval]\ninterval = 4\niters = 2\n")
+    result = run_walkthrough("encoder walkthrough", tmp_path, None, HF=hf, BASE=base, NPROC=1)
+
+    assert "masked samples hold" in result.stdout  # the dry run: the share of each dataset's tokens
+    assert "starting from the weights in" in result.stdout and "step 12/12" in result.stdout
+    run = tmp_path / "runs" / "my-encoder"
+    lr = scalars(run, "train/lr")
+    assert lr[0] < lr[1] == pytest.approx(1e-3)  # BASE's warmup from 0 to its optimizer.lr, then decay
+    domain, general = scalars(run, "valid/domain/loss"), scalars(run, "valid/general/loss")
+    assert len(domain) == len(general) == 3 and domain != general  # each set its own data, each evaluation
+    assert domain[-1] < domain[0]
+
+    out = tmp_path / "hf" / "my-encoder"
+    exported, loading = BertForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert not any(loading[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")), loading
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    text = json.loads((tmp_path / "my_domain.jsonl").read_text().splitlines()[0])["text"].split(".")[0] + "."
+    tokens = AutoTokenizer.from_pretrained(out)(text, return_tensors="pt")  # [CLS] a sentence [SEP]
+    assert tokens["input_ids"].equal(AutoTokenizer.from_pretrained(hf)(text, return_tensors="pt")["input_ids"])
+    released = BertForMaskedLM.from_pretrained(hf).eval()
+    with torch.no_grad():
+        before, after = released(**tokens).logits, exported.eval()(**tokens).logits
+    assert torch.isfinite(after).all() and (after - before).abs().max() > 1e-3

@@ -70,6 +70,14 @@ def test_a_tokenizer_json_without_an_end_of_text_token_is_refused(tmp_path):
         load_tokenizer(path)
 
 
+def test_a_bert_tokenizer_ends_documents_with_its_separator(tmp_path):
+    """bert-base-uncased's tokenizer.json has no end-of-text token and its tokenizer_config.json
+    names none (transformers writes cls, sep, mask and pad tokens): [SEP] ends a document."""
+    path = hf_tokenizer_json(tmp_path / "tokenizer.json", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"sep_token": "[SEP]", "do_lower_case": True}))
+    assert load_tokenizer(path).eod == 3
+
+
 def test_missing_and_unreadable_tokenizers_are_named(tmp_path):
     with pytest.raises(
         BigptError,
@@ -90,6 +98,25 @@ def test_train_tokenizer_cli_writes_a_model_from_jsonl(tmp_path, capsys):
     assert code == 0
     assert load_tokenizer(tmp_path / "tok.model").vocab_size == 400
     assert "wrote" in capsys.readouterr().out
+
+
+def test_train_tokenizer_cli_adds_the_tokens_a_masked_lm_encoder_needs(tmp_path):
+    """--mask-tokens: <pad> and <mask> (what the encoder family's error for a tokenizer without
+    them points to), never produced from text; without it the tokenizer has neither."""
+    from bigpt.data.masked import masked_vocabulary
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_texts(100))
+    tool = load_tool("train_tokenizer")
+    for name, flags in (("masked", ["--mask-tokens"]), ("plain", [])):
+        prefix = str(tmp_path / name)
+        assert tool.main(["--input", str(corpus), "--vocab-size", "400", "--output-prefix", prefix, *flags]) == 0
+    masked = load_tokenizer(tmp_path / "masked.model")
+    vocabulary = masked_vocabulary(masked, "masked.model", whole_word=True)
+    assert (vocabulary.cls, vocabulary.sep, vocabulary.pad, vocabulary.mask) == (1, 2, 3, 4)
+    assert masked.vocab_size == 400 and masked.eod == 2
+    assert not {3, 4} & set(masked.encode("a <pad> and a <mask> [MASK]"))
+    with pytest.raises(BigptError, match=r"has no mask \(\[MASK\] or <mask>\), pad"):
+        masked_vocabulary(load_tokenizer(tmp_path / "plain.model"), "plain.model")
 
 
 def test_train_tokenizer_cli_fails_cleanly_when_the_vocabulary_cannot_be_reached(tmp_path, capsys):

@@ -1,8 +1,11 @@
-"""Build the CPU demo's data: corpus → 4096-token SentencePiece tokenizer → indexed dataset.
+"""Build the CPU demos' data: corpus → 4096-token SentencePiece tokenizers → indexed datasets.
 
     python tools/prepare_demo.py            # writes data/demo/ at the repository root
 
-recipes/tiny.toml reads data/demo/tokenizer.model and data/demo/demo_text_document.{bin,idx}.
+recipes/tiny.toml and tiny_moe.toml read data/demo/tokenizer.model and
+data/demo/demo_text_document.{bin,idx} (one sequence per document); recipes/tiny_encoder.toml
+reads data/demo/masked_tokenizer.model (the same with <pad> and <mask>) and
+data/demo/demo_text_sentence.{bin,idx} (one sequence per sentence, as masked samples pack them).
 Steps whose outputs exist are skipped; --overwrite redoes them all. A step never replaces a
 file it did not write (a tokenizer.vocab without its tokenizer.model, say) unless --overwrite.
 """
@@ -26,8 +29,7 @@ def prepare(out: Path, overwrite: bool) -> None:
     from bigpt.data.demo_corpus import write_demo_corpus
     from bigpt.data.tokenizer_training import train_tokenizer
 
-    corpus, tokenizer = out / "demo.jsonl", out / "tokenizer.model"
-    prefix = out / "demo_text_document"
+    corpus, tokenizer, masked_tokenizer = out / "demo.jsonl", out / "tokenizer.model", out / "masked_tokenizer.model"
 
     def step(name: str, output: Path, run, also_writes: tuple[Path, ...] = ()) -> None:
         if output.exists() and not overwrite:
@@ -47,12 +49,24 @@ def prepare(out: Path, overwrite: bool) -> None:
         also_writes=(out / "tokenizer.vocab",),
     )
 
-    def preprocess_corpus():
+    step(
+        "masked tokenizer",
+        masked_tokenizer,
+        lambda: train_tokenizer([corpus], DEMO_VOCAB_SIZE, out / "masked_tokenizer", key="--out", mask_tokens=True),
+        also_writes=(out / "masked_tokenizer.vocab",),
+    )
+
+    def dataset(name: str, prefix: Path, tokenizer: Path, sentences: bool) -> None:
         from bigpt.data.preprocess import preprocess
 
-        console.say(preprocess(corpus, str(prefix), tokenizer, workers=os.cpu_count() or 1).line(str(prefix)))
+        def run():
+            written = preprocess(corpus, str(prefix), tokenizer, workers=os.cpu_count() or 1, sentences=sentences)
+            console.say(written.line(str(prefix)))
 
-    step("dataset", Path(f"{prefix}.idx"), preprocess_corpus, also_writes=(Path(f"{prefix}.bin"),))
+        step(name, Path(f"{prefix}.idx"), run, also_writes=(Path(f"{prefix}.bin"),))
+
+    dataset("dataset", out / "demo_text_document", tokenizer, sentences=False)
+    dataset("sentences", out / "demo_text_sentence", masked_tokenizer, sentences=True)
 
 
 parser = Parser(__doc__)

@@ -4,7 +4,7 @@
 
 writes data/tokenizer.model (name it in a recipe's data.tokenizer) and data/tokenizer.vocab.
 Defaults suit prose and code: byte fallback, split digits, whitespace kept, no normalisation;
-eos (id 2) ends every document.
+eos (id 2) ends every document. --mask-tokens adds <pad> and <mask> for a masked-LM encoder.
 """
 
 import sys
@@ -23,6 +23,12 @@ parser.add_argument("--vocab-size", required=True, type=int)
 parser.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
 add_overwrite(parser, "an existing PREFIX.model or PREFIX.vocab")
 parser.add_argument("--field", default="text", help="JSONL field holding the text")
+parser.add_argument(
+    "--mask-tokens",
+    action="store_true",
+    help="also <pad> (id 3) and <mask> (id 4), which a masked-LM encoder (model.family = 'encoder') needs; "
+    "<s> and </s> frame its samples",
+)
 parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
 
 
@@ -36,7 +42,12 @@ def main(argv=None) -> int:
         check_output_file(f"{args.output_prefix}{suffix}", "--output-prefix", args.overwrite)
 
     model = train_tokenizer(
-        args.input, args.vocab_size, args.output_prefix, text_field=args.field, verbose=args.verbose
+        args.input,
+        args.vocab_size,
+        args.output_prefix,
+        text_field=args.field,
+        verbose=args.verbose,
+        mask_tokens=args.mask_tokens,
     )
     console.say(f"wrote {model} ({args.vocab_size} tokens)")
     return 0

@@ -75,7 +75,7 @@ def masked_vocabulary(tokenizer: Tokenizer, path, *, whole_word: bool = False) -
         raise BigptError(
             f"tokenizer {path} (data.tokenizer) has no {', '.join(missing)} token, which masked language "
             'modelling (model.family = "encoder") needs to frame and mask samples; use a BERT, RoBERTa or '
-            "SentencePiece tokenizer that has them (tools/train_tokenizer.py can add them)"
+            "SentencePiece tokenizer that has them (tools/train_tokenizer.py --mask-tokens trains one)"
         )
     marked = next((mark for mark in WORD_STARTS if any(piece.startswith(mark) for piece in pieces)), None)
     if whole_word and not marked and not any(piece.startswith("##") for piece in pieces):

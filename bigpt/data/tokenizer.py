@@ -12,8 +12,9 @@ from bigpt.errors import BigptError
 from bigpt.paths import not_a_file
 
 # Names Hugging Face tokenizers use for their end-of-text token, tried in order when the
-# tokenizer.json has no tokenizer_config.json beside it that names one.
-_HF_END_OF_TEXT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+# tokenizer.json has no tokenizer_config.json beside it that names one. BERT's WordPiece has
+# none and its tokenizer_config.json names no eos_token: its [SEP] ends a segment.
+_HF_END_OF_TEXT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]")
 
 
 class Tokenizer:

@@ -2,7 +2,9 @@
 
 The defaults suit mixed prose and code: byte fallback (no unknown tokens, any UTF-8 round-trips),
 digits split one by one, whitespace kept as written (indentation matters in code), no Unicode
-normalisation, and ids unk=0, bos=1, eos=2 with eos as the end-of-document token.
+normalisation, and ids unk=0, bos=1, eos=2 with eos as the end-of-document token. With
+``mask_tokens``, <pad> (3) and <mask> (4) too: with <s> and </s> as [CLS] and [SEP], what a masked-LM
+encoder's samples are framed and masked with (bigpt/data/masked.py); never produced from text.
 """
 
 import io
@@ -26,6 +28,7 @@ def train_tokenizer(
     text_field: str = "text",
     verbose: bool = False,
     key: str = "--output-prefix",
+    mask_tokens: bool = False,
 ) -> Path:
     """Write ``out_prefix.model`` (and ``.vocab``; ``key`` names them to the user) trained on
     ``inputs``; return the model path."""
@@ -59,7 +62,8 @@ def train_tokenizer(
             unk_id=0,
             bos_id=1,
             eos_id=2,
-            pad_id=-1,
+            pad_id=3 if mask_tokens else -1,
+            control_symbols=["<mask>"] if mask_tokens else [],
             num_threads=os.cpu_count() or 1,
             minloglevel=0 if verbose else 2,
         )
