@@ -441,6 +441,7 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
         "use_sliding_window",
         "sliding_window",
         "max_window_layers",
+        "quantization_config",  # an export is written in the checkpoint's float dtype, never quantised
         *hf_moe.COUNT_KEYS,
     )
     config = {k: v for k, v in (original or {}).items() if k not in stale}

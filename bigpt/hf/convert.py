@@ -223,8 +223,8 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab:
     imported = store.is_complete(out) and "imported_from" in store.read_marker(out)
     _check_replaceable(out, imported, "a checkpoint an earlier import wrote", overwrite)
     model, safetensors = inspect_hf(directory)
-    if safetensors.note:
-        console.note(safetensors.note)
+    for note in safetensors.notes:
+        console.note(note)
     weights: SafetensorsWeights | _GrownVocabulary = safetensors
     if extend_vocab:
         extension = read_extension(extend_vocab)

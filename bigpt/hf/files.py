@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,8 +51,10 @@ class SafetensorsWeights:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.note = ""
-        """What the import should say about how the weights are read (``unify_dtypes``)."""
+        self.notes: list[str] = []
+        """What the import should say about how the weights are read (``unify_dtypes``, ``read_fp8_blocks``)."""
+        self.fp8: Fp8Blocks | None = None
+        """Weights stored in FP8 blocks, dequantised when read (``read_fp8_blocks``)."""
         index = directory / INDEX
         if index.is_file():
             try:
@@ -113,11 +116,16 @@ class SafetensorsWeights:
     """Every tensor is read in this dtype (``unify_dtypes``); None: as stored."""
 
     def stored_dtype(self, name: str) -> str:
-        """safetensors' name of the dtype ``name`` is stored in ("BF16", "F16", ...)."""
+        """safetensors' name of the dtype ``name`` is stored in ("BF16", "F16", ...); an FP8 block
+        weight's is that of the dtype it is dequantised into."""
+        if self.fp8 and name in self.fp8.scales:
+            return _DTYPE_NAMES[self.fp8.dtype]
         return self._read(name, lambda handle, stored: handle.get_slice(stored).get_dtype())
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self._read(name, lambda handle, stored: handle.get_tensor(stored))
+        if self.fp8 and name in self.fp8.scales:
+            tensor = self.fp8.dequantize(name, tensor)
         if self.dtype is None or tensor.dtype == self.dtype:
             return tensor
         converted = tensor.to(self.dtype)
@@ -134,6 +142,8 @@ class SafetensorsWeights:
         near two such blocks, whatever the vocabulary)."""
         if self.shape(name) != self.shape(other):
             return False
+        if self.fp8 and {name, other} & set(self.fp8.scales):  # compared as dequantised, whole
+            return torch.equal(self.get(name).float(), self.get(other).float())
         with _open(self.files[name]) as first, _open(self.files[other]) as second:
             left = first.get_slice(self.stored.get(name, name))
             right = second.get_slice(self.stored.get(other, other))
@@ -147,7 +157,8 @@ class SafetensorsWeights:
 
         def empty(handle, stored):
             part = handle.get_slice(stored)
-            dtype = self.dtype or part[:0].dtype  # [:0]: no data read
+            dequantized = self.fp8.dtype if self.fp8 and name in self.fp8.scales else None
+            dtype = self.dtype or dequantized or part[:0].dtype  # [:0]: no data read
             return torch.empty(part.get_shape(), dtype=dtype, device="meta")
 
         return self._read(name, empty)
@@ -161,6 +172,7 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     config = read_config(directory)
     model = model_from_hf(config, directory / CONFIG)
     weights = SafetensorsWeights(directory)
+    read_fp8_blocks(weights, config)
     expected = expected_hf_shapes(model, config)
     if model.get("family") == "encoder":
         from bigpt.hf import bert
@@ -233,8 +245,7 @@ def unify_dtypes(weights: SafetensorsWeights, config: dict) -> None:
             f"tensors in {', '.join(sorted(set(by_dtype) - {unknown[0]}))}; bigpt imports float weights "
             "(float32, bfloat16, float16) only: save the model unquantized"
         )
-    named = str(config.get("torch_dtype") or config.get("dtype") or "")
-    in_config = {str(dtype).removeprefix("torch."): code for code, dtype in _DTYPES.items()}.get(named)
+    in_config = _config_dtype(config)
     target = in_config if in_config in by_dtype else "F32"
     weights.dtype = _DTYPES[target]
     why = "config.json's torch_dtype" if target == in_config else "config.json names neither; float32 holds both"
@@ -242,9 +253,111 @@ def unify_dtypes(weights: SafetensorsWeights, config: dict) -> None:
         f"{str(_DTYPES[code]).removeprefix('torch.')} ({len(names)} tensors, e.g. {names[0]})"
         for code, names in sorted(by_dtype.items())
     )
-    weights.note = (
+    weights.notes.append(
         f"{weights.directory}: the weights mix {mix}; every tensor is read as "
         f"{str(weights.dtype).removeprefix('torch.')} ({why})"
+    )
+
+
+def _config_dtype(config: dict) -> str | None:
+    """safetensors' name of the float dtype config.json's torch_dtype names, if it names one."""
+    named = str(config.get("torch_dtype") or config.get("dtype") or "")
+    return {str(dtype).removeprefix("torch."): code for code, dtype in _DTYPES.items()}.get(named)
+
+
+SCALE_SUFFIX = "_scale_inv"
+"""An FP8 block weight's scales are the tensor of its name with this suffix (``weight_scale_inv``)."""
+_FP8_DTYPES = ("F8_E4M3", "F8_E5M2")  # safetensors' names
+
+
+@dataclass(frozen=True)
+class Fp8Blocks:
+    """Weights stored in FP8 with a float32 scale per block of ``block`` (rows, columns), as
+    DeepSeek-V3 is released: ``weight = fp8 × weight_scale_inv`` over each block (blocks at the
+    right and bottom edges partial), dequantised into ``dtype`` when read."""
+
+    block: tuple[int, int]
+    dtype: torch.dtype
+    scales: dict[str, tuple[Path, str]]
+    """A weight's name -> (file, stored name) of its scales."""
+
+    def dequantize(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        file, stored = self.scales[name]
+        with _open(file) as handle:
+            scales = handle.get_tensor(stored)
+        rows, columns = self.block
+        out = torch.empty(weight.shape, dtype=self.dtype)
+        for index, row_scales in enumerate(scales):  # a row of blocks at a time: memory stays near ``out``
+            part = slice(index * rows, (index + 1) * rows)
+            out[part] = (weight[part].float() * row_scales.repeat_interleave(columns)[: weight.shape[1]]).to(self.dtype)
+        return out
+
+
+def fp8_block_size(config: dict, source: Path) -> tuple[int, int] | None:
+    """The block of config.json's quantization_config (FP8 scaled per block); None when the weights
+    are not quantised. Every other quantisation is refused: bigpt trains float weights."""
+    quantization = config.get("quantization_config")
+    if not quantization:
+        return None
+    method, block = quantization.get("quant_method"), quantization.get("weight_block_size")
+    supported = (
+        'bigpt imports float weights, and FP8 weights with a scale per block (quant_method "fp8" with '
+        "weight_block_size, as DeepSeek-V3 is released), which it dequantises"
+    )
+    if method != "fp8":
+        raise BigptError(
+            f"{source}: quantization_config.quant_method is {method!r}; {supported}. Import an unquantised "
+            "release of the model (bfloat16 or float32), or save one yourself (transformers: from_pretrained, "
+            "then model.dequantize() where the method has it, then save_pretrained)"
+        )
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(n, int) and n > 0 for n in block)):
+        raise BigptError(
+            f"{source}: quantization_config is FP8 with weight_block_size {block!r}, not [rows, columns]; "
+            f"{supported}: FP8 with one scale per tensor or per channel is not read. Import an unquantised "
+            "release of the model (bfloat16 or float32)"
+        )
+    return block[0], block[1]
+
+
+def read_fp8_blocks(weights: SafetensorsWeights, config: dict) -> None:
+    """Weights that config.json's quantization_config says are FP8 in blocks are dequantised as
+    they are read (``Fp8Blocks``), into config.json's torch_dtype (float32 when it names none); their
+    scale tensors leave the map, and the import says so. Headers only: nothing is read here."""
+    source = weights.directory / CONFIG
+    block = fp8_block_size(config, source)
+    if block is None:
+        return
+    dtype = _DTYPES[_config_dtype(config) or "F32"]
+    scales = {}
+    for scale in [name for name in weights.files if name.endswith(SCALE_SUFFIX)]:
+        name = scale.removesuffix(SCALE_SUFFIX)
+        if name in weights.files:
+            shape, stored = weights.shape(name), weights.stored_dtype(name)
+            blocks = tuple(math.ceil(size / edge) for size, edge in zip(shape, block, strict=False))
+            fits = stored in _FP8_DTYPES and len(shape) == 2 and weights.shape(scale) == blocks
+            problem = "" if fits else f"{name} is {stored} of shape {shape}"
+        else:
+            problem = f"there is no {name}"
+        if problem:
+            raise BigptError(
+                f"{weights.directory}: {scale} ({weights.files[scale].name}) should scale the {block[0]}×{block[1]} "
+                f"blocks of a 2-D FP8 weight {name} (quantization_config.weight_block_size), but {problem} and "
+                f"the scales' shape is {weights.shape(scale)}; the weights and config.json do not belong "
+                "together, or the download is damaged: fetch it again"
+            )
+        scales[name] = (weights.files.pop(scale), weights.stored.get(scale, scale))
+    unscaled = [name for name in weights.files if name not in scales and weights.stored_dtype(name) in _FP8_DTYPES]
+    if unscaled:
+        raise BigptError(
+            f"{weights.directory}: tensor {unscaled[0]} ({weights.files[unscaled[0]].name}) is stored in FP8 "
+            f"without its {unscaled[0]}{SCALE_SUFFIX} ({len(unscaled)} such tensors), so its values cannot be "
+            "recovered; the download is incomplete: fetch the shards again"
+        )
+    weights.fp8 = Fp8Blocks(block, dtype, scales)
+    weights.notes.append(
+        f"{weights.directory}: {len(scales)} weights stored in FP8 with a scale per {block[0]}×{block[1]} block "
+        f"(config.json's quantization_config) are dequantised to {str(dtype).removeprefix('torch.')} as they "
+        f"are read; their {SCALE_SUFFIX} tensors are not imported"
     )
 
 
