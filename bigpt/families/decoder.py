@@ -25,12 +25,10 @@ def no_config_fields(recipe, layout, use_te) -> dict:
 
 def layer_spec(recipe, config, use_te, vp_stage):
     """One spec for every layer: Transformer Engine's fused layers, or megatron-core's local ones."""
-    qk_layernorm = recipe.model.qk_layernorm
+    attention = dict(qk_layernorm=config.qk_layernorm, multi_latent_attention=config.multi_latent_attention)
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
-        normalization=NORMS[recipe.model.normalization], qk_layernorm=qk_layernorm
-    )
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**attention)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=NORMS[recipe.model.normalization], **attention)
 
 
 def build_chunk(recipe, layout, config, spec, vp_stage):

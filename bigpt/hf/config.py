@@ -21,6 +21,7 @@ from bigpt.recipe.tables import (
     ROPE_SCALING_KEYS,
     ROPE_SCALING_USES,
     EncoderConfig,
+    MLAConfig,
     MoEConfig,
 )
 
@@ -329,6 +330,10 @@ def effective(model: dict, key: str):
         values = {name: getattr(moe, name) for name in MOE_FUNCTION_KEYS}
         values["ffn_hidden_size"] = moe.ffn_hidden_size or model["ffn_hidden_size"]
         return {**values, "layers": moe.layers(model["num_layers"])}
+    if key == "mla":  # a table ([model.mla]); it describes the attention only when set
+        given = model.get("mla") or {}
+        mla = MLAConfig(**given) if isinstance(given, dict) else given
+        return vars(mla) if mla.enabled() else None
     if key == "encoder":  # a table ([model.encoder]); it describes the model only in the encoder family
         if model.get("family", "decoder") != "encoder":
             return None
@@ -346,10 +351,10 @@ def effective(model: dict, key: str):
 
 
 def _comparable(model: dict) -> dict:
-    """Every value that decides what the weights compute, by name; [model.moe] key by key."""
+    """Every value that decides what the weights compute, by name; [model.moe] and [model.mla] key by key."""
     values = {name: effective(model, name) for name in MODEL_FUNCTION_KEYS}
-    experts = values.pop("moe")
-    values.update({f"moe.{name}": value for name, value in (experts or {}).items()})
+    for table in ("moe", "mla"):
+        values.update({f"{table}.{name}": value for name, value in (values.pop(table) or {}).items()})
     return values
 
 

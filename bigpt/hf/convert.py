@@ -52,7 +52,7 @@ from bigpt.hf.files import (
 from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
 from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
-from bigpt.recipe.tables import EncoderConfig, MoEConfig
+from bigpt.recipe.tables import EncoderConfig, MLAConfig, MoEConfig
 from bigpt.runtime import console
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
@@ -298,7 +298,11 @@ def checkpoint_model(checkpoint: Path) -> ModelConfig:
     for name in ("recipe.toml", MODEL_TOML):
         if (checkpoint / name).is_file():
             table = tomllib.loads((checkpoint / name).read_text())["model"]
-            tables = {"moe": MoEConfig(**table.get("moe", {})), "encoder": EncoderConfig(**table.get("encoder", {}))}
+            tables = {
+                "moe": MoEConfig(**table.get("moe", {})),
+                "mla": MLAConfig(**table.get("mla", {})),
+                "encoder": EncoderConfig(**table.get("encoder", {})),
+            }
             return ModelConfig(**table | tables)
     raise BigptError(
         f"{checkpoint} is not a bigpt checkpoint (it has neither recipe.toml nor {MODEL_TOML}); point at "
