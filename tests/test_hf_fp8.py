@@ -166,6 +166,26 @@ def test_what_cannot_be_dequantised_is_refused_by_name(fp8, tmp_path, change, me
         inspect_hf(directory)
 
 
+def test_a_tied_output_layer_stored_in_fp8_is_compared_dequantised(fp8, tmp_path):
+    """A tied model's stored copy of the embedding is dropped only if it is the embedding: an FP8
+    copy is compared as dequantised (its raw FP8 values differ from the embedding's)."""
+    _, released, _ = fp8
+    directory = copy_of(released, tmp_path / "tied", tie_word_embeddings=True)
+    head, scales = quantize(load_file(released / "model-00001-of-00002.safetensors")["lm_head.weight"])
+    embedding = dequantize(head, scales)
+
+    def tie(tensors):
+        tensors.update({"lm_head.weight": head, "model.embed_tokens.weight": embedding})
+
+    edit_shard(directory, "model-00001-of-00002.safetensors", tie)
+    edit_shard(directory, SCALES, lambda tensors: tensors.update({"lm_head.weight" + SCALE_SUFFIX: scales}))
+    index = json.loads((directory / INDEX).read_text())
+    index["weight_map"]["lm_head.weight" + SCALE_SUFFIX] = SCALES
+    (directory / INDEX).write_text(json.dumps(index))
+    _, weights = inspect_hf(directory)
+    assert "lm_head.weight" not in weights.files and torch.equal(weights.get("model.embed_tokens.weight"), embedding)
+
+
 @pytest.mark.slow
 def test_an_fp8_release_imports_and_exports_as_its_dequantised_model(fp8, tmp_path, capsys):
     """init.from_hf of the FP8 release computes transformers' logits of the dequantised model; its
