@@ -130,6 +130,16 @@ def attention_head_widths(model: ModelConfig) -> tuple[int, int]:
     return query, query
 
 
+def mla_down_projection_parameters(model: ModelConfig) -> int:
+    """Weights of one layer's multi-latent attention projections from the hidden state down to its
+    latents (and the rotary key part): Transformer Engine's MLA holds them whole on every
+    tensor-parallel rank (megatron-core's TELinear, "duplicated"); 0 without MLA."""
+    mla = model.mla
+    if not mla.enabled():
+        return 0
+    return model.hidden_size * ((mla.q_lora_rank or 0) + (mla.kv_lora_rank or 0) + mla.qk_pos_emb_head_dim)
+
+
 def _attention_matmul_parameters(model: ModelConfig) -> int:
     """Weights of one layer's q, k, v and attention output matrices; multi-latent attention's
     (megatron-core's MLA, as DeepSeek-V2/V3): queries through the q_lora_rank latent (or straight

@@ -29,7 +29,13 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from bigpt.flops import attention_head_widths, expert_parameters_per_stage, moe_layers, parameters_per_stage
+from bigpt.flops import (
+    attention_head_widths,
+    expert_parameters_per_stage,
+    mla_down_projection_parameters,
+    moe_layers,
+    parameters_per_stage,
+)
 from bigpt.layout import Layout
 from bigpt.recipe import Recipe, padded_vocab_size
 
@@ -65,18 +71,22 @@ def stage_memory(recipe: Recipe, layout: Layout) -> tuple[StageMemory, ...]:
     """Memory of every pipeline stage; the first stage holds the most in-flight micro-batches,
     the last the output layer, so either can be the peak. An MoE model's routed experts are split
     over expert parallelism × expert tensor parallelism, not tensor parallelism, and their
-    optimizer state over the expert-data-parallel ranks."""
+    optimizer state over the expert-data-parallel ranks; Transformer Engine's multi-latent attention
+    keeps its down-projections whole on every tensor-parallel rank."""
     vocab = padded_vocab_size(recipe.model, layout.tp)
     stages = parameters_per_stage(recipe.model, layout.layers_per_stage, vocab, layout.vpp)
     experts = expert_parameters_per_stage(recipe.model, layout.layers_per_stage, layout.vpp)
     weight, gradient, optimizer = _bytes_per_parameter(recipe)
     shard = layout.dp if recipe.parallel.distributed_optimizer else 1
     expert_shard = layout.expert_dp if recipe.parallel.distributed_optimizer else 1
+    fused = recipe.precision.transformer_engine != "off"
+    duplicated = mla_down_projection_parameters(recipe.model) if fused else 0  # per layer, on every TP rank
     result = []
     for stage, (params, routed, layers) in enumerate(zip(stages, experts, layout.layers_per_stage)):
-        # Norm weights are replicated over tensor parallel rather than split: <0.01% of a layer; so are
-        # MLA's down-projections under Transformer Engine (DeepSeek-V3: 8% of its attention), counted as split.
-        dense, expert = (params - routed) // layout.tp, routed // (layout.ep * layout.etp)
+        # Norm weights are replicated over tensor parallel rather than split: <0.01% of a layer.
+        whole = duplicated * layers
+        dense = (params - routed - whole) // layout.tp + whole
+        expert = routed // (layout.ep * layout.etp)
         on_gpu = dense + expert
         in_flight = in_flight_microbatches(layout, stage)
         activations = _layer_activations(recipe, layout, layers // layout.vpp, in_flight)

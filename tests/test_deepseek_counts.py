@@ -10,7 +10,7 @@ import pytest
 
 from bigpt.flops import GPUS, flops_per_token, num_parameters
 from bigpt.layout import Layout
-from bigpt.memory import layer_activations, peak_memory
+from bigpt.memory import layer_activations, peak_memory, stage_memory
 from bigpt.plan import GIB
 from bigpt.recipe import load_recipe
 
@@ -96,3 +96,18 @@ def test_the_reports_layout_fits_on_2048_gpus_with_the_mlp_and_moe_recomputed(de
     assert peak.total <= usable and peak.stage == 1 and peak.in_flight == 15
     unrecomputed = dataclasses.replace(deepseek, recompute=dataclasses.replace(deepseek.recompute, granularity="none"))
     assert peak_memory(unrecomputed, Layout.from_recipe(unrecomputed, 2048)).total > usable
+
+
+def test_transformer_engines_mla_keeps_its_down_projections_whole_on_every_tensor_parallel_rank(deepseek):
+    """megatron-core's Transformer Engine spec builds them as TELinear with parallel_mode
+    "duplicated" (transformer/multi_latent_attention.py); its local spec splits them as the rest."""
+    per_gpu = {}
+    for engine in ("auto", "off"):
+        recipe = dataclasses.replace(
+            deepseek,
+            parallel=dataclasses.replace(deepseek.parallel, tensor=2, sequence_parallel=True),
+            precision=dataclasses.replace(deepseek.precision, transformer_engine=engine),
+        )
+        per_gpu[engine] = stage_memory(recipe, Layout.from_recipe(recipe, 2048))[1].parameters
+    down = HIDDEN * (Q_LORA + KV_LORA + ROPE)
+    assert per_gpu["auto"] - per_gpu["off"] == 4 * down // 2  # 4 layers' down-projections, half of each
