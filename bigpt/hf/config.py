@@ -46,6 +46,8 @@ class Family:
     """The bigpt model family (model.family, bigpt.families) it is a Hugging Face form of."""
     experts: hf_moe.Experts | None = None
     """Its experts (model_family "moe_decoder")."""
+    latent_attention: bool = False
+    """Its attention is multi-latent attention ([model.mla]; DeepSeek-V3's config keys, ``MLA_KEYS``)."""
 
     def problems(self, model: ModelConfig | dict) -> list[str]:
         """The [model] values this family cannot express."""
@@ -56,6 +58,8 @@ class Family:
             ("qk_layernorm", self.qk_layernorm),
         )
         found = [f"model.{key} = {effective(fields, key)}" for key, value in wanted if effective(fields, key) != value]
+        if (effective(fields, "mla") is not None) != self.latent_attention:
+            found.append("multi-latent attention" if self.latent_attention is False else "no multi-latent attention")
         if effective(fields, "attention_window") and self.window_key != "sliding_window":
             found.append(f"model.attention_window = {effective(fields, 'attention_window')}")
         if self.experts is not None and not found:
@@ -92,6 +96,14 @@ FAMILIES = {
             experts=hf_moe.QWEN2_MOE,
         ),
         Family(
+            "deepseek_v3",
+            "DeepseekV3ForCausalLM",
+            bias_keys=("attention_bias",),
+            model_family="moe_decoder",
+            experts=hf_moe.DEEPSEEK_V3,
+            latent_attention=True,
+        ),
+        Family(
             "qwen3_moe",
             "Qwen3MoeForCausalLM",
             qk_layernorm=True,
@@ -115,6 +127,15 @@ HF_ROPE_KEYS = {
     "rope_mscale_all_dim": "mscale_all_dim",
 }
 """[model] RoPE key → its name in config.json's rope_scaling (rope_parameters)."""
+
+MLA_KEYS = {
+    "kv_lora_rank": "kv_lora_rank",
+    "q_lora_rank": "q_lora_rank",
+    "qk_head_dim": "qk_nope_head_dim",
+    "qk_pos_emb_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim",
+}
+"""[model.mla] key → its name in DeepSeek-V3's config.json (q_lora_rank null: no q-LoRA)."""
 
 REFUSED_ROPE = {
     "dynamic": "dynamic NTK scaling changes the frequencies with the length of each input at inference, "
@@ -225,6 +246,21 @@ def _hf_rope_scaling(model: ModelConfig) -> dict | None:
     return scaling
 
 
+def _mla_from_hf(config: dict, source) -> dict:
+    """The [model.mla] table of DeepSeek-V3's config.json."""
+    missing = [name for key, name in MLA_KEYS.items() if key != "q_lora_rank" and not config.get(name)]
+    if missing:
+        _refuse(source, f"the keys {missing} are missing or zero", "DeepSeek-V3's multi-latent attention needs them")
+    if not config.get("rope_interleave", True):
+        _refuse(
+            source,
+            "rope_interleave = false is not supported",
+            "megatron-core's multi-latent attention rotates interleaved pairs of the rotary channels, as "
+            "DeepSeek's released models do (rope_interleave = true)",
+        )
+    return {key: config[name] for key, name in MLA_KEYS.items() if config.get(name)}
+
+
 def _family(config: dict, source) -> Family:
     architectures = config.get("architectures") or []
     family = FAMILIES.get(config.get("model_type", ""))
@@ -314,6 +350,10 @@ def model_from_hf(config: dict, source) -> dict:
         model["qk_layernorm"] = True
     if family.window_key == "sliding_window" and config.get("sliding_window"):
         model["attention_window"] = config["sliding_window"]
+    if family.latent_attention:  # its head widths are [model.mla]'s; a key and value head per query head
+        model.update(num_query_groups=heads)
+        model.pop("kv_channels", None)
+        model["mla"] = _mla_from_hf(config, source)
     if family.experts is not None:
         model["ffn_hidden_size"], model["moe"] = hf_moe.moe_from_hf(family.experts, config, source)
         model = {"family": family.model_family, **model}
@@ -472,6 +512,12 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
     )
     if family.experts is not None:
         config.update(hf_moe.hf_from_moe(family.experts, effective(fields, "moe")))
+    mla = effective(fields, "mla")
+    if mla:  # transformers' head_dim is the rotary part's (its rotary embedding's width)
+        config.update({name: mla[key] for key, name in MLA_KEYS.items()})
+        rope = mla["qk_pos_emb_head_dim"]
+        config.update(head_dim=rope, qk_head_dim=mla["qk_head_dim"] + rope, rope_interleave=True)
+        config.update(num_nextn_predict_layers=0)  # bigpt has no multi-token-prediction layers to write
     if family.window_key == "sliding_window":
         config["sliding_window"] = model.attention_window
     elif family.window_key == "use_sliding_window":

@@ -274,7 +274,7 @@ def _import_notes(config: dict, weights, directory: Path) -> list[str]:
     notes = []
     if weights.left_out:
         notes.append(
-            f"{directory}: left out {len(weights.left_out)} tensors that masked-LM training does not use "
+            f"{directory}: left out {len(weights.left_out)} tensors {weights.left_out_why} "
             f"({', '.join(weights.left_out[:4])}{', ...' if len(weights.left_out) > 4 else ''}); an export "
             "does not write them"
         )

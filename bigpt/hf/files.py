@@ -4,6 +4,7 @@ need neither megatron-core nor a process group."""
 
 import json
 import math
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -87,7 +88,9 @@ class SafetensorsWeights:
             )
         self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
         self.left_out: list[str] = []
-        """Tensors of the directory that the model does not use (bigpt.hf.bert.left_out)."""
+        """Tensors of the directory that the model does not use (bigpt.hf.bert.left_out, ``mtp_tensors``)."""
+        self.left_out_why = ""
+        """Why they are left out: what they are, said in the import's note."""
         self.stored: dict[str, str] = {}
         """A tensor's name in its file, where it differs from the name the map uses."""
 
@@ -179,7 +182,17 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
 
         weights.rename(bert.current_names(weights.files))
         weights.left_out = bert.left_out(weights.files, config)  # a released BERT's pooler, NSP head
+        weights.left_out_why = "that masked-LM training does not use"
         for name in weights.left_out + bert.redundant(weights.files, config):
+            del weights.files[name]
+    elif mtp_tensors(weights.files, config):
+        weights.left_out = mtp_tensors(weights.files, config)
+        weights.left_out_why = (
+            f"of DeepSeek's {config['num_nextn_predict_layers']} multi-token-prediction layers (layers "
+            f"{config['num_hidden_layers']} on), which bigpt does not train (megatron-core's MTP is not "
+            "wired into bigpt)"
+        )
+        for name in weights.left_out:
             del weights.files[name]
     elif model["tie_embeddings"] and "lm_head.weight" in weights.files:  # some tied checkpoints store the copy too
         _check_tied_copy(directory, weights)
@@ -208,6 +221,18 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     check_tokenizer_fits(directory, model["vocab_size"])
     unify_dtypes(weights, read_config(directory))
     return model, weights
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def mtp_tensors(names, config: dict) -> list[str]:
+    """DeepSeek-V3's multi-token-prediction layers: ``num_nextn_predict_layers`` layers past
+    ``num_hidden_layers`` (model.layers.{N}…), which transformers does not build either."""
+    if not config.get("num_nextn_predict_layers"):
+        return []
+    layers = config["num_hidden_layers"]
+    return sorted(name for name in names if (found := _LAYER.match(name)) and int(found[1]) >= layers)
 
 
 def _check_tied_copy(directory: Path, weights: SafetensorsWeights) -> None:
