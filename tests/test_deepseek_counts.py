@@ -111,3 +111,71 @@ def test_transformer_engines_mla_keeps_its_down_projections_whole_on_every_tenso
         per_gpu[engine] = stage_memory(recipe, Layout.from_recipe(recipe, 2048))[1].parameters
     down = HIDDEN * (Q_LORA + KV_LORA + ROPE)
     assert per_gpu["auto"] - per_gpu["off"] == 4 * down // 2  # 4 layers' down-projections, half of each
+
+
+RELEASED = {  # deepseek-ai/DeepSeek-V3's config.json
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "ep_size": 1,
+    "first_k_dense_replace": 3,
+    "hidden_act": "silu",
+    "hidden_size": 7168,
+    "initializer_range": 0.02,
+    "intermediate_size": 18432,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1,
+    "n_group": 8,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 61,
+    "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1,
+    "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "quantization_config": {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    },
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "rope_theta": 10000,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "tie_word_embeddings": False,
+    "topk_group": 4,
+    "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "v_head_dim": 128,
+    "vocab_size": 129280,
+}
+
+
+def test_the_recipe_describes_the_released_model(deepseek):
+    """init.from_hf with the released config.json would accept the recipe's [model], and an export
+    of it writes DeepSeek-V3 (without the quantization_config: an export is never FP8)."""
+    from bigpt.hf.config import check_recipe_matches, hf_from_model, model_from_hf
+
+    check_recipe_matches(deepseek.model, model_from_hf(RELEASED, "config.json"), "config.json")
+    exported = hf_from_model(deepseek.model, "bfloat16", RELEASED)
+    assert exported["architectures"] == RELEASED["architectures"] and "quantization_config" not in exported

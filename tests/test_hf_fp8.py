@@ -4,7 +4,8 @@
 block scaled by its amax / 448, float8_e4m3fn's largest value), with blocks that do not divide
 its shapes (partial edge blocks) and the scales in a shard of their own; bigpt must read each
 weight as the dequantised reference exactly, leave the scales out, refuse other quantisations by
-name, and import and export it end to end (slow).
+name, and import and export it end to end (slow). A tiny DeepSeek-V3 quantised so, with a
+multi-token-prediction layer, computes transformers' logits of its dequantised weights (slow).
 """
 
 import json
@@ -47,15 +48,18 @@ def dequantize(quantized: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return quantized.float() * spread[: quantized.shape[0], : quantized.shape[1]]
 
 
-def write_fp8_release(original: Path, out: Path) -> dict[str, torch.Tensor]:
-    """``original`` (a float32 Llama) as an FP8 release at ``out``: every linear weight of the layers
-    quantised (embedding, output layer and norms stay float, as in DeepSeek-V3's), the weights in one
-    shard and the scales in another; returns the dequantised reference of each quantised weight."""
+def write_fp8_release(
+    original: Path, out: Path, extra: dict | None = None, **config_changes
+) -> dict[str, torch.Tensor]:
+    """``original`` (a float32 model) as an FP8 release at ``out``: every matrix of the layers
+    quantised (the embedding, output layer, norms and routers stay float, as in DeepSeek-V3's), the
+    weights in one shard and the scales in another, with the tensors ``extra`` added; returns the
+    dequantised reference of each quantised weight."""
     out.mkdir()
-    tensors = load_file(original / "model.safetensors")
+    tensors = load_file(original / "model.safetensors") | (extra or {})
     kept, scales, reference = {}, {}, {}
     for name, tensor in tensors.items():
-        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+        if name.startswith("model.layers.") and tensor.dim() == 2 and not name.endswith("mlp.gate.weight"):
             kept[name], scales[name + SCALE_SUFFIX] = quantize(tensor)
             reference[name] = dequantize(kept[name], scales[name + SCALE_SUFFIX])
         else:
@@ -66,7 +70,8 @@ def write_fp8_release(original: Path, out: Path) -> dict[str, torch.Tensor]:
     weight_map.update(dict.fromkeys(scales, "model-00002-of-00002.safetensors"))
     (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = json.loads((original / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(config | {"quantization_config": QUANTIZATION, "dtype": "float32"}))
+    config |= {"quantization_config": QUANTIZATION, "dtype": "float32"} | config_changes
+    (out / "config.json").write_text(json.dumps(config))
     return reference
 
 
@@ -103,8 +108,8 @@ def test_fp8_block_weights_are_read_dequantised_and_their_scales_left_out(fp8):
         else:
             assert torch.equal(read, tensor), name
     assert weights.notes == [
-        f"{released}: {len(reference)} weights stored in FP8 with a scale per 32×48 block (config.json's "
-        "quantization_config) are dequantised to float32 as they are read; their _scale_inv tensors are not imported"
+        f"{released}: the weights stored in FP8 with a scale per 32×48 block (config.json's quantization_config) "
+        f"are dequantised to float32 as they are read; their {len(reference)} _scale_inv tensors are not imported"
     ]
 
 
@@ -209,3 +214,47 @@ def test_an_fp8_release_imports_and_exports_as_its_dequantised_model(fp8, tmp_pa
     assert sorted(exported) == sorted(expected)
     assert all(torch.equal(exported[name], tensor) for name, tensor in expected.items())
     assert "quantization_config" not in json.loads((tmp_path / "exported" / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_an_fp8_deepseek_v3_release_computes_its_dequantised_model(tmp_path, capsys):
+    """A tiny DeepSeek-V3 released as DeepSeek releases it: every projection of its attention, MLPs
+    and experts in FP8 blocks, and a multi-token-prediction layer (quantised too) that bigpt leaves
+    out. bigpt's logits are transformers' of the dequantised model."""
+    from test_hf_deepseek import SHAPES as DEEPSEEK
+    from test_hf_moe import logits_in_process
+
+    shape = DEEPSEEK["deepseek_v3"]
+    original = save_model(tmp_path / "original", 4, shape)
+    last = shape["num_hidden_layers"]
+    stored = load_file(original / "model.safetensors")
+    mtp = {  # what DeepSeek-V3's release stores for its one MTP layer: a layer and its own projections
+        name.replace(f"layers.{last - 1}.", f"layers.{last}."): tensor.clone()
+        for name, tensor in stored.items()
+        if name.startswith(f"model.layers.{last - 1}.")
+    }
+    hidden = shape["hidden_size"]
+    mtp[f"model.layers.{last}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden) * 0.1
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        mtp[f"model.layers.{last}.{norm}.weight"] = torch.ones(hidden)
+    released = tmp_path / "released"
+    reference = write_fp8_release(original, released, mtp, num_nextn_predict_layers=1)
+    dequantized = copy_of(original, tmp_path / "dequantized")
+    save_file(
+        stored | {name: reference[name] for name in stored if name in reference}, dequantized / "model.safetensors"
+    )
+    # 5 attention projections a layer, 3 in the dense MLP of layer 0, 8 experts and a shared one of 3 in layers 1 and 2
+    main_model = [name for name in reference if f"layers.{last}." not in name]
+    assert len(main_model) == 3 * 5 + 3 + 2 * (8 + 1) * 3
+
+    tokens = np.random.default_rng(4).integers(0, shape["vocab_size"], size=(2, 16))
+    np.save(tmp_path / "tokens.npy", tokens)
+    logits = logits_in_process(
+        recipe_for(released, tmp_path / "fp8.toml", "fp8"), tmp_path / "run", tmp_path / "tokens.npy"
+    )
+    assert np.abs(logits - reference_logits(dequantized, tokens)).max() <= TOLERANCE
+    # ... not those of the weights before quantisation (0.9 apart): the comparison sees the dequantisation
+    assert np.abs(logits - reference_logits(original, tokens)).max() > 100 * TOLERANCE
+    said = capsys.readouterr().err
+    assert f"their {len(reference)} _scale_inv tensors are not imported" in said
+    assert "multi-token-prediction layers" in said

@@ -380,9 +380,9 @@ def read_fp8_blocks(weights: SafetensorsWeights, config: dict) -> None:
         )
     weights.fp8 = Fp8Blocks(block, dtype, scales)
     weights.notes.append(
-        f"{weights.directory}: {len(scales)} weights stored in FP8 with a scale per {block[0]}×{block[1]} block "
-        f"(config.json's quantization_config) are dequantised to {str(dtype).removeprefix('torch.')} as they "
-        f"are read; their {SCALE_SUFFIX} tensors are not imported"
+        f"{weights.directory}: the weights stored in FP8 with a scale per {block[0]}×{block[1]} block (config.json's "
+        f"quantization_config) are dequantised to {str(dtype).removeprefix('torch.')} as they are read; their "
+        f"{len(scales)} {SCALE_SUFFIX} tensors are not imported"
     )
 
 
