@@ -123,6 +123,15 @@ def test_fp8_block_weights_are_dequantised_into_the_configs_dtype(fp8, tmp_path)
     assert "are dequantised to bfloat16 as they are read" in weights.notes[0]
 
 
+def test_weights_dequantised_already_are_read_as_stored_whatever_config_json_says(fp8, tmp_path):
+    """A release converted to bfloat16 or float32 (DeepSeek's fp8_cast_bf16.py) whose config.json
+    still names its FP8 quantization: no scale, no FP8 tensor, nothing to dequantise or say."""
+    original, released, _ = fp8
+    directory = copy_of(original, tmp_path / "converted", quantization_config=QUANTIZATION)
+    _, weights = inspect_hf(directory)
+    assert weights.fp8 is None and weights.notes == []
+
+
 def edit_shard(directory: Path, shard: str, edit) -> None:
     tensors = load_file(directory / shard)
     edit(tensors)

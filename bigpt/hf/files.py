@@ -378,6 +378,8 @@ def read_fp8_blocks(weights: SafetensorsWeights, config: dict) -> None:
             f"without its {unscaled[0]}{SCALE_SUFFIX} ({len(unscaled)} such tensors), so its values cannot be "
             "recovered; the download is incomplete: fetch the shards again"
         )
+    if not scales:  # dequantised already (e.g. by DeepSeek's fp8_cast_bf16.py), its config.json left as it was
+        return
     weights.fp8 = Fp8Blocks(block, dtype, scales)
     weights.notes.append(
         f"{weights.directory}: the weights stored in FP8 with a scale per {block[0]}×{block[1]} block (config.json's "
