@@ -27,7 +27,6 @@ from bigpt.errors import BigptError
 from bigpt.hf.config import hf_from_model, model_from_hf
 from bigpt.recipe import ModelConfig, load_recipe
 from test_hf import TOLERANCE, hf_tensors, recipe_for, reference_logits, save_model
-from test_hf_moe import logits_in_process
 from test_moe import MOE_RECIPE
 
 MODEL = dict(
@@ -112,6 +111,8 @@ def deepseek_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ep1(deepseek_models, tmp_path_factory):
     """name -> (max |bigpt - transformers| at EP=1 with init.from_hf, the import it made), in this process."""
+    from test_hf_moe import logits_in_process  # here: test_hf_moe imports this module's models
+
     root = tmp_path_factory.mktemp("ep1")
     found = {}
     for name, (_, tokens, reference, recipe_file) in deepseek_models.items():
