@@ -194,7 +194,7 @@ def test_export_of_an_import_reproduces_every_tensor(moe_models, ep1, tmp_path, 
 
 
 @pytest.mark.slow
-def test_logits_match_transformers_at_pp2_ep2(moe_models, upcycled, deepseek_models, tmp_path):
+def test_logits_match_transformers_at_pp2_ep2(moe_models, upcycled, deepseek_models, tmp_path):  # noqa: F811
     """Two pipeline stages of two layers, each stage's experts split over two ranks (EP2); the
     import is written by all four ranks, and each rank upcycles its own experts from the dense
     model. One job for all, DeepSeek-V3's models too (tests/test_hf_deepseek.py): each start costs
