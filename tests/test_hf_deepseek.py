@@ -14,15 +14,19 @@ On paper: what megatron-core's MLA cannot compute, or would silently ignore, is 
 reason.
 """
 
+import json
 import re
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from bigpt.errors import BigptError
-from bigpt.recipe import load_recipe
-from test_hf import TOLERANCE, recipe_for, reference_logits, save_model
-from test_hf_moe import logits_in_process
+from bigpt.hf.config import hf_from_model, model_from_hf
+from bigpt.recipe import ModelConfig, load_recipe
+from test_hf import TOLERANCE, hf_tensors, recipe_for, reference_logits, save_model
 from test_moe import MOE_RECIPE
 
 MODEL = dict(
@@ -30,7 +34,7 @@ MODEL = dict(
     hidden_size=64,
     num_attention_heads=4,
     num_key_value_heads=4,
-    num_hidden_layers=3,
+    num_hidden_layers=4,
     intermediate_size=96,
     moe_intermediate_size=32,
     vocab_size=300,
@@ -107,6 +111,8 @@ def deepseek_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ep1(deepseek_models, tmp_path_factory):
     """name -> (max |bigpt - transformers| at EP=1 with init.from_hf, the import it made), in this process."""
+    from test_hf_moe import logits_in_process  # here: test_hf_moe imports this module's models
+
     root = tmp_path_factory.mktemp("ep1")
     found = {}
     for name, (_, tokens, reference, recipe_file) in deepseek_models.items():
@@ -116,9 +122,120 @@ def ep1(deepseek_models, tmp_path_factory):
     return found
 
 
+def test_the_models_are_what_they_claim(deepseek_models):
+    """Every tensor random (transformers starts the router bias at zero), and each model's features present."""
+    for directory, *_ in deepseek_models.values():
+        for key, tensor in hf_tensors(directory).items():
+            assert tensor.std() > 0.01, key
+    lora = hf_tensors(deepseek_models["deepseek_v3"][0])
+    assert "model.layers.0.mlp.gate_proj.weight" in lora and "model.layers.1.self_attn.q_a_layernorm.weight" in lora
+    assert lora["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (64, 64)  # two experts' widths
+    plain = hf_tensors(deepseek_models["no_q_lora"][0])
+    assert "model.layers.0.self_attn.q_proj.weight" in plain and "model.layers.0.mlp.gate.weight" in plain
+
+
 @pytest.mark.parametrize("name", SHAPES)
 def test_logits_match_transformers_at_ep1(ep1, name):
     assert ep1[name][0] <= TOLERANCE
+
+
+def test_the_router_bias_decides_experts_in_these_models(deepseek_models):
+    """Without e_score_correction_bias transformers' logits change: the parity above shows bigpt
+    chooses experts with it, as megatron-core's expert bias."""
+    directory, tokens, reference, _ = deepseek_models["deepseek_v3"]
+    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32)
+    for layer in model.model.layers[1:]:
+        layer.mlp.gate.e_score_correction_bias.zero_()
+    with torch.no_grad():
+        unbiased = model(torch.from_numpy(np.load(tokens))).logits.numpy()
+    assert np.abs(unbiased - reference).max() > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["deepseek_v3", pytest.param("no_q_lora", marks=pytest.mark.slow)],  # the fast subset's time
+)
+def test_export_of_an_import_reproduces_every_tensor(deepseek_models, ep1, tmp_path, name):
+    from bigpt.hf.convert import export_hf
+    from bigpt.runtime.distributed import process_group_of_one
+
+    directory, tokens, reference, _ = deepseek_models[name]
+    out = tmp_path / "exported"
+    with process_group_of_one():
+        export_hf(ep1[name][1], out)
+    original, exported = hf_tensors(directory), hf_tensors(out)
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    model, loading = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    assert not any(loading.values()), loading  # no missing, unexpected or mismatched weight
+    np.testing.assert_array_equal(reference_logits(out, np.load(tokens)), reference)
+    assert model_from_hf(json.loads((out / "config.json").read_text()), out) == model_from_hf(
+        json.loads((directory / "config.json").read_text()), directory
+    )
+
+
+def test_multi_token_prediction_layers_are_left_out_saying_so(deepseek_models, tmp_path):
+    """A released DeepSeek-V3 has num_nextn_predict_layers layers past num_hidden_layers
+    (model.layers.61.* of 61): transformers does not build them, nor does bigpt (megatron-core's
+    MTP is not wired in); the import leaves them out and its note says so."""
+    from bigpt.hf.convert import _import_notes
+    from bigpt.hf.files import inspect_hf
+
+    source = deepseek_models["no_q_lora"][0]
+    directory = tmp_path / "with_mtp"
+    directory.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(dict(config, num_nextn_predict_layers=1)))
+    tensors = load_file(source / "model.safetensors")
+    layers = config["num_hidden_layers"]
+    mtp = {
+        name.replace("layers.0.", f"layers.{layers}."): t.clone() for name, t in tensors.items() if "layers.0." in name
+    }
+    mtp[f"model.layers.{layers}.enorm.weight"] = torch.ones(64)
+    save_file(tensors | mtp, directory / "model.safetensors")
+    model, weights = inspect_hf(directory)
+    assert weights.left_out == sorted(mtp) and model == model_from_hf(config, source)
+    (note,) = _import_notes(config, weights, directory)
+    assert f"left out {len(mtp)} tensors of DeepSeek's 1 multi-token-prediction layers (layers 4 on)" in note
+    (directory / "config.json").write_text(json.dumps(dict(config, num_nextn_predict_layers=0)))
+    with pytest.raises(BigptError, match=f"tensor model.layers.{layers}.* has no place"):
+        inspect_hf(directory)
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (dict(rope_interleave=False), "rope_interleave = false is not supported"),
+        (dict(num_experts_per_tok=3, topk_group=1), "megatron-core by their num_experts_per_tok // topk_group = 3"),
+        (dict(norm_topk_prob=False), "norm_topk_prob = false with a sigmoid router"),
+        (dict(scoring_func="softmax"), "scoring_func = 'softmax' is not DeepSeek-V3's 'sigmoid'"),
+        (dict(first_k_dense_replace=4), "first_k_dense_replace = 4 leaves no MoE layer"),
+        (dict(n_group=None), r"the keys \['n_group'\] are missing"),
+        (dict(kv_lora_rank=None), r"the keys \['kv_lora_rank'\] are missing"),
+    ],
+)
+def test_what_megatron_core_cannot_compute_of_deepseek_v3_is_refused(changes, words):
+    config = dict(SHAPES["deepseek_v3"], architectures=["DeepseekV3ForCausalLM"], **changes)
+    with pytest.raises(BigptError, match=words):
+        model_from_hf(config, "config.json")
+
+
+def test_deepseek_v3_exports_what_it_imports_and_refuses_what_it_cannot_express(deepseek_models):
+    config = json.loads((deepseek_models["deepseek_v3"][0] / "config.json").read_text())
+    table = model_from_hf(config, "config.json")
+    exported = hf_from_model(ModelConfig(**table, seq_length=64), "float32", None)
+    assert exported["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert model_from_hf(exported, "config.json") == model_from_hf(config, "config.json")
+    for change, words in [
+        (dict(router_topk=2), r"router_topk // group_topk = 1 \(DeepSeek-V3 ranks groups by their 2 best\)"),
+        (dict(expert_bias=False), "model.moe.expert_bias = False"),
+        (dict(layer_pattern=[0, 1, 0, 1]), "dense layers after MoE ones"),
+    ]:
+        changed = ModelConfig(**table | {"moe": table["moe"] | change}, seq_length=64)
+        with pytest.raises(BigptError, match=f"{words}.* fits none of the Hugging Face families"):
+            hf_from_model(changed, "float32", None)
 
 
 MLA = [

@@ -1,10 +1,11 @@
 """Hugging Face ``config.json`` ⇄ bigpt's ``[model]`` table, for the decoder families
 megatron-core builds exactly: Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 (GQA with any group ratio,
 SwiGLU, RMSNorm, non-interleaved RoPE, tied or untied embeddings; per family: Mistral's sliding
-window, Qwen2's query/key/value biases, Qwen3's per-head query/key RMSNorm), and the
+window, Qwen2's query/key/value biases, Qwen3's per-head query/key RMSNorm), the
 Mixture-of-Experts decoders built on their attention: Mixtral, Qwen2-MoE and Qwen3-MoE (their
-experts: ``bigpt.hf.moe``). Anything else is refused by name rather than converted into a model
-that computes something different.
+experts: ``bigpt.hf.moe``), and DeepSeek-V3, with multi-latent attention ([model.mla]).
+Anything else is refused by name rather than converted into a model that computes something
+different.
 """
 
 import math
@@ -276,8 +277,8 @@ def _family(config: dict, source) -> Family:
             f"model_type {config.get('model_type')!r} / architectures {architectures} is not supported",
             "bigpt imports "
             + ", ".join(f.architecture for f in FAMILIES.values())
-            + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen1.5/2-MoE, Qwen3-MoE and models "
-            "of the same shape, and the encoders BertForMaskedLM, BertModel and RobertaForMaskedLM); other "
+            + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, DeepSeek-V3 and "
+            "models of the same shape, and the encoders BertForMaskedLM, BertModel and RobertaForMaskedLM); other "
             "architectures are not",
         )
     for key in ("attention_bias", "mlp_bias"):

@@ -22,13 +22,16 @@ Both directions of every rule live here, next to each other:
   ``mlp.router.weight``, Qwen2-MoE's shared expert ``mlp.shared_experts.*`` with its
   ``gate_weight``; DeepSeek-V3's ``e_score_correction_bias`` is the router's ``expert_bias`` and
   its shared experts ``mlp.shared_experts.*``, ungated;
-- multi-latent attention (DeepSeek-V3) is megatron-core's local MLA spec's tensors, one for one:
-  its norms keep their own names (``input_layernorm``, ``pre_mlp_layernorm``, ``q_layernorm`` and
-  ``kv_layernorm``), the down projections produce the latents (the key/value one also the rotary
-  key, after the latent: megatron-core and DeepSeek split it alike), and the up projections each
-  head's parts in DeepSeek's order (query: without, then with RoPE; key/value: key, then value).
+- multi-latent attention (DeepSeek-V3) is megatron-core's MLA tensors, one for one: the latents'
+  norms under Transformer Engine's names (``linear_q_up_proj.layer_norm_weight``,
+  ``linear_kv_up_proj.layer_norm_weight``), the norm before attention as ``input_layernorm`` and an
+  MoE layer's before the MLP as ``pre_mlp_layernorm`` (Transformer Engine fuses neither); the down
+  projections produce the latents (the key/value one also the rotary key, after the latent:
+  megatron-core and DeepSeek split it alike), and the up projections each head's parts in
+  DeepSeek's order (query: without, then with RoPE; key/value: key, then value).
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -237,14 +240,14 @@ def _latent_attention(model: dict, stack: str, layer: str) -> list[Rule]:
         *(
             [
                 ("linear_q_down_proj.weight", "q_a_proj.weight", (q_lora, hidden)),
-                ("q_layernorm.weight", "q_a_layernorm.weight", (q_lora,)),
+                ("linear_q_up_proj.layer_norm_weight", "q_a_layernorm.weight", (q_lora,)),
                 ("linear_q_up_proj.weight", "q_b_proj.weight", (q_width, q_lora)),
             ]
             if q_lora
             else [("linear_q_proj.weight", "q_proj.weight", (q_width, hidden))]
         ),
         ("linear_kv_down_proj.weight", "kv_a_proj_with_mqa.weight", (kv_lora + mla["qk_pos_emb_head_dim"], hidden)),
-        ("kv_layernorm.weight", "kv_a_layernorm.weight", (kv_lora,)),
+        ("linear_kv_up_proj.layer_norm_weight", "kv_a_layernorm.weight", (kv_lora,)),
         ("linear_kv_up_proj.weight", "kv_b_proj.weight", (heads * (mla["qk_head_dim"] + mla["v_head_dim"]), kv_lora)),
     ]
     return [Rule(attention + key, (hf + name,), (shape,), _same, _one) for key, name, shape in pairs]
@@ -273,15 +276,32 @@ def rules(model: dict, config: dict | None = None) -> list[Rule]:
     moe = effective(model, "family") == "moe_decoder"
     stack = "decoder.layers.{i}." if moe else "decoder.layers."  # an MoE model's layers are keyed by number
     heads, mla = model["num_attention_heads"], effective(model, "mla")
-    if mla:  # megatron-core's MLA spec keeps its norms' own names
-        norms = ("input_layernorm.weight", "pre_mlp_layernorm.weight")
+    # The norms before attention and the MLP under Transformer Engine's names, on every spec: as parts
+    # of the next linear layer where it fuses them (bigpt.families.decoder.with_transformer_engine_names).
+    pre_mlp = Rule(
+        stack + "mlp.linear_fc1.layer_norm_weight",
+        (layer + "post_attention_layernorm.weight",),
+        ((hidden,),),
+        _same,
+        _one,
+    )
+    pre_mlps = [pre_mlp]
+    if mla:  # Transformer Engine's MLA spec fuses neither the norm before attention nor an MoE layer's before the MLP
+        before_attention = "input_layernorm.weight"
         attention, out_width = _latent_attention(model, stack, layer), heads * mla["v_head_dim"]
-    else:  # the norms under the names of the linear layers Transformer Engine fuses them into, on every spec
-        norms = ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")
+        if moe:
+            layers = effective(model, "moe")["layers"]
+            dense, sparse = (tuple(i for i, is_moe in enumerate(layers) if is_moe == kind) for kind in (0, 1))
+            pre_mlps = [
+                dataclasses.replace(pre_mlp, layers=dense),
+                dataclasses.replace(pre_mlp, key=stack + "pre_mlp_layernorm.weight", layers=sparse),
+            ]
+    else:
+        before_attention = "self_attention.linear_qkv.layer_norm_weight"
         attention, out_width = _attention(model, stack, layer), heads * effective(model, "kv_channels")
     table = [
         Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((vocab, hidden),), _same, unpad),
-        Rule(stack + norms[0], (layer + "input_layernorm.weight",), ((hidden,),), _same, _one),
+        Rule(stack + before_attention, (layer + "input_layernorm.weight",), ((hidden,),), _same, _one),
         *attention,
         Rule(
             stack + "self_attention.linear_proj.weight",
@@ -290,7 +310,7 @@ def rules(model: dict, config: dict | None = None) -> list[Rule]:
             _same,
             _one,
         ),
-        Rule(stack + norms[1], (layer + "post_attention_layernorm.weight",), ((hidden,),), _same, _one),
+        *pre_mlps,
         *(
             _moe_mlps(model, experts_of(model), stack, layer)
             if moe

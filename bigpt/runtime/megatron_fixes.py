@@ -152,14 +152,15 @@ def _local_attention_takes_mla_head_widths() -> None:
     of the tensors it is given, but for its output's width (model.kv_channels × heads): take
     v_channels for that, and k_channels for the default softmax scale."""
     original = DotProductAttention.__init__
-    if hasattr(original, "__wrapped__"):  # applied already (a process that ran a model before)
-        return
-    parameters = inspect.signature(original).parameters
+    target = getattr(original, "__wrapped__", original)  # megatron-core's, where applied already
+    parameters = inspect.signature(target).parameters
     if "k_channels" in parameters or "softmax_scale" not in parameters:
         raise patch_target_error(
             "the local attention under multi-latent attention",
             "DotProductAttention.__init__ takes k_channels now, or no softmax_scale",
         )
+    if target is not original:
+        return
 
     def init(self, *args, k_channels=None, v_channels=None, softmax_scale=None, **kwargs):
         if softmax_scale is None and k_channels is not None:
@@ -175,22 +176,24 @@ def _local_attention_takes_mla_head_widths() -> None:
 def _mla_without_q_lora_projects_queries_plainly() -> None:
     """megatron-core's multi-latent attention without q-LoRA (q_lora_rank None: the queries projected
     from the normalised hidden state, as DeepSeek-V2-Lite's q_proj) demands a fused norm+linear for
-    that projection when its latents are normalised (qk_layernorm): a second norm of the hidden
-    state that DeepSeek's models do not have, and that only Transformer Engine provides (without it
-    the build fails: "qk_layernorm requires TransformerEngine"). The local spec also gives it a query
-    norm it then refuses as unused. Resolve the key/value side as megatron-core does, and the query
-    projection as the spec's own plain linear, with no query norm."""
+    that projection when its latents are normalised (qk_layernorm): Transformer Engine's, with a
+    second norm of the hidden state that DeepSeek's models do not have (without Transformer Engine, a
+    stand-in that cannot build). The local spec (every CPU) fails before that: it gives MLA a query
+    norm, which megatron-core refuses as unused (ValueError). Resolve the key/value side as
+    megatron-core does, and the query projection as the spec's own plain linear, with no query norm."""
     original = QKNormConfigResolver.resolve
-    if hasattr(original, "__wrapped__"):
-        return
-    if not all(hasattr(QKNormConfigResolver, name) for name in ("_is_fused_norm_linear", "__init__")):
+    if not callable(getattr(QKNormConfigResolver, "_is_fused_norm_linear", None)):
         raise patch_target_error(
             "multi-latent attention without q-LoRA", "QKNormConfigResolver._is_fused_norm_linear is gone"
         )
+    if hasattr(original, "__wrapped__"):  # applied already
+        return
 
     def resolve(self):
         plain = self.submodules.linear_q_proj
-        if self.has_q_lora or self.is_dsa or not self.config.qk_layernorm or self._is_fused_norm_linear(plain):
+        if self.has_q_lora or self.is_dsa or not self.config.qk_layernorm:
+            return original(self)
+        if plain is None or self._is_fused_norm_linear(plain):  # a spec that asks for the norm megatron-core adds
             return original(self)
         self.has_q_lora = True  # so megatron-core resolves the key/value side alone, as with q-LoRA
         try:
