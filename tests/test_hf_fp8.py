@@ -252,9 +252,10 @@ def test_an_fp8_deepseek_v3_release_computes_its_dequantised_model(tmp_path, cap
     save_file(
         stored | {name: reference[name] for name in stored if name in reference}, dequantized / "model.safetensors"
     )
-    # 5 attention projections a layer, 3 in the dense MLP of layer 0, 8 experts and a shared one of 3 in layers 1 and 2
+    # 5 attention projections a layer, 3 in a dense MLP, 3 in each routed expert and in the shared ones
+    dense = shape["first_k_dense_replace"]
     main_model = [name for name in reference if f"layers.{last}." not in name]
-    assert len(main_model) == 3 * 5 + 3 + 2 * (8 + 1) * 3
+    assert len(main_model) == last * 5 + dense * 3 + (last - dense) * (shape["n_routed_experts"] + 1) * 3
 
     tokens = np.random.default_rng(4).integers(0, shape["vocab_size"], size=(2, 16))
     np.save(tmp_path / "tokens.npy", tokens)
