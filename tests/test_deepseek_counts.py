@@ -179,3 +179,15 @@ def test_the_recipe_describes_the_released_model(deepseek):
     check_recipe_matches(deepseek.model, model_from_hf(RELEASED, "config.json"), "config.json")
     exported = hf_from_model(deepseek.model, "bfloat16", RELEASED)
     assert exported["architectures"] == RELEASED["architectures"] and "quantization_config" not in exported
+
+
+@pytest.mark.slow
+def test_the_recipe_passes_the_dry_run_on_2048_gpus(tmp_path):
+    """What `launchers/run.py recipes/deepseek_v3.toml --dry-run --world-size 2048` checks (on
+    megatron-core's mock data, whose index for 10,000 steps this machine can hold), in this process."""
+    from bigpt.dryrun import describe
+
+    recipe = load_recipe(RECIPE, [f"run_dir={tmp_path}"])
+    plan = describe(recipe, Layout.from_recipe(recipe, 2048))
+    assert "2048 = TP 1 × PP 16 × CP 1 × DP 128; experts over EP 64 × expert TP 1" in plan
+    assert "the busiest GPU holds 62.4 GiB (49.2 GiB activations)" in plan
