@@ -12,10 +12,13 @@ imports the same modules, opens the same process group and exits, measured in th
 invocation. Prints model bytes, peak RSS, peak minus baseline, (peak - baseline) / model and
 the wall time.
 ``--checkout`` also measures the tools of other checkouts of bigpt (e.g. ``git worktree add
-/tmp/before main``) on the same directories, for before/after figures.
+/tmp/before main``) on the same directories, for before/after figures. ``--fp8`` stores the
+layers' matrices as DeepSeek-V3's release does (float8_e4m3fn, a float32 scale per 128 × 128
+block, ``quantization_config`` fp8), so that import dequantises each as it reads it.
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -28,10 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, MixtralConfig  # noqa: E402
 
 from bigpt.hf.config import model_from_hf  # noqa: E402
-from bigpt.hf.files import plan_shards, write_shards  # noqa: E402
+from bigpt.hf.files import CONFIG, INDEX, SCALE_SUFFIX, plan_shards, write_shards  # noqa: E402
 from bigpt.hf.mapping import expected_hf_shapes  # noqa: E402
 
 BASELINE = """
@@ -52,6 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
     parser.add_argument("--experts", type=int, default=0, help="write Mixtral models of this many experts a layer")
     parser.add_argument("--checkout", action="append", default=[], help="another bigpt checkout to measure too")
+    parser.add_argument("--fp8", action="store_true", help="store the layers' matrices in FP8 blocks (DeepSeek-V3's)")
     return parser.parse_args(argv)
 
 
@@ -82,6 +87,39 @@ def write_model(directory: Path, layers: int, hidden: int, vocab: int, experts: 
     return sum(size for _, size in sizes)
 
 
+FP8_BLOCK = 128
+
+
+def quantize_to_fp8_blocks(directory: Path) -> int:
+    """Every matrix of the layers of ``directory`` (but the routers) in float8_e4m3fn with a
+    float32 scale per block (its amax / 448), one shard at a time, as DeepSeek-V3 is released;
+    returns the new bytes of the weights."""
+    index = json.loads((directory / INDEX).read_text())
+    total = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(directory / shard)
+        for name in [name for name in tensors if name.startswith("model.layers.") and tensors[name].dim() == 2]:
+            if name.endswith(".gate.weight"):  # a router: left in float, as in the release
+                continue
+            weight = tensors[name]
+            rows, columns = (-(-size // FP8_BLOCK) for size in weight.shape)
+            padded = torch.zeros(rows * FP8_BLOCK, columns * FP8_BLOCK)
+            padded[: weight.shape[0], : weight.shape[1]] = weight
+            blocks = padded.view(rows, FP8_BLOCK, columns, FP8_BLOCK)
+            scales = blocks.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
+            quantized = (blocks / scales[:, None, :, None]).view(padded.shape)[: weight.shape[0], : weight.shape[1]]
+            tensors[name] = quantized.to(torch.float8_e4m3fn)
+            tensors[name + SCALE_SUFFIX] = scales
+            index["weight_map"][name + SCALE_SUFFIX] = shard
+        save_file(tensors, directory / shard, metadata={"format": "pt"})
+        total += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    (directory / INDEX).write_text(json.dumps(index))
+    config = json.loads((directory / CONFIG).read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    (directory / CONFIG).write_text(json.dumps(config))
+    return total
+
+
 def peak_rss(command: list[str]) -> tuple[int, float]:
     """Peak resident bytes and wall seconds of ``command``, run to completion as a child of its own."""
     start = time.perf_counter()
@@ -103,10 +141,13 @@ def main(argv=None) -> None:
         layers: write_model(root / f"hf_{layers}", layers, args.hidden, args.vocab, args.experts)
         for layers in args.layers
     }
+    if args.fp8:
+        models = {layers: quantize_to_fp8_blocks(root / f"hf_{layers}") for layers in models}
     largest = 4 * args.vocab * args.hidden
     kind = f"Mixtral of {args.experts} experts" if args.experts else "Llama"
+    kind += " fp32" + (", the layers' matrices in FP8 blocks (dequantised to fp32 on import)" if args.fp8 else "")
     print(
-        f"hf import/export memory: {kind} fp32, hidden {args.hidden}, vocab {args.vocab}, largest tensor "
+        f"hf import/export memory: {kind}, hidden {args.hidden}, vocab {args.vocab}, largest tensor "
         f"{largest / 2**20:.1f} MiB; torch {torch.__version__}, one fresh process per figure"
     )
     print(

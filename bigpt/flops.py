@@ -123,10 +123,42 @@ def _mlp_matmul_parameters(model: ModelConfig, ffn_width: int) -> int:
     return model.hidden_size * _mlp_input_width(model, ffn_width) + ffn_width * model.hidden_size
 
 
+def attention_head_widths(model: ModelConfig) -> tuple[int, int]:
+    """(query-key width, value width) of one layer over all query heads: what the scores Q·Kᵀ and
+    the score-weighted sum of V contract over. Multi-latent attention's heads are qk_head_dim wide
+    plus the rotary qk_pos_emb_head_dim, its values v_head_dim."""
+    if model.mla.enabled():
+        mla, heads = model.mla, model.num_attention_heads
+        return heads * (mla.qk_head_dim + mla.qk_pos_emb_head_dim), heads * mla.v_head_dim
+    query, _ = _attention_widths(model)
+    return query, query
+
+
+def mla_down_projection_parameters(model: ModelConfig) -> int:
+    """Weights of one layer's multi-latent attention projections from the hidden state down to its
+    latents (and the rotary key part): Transformer Engine's MLA holds them whole on every
+    tensor-parallel rank (megatron-core's TELinear, "duplicated"); 0 without MLA."""
+    mla = model.mla
+    if not mla.enabled():
+        return 0
+    return model.hidden_size * ((mla.q_lora_rank or 0) + (mla.kv_lora_rank or 0) + mla.qk_pos_emb_head_dim)
+
+
 def _attention_matmul_parameters(model: ModelConfig) -> int:
-    """Weights of one layer's q, k, v and attention output matrices."""
-    query, key_value = _attention_widths(model)
-    return model.hidden_size * (query + 2 * key_value) + query * model.hidden_size
+    """Weights of one layer's q, k, v and attention output matrices; multi-latent attention's
+    (megatron-core's MLA, as DeepSeek-V2/V3): queries through the q_lora_rank latent (or straight
+    from the hidden state without one), the kv_lora_rank latent with the rotary key part shared by
+    all heads, every head's key and value projected up from that latent, and the output."""
+    if not model.mla.enabled():
+        query, key_value = _attention_widths(model)
+        return model.hidden_size * (query + 2 * key_value) + query * model.hidden_size
+    mla, hidden, heads = model.mla, model.hidden_size, model.num_attention_heads
+    query_key, value = attention_head_widths(model)
+    queries = mla.q_lora_rank * (hidden + query_key) if mla.q_lora_rank else hidden * query_key
+    assert mla.kv_lora_rank is not None  # mla.enabled()
+    latent = hidden * (mla.kv_lora_rank + mla.qk_pos_emb_head_dim)
+    keys_values = mla.kv_lora_rank * heads * (mla.qk_head_dim + mla.v_head_dim)
+    return queries + latent + keys_values + value * hidden
 
 
 def moe_layers(model: ModelConfig) -> list[bool]:
@@ -167,8 +199,13 @@ def _layer_parameters(model: ModelConfig, moe: bool = False, *, active: bool = F
     qkv_biases = query + 2 * key_value
     other_biases = model.hidden_size + _mlp_input_width(model) + model.hidden_size  # MoE refuses add_bias_linear
     head = query // model.num_attention_heads
-    # q/k norms: one weight (and bias, for layernorm) per head width, shared by the heads
-    qk_norms = 2 * head * (2 if model.normalization == "layernorm" else 1) if model.qk_layernorm else 0
+    per_element = 2 if model.normalization == "layernorm" else 1
+    # q/k norms: one weight (and bias, for layernorm) per head width, shared by the heads; MLA's
+    # norms: one over each latent
+    if model.mla.enabled():
+        qk_norms = per_element * ((model.mla.q_lora_rank or 0) + (model.mla.kv_lora_rank or 0))
+    else:
+        qk_norms = 2 * head * per_element if model.qk_layernorm else 0
     return (
         _layer_matmul_parameters(model, moe, active=active)
         + 2 * _norm_parameters(model)
@@ -289,8 +326,7 @@ def attention_counted(model: ModelConfig) -> str:
 
 def _attention_core_forward_flops(model: ModelConfig) -> float:
     """Forward FLOPs per token of one layer's scores Q·Kᵀ and score-weighted sum of V."""
-    query, _ = _attention_widths(model)
-    return 2 * 2 * attended_keys(model) * query
+    return 2 * attended_keys(model) * sum(attention_head_widths(model))
 
 
 def _layer_forward_flops(model: ModelConfig, moe: bool = False) -> float:
@@ -306,9 +342,11 @@ def flops_per_token(model: ModelConfig, padded_vocab: int | None = None) -> floa
                    layer's router, shared experts and the router_topk experts a token passes,
                    plus the vocab × hidden output layer, tied or not, and an encoder's
                    hidden × hidden masked-LM head before it, at every position)
-            + 2 × 2 × keys × (heads × head width) per layer, for the scores Q·Kᵀ and the
-              score-weighted sum of V, with keys = attended_keys: the causal mask halves them
-              (s/2), a sliding window bounds them, an encoder attends to all s.
+            + 2 × keys × (heads × head width) per layer for the scores Q·Kᵀ, and as much for the
+              score-weighted sum of V (multi-latent attention: heads × (qk_head_dim +
+              qk_pos_emb_head_dim) and heads × v_head_dim, attention_head_widths), with keys =
+              attended_keys: the causal mask halves them (s/2), a sliding window bounds them, an
+              encoder attends to all s.
     This is Megatron-LM's num_floating_point_operations (core_r0.19.0) and Megatron-Bridge's
     convention, halved causal term included (Llama-3-8B at 8192 tokens: 51.5 GFLOP/token, not
     PaLM's unhalved 57.9); they ignore a sliding window, bigpt counts only the keys it attends

@@ -15,6 +15,9 @@ without sequence parallelism (tests/test_plan.py checks both). Where bigpt diffe
   a dense MLP's inner tensors (and, under Transformer Engine, the output of the norm fused into its
   first linear), moe all an MoE layer keeps but its input, shared_experts its shared experts';
 - per-head q/k norms (Qwen3) keep the un-normalised queries and keys;
+- multi-latent attention (DeepSeek-V3) keeps its query and key/value latents (sequence-split, as
+  its down-projections' outputs are) twice, before and after their norms, and every head's key
+  and value, projected up from the shared latent (``attention_head_widths``);
 - the output layer's logits are counted on the last stage for any pipeline size (Megatron adds
   them only without pipelining, as it reports the first stage), and token ids (8 bytes a token)
   are left out; Megatron's 5% "overhead" factor is not applied: the planner keeps headroom instead.
@@ -28,8 +31,10 @@ from dataclasses import dataclass
 
 from bigpt.flops import (
     GATED_ACTIVATIONS,
+    attention_head_widths,
     decoder_seq_length,
     expert_parameters_per_stage,
+    mla_down_projection_parameters,
     moe_layers,
     parameters_per_stage,
 )
@@ -68,17 +73,22 @@ def stage_memory(recipe: Recipe, layout: Layout) -> tuple[StageMemory, ...]:
     """Memory of every pipeline stage; the first stage holds the most in-flight micro-batches,
     the last the output layer, so either can be the peak. An MoE model's routed experts are split
     over expert parallelism × expert tensor parallelism, not tensor parallelism, and their
-    optimizer state over the expert-data-parallel ranks."""
+    optimizer state over the expert-data-parallel ranks; Transformer Engine's multi-latent attention
+    keeps its down-projections whole on every tensor-parallel rank."""
     vocab = padded_vocab_size(recipe.model, layout.tp)
     stages = parameters_per_stage(recipe.model, layout.layers_per_stage, vocab, layout.vpp)
     experts = expert_parameters_per_stage(recipe.model, layout.layers_per_stage, layout.vpp)
     weight, gradient, optimizer = _bytes_per_parameter(recipe)
     shard = layout.dp if recipe.parallel.distributed_optimizer else 1
     expert_shard = layout.expert_dp if recipe.parallel.distributed_optimizer else 1
+    fused = recipe.precision.transformer_engine != "off"
+    duplicated = mla_down_projection_parameters(recipe.model) if fused else 0  # per layer, on every TP rank
     result = []
     for stage, (params, routed, layers) in enumerate(zip(stages, experts, layout.layers_per_stage)):
         # Norm weights are replicated over tensor parallel rather than split: <0.01% of a layer.
-        dense, expert = (params - routed) // layout.tp, routed // (layout.ep * layout.etp)
+        whole = duplicated * layers
+        dense = (params - routed - whole) // layout.tp + whole
+        expert = routed // (layout.ep * layout.etp)
         on_gpu = dense + expert
         in_flight = in_flight_microbatches(layout, stage)
         if recipe.model.family == "encoder_decoder":
@@ -138,14 +148,24 @@ def layer_activations(recipe: Recipe, layout: Layout, sequence: int | None = Non
     # that linear's input (the norm's output) too.
     linear_inputs = 1 if "mlp" in recomputed and not unfused else 2
     # Inputs of the two norms and of the linears after them (QKV, MLP in): split over the
-    # tensor-parallel group only with sequence parallelism.
+    # tensor-parallel group only with sequence parallelism; so are MLA's latents, each kept as its
+    # norm's input and its up-projection's.
+    latents = 2 * ((model.mla.q_lora_rank or 0) + (model.mla.kv_lora_rank or 0))
     sequence_split = tokens * (
-        (2 + linear_inputs) * element * model.hidden_size + (2 * model.hidden_size if model.hidden_dropout else 0)
+        (2 + linear_inputs) * element * model.hidden_size
+        + element * latents
+        + (2 * model.hidden_size if model.hidden_dropout else 0)
     )
     # Q, K, V for attention, its output (the projection's input), the MLP's inner tensors (none
-    # when the MLP is recomputed: it keeps only its input).
+    # when the MLP is recomputed: it keeps only its input). MLA's keys are every head's, as wide as
+    # its queries, its values and output v_head_dim a head.
+    if model.mla.enabled():
+        query_key, value = attention_head_widths(model)
+        attention = 2 * query_key + 2 * value
+    else:
+        attention = 2 * query + 2 * key_value
     mlp_tensors = 0 if "mlp" in recomputed else 3 if model.activation in GATED_ACTIVATIONS else 2
-    tensor_split: float = element * tokens * (2 * query + 2 * key_value)
+    tensor_split: float = element * tokens * attention
     tensor_split += element * tokens * _mlp_activation_width(recipe, layout, mlp_tensors, recomputed)
     if model.qk_layernorm:  # the per-head q/k norms keep their inputs too
         tensor_split += element * tokens * (query + key_value)

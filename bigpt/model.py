@@ -150,7 +150,11 @@ def fusions(recipe: Recipe, *, use_te: bool, gpu: bool) -> dict[str, bool]:
         "bias_dropout_fusion": True,
         # Transformer Engine's fused RoPE cannot apply YaRN's attention factor (megatron-core warns
         # at every call and runs its own).
-        "apply_rope_fusion": use_te and m.position_embedding == "rope" and m.rope_scaling != "yarn",
+        # MLA's fused RoPE is YaRN's alone, a Triton kernel; its unfused one is exact.
+        "apply_rope_fusion": use_te
+        and m.position_embedding == "rope"
+        and m.rope_scaling != "yarn"
+        and not m.mla.enabled(),
         "persist_layer_norm": True,
     }
     return {
@@ -200,7 +204,7 @@ def transformer_config(recipe: Recipe, layout: Layout, *, use_te: bool, gpu: boo
         layernorm_epsilon=m.norm_epsilon,
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
-        qk_layernorm=m.qk_layernorm,
+        qk_layernorm=m.qk_layernorm or m.mla.enabled(),  # with MLA: its latents' norms
         window_size=_window_size(m.attention_window, m.seq_length),
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,

@@ -64,7 +64,24 @@ def _devices() -> dict:
         "type_conversion": torch.ones(1).type(torch.float64).dtype == torch.float64,
         "current_device": torch.cuda.current_device(),
         "in_custom_backward": _device_allocated_in_custom_backward(),
+        "device_of_index": str(torch.device(torch.cuda.current_device())),
+        "yarn_rotary_embedding": str(_yarn_rotary_embedding().inv_freq.device),
     }
+
+
+def _yarn_rotary_embedding():
+    """As multi-latent attention builds it: on ``torch.device(torch.cuda.current_device())``."""
+    from megatron.core.models.common.embeddings import YarnRotaryEmbedding
+
+    return YarnRotaryEmbedding(8, scaling_factor=4.0)
+
+
+def _device_index_without_the_layer() -> str:
+    try:
+        torch.device(0)
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
 
 
 def _device_allocated_in_custom_backward() -> str:
@@ -175,7 +192,7 @@ def _rng() -> dict:
 def probe() -> dict:
     from bigpt.runtime import cpu_compat
 
-    result = {"refusal": _refusal(cpu_compat)}
+    result = {"refusal": _refusal(cpu_compat), "device_index_without_the_layer": _device_index_without_the_layer()}
     cpu_compat.enable()
     cpu_compat.enable()  # idempotent
     result["enabled"] = cpu_compat.is_enabled()
@@ -208,6 +225,15 @@ def test_cuda_devices_land_on_cpu(probed):
     assert d["zeros_current_device"] == "cpu"
     assert d["current_device"] == 0
     assert d["in_custom_backward"] == "cpu"
+
+
+@cpu_only
+def test_a_device_index_means_the_cpu(probed):
+    """megatron-core's YaRN rotary embedding (multi-latent attention builds it without
+    use_cpu_initialization) enters ``torch.device(torch.cuda.current_device())``, which torch
+    refuses where there is no accelerator."""
+    assert "Cannot access accelerator device" in probed["device_index_without_the_layer"]
+    assert probed["devices"]["device_of_index"] == probed["devices"]["yarn_rotary_embedding"] == "cpu"
 
 
 @cpu_only

@@ -34,7 +34,7 @@ def test_hugging_face_forms_belong_to_their_family_and_the_others_are_refused_by
         "mt5",
     }
     assert set(FAMILIES["decoder"].hf_model_types) == {"llama", "mistral", "qwen2", "qwen3"}
-    assert set(FAMILIES["moe_decoder"].hf_model_types) == {"mixtral", "qwen2_moe", "qwen3_moe"}
+    assert set(FAMILIES["moe_decoder"].hf_model_types) == {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
     assert FAMILIES["encoder"].hf_model_types == ("bert", "roberta")
     assert FAMILIES["encoder_decoder"].hf_model_types == ("t5", "mt5")
     assert hf_from_model(load_recipe(MOE_RECIPE).model, "bf16", None)["architectures"] == ["MixtralForCausalLM"]

@@ -193,7 +193,8 @@ CONVERT = REPO / "tools" / "convert_hf.py"
 
 def save_model(directory: Path, seed: int, shape: dict, **save) -> Path:
     """A random model of ``shape`` (a Llama unless it names another model_type), saved; norm
-    weights and biases are randomised too (transformers starts them at one and zero)."""
+    weights and biases are randomised too (transformers starts them at one and zero), DeepSeek's
+    router bias (a buffer) among them."""
     torch.manual_seed(seed)
     shape = dict(shape)
     config = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape, initializer_range=0.1)
@@ -204,6 +205,9 @@ def save_model(directory: Path, seed: int, shape: dict, **save) -> Path:
                 parameter.normal_(0.0, 0.1)
             elif "norm" in name:
                 parameter.normal_(1.0, 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.1)
     model.save_pretrained(directory, **save)
     return directory
 

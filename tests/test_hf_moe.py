@@ -35,6 +35,7 @@ from test_hf import (
     run_walkthrough,
     save_model,
 )
+from test_hf_deepseek import deepseek_models  # noqa: F401 (a fixture: DeepSeek-V3 joins the multi-rank job)
 from test_moe import MOE_RECIPE
 
 ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, rms_norm_eps=1e-6)
@@ -193,11 +194,12 @@ def test_export_of_an_import_reproduces_every_tensor(moe_models, ep1, tmp_path, 
 
 
 @pytest.mark.slow
-def test_logits_match_transformers_at_pp2_ep2(moe_models, upcycled, tmp_path):
+def test_logits_match_transformers_at_pp2_ep2(moe_models, upcycled, deepseek_models, tmp_path):  # noqa: F811
     """Two pipeline stages of two layers, each stage's experts split over two ranks (EP2); the
     import is written by all four ranks, and each rank upcycles its own experts from the dense
-    model. One job for all: each start costs seconds."""
-    models = dict(moe_models, upcycled=upcycled)
+    model. One job for all, DeepSeek-V3's models too (tests/test_hf_deepseek.py): each start costs
+    seconds."""
+    models = dict(moe_models, upcycled=upcycled, **deepseek_models)
     recipes = {name: recipe for name, (*_, recipe) in models.items()}
     differences = logits_of_models(recipes, models, tmp_path, "parallel.pipeline=2", "parallel.expert=2", nproc=4)
     assert max(differences.values()) <= TOLERANCE, differences

@@ -9,6 +9,7 @@ of a run from scratch are not compared with 0.16.1's: bigpt then seeded every pi
 (each stage's layers started as copies of the first's), and now seeds them as Megatron-LM does.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,9 +19,14 @@ import signal
 import pytest
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.models.T5.t5_model import T5Model
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import MegatronOptimizer
-from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer import MLATransformerConfig, TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mla_qk_norm_config import QKNormConfigResolver
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from safetensors.numpy import load_file
 
@@ -147,6 +153,58 @@ def test_without_the_torch_norm_fix_sequence_parallelism_cannot_build_a_norm(nor
     )
 
 
+def mla_config(**changes) -> MLATransformerConfig:
+    """A tiny multi-latent attention layer's config, as bigpt builds it ([model.mla]): latents normalised."""
+    fields = dict(num_layers=1, hidden_size=64, num_attention_heads=4, kv_lora_rank=32, qk_head_dim=16)
+    fields.update(qk_pos_emb_head_dim=8, v_head_dim=24, qk_layernorm=True, rope_type="rope", normalization="RMSNorm")
+    return MLATransformerConfig(**fields | changes)
+
+
+def unwrapped(monkeypatch, owner, name: str) -> None:
+    """megatron-core's own ``owner.name``, also where an earlier run in this worker applied a fix to it."""
+    built = owner.__dict__[name]
+    monkeypatch.setattr(owner, name, getattr(built, "__wrapped__", built))
+
+
+def test_without_the_mla_attention_fix_the_local_attention_cannot_build_mla(monkeypatch):
+    """Multi-latent attention builds its core attention with k_channels and v_channels, which the
+    local attention (every run without Transformer Engine) does not take; with the fix it builds,
+    and its output is as wide as the value heads (4 × 24, not hidden_size 64)."""
+    from bigpt.runtime.distributed import model_parallel_of_one
+
+    config = mla_config(q_lora_rank=None)
+    arguments = dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self", k_channels=24)
+    with model_parallel_of_one():
+        unwrapped(monkeypatch, DotProductAttention, "__init__")
+        with pytest.raises(TypeError, match="unexpected keyword argument 'k_channels'"):
+            DotProductAttention(config, **arguments, v_channels=24)
+        megatron_fixes._local_attention_takes_mla_head_widths()
+        attention = DotProductAttention(config, **arguments, v_channels=24)
+        assert attention.hidden_size_per_partition == 96 and attention.softmax_scale == pytest.approx(24**-0.5)
+        assert DotProductAttention(config, 1, AttnMaskType.causal, "self").hidden_size_per_partition == 64
+
+
+def test_without_the_q_lora_fix_mla_without_q_lora_cannot_build(monkeypatch):
+    """Without q-LoRA megatron-core's MLA refuses the local spec's query norm, and without it demands
+    a fused norm+linear for the query projection (Transformer Engine's: a norm DeepSeek-V2-Lite does
+    not have); with the fix its queries are the spec's plain linear, and with q-LoRA nothing
+    changes."""
+    spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True, normalization="RMSNorm")
+    submodules = spec.submodules.self_attention.submodules
+    unwrapped(monkeypatch, QKNormConfigResolver, "resolve")
+    with pytest.raises(ValueError, match="non-trivial, but `q_lora_rank is None`"):
+        QKNormConfigResolver(mla_config(q_lora_rank=None), submodules).resolve()
+    without_q_norm = dataclasses.replace(submodules, q_layernorm=IdentityOp)
+    demanded = QKNormConfigResolver(mla_config(q_lora_rank=None), without_q_norm).resolve()["linear_q_proj"]
+    assert demanded is not submodules.linear_q_proj  # Transformer Engine's fused norm+linear (a stand-in without it)
+    with_q_lora = QKNormConfigResolver(mla_config(q_lora_rank=24), submodules).resolve()
+    megatron_fixes._mla_without_q_lora_projects_queries_plainly()
+    resolved = QKNormConfigResolver(mla_config(q_lora_rank=None), submodules).resolve()
+    assert resolved["linear_q_proj"] is submodules.linear_q_proj and resolved["q_layernorm"] is IdentityOp
+    assert resolved["kv_layernorm"] is submodules.kv_layernorm
+    assert QKNormConfigResolver(mla_config(q_lora_rank=24), submodules).resolve() == with_q_lora
+
+
 @pytest.mark.parametrize(
     "fix,target",
     [
@@ -159,6 +217,8 @@ def test_without_the_torch_norm_fix_sequence_parallelism_cannot_build_a_norm(nor
         ),
         ("_resume_with_new_lr_bounds", (MegatronOptimizer, "_filter_and_reorder_param_groups")),
         ("_t5_output_layer_saved_once", (T5Model, "sharded_state_dict")),
+        ("_local_attention_takes_mla_head_widths", (DotProductAttention, "__init__")),
+        ("_mla_without_q_lora_projects_queries_plainly", (QKNormConfigResolver, "_is_fused_norm_linear")),
     ],
 )
 def test_a_fix_whose_target_moved_stops_bigpt(fix, target, monkeypatch):

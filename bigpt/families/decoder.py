@@ -3,9 +3,12 @@ prediction. GPTModel, although megatron-core 0.19 deprecates it for HybridModel:
 spec is Transformer Engine only, has no llama3 RoPE scaling, and splits attention and MLP into
 separate layers (other checkpoint names); docs/megatron-core.md."""
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from bigpt.data.batches import on_model_device
@@ -23,14 +26,32 @@ def no_config_fields(recipe, layout, use_te) -> dict:
     return {}
 
 
+MLA_TRANSFORMER_ENGINE_NAMES = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+}
+"""Multi-latent attention's latent norms, under the names of the up projections Transformer Engine's
+spec fuses them into."""
+
+
+def with_transformer_engine_names(spec):
+    """A local multi-latent attention layer's spec whose checkpoint names are those of Transformer
+    Engine's spec, as the local spec names the norms of other layers: its latent norms as parts of
+    the up projections, a dense layer's pre-MLP norm as part of linear_fc1 (an MoE layer's keeps
+    its own name there too). So a checkpoint, or an import, loads with either."""
+    names = dict(MLA_TRANSFORMER_ENGINE_NAMES)
+    if getattr(spec.submodules.mlp, "func", None) is not MoELayer:
+        names["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, sharded_state_dict_keys_map=names))
+
+
 def layer_spec(recipe, config, use_te, vp_stage):
     """One spec for every layer: Transformer Engine's fused layers, or megatron-core's local ones."""
-    qk_layernorm = recipe.model.qk_layernorm
+    attention = dict(qk_layernorm=config.qk_layernorm, multi_latent_attention=config.multi_latent_attention)
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
-        normalization=NORMS[recipe.model.normalization], qk_layernorm=qk_layernorm
-    )
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**attention)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=NORMS[recipe.model.normalization], **attention)
+    return with_transformer_engine_names(spec) if config.multi_latent_attention else spec
 
 
 def build_chunk(recipe, layout, config, spec, vp_stage):

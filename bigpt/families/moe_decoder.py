@@ -6,7 +6,7 @@ import dataclasses
 
 from megatron.core.models.gpt import gpt_layer_specs
 
-from bigpt.families.decoder import DECODER, NORMS
+from bigpt.families.decoder import DECODER, NORMS, with_transformer_engine_names
 from bigpt.hf.config import FAMILIES as HF_FAMILIES
 
 
@@ -47,9 +47,12 @@ def config_fields(recipe, layout, use_te) -> dict:
 
 def layer_spec(recipe, config, use_te, vp_stage):
     """megatron-core's block spec of one chunk: its layers MoE or dense by the [model.moe] pattern."""
-    return gpt_layer_specs.get_gpt_decoder_block_spec(
+    block = gpt_layer_specs.get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=NORMS[recipe.model.normalization], vp_stage=vp_stage
     )
+    if config.multi_latent_attention and not use_te:
+        block.layer_specs = [with_transformer_engine_names(spec) for spec in block.layer_specs]
+    return block
 
 
 MOE_DECODER = dataclasses.replace(

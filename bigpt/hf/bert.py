@@ -187,7 +187,7 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
             "training it as a bigpt checkpoint"
         )
     family = ENCODER_FAMILIES.get((original or {}).get("model_type", ""), ENCODER_FAMILIES["bert"])
-    stale = ("torch_dtype", "architectures", "model_type", "position_embedding_type")
+    stale = ("torch_dtype", "architectures", "model_type", "position_embedding_type", "quantization_config")
     config = {k: v for k, v in (original or {}).items() if k not in stale}
     config.update(
         architectures=[family.masked_lm],

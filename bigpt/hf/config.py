@@ -1,10 +1,11 @@
 """Hugging Face ``config.json`` ⇄ bigpt's ``[model]`` table, for the decoder families
 megatron-core builds exactly: Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 (GQA with any group ratio,
 SwiGLU, RMSNorm, non-interleaved RoPE, tied or untied embeddings; per family: Mistral's sliding
-window, Qwen2's query/key/value biases, Qwen3's per-head query/key RMSNorm), and the
+window, Qwen2's query/key/value biases, Qwen3's per-head query/key RMSNorm), the
 Mixture-of-Experts decoders built on their attention: Mixtral, Qwen2-MoE and Qwen3-MoE (their
-experts: ``bigpt.hf.moe``). Anything else is refused by name rather than converted into a model
-that computes something different.
+experts: ``bigpt.hf.moe``), and DeepSeek-V3, with multi-latent attention ([model.mla]).
+Anything else is refused by name rather than converted into a model that computes something
+different.
 """
 
 import math
@@ -22,6 +23,7 @@ from bigpt.recipe.tables import (
     ROPE_SCALING_USES,
     EncoderConfig,
     EncoderDecoderConfig,
+    MLAConfig,
     MoEConfig,
 )
 
@@ -46,6 +48,8 @@ class Family:
     """The bigpt model family (model.family, bigpt.families) it is a Hugging Face form of."""
     experts: hf_moe.Experts | None = None
     """Its experts (model_family "moe_decoder")."""
+    latent_attention: bool = False
+    """Its attention is multi-latent attention ([model.mla]; DeepSeek-V3's config keys, ``MLA_KEYS``)."""
 
     def problems(self, model: ModelConfig | dict) -> list[str]:
         """The [model] values this family cannot express."""
@@ -56,6 +60,8 @@ class Family:
             ("qk_layernorm", self.qk_layernorm),
         )
         found = [f"model.{key} = {effective(fields, key)}" for key, value in wanted if effective(fields, key) != value]
+        if (effective(fields, "mla") is not None) != self.latent_attention:
+            found.append("multi-latent attention" if self.latent_attention is False else "no multi-latent attention")
         if effective(fields, "attention_window") and self.window_key != "sliding_window":
             found.append(f"model.attention_window = {effective(fields, 'attention_window')}")
         if self.experts is not None and not found:
@@ -92,6 +98,14 @@ FAMILIES = {
             experts=hf_moe.QWEN2_MOE,
         ),
         Family(
+            "deepseek_v3",
+            "DeepseekV3ForCausalLM",
+            bias_keys=("attention_bias",),
+            model_family="moe_decoder",
+            experts=hf_moe.DEEPSEEK_V3,
+            latent_attention=True,
+        ),
+        Family(
             "qwen3_moe",
             "Qwen3MoeForCausalLM",
             qk_layernorm=True,
@@ -115,6 +129,15 @@ HF_ROPE_KEYS = {
     "rope_mscale_all_dim": "mscale_all_dim",
 }
 """[model] RoPE key → its name in config.json's rope_scaling (rope_parameters)."""
+
+MLA_KEYS = {
+    "kv_lora_rank": "kv_lora_rank",
+    "q_lora_rank": "q_lora_rank",
+    "qk_head_dim": "qk_nope_head_dim",
+    "qk_pos_emb_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim",
+}
+"""[model.mla] key → its name in DeepSeek-V3's config.json (q_lora_rank null: no q-LoRA)."""
 
 REFUSED_ROPE = {
     "dynamic": "dynamic NTK scaling changes the frequencies with the length of each input at inference, "
@@ -225,6 +248,21 @@ def _hf_rope_scaling(model: ModelConfig) -> dict | None:
     return scaling
 
 
+def _mla_from_hf(config: dict, source) -> dict:
+    """The [model.mla] table of DeepSeek-V3's config.json."""
+    missing = [name for key, name in MLA_KEYS.items() if key != "q_lora_rank" and not config.get(name)]
+    if missing:
+        _refuse(source, f"the keys {missing} are missing or zero", "DeepSeek-V3's multi-latent attention needs them")
+    if not config.get("rope_interleave", True):
+        _refuse(
+            source,
+            "rope_interleave = false is not supported",
+            "megatron-core's multi-latent attention rotates interleaved pairs of the rotary channels, as "
+            "DeepSeek's released models do (rope_interleave = true)",
+        )
+    return {key: config[name] for key, name in MLA_KEYS.items() if config.get(name)}
+
+
 def _family(config: dict, source) -> Family:
     architectures = config.get("architectures") or []
     family = FAMILIES.get(config.get("model_type", ""))
@@ -240,8 +278,8 @@ def _family(config: dict, source) -> Family:
             f"model_type {config.get('model_type')!r} / architectures {architectures} is not supported",
             "bigpt imports "
             + ", ".join(f.architecture for f in FAMILIES.values())
-            + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen1.5/2-MoE, Qwen3-MoE and models "
-            "of the same shape, the encoders BertForMaskedLM, BertModel and RobertaForMaskedLM, and the "
+            + " (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, DeepSeek-V3 and "
+            "models of the same shape, the encoders BertForMaskedLM, BertModel and RobertaForMaskedLM, and the "
             "encoder-decoders T5ForConditionalGeneration and MT5ForConditionalGeneration); other architectures "
             "are not",
         )
@@ -317,6 +355,10 @@ def model_from_hf(config: dict, source) -> dict:
         model["qk_layernorm"] = True
     if family.window_key == "sliding_window" and config.get("sliding_window"):
         model["attention_window"] = config["sliding_window"]
+    if family.latent_attention:  # its head widths are [model.mla]'s; a key and value head per query head
+        model.update(num_query_groups=heads)
+        model.pop("kv_channels", None)
+        model["mla"] = _mla_from_hf(config, source)
     if family.experts is not None:
         model["ffn_hidden_size"], model["moe"] = hf_moe.moe_from_hf(family.experts, config, source)
         model = {"family": family.model_family, **model}
@@ -333,6 +375,10 @@ def effective(model: dict, key: str):
         values = {name: getattr(moe, name) for name in MOE_FUNCTION_KEYS}
         values["ffn_hidden_size"] = moe.ffn_hidden_size or model["ffn_hidden_size"]
         return {**values, "layers": moe.layers(model["num_layers"])}
+    if key == "mla":  # a table ([model.mla]); it describes the attention only when set
+        given = model.get("mla") or {}
+        mla = MLAConfig(**given) if isinstance(given, dict) else given
+        return vars(mla) if mla.enabled() else None
     if key == "encoder":  # a table ([model.encoder]); it describes the model only in the encoder family
         if model.get("family", "decoder") != "encoder":
             return None
@@ -356,10 +402,10 @@ def effective(model: dict, key: str):
 
 
 def _comparable(model: dict) -> dict:
-    """Every value that decides what the weights compute, by name; [model.moe] key by key."""
+    """Every value that decides what the weights compute, by name; [model.moe] and [model.mla] key by key."""
     values = {name: effective(model, name) for name in MODEL_FUNCTION_KEYS}
-    experts = values.pop("moe")
-    values.update({f"moe.{name}": value for name, value in (experts or {}).items()})
+    for table in ("moe", "mla"):
+        values.update({f"{table}.{name}": value for name, value in (values.pop(table) or {}).items()})
     return values
 
 
@@ -455,6 +501,7 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
         "use_sliding_window",
         "sliding_window",
         "max_window_layers",
+        "quantization_config",  # an export is written in the checkpoint's float dtype, never quantised
         *hf_moe.COUNT_KEYS,
     )
     config = {k: v for k, v in (original or {}).items() if k not in stale}
@@ -480,6 +527,12 @@ def hf_from_model(model: ModelConfig, dtype: str, original: dict | None) -> dict
     )
     if family.experts is not None:
         config.update(hf_moe.hf_from_moe(family.experts, effective(fields, "moe")))
+    mla = effective(fields, "mla")
+    if mla:  # transformers' head_dim is the rotary part's (its rotary embedding's width)
+        config.update({name: mla[key] for key, name in MLA_KEYS.items()})
+        rope = mla["qk_pos_emb_head_dim"]
+        config.update(head_dim=rope, qk_head_dim=mla["qk_head_dim"] + rope, rope_interleave=True)
+        config.update(num_nextn_predict_layers=0)  # bigpt has no multi-token-prediction layers to write
     if family.window_key == "sliding_window":
         config["sliding_window"] = model.attention_window
     elif family.window_key == "use_sliding_window":

@@ -54,7 +54,7 @@ from bigpt.hf.mapping import Rule, expected_hf_shapes, rules
 from bigpt.hf.t5 import INPUT_LENGTH
 from bigpt.paths import OVERWRITE, partial_dir, reporting_a_full_disk, write_atomically
 from bigpt.recipe import ModelConfig, table_to_toml
-from bigpt.recipe.tables import EncoderConfig, EncoderDecoderConfig, MoEConfig
+from bigpt.recipe.tables import EncoderConfig, EncoderDecoderConfig, MLAConfig, MoEConfig
 from bigpt.runtime import console
 
 HF_FILES = "hf"  # inside an imported checkpoint: the source's config and tokenizer files
@@ -225,8 +225,8 @@ def import_hf(directory: Path, out: Path, overwrite: bool = False, extend_vocab:
     imported = store.is_complete(out) and "imported_from" in store.read_marker(out)
     _check_replaceable(out, imported, "a checkpoint an earlier import wrote", overwrite)
     model, safetensors = inspect_hf(directory)
-    if safetensors.note:
-        console.note(safetensors.note)
+    for note in safetensors.notes:
+        console.note(note)
     weights: SafetensorsWeights | _GrownVocabulary = safetensors
     if extend_vocab:
         extension = read_extension(extend_vocab)
@@ -276,7 +276,7 @@ def _import_notes(config: dict, weights, directory: Path) -> list[str]:
     notes = []
     if weights.left_out:
         notes.append(
-            f"{directory}: left out {len(weights.left_out)} tensors that {weights.left_out_by} does not use "
+            f"{directory}: left out {len(weights.left_out)} tensors {weights.left_out_why} "
             f"({', '.join(weights.left_out[:4])}{', ...' if len(weights.left_out) > 4 else ''}); an export "
             "does not write them"
         )
@@ -303,6 +303,7 @@ def checkpoint_model(checkpoint: Path) -> ModelConfig:
             table = tomllib.loads((checkpoint / name).read_text())["model"]
             tables = {
                 "moe": MoEConfig(**table.get("moe", {})),
+                "mla": MLAConfig(**table.get("mla", {})),
                 "encoder": EncoderConfig(**table.get("encoder", {})),
                 "encoder_decoder": EncoderDecoderConfig(**table.get("encoder_decoder", {})),
             }

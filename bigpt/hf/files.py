@@ -4,8 +4,10 @@ need neither megatron-core nor a process group."""
 
 import json
 import math
+import re
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,8 +54,10 @@ class SafetensorsWeights:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.note = ""
-        """What the import should say about how the weights are read (``unify_dtypes``)."""
+        self.notes: list[str] = []
+        """What the import should say about how the weights are read (``unify_dtypes``, ``read_fp8_blocks``)."""
+        self.fp8: Fp8Blocks | None = None
+        """Weights stored in FP8 blocks, dequantised when read (``read_fp8_blocks``)."""
         index = directory / INDEX
         if index.is_file():
             try:
@@ -86,9 +90,9 @@ class SafetensorsWeights:
             )
         self.files = {name: path for name, path in self.files.items() if not name.endswith(_IGNORED_SUFFIXES)}
         self.left_out: list[str] = []
-        """Tensors of the directory that the model does not use (bigpt.hf.bert.left_out)."""
-        self.left_out_by = "masked-LM training"
-        """What does not use them, for the import's note."""
+        """Tensors of the directory that the model does not use (bigpt.hf.bert.left_out, ``mtp_tensors``)."""
+        self.left_out_why = ""
+        """Why they are left out: what they are, said in the import's note."""
         self.stored: dict[str, str] = {}
         """A tensor's name in its file, where it differs from the name the map uses."""
 
@@ -117,11 +121,16 @@ class SafetensorsWeights:
     """Every tensor is read in this dtype (``unify_dtypes``); None: as stored."""
 
     def stored_dtype(self, name: str) -> str:
-        """safetensors' name of the dtype ``name`` is stored in ("BF16", "F16", ...)."""
+        """safetensors' name of the dtype ``name`` is stored in ("BF16", "F16", ...); an FP8 block
+        weight's is that of the dtype it is dequantised into."""
+        if self.fp8 and name in self.fp8.scales:
+            return _DTYPE_NAMES[self.fp8.dtype]
         return self._read(name, lambda handle, stored: handle.get_slice(stored).get_dtype())
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self._read(name, lambda handle, stored: handle.get_tensor(stored))
+        if self.fp8 and name in self.fp8.scales:
+            tensor = self.fp8.dequantize(name, tensor)
         if self.dtype is None or tensor.dtype == self.dtype:
             return tensor
         converted = tensor.to(self.dtype)
@@ -138,6 +147,8 @@ class SafetensorsWeights:
         near two such blocks, whatever the vocabulary)."""
         if self.shape(name) != self.shape(other):
             return False
+        if self.fp8 and {name, other} & set(self.fp8.scales):  # compared as dequantised, whole
+            return torch.equal(self.get(name).float(), self.get(other).float())
         with _open(self.files[name]) as first, _open(self.files[other]) as second:
             left = first.get_slice(self.stored.get(name, name))
             right = second.get_slice(self.stored.get(other, other))
@@ -151,7 +162,8 @@ class SafetensorsWeights:
 
         def empty(handle, stored):
             part = handle.get_slice(stored)
-            dtype = self.dtype or part[:0].dtype  # [:0]: no data read
+            dequantized = self.fp8.dtype if self.fp8 and name in self.fp8.scales else None
+            dtype = self.dtype or dequantized or part[:0].dtype  # [:0]: no data read
             return torch.empty(part.get_shape(), dtype=dtype, device="meta")
 
         return self._read(name, empty)
@@ -165,18 +177,29 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     config = read_config(directory)
     model = model_from_hf(config, directory / CONFIG)
     weights = SafetensorsWeights(directory)
+    read_fp8_blocks(weights, config)
     expected = expected_hf_shapes(model, config)
     if model.get("family") == "encoder":
         from bigpt.hf import bert
 
         weights.rename(bert.current_names(weights.files))
         weights.left_out = bert.left_out(weights.files, config)  # a released BERT's pooler, NSP head
+        weights.left_out_why = "that masked-LM training does not use"
         for name in weights.left_out + bert.redundant(weights.files, config):
             del weights.files[name]
     elif model.get("family") == "encoder_decoder":
         from bigpt.hf import t5
 
         t5.check_tying(directory, weights, model, config)  # and drops the embedding's copies
+    elif mtp_tensors(weights.files, config):
+        weights.left_out = mtp_tensors(weights.files, config)
+        weights.left_out_why = (
+            f"of DeepSeek's {config['num_nextn_predict_layers']} multi-token-prediction layers (layers "
+            f"{config['num_hidden_layers']} on), which bigpt does not train (megatron-core's MTP is not "
+            "wired into bigpt)"
+        )
+        for name in weights.left_out:
+            del weights.files[name]
     elif model["tie_embeddings"] and "lm_head.weight" in weights.files:  # some tied checkpoints store the copy too
         _check_tied_copy(directory, weights)
         del weights.files["lm_head.weight"]
@@ -204,6 +227,18 @@ def inspect_hf(directory: Path) -> tuple[dict, SafetensorsWeights]:
     check_tokenizer_fits(directory, model["vocab_size"])
     unify_dtypes(weights, read_config(directory))
     return model, weights
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def mtp_tensors(names, config: dict) -> list[str]:
+    """DeepSeek-V3's multi-token-prediction layers: ``num_nextn_predict_layers`` layers past
+    ``num_hidden_layers`` (model.layers.{N}…), which transformers does not build either."""
+    if not config.get("num_nextn_predict_layers"):
+        return []
+    layers = config["num_hidden_layers"]
+    return sorted(name for name in names if (found := _LAYER.match(name)) and int(found[1]) >= layers)
 
 
 def _check_tied_copy(directory: Path, weights: SafetensorsWeights) -> None:
@@ -241,8 +276,7 @@ def unify_dtypes(weights: SafetensorsWeights, config: dict) -> None:
             f"tensors in {', '.join(sorted(set(by_dtype) - {unknown[0]}))}; bigpt imports float weights "
             "(float32, bfloat16, float16) only: save the model unquantized"
         )
-    named = str(config.get("torch_dtype") or config.get("dtype") or "")
-    in_config = {str(dtype).removeprefix("torch."): code for code, dtype in _DTYPES.items()}.get(named)
+    in_config = _config_dtype(config)
     target = in_config if in_config in by_dtype else "F32"
     weights.dtype = _DTYPES[target]
     why = "config.json's torch_dtype" if target == in_config else "config.json names neither; float32 holds both"
@@ -250,9 +284,113 @@ def unify_dtypes(weights: SafetensorsWeights, config: dict) -> None:
         f"{str(_DTYPES[code]).removeprefix('torch.')} ({len(names)} tensors, e.g. {names[0]})"
         for code, names in sorted(by_dtype.items())
     )
-    weights.note = (
+    weights.notes.append(
         f"{weights.directory}: the weights mix {mix}; every tensor is read as "
         f"{str(weights.dtype).removeprefix('torch.')} ({why})"
+    )
+
+
+def _config_dtype(config: dict) -> str | None:
+    """safetensors' name of the float dtype config.json's torch_dtype names, if it names one."""
+    named = str(config.get("torch_dtype") or config.get("dtype") or "")
+    return {str(dtype).removeprefix("torch."): code for code, dtype in _DTYPES.items()}.get(named)
+
+
+SCALE_SUFFIX = "_scale_inv"
+"""An FP8 block weight's scales are the tensor of its name with this suffix (``weight_scale_inv``)."""
+_FP8_DTYPES = ("F8_E4M3", "F8_E5M2")  # safetensors' names
+
+
+@dataclass(frozen=True)
+class Fp8Blocks:
+    """Weights stored in FP8 with a float32 scale per block of ``block`` (rows, columns), as
+    DeepSeek-V3 is released: ``weight = fp8 × weight_scale_inv`` over each block (blocks at the
+    right and bottom edges partial), dequantised into ``dtype`` when read."""
+
+    block: tuple[int, int]
+    dtype: torch.dtype
+    scales: dict[str, tuple[Path, str]]
+    """A weight's name -> (file, stored name) of its scales."""
+
+    def dequantize(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        file, stored = self.scales[name]
+        with _open(file) as handle:
+            scales = handle.get_tensor(stored)
+        rows, columns = self.block
+        out = torch.empty(weight.shape, dtype=self.dtype)
+        for index, row_scales in enumerate(scales):  # a row of blocks at a time: memory stays near ``out``
+            part = slice(index * rows, (index + 1) * rows)
+            out[part] = (weight[part].float() * row_scales.repeat_interleave(columns)[: weight.shape[1]]).to(self.dtype)
+        return out
+
+
+def fp8_block_size(config: dict, source: Path) -> tuple[int, int] | None:
+    """The block of config.json's quantization_config (FP8 scaled per block); None when the weights
+    are not quantised. Every other quantisation is refused: bigpt trains float weights."""
+    quantization = config.get("quantization_config")
+    if not quantization:
+        return None
+    method, block = quantization.get("quant_method"), quantization.get("weight_block_size")
+    supported = (
+        'bigpt imports float weights, and FP8 weights with a scale per block (quant_method "fp8" with '
+        "weight_block_size, as DeepSeek-V3 is released), which it dequantises"
+    )
+    if method != "fp8":
+        raise BigptError(
+            f"{source}: quantization_config.quant_method is {method!r}; {supported}. Import an unquantised "
+            "release of the model (bfloat16 or float32), or save one yourself (transformers: from_pretrained, "
+            "then model.dequantize() where the method has it, then save_pretrained)"
+        )
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(n, int) and n > 0 for n in block)):
+        raise BigptError(
+            f"{source}: quantization_config is FP8 with weight_block_size {block!r}, not [rows, columns]; "
+            f"{supported}: FP8 with one scale per tensor or per channel is not read. Import an unquantised "
+            "release of the model (bfloat16 or float32)"
+        )
+    return block[0], block[1]
+
+
+def read_fp8_blocks(weights: SafetensorsWeights, config: dict) -> None:
+    """Weights that config.json's quantization_config says are FP8 in blocks are dequantised as
+    they are read (``Fp8Blocks``), into config.json's torch_dtype (float32 when it names none); their
+    scale tensors leave the map, and the import says so. Headers only: nothing is read here."""
+    source = weights.directory / CONFIG
+    block = fp8_block_size(config, source)
+    if block is None:
+        return
+    dtype = _DTYPES[_config_dtype(config) or "F32"]
+    scales = {}
+    for scale in [name for name in weights.files if name.endswith(SCALE_SUFFIX)]:
+        name = scale.removesuffix(SCALE_SUFFIX)
+        if name in weights.files:
+            shape, stored = weights.shape(name), weights.stored_dtype(name)
+            blocks = tuple(math.ceil(size / edge) for size, edge in zip(shape, block, strict=False))
+            fits = stored in _FP8_DTYPES and len(shape) == 2 and weights.shape(scale) == blocks
+            problem = "" if fits else f"{name} is {stored} of shape {shape}"
+        else:
+            problem = f"there is no {name}"
+        if problem:
+            raise BigptError(
+                f"{weights.directory}: {scale} ({weights.files[scale].name}) should scale the {block[0]}×{block[1]} "
+                f"blocks of a 2-D FP8 weight {name} (quantization_config.weight_block_size), but {problem} and "
+                f"the scales' shape is {weights.shape(scale)}; the weights and config.json do not belong "
+                "together, or the download is damaged: fetch it again"
+            )
+        scales[name] = (weights.files.pop(scale), weights.stored.get(scale, scale))
+    unscaled = [name for name in weights.files if name not in scales and weights.stored_dtype(name) in _FP8_DTYPES]
+    if unscaled:
+        raise BigptError(
+            f"{weights.directory}: tensor {unscaled[0]} ({weights.files[unscaled[0]].name}) is stored in FP8 "
+            f"without its {unscaled[0]}{SCALE_SUFFIX} ({len(unscaled)} such tensors), so its values cannot be "
+            "recovered; the download is incomplete: fetch the shards again"
+        )
+    if not scales:  # dequantised already (e.g. by DeepSeek's fp8_cast_bf16.py), its config.json left as it was
+        return
+    weights.fp8 = Fp8Blocks(block, dtype, scales)
+    weights.notes.append(
+        f"{weights.directory}: the weights stored in FP8 with a scale per {block[0]}×{block[1]} block (config.json's "
+        f"quantization_config) are dequantised to {str(dtype).removeprefix('torch.')} as they are read; their "
+        f"{len(scales)} {SCALE_SUFFIX} tensors are not imported"
     )
 
 

@@ -20,9 +20,18 @@ Both directions of every rule live here, next to each other:
   (``mlp.experts.experts.linear_fc1.weight``: [experts, 2 × width, hidden], whatever the expert
   parallel size), one Hugging Face tensor per expert written into each slice; the router is
   ``mlp.router.weight``, Qwen2-MoE's shared expert ``mlp.shared_experts.*`` with its
-  ``gate_weight``.
+  ``gate_weight``; DeepSeek-V3's ``e_score_correction_bias`` is the router's ``expert_bias`` and
+  its shared experts ``mlp.shared_experts.*``, ungated;
+- multi-latent attention (DeepSeek-V3) is megatron-core's MLA tensors, one for one: the latents'
+  norms under Transformer Engine's names (``linear_q_up_proj.layer_norm_weight``,
+  ``linear_kv_up_proj.layer_norm_weight``), the norm before attention as ``input_layernorm`` and an
+  MoE layer's before the MLP as ``pre_mlp_layernorm`` (Transformer Engine fuses neither); the down
+  projections produce the latents (the key/value one also the rotary key, after the latent:
+  megatron-core and DeepSeek split it alike), and the up projections each head's parts in
+  DeepSeek's order (query: without, then with RoPE; key/value: key, then value).
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,6 +131,26 @@ def _moe_mlps(model: dict, experts: Experts, stack: str, layer: str) -> list[Rul
             experts=moe["num_experts"],
         ),
     ]
+    if experts.deepseek_router:
+        table.append(
+            Rule(
+                f"{stack}mlp.router.expert_bias",
+                (f"{block}.gate.e_score_correction_bias",),
+                ((moe["num_experts"],),),
+                _same,
+                _one,
+                layers=sparse,
+            )
+        )
+        if moe["shared_expert_ffn_hidden_size"]:
+            table += _gated_mlp(
+                f"{stack}mlp.shared_experts",
+                f"{block}.shared_experts",
+                DENSE_MLP,
+                moe["shared_expert_ffn_hidden_size"],
+                hidden,
+                layers=sparse,
+            )
     if experts.shared_expert:
         shared = moe["shared_expert_ffn_hidden_size"]
         table += _gated_mlp(
@@ -140,26 +169,10 @@ def _moe_mlps(model: dict, experts: Experts, stack: str, layer: str) -> list[Rul
     return table
 
 
-def experts_of(model: dict) -> Experts:
-    """The Hugging Face form of an MoE model's experts: of the one MoE family that expresses it."""
-    experts = export_family(model, None).experts
-    assert experts is not None  # the family of an MoE model
-    return experts
-
-
-def rules(model: dict, config: dict | None = None) -> list[Rule]:
-    """Every tensor of the model described by ``model`` (the [model] table as a dict), in the
-    Hugging Face form ``config`` (its config.json) describes; the embedding first."""
-    if model.get("family") == "encoder":  # BERT, RoBERTa: bigpt/hf/bert.py
-        from bigpt.hf import bert
-
-        return bert.rules(model, config)
-    if model.get("family") == "encoder_decoder":  # T5, mT5: bigpt/hf/t5.py
-        from bigpt.hf import t5
-
-        return t5.rules(model, config)
-    hidden, ffn, vocab = model["hidden_size"], model["ffn_hidden_size"], model["vocab_size"]
-    heads, groups, head_dim = (
+def _attention(model: dict, stack: str, layer: str) -> list[Rule]:
+    """The tensors of grouped-query attention, but its output projection."""
+    hidden, heads, groups, head_dim = (
+        model["hidden_size"],
         model["num_attention_heads"],
         effective(model, "num_query_groups"),
         effective(model, "kv_channels"),
@@ -184,63 +197,17 @@ def rules(model: dict, config: dict | None = None) -> list[Rule]:
         return [part.reshape(-1, *rest) for part in (q, k, v)]
 
     qkv_rows = (heads * head_dim, groups * head_dim, groups * head_dim)
-
-    def unpad(tensor):  # rows past the vocabulary are megatron's tensor-parallel padding
-        return [tensor[:vocab]]
-
-    layer = "model.layers.{i}."
-    moe = effective(model, "family") == "moe_decoder"
-    stack = "decoder.layers.{i}." if moe else "decoder.layers."  # an MoE model's layers are keyed by number
     table = [
-        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((vocab, hidden),), _same, unpad),
-        Rule(
-            stack + "self_attention.linear_qkv.layer_norm_weight",
-            (layer + "input_layernorm.weight",),
-            ((hidden,),),
-            _same,
-            _one,
-        ),
         Rule(
             stack + "self_attention.linear_qkv.weight",
             tuple(layer + f"self_attn.{p}_proj.weight" for p in "qkv"),
             tuple((rows, hidden) for rows in qkv_rows),
             join_qkv,
             split_qkv,
-        ),
-        Rule(
-            stack + "self_attention.linear_proj.weight",
-            (layer + "self_attn.o_proj.weight",),
-            ((hidden, heads * head_dim),),
-            _same,
-            _one,
-        ),
-        Rule(
-            stack + "mlp.linear_fc1.layer_norm_weight",
-            (layer + "post_attention_layernorm.weight",),
-            ((hidden,),),
-            _same,
-            _one,
-        ),
-        Rule("decoder.final_layernorm.weight", ("model.norm.weight",), ((hidden,),), _same, _one),
-    ]
-    table[5:5] = (
-        _moe_mlps(model, experts_of(model), stack, layer)
-        if moe
-        else _gated_mlp(stack + "mlp", layer + "mlp", DENSE_MLP, ffn, hidden)
-    )
-    if effective(model, "add_qkv_bias"):
-        table.insert(
-            3,
-            Rule(
-                stack + "self_attention.linear_qkv.bias",
-                tuple(layer + f"self_attn.{p}_proj.bias" for p in "qkv"),
-                tuple((rows,) for rows in qkv_rows),
-                join_qkv,
-                split_qkv,
-            ),
         )
+    ]
     if effective(model, "qk_layernorm"):  # one weight per head width, shared by all heads
-        table[3:3] = [
+        table += [
             Rule(
                 stack + f"self_attention.{p}_layernorm.weight",
                 (layer + f"self_attn.{p}_norm.weight",),
@@ -250,6 +217,111 @@ def rules(model: dict, config: dict | None = None) -> list[Rule]:
             )
             for p in "qk"
         ]
+    if effective(model, "add_qkv_bias"):
+        table.append(
+            Rule(
+                stack + "self_attention.linear_qkv.bias",
+                tuple(layer + f"self_attn.{p}_proj.bias" for p in "qkv"),
+                tuple((rows,) for rows in qkv_rows),
+                join_qkv,
+                split_qkv,
+            )
+        )
+    return table
+
+
+def _latent_attention(model: dict, stack: str, layer: str) -> list[Rule]:
+    """The tensors of multi-latent attention ([model.mla]), but its output projection."""
+    hidden, heads, mla = model["hidden_size"], model["num_attention_heads"], effective(model, "mla")
+    q_width = heads * (mla["qk_head_dim"] + mla["qk_pos_emb_head_dim"])
+    attention, hf = stack + "self_attention.", layer + "self_attn."
+    q_lora, kv_lora = mla["q_lora_rank"], mla["kv_lora_rank"]
+    pairs = [  # (megatron name, Hugging Face name, shape)
+        *(
+            [
+                ("linear_q_down_proj.weight", "q_a_proj.weight", (q_lora, hidden)),
+                ("linear_q_up_proj.layer_norm_weight", "q_a_layernorm.weight", (q_lora,)),
+                ("linear_q_up_proj.weight", "q_b_proj.weight", (q_width, q_lora)),
+            ]
+            if q_lora
+            else [("linear_q_proj.weight", "q_proj.weight", (q_width, hidden))]
+        ),
+        ("linear_kv_down_proj.weight", "kv_a_proj_with_mqa.weight", (kv_lora + mla["qk_pos_emb_head_dim"], hidden)),
+        ("linear_kv_up_proj.layer_norm_weight", "kv_a_layernorm.weight", (kv_lora,)),
+        ("linear_kv_up_proj.weight", "kv_b_proj.weight", (heads * (mla["qk_head_dim"] + mla["v_head_dim"]), kv_lora)),
+    ]
+    return [Rule(attention + key, (hf + name,), (shape,), _same, _one) for key, name, shape in pairs]
+
+
+def experts_of(model: dict) -> Experts:
+    """The Hugging Face form of an MoE model's experts: of the one MoE family that expresses it."""
+    experts = export_family(model, None).experts
+    assert experts is not None  # the family of an MoE model
+    return experts
+
+
+def rules(model: dict, config: dict | None = None) -> list[Rule]:
+    """Every tensor of the model described by ``model`` (the [model] table as a dict), in the
+    Hugging Face form ``config`` (its config.json) describes; the embedding first."""
+    if model.get("family") == "encoder":  # BERT, RoBERTa: bigpt/hf/bert.py
+        from bigpt.hf import bert
+
+        return bert.rules(model, config)
+    if model.get("family") == "encoder_decoder":  # T5, mT5: bigpt/hf/t5.py
+        from bigpt.hf import t5
+
+        return t5.rules(model, config)
+    hidden, ffn, vocab = model["hidden_size"], model["ffn_hidden_size"], model["vocab_size"]
+
+    def unpad(tensor):  # rows past the vocabulary are megatron's tensor-parallel padding
+        return [tensor[:vocab]]
+
+    layer = "model.layers.{i}."
+    moe = effective(model, "family") == "moe_decoder"
+    stack = "decoder.layers.{i}." if moe else "decoder.layers."  # an MoE model's layers are keyed by number
+    heads, mla = model["num_attention_heads"], effective(model, "mla")
+    # The norms before attention and the MLP under Transformer Engine's names, on every spec: as parts
+    # of the next linear layer where it fuses them (bigpt.families.decoder.with_transformer_engine_names).
+    pre_mlp = Rule(
+        stack + "mlp.linear_fc1.layer_norm_weight",
+        (layer + "post_attention_layernorm.weight",),
+        ((hidden,),),
+        _same,
+        _one,
+    )
+    pre_mlps = [pre_mlp]
+    if mla:  # Transformer Engine's MLA spec fuses neither the norm before attention nor an MoE layer's before the MLP
+        before_attention = "input_layernorm.weight"
+        attention, out_width = _latent_attention(model, stack, layer), heads * mla["v_head_dim"]
+        if moe:
+            layers = effective(model, "moe")["layers"]
+            dense, sparse = (tuple(i for i, is_moe in enumerate(layers) if is_moe == kind) for kind in (0, 1))
+            pre_mlps = [
+                dataclasses.replace(pre_mlp, layers=dense),
+                dataclasses.replace(pre_mlp, key=stack + "pre_mlp_layernorm.weight", layers=sparse),
+            ]
+    else:
+        before_attention = "self_attention.linear_qkv.layer_norm_weight"
+        attention, out_width = _attention(model, stack, layer), heads * effective(model, "kv_channels")
+    table = [
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((vocab, hidden),), _same, unpad),
+        Rule(stack + before_attention, (layer + "input_layernorm.weight",), ((hidden,),), _same, _one),
+        *attention,
+        Rule(
+            stack + "self_attention.linear_proj.weight",
+            (layer + "self_attn.o_proj.weight",),
+            ((hidden, out_width),),
+            _same,
+            _one,
+        ),
+        *pre_mlps,
+        *(
+            _moe_mlps(model, experts_of(model), stack, layer)
+            if moe
+            else _gated_mlp(stack + "mlp", layer + "mlp", DENSE_MLP, ffn, hidden)
+        ),
+        Rule("decoder.final_layernorm.weight", ("model.norm.weight",), ((hidden,),), _same, _one),
+    ]
     if not model["tie_embeddings"]:  # tied: the output layer *is* the embedding, stored once
         table.append(Rule("output_layer.weight", ("lm_head.weight",), ((vocab, hidden),), _same, unpad))
     return table

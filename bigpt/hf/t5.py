@@ -342,7 +342,7 @@ def check_tying(directory: Path, weights, model: dict, config: dict) -> None:
             _ONE_MIXTURE,
         )
     weights.left_out = sorted(name for name in weights.files if name in UNUSED)
-    weights.left_out_by = "T5's cross-attention (transformers ignores them too)"
+    weights.left_out_why = "that T5's cross-attention does not use (transformers ignores them too)"
     for name in [*COPIES, *([HEAD] if model["tie_embeddings"] else []), *weights.left_out]:
         weights.files.pop(name, None)
 

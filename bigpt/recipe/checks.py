@@ -15,6 +15,7 @@ from bigpt.recipe.tables import (
     EncoderConfig,
     EncoderDecoderConfig,
     MaskingConfig,
+    MLAConfig,
     MoEConfig,
     PrecisionConfig,
     Recipe,
@@ -33,6 +34,7 @@ def check_recipe(recipe: Recipe) -> None:
         _check_name,
         _check_model,
         _check_moe,
+        _check_mla,
         _check_encoder,
         _check_encoder_decoder,
         _check_span_corruption,
@@ -83,6 +85,8 @@ def _check_model(recipe: Recipe) -> None:
             f"model.num_query_groups={groups}",
             "each key/value group must serve the same number of query heads",
         )
+    if model.mla.enabled():
+        return  # MLA's head widths are its own ([model.mla]); _check_mla
     if model.kv_channels is None and model.hidden_size % model.num_attention_heads:
         recipe_error(
             recipe,
@@ -232,6 +236,74 @@ def _check_moe(recipe: Recipe) -> None:
             "model.moe.pad_to_capacity=true without model.moe.capacity_factor (dropless)",
             "set a capacity_factor",
         )
+
+
+def _check_mla(recipe: Recipe) -> None:
+    model, mla = recipe.model, recipe.model.mla
+    if not mla.enabled():
+        set_keys = [f"model.mla.{key}" for key, value in vars(mla).items() if value != getattr(MLAConfig(), key)]
+        if set_keys:
+            recipe_error(
+                recipe,
+                f"{', '.join(set_keys)} set without model.mla.kv_lora_rank",
+                "set kv_lora_rank for multi-latent attention, or remove them",
+            )
+        return
+    groups = model.num_query_groups
+    # What megatron-core's multi-latent attention does not compute, or a key it would silently ignore
+    refused = [
+        (
+            model.family == "encoder",
+            'model.family = "encoder"',
+            "megatron-core's multi-latent attention is a causal decoder's",
+            "remove [model.mla]",
+        ),
+        (
+            model.kv_channels is not None,
+            f"model.kv_channels={model.kv_channels}",
+            "MLA's head widths are model.mla.qk_head_dim, qk_pos_emb_head_dim and v_head_dim",
+            "remove it",
+        ),
+        (
+            groups is not None and groups != model.num_attention_heads,
+            f"model.num_query_groups={groups}",
+            "MLA projects every head's key and value from one shared latent (no grouped-query attention)",
+            "remove it",
+        ),
+        (
+            model.qk_layernorm,
+            "model.qk_layernorm=true",
+            "MLA normalises its query and key/value latents (always), not each head",
+            "remove it",
+        ),
+        (
+            model.add_bias_linear or model.add_qkv_bias,
+            "model.add_bias_linear / add_qkv_bias = true",
+            "megatron-core's MLA projections have no biases",
+            "set them to false",
+        ),
+        (
+            model.position_embedding != "rope",
+            f"model.position_embedding={model.position_embedding!r}",
+            "MLA rotates the qk_pos_emb_head_dim part of its queries and keys",
+            'set it to "rope"',
+        ),
+        (
+            model.rope_scaling not in ("none", "yarn"),
+            f"model.rope_scaling={model.rope_scaling!r}",
+            "megatron-core's MLA builds its rotary embedding unscaled or with YaRN only",
+            'use "none" or "yarn"',
+        ),
+        (
+            mla.qk_pos_emb_head_dim % 2,
+            f"model.mla.qk_pos_emb_head_dim={mla.qk_pos_emb_head_dim} (odd)",
+            "rotary embeddings turn channels in pairs",
+            "make it even",
+        ),
+    ]
+    for wrong, key, why, fix in refused:
+        if wrong:
+            recipe_error(recipe, f"{key} with multi-latent attention ([model.mla]): {why}", fix)
 
 
 def _check_encoder(recipe: Recipe) -> None:

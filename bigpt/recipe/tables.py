@@ -78,6 +78,31 @@ class MoEConfig:
 
 
 @dataclass(kw_only=True)
+class MLAConfig:
+    """[model.mla]: multi-latent attention (DeepSeek-V2/V3), megatron-core's MLA: queries, keys and
+    values are projected up from low-rank latents, each normalised (model.normalization), and every
+    query and key head has a part without and a part with rotary embeddings (model.rope_base and
+    model.rope_scaling: none or yarn). Off unless kv_lora_rank is set; it replaces
+    model.num_query_groups and model.kv_channels."""
+
+    kv_lora_rank: int | None = positive(None)
+    """Width of the key/value latent (DeepSeek's kv_lora_rank); None = standard attention, no MLA."""
+    q_lora_rank: int | None = positive(None)
+    """Width of the query latent (q_lora_rank); None = queries projected from the hidden state
+    directly (no q-LoRA, DeepSeek-V2-Lite)."""
+    qk_head_dim: int = positive(128)
+    """Width of the part of each query and key head without rotary embeddings (qk_nope_head_dim)."""
+    qk_pos_emb_head_dim: int = positive(64)
+    """Width of the rotary part of each query and key head, shared by all key heads
+    (qk_rope_head_dim); even."""
+    v_head_dim: int = positive(128)
+    """Width of each value head (v_head_dim)."""
+
+    def enabled(self) -> bool:
+        return self.kv_lora_rank is not None
+
+
+@dataclass(kw_only=True)
 class EncoderConfig:
     """[model.encoder]: the masked-language-model encoder of model.family = "encoder" (BERT,
     RoBERTa), megatron-core's BertModel with its masked-LM head."""
@@ -207,6 +232,8 @@ class ModelConfig:
     attention_window - 1 tokens before it (Mistral's sliding_window); None = all earlier tokens."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """[model.moe]"""
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    """[model.mla]"""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """[model.encoder]"""
     encoder_decoder: EncoderDecoderConfig = field(default_factory=EncoderDecoderConfig)
@@ -230,6 +257,7 @@ MODEL_SHAPE_KEYS = (
     "add_qkv_bias",
     "qk_layernorm",
     "moe",
+    "mla",
     "encoder",
     "encoder_decoder",
 )

@@ -6,7 +6,7 @@ megatron-core assumes CUDA throughout: it allocates on ``torch.cuda.current_devi
 'torch.cuda.FloatTensor'``, keeps a "CUDA" RNG tracker, and times with CUDA streams and events.
 ``enable()`` bridges all of it, once per process, and only when no GPU is present:
 
-- a torch-function mode turns every CUDA device argument into the CPU, makes ``.cuda()`` a no-op
+- a torch-function mode turns every CUDA device argument (and device index) into the CPU, makes ``.cuda()`` a no-op
   and reports CPU tensors as ``torch.cuda.*Tensor`` to ``Tensor.type()``; it is also entered
   around custom autograd backward passes (activation recompute), where torch drops it;
 - ``torch.cuda`` gets harmless CPU meanings for devices, streams, events, memory and RNG;
@@ -49,6 +49,10 @@ class _CudaAsCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.device and len(args) == 1 and _is_cuda(args[0]) and isinstance(args[0], int):
+            # torch.device(torch.cuda.current_device()), e.g. YaRN's rotary embedding as multi-latent
+            # attention builds it: an index of no accelerator, which torch refuses
+            return torch.device("cpu")
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             return args[0].type().replace("torch.", "torch.cuda.", 1)
         if _is_cuda(kwargs.get("device")):

@@ -81,7 +81,9 @@ def destroy_distributed() -> None:
 @contextlib.contextmanager
 def process_group_of_one():
     """A gloo group of this process alone (tools that read or write checkpoints outside a job);
-    the store lives in memory, so no port is taken."""
+    the store lives in memory, so no port is taken. megatron-core's fixes apply as in a job: the
+    tools build models too."""
+    megatron_fixes.apply()
     if not on_gpu():
         cpu_compat.enable()  # dist_checkpointing synchronizes "the GPU" even for CPU tensors
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

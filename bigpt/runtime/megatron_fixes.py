@@ -8,6 +8,8 @@ it never runs without a fix it needs. Each one has a test that fails without it
 """
 
 import copy
+import inspect
+import math
 import multiprocessing
 from multiprocessing.managers import SyncManager
 
@@ -17,6 +19,9 @@ from megatron.core.models.T5.t5_model import T5Model
 from megatron.core.optimizer import HAVE_EMERGING_OPTIMIZERS
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import MegatronOptimizer, param_group_identifier_keys
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mla_qk_norm_config import QKNormConfigResolver
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from bigpt.runtime import model_space
@@ -160,6 +165,68 @@ def _t5_output_layer_saved_once() -> None:
     T5Model.sharded_state_dict = sharded_state_dict
 
 
+def _local_attention_takes_mla_head_widths() -> None:
+    """megatron-core's multi-latent attention builds its core attention with ``k_channels`` (a query
+    or key head's width, qk_head_dim + qk_pos_emb_head_dim) and ``v_channels`` (a value head's),
+    which only Transformer Engine's attention accepts: the local ``DotProductAttention`` (every run
+    without Transformer Engine, so every CPU) fails with TypeError. It computes with the head widths
+    of the tensors it is given, but for its output's width (model.kv_channels × heads): take
+    v_channels for that, and k_channels for the default softmax scale."""
+    original = DotProductAttention.__init__
+    target = getattr(original, "__wrapped__", original)  # megatron-core's, where applied already
+    parameters = inspect.signature(target).parameters
+    if "k_channels" in parameters or "softmax_scale" not in parameters:
+        raise patch_target_error(
+            "the local attention under multi-latent attention",
+            "DotProductAttention.__init__ takes k_channels now, or no softmax_scale",
+        )
+    if target is not original:
+        return
+
+    def init(self, *args, k_channels=None, v_channels=None, softmax_scale=None, **kwargs):
+        if softmax_scale is None and k_channels is not None:
+            softmax_scale = 1.0 / math.sqrt(k_channels)
+        original(self, *args, softmax_scale=softmax_scale, **kwargs)
+        if v_channels is not None:
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    init.__wrapped__ = original  # type: ignore[attr-defined]
+    DotProductAttention.__init__ = init
+
+
+def _mla_without_q_lora_projects_queries_plainly() -> None:
+    """megatron-core's multi-latent attention without q-LoRA (q_lora_rank None: the queries projected
+    from the normalised hidden state, as DeepSeek-V2-Lite's q_proj) demands a fused norm+linear for
+    that projection when its latents are normalised (qk_layernorm): Transformer Engine's, with a
+    second norm of the hidden state that DeepSeek's models do not have (without Transformer Engine, a
+    stand-in that cannot build). The local spec (every CPU) fails before that: it gives MLA a query
+    norm, which megatron-core refuses as unused (ValueError). Resolve the key/value side as
+    megatron-core does, and the query projection as the spec's own plain linear, with no query norm."""
+    original = QKNormConfigResolver.resolve
+    if not callable(getattr(QKNormConfigResolver, "_is_fused_norm_linear", None)):
+        raise patch_target_error(
+            "multi-latent attention without q-LoRA", "QKNormConfigResolver._is_fused_norm_linear is gone"
+        )
+    if hasattr(original, "__wrapped__"):  # applied already
+        return
+
+    def resolve(self):
+        plain = self.submodules.linear_q_proj
+        if self.has_q_lora or self.is_dsa or not self.config.qk_layernorm:
+            return original(self)
+        if plain is None or self._is_fused_norm_linear(plain):  # a spec that asks for the norm megatron-core adds
+            return original(self)
+        self.has_q_lora = True  # so megatron-core resolves the key/value side alone, as with q-LoRA
+        try:
+            resolved = original(self)
+        finally:
+            self.has_q_lora = False
+        return resolved | dict(linear_q_proj=plain, linear_q_up_proj=IdentityOp, q_layernorm=IdentityOp)
+
+    resolve.__wrapped__ = original  # type: ignore[attr-defined]
+    QKNormConfigResolver.resolve = resolve
+
+
 LR_BOUNDS = ("max_lr", "min_lr")
 
 
@@ -228,4 +295,6 @@ def apply() -> None:
     _start_checkpoint_results_queue()
     _torch_norms_accept_sequence_parallelism()
     _t5_output_layer_saved_once()
+    _local_attention_takes_mla_head_widths()
+    _mla_without_q_lora_projects_queries_plainly()
     _applied = True
