@@ -18,8 +18,8 @@ import signal
 
 import pytest
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron.core.models.T5.t5_model import T5Model
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.T5.t5_model import T5Model
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 from megatron.core.transformer import MLATransformerConfig, TransformerConfig
