@@ -235,7 +235,7 @@ def test_a_released_checkpoints_copies_and_unused_tensors_are_read(converted, tm
     model, weights = inspect_hf(released)
     assert model["tie_embeddings"] and weights.left_out == [unused]
     assert sorted(weights.files) == sorted(original)
-    assert "left out 1 tensors that T5's cross-attention (transformers ignores them too) does not use" in " ".join(
+    assert "left out 1 tensors that T5's cross-attention does not use (transformers ignores them too)" in " ".join(
         _import_notes(read_config(released), weights, released)
     )
     copies["encoder.embed_tokens.weight"][0, 0] += 1
