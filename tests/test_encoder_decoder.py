@@ -2,8 +2,10 @@
 T5's function computed on megatron-core's T5Model (against transformers with the same weights), what
 megatron-core needs for it, its keys checked on paper, its counts."""
 
+import json
 import tomllib
 
+import numpy
 import pytest
 import torch
 from megatron.core.models.T5 import t5_spec
@@ -14,15 +16,22 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from bigpt.errors import BigptError
 from bigpt.families.encoder_decoder import RelativeBiasAttention, attention_masks, forward_step
-from bigpt.flops import encoder_decoder_flops_per_sample, num_parameters
+from bigpt.flops import (
+    decoder_seq_length,
+    encoder_decoder_flops_per_sample,
+    num_parameters,
+    recompute_flops_per_step,
+)
 from bigpt.hf.config import check_recipe_matches
 from bigpt.layout import Layout
-from bigpt.recipe import load_recipe, recipe_to_toml
+from bigpt.recipe import load_recipe, padded_vocab_size, recipe_to_toml
 from multirank import MOCK_RECIPE, REPO, run_bigpt, scalars
 from test_reshard import reshard
 from test_training_path import world_of_one
 
 T5_RECIPE = REPO / "tests" / "recipes" / "mock_t5.toml"
+LONGER = ["model.seq_length=128"]
+"""Runs at 128 encoder tokens: 26 decoder positions, which sequence parallelism splits over TP=2."""
 V1_1 = ["model.activation='geglu'", "model.tie_embeddings=false"]
 """T5 v1.1's differences from the recipe's v1.0: gated GELU (tanh), untied output layer."""
 
@@ -220,6 +229,37 @@ def test_the_loss_is_the_decoders_on_its_target_tokens_and_padding_is_not_read()
     assert not torch.allclose(other, logits)
 
 
+@pytest.mark.gpu
+def test_transformer_engine_t5_computes_the_local_one():
+    """Transformer Engine's T5 layers (its attention taking the relative bias itself, its masks as
+    (queries', keys') padding pairs) against the local ones with the same weights. Written without a
+    GPU at hand: not yet run."""
+    pytest.importorskip("transformer_engine.pytorch")
+    fused_norms = {  # Transformer Engine fuses these norms into the next linear
+        ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
+        ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight",
+    }
+    with world_of_one():
+        _, local = build_t5('precision.transformer_engine="off"')
+        _, fused = build_t5('precision.transformer_engine="on"')
+        weights = {}
+        for name, tensor in local.state_dict().items():
+            for old, new in fused_norms.items():
+                name = name.replace(old, new)
+            weights[name] = tensor
+        missing, unexpected = fused.load_state_dict(weights, strict=False)
+        assert not unexpected and all(name.endswith("_extra_state") for name in missing), (missing, unexpected)
+        encoder = torch.randint(3, 512, (2, 40), device="cuda")
+        decoder = torch.randint(3, 512, (2, 12), device="cuda")
+        enc_mask = torch.ones(2, 40, dtype=torch.long, device="cuda")
+        enc_mask[1, 30:] = 0
+        dec_mask = torch.ones(2, 12, dtype=torch.long, device="cuda")
+        with torch.no_grad():
+            ours = local.eval()(encoder, decoder, *attention_masks(local, enc_mask, dec_mask))
+            theirs = fused.eval()(encoder, decoder, *attention_masks(fused, enc_mask, dec_mask))
+    assert (ours - theirs).abs().max() <= 1e-4 * ours.abs().max()
+
+
 @pytest.mark.parametrize(
     "overrides,words",
     [
@@ -250,6 +290,14 @@ def test_pipeline_and_context_parallelism_are_refused_on_paper(parallel):
         Layout.from_recipe(recipe, 2)
 
 
+def test_sequence_parallelism_needs_a_decoder_length_that_splits_over_tp():
+    """Sequence parallelism splits the decoder's sequences too: 64 encoder tokens make 13 decoder positions."""
+    split = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
+    with pytest.raises(BigptError, match=r"the decoder's length 13 .* is not divisible by parallel.tensor=2"):
+        Layout.from_recipe(load_recipe(T5_RECIPE, split), 2)
+    Layout.from_recipe(load_recipe(T5_RECIPE, [*split, *LONGER]), 2)  # 26
+
+
 def test_weights_of_another_encoder_decoder_are_refused():
     """[model.encoder_decoder] decides what the weights compute: a checkpoint saved with the same
     table loads (its encoder_layers default resolved), one with other buckets does not."""
@@ -263,6 +311,28 @@ def test_weights_of_another_encoder_decoder_are_refused():
         BigptError, match=r"model.encoder_decoder = .*'relative_attention_max_distance': 40.* \(the checkpoint"
     ):
         check_recipe_matches(other.model, saved | {"num_layers": 2}, "ckpt", key="checkpoint.load")
+
+
+def test_logits_of_an_encoder_decoder_are_its_decoders():
+    """bigpt.logits (tools/logits.py) runs the family's own forward: the decoder's logits given the
+    encoder's tokens, after T5's decoder start token alone unless decoder tokens are given."""
+    from bigpt.families.encoder_decoder import logits as family_logits
+    from bigpt.logits import compute_logits
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 512, (2, 16), generator=generator)
+    decoder = torch.randint(3, 512, (1, 5), generator=generator)
+    with world_of_one():
+        recipe, chunk = build_t5()  # the weights compute_logits builds: random, of train.seed
+        with torch.no_grad():
+            start_token = torch.zeros(1, 1, dtype=torch.long)  # one sequence at a time, as compute_logits
+            start = torch.cat([chunk.eval()(row, start_token, None, None, None) for row in tokens.split(1)])
+            given = family_logits(chunk, tokens[:1], decoder)
+            expected = chunk(tokens[:1], decoder, None, None, None)
+        logits = compute_logits(recipe, Layout.from_recipe(recipe, 1), tokens)
+    assert logits.shape == (2, 1, recipe.model.vocab_size)
+    assert torch.equal(logits, start[..., : recipe.model.vocab_size])
+    assert given.shape == (1, 5, chunk.vocab_size) and torch.equal(given, expected)
 
 
 def test_t5_base_counts_as_the_released_model():
@@ -312,14 +382,14 @@ def t5_start(tmp_path_factory):
     """A one-rank T5 checkpoint after 2 steps, and the one-rank run from it (saving every step): the
     weights every layout starts from (layouts initialise differently) and its losses."""
     root = tmp_path_factory.mktemp("t5")
-    run_bigpt(T5_RECIPE, f"run_dir={root / 'init'}", "train.train_iters=2", "schedule.warmup_iters=1")
+    run_bigpt(T5_RECIPE, f"run_dir={root / 'init'}", *LONGER, "train.train_iters=2", "schedule.warmup_iters=1")
     checkpoint = root / "init" / "checkpoints" / "iter_0000002"
     run_bigpt(T5_RECIPE, *_from(checkpoint, root / "reference"), "checkpoint.save_interval=1", "checkpoint.keep_last=0")
     return root, checkpoint, scalars(root / "reference", "train/loss")
 
 
 def _from(checkpoint, run_dir):
-    return [f"run_dir={run_dir}", f"init.from_checkpoint={checkpoint}", f"train.train_iters={PARITY_STEPS}"]
+    return [f"run_dir={run_dir}", *LONGER, f"init.from_checkpoint={checkpoint}", f"train.train_iters={PARITY_STEPS}"]
 
 
 @pytest.mark.slow
@@ -336,6 +406,7 @@ def test_t5_resumes_bit_identically(t5_start, tmp_path):
     resumed = run_bigpt(
         T5_RECIPE,
         f"run_dir={tmp_path}",
+        *LONGER,
         f"checkpoint.load={root / 'reference' / 'checkpoints' / 'iter_0000001'}",
         f"train.train_iters={PARITY_STEPS}",
     )
@@ -355,6 +426,7 @@ def test_a_t5_checkpoint_resharded_to_tp2_continues_the_loss(t5_start, tmp_path)
     run_bigpt(
         T5_RECIPE,
         f"run_dir={tmp_path / 'resumed'}",
+        *LONGER,
         f"checkpoint.load={tmp_path / 'tp2'}",
         f"train.train_iters={PARITY_STEPS}",
         "parallel.tensor=2",
@@ -362,3 +434,55 @@ def test_a_t5_checkpoint_resharded_to_tp2_continues_the_loss(t5_start, tmp_path)
         nproc=2,
     )
     assert scalars(tmp_path / "resumed", "train/loss") == pytest.approx(reference[1:], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_t5_trains_on_preprocessed_text(tmp_path):
+    """A real-data run: text preprocessed into sentences (tools/preprocess_data.py --split-sentences)
+    with a tokenizer that has T5's pad, EOS and sentinels, corrupted into spans and learned (the loss
+    falls), validated on its held-out split."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from bigpt.data.preprocess import preprocess
+
+    words = [f"w{i}" for i in range(40)]
+    vocab = ["<pad>", "</s>", "<unk>", ".", *words]  # T5's specials first
+    tokenizer = Tokenizer(WordLevel({piece: i for i, piece in enumerate(vocab)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.add_special_tokens([AddedToken(f"<extra_id_{n}>", special=True) for n in reversed(range(8))])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    rng = numpy.random.default_rng(0)
+    sentences = [" ".join(words[start : start + 6]) + " ." for start in range(0, 34, 3)]  # a grammar of 12
+    documents = [" ".join(rng.choice(sentences, size=6)) for _ in range(200)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    preprocess(tmp_path / "corpus.jsonl", str(tmp_path / "corpus"), tmp_path / "tokenizer.json", sentences=True)
+    run_bigpt(
+        T5_RECIPE,
+        f"run_dir={tmp_path / 'run'}",
+        "model.vocab_size=64",
+        "model.seq_length=32",
+        "data.source='indexed'",
+        f"data.tokenizer='{tmp_path / 'tokenizer.json'}'",
+        f"data.blend=[{{path='{tmp_path / 'corpus'}'}}]",
+        "data.split='95,5,0'",
+        "optimizer.lr=1e-2",
+        "train.train_iters=8",
+        "eval.interval=8",
+        "eval.iters=1",
+    )
+    losses = scalars(tmp_path / "run", "train/loss")
+    assert len(losses) == 8 and losses[-1] < 0.95 * losses[0]
+    assert len(scalars(tmp_path / "run", "valid/loss")) == 1
+
+
+def test_full_recomputation_reruns_the_forward_of_both_stacks():
+    """recompute.granularity = "full": every layer's forward again, which is the whole forward
+    (torch's count, above) but for the output layer."""
+    recipe = load_recipe(T5_RECIPE, ['recompute.granularity="full"', "recompute.num_layers=1"])
+    layout = Layout.from_recipe(recipe, 1)
+    m, vocab = recipe.model, padded_vocab_size(recipe.model, 1)
+    decoder = decoder_seq_length(recipe)
+    forward = encoder_decoder_flops_per_sample(m, vocab, decoder) / 3 - decoder * 2 * vocab * m.hidden_size
+    assert recompute_flops_per_step(recipe, layout) == pytest.approx(forward * layout.global_batch_size)
