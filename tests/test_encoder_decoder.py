@@ -30,6 +30,8 @@ from test_reshard import reshard
 from test_training_path import world_of_one
 
 T5_RECIPE = REPO / "tests" / "recipes" / "mock_t5.toml"
+LONGER = ["model.seq_length=128"]
+"""Runs at 128 encoder tokens: 26 decoder positions, which sequence parallelism splits over TP=2."""
 V1_1 = ["model.activation='geglu'", "model.tie_embeddings=false"]
 """T5 v1.1's differences from the recipe's v1.0: gated GELU (tanh), untied output layer."""
 
@@ -290,10 +292,10 @@ def test_pipeline_and_context_parallelism_are_refused_on_paper(parallel):
 
 def test_sequence_parallelism_needs_a_decoder_length_that_splits_over_tp():
     """Sequence parallelism splits the decoder's sequences too: 64 encoder tokens make 13 decoder positions."""
-    recipe = load_recipe(T5_RECIPE, ["model.seq_length=64", "parallel.tensor=2", "parallel.sequence_parallel=true"])
+    split = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
     with pytest.raises(BigptError, match=r"the decoder's length 13 .* is not divisible by parallel.tensor=2"):
-        Layout.from_recipe(recipe, 2)
-    Layout.from_recipe(load_recipe(T5_RECIPE, ["parallel.tensor=2", "parallel.sequence_parallel=true"]), 2)  # 26
+        Layout.from_recipe(load_recipe(T5_RECIPE, split), 2)
+    Layout.from_recipe(load_recipe(T5_RECIPE, [*split, *LONGER]), 2)  # 26
 
 
 def test_weights_of_another_encoder_decoder_are_refused():
@@ -380,14 +382,14 @@ def t5_start(tmp_path_factory):
     """A one-rank T5 checkpoint after 2 steps, and the one-rank run from it (saving every step): the
     weights every layout starts from (layouts initialise differently) and its losses."""
     root = tmp_path_factory.mktemp("t5")
-    run_bigpt(T5_RECIPE, f"run_dir={root / 'init'}", "train.train_iters=2", "schedule.warmup_iters=1")
+    run_bigpt(T5_RECIPE, f"run_dir={root / 'init'}", *LONGER, "train.train_iters=2", "schedule.warmup_iters=1")
     checkpoint = root / "init" / "checkpoints" / "iter_0000002"
     run_bigpt(T5_RECIPE, *_from(checkpoint, root / "reference"), "checkpoint.save_interval=1", "checkpoint.keep_last=0")
     return root, checkpoint, scalars(root / "reference", "train/loss")
 
 
 def _from(checkpoint, run_dir):
-    return [f"run_dir={run_dir}", f"init.from_checkpoint={checkpoint}", f"train.train_iters={PARITY_STEPS}"]
+    return [f"run_dir={run_dir}", *LONGER, f"init.from_checkpoint={checkpoint}", f"train.train_iters={PARITY_STEPS}"]
 
 
 @pytest.mark.slow
@@ -404,6 +406,7 @@ def test_t5_resumes_bit_identically(t5_start, tmp_path):
     resumed = run_bigpt(
         T5_RECIPE,
         f"run_dir={tmp_path}",
+        *LONGER,
         f"checkpoint.load={root / 'reference' / 'checkpoints' / 'iter_0000001'}",
         f"train.train_iters={PARITY_STEPS}",
     )
@@ -423,6 +426,7 @@ def test_a_t5_checkpoint_resharded_to_tp2_continues_the_loss(t5_start, tmp_path)
     run_bigpt(
         T5_RECIPE,
         f"run_dir={tmp_path / 'resumed'}",
+        *LONGER,
         f"checkpoint.load={tmp_path / 'tp2'}",
         f"train.train_iters={PARITY_STEPS}",
         "parallel.tensor=2",
