@@ -471,3 +471,45 @@ def test_recomputing_moe_layers_changes_no_number_and_is_counted(modules, flag):
         load_recipe(MOE_RECIPE, ["recompute.granularity='selective'", "recompute.modules=['mlp']"])
     with pytest.raises(BigptError, match=r"names \['moe'\]"):
         load_recipe(MOCK_RECIPE, ["recompute.granularity='selective'", "recompute.modules=['moe']"])
+
+
+def test_moe_checkpoints_name_their_norms_as_transformer_engine_does(monkeypatch):
+    """A checkpoint written on the local layers (a CPU run, a Hugging Face import) loads on Transformer
+    Engine's and back. megatron-core's local spec names every pre-MLP norm as part of linear_fc1, where
+    Transformer Engine fuses it, but Transformer Engine keeps an MoE layer's its own: no linear layer
+    follows it. Transformer Engine's spec is read here with a stand-in backend (its modules cannot
+    be built without it) for which of its layers fuse the norm."""
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from bigpt.model import build_model_chunks
+    from test_training_path import world_of_one
+
+    class FusedNormLinear:
+        pass
+
+    class TransformerEngineStructure(LocalSpecProvider):
+        def column_parallel_layer_norm_linear(self):
+            return FusedNormLinear
+
+    recipe = load_recipe(MOE_RECIPE, ["model.moe.first_dense_layers=1"])
+    layout = Layout.from_recipe(recipe)
+    with world_of_one():
+        with monkeypatch.context() as patched:
+            patched.setattr(gpt_layer_specs, "TESpecProvider", TransformerEngineStructure)
+            config = transformer_config(recipe, layout, use_te=True, gpu=False)
+            te_layers = gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine=True).layer_specs
+        (chunk,), _ = build_model_chunks(recipe, layout)
+        names = {tensor.key for tensor in chunk.sharded_state_dict().values()}  # the names in a checkpoint
+    te_norm_names = [
+        "mlp.linear_fc1.layer_norm_weight"
+        if layer.submodules.pre_mlp_layernorm is IdentityOp
+        else "pre_mlp_layernorm.weight"
+        for layer in te_layers
+    ]
+    fused, own = "mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"
+    assert te_norm_names == [fused] + [own] * (recipe.model.num_layers - 1)  # the dense layer, then MoE layers
+    for i, norm in enumerate(te_norm_names):
+        assert f"decoder.layers.{i}.{norm}" in names
+        assert f"decoder.layers.{i}.{fused if norm == own else own}" not in names

@@ -9,6 +9,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from bigpt.data.batches import on_model_device
@@ -35,14 +37,22 @@ spec fuses them into."""
 
 
 def with_transformer_engine_names(spec):
-    """A local multi-latent attention layer's spec whose checkpoint names are those of Transformer
-    Engine's spec, as the local spec names the norms of other layers: its latent norms as parts of
-    the up projections, a dense layer's pre-MLP norm as part of linear_fc1 (an MoE layer's keeps
-    its own name there too). So a checkpoint, or an import, loads with either."""
-    names = dict(MLA_TRANSFORMER_ENGINE_NAMES)
-    if getattr(spec.submodules.mlp, "func", None) is not MoELayer:
+    """A local layer's spec whose checkpoint names are those of Transformer Engine's spec, so that a
+    checkpoint written on either (an import, a CPU run) loads on the other. Transformer Engine fuses
+    a norm into the linear layer after it where there is one, and megatron-core's local spec names
+    its norms so; but it does so for an MoE layer's pre-MLP norm too, which Transformer Engine keeps
+    a norm of its own (no linear layer follows it: the router and the experts do), and it names none
+    of multi-latent attention's (whose latent norms Transformer Engine fuses into the up projections)."""
+    layer = spec.submodules
+    if isinstance(layer.self_attention, ModuleSpec) and layer.self_attention.module is MLASelfAttention:
+        names = dict(MLA_TRANSFORMER_ENGINE_NAMES)
+    else:
+        names = dict(layer.sharded_state_dict_keys_map)
+    if getattr(layer.mlp, "func", None) is MoELayer:
+        names.pop("pre_mlp_layernorm.", None)
+    else:
         names["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
-    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, sharded_state_dict_keys_map=names))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(layer, sharded_state_dict_keys_map=names))
 
 
 def layer_spec(recipe, config, use_te, vp_stage):
@@ -51,7 +61,7 @@ def layer_spec(recipe, config, use_te, vp_stage):
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**attention)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=NORMS[recipe.model.normalization], **attention)
-    return with_transformer_engine_names(spec) if config.multi_latent_attention else spec
+    return with_transformer_engine_names(spec)
 
 
 def build_chunk(recipe, layout, config, spec, vp_stage):

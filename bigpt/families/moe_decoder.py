@@ -50,7 +50,7 @@ def layer_spec(recipe, config, use_te, vp_stage):
     block = gpt_layer_specs.get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=NORMS[recipe.model.normalization], vp_stage=vp_stage
     )
-    if config.multi_latent_attention and not use_te:
+    if not use_te:
         block.layer_specs = [with_transformer_engine_names(spec) for spec in block.layer_specs]
     return block
 

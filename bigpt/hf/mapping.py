@@ -290,16 +290,16 @@ def rules(model: dict, config: dict | None = None) -> list[Rule]:
         _one,
     )
     pre_mlps = [pre_mlp]
-    if mla:  # Transformer Engine's MLA spec fuses neither the norm before attention nor an MoE layer's before the MLP
+    if moe:  # an MoE layer's norm before the MLP is a norm of its own (no linear layer follows it)
+        layers = effective(model, "moe")["layers"]
+        dense, sparse = (tuple(i for i, is_moe in enumerate(layers) if is_moe == kind) for kind in (0, 1))
+        pre_mlps = [
+            dataclasses.replace(pre_mlp, layers=dense),
+            dataclasses.replace(pre_mlp, key=stack + "pre_mlp_layernorm.weight", layers=sparse),
+        ]
+    if mla:  # Transformer Engine's MLA spec does not fuse the norm before attention
         before_attention = "input_layernorm.weight"
         attention, out_width = _latent_attention(model, stack, layer), heads * mla["v_head_dim"]
-        if moe:
-            layers = effective(model, "moe")["layers"]
-            dense, sparse = (tuple(i for i, is_moe in enumerate(layers) if is_moe == kind) for kind in (0, 1))
-            pre_mlps = [
-                dataclasses.replace(pre_mlp, layers=dense),
-                dataclasses.replace(pre_mlp, key=stack + "pre_mlp_layernorm.weight", layers=sparse),
-            ]
     else:
         before_attention = "self_attention.linear_qkv.layer_norm_weight"
         attention, out_width = _attention(model, stack, layer), heads * effective(model, "kv_channels")
