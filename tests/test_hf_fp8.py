@@ -22,7 +22,7 @@ from bigpt.errors import BigptError
 from bigpt.hf.files import INDEX, KEPT_AS_STORED, SCALE_SUFFIX, inspect_hf
 from test_hf import SHAPES, TOLERANCE, hf_tensors, recipe_for, reference_logits, save_model
 
-BLOCK = (32, 48)  # rows, columns: divides none of the tiny model's widths but 64 and 96 rows
+BLOCK = (32, 48)  # rows, columns: not square; 48 divides neither width 64 nor 160, so edge blocks are partial
 QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(BLOCK)}
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
@@ -49,10 +49,22 @@ def dequantize(quantized: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return quantized.float() * spread[: quantized.shape[0], : quantized.shape[1]]
 
 
+def edit_config(directory: Path, **changes) -> None:
+    """config.json with ``changes`` (a None removes the key)."""
+    config = json.loads((directory / "config.json").read_text()) | changes
+    (directory / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+
+def copy_of(directory: Path, out: Path, **config_changes) -> Path:
+    shutil.copytree(directory, out)
+    edit_config(out, **config_changes)
+    return out
+
+
 def write_fp8_release(
     original: Path, out: Path, extra: dict | None = None, **config_changes
 ) -> dict[str, torch.Tensor]:
-    """``original`` (a float32 model) as an FP8 release at ``out``: every matrix of the layers
+    """``original`` (a float model) as an FP8 release at ``out``: every matrix of the layers
     quantised (the embedding, output layer, norms and routers stay float, as in DeepSeek-V3's), the
     weights in one shard and the scales in another, with the tensors ``extra`` added; returns the
     dequantised reference of each quantised weight."""
@@ -70,9 +82,8 @@ def write_fp8_release(
     weight_map = dict.fromkeys(kept, "model-00001-of-00002.safetensors")
     weight_map.update(dict.fromkeys(scales, "model-00002-of-00002.safetensors"))
     (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = json.loads((original / "config.json").read_text())
-    config |= {"quantization_config": QUANTIZATION, "dtype": "float32"} | config_changes
-    (out / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(original / "config.json", out / "config.json")
+    edit_config(out, **({"quantization_config": QUANTIZATION, "dtype": "float32"} | config_changes))
     return reference
 
 
@@ -82,18 +93,6 @@ def fp8(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
     original = save_model(root / "original", 3, SHAPES["gqa2_untied"])
     return original, root / "released", write_fp8_release(original, root / "released")
-
-
-def edit_config(directory: Path, **changes) -> None:
-    """config.json with ``changes`` (a None removes the key)."""
-    config = json.loads((directory / "config.json").read_text()) | changes
-    (directory / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
-
-
-def copy_of(directory: Path, out: Path, **config_changes) -> Path:
-    shutil.copytree(directory, out)
-    edit_config(out, **config_changes)
-    return out
 
 
 def test_fp8_block_weights_are_read_dequantised_and_their_scales_left_out(fp8):
