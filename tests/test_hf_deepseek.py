@@ -139,6 +139,7 @@ def test_logits_match_transformers_at_ep1(ep1, name):
     assert ep1[name][0] <= TOLERANCE
 
 
+@pytest.mark.slow  # the fast subset's time
 def test_the_router_bias_decides_experts_in_these_models(deepseek_models):
     """Without e_score_correction_bias transformers' logits change: the parity above shows bigpt
     chooses experts with it, as megatron-core's expert bias."""

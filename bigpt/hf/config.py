@@ -60,7 +60,7 @@ class Family:
         )
         found = [f"model.{key} = {effective(fields, key)}" for key, value in wanted if effective(fields, key) != value]
         if (effective(fields, "mla") is not None) != self.latent_attention:
-            found.append("multi-latent attention" if self.latent_attention is False else "no multi-latent attention")
+            found.append("[model.mla] (multi-latent attention)" if not self.latent_attention else "no [model.mla]")
         if effective(fields, "attention_window") and self.window_key != "sliding_window":
             found.append(f"model.attention_window = {effective(fields, 'attention_window')}")
         if self.experts is not None and not found:

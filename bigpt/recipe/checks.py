@@ -81,28 +81,8 @@ def _check_model(recipe: Recipe) -> None:
             f"model.num_query_groups={groups}",
             "each key/value group must serve the same number of query heads",
         )
-    if model.mla.enabled():
-        return  # MLA's head widths are its own ([model.mla]); _check_mla
-    if model.kv_channels is None and model.hidden_size % model.num_attention_heads:
-        recipe_error(
-            recipe,
-            f"model.hidden_size={model.hidden_size} is not divisible by "
-            f"model.num_attention_heads={model.num_attention_heads}",
-            "change one of them or set model.kv_channels (the head width) explicitly",
-        )
-    head_width = model.kv_channels or model.hidden_size // model.num_attention_heads
-    if model.position_embedding == "rope" and head_width % 2:
-        width = (
-            f"model.kv_channels={model.kv_channels}"
-            if model.kv_channels
-            else f"the head width model.hidden_size / model.num_attention_heads = {head_width}"
-        )
-        recipe_error(
-            recipe,
-            f"{width} is odd, but rotary embeddings (model.position_embedding='rope') turn the channels of each "
-            "head in pairs (megatron-core fails at the first forward)",
-            "make the head width even, or use position_embedding = 'learned'",
-        )
+    if not model.mla.enabled():  # MLA's head widths are its own: _check_mla
+        _check_head_width(recipe)
     positions = model.max_position_embeddings or model.seq_length
     if model.position_embedding == "learned" and positions < model.seq_length:
         recipe_error(
@@ -122,6 +102,30 @@ def _check_model(recipe: Recipe) -> None:
             f"model.rope_high_freq_factor={model.rope_high_freq_factor} is not above "
             f"model.rope_low_freq_factor={model.rope_low_freq_factor}, but llama3 scaling ramps between them",
             "set rope_high_freq_factor above rope_low_freq_factor (Llama 3.1-3.3: 4.0 and 1.0)",
+        )
+
+
+def _check_head_width(recipe: Recipe) -> None:
+    model = recipe.model
+    if model.kv_channels is None and model.hidden_size % model.num_attention_heads:
+        recipe_error(
+            recipe,
+            f"model.hidden_size={model.hidden_size} is not divisible by "
+            f"model.num_attention_heads={model.num_attention_heads}",
+            "change one of them or set model.kv_channels (the head width) explicitly",
+        )
+    head_width = model.kv_channels or model.hidden_size // model.num_attention_heads
+    if model.position_embedding == "rope" and head_width % 2:
+        width = (
+            f"model.kv_channels={model.kv_channels}"
+            if model.kv_channels
+            else f"the head width model.hidden_size / model.num_attention_heads = {head_width}"
+        )
+        recipe_error(
+            recipe,
+            f"{width} is odd, but rotary embeddings (model.position_embedding='rope') turn the channels of each "
+            "head in pairs (megatron-core fails at the first forward)",
+            "make the head width even, or use position_embedding = 'learned'",
         )
 
 
