@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bigpt.errors import BigptError
-from bigpt.hf.files import INDEX, SCALE_SUFFIX, inspect_hf
+from bigpt.hf.files import INDEX, KEPT_AS_STORED, SCALE_SUFFIX, inspect_hf
 from test_hf import SHAPES, TOLERANCE, hf_tensors, recipe_for, reference_logits, save_model
 
-BLOCK = (32, 48)  # rows, columns: divides none of the tiny model's widths but 64 and 96 rows
+BLOCK = (32, 48)  # rows, columns: not square; 48 divides neither width 64 nor 160, so edge blocks are partial
 QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(BLOCK)}
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
@@ -31,6 +31,7 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn weight, float32 scale per block) as DeepSeek-V3 quantises: weight / scale,
     with scale = the block's amax / 448."""
     rows, columns = BLOCK
+    weight = weight.float()
     scales = torch.empty(math.ceil(weight.shape[0] / rows), math.ceil(weight.shape[1] / columns))
     quantized = torch.empty(weight.shape, dtype=torch.float8_e4m3fn)
     for i in range(scales.shape[0]):
@@ -48,10 +49,22 @@ def dequantize(quantized: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return quantized.float() * spread[: quantized.shape[0], : quantized.shape[1]]
 
 
+def edit_config(directory: Path, **changes) -> None:
+    """config.json with ``changes`` (a None removes the key)."""
+    config = json.loads((directory / "config.json").read_text()) | changes
+    (directory / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+
+def copy_of(directory: Path, out: Path, **config_changes) -> Path:
+    shutil.copytree(directory, out)
+    edit_config(out, **config_changes)
+    return out
+
+
 def write_fp8_release(
     original: Path, out: Path, extra: dict | None = None, **config_changes
 ) -> dict[str, torch.Tensor]:
-    """``original`` (a float32 model) as an FP8 release at ``out``: every matrix of the layers
+    """``original`` (a float model) as an FP8 release at ``out``: every matrix of the layers
     quantised (the embedding, output layer, norms and routers stay float, as in DeepSeek-V3's), the
     weights in one shard and the scales in another, with the tensors ``extra`` added; returns the
     dequantised reference of each quantised weight."""
@@ -69,9 +82,8 @@ def write_fp8_release(
     weight_map = dict.fromkeys(kept, "model-00001-of-00002.safetensors")
     weight_map.update(dict.fromkeys(scales, "model-00002-of-00002.safetensors"))
     (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = json.loads((original / "config.json").read_text())
-    config |= {"quantization_config": QUANTIZATION, "dtype": "float32"} | config_changes
-    (out / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(original / "config.json", out / "config.json")
+    edit_config(out, **({"quantization_config": QUANTIZATION, "dtype": "float32"} | config_changes))
     return reference
 
 
@@ -81,13 +93,6 @@ def fp8(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
     original = save_model(root / "original", 3, SHAPES["gqa2_untied"])
     return original, root / "released", write_fp8_release(original, root / "released")
-
-
-def copy_of(directory: Path, out: Path, **config_changes) -> Path:
-    shutil.copytree(directory, out)
-    config = json.loads((out / "config.json").read_text()) | config_changes
-    (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
-    return out
 
 
 def test_fp8_block_weights_are_read_dequantised_and_their_scales_left_out(fp8):
@@ -228,42 +233,54 @@ def test_an_fp8_release_imports_and_exports_as_its_dequantised_model(fp8, tmp_pa
 @pytest.mark.slow
 def test_an_fp8_deepseek_v3_release_computes_its_dequantised_model(tmp_path, capsys):
     """A tiny DeepSeek-V3 released as DeepSeek releases it: every projection of its attention, MLPs
-    and experts in FP8 blocks, and a multi-token-prediction layer (quantised too) that bigpt leaves
-    out. bigpt's logits are transformers' of the dequantised model."""
+    and experts in FP8 blocks, the other tensors in bfloat16 but the router's float32
+    e_score_correction_bias, and a multi-token-prediction layer (quantised too) that bigpt leaves
+    out. The bias is read as stored, the rest in bfloat16 with no conversion to say, and bigpt's
+    logits are transformers' of the dequantised model."""
     from test_hf_deepseek import SHAPES as DEEPSEEK
     from test_hf_moe import logits_in_process
 
     shape = DEEPSEEK["deepseek_v3"]
     original = save_model(tmp_path / "original", 4, shape)
+    stored = {
+        name: tensor if name.endswith(KEPT_AS_STORED) else tensor.to(torch.bfloat16)
+        for name, tensor in load_file(original / "model.safetensors").items()
+    }
+    save_file(stored, original / "model.safetensors", metadata={"format": "pt"})
+    edit_config(original, dtype="bfloat16")
     last = shape["num_hidden_layers"]
-    stored = load_file(original / "model.safetensors")
     mtp = {  # what DeepSeek-V3's release stores for its one MTP layer: a layer and its own projections
         name.replace(f"layers.{last - 1}.", f"layers.{last}."): tensor.clone()
         for name, tensor in stored.items()
         if name.startswith(f"model.layers.{last - 1}.")
     }
     hidden = shape["hidden_size"]
-    mtp[f"model.layers.{last}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden) * 0.1
+    mtp[f"model.layers.{last}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden, dtype=torch.bfloat16) * 0.1
     for norm in ("enorm", "hnorm", "shared_head.norm"):
-        mtp[f"model.layers.{last}.{norm}.weight"] = torch.ones(hidden)
+        mtp[f"model.layers.{last}.{norm}.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
     released = tmp_path / "released"
-    reference = write_fp8_release(original, released, mtp, num_nextn_predict_layers=1)
-    dequantized = copy_of(original, tmp_path / "dequantized")
-    save_file(
-        stored | {name: reference[name] for name in stored if name in reference}, dequantized / "model.safetensors"
-    )
+    reference = write_fp8_release(original, released, mtp, num_nextn_predict_layers=1, dtype="bfloat16")
     # 5 attention projections a layer, 3 in a dense MLP, 3 in each routed expert and in the shared ones
     dense = shape["first_k_dense_replace"]
     main_model = [name for name in reference if f"layers.{last}." not in name]
     assert len(main_model) == last * 5 + dense * 3 + (last - dense) * (shape["n_routed_experts"] + 1) * 3
+    dequantized = copy_of(original, tmp_path / "dequantized")
+    save_file(
+        stored | {name: reference[name].to(torch.bfloat16) for name in main_model}, dequantized / "model.safetensors"
+    )
 
+    _, weights = inspect_hf(released)
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert weights.get(bias).dtype == torch.float32 and torch.equal(weights.get(bias), stored[bias])
+    assert not torch.equal(stored[bias].to(torch.bfloat16).float(), stored[bias])  # bfloat16 would round it
+    assert weights.get(main_model[0]).dtype == torch.bfloat16 and len(weights.notes) == 1  # no conversion to note
     tokens = np.random.default_rng(4).integers(0, shape["vocab_size"], size=(2, 16))
     np.save(tmp_path / "tokens.npy", tokens)
     logits = logits_in_process(
         recipe_for(released, tmp_path / "fp8.toml", "fp8"), tmp_path / "run", tmp_path / "tokens.npy"
     )
     assert np.abs(logits - reference_logits(dequantized, tokens)).max() <= TOLERANCE
-    # ... not those of the weights before quantisation (0.9 apart): the comparison sees the dequantisation
+    # ... not those of the weights before quantisation: the comparison sees the dequantisation
     assert np.abs(logits - reference_logits(original, tokens)).max() > 100 * TOLERANCE
     said = capsys.readouterr().err
     assert f"their {len(reference)} _scale_inv tensors are not imported" in said

@@ -127,16 +127,24 @@ class SafetensorsWeights:
             return _DTYPE_NAMES[self.fp8.dtype]
         return self._read(name, lambda handle, stored: handle.get_slice(stored).get_dtype())
 
+    def read_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype ``name`` is read in: the one ``unify_dtypes`` chose, or an FP8 block weight's
+        dequantised dtype; None: as stored (always so for ``KEPT_AS_STORED``)."""
+        if name.endswith(KEPT_AS_STORED):
+            return None
+        return self.dtype or (self.fp8.dtype if self.fp8 and name in self.fp8.scales else None)
+
     def get(self, name: str) -> torch.Tensor:
         tensor = self._read(name, lambda handle, stored: handle.get_tensor(stored))
         if self.fp8 and name in self.fp8.scales:
             tensor = self.fp8.dequantize(name, tensor)
-        if self.dtype is None or tensor.dtype == self.dtype:
+        dtype = self.read_dtype(name)
+        if dtype is None or tensor.dtype == dtype:
             return tensor
-        converted = tensor.to(self.dtype)
+        converted = tensor.to(dtype)
         if not torch.isfinite(converted).all() and torch.isfinite(tensor).all():
             raise BigptError(
-                f"tensor {name} in {self.files[name]} holds values beyond the range of {self.dtype} (as "
+                f"tensor {name} in {self.files[name]} holds values beyond the range of {dtype} (as "
                 f"which the weights are read, see the note above), up to {tensor.abs().max().item():.4g}; "
                 "save the model in one dtype that holds them all (bfloat16 or float32) and import that"
             )
@@ -162,8 +170,7 @@ class SafetensorsWeights:
 
         def empty(handle, stored):
             part = handle.get_slice(stored)
-            dequantized = self.fp8.dtype if self.fp8 and name in self.fp8.scales else None
-            dtype = self.dtype or dequantized or part[:0].dtype  # [:0]: no data read
+            dtype = self.read_dtype(name) or part[:0].dtype  # [:0]: no data read
             return torch.empty(part.get_shape(), dtype=dtype, device="meta")
 
         return self._read(name, empty)
@@ -257,16 +264,21 @@ def _check_tied_copy(directory: Path, weights: SafetensorsWeights) -> None:
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
+KEPT_AS_STORED = ("e_score_correction_bias",)
+"""Tensors read in the dtype they are stored in, whatever the others': DeepSeek-V3's router bias,
+float32 beside bfloat16 weights in the release, as transformers keeps it (_keep_in_fp32_modules_strict)
+and megatron-core's expert bias is (an fp32 buffer); in bfloat16 it would choose other experts."""
 
 
 def unify_dtypes(weights: SafetensorsWeights, config: dict) -> None:
     """Weights stored in several float dtypes (shards mixing float16 and bfloat16) are read in one,
     with a note naming what is converted: config.json's torch_dtype, as transformers loads them,
-    or float32, which holds every value of both, when config.json names none of them. A value
-    the dtype cannot hold is refused when read (``SafetensorsWeights.get``)."""
+    or float32, which holds every value of both, when config.json names none of them (but
+    ``KEPT_AS_STORED``). A value the dtype cannot hold is refused when read (``SafetensorsWeights.get``)."""
     by_dtype: dict[str, list[str]] = {}
     for name in weights.files:
-        by_dtype.setdefault(weights.stored_dtype(name), []).append(name)
+        if not name.endswith(KEPT_AS_STORED):
+            by_dtype.setdefault(weights.stored_dtype(name), []).append(name)
     if len(by_dtype) < 2:
         return
     unknown = sorted(set(by_dtype) - set(_DTYPES))
