@@ -48,10 +48,11 @@ def test_prepare_demo_builds_the_demo_recipes_data_once(demo_data):
     dataset = IndexedDataset(str(out / "demo_text_document"))
     assert len(dataset) > 1000
     assert all(dataset[i][-1] == tokenizer.eod for i in (0, len(dataset) - 1))
-    # the encoder's: the same vocabulary size with <pad> and <mask>, a sequence per sentence
+    # the encoder's (and T5's): the same vocabulary size with <pad>, <mask> and sentinels, a sequence per sentence
     masked = load_tokenizer(out / "masked_tokenizer.model")
     vocabulary = masked_vocabulary(masked, "masked_tokenizer.model", whole_word=True)
     assert (masked.vocab_size, vocabulary.pad, vocabulary.mask) == (4096, 3, 4)
+    assert masked.pieces()[5:105] == [f"<extra_id_{n}>" for n in range(100)]
     sentences = IndexedDataset(str(out / "demo_text_sentence"))
     assert len(sentences.document_indices) - 1 == len(dataset.document_indices) - 1 < len(sentences)
     before = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
@@ -61,7 +62,7 @@ def test_prepare_demo_builds_the_demo_recipes_data_once(demo_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("demo", ["moe", "encoder"])
+@pytest.mark.parametrize("demo", ["moe", "encoder"])  # MERGE(t5): and "t5", with recipes/tiny_t5.toml
 def test_the_demo_trains(demo_data, demo, tmp_path):
     """What `bash scripts/demo.sh moe|encoder train.train_iters=10` runs, on the data built above:
     the loss falls, and validation runs."""

@@ -100,21 +100,23 @@ def test_train_tokenizer_cli_writes_a_model_from_jsonl(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_train_tokenizer_cli_adds_the_tokens_a_masked_lm_encoder_needs(tmp_path):
+def test_train_tokenizer_cli_adds_the_tokens_masked_objectives_need(tmp_path):
     """--mask-tokens: <pad> and <mask> (what the encoder family's error for a tokenizer without
-    them points to), never produced from text; without it the tokenizer has neither."""
+    them points to); --sentinels: T5's; never produced from text; without them the tokenizer has
+    none."""
     from bigpt.data.masked import masked_vocabulary
 
     corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_texts(100))
     tool = load_tool("train_tokenizer")
-    for name, flags in (("masked", ["--mask-tokens"]), ("plain", [])):
+    for name, flags in (("masked", ["--mask-tokens", "--sentinels", "3"]), ("plain", [])):
         prefix = str(tmp_path / name)
         assert tool.main(["--input", str(corpus), "--vocab-size", "400", "--output-prefix", prefix, *flags]) == 0
     masked = load_tokenizer(tmp_path / "masked.model")
     vocabulary = masked_vocabulary(masked, "masked.model", whole_word=True)
     assert (vocabulary.cls, vocabulary.sep, vocabulary.pad, vocabulary.mask) == (1, 2, 3, 4)
     assert masked.vocab_size == 400 and masked.eod == 2
-    assert not {3, 4} & set(masked.encode("a <pad> and a <mask> [MASK]"))
+    assert masked.pieces()[5:8] == ["<extra_id_0>", "<extra_id_1>", "<extra_id_2>"]  # T5's sentinels
+    assert not set(range(3, 8)) & set(masked.encode("a <pad> and a <mask> [MASK] <extra_id_0>"))
     with pytest.raises(BigptError, match=r"has no mask \(\[MASK\] or <mask>\), pad"):
         masked_vocabulary(load_tokenizer(tmp_path / "plain.model"), "plain.model")
 

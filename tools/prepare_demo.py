@@ -4,7 +4,7 @@
 
 recipes/tiny.toml and tiny_moe.toml read data/demo/tokenizer.model and
 data/demo/demo_text_document.{bin,idx} (one sequence per document); recipes/tiny_encoder.toml
-reads data/demo/masked_tokenizer.model (the same with <pad> and <mask>) and
+reads data/demo/masked_tokenizer.model (the same with <pad>, <mask> and T5's sentinels) and
 data/demo/demo_text_sentence.{bin,idx} (one sequence per sentence, as masked samples pack them).
 Steps whose outputs exist are skipped; --overwrite redoes them all. A step never replaces a
 file it did not write (a tokenizer.vocab without its tokenizer.model, say) unless --overwrite.
@@ -23,6 +23,7 @@ from bigpt.paths import check_output_file, check_writable  # noqa: E402
 from bigpt.runtime import console  # noqa: E402
 
 DEMO_VOCAB_SIZE = 4096
+T5_SENTINELS = 100  # as T5's tokenizer: more than a sample of the demo's length drops spans
 
 
 def prepare(out: Path, overwrite: bool) -> None:
@@ -52,7 +53,9 @@ def prepare(out: Path, overwrite: bool) -> None:
     step(
         "masked tokenizer",
         masked_tokenizer,
-        lambda: train_tokenizer([corpus], DEMO_VOCAB_SIZE, out / "masked_tokenizer", key="--out", mask_tokens=True),
+        lambda: train_tokenizer(
+            [corpus], DEMO_VOCAB_SIZE, out / "masked_tokenizer", key="--out", mask_tokens=True, sentinels=T5_SENTINELS
+        ),
         also_writes=(out / "masked_tokenizer.vocab",),
     )
 

@@ -4,7 +4,8 @@
 
 writes data/tokenizer.model (name it in a recipe's data.tokenizer) and data/tokenizer.vocab.
 Defaults suit prose and code: byte fallback, split digits, whitespace kept, no normalisation;
-eos (id 2) ends every document. --mask-tokens adds <pad> and <mask> for a masked-LM encoder.
+eos (id 2) ends every document. --mask-tokens adds <pad> and <mask> for a masked-LM encoder,
+--sentinels N <pad> and T5's <extra_id_0> ... <extra_id_{N-1}> for span corruption.
 """
 
 import sys
@@ -29,6 +30,13 @@ parser.add_argument(
     help="also <pad> (id 3) and <mask> (id 4), which a masked-LM encoder (model.family = 'encoder') needs; "
     "<s> and </s> frame its samples",
 )
+parser.add_argument(
+    "--sentinels",
+    type=int,
+    default=0,
+    help="also <pad> (id 3) and this many of T5's sentinels <extra_id_0>, <extra_id_1>, ... after it (and "
+    "<mask>), which span corruption (model.family = 'encoder_decoder') needs; T5 has 100",
+)
 parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
 
 
@@ -36,8 +44,11 @@ parser.add_argument("--verbose", action="store_true", help="show SentencePiece's
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from bigpt.data.tokenizer_training import train_tokenizer
+    from bigpt.errors import BigptError
     from bigpt.paths import check_output_file
 
+    if args.sentinels < 0:
+        raise BigptError(f"--sentinels {args.sentinels}: the number of T5 sentinels must be 0 or more.")
     for suffix in (".model", ".vocab"):
         check_output_file(f"{args.output_prefix}{suffix}", "--output-prefix", args.overwrite)
 
@@ -48,6 +59,7 @@ def main(argv=None) -> int:
         text_field=args.field,
         verbose=args.verbose,
         mask_tokens=args.mask_tokens,
+        sentinels=args.sentinels,
     )
     console.say(f"wrote {model} ({args.vocab_size} tokens)")
     return 0

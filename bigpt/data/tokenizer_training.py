@@ -4,7 +4,9 @@ The defaults suit mixed prose and code: byte fallback (no unknown tokens, any UT
 digits split one by one, whitespace kept as written (indentation matters in code), no Unicode
 normalisation, and ids unk=0, bos=1, eos=2 with eos as the end-of-document token. With
 ``mask_tokens``, <pad> (3) and <mask> (4) too: with <s> and </s> as [CLS] and [SEP], what a masked-LM
-encoder's samples are framed and masked with (bigpt/data/masked.py); never produced from text.
+encoder's samples are framed and masked with (bigpt/data/masked.py); with ``sentinels``, <pad> and
+T5's <extra_id_0>, <extra_id_1>, ... after them, which span corruption puts in place of the spans
+it drops. None of them is ever produced from text.
 """
 
 import io
@@ -29,6 +31,7 @@ def train_tokenizer(
     verbose: bool = False,
     key: str = "--output-prefix",
     mask_tokens: bool = False,
+    sentinels: int = 0,
 ) -> Path:
     """Write ``out_prefix.model`` (and ``.vocab``; ``key`` names them to the user) trained on
     ``inputs``; return the model path."""
@@ -62,8 +65,8 @@ def train_tokenizer(
             unk_id=0,
             bos_id=1,
             eos_id=2,
-            pad_id=3 if mask_tokens else -1,
-            control_symbols=["<mask>"] if mask_tokens else [],
+            pad_id=3 if mask_tokens or sentinels else -1,
+            control_symbols=["<mask>"] * mask_tokens + [f"<extra_id_{n}>" for n in range(sentinels)],
             num_threads=os.cpu_count() or 1,
             minloglevel=0 if verbose else 2,
         )
