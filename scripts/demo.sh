@@ -23,11 +23,6 @@ case $demo in
         exit 2
         ;;
 esac
-# MERGE(t5): recipes/tiny_t5.toml comes with the encoder-decoder family (branch t5); until then:
-if [[ ! -f $recipe ]]; then
-    echo "scripts/demo.sh: $recipe is not in this checkout: the T5 demo comes with the encoder-decoder family" >&2
-    exit 2
-fi
 nproc=$(sed -n 's/^# intended world size: \([0-9][0-9]*\).*/\1/p' "$recipe")
 .venv/bin/python tools/prepare_demo.py
 export OMP_NUM_THREADS=1  # one thread per rank: more oversubscribes the cores and crawls

@@ -62,9 +62,9 @@ def test_prepare_demo_builds_the_demo_recipes_data_once(demo_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("demo", ["moe", "encoder"])  # MERGE(t5): and "t5", with recipes/tiny_t5.toml
+@pytest.mark.parametrize("demo", ["moe", "encoder", "t5"])
 def test_the_demo_trains(demo_data, demo, tmp_path):
-    """What `bash scripts/demo.sh moe|encoder train.train_iters=10` runs, on the data built above:
+    """What `bash scripts/demo.sh moe|encoder|t5 train.train_iters=10` runs, on the data built above:
     the loss falls, and validation runs."""
     recipe = REPO / "recipes" / f"tiny_{demo}.toml"
     data = load_recipe(recipe).data
