@@ -92,7 +92,9 @@ def test_the_gpu_configs_pass_megatron_cores_checks(path, overrides, use_te, tra
     # Transformer Engine's fused RoPE cannot apply YaRN's attention factor (bigpt/families/rope.py)
     rope = recipe.model.position_embedding == "rope" and recipe.model.rope_scaling != "yarn"
     assert config.apply_rope_fusion == (use_te and rope)
-    fusable = recipe.model.activation != "relu" and (config.gated_linear_unit or config.add_bias_linear)
+    # megatron-core's MLP fuses a bias into F.gelu (gated or with a bias) and into a gated F.silu only
+    gelu, silu = config.activation_func is torch.nn.functional.gelu, config.activation_func is torch.nn.functional.silu
+    fusable = (gelu and (config.gated_linear_unit or config.add_bias_linear)) or (silu and config.gated_linear_unit)
     assert config.bias_activation_fusion == fusable
     assert not config.use_cpu_initialization and config.deallocate_pipeline_outputs
     # interleaved schedules overlap unbatched p2p (tests/test_training_path.py), the others batch it
