@@ -201,7 +201,7 @@ def test_logits(tmp_path, capsys, monkeypatch, how):
     # no model is built: the logits are given, and written as the tool writes them
     monkeypatch.setattr(distributed, "init_distributed", lambda layout: None)
     monkeypatch.setattr(distributed, "destroy_distributed", lambda: None)
-    monkeypatch.setattr(bigpt.logits, "compute_logits", lambda recipe, layout, tokens: torch.ones(1, 4, 8))
+    monkeypatch.setattr(bigpt.logits, "compute_logits", lambda recipe, layout, tokens, decoder: torch.ones(1, 4, 8))
     monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_rank", lambda: 0)
     monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda: 0)
     monkeypatch.setattr(np, "save", half_written(how, np.save))
