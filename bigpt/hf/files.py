@@ -27,6 +27,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     *SENTENCEPIECE_FILES,
+    *("vocab.txt", "vocab.json", "merges.txt"),  # the slow tokenizers' vocabularies: WordPiece (BERT), BPE (RoBERTa)
     "chat_template.jinja",
 )
 # Copied on import and export (whichever exist); none of them is a pickle.
