@@ -472,9 +472,14 @@ def test_sentences_of_preprocessed_documents_are_packed_into_masked_samples(tmp_
     by_sentence = masked_token_share(IndexedDataset(prefix), short)
     by_document = masked_token_share(IndexedDataset(str(tmp_path / "whole")), short)
     assert by_document < 0.5 < 0.7 < by_sentence
-    assert f"masked samples hold {by_sentence:.0%} of {prefix}'s tokens in one pass" in plan_tokens(
-        load_recipe(ENCODER_RECIPE, [*overrides, "model.seq_length=16"])
-    )
+
+    def planned(data: str) -> str:
+        blend = [f"data.blend=[{{path='{data}'}}]" if key.startswith("data.blend=") else key for key in overrides]
+        return plan_tokens(load_recipe(ENCODER_RECIPE, [*blend, "model.seq_length=16"]))
+
+    assert f"masked samples hold {by_sentence:.0%} of {prefix}'s tokens in one pass" in planned(prefix)
+    # --split-sentences is the advice only where documents were written whole
+    assert "--split-sentences" in planned(str(tmp_path / "whole")) and "--split-sentences" not in planned(prefix)
 
 
 def test_logits_of_an_encoder_are_its_masked_lm_logits_at_every_position():

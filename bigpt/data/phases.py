@@ -257,16 +257,24 @@ def _masked_shares(recipe, phases: list[Phase]) -> list[str]:
     else:
         kind, share_of, reserved = "span-corruption", span_token_share, 2  # megatron-core's T5 room (sample_tokens)
     lines = []
+    room = recipe.model.seq_length - reserved
     for phase in phases:
         for i, prefix in enumerate(phase.prefixes):
-            share = share_of(open_indexed_dataset(prefix, f"{phase.key}[{i}].path"), recipe)
+            dataset = open_indexed_dataset(prefix, f"{phase.key}[{i}].path")
+            share = share_of(dataset, recipe)
+            a_sequence_per_document = len(dataset.sequence_lengths) == len(dataset.document_indices) - 1
+            if share >= 0.9:
+                advice = ""
+            elif a_sequence_per_document:
+                advice = (
+                    "; the rest is cut off: write a sequence per sentence (tools/preprocess_data.py --split-sentences)"
+                )
+            else:  # split already: what is left out is the part of a sentence longer than a sample
+                advice = (
+                    f"; the rest is cut off: sentences longer than {room} tokens (a longer model.seq_length keeps them)"
+                )
             lines.append(
                 f"{kind} samples hold {share:.0%} of {prefix}'s tokens in one pass (whole sentences of one "
-                f"document, up to model.seq_length - {reserved} = {recipe.model.seq_length - reserved})"
-                + (
-                    "; the rest is cut off: write a sequence per sentence (tools/preprocess_data.py --split-sentences)"
-                    if share < 0.9
-                    else ""
-                )
+                f"document, up to model.seq_length - {reserved} = {room})" + advice
             )
     return lines
