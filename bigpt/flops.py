@@ -357,15 +357,31 @@ def flops_per_step(recipe: Recipe, global_batch_size: int) -> float:
 
 
 def _encoder_decoder_recompute_flops_per_sample(recipe: Recipe) -> float:
-    """recompute_flops_per_step's count for one sample of an encoder-decoder (T5): its MLPs' forward
-    again, at each stack's length, when recompute.modules has "mlp" (full recomputation and
-    "core_attn" are refused for it: bigpt.recipe.checks)."""
+    """recompute_flops_per_step's count for one sample of an encoder-decoder (T5), as
+    encoder_decoder_flops_per_sample counts its forward: full recomputation re-runs layers of each
+    stack (all, or with method block the first num_layers of each); selective its attention cores
+    (core_attn: self- and cross-attention's) or MLPs, at each stack's length."""
     model, recompute = recipe.model, recipe.recompute
-    if recompute.granularity != "selective" or "mlp" not in recompute.modules:
+    encoder_tokens, decoder_tokens = model.seq_length, decoder_seq_length(recipe)
+    encoder_layers, decoder_layers = model.encoder_decoder.encoder_depth(model.num_layers), model.num_layers
+    query, key_value = _attention_widths(model)
+    encoder_core = encoder_tokens * 2 * 2 * encoder_tokens * query
+    decoder_core = decoder_tokens * 2 * 2 * (decoder_tokens / 2 + encoder_tokens) * query
+    if recompute.granularity == "full":
+        if recompute.method == "block":
+            encoder_layers = min(recompute.num_layers, encoder_layers)
+            decoder_layers = min(recompute.num_layers, decoder_layers)
+        layer = 2 * _layer_matmul_parameters(model)
+        cross = 2 * 2 * model.hidden_size * (query * decoder_tokens + key_value * encoder_tokens)
+        return encoder_layers * (encoder_tokens * layer + encoder_core) + decoder_layers * (
+            decoder_tokens * layer + cross + decoder_core
+        )
+    if recompute.granularity != "selective":
         return 0
-    tokens = model.encoder_decoder.encoder_depth(model.num_layers) * model.seq_length
-    tokens += model.num_layers * decoder_seq_length(recipe)
-    return 2 * _mlp_matmul_parameters(model, model.ffn_hidden_size) * tokens
+    mlp = 2 * _mlp_matmul_parameters(model, model.ffn_hidden_size)
+    mlps = mlp * (encoder_layers * encoder_tokens + decoder_layers * decoder_tokens)
+    cores = encoder_layers * encoder_core + decoder_layers * decoder_core
+    return ("mlp" in recompute.modules) * mlps + ("core_attn" in recompute.modules) * cores
 
 
 def recompute_flops_per_step(recipe: Recipe, layout: Layout) -> float:

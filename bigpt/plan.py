@@ -137,8 +137,6 @@ def make_plan(
             + (
                 "a shorter model.seq_length or train.micro_batch_size."
                 if recipe.recompute.granularity == "full"
-                else 'or recompute.granularity = "selective" with recompute.modules = ["mlp"].'
-                if recipe.model.family == "encoder_decoder"  # it cannot recompute more (bigpt.recipe.checks)
                 else 'or recompute.granularity = "full" (or "selective" with recompute.modules = ["mlp"]).'
             )
         )

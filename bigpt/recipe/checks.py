@@ -357,20 +357,6 @@ def _check_encoder_decoder(recipe: Recipe) -> None:
     for wrong, key, why, fix in refused:
         if wrong:
             recipe_error(recipe, f'{key} with model.family = "encoder_decoder": {why}', fix)
-    recompute = recipe.recompute
-    closes_over_bias = recompute.granularity == "full" or (
-        recompute.granularity == "selective" and "core_attn" in recompute.modules
-    )
-    if closes_over_bias:
-        what = 'granularity = "full"' if recompute.granularity == "full" else 'modules with "core_attn"'
-        recipe_error(
-            recipe,
-            f'recompute.{what} with model.family = "encoder_decoder": megatron-core 0.19 recomputes layers '
-            "(and attention cores) with T5's relative position bias taken from outside its checkpoint, so the "
-            "backward pass of each recomputed piece runs back through the bias's own graph and the second one "
-            "fails",
-            'recompute the MLPs alone (recompute.granularity = "selective", modules = ["mlp"]), or remove [recompute]',
-        )
     buckets, distance = table.relative_attention_num_buckets, table.relative_attention_max_distance
     if buckets < 4 or distance <= buckets // 2:
         recipe_error(
