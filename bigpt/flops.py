@@ -397,8 +397,8 @@ def flops_per_step(recipe: Recipe, global_batch_size: int) -> float:
 def _encoder_decoder_recompute_flops_per_sample(recipe: Recipe) -> float:
     """recompute_flops_per_step's count for one sample of an encoder-decoder (T5), as
     encoder_decoder_flops_per_sample counts its forward: full recomputation re-runs layers of each
-    stack (all, or the first num_layers of each with method block); selective its attention cores
-    (core_attn: self- and cross-attention's) or MLPs."""
+    stack (all, or with method block the first num_layers of each); selective its attention cores
+    (core_attn: self- and cross-attention's) or MLPs, at each stack's length."""
     model, recompute = recipe.model, recipe.recompute
     encoder_tokens, decoder_tokens = model.seq_length, decoder_seq_length(recipe)
     encoder_layers, decoder_layers = model.encoder_decoder.encoder_depth(model.num_layers), model.num_layers
@@ -411,16 +411,15 @@ def _encoder_decoder_recompute_flops_per_sample(recipe: Recipe) -> float:
             decoder_layers = min(recompute.num_layers, decoder_layers)
         layer = 2 * _layer_matmul_parameters(model)
         cross = 2 * 2 * model.hidden_size * (query * decoder_tokens + key_value * encoder_tokens)
-        encoder = encoder_tokens * layer + encoder_core
-        decoder = decoder_tokens * layer + cross + decoder_core
-        return encoder_layers * encoder + decoder_layers * decoder
-    if recompute.granularity == "selective":
-        modules = recompute.modules
-        mlp = 2 * _mlp_matmul_parameters(model, model.ffn_hidden_size)
-        cores = encoder_layers * encoder_core + decoder_layers * decoder_core if "core_attn" in modules else 0
-        mlps = mlp * (encoder_layers * encoder_tokens + decoder_layers * decoder_tokens) if "mlp" in modules else 0
-        return cores + mlps
-    return 0
+        return encoder_layers * (encoder_tokens * layer + encoder_core) + decoder_layers * (
+            decoder_tokens * layer + cross + decoder_core
+        )
+    if recompute.granularity != "selective":
+        return 0
+    mlp = 2 * _mlp_matmul_parameters(model, model.ffn_hidden_size)
+    mlps = mlp * (encoder_layers * encoder_tokens + decoder_layers * decoder_tokens)
+    cores = encoder_layers * encoder_core + decoder_layers * decoder_core
+    return ("mlp" in recompute.modules) * mlps + ("core_attn" in recompute.modules) * cores
 
 
 def recompute_flops_per_step(recipe: Recipe, layout: Layout) -> float:

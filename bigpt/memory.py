@@ -198,10 +198,15 @@ def _encoder_decoder_activations(recipe: Recipe, layout: Layout, in_flight: int)
     inputs = 2 * element * decoder_tokens * model.hidden_size / (layout.tp if layout.sequence_parallel else 1)
     cross: float = element * (2 * query * decoder_tokens + 2 * key_value * encoder_tokens)
     cross += _unfused_score_bytes(recipe) * model.num_attention_heads * decoder_tokens * encoder
+    recompute = recipe.recompute
+    if recompute.granularity != "full":
+        keeping_cross = model.num_layers
+    else:  # a recomputed layer keeps its input alone (counted by _layer_activations)
+        keeping_cross = 0 if recompute.method == "uniform" else max(0, model.num_layers - recompute.num_layers)
     return (
         _layer_activations(recipe, layout, depth, in_flight, encoder)
         + _layer_activations(recipe, layout, model.num_layers, in_flight, decoder)
-        + in_flight * model.num_layers * (inputs + cross / layout.tp)
+        + in_flight * keeping_cross * (inputs + cross / layout.tp)
     )
 
 

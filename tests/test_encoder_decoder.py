@@ -373,6 +373,85 @@ def test_the_flop_count_is_what_the_forward_multiplies():
     assert counted + masked_half == counter.get_total_flops()
 
 
+def test_recomputed_mlps_are_counted_at_each_stacks_length():
+    """recompute.modules = ["mlp"]: every MLP's forward again, as torch counts it in the forward."""
+    recipe = load_recipe(T5_RECIPE, ['recompute.granularity="selective"', 'recompute.modules=["mlp"]'])
+    layout = Layout.from_recipe(recipe, 1)
+    with world_of_one():
+        _, chunk = build_t5()
+        encoder = torch.randint(1, 512, (1, recipe.model.seq_length))
+        decoder = torch.randint(1, 512, (1, decoder_seq_length(recipe)))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            chunk.eval()(encoder, decoder, None, None, None)
+    mlps = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith(".mlp"))
+    assert recompute_flops_per_step(recipe, layout) == mlps * layout.global_batch_size
+
+
+def test_full_recomputation_reruns_the_forward_of_both_stacks():
+    """recompute.granularity = "full": every layer's forward again, which is the whole forward
+    (torch's count, above) but for the output layer."""
+    recipe = load_recipe(T5_RECIPE, ['recompute.granularity="full"', "recompute.num_layers=1"])
+    layout = Layout.from_recipe(recipe, 1)
+    m, vocab = recipe.model, padded_vocab_size(recipe.model, 1)
+    decoder = decoder_seq_length(recipe)
+    forward = encoder_decoder_flops_per_sample(m, vocab, decoder) / 3 - decoder * 2 * vocab * m.hidden_size
+    assert recompute_flops_per_step(recipe, layout) == pytest.approx(forward * layout.global_batch_size)
+
+
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+        {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    ],
+    ids=["full", "core_attn"],
+)
+def test_recomputation_gives_t5s_gradients_only_with_the_relative_bias_fix(recompute):
+    """megatron-core recomputes with the relative position bias taken from outside its checkpoint:
+    each recomputed piece's backward runs back through the bias's graph. With megatron_fixes' table
+    lookup the gradients are those without recomputation; with megatron-core's own the second
+    backward fails."""
+    import dataclasses
+
+    from bigpt.families.encoder_decoder import ENCODER_DECODER
+
+    def gradients(chunk):
+        tokens = torch.randint(1, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+        chunk(tokens, tokens[:, :8], None, None, None, lm_labels=tokens[:, :8]).sum().backward()
+        return {name: parameter.grad for name, parameter in chunk.named_parameters()}
+
+    with world_of_one():
+        recipe, plain = build_t5()
+        config = dataclasses.replace(plain.config, **recompute)
+        specs = ENCODER_DECODER.layer_spec(recipe, config, False, None)
+
+        def recomputing():
+            chunk = ENCODER_DECODER.build_chunk(recipe, Layout.from_recipe(recipe, 1), config, specs, None)
+            chunk.load_state_dict(plain.state_dict())
+            return chunk.train()
+
+        expected = gradients(plain.train())
+        fixed = gradients(recomputing())
+        unfixed = recomputing()
+        for table in (unfixed.encoder_relative_pos_emb, unfixed.decoder_relative_pos_emb):
+            table.relative_attention_bias.__class__ = torch.nn.Embedding  # megatron-core's lookup
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            gradients(unfixed)
+    assert fixed.keys() == expected.keys()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(fixed[name], gradient, msg=name)
+
+
+def test_the_relative_bias_fix_stops_bigpt_when_its_target_moved(monkeypatch):
+    from megatron.core.models.common.embeddings.relative_pos_embedding import RelativePositionEmbedding
+
+    from bigpt.runtime import megatron_fixes
+
+    monkeypatch.delattr(RelativePositionEmbedding, "_compute_bias")
+    with pytest.raises(BigptError, match=r"bigpt's fix for megatron-core .* cannot be applied .*_compute_bias"):
+        megatron_fixes._relative_bias_survives_recomputation()
+
+
 # ------------------------------------------------------------ layouts against one rank, resume, reshard
 PARITY_STEPS = 3
 
@@ -475,14 +554,3 @@ def test_t5_trains_on_preprocessed_text(tmp_path):
     losses = scalars(tmp_path / "run", "train/loss")
     assert len(losses) == 8 and losses[-1] < 0.95 * losses[0]
     assert len(scalars(tmp_path / "run", "valid/loss")) == 1
-
-
-def test_full_recomputation_reruns_the_forward_of_both_stacks():
-    """recompute.granularity = "full": every layer's forward again, which is the whole forward
-    (torch's count, above) but for the output layer."""
-    recipe = load_recipe(T5_RECIPE, ['recompute.granularity="full"', "recompute.num_layers=1"])
-    layout = Layout.from_recipe(recipe, 1)
-    m, vocab = recipe.model, padded_vocab_size(recipe.model, 1)
-    decoder = decoder_seq_length(recipe)
-    forward = encoder_decoder_flops_per_sample(m, vocab, decoder) / 3 - decoder * 2 * vocab * m.hidden_size
-    assert recompute_flops_per_step(recipe, layout) == pytest.approx(forward * layout.global_batch_size)

@@ -280,6 +280,55 @@ def _resume_with_new_lr_bounds() -> None:
     MegatronOptimizer._filter_and_reorder_param_groups = staticmethod(filter_and_reorder_param_groups)
 
 
+class _BiasLookup(torch.autograd.Function):
+    """Rows of a relative-bias table: ``F.embedding``'s function, with the bucket indices kept on
+    the context rather than saved, so that its backward may run again (see below)."""
+
+    @staticmethod
+    def forward(ctx, weight, indices):
+        ctx.indices, ctx.rows = indices, weight.shape[0]
+        return torch.nn.functional.embedding(indices, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat = grad.reshape(-1, grad.shape[-1])
+        return flat.new_zeros(ctx.rows, flat.shape[1]).index_add_(0, ctx.indices.reshape(-1), flat), None
+
+
+class _RecomputableBiasTable(torch.nn.Embedding):
+    def forward(self, indices):
+        return _BiasLookup.apply(self.weight, indices)
+
+
+def _relative_bias_survives_recomputation() -> None:
+    """megatron-core 0.19 recomputes layers (recompute granularity full) and attention cores
+    (selective core_attn) with the attention bias taken from *outside* its checkpoint: the backward
+    of each recomputed piece runs back through the bias's own graph, so T5's relative position bias
+    (one per stack, read by every layer) fails the second time ("backward through the graph a
+    second time"): the table lookup's saved indices are freed by the first. Look the table up by a
+    function that keeps them, so its backward runs once per piece, each adding its share."""
+    from megatron.core.models.common.embeddings.relative_pos_embedding import RelativePositionEmbedding
+
+    if "_compute_bias" not in vars(RelativePositionEmbedding):  # what looks the table up, through the module
+        raise patch_target_error(
+            "T5's relative bias under recomputation", "RelativePositionEmbedding._compute_bias is gone"
+        )
+    original = RelativePositionEmbedding.__init__
+    if getattr(original, "__wrapped__", None) is not None:  # applied already
+        return
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if type(self.relative_attention_bias) is not torch.nn.Embedding:
+            raise patch_target_error(
+                "T5's relative bias under recomputation", "RelativePositionEmbedding's table is no nn.Embedding"
+            )
+        self.relative_attention_bias.__class__ = _RecomputableBiasTable
+
+    init.__wrapped__ = original  # type: ignore[attr-defined]
+    RelativePositionEmbedding.__init__ = init
+
+
 _applied = False
 
 
@@ -288,6 +337,7 @@ def apply() -> None:
     if _applied:
         return
     check_megatron_line()
+    _relative_bias_survives_recomputation()
     _keep_torch_adam_step_on_reshardable_load()
     _name_the_state_of_the_optimizer_it_wraps()
     _model_space_optimizer_state_without_flattened_ranges()
