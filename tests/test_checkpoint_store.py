@@ -34,6 +34,18 @@ def test_auto_skips_a_half_written_checkpoint(tmp_path):
     assert store.resolve_resume("auto", str(tmp_path)) == ten
 
 
+def test_auto_resumes_a_checkpoint_saved_before_latest_moved(tmp_path):
+    """A save killed after its checkpoint was moved into place, before `latest` was moved to it: the
+    newer intact checkpoint is resumed, and the resume may write beside it (it was refused as a
+    rollback over it, test_fault_tolerance's SIGKILL at that moment)."""
+    fake_checkpoint(tmp_path, 10)
+    twenty = fake_checkpoint(tmp_path, 20)
+    (tmp_path / store.LATEST).write_text(store.checkpoint_name(10) + "\n")
+    resume = store.resolve_resume("auto", str(tmp_path))
+    assert resume == twenty
+    store.check_only_own_checkpoints(tmp_path, resume)
+
+
 def test_auto_and_none_start_fresh_without_checkpoints(tmp_path):
     assert store.resolve_resume("auto", str(tmp_path / "missing")) is None
     fake_checkpoint(tmp_path, 10)

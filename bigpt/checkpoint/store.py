@@ -142,21 +142,25 @@ def _saved(root: Path) -> list[Path]:
 
 
 def latest_in(root: Path, warn=lambda message: None) -> Path | None:
-    """The newest intact checkpoint under ``root``: the one ``latest`` names, or else the newest
-    whose save finished and whose files are all there."""
-    pointer = root / LATEST
+    """The newest intact checkpoint under ``root``. ``latest`` names it, except after a save killed
+    between moving its checkpoint into place and moving ``latest`` (``finalize``): then a newer
+    intact one is there, and it is the one to resume (a resume from the one ``latest`` names would
+    be refused for rolling back over it, ``check_only_own_checkpoints``)."""
+    pointer, named = root / LATEST, None
     if pointer.is_file():
         named = root / pointer.read_text().strip()
         why = problem(named) if named.is_dir() else "it does not exist"
-        if why is None:
-            return named
-        warn(f"{pointer} names {named.name}, which cannot be loaded: {why}")
+        if why is not None:
+            warn(f"{pointer} names {named.name}, which cannot be loaded: {why}")
+            named = None
     for path in reversed(_saved(root)):
+        if named is not None and iteration_of(path) <= iteration_of(named):
+            break
         why = problem(path)
         if why is None:
             return path
         warn(f"skipping checkpoint {path}: {why}")
-    return None
+    return named
 
 
 def iteration_of(path: Path) -> int:
