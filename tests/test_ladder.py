@@ -83,7 +83,6 @@ def test_the_plan_sizes_each_model_by_one_rule_and_fits_each_schedule_to_its_run
 
 
 @pytest.mark.slow  # the module's ladder: tens of seconds of training
-@pytest.mark.slow  # the module's ladder: tens of seconds of training
 def test_a_run_stopped_part_way_resumes_where_it_stopped(ladder_dir):
     """The first run trained to half its steps before the ladder ran: the ladder resumed it from
     that checkpoint (each step's loss logged once), not from the start."""
@@ -92,6 +91,7 @@ def test_a_run_stopped_part_way_resumes_where_it_stopped(ladder_dir):
     assert len(scalars(first["run_dir"], "valid/loss")) == 2  # at the half-way stop and at the end
 
 
+@pytest.mark.slow  # the module's ladder: tens of seconds of training
 def test_every_run_finished_and_a_second_run_skips_them(ladder_dir, capsys):
     capsys.readouterr()
     assert ladder.main(["run", str(ladder_dir)]) == 0
