@@ -194,14 +194,22 @@ def test_export_of_an_import_reproduces_every_tensor(moe_models, ep1, tmp_path, 
 
 
 @pytest.mark.slow
-def test_logits_match_transformers_at_pp2_ep2(moe_models, upcycled, deepseek_models, tmp_path):  # noqa: F811
-    """Two pipeline stages of two layers, each stage's experts split over two ranks (EP2); the
-    import is written by all four ranks, and each rank upcycles its own experts from the dense
-    model. One job for all, DeepSeek-V3's models too (tests/test_hf_deepseek.py): each start costs
-    seconds."""
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.pipeline=2", "parallel.expert=2"],
+        ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"],
+    ],
+    ids=["pp2_ep2", "tp2_ep2"],
+)
+def test_logits_match_transformers_at_four_ranks(moe_models, upcycled, deepseek_models, tmp_path, layout):  # noqa: F811
+    """Two pipeline stages of two layers, or attention split over two tensor-parallel ranks; each
+    stage's experts split over two ranks (EP2). The import is written by all four ranks, and each
+    rank upcycles its own experts from the dense model. One job a layout for all, DeepSeek-V3's
+    models too (tests/test_hf_deepseek.py): each start costs seconds."""
     models = dict(moe_models, upcycled=upcycled, **deepseek_models)
     recipes = {name: recipe for name, (*_, recipe) in models.items()}
-    differences = logits_of_models(recipes, models, tmp_path, "parallel.pipeline=2", "parallel.expert=2", nproc=4)
+    differences = logits_of_models(recipes, models, tmp_path, *layout, nproc=4)
     assert max(differences.values()) <= TOLERANCE, differences
 
 

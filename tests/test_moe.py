@@ -210,6 +210,9 @@ EXPERT_LAYOUTS = {  # name: (processes, overrides); EP2 alone with the all-to-al
         4,
         ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "parallel.expert_tensor=1"],
     ),
+    # expert TP 2 (the default, parallel.tensor): each expert split over the tensor-parallel ranks, the
+    # all-to-all dispatcher gathering their tokens in uneven splits (cpu_compat._uneven_splits_over_gloo)
+    "tp2_ep2_etp2_sp": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"]),
 }
 PARITY_LAYOUTS = [  # every expert layout with both token dispatchers
     pytest.param(

@@ -186,6 +186,40 @@ def _moe_split_sizes_as_on_gpu() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_host
 
 
+def _uneven_splits_over_gloo() -> None:
+    """megatron-core gathers an expert-tensor-parallel group's tokens in uneven splits (the
+    all-to-all dispatcher at expert TP > 1), and reduce-scatters their gradients back, with list
+    collectives that NCCL runs and gloo refuses (all_gather: "invalid tensor size"). The same
+    results by collectives gloo has: the splits padded to the largest and gathered, each cut back;
+    the whole input all-reduced, and this rank's split kept."""
+    from megatron.core.tensor_parallel import mappings
+
+    gather = getattr(mappings, "_gather_along_first_dim", None)
+    scatter = getattr(mappings, "_reduce_scatter_along_first_dim", None)
+    if gather is None or scatter is None:
+        raise patch_target_error("uneven expert-parallel splits on CPU", "mappings' gather/reduce-scatter are gone")
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        padded = input_.new_zeros((max(output_split_sizes), *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(parts, padded, group=group)
+        return torch.cat([part[:size] for part, size in zip(parts, output_split_sizes, strict=True)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        summed = input_.contiguous().clone()
+        torch.distributed.all_reduce(summed, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return summed[start : start + input_split_sizes[group.rank()]]
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
+
 def enable() -> None:
     """Bridge megatron-core's CUDA assumptions to the CPU for this process (idempotent)."""
     global _enabled
@@ -198,6 +232,7 @@ def enable() -> None:
     _patch_megatron_rng()
     _keep_mode_in_custom_backward()
     _moe_split_sizes_as_on_gpu()
+    _uneven_splits_over_gloo()
     _CudaAsCpu().__enter__()  # for the life of the process
     _enabled = True
 
