@@ -236,7 +236,9 @@ def test_an_fp8_deepseek_v3_release_computes_its_dequantised_model(tmp_path, cap
     and experts in FP8 blocks, the other tensors in bfloat16 but the router's float32
     e_score_correction_bias, and a multi-token-prediction layer (quantised too) that bigpt leaves
     out. The bias is read as stored, the rest in bfloat16 with no conversion to say, and bigpt's
-    logits are transformers' of the dequantised model."""
+    logits are transformers' of the dequantised model. Its export keeps the bias in float32."""
+    from bigpt.hf.convert import export_hf
+    from bigpt.runtime.distributed import process_group_of_one
     from test_hf_deepseek import SHAPES as DEEPSEEK
     from test_hf_moe import logits_in_process
 
@@ -285,3 +287,9 @@ def test_an_fp8_deepseek_v3_release_computes_its_dequantised_model(tmp_path, cap
     said = capsys.readouterr().err
     assert f"their {len(reference)} _scale_inv tensors are not imported" in said
     assert "multi-token-prediction layers" in said
+    # exported in bfloat16, the checkpoint's dtype, but the router bias in float32, as imported
+    with process_group_of_one():
+        export_hf(tmp_path / "run" / "init_from_hf", tmp_path / "exported")
+    exported = hf_tensors(tmp_path / "exported")
+    assert exported[bias].dtype == torch.float32 and torch.equal(exported[bias], stored[bias])
+    assert exported[main_model[0]].dtype == torch.bfloat16

@@ -13,7 +13,6 @@ import makes each tensor only when torch's writer reaches it, export reads one l
 import contextlib
 import itertools
 import json
-import math
 import os
 import shutil
 import tomllib
@@ -41,10 +40,13 @@ from bigpt.hf.bert import fresh_head_note, usable_positions
 from bigpt.hf.config import hf_from_model
 from bigpt.hf.files import (
     CONFIG,
+    KEPT_AS_STORED,
     SENTENCEPIECE_FILES,
     TOKENIZER_FILES,
     SafetensorsWeights,
     copy_side_files,
+    exported_bytes,
+    exported_dtype,
     inspect_hf,
     plan_shards,
     read_config,
@@ -355,9 +357,9 @@ def _replace_tokenizer(directory: Path, tokenizer: Path) -> str:
 
 
 def _layer_loads(checkpoint: Path, metadata: dict, items: list[Item], num_layers: int, dtype: torch.dtype):
-    """Yield (item, its tensor in ``dtype``) in ``items`` order, one load per run of items of the
-    same layer, or of the same expert of a layer (memory stays near one layer's dense tensors, or
-    one expert's, however many experts a layer has)."""
+    """Yield (item, its tensor in ``dtype``, or as saved for ``KEPT_AS_STORED``) in ``items`` order,
+    one load per run of items of the same layer, or of the same expert of a layer (memory stays near
+    one layer's dense tensors, or one expert's, however many experts a layer has)."""
     for _, run in itertools.groupby(items, key=lambda item: item[1:]):
         request = {}
         for item in run:
@@ -371,7 +373,9 @@ def _layer_loads(checkpoint: Path, metadata: dict, items: list[Item], num_layers
             tensor = loaded[item]
             for _ in _sliced_axes(item, num_layers):
                 tensor = tensor[0]
-            yield item, tensor.to(dtype)
+            rule, layer, expert = item
+            kept = any(name.endswith(KEPT_AS_STORED) for name in rule.names(layer, expert))
+            yield item, tensor if kept else tensor.to(dtype)  # kept: exported as exported_dtype says
 
 
 def tokenizer_note(hf_files: Path | None, copied: list[str]) -> str:
@@ -433,16 +437,16 @@ def export_hf(
         config["dtype"] = str(dtype).removeprefix("torch.")
 
     shapes = expected_hf_shapes(model, config)
-    element = torch.empty((), dtype=dtype).element_size()
     order = [name for rule, layer, expert in items for name in rule.names(layer, expert)]
-    shards = plan_shards([(name, element * math.prod(shapes[name])) for name in order], max_shard_bytes)
+    shards = plan_shards([(name, exported_bytes(name, shapes[name], dtype)) for name in order], max_shard_bytes)
     tmp = partial_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an export that was killed
     tmp.mkdir(parents=True)
 
     def tensors():
         for (rule, layer, expert), tensor in _layer_loads(checkpoint, metadata, items, model["num_layers"], dtype):
-            yield from zip(rule.names(layer, expert), rule.split(tensor))
+            names = rule.names(layer, expert)
+            yield from ((name, part.to(exported_dtype(name, dtype))) for name, part in zip(names, rule.split(tensor)))
 
     try:
         with reporting_a_full_disk(out, "the export's OUT"):

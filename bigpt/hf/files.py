@@ -268,7 +268,13 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  
 KEPT_AS_STORED = ("e_score_correction_bias",)
 """Tensors read in the dtype they are stored in, whatever the others': DeepSeek-V3's router bias,
 float32 beside bfloat16 weights in the release, as transformers keeps it (_keep_in_fp32_modules_strict)
-and megatron-core's expert bias is (an fp32 buffer); in bfloat16 it would choose other experts."""
+and megatron-core's expert bias is (an fp32 buffer); in bfloat16 it would choose other experts.
+An export writes them in float32 whatever the others' dtype (``exported_dtype``)."""
+
+
+def exported_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor named ``name`` is exported in when the others are in ``dtype``."""
+    return torch.float32 if name.endswith(KEPT_AS_STORED) else dtype
 
 
 def unify_dtypes(weights: SafetensorsWeights, config: dict) -> None:
@@ -472,14 +478,19 @@ def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}  # safetensors' spelling
 
 
+def exported_bytes(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=exported_dtype(name, dtype)).element_size() * math.prod(shape)
+
+
 def _write_safetensors(path: Path, layout: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, tensors) -> None:
     """One safetensors file of ``layout`` ((name, shape), in order), written one tensor of
     ``tensors`` at a time: the header comes from the plan, so the file is never held whole."""
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-    offset, element = 0, torch.empty((), dtype=dtype).element_size()
+    offset = 0
     for name, shape in layout:
-        end = offset + element * math.prod(shape)
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        end = offset + exported_bytes(name, shape, dtype)
+        written = exported_dtype(name, dtype)
+        header[name] = {"dtype": _DTYPE_NAMES[written], "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -487,7 +498,8 @@ def _write_safetensors(path: Path, layout: list[tuple[str, tuple[int, ...]]], dt
         f.write(struct.pack("<Q", len(text)) + text)
         for name, shape in layout:
             got, tensor = next(tensors)
-            assert (got, tuple(tensor.shape), tensor.dtype) == (name, shape, dtype), (got, tensor.shape, name, shape)
+            expected = (name, shape, exported_dtype(name, dtype))
+            assert (got, tuple(tensor.shape), tensor.dtype) == expected, (got, tensor.shape, tensor.dtype, expected)
             f.write(tensor.contiguous().view(torch.uint8).numpy().data)
 
 
@@ -504,6 +516,6 @@ def write_shards(
         _write_safetensors(directory / file, [(name, shapes[name]) for name in names], dtype, tensors)
         weight_map.update(dict.fromkeys(names, file))
     if len(shards) > 1:
-        total = sum(torch.empty((), dtype=dtype).element_size() * math.prod(shapes[name]) for name in weight_map)
+        total = sum(exported_bytes(name, shapes[name], dtype) for name in weight_map)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
