@@ -244,10 +244,18 @@ def recipe_for(directory: Path, out: Path, name: str, init: str = "from_hf", wei
     """The tiny mock recipe with the model of the HF ``directory``, starting from it (init.from_hf)
     or from ``weights`` (init.from_checkpoint)."""
     model = model_from_hf(json.loads((directory / "config.json").read_text()), directory)
+    return recipe_of_model(out, model, init, weights or directory, name=name)
+
+
+def recipe_of_model(
+    out: Path, model: dict, init: str, weights: Path, *, base: Path = MOCK_RECIPE, seq_length: int = 64, name=None
+) -> Path:
+    """The tiny ``base`` recipe with ``model`` (a [model] table, an import's), starting from
+    ``weights`` (init.<init>), written to ``out``."""
     out.write_text(
-        f'base = "{MOCK_RECIPE}"\nname = "{name}"\n\n'
-        + table_to_toml("model", dict(model, seq_length=64))
-        + f'\n\n[init]\n{init} = "{weights or directory}"\n'
+        f'base = "{base}"\nname = "{name or out.stem}"\n\n'
+        + table_to_toml("model", dict(model, seq_length=seq_length))
+        + f'\n\n[init]\n{init} = "{weights}"\n'
     )
     return out
 

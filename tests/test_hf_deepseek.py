@@ -110,16 +110,9 @@ def deepseek_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ep1(deepseek_models, tmp_path_factory):
-    """name -> (max |bigpt - transformers| at EP=1 with init.from_hf, the import it made), in this process."""
-    from test_hf_moe import logits_in_process  # here: test_hf_moe imports this module's models
+    from test_hf_moe import differences_at_ep1  # here: test_hf_moe imports this module's models
 
-    root = tmp_path_factory.mktemp("ep1")
-    found = {}
-    for name, (_, tokens, reference, recipe_file) in deepseek_models.items():
-        logits = logits_in_process(recipe_file, root / name, tokens)
-        found[name] = (float(np.abs(logits - reference).max()), root / name / "init_from_hf")
-    print({name: difference for name, (difference, _) in found.items()})
-    return found
+    return differences_at_ep1(deepseek_models, tmp_path_factory.mktemp("ep1"))
 
 
 def test_the_models_are_what_they_claim(deepseek_models):

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import (
     AutoModelForMaskedLM,
     BertConfig,
@@ -22,8 +21,9 @@ from transformers import (
 
 from bigpt.errors import BigptError
 from bigpt.hf.config import model_from_hf
-from bigpt.recipe import load_recipe, table_to_toml
+from bigpt.recipe import load_recipe
 from test_encoder import ENCODER_RECIPE
+from test_hf import hf_tensors, recipe_of_model
 from test_training_path import world_of_one
 
 TOLERANCE = 1e-4
@@ -64,18 +64,9 @@ def save(name: str, directory: Path) -> Path:
     return directory
 
 
-def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    return {k: v for file in sorted(directory.glob("*.safetensors")) for k, v in load_file(file).items()}
-
-
 def encoder_recipe(path: Path, model: dict, init: str, weights: Path) -> Path:
     """The tiny encoder recipe with ``model`` (the [model] of an import), starting from ``weights``."""
-    path.write_text(
-        f'base = "{ENCODER_RECIPE}"\nname = "{path.stem}"\n\n'
-        + table_to_toml("model", dict(model, seq_length=SEQ))
-        + f'\n\n[init]\n{init} = "{weights}"\n'
-    )
-    return path
+    return recipe_of_model(path, model, init, weights, base=ENCODER_RECIPE, seq_length=SEQ)
 
 
 @pytest.fixture(scope="module")

@@ -143,16 +143,19 @@ def logits_in_process(recipe_file: Path, run_dir: Path, tokens: Path, *overrides
         return compute_logits(recipe, Layout.from_recipe(recipe, 1), torch.from_numpy(np.load(tokens)).long()).numpy()
 
 
-@pytest.fixture(scope="module")
-def ep1(moe_models, tmp_path_factory):
+def differences_at_ep1(models, root: Path) -> dict[str, tuple[float, Path]]:
     """name -> (max |bigpt - transformers| at EP=1 with init.from_hf, the import it made), in this process."""
-    root = tmp_path_factory.mktemp("ep1")
     found = {}
-    for name, (_, tokens, reference, recipe_file) in moe_models.items():
+    for name, (_, tokens, reference, recipe_file) in models.items():
         logits = logits_in_process(recipe_file, root / name, tokens)
         found[name] = (float(np.abs(logits - reference).max()), root / name / "init_from_hf")
     print({name: difference for name, (difference, _) in found.items()})
     return found
+
+
+@pytest.fixture(scope="module")
+def ep1(moe_models, tmp_path_factory):
+    return differences_at_ep1(moe_models, tmp_path_factory.mktemp("ep1"))
 
 
 def test_the_models_are_what_they_claim(moe_models):

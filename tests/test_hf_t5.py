@@ -19,7 +19,8 @@ from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5For
 
 from bigpt.errors import BigptError
 from bigpt.hf.config import model_from_hf
-from bigpt.recipe import load_recipe, table_to_toml
+from bigpt.recipe import load_recipe
+from test_hf import hf_tensors, recipe_of_model
 from test_span_corruption import _sentencepiece
 from test_training_path import world_of_one
 
@@ -100,18 +101,9 @@ def reference_logits(directory: Path, tokens: torch.Tensor, decoder: torch.Tenso
         return model(input_ids=tokens, decoder_input_ids=decoder).logits
 
 
-def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    return {k: v for file in sorted(directory.glob("*.safetensors")) for k, v in load_file(file).items()}
-
-
 def t5_recipe(path: Path, model: dict, init: str, weights: Path) -> Path:
     """The tiny T5 recipe with ``model`` (the [model] of an import), starting from ``weights``."""
-    path.write_text(
-        f'base = "{T5_RECIPE}"\nname = "{path.stem}"\n\n'
-        + table_to_toml("model", dict(model, seq_length=SEQ))
-        + f'\n\n[init]\n{init} = "{weights}"\n'
-    )
-    return path
+    return recipe_of_model(path, model, init, weights, base=T5_RECIPE, seq_length=SEQ)
 
 
 @pytest.fixture(scope="module")
