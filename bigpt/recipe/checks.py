@@ -242,6 +242,13 @@ def _check_moe(recipe: Recipe) -> None:
         )
 
 
+def _refuse_the_first(recipe: Recipe, refused: list[tuple], where: str) -> None:
+    """Of (wrong, key, why, fix) rows, the first that is wrong is refused: "{key} with {where}: {why}"."""
+    for wrong, key, why, fix in refused:
+        if wrong:
+            recipe_error(recipe, f"{key} with {where}: {why}", fix)
+
+
 def _check_mla(recipe: Recipe) -> None:
     model, mla = recipe.model, recipe.model.mla
     if not mla.enabled():
@@ -305,9 +312,7 @@ def _check_mla(recipe: Recipe) -> None:
             "make it even",
         ),
     ]
-    for wrong, key, why, fix in refused:
-        if wrong:
-            recipe_error(recipe, f"{key} with multi-latent attention ([model.mla]): {why}", fix)
+    _refuse_the_first(recipe, refused, "multi-latent attention ([model.mla])")
 
 
 def _check_encoder(recipe: Recipe) -> None:
@@ -376,9 +381,7 @@ def _check_encoder(recipe: Recipe) -> None:
             "set it to 10000, or use learned position embeddings",
         ),
     ]
-    for wrong, key, why, fix in refused:
-        if wrong:
-            recipe_error(recipe, f'{key} with model.family = "encoder": {why}', fix)
+    _refuse_the_first(recipe, refused, 'model.family = "encoder"')
 
 
 def _check_encoder_decoder(recipe: Recipe) -> None:
@@ -430,9 +433,7 @@ def _check_encoder_decoder(recipe: Recipe) -> None:
             "remove it",
         ),
     ]
-    for wrong, key, why, fix in refused:
-        if wrong:
-            recipe_error(recipe, f'{key} with model.family = "encoder_decoder": {why}', fix)
+    _refuse_the_first(recipe, refused, 'model.family = "encoder_decoder"')
     buckets, distance = table.relative_attention_num_buckets, table.relative_attention_max_distance
     if buckets < 4 or distance <= buckets // 2:
         recipe_error(
