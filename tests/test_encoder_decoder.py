@@ -229,6 +229,24 @@ def test_the_loss_is_the_decoders_on_its_target_tokens_and_padding_is_not_read()
     assert not torch.allclose(other, logits)
 
 
+def test_transformer_engine_t5_takes_the_masks_megatron_lm_gives_it():
+    """On GPUs the attention masks are Transformer Engine's padding masks: what Megatron-LM's
+    pretrain_t5.py passes (megatron-core's config_attention_mask for Transformer Engine >= 1.10, of
+    the masks inverted: True where a key is padding), checked here where that attention cannot run."""
+    from types import SimpleNamespace
+
+    from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
+
+    enc_mask, dec_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    enc_tokens, dec_tokens = torch.ones_like(enc_mask), torch.zeros_like(dec_mask)  # decoder start 0: a token
+    theirs = T5MaskedWordPieceDataset.config_attention_mask(
+        enc_tokens, dec_tokens, enc_mask < 0.5, dec_mask < 0.5, use_local=False, test_te_version="2.17.0"
+    )
+    ours = attention_masks(SimpleNamespace(cross_attention_masks_as_pairs=True), enc_mask, dec_mask)
+    assert torch.equal(ours[0], theirs[0]) and ours[1] is None is theirs[1]
+    assert all(torch.equal(a, b) for a, b in zip(ours[2], theirs[2], strict=True))
+
+
 @pytest.mark.gpu
 def test_transformer_engine_t5_computes_the_local_one():
     """Transformer Engine's T5 layers (its attention taking the relative bias itself, its masks as
